@@ -1,0 +1,92 @@
+//! The log's typed errors.
+
+use crate::store::StoreError;
+
+/// Everything the log can refuse or fail with. Each variant says what was wrong in terms the
+/// caller can act on; [`LogError::is_retryable`] says whether trying again can help.
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    #[error("invalid {field} {value:?}: {reason}")]
+    InvalidId {
+        field: &'static str,
+        value: String,
+        reason: &'static str,
+    },
+
+    #[error("{what} is {size} bytes, over the limit of {limit} bytes")]
+    TooLarge {
+        what: &'static str,
+        size: usize,
+        limit: usize,
+    },
+
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+
+    #[error("conversation {conversation} does not exist in tenant {tenant}")]
+    ConversationNotFound {
+        tenant: String,
+        conversation: String,
+    },
+
+    #[error("conversation {conversation} already exists in tenant {tenant}")]
+    ConversationExists {
+        tenant: String,
+        conversation: String,
+    },
+
+    #[error("user {user} is not a member of conversation {conversation}")]
+    NotMember { user: String, conversation: String },
+
+    #[error("user {user} is already a member of conversation {conversation}")]
+    AlreadyMember { user: String, conversation: String },
+
+    #[error("not allowed: {0}")]
+    NotAllowed(String),
+
+    #[error("seq {seq} is not a message in conversation {conversation} (head is {head})")]
+    NoSuchMessage {
+        conversation: String,
+        seq: u64,
+        head: u64,
+    },
+
+    #[error(
+        "no master key: set TIDINGS_MASTER_KEY or create the key file {path} (`tidings keys init`)"
+    )]
+    MasterKeyMissing { path: String },
+
+    #[error("master key {path} is malformed: {reason}")]
+    MasterKeyMalformed { path: String, reason: String },
+
+    #[error("the master key does not open this data directory (wrong key?)")]
+    WrongMasterKey,
+
+    #[error("stored value at {key} is corrupt: {reason}")]
+    Corrupt { key: String, reason: String },
+
+    #[error("the log is shutting down")]
+    ShuttingDown,
+
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl LogError {
+    /// Whether the same request may succeed if sent again later. Validation and permission
+    /// errors are permanent; store hiccups and conflicts are not.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            LogError::Store(e) => e.is_retryable(),
+            LogError::ShuttingDown => true,
+            _ => false,
+        }
+    }
+
+    pub(crate) fn corrupt(key: &[u8], reason: impl std::fmt::Display) -> Self {
+        LogError::Corrupt {
+            key: crate::keys::display_key(key),
+            reason: reason.to_string(),
+        }
+    }
+}

@@ -1,0 +1,170 @@
+//! The keyspace: one ordered KV, order-preserving keys.
+//!
+//! ```text
+//! ev/tenant/conv/seq                    sealed Event
+//! hd/tenant/conv                        Head
+//! dd/tenant/conv/sender/client_msg_id   Dedupe (seq, event id, time of the original)
+//! mb/tenant/conv/user                   Membership
+//! uc/tenant/user/conv                   UserConversation (the user's list, read cursor)
+//! kr/tenant/key_id                      WrappedKey
+//! sy/key_check                          proof that the master key opens this store
+//! ```
+//! Parts are joined by 0x00, which no id can contain, so a prefix of one tenant is never a
+//! prefix of another (`ev\0a\0` vs `ev\0ab\0`). Numbers are 8- or 4-byte big-endian so byte
+//! order is numeric order.
+
+use crate::ids::{ClientMsgId, ConvId, TenantId, UserId};
+use crate::store::KeyRange;
+
+const SEP: u8 = 0;
+
+fn key(prefix: &[u8], parts: &[&str]) -> Vec<u8> {
+    let len = prefix.len() + parts.iter().map(|p| p.len() + 1).sum::<usize>() + 8;
+    let mut k = Vec::with_capacity(len);
+    k.extend_from_slice(prefix);
+    for part in parts {
+        k.push(SEP);
+        k.extend_from_slice(part.as_bytes());
+    }
+    k
+}
+
+/// `key(prefix, parts)` followed by a separator: the prefix of every key below it.
+fn dir(prefix: &[u8], parts: &[&str]) -> Vec<u8> {
+    let mut k = key(prefix, parts);
+    k.push(SEP);
+    k
+}
+
+pub fn event(t: &TenantId, c: &ConvId, seq: u64) -> Vec<u8> {
+    let mut k = event_dir(t, c);
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+pub fn event_dir(t: &TenantId, c: &ConvId) -> Vec<u8> {
+    dir(b"ev", &[t.as_str(), c.as_str()])
+}
+
+/// Events `from..=to` of one conversation.
+pub fn event_range(t: &TenantId, c: &ConvId, from: u64, to: u64) -> KeyRange {
+    let start = event(t, c, from);
+    let end = match to.checked_add(1) {
+        Some(next) => event(t, c, next),
+        None => KeyRange::prefix(event_dir(t, c)).end,
+    };
+    KeyRange { start, end }
+}
+
+/// The seq at the end of an event key.
+pub fn event_seq(key: &[u8]) -> Option<u64> {
+    let tail: [u8; 8] = key.get(key.len().checked_sub(8)?..)?.try_into().ok()?;
+    Some(u64::from_be_bytes(tail))
+}
+
+pub fn head(t: &TenantId, c: &ConvId) -> Vec<u8> {
+    key(b"hd", &[t.as_str(), c.as_str()])
+}
+
+pub fn dedupe(t: &TenantId, c: &ConvId, sender: &UserId, id: &ClientMsgId) -> Vec<u8> {
+    key(
+        b"dd",
+        &[t.as_str(), c.as_str(), sender.as_str(), id.as_str()],
+    )
+}
+
+pub fn member(t: &TenantId, c: &ConvId, u: &UserId) -> Vec<u8> {
+    key(b"mb", &[t.as_str(), c.as_str(), u.as_str()])
+}
+
+pub fn member_dir(t: &TenantId, c: &ConvId) -> Vec<u8> {
+    dir(b"mb", &[t.as_str(), c.as_str()])
+}
+
+pub fn user_conv(t: &TenantId, u: &UserId, c: &ConvId) -> Vec<u8> {
+    key(b"uc", &[t.as_str(), u.as_str(), c.as_str()])
+}
+
+pub fn user_conv_dir(t: &TenantId, u: &UserId) -> Vec<u8> {
+    dir(b"uc", &[t.as_str(), u.as_str()])
+}
+
+pub fn data_key(t: &TenantId, key_id: u32) -> Vec<u8> {
+    let mut k = data_key_dir(t);
+    k.extend_from_slice(&key_id.to_be_bytes());
+    k
+}
+
+pub fn data_key_dir(t: &TenantId) -> Vec<u8> {
+    dir(b"kr", &[t.as_str()])
+}
+
+/// The key id at the end of a `kr/` key.
+pub fn data_key_id(key: &[u8]) -> Option<u32> {
+    let tail: [u8; 4] = key.get(key.len().checked_sub(4)?..)?.try_into().ok()?;
+    Some(u32::from_be_bytes(tail))
+}
+
+pub const KEY_CHECK: &[u8] = b"sy\0key_check";
+
+/// The last part of a key under `dir` (a member's user id, a user's conversation id).
+pub fn last_part(dir: &[u8], key: &[u8]) -> Option<String> {
+    let rest = key.strip_prefix(dir)?;
+    String::from_utf8(rest.to_vec()).ok()
+}
+
+/// A key for messages and logs: printable bytes as they are, others as `\xNN`.
+pub fn display_key(key: &[u8]) -> String {
+    let mut s = String::with_capacity(key.len());
+    for &b in key {
+        match b {
+            0 => s.push('/'),
+            b if b.is_ascii_graphic() => s.push(b as char),
+            b => s.push_str(&format!("\\x{b:02x}")),
+        }
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ids() -> (TenantId, ConvId) {
+        (
+            TenantId::new("t").expect("id"),
+            ConvId::new("c").expect("id"),
+        )
+    }
+
+    #[test]
+    fn event_keys_sort_by_seq() {
+        let (t, c) = ids();
+        let mut keys: Vec<_> = [300u64, 2, 1, 256, 70_000].map(|s| event(&t, &c, s)).into();
+        keys.sort();
+        let seqs: Vec<_> = keys.iter().map(|k| event_seq(k).expect("seq")).collect();
+        assert_eq!(seqs, vec![1, 2, 256, 300, 70_000]);
+    }
+
+    #[test]
+    fn one_tenant_prefix_never_covers_another() {
+        let a = TenantId::new("a").expect("id");
+        let ab = TenantId::new("ab").expect("id");
+        let c = ConvId::new("c").expect("id");
+        let range = KeyRange::prefix(event_dir(&a, &c));
+        assert!(range.contains(&event(&a, &c, 1)));
+        assert!(!range.contains(&event(&ab, &c, 1)));
+    }
+
+    #[test]
+    fn event_range_is_inclusive_and_handles_max_seq() {
+        let (t, c) = ids();
+        let r = event_range(&t, &c, 2, 3);
+        assert!(!r.contains(&event(&t, &c, 1)));
+        assert!(r.contains(&event(&t, &c, 2)));
+        assert!(r.contains(&event(&t, &c, 3)));
+        assert!(!r.contains(&event(&t, &c, 4)));
+        let all = event_range(&t, &c, 1, u64::MAX);
+        assert!(all.contains(&event(&t, &c, u64::MAX)));
+    }
+}

@@ -1,0 +1,35 @@
+//! The tidings event log.
+//!
+//! # Layout
+//! - [`ids`]: validated tenant, conversation, user and client message ids.
+//! - [`keys`]: the keyspace (`ev/`, `hd/`, `dd/`, `mb/`, `uc/`, `kr/`).
+//! - [`store`]: the [`KvStore`](store::KvStore) interface, the embedded fjall backend and the
+//!   conformance suite every backend runs.
+//! - [`crypto`]: AES-256-SIV sealing under per-tenant data keys wrapped by a master key.
+//! - `writer` (private): the sequencer, one task that assigns seqs and group-commits.
+//! - [`log`]: [`Log`], the API the binary and the gateway use: conversations, membership,
+//!   appends, reads, read cursors.
+//! - [`error`]: [`LogError`].
+
+pub mod crypto;
+pub mod error;
+pub mod ids;
+pub mod keys;
+pub mod log;
+pub mod store;
+mod writer;
+
+pub use error::LogError;
+pub use ids::{ClientMsgId, ConvId, TenantId, UserId};
+pub use log::{
+    Append, Committed, ConversationInfo, ConversationSummary, CreateConversation, Log, LogConfig,
+    Member, PendingAppend, ReadRange,
+};
+pub use tidings_schemas::v1::{ConversationKind, Event, MemberRole, event::Body};
+
+/// Milliseconds since the Unix epoch, by the wall clock.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}

@@ -1,0 +1,709 @@
+//! [`Log`]: the event log's API.
+//!
+//! Writes (conversations, membership, appends, read cursors) go through the sequencer task
+//! (see `writer`), which group-commits them; reads go straight to the store. Every id is a
+//! validated type, every size is checked here against [`LogConfig`] before anything queues.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use prost::Message;
+use tidings_schemas::storage::{Head, Membership, SealedEvent, UserConversation};
+use tidings_schemas::v1::{ConversationKind, Event, MemberRole, event::Body};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::crypto::{Keyring, MasterKey};
+use crate::error::LogError;
+use crate::ids::{ClientMsgId, ConvId, TenantId, UserId, validate_id};
+use crate::keys;
+use crate::store::{KeyRange, KvStore, Order};
+use crate::writer::{Command, Outcome, Request, Writer, WriterStats};
+
+/// Limits and sizes of the log. Every queue and batch is bounded.
+#[derive(Clone, Debug)]
+pub struct LogConfig {
+    /// Largest encoded message body (text, mentions, ...) accepted from a client.
+    pub max_body_bytes: usize,
+    /// Largest conversation title.
+    pub max_title_bytes: usize,
+    /// Most requests the sequencer commits in one transaction.
+    pub max_batch: usize,
+    /// Requests that may wait for the sequencer before callers are held back.
+    pub queue_depth: usize,
+    /// Most events or list entries one read returns.
+    pub max_read_limit: usize,
+    /// Most members a group may have.
+    pub max_group_members: usize,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            max_body_bytes: 64 * 1024,
+            max_title_bytes: 1024,
+            max_batch: 2048,
+            queue_depth: 16 * 1024,
+            max_read_limit: 1000,
+            max_group_members: 100_000,
+        }
+    }
+}
+
+impl LogConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        let positive = [
+            ("max_body_bytes", self.max_body_bytes),
+            ("max_title_bytes", self.max_title_bytes),
+            ("max_batch", self.max_batch),
+            ("queue_depth", self.queue_depth),
+            ("max_read_limit", self.max_read_limit),
+            ("max_group_members", self.max_group_members),
+        ];
+        for (name, value) in positive {
+            if value == 0 {
+                return Err(format!("{name} must be greater than 0"));
+            }
+        }
+        if self.max_read_limit > crate::store::FjallStore::MAX_SCAN_LIMIT {
+            return Err(format!(
+                "max_read_limit must be at most {}",
+                crate::store::FjallStore::MAX_SCAN_LIMIT
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Create a conversation: the creator becomes its owner and first member.
+#[derive(Clone, Debug)]
+pub struct CreateConversation {
+    pub tenant: TenantId,
+    pub conv: ConvId,
+    pub kind: ConversationKind,
+    pub title: String,
+    pub creator: UserId,
+    /// Other members; the creator is added whether listed or not, duplicates are ignored.
+    pub members: Vec<UserId>,
+}
+
+impl CreateConversation {
+    /// Creator first, then the others in the order given, each once.
+    pub(crate) fn all_members(&self) -> Vec<UserId> {
+        let mut seen = std::collections::HashSet::new();
+        std::iter::once(&self.creator)
+            .chain(&self.members)
+            .filter(|u| seen.insert(*u))
+            .cloned()
+            .collect()
+    }
+}
+
+/// Append one client event (a message, an edit, a recall, a reaction) to a conversation.
+#[derive(Clone, Debug)]
+pub struct Append {
+    pub tenant: TenantId,
+    pub conv: ConvId,
+    pub sender: UserId,
+    pub client_msg_id: ClientMsgId,
+    pub body: Body,
+}
+
+impl Append {
+    /// A plain text message.
+    pub fn text(
+        tenant: TenantId,
+        conv: ConvId,
+        sender: UserId,
+        client_msg_id: ClientMsgId,
+        text: impl Into<String>,
+    ) -> Self {
+        Append {
+            tenant,
+            conv,
+            sender,
+            client_msg_id,
+            body: Body::MessagePosted(tidings_schemas::v1::MessagePosted {
+                text: text.into(),
+                ..Default::default()
+            }),
+        }
+    }
+}
+
+/// What a committed write answers: the event's position and id. `duplicate` is true when
+/// this was a retry and these are the original's.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Committed {
+    pub seq: u64,
+    pub event_id: String,
+    pub time_ms: i64,
+    pub duplicate: bool,
+}
+
+/// Which events to read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReadRange {
+    /// First seq to return. Forward: default 1. Backward: default the head.
+    pub from: Option<u64>,
+    pub limit: usize,
+    pub order: Order,
+}
+
+impl ReadRange {
+    pub fn forward(from: u64, limit: usize) -> Self {
+        ReadRange {
+            from: Some(from),
+            limit,
+            order: Order::Ascending,
+        }
+    }
+
+    /// The newest `limit` events (from the head down).
+    pub fn latest(limit: usize) -> Self {
+        ReadRange {
+            from: None,
+            limit,
+            order: Order::Descending,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Member {
+    pub user: UserId,
+    pub role: MemberRole,
+    pub joined_seq: u64,
+}
+
+/// One entry of a user's conversation list.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConversationSummary {
+    pub conv: ConvId,
+    pub head_seq: u64,
+    pub read_seq: u64,
+    /// head − read cursor: no per-message counters.
+    pub unread: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConversationInfo {
+    pub kind: ConversationKind,
+    pub head_seq: u64,
+    pub last_time_ms: i64,
+    pub member_count: u64,
+}
+
+/// An append that has been queued in order; await [`PendingAppend::wait`] for its ack.
+pub struct PendingAppend(oneshot::Receiver<Result<Outcome, LogError>>);
+
+impl PendingAppend {
+    /// Resolves once the event is durable (or was refused).
+    pub async fn wait(self) -> Result<Committed, LogError> {
+        committed(self.0.await.map_err(|_| LogError::ShuttingDown)??)
+    }
+}
+
+fn committed(outcome: Outcome) -> Result<Committed, LogError> {
+    match outcome {
+        Outcome::Committed(c) => Ok(c),
+        Outcome::Cursor(_) => Err(LogError::corrupt(b"", "internal: unexpected outcome")),
+    }
+}
+
+/// The event log. Cheap to clone; all clones share one sequencer.
+#[derive(Clone)]
+pub struct Log {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Arc<dyn KvStore>,
+    keyring: Arc<Keyring>,
+    tx: mpsc::Sender<Request>,
+    cfg: LogConfig,
+    stats: Arc<WriterStats>,
+    writer: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Log {
+    /// Opens the log on `store`, checking the master key, and starts its sequencer.
+    pub async fn open(
+        store: Arc<dyn KvStore>,
+        master: MasterKey,
+        cfg: LogConfig,
+    ) -> Result<Log, LogError> {
+        cfg.validate().map_err(LogError::InvalidRequest)?;
+        let keyring = Arc::new(Keyring::open(store.clone(), master).await?);
+        let (tx, rx) = mpsc::channel(cfg.queue_depth);
+        let stats = Arc::new(WriterStats::default());
+        let writer = Writer {
+            store: store.clone(),
+            keyring: keyring.clone(),
+            cfg: cfg.clone(),
+            stats: stats.clone(),
+        };
+        let writer = tokio::spawn(writer.run(rx));
+        Ok(Log {
+            inner: Arc::new(Inner {
+                store,
+                keyring,
+                tx,
+                cfg,
+                stats,
+                writer: std::sync::Mutex::new(Some(writer)),
+            }),
+        })
+    }
+
+    /// Drops this handle and waits for the sequencer to finish what is queued and stop,
+    /// which it does once the last clone of the log is gone. Every acked write was durable
+    /// before its ack; this only makes sure the store is released (e.g. before reopening).
+    pub async fn close(self) {
+        let handle = self
+            .inner
+            .writer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        drop(self);
+        if let Some(handle) = handle {
+            let _ = handle.await;
+        }
+    }
+
+    pub fn config(&self) -> &LogConfig {
+        &self.inner.cfg
+    }
+
+    pub fn keyring(&self) -> &Keyring {
+        &self.inner.keyring
+    }
+
+    /// (store commits, requests answered) since open: requests / commits is the mean group
+    /// size.
+    pub fn stats(&self) -> (u64, u64) {
+        (
+            self.inner.stats.commits.load(Ordering::Relaxed),
+            self.inner.stats.requests.load(Ordering::Relaxed),
+        )
+    }
+
+    async fn submit(
+        &self,
+        cmd: Command,
+    ) -> Result<oneshot::Receiver<Result<Outcome, LogError>>, LogError> {
+        let (reply, rx) = oneshot::channel();
+        self.inner
+            .tx
+            .send(Request { cmd, reply })
+            .await
+            .map_err(|_| LogError::ShuttingDown)?;
+        Ok(rx)
+    }
+
+    async fn call(&self, cmd: Command) -> Result<Outcome, LogError> {
+        self.submit(cmd)
+            .await?
+            .await
+            .map_err(|_| LogError::ShuttingDown)?
+    }
+
+    fn check_title(&self, title: &str) -> Result<(), LogError> {
+        let limit = self.inner.cfg.max_title_bytes;
+        if title.len() > limit {
+            return Err(LogError::TooLarge {
+                what: "title",
+                size: title.len(),
+                limit,
+            });
+        }
+        Ok(())
+    }
+
+    pub async fn create_conversation(
+        &self,
+        req: CreateConversation,
+    ) -> Result<Committed, LogError> {
+        self.check_title(&req.title)?;
+        let count = req.all_members().len();
+        match req.kind {
+            ConversationKind::Direct if count != 2 => {
+                return Err(LogError::InvalidRequest(format!(
+                    "a direct conversation has exactly 2 members, not {count}"
+                )));
+            }
+            ConversationKind::Unspecified => {
+                return Err(LogError::InvalidRequest(
+                    "conversation kind must be direct or group".into(),
+                ));
+            }
+            _ if count > self.inner.cfg.max_group_members => {
+                return Err(LogError::TooLarge {
+                    what: "member list",
+                    size: count,
+                    limit: self.inner.cfg.max_group_members,
+                });
+            }
+            _ => {}
+        }
+        committed(self.call(Command::Create(req)).await?)
+    }
+
+    pub async fn add_member(
+        &self,
+        tenant: &TenantId,
+        conv: &ConvId,
+        by: &UserId,
+        user: &UserId,
+    ) -> Result<Committed, LogError> {
+        let cmd = Command::AddMember {
+            tenant: tenant.clone(),
+            conv: conv.clone(),
+            by: by.clone(),
+            user: user.clone(),
+        };
+        committed(self.call(cmd).await?)
+    }
+
+    /// Removes `user`; `by` must be an owner, or `user` themselves (leaving).
+    pub async fn remove_member(
+        &self,
+        tenant: &TenantId,
+        conv: &ConvId,
+        by: &UserId,
+        user: &UserId,
+    ) -> Result<Committed, LogError> {
+        let cmd = Command::RemoveMember {
+            tenant: tenant.clone(),
+            conv: conv.clone(),
+            by: by.clone(),
+            user: user.clone(),
+        };
+        committed(self.call(cmd).await?)
+    }
+
+    pub async fn rename(
+        &self,
+        tenant: &TenantId,
+        conv: &ConvId,
+        by: &UserId,
+        title: &str,
+    ) -> Result<Committed, LogError> {
+        self.check_title(title)?;
+        let cmd = Command::Rename {
+            tenant: tenant.clone(),
+            conv: conv.clone(),
+            by: by.clone(),
+            title: title.to_string(),
+        };
+        committed(self.call(cmd).await?)
+    }
+
+    /// Checks what can be checked without the store: the body's kind, ids and size.
+    fn check_append(&self, req: &Append) -> Result<(), LogError> {
+        let size = req.body.encoded_len();
+        let limit = self.inner.cfg.max_body_bytes;
+        if size > limit {
+            return Err(LogError::TooLarge {
+                what: "message body",
+                size,
+                limit,
+            });
+        }
+        match &req.body {
+            Body::MessagePosted(p) => {
+                if p.text.is_empty() {
+                    return Err(LogError::InvalidRequest("message text is empty".into()));
+                }
+                for m in &p.mentions {
+                    validate_id("mention", m)?;
+                }
+            }
+            Body::MessageEdited(e) if e.new_text.is_empty() => {
+                return Err(LogError::InvalidRequest("edited text is empty".into()));
+            }
+            Body::ReactionAdded(tidings_schemas::v1::ReactionAdded { reaction, .. })
+            | Body::ReactionRemoved(tidings_schemas::v1::ReactionRemoved { reaction, .. })
+                if reaction.is_empty() || reaction.len() > 64 =>
+            {
+                return Err(LogError::InvalidRequest(
+                    "a reaction is 1 to 64 bytes".into(),
+                ));
+            }
+            Body::MessageEdited(_)
+            | Body::MessageRecalled(_)
+            | Body::ReactionAdded(_)
+            | Body::ReactionRemoved(_) => {}
+            Body::MemberJoined(_)
+            | Body::MemberLeft(_)
+            | Body::ConversationCreated(_)
+            | Body::ConversationRenamed(_) => {
+                return Err(LogError::InvalidRequest(
+                    "membership and conversation events are made by their own operations, not appended"
+                        .into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Queues an append behind every append queued before it and returns at once (or when
+    /// the queue has room). Appends queued in order from one task get increasing seqs in
+    /// that order.
+    pub async fn enqueue(&self, req: Append) -> Result<PendingAppend, LogError> {
+        self.check_append(&req)?;
+        Ok(PendingAppend(self.submit(Command::Append(req)).await?))
+    }
+
+    /// Appends and waits until the event is durable.
+    pub async fn append(&self, req: Append) -> Result<Committed, LogError> {
+        self.enqueue(req).await?.wait().await
+    }
+
+    /// Moves the user's read cursor forward (never back, never past the head); returns it.
+    pub async fn mark_read(
+        &self,
+        tenant: &TenantId,
+        conv: &ConvId,
+        user: &UserId,
+        seq: u64,
+    ) -> Result<u64, LogError> {
+        let cmd = Command::MarkRead {
+            tenant: tenant.clone(),
+            conv: conv.clone(),
+            user: user.clone(),
+            seq,
+        };
+        match self.call(cmd).await? {
+            Outcome::Cursor(c) => Ok(c),
+            Outcome::Committed(_) => Err(LogError::corrupt(b"", "internal: unexpected outcome")),
+        }
+    }
+
+    async fn head(&self, tenant: &TenantId, conv: &ConvId) -> Result<Head, LogError> {
+        let key = keys::head(tenant, conv);
+        let bytes =
+            self.inner
+                .store
+                .get(&key)
+                .await?
+                .ok_or_else(|| LogError::ConversationNotFound {
+                    tenant: tenant.to_string(),
+                    conversation: conv.to_string(),
+                })?;
+        Head::decode(bytes.as_slice()).map_err(|e| LogError::corrupt(&key, e))
+    }
+
+    pub async fn conversation(
+        &self,
+        tenant: &TenantId,
+        conv: &ConvId,
+    ) -> Result<ConversationInfo, LogError> {
+        let head = self.head(tenant, conv).await?;
+        Ok(ConversationInfo {
+            kind: ConversationKind::try_from(head.kind).unwrap_or(ConversationKind::Unspecified),
+            head_seq: head.last_seq,
+            last_time_ms: head.last_time_ms,
+            member_count: head.member_count,
+        })
+    }
+
+    fn check_limit(&self, limit: usize) -> Result<(), LogError> {
+        let max = self.inner.cfg.max_read_limit;
+        if limit == 0 || limit > max {
+            return Err(LogError::InvalidRequest(format!(
+                "limit must be between 1 and {max}, not {limit}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Reads committed events, forward or backward, at most `limit`. Bounded by the head read
+    /// first, so a read racing appends returns a contiguous run and never a partial batch.
+    pub async fn read(
+        &self,
+        tenant: &TenantId,
+        conv: &ConvId,
+        range: ReadRange,
+    ) -> Result<Vec<Event>, LogError> {
+        self.check_limit(range.limit)?;
+        let head = self.head(tenant, conv).await?.last_seq;
+        let (lo, hi) = match range.order {
+            Order::Ascending => (range.from.unwrap_or(1).max(1), head),
+            Order::Descending => (1, range.from.unwrap_or(head).min(head)),
+        };
+        if lo > hi {
+            return Ok(Vec::new());
+        }
+        let rows = self
+            .inner
+            .store
+            .scan(
+                keys::event_range(tenant, conv, lo, hi),
+                range.limit,
+                range.order,
+            )
+            .await?;
+        let mut expected = match range.order {
+            Order::Ascending => lo,
+            Order::Descending => hi,
+        };
+        let mut events = Vec::with_capacity(rows.len());
+        for (key, value) in rows {
+            let seq = keys::event_seq(&key).ok_or_else(|| LogError::corrupt(&key, "bad key"))?;
+            if seq != expected {
+                return Err(LogError::corrupt(
+                    &keys::event(tenant, conv, expected),
+                    "event missing below the head",
+                ));
+            }
+            events.push(self.open_event(tenant, conv, seq, &key, &value).await?);
+            expected = match range.order {
+                Order::Ascending => seq + 1,
+                Order::Descending => seq.saturating_sub(1),
+            };
+        }
+        let wanted = range.limit.min((hi - lo + 1) as usize);
+        if events.len() != wanted {
+            return Err(LogError::corrupt(
+                &keys::event(tenant, conv, expected),
+                "event missing below the head",
+            ));
+        }
+        Ok(events)
+    }
+
+    async fn open_event(
+        &self,
+        tenant: &TenantId,
+        conv: &ConvId,
+        seq: u64,
+        key: &[u8],
+        value: &[u8],
+    ) -> Result<Event, LogError> {
+        let sealed = SealedEvent::decode(value).map_err(|e| LogError::corrupt(key, e))?;
+        let data_key = self.inner.keyring.key(tenant, sealed.key_id).await?;
+        let plain = data_key
+            .open_event(tenant, conv, seq, &sealed.ciphertext)
+            .map_err(|_| LogError::corrupt(key, "sealed event failed authentication"))?;
+        let event = Event::decode(plain.as_slice()).map_err(|e| LogError::corrupt(key, e))?;
+        if event.seq != seq
+            || event.tenant != tenant.as_str()
+            || event.conversation != conv.as_str()
+        {
+            return Err(LogError::corrupt(key, "event does not belong to its row"));
+        }
+        Ok(event)
+    }
+
+    pub async fn is_member(
+        &self,
+        tenant: &TenantId,
+        conv: &ConvId,
+        user: &UserId,
+    ) -> Result<bool, LogError> {
+        Ok(self
+            .inner
+            .store
+            .get(&keys::member(tenant, conv, user))
+            .await?
+            .is_some())
+    }
+
+    /// One page of members in user id order, starting after `after`.
+    pub async fn members(
+        &self,
+        tenant: &TenantId,
+        conv: &ConvId,
+        after: Option<&UserId>,
+        limit: usize,
+    ) -> Result<Vec<Member>, LogError> {
+        self.check_limit(limit)?;
+        self.head(tenant, conv).await?;
+        let dir = keys::member_dir(tenant, conv);
+        let rows = self.page(&dir, after.map(|u| u.as_str()), limit).await?;
+        rows.into_iter()
+            .map(|(key, value)| {
+                let m =
+                    Membership::decode(value.as_slice()).map_err(|e| LogError::corrupt(&key, e))?;
+                let user = keys::last_part(&dir, &key)
+                    .and_then(|u| UserId::new(u).ok())
+                    .ok_or_else(|| LogError::corrupt(&key, "bad member key"))?;
+                Ok(Member {
+                    user,
+                    role: MemberRole::try_from(m.role).unwrap_or(MemberRole::Unspecified),
+                    joined_seq: m.joined_seq,
+                })
+            })
+            .collect()
+    }
+
+    /// One page of the user's conversations in id order, starting after `after`, with heads
+    /// and unread counts.
+    pub async fn conversations(
+        &self,
+        tenant: &TenantId,
+        user: &UserId,
+        after: Option<&ConvId>,
+        limit: usize,
+    ) -> Result<Vec<ConversationSummary>, LogError> {
+        self.check_limit(limit)?;
+        let dir = keys::user_conv_dir(tenant, user);
+        let rows = self.page(&dir, after.map(|c| c.as_str()), limit).await?;
+        let mut convs = Vec::with_capacity(rows.len());
+        let mut entries = Vec::with_capacity(rows.len());
+        for (key, value) in rows {
+            let entry = UserConversation::decode(value.as_slice())
+                .map_err(|e| LogError::corrupt(&key, e))?;
+            let conv = keys::last_part(&dir, &key)
+                .and_then(|c| ConvId::new(c).ok())
+                .ok_or_else(|| LogError::corrupt(&key, "bad conversation key"))?;
+            convs.push(conv);
+            entries.push(entry);
+        }
+        let head_keys = convs.iter().map(|c| keys::head(tenant, c)).collect();
+        let heads = self.inner.store.batch_get(head_keys).await?;
+        convs
+            .into_iter()
+            .zip(entries)
+            .zip(heads)
+            .map(|((conv, entry), head)| {
+                let head = match head {
+                    Some(bytes) => Head::decode(bytes.as_slice())
+                        .map_err(|e| LogError::corrupt(&keys::head(tenant, &conv), e))?,
+                    None => {
+                        return Err(LogError::corrupt(
+                            &keys::head(tenant, &conv),
+                            "listed conversation has no head",
+                        ));
+                    }
+                };
+                Ok(ConversationSummary {
+                    conv,
+                    head_seq: head.last_seq,
+                    read_seq: entry.read_seq,
+                    unread: head.last_seq.saturating_sub(entry.read_seq),
+                })
+            })
+            .collect()
+    }
+
+    /// Up to `limit` rows under `dir` whose last part sorts after `after`.
+    async fn page(
+        &self,
+        dir: &[u8],
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, LogError> {
+        let mut range = KeyRange::prefix(dir.to_vec());
+        if let Some(after) = after {
+            // No id contains 0x00, so `after\0` sorts after `after` and before its successors.
+            range.start = [dir, after.as_bytes(), &[0]].concat();
+        }
+        Ok(self
+            .inner
+            .store
+            .scan(range, limit, Order::Ascending)
+            .await?)
+    }
+}

@@ -1,0 +1,180 @@
+//! The `KvStore` interface and its backends.
+//!
+//! The log needs little from a store: point reads, ordered scans both ways, and atomic
+//! transactions whose writes all land or none do, guarded by checks (a key still holds the
+//! value we read, a key is still absent). TiKV's optimistic transactions and the embedded
+//! fjall backend both give exactly that. [`conformance`] holds the tests every backend must
+//! pass.
+
+pub mod conformance;
+mod embedded;
+
+pub use embedded::FjallStore;
+
+use async_trait::async_trait;
+
+/// A half-open key range `[start, end)`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyRange {
+    pub start: Vec<u8>,
+    pub end: Vec<u8>,
+}
+
+impl KeyRange {
+    /// Every key that starts with `prefix`.
+    pub fn prefix(prefix: Vec<u8>) -> Self {
+        let end = prefix_end(&prefix);
+        KeyRange { start: prefix, end }
+    }
+
+    pub fn contains(&self, key: &[u8]) -> bool {
+        key >= self.start.as_slice() && (self.end.is_empty() || key < self.end.as_slice())
+    }
+}
+
+/// The smallest key greater than every key with this prefix; empty means "no upper bound".
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < u8::MAX {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    end
+}
+
+/// Scan direction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Order {
+    Ascending,
+    Descending,
+}
+
+/// One operation of a transaction.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Op {
+    Put {
+        key: Vec<u8>,
+        value: Vec<u8>,
+    },
+    /// Fails the whole transaction with [`StoreError::Conflict`] if the key exists.
+    PutIfAbsent {
+        key: Vec<u8>,
+        value: Vec<u8>,
+    },
+    Delete {
+        key: Vec<u8>,
+    },
+    /// Fails the whole transaction unless the key holds exactly `value` (`None`: absent).
+    Expect {
+        key: Vec<u8>,
+        value: Option<Vec<u8>>,
+    },
+}
+
+/// An atomic set of checks and writes: all of them apply, or none does.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Transaction {
+    pub ops: Vec<Op>,
+}
+
+impl Transaction {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    pub fn put(&mut self, key: Vec<u8>, value: Vec<u8>) -> &mut Self {
+        self.ops.push(Op::Put { key, value });
+        self
+    }
+    pub fn put_if_absent(&mut self, key: Vec<u8>, value: Vec<u8>) -> &mut Self {
+        self.ops.push(Op::PutIfAbsent { key, value });
+        self
+    }
+    pub fn delete(&mut self, key: Vec<u8>) -> &mut Self {
+        self.ops.push(Op::Delete { key });
+        self
+    }
+    pub fn expect(&mut self, key: Vec<u8>, value: Option<Vec<u8>>) -> &mut Self {
+        self.ops.push(Op::Expect { key, value });
+        self
+    }
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A check of the transaction failed; nothing was written.
+    #[error("transaction conflict at {key}: {reason}")]
+    Conflict { key: String, reason: &'static str },
+
+    #[error("the store at {path} is in use by another process (is a tidings server running?)")]
+    Locked { path: String },
+
+    #[error("store I/O failed while trying to {action}: {source}")]
+    Io {
+        action: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("store failed while trying to {action}: {message}")]
+    Backend {
+        action: &'static str,
+        message: String,
+    },
+
+    #[error("invalid store request: {0}")]
+    InvalidRequest(String),
+}
+
+impl StoreError {
+    /// The same error again, for answering every request of a failed batch.
+    pub fn duplicate(&self) -> StoreError {
+        match self {
+            StoreError::Conflict { key, reason } => StoreError::Conflict {
+                key: key.clone(),
+                reason,
+            },
+            StoreError::Locked { path } => StoreError::Locked { path: path.clone() },
+            StoreError::Io { action, source } => StoreError::Io {
+                action,
+                source: std::io::Error::new(source.kind(), source.to_string()),
+            },
+            StoreError::Backend { action, message } => StoreError::Backend {
+                action,
+                message: message.clone(),
+            },
+            StoreError::InvalidRequest(m) => StoreError::InvalidRequest(m.clone()),
+        }
+    }
+
+    /// Conflicts and I/O hiccups may clear up; a lock held by another process, a broken
+    /// backend or a bad request will not by retrying alone.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, StoreError::Conflict { .. } | StoreError::Io { .. })
+    }
+}
+
+/// An ordered, transactional key-value store.
+#[async_trait]
+pub trait KvStore: Send + Sync + 'static {
+    async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// One result per key, in the order of `keys`.
+    async fn batch_get(&self, keys: Vec<Vec<u8>>) -> Result<Vec<Option<Vec<u8>>>, StoreError>;
+
+    /// Up to `limit` pairs of `range`, in key order or reverse key order.
+    async fn scan(
+        &self,
+        range: KeyRange,
+        limit: usize,
+        order: Order,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError>;
+
+    /// Applies the transaction atomically. Returns only once it is durable: a crash of the
+    /// process (or, for the embedded store, of the machine) right after keeps it.
+    async fn commit(&self, txn: Transaction) -> Result<(), StoreError>;
+}

@@ -1,0 +1,680 @@
+//! The sequencer: one task owns every write, assigns seqs and group-commits.
+//!
+//! Requests queue on a bounded channel. The task takes whatever has queued (up to
+//! `max_batch`), reads every key the batch needs in one `batch_get`, applies the commands in
+//! arrival order against that snapshot plus the batch's own earlier writes, and commits the
+//! whole batch as one transaction: one fsync for many appends across many conversations.
+//! Only after the commit returns are the callers answered, so an ack always means durable.
+//!
+//! While a commit is in flight new requests keep queueing, so the batch grows with the load:
+//! one request alone commits at once, a thousand concurrent ones share a handful of fsyncs.
+//!
+//! Because this task is the only writer of its store, its reads are never stale. The head
+//! checks in the transaction (`Expect` on every `hd/` key) are the fence for deployments where
+//! that is not guaranteed by construction (TiKV with leases): a stale writer's whole batch is
+//! refused, never half-applied.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use prost::Message;
+use tidings_schemas::storage::{Dedupe, Head, Membership, SealedEvent, UserConversation};
+use tidings_schemas::v1::{
+    ConversationCreated, ConversationKind, ConversationRenamed, Event, MemberJoined, MemberLeft,
+    MemberRole, event::Body,
+};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, warn};
+
+use crate::crypto::{DataKey, Keyring};
+use crate::error::LogError;
+use crate::ids::{ConvId, TenantId, UserId};
+use crate::keys;
+use crate::log::{Append, Committed, CreateConversation, LogConfig};
+use crate::store::{KvStore, StoreError, Transaction};
+
+pub(crate) enum Command {
+    Create(CreateConversation),
+    Append(Append),
+    AddMember {
+        tenant: TenantId,
+        conv: ConvId,
+        by: UserId,
+        user: UserId,
+    },
+    RemoveMember {
+        tenant: TenantId,
+        conv: ConvId,
+        by: UserId,
+        user: UserId,
+    },
+    Rename {
+        tenant: TenantId,
+        conv: ConvId,
+        by: UserId,
+        title: String,
+    },
+    MarkRead {
+        tenant: TenantId,
+        conv: ConvId,
+        user: UserId,
+        seq: u64,
+    },
+}
+
+impl Command {
+    fn tenant_conv(&self) -> (&TenantId, &ConvId) {
+        match self {
+            Command::Create(c) => (&c.tenant, &c.conv),
+            Command::Append(a) => (&a.tenant, &a.conv),
+            Command::AddMember { tenant, conv, .. }
+            | Command::RemoveMember { tenant, conv, .. }
+            | Command::Rename { tenant, conv, .. }
+            | Command::MarkRead { tenant, conv, .. } => (tenant, conv),
+        }
+    }
+
+    /// Every key `apply` may read, so the batch can fetch them in one round trip.
+    fn reads(&self, out: &mut Vec<Vec<u8>>) {
+        let (t, c) = self.tenant_conv();
+        out.push(keys::head(t, c));
+        match self {
+            Command::Create(_) => {}
+            Command::Append(a) => {
+                out.push(keys::member(t, c, &a.sender));
+                out.push(keys::dedupe(t, c, &a.sender, &a.client_msg_id));
+                if let Some(target) = author_only_target(&a.body) {
+                    out.push(keys::event(t, c, target));
+                }
+            }
+            Command::AddMember { by, user, .. } | Command::RemoveMember { by, user, .. } => {
+                out.push(keys::member(t, c, by));
+                out.push(keys::member(t, c, user));
+            }
+            Command::Rename { by, .. } => out.push(keys::member(t, c, by)),
+            Command::MarkRead { user, .. } => {
+                out.push(keys::member(t, c, user));
+                out.push(keys::user_conv(t, user, c));
+            }
+        }
+    }
+}
+
+/// Edits and recalls may only be made by the target message's author.
+fn author_only_target(body: &Body) -> Option<u64> {
+    match body {
+        Body::MessageEdited(e) => Some(e.target_seq),
+        Body::MessageRecalled(r) => Some(r.target_seq),
+        _ => None,
+    }
+}
+
+/// The seq a body points at, if it points at one.
+fn target_seq(body: &Body) -> Option<u64> {
+    match body {
+        Body::MessagePosted(p) if p.reply_to_seq != 0 => Some(p.reply_to_seq),
+        Body::ReactionAdded(r) => Some(r.target_seq),
+        Body::ReactionRemoved(r) => Some(r.target_seq),
+        other => author_only_target(other),
+    }
+}
+
+pub(crate) enum Outcome {
+    Committed(Committed),
+    Cursor(u64),
+}
+
+pub(crate) struct Request {
+    pub cmd: Command,
+    pub reply: oneshot::Sender<Result<Outcome, LogError>>,
+}
+
+/// Counters that show group commit at work (and feed the benchmark).
+#[derive(Default)]
+pub struct WriterStats {
+    pub commits: AtomicU64,
+    pub requests: AtomicU64,
+}
+
+pub(crate) struct Writer {
+    pub store: Arc<dyn KvStore>,
+    pub keyring: Arc<Keyring>,
+    pub cfg: LogConfig,
+    pub stats: Arc<WriterStats>,
+}
+
+/// Values read for a batch, and the batch's writes so far (`None`: deleted).
+struct State {
+    fetched: HashMap<Vec<u8>, Option<Vec<u8>>>,
+    pending: HashMap<Vec<u8>, Option<Vec<u8>>>,
+    /// Keys written by this batch in the order first written, so the transaction is built
+    /// deterministically.
+    order: Vec<Vec<u8>>,
+}
+
+/// One command's view: its own writes over the batch's state. Merged into the state only if
+/// the command succeeds, so a refused command leaves no trace.
+struct Scratch<'a> {
+    state: &'a State,
+    writes: HashMap<Vec<u8>, Option<Vec<u8>>>,
+    order: Vec<Vec<u8>>,
+    keys: &'a HashMap<(TenantId, u32), DataKey>,
+    current: Option<&'a DataKey>,
+    now_ms: i64,
+}
+
+impl Scratch<'_> {
+    fn get(&self, key: &[u8]) -> Result<Option<&[u8]>, LogError> {
+        if let Some(v) = self.writes.get(key) {
+            return Ok(v.as_deref());
+        }
+        if let Some(v) = self.state.pending.get(key) {
+            return Ok(v.as_deref());
+        }
+        match self.state.fetched.get(key) {
+            Some(v) => Ok(v.as_deref()),
+            None => Err(LogError::corrupt(
+                key,
+                "internal: key read without prefetch",
+            )),
+        }
+    }
+
+    fn decode<M: Message + Default>(&self, key: &[u8]) -> Result<Option<M>, LogError> {
+        match self.get(key)? {
+            Some(bytes) => M::decode(bytes)
+                .map(Some)
+                .map_err(|e| LogError::corrupt(key, e)),
+            None => Ok(None),
+        }
+    }
+
+    fn write(&mut self, key: Vec<u8>, value: Option<Vec<u8>>) {
+        if self.writes.insert(key.clone(), value).is_none() {
+            self.order.push(key);
+        }
+    }
+
+    fn put<M: Message>(&mut self, key: Vec<u8>, value: &M) {
+        self.write(key, Some(value.encode_to_vec()));
+    }
+
+    fn head(&self, t: &TenantId, c: &ConvId) -> Result<Head, LogError> {
+        self.decode::<Head>(&keys::head(t, c))?
+            .ok_or_else(|| LogError::ConversationNotFound {
+                tenant: t.to_string(),
+                conversation: c.to_string(),
+            })
+    }
+
+    fn membership(&self, t: &TenantId, c: &ConvId, u: &UserId) -> Result<Membership, LogError> {
+        self.decode::<Membership>(&keys::member(t, c, u))?
+            .ok_or_else(|| LogError::NotMember {
+                user: u.to_string(),
+                conversation: c.to_string(),
+            })
+    }
+
+    /// Seals and writes the next event of the conversation, advancing `head` (which the
+    /// caller writes back once it is done with it).
+    fn push_event(
+        &mut self,
+        head: &mut Head,
+        t: &TenantId,
+        c: &ConvId,
+        sender: &UserId,
+        client_msg_id: &str,
+        body: Body,
+    ) -> Result<Committed, LogError> {
+        let seq = head.last_seq + 1;
+        // Times never go backwards within a conversation, even if the wall clock does.
+        let time_ms = self.now_ms.max(head.last_time_ms);
+        let event_id = uuid::Uuid::now_v7().to_string();
+        let event = Event {
+            tenant: t.to_string(),
+            conversation: c.to_string(),
+            seq,
+            event_id: event_id.clone(),
+            sender: sender.to_string(),
+            server_time_ms: time_ms,
+            client_msg_id: client_msg_id.to_string(),
+            body: Some(body),
+        };
+        let key = self
+            .current
+            .ok_or_else(|| LogError::corrupt(b"kr", "internal: no data key for the tenant"))?;
+        let sealed = SealedEvent {
+            key_id: key.id,
+            ciphertext: key.seal_event(t, c, seq, &event.encode_to_vec()),
+        };
+        self.put(keys::event(t, c, seq), &sealed);
+        debug_assert_eq!(seq, head.last_seq + 1);
+        head.last_seq = seq;
+        head.last_time_ms = time_ms;
+        Ok(Committed {
+            seq,
+            event_id,
+            time_ms,
+            duplicate: false,
+        })
+    }
+
+    fn open_event(&self, t: &TenantId, c: &ConvId, seq: u64) -> Result<Option<Event>, LogError> {
+        let key = keys::event(t, c, seq);
+        let Some(sealed) = self.decode::<SealedEvent>(&key)? else {
+            return Ok(None);
+        };
+        let data_key = self
+            .keys
+            .get(&(t.clone(), sealed.key_id))
+            .ok_or_else(|| LogError::corrupt(&key, "internal: data key not resolved"))?;
+        let plain = data_key
+            .open_event(t, c, seq, &sealed.ciphertext)
+            .map_err(|_| LogError::corrupt(&key, "sealed event does not open"))?;
+        Event::decode(plain.as_slice())
+            .map(Some)
+            .map_err(|e| LogError::corrupt(&key, e))
+    }
+
+    fn apply(&mut self, cmd: &Command, cfg: &LogConfig) -> Result<Outcome, LogError> {
+        match cmd {
+            Command::Create(c) => self.create(c),
+            Command::Append(a) => self.append(a),
+            Command::AddMember {
+                tenant,
+                conv,
+                by,
+                user,
+            } => self.add_member(tenant, conv, by, user, cfg),
+            Command::RemoveMember {
+                tenant,
+                conv,
+                by,
+                user,
+            } => self.remove_member(tenant, conv, by, user),
+            Command::Rename {
+                tenant,
+                conv,
+                by,
+                title,
+            } => self.rename(tenant, conv, by, title),
+            Command::MarkRead {
+                tenant,
+                conv,
+                user,
+                seq,
+            } => self.mark_read(tenant, conv, user, *seq),
+        }
+    }
+
+    fn create(&mut self, req: &CreateConversation) -> Result<Outcome, LogError> {
+        let (t, c) = (&req.tenant, &req.conv);
+        if self.get(&keys::head(t, c))?.is_some() {
+            return Err(LogError::ConversationExists {
+                tenant: t.to_string(),
+                conversation: c.to_string(),
+            });
+        }
+        let members = req.all_members();
+        let mut head = Head {
+            kind: req.kind as i32,
+            member_count: members.len() as u64,
+            ..Head::default()
+        };
+        let body = Body::ConversationCreated(ConversationCreated {
+            kind: req.kind as i32,
+            title: req.title.clone(),
+            creator: req.creator.to_string(),
+            members: members.iter().map(|m| m.to_string()).collect(),
+        });
+        let committed = self.push_event(&mut head, t, c, &req.creator, "", body)?;
+        for m in &members {
+            let role = if *m == req.creator {
+                MemberRole::Owner
+            } else {
+                MemberRole::Member
+            };
+            self.join(t, c, m, role, committed.seq);
+        }
+        self.put(keys::head(t, c), &head);
+        Ok(Outcome::Committed(committed))
+    }
+
+    fn join(&mut self, t: &TenantId, c: &ConvId, user: &UserId, role: MemberRole, seq: u64) {
+        let membership = Membership {
+            role: role as i32,
+            joined_seq: seq,
+        };
+        self.put(keys::member(t, c, user), &membership);
+        // The join event itself counts as read.
+        let entry = UserConversation {
+            joined_seq: seq,
+            read_seq: seq,
+        };
+        self.put(keys::user_conv(t, user, c), &entry);
+    }
+
+    fn append(&mut self, a: &Append) -> Result<Outcome, LogError> {
+        let (t, c) = (&a.tenant, &a.conv);
+        let mut head = self.head(t, c)?;
+        // A retry answers with the original, even if the sender has left since.
+        let dd_key = keys::dedupe(t, c, &a.sender, &a.client_msg_id);
+        if let Some(original) = self.decode::<Dedupe>(&dd_key)? {
+            return Ok(Outcome::Committed(Committed {
+                seq: original.seq,
+                event_id: original.event_id,
+                time_ms: original.server_time_ms,
+                duplicate: true,
+            }));
+        }
+        self.membership(t, c, &a.sender)?;
+        if let Some(target) = target_seq(&a.body)
+            && (target == 0 || target > head.last_seq)
+        {
+            return Err(LogError::NoSuchMessage {
+                conversation: c.to_string(),
+                seq: target,
+                head: head.last_seq,
+            });
+        }
+        if let Some(target) = author_only_target(&a.body) {
+            let original = self.open_event(t, c, target)?;
+            let authored = original.is_some_and(|e| {
+                e.sender == a.sender.as_str() && matches!(e.body, Some(Body::MessagePosted(_)))
+            });
+            if !authored {
+                return Err(LogError::NotAllowed(format!(
+                    "only the author of message {target} may edit or recall it"
+                )));
+            }
+        }
+        let committed = self.push_event(
+            &mut head,
+            t,
+            c,
+            &a.sender,
+            a.client_msg_id.as_str(),
+            a.body.clone(),
+        )?;
+        let dedupe = Dedupe {
+            seq: committed.seq,
+            event_id: committed.event_id.clone(),
+            server_time_ms: committed.time_ms,
+        };
+        self.put(dd_key, &dedupe);
+        self.put(keys::head(t, c), &head);
+        Ok(Outcome::Committed(committed))
+    }
+
+    fn require_group(head: &Head, what: &str) -> Result<(), LogError> {
+        if head.kind == ConversationKind::Direct as i32 {
+            return Err(LogError::NotAllowed(format!(
+                "{what}: the members of a direct conversation are fixed"
+            )));
+        }
+        Ok(())
+    }
+
+    fn add_member(
+        &mut self,
+        t: &TenantId,
+        c: &ConvId,
+        by: &UserId,
+        user: &UserId,
+        cfg: &LogConfig,
+    ) -> Result<Outcome, LogError> {
+        let mut head = self.head(t, c)?;
+        Self::require_group(&head, "cannot add a member")?;
+        let actor = self.membership(t, c, by)?;
+        if actor.role != MemberRole::Owner as i32 {
+            return Err(LogError::NotAllowed(format!(
+                "{by} is not an owner of {c} and cannot add members"
+            )));
+        }
+        if self.get(&keys::member(t, c, user))?.is_some() {
+            return Err(LogError::AlreadyMember {
+                user: user.to_string(),
+                conversation: c.to_string(),
+            });
+        }
+        if head.member_count >= cfg.max_group_members as u64 {
+            return Err(LogError::NotAllowed(format!(
+                "{c} already has the maximum of {} members",
+                cfg.max_group_members
+            )));
+        }
+        let body = Body::MemberJoined(MemberJoined {
+            user: user.to_string(),
+            role: MemberRole::Member as i32,
+        });
+        let committed = self.push_event(&mut head, t, c, by, "", body)?;
+        self.join(t, c, user, MemberRole::Member, committed.seq);
+        head.member_count += 1;
+        self.put(keys::head(t, c), &head);
+        Ok(Outcome::Committed(committed))
+    }
+
+    fn remove_member(
+        &mut self,
+        t: &TenantId,
+        c: &ConvId,
+        by: &UserId,
+        user: &UserId,
+    ) -> Result<Outcome, LogError> {
+        let mut head = self.head(t, c)?;
+        Self::require_group(&head, "cannot remove a member")?;
+        let actor = self.membership(t, c, by)?;
+        if by != user && actor.role != MemberRole::Owner as i32 {
+            return Err(LogError::NotAllowed(format!(
+                "{by} is not an owner of {c} and can only remove themselves"
+            )));
+        }
+        self.membership(t, c, user)?;
+        let body = Body::MemberLeft(MemberLeft {
+            user: user.to_string(),
+        });
+        let committed = self.push_event(&mut head, t, c, by, "", body)?;
+        self.write(keys::member(t, c, user), None);
+        self.write(keys::user_conv(t, user, c), None);
+        head.member_count = head.member_count.saturating_sub(1);
+        self.put(keys::head(t, c), &head);
+        Ok(Outcome::Committed(committed))
+    }
+
+    fn rename(
+        &mut self,
+        t: &TenantId,
+        c: &ConvId,
+        by: &UserId,
+        title: &str,
+    ) -> Result<Outcome, LogError> {
+        let mut head = self.head(t, c)?;
+        self.membership(t, c, by)?;
+        let body = Body::ConversationRenamed(ConversationRenamed {
+            title: title.to_string(),
+        });
+        let committed = self.push_event(&mut head, t, c, by, "", body)?;
+        self.put(keys::head(t, c), &head);
+        Ok(Outcome::Committed(committed))
+    }
+
+    fn mark_read(
+        &mut self,
+        t: &TenantId,
+        c: &ConvId,
+        user: &UserId,
+        seq: u64,
+    ) -> Result<Outcome, LogError> {
+        let head = self.head(t, c)?;
+        self.membership(t, c, user)?;
+        let key = keys::user_conv(t, user, c);
+        let mut entry = self
+            .decode::<UserConversation>(&key)?
+            .ok_or_else(|| LogError::corrupt(&key, "member without a conversation list entry"))?;
+        // Cursors only move forward and never past the head.
+        let target = seq.min(head.last_seq);
+        if target > entry.read_seq {
+            entry.read_seq = target;
+            self.put(key, &entry);
+        }
+        Ok(Outcome::Cursor(entry.read_seq))
+    }
+}
+
+impl Writer {
+    pub(crate) async fn run(self, mut rx: mpsc::Receiver<Request>) {
+        let mut batch = Vec::with_capacity(self.cfg.max_batch);
+        while rx.recv_many(&mut batch, self.cfg.max_batch).await > 0 {
+            self.process(std::mem::take(&mut batch)).await;
+        }
+        debug!("sequencer stopped: every handle to the log is gone");
+    }
+
+    /// Data keys the batch needs: each tenant's current key (to seal) and the keys of any
+    /// stored events it must open.
+    async fn resolve_keys(
+        &self,
+        reqs: &[Request],
+        fetched: &HashMap<Vec<u8>, Option<Vec<u8>>>,
+    ) -> Result<
+        (
+            HashMap<TenantId, DataKey>,
+            HashMap<(TenantId, u32), DataKey>,
+        ),
+        LogError,
+    > {
+        let mut current = HashMap::new();
+        let mut all = HashMap::new();
+        for r in reqs {
+            let (t, _) = r.cmd.tenant_conv();
+            if !current.contains_key(t) {
+                let k = self.keyring.current(t).await?;
+                all.insert((t.clone(), k.id), k.clone());
+                current.insert(t.clone(), k);
+            }
+            if let Command::Append(a) = &r.cmd
+                && let Some(target) = author_only_target(&a.body)
+            {
+                let key = keys::event(&a.tenant, &a.conv, target);
+                if let Some(Some(bytes)) = fetched.get(&key) {
+                    let sealed = SealedEvent::decode(bytes.as_slice())
+                        .map_err(|e| LogError::corrupt(&key, e))?;
+                    let id = (a.tenant.clone(), sealed.key_id);
+                    if !all.contains_key(&id) {
+                        let k = self.keyring.key(&a.tenant, sealed.key_id).await?;
+                        all.insert(id, k);
+                    }
+                }
+            }
+        }
+        Ok((current, all))
+    }
+
+    async fn process(&self, reqs: Vec<Request>) {
+        let mut wanted = Vec::with_capacity(reqs.len() * 3);
+        for r in &reqs {
+            r.cmd.reads(&mut wanted);
+        }
+        wanted.sort();
+        wanted.dedup();
+        let fetched = match self.store.batch_get(wanted.clone()).await {
+            Ok(values) => wanted.into_iter().zip(values).collect::<HashMap<_, _>>(),
+            Err(e) => return fail_all(reqs, &e),
+        };
+        let (current, data_keys) = match self.resolve_keys(&reqs, &fetched).await {
+            Ok(k) => k,
+            Err(e) => {
+                warn!(error = %e, "failed to resolve data keys for a batch");
+                let reason = e.to_string();
+                for r in reqs {
+                    let _ = r.reply.send(Err(LogError::Store(StoreError::Backend {
+                        action: "resolve data keys",
+                        message: reason.clone(),
+                    })));
+                }
+                return;
+            }
+        };
+
+        let mut state = State {
+            fetched,
+            pending: HashMap::new(),
+            order: Vec::new(),
+        };
+        let now_ms = crate::now_ms();
+        let mut results = Vec::with_capacity(reqs.len());
+        for r in &reqs {
+            let (t, _) = r.cmd.tenant_conv();
+            let mut scratch = Scratch {
+                state: &state,
+                writes: HashMap::new(),
+                order: Vec::new(),
+                keys: &data_keys,
+                current: current.get(t),
+                now_ms,
+            };
+            let result = scratch.apply(&r.cmd, &self.cfg);
+            if result.is_ok() {
+                let Scratch { writes, order, .. } = scratch;
+                for key in order {
+                    let value = writes.get(&key).cloned().flatten();
+                    if state.pending.insert(key.clone(), value).is_none() {
+                        state.order.push(key);
+                    }
+                }
+            }
+            results.push(result);
+        }
+
+        let txn = transaction(&state);
+        let write_count = txn.ops.len();
+        if let Err(e) = self.store.commit(txn).await {
+            warn!(error = %e, requests = reqs.len(), "failed to commit a batch");
+            for (r, result) in reqs.into_iter().zip(results) {
+                let answer = match result {
+                    Ok(_) => Err(LogError::Store(e.duplicate())),
+                    refused => refused,
+                };
+                let _ = r.reply.send(answer);
+            }
+            return;
+        }
+        if write_count > 0 {
+            self.stats.commits.fetch_add(1, Ordering::Relaxed);
+        }
+        self.stats
+            .requests
+            .fetch_add(reqs.len() as u64, Ordering::Relaxed);
+        for (r, result) in reqs.into_iter().zip(results) {
+            // The caller may have given up waiting; the write stands either way.
+            let _ = r.reply.send(result);
+        }
+    }
+}
+
+/// The batch as one transaction: events are insert-only, heads are checked against what the
+/// batch read, everything else is written as decided.
+fn transaction(state: &State) -> Transaction {
+    let mut txn = Transaction::new();
+    for key in &state.order {
+        let value = state.pending.get(key).cloned().flatten();
+        if key.starts_with(b"hd\0") {
+            let read = state.fetched.get(key).cloned().flatten();
+            txn.expect(key.clone(), read);
+        }
+        match value {
+            Some(v) if key.starts_with(b"ev\0") => txn.put_if_absent(key.clone(), v),
+            Some(v) => txn.put(key.clone(), v),
+            None => txn.delete(key.clone()),
+        };
+    }
+    txn
+}
+
+fn fail_all(reqs: Vec<Request>, e: &StoreError) {
+    warn!(error = %e, requests = reqs.len(), "failed to read for a batch");
+    for r in reqs {
+        let _ = r.reply.send(Err(LogError::Store(e.duplicate())));
+    }
+}
