@@ -73,6 +73,29 @@ pub enum LogError {
 }
 
 impl LogError {
+    /// A stable, machine-readable name for the error, for JSON output and wire errors.
+    pub fn code(&self) -> &'static str {
+        match self {
+            LogError::InvalidId { .. } => "invalid_id",
+            LogError::TooLarge { .. } => "too_large",
+            LogError::InvalidRequest(_) => "invalid_request",
+            LogError::ConversationNotFound { .. } => "conversation_not_found",
+            LogError::ConversationExists { .. } => "conversation_exists",
+            LogError::NotMember { .. } => "not_member",
+            LogError::AlreadyMember { .. } => "already_member",
+            LogError::NotAllowed(_) => "not_allowed",
+            LogError::NoSuchMessage { .. } => "no_such_message",
+            LogError::MasterKeyMissing { .. } => "master_key_missing",
+            LogError::MasterKeyMalformed { .. } => "master_key_malformed",
+            LogError::WrongMasterKey => "wrong_master_key",
+            LogError::Corrupt { .. } => "corrupt",
+            LogError::ShuttingDown => "shutting_down",
+            LogError::Store(StoreError::Conflict { .. }) => "conflict",
+            LogError::Store(StoreError::Locked { .. }) => "store_locked",
+            LogError::Store(_) => "store_error",
+        }
+    }
+
     /// Whether the same request may succeed if sent again later. Validation and permission
     /// errors are permanent; store hiccups and conflicts are not.
     pub fn is_retryable(&self) -> bool {

@@ -9,7 +9,7 @@
 //! - `writer` (private): the sequencer, one task that assigns seqs and group-commits.
 //! - [`log`]: [`Log`], the API the binary and the gateway use: conversations, membership,
 //!   appends, reads, read cursors.
-//! - [`error`]: [`LogError`].
+//! - [`error`]: the typed [`LogError`].
 
 pub mod crypto;
 pub mod error;

@@ -560,10 +560,10 @@ impl Writer {
                 if let Some(Some(bytes)) = fetched.get(&key) {
                     let sealed = SealedEvent::decode(bytes.as_slice())
                         .map_err(|e| LogError::corrupt(&key, e))?;
-                    let id = (a.tenant.clone(), sealed.key_id);
-                    if !all.contains_key(&id) {
-                        let k = self.keyring.key(&a.tenant, sealed.key_id).await?;
-                        all.insert(id, k);
+                    if let std::collections::hash_map::Entry::Vacant(slot) =
+                        all.entry((a.tenant.clone(), sealed.key_id))
+                    {
+                        slot.insert(self.keyring.key(&a.tenant, sealed.key_id).await?);
                     }
                 }
             }

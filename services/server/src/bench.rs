@@ -1,0 +1,242 @@
+//! `tidings bench append`: durable appends through the log, against raw fjall in the same
+//! run.
+//!
+//! For each conversation count, each run makes a fresh store on disk and drives `--messages`
+//! appends of `--size`-byte texts from `--concurrency` tasks, each waiting for its ack
+//! (durable) before sending the next: appends/s and ack latency. The baseline then writes the
+//! same number of values of the same size, under the same kind of keys, straight into fjall
+//! in batches of the mean group size tidings reached in that run, each batch fsync'd
+//! (`PersistMode::SyncAll`) as tidings' are. The ratio tidings/raw is what the log's
+//! sequencing, dedupe, sealing and bookkeeping cost over the bare store. Medians over
+//! `--runs`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use fjall::{Database, KeyspaceCreateOptions, PersistMode};
+use tidings_log::crypto::MasterKey;
+use tidings_log::store::{FjallStore, KvStore};
+use tidings_log::{
+    Append, ClientMsgId, ConvId, ConversationKind, CreateConversation, Log, LogConfig, TenantId,
+    UserId,
+};
+
+use crate::config::Config;
+
+#[derive(Debug, clap::Args)]
+pub struct AppendArgs {
+    /// Appends per run.
+    #[arg(long, default_value_t = 20_000)]
+    pub messages: usize,
+    /// Conversation counts to measure, comma separated.
+    #[arg(long, value_delimiter = ',', default_values_t = [1usize, 100, 10_000])]
+    pub conversations: Vec<usize>,
+    /// Appenders running at once, each waiting for its ack before the next append.
+    #[arg(long, default_value_t = 256)]
+    pub concurrency: usize,
+    /// Message text size in bytes.
+    #[arg(long, default_value_t = 200)]
+    pub size: usize,
+    /// Runs per conversation count; medians are reported.
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// Directory for the scratch stores; must be a real disk, since fsync is what is
+    /// measured (default: the system temp directory).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+}
+
+struct Run {
+    appends_per_s: f64,
+    p50: Duration,
+    p99: Duration,
+    mean_group: f64,
+    raw_per_s: f64,
+}
+
+pub async fn append(args: AppendArgs, config: &Config) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.messages > 0 && args.concurrency > 0 && args.runs > 0,
+        "messages, concurrency and runs must be positive"
+    );
+    let base = args.dir.clone().unwrap_or_else(std::env::temp_dir);
+    std::fs::create_dir_all(&base).with_context(|| format!("create {}", base.display()))?;
+    println!(
+        "tidings bench append: {} appends of {} bytes, {} appenders, {} runs per row, {} cores",
+        args.messages,
+        args.size,
+        args.concurrency,
+        args.runs,
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    println!();
+    println!(
+        "| conversations | tidings appends/s | ack p50 | ack p99 | mean group | raw fjall inserts/s | ratio |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    for &convs in &args.conversations {
+        anyhow::ensure!(convs > 0, "conversation counts must be positive");
+        let mut runs = Vec::new();
+        for _ in 0..args.runs {
+            runs.push(one_run(&args, convs, &base, config.log_config()).await?);
+        }
+        let median = |f: &dyn Fn(&Run) -> f64| {
+            let mut v: Vec<f64> = runs.iter().map(f).collect();
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        println!(
+            "| {convs} | {:.0} | {:.2} ms | {:.2} ms | {:.0} | {:.0} | {:.2}x |",
+            median(&|r| r.appends_per_s),
+            median(&|r| r.p50.as_secs_f64() * 1e3),
+            median(&|r| r.p99.as_secs_f64() * 1e3),
+            median(&|r| r.mean_group),
+            median(&|r| r.raw_per_s),
+            median(&|r| r.appends_per_s / r.raw_per_s),
+        );
+    }
+    Ok(())
+}
+
+fn text_of(size: usize, i: usize) -> String {
+    // Varied, incompressible-ish ASCII so neither side benefits from repetition.
+    let mut state = (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..size)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (b'a' + (state % 26) as u8) as char
+        })
+        .collect()
+}
+
+async fn one_run(
+    args: &AppendArgs,
+    convs: usize,
+    base: &std::path::Path,
+    log_config: LogConfig,
+) -> anyhow::Result<Run> {
+    let dir = tempfile::Builder::new()
+        .prefix("tidings-bench-")
+        .tempdir_in(base)
+        .context("create scratch dir")?;
+    let tenant = TenantId::new("bench")?;
+    let user = UserId::new("writer")?;
+    let conv_ids: Arc<Vec<ConvId>> = Arc::new(
+        (0..convs)
+            .map(|i| ConvId::new(format!("c{i}")))
+            .collect::<Result<_, _>>()?,
+    );
+
+    let store = Arc::new(FjallStore::open(&dir.path().join("tidings"))?);
+    let log = Log::open(store as Arc<dyn KvStore>, MasterKey::generate(), log_config).await?;
+    let mut creates = tokio::task::JoinSet::new();
+    for conv in conv_ids.iter().cloned() {
+        let (log, tenant, user) = (log.clone(), tenant.clone(), user.clone());
+        creates.spawn(async move {
+            log.create_conversation(CreateConversation {
+                tenant,
+                conv,
+                kind: ConversationKind::Group,
+                title: String::new(),
+                creator: user,
+                members: vec![],
+            })
+            .await
+        });
+    }
+    while let Some(r) = creates.join_next().await {
+        r??;
+    }
+
+    let (commits0, requests0) = log.stats();
+    let next = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..args.concurrency {
+        let (log, tenant, user, convs, next) = (
+            log.clone(),
+            tenant.clone(),
+            user.clone(),
+            conv_ids.clone(),
+            next.clone(),
+        );
+        let (messages, size) = (args.messages, args.size);
+        workers.spawn(async move {
+            let mut latencies = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= messages {
+                    return anyhow::Ok(latencies);
+                }
+                let req = Append::text(
+                    tenant.clone(),
+                    convs[i % convs.len()].clone(),
+                    user.clone(),
+                    ClientMsgId::new(format!("m{i}"))?,
+                    text_of(size, i),
+                );
+                let t0 = Instant::now();
+                log.append(req).await?;
+                latencies.push(t0.elapsed());
+            }
+        });
+    }
+    let mut latencies = Vec::with_capacity(args.messages);
+    while let Some(r) = workers.join_next().await {
+        latencies.extend(r??);
+    }
+    let elapsed = started.elapsed();
+    let (commits, requests) = log.stats();
+    log.close().await;
+    latencies.sort();
+    let pct = |p: f64| latencies[((latencies.len() - 1) as f64 * p) as usize];
+    let mean_group = (requests - requests0) as f64 / (commits - commits0).max(1) as f64;
+
+    let raw_per_s = raw_fjall(
+        &dir.path().join("raw"),
+        args.messages,
+        args.size,
+        convs,
+        mean_group.round().max(1.0) as usize,
+    )?;
+    Ok(Run {
+        appends_per_s: args.messages as f64 / elapsed.as_secs_f64(),
+        p50: pct(0.50),
+        p99: pct(0.99),
+        mean_group,
+        raw_per_s,
+    })
+}
+
+/// The baseline: the same values under `ev`-shaped keys, in fsync'd batches of `group`.
+fn raw_fjall(
+    path: &std::path::Path,
+    messages: usize,
+    size: usize,
+    convs: usize,
+    group: usize,
+) -> anyhow::Result<f64> {
+    let db = Database::builder(path).open()?;
+    let data = db.keyspace("data", KeyspaceCreateOptions::default)?;
+    let values: Vec<(Vec<u8>, String)> = (0..messages)
+        .map(|i| {
+            let mut key = format!("ev\0bench\0c{}\0", i % convs).into_bytes();
+            key.extend_from_slice(&((i / convs) as u64 + 2).to_be_bytes());
+            (key, text_of(size, i))
+        })
+        .collect();
+    let started = Instant::now();
+    for chunk in values.chunks(group) {
+        let mut batch = db.batch().durability(Some(PersistMode::SyncAll));
+        for (k, v) in chunk {
+            batch.insert(&data, k.as_slice(), v.as_bytes());
+        }
+        batch.commit()?;
+    }
+    Ok(messages as f64 / started.elapsed().as_secs_f64())
+}

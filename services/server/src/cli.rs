@@ -1,0 +1,198 @@
+//! The command line, declared with clap. Parsing only; `commands` does the work.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use tidings_log::{ClientMsgId, ConvId, TenantId, UserId};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tidings",
+    version,
+    about = "tidings: the message store of an enterprise instant-messaging system",
+    long_about = "tidings: the message store of an enterprise instant-messaging system.\n\n\
+        Every chat message is an immutable event in a per-conversation log, sealed with \
+        AES-SIV under a per-tenant key. Tool commands work on the data directory directly \
+        when no server holds it."
+)]
+pub struct Cli {
+    /// TOML config file (default: $TIDINGS_CONFIG, else ./tidings.toml if present).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Data directory of the embedded store (default: ./tidings-data, or $TIDINGS_DATA_DIR).
+    #[arg(long, global = true, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Manage the master key and tenant data keys.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// Create conversations and manage their members and read cursors.
+    #[command(subcommand)]
+    Conv(ConvCommand),
+    /// Append to and read from a conversation's log.
+    #[command(subcommand)]
+    Log(LogCommand),
+    /// Measure tidings against its baselines.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Create a master key file for development (64 random bytes, hex, mode 0600).
+    Init {
+        /// Where to write it (default: master_key_file from the config, ./tidings-master.key).
+        #[arg(long, value_name = "FILE")]
+        key_file: Option<PathBuf>,
+        /// Replace an existing key file. Data sealed under the old key becomes unreadable.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Add a new data key for a tenant; new events are sealed with it, old ones still open.
+    Rotate {
+        #[arg(long)]
+        tenant: TenantId,
+    },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum Kind {
+    Group,
+    Direct,
+}
+
+#[derive(Debug, Args)]
+pub struct Target {
+    #[arg(long)]
+    pub tenant: TenantId,
+    #[arg(long)]
+    pub conv: ConvId,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConvCommand {
+    /// Create a conversation; the creator (--by) becomes its owner.
+    Create {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long, value_enum)]
+        kind: Kind,
+        /// The creating user.
+        #[arg(long)]
+        by: UserId,
+        /// Other members, comma separated (the creator is always a member).
+        #[arg(long, value_delimiter = ',', num_args = 0..)]
+        members: Vec<UserId>,
+        #[arg(long, default_value = "")]
+        title: String,
+    },
+    /// Add a member to a group (--by must be an owner).
+    AddMember {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long)]
+        by: UserId,
+        #[arg(long)]
+        user: UserId,
+    },
+    /// Remove a member from a group (--by must be an owner, or the member leaving).
+    RemoveMember {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long)]
+        by: UserId,
+        #[arg(long)]
+        user: UserId,
+    },
+    /// Rename a group.
+    Rename {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long)]
+        by: UserId,
+        #[arg(long)]
+        title: String,
+    },
+    /// Show a conversation's kind, head and member count.
+    Show {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// List a conversation's members, one JSON line each, in user id order.
+    Members {
+        #[command(flatten)]
+        target: Target,
+        /// Start after this user id (paging).
+        #[arg(long)]
+        after: Option<UserId>,
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+    },
+    /// List a user's conversations with head, read cursor and unread count.
+    List {
+        #[arg(long)]
+        tenant: TenantId,
+        #[arg(long)]
+        user: UserId,
+        #[arg(long)]
+        after: Option<ConvId>,
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+    },
+    /// Move a member's read cursor forward.
+    MarkRead {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long)]
+        user: UserId,
+        #[arg(long)]
+        seq: u64,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LogCommand {
+    /// Append a message. Prints {"seq":N,"event_id":"...","duplicate":false} once durable.
+    ///
+    /// With --stdin, reads JSON lines {"client_msg_id":"...","text":"..."} and prints one
+    /// line per input, in input order, each only once that event is durable. Appends are
+    /// pipelined, so they share store commits.
+    Append {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long)]
+        sender: UserId,
+        #[arg(long, required_unless_present = "stdin", conflicts_with = "stdin")]
+        client_msg_id: Option<ClientMsgId>,
+        #[arg(long, required_unless_present = "stdin", conflicts_with = "stdin")]
+        text: Option<String>,
+        #[arg(long)]
+        stdin: bool,
+    },
+    /// Print events as JSON lines: forward from --from (default 1), or with --reverse
+    /// backward from --from (default the head).
+    Read {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long)]
+        from: Option<u64>,
+        /// Print at most this many events (default: all).
+        #[arg(long)]
+        limit: Option<usize>,
+        #[arg(long)]
+        reverse: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Durable appends/s and ack latency, against raw fjall batched inserts of the same bytes.
+    Append(crate::bench::AppendArgs),
+}

@@ -1,0 +1,431 @@
+//! The tool commands: each opens the log on the data directory, does one thing, prints JSON
+//! lines on stdout and closes the store.
+
+use std::io::Write;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use serde::Deserialize;
+use serde_json::json;
+use tidings_log::crypto::MasterKey;
+use tidings_log::store::{FjallStore, KvStore, Order};
+use tidings_log::{
+    Append, ClientMsgId, ConversationKind, CreateConversation, Log, LogError, PendingAppend,
+    ReadRange,
+};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt};
+use tokio::sync::mpsc;
+
+use crate::cli::{Command, ConvCommand, KeysCommand, Kind, LogCommand, Target};
+use crate::config::Config;
+use crate::output;
+
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
+
+/// Prints one JSON line. A closed stdout (the reader went away) is an error, not a panic.
+fn emit(value: &serde_json::Value) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{value}").context("write to stdout")?;
+    out.flush().context("flush stdout")
+}
+
+/// Opens the log on the configured data directory. The master key is checked first, so a
+/// missing key never leaves an empty data directory behind.
+pub async fn open_log(config: &Config) -> anyhow::Result<Log> {
+    let master = config.master_key(env)?;
+    let store = FjallStore::open(&config.data_dir)
+        .with_context(|| format!("open the store in {}", config.data_dir.display()))?;
+    Ok(Log::open(
+        Arc::new(store) as Arc<dyn KvStore>,
+        master,
+        config.log_config(),
+    )
+    .await?)
+}
+
+/// Runs a tool command. Returns whether everything it was asked to do succeeded.
+pub async fn run(command: Command, config: Config) -> anyhow::Result<bool> {
+    match command {
+        Command::Keys(KeysCommand::Init { key_file, force }) => {
+            let path = key_file.unwrap_or_else(|| config.master_key_file.clone());
+            keys_init(&path, force)?;
+            emit(&json!({"key_file": path.display().to_string(), "created": true}))?;
+            Ok(true)
+        }
+        Command::Bench(crate::cli::BenchCommand::Append(args)) => {
+            crate::bench::append(args, &config).await?;
+            Ok(true)
+        }
+        other => {
+            let log = open_log(&config).await?;
+            let result = run_on_log(other, &log).await;
+            log.close().await;
+            result
+        }
+    }
+}
+
+/// Writes a new master key file, readable by its owner only.
+fn keys_init(path: &std::path::Path, force: bool) -> anyhow::Result<()> {
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).with_context(|| format!("create {}", parent.display()))?;
+    }
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true);
+    if force {
+        options.create(true).truncate(true);
+    } else {
+        options.create_new(true);
+    }
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = match options.open(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => bail!(
+            "{} already exists; keep it (without it the data it sealed cannot be read) \
+             or pass --force to replace it",
+            path.display()
+        ),
+        other => other.with_context(|| format!("create {}", path.display()))?,
+    };
+    writeln!(file, "{}", MasterKey::generate().to_hex())
+        .and_then(|()| file.sync_all())
+        .with_context(|| format!("write {}", path.display()))
+}
+
+async fn run_on_log(command: Command, log: &Log) -> anyhow::Result<bool> {
+    match command {
+        Command::Keys(KeysCommand::Rotate { tenant }) => {
+            let key_id = log.keyring().rotate(&tenant).await?;
+            emit(&json!({"tenant": tenant.as_str(), "key_id": key_id}))?;
+        }
+        Command::Conv(cmd) => conv(cmd, log).await?,
+        Command::Log(LogCommand::Append {
+            target,
+            sender,
+            client_msg_id,
+            text,
+            stdin,
+        }) => {
+            if stdin {
+                let input = tokio::io::BufReader::new(tokio::io::stdin());
+                return append_lines(log, &target, &sender, input).await;
+            }
+            let (Some(id), Some(text)) = (client_msg_id, text) else {
+                bail!("--client-msg-id and --text are required without --stdin");
+            };
+            let req = Append::text(target.tenant, target.conv, sender, id, text);
+            emit(&output::ack(&log.append(req).await?))?;
+        }
+        Command::Log(LogCommand::Read {
+            target,
+            from,
+            limit,
+            reverse,
+        }) => read(log, &target, from, limit, reverse).await?,
+        Command::Keys(KeysCommand::Init { .. }) | Command::Bench(_) => {
+            unreachable!("handled before the log is opened")
+        }
+    }
+    Ok(true)
+}
+
+async fn conv(cmd: ConvCommand, log: &Log) -> anyhow::Result<()> {
+    match cmd {
+        ConvCommand::Create {
+            target,
+            kind,
+            by,
+            members,
+            title,
+        } => {
+            let kind = match kind {
+                Kind::Group => ConversationKind::Group,
+                Kind::Direct => ConversationKind::Direct,
+            };
+            let req = CreateConversation {
+                tenant: target.tenant,
+                conv: target.conv,
+                kind,
+                title,
+                creator: by,
+                members,
+            };
+            emit(&output::ack(&log.create_conversation(req).await?))?;
+        }
+        ConvCommand::AddMember { target, by, user } => {
+            let c = log
+                .add_member(&target.tenant, &target.conv, &by, &user)
+                .await?;
+            emit(&output::ack(&c))?;
+        }
+        ConvCommand::RemoveMember { target, by, user } => {
+            let c = log
+                .remove_member(&target.tenant, &target.conv, &by, &user)
+                .await?;
+            emit(&output::ack(&c))?;
+        }
+        ConvCommand::Rename { target, by, title } => {
+            let c = log
+                .rename(&target.tenant, &target.conv, &by, &title)
+                .await?;
+            emit(&output::ack(&c))?;
+        }
+        ConvCommand::Show { target } => {
+            let info = log.conversation(&target.tenant, &target.conv).await?;
+            emit(&json!({
+                "tenant": target.tenant.as_str(),
+                "conversation": target.conv.as_str(),
+                "kind": output::conversation_kind(info.kind as i32),
+                "head_seq": info.head_seq,
+                "member_count": info.member_count,
+                "last_time": output::rfc3339_ms(info.last_time_ms),
+            }))?;
+        }
+        ConvCommand::Members {
+            target,
+            after,
+            limit,
+        } => {
+            for m in log
+                .members(&target.tenant, &target.conv, after.as_ref(), limit)
+                .await?
+            {
+                emit(
+                    &json!({"user": m.user.as_str(), "role": output::member_role(m.role), "joined_seq": m.joined_seq}),
+                )?;
+            }
+        }
+        ConvCommand::List {
+            tenant,
+            user,
+            after,
+            limit,
+        } => {
+            for c in log
+                .conversations(&tenant, &user, after.as_ref(), limit)
+                .await?
+            {
+                emit(&json!({
+                    "conversation": c.conv.as_str(),
+                    "head_seq": c.head_seq,
+                    "read_seq": c.read_seq,
+                    "unread": c.unread,
+                }))?;
+            }
+        }
+        ConvCommand::MarkRead { target, user, seq } => {
+            let cursor = log
+                .mark_read(&target.tenant, &target.conv, &user, seq)
+                .await?;
+            emit(&json!({"read_seq": cursor}))?;
+        }
+    }
+    Ok(())
+}
+
+async fn read(
+    log: &Log,
+    target: &Target,
+    from: Option<u64>,
+    limit: Option<usize>,
+    reverse: bool,
+) -> anyhow::Result<()> {
+    let page = log.config().max_read_limit;
+    let mut remaining = limit.unwrap_or(usize::MAX);
+    let mut next = from;
+    let order = if reverse {
+        Order::Descending
+    } else {
+        Order::Ascending
+    };
+    while remaining > 0 {
+        let range = ReadRange {
+            from: next,
+            limit: remaining.min(page),
+            order,
+        };
+        let events = log.read(&target.tenant, &target.conv, range).await?;
+        let Some(last) = events.last().map(|e| e.seq) else {
+            break;
+        };
+        for e in &events {
+            emit(&output::event(e))?;
+        }
+        remaining -= events.len();
+        next = match order {
+            Order::Ascending => Some(last + 1),
+            Order::Descending if last > 1 => Some(last - 1),
+            Order::Descending => break,
+        };
+    }
+    Ok(())
+}
+
+/// One line of `log append --stdin`.
+#[derive(Deserialize)]
+struct InputLine {
+    client_msg_id: String,
+    text: String,
+}
+
+/// What the printer waits on for one input line, in input order.
+enum Answer {
+    Pending(Option<String>, PendingAppend),
+    Failed(Option<String>, serde_json::Value),
+}
+
+/// Reads JSON lines, queues an append for each (in order, so seqs follow input order) and
+/// prints each ack once durable. At most `IN_FLIGHT` appends wait at once, so memory stays
+/// bounded however long the input is. Returns false if any line failed.
+pub async fn append_lines(
+    log: &Log,
+    target: &Target,
+    sender: &tidings_log::UserId,
+    mut input: impl AsyncBufRead + Unpin,
+) -> anyhow::Result<bool> {
+    const IN_FLIGHT: usize = 8192;
+    // Room for the largest body as JSON with every byte escaped, plus the envelope.
+    let max_line = log.config().max_body_bytes * 6 + 1024;
+    let (tx, mut rx) = mpsc::channel::<Answer>(IN_FLIGHT);
+    let printer = tokio::spawn(async move {
+        let mut all_ok = true;
+        while let Some(answer) = rx.recv().await {
+            let (id, mut line) = match answer {
+                Answer::Pending(id, pending) => match pending.wait().await {
+                    Ok(c) => (id, output::ack(&c)),
+                    Err(e) => (id, output::error(&e)),
+                },
+                Answer::Failed(id, line) => (id, line),
+            };
+            all_ok &= line.get("error").is_none();
+            if let (Some(id), Some(obj)) = (id, line.as_object_mut()) {
+                obj.insert("client_msg_id".into(), id.into());
+            }
+            emit(&line)?;
+        }
+        anyhow::Ok(all_ok)
+    });
+
+    let mut buf = Vec::new();
+    let mut line_no = 0u64;
+    loop {
+        line_no += 1;
+        let answer = match read_bounded_line(&mut input, &mut buf, max_line).await? {
+            Line::End => break,
+            Line::TooLong => Answer::Failed(
+                None,
+                json!({"error": {"code": "too_large", "line": line_no,
+                    "message": format!("input line {line_no} is over {max_line} bytes")}}),
+            ),
+            Line::Ok if buf.iter().all(u8::is_ascii_whitespace) => continue,
+            Line::Ok => match serde_json::from_slice::<InputLine>(&buf) {
+                Err(e) => Answer::Failed(
+                    None,
+                    json!({"error": {"code": "invalid_json", "line": line_no,
+                        "message": format!("input line {line_no}: {e}")}}),
+                ),
+                Ok(line) => {
+                    let id = Some(line.client_msg_id.clone());
+                    let queued = match ClientMsgId::new(line.client_msg_id) {
+                        Ok(client_msg_id) => {
+                            let req = Append::text(
+                                target.tenant.clone(),
+                                target.conv.clone(),
+                                sender.clone(),
+                                client_msg_id,
+                                line.text,
+                            );
+                            log.enqueue(req).await
+                        }
+                        Err(e) => Err(e),
+                    };
+                    match queued {
+                        Ok(p) => Answer::Pending(id, p),
+                        Err(e @ LogError::ShuttingDown) => return Err(e.into()),
+                        Err(e) => Answer::Failed(id, output::error(&e)),
+                    }
+                }
+            },
+        };
+        if tx.send(answer).await.is_err() {
+            break; // the printer stopped: stdout is gone
+        }
+    }
+    drop(tx);
+    printer.await.context("printer task")?
+}
+
+enum Line {
+    Ok,
+    TooLong,
+    End,
+}
+
+/// Reads one line into `buf` (without the newline), keeping at most `max` bytes: a longer
+/// line is consumed and reported, never buffered whole.
+async fn read_bounded_line(
+    input: &mut (impl AsyncBufRead + Unpin),
+    buf: &mut Vec<u8>,
+    max: usize,
+) -> anyhow::Result<Line> {
+    buf.clear();
+    let mut too_long = false;
+    let mut saw_any = false;
+    loop {
+        let chunk = input.fill_buf().await.context("read stdin")?;
+        if chunk.is_empty() {
+            return Ok(match (saw_any, too_long) {
+                (false, _) => Line::End,
+                (true, true) => Line::TooLong,
+                (true, false) => Line::Ok,
+            });
+        }
+        saw_any = true;
+        let (part, done) = match chunk.iter().position(|&b| b == b'\n') {
+            Some(i) => (&chunk[..i], Some(i + 1)),
+            None => (chunk, None),
+        };
+        if !too_long {
+            if buf.len() + part.len() > max {
+                too_long = true;
+                buf.clear();
+            } else {
+                buf.extend_from_slice(part);
+            }
+        }
+        let consumed = done.unwrap_or(chunk.len());
+        input.consume(consumed);
+        if done.is_some() {
+            return Ok(if too_long { Line::TooLong } else { Line::Ok });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn long_lines_are_skipped_not_buffered() {
+        let data = format!("short\n{}\nafter\nlast", "x".repeat(100));
+        let mut input = tokio::io::BufReader::with_capacity(8, data.as_bytes());
+        let mut buf = Vec::new();
+        let mut seen = Vec::new();
+        loop {
+            match read_bounded_line(&mut input, &mut buf, 10)
+                .await
+                .expect("read")
+            {
+                Line::End => break,
+                Line::TooLong => {
+                    assert!(buf.is_empty());
+                    seen.push("<too long>".to_string())
+                }
+                Line::Ok => seen.push(String::from_utf8(buf.clone()).expect("utf8")),
+            }
+        }
+        assert_eq!(seen, vec!["short", "<too long>", "after", "last"]);
+    }
+}
