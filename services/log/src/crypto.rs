@@ -114,21 +114,29 @@ pub struct DataKey {
 
 const KEY_CHECK_PLAINTEXT: &[u8] = b"tidings master key check, version 1";
 
-fn event_ad(tenant: &TenantId, conv: &ConvId, key_id: u32, seq: u64) -> [Vec<u8>; 5] {
+/// The associated-data vector of an event: its row and key. Numbers are big-endian; the
+/// caller keeps them alive on its stack.
+fn event_ad<'a>(
+    tenant: &'a TenantId,
+    conv: &'a ConvId,
+    key_id: &'a [u8; 4],
+    seq: &'a [u8; 8],
+) -> [&'a [u8]; 5] {
     [
-        b"tidings-ev-v1".to_vec(),
-        tenant.as_str().as_bytes().to_vec(),
-        conv.as_str().as_bytes().to_vec(),
-        key_id.to_be_bytes().to_vec(),
-        seq.to_be_bytes().to_vec(),
+        b"tidings-ev-v1",
+        tenant.as_str().as_bytes(),
+        conv.as_str().as_bytes(),
+        key_id,
+        seq,
     ]
 }
 
 impl DataKey {
     /// Seals an encoded event for its row.
     pub fn seal_event(&self, tenant: &TenantId, conv: &ConvId, seq: u64, plain: &[u8]) -> Vec<u8> {
+        let (key_id, seq) = (self.id.to_be_bytes(), seq.to_be_bytes());
         siv(&self.secret)
-            .encrypt(event_ad(tenant, conv, self.id, seq), plain)
+            .encrypt(event_ad(tenant, conv, &key_id, &seq), plain)
             .expect("AES-SIV encryption of an in-memory buffer cannot fail")
     }
 
@@ -140,7 +148,8 @@ impl DataKey {
         seq: u64,
         sealed: &[u8],
     ) -> Result<Vec<u8>, aes_siv::Error> {
-        siv(&self.secret).decrypt(event_ad(tenant, conv, self.id, seq), sealed)
+        let (key_id, seq) = (self.id.to_be_bytes(), seq.to_be_bytes());
+        siv(&self.secret).decrypt(event_ad(tenant, conv, &key_id, &seq), sealed)
     }
 }
 

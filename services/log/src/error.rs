@@ -4,7 +4,7 @@ use crate::store::StoreError;
 
 /// Everything the log can refuse or fail with. Each variant says what was wrong in terms the
 /// caller can act on; [`LogError::is_retryable`] says whether trying again can help.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum LogError {
     #[error("invalid {field} {value:?}: {reason}")]
     InvalidId {

@@ -34,6 +34,8 @@ pub struct LogConfig {
     pub max_read_limit: usize,
     /// Most members a group may have.
     pub max_group_members: usize,
+    /// Heads and memberships the sequencer keeps in memory (exact; dropped whole when full).
+    pub writer_cache_entries: usize,
 }
 
 impl Default for LogConfig {
@@ -45,6 +47,7 @@ impl Default for LogConfig {
             queue_depth: 16 * 1024,
             max_read_limit: 1000,
             max_group_members: 100_000,
+            writer_cache_entries: 1_000_000,
         }
     }
 }
@@ -58,6 +61,7 @@ impl LogConfig {
             ("queue_depth", self.queue_depth),
             ("max_read_limit", self.max_read_limit),
             ("max_group_members", self.max_group_members),
+            ("writer_cache_entries", self.writer_cache_entries),
         ];
         for (name, value) in positive {
             if value == 0 {
@@ -236,11 +240,16 @@ impl Log {
         let keyring = Arc::new(Keyring::open(store.clone(), master).await?);
         let (tx, rx) = mpsc::channel(cfg.queue_depth);
         let stats = Arc::new(WriterStats::default());
+        let mut seed = [0u8; 8];
+        getrandom::fill(&mut seed)
+            .map_err(|e| LogError::InvalidRequest(format!("no OS randomness: {e}")))?;
         let writer = Writer {
             store: store.clone(),
             keyring: keyring.clone(),
             cfg: cfg.clone(),
             stats: stats.clone(),
+            cache: crate::writer::Cache::new(cfg.writer_cache_entries),
+            rng: fastrand::Rng::with_seed(u64::from_le_bytes(seed)),
         };
         let writer = tokio::spawn(writer.run(rx));
         Ok(Log {

@@ -9,10 +9,12 @@
 //! While a commit is in flight new requests keep queueing, so the batch grows with the load:
 //! one request alone commits at once, a thousand concurrent ones share a handful of fsyncs.
 //!
-//! Because this task is the only writer of its store, its reads are never stale. The head
-//! checks in the transaction (`Expect` on every `hd/` key) are the fence for deployments where
-//! that is not guaranteed by construction (TiKV with leases): a stale writer's whole batch is
-//! refused, never half-applied.
+//! Because this task is the only writer of its store, its reads are never stale, and it keeps
+//! exact caches of the keys it reads for almost every request: heads (`hd/`) and memberships
+//! (`mb/`). Only dedupe keys are read from the store per append. The head checks in the
+//! transaction (`Expect` on every `hd/` key) are the fence for deployments where single
+//! ownership is not guaranteed by construction (TiKV with leases): a stale writer's whole
+//! batch is refused, never half-applied, and its caches are dropped.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -142,6 +144,49 @@ pub(crate) struct Writer {
     pub keyring: Arc<Keyring>,
     pub cfg: LogConfig,
     pub stats: Arc<WriterStats>,
+    pub cache: Cache,
+    /// Random bits for event ids; seeded from the OS, no syscall per event.
+    pub rng: fastrand::Rng,
+}
+
+/// The committed values of the keys only this writer writes (heads and memberships),
+/// `None` meaning "absent". Exact as long as this writer is the only one; dropped whole when
+/// a commit fails (the store may then differ) or when it reaches its bound.
+pub(crate) struct Cache {
+    entries: HashMap<Vec<u8>, Option<Vec<u8>>>,
+    max_entries: usize,
+}
+
+impl Cache {
+    pub fn new(max_entries: usize) -> Self {
+        Cache {
+            entries: HashMap::new(),
+            max_entries,
+        }
+    }
+
+    fn cacheable(key: &[u8]) -> bool {
+        key.starts_with(b"hd\0") || key.starts_with(b"mb\0")
+    }
+
+    fn get(&self, key: &[u8]) -> Option<&Option<Vec<u8>>> {
+        self.entries.get(key)
+    }
+
+    fn remember(&mut self, key: &[u8], value: Option<&Vec<u8>>) {
+        if !Self::cacheable(key) {
+            return;
+        }
+        if self.entries.len() >= self.max_entries && !self.entries.contains_key(key) {
+            // Simple and exact: start over rather than track recency.
+            self.entries.clear();
+        }
+        self.entries.insert(key.to_vec(), value.cloned());
+    }
+
+    fn clear(&mut self) {
+        self.entries.clear();
+    }
 }
 
 /// Values read for a batch, and the batch's writes so far (`None`: deleted).
@@ -162,6 +207,7 @@ struct Scratch<'a> {
     keys: &'a HashMap<(TenantId, u32), DataKey>,
     current: Option<&'a DataKey>,
     now_ms: i64,
+    rng: &'a mut fastrand::Rng,
 }
 
 impl Scratch<'_> {
@@ -230,7 +276,12 @@ impl Scratch<'_> {
         let seq = head.last_seq + 1;
         // Times never go backwards within a conversation, even if the wall clock does.
         let time_ms = self.now_ms.max(head.last_time_ms);
-        let event_id = uuid::Uuid::now_v7().to_string();
+        // UUIDv7: the event's own server time, then random bits.
+        let mut random = [0u8; 10];
+        self.rng.fill(&mut random);
+        let event_id = uuid::Builder::from_unix_timestamp_millis(time_ms.max(0) as u64, &random)
+            .into_uuid()
+            .to_string();
         let event = Event {
             tenant: t.to_string(),
             conversation: c.to_string(),
@@ -523,7 +574,7 @@ impl Scratch<'_> {
 }
 
 impl Writer {
-    pub(crate) async fn run(self, mut rx: mpsc::Receiver<Request>) {
+    pub(crate) async fn run(mut self, mut rx: mpsc::Receiver<Request>) {
         let mut batch = Vec::with_capacity(self.cfg.max_batch);
         while rx.recv_many(&mut batch, self.cfg.max_batch).await > 0 {
             self.process(std::mem::take(&mut batch)).await;
@@ -571,30 +622,42 @@ impl Writer {
         Ok((current, all))
     }
 
-    async fn process(&self, reqs: Vec<Request>) {
+    /// Reads what the batch needs: cached keys from the cache, the rest in one `batch_get`.
+    async fn fetch(
+        &self,
+        reqs: &[Request],
+    ) -> Result<HashMap<Vec<u8>, Option<Vec<u8>>>, StoreError> {
         let mut wanted = Vec::with_capacity(reqs.len() * 3);
-        for r in &reqs {
+        for r in reqs {
             r.cmd.reads(&mut wanted);
         }
-        wanted.sort();
+        wanted.sort_unstable();
         wanted.dedup();
-        let fetched = match self.store.batch_get(wanted.clone()).await {
-            Ok(values) => wanted.into_iter().zip(values).collect::<HashMap<_, _>>(),
-            Err(e) => return fail_all(reqs, &e),
+        let mut fetched = HashMap::with_capacity(wanted.len());
+        let mut missing = Vec::new();
+        for key in wanted {
+            match self.cache.get(&key) {
+                Some(value) => {
+                    fetched.insert(key, value.clone());
+                }
+                None => missing.push(key),
+            }
+        }
+        if !missing.is_empty() {
+            let values = self.store.batch_get(missing.clone()).await?;
+            fetched.extend(missing.into_iter().zip(values));
+        }
+        Ok(fetched)
+    }
+
+    async fn process(&mut self, reqs: Vec<Request>) {
+        let fetched = match self.fetch(&reqs).await {
+            Ok(fetched) => fetched,
+            Err(e) => return fail_all(reqs, LogError::Store(e)),
         };
         let (current, data_keys) = match self.resolve_keys(&reqs, &fetched).await {
             Ok(k) => k,
-            Err(e) => {
-                warn!(error = %e, "failed to resolve data keys for a batch");
-                let reason = e.to_string();
-                for r in reqs {
-                    let _ = r.reply.send(Err(LogError::Store(StoreError::Backend {
-                        action: "resolve data keys",
-                        message: reason.clone(),
-                    })));
-                }
-                return;
-            }
+            Err(e) => return fail_all(reqs, e),
         };
 
         let mut state = State {
@@ -613,12 +676,15 @@ impl Writer {
                 keys: &data_keys,
                 current: current.get(t),
                 now_ms,
+                rng: &mut self.rng,
             };
             let result = scratch.apply(&r.cmd, &self.cfg);
             if result.is_ok() {
-                let Scratch { writes, order, .. } = scratch;
+                let Scratch {
+                    mut writes, order, ..
+                } = scratch;
                 for key in order {
-                    let value = writes.get(&key).cloned().flatten();
+                    let value = writes.remove(&key).flatten();
                     if state.pending.insert(key.clone(), value).is_none() {
                         state.order.push(key);
                     }
@@ -631,14 +697,24 @@ impl Writer {
         let write_count = txn.ops.len();
         if let Err(e) = self.store.commit(txn).await {
             warn!(error = %e, requests = reqs.len(), "failed to commit a batch");
+            // What the store holds now is unknown to us: read it afresh next time.
+            self.cache.clear();
             for (r, result) in reqs.into_iter().zip(results) {
                 let answer = match result {
-                    Ok(_) => Err(LogError::Store(e.duplicate())),
+                    Ok(_) => Err(LogError::Store(e.clone())),
                     refused => refused,
                 };
                 let _ = r.reply.send(answer);
             }
             return;
+        }
+        for (key, value) in &state.fetched {
+            if !state.pending.contains_key(key) {
+                self.cache.remember(key, value.as_ref());
+            }
+        }
+        for (key, value) in &state.pending {
+            self.cache.remember(key, value.as_ref());
         }
         if write_count > 0 {
             self.stats.commits.fetch_add(1, Ordering::Relaxed);
@@ -653,8 +729,10 @@ impl Writer {
     }
 }
 
-/// The batch as one transaction: events are insert-only, heads are checked against what the
-/// batch read, everything else is written as decided.
+/// The batch as one transaction: every head it moves is checked against the value the batch
+/// read, then everything is written as decided. Events need no check of their own: an event
+/// key above a head is only ever written together with that head, so a head that still holds
+/// the value we read proves the seqs we assign are free.
 fn transaction(state: &State) -> Transaction {
     let mut txn = Transaction::new();
     for key in &state.order {
@@ -664,7 +742,6 @@ fn transaction(state: &State) -> Transaction {
             txn.expect(key.clone(), read);
         }
         match value {
-            Some(v) if key.starts_with(b"ev\0") => txn.put_if_absent(key.clone(), v),
             Some(v) => txn.put(key.clone(), v),
             None => txn.delete(key.clone()),
         };
@@ -672,9 +749,9 @@ fn transaction(state: &State) -> Transaction {
     txn
 }
 
-fn fail_all(reqs: Vec<Request>, e: &StoreError) {
-    warn!(error = %e, requests = reqs.len(), "failed to read for a batch");
+fn fail_all(reqs: Vec<Request>, e: LogError) {
+    warn!(error = %e, requests = reqs.len(), "failed to prepare a batch");
     for r in reqs {
-        let _ = r.reply.send(Err(LogError::Store(e.duplicate())));
+        let _ = r.reply.send(Err(e.clone()));
     }
 }

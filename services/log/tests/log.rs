@@ -5,7 +5,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use tidings_log::crypto::MasterKey;
-use tidings_log::store::{FjallStore, KvStore, Order, Transaction};
+use tidings_log::store::{FjallStore, KvStore, Order, StoreError, Transaction};
 use tidings_log::{
     Append, Body, ClientMsgId, ConvId, ConversationKind, CreateConversation, Event, Log, LogConfig,
     LogError, MemberRole, ReadRange, TenantId, UserId, keys,
@@ -898,7 +898,9 @@ async fn a_corrupted_or_moved_value_is_reported_not_returned() {
         .await
         .expect("seq 2");
     assert_eq!(text_of(&two[0]), "secret");
-    // Garbage in a head.
+    // Garbage written into a head behind the sequencer's back. Its first batch still
+    // works from the head it cached, so the commit's head check (the fence) refuses the
+    // whole batch; the retry reads the store afresh and reports the corruption.
     let mut txn = Transaction::new();
     txn.put(keys::head(&acme, &general), vec![0xff; 7]);
     f.store.commit(txn).await.expect("tamper");
@@ -906,8 +908,16 @@ async fn a_corrupted_or_moved_value_is_reported_not_returned() {
         .log
         .append(text("acme", "general", "alice", "m9", "x"))
         .await
+        .expect_err("fenced");
+    assert!(matches!(err, LogError::Store(StoreError::Conflict { .. })), "{err:?}");
+    assert!(err.is_retryable());
+    let err = f
+        .log
+        .append(text("acme", "general", "alice", "m9", "x"))
+        .await
         .expect_err("bad head");
     assert!(matches!(err, LogError::Corrupt { .. }), "{err:?}");
+    assert!(!err.is_retryable());
 }
 
 #[tokio::test]

@@ -153,35 +153,35 @@ async fn one_run(
         r??;
     }
 
+    // Requests are made before the clock starts, as the baseline's values are.
+    let reqs: Arc<Vec<Append>> = Arc::new(
+        (0..args.messages)
+            .map(|i| {
+                Ok(Append::text(
+                    tenant.clone(),
+                    conv_ids[i % conv_ids.len()].clone(),
+                    user.clone(),
+                    ClientMsgId::new(format!("m{i}"))?,
+                    text_of(args.size, i),
+                ))
+            })
+            .collect::<anyhow::Result<_>>()?,
+    );
     let (commits0, requests0) = log.stats();
     let next = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
     let mut workers = tokio::task::JoinSet::new();
     for _ in 0..args.concurrency {
-        let (log, tenant, user, convs, next) = (
-            log.clone(),
-            tenant.clone(),
-            user.clone(),
-            conv_ids.clone(),
-            next.clone(),
-        );
-        let (messages, size) = (args.messages, args.size);
+        let (log, reqs, next) = (log.clone(), reqs.clone(), next.clone());
         workers.spawn(async move {
             let mut latencies = Vec::new();
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= messages {
+                let Some(req) = reqs.get(i) else {
                     return anyhow::Ok(latencies);
-                }
-                let req = Append::text(
-                    tenant.clone(),
-                    convs[i % convs.len()].clone(),
-                    user.clone(),
-                    ClientMsgId::new(format!("m{i}"))?,
-                    text_of(size, i),
-                );
+                };
                 let t0 = Instant::now();
-                log.append(req).await?;
+                log.append(req.clone()).await?;
                 latencies.push(t0.elapsed());
             }
         });

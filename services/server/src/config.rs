@@ -31,6 +31,7 @@ pub struct LogSection {
     pub queue_depth: usize,
     pub max_read_limit: usize,
     pub max_group_members: usize,
+    pub writer_cache_entries: usize,
 }
 
 impl Default for Config {
@@ -53,6 +54,7 @@ impl Default for LogSection {
             queue_depth: d.queue_depth,
             max_read_limit: d.max_read_limit,
             max_group_members: d.max_group_members,
+            writer_cache_entries: d.writer_cache_entries,
         }
     }
 }
@@ -115,7 +117,7 @@ impl Config {
         if let Some(v) = env("TIDINGS_MASTER_KEY_FILE") {
             self.master_key_file = PathBuf::from(v);
         }
-        let numbers: [(&'static str, &mut usize); 6] = [
+        let numbers: [(&'static str, &mut usize); 7] = [
             ("TIDINGS_LOG_MAX_BODY_BYTES", &mut self.log.max_body_bytes),
             ("TIDINGS_LOG_MAX_TITLE_BYTES", &mut self.log.max_title_bytes),
             ("TIDINGS_LOG_MAX_BATCH", &mut self.log.max_batch),
@@ -124,6 +126,10 @@ impl Config {
             (
                 "TIDINGS_LOG_MAX_GROUP_MEMBERS",
                 &mut self.log.max_group_members,
+            ),
+            (
+                "TIDINGS_LOG_WRITER_CACHE_ENTRIES",
+                &mut self.log.writer_cache_entries,
             ),
         ];
         for (name, slot) in numbers {
@@ -151,6 +157,7 @@ impl Config {
             queue_depth: s.queue_depth,
             max_read_limit: s.max_read_limit,
             max_group_members: s.max_group_members,
+            writer_cache_entries: s.writer_cache_entries,
         }
     }
 
@@ -182,6 +189,19 @@ mod tests {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         move |k| map.get(k).cloned()
+    }
+
+    #[test]
+    fn the_example_file_parses_to_the_defaults() {
+        let example = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../ops/tidings.example.toml"
+        );
+        let cfg = Config::load(Some(Path::new(example)), env(&[])).expect("example");
+        let d = Config::default();
+        assert_eq!(cfg.data_dir, d.data_dir);
+        assert_eq!(cfg.master_key_file, d.master_key_file);
+        assert_eq!(format!("{:?}", cfg.log), format!("{:?}", d.log));
     }
 
     #[test]

@@ -33,7 +33,10 @@ struct Inner {
 
 fn backend(action: &'static str) -> impl FnOnce(fjall::Error) -> StoreError {
     move |e| match e {
-        fjall::Error::Io(source) => StoreError::Io { action, source },
+        fjall::Error::Io(source) => StoreError::Io {
+            action,
+            source: Arc::new(source),
+        },
         other => StoreError::Backend {
             action,
             message: other.to_string(),
@@ -50,7 +53,7 @@ impl FjallStore {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         std::fs::create_dir_all(path).map_err(|source| StoreError::Io {
             action: "create the data directory",
-            source,
+            source: Arc::new(source),
         })?;
         let db = Database::builder(path).open().map_err(|e| match e {
             fjall::Error::Locked => StoreError::Locked {

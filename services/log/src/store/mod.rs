@@ -104,7 +104,8 @@ impl Transaction {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
+/// Clone, so one failed batch commit can answer each of its requests with the same error.
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum StoreError {
     /// A check of the transaction failed; nothing was written.
     #[error("transaction conflict at {key}: {reason}")]
@@ -117,7 +118,7 @@ pub enum StoreError {
     Io {
         action: &'static str,
         #[source]
-        source: std::io::Error,
+        source: std::sync::Arc<std::io::Error>,
     },
 
     #[error("store failed while trying to {action}: {message}")]
@@ -131,26 +132,6 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    /// The same error again, for answering every request of a failed batch.
-    pub fn duplicate(&self) -> StoreError {
-        match self {
-            StoreError::Conflict { key, reason } => StoreError::Conflict {
-                key: key.clone(),
-                reason,
-            },
-            StoreError::Locked { path } => StoreError::Locked { path: path.clone() },
-            StoreError::Io { action, source } => StoreError::Io {
-                action,
-                source: std::io::Error::new(source.kind(), source.to_string()),
-            },
-            StoreError::Backend { action, message } => StoreError::Backend {
-                action,
-                message: message.clone(),
-            },
-            StoreError::InvalidRequest(m) => StoreError::InvalidRequest(m.clone()),
-        }
-    }
-
     /// Conflicts and I/O hiccups may clear up; a lock held by another process, a broken
     /// backend or a bad request will not by retrying alone.
     pub fn is_retryable(&self) -> bool {
