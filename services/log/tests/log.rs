@@ -909,7 +909,10 @@ async fn a_corrupted_or_moved_value_is_reported_not_returned() {
         .append(text("acme", "general", "alice", "m9", "x"))
         .await
         .expect_err("fenced");
-    assert!(matches!(err, LogError::Store(StoreError::Conflict { .. })), "{err:?}");
+    assert!(
+        matches!(err, LogError::Store(StoreError::Conflict { .. })),
+        "{err:?}"
+    );
     assert!(err.is_retryable());
     let err = f
         .log
