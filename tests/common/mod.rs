@@ -149,3 +149,172 @@ pub fn grep_dir(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
     }
     hits
 }
+
+/// A free TCP port on loopback (bound and released; good enough for tests).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+fn wait_for_port(port: u16, what: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what} did not start listening on {port}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// A real nats-server with JetStream on a free port, killed on drop.
+pub struct Nats {
+    pub port: u16,
+    store: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl Nats {
+    pub fn start() -> Nats {
+        let mut nats = Nats {
+            port: free_port(),
+            store: tempfile::tempdir().expect("tempdir"),
+            child: None,
+        };
+        nats.spawn();
+        nats
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new("nats-server")
+            .args([
+                "-js",
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-sd",
+            ])
+            .arg(self.store.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect(
+                "nats-server must be installed (apt-get install nats-server); ops/test does it",
+            );
+        self.child = Some(child);
+        wait_for_port(self.port, "nats-server");
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same port.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A `tidings serve` process, killed on drop.
+pub struct Server {
+    pub port: u16,
+    child: Child,
+}
+
+impl Server {
+    /// Starts `tidings serve --role ROLE` in the sandbox against `nats`. Gateway roles are
+    /// ready when they accept connections; the log role when it says so.
+    pub fn start(s: &Sandbox, nats: &Nats, role: &str, env: &[(&str, &str)]) -> Server {
+        let port = free_port();
+        let mut cmd = s.command(&["serve", "--role", role]);
+        cmd.env("TIDINGS_NATS_URL", nats.url())
+            .env("TIDINGS_GATEWAY_LISTEN", format!("127.0.0.1:{port}"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn tidings serve");
+        let stderr = child.stderr.take().expect("stderr");
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if line.contains("gateway on ws://") || line.contains("log service on NATS") {
+                    let _ = ready_tx.send(());
+                }
+                if std::env::var_os("TIDINGS_TEST_VERBOSE").is_some() {
+                    eprintln!("[serve] {line}");
+                }
+            }
+        });
+        ready_rx
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .expect("tidings serve did not become ready");
+        if role != "log" {
+            wait_for_port(port, "tidings serve");
+        }
+        Server { port, child }
+    }
+
+    pub fn url(&self) -> String {
+        format!("ws://127.0.0.1:{}/v1/ws", self.port)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Sandbox {
+    /// A token signed with the sandbox's development secret.
+    /// A token valid for `ttl_secs` from now (negative: already expired).
+    pub fn token(&self, tenant: &str, user: &str, ttl_secs: i64) -> String {
+        let hex = std::fs::read_to_string(self.path().join("tidings-jwt.secret")).expect("secret");
+        let hex = hex.trim();
+        let secret: Vec<u8> = (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex"))
+            .collect();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_secs();
+        tidings_auth::issue_hs256(
+            &secret,
+            "tidings",
+            "tidings",
+            &tidings_auth::Claims {
+                tenant: tenant.into(),
+                user: user.into(),
+                roles: vec![],
+                expires_at: now.saturating_add_signed(ttl_secs),
+                issued_at: now,
+            },
+        )
+    }
+}

@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 pub const PROTOS: &[&str] = &[
     "tidings/v1/events.proto",
     "tidings/storage/v1/storage.proto",
+    "tidings/client/v1/client.proto",
+    "tidings/internal/v1/delivery.proto",
 ];
 
 /// `schemas/`, found from this crate's manifest directory.

@@ -70,7 +70,38 @@ pub enum LogError {
 
     #[error(transparent)]
     Store(#[from] StoreError),
+
+    /// An error that crossed a process boundary (the log service over NATS): its code and
+    /// message as the remote side gave them.
+    #[error("{message}")]
+    Remote {
+        code: &'static str,
+        message: String,
+        retryable: bool,
+    },
 }
+
+/// Every code [`LogError::code`] can return.
+pub const ERROR_CODES: &[&str] = &[
+    "invalid_id",
+    "too_large",
+    "invalid_request",
+    "conversation_not_found",
+    "conversation_exists",
+    "not_member",
+    "already_member",
+    "not_allowed",
+    "no_such_message",
+    "master_key_missing",
+    "master_key_malformed",
+    "wrong_master_key",
+    "corrupt",
+    "shutting_down",
+    "conflict",
+    "store_locked",
+    "store_error",
+    "unavailable",
+];
 
 impl LogError {
     /// A stable, machine-readable name for the error, for JSON output and wire errors.
@@ -93,6 +124,22 @@ impl LogError {
             LogError::Store(StoreError::Conflict { .. }) => "conflict",
             LogError::Store(StoreError::Locked { .. }) => "store_locked",
             LogError::Store(_) => "store_error",
+            LogError::Remote { code, .. } => code,
+        }
+    }
+
+    /// Rebuilds an error reported by a remote log service. Unknown codes become
+    /// "store_error" so callers can still match on known ones.
+    pub fn remote(code: &str, message: String, retryable: bool) -> LogError {
+        let code = ERROR_CODES
+            .iter()
+            .find(|known| **known == code)
+            .copied()
+            .unwrap_or("store_error");
+        LogError::Remote {
+            code,
+            message,
+            retryable,
         }
     }
 
@@ -102,6 +149,7 @@ impl LogError {
         match self {
             LogError::Store(e) => e.is_retryable(),
             LogError::ShuttingDown => true,
+            LogError::Remote { retryable, .. } => *retryable,
             _ => false,
         }
     }

@@ -22,8 +22,8 @@ mod writer;
 pub use error::LogError;
 pub use ids::{ClientMsgId, ConvId, TenantId, UserId};
 pub use log::{
-    Append, Committed, ConversationInfo, ConversationSummary, CreateConversation, Log, LogConfig,
-    Member, PendingAppend, ReadRange,
+    Append, Committed, ConversationInfo, ConversationSummary, CreateConversation, FeedItem, Log,
+    LogConfig, Member, PendingAppend, ReadRange,
 };
 pub use tidings_schemas::v1::{ConversationKind, Event, MemberRole, event::Body};
 

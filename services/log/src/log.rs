@@ -197,6 +197,21 @@ pub struct ConversationInfo {
     pub member_count: u64,
 }
 
+/// What the log announces after each commit, in commit order, to whoever delivers events
+/// (the NATS publisher).
+#[derive(Clone, Debug, PartialEq)]
+pub enum FeedItem {
+    /// A newly committed event, in the clear.
+    Event(Arc<Event>),
+    /// A user's read cursor moved.
+    ReadCursor {
+        tenant: TenantId,
+        conv: ConvId,
+        user: UserId,
+        read_seq: u64,
+    },
+}
+
 /// An append that has been queued in order; await [`PendingAppend::wait`] for its ack.
 pub struct PendingAppend(oneshot::Receiver<Result<Outcome, LogError>>);
 
@@ -236,6 +251,18 @@ impl Log {
         master: MasterKey,
         cfg: LogConfig,
     ) -> Result<Log, LogError> {
+        Self::open_with_feed(store, master, cfg, None).await
+    }
+
+    /// Like [`Log::open`], and announces every commit on `feed`. The sequencer never waits
+    /// for the feed: when it is full, items are dropped and counted (subscribers heal gaps
+    /// from the log by seq), so a slow or absent consumer can never hold back appends.
+    pub async fn open_with_feed(
+        store: Arc<dyn KvStore>,
+        master: MasterKey,
+        cfg: LogConfig,
+        feed: Option<mpsc::Sender<FeedItem>>,
+    ) -> Result<Log, LogError> {
         cfg.validate().map_err(LogError::InvalidRequest)?;
         let keyring = Arc::new(Keyring::open(store.clone(), master).await?);
         let (tx, rx) = mpsc::channel(cfg.queue_depth);
@@ -249,6 +276,7 @@ impl Log {
             cfg: cfg.clone(),
             stats: stats.clone(),
             cache: crate::writer::Cache::new(cfg.writer_cache_entries),
+            feed,
             rng: fastrand::Rng::with_seed(u64::from_le_bytes(seed)),
         };
         let writer = tokio::spawn(writer.run(rx));
@@ -295,6 +323,11 @@ impl Log {
             self.inner.stats.commits.load(Ordering::Relaxed),
             self.inner.stats.requests.load(Ordering::Relaxed),
         )
+    }
+
+    /// Feed items dropped because the feed was full.
+    pub fn feed_dropped(&self) -> u64 {
+        self.inner.stats.feed_dropped.load(Ordering::Relaxed)
     }
 
     async fn submit(

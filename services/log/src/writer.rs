@@ -33,7 +33,7 @@ use crate::crypto::{DataKey, Keyring};
 use crate::error::LogError;
 use crate::ids::{ConvId, TenantId, UserId};
 use crate::keys;
-use crate::log::{Append, Committed, CreateConversation, LogConfig};
+use crate::log::{Append, Committed, CreateConversation, FeedItem, LogConfig};
 use crate::store::{KvStore, StoreError, Transaction};
 
 pub(crate) enum Command {
@@ -137,6 +137,7 @@ pub(crate) struct Request {
 pub struct WriterStats {
     pub commits: AtomicU64,
     pub requests: AtomicU64,
+    pub feed_dropped: AtomicU64,
 }
 
 pub(crate) struct Writer {
@@ -147,6 +148,8 @@ pub(crate) struct Writer {
     pub cache: Cache,
     /// Random bits for event ids; seeded from the OS, no syscall per event.
     pub rng: fastrand::Rng,
+    /// Where committed events and cursor moves are announced, if anyone listens.
+    pub feed: Option<mpsc::Sender<FeedItem>>,
 }
 
 /// The committed values of the keys only this writer writes (heads and memberships),
@@ -196,6 +199,8 @@ struct State {
     /// Keys written by this batch in the order first written, so the transaction is built
     /// deterministically.
     order: Vec<Vec<u8>>,
+    /// What to announce once the batch is committed.
+    announce: Vec<FeedItem>,
 }
 
 /// One command's view: its own writes over the batch's state. Merged into the state only if
@@ -208,6 +213,8 @@ struct Scratch<'a> {
     current: Option<&'a DataKey>,
     now_ms: i64,
     rng: &'a mut fastrand::Rng,
+    /// Collect feed items (only when someone listens).
+    announce: Option<Vec<FeedItem>>,
 }
 
 impl Scratch<'_> {
@@ -299,6 +306,9 @@ impl Scratch<'_> {
             key_id: key.id,
             ciphertext: key.seal_event(t, c, seq, &event.encode_to_vec()),
         };
+        if let Some(announce) = self.announce.as_mut() {
+            announce.push(FeedItem::Event(Arc::new(event)));
+        }
         self.put(keys::event(t, c, seq), &sealed);
         debug_assert_eq!(seq, head.last_seq + 1);
         head.last_seq = seq;
@@ -568,6 +578,14 @@ impl Scratch<'_> {
         if target > entry.read_seq {
             entry.read_seq = target;
             self.put(key, &entry);
+            if let Some(announce) = self.announce.as_mut() {
+                announce.push(FeedItem::ReadCursor {
+                    tenant: t.clone(),
+                    conv: c.clone(),
+                    user: user.clone(),
+                    read_seq: target,
+                });
+            }
         }
         Ok(Outcome::Cursor(entry.read_seq))
     }
@@ -664,6 +682,7 @@ impl Writer {
             fetched,
             pending: HashMap::new(),
             order: Vec::new(),
+            announce: Vec::new(),
         };
         let now_ms = crate::now_ms();
         let mut results = Vec::with_capacity(reqs.len());
@@ -677,12 +696,17 @@ impl Writer {
                 current: current.get(t),
                 now_ms,
                 rng: &mut self.rng,
+                announce: self.feed.as_ref().map(|_| Vec::new()),
             };
             let result = scratch.apply(&r.cmd, &self.cfg);
             if result.is_ok() {
                 let Scratch {
-                    mut writes, order, ..
+                    mut writes,
+                    order,
+                    announce,
+                    ..
                 } = scratch;
+                state.announce.extend(announce.unwrap_or_default());
                 for key in order {
                     let value = writes.remove(&key).flatten();
                     if state.pending.insert(key.clone(), value).is_none() {
@@ -718,6 +742,13 @@ impl Writer {
         }
         if write_count > 0 {
             self.stats.commits.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Some(feed) = &self.feed {
+            for item in state.announce {
+                if feed.try_send(item).is_err() {
+                    self.stats.feed_dropped.fetch_add(1, Ordering::Relaxed);
+                }
+            }
         }
         self.stats
             .requests

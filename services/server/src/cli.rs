@@ -42,6 +42,46 @@ pub enum Command {
     /// Measure tidings against its baselines.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Run the server: log, gateway, or both.
+    Serve {
+        #[arg(long, value_enum, default_value = "all")]
+        role: crate::serve::Role,
+        /// Gateway listen address (default: gateway.listen, 127.0.0.1:7300).
+        #[arg(long)]
+        listen: Option<String>,
+    },
+    /// Development tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Chat in a terminal: each stdin line is sent; every event of the conversation is
+    /// printed as a JSON line.
+    Chat {
+        /// The gateway, e.g. ws://127.0.0.1:7300/v1/ws
+        #[arg(long)]
+        url: String,
+        /// A token (`tidings token issue`).
+        #[arg(long)]
+        token: String,
+        #[arg(long)]
+        conv: ConvId,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Print a token signed with the development secret (auth.hs256_secret_file).
+    Issue {
+        #[arg(long)]
+        tenant: TenantId,
+        #[arg(long)]
+        user: UserId,
+        /// Lifetime: 90s, 30m, 1h, 2d.
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+        /// Roles to put in the token (repeatable).
+        #[arg(long)]
+        role: Vec<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -195,4 +235,7 @@ pub enum LogCommand {
 pub enum BenchCommand {
     /// Durable appends/s and ack latency, against raw fjall batched inserts of the same bytes.
     Append(crate::bench::AppendArgs),
+    /// End-to-end latency and throughput through the gateway, against raw NATS and the raw
+    /// store; and the 10,000-member fan-out. Needs `nats-server` on the PATH.
+    Gateway(crate::bench_gateway::GatewayArgs),
 }

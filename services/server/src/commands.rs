@@ -34,15 +34,64 @@ fn emit(value: &serde_json::Value) -> anyhow::Result<()> {
 /// Opens the log on the configured data directory. The master key is checked first, so a
 /// missing key never leaves an empty data directory behind.
 pub async fn open_log(config: &Config) -> anyhow::Result<Log> {
+    open_log_with_feed(config, None).await
+}
+
+/// Opens the log and announces its commits on `feed` (for the NATS publisher).
+pub async fn open_log_with_feed(
+    config: &Config,
+    feed: Option<mpsc::Sender<tidings_log::FeedItem>>,
+) -> anyhow::Result<Log> {
     let master = config.master_key(env)?;
     let store = FjallStore::open(&config.data_dir)
         .with_context(|| format!("open the store in {}", config.data_dir.display()))?;
-    Ok(Log::open(
+    Ok(Log::open_with_feed(
         Arc::new(store) as Arc<dyn KvStore>,
         master,
         config.log_config(),
+        feed,
     )
     .await?)
+}
+
+pub fn hex_decode(text: &str) -> anyhow::Result<Vec<u8>> {
+    if !text.len().is_multiple_of(2) {
+        bail!("hex text has an odd number of digits");
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| {
+            text.get(i..i + 2)
+                .and_then(|pair| u8::from_str_radix(pair, 16).ok())
+                .ok_or_else(|| anyhow::anyhow!("not hex"))
+        })
+        .collect()
+}
+
+fn hex_encode(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// `1h`, `30m`, `90s`, `2d`, or plain seconds.
+pub fn parse_ttl(text: &str) -> anyhow::Result<u64> {
+    let text = text.trim();
+    let (number, unit) = match text.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => (&text[..i], c),
+        _ => (text, 's'),
+    };
+    let n: u64 = number
+        .parse()
+        .with_context(|| format!("ttl {text:?}: expected e.g. 90s, 30m, 1h, 2d"))?;
+    let scale = match unit {
+        's' => 1,
+        'm' => 60,
+        'h' => 3600,
+        'd' => 86_400,
+        other => bail!("ttl {text:?}: unknown unit {other:?} (s, m, h, d)"),
+    };
+    n.checked_mul(scale)
+        .filter(|s| *s > 0)
+        .ok_or_else(|| anyhow::anyhow!("ttl {text:?} must be positive and not absurdly long"))
 }
 
 /// Runs a tool command. Returns whether everything it was asked to do succeeded.
@@ -50,12 +99,74 @@ pub async fn run(command: Command, config: Config) -> anyhow::Result<bool> {
     match command {
         Command::Keys(KeysCommand::Init { key_file, force }) => {
             let path = key_file.unwrap_or_else(|| config.master_key_file.clone());
-            keys_init(&path, force)?;
-            emit(&json!({"key_file": path.display().to_string(), "created": true}))?;
+            keys_init(&path, force, || MasterKey::generate().to_hex())?;
+            // The development token secret comes along, unless one exists already.
+            let secret = &config.auth.hs256_secret_file;
+            let jwt_created = !secret.exists();
+            if jwt_created {
+                keys_init(secret, false, || {
+                    let mut bytes = [0u8; 32];
+                    getrandom::fill(&mut bytes)
+                        .expect("the operating system's random source failed");
+                    hex_encode(&bytes)
+                })?;
+            }
+            emit(&json!({
+                "key_file": path.display().to_string(),
+                "created": true,
+                "jwt_secret_file": secret.display().to_string(),
+                "jwt_secret_created": jwt_created,
+            }))?;
             Ok(true)
         }
+        Command::Token(crate::cli::TokenCommand::Issue {
+            tenant,
+            user,
+            ttl,
+            role,
+        }) => {
+            let text =
+                std::fs::read_to_string(&config.auth.hs256_secret_file).with_context(|| {
+                    format!(
+                        "read the development token secret {} (run `tidings keys init`)",
+                        config.auth.hs256_secret_file.display()
+                    )
+                })?;
+            let secret = hex_decode(text.trim())?;
+            let now = tidings_gateway::now_secs();
+            let claims = tidings_auth::Claims {
+                tenant: tenant.to_string(),
+                user: user.to_string(),
+                roles: role,
+                expires_at: now + parse_ttl(&ttl)?,
+                issued_at: now,
+            };
+            println!(
+                "{}",
+                tidings_auth::issue_hs256(
+                    &secret,
+                    &config.auth.issuer,
+                    &config.auth.audience,
+                    &claims
+                )
+            );
+            Ok(true)
+        }
+        Command::Serve { role, listen } => {
+            let mut config = config;
+            if let Some(listen) = listen {
+                config.gateway.listen = listen;
+            }
+            crate::serve::serve(config, role).await?;
+            Ok(true)
+        }
+        Command::Chat { url, token, conv } => crate::chat::run(&url, &token, conv.as_str()).await,
         Command::Bench(crate::cli::BenchCommand::Append(args)) => {
             crate::bench::append(args, &config).await?;
+            Ok(true)
+        }
+        Command::Bench(crate::cli::BenchCommand::Gateway(args)) => {
+            crate::bench_gateway::run(args, &config).await?;
             Ok(true)
         }
         other => {
@@ -67,8 +178,12 @@ pub async fn run(command: Command, config: Config) -> anyhow::Result<bool> {
     }
 }
 
-/// Writes a new master key file, readable by its owner only.
-fn keys_init(path: &std::path::Path, force: bool) -> anyhow::Result<()> {
+/// Writes a new key file, readable by its owner only.
+fn keys_init(
+    path: &std::path::Path,
+    force: bool,
+    make: impl FnOnce() -> String,
+) -> anyhow::Result<()> {
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).with_context(|| format!("create {}", parent.display()))?;
     }
@@ -89,7 +204,7 @@ fn keys_init(path: &std::path::Path, force: bool) -> anyhow::Result<()> {
         ),
         other => other.with_context(|| format!("create {}", path.display()))?,
     };
-    writeln!(file, "{}", MasterKey::generate().to_hex())
+    writeln!(file, "{}", make())
         .and_then(|()| file.sync_all())
         .with_context(|| format!("write {}", path.display()))
 }
@@ -124,7 +239,11 @@ async fn run_on_log(command: Command, log: &Log) -> anyhow::Result<bool> {
             limit,
             reverse,
         }) => read(log, &target, from, limit, reverse).await?,
-        Command::Keys(KeysCommand::Init { .. }) | Command::Bench(_) => {
+        Command::Keys(KeysCommand::Init { .. })
+        | Command::Bench(_)
+        | Command::Token(_)
+        | Command::Serve { .. }
+        | Command::Chat { .. } => {
             unreachable!("handled before the log is opened")
         }
     }

@@ -20,6 +20,95 @@ pub struct Config {
     /// digits) takes precedence when set.
     pub master_key_file: PathBuf,
     pub log: LogSection,
+    pub gateway: GatewaySection,
+    pub nats: NatsSection,
+    pub auth: AuthSection,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewaySection {
+    /// Where the WebSocket endpoint (`/v1/ws`) listens.
+    pub listen: String,
+    pub max_frame_bytes: usize,
+    pub outbound_queue: usize,
+    pub sync_latest: usize,
+    pub hello_timeout_ms: u64,
+    pub frames_per_second: u32,
+    pub frame_burst: u32,
+    pub allowed_origins: Vec<String>,
+    pub max_conversations_per_session: usize,
+    pub heal_interval_ms: u64,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NatsSection {
+    pub url: String,
+    pub request_timeout_ms: u64,
+    pub stream_max_age_secs: u64,
+    pub stream_max_bytes: i64,
+    pub publish_backlog: usize,
+    /// Log requests one log process serves at once (`--role log`).
+    pub rpc_in_flight: usize,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthSection {
+    pub issuer: String,
+    pub audience: String,
+    /// HS256 secret for development tokens (`tidings keys init` writes it, `tidings token
+    /// issue` signs with it). Used when the file exists.
+    pub hs256_secret_file: PathBuf,
+    /// Ed25519 public keys for production tokens (EdDSA), as 64 hex digits, optionally
+    /// prefixed by a key id: "kid:hex".
+    pub ed25519_public_keys: Vec<String>,
+    pub leeway_secs: u64,
+}
+
+impl Default for GatewaySection {
+    fn default() -> Self {
+        let d = tidings_gateway::GatewayConfig::default();
+        GatewaySection {
+            listen: "127.0.0.1:7300".into(),
+            max_frame_bytes: d.max_frame_bytes,
+            outbound_queue: d.outbound_queue,
+            sync_latest: d.sync_latest,
+            hello_timeout_ms: d.hello_timeout.as_millis() as u64,
+            frames_per_second: d.frames_per_second,
+            frame_burst: d.frame_burst,
+            allowed_origins: d.allowed_origins,
+            max_conversations_per_session: d.max_conversations_per_session,
+            heal_interval_ms: d.heal_interval.as_millis() as u64,
+        }
+    }
+}
+
+impl Default for NatsSection {
+    fn default() -> Self {
+        let d = tidings_gateway::publisher::PublisherConfig::default();
+        NatsSection {
+            url: "nats://127.0.0.1:4222".into(),
+            request_timeout_ms: 5000,
+            stream_max_age_secs: d.stream_max_age.as_secs(),
+            stream_max_bytes: d.stream_max_bytes,
+            publish_backlog: d.backlog,
+            rpc_in_flight: 1024,
+        }
+    }
+}
+
+impl Default for AuthSection {
+    fn default() -> Self {
+        AuthSection {
+            issuer: "tidings".into(),
+            audience: "tidings".into(),
+            hs256_secret_file: PathBuf::from("tidings-jwt.secret"),
+            ed25519_public_keys: Vec::new(),
+            leeway_secs: 30,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -40,6 +129,9 @@ impl Default for Config {
             data_dir: PathBuf::from("tidings-data"),
             master_key_file: PathBuf::from("tidings-master.key"),
             log: LogSection::default(),
+            gateway: GatewaySection::default(),
+            nats: NatsSection::default(),
+            auth: AuthSection::default(),
         }
     }
 }
@@ -117,6 +209,66 @@ impl Config {
         if let Some(v) = env("TIDINGS_MASTER_KEY_FILE") {
             self.master_key_file = PathBuf::from(v);
         }
+        if let Some(v) = env("TIDINGS_GATEWAY_LISTEN") {
+            self.gateway.listen = v;
+        }
+        if let Some(v) = env("TIDINGS_NATS_URL") {
+            self.nats.url = v;
+        }
+        if let Some(v) = env("TIDINGS_AUTH_HS256_SECRET_FILE") {
+            self.auth.hs256_secret_file = PathBuf::from(v);
+        }
+        let gateway_numbers: [(&'static str, &mut usize); 4] = [
+            (
+                "TIDINGS_GATEWAY_MAX_FRAME_BYTES",
+                &mut self.gateway.max_frame_bytes,
+            ),
+            (
+                "TIDINGS_GATEWAY_OUTBOUND_QUEUE",
+                &mut self.gateway.outbound_queue,
+            ),
+            ("TIDINGS_GATEWAY_SYNC_LATEST", &mut self.gateway.sync_latest),
+            (
+                "TIDINGS_NATS_PUBLISH_BACKLOG",
+                &mut self.nats.publish_backlog,
+            ),
+        ];
+        for (name, slot) in gateway_numbers {
+            if let Some(value) = env(name) {
+                *slot = parse_env(name, &value)?;
+            }
+        }
+        let small_numbers: [(&'static str, &mut u32); 2] = [
+            (
+                "TIDINGS_GATEWAY_FRAMES_PER_SECOND",
+                &mut self.gateway.frames_per_second,
+            ),
+            ("TIDINGS_GATEWAY_FRAME_BURST", &mut self.gateway.frame_burst),
+        ];
+        for (name, slot) in small_numbers {
+            if let Some(value) = env(name) {
+                *slot = parse_env(name, &value)?;
+            }
+        }
+        let millis: [(&'static str, &mut u64); 3] = [
+            (
+                "TIDINGS_GATEWAY_HELLO_TIMEOUT_MS",
+                &mut self.gateway.hello_timeout_ms,
+            ),
+            (
+                "TIDINGS_GATEWAY_HEAL_INTERVAL_MS",
+                &mut self.gateway.heal_interval_ms,
+            ),
+            (
+                "TIDINGS_NATS_REQUEST_TIMEOUT_MS",
+                &mut self.nats.request_timeout_ms,
+            ),
+        ];
+        for (name, slot) in millis {
+            if let Some(value) = env(name) {
+                *slot = parse_env(name, &value)?;
+            }
+        }
         let numbers: [(&'static str, &mut usize); 7] = [
             ("TIDINGS_LOG_MAX_BODY_BYTES", &mut self.log.max_body_bytes),
             ("TIDINGS_LOG_MAX_TITLE_BYTES", &mut self.log.max_title_bytes),
@@ -134,18 +286,71 @@ impl Config {
         ];
         for (name, slot) in numbers {
             if let Some(value) = env(name) {
-                *slot = value.trim().parse().map_err(|e| ConfigError::Env {
-                    name,
-                    value: value.clone(),
-                    reason: format!("{e}"),
-                })?;
+                *slot = parse_env(name, &value)?;
             }
         }
         Ok(())
     }
 
+    pub fn gateway_config(&self) -> tidings_gateway::GatewayConfig {
+        let g = &self.gateway;
+        tidings_gateway::GatewayConfig {
+            max_frame_bytes: g.max_frame_bytes,
+            outbound_queue: g.outbound_queue,
+            sync_latest: g.sync_latest,
+            read_limit: self.log.max_read_limit,
+            hello_timeout: std::time::Duration::from_millis(g.hello_timeout_ms),
+            frames_per_second: g.frames_per_second,
+            frame_burst: g.frame_burst,
+            allowed_origins: g.allowed_origins.clone(),
+            max_conversations_per_session: g.max_conversations_per_session,
+            heal_interval: std::time::Duration::from_millis(g.heal_interval_ms),
+        }
+    }
+
+    pub fn publisher_config(&self) -> tidings_gateway::publisher::PublisherConfig {
+        tidings_gateway::publisher::PublisherConfig {
+            backlog: self.nats.publish_backlog,
+            stream_max_age: std::time::Duration::from_secs(self.nats.stream_max_age_secs),
+            stream_max_bytes: self.nats.stream_max_bytes,
+            ..Default::default()
+        }
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
-        self.log_config().validate().map_err(ConfigError::Invalid)
+        self.log_config().validate().map_err(ConfigError::Invalid)?;
+        let g = &self.gateway;
+        let positive = [
+            ("gateway.max_frame_bytes", g.max_frame_bytes as u64),
+            ("gateway.outbound_queue", g.outbound_queue as u64),
+            ("gateway.sync_latest", g.sync_latest as u64),
+            ("gateway.hello_timeout_ms", g.hello_timeout_ms),
+            ("gateway.frames_per_second", u64::from(g.frames_per_second)),
+            ("gateway.frame_burst", u64::from(g.frame_burst)),
+            (
+                "gateway.max_conversations_per_session",
+                g.max_conversations_per_session as u64,
+            ),
+            ("gateway.heal_interval_ms", g.heal_interval_ms),
+            ("nats.request_timeout_ms", self.nats.request_timeout_ms),
+            ("nats.stream_max_age_secs", self.nats.stream_max_age_secs),
+            ("nats.publish_backlog", self.nats.publish_backlog as u64),
+            ("nats.rpc_in_flight", self.nats.rpc_in_flight as u64),
+        ];
+        for (name, value) in positive {
+            if value == 0 {
+                return Err(ConfigError::Invalid(format!(
+                    "{name} must be greater than 0"
+                )));
+            }
+        }
+        if g.listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(ConfigError::Invalid(format!(
+                "gateway.listen {:?} is not an address like 127.0.0.1:7300",
+                g.listen
+            )));
+        }
+        Ok(())
     }
 
     pub fn log_config(&self) -> LogConfig {
@@ -178,6 +383,17 @@ impl Config {
     }
 }
 
+fn parse_env<T: std::str::FromStr>(name: &'static str, value: &str) -> Result<T, ConfigError>
+where
+    T::Err: std::fmt::Display,
+{
+    value.trim().parse().map_err(|e: T::Err| ConfigError::Env {
+        name,
+        value: value.to_string(),
+        reason: e.to_string(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -202,6 +418,9 @@ mod tests {
         assert_eq!(cfg.data_dir, d.data_dir);
         assert_eq!(cfg.master_key_file, d.master_key_file);
         assert_eq!(format!("{:?}", cfg.log), format!("{:?}", d.log));
+        assert_eq!(format!("{:?}", cfg.gateway), format!("{:?}", d.gateway));
+        assert_eq!(format!("{:?}", cfg.nats), format!("{:?}", d.nats));
+        assert_eq!(format!("{:?}", cfg.auth), format!("{:?}", d.auth));
     }
 
     #[test]

@@ -4,11 +4,16 @@
 //! - [`cli`]: the command line (clap).
 //! - [`config`]: TOML file plus `TIDINGS_*` environment overrides.
 //! - [`commands`]: the tool commands (`keys`, `conv`, `log`).
-//! - [`bench`]: `tidings bench`, tidings against its baselines in one run.
+//! - [`serve`]: `tidings serve --role all|log|gateway`.
+//! - [`chat`]: `tidings chat`, a terminal client.
+//! - [`bench`], [`bench_gateway`]: `tidings bench`, tidings against its baselines in one run.
 //! - [`output`]: the JSON lines the tools print.
 
 pub mod bench;
+pub mod bench_gateway;
+pub mod chat;
 pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod output;
+pub mod serve;

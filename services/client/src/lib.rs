@@ -1,0 +1,521 @@
+//! A Rust client for the tidings gateway (used by `tidings chat`, the tests and the
+//! benchmarks).
+//!
+//! [`Connection`] speaks the protocol of `schemas/proto/tidings/client/v1/client.proto`:
+//! requests are pipelined (each gets a request id; replies are matched to it), pushes
+//! (events, read cursors, typing, goodbye) come out of [`Connection::next_push`], and
+//! [`Tracker`] does the client's half of ordering: drop what it has seen, report gaps to
+//! fill with `Pull`.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use prost::Message as _;
+use tidings_schemas::client::{self as proto, ClientFrame, client_frame::Op, server_frame::Msg};
+use tidings_schemas::v1::{Event, MessagePosted};
+use tokio::sync::{mpsc, oneshot};
+use tokio_tungstenite::tungstenite::Message;
+
+pub use tidings_schemas::client;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot connect to {url}: {message}")]
+    Connect { url: String, message: String },
+    #[error("the connection is closed{}", .reason.as_ref().map(|r| format!(": {r}")).unwrap_or_default())]
+    Closed { reason: Option<String> },
+    #[error("server refused the request ({code:?}): {message}")]
+    Server {
+        code: proto::ErrorCode,
+        message: String,
+        retry_after_ms: u64,
+    },
+    #[error("unexpected reply: {0}")]
+    Unexpected(String),
+}
+
+/// Something the server sent without being asked.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Push {
+    Event(Event),
+    ReadCursor(proto::ReadCursor),
+    Typing(proto::TypingNotice),
+    /// An error not tied to a request (bad frame, rate limited).
+    Error(proto::Error),
+    /// The server is closing the connection, and why.
+    Goodbye(proto::Goodbye),
+    /// The connection closed; the close code and reason if the server sent one.
+    Closed {
+        code: Option<u16>,
+        reason: String,
+    },
+}
+
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Msg>>>>;
+
+/// A connection: the request side ([`Requester`], via `Deref`, cloneable for other tasks)
+/// and the pushes.
+pub struct Connection {
+    requester: Requester,
+    pushes: mpsc::Receiver<Push>,
+}
+
+/// Sends requests on a connection; clones share it.
+#[derive(Clone)]
+pub struct Requester {
+    inner: Arc<RequesterInner>,
+}
+
+struct RequesterInner {
+    out: mpsc::Sender<Message>,
+    pending: Pending,
+    next_id: AtomicU64,
+    closed_reason: Arc<Mutex<Option<String>>>,
+}
+
+impl std::ops::Deref for Connection {
+    type Target = Requester;
+    fn deref(&self) -> &Requester {
+        &self.requester
+    }
+}
+
+/// Pushes buffered on the client before it stops reading the socket (and the server, seeing
+/// its queue fill, disconnects it as a slow consumer).
+const PUSH_BUFFER: usize = 4096;
+
+impl Connection {
+    /// Opens the WebSocket (no Hello yet).
+    pub async fn connect(url: &str) -> Result<Connection, ClientError> {
+        let (ws, _) =
+            tokio_tungstenite::connect_async(url)
+                .await
+                .map_err(|e| ClientError::Connect {
+                    url: url.to_string(),
+                    message: e.to_string(),
+                })?;
+        let (mut sink, mut source) = ws.split();
+        let (out, mut out_rx) = mpsc::channel::<Message>(1024);
+        let (push_tx, pushes) = mpsc::channel(PUSH_BUFFER);
+        let pending: Pending = Arc::new(Mutex::new(HashMap::new()));
+        let closed_reason = Arc::new(Mutex::new(None));
+        tokio::spawn(async move {
+            while let Some(m) = out_rx.recv().await {
+                if sink.send(m).await.is_err() {
+                    return;
+                }
+            }
+            let _ = sink.close().await;
+        });
+        let reader_pending = pending.clone();
+        let reader_reason = closed_reason.clone();
+        tokio::spawn(async move {
+            let mut close = Push::Closed {
+                code: None,
+                reason: String::new(),
+            };
+            while let Some(msg) = source.next().await {
+                let bytes = match msg {
+                    Ok(Message::Binary(b)) => b,
+                    Ok(Message::Close(frame)) => {
+                        if let Some(f) = frame {
+                            close = Push::Closed {
+                                code: Some(u16::from(f.code)),
+                                reason: f.reason.to_string(),
+                            };
+                        }
+                        break;
+                    }
+                    Ok(_) => continue,
+                    Err(_) => break,
+                };
+                let Ok(frame) = proto::ServerFrame::decode(bytes.as_ref()) else {
+                    continue;
+                };
+                let Some(msg) = frame.msg else { continue };
+                if frame.request_id != 0 {
+                    let waiter = reader_pending
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&frame.request_id);
+                    if let Some(w) = waiter {
+                        let _ = w.send(msg);
+                        continue;
+                    }
+                }
+                let push = match msg {
+                    Msg::Event(e) => Push::Event(e),
+                    Msg::ReadCursor(c) => Push::ReadCursor(c),
+                    Msg::Typing(t) => Push::Typing(t),
+                    Msg::Error(e) => Push::Error(e),
+                    Msg::Goodbye(g) => {
+                        *reader_reason.lock().unwrap_or_else(|p| p.into_inner()) =
+                            Some(g.message.clone());
+                        Push::Goodbye(g)
+                    }
+                    _ => continue,
+                };
+                if push_tx.send(push).await.is_err() {
+                    break;
+                }
+            }
+            // Fail whatever still waits for a reply.
+            reader_pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clear();
+            let _ = push_tx.send(close).await;
+        });
+        Ok(Connection {
+            requester: Requester {
+                inner: Arc::new(RequesterInner {
+                    out,
+                    pending,
+                    next_id: AtomicU64::new(1),
+                    closed_reason,
+                }),
+            },
+            pushes,
+        })
+    }
+
+    /// Connects and authenticates.
+    pub async fn open(
+        url: &str,
+        token: &str,
+        device: &str,
+    ) -> Result<(Connection, proto::Welcome), ClientError> {
+        let conn = Connection::connect(url).await?;
+        let welcome = conn.hello(token, device).await?;
+        Ok((conn, welcome))
+    }
+
+    /// A handle for sending requests from another task.
+    pub fn requester(&self) -> Requester {
+        self.requester.clone()
+    }
+
+    /// The next push, or `None` once the connection is gone and every push was taken.
+    pub async fn next_push(&mut self) -> Option<Push> {
+        self.pushes.recv().await
+    }
+}
+
+impl Requester {
+    fn closed(&self) -> ClientError {
+        ClientError::Closed {
+            reason: self
+                .inner
+                .closed_reason
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+        }
+    }
+
+    /// Sends one operation and waits for its reply. A server Error becomes
+    /// [`ClientError::Server`].
+    pub async fn request(&self, op: Op) -> Result<Msg, ClientError> {
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.inner
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, tx);
+        let frame = ClientFrame {
+            request_id: id,
+            op: Some(op),
+        };
+        if self
+            .inner
+            .out
+            .send(Message::Binary(Bytes::from(frame.encode_to_vec())))
+            .await
+            .is_err()
+        {
+            return Err(self.closed());
+        }
+        match rx.await {
+            Ok(Msg::Error(e)) => Err(ClientError::Server {
+                code: proto::ErrorCode::try_from(e.code).unwrap_or(proto::ErrorCode::Unspecified),
+                message: e.message,
+                retry_after_ms: e.retry_after_ms,
+            }),
+            Ok(msg) => Ok(msg),
+            Err(_) => Err(self.closed()),
+        }
+    }
+
+    /// Sends a raw WebSocket message (for testing how the server treats bad input).
+    pub async fn send_raw(&self, msg: Message) -> Result<(), ClientError> {
+        self.inner.out.send(msg).await.map_err(|_| self.closed())
+    }
+
+    pub async fn hello(&self, token: &str, device: &str) -> Result<proto::Welcome, ClientError> {
+        let op = Op::Hello(proto::Hello {
+            token: token.to_string(),
+            device: device.to_string(),
+        });
+        match self.request(op).await? {
+            Msg::Welcome(w) => Ok(w),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    pub async fn send_text(
+        &self,
+        conversation: &str,
+        client_msg_id: &str,
+        text: &str,
+    ) -> Result<proto::SendAck, ClientError> {
+        let op = Op::Send(proto::Send {
+            client_msg_id: client_msg_id.to_string(),
+            conversation: conversation.to_string(),
+            body: Some(proto::send::Body::MessagePosted(MessagePosted {
+                text: text.to_string(),
+                ..Default::default()
+            })),
+        });
+        match self.request(op).await? {
+            Msg::SendAck(a) => Ok(a),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    pub async fn sync(
+        &self,
+        known: &[(String, u64)],
+        latest: u32,
+    ) -> Result<proto::SyncResult, ClientError> {
+        let op = Op::Sync(proto::Sync {
+            known: known
+                .iter()
+                .map(|(c, s)| proto::KnownConversation {
+                    conversation: c.clone(),
+                    last_seq: *s,
+                })
+                .collect(),
+            latest,
+        });
+        match self.request(op).await? {
+            Msg::SyncResult(r) => Ok(r),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    async fn events(&self, op: Op) -> Result<proto::Events, ClientError> {
+        match self.request(op).await? {
+            Msg::Events(e) => Ok(e),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Up to `limit` events before `before_seq` (0: from the head), ascending.
+    pub async fn history(
+        &self,
+        conversation: &str,
+        before_seq: u64,
+        limit: u32,
+    ) -> Result<proto::Events, ClientError> {
+        self.events(Op::History(proto::History {
+            conversation: conversation.to_string(),
+            before_seq,
+            limit,
+        }))
+        .await
+    }
+
+    /// Events `from..=to`.
+    pub async fn pull(
+        &self,
+        conversation: &str,
+        from: u64,
+        to: u64,
+    ) -> Result<proto::Events, ClientError> {
+        self.events(Op::Pull(proto::Pull {
+            conversation: conversation.to_string(),
+            from_seq: from,
+            to_seq: to,
+        }))
+        .await
+    }
+
+    pub async fn mark_read(&self, conversation: &str, seq: u64) -> Result<u64, ClientError> {
+        let op = Op::MarkRead(proto::MarkRead {
+            conversation: conversation.to_string(),
+            seq,
+        });
+        match self.request(op).await? {
+            Msg::ReadCursor(c) => Ok(c.read_seq),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    pub async fn typing(&self, conversation: &str) -> Result<(), ClientError> {
+        self.request(Op::Typing(proto::Typing {
+            conversation: conversation.to_string(),
+        }))
+        .await
+        .map(|_| ())
+    }
+
+    async fn committed(&self, op: Op) -> Result<proto::Committed, ClientError> {
+        match self.request(op).await? {
+            Msg::Committed(c) => Ok(c),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    pub async fn create_conversation(
+        &self,
+        conversation: &str,
+        kind: tidings_schemas::v1::ConversationKind,
+        title: &str,
+        members: &[&str],
+    ) -> Result<proto::Committed, ClientError> {
+        self.committed(Op::CreateConversation(proto::CreateConversation {
+            conversation: conversation.to_string(),
+            kind: kind as i32,
+            title: title.to_string(),
+            members: members.iter().map(|m| m.to_string()).collect(),
+        }))
+        .await
+    }
+
+    pub async fn add_member(
+        &self,
+        conversation: &str,
+        user: &str,
+    ) -> Result<proto::Committed, ClientError> {
+        self.committed(Op::AddMember(proto::AddMember {
+            conversation: conversation.to_string(),
+            user: user.to_string(),
+        }))
+        .await
+    }
+
+    pub async fn remove_member(
+        &self,
+        conversation: &str,
+        user: &str,
+    ) -> Result<proto::Committed, ClientError> {
+        self.committed(Op::RemoveMember(proto::RemoveMember {
+            conversation: conversation.to_string(),
+            user: user.to_string(),
+        }))
+        .await
+    }
+
+    pub async fn list_conversations(&self) -> Result<Vec<proto::ConversationSummary>, ClientError> {
+        match self
+            .request(Op::ListConversations(proto::ListConversations::default()))
+            .await?
+        {
+            Msg::ConversationList(l) => Ok(l.conversations),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    pub async fn list_members(
+        &self,
+        conversation: &str,
+        after: &str,
+        limit: u32,
+    ) -> Result<Vec<proto::Member>, ClientError> {
+        let op = Op::ListMembers(proto::ListMembers {
+            conversation: conversation.to_string(),
+            after: after.to_string(),
+            limit,
+        });
+        match self.request(op).await? {
+            Msg::MemberList(l) => Ok(l.members),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    pub async fn ping(&self) -> Result<(), ClientError> {
+        self.request(Op::Ping(proto::Ping {})).await.map(|_| ())
+    }
+}
+
+/// What [`Tracker::observe`] makes of an event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Seen {
+    /// The next one: show it.
+    New,
+    /// Already had it: ignore.
+    Duplicate,
+    /// Events `from..=to` are missing before this one: Pull them, then show this.
+    Gap { from: u64, to: u64 },
+}
+
+/// The last seq a client has per conversation.
+#[derive(Clone, Debug, Default)]
+pub struct Tracker {
+    last: HashMap<String, u64>,
+}
+
+impl Tracker {
+    pub fn last(&self, conversation: &str) -> u64 {
+        self.last.get(conversation).copied().unwrap_or(0)
+    }
+
+    /// Records that the client has everything up to `seq` (after a Sync or Pull).
+    pub fn advance(&mut self, conversation: &str, seq: u64) {
+        let last = self.last.entry(conversation.to_string()).or_insert(0);
+        *last = (*last).max(seq);
+    }
+
+    /// Classifies a pushed event and, unless it is a duplicate or after a gap, records it.
+    pub fn observe(&mut self, e: &Event) -> Seen {
+        let last = self.last(&e.conversation);
+        if e.seq <= last {
+            Seen::Duplicate
+        } else if e.seq == last + 1 {
+            self.advance(&e.conversation, e.seq);
+            Seen::New
+        } else {
+            Seen::Gap {
+                from: last + 1,
+                to: e.seq - 1,
+            }
+        }
+    }
+
+    /// Every conversation with its last seq, for Sync.
+    pub fn known(&self) -> Vec<(String, u64)> {
+        self.last.iter().map(|(c, s)| (c.clone(), *s)).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(conv: &str, seq: u64) -> Event {
+        Event {
+            conversation: conv.into(),
+            seq,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn tracker_drops_duplicates_and_reports_gaps() {
+        let mut t = Tracker::default();
+        assert_eq!(t.observe(&ev("a", 1)), Seen::New);
+        assert_eq!(t.observe(&ev("a", 1)), Seen::Duplicate);
+        assert_eq!(t.observe(&ev("a", 4)), Seen::Gap { from: 2, to: 3 });
+        assert_eq!(t.last("a"), 1);
+        t.advance("a", 3);
+        assert_eq!(t.observe(&ev("a", 4)), Seen::New);
+        assert_eq!(t.observe(&ev("b", 1)), Seen::New);
+        let mut known = t.known();
+        known.sort();
+        assert_eq!(known, vec![("a".to_string(), 4), ("b".to_string(), 1)]);
+    }
+}

@@ -1,0 +1,603 @@
+//! Fan-out: one NATS subscription per conversation per gateway, shared by every session of
+//! the gateway that is in it.
+//!
+//! - [`Registry`] knows which sessions are in which conversations, and which users are online
+//!   here. It starts a conversation's hub when its first session joins and stops it when the
+//!   last one leaves (reference counting), and watches each online user's notice subject.
+//! - A hub task owns one conversation: its subscriptions (events, typing), the last seq it
+//!   delivered, and its sessions. It delivers events **in seq order, each once**: a duplicate
+//!   from NATS is dropped, an event ahead of the next expected one waits while the gap is read
+//!   from the log. Membership changes are applied by the hub in event order, so a member
+//!   added to a group gets the join event and everything after it.
+//! - Sessions have bounded outbound queues; a hub never waits for a session. A session whose
+//!   queue is full is disconnected as a slow consumer ([`SessionHandle::push`]).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use prost::Message;
+use tidings_log::{Body, ConvId, Event, ReadRange, TenantId, UserId};
+use tidings_schemas::client::{self as proto, server_frame::Msg};
+use tidings_schemas::internal::{TypingNotice, UserNotice, user_notice::Change};
+use tokio::sync::{Notify, broadcast, mpsc, oneshot};
+use tracing::{debug, warn};
+
+use crate::service::LogService;
+use crate::subjects;
+
+/// Why a session is being closed by the server.
+#[derive(Clone, Debug)]
+pub struct CloseOrder {
+    pub reason: proto::CloseReason,
+    pub message: String,
+}
+
+/// A gateway's handle on one connected session.
+#[derive(Clone)]
+pub struct SessionHandle {
+    pub id: u64,
+    pub tenant: TenantId,
+    pub user: UserId,
+    tx: mpsc::Sender<Bytes>,
+    kill: Arc<KillSwitch>,
+}
+
+/// Tells a session's connection task to close, once.
+#[derive(Default)]
+pub struct KillSwitch {
+    fired: AtomicBool,
+    order: Mutex<Option<CloseOrder>>,
+    pub notify: Notify,
+}
+
+impl KillSwitch {
+    pub fn fire(&self, order: CloseOrder) {
+        if !self.fired.swap(true, Ordering::SeqCst) {
+            *self.order.lock().unwrap_or_else(|p| p.into_inner()) = Some(order);
+            self.notify.notify_one();
+        }
+    }
+
+    pub fn order(&self) -> Option<CloseOrder> {
+        self.order.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+impl SessionHandle {
+    pub fn new(
+        id: u64,
+        tenant: TenantId,
+        user: UserId,
+        tx: mpsc::Sender<Bytes>,
+        kill: Arc<KillSwitch>,
+    ) -> Self {
+        SessionHandle {
+            id,
+            tenant,
+            user,
+            tx,
+            kill,
+        }
+    }
+
+    /// Queues a frame without waiting. A full queue means the client is not reading: it is
+    /// disconnected rather than allowed to grow the gateway's memory.
+    pub fn push(&self, frame: Bytes) -> bool {
+        match self.tx.try_send(frame) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.kill.fire(CloseOrder {
+                    reason: proto::CloseReason::SlowConsumer,
+                    message: "outbound queue full: the client is not reading fast enough".into(),
+                });
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+}
+
+pub fn push_frame(msg: Msg) -> Bytes {
+    Bytes::from(
+        proto::ServerFrame {
+            request_id: 0,
+            msg: Some(msg),
+        }
+        .encode_to_vec(),
+    )
+}
+
+/// Settings of the fan-out.
+#[derive(Clone, Debug)]
+pub struct HubConfig {
+    /// Most events one log read returns (the log's read limit).
+    pub read_limit: usize,
+    /// Events held while a gap is being filled; beyond this the hub re-reads from the log.
+    pub max_pending: usize,
+    /// How often an idle hub checks the log's head, to heal losses nothing else revealed.
+    pub heal_interval: Duration,
+}
+
+enum HubCommand {
+    /// Add sessions. With `from`, first send them the events from that seq up to what the
+    /// hub has delivered (a member added while online). Acked once they are in.
+    Join {
+        sessions: Vec<SessionHandle>,
+        from: Option<u64>,
+        done: Option<oneshot::Sender<()>>,
+    },
+    Leave(Vec<u64>),
+}
+
+struct HubHandle {
+    commands: mpsc::UnboundedSender<HubCommand>,
+    sessions: HashSet<u64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+struct UserEntry {
+    sessions: HashMap<u64, SessionHandle>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Default)]
+struct State {
+    hubs: HashMap<(TenantId, ConvId), HubHandle>,
+    users: HashMap<(TenantId, UserId), UserEntry>,
+    /// Conversations each session is in, for cleanup when it goes.
+    session_convs: HashMap<u64, HashSet<ConvId>>,
+}
+
+/// Which sessions are in which conversations, on this gateway.
+#[derive(Clone)]
+pub struct Registry {
+    inner: Arc<RegistryInner>,
+}
+
+struct RegistryInner {
+    state: Mutex<State>,
+    log: Arc<dyn LogService>,
+    nats: async_nats::Client,
+    cfg: HubConfig,
+    /// Fires when the NATS connection is (re)established: hubs then check for missed events.
+    reconnected: broadcast::Sender<()>,
+}
+
+impl Registry {
+    pub fn new(
+        log: Arc<dyn LogService>,
+        nats: async_nats::Client,
+        cfg: HubConfig,
+        reconnected: broadcast::Sender<()>,
+    ) -> Self {
+        Registry {
+            inner: Arc::new(RegistryInner {
+                state: Mutex::new(State::default()),
+                log,
+                nats,
+                cfg,
+                reconnected,
+            }),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.inner.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Number of conversations with a live subscription here (for tests and metrics).
+    pub fn hub_count(&self) -> usize {
+        self.state().hubs.len()
+    }
+
+    /// Registers an authenticated session: its user's notices are watched from now on.
+    pub fn add_session(&self, session: &SessionHandle) {
+        let mut state = self.state();
+        let key = (session.tenant.clone(), session.user.clone());
+        let entry = state.users.entry(key).or_insert_with(|| UserEntry {
+            sessions: HashMap::new(),
+            task: tokio::spawn(watch_user(
+                self.clone(),
+                session.tenant.clone(),
+                session.user.clone(),
+            )),
+        });
+        entry.sessions.insert(session.id, session.clone());
+        state.session_convs.entry(session.id).or_default();
+    }
+
+    /// Puts sessions into a conversation's hub (starting it if needed). Resolves once the hub
+    /// has them: every event it delivers after that reaches them.
+    pub async fn join(
+        &self,
+        tenant: &TenantId,
+        conv: &ConvId,
+        sessions: Vec<SessionHandle>,
+        from: Option<u64>,
+    ) {
+        let (done, wait) = oneshot::channel();
+        {
+            let mut state = self.state();
+            let sessions: Vec<_> = sessions
+                .into_iter()
+                .filter(|s| state.session_convs.contains_key(&s.id))
+                .collect();
+            if sessions.is_empty() {
+                return;
+            }
+            for s in &sessions {
+                state
+                    .session_convs
+                    .entry(s.id)
+                    .or_default()
+                    .insert(conv.clone());
+            }
+            let key = (tenant.clone(), conv.clone());
+            let hub = state.hubs.entry(key).or_insert_with(|| {
+                let (tx, rx) = mpsc::unbounded_channel();
+                HubHandle {
+                    commands: tx,
+                    sessions: HashSet::new(),
+                    task: tokio::spawn(run_hub(
+                        self.clone(),
+                        tenant.clone(),
+                        conv.clone(),
+                        rx,
+                        from.map(|f| f.saturating_sub(1)),
+                    )),
+                }
+            });
+            hub.sessions.extend(sessions.iter().map(|s| s.id));
+            let _ = hub.commands.send(HubCommand::Join {
+                sessions,
+                from,
+                done: Some(done),
+            });
+        }
+        let _ = wait.await;
+    }
+
+    /// Takes sessions out of a conversation; stops its hub when none are left.
+    fn leave(&self, tenant: &TenantId, conv: &ConvId, ids: &[u64]) {
+        let mut state = self.state();
+        for id in ids {
+            if let Some(convs) = state.session_convs.get_mut(id) {
+                convs.remove(conv);
+            }
+        }
+        let key = (tenant.clone(), conv.clone());
+        let empty = match state.hubs.get_mut(&key) {
+            Some(hub) => {
+                for id in ids {
+                    hub.sessions.remove(id);
+                }
+                let _ = hub.commands.send(HubCommand::Leave(ids.to_vec()));
+                hub.sessions.is_empty()
+            }
+            None => false,
+        };
+        if empty && let Some(hub) = state.hubs.remove(&key) {
+            hub.task.abort();
+        }
+    }
+
+    /// The online sessions of a user on this gateway.
+    fn user_sessions(&self, tenant: &TenantId, user: &UserId) -> Vec<SessionHandle> {
+        self.state()
+            .users
+            .get(&(tenant.clone(), user.clone()))
+            .map(|u| u.sessions.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Forgets a session: out of every conversation, and its user unwatched if it was the
+    /// user's last session here.
+    pub fn remove_session(&self, session: &SessionHandle) {
+        let convs: Vec<ConvId> = {
+            let mut state = self.state();
+            let convs = state.session_convs.remove(&session.id).unwrap_or_default();
+            let key = (session.tenant.clone(), session.user.clone());
+            if let Some(user) = state.users.get_mut(&key) {
+                user.sessions.remove(&session.id);
+                if user.sessions.is_empty()
+                    && let Some(user) = state.users.remove(&key)
+                {
+                    user.task.abort();
+                }
+            }
+            convs.into_iter().collect()
+        };
+        for conv in convs {
+            self.leave(&session.tenant, &conv, &[session.id]);
+        }
+    }
+}
+
+/// Follows one user's notices: joins and leaves made elsewhere, read cursors moved on other
+/// devices.
+async fn watch_user(registry: Registry, tenant: TenantId, user: UserId) {
+    let subject = subjects::user(&tenant, &user);
+    let mut sub = match registry.inner.nats.subscribe(subject.clone()).await {
+        Ok(sub) => sub,
+        Err(e) => {
+            warn!(error = %e, %subject, "failed to watch a user's notices");
+            return;
+        }
+    };
+    while let Some(msg) = sub.next().await {
+        let Ok(notice) = UserNotice::decode(msg.payload.as_ref()) else {
+            continue;
+        };
+        let Ok(conv) = ConvId::new(notice.conversation) else {
+            continue;
+        };
+        match notice.change {
+            Some(Change::JoinedSeq(seq)) => {
+                let sessions = registry.user_sessions(&tenant, &user);
+                registry.join(&tenant, &conv, sessions, Some(seq)).await;
+            }
+            Some(Change::LeftSeq(_)) => {
+                let ids: Vec<u64> = registry
+                    .user_sessions(&tenant, &user)
+                    .iter()
+                    .map(|s| s.id)
+                    .collect();
+                registry.leave(&tenant, &conv, &ids);
+            }
+            Some(Change::ReadSeq(read_seq)) => {
+                let frame = push_frame(Msg::ReadCursor(proto::ReadCursor {
+                    conversation: conv.to_string(),
+                    read_seq,
+                }));
+                for s in registry.user_sessions(&tenant, &user) {
+                    s.push(frame.clone());
+                }
+            }
+            None => {}
+        }
+    }
+}
+
+/// One conversation's delivery state.
+struct Hub {
+    registry: Registry,
+    tenant: TenantId,
+    conv: ConvId,
+    /// The last seq delivered to the sessions.
+    delivered: u64,
+    /// Events that arrived ahead of `delivered + 1`.
+    pending: BTreeMap<u64, Event>,
+    sessions: HashMap<u64, SessionHandle>,
+}
+
+impl Hub {
+    fn log(&self) -> &dyn LogService {
+        &*self.registry.inner.log
+    }
+
+    fn fan_out(&mut self, event: &Event) {
+        let frame = push_frame(Msg::Event(event.clone()));
+        for s in self.sessions.values() {
+            s.push(frame.clone());
+        }
+        self.delivered = event.seq;
+        // Membership follows the log: the leaver gets its own leave event, then no more.
+        if let Some(Body::MemberLeft(left)) = &event.body
+            && let Ok(user) = UserId::new(left.user.clone())
+        {
+            let ids: Vec<u64> = self
+                .sessions
+                .values()
+                .filter(|s| s.user == user)
+                .map(|s| s.id)
+                .collect();
+            for id in &ids {
+                self.sessions.remove(id);
+            }
+            self.registry.leave(&self.tenant, &self.conv, &ids);
+        }
+    }
+
+    /// Delivers an event from NATS: in order, once, gaps filled from the log.
+    async fn accept(&mut self, event: Event) {
+        if event.seq <= self.delivered || self.pending.contains_key(&event.seq) {
+            return; // duplicate
+        }
+        if event.seq == self.delivered + 1 {
+            self.fan_out(&event);
+        } else {
+            self.pending.insert(event.seq, event);
+            if self.pending.len() > self.registry.inner.cfg.max_pending {
+                self.pending.clear();
+            }
+            let upto = self
+                .pending
+                .keys()
+                .next()
+                .map_or(self.delivered, |first| first - 1);
+            self.fill(upto).await;
+        }
+        self.drain_pending();
+    }
+
+    fn drain_pending(&mut self) {
+        while let Some(entry) = self.pending.first_entry() {
+            if *entry.key() <= self.delivered {
+                entry.remove();
+            } else if *entry.key() == self.delivered + 1 {
+                let event = entry.remove();
+                self.fan_out(&event);
+            } else {
+                break;
+            }
+        }
+    }
+
+    /// Reads and delivers everything after `delivered` up to `upto` from the log.
+    async fn fill(&mut self, upto: u64) {
+        while self.delivered < upto {
+            let limit = ((upto - self.delivered) as usize).min(self.registry.inner.cfg.read_limit);
+            let range = ReadRange::forward(self.delivered + 1, limit);
+            match self.log().read(&self.tenant, &self.conv, range).await {
+                Ok(events) if !events.is_empty() => {
+                    for e in &events {
+                        if e.seq == self.delivered + 1 {
+                            self.fan_out(e);
+                        }
+                    }
+                }
+                Ok(_) => return,
+                Err(e) => {
+                    warn!(error = %e, tenant = %self.tenant, conv = %self.conv, "failed to fill a gap from the log");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Catches up with the log's head (after a reconnect, or periodically).
+    async fn heal(&mut self) {
+        match self.log().conversation(&self.tenant, &self.conv).await {
+            Ok(info) if info.head_seq > self.delivered => {
+                debug!(tenant = %self.tenant, conv = %self.conv, from = self.delivered, to = info.head_seq, "healing a gap from the log");
+                self.fill(info.head_seq).await;
+                self.drain_pending();
+            }
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "failed to read a head while healing"),
+        }
+    }
+
+    async fn command(&mut self, cmd: HubCommand) {
+        match cmd {
+            HubCommand::Join {
+                sessions,
+                from,
+                done,
+            } => {
+                if let Some(from) = from.filter(|f| *f <= self.delivered) {
+                    // Catch the newcomers up to where the others are.
+                    let newcomers: Vec<_> = sessions.clone();
+                    let mut next = from;
+                    while next <= self.delivered {
+                        let limit = ((self.delivered - next + 1) as usize)
+                            .min(self.registry.inner.cfg.read_limit);
+                        match self
+                            .log()
+                            .read(&self.tenant, &self.conv, ReadRange::forward(next, limit))
+                            .await
+                        {
+                            Ok(events) if !events.is_empty() => {
+                                for e in events.iter().filter(|e| e.seq <= self.delivered) {
+                                    let frame = push_frame(Msg::Event(e.clone()));
+                                    for s in &newcomers {
+                                        s.push(frame.clone());
+                                    }
+                                    next = e.seq + 1;
+                                }
+                            }
+                            _ => break,
+                        }
+                    }
+                }
+                for s in sessions {
+                    self.sessions.insert(s.id, s);
+                }
+                if let Some(done) = done {
+                    let _ = done.send(());
+                }
+                if from.is_some() {
+                    // A member was added: deliver whatever the hub has not seen yet, now.
+                    self.heal().await;
+                }
+            }
+            HubCommand::Leave(ids) => {
+                for id in ids {
+                    self.sessions.remove(&id);
+                }
+            }
+        }
+    }
+
+    fn typing(&self, notice: TypingNotice) {
+        let frame = push_frame(Msg::Typing(proto::TypingNotice {
+            conversation: notice.conversation,
+            user: notice.user.clone(),
+        }));
+        for s in self
+            .sessions
+            .values()
+            .filter(|s| s.user.as_str() != notice.user)
+        {
+            s.push(frame.clone());
+        }
+    }
+}
+
+async fn run_hub(
+    registry: Registry,
+    tenant: TenantId,
+    conv: ConvId,
+    mut commands: mpsc::UnboundedReceiver<HubCommand>,
+    start_after: Option<u64>,
+) {
+    let nats = registry.inner.nats.clone();
+    // Subscribe before reading the head: nothing committed after the read can be missed.
+    let (events, typing) = match (
+        nats.subscribe(subjects::events(&tenant, &conv)).await,
+        nats.subscribe(subjects::typing(&tenant, &conv)).await,
+    ) {
+        (Ok(e), Ok(t)) => (e, t),
+        (Err(e), _) | (_, Err(e)) => {
+            warn!(error = %e, %tenant, %conv, "failed to subscribe to a conversation");
+            return;
+        }
+    };
+    let (mut events, mut typing) = (events, typing);
+    let mut reconnected = registry.inner.reconnected.subscribe();
+    let heal_every = registry.inner.cfg.heal_interval;
+    let head = registry
+        .inner
+        .log
+        .conversation(&tenant, &conv)
+        .await
+        .map_or(0, |i| i.head_seq);
+    let mut hub = Hub {
+        registry,
+        tenant,
+        conv,
+        delivered: start_after.map_or(head, |s| s.min(head)),
+        pending: BTreeMap::new(),
+        sessions: HashMap::new(),
+    };
+    let mut heal_timer = tokio::time::interval(heal_every);
+    heal_timer.tick().await;
+    loop {
+        tokio::select! {
+            cmd = commands.recv() => match cmd {
+                Some(cmd) => hub.command(cmd).await,
+                None => return,
+            },
+            msg = events.next() => match msg {
+                Some(msg) => match Event::decode(msg.payload.as_ref()) {
+                    Ok(event) => hub.accept(event).await,
+                    Err(e) => warn!(error = %e, "undecodable event on NATS ignored"),
+                },
+                None => return,
+            },
+            msg = typing.next() => {
+                if let Some(msg) = msg
+                    && let Ok(notice) = TypingNotice::decode(msg.payload.as_ref())
+                {
+                    hub.typing(notice);
+                }
+            }
+            _ = reconnected.recv() => hub.heal().await,
+            _ = heal_timer.tick() => hub.heal().await,
+        }
+    }
+}

@@ -1,0 +1,277 @@
+//! The publisher: the log's commit feed, delivered to NATS.
+//!
+//! Each committed event goes to JetStream subject `tidings.ev.<tenant>.<conv>` with
+//! `Nats-Msg-Id: <tenant>/<conv>/<seq>` (JetStream drops a re-publish of the same id inside
+//! its duplicate window). Membership changes and read cursors go to the affected users'
+//! subjects `tidings.user.<tenant>.<user>` on core NATS, so every gateway where the user is
+//! online can react at once.
+//!
+//! NATS is not the source of truth and must never hold back a send: the log acks after its
+//! commit and hands the event to this task through a bounded feed. While NATS is down, events
+//! wait here in a bounded backlog and are re-published, in order, once it is back; when the
+//! backlog is full the oldest are dropped (and counted). Gateways heal any loss from the log
+//! by seq, so a drop delays delivery, it never loses a message.
+//!
+//! The stream keeps events in **memory** only, for a bounded window (age and bytes from
+//! config): message text never reaches NATS's disk in the clear. The replay window serves
+//! gateways and downstream consumers (notifications, bots) that reconnect.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_nats::jetstream;
+use bytes::Bytes;
+use prost::Message;
+use tidings_log::{Body, ConvId, FeedItem, TenantId, UserId};
+use tidings_schemas::internal::{UserNotice, user_notice::Change};
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use crate::subjects;
+
+#[derive(Clone, Debug)]
+pub struct PublisherConfig {
+    /// Events kept while NATS is unreachable; beyond this the oldest are dropped.
+    pub backlog: usize,
+    /// Publishes awaiting their JetStream ack at once.
+    pub in_flight: usize,
+    /// How long the stream keeps events (the replay window).
+    pub stream_max_age: Duration,
+    /// How many bytes of events the stream keeps.
+    pub stream_max_bytes: i64,
+    /// How long to wait for a JetStream ack.
+    pub ack_timeout: Duration,
+}
+
+impl Default for PublisherConfig {
+    fn default() -> Self {
+        PublisherConfig {
+            backlog: 100_000,
+            in_flight: 256,
+            stream_max_age: Duration::from_secs(600),
+            stream_max_bytes: 256 * 1024 * 1024,
+            ack_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Counters for tests, benchmarks and metrics.
+#[derive(Default, Debug)]
+pub struct PublisherStats {
+    pub published: AtomicU64,
+    pub retried: AtomicU64,
+    pub dropped: AtomicU64,
+}
+
+/// One message to send.
+#[derive(Clone)]
+struct Outgoing {
+    subject: String,
+    /// Set for events: they go through JetStream with this dedupe id.
+    msg_id: Option<String>,
+    payload: Bytes,
+}
+
+/// Creates the stream if it does not exist (idempotent: an existing stream is kept as is).
+pub async fn ensure_stream(
+    js: &jetstream::Context,
+    cfg: &PublisherConfig,
+) -> Result<(), async_nats::Error> {
+    js.get_or_create_stream(jetstream::stream::Config {
+        name: subjects::STREAM.to_string(),
+        subjects: vec![subjects::STREAM_SUBJECTS.to_string()],
+        storage: jetstream::stream::StorageType::Memory,
+        max_age: cfg.stream_max_age,
+        max_bytes: cfg.stream_max_bytes,
+        duplicate_window: Duration::from_secs(120).min(cfg.stream_max_age),
+        ..Default::default()
+    })
+    .await?;
+    Ok(())
+}
+
+fn notice(t: &TenantId, user: &str, conv: &str, change: Change) -> Option<Outgoing> {
+    let user = UserId::new(user).ok()?;
+    Some(Outgoing {
+        subject: subjects::user(t, &user),
+        msg_id: None,
+        payload: Bytes::from(
+            UserNotice {
+                conversation: conv.to_string(),
+                change: Some(change),
+            }
+            .encode_to_vec(),
+        ),
+    })
+}
+
+/// What to send for one feed item: the event itself and any user notices it implies.
+fn outgoing(item: FeedItem) -> Vec<Outgoing> {
+    match item {
+        FeedItem::ReadCursor {
+            tenant,
+            conv,
+            user,
+            read_seq,
+        } => notice(
+            &tenant,
+            user.as_str(),
+            conv.as_str(),
+            Change::ReadSeq(read_seq),
+        )
+        .into_iter()
+        .collect(),
+        FeedItem::Event(event) => {
+            let (Ok(t), Ok(c)) = (
+                TenantId::new(event.tenant.clone()),
+                ConvId::new(event.conversation.clone()),
+            ) else {
+                return Vec::new();
+            };
+            let seq = event.seq;
+            let mut out = vec![Outgoing {
+                subject: subjects::events(&t, &c),
+                msg_id: Some(subjects::msg_id(t.as_str(), c.as_str(), seq)),
+                payload: Bytes::from(event.encode_to_vec()),
+            }];
+            match &event.body {
+                Some(Body::ConversationCreated(created)) => out.extend(
+                    created
+                        .members
+                        .iter()
+                        .filter_map(|m| notice(&t, m, c.as_str(), Change::JoinedSeq(seq))),
+                ),
+                Some(Body::MemberJoined(j)) => {
+                    out.extend(notice(&t, &j.user, c.as_str(), Change::JoinedSeq(seq)))
+                }
+                Some(Body::MemberLeft(l)) => {
+                    out.extend(notice(&t, &l.user, c.as_str(), Change::LeftSeq(seq)))
+                }
+                _ => {}
+            }
+            out
+        }
+    }
+}
+
+/// Starts the publisher. It runs until the feed closes (the log is gone) and its backlog is
+/// empty or NATS stays unreachable.
+pub fn spawn(
+    client: async_nats::Client,
+    mut feed: mpsc::Receiver<FeedItem>,
+    cfg: PublisherConfig,
+) -> (tokio::task::JoinHandle<()>, Arc<PublisherStats>) {
+    let stats = Arc::new(PublisherStats::default());
+    let task_stats = stats.clone();
+    let handle = tokio::spawn(async move {
+        let js = jetstream::ContextBuilder::new()
+            .timeout(cfg.ack_timeout)
+            .build(client.clone());
+        let stats = task_stats;
+        let mut backlog: VecDeque<Outgoing> = VecDeque::new();
+        let mut stream_ready = false;
+        let mut backoff = Duration::from_millis(50);
+        let mut feed_open = true;
+        loop {
+            // Take what the log has committed, waiting only when there is nothing to send.
+            if backlog.is_empty() {
+                if !feed_open {
+                    return;
+                }
+                match feed.recv().await {
+                    Some(item) => backlog.extend(outgoing(item)),
+                    None => return,
+                }
+            }
+            while feed_open {
+                match feed.try_recv() {
+                    Ok(item) => backlog.extend(outgoing(item)),
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => feed_open = false,
+                }
+            }
+            while backlog.len() > cfg.backlog {
+                backlog.pop_front();
+                stats.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+
+            if !stream_ready {
+                match ensure_stream(&js, &cfg).await {
+                    Ok(()) => {
+                        info!(stream = subjects::STREAM, "jetstream stream ready");
+                        stream_ready = true;
+                    }
+                    Err(e) => {
+                        warn!(error = %e, backlog = backlog.len(), "failed to set up the event stream; will retry");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(2));
+                        continue;
+                    }
+                }
+            }
+
+            let window: Vec<Outgoing> = backlog.drain(..backlog.len().min(cfg.in_flight)).collect();
+            let mut failed = Vec::new();
+            let mut acks = Vec::with_capacity(window.len());
+            for out in window {
+                match &out.msg_id {
+                    Some(id) => {
+                        let mut headers = async_nats::HeaderMap::new();
+                        headers.insert("Nats-Msg-Id", id.as_str());
+                        match js
+                            .publish_with_headers(out.subject.clone(), headers, out.payload.clone())
+                            .await
+                        {
+                            Ok(ack) => acks.push((out, Some(ack))),
+                            Err(e) => {
+                                warn!(error = %e, "failed to publish an event");
+                                failed.push(out);
+                            }
+                        }
+                    }
+                    None => {
+                        // Notices are hints; the log has the state. Best effort.
+                        if client
+                            .publish(out.subject.clone(), out.payload.clone())
+                            .await
+                            .is_ok()
+                        {
+                            acks.push((out, None));
+                        }
+                    }
+                }
+            }
+            for (out, ack) in acks {
+                match ack {
+                    None => {
+                        stats.published.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Some(ack) => match ack.await {
+                        Ok(_) => {
+                            stats.published.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) => {
+                            warn!(error = %e, subject = %out.subject, "no ack for an event; will re-publish");
+                            failed.push(out);
+                        }
+                    },
+                }
+            }
+            if failed.is_empty() {
+                backoff = Duration::from_millis(50);
+            } else {
+                stats
+                    .retried
+                    .fetch_add(failed.len() as u64, Ordering::Relaxed);
+                for out in failed.into_iter().rev() {
+                    backlog.push_front(out);
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        }
+    });
+    (handle, stats)
+}

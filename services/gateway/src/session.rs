@@ -1,0 +1,790 @@
+//! One WebSocket connection: handshake, Hello, then requests in order until it closes.
+//!
+//! The connection has two halves. This task reads frames and answers them in order; a
+//! writer task sends whatever is queued on the session's bounded outbound queue (replies and
+//! pushes alike). Fatal conditions — a bad token, operations before Hello, an expired token,
+//! a full outbound queue, a flood, an oversized frame — end with a Goodbye frame and a close
+//! code; everything else gets a typed Error frame and the session goes on.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use prost::Message as _;
+use tidings_auth::Claims;
+use tidings_log::store::Order;
+use tidings_log::{
+    Append, ClientMsgId, ConvId, ConversationKind, CreateConversation, LogError, ReadRange,
+    TenantId, UserId,
+};
+use tidings_schemas::client::{
+    self as proto, ClientFrame, CloseReason, ErrorCode, client_frame::Op, server_frame::Msg,
+};
+use tidings_schemas::internal::TypingNotice;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{self, Message};
+use tracing::{debug, info};
+
+use crate::hub::{CloseOrder, KillSwitch, SessionHandle};
+use crate::server::Shared;
+use crate::subjects;
+
+fn frame(request_id: u64, msg: Msg) -> Bytes {
+    Bytes::from(
+        proto::ServerFrame {
+            request_id,
+            msg: Some(msg),
+        }
+        .encode_to_vec(),
+    )
+}
+
+fn error(code: ErrorCode, message: impl Into<String>) -> Msg {
+    Msg::Error(proto::Error {
+        code: code as i32,
+        message: message.into(),
+        retry_after_ms: 0,
+        retryable: false,
+    })
+}
+
+/// The client-facing error for a log error.
+pub fn log_error(e: &LogError) -> Msg {
+    let code = match e.code() {
+        "invalid_id" => ErrorCode::InvalidId,
+        "too_large" => ErrorCode::TooLarge,
+        "invalid_request" | "no_such_message" => ErrorCode::InvalidRequest,
+        "conversation_not_found" => ErrorCode::NotFound,
+        "conversation_exists" | "already_member" => ErrorCode::AlreadyExists,
+        "not_member" => ErrorCode::NotMember,
+        "not_allowed" => ErrorCode::NotAllowed,
+        "conflict" | "store_locked" | "store_error" | "shutting_down" | "unavailable" => {
+            ErrorCode::Unavailable
+        }
+        _ => ErrorCode::Internal,
+    };
+    Msg::Error(proto::Error {
+        code: code as i32,
+        message: e.to_string(),
+        retry_after_ms: 0,
+        retryable: e.is_retryable(),
+    })
+}
+
+/// A token bucket per session: `rate` frames a second, bursts of `burst`.
+struct Bucket {
+    tokens: f64,
+    rate: f64,
+    burst: f64,
+    last: Instant,
+    /// Frames refused in a row; a client that keeps sending past RATE_LIMITED is cut off.
+    refused: u32,
+}
+
+impl Bucket {
+    fn new(rate: u32, burst: u32) -> Self {
+        Bucket {
+            tokens: f64::from(burst),
+            rate: f64::from(rate),
+            burst: f64::from(burst),
+            last: Instant::now(),
+            refused: 0,
+        }
+    }
+
+    /// `Ok` to go on, or how long to wait.
+    fn take(&mut self) -> Result<(), Duration> {
+        let now = Instant::now();
+        self.tokens =
+            (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.burst);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            self.refused = 0;
+            Ok(())
+        } else {
+            self.refused += 1;
+            Err(Duration::from_secs_f64((1.0 - self.tokens) / self.rate))
+        }
+    }
+}
+
+enum Out {
+    Frame(Bytes),
+    Close(CloseOrder),
+}
+
+/// Serves one TCP connection until it closes.
+// The handshake callback's error type is tungstenite's HTTP response; its size is theirs.
+#[allow(clippy::result_large_err)]
+pub async fn serve(stream: TcpStream, shared: Arc<Shared>) {
+    let peer = stream.peer_addr().ok();
+    let cfg = &shared.cfg;
+    let allowed = cfg.allowed_origins.clone();
+    let ws_config = tungstenite::protocol::WebSocketConfig::default()
+        .max_message_size(Some(cfg.max_frame_bytes))
+        .max_frame_size(Some(cfg.max_frame_bytes));
+    let callback = |req: &tungstenite::handshake::server::Request,
+                    resp: tungstenite::handshake::server::Response| {
+        let reject = |status: u16, why: &str| {
+            let mut r = tungstenite::handshake::server::ErrorResponse::new(Some(why.to_string()));
+            *r.status_mut() = tungstenite::http::StatusCode::from_u16(status).unwrap_or_default();
+            Err(r)
+        };
+        if req.uri().path() != "/v1/ws" {
+            return reject(404, "not found: the WebSocket endpoint is /v1/ws");
+        }
+        // Browsers send Origin; other clients need not. A browser's origin must be allowed.
+        if let Some(origin) = req.headers().get("origin") {
+            let origin = origin.to_str().unwrap_or("");
+            if !allowed.iter().any(|a| a == origin || a == "*") {
+                return reject(403, "origin not allowed");
+            }
+        }
+        Ok(resp)
+    };
+    let ws =
+        match tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(ws_config))
+            .await
+        {
+            Ok(ws) => ws,
+            Err(e) => {
+                debug!(?peer, error = %e, "websocket handshake failed");
+                return;
+            }
+        };
+    let (mut sink, mut source) = ws.split();
+
+    // The writer: everything the session sends goes through one bounded queue.
+    let (frames_tx, mut frames_rx) = mpsc::channel::<Bytes>(cfg.outbound_queue);
+    let (close_tx, mut close_rx) = mpsc::channel::<CloseOrder>(1);
+    let writer = tokio::spawn(async move {
+        loop {
+            let out = tokio::select! {
+                biased;
+                order = close_rx.recv() => match order {
+                    Some(order) => Out::Close(order),
+                    None => return,
+                },
+                f = frames_rx.recv() => match f {
+                    Some(f) => Out::Frame(f),
+                    None => return,
+                },
+            };
+            match out {
+                Out::Frame(f) => {
+                    if sink.send(Message::Binary(f)).await.is_err() {
+                        return;
+                    }
+                }
+                Out::Close(order) => {
+                    // Replies already queued (e.g. the error that explains a refused Hello)
+                    // go out first, unless the queue is the problem.
+                    if order.reason != CloseReason::SlowConsumer {
+                        while let Ok(f) = frames_rx.try_recv() {
+                            if sink.send(Message::Binary(f)).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    let goodbye = frame(
+                        0,
+                        Msg::Goodbye(proto::Goodbye {
+                            reason: order.reason as i32,
+                            message: order.message.clone(),
+                        }),
+                    );
+                    let _ = sink.send(Message::Binary(goodbye)).await;
+                    let code = if order.reason == CloseReason::Unspecified {
+                        CloseCode::Size
+                    } else {
+                        CloseCode::from(order.reason as u16)
+                    };
+                    let _ = sink
+                        .send(Message::Close(Some(CloseFrame {
+                            code,
+                            reason: order.message.chars().take(100).collect::<String>().into(),
+                        })))
+                        .await;
+                    let _ = sink.close().await;
+                    return;
+                }
+            }
+        }
+    });
+
+    let kill = Arc::new(KillSwitch::default());
+    let mut session = Session {
+        shared: shared.clone(),
+        frames: frames_tx,
+        kill: kill.clone(),
+        claims: None,
+        handle: None,
+        bucket: Bucket::new(cfg.frames_per_second, cfg.frame_burst),
+    };
+    let order = session.run(&mut source).await;
+    if let Some(handle) = &session.handle {
+        shared.registry.remove_session(handle);
+    }
+    if let Some(order) = order {
+        debug!(?peer, reason = ?order.reason, message = %order.message, "closing session");
+        let _ = close_tx.send(order).await;
+    }
+    drop(session);
+    // A client that reads nothing cannot be told why; after a grace period the socket goes.
+    let mut writer = writer;
+    if tokio::time::timeout(CLOSE_GRACE, &mut writer)
+        .await
+        .is_err()
+    {
+        writer.abort();
+    }
+}
+
+/// How long a closing session's last frames may take to leave.
+const CLOSE_GRACE: Duration = Duration::from_secs(10);
+
+struct Session {
+    shared: Arc<Shared>,
+    frames: mpsc::Sender<Bytes>,
+    kill: Arc<KillSwitch>,
+    claims: Option<Claims>,
+    handle: Option<SessionHandle>,
+    bucket: Bucket,
+}
+
+fn close(reason: CloseReason, message: impl Into<String>) -> Option<CloseOrder> {
+    Some(CloseOrder {
+        reason,
+        message: message.into(),
+    })
+}
+
+impl Session {
+    /// Queues a reply; a full queue ends the session as a slow consumer.
+    fn reply(&self, request_id: u64, msg: Msg) {
+        if let Err(mpsc::error::TrySendError::Full(_)) =
+            self.frames.try_send(frame(request_id, msg))
+        {
+            self.kill.fire(CloseOrder {
+                reason: CloseReason::SlowConsumer,
+                message: "outbound queue full: the client is not reading fast enough".into(),
+            });
+        }
+    }
+
+    /// Charges one frame to the session's bucket. `Err(None)`: refused, RATE_LIMITED sent;
+    /// `Err(Some(order))`: the client kept flooding, close.
+    fn charge(&mut self, request_id: u64) -> Result<(), Option<CloseOrder>> {
+        let Err(wait) = self.bucket.take() else {
+            return Ok(());
+        };
+        if self.bucket.refused > self.shared.cfg.frame_burst {
+            return Err(close(
+                CloseReason::Flood,
+                "too many frames: the session kept sending while rate limited",
+            ));
+        }
+        self.reply(
+            request_id,
+            Msg::Error(proto::Error {
+                code: ErrorCode::RateLimited as i32,
+                message: "too many frames; slow down".into(),
+                retry_after_ms: wait.as_millis() as u64 + 1,
+                retryable: true,
+            }),
+        );
+        Err(None)
+    }
+
+    /// Reads and answers frames until the connection ends; returns why the server closes it,
+    /// if it does.
+    async fn run<S>(&mut self, source: &mut S) -> Option<CloseOrder>
+    where
+        S: futures_util::Stream<Item = Result<Message, tungstenite::Error>> + Unpin,
+    {
+        let hello_deadline = tokio::time::Instant::now() + self.shared.cfg.hello_timeout;
+        loop {
+            let expiry = match &self.claims {
+                Some(c) => {
+                    let now = crate::now_secs();
+                    tokio::time::Instant::now()
+                        + Duration::from_secs(c.expires_at.saturating_sub(now))
+                }
+                None => hello_deadline,
+            };
+            let msg = tokio::select! {
+                msg = source.next() => msg,
+                _ = self.kill.notify.notified() => return self.kill.order(),
+                _ = tokio::time::sleep_until(expiry) => {
+                    return match self.claims {
+                        Some(_) => close(CloseReason::TokenExpired, "the token has expired"),
+                        None => close(CloseReason::ProtocolViolation, "no Hello in time"),
+                    };
+                }
+            };
+            let msg = match msg {
+                None => return None,
+                Some(Ok(m)) => m,
+                Some(Err(tungstenite::Error::Capacity(e))) => {
+                    return Some(CloseOrder {
+                        reason: CloseReason::Unspecified,
+                        message: format!("frame too large: {e}"),
+                    });
+                }
+                Some(Err(e)) => {
+                    debug!(error = %e, "websocket read failed");
+                    return None;
+                }
+            };
+            let bytes = match msg {
+                Message::Binary(b) => b,
+                Message::Text(_) => {
+                    match self.charge(0) {
+                        Ok(()) => {}
+                        Err(Some(order)) => return Some(order),
+                        Err(None) => continue,
+                    }
+                    if self.claims.is_none() {
+                        return close(
+                            CloseReason::ProtocolViolation,
+                            "text frame before Hello: frames are binary protobuf",
+                        );
+                    }
+                    self.reply(
+                        0,
+                        error(
+                            ErrorCode::BadFrame,
+                            "text frames are not accepted: send binary protobuf ClientFrames",
+                        ),
+                    );
+                    continue;
+                }
+                Message::Close(_) => return None,
+                Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => continue,
+            };
+            let client_frame = match ClientFrame::decode(bytes.as_ref()) {
+                Ok(f) => f,
+                Err(e) => {
+                    match self.charge(0) {
+                        Ok(()) => {}
+                        Err(Some(order)) => return Some(order),
+                        Err(None) => continue,
+                    }
+                    if self.claims.is_none() {
+                        return close(
+                            CloseReason::ProtocolViolation,
+                            "the first frame must be a Hello ClientFrame",
+                        );
+                    }
+                    self.reply(
+                        0,
+                        error(ErrorCode::BadFrame, format!("not a ClientFrame: {e}")),
+                    );
+                    continue;
+                }
+            };
+            let id = client_frame.request_id;
+            match self.charge(id) {
+                Ok(()) => {}
+                Err(Some(order)) => return Some(order),
+                Err(None) => continue,
+            }
+
+            let Some(op) = client_frame.op else {
+                if self.claims.is_none() {
+                    return close(
+                        CloseReason::ProtocolViolation,
+                        "the first frame must be Hello",
+                    );
+                }
+                self.reply(
+                    id,
+                    error(ErrorCode::UnknownOp, "unknown or missing operation"),
+                );
+                continue;
+            };
+            match (&self.claims, op) {
+                (None, Op::Hello(hello)) => {
+                    if let Some(order) = self.hello(id, hello).await {
+                        return Some(order);
+                    }
+                }
+                (None, _) => {
+                    self.reply(id, error(ErrorCode::NotAuthenticated, "send Hello first"));
+                    return close(CloseReason::ProtocolViolation, "operation before Hello");
+                }
+                (Some(_), Op::Hello(_)) => {
+                    self.reply(
+                        id,
+                        error(ErrorCode::InvalidRequest, "already authenticated"),
+                    );
+                }
+                (Some(_), op) => {
+                    let msg = match self.op(op).await {
+                        Ok(msg) => msg,
+                        Err(e) => log_error(&e),
+                    };
+                    self.reply(id, msg);
+                }
+            }
+        }
+    }
+
+    async fn hello(&mut self, id: u64, hello: proto::Hello) -> Option<CloseOrder> {
+        let claims = match self.shared.verifier.verify(&hello.token, crate::now_secs()) {
+            Ok(c) => c,
+            Err(e) => {
+                let code = if e.code() == "expired" {
+                    ErrorCode::TokenExpired
+                } else {
+                    ErrorCode::AuthFailed
+                };
+                self.reply(id, error(code, format!("token refused: {e}")));
+                return close(
+                    CloseReason::AuthFailed,
+                    format!("token refused: {}", e.code()),
+                );
+            }
+        };
+        let (tenant, user) = match (
+            TenantId::new(claims.tenant.clone()),
+            UserId::new(claims.user.clone()),
+        ) {
+            (Ok(t), Ok(u)) => (t, u),
+            (Err(e), _) | (_, Err(e)) => {
+                self.reply(
+                    id,
+                    error(ErrorCode::AuthFailed, format!("token refused: {e}")),
+                );
+                return close(
+                    CloseReason::AuthFailed,
+                    "token names an invalid tenant or user",
+                );
+            }
+        };
+        let session_id = self.shared.next_session_id();
+        let handle = SessionHandle::new(
+            session_id,
+            tenant.clone(),
+            user.clone(),
+            self.frames.clone(),
+            self.kill.clone(),
+        );
+        let registry = &self.shared.registry;
+        registry.add_session(&handle);
+        self.handle = Some(handle.clone());
+        // Join every conversation of the user before Welcome: from then on, every event
+        // delivered here reaches this session, and the client's Sync covers the rest.
+        let mut after: Option<ConvId> = None;
+        let mut joined = 0;
+        let page = self.shared.cfg.read_limit;
+        while joined < self.shared.cfg.max_conversations_per_session {
+            let list = match self
+                .shared
+                .log
+                .conversations(&tenant, &user, after.as_ref(), page)
+                .await
+            {
+                Ok(list) => list,
+                Err(e) => {
+                    self.reply(id, log_error(&e));
+                    return close(
+                        CloseReason::Unspecified,
+                        "cannot list the user's conversations",
+                    );
+                }
+            };
+            let Some(last) = list.last().map(|s| s.conv.clone()) else {
+                break;
+            };
+            for summary in &list {
+                registry
+                    .join(&tenant, &summary.conv, vec![handle.clone()], None)
+                    .await;
+            }
+            joined += list.len();
+            if list.len() < page {
+                break;
+            }
+            after = Some(last);
+        }
+        info!(session = session_id, %tenant, %user, device = %hello.device.chars().take(64).collect::<String>(), conversations = joined, "session started");
+        self.reply(
+            id,
+            Msg::Welcome(proto::Welcome {
+                session_id: session_id.to_string(),
+                tenant: tenant.to_string(),
+                user: user.to_string(),
+                expires_at: claims.expires_at,
+                max_frame_bytes: u32::try_from(self.shared.cfg.max_frame_bytes).unwrap_or(u32::MAX),
+            }),
+        );
+        self.claims = Some(claims);
+        None
+    }
+
+    fn who(&self) -> Result<(TenantId, UserId), LogError> {
+        match &self.handle {
+            Some(h) => Ok((h.tenant.clone(), h.user.clone())),
+            None => Err(LogError::InvalidRequest("not authenticated".into())),
+        }
+    }
+
+    async fn member_or_refuse(&self, t: &TenantId, c: &ConvId, u: &UserId) -> Result<(), LogError> {
+        if self.shared.log.is_member(t, c, u).await? {
+            Ok(())
+        } else {
+            Err(LogError::NotMember {
+                user: u.to_string(),
+                conversation: c.to_string(),
+            })
+        }
+    }
+
+    fn limit(&self, asked: u32, default: usize) -> usize {
+        let max = self.shared.cfg.read_limit;
+        match asked {
+            0 => default.min(max),
+            n => (n as usize).min(max),
+        }
+    }
+
+    async fn op(&mut self, op: Op) -> Result<Msg, LogError> {
+        let (t, u) = self.who()?;
+        let log = self.shared.log.clone();
+        match op {
+            Op::Hello(_) => Err(LogError::InvalidRequest("already authenticated".into())),
+            Op::Ping(_) => Ok(Msg::Pong(proto::Pong {})),
+            Op::Send(send) => {
+                use proto::send::Body as B;
+                use tidings_log::Body;
+                let body = match send.body {
+                    Some(B::MessagePosted(b)) => Body::MessagePosted(b),
+                    Some(B::MessageEdited(b)) => Body::MessageEdited(b),
+                    Some(B::MessageRecalled(b)) => Body::MessageRecalled(b),
+                    Some(B::ReactionAdded(b)) => Body::ReactionAdded(b),
+                    Some(B::ReactionRemoved(b)) => Body::ReactionRemoved(b),
+                    None => return Err(LogError::InvalidRequest("Send without a body".into())),
+                };
+                let conv = ConvId::new(send.conversation)?;
+                let client_msg_id = ClientMsgId::new(send.client_msg_id)?;
+                let c = log
+                    .append(Append {
+                        tenant: t,
+                        conv: conv.clone(),
+                        sender: u,
+                        client_msg_id: client_msg_id.clone(),
+                        body,
+                    })
+                    .await?;
+                Ok(Msg::SendAck(proto::SendAck {
+                    client_msg_id: client_msg_id.to_string(),
+                    conversation: conv.to_string(),
+                    seq: c.seq,
+                    event_id: c.event_id,
+                    server_time_ms: c.time_ms,
+                    duplicate: c.duplicate,
+                }))
+            }
+            Op::Sync(sync) => self.sync(&t, &u, sync).await,
+            Op::History(h) => {
+                let conv = ConvId::new(h.conversation)?;
+                self.member_or_refuse(&t, &conv, &u).await?;
+                let limit = self.limit(h.limit, self.shared.cfg.sync_latest);
+                let range = ReadRange {
+                    from: (h.before_seq > 0).then(|| h.before_seq - 1),
+                    limit,
+                    order: Order::Descending,
+                };
+                let mut events = if h.before_seq == 1 {
+                    Vec::new()
+                } else {
+                    log.read(&t, &conv, range).await?
+                };
+                events.reverse();
+                let head = log.conversation(&t, &conv).await?.head_seq;
+                Ok(Msg::Events(proto::Events {
+                    conversation: conv.to_string(),
+                    events,
+                    head_seq: head,
+                }))
+            }
+            Op::Pull(p) => {
+                let conv = ConvId::new(p.conversation)?;
+                self.member_or_refuse(&t, &conv, &u).await?;
+                if p.from_seq == 0 || p.to_seq < p.from_seq {
+                    return Err(LogError::InvalidRequest(
+                        "Pull needs 1 <= from_seq <= to_seq".into(),
+                    ));
+                }
+                let span = (p.to_seq - p.from_seq).saturating_add(1);
+                let limit = usize::try_from(span)
+                    .unwrap_or(usize::MAX)
+                    .min(self.shared.cfg.read_limit);
+                let events = log
+                    .read(&t, &conv, ReadRange::forward(p.from_seq, limit))
+                    .await?;
+                let head = log.conversation(&t, &conv).await?.head_seq;
+                Ok(Msg::Events(proto::Events {
+                    conversation: conv.to_string(),
+                    events,
+                    head_seq: head,
+                }))
+            }
+            Op::MarkRead(m) => {
+                let conv = ConvId::new(m.conversation)?;
+                let read_seq = log.mark_read(&t, &conv, &u, m.seq).await?;
+                Ok(Msg::ReadCursor(proto::ReadCursor {
+                    conversation: conv.to_string(),
+                    read_seq,
+                }))
+            }
+            Op::Typing(ty) => {
+                let conv = ConvId::new(ty.conversation)?;
+                self.member_or_refuse(&t, &conv, &u).await?;
+                let notice = TypingNotice {
+                    conversation: conv.to_string(),
+                    user: u.to_string(),
+                };
+                // Ephemeral: core NATS, never stored; lost if NATS is down, which is fine.
+                let _ = self
+                    .shared
+                    .nats
+                    .publish(
+                        subjects::typing(&t, &conv),
+                        Bytes::from(notice.encode_to_vec()),
+                    )
+                    .await;
+                Ok(Msg::Pong(proto::Pong {}))
+            }
+            Op::CreateConversation(c) => {
+                let kind =
+                    ConversationKind::try_from(c.kind).unwrap_or(ConversationKind::Unspecified);
+                let conv = ConvId::new(c.conversation)?;
+                let members = c
+                    .members
+                    .into_iter()
+                    .map(UserId::new)
+                    .collect::<Result<Vec<_>, _>>()?;
+                let done = log
+                    .create_conversation(CreateConversation {
+                        tenant: t,
+                        conv: conv.clone(),
+                        kind,
+                        title: c.title,
+                        creator: u,
+                        members,
+                    })
+                    .await?;
+                Ok(committed(&conv, done))
+            }
+            Op::AddMember(m) => {
+                let (conv, user) = (ConvId::new(m.conversation)?, UserId::new(m.user)?);
+                let done = log.add_member(&t, &conv, &u, &user).await?;
+                Ok(committed(&conv, done))
+            }
+            Op::RemoveMember(m) => {
+                let (conv, user) = (ConvId::new(m.conversation)?, UserId::new(m.user)?);
+                let done = log.remove_member(&t, &conv, &u, &user).await?;
+                Ok(committed(&conv, done))
+            }
+            Op::ListConversations(l) => {
+                let after = (!l.after.is_empty())
+                    .then(|| ConvId::new(l.after))
+                    .transpose()?;
+                let limit = self.limit(l.limit, self.shared.cfg.read_limit);
+                let list = log.conversations(&t, &u, after.as_ref(), limit).await?;
+                Ok(Msg::ConversationList(proto::ConversationList {
+                    conversations: list
+                        .into_iter()
+                        .map(|s| proto::ConversationSummary {
+                            conversation: s.conv.to_string(),
+                            head_seq: s.head_seq,
+                            read_seq: s.read_seq,
+                            unread: s.unread,
+                        })
+                        .collect(),
+                }))
+            }
+            Op::ListMembers(l) => {
+                let conv = ConvId::new(l.conversation)?;
+                self.member_or_refuse(&t, &conv, &u).await?;
+                let after = (!l.after.is_empty())
+                    .then(|| UserId::new(l.after))
+                    .transpose()?;
+                let limit = self.limit(l.limit, self.shared.cfg.read_limit);
+                let list = log.members(&t, &conv, after.as_ref(), limit).await?;
+                Ok(Msg::MemberList(proto::MemberList {
+                    members: list
+                        .into_iter()
+                        .map(|m| proto::Member {
+                            user: m.user.to_string(),
+                            role: m.role as i32,
+                            joined_seq: m.joined_seq,
+                        })
+                        .collect(),
+                }))
+            }
+        }
+    }
+
+    async fn sync(&self, t: &TenantId, u: &UserId, sync: proto::Sync) -> Result<Msg, LogError> {
+        let log = &self.shared.log;
+        let latest = self.limit(sync.latest, self.shared.cfg.sync_latest);
+        let mut known = std::collections::HashMap::new();
+        for k in sync.known {
+            known.insert(ConvId::new(k.conversation)?, k.last_seq);
+        }
+        let mut states = Vec::new();
+        let mut after: Option<ConvId> = None;
+        let page = self.shared.cfg.read_limit;
+        while states.len() < self.shared.cfg.max_conversations_per_session {
+            let list = log.conversations(t, u, after.as_ref(), page).await?;
+            let Some(last) = list.last().map(|s| s.conv.clone()) else {
+                break;
+            };
+            for s in &list {
+                let last_seq = known.get(&s.conv).copied().unwrap_or(0).min(s.head_seq);
+                let missing = s.head_seq - last_seq;
+                let (events, truncated) = if missing == 0 {
+                    (Vec::new(), false)
+                } else if missing as usize <= latest {
+                    let range = ReadRange::forward(last_seq + 1, latest);
+                    (log.read(t, &s.conv, range).await?, false)
+                } else {
+                    let mut e = log.read(t, &s.conv, ReadRange::latest(latest)).await?;
+                    e.reverse();
+                    (e, true)
+                };
+                states.push(proto::ConversationState {
+                    conversation: s.conv.to_string(),
+                    head_seq: s.head_seq,
+                    read_seq: s.read_seq,
+                    unread: s.unread,
+                    events,
+                    truncated,
+                });
+            }
+            if list.len() < page {
+                break;
+            }
+            after = Some(last);
+        }
+        Ok(Msg::SyncResult(proto::SyncResult {
+            conversations: states,
+        }))
+    }
+}
+
+fn committed(conv: &ConvId, c: tidings_log::Committed) -> Msg {
+    Msg::Committed(proto::Committed {
+        conversation: conv.to_string(),
+        seq: c.seq,
+        event_id: c.event_id,
+    })
+}

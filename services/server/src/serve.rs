@@ -1,0 +1,158 @@
+//! `tidings serve`: the server roles.
+//!
+//! - `all` (default): the log, the publisher, the log service on NATS and the gateway, in one
+//!   process; the gateway calls the log directly.
+//! - `log`: the log, the publisher and the log service on NATS (queue group `tidings-log`).
+//! - `gateway`: the WebSocket gateway; it reaches the log over NATS request/reply.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tidings_auth::{AuthConfig, Ed25519Key, Verifier};
+use tidings_gateway::{LogService, Shared, publisher, rpc};
+use tokio::net::TcpListener;
+use tracing::{info, warn};
+
+use crate::config::Config;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Role {
+    All,
+    Log,
+    Gateway,
+}
+
+/// Reads the token verification keys from the config.
+pub fn verifier(config: &Config) -> anyhow::Result<Verifier> {
+    let a = &config.auth;
+    let hs256_secret = match std::fs::read_to_string(&a.hs256_secret_file) {
+        Ok(text) => Some(crate::commands::hex_decode(text.trim()).with_context(|| {
+            format!("read the HS256 secret in {}", a.hs256_secret_file.display())
+        })?),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => {
+            return Err(e).with_context(|| format!("read {}", a.hs256_secret_file.display()));
+        }
+    };
+    let mut keys = Vec::new();
+    for entry in &a.ed25519_public_keys {
+        let (kid, hex) = match entry.split_once(':') {
+            Some((kid, hex)) => (Some(kid.to_string()), hex),
+            None => (None, entry.as_str()),
+        };
+        let bytes = crate::commands::hex_decode(hex).context("auth.ed25519_public_keys")?;
+        let public_key: [u8; 32] = bytes
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("an Ed25519 public key is 32 bytes (64 hex digits)"))?;
+        keys.push(Ed25519Key { kid, public_key });
+    }
+    if hs256_secret.is_none() && keys.is_empty() {
+        anyhow::bail!(
+            "no token keys: run `tidings keys init` (writes the development secret {}) \
+             or set auth.ed25519_public_keys",
+            a.hs256_secret_file.display()
+        );
+    }
+    Ok(Verifier::new(AuthConfig {
+        issuer: a.issuer.clone(),
+        audience: a.audience.clone(),
+        hs256_secret,
+        ed25519_public_keys: keys,
+        leeway_secs: a.leeway_secs,
+    })?)
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+pub async fn serve(config: Config, role: Role) -> anyhow::Result<()> {
+    let verifier = match role {
+        Role::Log => None,
+        _ => Some(verifier(&config)?),
+    };
+    let (nats, reconnected) = tidings_gateway::connect_nats(&config.nats.url, "tidings")
+        .await
+        .with_context(|| format!("connect to NATS at {}", config.nats.url))?;
+
+    let mut log_handle = None;
+    let mut background = Vec::new();
+    let service: Option<Arc<dyn LogService>> = match role {
+        Role::All | Role::Log => {
+            let (feed_tx, feed_rx) = tokio::sync::mpsc::channel(64 * 1024);
+            let log = crate::commands::open_log_with_feed(&config, Some(feed_tx)).await?;
+            let (publisher, _stats) =
+                publisher::spawn(nats.clone(), feed_rx, config.publisher_config());
+            background.push(publisher);
+            let (rpc_nats, rpc_log, in_flight) =
+                (nats.clone(), log.clone(), config.nats.rpc_in_flight);
+            background.push(tokio::spawn(async move {
+                if let Err(e) = rpc::serve(rpc_nats, rpc_log, in_flight).await {
+                    warn!(error = %e, "log service stopped");
+                }
+            }));
+            info!(data_dir = %config.data_dir.display(), "log ready");
+            log_handle = Some(log.clone());
+            Some(Arc::new(log))
+        }
+        Role::Gateway => Some(Arc::new(rpc::NatsLogService::new(
+            nats.clone(),
+            std::time::Duration::from_millis(config.nats.request_timeout_ms),
+        ))),
+    };
+
+    match (role, service, verifier) {
+        (Role::All | Role::Gateway, Some(service), Some(verifier)) => {
+            let addr: SocketAddr = config.gateway.listen.parse()?;
+            let listener = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("listen on {addr}"))?;
+            let shared = Shared::new(
+                config.gateway_config(),
+                service,
+                nats.clone(),
+                verifier,
+                reconnected,
+            );
+            eprintln!("tidings: gateway on ws://{}/v1/ws", listener.local_addr()?);
+            tidings_gateway::run(listener, shared, shutdown_signal()).await;
+        }
+        _ => {
+            eprintln!("tidings: log service on NATS {}", config.nats.url);
+            shutdown_signal().await;
+        }
+    }
+
+    info!("shutting down");
+    for task in background.iter().skip(1) {
+        task.abort();
+    }
+    if let Some(log) = log_handle {
+        // Appends already acknowledged are durable; closing releases the store.
+        drop(log);
+    }
+    // Give the publisher a moment to hand over what is committed.
+    if let Some(publisher) = background.into_iter().next() {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), publisher).await;
+    }
+    let _ = nats.flush().await;
+    Ok(())
+}
