@@ -6,6 +6,11 @@
 //! (events, read cursors, typing, goodbye) come out of [`Connection::next_push`], and
 //! [`Tracker`] does the client's half of ordering: drop what it has seen, report gaps to
 //! fill with `Pull`.
+//!
+//! Backpressure is real: a [`Connection`] buffers up to 4,096 pushes; if the application
+//! does not take them, the connection stops reading its socket, replies stall behind the
+//! pushes, and the server eventually disconnects it as a slow consumer. An application that
+//! only sends keeps a [`Requester`] and drops the `Connection`: its pushes are then discarded.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -54,7 +59,9 @@ pub enum Push {
     },
 }
 
-type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Msg>>>>;
+/// Replies awaited, by request id; `None` once the connection is gone, so a request made
+/// after that fails at once instead of waiting forever.
+type Pending = Arc<Mutex<Option<HashMap<u64, oneshot::Sender<Msg>>>>>;
 
 /// A connection: the request side ([`Requester`], via `Deref`, cloneable for other tasks)
 /// and the pushes.
@@ -100,7 +107,7 @@ impl Connection {
         let (mut sink, mut source) = ws.split();
         let (out, mut out_rx) = mpsc::channel::<Message>(1024);
         let (push_tx, pushes) = mpsc::channel(PUSH_BUFFER);
-        let pending: Pending = Arc::new(Mutex::new(HashMap::new()));
+        let pending: Pending = Arc::new(Mutex::new(Some(HashMap::new())));
         let closed_reason = Arc::new(Mutex::new(None));
         tokio::spawn(async move {
             while let Some(m) = out_rx.recv().await {
@@ -140,7 +147,8 @@ impl Connection {
                     let waiter = reader_pending
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
-                        .remove(&frame.request_id);
+                        .as_mut()
+                        .and_then(|p| p.remove(&frame.request_id));
                     if let Some(w) = waiter {
                         let _ = w.send(msg);
                         continue;
@@ -158,15 +166,14 @@ impl Connection {
                     }
                     _ => continue,
                 };
-                if push_tx.send(push).await.is_err() {
-                    break;
-                }
+                // Nobody taking pushes (only the Requester is kept) is fine: drop them.
+                let _ = push_tx.send(push).await;
             }
-            // Fail whatever still waits for a reply.
+            // Fail whatever still waits for a reply, and whatever asks later.
             reader_pending
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .clear();
+                .take();
             let _ = push_tx.send(close).await;
         });
         Ok(Connection {
@@ -221,11 +228,18 @@ impl Requester {
     pub async fn request(&self, op: Op) -> Result<Msg, ClientError> {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        self.inner
+        match self
+            .inner
             .pending
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(id, tx);
+            .as_mut()
+        {
+            Some(pending) => {
+                pending.insert(id, tx);
+            }
+            None => return Err(self.closed()),
+        }
         let frame = ClientFrame {
             request_id: id,
             op: Some(op),

@@ -125,7 +125,11 @@ pub async fn serve(stream: TcpStream, shared: Arc<Shared>) {
     let peer = stream.peer_addr().ok();
     let cfg = &shared.cfg;
     let allowed = cfg.allowed_origins.clone();
+    // Small I/O buffers: tungstenite's 128 KiB default per connection is 1.3 GB for 10,000
+    // sessions; frames larger than the buffer are still read, in more than one go.
     let ws_config = tungstenite::protocol::WebSocketConfig::default()
+        .read_buffer_size(16 * 1024)
+        .write_buffer_size(16 * 1024)
         .max_message_size(Some(cfg.max_frame_bytes))
         .max_frame_size(Some(cfg.max_frame_bytes));
     let callback = |req: &tungstenite::handshake::server::Request,

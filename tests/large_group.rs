@@ -1,0 +1,124 @@
+//! A 10,000-member group with every member online: one message is one event write and one
+//! NATS message for the gateway, however many receive it. Real sockets, one per session
+//! (the test process holds 10,000 client ends, the server process the other 10,000).
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{Nats, Sandbox, Server};
+use futures_util::StreamExt;
+use tidings_client::{Connection, Push};
+use tokio::sync::Semaphore;
+
+/// Members online. `TIDINGS_LARGE_GROUP` overrides it (e.g. on a machine with fewer file
+/// descriptors); the default is the 10,000.
+fn members() -> usize {
+    std::env::var("TIDINGS_LARGE_GROUP")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_message_to_a_10000_member_group_is_one_write_and_one_nats_message() {
+    let n = members();
+    let s = Sandbox::new();
+    let nats = Nats::start();
+    let users: Vec<String> = (0..n).map(|i| format!("u{i}")).collect();
+    let list = users[1..].join(",");
+    s.ok(&[
+        "conv",
+        "create",
+        "--tenant",
+        "acme",
+        "--conv",
+        "big",
+        "--kind",
+        "group",
+        "--by",
+        &users[0],
+        "--members",
+        &list,
+    ]);
+    let server = Server::start(&s, &nats, "all", &[]);
+
+    // Count what NATS carries for the conversation.
+    let nc = async_nats::connect(nats.url()).await.expect("nats");
+    let mut on_subject = nc
+        .subscribe("tidings.ev.acme.big")
+        .await
+        .expect("subscribe");
+    nc.flush().await.expect("flush");
+
+    let started = Instant::now();
+    let permits = Arc::new(Semaphore::new(64));
+    let mut connecting = tokio::task::JoinSet::new();
+    for user in &users {
+        let (url, token, permits) = (server.url(), s.token("acme", user, 3600), permits.clone());
+        connecting.spawn(async move {
+            let _permit = permits.acquire_owned().await.expect("permit");
+            Connection::open(&url, &token, "load")
+                .await
+                .expect("connect")
+                .0
+        });
+    }
+    let mut conns = Vec::with_capacity(n);
+    while let Some(c) = connecting.join_next().await {
+        conns.push(c.expect("connect task"));
+    }
+    println!("{n} sessions online in {:?}", started.elapsed());
+
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let sender = conns.pop().expect("a sender").requester();
+    let mut waiting = tokio::task::JoinSet::new();
+    for mut conn in conns {
+        let tx = tx.clone();
+        waiting.spawn(async move {
+            loop {
+                match tokio::time::timeout(Duration::from_secs(60), conn.next_push()).await {
+                    Ok(Some(Push::Event(e))) => {
+                        let _ = tx.send((Instant::now(), e.seq));
+                        // Hold the connection open until every session has reported.
+                        let _ = conn.next_push().await;
+                        return;
+                    }
+                    Ok(Some(_)) => {}
+                    other => panic!("session ended without the event: {other:?}"),
+                }
+            }
+        });
+    }
+    drop(tx);
+    let sent = Instant::now();
+    let ack = sender
+        .send_text("big", "hello-all", "hello, everyone")
+        .await
+        .expect("send");
+    assert_eq!(ack.seq, 2, "one event after the creation");
+    let mut last = sent;
+    for _ in 0..n - 1 {
+        let (at, seq) = rx.recv().await.expect("a receipt");
+        assert_eq!(seq, 2);
+        last = last.max(at);
+    }
+    println!(
+        "one message to {n} online members: last one had it {:?} after the send",
+        last - sent
+    );
+
+    // Exactly one event was written: the head moved by one.
+    let sync = sender.sync(&[("big".into(), 2)], 0).await.expect("sync");
+    assert_eq!(sync.conversations[0].head_seq, 2);
+    // Exactly one message crossed NATS for the conversation.
+    let first = tokio::time::timeout(Duration::from_secs(5), on_subject.next())
+        .await
+        .expect("the event on NATS")
+        .expect("message");
+    assert!(!first.payload.is_empty());
+    let more = tokio::time::timeout(Duration::from_millis(500), on_subject.next()).await;
+    assert!(more.is_err(), "a second NATS message for one send");
+    waiting.abort_all();
+}
