@@ -345,59 +345,36 @@ impl Session {
                     return None;
                 }
             };
-            let bytes = match msg {
-                Message::Binary(b) => b,
-                Message::Text(_) => {
-                    match self.charge(0) {
-                        Ok(()) => {}
-                        Err(Some(order)) => return Some(order),
-                        Err(None) => continue,
-                    }
-                    if self.claims.is_none() {
-                        return close(
-                            CloseReason::ProtocolViolation,
-                            "text frame before Hello: frames are binary protobuf",
-                        );
-                    }
-                    self.reply(
-                        0,
-                        error(
-                            ErrorCode::BadFrame,
-                            "text frames are not accepted: send binary protobuf ClientFrames",
-                        ),
-                    );
-                    continue;
+            // Every data frame, good or bad, is charged to the rate limit once.
+            let frame = match msg {
+                Message::Binary(b) => {
+                    ClientFrame::decode(b.as_ref()).map_err(|e| format!("not a ClientFrame: {e}"))
                 }
+                Message::Text(_) => Err(
+                    "text frames are not accepted: send binary protobuf ClientFrames".to_string(),
+                ),
                 Message::Close(_) => return None,
                 Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => continue,
             };
-            let client_frame = match ClientFrame::decode(bytes.as_ref()) {
-                Ok(f) => f,
-                Err(e) => {
-                    match self.charge(0) {
-                        Ok(()) => {}
-                        Err(Some(order)) => return Some(order),
-                        Err(None) => continue,
-                    }
-                    if self.claims.is_none() {
-                        return close(
-                            CloseReason::ProtocolViolation,
-                            "the first frame must be a Hello ClientFrame",
-                        );
-                    }
-                    self.reply(
-                        0,
-                        error(ErrorCode::BadFrame, format!("not a ClientFrame: {e}")),
-                    );
-                    continue;
-                }
-            };
-            let id = client_frame.request_id;
+            let id = frame.as_ref().map_or(0, |f| f.request_id);
             match self.charge(id) {
                 Ok(()) => {}
                 Err(Some(order)) => return Some(order),
                 Err(None) => continue,
             }
+            let client_frame = match frame {
+                Ok(f) => f,
+                Err(problem) => {
+                    if self.claims.is_none() {
+                        return close(
+                            CloseReason::ProtocolViolation,
+                            "the first frame must be a binary Hello ClientFrame",
+                        );
+                    }
+                    self.reply(0, error(ErrorCode::BadFrame, problem));
+                    continue;
+                }
+            };
 
             let Some(op) = client_frame.op else {
                 if self.claims.is_none() {

@@ -1053,3 +1053,55 @@ async fn tenants_are_isolated() {
         .expect("get");
     assert!(a.is_some() && g.is_some() && a != g);
 }
+
+#[tokio::test]
+async fn the_feed_announces_commits_in_order_and_never_holds_appends_back() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Arc::new(FjallStore::open(dir.path()).expect("open"));
+    let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+    let log = Log::open_with_feed(
+        store as Arc<dyn KvStore>,
+        MasterKey::generate(),
+        LogConfig::default(),
+        Some(tx),
+    )
+    .await
+    .expect("open");
+    group(&log, "acme", "general", "alice", &["bob"]).await;
+    log.append(text("acme", "general", "alice", "m1", "one"))
+        .await
+        .expect("append");
+    log.mark_read(&t("acme"), &c("general"), &u("bob"), 2)
+        .await
+        .expect("mark");
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        got.push(rx.recv().await.expect("feed item"));
+    }
+    match &got[0] {
+        tidings_log::FeedItem::Event(e) => {
+            assert!(matches!(e.body, Some(Body::ConversationCreated(_))) && e.seq == 1)
+        }
+        other => panic!("{other:?}"),
+    }
+    match &got[1] {
+        tidings_log::FeedItem::Event(e) => assert_eq!((e.seq, text_of(e)), (2, "one")),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        got[2],
+        tidings_log::FeedItem::ReadCursor {
+            tenant: t("acme"),
+            conv: c("general"),
+            user: u("bob"),
+            read_seq: 2
+        }
+    );
+    // Nobody reads the feed now: appends still complete, and the overflow is counted.
+    for i in 0..10 {
+        log.append(text("acme", "general", "alice", &format!("x{i}"), "x"))
+            .await
+            .expect("append");
+    }
+    assert_eq!(log.feed_dropped(), 10 - 4);
+}
