@@ -753,3 +753,30 @@ async fn gateway_and_log_in_separate_processes() {
     let got = events(&mut bob, "new-dm", 2).await;
     assert_eq!(seqs(&got), vec![1, 2]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_says_goodbye_to_every_session_and_exits_cleanly() {
+    let (s, nats) = setup();
+    s.group("general");
+    let mut server = Server::start(&s, &nats, "all", &[]);
+    let mut alice = connect(&server, &s, "acme", "alice").await;
+    let mut bob = connect(&server, &s, "acme", "bob").await;
+    alice
+        .send_text("general", "m1", "before shutdown")
+        .await
+        .expect("send");
+    assert_eq!(seqs(&events(&mut bob, "general", 1).await), vec![2]);
+    let stopper = std::thread::spawn(move || server.terminate());
+    for conn in [&mut alice, &mut bob] {
+        assert_eq!(
+            closed(conn).await,
+            (Some(CloseReason::ShuttingDown), Some(4050))
+        );
+    }
+    assert!(
+        stopper.join().expect("stopper"),
+        "tidings serve exits with success on SIGTERM"
+    );
+    // Everything acked is still there.
+    assert_eq!(s.read_all("general").len(), 2);
+}

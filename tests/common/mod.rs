@@ -281,6 +281,14 @@ impl Server {
     pub fn url(&self) -> String {
         format!("ws://127.0.0.1:{}/v1/ws", self.port)
     }
+
+    /// SIGTERM, as a service manager stops it; waits for it to exit and returns success.
+    pub fn terminate(&mut self) -> bool {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        self.child.wait().map(|s| s.success()).unwrap_or(false)
+    }
 }
 
 impl Drop for Server {

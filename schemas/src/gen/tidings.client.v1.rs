@@ -440,12 +440,16 @@ impl ErrorCode {
 #[repr(i32)]
 pub enum CloseReason {
     Unspecified = 0,
+    /// The standard "message too big": a frame over the server's max_frame_bytes.
+    FrameTooLarge = 1009,
     AuthFailed = 4001,
     TokenExpired = 4002,
     /// Operations before Hello, a second Hello, no Hello in time.
     ProtocolViolation = 4003,
     /// The client did not read its pushes fast enough; its queue filled up.
     SlowConsumer = 4008,
+    /// The server cannot serve the session right now (e.g. the log is unreachable); reconnect later.
+    Unavailable = 4013,
     Flood = 4029,
     ShuttingDown = 4050,
 }
@@ -457,10 +461,12 @@ impl CloseReason {
     pub fn as_str_name(&self) -> &'static str {
         match self {
             Self::Unspecified => "CLOSE_REASON_UNSPECIFIED",
+            Self::FrameTooLarge => "CLOSE_REASON_FRAME_TOO_LARGE",
             Self::AuthFailed => "CLOSE_REASON_AUTH_FAILED",
             Self::TokenExpired => "CLOSE_REASON_TOKEN_EXPIRED",
             Self::ProtocolViolation => "CLOSE_REASON_PROTOCOL_VIOLATION",
             Self::SlowConsumer => "CLOSE_REASON_SLOW_CONSUMER",
+            Self::Unavailable => "CLOSE_REASON_UNAVAILABLE",
             Self::Flood => "CLOSE_REASON_FLOOD",
             Self::ShuttingDown => "CLOSE_REASON_SHUTTING_DOWN",
         }
@@ -469,10 +475,12 @@ impl CloseReason {
     pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
         match value {
             "CLOSE_REASON_UNSPECIFIED" => Some(Self::Unspecified),
+            "CLOSE_REASON_FRAME_TOO_LARGE" => Some(Self::FrameTooLarge),
             "CLOSE_REASON_AUTH_FAILED" => Some(Self::AuthFailed),
             "CLOSE_REASON_TOKEN_EXPIRED" => Some(Self::TokenExpired),
             "CLOSE_REASON_PROTOCOL_VIOLATION" => Some(Self::ProtocolViolation),
             "CLOSE_REASON_SLOW_CONSUMER" => Some(Self::SlowConsumer),
+            "CLOSE_REASON_UNAVAILABLE" => Some(Self::Unavailable),
             "CLOSE_REASON_FLOOD" => Some(Self::Flood),
             "CLOSE_REASON_SHUTTING_DOWN" => Some(Self::ShuttingDown),
             _ => None,

@@ -189,6 +189,24 @@ impl Registry {
         self.inner.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Tells every session to close (graceful shutdown); returns how many there were.
+    pub fn close_all(&self, order: CloseOrder) -> usize {
+        let state = self.state();
+        let mut n = 0;
+        for user in state.users.values() {
+            for s in user.sessions.values() {
+                s.kill.fire(order.clone());
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Sessions still registered.
+    pub fn session_count(&self) -> usize {
+        self.state().session_convs.len()
+    }
+
     /// Number of conversations with a live subscription here (for tests and metrics).
     pub fn hub_count(&self) -> usize {
         self.state().hubs.len()
@@ -442,15 +460,18 @@ impl Hub {
         while self.delivered < upto {
             let limit = ((upto - self.delivered) as usize).min(self.registry.inner.cfg.read_limit);
             let range = ReadRange::forward(self.delivered + 1, limit);
+            let before = self.delivered;
             match self.log().read(&self.tenant, &self.conv, range).await {
-                Ok(events) if !events.is_empty() => {
+                Ok(events) => {
                     for e in &events {
                         if e.seq == self.delivered + 1 {
                             self.fan_out(e);
                         }
                     }
+                    if self.delivered == before {
+                        return; // nothing usable: try again on the next event or heal
+                    }
                 }
-                Ok(_) => return,
                 Err(e) => {
                     warn!(error = %e, tenant = %self.tenant, conv = %self.conv, "failed to fill a gap from the log");
                     return;

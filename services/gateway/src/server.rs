@@ -109,7 +109,17 @@ pub async fn run(
     loop {
         tokio::select! {
             _ = &mut shutdown => {
-                info!("gateway stopping");
+                // Stop accepting, tell every session why, and give them a moment to go.
+                drop(listener);
+                let n = shared.registry.close_all(crate::hub::CloseOrder {
+                    reason: tidings_schemas::client::CloseReason::ShuttingDown,
+                    message: "the server is shutting down; reconnect shortly".into(),
+                });
+                info!(sessions = n, "gateway stopping");
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+                while shared.registry.session_count() > 0 && tokio::time::Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
                 return;
             }
             accepted = listener.accept() => match accepted {

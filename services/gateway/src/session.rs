@@ -203,11 +203,7 @@ pub async fn serve(stream: TcpStream, shared: Arc<Shared>) {
                         }),
                     );
                     let _ = sink.send(Message::Binary(goodbye)).await;
-                    let code = if order.reason == CloseReason::Unspecified {
-                        CloseCode::Size
-                    } else {
-                        CloseCode::from(order.reason as u16)
-                    };
+                    let code = CloseCode::from(order.reason as u16);
                     let _ = sink
                         .send(Message::Close(Some(CloseFrame {
                             code,
@@ -335,10 +331,7 @@ impl Session {
                 None => return None,
                 Some(Ok(m)) => m,
                 Some(Err(tungstenite::Error::Capacity(e))) => {
-                    return Some(CloseOrder {
-                        reason: CloseReason::Unspecified,
-                        message: format!("frame too large: {e}"),
-                    });
+                    return close(CloseReason::FrameTooLarge, format!("frame too large: {e}"));
                 }
                 Some(Err(e)) => {
                     debug!(error = %e, "websocket read failed");
@@ -475,8 +468,8 @@ impl Session {
                 Err(e) => {
                     self.reply(id, log_error(&e));
                     return close(
-                        CloseReason::Unspecified,
-                        "cannot list the user's conversations",
+                        CloseReason::Unavailable,
+                        "cannot list the user's conversations; try again later",
                     );
                 }
             };
