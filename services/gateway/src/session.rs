@@ -311,9 +311,11 @@ impl Session {
         loop {
             let expiry = match &self.claims {
                 Some(c) => {
-                    let now = crate::now_secs();
-                    tokio::time::Instant::now()
-                        + Duration::from_secs(c.expires_at.saturating_sub(now))
+                    // Capped: a token may claim an expiry centuries away, and Instant
+                    // arithmetic must not overflow on it.
+                    const YEAR: u64 = 365 * 24 * 3600;
+                    let left = c.expires_at.saturating_sub(crate::now_secs()).min(YEAR);
+                    tokio::time::Instant::now() + Duration::from_secs(left)
                 }
                 None => hello_deadline,
             };
