@@ -153,6 +153,7 @@ pub async fn serve(config: Config, role: Role) -> anyhow::Result<()> {
     if let Some(publisher) = background.into_iter().next() {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(2), publisher).await;
     }
-    let _ = nats.flush().await;
+    // With NATS down a flush would wait for a reconnect that may never come.
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), nats.flush()).await;
     Ok(())
 }
