@@ -517,6 +517,7 @@ async fn bad_input_gets_typed_errors_or_reasoned_closes_and_others_keep_working(
         }
     });
     let mut limited = false;
+    let mut seen = Vec::new();
     let deadline = tokio::time::Instant::now() + WAIT;
     let code = loop {
         match tokio::time::timeout_at(deadline, flood.next_push()).await {
@@ -525,11 +526,14 @@ async fn bad_input_gets_typed_errors_or_reasoned_closes_and_others_keep_working(
                 limited = true;
             }
             Ok(Some(Push::Closed { code, .. })) => break code,
-            Ok(Some(_)) => {}
+            Ok(Some(other)) => seen.push(format!("{other:?}")),
             other => panic!("flood: {other:?}"),
         }
     };
-    assert!(limited);
+    assert!(
+        limited,
+        "no RATE_LIMITED before the close (code {code:?}); saw {seen:?}"
+    );
     assert_eq!(code, Some(4029));
 
     // Through all of it, the others were served.

@@ -336,7 +336,7 @@ impl Session {
                     return close(CloseReason::FrameTooLarge, format!("frame too large: {e}"));
                 }
                 Some(Err(e)) => {
-                    debug!(error = %e, "websocket read failed");
+                    info!(error = %e, "websocket read failed; dropping the session");
                     return None;
                 }
             };
