@@ -790,3 +790,56 @@ async fn sigterm_says_goodbye_to_every_session_and_exits_cleanly() {
     // Everything acked is still there.
     assert_eq!(s.read_all("general").len(), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn production_ed25519_tokens_are_accepted_and_hs256_is_then_refused() {
+    let (s, nats) = setup();
+    s.group("general");
+    let seed = [7u8; 32];
+    let public: String = tidings_auth::ed25519_public_key(&seed)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    // Production setup: no development secret, one Ed25519 key with a key id.
+    std::fs::write(
+        s.path().join("tidings.toml"),
+        format!("[auth]\nhs256_secret_file = \"absent.secret\"\ned25519_public_keys = [\"k1:{public}\"]\n"),
+    )
+    .expect("config");
+    let server = Server::start(&s, &nats, "all", &[]);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    let claims = tidings_auth::Claims {
+        tenant: "acme".into(),
+        user: "bob".into(),
+        roles: vec!["member".into()],
+        expires_at: now + 600,
+        issued_at: now,
+    };
+    let eddsa = tidings_auth::issue_ed25519(&seed, Some("k1"), "tidings", "tidings", &claims);
+    let (conn, welcome) = Connection::open(&server.url(), &eddsa, "prod")
+        .await
+        .expect("EdDSA token");
+    assert_eq!(welcome.user, "bob");
+    conn.ping().await.expect("serving");
+    // The development token (HS256) is not accepted by this server.
+    let mut dev = Connection::connect(&server.url()).await.expect("connect");
+    let err = dev
+        .hello(&s.token("acme", "bob", 600), "dev")
+        .await
+        .expect_err("HS256 refused");
+    assert_eq!(server_code(err), ErrorCode::AuthFailed);
+    assert_eq!(
+        closed(&mut dev).await,
+        (Some(CloseReason::AuthFailed), Some(4001))
+    );
+    // Nor is an EdDSA token from another key.
+    let forged = tidings_auth::issue_ed25519(&[8u8; 32], Some("k1"), "tidings", "tidings", &claims);
+    let mut other = Connection::connect(&server.url()).await.expect("connect");
+    assert_eq!(
+        server_code(other.hello(&forged, "x").await.expect_err("other key")),
+        ErrorCode::AuthFailed
+    );
+}
