@@ -837,7 +837,7 @@ async fn production_ed25519_tokens_are_accepted_and_hs256_is_then_refused() {
     );
     // Nor is an EdDSA token from another key.
     let forged = tidings_auth::issue_ed25519(&[8u8; 32], Some("k1"), "tidings", "tidings", &claims);
-    let mut other = Connection::connect(&server.url()).await.expect("connect");
+    let other = Connection::connect(&server.url()).await.expect("connect");
     assert_eq!(
         server_code(other.hello(&forged, "x").await.expect_err("other key")),
         ErrorCode::AuthFailed
