@@ -150,14 +150,6 @@ pub fn grep_dir(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
     hits
 }
 
-/// A free TCP port on loopback (bound and released; good enough for tests).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
 fn wait_for_port(port: u16, what: &str) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
@@ -169,7 +161,46 @@ fn wait_for_port(port: u16, what: &str) {
     }
 }
 
-/// A real nats-server with JetStream on a free port, killed on drop.
+/// Waits for a line of `child`'s stderr containing `marker` and returns what follows it;
+/// the rest of stderr is drained in the background (echoed with TIDINGS_TEST_VERBOSE).
+fn wait_for_line(child: &mut Child, marker: &'static str, what: &str) -> String {
+    use std::io::BufRead;
+    let stderr = child.stderr.take().expect("stderr piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let tag = what.to_string();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if let Some(i) = line.find(marker) {
+                let _ = tx.send(line[i + marker.len()..].to_string());
+            }
+            if std::env::var_os("TIDINGS_TEST_VERBOSE").is_some() {
+                eprintln!("[{tag}] {line}");
+            }
+        }
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(30))
+        .unwrap_or_else(|_| panic!("{what} did not become ready"))
+}
+
+/// The port at the end of `host:port...`.
+fn port_in(text: &str) -> u16 {
+    let digits: String = text
+        .rsplit(':')
+        .next()
+        .unwrap_or("")
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits
+        .parse()
+        .unwrap_or_else(|_| panic!("no port in {text:?}"))
+}
+
+/// A real nats-server with JetStream, killed on drop. It picks its own free port (so
+/// parallel tests never race for one) and keeps it across restarts.
 pub struct Nats {
     pub port: u16,
     store: tempfile::TempDir,
@@ -179,7 +210,7 @@ pub struct Nats {
 impl Nats {
     pub fn start() -> Nats {
         let mut nats = Nats {
-            port: free_port(),
+            port: 0,
             store: tempfile::tempdir().expect("tempdir"),
             child: None,
         };
@@ -188,22 +219,27 @@ impl Nats {
     }
 
     fn spawn(&mut self) {
-        let child = Command::new("nats-server")
-            .args([
-                "-js",
-                "-a",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-sd",
-            ])
+        // -1: any free port, reported in the log.
+        let port = if self.port == 0 {
+            "-1".to_string()
+        } else {
+            self.port.to_string()
+        };
+        let mut child = Command::new("nats-server")
+            .args(["-js", "-a", "127.0.0.1", "-p", &port, "-sd"])
             .arg(self.store.path())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .expect(
                 "nats-server must be installed (apt-get install nats-server); ops/test does it",
             );
+        let rest = wait_for_line(
+            &mut child,
+            "Listening for client connections on ",
+            "nats-server",
+        );
+        self.port = port_in(&rest);
         self.child = Some(child);
         wait_for_port(self.port, "nats-server");
     }
@@ -239,13 +275,12 @@ pub struct Server {
 }
 
 impl Server {
-    /// Starts `tidings serve --role ROLE` in the sandbox against `nats`. Gateway roles are
-    /// ready when they accept connections; the log role when it says so.
+    /// Starts `tidings serve --role ROLE` in the sandbox against `nats`. The gateway binds a
+    /// port of its own choosing and says which; the log role is ready when it says so.
     pub fn start(s: &Sandbox, nats: &Nats, role: &str, env: &[(&str, &str)]) -> Server {
-        let port = free_port();
         let mut cmd = s.command(&["serve", "--role", role]);
         cmd.env("TIDINGS_NATS_URL", nats.url())
-            .env("TIDINGS_GATEWAY_LISTEN", format!("127.0.0.1:{port}"))
+            .env("TIDINGS_GATEWAY_LISTEN", "127.0.0.1:0")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -253,28 +288,15 @@ impl Server {
             cmd.env(k, v);
         }
         let mut child = cmd.spawn().expect("spawn tidings serve");
-        let stderr = child.stderr.take().expect("stderr");
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            use std::io::BufRead;
-            for line in std::io::BufReader::new(stderr)
-                .lines()
-                .map_while(Result::ok)
-            {
-                if line.contains("gateway on ws://") || line.contains("log service on NATS") {
-                    let _ = ready_tx.send(());
-                }
-                if std::env::var_os("TIDINGS_TEST_VERBOSE").is_some() {
-                    eprintln!("[serve] {line}");
-                }
-            }
-        });
-        ready_rx
-            .recv_timeout(std::time::Duration::from_secs(30))
-            .expect("tidings serve did not become ready");
-        if role != "log" {
+        let port = if role == "log" {
+            wait_for_line(&mut child, "log service on NATS", "tidings serve");
+            0
+        } else {
+            let rest = wait_for_line(&mut child, "gateway on ws://", "tidings serve");
+            let port = port_in(rest.trim_end_matches("/v1/ws"));
             wait_for_port(port, "tidings serve");
-        }
+            port
+        };
         Server { port, child }
     }
 
