@@ -278,6 +278,7 @@ impl Log {
             cache: crate::writer::Cache::new(cfg.writer_cache_entries),
             feed,
             rng: fastrand::Rng::with_seed(u64::from_le_bytes(seed)),
+            in_flight: std::collections::HashMap::new(),
         };
         let writer = tokio::spawn(writer.run(rx));
         Ok(Log {

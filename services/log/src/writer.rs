@@ -150,6 +150,8 @@ pub(crate) struct Writer {
     pub rng: fastrand::Rng,
     /// Where committed events and cursor moves are announced, if anyone listens.
     pub feed: Option<mpsc::Sender<FeedItem>>,
+    /// The writes of the batch whose commit is running (empty when none is).
+    pub in_flight: HashMap<Vec<u8>, Option<Vec<u8>>>,
 }
 
 /// The committed values of the keys only this writer writes (heads and memberships),
@@ -592,12 +594,77 @@ impl Scratch<'_> {
 }
 
 impl Writer {
+    /// The sequencer loop, pipelined: batch N+1 is read, applied and sealed while batch N's
+    /// commit (and fsync) runs; N+1 is committed only after N succeeded, so commits keep
+    /// their order. N+1's reads see N's writes through `in_flight`; if N fails, N+1 was built
+    /// on writes that never happened, so it is failed too (and the cache dropped).
     pub(crate) async fn run(mut self, mut rx: mpsc::Receiver<Request>) {
-        let mut batch = Vec::with_capacity(self.cfg.max_batch);
-        while rx.recv_many(&mut batch, self.cfg.max_batch).await > 0 {
-            self.process(std::mem::take(&mut batch)).await;
+        let max = self.cfg.max_batch;
+        let mut batch = Vec::with_capacity(max);
+        let mut committing: Option<(tokio::task::JoinHandle<Result<(), StoreError>>, Prepared)> =
+            None;
+        loop {
+            let received = match committing.as_mut() {
+                Some((handle, _)) => tokio::select! {
+                    biased;
+                    done = handle => {
+                        if let Some((_, prev)) = committing.take() {
+                            self.finish(prev, done);
+                        }
+                        continue;
+                    }
+                    n = rx.recv_many(&mut batch, max) => n,
+                },
+                None => rx.recv_many(&mut batch, max).await,
+            };
+            if received == 0 {
+                if let Some((handle, prev)) = committing.take() {
+                    let done = handle.await;
+                    self.finish(prev, done);
+                }
+                debug!("sequencer stopped: every handle to the log is gone");
+                return;
+            }
+            let Some(mut next) = self.prepare(std::mem::take(&mut batch)).await else {
+                continue;
+            };
+            if let Some((handle, prev)) = committing.take() {
+                let done = handle.await;
+                if !self.finish(prev, done) {
+                    // Built on a batch that did not commit.
+                    self.cache.clear();
+                    let error = StoreError::Conflict {
+                        key: "the previous batch".into(),
+                        reason: "it failed to commit, and this batch was built on it",
+                    };
+                    self.complete(next, Err(error));
+                    continue;
+                }
+            }
+            let txn = next.txn.take().unwrap_or_default();
+            // The next batch reads these until the commit is done (moved back in `finish`).
+            self.in_flight = std::mem::take(&mut next.state.pending);
+            let store = self.store.clone();
+            committing = Some((tokio::spawn(async move { store.commit(txn).await }), next));
         }
-        debug!("sequencer stopped: every handle to the log is gone");
+    }
+
+    /// Completes the committed batch; returns whether it committed.
+    fn finish(
+        &mut self,
+        mut batch: Prepared,
+        done: Result<Result<(), StoreError>, tokio::task::JoinError>,
+    ) -> bool {
+        batch.state.pending = std::mem::take(&mut self.in_flight);
+        let result = done.unwrap_or_else(|e| {
+            Err(StoreError::Backend {
+                action: "run a commit",
+                message: e.to_string(),
+            })
+        });
+        let ok = result.is_ok();
+        self.complete(batch, result);
+        ok
     }
 
     /// Data keys the batch needs: each tenant's current key (to seal) and the keys of any
@@ -654,6 +721,11 @@ impl Writer {
         let mut fetched = HashMap::with_capacity(wanted.len());
         let mut missing = Vec::new();
         for key in wanted {
+            // The batch being committed right now first: its writes are not in the store yet.
+            if let Some(value) = self.in_flight.get(&key) {
+                fetched.insert(key, value.clone());
+                continue;
+            }
             match self.cache.get(&key) {
                 Some(value) => {
                     fetched.insert(key, value.clone());
@@ -668,14 +740,22 @@ impl Writer {
         Ok(fetched)
     }
 
-    async fn process(&mut self, reqs: Vec<Request>) {
+    /// Reads, applies and seals a batch: everything but the commit. `None` when the batch
+    /// failed before anything could be applied (its callers have been answered).
+    async fn prepare(&mut self, reqs: Vec<Request>) -> Option<Prepared> {
         let fetched = match self.fetch(&reqs).await {
             Ok(fetched) => fetched,
-            Err(e) => return fail_all(reqs, LogError::Store(e)),
+            Err(e) => {
+                fail_all(reqs, LogError::Store(e));
+                return None;
+            }
         };
         let (current, data_keys) = match self.resolve_keys(&reqs, &fetched).await {
             Ok(k) => k,
-            Err(e) => return fail_all(reqs, e),
+            Err(e) => {
+                fail_all(reqs, e);
+                return None;
+            }
         };
 
         let mut state = State {
@@ -716,10 +796,25 @@ impl Writer {
             }
             results.push(result);
         }
-
         let txn = transaction(&state);
-        let write_count = txn.ops.len();
-        if let Err(e) = self.store.commit(txn).await {
+        Some(Prepared {
+            reqs,
+            results,
+            state,
+            txn: Some(txn),
+        })
+    }
+
+    /// Answers a batch after its commit: on success updates the cache, announces and replies;
+    /// on failure drops what it believed and fails the batch's writes.
+    fn complete(&mut self, batch: Prepared, committed: Result<(), StoreError>) {
+        let Prepared {
+            reqs,
+            results,
+            state,
+            ..
+        } = batch;
+        if let Err(e) = committed {
             warn!(error = %e, requests = reqs.len(), "failed to commit a batch");
             // What the store holds now is unknown to us: read it afresh next time.
             self.cache.clear();
@@ -740,7 +835,7 @@ impl Writer {
         for (key, value) in &state.pending {
             self.cache.remember(key, value.as_ref());
         }
-        if write_count > 0 {
+        if !state.pending.is_empty() {
             self.stats.commits.fetch_add(1, Ordering::Relaxed);
         }
         if let Some(feed) = &self.feed {
@@ -758,6 +853,14 @@ impl Writer {
             let _ = r.reply.send(result);
         }
     }
+}
+
+/// A batch applied and sealed, waiting for (or in) its commit.
+struct Prepared {
+    reqs: Vec<Request>,
+    results: Vec<Result<Outcome, LogError>>,
+    state: State,
+    txn: Option<Transaction>,
 }
 
 /// The batch as one transaction: every head it moves is checked against the value the batch

@@ -1105,3 +1105,126 @@ async fn the_feed_announces_commits_in_order_and_never_holds_appends_back() {
     }
     assert_eq!(log.feed_dropped(), 10 - 4);
 }
+
+/// A store whose commits can be held at a gate, and fail once on demand.
+struct FailOnce {
+    inner: FjallStore,
+    armed: std::sync::atomic::AtomicBool,
+    gate: tokio::sync::RwLock<()>,
+}
+
+#[async_trait::async_trait]
+impl KvStore for FailOnce {
+    async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inner.get(key).await
+    }
+    async fn batch_get(&self, keys: Vec<Vec<u8>>) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        self.inner.batch_get(keys).await
+    }
+    async fn scan(
+        &self,
+        range: tidings_log::store::KeyRange,
+        limit: usize,
+        order: Order,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+        self.inner.scan(range, limit, order).await
+    }
+    async fn commit(&self, txn: Transaction) -> Result<(), StoreError> {
+        let _open = self.gate.read().await;
+        if self.armed.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            return Err(StoreError::Io {
+                action: "commit a transaction",
+                source: Arc::new(std::io::Error::other("injected failure")),
+            });
+        }
+        self.inner.commit(txn).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_commit_fails_its_batch_and_the_batch_built_on_it_and_retries_heal() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Arc::new(FailOnce {
+        inner: FjallStore::open(dir.path()).expect("open"),
+        armed: std::sync::atomic::AtomicBool::new(false),
+        gate: tokio::sync::RwLock::new(()),
+    });
+    let log = Log::open(
+        store.clone() as Arc<dyn KvStore>,
+        MasterKey::generate(),
+        LogConfig {
+            max_batch: 50,
+            ..LogConfig::default()
+        },
+    )
+    .await
+    .expect("open");
+    group(&log, "acme", "general", "alice", &[]).await;
+    // Hold commits: the first batch's commit waits at the gate while the sequencer prepares
+    // the next batch (50 more) on top of it. Then that first commit fails.
+    let hold = store.gate.write().await;
+    store.armed.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut pending = Vec::new();
+    for i in 0..400 {
+        pending.push(
+            log.enqueue(text(
+                "acme",
+                "general",
+                "alice",
+                &format!("m{i}"),
+                &format!("t{i}"),
+            ))
+            .await
+            .expect("enqueue"),
+        );
+    }
+    // Time for the sequencer to take the next batch while the first waits at the gate.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    drop(hold);
+    let mut acked = Vec::new();
+    let mut failed = Vec::new();
+    for (i, p) in pending.into_iter().enumerate() {
+        match p.wait().await {
+            Ok(c) => acked.push((i, c.seq)),
+            Err(e) => {
+                assert!(e.is_retryable(), "{e:?}");
+                failed.push(i);
+            }
+        }
+    }
+    // One commit failed; with batches of at most 50, more than 50 failures means the batch
+    // prepared on top of it (while it was committing) was failed too, as it must be.
+    assert!(failed.len() > 50, "only {} appends failed", failed.len());
+    // Acked appends hold seqs 2.. contiguously, in queue order; nothing failed was written.
+    for (n, (_, seq)) in acked.iter().enumerate() {
+        assert_eq!(*seq, n as u64 + 2);
+    }
+    let events = read_all(&log, "acme", "general").await;
+    assert_contiguous(&events);
+    assert_eq!(events.len(), 1 + acked.len());
+    for (i, seq) in &acked {
+        assert_eq!(events[(*seq - 1) as usize].client_msg_id, format!("m{i}"));
+    }
+    // Retrying the failed ones fills in after, with no gap and no duplicate.
+    for i in &failed {
+        let c = log
+            .append(text(
+                "acme",
+                "general",
+                "alice",
+                &format!("m{i}"),
+                &format!("t{i}"),
+            ))
+            .await
+            .expect("retry");
+        assert!(!c.duplicate);
+    }
+    let events = read_all(&log, "acme", "general").await;
+    assert_contiguous(&events);
+    assert_eq!(events.len(), 401);
+    let ids: HashSet<_> = events[1..]
+        .iter()
+        .map(|e| e.client_msg_id.clone())
+        .collect();
+    assert_eq!(ids.len(), 400);
+}
