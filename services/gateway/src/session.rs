@@ -230,11 +230,20 @@ pub async fn serve(stream: TcpStream, shared: Arc<Shared>) {
     if let Some(handle) = &session.handle {
         shared.registry.remove_session(handle);
     }
+    let closing = order.is_some();
     if let Some(order) = order {
         debug!(?peer, reason = ?order.reason, message = %order.message, "closing session");
         let _ = close_tx.send(order).await;
     }
     drop(session);
+    if closing {
+        // Lingering close: read (and discard) until the client answers our close frame or
+        // goes. Closing a socket with unread input makes the kernel reset the connection,
+        // and a reset can destroy the frames still on their way to the client — the very
+        // Goodbye and errors that say why (a flooding client always has unread input).
+        let drain = async { while let Some(Ok(_)) = source.next().await {} };
+        let _ = tokio::time::timeout(CLOSE_GRACE, drain).await;
+    }
     // A client that reads nothing cannot be told why; after a grace period the socket goes.
     let mut writer = writer;
     if tokio::time::timeout(CLOSE_GRACE, &mut writer)
