@@ -796,10 +796,7 @@ async fn production_ed25519_tokens_are_accepted_and_hs256_is_then_refused() {
     let (s, nats) = setup();
     s.group("general");
     let seed = [7u8; 32];
-    let public: String = tidings_auth::ed25519_public_key(&seed)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let public = tidings_log::crypto::hex_encode(&tidings_auth::ed25519_public_key(&seed));
     // Production setup: no development secret, one Ed25519 key with a key id.
     std::fs::write(
         s.path().join("tidings.toml"),

@@ -325,11 +325,7 @@ impl Sandbox {
     /// A token valid for `ttl_secs` from now (negative: already expired).
     pub fn token(&self, tenant: &str, user: &str, ttl_secs: i64) -> String {
         let hex = std::fs::read_to_string(self.path().join("tidings-jwt.secret")).expect("secret");
-        let hex = hex.trim();
-        let secret: Vec<u8> = (0..hex.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex"))
-            .collect();
+        let secret = tidings_log::crypto::hex_decode(hex.trim()).expect("hex secret");
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .expect("clock")

@@ -455,13 +455,19 @@ impl Hub {
         }
     }
 
+    /// One page of events `from..=upto` from the log (at most the read limit).
+    async fn page(&self, from: u64, upto: u64) -> Result<Vec<Event>, tidings_log::LogError> {
+        let limit = ((upto - from + 1) as usize).min(self.registry.inner.cfg.read_limit);
+        self.log()
+            .read(&self.tenant, &self.conv, ReadRange::forward(from, limit))
+            .await
+    }
+
     /// Reads and delivers everything after `delivered` up to `upto` from the log.
     async fn fill(&mut self, upto: u64) {
         while self.delivered < upto {
-            let limit = ((upto - self.delivered) as usize).min(self.registry.inner.cfg.read_limit);
-            let range = ReadRange::forward(self.delivered + 1, limit);
             let before = self.delivered;
-            match self.log().read(&self.tenant, &self.conv, range).await {
+            match self.page(self.delivered + 1, upto).await {
                 Ok(events) => {
                     for e in &events {
                         if e.seq == self.delivered + 1 {
@@ -502,20 +508,13 @@ impl Hub {
             } => {
                 if let Some(from) = from.filter(|f| *f <= self.delivered) {
                     // Catch the newcomers up to where the others are.
-                    let newcomers: Vec<_> = sessions.clone();
                     let mut next = from;
                     while next <= self.delivered {
-                        let limit = ((self.delivered - next + 1) as usize)
-                            .min(self.registry.inner.cfg.read_limit);
-                        match self
-                            .log()
-                            .read(&self.tenant, &self.conv, ReadRange::forward(next, limit))
-                            .await
-                        {
+                        match self.page(next, self.delivered).await {
                             Ok(events) if !events.is_empty() => {
-                                for e in events.iter().filter(|e| e.seq <= self.delivered) {
+                                for e in &events {
                                     let frame = push_frame(Msg::Event(e.clone()));
-                                    for s in &newcomers {
+                                    for s in &sessions {
                                         s.push(frame.clone());
                                     }
                                     next = e.seq + 1;

@@ -465,39 +465,22 @@ impl Session {
         self.handle = Some(handle.clone());
         // Join every conversation of the user before Welcome: from then on, every event
         // delivered here reaches this session, and the client's Sync covers the rest.
-        let mut after: Option<ConvId> = None;
-        let mut joined = 0;
-        let page = self.shared.cfg.read_limit;
-        while joined < self.shared.cfg.max_conversations_per_session {
-            let list = match self
-                .shared
-                .log
-                .conversations(&tenant, &user, after.as_ref(), page)
-                .await
-            {
-                Ok(list) => list,
-                Err(e) => {
-                    self.reply(id, log_error(&e));
-                    return close(
-                        CloseReason::Unavailable,
-                        "cannot list the user's conversations; try again later",
-                    );
-                }
-            };
-            let Some(last) = list.last().map(|s| s.conv.clone()) else {
-                break;
-            };
-            for summary in &list {
-                registry
-                    .join(&tenant, &summary.conv, vec![handle.clone()], None)
-                    .await;
+        let convs = match self.all_conversations(&tenant, &user).await {
+            Ok(convs) => convs,
+            Err(e) => {
+                self.reply(id, log_error(&e));
+                return close(
+                    CloseReason::Unavailable,
+                    "cannot list the user's conversations; try again later",
+                );
             }
-            joined += list.len();
-            if list.len() < page {
-                break;
-            }
-            after = Some(last);
+        };
+        for summary in &convs {
+            registry
+                .join(&tenant, &summary.conv, vec![handle.clone()], None)
+                .await;
         }
+        let joined = convs.len();
         info!(session = session_id, %tenant, %user, device = %hello.device.chars().take(64).collect::<String>(), conversations = joined, "session started");
         self.reply(
             id,
@@ -511,6 +494,34 @@ impl Session {
         );
         self.claims = Some(claims);
         None
+    }
+
+    /// The user's conversations, every page, up to `max_conversations_per_session`.
+    async fn all_conversations(
+        &self,
+        t: &TenantId,
+        u: &UserId,
+    ) -> Result<Vec<tidings_log::ConversationSummary>, LogError> {
+        let page = self.shared.cfg.read_limit;
+        let cap = self.shared.cfg.max_conversations_per_session;
+        let mut all = Vec::new();
+        while all.len() < cap {
+            let after = all
+                .last()
+                .map(|s: &tidings_log::ConversationSummary| s.conv.clone());
+            let list = self
+                .shared
+                .log
+                .conversations(t, u, after.as_ref(), page)
+                .await?;
+            let full = list.len() == page;
+            all.extend(list);
+            if !full {
+                break;
+            }
+        }
+        all.truncate(cap);
+        Ok(all)
     }
 
     fn who(&self) -> Result<(TenantId, UserId), LogError> {
@@ -726,39 +737,27 @@ impl Session {
             known.insert(ConvId::new(k.conversation)?, k.last_seq);
         }
         let mut states = Vec::new();
-        let mut after: Option<ConvId> = None;
-        let page = self.shared.cfg.read_limit;
-        while states.len() < self.shared.cfg.max_conversations_per_session {
-            let list = log.conversations(t, u, after.as_ref(), page).await?;
-            let Some(last) = list.last().map(|s| s.conv.clone()) else {
-                break;
+        for s in self.all_conversations(t, u).await? {
+            let last_seq = known.get(&s.conv).copied().unwrap_or(0).min(s.head_seq);
+            let missing = s.head_seq - last_seq;
+            let (events, truncated) = if missing == 0 {
+                (Vec::new(), false)
+            } else if missing as usize <= latest {
+                let range = ReadRange::forward(last_seq + 1, latest);
+                (log.read(t, &s.conv, range).await?, false)
+            } else {
+                let mut e = log.read(t, &s.conv, ReadRange::latest(latest)).await?;
+                e.reverse();
+                (e, true)
             };
-            for s in &list {
-                let last_seq = known.get(&s.conv).copied().unwrap_or(0).min(s.head_seq);
-                let missing = s.head_seq - last_seq;
-                let (events, truncated) = if missing == 0 {
-                    (Vec::new(), false)
-                } else if missing as usize <= latest {
-                    let range = ReadRange::forward(last_seq + 1, latest);
-                    (log.read(t, &s.conv, range).await?, false)
-                } else {
-                    let mut e = log.read(t, &s.conv, ReadRange::latest(latest)).await?;
-                    e.reverse();
-                    (e, true)
-                };
-                states.push(proto::ConversationState {
-                    conversation: s.conv.to_string(),
-                    head_seq: s.head_seq,
-                    read_seq: s.read_seq,
-                    unread: s.unread,
-                    events,
-                    truncated,
-                });
-            }
-            if list.len() < page {
-                break;
-            }
-            after = Some(last);
+            states.push(proto::ConversationState {
+                conversation: s.conv.to_string(),
+                head_seq: s.head_seq,
+                read_seq: s.read_seq,
+                unread: s.unread,
+                events,
+                truncated,
+            });
         }
         Ok(Msg::SyncResult(proto::SyncResult {
             conversations: states,

@@ -52,6 +52,27 @@ fn siv(key: &Secret) -> Aes256Siv {
     Aes256Siv::new_from_slice(&key.0).expect("AES-256-SIV keys are 64 bytes")
 }
 
+/// Lowercase hex, the text form of every key and secret file.
+pub fn hex_encode(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Parses hex (either case); surrounding whitespace is the caller's to trim.
+pub fn hex_decode(text: &str) -> Result<Vec<u8>, String> {
+    if !text.len().is_multiple_of(2) {
+        return Err("hex text has an odd number of digits".into());
+    }
+    text.as_bytes()
+        .chunks(2)
+        .map(|pair| {
+            std::str::from_utf8(pair)
+                .ok()
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or_else(|| format!("{:?} is not hex", String::from_utf8_lossy(pair)))
+        })
+        .collect()
+}
+
 /// The key-encryption key. Never written to the KV.
 pub struct MasterKey(Secret);
 
@@ -71,15 +92,12 @@ impl MasterKey {
             ));
         }
         let mut bytes = [0u8; KEY_LEN];
-        for (i, pair) in text.as_bytes().chunks(2).enumerate() {
-            let hex = std::str::from_utf8(pair).map_err(|_| "not hex".to_string())?;
-            bytes[i] = u8::from_str_radix(hex, 16).map_err(|_| format!("{hex:?} is not hex"))?;
-        }
+        bytes.copy_from_slice(&hex_decode(text)?);
         Ok(MasterKey(Secret(bytes)))
     }
 
     pub fn to_hex(&self) -> String {
-        self.0.0.iter().map(|b| format!("{b:02x}")).collect()
+        hex_encode(&self.0.0)
     }
 
     /// Reads a key file written by `tidings keys init`.

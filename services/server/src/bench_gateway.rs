@@ -127,10 +127,7 @@ pub async fn run(args: GatewayArgs, _config: &Config) -> anyhow::Result<()> {
     getrandom::fill(&mut secret).map_err(|e| anyhow::anyhow!("randomness: {e}"))?;
     std::fs::write(
         root.join("jwt.secret"),
-        secret
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<String>(),
+        tidings_log::crypto::hex_encode(&secret),
     )?;
     let tenant = TenantId::new("bench")?;
     let pairs = args.users / 2;

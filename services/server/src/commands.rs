@@ -55,21 +55,7 @@ pub async fn open_log_with_feed(
 }
 
 pub fn hex_decode(text: &str) -> anyhow::Result<Vec<u8>> {
-    if !text.len().is_multiple_of(2) {
-        bail!("hex text has an odd number of digits");
-    }
-    (0..text.len())
-        .step_by(2)
-        .map(|i| {
-            text.get(i..i + 2)
-                .and_then(|pair| u8::from_str_radix(pair, 16).ok())
-                .ok_or_else(|| anyhow::anyhow!("not hex"))
-        })
-        .collect()
-}
-
-fn hex_encode(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    tidings_log::crypto::hex_decode(text).map_err(anyhow::Error::msg)
 }
 
 /// `1h`, `30m`, `90s`, `2d`, or plain seconds.
@@ -108,7 +94,7 @@ pub async fn run(command: Command, config: Config) -> anyhow::Result<bool> {
                     let mut bytes = [0u8; 32];
                     getrandom::fill(&mut bytes)
                         .expect("the operating system's random source failed");
-                    hex_encode(&bytes)
+                    tidings_log::crypto::hex_encode(&bytes)
                 })?;
             }
             emit(&json!({
