@@ -20,9 +20,6 @@ pub struct Head {
     /// checks it, so a stale writer can never write.
     #[prost(uint64, tag = "3")]
     pub writer_epoch: u64,
-    /// Events below this seq have been moved to the archive.
-    #[prost(uint64, tag = "4")]
-    pub hot_floor_seq: u64,
     /// tidings.v1.ConversationKind, copied from the creation event so the writer can enforce
     /// kind rules without opening sealed events.
     #[prost(int32, tag = "5")]
@@ -66,4 +63,50 @@ pub struct WrappedKey {
     pub wrapped: ::prost::alloc::vec::Vec<u8>,
     #[prost(int64, tag = "2")]
     pub created_ms: i64,
+}
+/// ax/<tenant>/<conv>/<first_seq>: one run of a conversation's archived events. Seqs
+/// first_seq..=last_seq are rows row_offset.. of row group `row_group` of the segment. Runs of
+/// a conversation tile 1..=N without gaps or overlaps; the last run's last_seq is the
+/// conversation's hot floor (every higher seq is in the hot log).
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ArchiveRun {
+    #[prost(string, tag = "1")]
+    pub segment_id: ::prost::alloc::string::String,
+    /// Object path of the segment, relative to the archive root.
+    #[prost(string, tag = "2")]
+    pub path: ::prost::alloc::string::String,
+    #[prost(uint64, tag = "3")]
+    pub last_seq: u64,
+    #[prost(uint32, tag = "4")]
+    pub row_group: u32,
+    #[prost(uint64, tag = "5")]
+    pub row_offset: u64,
+}
+/// sg/<tenant>/<segment_id>: a verified archive segment (one Parquet object).
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ArchiveSegment {
+    #[prost(string, tag = "1")]
+    pub path: ::prost::alloc::string::String,
+    /// UTC date of the events (the Hive partition), yyyy-mm-dd.
+    #[prost(string, tag = "2")]
+    pub date: ::prost::alloc::string::String,
+    #[prost(uint64, tag = "3")]
+    pub rows: u64,
+    #[prost(uint64, tag = "4")]
+    pub bytes: u64,
+    /// SHA-256 of the whole object as written and read back.
+    #[prost(bytes = "vec", tag = "5")]
+    pub sha256: ::prost::alloc::vec::Vec<u8>,
+    #[prost(int64, tag = "6")]
+    pub created_ms: i64,
+    #[prost(uint32, tag = "7")]
+    pub key_id: u32,
+    #[prost(uint32, tag = "8")]
+    pub row_groups: u32,
+    #[prost(uint64, tag = "9")]
+    pub conversations: u64,
+    #[prost(int64, tag = "10")]
+    pub min_time_ms: i64,
+    #[prost(int64, tag = "11")]
+    pub max_time_ms: i64,
 }

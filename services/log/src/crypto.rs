@@ -150,12 +150,25 @@ fn event_ad<'a>(
 }
 
 impl DataKey {
+    /// Seals `plain` bound to the associated-data vector `ad`. Every kind of sealed value
+    /// starts its AD with its own label (`tidings-ev-v1`, ...), so one kind can never be
+    /// opened as another.
+    pub fn seal(&self, ad: &[&[u8]], plain: &[u8]) -> Vec<u8> {
+        siv(&self.secret)
+            .encrypt(ad, plain)
+            .expect("AES-SIV encryption of an in-memory buffer cannot fail")
+    }
+
+    /// Opens a value sealed by [`DataKey::seal`] with the same AD; fails if anything differs
+    /// or the bytes were altered.
+    pub fn open(&self, ad: &[&[u8]], sealed: &[u8]) -> Result<Vec<u8>, aes_siv::Error> {
+        siv(&self.secret).decrypt(ad, sealed)
+    }
+
     /// Seals an encoded event for its row.
     pub fn seal_event(&self, tenant: &TenantId, conv: &ConvId, seq: u64, plain: &[u8]) -> Vec<u8> {
         let (key_id, seq) = (self.id.to_be_bytes(), seq.to_be_bytes());
-        siv(&self.secret)
-            .encrypt(event_ad(tenant, conv, &key_id, &seq), plain)
-            .expect("AES-SIV encryption of an in-memory buffer cannot fail")
+        self.seal(&event_ad(tenant, conv, &key_id, &seq), plain)
     }
 
     /// Opens a sealed event; fails if it was sealed for another row or key, or was altered.
@@ -167,7 +180,7 @@ impl DataKey {
         sealed: &[u8],
     ) -> Result<Vec<u8>, aes_siv::Error> {
         let (key_id, seq) = (self.id.to_be_bytes(), seq.to_be_bytes());
-        siv(&self.secret).decrypt(event_ad(tenant, conv, &key_id, &seq), sealed)
+        self.open(&event_ad(tenant, conv, &key_id, &seq), sealed)
     }
 }
 

@@ -65,6 +65,11 @@ pub enum LogError {
     #[error("stored value at {key} is corrupt: {reason}")]
     Corrupt { key: String, reason: String },
 
+    /// Archived history could not be read: no archive is configured, the object store is
+    /// unreachable, or a segment is missing.
+    #[error("archived history is unavailable: {reason}")]
+    Archive { reason: String, retryable: bool },
+
     #[error("the log is shutting down")]
     ShuttingDown,
 
@@ -97,6 +102,7 @@ pub const ERROR_CODES: &[&str] = &[
     "wrong_master_key",
     "corrupt",
     "shutting_down",
+    "archive_unavailable",
     "conflict",
     "store_locked",
     "store_error",
@@ -121,6 +127,7 @@ impl LogError {
             LogError::WrongMasterKey => "wrong_master_key",
             LogError::Corrupt { .. } => "corrupt",
             LogError::ShuttingDown => "shutting_down",
+            LogError::Archive { .. } => "archive_unavailable",
             LogError::Store(StoreError::Conflict { .. }) => "conflict",
             LogError::Store(StoreError::Locked { .. }) => "store_locked",
             LogError::Store(_) => "store_error",
@@ -149,12 +156,13 @@ impl LogError {
         match self {
             LogError::Store(e) => e.is_retryable(),
             LogError::ShuttingDown => true,
+            LogError::Archive { retryable, .. } => *retryable,
             LogError::Remote { retryable, .. } => *retryable,
             _ => false,
         }
     }
 
-    pub(crate) fn corrupt(key: &[u8], reason: impl std::fmt::Display) -> Self {
+    pub fn corrupt(key: &[u8], reason: impl std::fmt::Display) -> Self {
         LogError::Corrupt {
             key: crate::keys::display_key(key),
             reason: reason.to_string(),

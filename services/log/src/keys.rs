@@ -7,6 +7,8 @@
 //! mb/tenant/conv/user                   Membership
 //! uc/tenant/user/conv                   UserConversation (the user's list, read cursor)
 //! kr/tenant/key_id                      WrappedKey
+//! ax/tenant/conv/first_seq              ArchiveRun (archive index: seq range -> segment, row group)
+//! sg/tenant/segment_id                  ArchiveSegment (one verified Parquet object)
 //! sy/key_check                          proof that the master key opens this store
 //! ```
 //! Parts are joined by 0x00, which no id can contain, so a prefix of one tenant is never a
@@ -48,12 +50,24 @@ pub fn event_dir(t: &TenantId, c: &ConvId) -> Vec<u8> {
 
 /// Events `from..=to` of one conversation.
 pub fn event_range(t: &TenantId, c: &ConvId, from: u64, to: u64) -> KeyRange {
-    let start = event(t, c, from);
-    let end = match to.checked_add(1) {
-        Some(next) => event(t, c, next),
-        None => KeyRange::prefix(event_dir(t, c)).end,
+    event_range_with(event_dir(t, c), from, to)
+}
+
+/// Keys `dir ++ seq` for seq in `from..=to`.
+fn event_range_with(dir: Vec<u8>, from: u64, to: u64) -> KeyRange {
+    let at = |seq: u64| {
+        let mut k = dir.clone();
+        k.extend_from_slice(&seq.to_be_bytes());
+        k
     };
-    KeyRange { start, end }
+    let end = match to.checked_add(1) {
+        Some(next) => at(next),
+        None => KeyRange::prefix(dir.clone()).end,
+    };
+    KeyRange {
+        start: at(from),
+        end,
+    }
 }
 
 /// The seq at the end of an event key.
@@ -103,6 +117,54 @@ pub fn data_key_dir(t: &TenantId) -> Vec<u8> {
 pub fn data_key_id(key: &[u8]) -> Option<u32> {
     let tail: [u8; 4] = key.get(key.len().checked_sub(4)?..)?.try_into().ok()?;
     Some(u32::from_be_bytes(tail))
+}
+
+pub fn archive_run(t: &TenantId, c: &ConvId, first_seq: u64) -> Vec<u8> {
+    let mut k = archive_run_dir(t, c);
+    k.extend_from_slice(&first_seq.to_be_bytes());
+    k
+}
+
+pub fn archive_run_dir(t: &TenantId, c: &ConvId) -> Vec<u8> {
+    dir(b"ax", &[t.as_str(), c.as_str()])
+}
+
+/// Archive runs of one conversation whose first seq is at most `seq`: scanned descending, the
+/// first hit is the run that holds `seq` (if any run does).
+pub fn archive_runs_through(t: &TenantId, c: &ConvId, seq: u64) -> KeyRange {
+    event_range_with(archive_run_dir(t, c), 0, seq)
+}
+
+pub fn segment(t: &TenantId, segment_id: &str) -> Vec<u8> {
+    key(b"sg", &[t.as_str(), segment_id])
+}
+
+pub fn segment_dir(t: &TenantId) -> Vec<u8> {
+    dir(b"sg", &[t.as_str()])
+}
+
+/// Every conversation head of every tenant (`hd/`), or of one tenant.
+pub fn head_dir(t: Option<&TenantId>) -> Vec<u8> {
+    match t {
+        Some(t) => dir(b"hd", &[t.as_str()]),
+        None => dir(b"hd", &[]),
+    }
+}
+
+/// (tenant, conversation) of a `hd/` key.
+pub fn head_ids(key: &[u8]) -> Option<(String, String)> {
+    let rest = key.strip_prefix(b"hd\0".as_slice())?;
+    let sep = rest.iter().position(|&b| b == SEP)?;
+    let tenant = String::from_utf8(rest[..sep].to_vec()).ok()?;
+    let conv = String::from_utf8(rest[sep + 1..].to_vec()).ok()?;
+    Some((tenant, conv))
+}
+
+/// The first key after every `hd/` key of `tenant`: where a scan skips to the next tenant.
+pub fn after_tenant_heads(t: &str) -> Vec<u8> {
+    let mut k = key(b"hd", &[t]);
+    k.push(SEP + 1);
+    k
 }
 
 pub const KEY_CHECK: &[u8] = b"sy\0key_check";

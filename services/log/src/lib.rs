@@ -9,8 +9,11 @@
 //! - `writer` (private): the sequencer, one task that assigns seqs and group-commits.
 //! - [`log`]: [`Log`], the API the binary and the gateway use: conversations, membership,
 //!   appends, reads, read cursors.
+//! - [`cold`]: the [`ColdTier`](cold::ColdTier) interface to archived events and the archive
+//!   index lookups the log makes itself.
 //! - [`error`]: the typed [`LogError`].
 
+pub mod cold;
 pub mod crypto;
 pub mod error;
 pub mod ids;

@@ -12,6 +12,7 @@ use tidings_schemas::storage::{Head, Membership, SealedEvent, UserConversation};
 use tidings_schemas::v1::{ConversationKind, Event, MemberRole, event::Body};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::cold::{self, ColdTier};
 use crate::crypto::{Keyring, MasterKey};
 use crate::error::LogError;
 use crate::ids::{ClientMsgId, ConvId, TenantId, UserId, validate_id};
@@ -235,6 +236,14 @@ pub struct Log {
     inner: Arc<Inner>,
 }
 
+/// The seqs a read covers and the hot floor it was planned with.
+#[derive(Clone, Copy)]
+struct Span {
+    lo: u64,
+    hi: u64,
+    floor: u64,
+}
+
 struct Inner {
     store: Arc<dyn KvStore>,
     keyring: Arc<Keyring>,
@@ -242,6 +251,7 @@ struct Inner {
     cfg: LogConfig,
     stats: Arc<WriterStats>,
     writer: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    cold: std::sync::OnceLock<Arc<dyn ColdTier>>,
 }
 
 impl Log {
@@ -289,6 +299,7 @@ impl Log {
                 cfg,
                 stats,
                 writer: std::sync::Mutex::new(Some(writer)),
+                cold: std::sync::OnceLock::new(),
             }),
         })
     }
@@ -313,8 +324,19 @@ impl Log {
         &self.inner.cfg
     }
 
-    pub fn keyring(&self) -> &Keyring {
+    pub fn keyring(&self) -> &Arc<Keyring> {
         &self.inner.keyring
+    }
+
+    /// The store the log writes to (the archiver shares it).
+    pub fn store(&self) -> &Arc<dyn KvStore> {
+        &self.inner.store
+    }
+
+    /// Serves reads below the hot floor from `cold`. Set once, before or after the log is
+    /// shared; returns false if a cold tier was already set.
+    pub fn set_cold_tier(&self, cold: Arc<dyn ColdTier>) -> bool {
+        self.inner.cold.set(cold).is_ok()
     }
 
     /// (store commits, requests answered) since open: requests / commits is the mean group
@@ -561,8 +583,10 @@ impl Log {
         Ok(())
     }
 
-    /// Reads committed events, forward or backward, at most `limit`. Bounded by the head read
-    /// first, so a read racing appends returns a contiguous run and never a partial batch.
+    /// Reads committed events, forward or backward, at most `limit`, from the hot log and the
+    /// archive alike: a page that crosses the hot floor comes back whole and in order. Bounded
+    /// by the head read first, so a read racing appends returns a contiguous run and never a
+    /// partial batch.
     pub async fn read(
         &self,
         tenant: &TenantId,
@@ -578,16 +602,97 @@ impl Log {
         if lo > hi {
             return Ok(Vec::new());
         }
+        // The archiver moves a conversation's oldest events to the archive while we read. It
+        // only ever raises the floor, in one transaction with the index, so a hot read that
+        // comes back short means the floor moved: read again with the new one.
+        let mut floor = cold::archived_through(&*self.inner.store, tenant, conv).await?;
+        for _ in 0..8 {
+            let span = Span { lo, hi, floor };
+            if let Some(events) = self.read_tiers(tenant, conv, span, range).await? {
+                return Ok(events);
+            }
+            let moved = cold::archived_through(&*self.inner.store, tenant, conv).await?;
+            if moved == floor {
+                break;
+            }
+            floor = moved;
+        }
+        Err(LogError::corrupt(
+            &keys::event_dir(tenant, conv),
+            "event missing below the head",
+        ))
+    }
+
+    /// One attempt of [`Log::read`] with the hot floor as it was read; `None` when the hot
+    /// log lacks an event it should have.
+    async fn read_tiers(
+        &self,
+        tenant: &TenantId,
+        conv: &ConvId,
+        Span { lo, hi, floor }: Span,
+        range: ReadRange,
+    ) -> Result<Option<Vec<Event>>, LogError> {
+        let limit = range.limit as u64;
+        let hot_lo = lo.max(floor + 1);
+        let mut events = Vec::new();
+        match range.order {
+            Order::Ascending => {
+                if lo <= floor {
+                    let to = floor.min(hi).min(lo + limit - 1);
+                    events = self.read_cold(tenant, conv, lo, to).await?;
+                }
+                let left = range.limit - events.len();
+                if left > 0 && hot_lo <= hi {
+                    let Some(hot) = self
+                        .read_hot(tenant, conv, (hot_lo, hi), left, range.order)
+                        .await?
+                    else {
+                        return Ok(None);
+                    };
+                    events.extend(hot);
+                }
+            }
+            Order::Descending => {
+                if hot_lo <= hi {
+                    let Some(hot) = self
+                        .read_hot(tenant, conv, (hot_lo, hi), range.limit, range.order)
+                        .await?
+                    else {
+                        return Ok(None);
+                    };
+                    events = hot;
+                }
+                let left = (range.limit - events.len()) as u64;
+                if left > 0 && lo <= floor {
+                    let to = hi.min(floor);
+                    let from = lo.max((to + 1).saturating_sub(left));
+                    let cold = self.read_cold(tenant, conv, from, to).await?;
+                    events.extend(cold.into_iter().rev());
+                }
+            }
+        }
+        Ok(Some(events))
+    }
+
+    /// Events `lo..=hi` of the hot log in `order`, at most `limit`; `None` if one is missing.
+    async fn read_hot(
+        &self,
+        tenant: &TenantId,
+        conv: &ConvId,
+        (lo, hi): (u64, u64),
+        limit: usize,
+        order: Order,
+    ) -> Result<Option<Vec<Event>>, LogError> {
         let rows = self
             .inner
             .store
-            .scan(
-                keys::event_range(tenant, conv, lo, hi),
-                range.limit,
-                range.order,
-            )
+            .scan(keys::event_range(tenant, conv, lo, hi), limit, order)
             .await?;
-        let mut expected = match range.order {
+        let wanted = limit.min((hi - lo + 1) as usize);
+        if rows.len() != wanted {
+            return Ok(None);
+        }
+        let mut expected = match order {
             Order::Ascending => lo,
             Order::Descending => hi,
         };
@@ -595,22 +700,40 @@ impl Log {
         for (key, value) in rows {
             let seq = keys::event_seq(&key).ok_or_else(|| LogError::corrupt(&key, "bad key"))?;
             if seq != expected {
-                return Err(LogError::corrupt(
-                    &keys::event(tenant, conv, expected),
-                    "event missing below the head",
-                ));
+                return Ok(None);
             }
             events.push(self.open_event(tenant, conv, seq, &key, &value).await?);
-            expected = match range.order {
+            expected = match order {
                 Order::Ascending => seq + 1,
                 Order::Descending => seq.saturating_sub(1),
             };
         }
-        let wanted = range.limit.min((hi - lo + 1) as usize);
-        if events.len() != wanted {
+        Ok(Some(events))
+    }
+
+    async fn read_cold(
+        &self,
+        tenant: &TenantId,
+        conv: &ConvId,
+        from: u64,
+        to: u64,
+    ) -> Result<Vec<Event>, LogError> {
+        let Some(cold) = self.inner.cold.get() else {
+            return Err(LogError::Archive {
+                reason: format!(
+                    "seqs {from}..={to} of conversation {conv} are archived and this log has no \
+                     archive configured"
+                ),
+                retryable: false,
+            });
+        };
+        let events = cold.read(tenant, conv, from, to).await?;
+        let contiguous = events.len() as u64 == to - from + 1
+            && events.iter().zip(from..).all(|(e, seq)| e.seq == seq);
+        if !contiguous {
             return Err(LogError::corrupt(
-                &keys::event(tenant, conv, expected),
-                "event missing below the head",
+                &keys::archive_run(tenant, conv, from),
+                "the archive returned other events than the index promised",
             ));
         }
         Ok(events)
@@ -624,19 +747,7 @@ impl Log {
         key: &[u8],
         value: &[u8],
     ) -> Result<Event, LogError> {
-        let sealed = SealedEvent::decode(value).map_err(|e| LogError::corrupt(key, e))?;
-        let data_key = self.inner.keyring.key(tenant, sealed.key_id).await?;
-        let plain = data_key
-            .open_event(tenant, conv, seq, &sealed.ciphertext)
-            .map_err(|_| LogError::corrupt(key, "sealed event failed authentication"))?;
-        let event = Event::decode(plain.as_slice()).map_err(|e| LogError::corrupt(key, e))?;
-        if event.seq != seq
-            || event.tenant != tenant.as_str()
-            || event.conversation != conv.as_str()
-        {
-            return Err(LogError::corrupt(key, "event does not belong to its row"));
-        }
-        Ok(event)
+        open_stored_event(&self.inner.keyring, tenant, conv, seq, key, value).await
     }
 
     pub async fn is_member(
@@ -749,4 +860,26 @@ impl Log {
             .scan(range, limit, Order::Ascending)
             .await?)
     }
+}
+
+/// Opens the value stored at `ev/<tenant>/<conv>/<seq>` (its key is `key`, for errors) and
+/// checks that the event inside belongs to that row.
+pub async fn open_stored_event(
+    keyring: &Keyring,
+    tenant: &TenantId,
+    conv: &ConvId,
+    seq: u64,
+    key: &[u8],
+    value: &[u8],
+) -> Result<Event, LogError> {
+    let sealed = SealedEvent::decode(value).map_err(|e| LogError::corrupt(key, e))?;
+    let data_key = keyring.key(tenant, sealed.key_id).await?;
+    let plain = data_key
+        .open_event(tenant, conv, seq, &sealed.ciphertext)
+        .map_err(|_| LogError::corrupt(key, "sealed event failed authentication"))?;
+    let event = Event::decode(plain.as_slice()).map_err(|e| LogError::corrupt(key, e))?;
+    if event.seq != seq || event.tenant != tenant.as_str() || event.conversation != conv.as_str() {
+        return Err(LogError::corrupt(key, "event does not belong to its row"));
+    }
+    Ok(event)
 }

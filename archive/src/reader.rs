@@ -1,0 +1,373 @@
+//! [`ColdReader`]: the log's cold tier. Finds archived events through the index, fetches
+//! only the row groups it needs and decodes only the pages it needs.
+//!
+//! Two bounded caches keep repeated paging cheap: segment footers (Parquet metadata with the
+//! page index, and the opened body dictionary) and fetched row-group bytes. Both evict the
+//! oldest entry first once over their byte budget.
+
+use std::collections::{HashMap, VecDeque};
+use std::hash::Hash;
+use std::sync::{Arc, Mutex};
+
+use base64::Engine;
+use tidings_log::cold::{ColdTier, decode_run};
+use tidings_log::crypto::Keyring;
+use tidings_log::store::{KeyRange, KvStore, Order};
+use tidings_log::{ConvId, Event, LogError, TenantId, keys};
+use tidings_schemas::storage::ArchiveRun;
+
+use crate::codec::{self, Dictionary};
+use crate::error::ArchiveError;
+use crate::format::{self, Fetched, Footer, meta};
+use crate::storage::Objects;
+
+/// A segment's footer with what it takes to open its rows.
+pub struct Segment {
+    pub footer: Footer,
+    pub tenant: TenantId,
+    pub segment_id: String,
+    pub key_id: u32,
+    dict: Option<Dictionary>,
+}
+
+impl Segment {
+    /// Checks the footer belongs to `tenant` and opens its dictionary.
+    pub async fn open(
+        path: &str,
+        footer: Footer,
+        tenant: &TenantId,
+        keyring: &Keyring,
+    ) -> Result<Segment, ArchiveError> {
+        let get = |name: &str| {
+            footer
+                .kv
+                .get(name)
+                .cloned()
+                .ok_or_else(|| ArchiveError::corrupt(path, format!("footer lacks {name}")))
+        };
+        let version = get(meta::FORMAT)?;
+        if version != format::FORMAT_VERSION {
+            return Err(ArchiveError::corrupt(
+                path,
+                format!("segment format {version} is not one this build reads"),
+            ));
+        }
+        if get(meta::TENANT)? != tenant.as_str() {
+            return Err(ArchiveError::corrupt(
+                path,
+                "segment belongs to another tenant",
+            ));
+        }
+        let segment_id = get(meta::SEGMENT)?;
+        let key_id: u32 = get(meta::KEY_ID)?
+            .parse()
+            .map_err(|_| ArchiveError::corrupt(path, "bad key id in footer"))?;
+        let dict = match footer.kv.get(meta::DICT) {
+            None => None,
+            Some(b64) => {
+                let sealed = base64::engine::general_purpose::STANDARD
+                    .decode(b64)
+                    .map_err(|e| ArchiveError::corrupt(path, e))?;
+                let key = keyring.key(tenant, key_id).await?;
+                Some(
+                    Dictionary::open(&key, tenant, &segment_id, &sealed)
+                        .map_err(|e| ArchiveError::corrupt(path, e))?,
+                )
+            }
+        };
+        Ok(Segment {
+            footer,
+            tenant: tenant.clone(),
+            segment_id,
+            key_id,
+            dict,
+        })
+    }
+
+    /// Opens rows read from this segment into events.
+    pub async fn open_rows(
+        &self,
+        path: &str,
+        keyring: &Keyring,
+        rows: &[format::Row],
+    ) -> Result<Vec<Event>, ArchiveError> {
+        let key = keyring.key(&self.tenant, self.key_id).await?;
+        rows.iter()
+            .map(|row| {
+                codec::open_row(&key, &self.tenant, self.dict.as_ref(), row)
+                    .map_err(|e| ArchiveError::corrupt(path, e))
+            })
+            .collect()
+    }
+}
+
+/// Fetches a segment's footer: the object's tail, doubled until the footer and page index
+/// fit (one request for almost every segment).
+pub async fn fetch_footer(objects: &Objects, path: &str) -> Result<Footer, ArchiveError> {
+    let len = objects.size(path).await?;
+    let mut want = len.min(256 << 10);
+    loop {
+        let bytes = objects.get_range(path, len - want..len).await?;
+        let tail = Fetched {
+            base: len - want,
+            bytes,
+            len,
+        };
+        match Footer::parse(&tail) {
+            Ok(footer) => return Ok(footer),
+            Err(_) if want < len => want = (want * 4).min(len),
+            Err(e) => return Err(ArchiveError::corrupt(path, e)),
+        }
+    }
+}
+
+/// A byte-bounded cache that evicts its oldest entry first.
+struct Cache<K, V> {
+    map: HashMap<K, (V, usize)>,
+    order: VecDeque<K>,
+    bytes: usize,
+    budget: usize,
+}
+
+impl<K: Clone + Eq + Hash, V: Clone> Cache<K, V> {
+    fn new(budget: usize) -> Self {
+        Cache {
+            map: HashMap::new(),
+            order: VecDeque::new(),
+            bytes: 0,
+            budget,
+        }
+    }
+
+    fn get(&self, key: &K) -> Option<V> {
+        self.map.get(key).map(|(v, _)| v.clone())
+    }
+
+    fn insert(&mut self, key: K, value: V, size: usize) {
+        if size > self.budget || self.map.contains_key(&key) {
+            return;
+        }
+        while self.bytes + size > self.budget {
+            let Some(old) = self.order.pop_front() else {
+                break;
+            };
+            if let Some((_, s)) = self.map.remove(&old) {
+                self.bytes -= s;
+            }
+        }
+        self.bytes += size;
+        self.order.push_back(key.clone());
+        self.map.insert(key, (value, size));
+    }
+}
+
+/// Counters of what reads cost, for the benchmark and tests.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReadStats {
+    pub footer_fetches: u64,
+    pub row_group_fetches: u64,
+    pub fetched_bytes: u64,
+}
+
+pub struct ColdReader {
+    store: Arc<dyn KvStore>,
+    keyring: Arc<Keyring>,
+    objects: Objects,
+    segments: Mutex<Cache<String, Arc<Segment>>>,
+    groups: Mutex<Cache<(String, usize), Fetched>>,
+    stats: Mutex<ReadStats>,
+}
+
+impl ColdReader {
+    /// `cache_bytes` bounds the row-group cache; footers get an eighth of it on top.
+    pub fn new(
+        store: Arc<dyn KvStore>,
+        keyring: Arc<Keyring>,
+        objects: Objects,
+        cache_bytes: usize,
+    ) -> Self {
+        ColdReader {
+            store,
+            keyring,
+            objects,
+            segments: Mutex::new(Cache::new(cache_bytes / 8)),
+            groups: Mutex::new(Cache::new(cache_bytes)),
+            stats: Mutex::new(ReadStats::default()),
+        }
+    }
+
+    pub fn stats(&self) -> ReadStats {
+        *self.stats.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn count(&self, f: impl FnOnce(&mut ReadStats)) {
+        f(&mut self.stats.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+
+    async fn segment(&self, tenant: &TenantId, path: &str) -> Result<Arc<Segment>, ArchiveError> {
+        let cached = self
+            .segments
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&path.to_string());
+        if let Some(segment) = cached {
+            return Ok(segment);
+        }
+        let footer = fetch_footer(&self.objects, path).await?;
+        let size = footer.meta.memory_size() + 64 * 1024;
+        self.count(|s| s.footer_fetches += 1);
+        let segment = Arc::new(Segment::open(path, footer, tenant, &self.keyring).await?);
+        self.segments
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(path.to_string(), segment.clone(), size);
+        Ok(segment)
+    }
+
+    async fn row_group(
+        &self,
+        path: &str,
+        segment: &Segment,
+        rg: usize,
+    ) -> Result<Fetched, ArchiveError> {
+        let key = (path.to_string(), rg);
+        let cached = self
+            .groups
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key);
+        if let Some(data) = cached {
+            return Ok(data);
+        }
+        let range = segment
+            .footer
+            .row_group_range(rg)
+            .ok_or_else(|| ArchiveError::corrupt(path, format!("no row group {rg}")))?;
+        let bytes = self.objects.get_range(path, range.clone()).await?;
+        self.count(|s| {
+            s.row_group_fetches += 1;
+            s.fetched_bytes += bytes.len() as u64;
+        });
+        let data = Fetched {
+            base: range.start,
+            len: segment.footer.len,
+            bytes,
+        };
+        let size = data.bytes.len();
+        self.groups
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key, data.clone(), size);
+        Ok(data)
+    }
+
+    /// The index runs covering `from..=to`, in order.
+    async fn runs(
+        &self,
+        tenant: &TenantId,
+        conv: &ConvId,
+        from: u64,
+        to: u64,
+    ) -> Result<Vec<(u64, ArchiveRun)>, ArchiveError> {
+        let mut runs = Vec::new();
+        let first = self
+            .store
+            .scan(
+                keys::archive_runs_through(tenant, conv, from),
+                1,
+                Order::Descending,
+            )
+            .await
+            .map_err(LogError::from)?;
+        let mut next = from;
+        if let Some((key, value)) = first.first() {
+            let run = decode_run(key, value)?;
+            let first_seq = keys::event_seq(key).unwrap_or(0);
+            next = run.last_seq + 1;
+            runs.push((first_seq, run));
+        }
+        while next <= to {
+            let more = self
+                .store
+                .scan(
+                    KeyRange {
+                        start: keys::archive_run(tenant, conv, next),
+                        end: keys::archive_run(tenant, conv, to.saturating_add(1)),
+                    },
+                    256,
+                    Order::Ascending,
+                )
+                .await
+                .map_err(LogError::from)?;
+            if more.is_empty() {
+                break;
+            }
+            for (key, value) in more {
+                let run = decode_run(&key, &value)?;
+                next = run.last_seq + 1;
+                runs.push((keys::event_seq(&key).unwrap_or(0), run));
+            }
+        }
+        Ok(runs)
+    }
+
+    async fn read_archived(
+        &self,
+        tenant: &TenantId,
+        conv: &ConvId,
+        from: u64,
+        to: u64,
+    ) -> Result<Vec<Event>, ArchiveError> {
+        let mut events = Vec::with_capacity((to - from + 1) as usize);
+        let mut expected = from;
+        for (first_seq, run) in self.runs(tenant, conv, from, to).await? {
+            if expected > to {
+                break;
+            }
+            if first_seq > expected || run.last_seq < expected {
+                break;
+            }
+            let last = run.last_seq.min(to);
+            let offset = run.row_offset + (expected - first_seq);
+            let n = (last - expected + 1) as usize;
+            let segment = self.segment(tenant, &run.path).await?;
+            let rg = run.row_group as usize;
+            let data = self.row_group(&run.path, &segment, rg).await?;
+            let rows = format::read_rows(&segment.footer, &data, rg, offset as usize, n, true)
+                .map_err(|e| ArchiveError::corrupt(&run.path, e))?;
+            for (row, seq) in rows.iter().zip(expected..) {
+                if row.conversation != conv.as_str() || row.seq != seq {
+                    return Err(ArchiveError::corrupt(
+                        &run.path,
+                        format!(
+                            "row {} holds ({}, {}) where the index says ({conv}, {seq})",
+                            offset, row.conversation, row.seq
+                        ),
+                    ));
+                }
+            }
+            events.extend(segment.open_rows(&run.path, &self.keyring, &rows).await?);
+            expected = last + 1;
+        }
+        if expected <= to {
+            return Err(ArchiveError::Log(LogError::corrupt(
+                &keys::archive_run(tenant, conv, expected),
+                "archive index has no run for this seq",
+            )));
+        }
+        Ok(events)
+    }
+}
+
+#[async_trait::async_trait]
+impl ColdTier for ColdReader {
+    async fn read(
+        &self,
+        tenant: &TenantId,
+        conv: &ConvId,
+        from: u64,
+        to: u64,
+    ) -> Result<Vec<Event>, LogError> {
+        Ok(self.read_archived(tenant, conv, from, to).await?)
+    }
+}

@@ -1,0 +1,52 @@
+//! The cold tier: events the archiver moved out of the hot log into the archive.
+//!
+//! The log only knows the archive index (`ax/`): which seqs of a conversation are archived.
+//! Reading them is the [`ColdTier`]'s job (the `tidings-archive` crate implements it), so
+//! this crate needs no object store or Parquet code.
+
+use prost::Message;
+use tidings_schemas::storage::ArchiveRun;
+use tidings_schemas::v1::Event;
+
+use crate::error::LogError;
+use crate::ids::{ConvId, TenantId};
+use crate::keys;
+use crate::store::{KeyRange, KvStore, Order};
+
+/// Reads archived events.
+#[async_trait::async_trait]
+pub trait ColdTier: Send + Sync + 'static {
+    /// Events `from..=to` of a conversation in ascending seq order, every one of them below
+    /// the conversation's hot floor. Returns exactly `to - from + 1` events or an error.
+    async fn read(
+        &self,
+        tenant: &TenantId,
+        conv: &ConvId,
+        from: u64,
+        to: u64,
+    ) -> Result<Vec<Event>, LogError>;
+}
+
+/// The last archived seq of a conversation, 0 when nothing is archived: seqs up to it are in
+/// the archive, seqs above it in the hot log.
+pub async fn archived_through(
+    store: &dyn KvStore,
+    tenant: &TenantId,
+    conv: &ConvId,
+) -> Result<u64, LogError> {
+    let last = store
+        .scan(
+            KeyRange::prefix(keys::archive_run_dir(tenant, conv)),
+            1,
+            Order::Descending,
+        )
+        .await?;
+    match last.first() {
+        None => Ok(0),
+        Some((key, value)) => Ok(decode_run(key, value)?.last_seq),
+    }
+}
+
+pub fn decode_run(key: &[u8], value: &[u8]) -> Result<ArchiveRun, LogError> {
+    ArchiveRun::decode(value).map_err(|e| LogError::corrupt(key, e))
+}
