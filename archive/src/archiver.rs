@@ -212,7 +212,7 @@ impl Archiver {
         let mut summary = Summary::default();
         let tenants = match &opts.tenant {
             Some(t) => vec![t.clone()],
-            None => self.tenants().await?,
+            None => tenants(&*self.store).await?,
         };
         for tenant in tenants {
             summary.tenants += 1;
@@ -222,34 +222,6 @@ impl Archiver {
         }
         summary.duration_ms = started.elapsed().as_millis() as u64;
         Ok(summary)
-    }
-
-    /// Every tenant with a conversation, found by skipping from one tenant's heads to the
-    /// next's.
-    async fn tenants(&self) -> Result<Vec<TenantId>, ArchiveError> {
-        let all = KeyRange::prefix(keys::head_dir(None));
-        let mut start = all.start.clone();
-        let mut found = Vec::new();
-        loop {
-            let range = KeyRange {
-                start,
-                end: all.end.clone(),
-            };
-            let Some((key, _)) = self
-                .store
-                .scan(range, 1, Order::Ascending)
-                .await
-                .map_err(LogError::from)?
-                .into_iter()
-                .next()
-            else {
-                return Ok(found);
-            };
-            let (tenant, _) =
-                keys::head_ids(&key).ok_or_else(|| LogError::corrupt(&key, "bad head key"))?;
-            start = keys::after_tenant_heads(&tenant);
-            found.push(TenantId::new(tenant)?);
-        }
     }
 
     /// Deletes objects under the tenant's prefix that no index record names, once they are
@@ -655,6 +627,32 @@ fn build_segment(
         ..ArchiveSegment::default()
     };
     Ok((bytes, runs, record))
+}
+
+/// Every tenant with a conversation, found by skipping from one tenant's heads to the next's.
+pub async fn tenants(store: &dyn KvStore) -> Result<Vec<TenantId>, ArchiveError> {
+    let all = KeyRange::prefix(keys::head_dir(None));
+    let mut start = all.start.clone();
+    let mut found = Vec::new();
+    loop {
+        let range = KeyRange {
+            start,
+            end: all.end.clone(),
+        };
+        let Some((key, _)) = store
+            .scan(range, 1, Order::Ascending)
+            .await
+            .map_err(LogError::from)?
+            .into_iter()
+            .next()
+        else {
+            return Ok(found);
+        };
+        let (tenant, _) =
+            keys::head_ids(&key).ok_or_else(|| LogError::corrupt(&key, "bad head key"))?;
+        start = keys::after_tenant_heads(&tenant);
+        found.push(TenantId::new(tenant)?);
+    }
 }
 
 /// Ids of every indexed segment of a tenant.

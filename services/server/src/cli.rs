@@ -39,6 +39,9 @@ pub enum Command {
     /// Append to and read from a conversation's log.
     #[command(subcommand)]
     Log(LogCommand),
+    /// Move aged events to the archive, and inspect or verify it.
+    #[command(subcommand)]
+    Archive(ArchiveCommand),
     /// Measure tidings against its baselines.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -64,6 +67,35 @@ pub enum Command {
         token: String,
         #[arg(long)]
         conv: ConvId,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ArchiveCommand {
+    /// One archive pass: events older than the hot window (archive.hot_window, per tenant)
+    /// become sealed Parquet segments; prints a JSON summary.
+    Run {
+        /// Archive everything older than this instead (0s: everything).
+        #[arg(long, value_name = "DURATION")]
+        older_than: Option<String>,
+        /// Only this tenant.
+        #[arg(long)]
+        tenant: Option<TenantId>,
+        /// Delete unindexed objects (crash leftovers) older than this (default:
+        /// archive.orphan_grace).
+        #[arg(long, value_name = "DURATION")]
+        orphan_grace: Option<String>,
+    },
+    /// One JSON line per segment: path, date, rows, bytes, key id, time range.
+    Inspect {
+        #[arg(long)]
+        tenant: Option<TenantId>,
+    },
+    /// Check every indexed segment: it exists, matches its index and checksum, and every
+    /// body opens. Exits 1 if anything is wrong.
+    Verify {
+        #[arg(long)]
+        tenant: Option<TenantId>,
     },
 }
 

@@ -45,13 +45,23 @@ pub async fn open_log_with_feed(
     let master = config.master_key(env)?;
     let store = FjallStore::open(&config.data_dir)
         .with_context(|| format!("open the store in {}", config.data_dir.display()))?;
-    Ok(Log::open_with_feed(
+    let log = Log::open_with_feed(
         Arc::new(store) as Arc<dyn KvStore>,
         master,
         config.log_config(),
         feed,
     )
-    .await?)
+    .await?;
+    // Reads below the hot floor come from the archive.
+    let objects = crate::archive::objects(config)?;
+    let reader = tidings_archive::ColdReader::new(
+        log.store().clone(),
+        log.keyring().clone(),
+        objects,
+        config.archive.cache_bytes,
+    );
+    log.set_cold_tier(Arc::new(reader));
+    Ok(log)
 }
 
 pub fn hex_decode(text: &str) -> anyhow::Result<Vec<u8>> {
@@ -60,24 +70,9 @@ pub fn hex_decode(text: &str) -> anyhow::Result<Vec<u8>> {
 
 /// `1h`, `30m`, `90s`, `2d`, or plain seconds.
 pub fn parse_ttl(text: &str) -> anyhow::Result<u64> {
-    let text = text.trim();
-    let (number, unit) = match text.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => (&text[..i], c),
-        _ => (text, 's'),
-    };
-    let n: u64 = number
-        .parse()
-        .with_context(|| format!("ttl {text:?}: expected e.g. 90s, 30m, 1h, 2d"))?;
-    let scale = match unit {
-        's' => 1,
-        'm' => 60,
-        'h' => 3600,
-        'd' => 86_400,
-        other => bail!("ttl {text:?}: unknown unit {other:?} (s, m, h, d)"),
-    };
-    n.checked_mul(scale)
-        .filter(|s| *s > 0)
-        .ok_or_else(|| anyhow::anyhow!("ttl {text:?} must be positive and not absurdly long"))
+    let secs = crate::config::parse_duration_secs(text).map_err(|e| anyhow::anyhow!("ttl {e}"))?;
+    anyhow::ensure!(secs > 0, "ttl {text:?} must be positive");
+    Ok(secs)
 }
 
 /// Runs a tool command. Returns whether everything it was asked to do succeeded.
@@ -155,6 +150,12 @@ pub async fn run(command: Command, config: Config) -> anyhow::Result<bool> {
             crate::bench_gateway::run(args, &config).await?;
             Ok(true)
         }
+        Command::Archive(cmd) => {
+            let log = open_log(&config).await?;
+            let result = crate::archive::command(cmd, &log, &config).await;
+            log.close().await;
+            result
+        }
         other => {
             let log = open_log(&config).await?;
             let result = run_on_log(other, &log).await;
@@ -226,6 +227,7 @@ async fn run_on_log(command: Command, log: &Log) -> anyhow::Result<bool> {
             reverse,
         }) => read(log, &target, from, limit, reverse).await?,
         Command::Keys(KeysCommand::Init { .. })
+        | Command::Archive(_)
         | Command::Bench(_)
         | Command::Token(_)
         | Command::Serve { .. }

@@ -23,6 +23,109 @@ pub struct Config {
     pub gateway: GatewaySection,
     pub nats: NatsSection,
     pub auth: AuthSection,
+    pub archive: ArchiveSection,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ArchiveSection {
+    /// Run the archiver in `tidings serve` (roles all and archiver).
+    pub enabled: bool,
+    /// How often the archiver runs a pass: 90s, 30m, 1h, 2d.
+    pub interval: String,
+    /// Events older than this move to the archive (per tenant below).
+    pub hot_window: String,
+    /// Keep at most this many hot events per conversation; 0 for no cap.
+    pub max_hot_events: u64,
+    /// "local" (a directory) or "s3".
+    pub storage: String,
+    /// The local archive directory (default: `archive` under the data directory).
+    pub path: Option<PathBuf>,
+    pub s3: S3Section,
+    pub segment_max_events: usize,
+    pub row_group_events: usize,
+    pub zstd_level: i32,
+    /// Bytes of fetched row groups the cold reader keeps.
+    pub cache_bytes: usize,
+    /// Unindexed objects older than this are crash leftovers and are deleted.
+    pub orphan_grace: String,
+    /// Per-tenant overrides of hot_window and max_hot_events.
+    pub tenants: std::collections::BTreeMap<String, TenantArchiveSection>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TenantArchiveSection {
+    pub hot_window: Option<String>,
+    pub max_hot_events: Option<u64>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct S3Section {
+    /// Endpoint of an S3-compatible server; AWS when empty.
+    pub endpoint: String,
+    pub bucket: String,
+    pub region: String,
+    pub prefix: String,
+    pub allow_http: bool,
+    pub retry_timeout: String,
+}
+
+impl Default for S3Section {
+    fn default() -> Self {
+        S3Section {
+            endpoint: String::new(),
+            bucket: String::new(),
+            region: "us-east-1".into(),
+            prefix: String::new(),
+            allow_http: false,
+            retry_timeout: "60s".into(),
+        }
+    }
+}
+
+impl Default for ArchiveSection {
+    fn default() -> Self {
+        let d = tidings_archive::ArchiveConfig::default();
+        ArchiveSection {
+            enabled: true,
+            interval: "10m".into(),
+            hot_window: "30d".into(),
+            max_hot_events: d.max_hot_events,
+            storage: "local".into(),
+            path: None,
+            s3: S3Section::default(),
+            segment_max_events: d.segment_max_events,
+            row_group_events: d.row_group_events,
+            zstd_level: d.zstd_level,
+            cache_bytes: 64 << 20,
+            orphan_grace: "1h".into(),
+            tenants: Default::default(),
+        }
+    }
+}
+
+/// A duration like 0s, 90s, 30m, 1h, 2d, in seconds.
+pub fn parse_duration_secs(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let (number, unit) = match text.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => (&text[..i], c),
+        _ => (text, 's'),
+    };
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration like 90s, 30m, 1h, 2d"))?;
+    let scale = match unit {
+        's' => 1,
+        'm' => 60,
+        'h' => 3600,
+        'd' => 86_400,
+        other => return Err(format!("{text:?}: unknown unit {other:?} (s, m, h, d)")),
+    };
+    n.checked_mul(scale)
+        .filter(|s| *s <= 100 * 365 * 86_400)
+        .ok_or_else(|| format!("{text:?} is longer than a century"))
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -132,6 +235,7 @@ impl Default for Config {
             gateway: GatewaySection::default(),
             nats: NatsSection::default(),
             auth: AuthSection::default(),
+            archive: ArchiveSection::default(),
         }
     }
 }
@@ -214,6 +318,38 @@ impl Config {
         }
         if let Some(v) = env("TIDINGS_NATS_URL") {
             self.nats.url = v;
+        }
+        let archive_strings: [(&'static str, &mut String); 8] = [
+            ("TIDINGS_ARCHIVE_STORAGE", &mut self.archive.storage),
+            ("TIDINGS_ARCHIVE_HOT_WINDOW", &mut self.archive.hot_window),
+            ("TIDINGS_ARCHIVE_INTERVAL", &mut self.archive.interval),
+            (
+                "TIDINGS_ARCHIVE_ORPHAN_GRACE",
+                &mut self.archive.orphan_grace,
+            ),
+            ("TIDINGS_ARCHIVE_S3_ENDPOINT", &mut self.archive.s3.endpoint),
+            ("TIDINGS_ARCHIVE_S3_BUCKET", &mut self.archive.s3.bucket),
+            ("TIDINGS_ARCHIVE_S3_REGION", &mut self.archive.s3.region),
+            ("TIDINGS_ARCHIVE_S3_PREFIX", &mut self.archive.s3.prefix),
+        ];
+        for (name, slot) in archive_strings {
+            if let Some(v) = env(name) {
+                *slot = v;
+            }
+        }
+        if let Some(v) = env("TIDINGS_ARCHIVE_PATH") {
+            self.archive.path = Some(PathBuf::from(v));
+        }
+        for (name, slot) in [
+            ("TIDINGS_ARCHIVE_ENABLED", &mut self.archive.enabled),
+            (
+                "TIDINGS_ARCHIVE_S3_ALLOW_HTTP",
+                &mut self.archive.s3.allow_http,
+            ),
+        ] {
+            if let Some(v) = env(name) {
+                *slot = parse_env(name, &v)?;
+            }
         }
         if let Some(v) = env("TIDINGS_AUTH_HS256_SECRET_FILE") {
             self.auth.hs256_secret_file = PathBuf::from(v);
@@ -344,6 +480,8 @@ impl Config {
                 )));
             }
         }
+        self.archive_config()?;
+        self.archive_storage()?;
         if g.listen.parse::<std::net::SocketAddr>().is_err() {
             return Err(ConfigError::Invalid(format!(
                 "gateway.listen {:?} is not an address like 127.0.0.1:7300",
@@ -363,6 +501,88 @@ impl Config {
             max_read_limit: s.max_read_limit,
             max_group_members: s.max_group_members,
             writer_cache_entries: s.writer_cache_entries,
+        }
+    }
+
+    /// The archiver's settings.
+    pub fn archive_config(&self) -> Result<tidings_archive::ArchiveConfig, ConfigError> {
+        let a = &self.archive;
+        let ms = |name: &str, text: &str| {
+            parse_duration_secs(text)
+                .map(|s| s * 1000)
+                .map_err(|e| ConfigError::Invalid(format!("archive.{name}: {e}")))
+        };
+        let mut tenants = std::collections::BTreeMap::new();
+        for (tenant, t) in &a.tenants {
+            let hot_window_ms = match &t.hot_window {
+                Some(w) => Some(ms(&format!("tenants.{tenant}.hot_window"), w)?),
+                None => None,
+            };
+            tenants.insert(
+                tenant.clone(),
+                tidings_archive::TenantPolicy {
+                    hot_window_ms,
+                    max_hot_events: t.max_hot_events,
+                },
+            );
+        }
+        let cfg = tidings_archive::ArchiveConfig {
+            hot_window_ms: ms("hot_window", &a.hot_window)?,
+            max_hot_events: a.max_hot_events,
+            tenants,
+            segment_max_events: a.segment_max_events,
+            row_group_events: a.row_group_events,
+            zstd_level: a.zstd_level,
+            orphan_grace_ms: ms("orphan_grace", &a.orphan_grace)?,
+            ..tidings_archive::ArchiveConfig::default()
+        };
+        if ms("interval", &a.interval)? == 0 {
+            return Err(ConfigError::Invalid(
+                "archive.interval must be positive".into(),
+            ));
+        }
+        if a.cache_bytes == 0 {
+            return Err(ConfigError::Invalid(
+                "archive.cache_bytes must be positive".into(),
+            ));
+        }
+        cfg.validate()
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        Ok(cfg)
+    }
+
+    /// Where archive segments are stored.
+    pub fn archive_storage(&self) -> Result<tidings_archive::StorageConfig, ConfigError> {
+        let a = &self.archive;
+        match a.storage.as_str() {
+            "local" => Ok(tidings_archive::StorageConfig::Local {
+                root: a
+                    .path
+                    .clone()
+                    .unwrap_or_else(|| self.data_dir.join("archive")),
+            }),
+            "s3" => {
+                if a.s3.bucket.is_empty() {
+                    return Err(ConfigError::Invalid(
+                        "archive.storage is \"s3\" but archive.s3.bucket is empty".into(),
+                    ));
+                }
+                let retry = parse_duration_secs(&a.s3.retry_timeout)
+                    .map_err(|e| ConfigError::Invalid(format!("archive.s3.retry_timeout: {e}")))?;
+                Ok(tidings_archive::StorageConfig::S3(
+                    tidings_archive::S3Config {
+                        endpoint: (!a.s3.endpoint.is_empty()).then(|| a.s3.endpoint.clone()),
+                        bucket: a.s3.bucket.clone(),
+                        region: a.s3.region.clone(),
+                        prefix: a.s3.prefix.clone(),
+                        allow_http: a.s3.allow_http,
+                        retry_timeout: std::time::Duration::from_secs(retry),
+                    },
+                ))
+            }
+            other => Err(ConfigError::Invalid(format!(
+                "archive.storage {other:?} is neither \"local\" nor \"s3\""
+            ))),
         }
     }
 

@@ -4,11 +4,13 @@
 //! - [`cli`]: the command line (clap).
 //! - [`config`]: TOML file plus `TIDINGS_*` environment overrides.
 //! - [`commands`]: the tool commands (`keys`, `conv`, `log`).
-//! - [`serve`]: `tidings serve --role all|log|gateway`.
+//! - [`serve`]: `tidings serve --role all|log|gateway|archiver`.
+//! - [`archive`]: `tidings archive run|inspect|verify` and the periodic archiver of `serve`.
 //! - [`chat`]: `tidings chat`, a terminal client.
 //! - [`bench`], [`bench_gateway`]: `tidings bench`, tidings against its baselines in one run.
 //! - [`output`]: the JSON lines the tools print.
 
+pub mod archive;
 pub mod bench;
 pub mod bench_gateway;
 pub mod chat;

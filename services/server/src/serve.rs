@@ -4,6 +4,8 @@
 //!   process; the gateway calls the log directly.
 //! - `log`: the log, the publisher and the log service on NATS (queue group `tidings-log`).
 //! - `gateway`: the WebSocket gateway; it reaches the log over NATS request/reply.
+//! - `archiver`: only the periodic archiver (no NATS). The embedded store is one process's,
+//!   so on one machine the archiver runs inside `all` or `log` (archive.enabled) instead.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -21,6 +23,7 @@ pub enum Role {
     All,
     Log,
     Gateway,
+    Archiver,
 }
 
 /// Reads the token verification keys from the config.
@@ -85,6 +88,14 @@ async fn shutdown_signal() {
 }
 
 pub async fn serve(config: Config, role: Role) -> anyhow::Result<()> {
+    if role == Role::Archiver {
+        let log = crate::commands::open_log(&config).await?;
+        let archiver = crate::archive::spawn_periodic(&config, log)?;
+        eprintln!("tidings: archiver every {}", config.archive.interval);
+        shutdown_signal().await;
+        archiver.abort();
+        return Ok(());
+    }
     let verifier = match role {
         Role::Log => None,
         _ => Some(verifier(&config)?),
@@ -109,10 +120,14 @@ pub async fn serve(config: Config, role: Role) -> anyhow::Result<()> {
                     warn!(error = %e, "log service stopped");
                 }
             }));
+            if config.archive.enabled {
+                background.push(crate::archive::spawn_periodic(&config, log.clone())?);
+            }
             info!(data_dir = %config.data_dir.display(), "log ready");
             log_handle = Some(log.clone());
             Some(Arc::new(log))
         }
+        Role::Archiver => None,
         Role::Gateway => Some(Arc::new(rpc::NatsLogService::new(
             nats.clone(),
             std::time::Duration::from_millis(config.nats.request_timeout_ms),
