@@ -638,6 +638,7 @@ mod tests {
         assert_eq!(cfg.data_dir, d.data_dir);
         assert_eq!(cfg.master_key_file, d.master_key_file);
         assert_eq!(format!("{:?}", cfg.log), format!("{:?}", d.log));
+        assert_eq!(format!("{:?}", cfg.archive), format!("{:?}", d.archive));
         assert_eq!(format!("{:?}", cfg.gateway), format!("{:?}", d.gateway));
         assert_eq!(format!("{:?}", cfg.nats), format!("{:?}", d.nats));
         assert_eq!(format!("{:?}", cfg.auth), format!("{:?}", d.auth));
