@@ -6,10 +6,10 @@
 //! dictionary is sealed under the same data key and kept in the segment's footer, so a
 //! segment is self-contained.
 //!
-//! What is sealed is the event minus its metadata columns: the client message id and the
-//! body. The AD binds the sealed bytes to every metadata column of the row
-//! (`["tidings-ax-v1", tenant, conversation, seq, key id, event id, sender, time, kind, body
-//! size]`): a body moved to another row fails to open, and so does a row whose sender or
+//! What is sealed is the event's body; everything else is a metadata column (the client
+//! message id too: the hot log keeps it in plain keys as well). The AD binds the sealed
+//! bytes to every metadata column of the row (`["tidings-ax-v1", tenant, conversation, seq,
+//! key id, event id, sender, time, kind, body size, client message id]`): a body moved to another row fails to open, and so does a row whose sender or
 //! time was edited in the file. Data tools read the metadata; only tidings can vouch for it.
 
 use prost::Message;
@@ -47,10 +47,9 @@ pub fn kind(event: &Event) -> &'static str {
     }
 }
 
-/// The part of an event that is sealed: everything not in a metadata column.
+/// The part of an event that is sealed: its body, everything not in a metadata column.
 pub fn payload(event: &Event) -> Vec<u8> {
     Event {
-        client_msg_id: event.client_msg_id.clone(),
         body: event.body.clone(),
         ..Event::default()
     }
@@ -70,10 +69,11 @@ pub fn plain_row(event: &Event, key_id: u32) -> Row {
         key_id,
         body_size: body.len() as u32,
         body,
+        client_msg_id: event.client_msg_id.clone(),
     }
 }
 
-fn body_ad<'a>(tenant: &'a TenantId, row: &'a Row, numbers: &'a [[u8; 8]; 4]) -> [&'a [u8]; 10] {
+fn body_ad<'a>(tenant: &'a TenantId, row: &'a Row, numbers: &'a [[u8; 8]; 4]) -> [&'a [u8]; 11] {
     [
         b"tidings-ax-v1",
         tenant.as_str().as_bytes(),
@@ -85,6 +85,7 @@ fn body_ad<'a>(tenant: &'a TenantId, row: &'a Row, numbers: &'a [[u8; 8]; 4]) ->
         &numbers[2],
         row.kind.as_bytes(),
         &numbers[3][..4],
+        row.client_msg_id.as_bytes(),
     ]
 }
 
@@ -174,10 +175,22 @@ pub struct Packer<'d> {
 
 impl<'d> Packer<'d> {
     pub fn new(dict: Option<&'d Dictionary>, level: i32) -> std::io::Result<Self> {
-        let compressor = match dict {
+        let mut compressor = match dict {
             Some(d) => zstd::bulk::Compressor::with_prepared_dictionary(&d.encoder)?,
             None => zstd::bulk::Compressor::new(level)?,
         };
+        // A chat message compresses to a few bytes, so the frame's own overhead matters:
+        // no magic number, dictionary id, content size (body_size has it) or checksum (the
+        // seal authenticates). That is up to 13 bytes a row.
+        use zstd::zstd_safe::{CParameter, FrameFormat};
+        for p in [
+            CParameter::Format(FrameFormat::Magicless),
+            CParameter::DictIdFlag(false),
+            CParameter::ContentSizeFlag(false),
+            CParameter::ChecksumFlag(false),
+        ] {
+            compressor.set_parameter(p)?;
+        }
         Ok(Packer { compressor })
     }
 
@@ -229,6 +242,12 @@ pub fn open_row(
                 Some(d) => zstd::bulk::Decompressor::with_prepared_dictionary(&d.decoder),
                 None => zstd::bulk::Decompressor::new(),
             }
+            .and_then(|mut d| {
+                d.set_parameter(zstd::zstd_safe::DParameter::Format(
+                    zstd::zstd_safe::FrameFormat::Magicless,
+                ))?;
+                Ok(d)
+            })
             .map_err(|e| e.to_string())?;
             decompressor
                 .decompress(rest, size)
@@ -247,7 +266,43 @@ pub fn open_row(
         event_id: row.event_id.clone(),
         sender: row.sender.clone(),
         server_time_ms: row.time_ms,
-        client_msg_id: payload.client_msg_id,
+        client_msg_id: row.client_msg_id.clone(),
         body: payload.body,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dictionary_shrinks_short_messages() {
+        let mut rng = 7u64;
+        let mut next = || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        let words = [
+            "the", "deploy", "meeting", "tomorrow", "thanks", "ok", "review", "PR",
+        ];
+        let bodies: Vec<Vec<u8>> = (0..5000)
+            .map(|_| {
+                let n = 2 + next() % 12;
+                let text: Vec<&str> = (0..n).map(|_| words[(next() % 8) as usize]).collect();
+                text.join(" ").into_bytes()
+            })
+            .collect();
+        let refs: Vec<&[u8]> = bodies.iter().map(Vec::as_slice).collect();
+        let dict = Dictionary::train(&refs, 6).expect("a dictionary");
+        let mut packer = Packer::new(Some(&dict), 6).expect("packer");
+        let plain: usize = bodies.iter().map(Vec::len).sum();
+        let packed: usize = bodies
+            .iter()
+            .map(|b| packer.compressor.compress(b).expect("compress").len())
+            .sum();
+        eprintln!("dict {} bytes: {plain} -> {packed}", dict.len());
+        assert!(packed * 2 < plain, "{plain} -> {packed}");
+    }
 }

@@ -39,6 +39,7 @@ const SCHEMA: &str = "message tidings_event {
     REQUIRED INT32 key_id;
     REQUIRED INT32 body_size;
     REQUIRED BYTE_ARRAY body;
+    REQUIRED BYTE_ARRAY client_msg_id (STRING);
 }";
 
 /// Column positions in [`SCHEMA`].
@@ -53,7 +54,8 @@ pub mod col {
     pub const KEY_ID: usize = 7;
     pub const BODY_SIZE: usize = 8;
     pub const BODY: usize = 9;
-    pub const COUNT: usize = 10;
+    pub const CLIENT_MSG_ID: usize = 10;
+    pub const COUNT: usize = 11;
 }
 
 /// Footer key-value metadata names.
@@ -80,6 +82,8 @@ pub struct Row {
     /// Size of the encoded body before compression and sealing.
     pub body_size: u32,
     pub body: Vec<u8>,
+    /// The sender's id for the message (dedupe token), as plain as in the hot log's keys.
+    pub client_msg_id: String,
 }
 
 /// How the body column is written.
@@ -128,6 +132,7 @@ fn writer_properties(opts: &WriteOptions, rows: usize) -> Result<WriterPropertie
         .set_column_dictionary_enabled(path("body"), false)
         .set_column_statistics_enabled(path("body"), EnabledStatistics::None)
         .set_column_dictionary_enabled(path("event_id"), false)
+        .set_column_dictionary_enabled(path("client_msg_id"), false)
         .set_key_value_metadata(Some(
             opts.metadata
                 .iter()
@@ -186,6 +191,7 @@ pub fn write_segment(
                 col::KEY_ID => write_i32(&mut column, group.iter().map(|r| r.key_id as i32))?,
                 col::BODY_SIZE => write_i32(&mut column, group.iter().map(|r| r.body_size as i32))?,
                 col::BODY => write(&mut column, &strings(|r| r.body.as_slice()))?,
+                col::CLIENT_MSG_ID => write(&mut column, &strings(|r| r.client_msg_id.as_bytes()))?,
                 other => {
                     return Err(ParquetError::General(format!("unexpected column {other}")));
                 }
@@ -378,6 +384,7 @@ pub fn read_rows(
     let key_id = read_column::<Int32Type>(&reader, col::KEY_ID, offset, n)?;
     let body_size = read_column::<Int32Type>(&reader, col::BODY_SIZE, offset, n)?;
     let body = read_column::<ByteArrayType>(&reader, col::BODY, offset, n)?;
+    let client_msg_id = strings(col::CLIENT_MSG_ID)?;
     let mut rows = Vec::with_capacity(n);
     for i in 0..n {
         rows.push(Row {
@@ -390,6 +397,7 @@ pub fn read_rows(
             key_id: key_id[i] as u32,
             body_size: body_size[i] as u32,
             body: body[i].data().to_vec(),
+            client_msg_id: client_msg_id[i].clone(),
         });
     }
     Ok(rows)

@@ -35,6 +35,8 @@ pub struct S3Config {
     pub allow_http: bool,
     /// How long one request may keep retrying (with exponential backoff) before it fails.
     pub retry_timeout: Duration,
+    /// Credentials given directly (tests, embedding programs); the environment otherwise.
+    pub credentials: Option<(String, String)>,
 }
 
 /// The archive's object store.
@@ -87,6 +89,11 @@ impl Objects {
                     .with_region(&s3.region)
                     .with_retry(retry)
                     .with_client_options(options);
+                if let Some((id, secret)) = &s3.credentials {
+                    builder = builder
+                        .with_access_key_id(id)
+                        .with_secret_access_key(secret);
+                }
                 if let Some(endpoint) = &s3.endpoint {
                     builder = builder
                         .with_endpoint(endpoint)

@@ -270,4 +270,7 @@ pub enum BenchCommand {
     /// End-to-end latency and throughput through the gateway, against raw NATS and the raw
     /// store; and the 10,000-member fan-out. Needs `nats-server` on the PATH.
     Gateway(crate::bench_gateway::GatewayArgs),
+    /// Archive throughput, bytes per event (hot, archive, plaintext Parquet), history page
+    /// latency hot vs cold, and point lookups with and without the indexes.
+    Archive(crate::bench_archive::ArchiveArgs),
 }

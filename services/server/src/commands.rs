@@ -146,6 +146,10 @@ pub async fn run(command: Command, config: Config) -> anyhow::Result<bool> {
             crate::bench::append(args, &config).await?;
             Ok(true)
         }
+        Command::Bench(crate::cli::BenchCommand::Archive(args)) => {
+            crate::bench_archive::run(args).await?;
+            Ok(true)
+        }
         Command::Bench(crate::cli::BenchCommand::Gateway(args)) => {
             crate::bench_gateway::run(args, &config).await?;
             Ok(true)

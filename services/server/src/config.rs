@@ -577,6 +577,8 @@ impl Config {
                         prefix: a.s3.prefix.clone(),
                         allow_http: a.s3.allow_http,
                         retry_timeout: std::time::Duration::from_secs(retry),
+                        // From AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, never the file.
+                        credentials: None,
                     },
                 ))
             }

@@ -7,11 +7,12 @@
 //! - [`serve`]: `tidings serve --role all|log|gateway|archiver`.
 //! - [`archive`]: `tidings archive run|inspect|verify` and the periodic archiver of `serve`.
 //! - [`chat`]: `tidings chat`, a terminal client.
-//! - [`bench`], [`bench_gateway`]: `tidings bench`, tidings against its baselines in one run.
+//! - [`bench`], [`bench_gateway`], [`bench_archive`]: `tidings bench`, tidings against its baselines in one run.
 //! - [`output`]: the JSON lines the tools print.
 
 pub mod archive;
 pub mod bench;
+pub mod bench_archive;
 pub mod bench_gateway;
 pub mod chat;
 pub mod cli;
