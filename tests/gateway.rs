@@ -840,3 +840,69 @@ async fn production_ed25519_tokens_are_accepted_and_hs256_is_then_refused() {
         ErrorCode::AuthFailed
     );
 }
+
+/// History, Pull and Sync through the gateway return archived events exactly as hot ones:
+/// the server's own archiver (every second, hot window 0s) moves the conversation to Parquet
+/// while clients page through it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_pull_and_sync_span_the_archive() {
+    let (s, nats) = setup();
+    s.group("arch");
+    let server = Server::start(
+        &s,
+        &nats,
+        "all",
+        &[
+            ("TIDINGS_ARCHIVE_INTERVAL", "1s"),
+            ("TIDINGS_ARCHIVE_HOT_WINDOW", "0s"),
+        ],
+    );
+    let alice = connect(&server, &s, "acme", "alice").await;
+    for i in 0..60 {
+        alice
+            .send_text("arch", &format!("a{i}"), &format!("archived {i}"))
+            .await
+            .expect("send");
+    }
+    // Wait for a segment to appear, and a pass after it so it is surely indexed.
+    let archive = s.data_dir().join("archive");
+    let deadline = std::time::Instant::now() + WAIT;
+    while common::grep_dir_names(&archive, ".parquet").is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no segment was written"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    let bob = connect(&server, &s, "acme", "bob").await;
+    let latest = bob.history("arch", 0, 30).await.expect("history");
+    assert_eq!(seqs(&latest.events), (32..=61).collect::<Vec<_>>());
+    let older = bob.history("arch", 32, 30).await.expect("history");
+    assert_eq!(seqs(&older.events), (2..=31).collect::<Vec<_>>());
+    assert_eq!(text(&older.events[0]), "archived 0");
+    let all = bob.pull("arch", 1, 61).await.expect("pull");
+    assert_eq!(seqs(&all.events), (1..=61).collect::<Vec<_>>());
+    // Newer messages (hot) and older ones (archived) in one page.
+    for i in 60..65 {
+        alice
+            .send_text("arch", &format!("a{i}"), &format!("archived {i}"))
+            .await
+            .expect("send");
+    }
+    let page = bob.pull("arch", 55, 66).await.expect("pull");
+    assert_eq!(seqs(&page.events), (55..=66).collect::<Vec<_>>());
+    let sync = bob.sync(&[("arch".into(), 0)], 10).await.expect("sync");
+    let conv = sync.conversations.first().expect("the conversation");
+    assert_eq!(seqs(&conv.events), (57..=66).collect::<Vec<_>>());
+    drop((alice, bob));
+    let mut server = server;
+    assert!(server.terminate());
+    let segments = s.ok(&["archive", "inspect"]);
+    let rows: u64 = segments
+        .iter()
+        .map(|x| x["rows"].as_u64().unwrap_or(0))
+        .sum();
+    assert!(rows >= 61, "the archive holds {rows} rows");
+}

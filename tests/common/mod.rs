@@ -132,6 +132,23 @@ pub fn input_lines(prefix: &str, n: usize) -> String {
         .collect()
 }
 
+/// Files under `dir` (recursively; none if it does not exist) whose names end in `suffix`.
+pub fn grep_dir_names(dir: &Path, suffix: &str) -> Vec<PathBuf> {
+    let mut hits = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return hits;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            hits.extend(grep_dir_names(&path, suffix));
+        } else if path.to_string_lossy().ends_with(suffix) {
+            hits.push(path);
+        }
+    }
+    hits
+}
+
 /// Files under `dir` whose bytes contain `needle`.
 pub fn grep_dir(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
     let mut hits = Vec::new();

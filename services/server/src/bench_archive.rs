@@ -449,19 +449,13 @@ async fn one_run(args: &ArchiveArgs, base: &std::path::Path, seed: u64) -> anyho
         let n = footer.meta.row_group(rg).num_rows() as usize;
         plain_rows.extend(format::read_rows(&footer, &data, rg, 0, n, true)?);
     }
-    let reader = ColdReader::new(
-        store.clone(),
-        log.keyring().clone(),
-        objects.clone(),
-        1 << 20,
-    );
-    for row in &mut plain_rows {
-        let conv = ConvId::new(row.conversation.as_str())?;
-        let event = tidings_log::cold::ColdTier::read(&reader, &tenant, &conv, row.seq, row.seq)
-            .await?
-            .pop()
-            .context("event")?;
-        row.body = tidings_archive::codec::payload(&event);
+    // The baseline's body column: the same bodies, opened.
+    let segment =
+        tidings_archive::reader::Segment::open(path, Footer::parse(&data)?, &tenant, log.keyring())
+            .await?;
+    let opened = segment.open_rows(path, log.keyring(), &plain_rows).await?;
+    for (row, event) in plain_rows.iter_mut().zip(&opened) {
+        row.body = tidings_archive::codec::payload(event);
     }
     let started = Instant::now();
     let plain = format::write_segment(
