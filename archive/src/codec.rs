@@ -14,7 +14,7 @@
 
 use prost::Message;
 use tidings_log::crypto::DataKey;
-use tidings_log::{Body, Event, TenantId};
+use tidings_log::{Event, TenantId};
 use zstd::dict::{DecoderDictionary, EncoderDictionary};
 
 use crate::format::Row;
@@ -33,18 +33,7 @@ const ZSTD: u8 = 1;
 
 /// The kind column: the name of the event's body.
 pub fn kind(event: &Event) -> &'static str {
-    match &event.body {
-        Some(Body::MessagePosted(_)) => "message_posted",
-        Some(Body::MessageEdited(_)) => "message_edited",
-        Some(Body::MessageRecalled(_)) => "message_recalled",
-        Some(Body::ReactionAdded(_)) => "reaction_added",
-        Some(Body::ReactionRemoved(_)) => "reaction_removed",
-        Some(Body::MemberJoined(_)) => "member_joined",
-        Some(Body::MemberLeft(_)) => "member_left",
-        Some(Body::ConversationCreated(_)) => "conversation_created",
-        Some(Body::ConversationRenamed(_)) => "conversation_renamed",
-        None => "unknown",
-    }
+    tidings_log::event_kind(event.body.as_ref())
 }
 
 /// The part of an event that is sealed: its body, everything not in a metadata column.

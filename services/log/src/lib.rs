@@ -36,3 +36,20 @@ pub fn now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
 }
+
+/// The name of an event body's kind: what the tools print, clients see and the archive's
+/// `kind` column holds.
+pub fn event_kind(body: Option<&Body>) -> &'static str {
+    match body {
+        Some(Body::MessagePosted(_)) => "message_posted",
+        Some(Body::MessageEdited(_)) => "message_edited",
+        Some(Body::MessageRecalled(_)) => "message_recalled",
+        Some(Body::ReactionAdded(_)) => "reaction_added",
+        Some(Body::ReactionRemoved(_)) => "reaction_removed",
+        Some(Body::MemberJoined(_)) => "member_joined",
+        Some(Body::MemberLeft(_)) => "member_left",
+        Some(Body::ConversationCreated(_)) => "conversation_created",
+        Some(Body::ConversationRenamed(_)) => "conversation_renamed",
+        None => "unknown",
+    }
+}

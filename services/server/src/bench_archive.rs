@@ -262,52 +262,56 @@ pub async fn run(args: ArchiveArgs) -> anyhow::Result<()> {
         );
         runs.push(run);
     }
-    let m = |f: fn(&Run) -> f64| median(runs.iter().map(f).collect());
+    let m = |f: &dyn Fn(&Run) -> f64| median(runs.iter().map(f).collect());
+    type Measure = fn(&Run) -> f64;
+    let rows: [(&str, Measure, Measure); 7] = [
+        (
+            "archive pass, events/s (baseline: writing plaintext Parquet only)",
+            |r| r.archive_events_per_s,
+            |r| r.plain_write_events_per_s,
+        ),
+        (
+            "bytes/event, archive vs plaintext Parquet+ZSTD",
+            |r| r.archive_bytes,
+            |r| r.plain_bytes,
+        ),
+        (
+            "bytes/event, hot store (logical keys+values) vs archive",
+            |r| r.hot_bytes,
+            |r| r.archive_bytes,
+        ),
+        (
+            "history page (50 latest), ms: cold tier, cold cache vs hot",
+            |r| r.page_cold_ms,
+            |r| r.page_hot_ms,
+        ),
+        (
+            "history page (50 latest), ms: cold tier, warm cache vs hot",
+            |r| r.page_warm_ms,
+            |r| r.page_hot_ms,
+        ),
+        (
+            "point lookup, µs: index + page index vs no bloom, no page index",
+            |r| r.lookup_index_us,
+            |r| r.lookup_scan_us,
+        ),
+        (
+            "point lookup, µs: bloom + page index (no index) vs neither",
+            |r| r.lookup_bloom_us,
+            |r| r.lookup_scan_us,
+        ),
+    ];
     println!();
     println!("| measure | tidings | baseline | ratio |");
     println!("|---|---:|---:|---:|");
-    println!(
-        "| archive pass, events/s (baseline: writing plaintext Parquet only) | {:.0} | {:.0} | {:.2} |",
-        m(|r| r.archive_events_per_s),
-        m(|r| r.plain_write_events_per_s),
-        m(|r| r.archive_events_per_s / r.plain_write_events_per_s)
-    );
-    println!(
-        "| bytes/event, archive vs plaintext Parquet+ZSTD | {:.1} | {:.1} | {:.2} |",
-        m(|r| r.archive_bytes),
-        m(|r| r.plain_bytes),
-        m(|r| r.archive_bytes / r.plain_bytes)
-    );
-    println!(
-        "| bytes/event, hot store (logical keys+values) vs archive | {:.1} | {:.1} | {:.2} |",
-        m(|r| r.hot_bytes),
-        m(|r| r.archive_bytes),
-        m(|r| r.hot_bytes / r.archive_bytes)
-    );
-    println!(
-        "| history page (50 latest), ms: cold tier, cold cache vs hot | {:.3} | {:.3} | {:.2} |",
-        m(|r| r.page_cold_ms),
-        m(|r| r.page_hot_ms),
-        m(|r| r.page_cold_ms / r.page_hot_ms)
-    );
-    println!(
-        "| history page (50 latest), ms: cold tier, warm cache vs hot | {:.3} | {:.3} | {:.2} |",
-        m(|r| r.page_warm_ms),
-        m(|r| r.page_hot_ms),
-        m(|r| r.page_warm_ms / r.page_hot_ms)
-    );
-    println!(
-        "| point lookup, µs: index + page index vs no bloom, no page index | {:.1} | {:.1} | {:.3} |",
-        m(|r| r.lookup_index_us),
-        m(|r| r.lookup_scan_us),
-        m(|r| r.lookup_index_us / r.lookup_scan_us)
-    );
-    println!(
-        "| point lookup, µs: bloom + page index (no index) vs neither | {:.1} | {:.1} | {:.3} |",
-        m(|r| r.lookup_bloom_us),
-        m(|r| r.lookup_scan_us),
-        m(|r| r.lookup_bloom_us / r.lookup_scan_us)
-    );
+    for (label, ours, base) in rows {
+        println!(
+            "| {label} | {:.3} | {:.3} | {:.3} |",
+            m(&ours),
+            m(&base),
+            m(&|r| ours(r) / base(r))
+        );
+    }
     Ok(())
 }
 

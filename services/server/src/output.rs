@@ -33,18 +33,7 @@ pub fn member_role(role: tidings_log::MemberRole) -> &'static str {
 
 /// The name of an event body's kind, as printed and as clients see it.
 pub fn kind(body: Option<&Body>) -> &'static str {
-    match body {
-        Some(Body::MessagePosted(_)) => "message_posted",
-        Some(Body::MessageEdited(_)) => "message_edited",
-        Some(Body::MessageRecalled(_)) => "message_recalled",
-        Some(Body::ReactionAdded(_)) => "reaction_added",
-        Some(Body::ReactionRemoved(_)) => "reaction_removed",
-        Some(Body::MemberJoined(_)) => "member_joined",
-        Some(Body::MemberLeft(_)) => "member_left",
-        Some(Body::ConversationCreated(_)) => "conversation_created",
-        Some(Body::ConversationRenamed(_)) => "conversation_renamed",
-        None => "unknown",
-    }
+    tidings_log::event_kind(body)
 }
 
 /// One event as a JSON object: the envelope, `kind`, `text` (null when the kind has none)
