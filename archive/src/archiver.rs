@@ -290,26 +290,37 @@ impl Archiver {
                 } else {
                     0
                 };
-                let taken = self
-                    .gather(tenant, &conv, head.last_seq, cutoff, cap_cut, &mut batch)
-                    .await?;
-                if taken > 0 {
-                    summary.conversations += 1;
-                }
-                if batch.bytes >= self.cfg.buffer_bytes
-                    || batch
-                        .by_date
-                        .values()
-                        .any(|rows| rows.len() >= self.cfg.segment_max_events)
-                {
+                // A conversation with more aged events than one batch holds is taken in
+                // several: each flush moves its floor, and gathering resumes above it.
+                let mut taken_any = false;
+                loop {
+                    let (taken, full) = self
+                        .gather(tenant, &conv, head.last_seq, cutoff, cap_cut, &mut batch)
+                        .await?;
+                    taken_any |= taken > 0;
+                    if !full {
+                        break;
+                    }
                     self.flush(tenant, &mut batch, summary, progress).await?;
+                }
+                if taken_any {
+                    summary.conversations += 1;
                 }
             }
         }
         self.flush(tenant, &mut batch, summary, progress).await
     }
 
-    /// Adds the conversation's archivable hot events to the batch; returns how many.
+    fn batch_full(&self, batch: &Batch) -> bool {
+        batch.bytes >= self.cfg.buffer_bytes
+            || batch
+                .by_date
+                .values()
+                .any(|rows| rows.len() >= self.cfg.segment_max_events)
+    }
+
+    /// Adds the conversation's archivable hot events to the batch, stopping early when the
+    /// batch is full. Returns how many it added and whether it stopped early.
     async fn gather(
         &self,
         tenant: &TenantId,
@@ -318,7 +329,7 @@ impl Archiver {
         cutoff_ms: i64,
         cap_cut: u64,
         batch: &mut Batch,
-    ) -> Result<u64, ArchiveError> {
+    ) -> Result<(u64, bool), ArchiveError> {
         let floor = archived_through(&*self.store, tenant, conv).await?;
         let mut next = floor + 1;
         let mut taken = 0;
@@ -326,6 +337,9 @@ impl Archiver {
         // conversation's events in earlier partitions always have the lower seqs.
         let mut date = String::new();
         while next <= head {
+            if self.batch_full(batch) {
+                return Ok((taken, true));
+            }
             let rows = self
                 .store
                 .scan(
@@ -351,7 +365,7 @@ impl Archiver {
                 let event =
                     open_stored_event(&self.keyring, tenant, conv, seq, &key, &value).await?;
                 if event.server_time_ms >= cutoff_ms && seq > cap_cut {
-                    return Ok(taken);
+                    return Ok((taken, false));
                 }
                 let day = storage::utc_date(event.server_time_ms);
                 if day > date {
@@ -368,7 +382,7 @@ impl Archiver {
                 next = seq + 1;
             }
         }
-        Ok(taken)
+        Ok((taken, false))
     }
 
     /// Writes every date of the batch as segments, oldest date first (so each

@@ -99,3 +99,31 @@ async fn archived_reads_without_an_archive_are_refused() {
     assert_eq!(err.code(), "archive_unavailable");
     assert!(err.to_string().contains("no archive configured"), "{err}");
 }
+
+/// A conversation with more aged events than one segment holds is archived in several
+/// segments, each flush resuming above the last; reads stay whole across them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn big_conversations_span_several_segments() {
+    let (objects, _dir) = local().await.expect("local");
+    let cfg = ArchiveConfig {
+        segment_max_events: 50,
+        row_group_events: 16,
+        ..ArchiveConfig::default()
+    };
+    let f = Fixture::new(objects, cfg).await;
+    f.conversation("acme", "big", 229).await;
+    f.conversation("acme", "small", 9).await;
+    let before = f.read_all("acme", "big").await;
+    let summary = f.archive_all().await;
+    assert_eq!(summary.events_archived, 240);
+    // big: 230 events in segments of 50, 50, 50, 50, 30; small: its 10 in a sixth.
+    assert_eq!(summary.segments, 6, "{summary:?}");
+    assert_eq!(f.hot_events("acme", "big").await, 0);
+    assert_eq!(f.read_all("acme", "big").await, before);
+    assert_eq!(f.read_all("acme", "small").await.len(), 10);
+    let report = tidings_archive::tools::verify(&*f.store, f.log.keyring(), &f.objects, &t("acme"))
+        .await
+        .expect("verify");
+    assert!(report.ok(), "{:?}", report.problems);
+    assert_eq!(report.rows, 240);
+}
