@@ -396,15 +396,13 @@ impl Archiver {
     ) -> Result<(), ArchiveError> {
         let by_date = std::mem::take(&mut batch.by_date);
         batch.bytes = 0;
-        for (date, pending) in by_date {
-            let mut rest = pending.as_slice();
-            while !rest.is_empty() {
-                let n = rest.len().min(self.cfg.segment_max_events);
-                let (chunk, tail) = rest.split_at(n);
-                rest = tail;
+        for (date, mut pending) in by_date {
+            while !pending.is_empty() {
+                let n = pending.len().min(self.cfg.segment_max_events);
+                let chunk: Vec<Pending> = pending.drain(..n).collect();
                 let bytes = self.write_segment(tenant, &date, chunk).await?;
                 summary.segments += 1;
-                summary.events_archived += chunk.len() as u64;
+                summary.events_archived += n as u64;
                 summary.bytes += bytes;
                 progress(summary);
             }
@@ -417,7 +415,7 @@ impl Archiver {
         &self,
         tenant: &TenantId,
         date: &str,
-        pending: &[Pending],
+        pending: Vec<Pending>,
     ) -> Result<u64, ArchiveError> {
         let segment_id = uuid::Uuid::now_v7().simple().to_string();
         let path = storage::segment_path(tenant.as_str(), date, &segment_id);
@@ -425,15 +423,19 @@ impl Archiver {
         let plain: u64 = pending.iter().map(|p| p.plain_bytes as u64).sum();
         tracing::debug!(%path, rows = pending.len(), plain, "writing archive segment");
 
+        // Encoding and sealing is CPU work: off the runtime, with the events moved there and
+        // back rather than copied.
         let cfg = self.cfg.clone();
         let tenant_owned = tenant.clone();
-        let events: Vec<Event> = pending.iter().map(|p| p.event.clone()).collect();
         let segment = segment_id.clone();
-        let (bytes, runs, record) = tokio::task::spawn_blocking(move || {
-            build_segment(&cfg, &tenant_owned, &key, &segment, events)
+        let (built, pending) = tokio::task::spawn_blocking(move || {
+            let built = build_segment(&cfg, &tenant_owned, &key, &segment, &pending);
+            (built, pending)
         })
         .await
-        .map_err(|e| ArchiveError::Config(format!("segment build task failed: {e}")))??;
+        .map_err(|e| ArchiveError::Encode(format!("segment build task failed: {e}")))?;
+        let (bytes, runs, record) = built?;
+        let pending = pending.as_slice();
         let bytes = Bytes::from(bytes);
         let digest = Sha256::digest(&bytes).to_vec();
 
@@ -466,10 +468,9 @@ impl Archiver {
         if let Err(e) = self.store.commit(txn).await {
             let _ = self.objects.delete(&path).await;
             return Err(match e {
-                StoreError::Conflict { .. } => ArchiveError::Config(format!(
-                    "another archiver indexed events of tenant {tenant} first; is more than one \
-                     archiver running against this store?"
-                )),
+                StoreError::Conflict { .. } => ArchiveError::Conflict {
+                    tenant: tenant.to_string(),
+                },
                 other => LogError::from(other).into(),
             });
         }
@@ -571,14 +572,17 @@ fn build_segment(
     tenant: &TenantId,
     key: &tidings_log::crypto::DataKey,
     segment_id: &str,
-    events: Vec<Event>,
+    pending: &[Pending],
 ) -> Result<Built, ArchiveError> {
-    let mut rows: Vec<format::Row> = events.iter().map(|e| codec::plain_row(e, key.id)).collect();
+    let mut rows: Vec<format::Row> = pending
+        .iter()
+        .map(|p| codec::plain_row(&p.event, key.id))
+        .collect();
     let dict = {
         let bodies: Vec<&[u8]> = rows.iter().map(|r| r.body.as_slice()).collect();
         Dictionary::train(&bodies, cfg.zstd_level)
     };
-    let io = |e: std::io::Error| ArchiveError::Config(format!("zstd: {e}"));
+    let io = |e: std::io::Error| ArchiveError::Encode(format!("zstd: {e}"));
     let mut packer = Packer::new(dict.as_ref(), cfg.zstd_level).map_err(io)?;
     for row in &mut rows {
         packer.seal(key, tenant, row).map_err(io)?;
@@ -603,7 +607,7 @@ fn build_segment(
         metadata,
     };
     let bytes = format::write_segment(tenant.as_str(), &rows, &opts)
-        .map_err(|e| ArchiveError::Config(format!("writing Parquet: {e}")))?;
+        .map_err(|e| ArchiveError::Encode(format!("writing Parquet: {e}")))?;
 
     let mut runs: Vec<(String, u64, ArchiveRun)> = Vec::new();
     let mut conversations = HashSet::new();

@@ -22,6 +22,18 @@ pub enum ArchiveError {
     #[error("archive segment {path} failed verification after upload: {reason}")]
     Verify { path: String, reason: String },
 
+    /// Another archiver indexed some of the same events first; nothing of this segment was
+    /// indexed or deleted, and the next pass continues above what the other one archived.
+    #[error(
+        "another archiver indexed events of tenant {tenant} first; is more than one archiver \
+         running against this store?"
+    )]
+    Conflict { tenant: String },
+
+    /// A segment could not be encoded (compression, Parquet writing) in memory.
+    #[error("could not encode an archive segment: {0}")]
+    Encode(String),
+
     #[error("invalid archive configuration: {0}")]
     Config(String),
 
@@ -49,7 +61,7 @@ impl ArchiveError {
                     | object_store::Error::Unauthenticated { .. }
             ),
             ArchiveError::Log(e) => e.is_retryable(),
-            ArchiveError::Verify { .. } => true,
+            ArchiveError::Verify { .. } | ArchiveError::Conflict { .. } => true,
             _ => false,
         }
     }
@@ -61,6 +73,8 @@ impl ArchiveError {
             ArchiveError::Missing { .. } => "segment_missing",
             ArchiveError::Corrupt { .. } => "segment_corrupt",
             ArchiveError::Verify { .. } => "verify_failed",
+            ArchiveError::Conflict { .. } => "archiver_conflict",
+            ArchiveError::Encode(_) => "encode_failed",
             ArchiveError::Config(_) => "invalid_config",
             ArchiveError::Log(e) => e.code(),
         }

@@ -354,25 +354,11 @@ pub fn read_rows(
     n: usize,
     use_page_index: bool,
 ) -> Result<Vec<Row>, ParquetError> {
-    let group = footer
-        .meta
-        .row_groups()
-        .get(rg)
-        .ok_or_else(|| ParquetError::General(format!("no row group {rg}")))?;
-    let page_index = if use_page_index {
-        footer.meta.page_index_for_row_group(rg)
-    } else {
-        parquet::file::metadata::page_index::RowGroupPageIndex::new(rg, None)
-    };
-    let props = Arc::new(ReaderProperties::builder().build());
-    let reader = SerializedRowGroupReader::new(Arc::new(data.clone()), group, page_index, props)?;
+    let reader = row_group_reader(footer, data, rg, use_page_index)?;
     let strings = |idx| -> Result<Vec<String>, ParquetError> {
         read_column::<ByteArrayType>(&reader, idx, offset, n)?
-            .into_iter()
-            .map(|b| {
-                String::from_utf8(b.data().to_vec())
-                    .map_err(|_| ParquetError::General("string column is not UTF-8".into()))
-            })
+            .iter()
+            .map(utf8)
             .collect()
     };
     let conversation = strings(col::CONVERSATION)?;
@@ -410,26 +396,42 @@ pub fn read_keys(
     data: &Fetched,
     rg: usize,
 ) -> Result<Vec<(String, u64)>, ParquetError> {
+    let reader = row_group_reader(footer, data, rg, false)?;
+    let n = reader.metadata().num_rows().max(0) as usize;
+    let convs = read_column::<ByteArrayType>(&reader, col::CONVERSATION, 0, n)?;
+    let seqs = read_column::<Int64Type>(&reader, col::SEQ, 0, n)?;
+    convs
+        .iter()
+        .zip(seqs)
+        .map(|(c, s)| Ok((utf8(c)?, s as u64)))
+        .collect()
+}
+
+/// A reader of row group `rg` over `data`, with the page index (so skipped pages are not
+/// decompressed) or without it.
+fn row_group_reader<'a>(
+    footer: &'a Footer,
+    data: &Fetched,
+    rg: usize,
+    use_page_index: bool,
+) -> Result<SerializedRowGroupReader<'a, Fetched>, ParquetError> {
     let group = footer
         .meta
         .row_groups()
         .get(rg)
         .ok_or_else(|| ParquetError::General(format!("no row group {rg}")))?;
-    let n = group.num_rows().max(0) as usize;
-    let page_index = parquet::file::metadata::page_index::RowGroupPageIndex::new(rg, None);
+    let page_index = if use_page_index {
+        footer.meta.page_index_for_row_group(rg)
+    } else {
+        parquet::file::metadata::page_index::RowGroupPageIndex::new(rg, None)
+    };
     let props = Arc::new(ReaderProperties::builder().build());
-    let reader = SerializedRowGroupReader::new(Arc::new(data.clone()), group, page_index, props)?;
-    let convs = read_column::<ByteArrayType>(&reader, col::CONVERSATION, 0, n)?;
-    let seqs = read_column::<Int64Type>(&reader, col::SEQ, 0, n)?;
-    convs
-        .into_iter()
-        .zip(seqs)
-        .map(|(c, s)| {
-            let c = String::from_utf8(c.data().to_vec())
-                .map_err(|_| ParquetError::General("conversation is not UTF-8".into()))?;
-            Ok((c, s as u64))
-        })
-        .collect()
+    SerializedRowGroupReader::new(Arc::new(data.clone()), group, page_index, props)
+}
+
+fn utf8(b: &ByteArray) -> Result<String, ParquetError> {
+    String::from_utf8(b.data().to_vec())
+        .map_err(|_| ParquetError::General("string column is not UTF-8".into()))
 }
 
 /// Whether the row group's bloom filter on `column` may contain `value` (true when the

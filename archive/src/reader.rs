@@ -84,6 +84,37 @@ impl Segment {
         })
     }
 
+    /// Rows `offset..offset + n` of row group `rg` (whose bytes `data` holds), checked to be
+    /// seqs `first_seq..` of `conv` as the index says.
+    #[allow(clippy::too_many_arguments)]
+    pub fn read_indexed(
+        &self,
+        path: &str,
+        data: &Fetched,
+        rg: usize,
+        offset: usize,
+        n: usize,
+        conv: &str,
+        first_seq: u64,
+    ) -> Result<Vec<format::Row>, ArchiveError> {
+        let rows = format::read_rows(&self.footer, data, rg, offset, n, true)
+            .map_err(|e| ArchiveError::corrupt(path, e))?;
+        for (i, (row, seq)) in rows.iter().zip(first_seq..).enumerate() {
+            if row.conversation != conv || row.seq != seq {
+                return Err(ArchiveError::corrupt(
+                    path,
+                    format!(
+                        "row {} of row group {rg} holds ({}, {}) where the index says ({conv}, {seq})",
+                        offset + i,
+                        row.conversation,
+                        row.seq
+                    ),
+                ));
+            }
+        }
+        Ok(rows)
+    }
+
     /// Opens rows read from this segment into events.
     pub async fn open_rows(
         &self,
@@ -101,13 +132,12 @@ impl Segment {
     }
 }
 
-/// Fetches a segment's footer: the object's tail, doubled until the footer and page index
-/// fit (one request for almost every segment).
+/// Fetches a segment's footer: the object's tail, fetched again larger until the footer and
+/// page index fit (one request for almost every segment).
 pub async fn fetch_footer(objects: &Objects, path: &str) -> Result<Footer, ArchiveError> {
-    let len = objects.size(path).await?;
-    let mut want = len.min(256 << 10);
+    let (mut bytes, len) = objects.get_tail(path, 256 << 10).await?;
     loop {
-        let bytes = objects.get_range(path, len - want..len).await?;
+        let want = bytes.len() as u64;
         let tail = Fetched {
             base: len - want,
             bytes,
@@ -115,7 +145,10 @@ pub async fn fetch_footer(objects: &Objects, path: &str) -> Result<Footer, Archi
         };
         match Footer::parse(&tail) {
             Ok(footer) => return Ok(footer),
-            Err(_) if want < len => want = (want * 4).min(len),
+            Err(_) if want < len => {
+                let more = (want * 4).min(len);
+                bytes = objects.get_range(path, len - more..len).await?;
+            }
             Err(e) => return Err(ArchiveError::corrupt(path, e)),
         }
     }
@@ -333,19 +366,15 @@ impl ColdReader {
             let segment = self.segment(tenant, &run.path).await?;
             let rg = run.row_group as usize;
             let data = self.row_group(&run.path, &segment, rg).await?;
-            let rows = format::read_rows(&segment.footer, &data, rg, offset as usize, n, true)
-                .map_err(|e| ArchiveError::corrupt(&run.path, e))?;
-            for (row, seq) in rows.iter().zip(expected..) {
-                if row.conversation != conv.as_str() || row.seq != seq {
-                    return Err(ArchiveError::corrupt(
-                        &run.path,
-                        format!(
-                            "row {} holds ({}, {}) where the index says ({conv}, {seq})",
-                            offset, row.conversation, row.seq
-                        ),
-                    ));
-                }
-            }
+            let rows = segment.read_indexed(
+                &run.path,
+                &data,
+                rg,
+                offset as usize,
+                n,
+                conv.as_str(),
+                expected,
+            )?;
             events.extend(segment.open_rows(&run.path, &self.keyring, &rows).await?);
             expected = last + 1;
         }

@@ -128,15 +128,15 @@ impl Objects {
             .await?;
         if let Some(root) = &self.local_root {
             let file = root.join(path);
-            tokio::task::spawn_blocking(move || sync_file_and_dir(&file))
+            let synced = tokio::task::spawn_blocking(move || sync_file_and_dir(&file))
                 .await
-                .map_err(|e| ArchiveError::Config(format!("sync task failed: {e}")))?
-                .map_err(|e| {
-                    ArchiveError::ObjectStore(object_store::Error::Generic {
-                        store: "LocalFileSystem",
-                        source: Box::new(e),
-                    })
-                })?;
+                .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+            synced.map_err(|e| {
+                ArchiveError::ObjectStore(object_store::Error::Generic {
+                    store: "LocalFileSystem",
+                    source: Box::new(e),
+                })
+            })?;
         }
         Ok(())
     }
@@ -150,9 +150,14 @@ impl Objects {
         not_found_is_missing(path, self.store.get_range(&Path::from(path), range).await)
     }
 
-    pub async fn size(&self, path: &str) -> Result<u64, ArchiveError> {
-        let meta = not_found_is_missing(path, self.store.head(&Path::from(path)).await)?;
-        Ok(meta.size)
+    /// The last `n` bytes of an object (all of it if shorter) and the object's size, in one
+    /// request.
+    pub async fn get_tail(&self, path: &str, n: u64) -> Result<(Bytes, u64), ArchiveError> {
+        let opts =
+            object_store::GetOptions::default().with_range(Some(object_store::GetRange::Suffix(n)));
+        let got = not_found_is_missing(path, self.store.get_opts(&Path::from(path), opts).await)?;
+        let size = got.meta.size;
+        Ok((got.bytes().await?, size))
     }
 
     pub async fn delete(&self, path: &str) -> Result<(), ArchiveError> {

@@ -13,7 +13,7 @@ use tidings_schemas::storage::{ArchiveRun, ArchiveSegment};
 
 use crate::archiver::{indexed_segments, scan_all};
 use crate::error::ArchiveError;
-use crate::format::{self, Fetched, Footer};
+use crate::format::{Fetched, Footer};
 use crate::reader::Segment;
 use crate::storage::{self, Objects};
 
@@ -94,23 +94,13 @@ pub async fn verify(
 ) -> Result<VerifyReport, ArchiveError> {
     let mut report = VerifyReport::default();
     // Runs per segment, and per conversation in seq order.
-    let run_dir = {
-        let mut d = b"ax\0".to_vec();
-        d.extend_from_slice(tenant.as_str().as_bytes());
-        d.push(0);
-        d
-    };
+    let run_dir = keys::archive_tenant_dir(tenant);
     let mut by_segment: BTreeMap<String, Vec<(String, u64, ArchiveRun)>> = BTreeMap::new();
     let mut by_conv: BTreeMap<String, Vec<(u64, u64)>> = BTreeMap::new();
     for (key, value) in scan_all(store, KeyRange::prefix(run_dir.clone())).await? {
         let run = decode_run(&key, &value)?;
-        let rest = &key[run_dir.len()..];
-        let conv = rest
-            .iter()
-            .position(|&b| b == 0)
-            .and_then(|i| String::from_utf8(rest[..i].to_vec()).ok())
+        let (conv, first) = keys::archive_run_parts(&run_dir, &key)
             .ok_or_else(|| LogError::corrupt(&key, "bad archive run key"))?;
-        let first = keys::event_seq(&key).unwrap_or(0);
         by_conv
             .entry(conv.clone())
             .or_default()
@@ -203,16 +193,9 @@ async fn verify_segment(
     for (conv, first, run) in runs {
         let n = (run.last_seq - first + 1) as usize;
         let rg = run.row_group as usize;
-        let rows = format::read_rows(&segment.footer, &data, rg, run.row_offset as usize, n, true)
+        let rows = segment
+            .read_indexed(path, &data, rg, run.row_offset as usize, n, conv, *first)
             .map_err(|e| format!("run {conv}/{first}: {e}"))?;
-        for (row, seq) in rows.iter().zip(*first..) {
-            if row.conversation != *conv || row.seq != seq {
-                return Err(format!(
-                    "run {conv}/{first} row for seq {seq} holds ({}, {})",
-                    row.conversation, row.seq
-                ));
-            }
-        }
         let events = segment
             .open_rows(path, keyring, &rows)
             .await

@@ -64,8 +64,6 @@ async fn archived_reads_without_an_archive_are_refused() {
         ArchiveConfig::default(),
     )
     .expect("archiver");
-    let f = Fixture::new(local().await.expect("local").0, ArchiveConfig::default()).await;
-    drop(f);
     log.create_conversation(tidings_log::CreateConversation {
         tenant: t("acme"),
         conv: tidings_archive::conformance::c("c"),

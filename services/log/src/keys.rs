@@ -129,6 +129,19 @@ pub fn archive_run_dir(t: &TenantId, c: &ConvId) -> Vec<u8> {
     dir(b"ax", &[t.as_str(), c.as_str()])
 }
 
+/// Every archive run of a tenant.
+pub fn archive_tenant_dir(t: &TenantId) -> Vec<u8> {
+    dir(b"ax", &[t.as_str()])
+}
+
+/// (conversation, first seq) of an archive run key under [`archive_tenant_dir`].
+pub fn archive_run_parts(tenant_dir: &[u8], key: &[u8]) -> Option<(String, u64)> {
+    let rest = key.strip_prefix(tenant_dir)?;
+    let sep = rest.iter().position(|&b| b == SEP)?;
+    let conv = String::from_utf8(rest[..sep].to_vec()).ok()?;
+    Some((conv, event_seq(key)?))
+}
+
 /// Archive runs of one conversation whose first seq is at most `seq`: scanned descending, the
 /// first hit is the run that holds `seq` (if any run does).
 pub fn archive_runs_through(t: &TenantId, c: &ConvId, seq: u64) -> KeyRange {

@@ -447,16 +447,16 @@ async fn one_run(args: &ArchiveArgs, base: &std::path::Path, seed: u64) -> anyho
     let path = &segments.first().context("no segment")?.path;
     let segment_bytes = objects.get(path).await?;
     let data = Fetched::whole(segment_bytes);
-    let footer = Footer::parse(&data)?;
-    let mut plain_rows = Vec::with_capacity(events as usize);
-    for rg in 0..footer.meta.num_row_groups() {
-        let n = footer.meta.row_group(rg).num_rows() as usize;
-        plain_rows.extend(format::read_rows(&footer, &data, rg, 0, n, true)?);
-    }
-    // The baseline's body column: the same bodies, opened.
     let segment =
         tidings_archive::reader::Segment::open(path, Footer::parse(&data)?, &tenant, log.keyring())
             .await?;
+    let footer = &segment.footer;
+    let mut plain_rows = Vec::with_capacity(events as usize);
+    for rg in 0..footer.meta.num_row_groups() {
+        let n = footer.meta.row_group(rg).num_rows() as usize;
+        plain_rows.extend(format::read_rows(footer, &data, rg, 0, n, true)?);
+    }
+    // The baseline's body column: the same bodies, opened.
     let opened = segment.open_rows(path, log.keyring(), &plain_rows).await?;
     for (row, event) in plain_rows.iter_mut().zip(&opened) {
         row.body = tidings_archive::codec::payload(event);
@@ -499,11 +499,11 @@ async fn one_run(args: &ArchiveArgs, base: &std::path::Path, seed: u64) -> anyho
     let mut by_scan = Vec::new();
     for (conv, seq) in &targets {
         let t = Instant::now();
-        let row = lookup_without_index(&footer, &data, conv, *seq, true)?;
+        let row = lookup_without_index(footer, &data, conv, *seq, true)?;
         by_bloom.push(t.elapsed().as_secs_f64() * 1e6);
         anyhow::ensure!(row.seq == *seq, "bloom lookup");
         let t = Instant::now();
-        let row = lookup_without_index(&footer, &data, conv, *seq, false)?;
+        let row = lookup_without_index(footer, &data, conv, *seq, false)?;
         by_scan.push(t.elapsed().as_secs_f64() * 1e6);
         anyhow::ensure!(row.seq == *seq, "scan lookup");
     }
