@@ -110,3 +110,85 @@ pub struct ArchiveSegment {
     #[prost(int64, tag = "11")]
     pub max_time_ms: i64,
 }
+/// ax/<tenant>/<conv>/0 (first_seq 0, never a real run): the retention marker. Seqs
+/// 1..=purged_through were deleted by the retention policy; history begins above it.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Purged {
+    #[prost(uint64, tag = "1")]
+    pub purged_through: u64,
+    #[prost(int64, tag = "2")]
+    pub time_ms: i64,
+}
+/// au/<tenant>/<seq>: one compliance audit record, sealed with AES-256-SIV under the store's
+/// audit key (not the tenant's data key: shredding a tenant must not erase who looked).
+/// Seqs are contiguous per tenant and each record carries the SHA-256 of the previous sealed
+/// record, so a deleted, reordered or replaced record is detected by `compliance audit`.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct AuditRecord {
+    #[prost(uint64, tag = "1")]
+    pub seq: u64,
+    #[prost(int64, tag = "2")]
+    pub time_ms: i64,
+    /// Groups the records of one access (started, then completed/failed).
+    #[prost(string, tag = "3")]
+    pub access_id: ::prost::alloc::string::String,
+    /// Who: the operator named with --actor, or the token's tenant/user over HTTP.
+    #[prost(string, tag = "4")]
+    pub actor: ::prost::alloc::string::String,
+    /// cli | http | archiver
+    #[prost(string, tag = "5")]
+    pub via: ::prost::alloc::string::String,
+    /// search | export | hold_create | hold_release | retention | shred | rotate | ...
+    #[prost(string, tag = "6")]
+    pub action: ::prost::alloc::string::String,
+    /// started | completed | failed | denied | refused
+    #[prost(string, tag = "7")]
+    pub outcome: ::prost::alloc::string::String,
+    /// The request's filters as JSON.
+    #[prost(string, tag = "8")]
+    pub filters: ::prost::alloc::string::String,
+    #[prost(uint64, tag = "9")]
+    pub rows: u64,
+    #[prost(string, tag = "10")]
+    pub destination: ::prost::alloc::string::String,
+    #[prost(string, tag = "11")]
+    pub detail: ::prost::alloc::string::String,
+    #[prost(bytes = "vec", tag = "12")]
+    pub prev_hash: ::prost::alloc::vec::Vec<u8>,
+}
+/// ah/<tenant>: the audit log's head, written with every record (expected-value checked).
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct AuditHead {
+    #[prost(uint64, tag = "1")]
+    pub last_seq: u64,
+    #[prost(bytes = "vec", tag = "2")]
+    pub last_hash: ::prost::alloc::vec::Vec<u8>,
+}
+/// lh/<tenant>/<hold_id>: a legal hold, sealed under the audit key. Released holds stay, with
+/// who released them and when.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Hold {
+    #[prost(string, tag = "1")]
+    pub id: ::prost::alloc::string::String,
+    /// tenant | conversation | user
+    #[prost(string, tag = "2")]
+    pub scope: ::prost::alloc::string::String,
+    /// The conversation or user id; empty for a tenant hold.
+    #[prost(string, tag = "3")]
+    pub target: ::prost::alloc::string::String,
+    /// Held time range [from_ms, to_ms); 0 means unbounded on that side.
+    #[prost(int64, tag = "4")]
+    pub from_ms: i64,
+    #[prost(int64, tag = "5")]
+    pub to_ms: i64,
+    #[prost(string, tag = "6")]
+    pub reason: ::prost::alloc::string::String,
+    #[prost(string, tag = "7")]
+    pub created_by: ::prost::alloc::string::String,
+    #[prost(int64, tag = "8")]
+    pub created_ms: i64,
+    #[prost(string, tag = "9")]
+    pub released_by: ::prost::alloc::string::String,
+    #[prost(int64, tag = "10")]
+    pub released_ms: i64,
+}

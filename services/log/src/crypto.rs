@@ -189,6 +189,7 @@ pub struct Keyring {
     master: MasterKey,
     store: Arc<dyn KvStore>,
     tenants: RwLock<HashMap<TenantId, BTreeMap<u32, DataKey>>>,
+    audit: tokio::sync::OnceCell<DataKey>,
 }
 
 impl Keyring {
@@ -225,7 +226,45 @@ impl Keyring {
             master,
             store,
             tenants: RwLock::new(HashMap::new()),
+            audit: tokio::sync::OnceCell::new(),
         })
+    }
+
+    /// The store-wide audit key (`sy/audit_key`, wrapped by the master key, created on first
+    /// use). It seals audit records and legal holds: they belong to no tenant's data key, so
+    /// shredding a tenant leaves the record of who looked and what was held readable.
+    pub async fn audit_key(&self) -> Result<DataKey, LogError> {
+        self.audit
+            .get_or_try_init(|| async {
+                let ad = [b"tidings-audit-key-v1".as_slice()];
+                loop {
+                    if let Some(wrapped) = self.store.get(keys::AUDIT_KEY).await? {
+                        let raw = siv(&self.master.0)
+                            .decrypt(ad, &wrapped)
+                            .map_err(|_| LogError::WrongMasterKey)?;
+                        let bytes: [u8; KEY_LEN] = raw.as_slice().try_into().map_err(|_| {
+                            LogError::corrupt(keys::AUDIT_KEY, "audit key is not 64 bytes")
+                        })?;
+                        return Ok(DataKey {
+                            id: 0,
+                            secret: Arc::new(Secret(bytes)),
+                        });
+                    }
+                    let secret = random_secret();
+                    let wrapped = siv(&self.master.0)
+                        .encrypt(ad, &secret.0)
+                        .expect("sealing in memory cannot fail");
+                    let mut txn = Transaction::new();
+                    txn.put_if_absent(keys::AUDIT_KEY.to_vec(), wrapped);
+                    match self.store.commit(txn).await {
+                        // Another opener created it first: use theirs.
+                        Ok(()) | Err(StoreError::Conflict { .. }) => continue,
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+            })
+            .await
+            .cloned()
     }
 
     fn wrap_ad(tenant: &TenantId, key_id: u32) -> [Vec<u8>; 3] {

@@ -8,8 +8,13 @@
 //! uc/tenant/user/conv                   UserConversation (the user's list, read cursor)
 //! kr/tenant/key_id                      WrappedKey
 //! ax/tenant/conv/first_seq              ArchiveRun (archive index: seq range -> segment, row group)
+//! ax/tenant/conv/0                      Purged (retention marker: seqs 1..=n deleted)
 //! sg/tenant/segment_id                  ArchiveSegment (one verified Parquet object)
+//! au/tenant/seq                         AuditRecord, sealed under the audit key (hash-chained)
+//! ah/tenant                             AuditHead
+//! lh/tenant/hold_id                     Hold (legal hold), sealed under the audit key
 //! sy/key_check                          proof that the master key opens this store
+//! sy/audit_key                          the audit key, wrapped by the master key
 //! ```
 //! Parts are joined by 0x00, which no id can contain, so a prefix of one tenant is never a
 //! prefix of another (`ev\0a\0` vs `ev\0ab\0`). Numbers are 8- or 4-byte big-endian so byte
@@ -181,6 +186,42 @@ pub fn after_tenant_heads(t: &str) -> Vec<u8> {
 }
 
 pub const KEY_CHECK: &[u8] = b"sy\0key_check";
+
+/// The store-wide key that seals audit records and holds, wrapped by the master key.
+pub const AUDIT_KEY: &[u8] = b"sy\0audit_key";
+
+/// The retention marker of a conversation: an `ax/` key with first seq 0, which no real run
+/// has (seqs start at 1), so it sorts before every run.
+pub fn purge_marker(t: &TenantId, c: &ConvId) -> Vec<u8> {
+    archive_run(t, c, 0)
+}
+
+pub fn audit(t: &TenantId, seq: u64) -> Vec<u8> {
+    let mut k = audit_dir(t);
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+pub fn audit_dir(t: &TenantId) -> Vec<u8> {
+    dir(b"au", &[t.as_str()])
+}
+
+/// Audit records `from..=to` of a tenant.
+pub fn audit_range(t: &TenantId, from: u64, to: u64) -> KeyRange {
+    event_range_with(audit_dir(t), from, to)
+}
+
+pub fn audit_head(t: &TenantId) -> Vec<u8> {
+    key(b"ah", &[t.as_str()])
+}
+
+pub fn hold(t: &TenantId, id: &str) -> Vec<u8> {
+    key(b"lh", &[t.as_str(), id])
+}
+
+pub fn hold_dir(t: &TenantId) -> Vec<u8> {
+    dir(b"lh", &[t.as_str()])
+}
 
 /// The last part of a key under `dir` (a member's user id, a user's conversation id).
 pub fn last_part(dir: &[u8], key: &[u8]) -> Option<String> {
