@@ -331,10 +331,20 @@ impl Footer {
 
     /// Byte range of a row group's column chunks: one request fetches all of it.
     pub fn row_group_range(&self, rg: usize) -> Option<Range<u64>> {
+        self.columns_range(rg, 0..col::COUNT)
+    }
+
+    /// Byte range of a row group's plain metadata columns (every column before the body):
+    /// what a filter on conversation, sender, time or kind needs, a small part of the group.
+    pub fn meta_range(&self, rg: usize) -> Option<Range<u64>> {
+        self.columns_range(rg, 0..col::BODY)
+    }
+
+    fn columns_range(&self, rg: usize, columns: Range<usize>) -> Option<Range<u64>> {
         let group = self.meta.row_groups().get(rg)?;
         let mut start = u64::MAX;
         let mut end = 0u64;
-        for column in group.columns() {
+        for column in group.columns().get(columns)? {
             let (s, len) = column.byte_range();
             start = start.min(s);
             end = end.max(s + len);
@@ -407,6 +417,28 @@ pub fn read_keys(
         .collect()
 }
 
+/// The columns a compliance filter looks at, for every row of a row group.
+pub struct MetaColumns {
+    pub conversation: Vec<ByteArray>,
+    pub seq: Vec<i64>,
+    pub sender: Vec<ByteArray>,
+    pub time: Vec<i64>,
+    pub kind: Vec<ByteArray>,
+}
+
+/// Reads [`MetaColumns`] of row group `rg`; `data` needs only [`Footer::meta_range`].
+pub fn read_meta(footer: &Footer, data: &Fetched, rg: usize) -> Result<MetaColumns, ParquetError> {
+    let reader = row_group_reader(footer, data, rg, false)?;
+    let n = reader.metadata().num_rows().max(0) as usize;
+    Ok(MetaColumns {
+        conversation: read_column::<ByteArrayType>(&reader, col::CONVERSATION, 0, n)?,
+        seq: read_column::<Int64Type>(&reader, col::SEQ, 0, n)?,
+        sender: read_column::<ByteArrayType>(&reader, col::SENDER, 0, n)?,
+        time: read_column::<Int64Type>(&reader, col::TIME, 0, n)?,
+        kind: read_column::<ByteArrayType>(&reader, col::KIND, 0, n)?,
+    })
+}
+
 /// A reader of row group `rg` over `data`, with the page index (so skipped pages are not
 /// decompressed) or without it.
 fn row_group_reader<'a>(
@@ -432,6 +464,15 @@ fn row_group_reader<'a>(
 fn utf8(b: &ByteArray) -> Result<String, ParquetError> {
     String::from_utf8(b.data().to_vec())
         .map_err(|_| ParquetError::General("string column is not UTF-8".into()))
+}
+
+/// Where the row group's bloom filter on `column` is stored, when it has one whose length
+/// the footer records.
+pub fn bloom_range(footer: &Footer, rg: usize, column: usize) -> Option<Range<u64>> {
+    let chunk = footer.meta.row_groups().get(rg)?.columns().get(column)?;
+    let start = u64::try_from(chunk.bloom_filter_offset()?).ok()?;
+    let len = u64::try_from(chunk.bloom_filter_length()?).ok()?;
+    Some(start..start + len)
 }
 
 /// Whether the row group's bloom filter on `column` may contain `value` (true when the

@@ -12,6 +12,7 @@
 
 pub mod archiver;
 pub mod codec;
+pub mod compliance;
 pub mod conformance;
 pub mod error;
 pub mod format;

@@ -115,6 +115,15 @@ impl Segment {
         Ok(rows)
     }
 
+    /// Opens one row of this segment with its key (`key.id` must be the segment's).
+    pub fn open_row(
+        &self,
+        key: &tidings_log::crypto::DataKey,
+        row: &format::Row,
+    ) -> Result<Event, String> {
+        codec::open_row(key, &self.tenant, self.dict.as_ref(), row)
+    }
+
     /// Opens rows read from this segment into events.
     pub async fn open_rows(
         &self,

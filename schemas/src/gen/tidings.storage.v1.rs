@@ -68,6 +68,9 @@ pub struct WrappedKey {
 /// first_seq..=last_seq are rows row_offset.. of row group `row_group` of the segment. Runs of
 /// a conversation tile 1..=N without gaps or overlaps; the last run's last_seq is the
 /// conversation's hot floor (every higher seq is in the hot log).
+/// The retention marker is a run at first_seq 0 (no real run starts there) with an empty
+/// segment_id: seqs 1..=last_seq were deleted by the retention policy, and the runs after it
+/// start at last_seq + 1.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ArchiveRun {
     #[prost(string, tag = "1")]
@@ -109,15 +112,6 @@ pub struct ArchiveSegment {
     pub min_time_ms: i64,
     #[prost(int64, tag = "11")]
     pub max_time_ms: i64,
-}
-/// ax/<tenant>/<conv>/0 (first_seq 0, never a real run): the retention marker. Seqs
-/// 1..=purged_through were deleted by the retention policy; history begins above it.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
-pub struct Purged {
-    #[prost(uint64, tag = "1")]
-    pub purged_through: u64,
-    #[prost(int64, tag = "2")]
-    pub time_ms: i64,
 }
 /// au/<tenant>/<seq>: one compliance audit record, sealed with AES-256-SIV under the store's
 /// audit key (not the tenant's data key: shredding a tenant must not erase who looked).

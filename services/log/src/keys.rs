@@ -8,7 +8,7 @@
 //! uc/tenant/user/conv                   UserConversation (the user's list, read cursor)
 //! kr/tenant/key_id                      WrappedKey
 //! ax/tenant/conv/first_seq              ArchiveRun (archive index: seq range -> segment, row group)
-//! ax/tenant/conv/0                      Purged (retention marker: seqs 1..=n deleted)
+//! ax/tenant/conv/0                      ArchiveRun with no segment: retention deleted 1..=last_seq
 //! sg/tenant/segment_id                  ArchiveSegment (one verified Parquet object)
 //! au/tenant/seq                         AuditRecord, sealed under the audit key (hash-chained)
 //! ah/tenant                             AuditHead

@@ -1,0 +1,1 @@
+//! Export files: JSONL, CSV and Parquet.

@@ -1,0 +1,361 @@
+//! The scanning engine behind search, export and retention's hold resolution.
+//!
+//! **Archive.** The tenant's segments come from its `sg/` records (so an unindexed orphan
+//! is never read), pruned by their time span. In each segment, a row group is skipped on
+//! its column statistics (time, conversation, sender) and then on its bloom filters
+//! (conversation, sender), each fetched alone. Only then are the plain metadata columns
+//! fetched (the bytes before the body column, a small part of the group) and filtered
+//! row by row; the whole row group is fetched and bodies opened only for the candidate
+//! rows that remain. Opening runs on the blocking pool, split over the cores.
+//!
+//! **Hot log.** Hot events are sealed whole (no plain metadata), so each event of the
+//! tenant's conversations above the archive floor is opened and then filtered.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+use parquet::data_type::ByteArray;
+use parquet::file::statistics::Statistics;
+use prost::Message;
+use tidings_log::cold::archived_through;
+use tidings_log::crypto::Keyring;
+use tidings_log::log::open_stored_event;
+use tidings_log::store::{KeyRange, KvStore, Order};
+use tidings_log::{ConvId, Event, LogError, TenantId, UserId, keys};
+use tidings_schemas::storage::{ArchiveSegment, Head};
+
+use super::{ComplianceError, Progress, Tier};
+use crate::archiver::scan_all;
+use crate::error::ArchiveError;
+use crate::format::{self, Fetched, col};
+use crate::reader::{Segment, fetch_footer};
+use crate::storage::Objects;
+
+/// Which events a scan visits. Every filter is checked on every visited event; the archive
+/// also uses them to skip what cannot match.
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct Selection<'a> {
+    pub conv: Option<&'a ConvId>,
+    pub sender: Option<&'a UserId>,
+    pub from_ms: Option<i64>,
+    pub to_ms: Option<i64>,
+    /// Only events of these kinds (`None`: all).
+    pub kinds: Option<&'a [&'static str]>,
+}
+
+impl Selection<'_> {
+    fn time_overlaps(&self, min: i64, max: i64) -> bool {
+        self.from_ms.is_none_or(|f| max >= f) && self.to_ms.is_none_or(|t| min < t)
+    }
+
+    fn matches_meta(&self, conv: &[u8], sender: &[u8], time: i64, kind: &[u8]) -> bool {
+        self.conv.is_none_or(|c| c.as_str().as_bytes() == conv)
+            && self.sender.is_none_or(|u| u.as_str().as_bytes() == sender)
+            && self.time_overlaps(time, time)
+            && self
+                .kinds
+                .is_none_or(|ks| ks.iter().any(|k| k.as_bytes() == kind))
+    }
+
+    fn matches(&self, e: &Event) -> bool {
+        self.matches_meta(
+            e.conversation.as_bytes(),
+            e.sender.as_bytes(),
+            e.server_time_ms,
+            tidings_log::event_kind(e.body.as_ref()).as_bytes(),
+        )
+    }
+}
+
+/// Receives the events a scan selects, in batches.
+#[async_trait::async_trait]
+pub(super) trait Visitor: Send {
+    async fn visit(&mut self, events: Vec<Event>, tier: Tier) -> Result<(), ComplianceError>;
+}
+
+pub(super) struct Scanner<'a> {
+    pub store: &'a dyn KvStore,
+    pub keyring: &'a Arc<Keyring>,
+    pub objects: Option<&'a Objects>,
+    pub progress: &'a Progress,
+}
+
+impl Scanner<'_> {
+    /// Visits the selected events of `tenant`: archived ones first (by segment date), then
+    /// hot ones, conversation by conversation.
+    pub async fn scan(
+        &self,
+        tenant: &TenantId,
+        sel: Selection<'_>,
+        visitor: &mut dyn Visitor,
+    ) -> Result<(), ComplianceError> {
+        self.scan_archive(tenant, sel, visitor).await?;
+        self.scan_hot(tenant, sel, visitor).await
+    }
+
+    async fn scan_archive(
+        &self,
+        tenant: &TenantId,
+        sel: Selection<'_>,
+        visitor: &mut dyn Visitor,
+    ) -> Result<(), ComplianceError> {
+        let mut segments = Vec::new();
+        for (key, value) in
+            scan_all(self.store, KeyRange::prefix(keys::segment_dir(tenant))).await?
+        {
+            let seg = ArchiveSegment::decode(value.as_slice())
+                .map_err(|e| ArchiveError::Log(LogError::corrupt(&key, e)))?;
+            if sel.time_overlaps(seg.min_time_ms, seg.max_time_ms) {
+                segments.push(seg);
+            }
+        }
+        if segments.is_empty() {
+            return Ok(());
+        }
+        let Some(objects) = self.objects else {
+            return Err(ArchiveError::Config(format!(
+                "tenant {tenant} has archived segments and no archive is configured"
+            ))
+            .into());
+        };
+        segments.sort_by(|a, b| (&a.date, a.min_time_ms).cmp(&(&b.date, b.min_time_ms)));
+        self.progress
+            .segments_total
+            .fetch_add(segments.len() as u64, Ordering::Relaxed);
+        for seg in segments {
+            self.scan_segment(objects, tenant, &seg.path, sel, visitor)
+                .await?;
+            self.progress.segments_done.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    async fn scan_segment(
+        &self,
+        objects: &Objects,
+        tenant: &TenantId,
+        path: &str,
+        sel: Selection<'_>,
+        visitor: &mut dyn Visitor,
+    ) -> Result<(), ComplianceError> {
+        let footer = fetch_footer(objects, path).await?;
+        let segment = Arc::new(Segment::open(path, footer, tenant, self.keyring).await?);
+        let key = self.keyring.key(tenant, segment.key_id).await?;
+        let corrupt = |e: parquet::errors::ParquetError| ArchiveError::corrupt(path, e);
+        for rg in 0..segment.footer.meta.num_row_groups() {
+            let group = segment.footer.meta.row_group(rg);
+            self.progress
+                .scanned
+                .fetch_add(group.num_rows().max(0) as u64, Ordering::Relaxed);
+            if !stats_may_match(group, sel) {
+                continue;
+            }
+            if !self
+                .blooms_may_match(objects, path, &segment, rg, sel)
+                .await?
+            {
+                continue;
+            }
+            let fetch = |range: Option<std::ops::Range<u64>>| async {
+                let range = range.ok_or_else(|| ArchiveError::corrupt(path, "empty row group"))?;
+                let bytes = objects.get_range(path, range.clone()).await?;
+                Ok::<_, ArchiveError>(Fetched {
+                    base: range.start,
+                    bytes,
+                    len: segment.footer.len,
+                })
+            };
+            let meta_bytes = fetch(segment.footer.meta_range(rg)).await?;
+            let meta = format::read_meta(&segment.footer, &meta_bytes, rg).map_err(corrupt)?;
+            let candidates: Vec<usize> = (0..meta.seq.len())
+                .filter(|&i| {
+                    sel.matches_meta(
+                        meta.conversation[i].data(),
+                        meta.sender[i].data(),
+                        meta.time[i],
+                        meta.kind[i].data(),
+                    )
+                })
+                .collect();
+            if candidates.is_empty() {
+                continue;
+            }
+            let data = fetch(segment.footer.row_group_range(rg)).await?;
+            let n = meta.seq.len();
+            let rows =
+                format::read_rows(&segment.footer, &data, rg, 0, n, false).map_err(corrupt)?;
+            let events = open_parallel(&segment, &key, rows, candidates, path).await?;
+            self.progress
+                .opened
+                .fetch_add(events.len() as u64, Ordering::Relaxed);
+            visitor.visit(events, Tier::Archive).await?;
+        }
+        Ok(())
+    }
+
+    async fn blooms_may_match(
+        &self,
+        objects: &Objects,
+        path: &str,
+        segment: &Segment,
+        rg: usize,
+        sel: Selection<'_>,
+    ) -> Result<bool, ArchiveError> {
+        let probes = [
+            (col::CONVERSATION, sel.conv.map(ConvId::as_str)),
+            (col::SENDER, sel.sender.map(UserId::as_str)),
+        ];
+        for (column, value) in probes {
+            let Some(value) = value else { continue };
+            let Some(range) = format::bloom_range(&segment.footer, rg, column) else {
+                continue;
+            };
+            let bytes: Bytes = objects.get_range(path, range.clone()).await?;
+            let data = Fetched {
+                base: range.start,
+                bytes,
+                len: segment.footer.len,
+            };
+            let may = format::bloom_may_contain(&segment.footer, &data, rg, column, value)
+                .map_err(|e| ArchiveError::corrupt(path, e))?;
+            if !may {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    async fn scan_hot(
+        &self,
+        tenant: &TenantId,
+        sel: Selection<'_>,
+        visitor: &mut dyn Visitor,
+    ) -> Result<(), ComplianceError> {
+        let heads = match sel.conv {
+            Some(conv) => match self
+                .store
+                .get(&keys::head(tenant, conv))
+                .await
+                .map_err(LogError::from)?
+            {
+                Some(head) => vec![(conv.clone(), head)],
+                None => Vec::new(),
+            },
+            None => {
+                let dir = keys::head_dir(Some(tenant));
+                let mut heads = Vec::new();
+                for (key, value) in scan_all(self.store, KeyRange::prefix(dir.clone())).await? {
+                    let conv = keys::last_part(&dir, &key)
+                        .ok_or_else(|| LogError::corrupt(&key, "bad head key"))?;
+                    heads.push((ConvId::new(conv)?, value));
+                }
+                heads
+            }
+        };
+        for (conv, head) in heads {
+            let head_key = keys::head(tenant, &conv);
+            let last = Head::decode(head.as_slice())
+                .map_err(|e| LogError::corrupt(&head_key, e))?
+                .last_seq;
+            let mut next = archived_through(self.store, tenant, &conv).await? + 1;
+            while next <= last {
+                let page = self
+                    .store
+                    .scan(
+                        keys::event_range(tenant, &conv, next, last),
+                        1000,
+                        Order::Ascending,
+                    )
+                    .await
+                    .map_err(LogError::from)?;
+                let Some((last_key, _)) = page.last() else {
+                    break;
+                };
+                next = keys::event_seq(last_key)
+                    .ok_or_else(|| LogError::corrupt(last_key, "bad key"))?
+                    + 1;
+                self.progress
+                    .scanned
+                    .fetch_add(page.len() as u64, Ordering::Relaxed);
+                let mut events = Vec::new();
+                for (key, value) in &page {
+                    let seq =
+                        keys::event_seq(key).ok_or_else(|| LogError::corrupt(key, "bad key"))?;
+                    let event =
+                        open_stored_event(self.keyring, tenant, &conv, seq, key, value).await?;
+                    if sel.matches(&event) {
+                        events.push(event);
+                    }
+                }
+                self.progress
+                    .opened
+                    .fetch_add(page.len() as u64, Ordering::Relaxed);
+                if !events.is_empty() {
+                    visitor.visit(events, Tier::Hot).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether a row group's statistics allow a row matching `sel`.
+fn stats_may_match(group: &parquet::file::metadata::RowGroupMetaData, sel: Selection<'_>) -> bool {
+    if let Some(Statistics::Int64(s)) = group.column(col::TIME).statistics()
+        && let (Some(&min), Some(&max)) = (s.min_opt(), s.max_opt())
+        && !sel.time_overlaps(min, max)
+    {
+        return false;
+    }
+    let within = |column: usize, value: Option<&str>| {
+        let Some(value) = value else { return true };
+        match group.column(column).statistics() {
+            Some(Statistics::ByteArray(s)) => match (s.min_opt(), s.max_opt()) {
+                (Some(min), Some(max)) => {
+                    let v = ByteArray::from(value);
+                    min.data() <= v.data() && v.data() <= max.data()
+                }
+                _ => true,
+            },
+            _ => true,
+        }
+    };
+    within(col::CONVERSATION, sel.conv.map(ConvId::as_str))
+        && within(col::SENDER, sel.sender.map(UserId::as_str))
+}
+
+/// Opens the candidate rows on the blocking pool, split over the available cores; returns
+/// the events in row order.
+async fn open_parallel(
+    segment: &Arc<Segment>,
+    key: &tidings_log::crypto::DataKey,
+    rows: Vec<format::Row>,
+    candidates: Vec<usize>,
+    path: &str,
+) -> Result<Vec<Event>, ArchiveError> {
+    let rows = Arc::new(rows);
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(8);
+    let chunk = candidates.len().div_ceil(workers).max(256);
+    let mut tasks = Vec::new();
+    for part in candidates.chunks(chunk) {
+        let (segment, key, rows, part) =
+            (segment.clone(), key.clone(), rows.clone(), part.to_vec());
+        tasks.push(tokio::task::spawn_blocking(move || {
+            part.iter()
+                .map(|&i| segment.open_row(&key, &rows[i]))
+                .collect::<Result<Vec<Event>, String>>()
+        }));
+    }
+    let mut events = Vec::with_capacity(candidates.len());
+    for task in tasks {
+        let opened = task
+            .await
+            .map_err(|e| ArchiveError::corrupt(path, format!("opening rows failed: {e}")))?
+            .map_err(|e| ArchiveError::corrupt(path, e))?;
+        events.extend(opened);
+    }
+    Ok(events)
+}
