@@ -44,6 +44,8 @@ const DAY_MS: u64 = 86_400_000;
 pub struct TenantPolicy {
     pub hot_window_ms: Option<u64>,
     pub max_hot_events: Option<u64>,
+    /// Delete events older than this (both tiers); `None` falls back to the default.
+    pub retention_ms: Option<u64>,
 }
 
 #[derive(Clone, Debug)]
@@ -54,6 +56,9 @@ pub struct ArchiveConfig {
     /// their age); 0 for no cap.
     pub max_hot_events: u64,
     pub tenants: BTreeMap<String, TenantPolicy>,
+    /// Default retention: events older than this are deleted from both tiers unless a legal
+    /// hold covers them; `None` keeps history forever.
+    pub retention_ms: Option<u64>,
     /// Most events in one segment (and one KV transaction).
     pub segment_max_events: usize,
     pub row_group_events: usize,
@@ -71,6 +76,7 @@ impl Default for ArchiveConfig {
             hot_window_ms: 30 * DAY_MS,
             max_hot_events: 0,
             tenants: BTreeMap::new(),
+            retention_ms: None,
             segment_max_events: 256 * 1024,
             row_group_events: 64 * 1024,
             buffer_bytes: 256 << 20,
@@ -106,6 +112,16 @@ impl ArchiveConfig {
             own.max_hot_events.unwrap_or(self.max_hot_events),
         )
     }
+
+    /// The tenant's retention, if it has one.
+    pub fn retention(&self, tenant: &str) -> Option<u64> {
+        self.tenants
+            .get(tenant)
+            .and_then(|p| p.retention_ms)
+            .or(self.retention_ms)
+            // u64::MAX is a tenant's explicit "forever" over a default.
+            .filter(|&ms| ms != u64::MAX)
+    }
 }
 
 /// What one pass may override.
@@ -129,6 +145,14 @@ pub struct Summary {
     /// Bytes of segment objects written.
     pub bytes: u64,
     pub orphans_removed: u64,
+    /// Events the retention policy deleted.
+    pub events_purged: u64,
+    /// Segments deleted whole, and rewritten without their expired rows.
+    pub segments_purged: u64,
+    pub segments_rewritten: u64,
+    /// Expired events kept because a legal hold covers them (or an earlier event of their
+    /// conversation that is held).
+    pub events_held: u64,
     pub duration_ms: u64,
 }
 
@@ -165,10 +189,29 @@ pub mod failpoint {
 }
 
 /// One event waiting to be archived.
-struct Pending {
-    event: Event,
-    plain_bytes: usize,
+pub(crate) struct Pending {
+    pub(crate) event: Event,
+    pub(crate) plain_bytes: usize,
 }
+
+impl Pending {
+    pub(crate) fn new(event: Event) -> Self {
+        let plain_bytes = event.encoded_len() + 64;
+        Pending { event, plain_bytes }
+    }
+}
+
+/// A segment that a new one replaces (retention rewrote it without its expired rows): the
+/// commit drops its record and runs and moves the conversations' retention markers.
+pub(crate) struct Replace {
+    pub(crate) segment_key: Vec<u8>,
+    pub(crate) segment_value: Vec<u8>,
+    pub(crate) run_keys: Vec<Vec<u8>>,
+    pub(crate) markers: Vec<MarkerMove>,
+}
+
+/// A retention marker's move: (key, the value it must still have, the new value).
+pub(crate) type MarkerMove = (Vec<u8>, Option<Vec<u8>>, Vec<u8>);
 
 /// The events of one tenant gathered so far, per UTC date, each list sorted by
 /// (conversation, seq).
@@ -179,10 +222,13 @@ struct Batch {
 }
 
 pub struct Archiver {
-    store: Arc<dyn KvStore>,
-    keyring: Arc<Keyring>,
-    objects: Objects,
-    cfg: ArchiveConfig,
+    pub(crate) store: Arc<dyn KvStore>,
+    pub(crate) keyring: Arc<Keyring>,
+    pub(crate) objects: Objects,
+    pub(crate) cfg: ArchiveConfig,
+    /// Taken exclusively for a pass; compliance reads in this process take it shared, so
+    /// they never see events halfway between the tiers.
+    gate: Arc<tokio::sync::RwLock<()>>,
 }
 
 impl Archiver {
@@ -198,7 +244,14 @@ impl Archiver {
             keyring,
             objects,
             cfg,
+            gate: Arc::default(),
         })
+    }
+
+    /// Shares the gate with this process's compliance reads.
+    pub fn with_gate(mut self, gate: Arc<tokio::sync::RwLock<()>>) -> Self {
+        self.gate = gate;
+        self
     }
 
     /// Runs one pass over every tenant (or the one in `opts`). `progress` is called after
@@ -208,6 +261,7 @@ impl Archiver {
         opts: &PassOptions,
         progress: &(dyn Fn(&Summary) + Sync),
     ) -> Result<Summary, ArchiveError> {
+        let _pass = self.gate.write().await;
         let started = std::time::Instant::now();
         let mut summary = Summary::default();
         let tenants = match &opts.tenant {
@@ -219,6 +273,10 @@ impl Archiver {
             summary.orphans_removed += self.sweep_orphans(&tenant, opts).await?;
             self.archive_tenant(&tenant, opts, &mut summary, progress)
                 .await?;
+            if let Some(retention) = self.cfg.retention(tenant.as_str()) {
+                self.enforce_retention(&tenant, retention, &mut summary)
+                    .await?;
+            }
         }
         summary.duration_ms = started.elapsed().as_millis() as u64;
         Ok(summary)
@@ -259,6 +317,12 @@ impl Archiver {
     ) -> Result<(), ArchiveError> {
         let (window, cap) = self.cfg.policy(tenant.as_str());
         let window = opts.older_than_ms.unwrap_or(window);
+        // Events past retention are archived first, then deleted from the archive by the
+        // retention step of the same pass: one deletion path, held events kept in the cold tier.
+        let window = self
+            .cfg
+            .retention(tenant.as_str())
+            .map_or(window, |r| window.min(r));
         let cutoff = tidings_log::now_ms().saturating_sub(window.min(i64::MAX as u64) as i64);
         let cap = if opts.older_than_ms.is_some() { 0 } else { cap };
         let heads = KeyRange::prefix(keys::head_dir(Some(tenant)));
@@ -371,13 +435,9 @@ impl Archiver {
                 if day > date {
                     date = day;
                 }
-                let plain_bytes = event.encoded_len() + 64;
-                batch.bytes += plain_bytes;
-                batch
-                    .by_date
-                    .entry(date.clone())
-                    .or_default()
-                    .push(Pending { event, plain_bytes });
+                let pending = Pending::new(event);
+                batch.bytes += pending.plain_bytes;
+                batch.by_date.entry(date.clone()).or_default().push(pending);
                 taken += 1;
                 next = seq + 1;
             }
@@ -400,7 +460,7 @@ impl Archiver {
             while !pending.is_empty() {
                 let n = pending.len().min(self.cfg.segment_max_events);
                 let chunk: Vec<Pending> = pending.drain(..n).collect();
-                let bytes = self.write_segment(tenant, &date, chunk).await?;
+                let bytes = self.write_segment(tenant, &date, chunk, None).await?;
                 summary.segments += 1;
                 summary.events_archived += n as u64;
                 summary.bytes += bytes;
@@ -410,12 +470,14 @@ impl Archiver {
         Ok(())
     }
 
-    /// Steps 1 to 3 for one segment. Returns its size in bytes.
-    async fn write_segment(
+    /// Steps 1 to 3 for one segment. Returns its size in bytes. With `replaces`, the new
+    /// segment takes the place of an old one instead of taking events from the hot log.
+    pub(crate) async fn write_segment(
         &self,
         tenant: &TenantId,
         date: &str,
         pending: Vec<Pending>,
+        replaces: Option<&Replace>,
     ) -> Result<u64, ArchiveError> {
         let segment_id = uuid::Uuid::now_v7().simple().to_string();
         let path = storage::segment_path(tenant.as_str(), date, &segment_id);
@@ -464,7 +526,10 @@ impl Archiver {
             created_ms: tidings_log::now_ms(),
             ..record
         };
-        let txn = self.index_transaction(tenant, &segment_id, &path, &record, &runs, pending)?;
+        let txn = match replaces {
+            None => self.index_transaction(tenant, &segment_id, &path, &record, &runs, pending)?,
+            Some(old) => replace_transaction(tenant, &segment_id, &path, &record, &runs, old)?,
+        };
         if let Err(e) = self.store.commit(txn).await {
             let _ = self.objects.delete(&path).await;
             return Err(match e {
@@ -561,6 +626,48 @@ impl Archiver {
         }
         Ok(txn)
     }
+}
+
+/// Step 3 of a rewrite: the new segment's record and runs in, the old one's out, the
+/// retention markers moved; the hot log is not touched.
+fn replace_transaction(
+    tenant: &TenantId,
+    segment_id: &str,
+    path: &str,
+    record: &ArchiveSegment,
+    runs: &[(String, u64, ArchiveRun)],
+    old: &Replace,
+) -> Result<Transaction, ArchiveError> {
+    let mut txn = Transaction::new();
+    let mut new_keys = HashSet::new();
+    for (conv, first_seq, run) in runs {
+        let conv = ConvId::new(conv.as_str())?;
+        let key = keys::archive_run(tenant, &conv, *first_seq);
+        new_keys.insert(key.clone());
+        txn.put(
+            key,
+            ArchiveRun {
+                segment_id: segment_id.to_string(),
+                path: path.to_string(),
+                ..run.clone()
+            }
+            .encode_to_vec(),
+        );
+    }
+    for key in &old.run_keys {
+        if !new_keys.contains(key) {
+            txn.delete(key.clone());
+        }
+    }
+    // The old record must still be what retention read: nothing else replaced it meanwhile.
+    txn.expect(old.segment_key.clone(), Some(old.segment_value.clone()))
+        .delete(old.segment_key.clone());
+    txn.put_if_absent(keys::segment(tenant, segment_id), record.encode_to_vec());
+    for (key, expected, value) in &old.markers {
+        txn.expect(key.clone(), expected.clone())
+            .put(key.clone(), value.clone());
+    }
+    Ok(txn)
 }
 
 /// Step 1 without the I/O: rows sealed, the Parquet bytes, the index runs

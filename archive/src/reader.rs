@@ -366,6 +366,12 @@ impl ColdReader {
             if expected > to {
                 break;
             }
+            if tidings_log::cold::is_purge_marker(&run) {
+                return Err(ArchiveError::Log(LogError::InvalidRequest(format!(
+                    "seqs up to {} of conversation {conv} were deleted by the retention policy",
+                    run.last_seq
+                ))));
+            }
             if first_seq > expected || run.last_seq < expected {
                 break;
             }

@@ -101,6 +101,11 @@ pub async fn verify(
         let run = decode_run(&key, &value)?;
         let (conv, first) = keys::archive_run_parts(&run_dir, &key)
             .ok_or_else(|| LogError::corrupt(&key, "bad archive run key"))?;
+        if tidings_log::cold::is_purge_marker(&run) {
+            // Retention deleted 1..=last_seq; the runs after it start above.
+            by_conv.entry(conv).or_default().push((1, run.last_seq));
+            continue;
+        }
         by_conv
             .entry(conv.clone())
             .or_default()

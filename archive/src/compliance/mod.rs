@@ -22,6 +22,7 @@ mod scan;
 mod service;
 
 pub use hit::{Edit, Fate, Hit, Recall, Tier, event_json, hit_json, parse_time, rfc3339_ms};
+pub use hold::{HoldSet, HoldSpec, Scope};
 pub use service::{Action, Compliance, Progress, Sink};
 
 use serde_json::{Value, json};

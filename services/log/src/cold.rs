@@ -47,6 +47,25 @@ pub async fn archived_through(
     }
 }
 
+/// The last seq of a conversation that the retention policy deleted, 0 when none: history
+/// begins above it. Its marker is the `ax/` key with first seq 0.
+pub async fn purged_through(
+    store: &dyn KvStore,
+    tenant: &TenantId,
+    conv: &ConvId,
+) -> Result<u64, LogError> {
+    let key = keys::purge_marker(tenant, conv);
+    match store.get(&key).await? {
+        None => Ok(0),
+        Some(value) => Ok(decode_run(&key, &value)?.last_seq),
+    }
+}
+
+/// Whether an `ax/` run is the retention marker rather than a run of archived rows.
+pub fn is_purge_marker(run: &ArchiveRun) -> bool {
+    run.segment_id.is_empty()
+}
+
 pub fn decode_run(key: &[u8], value: &[u8]) -> Result<ArchiveRun, LogError> {
     ArchiveRun::decode(value).map_err(|e| LogError::corrupt(key, e))
 }

@@ -607,6 +607,15 @@ impl Log {
         // comes back short means the floor moved: read again with the new one.
         let mut floor = cold::archived_through(&*self.inner.store, tenant, conv).await?;
         for _ in 0..8 {
+            // Seqs the retention policy deleted are gone: history begins above them.
+            let lo = if lo <= floor {
+                lo.max(cold::purged_through(&*self.inner.store, tenant, conv).await? + 1)
+            } else {
+                lo
+            };
+            if lo > hi {
+                return Ok(Vec::new());
+            }
             let span = Span { lo, hi, floor };
             if let Some(events) = self.read_tiers(tenant, conv, span, range).await? {
                 return Ok(events);

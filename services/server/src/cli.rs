@@ -42,6 +42,10 @@ pub enum Command {
     /// Move aged events to the archive, and inspect or verify it.
     #[command(subcommand)]
     Archive(ArchiveCommand),
+    /// Search and export a tenant's history, read its audit log, manage legal holds.
+    /// Every search and export is recorded in the tenant's audit log.
+    #[command(subcommand)]
+    Compliance(ComplianceCommand),
     /// Measure tidings against its baselines.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -96,6 +100,98 @@ pub enum ArchiveCommand {
     Verify {
         #[arg(long)]
         tenant: Option<TenantId>,
+    },
+}
+
+/// What a compliance search or export selects.
+#[derive(Debug, Args)]
+pub struct QueryArgs {
+    #[arg(long)]
+    pub tenant: TenantId,
+    /// Who is asking (recorded in the audit log), e.g. an employee id or email.
+    #[arg(long)]
+    pub actor: String,
+    #[arg(long)]
+    pub conv: Option<ConvId>,
+    #[arg(long)]
+    pub sender: Option<UserId>,
+    /// Events at or after this time: 2026-11-29 or 2026-11-29T08:30:00Z (RFC 3339).
+    #[arg(long, value_name = "TIME")]
+    pub from: Option<String>,
+    /// Events before this time.
+    #[arg(long, value_name = "TIME")]
+    pub to: Option<String>,
+    /// Case-insensitive substring of a message's text (original or any edit) or a title.
+    #[arg(long)]
+    pub text: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum ExportFormat {
+    Jsonl,
+    Csv,
+    Parquet,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ComplianceCommand {
+    /// Print matching events (hot and archived) as JSON lines, messages with their edits
+    /// and recall.
+    Search(QueryArgs),
+    /// Write matching events, decrypted, to a file; the file appears only when complete.
+    Export {
+        #[command(flatten)]
+        query: QueryArgs,
+        #[arg(long, value_enum)]
+        format: ExportFormat,
+        /// The file to create (refused if it exists).
+        #[arg(long, value_name = "PATH")]
+        out: PathBuf,
+    },
+    /// Print the tenant's audit log, checking its integrity; exits 1 if it was tampered with.
+    Audit {
+        #[arg(long)]
+        tenant: TenantId,
+    },
+    /// Legal holds: what retention and shredding must never delete.
+    #[command(subcommand)]
+    Hold(HoldCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum HoldCommand {
+    /// Hold a whole tenant, one conversation (--conv) or one user's conversations (--user),
+    /// optionally only over a time range.
+    Create {
+        #[arg(long)]
+        tenant: TenantId,
+        #[arg(long)]
+        actor: String,
+        #[arg(long, conflicts_with = "user")]
+        conv: Option<ConvId>,
+        #[arg(long)]
+        user: Option<UserId>,
+        #[arg(long, value_name = "TIME")]
+        from: Option<String>,
+        #[arg(long, value_name = "TIME")]
+        to: Option<String>,
+        /// Why (e.g. the matter's name); recorded with the hold.
+        #[arg(long)]
+        reason: String,
+    },
+    /// Every hold of the tenant, active and released.
+    List {
+        #[arg(long)]
+        tenant: TenantId,
+    },
+    /// Release a hold; its record stays.
+    Release {
+        #[arg(long)]
+        tenant: TenantId,
+        #[arg(long)]
+        actor: String,
+        #[arg(long)]
+        id: String,
     },
 }
 
@@ -243,8 +339,18 @@ pub enum LogCommand {
         sender: UserId,
         #[arg(long, required_unless_present = "stdin", conflicts_with = "stdin")]
         client_msg_id: Option<ClientMsgId>,
-        #[arg(long, required_unless_present = "stdin", conflicts_with = "stdin")]
+        #[arg(
+            long,
+            required_unless_present_any = ["stdin", "recall"],
+            conflicts_with_all = ["stdin", "recall"]
+        )]
         text: Option<String>,
+        /// With --text: edit the message at this seq (its author only) instead of posting.
+        #[arg(long, value_name = "SEQ", conflicts_with = "stdin")]
+        edit: Option<u64>,
+        /// Recall (withdraw) the message at this seq (its author only).
+        #[arg(long, value_name = "SEQ", conflicts_with_all = ["stdin", "edit"])]
+        recall: Option<u64>,
         #[arg(long)]
         stdin: bool,
     },

@@ -10,7 +10,7 @@ use serde_json::json;
 use tidings_log::crypto::MasterKey;
 use tidings_log::store::{FjallStore, KvStore, Order};
 use tidings_log::{
-    Append, ClientMsgId, ConversationKind, CreateConversation, Log, LogError, PendingAppend,
+    Append, Body, ClientMsgId, ConversationKind, CreateConversation, Log, LogError, PendingAppend,
     ReadRange,
 };
 use tokio::io::{AsyncBufRead, AsyncBufReadExt};
@@ -25,7 +25,7 @@ fn env(name: &str) -> Option<String> {
 }
 
 /// Prints one JSON line. A closed stdout (the reader went away) is an error, not a panic.
-fn emit(value: &serde_json::Value) -> anyhow::Result<()> {
+pub(crate) fn emit(value: &serde_json::Value) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     writeln!(out, "{value}").context("write to stdout")?;
     out.flush().context("flush stdout")
@@ -160,6 +160,12 @@ pub async fn run(command: Command, config: Config) -> anyhow::Result<bool> {
             log.close().await;
             result
         }
+        Command::Compliance(cmd) => {
+            let log = open_log(&config).await?;
+            let result = crate::compliance::command(cmd, &log, &config).await;
+            log.close().await;
+            result
+        }
         other => {
             let log = open_log(&config).await?;
             let result = run_on_log(other, &log).await;
@@ -212,16 +218,42 @@ async fn run_on_log(command: Command, log: &Log) -> anyhow::Result<bool> {
             sender,
             client_msg_id,
             text,
+            edit,
+            recall,
             stdin,
         }) => {
             if stdin {
                 let input = tokio::io::BufReader::new(tokio::io::stdin());
                 return append_lines(log, &target, &sender, input).await;
             }
-            let (Some(id), Some(text)) = (client_msg_id, text) else {
-                bail!("--client-msg-id and --text are required without --stdin");
+            let Some(id) = client_msg_id else {
+                bail!("--client-msg-id is required without --stdin");
             };
-            let req = Append::text(target.tenant, target.conv, sender, id, text);
+            let body = match (edit, recall, text) {
+                (_, Some(target_seq), _) => {
+                    Body::MessageRecalled(tidings_schemas::v1::MessageRecalled { target_seq })
+                }
+                (Some(target_seq), None, Some(new_text)) => {
+                    Body::MessageEdited(tidings_schemas::v1::MessageEdited {
+                        target_seq,
+                        new_text,
+                    })
+                }
+                (None, None, Some(text)) => {
+                    Body::MessagePosted(tidings_schemas::v1::MessagePosted {
+                        text,
+                        ..Default::default()
+                    })
+                }
+                (_, None, None) => bail!("--text is required without --recall or --stdin"),
+            };
+            let req = Append {
+                tenant: target.tenant,
+                conv: target.conv,
+                sender,
+                client_msg_id: id,
+                body,
+            };
             emit(&output::ack(&log.append(req).await?))?;
         }
         Command::Log(LogCommand::Read {
@@ -232,6 +264,7 @@ async fn run_on_log(command: Command, log: &Log) -> anyhow::Result<bool> {
         }) => read(log, &target, from, limit, reverse).await?,
         Command::Keys(KeysCommand::Init { .. })
         | Command::Archive(_)
+        | Command::Compliance(_)
         | Command::Bench(_)
         | Command::Token(_)
         | Command::Serve { .. }

@@ -49,7 +49,10 @@ pub struct ArchiveSection {
     pub cache_bytes: usize,
     /// Unindexed objects older than this are crash leftovers and are deleted.
     pub orphan_grace: String,
-    /// Per-tenant overrides of hot_window and max_hot_events.
+    /// Delete events older than this from both tiers, legal holds excepted (e.g. 365d).
+    /// Empty keeps history forever.
+    pub retention: String,
+    /// Per-tenant overrides of hot_window, max_hot_events and retention.
     pub tenants: std::collections::BTreeMap<String, TenantArchiveSection>,
 }
 
@@ -58,6 +61,8 @@ pub struct ArchiveSection {
 pub struct TenantArchiveSection {
     pub hot_window: Option<String>,
     pub max_hot_events: Option<u64>,
+    /// This tenant's retention ("" keeps its history forever whatever the default).
+    pub retention: Option<String>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -92,6 +97,7 @@ impl Default for ArchiveSection {
             enabled: true,
             interval: "10m".into(),
             hot_window: "30d".into(),
+            retention: String::new(),
             max_hot_events: d.max_hot_events,
             storage: "local".into(),
             path: None,
@@ -319,9 +325,10 @@ impl Config {
         if let Some(v) = env("TIDINGS_NATS_URL") {
             self.nats.url = v;
         }
-        let archive_strings: [(&'static str, &mut String); 8] = [
+        let archive_strings: [(&'static str, &mut String); 9] = [
             ("TIDINGS_ARCHIVE_STORAGE", &mut self.archive.storage),
             ("TIDINGS_ARCHIVE_HOT_WINDOW", &mut self.archive.hot_window),
+            ("TIDINGS_ARCHIVE_RETENTION", &mut self.archive.retention),
             ("TIDINGS_ARCHIVE_INTERVAL", &mut self.archive.interval),
             (
                 "TIDINGS_ARCHIVE_ORPHAN_GRACE",
@@ -512,10 +519,25 @@ impl Config {
                 .map(|s| s * 1000)
                 .map_err(|e| ConfigError::Invalid(format!("archive.{name}: {e}")))
         };
+        let retention = |name: &str, text: &str| -> Result<Option<u64>, ConfigError> {
+            if text.is_empty() {
+                return Ok(None);
+            }
+            match ms(name, text)? {
+                0 => Err(ConfigError::Invalid(format!(
+                    "archive.{name} must be positive (or empty to keep history forever)"
+                ))),
+                n => Ok(Some(n)),
+            }
+        };
         let mut tenants = std::collections::BTreeMap::new();
         for (tenant, t) in &a.tenants {
             let hot_window_ms = match &t.hot_window {
                 Some(w) => Some(ms(&format!("tenants.{tenant}.hot_window"), w)?),
+                None => None,
+            };
+            let retention_ms = match &t.retention {
+                Some(r) => retention(&format!("tenants.{tenant}.retention"), r)?,
                 None => None,
             };
             tenants.insert(
@@ -523,6 +545,11 @@ impl Config {
                 tidings_archive::TenantPolicy {
                     hot_window_ms,
                     max_hot_events: t.max_hot_events,
+                    // A tenant's "" means "forever", overriding the default.
+                    retention_ms: t
+                        .retention
+                        .as_ref()
+                        .map(|_| retention_ms.unwrap_or(u64::MAX)),
                 },
             );
         }
@@ -530,6 +557,7 @@ impl Config {
             hot_window_ms: ms("hot_window", &a.hot_window)?,
             max_hot_events: a.max_hot_events,
             tenants,
+            retention_ms: retention("retention", &a.retention)?,
             segment_max_events: a.segment_max_events,
             row_group_events: a.row_group_events,
             zstd_level: a.zstd_level,

@@ -17,6 +17,7 @@ pub mod bench_gateway;
 pub mod chat;
 pub mod cli;
 pub mod commands;
+pub mod compliance;
 pub mod config;
 pub mod output;
 pub mod serve;
