@@ -181,25 +181,42 @@ fn wait_for_port(port: u16, what: &str) {
 /// Waits for a line of `child`'s stderr containing `marker` and returns what follows it;
 /// the rest of stderr is drained in the background (echoed with TIDINGS_TEST_VERBOSE).
 fn wait_for_line(child: &mut Child, marker: &'static str, what: &str) -> String {
+    wait_for_lines(child, &[marker], what).remove(0)
+}
+
+/// Like [`wait_for_line`], for several markers in any order: what follows each, in the
+/// order of `markers`.
+fn wait_for_lines(child: &mut Child, markers: &[&'static str], what: &str) -> Vec<String> {
     use std::io::BufRead;
     let stderr = child.stderr.take().expect("stderr piped");
     let (tx, rx) = std::sync::mpsc::channel();
     let tag = what.to_string();
+    let wanted = markers.to_vec();
     std::thread::spawn(move || {
         for line in std::io::BufReader::new(stderr)
             .lines()
             .map_while(Result::ok)
         {
-            if let Some(i) = line.find(marker) {
-                let _ = tx.send(line[i + marker.len()..].to_string());
+            for (n, marker) in wanted.iter().enumerate() {
+                if let Some(i) = line.find(marker) {
+                    let _ = tx.send((n, line[i + marker.len()..].to_string()));
+                }
             }
             if std::env::var_os("TIDINGS_TEST_VERBOSE").is_some() {
                 eprintln!("[{tag}] {line}");
             }
         }
     });
-    rx.recv_timeout(std::time::Duration::from_secs(30))
-        .unwrap_or_else(|_| panic!("{what} did not become ready"))
+    let mut found: Vec<Option<String>> = vec![None; markers.len()];
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while found.iter().any(Option::is_none) {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok((n, rest)) => found[n] = Some(rest),
+            Err(_) => panic!("{what} did not become ready"),
+        }
+    }
+    found.into_iter().flatten().collect()
 }
 
 /// The port at the end of `host:port...`.
@@ -288,33 +305,60 @@ impl Drop for Nats {
 /// A `tidings serve` process, killed on drop.
 pub struct Server {
     pub port: u16,
+    /// The admin listener's port (roles all and log; 0 when it is off).
+    pub admin_port: u16,
     child: Child,
 }
 
 impl Server {
-    /// Starts `tidings serve --role ROLE` in the sandbox against `nats`. The gateway binds a
-    /// port of its own choosing and says which; the log role is ready when it says so.
+    /// Starts `tidings serve --role ROLE` in the sandbox against `nats`. The gateway and the
+    /// admin listener bind ports of their own choosing and say which; the log role is ready
+    /// when it says so.
     pub fn start(s: &Sandbox, nats: &Nats, role: &str, env: &[(&str, &str)]) -> Server {
         let mut cmd = s.command(&["serve", "--role", role]);
         cmd.env("TIDINGS_NATS_URL", nats.url())
             .env("TIDINGS_GATEWAY_LISTEN", "127.0.0.1:0")
+            .env("TIDINGS_ADMIN_LISTEN", "127.0.0.1:0")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         for (k, v) in env {
             cmd.env(k, v);
         }
+        let admin = matches!(role, "all" | "log")
+            && !env
+                .iter()
+                .any(|(k, v)| *k == "TIDINGS_ADMIN_LISTEN" && v.is_empty());
         let mut child = cmd.spawn().expect("spawn tidings serve");
+        let ready = if role == "log" {
+            "log service on NATS"
+        } else {
+            "gateway on ws://"
+        };
+        let mut markers = vec![ready];
+        if admin {
+            markers.push("admin on http://");
+        }
+        let found = wait_for_lines(&mut child, &markers, "tidings serve");
         let port = if role == "log" {
-            wait_for_line(&mut child, "log service on NATS", "tidings serve");
             0
         } else {
-            let rest = wait_for_line(&mut child, "gateway on ws://", "tidings serve");
-            let port = port_in(rest.trim_end_matches("/v1/ws"));
+            let port = port_in(found[0].trim_end_matches("/v1/ws"));
             wait_for_port(port, "tidings serve");
             port
         };
-        Server { port, child }
+        let admin_port = if admin {
+            let port = port_in(&found[1]);
+            wait_for_port(port, "tidings serve (admin)");
+            port
+        } else {
+            0
+        };
+        Server {
+            port,
+            admin_port,
+            child,
+        }
     }
 
     pub fn url(&self) -> String {
@@ -338,9 +382,20 @@ impl Drop for Server {
 }
 
 impl Sandbox {
-    /// A token signed with the sandbox's development secret.
-    /// A token valid for `ttl_secs` from now (negative: already expired).
+    /// A token signed with the sandbox's development secret, valid for `ttl_secs` from now
+    /// (negative: already expired).
     pub fn token(&self, tenant: &str, user: &str, ttl_secs: i64) -> String {
+        self.token_with_roles(tenant, user, &[], ttl_secs)
+    }
+
+    /// [`Sandbox::token`] carrying `roles`.
+    pub fn token_with_roles(
+        &self,
+        tenant: &str,
+        user: &str,
+        roles: &[&str],
+        ttl_secs: i64,
+    ) -> String {
         let hex = std::fs::read_to_string(self.path().join("tidings-jwt.secret")).expect("secret");
         let secret = tidings_log::crypto::hex_decode(hex.trim()).expect("hex secret");
         let now = std::time::SystemTime::now()
@@ -354,7 +409,7 @@ impl Sandbox {
             &tidings_auth::Claims {
                 tenant: tenant.into(),
                 user: user.into(),
-                roles: vec![],
+                roles: roles.iter().map(|r| r.to_string()).collect(),
                 expires_at: now.saturating_add_signed(ttl_secs),
                 issued_at: now,
             },

@@ -157,6 +157,9 @@ pub enum ComplianceError {
     Export { path: String, reason: String },
     #[error("no such legal hold: {0}")]
     NoSuchHold(String),
+    /// Results could not be handed to the caller (stdout closed, an HTTP client gone).
+    #[error("results could not be delivered to {to}: {reason}")]
+    Delivery { to: String, reason: String },
     #[error(transparent)]
     Archive(#[from] ArchiveError),
     #[error(transparent)]
@@ -176,6 +179,7 @@ impl ComplianceError {
             ComplianceError::Held(_) => "held",
             ComplianceError::Export { .. } => "export_failed",
             ComplianceError::NoSuchHold(_) => "no_such_hold",
+            ComplianceError::Delivery { .. } => "delivery_failed",
             ComplianceError::Archive(e) => e.code(),
             ComplianceError::Log(e) => e.code(),
         }

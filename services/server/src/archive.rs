@@ -104,8 +104,12 @@ pub async fn command(cmd: ArchiveCommand, log: &Log, config: &Config) -> anyhow:
 
 /// The archiver of `tidings serve`: a pass every `archive.interval`, logged. A failed pass
 /// is logged and retried at the next interval; it never takes the server down.
-pub fn spawn_periodic(config: &Config, log: Log) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    let archiver = Arc::new(archiver(config, &log)?);
+pub fn spawn_periodic(
+    config: &Config,
+    log: Log,
+    gate: Arc<tokio::sync::RwLock<()>>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let archiver = Arc::new(archiver(config, &log)?.with_gate(gate));
     let every = Duration::from_secs(
         parse_duration_secs(&config.archive.interval).map_err(anyhow::Error::msg)?,
     );
@@ -115,14 +119,23 @@ pub fn spawn_periodic(config: &Config, log: Log) -> anyhow::Result<tokio::task::
         loop {
             tick.tick().await;
             match archiver.run_pass(&PassOptions::default(), &|_| {}).await {
-                Ok(s) if s.events_archived > 0 || s.orphans_removed > 0 => tracing::info!(
-                    events = s.events_archived,
-                    segments = s.segments,
-                    bytes = s.bytes,
-                    orphans_removed = s.orphans_removed,
-                    ms = s.duration_ms,
-                    "archive pass"
-                ),
+                Ok(s)
+                    if s.events_archived > 0
+                        || s.orphans_removed > 0
+                        || s.events_purged > 0
+                        || s.events_held > 0 =>
+                {
+                    tracing::info!(
+                        events = s.events_archived,
+                        segments = s.segments,
+                        bytes = s.bytes,
+                        orphans_removed = s.orphans_removed,
+                        purged = s.events_purged,
+                        kept_for_holds = s.events_held,
+                        ms = s.duration_ms,
+                        "archive pass"
+                    )
+                }
                 Ok(_) => tracing::debug!("archive pass: nothing to archive"),
                 Err(e) => {
                     tracing::warn!(error = %e, retryable = e.is_retryable(), "archive pass failed")

@@ -184,6 +184,8 @@ pub async fn run(args: GatewayArgs, _config: &Config) -> anyhow::Result<()> {
             .env("TIDINGS_AUTH_HS256_SECRET_FILE", root.join("jwt.secret"))
             .env("TIDINGS_NATS_URL", &nats_url)
             .env("TIDINGS_GATEWAY_LISTEN", format!("127.0.0.1:{gw_port}"))
+            // The bench needs no admin listener, and its default port may be taken.
+            .env("TIDINGS_ADMIN_LISTEN", "")
             .env("TIDINGS_GATEWAY_FRAMES_PER_SECOND", "100000")
             .env("TIDINGS_GATEWAY_FRAME_BURST", "100000")
             .stdout(std::process::Stdio::null())

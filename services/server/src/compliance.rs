@@ -233,8 +233,8 @@ impl Sink for Stdout {
 }
 
 fn stdout_error(e: std::io::Error) -> ComplianceError {
-    ComplianceError::Export {
-        path: "stdout".into(),
+    ComplianceError::Delivery {
+        to: "stdout".into(),
         reason: e.to_string(),
     }
 }

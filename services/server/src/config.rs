@@ -24,6 +24,24 @@ pub struct Config {
     pub nats: NatsSection,
     pub auth: AuthSection,
     pub archive: ArchiveSection,
+    pub admin: AdminSection,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminSection {
+    /// Where the admin HTTP listener (health, compliance search, audit log) listens, in
+    /// `serve` roles all and log; empty disables it. Plain HTTP: keep it on loopback or a
+    /// private network, or put TLS in front.
+    pub listen: String,
+}
+
+impl Default for AdminSection {
+    fn default() -> Self {
+        AdminSection {
+            listen: "127.0.0.1:7180".into(),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -242,6 +260,7 @@ impl Default for Config {
             nats: NatsSection::default(),
             auth: AuthSection::default(),
             archive: ArchiveSection::default(),
+            admin: AdminSection::default(),
         }
     }
 }
@@ -324,6 +343,9 @@ impl Config {
         }
         if let Some(v) = env("TIDINGS_NATS_URL") {
             self.nats.url = v;
+        }
+        if let Some(v) = env("TIDINGS_ADMIN_LISTEN") {
+            self.admin.listen = v;
         }
         let archive_strings: [(&'static str, &mut String); 9] = [
             ("TIDINGS_ARCHIVE_STORAGE", &mut self.archive.storage),
@@ -493,6 +515,14 @@ impl Config {
             return Err(ConfigError::Invalid(format!(
                 "gateway.listen {:?} is not an address like 127.0.0.1:7300",
                 g.listen
+            )));
+        }
+        if !self.admin.listen.is_empty()
+            && self.admin.listen.parse::<std::net::SocketAddr>().is_err()
+        {
+            return Err(ConfigError::Invalid(format!(
+                "admin.listen {:?} is not an address like 127.0.0.1:7180 (empty disables it)",
+                self.admin.listen
             )));
         }
         Ok(())
@@ -672,6 +702,18 @@ mod tests {
         assert_eq!(format!("{:?}", cfg.gateway), format!("{:?}", d.gateway));
         assert_eq!(format!("{:?}", cfg.nats), format!("{:?}", d.nats));
         assert_eq!(format!("{:?}", cfg.auth), format!("{:?}", d.auth));
+        assert_eq!(format!("{:?}", cfg.admin), format!("{:?}", d.admin));
+    }
+
+    #[test]
+    fn the_admin_listener_can_be_moved_or_disabled_but_not_misspelt() {
+        let cfg = Config::load(None, env(&[("TIDINGS_ADMIN_LISTEN", "127.0.0.1:0")])).expect("env");
+        assert_eq!(cfg.admin.listen, "127.0.0.1:0");
+        let cfg = Config::load(None, env(&[("TIDINGS_ADMIN_LISTEN", "")])).expect("disabled");
+        assert_eq!(cfg.admin.listen, "");
+        let err =
+            Config::load(None, env(&[("TIDINGS_ADMIN_LISTEN", "localhost")])).expect_err("no port");
+        assert!(err.to_string().contains("admin.listen"), "{err}");
     }
 
     #[test]

@@ -5,11 +5,13 @@
 //! - [`config`]: TOML file plus `TIDINGS_*` environment overrides.
 //! - [`commands`]: the tool commands (`keys`, `conv`, `log`).
 //! - [`serve`]: `tidings serve --role all|log|gateway|archiver`.
+//! - [`admin`]: the admin HTTP listener of `serve`: health, compliance search, audit log.
 //! - [`archive`]: `tidings archive run|inspect|verify` and the periodic archiver of `serve`.
 //! - [`chat`]: `tidings chat`, a terminal client.
 //! - [`bench`], [`bench_gateway`], [`bench_archive`]: `tidings bench`, tidings against its baselines in one run.
 //! - [`output`]: the JSON lines the tools print.
 
+pub mod admin;
 pub mod archive;
 pub mod bench;
 pub mod bench_archive;

@@ -6,6 +6,9 @@
 //! - `gateway`: the WebSocket gateway; it reaches the log over NATS request/reply.
 //! - `archiver`: only the periodic archiver (no NATS). The embedded store is one process's,
 //!   so on one machine the archiver runs inside `all` or `log` (archive.enabled) instead.
+//!
+//! `all` and `log` have the store open, so they also run the admin listener (`admin.listen`):
+//! health and compliance search (see [`crate::admin`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -66,6 +69,32 @@ pub fn verifier(config: &Config) -> anyhow::Result<Verifier> {
     })?)
 }
 
+/// The admin listener, unless `admin.listen` is empty. Its tokens are checked exactly as
+/// the gateway's.
+async fn start_admin(
+    config: &Config,
+    log: &tidings_log::Log,
+    archive_gate: Arc<tokio::sync::RwLock<()>>,
+) -> anyhow::Result<Option<crate::admin::Admin>> {
+    if config.admin.listen.is_empty() {
+        return Ok(None);
+    }
+    let addr: SocketAddr = config.admin.listen.parse()?;
+    let verifier = verifier(config)
+        .context("the admin listener checks tokens (admin.listen = \"\" disables it)")?;
+    let compliance = tidings_archive::compliance::Compliance::new(
+        log.store().clone(),
+        log.keyring().clone(),
+        Some(crate::archive::objects(config)?),
+        archive_gate,
+    );
+    let admin = crate::admin::Admin::start(addr, verifier, compliance)
+        .await
+        .with_context(|| format!("admin listener on {addr}"))?;
+    eprintln!("tidings: admin on http://{}", admin.local_addr());
+    Ok(admin.into())
+}
+
 async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
@@ -90,7 +119,7 @@ async fn shutdown_signal() {
 pub async fn serve(config: Config, role: Role) -> anyhow::Result<()> {
     if role == Role::Archiver {
         let log = crate::commands::open_log(&config).await?;
-        let archiver = crate::archive::spawn_periodic(&config, log)?;
+        let archiver = crate::archive::spawn_periodic(&config, log, Arc::default())?;
         eprintln!("tidings: archiver every {}", config.archive.interval);
         shutdown_signal().await;
         archiver.abort();
@@ -104,7 +133,11 @@ pub async fn serve(config: Config, role: Role) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("connect to NATS at {}", config.nats.url))?;
 
+    // Held shared by compliance reads and exclusively by an archive pass, so a read never
+    // sees events halfway between the tiers; made here, once per process, for both.
+    let archive_gate = Arc::new(tokio::sync::RwLock::new(()));
     let mut log_handle = None;
+    let mut admin = None;
     let mut background = Vec::new();
     let service: Option<Arc<dyn LogService>> = match role {
         Role::All | Role::Log => {
@@ -121,8 +154,13 @@ pub async fn serve(config: Config, role: Role) -> anyhow::Result<()> {
                 }
             }));
             if config.archive.enabled {
-                background.push(crate::archive::spawn_periodic(&config, log.clone())?);
+                background.push(crate::archive::spawn_periodic(
+                    &config,
+                    log.clone(),
+                    archive_gate.clone(),
+                )?);
             }
+            admin = start_admin(&config, &log, archive_gate.clone()).await?;
             info!(data_dir = %config.data_dir.display(), "log ready");
             log_handle = Some(log.clone());
             Some(Arc::new(log))
@@ -157,6 +195,9 @@ pub async fn serve(config: Config, role: Role) -> anyhow::Result<()> {
     }
 
     info!("shutting down");
+    if let Some(admin) = admin {
+        admin.stop().await;
+    }
     for task in background.iter().skip(1) {
         task.abort();
     }

@@ -1,0 +1,766 @@
+//! The admin listener of `tidings serve`: plain HTTP/1.1 for operators and compliance
+//! officers, never for end users (they use the gateway).
+//!
+//! - `GET /healthz`: `200 ok`.
+//! - `GET /v1/compliance/search?tenant=&conv=&sender=&from=&to=&text=`: the hits as JSON
+//!   lines, streamed, then `{"complete":true,"rows":N}` — or `{"error":{..}}` if the search
+//!   failed midway. Only that last line tells a complete result from a cut one.
+//! - `GET /v1/compliance/audit?tenant=`: the tenant's audit records as JSON lines, then
+//!   `{"complete":true,"rows":N,"problems":[..]}`. Reading the audit log is audited too.
+//!
+//! Both compliance routes take `Authorization: Bearer <jwt>` with the `compliance` role.
+//! Who may ask, and what is recorded:
+//!
+//! | request | answer | audit log |
+//! |---|---|---|
+//! | no token, malformed header, token fails verification | 401 | none (only a warning in the process log) |
+//! | verified token without the `compliance` role | 403 | denied, in the token's tenant |
+//! | compliance token of tenant A asking for tenant B | 403 | denied, in B's |
+//! | malformed filters | 400 | denied, with the reason |
+//! | accepted | 200 | started, then completed or failed (by [`Compliance`]) |
+//!
+//! An unauthenticated request is not recorded because anyone who can reach the port could
+//! otherwise fill any tenant's audit log. The actor recorded is `<tenant>/<user>` from the
+//! token. The token itself is never logged or echoed.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use hyper::body::{Bytes, Frame, Incoming, SizeHint};
+use hyper::header::{self, HeaderMap, HeaderValue};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde_json::{Map, Value, json};
+use tidings_archive::compliance::audit::{self, Entry};
+use tidings_archive::compliance::{
+    Action, Actor, Compliance, ComplianceError, Hit, Progress, Query, Sink, Via, hit_json,
+    parse_time,
+};
+use tidings_auth::Verifier;
+use tidings_log::{ConvId, TenantId, UserId};
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::task::{JoinHandle, JoinSet};
+use tracing::{debug, error, info, warn};
+
+/// The role a token needs for the compliance routes.
+pub const COMPLIANCE_ROLE: &str = "compliance";
+/// Longest query string accepted (414 beyond).
+pub const MAX_QUERY_BYTES: usize = 8 * 1024;
+/// Connections served at once; more wait in the kernel's accept queue.
+const MAX_CONNECTIONS: usize = 64;
+/// Compliance requests (searches and audit reads) running at once; more get 503. Each scan
+/// decrypts and reads the archive, so a few at a time is what the store can carry beside
+/// the live traffic.
+const MAX_REQUESTS: usize = 4;
+/// Lines queued between a search and its client. A slow client stops the scan here, so a
+/// search holds at most this many lines in memory.
+const STREAM_LINES: usize = 64;
+/// A client that takes no line for this long is cut off: a search holds the archive gate
+/// shared, and a stalled reader must not hold back the archiver forever.
+const SEND_TIMEOUT: Duration = Duration::from_secs(60);
+/// Time a client gets to send its request headers.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// hyper's read and write buffer per connection (headers must fit; a JWT is at most 8 KiB).
+const MAX_BUF_BYTES: usize = 64 * 1024;
+/// At shutdown: time open connections get to finish, then time searches get to record
+/// their outcome.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+const SEARCH_DRAIN: Duration = Duration::from_secs(2);
+
+/// The running listener. [`Admin::stop`] ends it.
+pub struct Admin {
+    addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+struct State {
+    verifier: Verifier,
+    compliance: Compliance,
+    requests: Arc<Semaphore>,
+}
+
+impl Admin {
+    /// Binds `listen` and serves until [`Admin::stop`].
+    pub async fn start(
+        listen: SocketAddr,
+        verifier: Verifier,
+        compliance: Compliance,
+    ) -> std::io::Result<Admin> {
+        let listener = TcpListener::bind(listen).await?;
+        let addr = listener.local_addr()?;
+        let state = Arc::new(State {
+            verifier,
+            compliance,
+            requests: Arc::new(Semaphore::new(MAX_REQUESTS)),
+        });
+        let (stop, stopped) = watch::channel(false);
+        let task = tokio::spawn(run(listener, state, stopped));
+        Ok(Admin { addr, stop, task })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops accepting, lets open requests finish for a few seconds, cuts off the rest and
+    /// gives their searches a moment to record the outcome.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        if let Err(e) = self.task.await {
+            warn!(error = %e, "admin listener ended abnormally");
+        }
+    }
+}
+
+async fn run(listener: TcpListener, state: Arc<State>, mut stopped: watch::Receiver<bool>) {
+    let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut tasks = JoinSet::new();
+    loop {
+        while tasks.try_join_next().is_some() {}
+        let permit = tokio::select! {
+            permit = connections.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break,
+            },
+            _ = stopping(&mut stopped) => break,
+        };
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    warn!(error = %e, "admin listener failed to accept");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = stopping(&mut stopped) => break,
+        };
+        let state = state.clone();
+        let mut stopped = stopped.clone();
+        tasks.spawn(async move {
+            let _permit = permit;
+            let service = service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(handle(&state, peer, req).await) }
+            });
+            let mut builder = http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .max_buf_size(MAX_BUF_BYTES);
+            let conn = builder.serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            let result = tokio::select! {
+                result = conn.as_mut() => result,
+                _ = stopping(&mut stopped) => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = result {
+                debug!(%peer, error = %e, "admin connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(SHUTDOWN_GRACE, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await
+    .is_err()
+    {
+        // Dropping a response stream makes its search fail at the next line, which it records.
+        warn!(
+            connections = tasks.len(),
+            "admin connections still busy at shutdown; cutting them off"
+        );
+        tasks.abort_all();
+    }
+    let _ = tokio::time::timeout(
+        SEARCH_DRAIN,
+        state.requests.acquire_many(MAX_REQUESTS as u32),
+    )
+    .await;
+}
+
+/// Resolves once stop is asked for (or the [`Admin`] is gone).
+async fn stopping(stopped: &mut watch::Receiver<bool>) {
+    let _ = stopped.wait_for(|s| *s).await;
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Route {
+    Health,
+    Search,
+    Audit,
+}
+
+impl Route {
+    /// The action as the audit log names it.
+    fn action(self) -> &'static str {
+        match self {
+            Route::Health => "healthz",
+            Route::Search => "search",
+            Route::Audit => "audit_read",
+        }
+    }
+
+    /// The query parameters the route takes.
+    fn parameters(self) -> &'static [&'static str] {
+        match self {
+            Route::Health => &[],
+            Route::Search => &["tenant", "conv", "sender", "from", "to", "text"],
+            Route::Audit => &["tenant"],
+        }
+    }
+}
+
+async fn handle(state: &Arc<State>, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
+    let route = match req.uri().path() {
+        "/healthz" => Route::Health,
+        "/v1/compliance/search" => Route::Search,
+        "/v1/compliance/audit" => Route::Audit,
+        _ => return error(StatusCode::NOT_FOUND, "not_found", "no such route"),
+    };
+    if req.method() != Method::GET {
+        let mut response = error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "only GET is allowed here",
+        );
+        response
+            .headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("GET"));
+        return response;
+    }
+    if !hyper::body::Body::is_end_stream(req.body()) {
+        return error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_not_allowed",
+            "requests to the admin listener carry no body",
+        );
+    }
+    let raw_query = req.uri().query().unwrap_or("");
+    if raw_query.len() > MAX_QUERY_BYTES {
+        return error(
+            StatusCode::URI_TOO_LONG,
+            "uri_too_long",
+            &format!("the query string is over {MAX_QUERY_BYTES} bytes"),
+        );
+    }
+    match route {
+        Route::Health => full(StatusCode::OK, "text/plain; charset=utf-8", "ok".into()),
+        Route::Search | Route::Audit => {
+            compliance_request(state, peer, route, req.headers(), raw_query).await
+        }
+    }
+}
+
+/// Who a verified token says is asking.
+struct Caller {
+    tenant: TenantId,
+    actor: Actor,
+    compliance: bool,
+}
+
+/// Checks the bearer token. The error is for the process log; it never contains the token.
+fn authenticate(verifier: &Verifier, headers: &HeaderMap) -> Result<Caller, String> {
+    let mut values = headers.get_all(header::AUTHORIZATION).iter();
+    let value = values.next().ok_or("no Authorization header")?;
+    if values.next().is_some() {
+        return Err("more than one Authorization header".into());
+    }
+    let value = value
+        .to_str()
+        .map_err(|_| "the Authorization header is not visible ASCII")?;
+    let token = match value.split_once(' ') {
+        Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => token.trim(),
+        _ => return Err("the Authorization header is not `Bearer <token>`".into()),
+    };
+    let claims = verifier
+        .verify(token, tidings_gateway::now_secs())
+        .map_err(|e| e.to_string())?;
+    let tenant = TenantId::new(claims.tenant).map_err(|e| format!("token tenant: {e}"))?;
+    let user = UserId::new(claims.user).map_err(|e| format!("token user: {e}"))?;
+    // Two ids of up to 64 characters and a slash can be one over the actor limit; a request
+    // that cannot be recorded under its actor is not served.
+    let actor = Actor::new(&format!("{tenant}/{user}"), Via::Http)
+        .map_err(|e| format!("token tenant and user as an actor: {e}"))?;
+    Ok(Caller {
+        tenant,
+        actor,
+        compliance: claims.roles.iter().any(|r| r == COMPLIANCE_ROLE),
+    })
+}
+
+async fn compliance_request(
+    state: &Arc<State>,
+    peer: SocketAddr,
+    route: Route,
+    headers: &HeaderMap,
+    raw_query: &str,
+) -> Response<Body> {
+    let action = route.action();
+    let caller = match authenticate(&state.verifier, headers) {
+        Ok(caller) => caller,
+        Err(reason) => {
+            // Not in any audit log: an unauthenticated caller could fill any tenant's.
+            warn!(%peer, action, %reason, "admin request refused: unauthenticated");
+            let mut response = error(
+                StatusCode::UNAUTHORIZED,
+                "unauthenticated",
+                &format!("a valid bearer token is required ({reason})"),
+            );
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            return response;
+        }
+    };
+    let params = parse_query(raw_query, route.parameters());
+    let filters = match &params {
+        Ok(params) => params_json(params),
+        Err(_) => json!({ "query": raw_query }),
+    }
+    .to_string();
+    let refusal = Refusal {
+        state,
+        actor: &caller.actor,
+        action,
+        filters: &filters,
+    };
+    if !caller.compliance {
+        let reason = format!("the token does not carry the {COMPLIANCE_ROLE} role");
+        return refusal.forbidden(&caller.tenant, &reason).await;
+    }
+    let params = match params {
+        Ok(params) => params,
+        Err(reason) => return refusal.invalid(&caller.tenant, &reason).await,
+    };
+    let target = match params.get("tenant") {
+        None => caller.tenant.clone(),
+        Some(t) => match TenantId::new(t.as_str()) {
+            Ok(t) => t,
+            Err(e) => return refusal.invalid(&caller.tenant, &e.to_string()).await,
+        },
+    };
+    if target != caller.tenant {
+        // Recorded where it was aimed: the target tenant is the one that needs to know.
+        let reason = format!(
+            "a token of tenant {} may not read tenant {target}",
+            caller.tenant
+        );
+        return refusal.forbidden(&target, &reason).await;
+    }
+    match route {
+        Route::Search => match search_query(&params, target.clone()) {
+            Ok(query) => search(state, query, caller.actor.clone()),
+            Err(reason) => refusal.invalid(&target, &reason).await,
+        },
+        Route::Audit => read_audit(state, target, caller.actor.clone(), filters.clone()).await,
+        Route::Health => error(StatusCode::NOT_FOUND, "not_found", "no such route"),
+    }
+}
+
+/// Refuses a verified caller's request and records it in a tenant's audit log. The refusal
+/// stands even if it cannot be recorded.
+struct Refusal<'a> {
+    state: &'a State,
+    actor: &'a Actor,
+    action: &'static str,
+    filters: &'a str,
+}
+
+impl Refusal<'_> {
+    async fn forbidden(&self, tenant: &TenantId, reason: &str) -> Response<Body> {
+        self.refuse(tenant, StatusCode::FORBIDDEN, "forbidden", reason)
+            .await
+    }
+
+    async fn invalid(&self, tenant: &TenantId, reason: &str) -> Response<Body> {
+        self.refuse(tenant, StatusCode::BAD_REQUEST, "invalid_request", reason)
+            .await
+    }
+
+    async fn refuse(
+        &self,
+        tenant: &TenantId,
+        status: StatusCode,
+        code: &str,
+        reason: &str,
+    ) -> Response<Body> {
+        let actor = self.actor.name();
+        let action = self.action;
+        info!(%tenant, actor, action, code, reason, "compliance request refused");
+        if let Err(e) = self
+            .state
+            .compliance
+            .deny(tenant, self.actor, action, self.filters.to_string(), reason)
+            .await
+        {
+            error!(%tenant, actor, action, error = %e, "failed to record a refused compliance request");
+        }
+        error(status, code, reason)
+    }
+}
+
+/// The search's filters, each checked with the type that will carry it.
+fn search_query(params: &Params, tenant: TenantId) -> Result<Query, String> {
+    let get = |name: &str| params.get(name).map(String::as_str);
+    let time = |name: &str| {
+        get(name)
+            .map(|t| parse_time(t).map_err(|e| format!("{name}: {e}")))
+            .transpose()
+    };
+    let query = Query {
+        tenant: Some(tenant),
+        conv: get("conv")
+            .map(ConvId::new)
+            .transpose()
+            .map_err(|e| e.to_string())?,
+        sender: get("sender")
+            .map(UserId::new)
+            .transpose()
+            .map_err(|e| e.to_string())?,
+        from_ms: time("from")?,
+        to_ms: time("to")?,
+        text: get("text").map(str::to_string),
+    };
+    match query.validate() {
+        Ok(_) => Ok(query),
+        Err(ComplianceError::Invalid(reason)) => Err(reason),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Starts the search beside the response: the response body reads the channel as the client
+/// takes bytes, and a full channel pauses the scan. The status is 200 from here on; the
+/// last line says how it ended.
+fn search(state: &Arc<State>, query: Query, actor: Actor) -> Response<Body> {
+    let Ok(permit) = state.requests.clone().try_acquire_owned() else {
+        return busy();
+    };
+    let (tx, rx) = mpsc::channel(STREAM_LINES);
+    let state = state.clone();
+    tokio::spawn(async move {
+        let mut sink = LineSink { tx };
+        let progress = Progress::default();
+        let last = match state
+            .compliance
+            .search(&query, &actor, &Action::Search, &progress, &mut sink)
+            .await
+        {
+            Ok(rows) => json!({ "complete": true, "rows": rows }),
+            Err(e) => {
+                warn!(actor = actor.name(), code = e.code(), error = %e, "compliance search failed");
+                error_json(e.code(), &e.to_string())
+            }
+        };
+        // If the client is gone there is nobody to tell; the audit log has the outcome.
+        let _ = sink.send(&last).await;
+        drop(permit);
+    });
+    ndjson(rx)
+}
+
+/// Records the read (nothing is read if that fails), reads and checks the whole audit log,
+/// records the outcome, then streams the records.
+async fn read_audit(
+    state: &Arc<State>,
+    tenant: TenantId,
+    actor: Actor,
+    filters: String,
+) -> Response<Body> {
+    let Ok(permit) = state.requests.clone().try_acquire_owned() else {
+        return busy();
+    };
+    let compliance = &state.compliance;
+    let mut entry = Entry::new(&actor, Route::Audit.action(), "started");
+    entry.access_id = uuid::Uuid::now_v7().to_string();
+    entry.filters = filters;
+    if let Err(e) = compliance.record(&tenant, &entry).await {
+        return failure(&e);
+    }
+    let result = audit::read(&**compliance.store(), compliance.keyring(), &tenant)
+        .await
+        .map_err(ComplianceError::from);
+    match &result {
+        Ok(listing) => {
+            entry.outcome = "completed".into();
+            entry.rows = listing.records.len() as u64;
+        }
+        Err(e) => {
+            entry.outcome = "failed".into();
+            entry.detail = format!("{}: {e}", e.code());
+        }
+    }
+    let recorded = compliance.record(&tenant, &entry).await;
+    drop(permit);
+    let listing = match (result, recorded) {
+        (Ok(listing), Ok(_)) => listing,
+        (Err(e), _) | (Ok(_), Err(e)) => return failure(&e),
+    };
+    let (tx, rx) = mpsc::channel(STREAM_LINES);
+    tokio::spawn(async move {
+        let sink = LineSink { tx };
+        for record in &listing.records {
+            if sink
+                .send(&audit::record_json(&tenant, record))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+        let last = json!({
+            "complete": true,
+            "rows": listing.records.len(),
+            "problems": listing.problems,
+        });
+        let _ = sink.send(&last).await;
+    });
+    ndjson(rx)
+}
+
+/// Hits as JSON lines into the response's channel.
+struct LineSink {
+    tx: mpsc::Sender<Bytes>,
+}
+
+impl LineSink {
+    async fn send(&self, value: &Value) -> Result<(), ComplianceError> {
+        let mut line = value.to_string();
+        line.push('\n');
+        let gone = |reason: &str| ComplianceError::Delivery {
+            to: "the HTTP client".into(),
+            reason: reason.into(),
+        };
+        match tokio::time::timeout(SEND_TIMEOUT, self.tx.send(Bytes::from(line))).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(gone(
+                "it was closed (the client went away, or the server is shutting down)",
+            )),
+            Err(_) => Err(gone(&format!(
+                "the client took nothing for {} s",
+                SEND_TIMEOUT.as_secs()
+            ))),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Sink for LineSink {
+    async fn hit(&mut self, hit: Hit) -> Result<(), ComplianceError> {
+        self.send(&hit_json(&hit)).await
+    }
+}
+
+/// Decoded query parameters, each at most once, only those a route takes.
+type Params = std::collections::BTreeMap<String, String>;
+
+fn parse_query(raw: &str, allowed: &[&str]) -> Result<Params, String> {
+    let mut params = Params::new();
+    for pair in raw.split('&').filter(|p| !p.is_empty()) {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let name = percent_decode(name)?;
+        let value = percent_decode(value)?;
+        if !allowed.contains(&name.as_str()) {
+            return Err(format!(
+                "unknown parameter {name:?} (known: {})",
+                allowed.join(", ")
+            ));
+        }
+        if params.contains_key(&name) {
+            return Err(format!("parameter {name:?} is given more than once"));
+        }
+        params.insert(name, value);
+    }
+    Ok(params)
+}
+
+fn params_json(params: &Params) -> Value {
+    Value::Object(
+        params
+            .iter()
+            .map(|(k, v)| (k.clone(), Value::from(v.as_str())))
+            .collect::<Map<_, _>>(),
+    )
+}
+
+/// `%XX` escapes and `+` for a space (as HTML forms and most clients encode queries); the
+/// result must be UTF-8. Anything malformed is refused, never guessed at.
+fn percent_decode(text: &str) -> Result<String, String> {
+    let bad = || format!("{text:?} is not a well-formed percent-encoded query value");
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let hex = bytes.get(i + 1..i + 3).ok_or_else(bad)?;
+                let hex = std::str::from_utf8(hex).map_err(|_| bad())?;
+                out.push(u8::from_str_radix(hex, 16).map_err(|_| bad())?);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).map_err(|_| format!("{text:?} does not decode to UTF-8"))
+}
+
+/// A response body: all at once, or lines as a task produces them.
+enum Body {
+    Full(Option<Bytes>),
+    Lines(mpsc::Receiver<Bytes>),
+}
+
+impl hyper::body::Body for Body {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        match self.get_mut() {
+            Body::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            Body::Lines(rx) => rx
+                .poll_recv(cx)
+                .map(|line| line.map(|b| Ok(Frame::data(b)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self, Body::Full(None))
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Body::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
+            Body::Lines(_) => SizeHint::default(),
+        }
+    }
+}
+
+fn response(status: StatusCode, content_type: &'static str, body: Body) -> Response<Body> {
+    let mut response = Response::new(body);
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    // Compliance answers carry message content; no cache on the way may keep them.
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+fn full(status: StatusCode, content_type: &'static str, text: String) -> Response<Body> {
+    response(status, content_type, Body::Full(Some(Bytes::from(text))))
+}
+
+fn ndjson(rx: mpsc::Receiver<Bytes>) -> Response<Body> {
+    response(StatusCode::OK, "application/x-ndjson", Body::Lines(rx))
+}
+
+fn error_json(code: &str, message: &str) -> Value {
+    json!({ "error": { "code": code, "message": message } })
+}
+
+fn error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
+    full(
+        status,
+        "application/json",
+        format!("{}\n", error_json(code, message)),
+    )
+}
+
+fn busy() -> Response<Body> {
+    error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "busy",
+        &format!("{MAX_REQUESTS} compliance requests are running; try again shortly"),
+    )
+}
+
+/// A failure before any line was sent.
+fn failure(e: &ComplianceError) -> Response<Body> {
+    let status = match e {
+        ComplianceError::Invalid(_) => StatusCode::BAD_REQUEST,
+        ComplianceError::Forbidden(_) | ComplianceError::Held(_) => StatusCode::FORBIDDEN,
+        _ if e.is_retryable() => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    warn!(code = e.code(), error = %e, "compliance request failed");
+    error(status, e.code(), &e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_values_are_percent_decoded_strictly() {
+        let p = parse_query(
+            "tenant=acme&text=caf%C3%A9+au+lait%2B&from=2026-11-29T08%3A30%3A00Z&&conv=",
+            Route::Search.parameters(),
+        )
+        .expect("parses");
+        assert_eq!(p["tenant"], "acme");
+        assert_eq!(p["text"], "café au lait+");
+        assert_eq!(p["from"], "2026-11-29T08:30:00Z");
+        assert_eq!(p["conv"], "");
+        for bad in [
+            "text=%",
+            "text=%4",
+            "text=%zz",
+            "text=%FF",
+            "tenant=a&tenant=b",
+            "limit=3",
+        ] {
+            assert!(
+                parse_query(bad, Route::Search.parameters()).is_err(),
+                "{bad:?} parsed"
+            );
+        }
+        assert!(parse_query("conv=x", Route::Audit.parameters()).is_err());
+    }
+
+    #[test]
+    fn filters_are_checked_with_the_id_and_time_types() {
+        let tenant = TenantId::new("acme").expect("id");
+        let params = |q: &str| parse_query(q, Route::Search.parameters()).expect("parses");
+        let q = search_query(
+            &params("conv=team&sender=bob&from=2026-11-29&to=2026-11-30&text=x"),
+            tenant.clone(),
+        )
+        .expect("valid");
+        assert_eq!(q.conv.as_ref().map(ConvId::as_str), Some("team"));
+        assert_eq!(q.from_ms, Some(1_795_910_400_000));
+        for bad in [
+            "conv=a%2Fb",
+            "sender=",
+            "from=yesterday",
+            "from=2026-11-30&to=2026-11-29",
+            "text=",
+        ] {
+            assert!(
+                search_query(&params(bad), tenant.clone()).is_err(),
+                "{bad:?} accepted"
+            );
+        }
+    }
+}

@@ -1,0 +1,414 @@
+//! The admin listener end to end: a real nats-server and `tidings serve`, plain HTTP from
+//! reqwest. Who may search, what each refusal looks like, and what the audit log keeps.
+
+mod common;
+
+use common::{Nats, Sandbox, Server};
+use serde_json::{Value, json};
+
+const MARKER: &str = "the quarterly marker 7f3a";
+
+/// A sandbox whose acme/team holds one message from bob (seq 2), and a server on it.
+fn setup(role: &str) -> (Sandbox, Nats, Server) {
+    let s = Sandbox::new();
+    s.group("team");
+    s.ok(&[
+        "log",
+        "append",
+        "--tenant",
+        "acme",
+        "--conv",
+        "team",
+        "--sender",
+        "bob",
+        "--client-msg-id",
+        "m1",
+        "--text",
+        MARKER,
+    ]);
+    let nats = Nats::start();
+    let server = Server::start(&s, &nats, role, &[]);
+    (s, nats, server)
+}
+
+struct Reply {
+    status: u16,
+    content_type: String,
+    headers: reqwest::header::HeaderMap,
+    body: String,
+}
+
+impl Reply {
+    fn lines(&self) -> Vec<Value> {
+        common::json_lines(self.body.as_bytes())
+    }
+
+    /// The `{"error":{"code":..}}` body's code.
+    fn code(&self) -> String {
+        let v: Value = serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("error body {:?} is not JSON: {e}", self.body));
+        v["error"]["code"].as_str().unwrap_or("").to_string()
+    }
+}
+
+struct Admin {
+    base: String,
+    client: reqwest::Client,
+}
+
+impl Admin {
+    fn new(server: &Server) -> Admin {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        Admin {
+            base: format!("http://127.0.0.1:{}", server.admin_port),
+            client: reqwest::Client::builder()
+                .no_proxy()
+                .build()
+                .expect("http client"),
+        }
+    }
+
+    async fn send(&self, req: reqwest::RequestBuilder) -> Reply {
+        let resp = req.send().await.expect("request");
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let content_type = headers
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        let body = resp.text().await.expect("body");
+        Reply {
+            status,
+            content_type,
+            headers,
+            body,
+        }
+    }
+
+    /// GET `path` with `Authorization: <authorization>` if given.
+    async fn get(&self, path: &str, authorization: Option<&str>) -> Reply {
+        let mut req = self.client.get(format!("{}{path}", self.base));
+        if let Some(a) = authorization {
+            req = req.header("Authorization", a);
+        }
+        self.send(req).await
+    }
+
+    async fn get_as(&self, path: &str, token: &str) -> Reply {
+        self.get(path, Some(&format!("Bearer {token}"))).await
+    }
+}
+
+/// (actor, action, outcome) of each audit line, the final line left out.
+fn trail(lines: &[Value]) -> Vec<(String, String, String)> {
+    lines[..lines.len() - 1]
+        .iter()
+        .map(|r| {
+            (
+                r["actor"].as_str().unwrap_or("").to_string(),
+                r["action"].as_str().unwrap_or("").to_string(),
+                r["outcome"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect()
+}
+
+fn row(actor: &str, action: &str, outcome: &str) -> (String, String, String) {
+    (actor.into(), action.into(), outcome.into())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compliance_search_finds_the_marker_and_every_refusal_is_audited_except_unauthenticated() {
+    let (s, _nats, server) = setup("all");
+    let admin = Admin::new(&server);
+    let auditor = s.token_with_roles("acme", "auditor", &["compliance"], 3600);
+    let bob = s.token("acme", "bob", 3600);
+    let other_auditor = s.token_with_roles("other", "auditor", &["compliance"], 3600);
+    let expired_auditor = s.token_with_roles("acme", "auditor", &["compliance"], -3600);
+
+    // Found, with a case-insensitive, percent-encoded text filter and the tenant defaulted.
+    let r = admin
+        .get_as(
+            "/v1/compliance/search?conv=team&text=QUARTERLY%20marker",
+            &auditor,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.content_type, "application/x-ndjson");
+    let lines = r.lines();
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    let hit = &lines[0];
+    assert_eq!(
+        (
+            &hit["tenant"],
+            &hit["conversation"],
+            &hit["seq"],
+            &hit["sender"],
+            &hit["kind"],
+            &hit["text"],
+            &hit["tier"],
+            &hit["matched"],
+            &hit["edits"],
+            &hit["recalled"],
+        ),
+        (
+            &json!("acme"),
+            &json!("team"),
+            &json!(2),
+            &json!("bob"),
+            &json!("message_posted"),
+            &json!(MARKER),
+            &json!("hot"),
+            &json!("original"),
+            &json!([]),
+            &Value::Null,
+        ),
+        "{hit}"
+    );
+    assert_eq!(lines[1], json!({"complete": true, "rows": 1}));
+
+    // A verified token without the role.
+    let r = admin
+        .get_as("/v1/compliance/search?text=marker", &bob)
+        .await;
+    assert_eq!(
+        (r.status, r.code()),
+        (403, "forbidden".into()),
+        "{}",
+        r.body
+    );
+
+    // A compliance token of another tenant.
+    let r = admin
+        .get_as(
+            "/v1/compliance/search?tenant=acme&text=marker",
+            &other_auditor,
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.code()),
+        (403, "forbidden".into()),
+        "{}",
+        r.body
+    );
+
+    // Unauthenticated, in every way; the token is never echoed.
+    for authorization in [
+        None,
+        Some("Bearer garbage".to_string()),
+        Some("Bearer a.b.c".to_string()),
+        Some(format!("Basic {auditor}")),
+        Some(format!("Bearer {expired_auditor}")),
+        Some("Bearer ".to_string()),
+    ] {
+        let r = admin
+            .get(
+                "/v1/compliance/search?text=marker",
+                authorization.as_deref(),
+            )
+            .await;
+        assert_eq!(
+            (r.status, r.code()),
+            (401, "unauthenticated".into()),
+            "{authorization:?}: {}",
+            r.body
+        );
+        assert_eq!(
+            r.headers.get("www-authenticate").map(|v| v.as_bytes()),
+            Some(&b"Bearer"[..])
+        );
+        assert!(!r.body.contains(&auditor) && !r.body.contains(&expired_auditor));
+    }
+    let r = admin.get("/v1/compliance/audit", None).await;
+    assert_eq!(r.status, 401, "{}", r.body);
+
+    // A malformed filter from a compliance token.
+    let r = admin
+        .get_as("/v1/compliance/search?from=yesterday", &auditor)
+        .await;
+    assert_eq!(
+        (r.status, r.code()),
+        (400, "invalid_request".into()),
+        "{}",
+        r.body
+    );
+    assert!(r.body.contains("yesterday"), "{}", r.body);
+
+    // The audit log: exactly what a verified caller did, in order, and no trace of the
+    // unauthenticated attempts.
+    let r = admin.get_as("/v1/compliance/audit", &auditor).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.content_type, "application/x-ndjson");
+    let lines = r.lines();
+    assert_eq!(
+        trail(&lines),
+        vec![
+            row("acme/auditor", "search", "started"),
+            row("acme/auditor", "search", "completed"),
+            row("acme/bob", "search", "denied"),
+            row("other/auditor", "search", "denied"),
+            row("acme/auditor", "search", "denied"),
+            row("acme/auditor", "audit_read", "started"),
+        ],
+        "{lines:#?}"
+    );
+    assert_eq!(
+        lines.last(),
+        Some(&json!({"complete": true, "rows": 6, "problems": []}))
+    );
+    for (i, record) in lines[..6].iter().enumerate() {
+        assert_eq!(record["tenant"], "acme");
+        assert_eq!(record["seq"], json!(i + 1));
+        assert_eq!(record["via"], "http", "{record}");
+    }
+    let (started, completed) = (&lines[0], &lines[1]);
+    assert_eq!(started["access_id"], completed["access_id"]);
+    assert_eq!(
+        started["filters"],
+        json!({"tenant": "acme", "conversation": "team", "sender": null, "from": null,
+               "to": null, "text": "QUARTERLY marker"})
+    );
+    assert_eq!(completed["rows"], 1);
+    assert!(
+        lines[2]["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("compliance role")),
+        "{}",
+        lines[2]
+    );
+    assert_eq!(
+        lines[3]["detail"],
+        "a token of tenant other may not read tenant acme"
+    );
+    assert_eq!(
+        lines[3]["filters"],
+        json!({"tenant": "acme", "text": "marker"})
+    );
+    assert!(
+        lines[4]["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("from") && d.contains("yesterday")),
+        "{}",
+        lines[4]
+    );
+    let audited = r.body.clone();
+    assert!(!audited.contains(&auditor) && !audited.contains("garbage"));
+
+    // Reading the audit log was itself recorded, with what it returned.
+    let r = admin
+        .get_as("/v1/compliance/audit?tenant=acme", &auditor)
+        .await;
+    let lines = r.lines();
+    assert_eq!(
+        trail(&lines)[5..],
+        [
+            row("acme/auditor", "audit_read", "started"),
+            row("acme/auditor", "audit_read", "completed"),
+            row("acme/auditor", "audit_read", "started"),
+        ]
+    );
+    assert_eq!(lines[6]["rows"], 6);
+
+    // The cross-tenant attempt went to the target's log, not the caller's.
+    let r = admin.get_as("/v1/compliance/audit", &other_auditor).await;
+    assert_eq!(
+        trail(&r.lines()),
+        vec![row("other/auditor", "audit_read", "started")]
+    );
+
+    let r = admin.get("/healthz", None).await;
+    assert_eq!((r.status, r.body.as_str()), (200, "ok"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_role_serves_it_and_bad_requests_get_json_errors_without_audit() {
+    let (s, _nats, mut server) = setup("log");
+    let admin = Admin::new(&server);
+    let auditor = s.token_with_roles("acme", "auditor", &["compliance"], 3600);
+
+    let r = admin.get("/healthz", None).await;
+    assert_eq!((r.status, r.body.as_str()), (200, "ok"));
+
+    let r = admin.get_as("/v1/compliance/nothing", &auditor).await;
+    assert_eq!(
+        (r.status, r.code()),
+        (404, "not_found".into()),
+        "{}",
+        r.body
+    );
+
+    let r = admin
+        .send(
+            admin
+                .client
+                .post(format!("{}/v1/compliance/search", admin.base))
+                .header("Authorization", format!("Bearer {auditor}")),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.code()),
+        (405, "method_not_allowed".into()),
+        "{}",
+        r.body
+    );
+    assert_eq!(
+        r.headers.get("allow").map(|v| v.as_bytes()),
+        Some(&b"GET"[..])
+    );
+
+    let r = admin
+        .send(
+            admin
+                .client
+                .get(format!("{}/v1/compliance/search", admin.base))
+                .header("Authorization", format!("Bearer {auditor}"))
+                .body("{\"text\":\"marker\"}"),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.code()),
+        (413, "body_not_allowed".into()),
+        "{}",
+        r.body
+    );
+
+    let long = "x".repeat(9 * 1024);
+    let r = admin
+        .get_as(&format!("/v1/compliance/search?text={long}"), &auditor)
+        .await;
+    assert_eq!(
+        (r.status, r.code()),
+        (414, "uri_too_long".into()),
+        "{}",
+        r.body
+    );
+
+    // Filters the types refuse, and parameters nobody defined: 400, audited as denied.
+    for query in [
+        "conv=no%2Fslash",
+        "sender=",
+        "from=2026-11-30&to=2026-11-29",
+        "text=",
+        "limit=10",
+        "text=%E2%28",
+    ] {
+        let r = admin
+            .get_as(&format!("/v1/compliance/search?{query}"), &auditor)
+            .await;
+        assert_eq!(
+            (r.status, r.code()),
+            (400, "invalid_request".into()),
+            "{query}: {}",
+            r.body
+        );
+    }
+
+    let r = admin.get_as("/v1/compliance/audit", &auditor).await;
+    let lines = r.lines();
+    let mut expected = vec![row("acme/auditor", "search", "denied"); 6];
+    expected.push(row("acme/auditor", "audit_read", "started"));
+    assert_eq!(trail(&lines), expected, "{lines:#?}");
+
+    assert!(server.terminate(), "serve --role log exits cleanly");
+}
