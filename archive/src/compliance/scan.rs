@@ -11,6 +11,7 @@
 //! **Hot log.** Hot events are sealed whole (no plain metadata), so each event of the
 //! tenant's conversations above the archive floor is opened and then filtered.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -18,7 +19,7 @@ use bytes::Bytes;
 use parquet::data_type::ByteArray;
 use parquet::file::statistics::Statistics;
 use prost::Message;
-use tidings_log::cold::archived_through;
+use tidings_log::cold::{archived_through, decode_run, is_purge_marker};
 use tidings_log::crypto::Keyring;
 use tidings_log::log::open_stored_event;
 use tidings_log::store::{KeyRange, KvStore, Order};
@@ -100,13 +101,30 @@ impl Scanner<'_> {
         sel: Selection<'_>,
         visitor: &mut dyn Visitor,
     ) -> Result<(), ComplianceError> {
+        // One conversation: the index names exactly the segments that hold it.
+        let only: Option<HashSet<String>> = match sel.conv {
+            None => None,
+            Some(conv) => {
+                let dir = KeyRange::prefix(keys::archive_run_dir(tenant, conv));
+                let mut ids = HashSet::new();
+                for (key, value) in scan_all(self.store, dir).await? {
+                    let run = decode_run(&key, &value)?;
+                    if !is_purge_marker(&run) {
+                        ids.insert(run.segment_id);
+                    }
+                }
+                Some(ids)
+            }
+        };
+        let dir = keys::segment_dir(tenant);
         let mut segments = Vec::new();
-        for (key, value) in
-            scan_all(self.store, KeyRange::prefix(keys::segment_dir(tenant))).await?
-        {
+        for (key, value) in scan_all(self.store, KeyRange::prefix(dir.clone())).await? {
             let seg = ArchiveSegment::decode(value.as_slice())
                 .map_err(|e| ArchiveError::Log(LogError::corrupt(&key, e)))?;
-            if sel.time_overlaps(seg.min_time_ms, seg.max_time_ms) {
+            let id = keys::last_part(&dir, &key).unwrap_or_default();
+            if sel.time_overlaps(seg.min_time_ms, seg.max_time_ms)
+                && only.as_ref().is_none_or(|ids| ids.contains(&id))
+            {
                 segments.push(seg);
             }
         }
