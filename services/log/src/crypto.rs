@@ -840,5 +840,9 @@ mod tests {
         assert_eq!(again.to_hex(), m.to_hex());
         assert!(MasterKey::from_hex("abcd").is_err());
         assert!(MasterKey::from_hex(&"zz".repeat(KEY_LEN)).is_err());
+        // A key file with one bad digit must not have its other digits quoted back.
+        let almost = format!("{}g", &m.to_hex()[1..]);
+        let err = TenantKey::from_hex(&almost).err().expect("bad digit");
+        assert!(!err.contains(&almost[..8]), "{err}");
     }
 }

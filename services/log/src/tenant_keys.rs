@@ -44,10 +44,6 @@ impl TenantKeys {
     pub fn get(&self, tenant: &TenantId) -> Option<&TenantKeySource> {
         self.sources.get(tenant)
     }
-
-    pub fn is_empty(&self) -> bool {
-        self.sources.is_empty()
-    }
 }
 
 impl TenantKeySource {
