@@ -598,3 +598,239 @@ fn config_file_is_read_and_typos_in_it_are_refused() {
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("max_body_byte"), "{}", stderr(&out));
 }
+
+/// The JSON error line a refused command prints on stderr.
+fn error_line(out: &std::process::Output) -> serde_json::Value {
+    let text = stderr(out);
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .unwrap_or_else(|| panic!("no JSON error line in {text:?}"));
+    serde_json::from_str(line).unwrap_or_else(|e| panic!("bad JSON {line:?}: {e}"))
+}
+
+/// Creates group `conv` in `tenant`, owned by alice, with bob.
+fn group_in(s: &Sandbox, tenant: &str, conv: &str) {
+    s.ok(&[
+        "conv",
+        "create",
+        "--tenant",
+        tenant,
+        "--conv",
+        conv,
+        "--kind",
+        "group",
+        "--by",
+        "alice",
+        "--members",
+        "bob",
+    ]);
+}
+
+fn post(s: &Sandbox, tenant: &str, id: &str, text: &str) -> std::process::Output {
+    s.run(&[
+        "log",
+        "append",
+        "--tenant",
+        tenant,
+        "--conv",
+        "general",
+        "--sender",
+        "alice",
+        "--client-msg-id",
+        id,
+        "--text",
+        text,
+    ])
+}
+
+#[test]
+fn keys_shred_refuses_without_a_matching_confirm() {
+    let s = Sandbox::new();
+    s.group("general");
+    for args in [
+        &["keys", "shred", "--tenant", "acme"][..],
+        &["keys", "shred", "--tenant", "acme", "--confirm", "acm"][..],
+        &["keys", "shred", "--tenant", "acme", "--confirm", "globex"][..],
+    ] {
+        let out = s.run(args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains("pass --confirm acme"),
+            "{args:?}: {}",
+            stderr(&out)
+        );
+        assert!(out.stdout.is_empty(), "{args:?}");
+    }
+    assert_eq!(s.read_all("general").len(), 1, "nothing was shredded");
+}
+
+#[test]
+fn after_keys_shred_the_tenant_is_refused_with_tenant_shredded_and_others_still_read() {
+    let s = Sandbox::new();
+    for tenant in ["acme", "globex"] {
+        group_in(&s, tenant, "general");
+        assert!(
+            post(&s, tenant, "m1", &format!("hello from {tenant}"))
+                .status
+                .success()
+        );
+    }
+    let out = s.ok(&["keys", "shred", "--tenant", "acme", "--confirm", "acme"]);
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0]["tenant"], "acme");
+    assert_eq!(out[0]["key_versions_destroyed"], 1);
+    assert_eq!(out[0]["key_ids"], serde_json::json!([1]));
+    assert_eq!(out[0]["already_shredded"], false);
+
+    let read = s.run(&["log", "read", "--tenant", "acme", "--conv", "general"]);
+    assert_eq!(read.status.code(), Some(1), "{}", stderr(&read));
+    assert!(read.stdout.is_empty());
+    let error = error_line(&read);
+    assert_eq!(error["error"]["code"], "tenant_shredded", "{error}");
+    assert_eq!(error["error"]["retryable"], false);
+    assert!(!stderr(&read).contains("panicked"), "{}", stderr(&read));
+
+    let append = post(&s, "acme", "m2", "too late");
+    assert_eq!(append.status.code(), Some(1));
+    assert_eq!(error_line(&append)["error"]["code"], "tenant_shredded");
+
+    let globex = s.ok(&["log", "read", "--tenant", "globex", "--conv", "general"]);
+    assert_eq!(globex[1]["text"], "hello from globex");
+
+    // The archiver passes over the shredded tenant and still archives the other.
+    let run = s.ok(&["archive", "run", "--older-than", "0s"]);
+    let summary = run.last().expect("summary");
+    assert_eq!(summary["events_archived"], 2, "{summary}");
+    let globex = s.ok(&["log", "read", "--tenant", "globex", "--conv", "general"]);
+    assert_eq!(globex[1]["text"], "hello from globex");
+}
+
+#[test]
+fn a_tenant_key_from_key_command_seals_and_opens_end_to_end() {
+    let s = Sandbox::new();
+    let key = "3f".repeat(64);
+    std::fs::write(s.path().join("acme.key"), format!("{key}\n")).expect("key");
+    std::fs::write(
+        s.path().join("keyed.toml"),
+        "[keys.tenants.acme]\nkey_command = \"cat acme.key\"\n",
+    )
+    .expect("config");
+    let keyed = |args: &[&str]| {
+        let mut all = vec!["--config", "keyed.toml"];
+        all.extend_from_slice(args);
+        s.run(&all)
+    };
+    assert!(
+        keyed(&[
+            "conv", "create", "--tenant", "acme", "--conv", "general", "--kind", "group", "--by",
+            "alice"
+        ])
+        .status
+        .success()
+    );
+    let out = keyed(&[
+        "log",
+        "append",
+        "--tenant",
+        "acme",
+        "--conv",
+        "general",
+        "--sender",
+        "alice",
+        "--client-msg-id",
+        "m1",
+        "--text",
+        "under two keys",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let read = keyed(&["log", "read", "--tenant", "acme", "--conv", "general"]);
+    assert!(read.status.success(), "{}", stderr(&read));
+    assert_eq!(json_lines(&read.stdout)[1]["text"], "under two keys");
+    assert!(
+        grep_dir(&s.data_dir(), key.as_bytes()).is_empty(),
+        "the tenant key never reaches the store"
+    );
+
+    // Without the tenant key configured, the history does not open.
+    let out = s.run(&["log", "read", "--tenant", "acme", "--conv", "general"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(error_line(&out)["error"]["code"], "tenant_key_unavailable");
+    // A command that prints something else is refused, without echoing it.
+    std::fs::write(
+        s.path().join("garbage.toml"),
+        "[keys.tenants.acme]\nkey_command = \"echo not-a-key-8f2c\"\n",
+    )
+    .expect("config");
+    let out = s.run(&[
+        "--config",
+        "garbage.toml",
+        "log",
+        "read",
+        "--tenant",
+        "acme",
+        "--conv",
+        "general",
+    ]);
+    assert_eq!(error_line(&out)["error"]["code"], "tenant_key_unavailable");
+    assert!(
+        stderr(&out).contains("did not print a key"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!stderr(&out).contains("not-a-key-8f2c"), "{}", stderr(&out));
+
+    // keys wrap: refused without a tenant key, adds the layer to an existing key with one.
+    group_in(&s, "globex", "general");
+    let out = s.run(&["keys", "wrap", "--tenant", "globex"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(error_line(&out)["error"]["code"], "tenant_key_unavailable");
+    assert!(
+        stderr(&out).contains("[keys.tenants.globex]"),
+        "{}",
+        stderr(&out)
+    );
+    std::fs::write(s.path().join("globex.key"), "5a".repeat(64)).expect("key");
+    std::fs::write(
+        s.path().join("both.toml"),
+        "[keys.tenants.acme]\nkey_command = \"cat acme.key\"\n\
+         [keys.tenants.globex]\nkey_file = \"globex.key\"\n",
+    )
+    .expect("config");
+    let out = s.ok(&[
+        "--config",
+        "both.toml",
+        "keys",
+        "wrap",
+        "--tenant",
+        "globex",
+    ]);
+    assert_eq!(out[0]["wrapped_key_ids"], serde_json::json!([1]));
+    let out = s.ok(&["--config", "both.toml", "keys", "wrap", "--tenant", "acme"]);
+    assert_eq!(out[0]["wrapped_key_ids"], serde_json::json!([]));
+    assert_eq!(out[0]["already_wrapped_key_ids"], serde_json::json!([1]));
+    s.ok(&[
+        "--config",
+        "both.toml",
+        "log",
+        "read",
+        "--tenant",
+        "globex",
+        "--conv",
+        "general",
+    ]);
+    std::fs::remove_file(s.path().join("globex.key")).expect("destroy the key");
+    let out = s.run(&[
+        "--config",
+        "both.toml",
+        "log",
+        "read",
+        "--tenant",
+        "globex",
+        "--conv",
+        "general",
+    ]);
+    assert_eq!(error_line(&out)["error"]["code"], "tenant_key_unavailable");
+    assert!(stderr(&out).contains("does not exist"), "{}", stderr(&out));
+}

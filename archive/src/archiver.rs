@@ -269,6 +269,12 @@ impl Archiver {
             None => tenants(&*self.store).await?,
         };
         for tenant in tenants {
+            // Its events can no longer be opened, so they can never be archived; they must
+            // not stop the pass for everyone else.
+            if self.keyring.is_shredded(&tenant).await? {
+                tracing::debug!(%tenant, "skipping a shredded tenant");
+                continue;
+            }
             summary.tenants += 1;
             summary.orphans_removed += self.sweep_orphans(&tenant, opts).await?;
             self.archive_tenant(&tenant, opts, &mut summary, progress)

@@ -205,6 +205,9 @@ impl KvStore for NoAudit {
         }
         self.inner.commit(txn).await
     }
+    async fn purge_deleted(&self) -> Result<(), StoreError> {
+        self.inner.purge_deleted().await
+    }
 }
 
 #[derive(Default)]

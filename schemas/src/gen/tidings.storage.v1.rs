@@ -63,6 +63,21 @@ pub struct WrappedKey {
     pub wrapped: ::prost::alloc::vec::Vec<u8>,
     #[prost(int64, tag = "2")]
     pub created_ms: i64,
+    /// The data key was first sealed under the tenant-held key, then wrapped by the master key:
+    /// opening it needs both (ARCHITECTURE.md, "Sealing at rest").
+    #[prost(bool, tag = "3")]
+    pub tenant_layer: bool,
+}
+/// ks/<tenant>: the tenant's data keys were destroyed (crypto-shredded). Written in the same
+/// transaction that deletes every kr/<tenant>/*, so the tenant never silently gets a fresh
+/// key 1 and its history can never be opened again.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Shredded {
+    #[prost(int64, tag = "1")]
+    pub time_ms: i64,
+    /// How many data key versions were destroyed.
+    #[prost(uint32, tag = "2")]
+    pub key_versions: u32,
 }
 /// ax/<tenant>/<conv>/<first_seq>: one run of a conversation's archived events. Seqs
 /// first_seq..=last_seq are rows row_offset.. of row group `row_group` of the segment. Runs of

@@ -61,7 +61,8 @@ pub fn log_error(e: &LogError) -> Msg {
         "conversation_not_found" => ErrorCode::NotFound,
         "conversation_exists" | "already_member" => ErrorCode::AlreadyExists,
         "not_member" => ErrorCode::NotMember,
-        "not_allowed" => ErrorCode::NotAllowed,
+        // A shredded tenant's history is gone for good: refused, not an outage.
+        "not_allowed" | "tenant_shredded" => ErrorCode::NotAllowed,
         "conflict" | "store_locked" | "store_error" | "shutting_down" | "unavailable" => {
             ErrorCode::Unavailable
         }

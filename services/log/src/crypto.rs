@@ -5,6 +5,12 @@
 //! records the id of the key that sealed it, so rotation only adds a key: new events use the
 //! newest, old ones still open with theirs.
 //!
+//! A tenant may hold a key of its own ([`TenantKey`], from a file or a command, see
+//! [`TenantKeys`]): its data keys are then sealed under it first
+//! (`["tidings-kr-tenant-v1", tenant, key_id]`) and wrapped by the master key around that, so
+//! opening them needs both. Destroying either the tenant key or (with `shred`) the stored data
+//! keys makes the tenant's history unreadable for good.
+//!
 //! SIV takes a vector of associated data. An event's AD is
 //! `["tidings-ev-v1", tenant, conversation, key_id, seq]`, so a ciphertext copied to another
 //! row (another seq, conversation or tenant) or relabelled with another key id fails to
@@ -19,12 +25,13 @@ use std::sync::{Arc, RwLock};
 use aes_siv::KeyInit;
 use aes_siv::siv::Aes256Siv;
 use prost::Message;
-use tidings_schemas::storage::WrappedKey;
+use tidings_schemas::storage::{Shredded, WrappedKey};
 
 use crate::error::LogError;
 use crate::ids::{ConvId, TenantId};
 use crate::keys;
 use crate::store::{KeyRange, KvStore, Order, StoreError, Transaction};
+pub use crate::tenant_keys::{TenantKeySource, TenantKeys};
 
 /// AES-256-SIV keys are 64 bytes: a 256-bit MAC key and a 256-bit CTR key.
 pub const KEY_LEN: usize = 64;
@@ -73,6 +80,28 @@ pub fn hex_decode(text: &str) -> Result<Vec<u8>, String> {
         .collect()
 }
 
+/// Parses the key file format: 128 hex digits, surrounding whitespace ignored. Errors never
+/// quote the text: it is meant to be a key.
+fn secret_from_hex(text: &str) -> Result<Secret, String> {
+    let text = text.trim();
+    if text.len() != KEY_LEN * 2 {
+        return Err(format!(
+            "expected {} hex digits, found {} characters",
+            KEY_LEN * 2,
+            text.len()
+        ));
+    }
+    if !text.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(format!(
+            "expected {} hex digits, found other characters",
+            KEY_LEN * 2
+        ));
+    }
+    let mut bytes = [0u8; KEY_LEN];
+    bytes.copy_from_slice(&hex_decode(text)?);
+    Ok(Secret(bytes))
+}
+
 /// The key-encryption key. Never written to the KV.
 pub struct MasterKey(Secret);
 
@@ -83,17 +112,7 @@ impl MasterKey {
 
     /// Parses the key file format: 128 hex digits, surrounding whitespace ignored.
     pub fn from_hex(text: &str) -> Result<Self, String> {
-        let text = text.trim();
-        if text.len() != KEY_LEN * 2 {
-            return Err(format!(
-                "expected {} hex digits, found {} characters",
-                KEY_LEN * 2,
-                text.len()
-            ));
-        }
-        let mut bytes = [0u8; KEY_LEN];
-        bytes.copy_from_slice(&hex_decode(text)?);
-        Ok(MasterKey(Secret(bytes)))
+        secret_from_hex(text).map(MasterKey)
     }
 
     pub fn to_hex(&self) -> String {
@@ -123,11 +142,39 @@ impl MasterKey {
     }
 }
 
+/// A key the tenant holds (from a file or a command of its own): the inner layer of its data
+/// keys' wrap. Kept in memory only; never written to the KV, never logged.
+pub struct TenantKey(Secret);
+
+impl TenantKey {
+    pub fn generate() -> Self {
+        TenantKey(random_secret())
+    }
+
+    /// The same format as the master key file: 128 hex digits.
+    pub fn from_hex(text: &str) -> Result<Self, String> {
+        secret_from_hex(text).map(TenantKey)
+    }
+
+    pub fn to_hex(&self) -> String {
+        hex_encode(&self.0.0)
+    }
+}
+
 /// A tenant data key.
 #[derive(Clone)]
 pub struct DataKey {
     pub id: u32,
     secret: Arc<Secret>,
+}
+
+/// Shows the id only, never the key.
+impl std::fmt::Debug for DataKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DataKey")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
 }
 
 const KEY_CHECK_PLAINTEXT: &[u8] = b"tidings master key check, version 1";
@@ -184,12 +231,52 @@ impl DataKey {
     }
 }
 
+/// One tenant's keys, as this process knows them.
+#[derive(Clone)]
+enum TenantState {
+    Keys(BTreeMap<u32, DataKey>),
+    /// `ks/<tenant>` exists: the keys were destroyed.
+    Shredded,
+}
+
+/// What [`Keyring::shred`] destroyed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShredReport {
+    pub tenant: TenantId,
+    /// The ids of the data key versions deleted by this call (empty if an earlier shred
+    /// already had).
+    pub key_ids: Vec<u32>,
+    /// The tenant had been shredded before this call.
+    pub already_shredded: bool,
+}
+
+/// What [`Keyring::wrap_with_tenant_key`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WrapReport {
+    pub tenant: TenantId,
+    /// Key versions that gained the tenant layer.
+    pub wrapped: Vec<u32>,
+    /// Key versions that had it already.
+    pub already_wrapped: Vec<u32>,
+}
+
+/// How many times a shred or wrap re-reads the tenant's keys after losing a race with a
+/// concurrent key creation before it gives up.
+const KEY_RACE_RETRIES: usize = 10;
+
 /// Data keys of all tenants, unwrapped on first use and cached.
 pub struct Keyring {
     master: MasterKey,
     store: Arc<dyn KvStore>,
-    tenants: RwLock<HashMap<TenantId, BTreeMap<u32, DataKey>>>,
+    tenants: RwLock<HashMap<TenantId, TenantState>>,
     audit: tokio::sync::OnceCell<DataKey>,
+    /// Where each tenant with a tenant-held key gets it.
+    sources: TenantKeys,
+    /// Tenant-held keys fetched so far. Never written anywhere.
+    tenant_keys: RwLock<HashMap<TenantId, Arc<TenantKey>>>,
+    /// One fetch of a tenant's key at a time (a key command runs once, not once per waiting
+    /// reader).
+    fetching: tokio::sync::Mutex<()>,
 }
 
 impl Keyring {
@@ -227,7 +314,18 @@ impl Keyring {
             store,
             tenants: RwLock::new(HashMap::new()),
             audit: tokio::sync::OnceCell::new(),
+            sources: TenantKeys::default(),
+            tenant_keys: RwLock::new(HashMap::new()),
+            fetching: tokio::sync::Mutex::new(()),
         })
+    }
+
+    /// Where tenants with a tenant-held key get it. New data keys of those tenants are
+    /// sealed under it before the master key wraps them; their existing double-wrapped keys
+    /// need it to open.
+    pub fn with_tenant_keys(mut self, sources: TenantKeys) -> Self {
+        self.sources = sources;
+        self
     }
 
     /// The store-wide audit key (`sy/audit_key`, wrapped by the master key, created on first
@@ -267,15 +365,36 @@ impl Keyring {
             .cloned()
     }
 
-    fn wrap_ad(tenant: &TenantId, key_id: u32) -> [Vec<u8>; 3] {
-        [
+    /// The AD of the master key's wrap. A double-wrapped key says so in it, so flipping the
+    /// stored `tenant_layer` flag makes the wrap fail to open instead of misreading it.
+    fn wrap_ad(tenant: &TenantId, key_id: u32, tenant_layer: bool) -> Vec<Vec<u8>> {
+        let mut ad = vec![
             b"tidings-kr-v1".to_vec(),
+            tenant.as_str().as_bytes().to_vec(),
+            key_id.to_be_bytes().to_vec(),
+        ];
+        if tenant_layer {
+            ad.push(b"tenant-layer".to_vec());
+        }
+        ad
+    }
+
+    /// The AD of the tenant key's seal, the inner layer of a double-wrapped data key.
+    fn tenant_layer_ad(tenant: &TenantId, key_id: u32) -> [Vec<u8>; 3] {
+        [
+            b"tidings-kr-tenant-v1".to_vec(),
             tenant.as_str().as_bytes().to_vec(),
             key_id.to_be_bytes().to_vec(),
         ]
     }
 
-    fn cached(&self, tenant: &TenantId) -> Option<BTreeMap<u32, DataKey>> {
+    fn shredded_error(tenant: &TenantId) -> LogError {
+        LogError::TenantShredded {
+            tenant: tenant.to_string(),
+        }
+    }
+
+    fn cached(&self, tenant: &TenantId) -> Option<TenantState> {
         self.tenants
             .read()
             .unwrap_or_else(|p| p.into_inner())
@@ -283,8 +402,26 @@ impl Keyring {
             .cloned()
     }
 
-    /// Loads and unwraps every key of the tenant from the store.
-    async fn load(&self, tenant: &TenantId) -> Result<BTreeMap<u32, DataKey>, LogError> {
+    /// The tenant's data keys, from the cache or the store.
+    async fn keys_of(&self, tenant: &TenantId) -> Result<BTreeMap<u32, DataKey>, LogError> {
+        match self.cached(tenant) {
+            Some(TenantState::Keys(keys)) => Ok(keys),
+            Some(TenantState::Shredded) => Err(Self::shredded_error(tenant)),
+            None => self.load(tenant).await,
+        }
+    }
+
+    /// Whether the tenant was shredded (checked in the store unless known).
+    pub async fn is_shredded(&self, tenant: &TenantId) -> Result<bool, LogError> {
+        match self.cached(tenant) {
+            Some(TenantState::Shredded) => Ok(true),
+            Some(TenantState::Keys(_)) => Ok(false),
+            None => Ok(self.store.get(&keys::shredded(tenant)).await?.is_some()),
+        }
+    }
+
+    /// The tenant's data key rows as stored.
+    async fn stored_keys(&self, tenant: &TenantId) -> Result<Vec<(u32, WrappedKey)>, LogError> {
         let rows = self
             .store
             .scan(
@@ -293,41 +430,173 @@ impl Keyring {
                 Order::Ascending,
             )
             .await?;
+        rows.into_iter()
+            .map(|(key, value)| {
+                let id = keys::data_key_id(&key)
+                    .ok_or_else(|| LogError::corrupt(&key, "key id is not 4 bytes"))?;
+                let wrapped =
+                    WrappedKey::decode(value.as_slice()).map_err(|e| LogError::corrupt(&key, e))?;
+                Ok((id, wrapped))
+            })
+            .collect()
+    }
+
+    /// Loads and unwraps every key of the tenant from the store. Refuses a shredded tenant:
+    /// the marker is checked here, on every cache miss, so a process that opened the store
+    /// after a shred refuses too.
+    async fn load(&self, tenant: &TenantId) -> Result<BTreeMap<u32, DataKey>, LogError> {
+        if self.store.get(&keys::shredded(tenant)).await?.is_some() {
+            self.remember(tenant, TenantState::Shredded);
+            return Err(Self::shredded_error(tenant));
+        }
         let mut found = BTreeMap::new();
-        for (key, value) in rows {
-            let id = keys::data_key_id(&key)
-                .ok_or_else(|| LogError::corrupt(&key, "key id is not 4 bytes"))?;
-            let wrapped =
-                WrappedKey::decode(value.as_slice()).map_err(|e| LogError::corrupt(&key, e))?;
-            let raw = siv(&self.master.0)
-                .decrypt(Self::wrap_ad(tenant, id), &wrapped.wrapped)
-                .map_err(|_| LogError::WrongMasterKey)?;
-            let bytes: [u8; KEY_LEN] = raw
-                .as_slice()
-                .try_into()
-                .map_err(|_| LogError::corrupt(&key, "data key is not 64 bytes"))?;
+        for (id, wrapped) in self.stored_keys(tenant).await? {
+            let secret = self.unwrap_key(tenant, id, &wrapped).await?;
             found.insert(
                 id,
                 DataKey {
                     id,
-                    secret: Arc::new(Secret(bytes)),
+                    secret: Arc::new(secret),
                 },
             );
         }
+        let mut tenants = self.tenants.write().unwrap_or_else(|p| p.into_inner());
+        // A shred that landed while we read must win over what we read before it.
+        if let Some(TenantState::Shredded) = tenants.get(tenant) {
+            return Err(Self::shredded_error(tenant));
+        }
+        tenants.insert(tenant.clone(), TenantState::Keys(found.clone()));
+        Ok(found)
+    }
+
+    fn remember(&self, tenant: &TenantId, state: TenantState) {
         self.tenants
             .write()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(tenant.clone(), found.clone());
-        Ok(found)
+            .insert(tenant.clone(), state);
+    }
+
+    /// Opens a stored data key: the master key's wrap, then (for a double-wrapped key) the
+    /// tenant key's seal. The master key was checked when the keyring opened, so a wrap that
+    /// does not open is damage; an inner seal that does not open (the outer one having
+    /// authenticated its bytes) means the tenant key is not the one that sealed it.
+    async fn unwrap_key(
+        &self,
+        tenant: &TenantId,
+        id: u32,
+        wrapped: &WrappedKey,
+    ) -> Result<Secret, LogError> {
+        let row = keys::data_key(tenant, id);
+        let outer = siv(&self.master.0)
+            .decrypt(
+                Self::wrap_ad(tenant, id, wrapped.tenant_layer),
+                &wrapped.wrapped,
+            )
+            .map_err(|_| {
+                LogError::corrupt(
+                    &row,
+                    "the wrapped data key does not open under the master key",
+                )
+            })?;
+        let raw = if wrapped.tenant_layer {
+            let tenant_key = self.tenant_key(tenant).await?;
+            siv(&tenant_key.0)
+                .decrypt(Self::tenant_layer_ad(tenant, id), &outer)
+                .map_err(|_| LogError::WrongTenantKey {
+                    tenant: tenant.to_string(),
+                })?
+        } else {
+            outer
+        };
+        let bytes: [u8; KEY_LEN] = raw
+            .as_slice()
+            .try_into()
+            .map_err(|_| LogError::corrupt(&row, "data key is not 64 bytes"))?;
+        Ok(Secret(bytes))
+    }
+
+    /// Wraps a data key for storage: under the tenant key first if the tenant has one
+    /// configured, then under the master key.
+    async fn wrap_key(
+        &self,
+        tenant: &TenantId,
+        id: u32,
+        secret: &Secret,
+    ) -> Result<WrappedKey, LogError> {
+        let tenant_layer = self.sources.get(tenant).is_some();
+        let inner = if tenant_layer {
+            let tenant_key = self.tenant_key(tenant).await?;
+            siv(&tenant_key.0)
+                .encrypt(Self::tenant_layer_ad(tenant, id), &secret.0)
+                .expect("sealing in memory cannot fail")
+        } else {
+            secret.0.to_vec()
+        };
+        let wrapped = siv(&self.master.0)
+            .encrypt(Self::wrap_ad(tenant, id, tenant_layer), &inner)
+            .expect("sealing in memory cannot fail");
+        Ok(WrappedKey {
+            wrapped,
+            created_ms: crate::now_ms(),
+            tenant_layer,
+        })
+    }
+
+    /// The tenant-held key, fetched from its configured source on first use and kept in
+    /// memory only.
+    async fn tenant_key(&self, tenant: &TenantId) -> Result<Arc<TenantKey>, LogError> {
+        let cached = || {
+            self.tenant_keys
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(tenant)
+                .cloned()
+        };
+        if let Some(key) = cached() {
+            return Ok(key);
+        }
+        let unavailable = |reason: String| LogError::TenantKeyUnavailable {
+            tenant: tenant.to_string(),
+            reason,
+        };
+        let source = self.sources.get(tenant).ok_or_else(|| {
+            unavailable(format!(
+                "no tenant key is configured for it (set key_file or key_command in \
+                 [keys.tenants.{tenant}])"
+            ))
+        })?;
+        let _one_at_a_time = self.fetching.lock().await;
+        if let Some(key) = cached() {
+            return Ok(key);
+        }
+        let key = Arc::new(source.fetch().await.map_err(unavailable)?);
+        self.tenant_keys
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(tenant.clone(), key.clone());
+        Ok(key)
     }
 
     /// The key an event sealed with `key_id` opens with.
     pub async fn key(&self, tenant: &TenantId, key_id: u32) -> Result<DataKey, LogError> {
-        if let Some(k) = self.cached(tenant).and_then(|m| m.get(&key_id).cloned()) {
-            return Ok(k);
+        if let Some(TenantState::Keys(keys)) = self.cached(tenant)
+            && let Some(k) = keys.get(&key_id)
+        {
+            return Ok(k.clone());
+        }
+        if let Some(TenantState::Shredded) = self.cached(tenant) {
+            return Err(Self::shredded_error(tenant));
         }
         let keys = self.load(tenant).await?;
-        keys.get(&key_id).cloned().ok_or_else(|| LogError::Corrupt {
+        if let Some(k) = keys.get(&key_id) {
+            return Ok(k.clone());
+        }
+        // A shred between our marker check and our scan leaves no keys and the marker.
+        if self.store.get(&keys::shredded(tenant)).await?.is_some() {
+            self.remember(tenant, TenantState::Shredded);
+            return Err(Self::shredded_error(tenant));
+        }
+        Err(LogError::Corrupt {
             key: format!("kr/{tenant}/{key_id}"),
             reason: "the data key an event names does not exist".into(),
         })
@@ -335,13 +604,7 @@ impl Keyring {
 
     /// The tenant's newest key, creating the first one if the tenant has none.
     pub async fn current(&self, tenant: &TenantId) -> Result<DataKey, LogError> {
-        if let Some(k) = self
-            .cached(tenant)
-            .and_then(|m| m.last_key_value().map(|(_, k)| k.clone()))
-        {
-            return Ok(k);
-        }
-        if let Some((_, k)) = self.load(tenant).await?.last_key_value() {
+        if let Some((_, k)) = self.keys_of(tenant).await?.last_key_value() {
             return Ok(k.clone());
         }
         self.add_key(tenant, 1).await?;
@@ -371,22 +634,137 @@ impl Keyring {
         Ok(self.current_after_add(tenant).await?.id)
     }
 
-    /// Writes key `id` unless it exists (two racing creators agree on whichever landed).
+    /// Writes key `id` unless it exists (two racing creators agree on whichever landed) or
+    /// the tenant was shredded meanwhile (the caller's reload then reports it).
     async fn add_key(&self, tenant: &TenantId, id: u32) -> Result<(), LogError> {
         let secret = random_secret();
-        let wrapped = siv(&self.master.0)
-            .encrypt(Self::wrap_ad(tenant, id), &secret.0)
-            .expect("sealing in memory cannot fail");
-        let record = WrappedKey {
-            wrapped,
-            created_ms: crate::now_ms(),
-        };
+        let record = self.wrap_key(tenant, id, &secret).await?;
         let mut txn = Transaction::new();
-        txn.put_if_absent(keys::data_key(tenant, id), record.encode_to_vec());
+        txn.expect(keys::shredded(tenant), None)
+            .put_if_absent(keys::data_key(tenant, id), record.encode_to_vec());
         match self.store.commit(txn).await {
             Ok(()) | Err(StoreError::Conflict { .. }) => Ok(()),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// Crypto-shreds the tenant: deletes every one of its data keys and writes the `ks/`
+    /// marker in one transaction, then purges the store so no file keeps a copy of the
+    /// deleted keys. Everything sealed under them (hot events, archived segments) can never
+    /// be opened again; [`Keyring::key`] and [`Keyring::current`] refuse the tenant with
+    /// [`LogError::TenantShredded`] from now on, here and in every process that opens the
+    /// store later. Other tenants and the audit key are untouched. Running it again on a
+    /// shredded tenant only purges again.
+    pub async fn shred(&self, tenant: &TenantId) -> Result<ShredReport, LogError> {
+        let mut attempts = 0;
+        let report = loop {
+            let marker = self.store.get(&keys::shredded(tenant)).await?;
+            let ids: Vec<u32> = self
+                .stored_keys(tenant)
+                .await?
+                .into_iter()
+                .map(|(id, _)| id)
+                .collect();
+            let mut txn = Transaction::new();
+            for id in &ids {
+                txn.delete(keys::data_key(tenant, *id));
+            }
+            // A key created after our scan would outlive the shred: it is always the next
+            // id, so its absence is part of what we commit on.
+            let next = ids.last().map_or(1, |id| id + 1);
+            txn.expect(keys::data_key(tenant, next), None);
+            match &marker {
+                Some(bytes) => txn.expect(keys::shredded(tenant), Some(bytes.clone())),
+                None => txn.put(
+                    keys::shredded(tenant),
+                    Shredded {
+                        time_ms: crate::now_ms(),
+                        key_versions: ids.len() as u32,
+                    }
+                    .encode_to_vec(),
+                ),
+            };
+            match self.store.commit(txn).await {
+                Ok(()) => {
+                    break ShredReport {
+                        tenant: tenant.clone(),
+                        key_ids: ids,
+                        already_shredded: marker.is_some(),
+                    };
+                }
+                Err(StoreError::Conflict { .. }) if attempts < KEY_RACE_RETRIES => attempts += 1,
+                Err(e) => return Err(e.into()),
+            }
+        };
+        self.remember(tenant, TenantState::Shredded);
+        self.tenant_keys
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(tenant);
+        self.store.purge_deleted().await?;
+        Ok(report)
+    }
+
+    /// Gives every data key of the tenant the tenant layer: each is sealed under the tenant
+    /// key, then wrapped by the master key again. The data keys themselves do not change, so
+    /// nothing sealed under them is touched. Then purges the store so the single-wrapped
+    /// copies are gone from its files: from then on, destroying the tenant key makes the
+    /// tenant's history unreadable. Refuses a tenant with no tenant key configured, and a
+    /// tenant key that does not open keys already wrapped with one.
+    pub async fn wrap_with_tenant_key(&self, tenant: &TenantId) -> Result<WrapReport, LogError> {
+        let tenant_key = self.tenant_key(tenant).await?;
+        let mut attempts = 0;
+        let report = loop {
+            if self.store.get(&keys::shredded(tenant)).await?.is_some() {
+                self.remember(tenant, TenantState::Shredded);
+                return Err(Self::shredded_error(tenant));
+            }
+            let stored = self.stored_keys(tenant).await?;
+            let mut txn = Transaction::new();
+            txn.expect(keys::shredded(tenant), None);
+            let (mut wrapped, mut already_wrapped) = (Vec::new(), Vec::new());
+            for (id, record) in &stored {
+                // Opening every key also checks a tenant key against keys wrapped before.
+                let secret = self.unwrap_key(tenant, *id, record).await?;
+                if record.tenant_layer {
+                    already_wrapped.push(*id);
+                    continue;
+                }
+                let inner = siv(&tenant_key.0)
+                    .encrypt(Self::tenant_layer_ad(tenant, *id), &secret.0)
+                    .expect("sealing in memory cannot fail");
+                let outer = siv(&self.master.0)
+                    .encrypt(Self::wrap_ad(tenant, *id, true), &inner)
+                    .expect("sealing in memory cannot fail");
+                let row = keys::data_key(tenant, *id);
+                txn.expect(row.clone(), Some(record.encode_to_vec()));
+                txn.put(
+                    row,
+                    WrappedKey {
+                        wrapped: outer,
+                        created_ms: record.created_ms,
+                        tenant_layer: true,
+                    }
+                    .encode_to_vec(),
+                );
+                wrapped.push(*id);
+            }
+            let next = stored.last().map_or(1, |(id, _)| id + 1);
+            txn.expect(keys::data_key(tenant, next), None);
+            match self.store.commit(txn).await {
+                Ok(()) => {
+                    break WrapReport {
+                        tenant: tenant.clone(),
+                        wrapped,
+                        already_wrapped,
+                    };
+                }
+                Err(StoreError::Conflict { .. }) if attempts < KEY_RACE_RETRIES => attempts += 1,
+                Err(e) => return Err(e.into()),
+            }
+        };
+        self.store.purge_deleted().await?;
+        Ok(report)
     }
 }
 
@@ -462,5 +840,9 @@ mod tests {
         assert_eq!(again.to_hex(), m.to_hex());
         assert!(MasterKey::from_hex("abcd").is_err());
         assert!(MasterKey::from_hex(&"zz".repeat(KEY_LEN)).is_err());
+        // A key file with one bad digit must not have its other digits quoted back.
+        let almost = format!("{}g", &m.to_hex()[1..]);
+        let err = TenantKey::from_hex(&almost).err().expect("bad digit");
+        assert!(!err.contains(&almost[..8]), "{err}");
     }
 }

@@ -65,6 +65,23 @@ pub enum LogError {
     #[error("stored value at {key} is corrupt: {reason}")]
     Corrupt { key: String, reason: String },
 
+    /// The tenant was crypto-shredded (`tidings keys shred`): its data keys are gone.
+    #[error(
+        "tenant {tenant} was shredded: its data keys were destroyed and its history can never \
+         be opened again"
+    )]
+    TenantShredded { tenant: String },
+
+    /// The tenant's data keys are also sealed under a key the tenant holds, and that key
+    /// could not be had: none is configured, its file is gone, its command failed.
+    #[error("the tenant-held key of tenant {tenant} is unavailable: {reason}")]
+    TenantKeyUnavailable { tenant: String, reason: String },
+
+    /// The tenant-held key was read but is not the one the tenant's data keys were sealed
+    /// under.
+    #[error("the tenant-held key of tenant {tenant} does not open its data keys (wrong key?)")]
+    WrongTenantKey { tenant: String },
+
     /// Archived history could not be read: no archive is configured, the object store is
     /// unreachable, or a segment is missing.
     #[error("archived history is unavailable: {reason}")]
@@ -101,6 +118,9 @@ pub const ERROR_CODES: &[&str] = &[
     "master_key_malformed",
     "wrong_master_key",
     "corrupt",
+    "tenant_shredded",
+    "tenant_key_unavailable",
+    "wrong_tenant_key",
     "shutting_down",
     "archive_unavailable",
     "conflict",
@@ -126,6 +146,9 @@ impl LogError {
             LogError::MasterKeyMalformed { .. } => "master_key_malformed",
             LogError::WrongMasterKey => "wrong_master_key",
             LogError::Corrupt { .. } => "corrupt",
+            LogError::TenantShredded { .. } => "tenant_shredded",
+            LogError::TenantKeyUnavailable { .. } => "tenant_key_unavailable",
+            LogError::WrongTenantKey { .. } => "wrong_tenant_key",
             LogError::ShuttingDown => "shutting_down",
             LogError::Archive { .. } => "archive_unavailable",
             LogError::Store(StoreError::Conflict { .. }) => "conflict",

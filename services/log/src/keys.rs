@@ -7,6 +7,7 @@
 //! mb/tenant/conv/user                   Membership
 //! uc/tenant/user/conv                   UserConversation (the user's list, read cursor)
 //! kr/tenant/key_id                      WrappedKey
+//! ks/tenant                             Shredded (the tenant's data keys were destroyed)
 //! ax/tenant/conv/first_seq              ArchiveRun (archive index: seq range -> segment, row group)
 //! ax/tenant/conv/0                      ArchiveRun with no segment: retention deleted 1..=last_seq
 //! sg/tenant/segment_id                  ArchiveSegment (one verified Parquet object)
@@ -116,6 +117,11 @@ pub fn data_key(t: &TenantId, key_id: u32) -> Vec<u8> {
 
 pub fn data_key_dir(t: &TenantId) -> Vec<u8> {
     dir(b"kr", &[t.as_str()])
+}
+
+/// The shred marker of a tenant: present once its data keys were destroyed.
+pub fn shredded(t: &TenantId) -> Vec<u8> {
+    key(b"ks", &[t.as_str()])
 }
 
 /// The key id at the end of a `kr/` key.

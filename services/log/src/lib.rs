@@ -2,10 +2,12 @@
 //!
 //! # Layout
 //! - [`ids`]: validated tenant, conversation, user and client message ids.
-//! - [`keys`]: the keyspace (`ev/`, `hd/`, `dd/`, `mb/`, `uc/`, `kr/`).
+//! - [`keys`]: the keyspace (`ev/`, `hd/`, `dd/`, `mb/`, `uc/`, `kr/`, `ks/`, ...).
 //! - [`store`]: the [`KvStore`](store::KvStore) interface, the embedded fjall backend and the
 //!   conformance suite every backend runs.
-//! - [`crypto`]: AES-256-SIV sealing under per-tenant data keys wrapped by a master key.
+//! - [`crypto`]: AES-256-SIV sealing under per-tenant data keys wrapped by a master key (and
+//!   a tenant-held key, for tenants that have one); crypto-shredding.
+//! - [`tenant_keys`]: where tenant-held keys come from (a file or a command).
 //! - `writer` (private): the sequencer, one task that assigns seqs and group-commits.
 //! - [`log`]: [`Log`], the API the binary and the gateway use: conversations, membership,
 //!   appends, reads, read cursors.
@@ -20,6 +22,7 @@ pub mod ids;
 pub mod keys;
 pub mod log;
 pub mod store;
+pub mod tenant_keys;
 mod writer;
 
 pub use error::LogError;

@@ -273,8 +273,20 @@ impl Log {
         cfg: LogConfig,
         feed: Option<mpsc::Sender<FeedItem>>,
     ) -> Result<Log, LogError> {
+        let keyring = Keyring::open(store.clone(), master).await?;
+        Self::open_with_keyring(store, keyring, cfg, feed).await
+    }
+
+    /// Like [`Log::open_with_feed`], with a keyring opened (on the same store) by the caller,
+    /// e.g. one that knows tenant-held keys ([`Keyring::with_tenant_keys`]).
+    pub async fn open_with_keyring(
+        store: Arc<dyn KvStore>,
+        keyring: Keyring,
+        cfg: LogConfig,
+        feed: Option<mpsc::Sender<FeedItem>>,
+    ) -> Result<Log, LogError> {
         cfg.validate().map_err(LogError::InvalidRequest)?;
-        let keyring = Arc::new(Keyring::open(store.clone(), master).await?);
+        let keyring = Arc::new(keyring);
         let (tx, rx) = mpsc::channel(cfg.queue_depth);
         let stats = Arc::new(WriterStats::default());
         let mut seed = [0u8; 8];

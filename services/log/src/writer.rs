@@ -668,43 +668,53 @@ impl Writer {
     }
 
     /// Data keys the batch needs: each tenant's current key (to seal) and the keys of any
-    /// stored events it must open.
+    /// stored events it must open. A tenant whose keys cannot be had (shredded, its tenant
+    /// key unavailable) gets its error; the other tenants' requests in the batch go on.
     async fn resolve_keys(
         &self,
         reqs: &[Request],
         fetched: &HashMap<Vec<u8>, Option<Vec<u8>>>,
-    ) -> Result<
-        (
-            HashMap<TenantId, DataKey>,
-            HashMap<(TenantId, u32), DataKey>,
-        ),
-        LogError,
-    > {
-        let mut current = HashMap::new();
-        let mut all = HashMap::new();
+    ) -> BatchKeys {
+        let mut keys = BatchKeys::default();
         for r in reqs {
             let (t, _) = r.cmd.tenant_conv();
-            if !current.contains_key(t) {
-                let k = self.keyring.current(t).await?;
-                all.insert((t.clone(), k.id), k.clone());
-                current.insert(t.clone(), k);
+            if keys.refused.contains_key(t) {
+                continue;
             }
-            if let Command::Append(a) = &r.cmd
-                && let Some(target) = author_only_target(&a.body)
-            {
-                let key = keys::event(&a.tenant, &a.conv, target);
-                if let Some(Some(bytes)) = fetched.get(&key) {
-                    let sealed = SealedEvent::decode(bytes.as_slice())
-                        .map_err(|e| LogError::corrupt(&key, e))?;
-                    if let std::collections::hash_map::Entry::Vacant(slot) =
-                        all.entry((a.tenant.clone(), sealed.key_id))
-                    {
-                        slot.insert(self.keyring.key(&a.tenant, sealed.key_id).await?);
-                    }
+            if let Err(e) = self.resolve_request_keys(r, fetched, &mut keys).await {
+                keys.refused.insert(t.clone(), e);
+            }
+        }
+        keys
+    }
+
+    async fn resolve_request_keys(
+        &self,
+        r: &Request,
+        fetched: &HashMap<Vec<u8>, Option<Vec<u8>>>,
+        keys: &mut BatchKeys,
+    ) -> Result<(), LogError> {
+        let (t, _) = r.cmd.tenant_conv();
+        if !keys.current.contains_key(t) {
+            let k = self.keyring.current(t).await?;
+            keys.all.insert((t.clone(), k.id), k.clone());
+            keys.current.insert(t.clone(), k);
+        }
+        if let Command::Append(a) = &r.cmd
+            && let Some(target) = author_only_target(&a.body)
+        {
+            let key = keys::event(&a.tenant, &a.conv, target);
+            if let Some(Some(bytes)) = fetched.get(&key) {
+                let sealed = SealedEvent::decode(bytes.as_slice())
+                    .map_err(|e| LogError::corrupt(&key, e))?;
+                if let std::collections::hash_map::Entry::Vacant(slot) =
+                    keys.all.entry((a.tenant.clone(), sealed.key_id))
+                {
+                    slot.insert(self.keyring.key(&a.tenant, sealed.key_id).await?);
                 }
             }
         }
-        Ok((current, all))
+        Ok(())
     }
 
     /// Reads what the batch needs: cached keys from the cache, the rest in one `batch_get`.
@@ -750,13 +760,11 @@ impl Writer {
                 return None;
             }
         };
-        let (current, data_keys) = match self.resolve_keys(&reqs, &fetched).await {
-            Ok(k) => k,
-            Err(e) => {
-                fail_all(reqs, e);
-                return None;
-            }
-        };
+        let BatchKeys {
+            current,
+            all: data_keys,
+            refused,
+        } = self.resolve_keys(&reqs, &fetched).await;
 
         let mut state = State {
             fetched,
@@ -768,6 +776,10 @@ impl Writer {
         let mut results = Vec::with_capacity(reqs.len());
         for r in &reqs {
             let (t, _) = r.cmd.tenant_conv();
+            if let Some(e) = refused.get(t) {
+                results.push(Err(e.clone()));
+                continue;
+            }
             let mut scratch = Scratch {
                 state: &state,
                 writes: HashMap::new(),
@@ -853,6 +865,17 @@ impl Writer {
             let _ = r.reply.send(result);
         }
     }
+}
+
+/// The data keys a batch uses, and the tenants whose keys could not be had.
+#[derive(Default)]
+struct BatchKeys {
+    /// Each tenant's newest key, which seals its new events.
+    current: HashMap<TenantId, DataKey>,
+    /// Every key the batch opens or seals with.
+    all: HashMap<(TenantId, u32), DataKey>,
+    /// Tenants whose requests are refused with this error.
+    refused: HashMap<TenantId, LogError>,
 }
 
 /// A batch applied and sealed, waiting for (or in) its commit.

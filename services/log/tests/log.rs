@@ -1139,6 +1139,9 @@ impl KvStore for FailOnce {
         }
         self.inner.commit(txn).await
     }
+    async fn purge_deleted(&self) -> Result<(), StoreError> {
+        self.inner.purge_deleted().await
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

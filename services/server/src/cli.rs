@@ -228,6 +228,22 @@ pub enum KeysCommand {
         #[arg(long)]
         tenant: TenantId,
     },
+    /// Crypto-shred a tenant: destroy all its data keys, so its history (hot and archived)
+    /// can never be opened again, and purge the store so no file keeps a copy. Irreversible.
+    Shred {
+        #[arg(long)]
+        tenant: TenantId,
+        /// The tenant id again, to confirm.
+        #[arg(long, value_name = "TENANT")]
+        confirm: Option<String>,
+    },
+    /// Seal a tenant's existing data keys under its tenant-held key ([keys.tenants.<tenant>])
+    /// too, then purge the store of the copies without it. The data keys do not change;
+    /// nothing is re-sealed.
+    Wrap {
+        #[arg(long)]
+        tenant: TenantId,
+    },
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]

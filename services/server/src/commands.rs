@@ -7,11 +7,11 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 use serde::Deserialize;
 use serde_json::json;
-use tidings_log::crypto::MasterKey;
+use tidings_log::crypto::{Keyring, MasterKey, ShredReport};
 use tidings_log::store::{FjallStore, KvStore, Order};
 use tidings_log::{
     Append, Body, ClientMsgId, ConversationKind, CreateConversation, Log, LogError, PendingAppend,
-    ReadRange,
+    ReadRange, TenantId,
 };
 use tokio::io::{AsyncBufRead, AsyncBufReadExt};
 use tokio::sync::mpsc;
@@ -43,15 +43,15 @@ pub async fn open_log_with_feed(
     feed: Option<mpsc::Sender<tidings_log::FeedItem>>,
 ) -> anyhow::Result<Log> {
     let master = config.master_key(env)?;
-    let store = FjallStore::open(&config.data_dir)
-        .with_context(|| format!("open the store in {}", config.data_dir.display()))?;
-    let log = Log::open_with_feed(
-        Arc::new(store) as Arc<dyn KvStore>,
-        master,
-        config.log_config(),
-        feed,
-    )
-    .await?;
+    let tenant_keys = config.tenant_keys()?;
+    let store: Arc<dyn KvStore> = Arc::new(
+        FjallStore::open(&config.data_dir)
+            .with_context(|| format!("open the store in {}", config.data_dir.display()))?,
+    );
+    let keyring = Keyring::open(store.clone(), master)
+        .await?
+        .with_tenant_keys(tenant_keys);
+    let log = Log::open_with_keyring(store, keyring, config.log_config(), feed).await?;
     // Reads below the hot floor come from the archive.
     let objects = crate::archive::objects(config)?;
     let reader = tidings_archive::ColdReader::new(
@@ -212,6 +212,25 @@ async fn run_on_log(command: Command, log: &Log) -> anyhow::Result<bool> {
             let key_id = log.keyring().rotate(&tenant).await?;
             emit(&json!({"tenant": tenant.as_str(), "key_id": key_id}))?;
         }
+        Command::Keys(KeysCommand::Shred { tenant, confirm }) => {
+            if confirm.as_deref() != Some(tenant.as_str()) {
+                bail!(
+                    "refusing to shred tenant {tenant}: this destroys its data keys and its \
+                     history can never be read again; pass --confirm {tenant} to do it"
+                );
+            }
+            let report = shred_tenant(log, &tenant).await?;
+            emit(&output::shred_report(&report))?;
+        }
+        Command::Keys(KeysCommand::Wrap { tenant }) => {
+            let report = log.keyring().wrap_with_tenant_key(&tenant).await?;
+            emit(&json!({
+                "tenant": tenant.as_str(),
+                "wrapped_key_ids": report.wrapped,
+                "already_wrapped_key_ids": report.already_wrapped,
+                "purged": true,
+            }))?;
+        }
         Command::Conv(cmd) => conv(cmd, log).await?,
         Command::Log(LogCommand::Append {
             target,
@@ -273,6 +292,13 @@ async fn run_on_log(command: Command, log: &Log) -> anyhow::Result<bool> {
         }
     }
     Ok(true)
+}
+
+/// `keys shred`, after its confirmation: destroys the tenant's data keys and purges the store
+/// (see [`Keyring::shred`]). One call on purpose, so checks that must come first and records
+/// that must follow can wrap it.
+pub async fn shred_tenant(log: &Log, tenant: &TenantId) -> Result<ShredReport, LogError> {
+    log.keyring().shred(tenant).await
 }
 
 async fn conv(cmd: ConvCommand, log: &Log) -> anyhow::Result<()> {

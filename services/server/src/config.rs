@@ -8,8 +8,8 @@
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
-use tidings_log::LogConfig;
-use tidings_log::crypto::MasterKey;
+use tidings_log::crypto::{MasterKey, TenantKeySource, TenantKeys};
+use tidings_log::{LogConfig, TenantId};
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -19,6 +19,7 @@ pub struct Config {
     /// The master key file (`tidings keys init` writes it). `TIDINGS_MASTER_KEY` (128 hex
     /// digits) takes precedence when set.
     pub master_key_file: PathBuf,
+    pub keys: KeysSection,
     pub log: LogSection,
     pub gateway: GatewaySection,
     pub nats: NatsSection,
@@ -43,6 +44,38 @@ impl Default for AdminSection {
         }
     }
 }
+
+/// Tenant-held keys: a tenant listed here has its data keys sealed under a key of its own
+/// before the master key wraps them (ARCHITECTURE.md, "Sealing at rest").
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KeysSection {
+    /// Longest a key_command may run: 10s, 1m.
+    pub command_timeout: String,
+    pub tenants: std::collections::BTreeMap<String, TenantKeySection>,
+}
+
+impl Default for KeysSection {
+    fn default() -> Self {
+        KeysSection {
+            command_timeout: "10s".into(),
+            tenants: Default::default(),
+        }
+    }
+}
+
+/// Where one tenant's key comes from: exactly one of the two.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantKeySection {
+    /// A file of 128 hex digits, like the master key file.
+    pub key_file: Option<PathBuf>,
+    /// A shell command (`sh -c`) that prints the 128 hex digits on stdout.
+    pub key_command: Option<String>,
+}
+
+/// The longest `keys.command_timeout` may be: a key fetch holds up the first read of a tenant.
+const MAX_KEY_COMMAND_TIMEOUT_SECS: u64 = 300;
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -255,6 +288,7 @@ impl Default for Config {
         Config {
             data_dir: PathBuf::from("tidings-data"),
             master_key_file: PathBuf::from("tidings-master.key"),
+            keys: KeysSection::default(),
             log: LogSection::default(),
             gateway: GatewaySection::default(),
             nats: NatsSection::default(),
@@ -337,6 +371,9 @@ impl Config {
         }
         if let Some(v) = env("TIDINGS_MASTER_KEY_FILE") {
             self.master_key_file = PathBuf::from(v);
+        }
+        if let Some(v) = env("TIDINGS_KEYS_COMMAND_TIMEOUT") {
+            self.keys.command_timeout = v;
         }
         if let Some(v) = env("TIDINGS_GATEWAY_LISTEN") {
             self.gateway.listen = v;
@@ -511,6 +548,7 @@ impl Config {
         }
         self.archive_config()?;
         self.archive_storage()?;
+        self.tenant_keys()?;
         if g.listen.parse::<std::net::SocketAddr>().is_err() {
             return Err(ConfigError::Invalid(format!(
                 "gateway.listen {:?} is not an address like 127.0.0.1:7300",
@@ -646,6 +684,37 @@ impl Config {
         }
     }
 
+    /// Where each tenant with a tenant-held key gets it (`[keys.tenants.<tenant>]`).
+    pub fn tenant_keys(&self) -> Result<TenantKeys, ConfigError> {
+        let k = &self.keys;
+        let timeout = parse_duration_secs(&k.command_timeout)
+            .map_err(|e| ConfigError::Invalid(format!("keys.command_timeout: {e}")))?;
+        if timeout == 0 || timeout > MAX_KEY_COMMAND_TIMEOUT_SECS {
+            return Err(ConfigError::Invalid(format!(
+                "keys.command_timeout must be between 1s and {MAX_KEY_COMMAND_TIMEOUT_SECS}s"
+            )));
+        }
+        let mut keys = TenantKeys::default();
+        for (tenant, t) in &k.tenants {
+            let id = TenantId::new(tenant.as_str())
+                .map_err(|e| ConfigError::Invalid(format!("keys.tenants: {e}")))?;
+            let source = match (&t.key_file, &t.key_command) {
+                (Some(path), None) => TenantKeySource::File(path.clone()),
+                (None, Some(command)) if !command.trim().is_empty() => TenantKeySource::Command {
+                    command: command.clone(),
+                    timeout: std::time::Duration::from_secs(timeout),
+                },
+                _ => {
+                    return Err(ConfigError::Invalid(format!(
+                        "keys.tenants.{tenant} needs exactly one of key_file and key_command"
+                    )));
+                }
+            };
+            keys.insert(id, source);
+        }
+        Ok(keys)
+    }
+
     /// The master key: `TIDINGS_MASTER_KEY` if set, else the key file.
     pub fn master_key(
         &self,
@@ -703,6 +772,7 @@ mod tests {
         assert_eq!(format!("{:?}", cfg.nats), format!("{:?}", d.nats));
         assert_eq!(format!("{:?}", cfg.auth), format!("{:?}", d.auth));
         assert_eq!(format!("{:?}", cfg.admin), format!("{:?}", d.admin));
+        assert_eq!(format!("{:?}", cfg.keys), format!("{:?}", d.keys));
     }
 
     #[test]
@@ -714,6 +784,58 @@ mod tests {
         let err =
             Config::load(None, env(&[("TIDINGS_ADMIN_LISTEN", "localhost")])).expect_err("no port");
         assert!(err.to_string().contains("admin.listen"), "{err}");
+    }
+
+    #[test]
+    fn tenant_keys_come_from_a_file_or_a_command_never_both() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("t.toml");
+        std::fs::write(
+            &file,
+            "[keys]\ncommand_timeout = \"3s\"\n\
+             [keys.tenants.acme]\nkey_file = \"/keys/acme.key\"\n\
+             [keys.tenants.globex]\nkey_command = \"vault read -field=key kv/globex\"\n",
+        )
+        .expect("write");
+        let keys = Config::load(Some(&file), env(&[]))
+            .expect("load")
+            .tenant_keys()
+            .expect("tenant keys");
+        let acme = TenantId::new("acme").expect("id");
+        let globex = TenantId::new("globex").expect("id");
+        assert_eq!(
+            keys.get(&acme),
+            Some(&TenantKeySource::File(PathBuf::from("/keys/acme.key")))
+        );
+        assert_eq!(
+            keys.get(&globex),
+            Some(&TenantKeySource::Command {
+                command: "vault read -field=key kv/globex".into(),
+                timeout: std::time::Duration::from_secs(3),
+            })
+        );
+        let overridden = Config::load(Some(&file), env(&[("TIDINGS_KEYS_COMMAND_TIMEOUT", "20s")]))
+            .expect("load")
+            .tenant_keys()
+            .expect("tenant keys");
+        assert!(matches!(
+            overridden.get(&globex),
+            Some(TenantKeySource::Command { timeout, .. }) if timeout.as_secs() == 20
+        ));
+
+        for bad in [
+            "[keys.tenants.acme]\nkey_file = \"a\"\nkey_command = \"b\"\n",
+            "[keys.tenants.acme]\n",
+            "[keys.tenants.\"a/b\"]\nkey_file = \"a\"\n",
+            "[keys]\ncommand_timeout = \"0s\"\n",
+        ] {
+            std::fs::write(&file, bad).expect("write");
+            let err = Config::load(Some(&file), env(&[])).expect_err(bad);
+            assert!(matches!(err, ConfigError::Invalid(_)), "{bad}: {err}");
+        }
+        std::fs::write(&file, "[keys.tenants.acme]\nkey_fiel = \"a\"\n").expect("write");
+        let err = Config::load(Some(&file), env(&[])).expect_err("typo");
+        assert!(err.to_string().contains("key_fiel"), "{err}");
     }
 
     #[test]

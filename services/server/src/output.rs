@@ -13,6 +13,34 @@ pub fn error(e: &LogError) -> Value {
     json!({"error": {"code": e.code(), "message": e.to_string(), "retryable": e.is_retryable()}})
 }
 
+/// What `keys shred` destroyed:
+/// `{"tenant":"acme","shredded":true,"key_versions_destroyed":2,"key_ids":[1,2],
+/// "already_shredded":false,"purged":true}`.
+pub fn shred_report(r: &tidings_log::crypto::ShredReport) -> Value {
+    json!({
+        "tenant": r.tenant.as_str(),
+        "shredded": true,
+        "key_versions_destroyed": r.key_ids.len(),
+        "key_ids": r.key_ids,
+        "already_shredded": r.already_shredded,
+        "purged": true,
+    })
+}
+
+/// A failed command, for stderr: the JSON error line of the log error it came from (with
+/// the whole context chain as its message), or `error: ...` for anything else.
+pub fn failure(e: &anyhow::Error) -> String {
+    match e.chain().find_map(|c| c.downcast_ref::<LogError>()) {
+        Some(log_error) => json!({"error": {
+            "code": log_error.code(),
+            "message": format!("{e:#}"),
+            "retryable": log_error.is_retryable(),
+        }})
+        .to_string(),
+        None => format!("error: {e:#}"),
+    }
+}
+
 /// `group` / `direct`, as printed.
 pub fn conversation_kind(kind: i32) -> &'static str {
     match tidings_log::ConversationKind::try_from(kind) {

@@ -246,6 +246,39 @@ pub async fn concurrent_checked_increments_lose_nothing(store: Arc<dyn KvStore>)
     assert_eq!(end, (TASKS * EACH).to_be_bytes().to_vec());
 }
 
+/// A purge changes nothing a reader can see: live values stay, deleted ones stay deleted,
+/// and the store takes commits afterwards.
+pub async fn purge_deleted_keeps_what_is_live(store: Arc<dyn KvStore>) {
+    let ns = namespace();
+    put(&*store, k(&ns, b"kept"), b"live").await;
+    put(&*store, k(&ns, b"gone"), b"dead").await;
+    put(&*store, k(&ns, b"changed"), b"old").await;
+    let mut txn = Transaction::new();
+    txn.delete(k(&ns, b"gone"))
+        .put(k(&ns, b"changed"), b"new".to_vec());
+    store.commit(txn).await.expect("commit");
+
+    store.purge_deleted().await.expect("purge");
+    let got = store
+        .batch_get(vec![k(&ns, b"kept"), k(&ns, b"gone"), k(&ns, b"changed")])
+        .await
+        .expect("batch_get");
+    assert_eq!(
+        got,
+        vec![Some(b"live".to_vec()), None, Some(b"new".to_vec())]
+    );
+    let all = store
+        .scan(KeyRange::prefix(ns.clone()), 100, Order::Ascending)
+        .await
+        .expect("scan");
+    assert_eq!(all.len(), 2);
+    put(&*store, k(&ns, b"after"), b"x").await;
+    assert_eq!(
+        store.get(&k(&ns, b"after")).await.expect("get"),
+        Some(b"x".to_vec())
+    );
+}
+
 /// Generates one `#[tokio::test]` per conformance case for a backend. `$make` is an async
 /// block returning `(store, guard)`; the guard lives until the case ends.
 #[macro_export]
@@ -261,6 +294,7 @@ macro_rules! kv_conformance_suite {
             expect_guards_the_whole_transaction,
             empty_transaction_commits,
             concurrent_checked_increments_lose_nothing,
+            purge_deleted_keeps_what_is_live,
         );
     };
     (@cases $make:expr; $($case:ident),* $(,)?) => {

@@ -158,4 +158,10 @@ pub trait KvStore: Send + Sync + 'static {
     /// Applies the transaction atomically. Returns only once it is durable: a crash of the
     /// process (or, for the embedded store, of the machine) right after keeps it.
     async fn commit(&self, txn: Transaction) -> Result<(), StoreError>;
+
+    /// Makes deleted values unrecoverable from the store's files: flush and compact, so that
+    /// no file of the store still holds a value that was deleted or overwritten before the
+    /// call. Live values are untouched. Slow (it may rewrite everything the store holds):
+    /// for rare operations such as shredding a tenant's keys, not for every delete.
+    async fn purge_deleted(&self) -> Result<(), StoreError>;
 }
