@@ -650,9 +650,27 @@ fn keys_shred_refuses_without_a_matching_confirm() {
     let s = Sandbox::new();
     s.group("general");
     for args in [
-        &["keys", "shred", "--tenant", "acme"][..],
-        &["keys", "shred", "--tenant", "acme", "--confirm", "acm"][..],
-        &["keys", "shred", "--tenant", "acme", "--confirm", "globex"][..],
+        &["keys", "shred", "--tenant", "acme", "--actor", "dpo"][..],
+        &[
+            "keys",
+            "shred",
+            "--tenant",
+            "acme",
+            "--confirm",
+            "acm",
+            "--actor",
+            "dpo",
+        ][..],
+        &[
+            "keys",
+            "shred",
+            "--tenant",
+            "acme",
+            "--confirm",
+            "globex",
+            "--actor",
+            "dpo",
+        ][..],
     ] {
         let out = s.run(args);
         assert_eq!(out.status.code(), Some(1), "{args:?}: {}", stderr(&out));
@@ -677,7 +695,16 @@ fn after_keys_shred_the_tenant_is_refused_with_tenant_shredded_and_others_still_
                 .success()
         );
     }
-    let out = s.ok(&["keys", "shred", "--tenant", "acme", "--confirm", "acme"]);
+    let out = s.ok(&[
+        "keys",
+        "shred",
+        "--tenant",
+        "acme",
+        "--confirm",
+        "acme",
+        "--actor",
+        "dpo",
+    ]);
     assert_eq!(out.len(), 1);
     assert_eq!(out[0]["tenant"], "acme");
     assert_eq!(out[0]["key_versions_destroyed"], 1);

@@ -144,6 +144,7 @@ fn a_marker_is_found_hot_and_archived_and_every_search_is_audited() {
         [
             t("search", "started", 0),
             t("search", "completed", 1),
+            t("rotate", "completed", 0),
             t("search", "started", 0),
             t("search", "completed", 2),
             t("search", "started", 0),
@@ -154,20 +155,24 @@ fn a_marker_is_found_hot_and_archived_and_every_search_is_audited() {
             t("search", "completed", 6),
         ]
     );
+    assert!(records.iter().all(|r| r["via"] == "cli"));
+    assert_eq!(records[2]["actor"], "operator");
+    assert_eq!(records[2]["detail"], "new data key 2");
     assert!(
         records
             .iter()
-            .all(|r| r["actor"] == "officer-7" && r["via"] == "cli")
+            .filter(|r| r["action"] == "search")
+            .all(|r| r["actor"] == "officer-7")
     );
-    assert_eq!(records[2]["filters"]["text"], "BlueBird");
-    assert_eq!(records[4]["filters"]["sender"], "alice");
+    assert_eq!(records[3]["filters"]["text"], "BlueBird");
+    assert_eq!(records[5]["filters"]["sender"], "alice");
     assert_eq!(records[0]["access_id"], records[1]["access_id"]);
-    assert_ne!(records[0]["access_id"], records[2]["access_id"]);
+    assert_ne!(records[0]["access_id"], records[3]["access_id"]);
     let seqs: Vec<u64> = records
         .iter()
         .map(|r| r["seq"].as_u64().expect("present"))
         .collect();
-    assert_eq!(seqs, (1..=10).collect::<Vec<_>>());
+    assert_eq!(seqs, (1..=11).collect::<Vec<_>>());
 }
 
 #[test]
@@ -724,4 +729,195 @@ fn retention_killed_at_every_step_of_a_rewrite_converges() {
         assert_eq!(verify[0]["orphans"], serde_json::json!([]), "{failpoint}");
         assert_eq!(verify[0]["rows"], 6, "{failpoint}");
     }
+}
+
+/// The JSON error line a failed command prints on stderr.
+fn error_code(out: &Output) -> String {
+    let text = stderr(out);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("{\"error\""))
+        .unwrap_or_else(|| panic!("no JSON error line in {text}"));
+    let v: Value = serde_json::from_str(line).expect("JSON");
+    v["error"]["code"].as_str().expect("code").to_string()
+}
+
+#[test]
+fn a_hold_blocks_shredding_and_a_shredded_tenant_opens_nowhere_while_others_do() {
+    let s = Sandbox::new();
+    for tenant in ["acme", "globex"] {
+        s.ok(&[
+            "conv",
+            "create",
+            "--tenant",
+            tenant,
+            "--conv",
+            "general",
+            "--kind",
+            "group",
+            "--by",
+            "alice",
+            "--members",
+            "bob",
+        ]);
+        s.ok(&[
+            "log",
+            "append",
+            "--tenant",
+            tenant,
+            "--conv",
+            "general",
+            "--sender",
+            "bob",
+            "--client-msg-id",
+            "m1",
+            "--text",
+            "archived BLUEBIRD",
+        ]);
+    }
+    archive_all(&s, &[]);
+    for tenant in ["acme", "globex"] {
+        s.ok(&[
+            "log",
+            "append",
+            "--tenant",
+            tenant,
+            "--conv",
+            "general",
+            "--sender",
+            "bob",
+            "--client-msg-id",
+            "m2",
+            "--text",
+            "hot BLUEBIRD",
+        ]);
+    }
+    let shred = [
+        "keys",
+        "shred",
+        "--tenant",
+        "acme",
+        "--confirm",
+        "acme",
+        "--actor",
+        "dpo",
+    ];
+
+    // Under a hold: refused, recorded, nothing destroyed.
+    let held = hold(&s, &[]);
+    let out = s.run(&shred);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(error_code(&out), "held");
+    assert!(
+        stderr(&out).contains(held["id"].as_str().expect("id")),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(search(&s, &["--text", "bluebird"]).len(), 2);
+
+    s.ok(&[
+        "compliance",
+        "hold",
+        "release",
+        "--tenant",
+        "acme",
+        "--actor",
+        "counsel",
+        "--id",
+        held["id"].as_str().expect("id"),
+    ]);
+    let report = s.ok(&shred);
+    assert_eq!(report[0]["key_ids"], serde_json::json!([1]));
+
+    // Nothing of acme opens: the log, search, export, the archive check.
+    for args in [
+        vec!["log", "read", "--tenant", "acme", "--conv", "general"],
+        vec![
+            "compliance",
+            "search",
+            "--tenant",
+            "acme",
+            "--actor",
+            "officer-7",
+            "--text",
+            "bluebird",
+        ],
+        vec![
+            "compliance",
+            "export",
+            "--tenant",
+            "acme",
+            "--actor",
+            "officer-7",
+            "--format",
+            "jsonl",
+            "--out",
+            "acme.jsonl",
+        ],
+    ] {
+        let out = s.run(&args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        assert_eq!(
+            error_code(&out),
+            "tenant_shredded",
+            "{args:?}: {}",
+            stderr(&out)
+        );
+        assert!(out.stdout.is_empty(), "{args:?} printed something");
+    }
+    assert!(!s.path().join("acme.jsonl").exists(), "no partial export");
+    let verify = s.run(&["archive", "verify", "--tenant", "acme"]);
+    assert!(!verify.status.success());
+
+    // globex is untouched, hot and archived.
+    let hits = s.ok(&[
+        "compliance",
+        "search",
+        "--tenant",
+        "globex",
+        "--actor",
+        "officer-7",
+        "--text",
+        "bluebird",
+    ]);
+    let tiers: Vec<&str> = hits
+        .iter()
+        .map(|h| h["tier"].as_str().expect("tier"))
+        .collect();
+    assert_eq!(tiers, ["archive", "hot"]);
+    assert_eq!(
+        s.ok(&["archive", "verify", "--tenant", "globex"])[0]["ok"],
+        true
+    );
+
+    // The audit log survives the shred and tells the story.
+    let records = audit(&s, "acme");
+    let story: Vec<_> = trail(&records)
+        .into_iter()
+        .filter(|(action, ..)| action != "search")
+        .collect();
+    assert_eq!(
+        story,
+        [
+            t("hold_create", "completed", 0),
+            t("shred", "refused", 0),
+            t("hold_release", "completed", 0),
+            t("shred", "started", 0),
+            t("shred", "completed", 0),
+            t("export", "started", 0),
+            t("export", "failed", 0),
+        ]
+    );
+    let last_search = records
+        .iter()
+        .rev()
+        .find(|r| r["action"] == "search")
+        .expect("search");
+    assert_eq!(last_search["outcome"], "failed");
+    assert!(
+        last_search["detail"]
+            .as_str()
+            .expect("detail")
+            .starts_with("tenant_shredded")
+    );
 }

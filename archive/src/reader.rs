@@ -115,6 +115,22 @@ impl Segment {
         Ok(rows)
     }
 
+    /// Fetches `range` of this segment's object (a row group's columns, a bloom filter).
+    pub async fn fetch(
+        &self,
+        objects: &Objects,
+        path: &str,
+        range: Option<std::ops::Range<u64>>,
+    ) -> Result<Fetched, ArchiveError> {
+        let range = range.ok_or_else(|| ArchiveError::corrupt(path, "empty row group"))?;
+        let bytes = objects.get_range(path, range.clone()).await?;
+        Ok(Fetched {
+            base: range.start,
+            bytes,
+            len: self.footer.len,
+        })
+    }
+
     /// Opens one row of this segment with its key (`key.id` must be the segment's).
     pub fn open_row(
         &self,

@@ -152,6 +152,44 @@ impl Compliance {
         Ok(hold)
     }
 
+    /// Crypto-shreds a tenant ([`Keyring::shred`]) unless a legal hold is active, which is
+    /// refused and recorded. The attempt is recorded before the keys go, the outcome after.
+    pub async fn shred(
+        &self,
+        tenant: &TenantId,
+        actor: &Actor,
+    ) -> Result<tidings_log::crypto::ShredReport, ComplianceError> {
+        let mut entry = Entry::new(actor, "shred", "started");
+        entry.access_id = uuid::Uuid::now_v7().to_string();
+        let holds = active(&**self.store(), self.keyring(), tenant).await?;
+        if !holds.is_empty() {
+            let ids: Vec<&str> = holds.iter().map(|h| h.id.as_str()).collect();
+            let reason = format!(
+                "tenant {tenant} is under {} active legal hold(s) ({}); release them first",
+                holds.len(),
+                ids.join(", ")
+            );
+            entry.outcome = "refused".into();
+            entry.detail = reason.clone();
+            self.record(tenant, &entry).await?;
+            return Err(ComplianceError::Held(reason));
+        }
+        self.record(tenant, &entry).await?;
+        let result = self.keyring().shred(tenant).await;
+        match &result {
+            Ok(report) => {
+                entry.outcome = "completed".into();
+                entry.detail = format!("destroyed data keys {:?}", report.key_ids);
+            }
+            Err(e) => {
+                entry.outcome = "failed".into();
+                entry.detail = format!("{}: {e}", e.code());
+            }
+        }
+        self.record(tenant, &entry).await?;
+        Ok(result?)
+    }
+
     async fn seal_hold(&self, tenant: &TenantId, hold: &Hold) -> Result<Vec<u8>, LogError> {
         let key = self.keyring().audit_key().await?;
         Ok(key.seal(&ad(tenant, &hold.id), &hold.encode_to_vec()))

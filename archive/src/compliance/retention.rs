@@ -27,7 +27,7 @@ use super::audit::{self, Entry};
 use super::{Actor, ComplianceError, HoldSet, Via, rfc3339_ms};
 use crate::archiver::{Archiver, Pending, Replace, Summary, scan_all};
 use crate::error::ArchiveError;
-use crate::format::{self, Fetched};
+use crate::format;
 use crate::reader::{Segment, fetch_footer};
 
 fn into_archive(e: ComplianceError) -> ArchiveError {
@@ -115,21 +115,14 @@ impl Archiver {
             let path = record.path.as_str();
             let footer = fetch_footer(&self.objects, path).await?;
             let segment = Segment::open(path, footer, tenant, &self.keyring).await?;
-            let fetch = |range: Option<std::ops::Range<u64>>| async {
-                let range = range.ok_or_else(|| ArchiveError::corrupt(path, "empty row group"))?;
-                let bytes = self.objects.get_range(path, range.clone()).await?;
-                Ok::<_, ArchiveError>(Fetched {
-                    base: range.start,
-                    bytes,
-                    len: segment.footer.len,
-                })
-            };
             // Decide row by row from the plain columns; nothing is opened to delete.
             let mut kept: Vec<Vec<usize>> = Vec::new();
             let mut through: HashMap<String, u64> = HashMap::new();
             let mut deleting = 0u64;
             for rg in 0..segment.footer.meta.num_row_groups() {
-                let data = fetch(segment.footer.meta_range(rg)).await?;
+                let data = segment
+                    .fetch(&self.objects, path, segment.footer.meta_range(rg))
+                    .await?;
                 let meta = format::read_meta(&segment.footer, &data, rg)
                     .map_err(|e| ArchiveError::corrupt(path, e))?;
                 let mut keep = Vec::new();
@@ -206,7 +199,9 @@ impl Archiver {
                     if keep.is_empty() {
                         continue;
                     }
-                    let data = fetch(segment.footer.row_group_range(rg)).await?;
+                    let data = segment
+                        .fetch(&self.objects, path, segment.footer.row_group_range(rg))
+                        .await?;
                     let n = segment.footer.meta.row_group(rg).num_rows().max(0) as usize;
                     let rows = format::read_rows(&segment.footer, &data, rg, 0, n, false)
                         .map_err(|e| ArchiveError::corrupt(path, e))?;

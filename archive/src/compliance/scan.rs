@@ -15,7 +15,6 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use bytes::Bytes;
 use parquet::data_type::ByteArray;
 use parquet::file::statistics::Statistics;
 use prost::Message;
@@ -29,7 +28,7 @@ use tidings_schemas::storage::{ArchiveSegment, Head};
 use super::{ComplianceError, Progress, Tier};
 use crate::archiver::scan_all;
 use crate::error::ArchiveError;
-use crate::format::{self, Fetched, col};
+use crate::format::{self, col};
 use crate::reader::{Segment, fetch_footer};
 use crate::storage::Objects;
 
@@ -175,16 +174,9 @@ impl Scanner<'_> {
             {
                 continue;
             }
-            let fetch = |range: Option<std::ops::Range<u64>>| async {
-                let range = range.ok_or_else(|| ArchiveError::corrupt(path, "empty row group"))?;
-                let bytes = objects.get_range(path, range.clone()).await?;
-                Ok::<_, ArchiveError>(Fetched {
-                    base: range.start,
-                    bytes,
-                    len: segment.footer.len,
-                })
-            };
-            let meta_bytes = fetch(segment.footer.meta_range(rg)).await?;
+            let meta_bytes = segment
+                .fetch(objects, path, segment.footer.meta_range(rg))
+                .await?;
             let meta = format::read_meta(&segment.footer, &meta_bytes, rg).map_err(corrupt)?;
             let candidates: Vec<usize> = (0..meta.seq.len())
                 .filter(|&i| {
@@ -199,7 +191,9 @@ impl Scanner<'_> {
             if candidates.is_empty() {
                 continue;
             }
-            let data = fetch(segment.footer.row_group_range(rg)).await?;
+            let data = segment
+                .fetch(objects, path, segment.footer.row_group_range(rg))
+                .await?;
             let n = meta.seq.len();
             let rows =
                 format::read_rows(&segment.footer, &data, rg, 0, n, false).map_err(corrupt)?;
@@ -229,12 +223,7 @@ impl Scanner<'_> {
             let Some(range) = format::bloom_range(&segment.footer, rg, column) else {
                 continue;
             };
-            let bytes: Bytes = objects.get_range(path, range.clone()).await?;
-            let data = Fetched {
-                base: range.start,
-                bytes,
-                len: segment.footer.len,
-            };
+            let data = segment.fetch(objects, path, Some(range)).await?;
             let may = format::bloom_may_contain(&segment.footer, &data, rg, column, value)
                 .map_err(|e| ArchiveError::corrupt(path, e))?;
             if !may {

@@ -227,6 +227,9 @@ pub enum KeysCommand {
     Rotate {
         #[arg(long)]
         tenant: TenantId,
+        /// Who does it (recorded in the tenant's audit log).
+        #[arg(long, default_value = "operator")]
+        actor: String,
     },
     /// Crypto-shred a tenant: destroy all its data keys, so its history (hot and archived)
     /// can never be opened again, and purge the store so no file keeps a copy. Irreversible.
@@ -236,6 +239,10 @@ pub enum KeysCommand {
         /// The tenant id again, to confirm.
         #[arg(long, value_name = "TENANT")]
         confirm: Option<String>,
+        /// Who does it (recorded in the tenant's audit log). Refused while a legal hold is
+        /// active.
+        #[arg(long)]
+        actor: String,
     },
     /// Seal a tenant's existing data keys under its tenant-held key ([keys.tenants.<tenant>])
     /// too, then purge the store of the copies without it. The data keys do not change;
@@ -243,6 +250,9 @@ pub enum KeysCommand {
     Wrap {
         #[arg(long)]
         tenant: TenantId,
+        /// Who does it (recorded in the tenant's audit log).
+        #[arg(long, default_value = "operator")]
+        actor: String,
     },
 }
 

@@ -7,7 +7,9 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 use serde::Deserialize;
 use serde_json::json;
-use tidings_log::crypto::{Keyring, MasterKey, ShredReport};
+use tidings_archive::compliance::audit::Entry;
+use tidings_archive::compliance::{Actor, Compliance, Via};
+use tidings_log::crypto::{Keyring, MasterKey};
 use tidings_log::store::{FjallStore, KvStore, Order};
 use tidings_log::{
     Append, Body, ClientMsgId, ConversationKind, CreateConversation, Log, LogError, PendingAppend,
@@ -208,22 +210,45 @@ fn keys_init(
 
 async fn run_on_log(command: Command, log: &Log) -> anyhow::Result<bool> {
     match command {
-        Command::Keys(KeysCommand::Rotate { tenant }) => {
+        Command::Keys(KeysCommand::Rotate { tenant, actor }) => {
+            let actor = Actor::new(&actor, Via::Cli)?;
             let key_id = log.keyring().rotate(&tenant).await?;
+            record_key_change(
+                log,
+                &tenant,
+                &actor,
+                "rotate",
+                format!("new data key {key_id}"),
+            )
+            .await?;
             emit(&json!({"tenant": tenant.as_str(), "key_id": key_id}))?;
         }
-        Command::Keys(KeysCommand::Shred { tenant, confirm }) => {
+        Command::Keys(KeysCommand::Shred {
+            tenant,
+            confirm,
+            actor,
+        }) => {
+            let actor = Actor::new(&actor, Via::Cli)?;
             if confirm.as_deref() != Some(tenant.as_str()) {
                 bail!(
                     "refusing to shred tenant {tenant}: this destroys its data keys and its \
                      history can never be read again; pass --confirm {tenant} to do it"
                 );
             }
-            let report = shred_tenant(log, &tenant).await?;
+            let report = compliance(log).shred(&tenant, &actor).await?;
             emit(&output::shred_report(&report))?;
         }
-        Command::Keys(KeysCommand::Wrap { tenant }) => {
+        Command::Keys(KeysCommand::Wrap { tenant, actor }) => {
+            let actor = Actor::new(&actor, Via::Cli)?;
             let report = log.keyring().wrap_with_tenant_key(&tenant).await?;
+            record_key_change(
+                log,
+                &tenant,
+                &actor,
+                "wrap",
+                format!("data keys {:?} sealed under the tenant key", report.wrapped),
+            )
+            .await?;
             emit(&json!({
                 "tenant": tenant.as_str(),
                 "wrapped_key_ids": report.wrapped,
@@ -297,8 +322,29 @@ async fn run_on_log(command: Command, log: &Log) -> anyhow::Result<bool> {
 /// `keys shred`, after its confirmation: destroys the tenant's data keys and purges the store
 /// (see [`Keyring::shred`]). One call on purpose, so checks that must come first and records
 /// that must follow can wrap it.
-pub async fn shred_tenant(log: &Log, tenant: &TenantId) -> Result<ShredReport, LogError> {
-    log.keyring().shred(tenant).await
+/// The compliance service for key commands: audit log and holds only, no archive reads.
+fn compliance(log: &Log) -> Compliance {
+    Compliance::new(
+        log.store().clone(),
+        log.keyring().clone(),
+        None,
+        Arc::default(),
+    )
+}
+
+/// Records a key change in the tenant's audit log.
+async fn record_key_change(
+    log: &Log,
+    tenant: &TenantId,
+    actor: &Actor,
+    action: &str,
+    detail: String,
+) -> anyhow::Result<()> {
+    let mut entry = Entry::new(actor, action, "completed");
+    entry.access_id = uuid::Uuid::now_v7().to_string();
+    entry.detail = detail;
+    compliance(log).record(tenant, &entry).await?;
+    Ok(())
 }
 
 async fn conv(cmd: ConvCommand, log: &Log) -> anyhow::Result<()> {

@@ -1,6 +1,8 @@
 //! JSON lines printed by the command-line tools.
 
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
+use tidings_archive::ArchiveError;
+use tidings_archive::compliance::ComplianceError;
 use tidings_log::{Body, Committed, Event, LogError};
 
 /// An append's ack: `{"seq":N,"event_id":"...","duplicate":false}`.
@@ -30,11 +32,21 @@ pub fn shred_report(r: &tidings_log::crypto::ShredReport) -> Value {
 /// A failed command, for stderr: the JSON error line of the log error it came from (with
 /// the whole context chain as its message), or `error: ...` for anything else.
 pub fn failure(e: &anyhow::Error) -> String {
-    match e.chain().find_map(|c| c.downcast_ref::<LogError>()) {
-        Some(log_error) => json!({"error": {
-            "code": log_error.code(),
+    let typed = e.chain().find_map(|c| {
+        if let Some(x) = c.downcast_ref::<LogError>() {
+            Some((x.code(), x.is_retryable()))
+        } else if let Some(x) = c.downcast_ref::<ComplianceError>() {
+            Some((x.code(), x.is_retryable()))
+        } else {
+            c.downcast_ref::<ArchiveError>()
+                .map(|x| (x.code(), x.is_retryable()))
+        }
+    });
+    match typed {
+        Some((code, retryable)) => json!({"error": {
+            "code": code,
             "message": format!("{e:#}"),
-            "retryable": log_error.is_retryable(),
+            "retryable": retryable,
         }})
         .to_string(),
         None => format!("error: {e:#}"),
@@ -42,13 +54,9 @@ pub fn failure(e: &anyhow::Error) -> String {
 }
 
 /// `group` / `direct`, as printed.
-pub fn conversation_kind(kind: i32) -> &'static str {
-    match tidings_log::ConversationKind::try_from(kind) {
-        Ok(tidings_log::ConversationKind::Direct) => "direct",
-        Ok(tidings_log::ConversationKind::Group) => "group",
-        _ => "unspecified",
-    }
-}
+pub use tidings_archive::compliance::hit::conversation_kind;
+/// `2026-11-29T20:33:25.123Z` from milliseconds since the Unix epoch (UTC).
+pub use tidings_archive::compliance::rfc3339_ms;
 
 /// `owner` / `member`, as printed.
 pub fn member_role(role: tidings_log::MemberRole) -> &'static str {
@@ -65,103 +73,7 @@ pub fn kind(body: Option<&Body>) -> &'static str {
 }
 
 /// One event as a JSON object: the envelope, `kind`, `text` (null when the kind has none)
-/// and the kind's own fields.
+/// and the kind's own fields; compliance results add to the same object.
 pub fn event(e: &Event) -> Value {
-    let mut o = Map::new();
-    o.insert("tenant".into(), e.tenant.clone().into());
-    o.insert("conversation".into(), e.conversation.clone().into());
-    o.insert("seq".into(), e.seq.into());
-    o.insert("event_id".into(), e.event_id.clone().into());
-    o.insert("sender".into(), e.sender.clone().into());
-    o.insert("time".into(), rfc3339_ms(e.server_time_ms).into());
-    o.insert("time_ms".into(), e.server_time_ms.into());
-    o.insert("client_msg_id".into(), e.client_msg_id.clone().into());
-    o.insert("kind".into(), kind(e.body.as_ref()).into());
-    let mut text = Value::Null;
-    match &e.body {
-        Some(Body::MessagePosted(p)) => {
-            text = p.text.clone().into();
-            if !p.mentions.is_empty() {
-                o.insert("mentions".into(), p.mentions.clone().into());
-            }
-            if p.reply_to_seq != 0 {
-                o.insert("reply_to_seq".into(), p.reply_to_seq.into());
-            }
-        }
-        Some(Body::MessageEdited(x)) => {
-            text = x.new_text.clone().into();
-            o.insert("target_seq".into(), x.target_seq.into());
-        }
-        Some(Body::MessageRecalled(x)) => {
-            o.insert("target_seq".into(), x.target_seq.into());
-        }
-        Some(Body::ReactionAdded(x)) => {
-            o.insert("target_seq".into(), x.target_seq.into());
-            o.insert("reaction".into(), x.reaction.clone().into());
-        }
-        Some(Body::ReactionRemoved(x)) => {
-            o.insert("target_seq".into(), x.target_seq.into());
-            o.insert("reaction".into(), x.reaction.clone().into());
-        }
-        Some(Body::MemberJoined(x)) => {
-            o.insert("user".into(), x.user.clone().into());
-        }
-        Some(Body::MemberLeft(x)) => {
-            o.insert("user".into(), x.user.clone().into());
-        }
-        Some(Body::ConversationCreated(x)) => {
-            text = x.title.clone().into();
-            o.insert("creator".into(), x.creator.clone().into());
-            o.insert("members".into(), x.members.clone().into());
-            o.insert("conversation_kind".into(), conversation_kind(x.kind).into());
-        }
-        Some(Body::ConversationRenamed(x)) => {
-            text = x.title.clone().into();
-        }
-        None => {}
-    }
-    o.insert("text".into(), text);
-    Value::Object(o)
-}
-
-/// `2026-11-29T20:33:25.123Z` from milliseconds since the Unix epoch (UTC).
-pub fn rfc3339_ms(ms: i64) -> String {
-    let secs = ms.div_euclid(1000);
-    let millis = ms.rem_euclid(1000);
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    let (y, m, d) = civil_from_days(days);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{millis:03}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
-/// Howard Hinnant's days-to-civil algorithm (proleptic Gregorian calendar).
-fn civil_from_days(z: i64) -> (i64, i64, i64) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    (if m <= 2 { y + 1 } else { y }, m, d)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn formats_known_instants() {
-        assert_eq!(rfc3339_ms(0), "1970-01-01T00:00:00.000Z");
-        assert_eq!(rfc3339_ms(951_782_400_000), "2000-02-29T00:00:00.000Z");
-        assert_eq!(rfc3339_ms(1_795_984_405_123), "2026-11-29T20:33:25.123Z");
-        assert_eq!(rfc3339_ms(-1), "1969-12-31T23:59:59.999Z");
-    }
+    Value::Object(tidings_archive::compliance::event_json(e))
 }
