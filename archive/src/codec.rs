@@ -206,28 +206,24 @@ impl<'d> Packer<'d> {
     }
 }
 
-/// Opens a sealed row into the event it was archived from.
-pub fn open_row(
-    key: &DataKey,
-    tenant: &TenantId,
-    dict: Option<&Dictionary>,
-    row: &Row,
-) -> Result<Event, String> {
-    if row.key_id != key.id {
-        return Err(format!(
-            "row sealed with key {} opened with {}",
-            row.key_id, key.id
-        ));
+/// Opens many rows of one segment, reusing one zstd decompression context (creating one
+/// costs more than decompressing a chat message).
+pub struct Opener<'d> {
+    dict: Option<&'d Dictionary>,
+    decompressor: Option<zstd::bulk::Decompressor<'d>>,
+}
+
+impl<'d> Opener<'d> {
+    pub fn new(dict: Option<&'d Dictionary>) -> Self {
+        Opener {
+            dict,
+            decompressor: None,
+        }
     }
-    let numbers = ad_numbers(row);
-    let framed = key
-        .open(&body_ad(tenant, row, &numbers), &row.body)
-        .map_err(|_| format!("body of seq {} failed authentication", row.seq))?;
-    let size = row.body_size as usize;
-    let plain = match framed.split_first() {
-        Some((&RAW, rest)) => rest.to_vec(),
-        Some((&ZSTD, rest)) if size <= MAX_BODY => {
-            let mut decompressor = match dict {
+
+    fn decompressor(&mut self) -> Result<&mut zstd::bulk::Decompressor<'d>, String> {
+        if self.decompressor.is_none() {
+            let d = match self.dict {
                 Some(d) => zstd::bulk::Decompressor::with_prepared_dictionary(&d.decoder),
                 None => zstd::bulk::Decompressor::new(),
             }
@@ -238,26 +234,46 @@ pub fn open_row(
                 Ok(d)
             })
             .map_err(|e| e.to_string())?;
-            decompressor
-                .decompress(rest, size)
-                .map_err(|e| format!("body of seq {}: {e}", row.seq))?
+            self.decompressor = Some(d);
         }
-        _ => return Err(format!("body of seq {} has an unknown encoding", row.seq)),
-    };
-    if plain.len() != size {
-        return Err(format!("body of seq {} is not {size} bytes", row.seq));
+        Ok(self.decompressor.as_mut().expect("set above"))
     }
-    let payload = Event::decode(plain.as_slice()).map_err(|e| e.to_string())?;
-    Ok(Event {
-        tenant: tenant.as_str().to_string(),
-        conversation: row.conversation.clone(),
-        seq: row.seq,
-        event_id: row.event_id.clone(),
-        sender: row.sender.clone(),
-        server_time_ms: row.time_ms,
-        client_msg_id: row.client_msg_id.clone(),
-        body: payload.body,
-    })
+
+    pub fn open(&mut self, key: &DataKey, tenant: &TenantId, row: &Row) -> Result<Event, String> {
+        if row.key_id != key.id {
+            return Err(format!(
+                "row sealed with key {} opened with {}",
+                row.key_id, key.id
+            ));
+        }
+        let numbers = ad_numbers(row);
+        let framed = key
+            .open(&body_ad(tenant, row, &numbers), &row.body)
+            .map_err(|_| format!("body of seq {} failed authentication", row.seq))?;
+        let size = row.body_size as usize;
+        let plain = match framed.split_first() {
+            Some((&RAW, rest)) => rest.to_vec(),
+            Some((&ZSTD, rest)) if size <= MAX_BODY => self
+                .decompressor()?
+                .decompress(rest, size)
+                .map_err(|e| format!("body of seq {}: {e}", row.seq))?,
+            _ => return Err(format!("body of seq {} has an unknown encoding", row.seq)),
+        };
+        if plain.len() != size {
+            return Err(format!("body of seq {} is not {size} bytes", row.seq));
+        }
+        let payload = Event::decode(plain.as_slice()).map_err(|e| e.to_string())?;
+        Ok(Event {
+            tenant: tenant.as_str().to_string(),
+            conversation: row.conversation.clone(),
+            seq: row.seq,
+            event_id: row.event_id.clone(),
+            sender: row.sender.clone(),
+            server_time_ms: row.time_ms,
+            client_msg_id: row.client_msg_id.clone(),
+            body: payload.body,
+        })
+    }
 }
 
 #[cfg(test)]

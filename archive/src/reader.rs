@@ -131,13 +131,9 @@ impl Segment {
         })
     }
 
-    /// Opens one row of this segment with its key (`key.id` must be the segment's).
-    pub fn open_row(
-        &self,
-        key: &tidings_log::crypto::DataKey,
-        row: &format::Row,
-    ) -> Result<Event, String> {
-        codec::open_row(key, &self.tenant, self.dict.as_ref(), row)
+    /// An opener for many rows of this segment.
+    pub fn opener(&self) -> codec::Opener<'_> {
+        codec::Opener::new(self.dict.as_ref())
     }
 
     /// Opens rows read from this segment into events.
@@ -148,9 +144,11 @@ impl Segment {
         rows: &[format::Row],
     ) -> Result<Vec<Event>, ArchiveError> {
         let key = keyring.key(&self.tenant, self.key_id).await?;
+        let mut opener = self.opener();
         rows.iter()
             .map(|row| {
-                codec::open_row(&key, &self.tenant, self.dict.as_ref(), row)
+                opener
+                    .open(&key, &self.tenant, row)
                     .map_err(|e| ArchiveError::corrupt(path, e))
             })
             .collect()

@@ -195,6 +195,7 @@ impl Archiver {
             } else {
                 let key = self.keyring.key(tenant, segment.key_id).await?;
                 let mut pending = Vec::new();
+                let mut opener = segment.opener();
                 for (rg, keep) in kept.iter().enumerate() {
                     if keep.is_empty() {
                         continue;
@@ -206,8 +207,8 @@ impl Archiver {
                     let rows = format::read_rows(&segment.footer, &data, rg, 0, n, false)
                         .map_err(|e| ArchiveError::corrupt(path, e))?;
                     for &i in keep {
-                        let event = segment
-                            .open_row(&key, &rows[i])
+                        let event = opener
+                            .open(&key, tenant, &rows[i])
                             .map_err(|e| ArchiveError::corrupt(path, e))?;
                         pending.push(Pending::new(event));
                     }

@@ -351,8 +351,9 @@ async fn open_parallel(
         let (segment, key, rows, part) =
             (segment.clone(), key.clone(), rows.clone(), part.to_vec());
         tasks.push(tokio::task::spawn_blocking(move || {
+            let mut opener = segment.opener();
             part.iter()
-                .map(|&i| segment.open_row(&key, &rows[i]))
+                .map(|&i| opener.open(&key, &segment.tenant, &rows[i]))
                 .collect::<Result<Vec<Event>, String>>()
         }));
     }

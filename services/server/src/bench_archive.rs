@@ -19,16 +19,17 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::Context;
-use tidings_archive::format::{self, Body, Fetched, Footer, WriteOptions, col};
-use tidings_archive::{ArchiveConfig, Archiver, ColdReader, Objects, PassOptions, StorageConfig};
+use tidings_archive::format::{self, Fetched, Footer, col};
+use tidings_archive::{ArchiveConfig, ColdReader};
 use tidings_log::crypto::MasterKey;
 use tidings_log::store::{FjallStore, KeyRange, KvStore};
-use tidings_log::{
-    Append, ClientMsgId, ConvId, ConversationKind, CreateConversation, Log, LogConfig, ReadRange,
-    TenantId, UserId,
+use tidings_log::{ConvId, Log, LogConfig, ReadRange, TenantId};
+
+use crate::bench_corpus::{
+    Corpus, PlainSegment, append_pipelined, archive_all, chat_text, median, ms, vocabulary,
 };
 
 #[derive(Debug, clap::Args)]
@@ -48,171 +49,6 @@ pub struct ArchiveArgs {
     pub dir: Option<PathBuf>,
 }
 
-const WORDS: &[&str] = &[
-    "the",
-    "a",
-    "to",
-    "and",
-    "I",
-    "you",
-    "it",
-    "is",
-    "we",
-    "for",
-    "on",
-    "in",
-    "that",
-    "this",
-    "can",
-    "will",
-    "be",
-    "have",
-    "do",
-    "with",
-    "at",
-    "ok",
-    "thanks",
-    "yes",
-    "no",
-    "just",
-    "so",
-    "meeting",
-    "today",
-    "tomorrow",
-    "deploy",
-    "release",
-    "build",
-    "review",
-    "PR",
-    "merged",
-    "ticket",
-    "customer",
-    "call",
-    "lunch",
-    "later",
-    "now",
-    "please",
-    "check",
-    "looks",
-    "good",
-    "great",
-    "sorry",
-    "late",
-    "minutes",
-    "update",
-    "status",
-    "blocked",
-    "fixed",
-    "bug",
-    "test",
-    "tests",
-    "failing",
-    "green",
-    "prod",
-    "staging",
-    "rollback",
-    "numbers",
-    "quarterly",
-    "report",
-    "slides",
-    "deck",
-    "draft",
-    "send",
-    "sent",
-    "email",
-    "invoice",
-    "contract",
-    "legal",
-    "budget",
-    "Q3",
-    "Q4",
-    "plan",
-    "roadmap",
-    "design",
-    "doc",
-    "link",
-    "here",
-    "there",
-    "what",
-    "why",
-    "when",
-    "who",
-    "how",
-    "about",
-    "agree",
-    "think",
-    "maybe",
-    "probably",
-    "should",
-    "could",
-    "need",
-    "want",
-    "let's",
-    "team",
-    "sync",
-    "standup",
-    "1:1",
-    "offsite",
-    "travel",
-    "flight",
-    "hotel",
-    "Berlin",
-    "Tokyo",
-    "Paris",
-    "Monday",
-    "Friday",
-    "week",
-    "weekend",
-    "EOD",
-    "ETA",
-    "asap",
-    "FYI",
-    "lgtm",
-    "nice",
-    "cool",
-    "haha",
-    "wow",
-    "interesting",
-    "question",
-    "answer",
-];
-
-/// The vocabulary: the common words above, then 4,000 made-up ones (names, jargon, typos)
-/// built from syllables, so texts have the long tail real chat has.
-fn vocabulary() -> Vec<String> {
-    const SYLLABLES: &[&str] = &[
-        "ka", "lo", "mi", "ter", "an", "zu", "pre", "sto", "vel", "ri", "on", "ex", "qua", "dis",
-        "ment", "ly", "ing", "ed", "co", "nu", "bra", "shi", "tor", "ga",
-    ];
-    let mut rng = fastrand::Rng::with_seed(42);
-    let mut words: Vec<String> = WORDS.iter().map(|w| w.to_string()).collect();
-    for _ in 0..4000 {
-        let n = 2 + rng.usize(..3);
-        words.push(
-            (0..n)
-                .map(|_| SYLLABLES[rng.usize(..SYLLABLES.len())])
-                .collect(),
-        );
-    }
-    words
-}
-
-/// A chat message: `2..=30` words, common words far likelier than rare ones (a uniform
-/// index cubed: Zipf-like), now and then a number.
-fn chat_text(rng: &mut fastrand::Rng, vocabulary: &[String]) -> String {
-    let n = 2 + rng.usize(..29).min(rng.usize(..29));
-    let mut words = Vec::with_capacity(n);
-    for _ in 0..n {
-        let r = rng.f64();
-        let i = ((r * r * r) * vocabulary.len() as f64) as usize;
-        words.push(vocabulary[i.min(vocabulary.len() - 1)].clone());
-    }
-    if rng.u8(..10) == 0 {
-        words.push(rng.u32(..100_000).to_string());
-    }
-    words.join(" ")
-}
-
 struct Run {
     archive_events_per_s: f64,
     plain_write_events_per_s: f64,
@@ -225,15 +61,6 @@ struct Run {
     lookup_index_us: f64,
     lookup_bloom_us: f64,
     lookup_scan_us: f64,
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
 }
 
 pub async fn run(args: ArchiveArgs) -> anyhow::Result<()> {
@@ -319,42 +146,13 @@ async fn one_run(args: &ArchiveArgs, base: &std::path::Path, seed: u64) -> anyho
     let dir = tempfile::tempdir_in(base)?;
     let store: Arc<dyn KvStore> = Arc::new(FjallStore::open(&dir.path().join("kv"))?);
     let log = Log::open(store.clone(), MasterKey::generate(), LogConfig::default()).await?;
-    let tenant = TenantId::new("bench")?;
-    let convs: Vec<ConvId> = (0..args.conversations)
-        .map(|i| ConvId::new(format!("c{i:05}")))
-        .collect::<Result<_, _>>()?;
-    let users: Vec<UserId> = (0..8)
-        .map(|i| UserId::new(format!("user{i}")))
-        .collect::<Result<_, _>>()?;
-    for conv in &convs {
-        log.create_conversation(CreateConversation {
-            tenant: tenant.clone(),
-            conv: conv.clone(),
-            kind: ConversationKind::Group,
-            title: conv.to_string(),
-            creator: users[0].clone(),
-            members: users[1..].to_vec(),
-        })
-        .await?;
-    }
+    let corpus = Corpus::create(&log, args.conversations, 8).await?;
+    let (tenant, convs) = (&corpus.tenant, &corpus.convs);
     let mut rng = fastrand::Rng::with_seed(seed);
     let vocabulary = vocabulary();
-    let mut pending = Vec::with_capacity(4096);
-    for i in 0..args.messages {
-        let req = Append::text(
-            tenant.clone(),
-            convs[rng.usize(..convs.len())].clone(),
-            users[rng.usize(..users.len())].clone(),
-            ClientMsgId::new(uuid::Uuid::now_v7().to_string())?,
-            chat_text(&mut rng, &vocabulary),
-        );
-        pending.push(log.enqueue(req).await?);
-        if pending.len() == 4096 || i + 1 == args.messages {
-            for p in pending.drain(..) {
-                p.wait().await?;
-            }
-        }
-    }
+    let messages =
+        (0..args.messages).map(|_| corpus.message(&mut rng, |rng| chat_text(rng, &vocabulary)));
+    append_pipelined(&log, messages, |_, _| {}).await?;
     let events = (args.messages + args.conversations) as u64;
 
     // Hot bytes: every ev/ and dd/ row of the tenant, keys and values.
@@ -374,39 +172,16 @@ async fn one_run(args: &ArchiveArgs, base: &std::path::Path, seed: u64) -> anyho
     let probes: Vec<&ConvId> = (0..args.probes)
         .map(|_| &convs[rng.usize(..convs.len())])
         .collect();
-    let page_hot = time_pages(&log, &tenant, &probes).await?;
+    let page_hot = time_pages(&log, tenant, &probes).await?;
 
     // The archive pass.
-    let objects = Objects::open(&StorageConfig::Local {
-        root: dir.path().join("archive"),
-    })?;
     let cfg = ArchiveConfig {
         segment_max_events: events as usize + 1,
         ..ArchiveConfig::default()
     };
-    let archiver = Archiver::new(
-        store.clone(),
-        log.keyring().clone(),
-        objects.clone(),
-        cfg.clone(),
-    )?;
-    tokio::time::sleep(Duration::from_millis(2)).await;
-    let started = Instant::now();
-    let summary = archiver
-        .run_pass(
-            &PassOptions {
-                older_than_ms: Some(0),
-                ..PassOptions::default()
-            },
-            &|_| {},
-        )
-        .await?;
-    let archive_secs = started.elapsed().as_secs_f64();
-    anyhow::ensure!(
-        summary.events_archived == events,
-        "archived {} of {events} events",
-        summary.events_archived
-    );
+    let (objects, archive_time) =
+        archive_all(&store, &log, &dir.path().join("archive"), &cfg, events).await?;
+    let archive_secs = archive_time.as_secs_f64();
 
     // History pages from the cold tier: a fresh reader per page (cold cache), then one
     // reader for all (warm after the first touch of each row group).
@@ -421,7 +196,7 @@ async fn one_run(args: &ArchiveArgs, base: &std::path::Path, seed: u64) -> anyho
         let log2 = log.clone();
         let reader: Arc<dyn tidings_log::cold::ColdTier> = Arc::new(reader);
         let t = Instant::now();
-        let page = read_latest(&log2, &tenant, conv, Some(&reader)).await?;
+        let page = read_latest(&log2, tenant, conv, Some(&reader)).await?;
         cold.push(ms(t.elapsed()));
         anyhow::ensure!(page == 50.min(page), "short page");
     }
@@ -432,46 +207,27 @@ async fn one_run(args: &ArchiveArgs, base: &std::path::Path, seed: u64) -> anyho
         256 << 20,
     ));
     for conv in &probes {
-        read_latest(&log, &tenant, conv, Some(&warm_reader)).await?;
+        read_latest(&log, tenant, conv, Some(&warm_reader)).await?;
     }
     let mut warm = Vec::new();
     for conv in &probes {
         let t = Instant::now();
-        read_latest(&log, &tenant, conv, Some(&warm_reader)).await?;
+        read_latest(&log, tenant, conv, Some(&warm_reader)).await?;
         warm.push(ms(t.elapsed()));
     }
 
     // The segment, and the plaintext baseline of the same events.
-    let segments = tidings_archive::tools::inspect(&*store, &tenant).await?;
+    let segments = tidings_archive::tools::inspect(&*store, tenant).await?;
     let archive_bytes: u64 = segments.iter().map(|s| s.bytes).sum();
     let path = &segments.first().context("no segment")?.path;
-    let segment_bytes = objects.get(path).await?;
-    let data = Fetched::whole(segment_bytes);
-    let segment =
-        tidings_archive::reader::Segment::open(path, Footer::parse(&data)?, &tenant, log.keyring())
-            .await?;
-    let footer = &segment.footer;
-    let mut plain_rows = Vec::with_capacity(events as usize);
-    for rg in 0..footer.meta.num_row_groups() {
-        let n = footer.meta.row_group(rg).num_rows() as usize;
-        plain_rows.extend(format::read_rows(footer, &data, rg, 0, n, true)?);
-    }
-    // The baseline's body column: the same bodies, opened.
-    let opened = segment.open_rows(path, log.keyring(), &plain_rows).await?;
-    for (row, event) in plain_rows.iter_mut().zip(&opened) {
-        row.body = tidings_archive::codec::payload(event);
-    }
+    let plain_segment = PlainSegment::read(&objects, path, tenant, log.keyring()).await?;
+    let (footer, data, plain_rows) = (
+        &plain_segment.segment.footer,
+        &plain_segment.data,
+        &plain_segment.rows,
+    );
     let started = Instant::now();
-    let plain = format::write_segment(
-        "bench",
-        &plain_rows,
-        &WriteOptions {
-            row_group_rows: cfg.row_group_events,
-            zstd_level: cfg.zstd_level,
-            body: Body::Plain,
-            metadata: Vec::new(),
-        },
-    )?;
+    let plain = plain_segment.write_plain(&cfg)?;
     let plain_secs = started.elapsed().as_secs_f64();
 
     // Point lookups.
@@ -491,7 +247,7 @@ async fn one_run(args: &ArchiveArgs, base: &std::path::Path, seed: u64) -> anyho
         );
         let conv = ConvId::new(conv.as_str())?;
         let t = Instant::now();
-        let got = tidings_log::cold::ColdTier::read(&reader, &tenant, &conv, *seq, *seq).await?;
+        let got = tidings_log::cold::ColdTier::read(&reader, tenant, &conv, *seq, *seq).await?;
         by_index.push(t.elapsed().as_secs_f64() * 1e6);
         anyhow::ensure!(got.len() == 1 && got[0].seq == *seq, "index lookup");
     }
@@ -499,11 +255,11 @@ async fn one_run(args: &ArchiveArgs, base: &std::path::Path, seed: u64) -> anyho
     let mut by_scan = Vec::new();
     for (conv, seq) in &targets {
         let t = Instant::now();
-        let row = lookup_without_index(footer, &data, conv, *seq, true)?;
+        let row = lookup_without_index(footer, data, conv, *seq, true)?;
         by_bloom.push(t.elapsed().as_secs_f64() * 1e6);
         anyhow::ensure!(row.seq == *seq, "bloom lookup");
         let t = Instant::now();
-        let row = lookup_without_index(footer, &data, conv, *seq, false)?;
+        let row = lookup_without_index(footer, data, conv, *seq, false)?;
         by_scan.push(t.elapsed().as_secs_f64() * 1e6);
         anyhow::ensure!(row.seq == *seq, "scan lookup");
     }

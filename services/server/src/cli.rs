@@ -405,4 +405,8 @@ pub enum BenchCommand {
     /// Archive throughput, bytes per event (hot, archive, plaintext Parquet), history page
     /// latency hot vs cold, and point lookups with and without the indexes.
     Archive(crate::bench_archive::ArchiveArgs),
+    /// Compliance text search over a tenant's archive (events/s, time to first and last
+    /// result), against scanning the same events as plaintext Parquet; and how selective
+    /// filters prune.
+    Compliance(crate::bench_compliance::ComplianceArgs),
 }

@@ -152,6 +152,10 @@ pub async fn run(command: Command, config: Config) -> anyhow::Result<bool> {
             crate::bench_archive::run(args).await?;
             Ok(true)
         }
+        Command::Bench(crate::cli::BenchCommand::Compliance(args)) => {
+            crate::bench_compliance::run(args).await?;
+            Ok(true)
+        }
         Command::Bench(crate::cli::BenchCommand::Gateway(args)) => {
             crate::bench_gateway::run(args, &config).await?;
             Ok(true)

@@ -8,13 +8,17 @@
 //! - [`admin`]: the admin HTTP listener of `serve`: health, compliance search, audit log.
 //! - [`archive`]: `tidings archive run|inspect|verify` and the periodic archiver of `serve`.
 //! - [`chat`]: `tidings chat`, a terminal client.
-//! - [`bench`], [`bench_gateway`], [`bench_archive`]: `tidings bench`, tidings against its baselines in one run.
+//! - [`bench`], [`bench_gateway`], [`bench_archive`], [`bench_compliance`]: `tidings bench`,
+//!   tidings against its baselines in one run; [`bench_corpus`]: the chat corpus and
+//!   plaintext Parquet baseline they share.
 //! - [`output`]: the JSON lines the tools print.
 
 pub mod admin;
 pub mod archive;
 pub mod bench;
 pub mod bench_archive;
+pub mod bench_compliance;
+pub mod bench_corpus;
 pub mod bench_gateway;
 pub mod chat;
 pub mod cli;
