@@ -364,36 +364,86 @@ pub fn read_rows(
     n: usize,
     use_page_index: bool,
 ) -> Result<Vec<Row>, ParquetError> {
+    read_runs(footer, data, rg, &[(offset, n)], use_page_index)
+}
+
+/// Reads the rows at `indices` (ascending) of row group `rg`: pages holding none of them are
+/// skipped through the page index, and only the wanted rows are materialised. What a search
+/// that opens a few candidate rows of a large group needs.
+pub fn read_rows_at(
+    footer: &Footer,
+    data: &Fetched,
+    rg: usize,
+    indices: &[usize],
+) -> Result<Vec<Row>, ParquetError> {
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    for &i in indices {
+        match runs.last_mut() {
+            Some((start, len)) if *start + *len == i => *len += 1,
+            Some((start, len)) if *start + *len > i => {
+                return Err(ParquetError::General(format!(
+                    "row indices must ascend ({i} after {})",
+                    *start + *len - 1
+                )));
+            }
+            _ => runs.push((i, 1)),
+        }
+    }
+    read_runs(footer, data, rg, &runs, true)
+}
+
+/// Rows of the (start, len) runs, in order.
+fn read_runs(
+    footer: &Footer,
+    data: &Fetched,
+    rg: usize,
+    runs: &[(usize, usize)],
+    use_page_index: bool,
+) -> Result<Vec<Row>, ParquetError> {
     let reader = row_group_reader(footer, data, rg, use_page_index)?;
     let strings = |idx| -> Result<Vec<String>, ParquetError> {
-        read_column::<ByteArrayType>(&reader, idx, offset, n)?
+        read_column::<ByteArrayType>(&reader, idx, runs)?
             .iter()
             .map(utf8)
             .collect()
     };
     let conversation = strings(col::CONVERSATION)?;
-    let seq = read_column::<Int64Type>(&reader, col::SEQ, offset, n)?;
+    let seq = read_column::<Int64Type>(&reader, col::SEQ, runs)?;
     let event_id = strings(col::EVENT_ID)?;
     let sender = strings(col::SENDER)?;
-    let time = read_column::<Int64Type>(&reader, col::TIME, offset, n)?;
+    let time = read_column::<Int64Type>(&reader, col::TIME, runs)?;
     let kind = strings(col::KIND)?;
-    let key_id = read_column::<Int32Type>(&reader, col::KEY_ID, offset, n)?;
-    let body_size = read_column::<Int32Type>(&reader, col::BODY_SIZE, offset, n)?;
-    let body = read_column::<ByteArrayType>(&reader, col::BODY, offset, n)?;
+    let key_id = read_column::<Int32Type>(&reader, col::KEY_ID, runs)?;
+    let body_size = read_column::<Int32Type>(&reader, col::BODY_SIZE, runs)?;
+    let body = read_column::<ByteArrayType>(&reader, col::BODY, runs)?;
     let client_msg_id = strings(col::CLIENT_MSG_ID)?;
+    let mut columns = (
+        conversation.into_iter(),
+        seq.into_iter(),
+        event_id.into_iter(),
+        sender.into_iter(),
+        time.into_iter(),
+        kind.into_iter(),
+        key_id.into_iter(),
+        body_size.into_iter(),
+        body.into_iter(),
+        client_msg_id.into_iter(),
+    );
+    let n = columns.1.len();
     let mut rows = Vec::with_capacity(n);
-    for i in 0..n {
+    let short = || ParquetError::General("columns of unequal length".into());
+    for _ in 0..n {
         rows.push(Row {
-            conversation: conversation[i].clone(),
-            seq: seq[i] as u64,
-            event_id: event_id[i].clone(),
-            sender: sender[i].clone(),
-            time_ms: time[i],
-            kind: kind[i].clone(),
-            key_id: key_id[i] as u32,
-            body_size: body_size[i] as u32,
-            body: body[i].data().to_vec(),
-            client_msg_id: client_msg_id[i].clone(),
+            conversation: columns.0.next().ok_or_else(short)?,
+            seq: columns.1.next().ok_or_else(short)? as u64,
+            event_id: columns.2.next().ok_or_else(short)?,
+            sender: columns.3.next().ok_or_else(short)?,
+            time_ms: columns.4.next().ok_or_else(short)?,
+            kind: columns.5.next().ok_or_else(short)?,
+            key_id: columns.6.next().ok_or_else(short)? as u32,
+            body_size: columns.7.next().ok_or_else(short)? as u32,
+            body: columns.8.next().ok_or_else(short)?.data().to_vec(),
+            client_msg_id: columns.9.next().ok_or_else(short)?,
         });
     }
     Ok(rows)
@@ -408,8 +458,8 @@ pub fn read_keys(
 ) -> Result<Vec<(String, u64)>, ParquetError> {
     let reader = row_group_reader(footer, data, rg, false)?;
     let n = reader.metadata().num_rows().max(0) as usize;
-    let convs = read_column::<ByteArrayType>(&reader, col::CONVERSATION, 0, n)?;
-    let seqs = read_column::<Int64Type>(&reader, col::SEQ, 0, n)?;
+    let convs = read_column::<ByteArrayType>(&reader, col::CONVERSATION, &[(0, n)])?;
+    let seqs = read_column::<Int64Type>(&reader, col::SEQ, &[(0, n)])?;
     convs
         .iter()
         .zip(seqs)
@@ -431,11 +481,11 @@ pub fn read_meta(footer: &Footer, data: &Fetched, rg: usize) -> Result<MetaColum
     let reader = row_group_reader(footer, data, rg, false)?;
     let n = reader.metadata().num_rows().max(0) as usize;
     Ok(MetaColumns {
-        conversation: read_column::<ByteArrayType>(&reader, col::CONVERSATION, 0, n)?,
-        seq: read_column::<Int64Type>(&reader, col::SEQ, 0, n)?,
-        sender: read_column::<ByteArrayType>(&reader, col::SENDER, 0, n)?,
-        time: read_column::<Int64Type>(&reader, col::TIME, 0, n)?,
-        kind: read_column::<ByteArrayType>(&reader, col::KIND, 0, n)?,
+        conversation: read_column::<ByteArrayType>(&reader, col::CONVERSATION, &[(0, n)])?,
+        seq: read_column::<Int64Type>(&reader, col::SEQ, &[(0, n)])?,
+        sender: read_column::<ByteArrayType>(&reader, col::SENDER, &[(0, n)])?,
+        time: read_column::<Int64Type>(&reader, col::TIME, &[(0, n)])?,
+        kind: read_column::<ByteArrayType>(&reader, col::KIND, &[(0, n)])?,
     })
 }
 
@@ -501,31 +551,88 @@ pub fn bloom_may_contain(
 fn read_column<T: DataType>(
     reader: &SerializedRowGroupReader<'_, Fetched>,
     idx: usize,
-    offset: usize,
-    n: usize,
+    runs: &[(usize, usize)],
 ) -> Result<Vec<T::T>, ParquetError> {
     let mut column = get_typed_column_reader::<T>(reader.get_column_reader(idx)?);
-    if offset > 0 {
-        let skipped = column.skip_records(offset)?;
-        if skipped != offset {
+    let mut values = Vec::with_capacity(runs.iter().map(|r| r.1).sum());
+    let mut at = 0;
+    for &(offset, n) in runs {
+        if offset > at {
+            let gap = offset - at;
+            let skipped = column.skip_records(gap)?;
+            if skipped != gap {
+                return Err(ParquetError::General(format!(
+                    "column {idx} has {} rows, not the {offset} to skip",
+                    at + skipped
+                )));
+            }
+        }
+        let want = values.len() + n;
+        while values.len() < want {
+            let before = values.len();
+            column.read_records(want - before, None, None, &mut values)?;
+            if values.len() == before {
+                break;
+            }
+        }
+        if values.len() != want {
             return Err(ParquetError::General(format!(
-                "column {idx} has {skipped} rows, not the {offset} to skip"
+                "column {idx} ends before row {}",
+                offset + n
             )));
         }
-    }
-    let mut values = Vec::with_capacity(n);
-    while values.len() < n {
-        let before = values.len();
-        column.read_records(n - before, None, None, &mut values)?;
-        if values.len() == before {
-            break;
-        }
-    }
-    if values.len() != n {
-        return Err(ParquetError::General(format!(
-            "column {idx} has {} rows after {offset}, not {n}",
-            values.len()
-        )));
+        at = offset + n;
     }
     Ok(values)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rows(n: usize) -> Vec<Row> {
+        (0..n)
+            .map(|i| Row {
+                conversation: format!("c{}", i / 1000),
+                seq: (i % 1000) as u64 + 1,
+                event_id: format!("e{i}"),
+                sender: format!("u{}", i % 7),
+                time_ms: i as i64,
+                kind: "message_posted".into(),
+                key_id: 1,
+                body_size: 3,
+                body: format!("b{i}").into_bytes(),
+                client_msg_id: format!("m{i}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn rows_at_indices_are_exactly_those_rows_across_pages() {
+        let written = rows(5000);
+        let opts = WriteOptions {
+            row_group_rows: 8192,
+            zstd_level: 1,
+            body: Body::Plain,
+            metadata: Vec::new(),
+        };
+        let bytes = write_segment("acme", &written, &opts).expect("write");
+        let data = Fetched::whole(Bytes::from(bytes));
+        let footer = Footer::parse(&data).expect("footer");
+        let wanted = [0, 1, 2, 2047, 2048, 2049, 4097, 4999];
+        let got = read_rows_at(&footer, &data, 0, &wanted).expect("read");
+        let expected: Vec<Row> = wanted.iter().map(|&i| written[i].clone()).collect();
+        assert_eq!(got, expected);
+        assert!(
+            read_rows_at(&footer, &data, 0, &[])
+                .expect("none")
+                .is_empty()
+        );
+        assert!(read_rows_at(&footer, &data, 0, &[5, 3]).is_err());
+        assert!(read_rows_at(&footer, &data, 0, &[4999, 5000]).is_err());
+        assert_eq!(
+            read_rows(&footer, &data, 0, 0, 5000, false).expect("all"),
+            written
+        );
+    }
 }

@@ -203,12 +203,11 @@ impl Archiver {
                     let data = segment
                         .fetch(&self.objects, path, segment.footer.row_group_range(rg))
                         .await?;
-                    let n = segment.footer.meta.row_group(rg).num_rows().max(0) as usize;
-                    let rows = format::read_rows(&segment.footer, &data, rg, 0, n, false)
+                    let rows = format::read_rows_at(&segment.footer, &data, rg, keep)
                         .map_err(|e| ArchiveError::corrupt(path, e))?;
-                    for &i in keep {
+                    for row in &rows {
                         let event = opener
-                            .open(&key, tenant, &rows[i])
+                            .open(&key, tenant, row)
                             .map_err(|e| ArchiveError::corrupt(path, e))?;
                         pending.push(Pending::new(event));
                     }

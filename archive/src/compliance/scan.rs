@@ -194,10 +194,9 @@ impl Scanner<'_> {
             let data = segment
                 .fetch(objects, path, segment.footer.row_group_range(rg))
                 .await?;
-            let n = meta.seq.len();
             let rows =
-                format::read_rows(&segment.footer, &data, rg, 0, n, false).map_err(corrupt)?;
-            let events = open_parallel(&segment, &key, rows, candidates, path).await?;
+                format::read_rows_at(&segment.footer, &data, rg, &candidates).map_err(corrupt)?;
+            let events = open_parallel(&segment, &key, rows, path).await?;
             self.progress
                 .opened
                 .fetch_add(events.len() as u64, Ordering::Relaxed);
@@ -332,32 +331,31 @@ fn stats_may_match(group: &parquet::file::metadata::RowGroupMetaData, sel: Selec
         && within(col::SENDER, sel.sender.map(UserId::as_str))
 }
 
-/// Opens the candidate rows on the blocking pool, split over the available cores; returns
-/// the events in row order.
+/// Opens rows on the blocking pool, split over the available cores; returns the events in
+/// row order.
 async fn open_parallel(
     segment: &Arc<Segment>,
     key: &tidings_log::crypto::DataKey,
     rows: Vec<format::Row>,
-    candidates: Vec<usize>,
     path: &str,
 ) -> Result<Vec<Event>, ArchiveError> {
-    let rows = Arc::new(rows);
     let workers = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .min(8);
-    let chunk = candidates.len().div_ceil(workers).max(256);
+    let chunk = rows.len().div_ceil(workers).max(256);
+    let mut rows = rows;
     let mut tasks = Vec::new();
-    for part in candidates.chunks(chunk) {
-        let (segment, key, rows, part) =
-            (segment.clone(), key.clone(), rows.clone(), part.to_vec());
+    while !rows.is_empty() {
+        let part: Vec<format::Row> = rows.drain(..chunk.min(rows.len())).collect();
+        let (segment, key) = (segment.clone(), key.clone());
         tasks.push(tokio::task::spawn_blocking(move || {
             let mut opener = segment.opener();
             part.iter()
-                .map(|&i| opener.open(&key, &segment.tenant, &rows[i]))
+                .map(|row| opener.open(&key, &segment.tenant, row))
                 .collect::<Result<Vec<Event>, String>>()
         }));
     }
-    let mut events = Vec::with_capacity(candidates.len());
+    let mut events = Vec::new();
     for task in tasks {
         let opened = task
             .await
