@@ -921,3 +921,37 @@ fn a_hold_blocks_shredding_and_a_shredded_tenant_opens_nowhere_while_others_do()
             .starts_with("tenant_shredded")
     );
 }
+
+#[test]
+fn a_hold_keeps_only_its_time_range() {
+    let s = Sandbox::new();
+    s.group("general");
+    s.group("random");
+    for i in 0..3 {
+        post(&s, "general", "bob", &format!("g{i}"), "general");
+        post(&s, "random", "bob", &format!("r{i}"), "random");
+    }
+    // A hold on general that ended in 2020 and one on random from 2020 on.
+    hold(
+        &s,
+        &[
+            "--conv",
+            "general",
+            "--from",
+            "2020-01-01",
+            "--to",
+            "2020-02-01",
+        ],
+    );
+    hold(&s, &["--conv", "random", "--from", "2020-01-01"]);
+    std::thread::sleep(std::time::Duration::from_millis(1200));
+    let summary = retention_pass(&s);
+    assert_eq!(summary["events_purged"], 4, "{summary}");
+    assert_eq!(summary["events_held"], 4, "{summary}");
+    assert!(s.read_all("general").is_empty());
+    assert_eq!(s.read_all("random").len(), 4);
+    let holds = s.ok(&["compliance", "hold", "list", "--tenant", "acme"]);
+    assert_eq!(holds[0]["from"], "2020-01-01T00:00:00.000Z");
+    assert_eq!(holds[0]["to"], "2020-02-01T00:00:00.000Z");
+    assert_eq!(holds[1]["to"], Value::Null);
+}
