@@ -403,10 +403,11 @@ fn hold(s: &Sandbox, args: &[&str]) -> Value {
     s.ok(&all).remove(0)
 }
 
-fn retention_pass(s: &Sandbox) -> Value {
+/// One archive pass with a retention of `retention` (e.g. "1s").
+fn retention_pass(s: &Sandbox, retention: &str) -> Value {
     let out = s
         .command(&["archive", "run"])
-        .env("TIDINGS_ARCHIVE_RETENTION", "1s")
+        .env("TIDINGS_ARCHIVE_RETENTION", retention)
         .output()
         .expect("run");
     assert!(out.status.success(), "archive run: {}", stderr(&out));
@@ -466,9 +467,11 @@ fn retention_deletes_what_aged_out_except_what_a_hold_covers() {
         .iter()
         .map(|c| s.read_all(c).len())
         .collect();
-    std::thread::sleep(std::time::Duration::from_millis(1500));
+    // A 3 s retention: old enough after the sleep, and a message posted just before the
+    // second pass below stays young even on a slow machine.
+    std::thread::sleep(std::time::Duration::from_millis(3200));
 
-    let summary = retention_pass(&s);
+    let summary = retention_pass(&s, "3s");
     // random: creation + 4; lunch: creation + 2.
     assert_eq!(summary["events_purged"], 5 + 3, "{summary}");
     assert!(s.read_all("random").is_empty());
@@ -503,7 +506,7 @@ fn retention_deletes_what_aged_out_except_what_a_hold_covers() {
         "--id",
         conv_hold["id"].as_str().expect("present"),
     ]);
-    let summary = retention_pass(&s);
+    let summary = retention_pass(&s, "3s");
     assert_eq!(
         summary["events_purged"], 4,
         "general has 4; random's new message is young: {summary}"
@@ -945,7 +948,7 @@ fn a_hold_keeps_only_its_time_range() {
     );
     hold(&s, &["--conv", "random", "--from", "2020-01-01"]);
     std::thread::sleep(std::time::Duration::from_millis(1200));
-    let summary = retention_pass(&s);
+    let summary = retention_pass(&s, "1s");
     assert_eq!(summary["events_purged"], 4, "{summary}");
     assert_eq!(summary["events_held"], 4, "{summary}");
     assert!(s.read_all("general").is_empty());
