@@ -539,7 +539,11 @@ fn retention_deletes_what_aged_out_except_what_a_hold_covers() {
         .iter()
         .filter(|r| r["action"].as_str().expect("present").starts_with("hold_"))
         .collect();
-    assert_eq!(holds.len(), 3);
+    assert_eq!(
+        holds.len(),
+        4,
+        "two creates, a release started and completed"
+    );
 }
 
 #[test]
@@ -904,6 +908,7 @@ fn a_hold_blocks_shredding_and_a_shredded_tenant_opens_nowhere_while_others_do()
         [
             t("hold_create", "completed", 0),
             t("shred", "refused", 0),
+            t("hold_release", "started", 0),
             t("hold_release", "completed", 0),
             t("shred", "started", 0),
             t("shred", "completed", 0),

@@ -106,17 +106,18 @@ impl Compliance {
             created_ms: tidings_log::now_ms(),
             ..Hold::default()
         };
-        let mut entry = Entry::new(actor, "hold_create", "completed");
-        entry.access_id = hold.id.clone();
-        entry.filters = hold_json(tenant, &hold).to_string();
-        // Recorded first: a hold that exists was always audited.
-        self.record(tenant, &entry).await?;
+        // The hold first, then its record: if recording fails the caller sees the error, and
+        // the hold errs on the side of keeping data.
         let mut txn = Transaction::new();
         txn.put_if_absent(
             keys::hold(tenant, &hold.id),
             self.seal_hold(tenant, &hold).await?,
         );
         self.store().commit(txn).await.map_err(LogError::from)?;
+        let mut entry = Entry::new(actor, "hold_create", "completed");
+        entry.access_id = hold.id.clone();
+        entry.filters = hold_json(tenant, &hold).to_string();
+        self.record(tenant, &entry).await?;
         Ok(hold)
     }
 
@@ -141,14 +142,23 @@ impl Compliance {
         }
         hold.released_by = actor.name().into();
         hold.released_ms = tidings_log::now_ms();
-        let mut entry = Entry::new(actor, "hold_release", "completed");
+        // Releasing lets retention delete: recorded before it takes effect, and after.
+        let mut entry = Entry::new(actor, "hold_release", "started");
         entry.access_id = hold.id.clone();
         entry.filters = hold_json(tenant, &hold).to_string();
         self.record(tenant, &entry).await?;
         let mut txn = Transaction::new();
         txn.expect(key.clone(), Some(sealed))
             .put(key, self.seal_hold(tenant, &hold).await?);
-        self.store().commit(txn).await.map_err(LogError::from)?;
+        let result = self.store().commit(txn).await.map_err(LogError::from);
+        entry.outcome = if result.is_ok() {
+            "completed"
+        } else {
+            "failed"
+        }
+        .into();
+        self.record(tenant, &entry).await?;
+        result?;
         Ok(hold)
     }
 
