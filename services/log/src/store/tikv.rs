@@ -566,8 +566,10 @@ mod tests {
 
     #[test]
     fn write_conflicts_and_existing_keys_are_conflicts_without_the_prefix() {
-        let mut key_error = tikv_client::ProtoKeyError::default();
-        key_error.conflict = Some(Default::default());
+        let mut key_error = tikv_client::ProtoKeyError {
+            conflict: Some(Default::default()),
+            ..Default::default()
+        };
         if let Some(c) = key_error.conflict.as_mut() {
             c.key = b"p/hd\0acme".to_vec();
         }
@@ -576,8 +578,10 @@ mod tests {
             StoreError::Conflict { key, .. } => assert_eq!(key, "hd/acme"),
             other => panic!("expected a conflict, got {other:?}"),
         }
-        let mut exists = tikv_client::ProtoKeyError::default();
-        exists.already_exist = Some(Default::default());
+        let exists = tikv_client::ProtoKeyError {
+            already_exist: Some(Default::default()),
+            ..Default::default()
+        };
         assert!(matches!(
             commit_error(b"p/", TikvError::KeyError(Box::new(exists))),
             StoreError::Conflict {
