@@ -1,5 +1,5 @@
-//! `tidings bench append`: durable appends through the log, against raw fjall in the same
-//! run.
+//! `tidings bench append`: durable appends through the log, against the raw store in the
+//! same run, on the configured backend (`store.backend`).
 //!
 //! For each conversation count, each run makes a fresh store on disk and drives `--messages`
 //! appends of `--size`-byte texts from `--concurrency` tasks, each waiting for its ack
@@ -9,6 +9,11 @@
 //! (`PersistMode::SyncAll`) as tidings' are. The ratio tidings/raw is what the log's
 //! sequencing, dedupe, sealing and bookkeeping cost over the bare store. Medians over
 //! `--runs`.
+//!
+//! With `store.backend = "tikv"` each run works under a fresh key prefix
+//! (`<key_prefix>bench-<random>/`) on the configured cluster, and the baseline is raw TiKV
+//! optimistic transactions of plain puts (no checks, no reads), one per batch of the same
+//! size, under another fresh prefix. The benchmark's keys are left in the cluster.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -18,13 +23,44 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use fjall::{Database, KeyspaceCreateOptions, PersistMode};
 use tidings_log::crypto::MasterKey;
-use tidings_log::store::{FjallStore, KvStore};
+use tidings_log::store::{FjallStore, KvStore, Transaction};
 use tidings_log::{
     Append, ClientMsgId, ConvId, ConversationKind, CreateConversation, Log, LogConfig, TenantId,
     UserId,
 };
 
-use crate::config::Config;
+use crate::config::{Backend, Config};
+
+/// Where the runs' stores come from.
+enum Target {
+    /// A fresh fjall store per run in a scratch directory; the baseline is raw fjall.
+    Embedded(PathBuf),
+    /// Fresh key prefixes on the configured cluster; the baseline is raw TiKV puts.
+    #[cfg(feature = "tikv")]
+    Tikv(tidings_log::store::TikvConfig),
+}
+
+impl Target {
+    async fn fresh_tikv_store(&self, role: &str) -> anyhow::Result<Arc<dyn KvStore>> {
+        match self {
+            #[cfg(feature = "tikv")]
+            Target::Tikv(cfg) => {
+                let mut cfg = cfg.clone();
+                cfg.key_prefix.extend_from_slice(
+                    format!("bench-{:016x}/{role}/", fastrand::u64(..)).as_bytes(),
+                );
+                let store = tidings_log::store::TikvStore::connect(&cfg)
+                    .await
+                    .context("connect to the TiKV cluster")?;
+                Ok(Arc::new(store))
+            }
+            _ => {
+                let _ = role;
+                anyhow::bail!("not a TiKV target")
+            }
+        }
+    }
+}
 
 #[derive(Debug, clap::Args)]
 pub struct AppendArgs {
@@ -62,8 +98,39 @@ pub async fn append(args: AppendArgs, config: &Config) -> anyhow::Result<()> {
         args.messages > 0 && args.concurrency > 0 && args.runs > 0,
         "messages, concurrency and runs must be positive"
     );
-    let base = args.dir.clone().unwrap_or_else(std::env::temp_dir);
-    std::fs::create_dir_all(&base).with_context(|| format!("create {}", base.display()))?;
+    let target = match config.backend()? {
+        Backend::Embedded => {
+            let base = args.dir.clone().unwrap_or_else(std::env::temp_dir);
+            std::fs::create_dir_all(&base).with_context(|| format!("create {}", base.display()))?;
+            println!(
+                "backend: embedded (fjall, a fresh store per run under {}); baseline: raw fjall \
+                 batches, fsync'd",
+                base.display()
+            );
+            Target::Embedded(base)
+        }
+        #[cfg(feature = "tikv")]
+        Backend::Tikv => {
+            let cfg = config.tikv_config()?;
+            println!(
+                "backend: tikv (PD {}, a fresh key prefix per run under {:?}); baseline: raw \
+                 TiKV optimistic transactions of puts",
+                cfg.pd_endpoints.join(","),
+                String::from_utf8_lossy(&cfg.key_prefix)
+            );
+            Target::Tikv(cfg)
+        }
+        #[cfg(not(feature = "tikv"))]
+        Backend::Tikv => anyhow::bail!(
+            "store.backend is \"tikv\" but this tidings was built without TiKV support; \
+             rebuild it with `cargo build --release --features tikv`"
+        ),
+    };
+    let raw_name = match target {
+        Target::Embedded(_) => "raw fjall inserts/s",
+        #[cfg(feature = "tikv")]
+        Target::Tikv(_) => "raw tikv puts/s",
+    };
     println!(
         "tidings bench append: {} appends of {} bytes, {} appenders, {} runs per row, {} cores",
         args.messages,
@@ -74,14 +141,14 @@ pub async fn append(args: AppendArgs, config: &Config) -> anyhow::Result<()> {
     );
     println!();
     println!(
-        "| conversations | tidings appends/s | ack p50 | ack p99 | mean group | raw fjall inserts/s | ratio |"
+        "| conversations | tidings appends/s | ack p50 | ack p99 | mean group | {raw_name} | ratio |"
     );
     println!("|---:|---:|---:|---:|---:|---:|---:|");
     for &convs in &args.conversations {
         anyhow::ensure!(convs > 0, "conversation counts must be positive");
         let mut runs = Vec::new();
         for _ in 0..args.runs {
-            runs.push(one_run(&args, convs, &base, config.log_config()).await?);
+            runs.push(one_run(&args, convs, &target, config.log_config()).await?);
         }
         let median = |f: &dyn Fn(&Run) -> f64| {
             let mut v: Vec<f64> = runs.iter().map(f).collect();
@@ -117,13 +184,19 @@ fn text_of(size: usize, i: usize) -> String {
 async fn one_run(
     args: &AppendArgs,
     convs: usize,
-    base: &std::path::Path,
+    target: &Target,
     log_config: LogConfig,
 ) -> anyhow::Result<Run> {
-    let dir = tempfile::Builder::new()
-        .prefix("tidings-bench-")
-        .tempdir_in(base)
-        .context("create scratch dir")?;
+    let dir = match target {
+        Target::Embedded(base) => Some(
+            tempfile::Builder::new()
+                .prefix("tidings-bench-")
+                .tempdir_in(base)
+                .context("create scratch dir")?,
+        ),
+        #[cfg(feature = "tikv")]
+        Target::Tikv(_) => None,
+    };
     let tenant = TenantId::new("bench")?;
     let user = UserId::new("writer")?;
     let conv_ids: Arc<Vec<ConvId>> = Arc::new(
@@ -132,8 +205,11 @@ async fn one_run(
             .collect::<Result<_, _>>()?,
     );
 
-    let store = Arc::new(FjallStore::open(&dir.path().join("tidings"))?);
-    let log = Log::open(store as Arc<dyn KvStore>, MasterKey::generate(), log_config).await?;
+    let store: Arc<dyn KvStore> = match &dir {
+        Some(dir) => Arc::new(FjallStore::open(&dir.path().join("tidings"))?),
+        None => target.fresh_tikv_store("log").await?,
+    };
+    let log = Log::open(store, MasterKey::generate(), log_config).await?;
     let mut creates = tokio::task::JoinSet::new();
     for conv in conv_ids.iter().cloned() {
         let (log, tenant, user) = (log.clone(), tenant.clone(), user.clone());
@@ -197,13 +273,20 @@ async fn one_run(
     let pct = |p: f64| latencies[((latencies.len() - 1) as f64 * p) as usize];
     let mean_group = (requests - requests0) as f64 / (commits - commits0).max(1) as f64;
 
-    let raw_per_s = raw_fjall(
-        &dir.path().join("raw"),
-        args.messages,
-        args.size,
-        convs,
-        mean_group.round().max(1.0) as usize,
-    )?;
+    let group = mean_group.round().max(1.0) as usize;
+    let raw_per_s = match &dir {
+        Some(dir) => raw_fjall(
+            &dir.path().join("raw"),
+            args.messages,
+            args.size,
+            convs,
+            group,
+        )?,
+        None => {
+            let raw = target.fresh_tikv_store("raw").await?;
+            raw_store_puts(&*raw, args.messages, args.size, convs, group).await?
+        }
+    };
     Ok(Run {
         appends_per_s: args.messages as f64 / elapsed.as_secs_f64(),
         p50: pct(0.50),
@@ -211,6 +294,37 @@ async fn one_run(
         mean_group,
         raw_per_s,
     })
+}
+
+/// The same values under the same keys as [`raw_fjall`], as plain puts, one store
+/// transaction per batch of `group` (on TiKV: one optimistic transaction, no checks).
+async fn raw_store_puts(
+    store: &dyn KvStore,
+    messages: usize,
+    size: usize,
+    convs: usize,
+    group: usize,
+) -> anyhow::Result<f64> {
+    let values = baseline_values(messages, size, convs);
+    let started = Instant::now();
+    for chunk in values.chunks(group) {
+        let mut txn = Transaction::new();
+        for (k, v) in chunk {
+            txn.put(k.clone(), v.as_bytes().to_vec());
+        }
+        store.commit(txn).await?;
+    }
+    Ok(messages as f64 / started.elapsed().as_secs_f64())
+}
+
+fn baseline_values(messages: usize, size: usize, convs: usize) -> Vec<(Vec<u8>, String)> {
+    (0..messages)
+        .map(|i| {
+            let mut key = format!("ev\0bench\0c{}\0", i % convs).into_bytes();
+            key.extend_from_slice(&((i / convs) as u64 + 2).to_be_bytes());
+            (key, text_of(size, i))
+        })
+        .collect()
 }
 
 /// The baseline: the same values under `ev`-shaped keys, in fsync'd batches of `group`.
@@ -223,13 +337,7 @@ fn raw_fjall(
 ) -> anyhow::Result<f64> {
     let db = Database::builder(path).open()?;
     let data = db.keyspace("data", KeyspaceCreateOptions::default)?;
-    let values: Vec<(Vec<u8>, String)> = (0..messages)
-        .map(|i| {
-            let mut key = format!("ev\0bench\0c{}\0", i % convs).into_bytes();
-            key.extend_from_slice(&((i / convs) as u64 + 2).to_be_bytes());
-            (key, text_of(size, i))
-        })
-        .collect();
+    let values = baseline_values(messages, size, convs);
     let started = Instant::now();
     for chunk in values.chunks(group) {
         let mut batch = db.batch().durability(Some(PersistMode::SyncAll));

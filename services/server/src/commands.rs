@@ -46,10 +46,7 @@ pub async fn open_log_with_feed(
 ) -> anyhow::Result<Log> {
     let master = config.master_key(env)?;
     let tenant_keys = config.tenant_keys()?;
-    let store: Arc<dyn KvStore> = Arc::new(
-        FjallStore::open(&config.data_dir)
-            .with_context(|| format!("open the store in {}", config.data_dir.display()))?,
-    );
+    let store = open_store(config).await?;
     let keyring = Keyring::open(store.clone(), master)
         .await?
         .with_tenant_keys(tenant_keys);
@@ -64,6 +61,34 @@ pub async fn open_log_with_feed(
     );
     log.set_cold_tier(Arc::new(reader));
     Ok(log)
+}
+
+/// Opens the configured store: fjall in the data directory, or the TiKV cluster.
+pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn KvStore>> {
+    match config.backend()? {
+        crate::config::Backend::Embedded => Ok(Arc::new(
+            FjallStore::open(&config.data_dir)
+                .with_context(|| format!("open the store in {}", config.data_dir.display()))?,
+        )),
+        crate::config::Backend::Tikv => open_tikv(config).await,
+    }
+}
+
+#[cfg(feature = "tikv")]
+async fn open_tikv(config: &Config) -> anyhow::Result<Arc<dyn KvStore>> {
+    let cfg = config.tikv_config()?;
+    let store = tidings_log::store::TikvStore::connect(&cfg)
+        .await
+        .context("connect to the TiKV cluster")?;
+    Ok(Arc::new(store))
+}
+
+#[cfg(not(feature = "tikv"))]
+async fn open_tikv(_config: &Config) -> anyhow::Result<Arc<dyn KvStore>> {
+    bail!(
+        "store.backend is \"tikv\" but this tidings was built without TiKV support; \
+         rebuild it with `cargo build --release --features tikv`"
+    )
 }
 
 pub fn hex_decode(text: &str) -> anyhow::Result<Vec<u8>> {
@@ -647,5 +672,32 @@ mod tests {
             }
         }
         assert_eq!(seen, vec!["short", "<too long>", "after", "last"]);
+    }
+
+    /// Built without the feature, the TiKV backend is refused with the way out, before any
+    /// connection is tried; built with it, an unreachable cluster is a clear error.
+    #[tokio::test]
+    async fn the_tikv_backend_is_refused_clearly_when_not_built_or_not_reachable() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("t.toml");
+        std::fs::write(
+            &file,
+            "[store]\nbackend = \"tikv\"\n[store.tikv]\npd_endpoints = [\"127.0.0.1:1\"]\n\
+             connect_timeout = \"1s\"\n",
+        )
+        .expect("write");
+        let config = Config::load(Some(&file), |_| None).expect("config");
+        let err = match open_store(&config).await {
+            Ok(_) => panic!("opened a store on a closed port"),
+            Err(e) => format!("{e:#}"),
+        };
+        if cfg!(feature = "tikv") {
+            assert!(
+                err.contains("could not reach") && err.contains("127.0.0.1:1"),
+                "{err}"
+            );
+        } else {
+            assert!(err.contains("--features tikv"), "{err}");
+        }
     }
 }

@@ -26,6 +26,62 @@ pub struct Config {
     pub auth: AuthSection,
     pub archive: ArchiveSection,
     pub admin: AdminSection,
+    pub store: StoreSection,
+}
+
+/// Which `KvStore` holds the log: the embedded fjall store under `data_dir`, or a TiKV
+/// cluster (the binary must be built with `--features tikv`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreSection {
+    /// "embedded" or "tikv".
+    pub backend: String,
+    pub tikv: TikvSection,
+}
+
+impl Default for StoreSection {
+    fn default() -> Self {
+        StoreSection {
+            backend: "embedded".into(),
+            tikv: TikvSection::default(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TikvSection {
+    /// PD endpoints, host:port.
+    pub pd_endpoints: Vec<String>,
+    /// In front of every key; deployments sharing a cluster need prefixes of which none is a
+    /// prefix of another (end each in "/").
+    pub key_prefix: String,
+    /// TLS towards PD and TiKV: all three paths or none (empty = none).
+    pub ca_path: String,
+    pub cert_path: String,
+    pub key_path: String,
+    /// Bounds connecting at start (retries included) and each request: 10s, 1m.
+    pub connect_timeout: String,
+}
+
+impl Default for TikvSection {
+    fn default() -> Self {
+        TikvSection {
+            pd_endpoints: vec!["127.0.0.1:2379".into()],
+            key_prefix: "tidings/".into(),
+            ca_path: String::new(),
+            cert_path: String::new(),
+            key_path: String::new(),
+            connect_timeout: "10s".into(),
+        }
+    }
+}
+
+/// The configured store backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Embedded,
+    Tikv,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -295,6 +351,7 @@ impl Default for Config {
             auth: AuthSection::default(),
             archive: ArchiveSection::default(),
             admin: AdminSection::default(),
+            store: StoreSection::default(),
         }
     }
 }
@@ -380,6 +437,20 @@ impl Config {
         }
         if let Some(v) = env("TIDINGS_NATS_URL") {
             self.nats.url = v;
+        }
+        if let Some(v) = env("TIDINGS_STORE_BACKEND") {
+            self.store.backend = v;
+        }
+        if let Some(v) = env("TIDINGS_TIKV_PD") {
+            self.store.tikv.pd_endpoints = v
+                .split(',')
+                .map(str::trim)
+                .filter(|e| !e.is_empty())
+                .map(String::from)
+                .collect();
+        }
+        if let Some(v) = env("TIDINGS_TIKV_KEY_PREFIX") {
+            self.store.tikv.key_prefix = v;
         }
         if let Some(v) = env("TIDINGS_ADMIN_LISTEN") {
             self.admin.listen = v;
@@ -549,6 +620,9 @@ impl Config {
         self.archive_config()?;
         self.archive_storage()?;
         self.tenant_keys()?;
+        if self.backend()? == Backend::Tikv {
+            self.tikv_config()?;
+        }
         if g.listen.parse::<std::net::SocketAddr>().is_err() {
             return Err(ConfigError::Invalid(format!(
                 "gateway.listen {:?} is not an address like 127.0.0.1:7300",
@@ -564,6 +638,38 @@ impl Config {
             )));
         }
         Ok(())
+    }
+
+    pub fn backend(&self) -> Result<Backend, ConfigError> {
+        match self.store.backend.as_str() {
+            "embedded" => Ok(Backend::Embedded),
+            "tikv" => Ok(Backend::Tikv),
+            other => Err(ConfigError::Invalid(format!(
+                "store.backend {other:?} is not \"embedded\" or \"tikv\""
+            ))),
+        }
+    }
+
+    /// The TiKV connection settings, validated (endpoints, TLS all-or-none, timeout).
+    pub fn tikv_config(&self) -> Result<tidings_log::store::TikvConfig, ConfigError> {
+        let t = &self.store.tikv;
+        let path = |p: &String| (!p.trim().is_empty()).then(|| PathBuf::from(p));
+        let invalid = |e: tidings_log::store::StoreError| ConfigError::Invalid(e.to_string());
+        let secs = parse_duration_secs(&t.connect_timeout)
+            .map_err(|e| ConfigError::Invalid(format!("store.tikv.connect_timeout: {e}")))?;
+        let cfg = tidings_log::store::TikvConfig {
+            pd_endpoints: t.pd_endpoints.clone(),
+            key_prefix: t.key_prefix.clone().into_bytes(),
+            tls: tidings_log::store::TikvConfig::tls_from_parts(
+                path(&t.ca_path),
+                path(&t.cert_path),
+                path(&t.key_path),
+            )
+            .map_err(invalid)?,
+            connect_timeout: std::time::Duration::from_secs(secs),
+        };
+        cfg.validate().map_err(invalid)?;
+        Ok(cfg)
     }
 
     pub fn log_config(&self) -> LogConfig {
@@ -773,6 +879,60 @@ mod tests {
         assert_eq!(format!("{:?}", cfg.auth), format!("{:?}", d.auth));
         assert_eq!(format!("{:?}", cfg.admin), format!("{:?}", d.admin));
         assert_eq!(format!("{:?}", cfg.keys), format!("{:?}", d.keys));
+        assert_eq!(format!("{:?}", cfg.store), format!("{:?}", d.store));
+    }
+
+    #[test]
+    fn the_tikv_backend_is_configured_by_file_and_env_and_validated() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("t.toml");
+        std::fs::write(
+            &file,
+            "[store]\nbackend = \"tikv\"\n[store.tikv]\npd_endpoints = [\"pd-0:2379\"]\n\
+             key_prefix = \"tidings/prod/\"\nconnect_timeout = \"3s\"\n",
+        )
+        .expect("write");
+        let cfg = Config::load(Some(&file), env(&[])).expect("load");
+        assert_eq!(cfg.backend().expect("backend"), Backend::Tikv);
+        let tikv = cfg.tikv_config().expect("tikv");
+        assert_eq!(tikv.pd_endpoints, vec!["pd-0:2379".to_string()]);
+        assert_eq!(tikv.key_prefix, b"tidings/prod/");
+        assert_eq!(tikv.connect_timeout, std::time::Duration::from_secs(3));
+        assert_eq!(tikv.tls, None);
+
+        let cfg = Config::load(
+            Some(&file),
+            env(&[("TIDINGS_TIKV_PD", "10.0.0.1:2379, 10.0.0.2:2379")]),
+        )
+        .expect("env");
+        assert_eq!(
+            cfg.store.tikv.pd_endpoints,
+            vec!["10.0.0.1:2379".to_string(), "10.0.0.2:2379".to_string()]
+        );
+
+        let refused = |vars: &[(&str, &str)]| match Config::load(Some(&file), env(vars)) {
+            Err(ConfigError::Invalid(message)) => message,
+            other => panic!("{vars:?}: expected an invalid configuration, got {other:?}"),
+        };
+        assert!(refused(&[("TIDINGS_TIKV_PD", "")]).contains("pd_endpoints is empty"));
+        assert!(refused(&[("TIDINGS_TIKV_PD", "pd-0")]).contains("host:port"));
+        assert!(refused(&[("TIDINGS_STORE_BACKEND", "tikvv")]).contains("store.backend"));
+
+        std::fs::write(
+            &file,
+            "[store]\nbackend = \"tikv\"\n[store.tikv]\nca_path = \"/etc/ca.pem\"\n",
+        )
+        .expect("write");
+        let message = refused(&[]);
+        assert!(
+            message.contains("missing: cert_path, key_path"),
+            "{message}"
+        );
+        std::fs::write(&file, "[store.tikv]\npd = [\"x\"]\n").expect("write");
+        assert!(matches!(
+            Config::load(Some(&file), env(&[])),
+            Err(ConfigError::Parse { .. })
+        ));
     }
 
     #[test]

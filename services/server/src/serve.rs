@@ -161,7 +161,11 @@ pub async fn serve(config: Config, role: Role) -> anyhow::Result<()> {
                 )?);
             }
             admin = start_admin(&config, &log, archive_gate.clone()).await?;
-            info!(data_dir = %config.data_dir.display(), "log ready");
+            info!(
+                backend = %config.store.backend,
+                data_dir = %config.data_dir.display(),
+                "log ready"
+            );
             log_handle = Some(log.clone());
             Some(Arc::new(log))
         }

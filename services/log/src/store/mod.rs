@@ -8,8 +8,14 @@
 
 pub mod conformance;
 mod embedded;
+#[cfg(feature = "tikv")]
+mod tikv;
+pub mod tikv_config;
 
 pub use embedded::FjallStore;
+#[cfg(feature = "tikv")]
+pub use tikv::TikvStore;
+pub use tikv_config::{TikvConfig, TlsPaths};
 
 use async_trait::async_trait;
 
@@ -33,7 +39,7 @@ impl KeyRange {
 }
 
 /// The smallest key greater than every key with this prefix; empty means "no upper bound".
-fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+pub(crate) fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     let mut end = prefix.to_vec();
     while let Some(last) = end.pop() {
         if last < u8::MAX {
@@ -129,13 +135,30 @@ pub enum StoreError {
 
     #[error("invalid store request: {0}")]
     InvalidRequest(String),
+
+    /// The store's configuration cannot work; found before connecting.
+    #[error("invalid store configuration: {0}")]
+    Config(String),
+
+    /// A networked store's cluster could not be reached (at start: after bounded retries).
+    #[error("could not reach {what} at {endpoints} ({attempts} attempt(s)): {message}")]
+    Unreachable {
+        what: &'static str,
+        endpoints: String,
+        attempts: u32,
+        message: String,
+    },
 }
 
 impl StoreError {
-    /// Conflicts and I/O hiccups may clear up; a lock held by another process, a broken
-    /// backend or a bad request will not by retrying alone.
+    /// Conflicts, I/O hiccups and an unreachable cluster may clear up; a lock held by
+    /// another process, a broken backend, a bad request or bad configuration will not by
+    /// retrying alone.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, StoreError::Conflict { .. } | StoreError::Io { .. })
+        matches!(
+            self,
+            StoreError::Conflict { .. } | StoreError::Io { .. } | StoreError::Unreachable { .. }
+        )
     }
 }
 
