@@ -88,6 +88,9 @@ pub(crate) struct Ownership {
     held: Vec<AtomicBool>,
     /// For partitions not held: the owner last seen, for the error.
     owners: Mutex<Vec<String>>,
+    /// Set once this writer must not acquire anything (it released its leases to stop, or
+    /// it was opened not to own partitions).
+    retired: AtomicBool,
 }
 
 impl Ownership {
@@ -98,7 +101,17 @@ impl Ownership {
             ttl_ms,
             held: (0..partitions).map(|_| AtomicBool::new(false)).collect(),
             owners: Mutex::new(vec![String::new(); partitions as usize]),
+            retired: AtomicBool::new(false),
         }
+    }
+
+    /// From now on this writer acquires no lease.
+    pub fn retire(&self) {
+        self.retired.store(true, Ordering::Release);
+    }
+
+    pub fn retired(&self) -> bool {
+        self.retired.load(Ordering::Acquire)
     }
 
     pub fn partition(&self, tenant: &TenantId, conv: &ConvId) -> u32 {

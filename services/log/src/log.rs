@@ -49,6 +49,10 @@ pub struct LogConfig {
     /// How long a lease lives without renewal; renewed every third of it. Another writer
     /// takes over a partition at the earliest this long after its owner stopped renewing.
     pub lease_ttl: Duration,
+    /// Whether this log takes partition leases at all. False for processes that read and
+    /// archive but never write through the sequencer (`serve --role archiver`): they must
+    /// not hold the partitions the writers need. Their writes are refused with `not_owner`.
+    pub own_partitions: bool,
 }
 
 impl Default for LogConfig {
@@ -64,6 +68,7 @@ impl Default for LogConfig {
             partitions: 64,
             writer_id: String::new(),
             lease_ttl: Duration::from_secs(10),
+            own_partitions: true,
         }
     }
 }
@@ -298,7 +303,7 @@ async fn keep_leases(
         let _ = ask(&tx, Command::Lease(LeaseOp::Renew)).await;
         let _one_at_a_time = acquiring.lock().await;
         let wanted = own.not_owned();
-        if wanted.is_empty() {
+        if wanted.is_empty() || own.retired() {
             continue;
         }
         match lease::acquire(&*store, &own, &wanted, false).await {
@@ -416,7 +421,12 @@ impl Log {
         let registration = Registration::new(&writer_id)?;
         let ttl_ms = cfg.lease_ttl.as_millis() as i64;
         let own = Arc::new(Ownership::new(writer_id, cfg.partitions, ttl_ms));
-        let acquired = lease::acquire(&*store, &own, &own.not_owned(), false).await?;
+        let acquired = if cfg.own_partitions {
+            lease::acquire(&*store, &own, &own.not_owned(), false).await?
+        } else {
+            own.retire();
+            lease::Acquired::default()
+        };
         let mut held = std::collections::HashMap::new();
         for (p, h) in acquired.got {
             own.set(p, true, &own.writer_id);
@@ -498,6 +508,18 @@ impl Log {
         }
     }
 
+    /// Stops writing: releases every lease this writer holds, so other writers take its
+    /// partitions at once rather than after `lease_ttl`, and acquires none from now on.
+    /// Later writes through any handle are refused with `not_owner`; reads go on. For a
+    /// clean shutdown while handles may still be around (the gateway's, the RPC server's).
+    pub async fn release_leases(&self) -> Result<(), LogError> {
+        // Not while the keeper acquires: what it got would be adopted after the release.
+        let _one_at_a_time = self.inner.acquiring.lock().await;
+        self.inner.own.retire();
+        self.call(Command::Lease(LeaseOp::Release)).await?;
+        Ok(())
+    }
+
     /// Takes the lease of `partition` whoever holds it, live or not, with a fresh epoch:
     /// the old owner's in-flight and later commits to it fail. For a forced hand-over (an
     /// operator draining a writer that cannot release, tests of fencing); ordinary
@@ -511,6 +533,11 @@ impl Log {
         }
         let inner = &self.inner;
         let _one_at_a_time = inner.acquiring.lock().await;
+        if inner.own.retired() {
+            return Err(LogError::InvalidRequest(
+                "this writer released its leases or owns no partitions".into(),
+            ));
+        }
         if inner.own.holds(partition) {
             return Err(LogError::InvalidRequest(format!(
                 "this writer already owns partition {partition}"

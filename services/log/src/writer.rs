@@ -78,6 +78,8 @@ pub(crate) enum LeaseOp {
     Renew,
     /// Start taking requests for partitions the log's lease keeper just acquired.
     Adopt(Vec<(u32, Held)>),
+    /// Release every lease held (a clean stop): later requests are refused.
+    Release,
 }
 
 impl Command {
@@ -735,6 +737,9 @@ impl Writer {
     /// Starts taking requests for partitions just acquired. What was cached of them may be
     /// stale (another writer owned them meanwhile), so it is dropped.
     fn adopt(&mut self, acquired: &[(u32, Held)]) {
+        if self.own.retired() {
+            return;
+        }
         for (p, held) in acquired {
             if self.held.contains_key(p) {
                 continue;
@@ -931,6 +936,33 @@ impl Writer {
         }
     }
 
+    /// Writes the release of every lease held into the batch (same epoch, expiry 0) and stops
+    /// holding them at once, so requests after it are refused.
+    fn release_in(&mut self, state: &mut State, fence: &mut Vec<(Vec<u8>, Vec<u8>)>) {
+        let partitions: Vec<u32> = self.held.keys().copied().collect();
+        for p in partitions {
+            let key = keys::lease(p);
+            if let Some(expected) = self.expected_lease(p) {
+                fence.push((key.clone(), expected));
+            }
+            let Some(held) = self.held.remove(&p) else {
+                continue;
+            };
+            let released = Lease {
+                expires_ms: 0,
+                ..held.lease
+            };
+            if state
+                .pending
+                .insert(key.clone(), Some(released.encode_to_vec()))
+                .is_none()
+            {
+                state.order.push(key);
+            }
+            self.own.set(p, false, "");
+        }
+    }
+
     /// Reads, applies and seals a batch: everything but the commit. `None` when the batch
     /// failed before anything could be applied (its callers have been answered).
     async fn prepare(&mut self, reqs: Vec<Request>) -> Option<Prepared> {
@@ -964,11 +996,19 @@ impl Writer {
         let mut results = Vec::with_capacity(reqs.len());
         let mut partitions = Vec::with_capacity(reqs.len());
         let mut touched = BTreeSet::new();
+        // Releases expect the lease as held, like any commit, though they stop holding it.
+        let mut fence: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
         for r in &reqs {
             let partition = match self.owned_partition(&r.cmd) {
                 None => {
-                    if let Command::Lease(LeaseOp::Renew) = r.cmd {
-                        self.renew(&mut state, &mut touched, now_ms);
+                    match r.cmd {
+                        Command::Lease(LeaseOp::Renew) => {
+                            self.renew(&mut state, &mut touched, now_ms);
+                        }
+                        Command::Lease(LeaseOp::Release) => {
+                            self.release_in(&mut state, &mut fence);
+                        }
+                        _ => {}
                     }
                     partitions.push(None);
                     results.push(Ok(Outcome::Leases { lost: Vec::new() }));
@@ -1027,10 +1067,11 @@ impl Writer {
             results.push(result);
         }
         // The fence: each touched partition's lease exactly as this writer holds it.
-        let fence: Vec<(Vec<u8>, Vec<u8>)> = touched
-            .iter()
-            .filter_map(|p| Some((keys::lease(*p), self.expected_lease(*p)?)))
-            .collect();
+        fence.extend(
+            touched
+                .iter()
+                .filter_map(|p| Some((keys::lease(*p), self.expected_lease(*p)?))),
+        );
         let txn = transaction(&state, fence);
         Some(Prepared {
             reqs,

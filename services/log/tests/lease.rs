@@ -489,6 +489,62 @@ async fn a_writer_reopening_after_a_clean_release_gets_its_partitions_back_with_
 }
 
 #[tokio::test]
+async fn releasing_the_leases_hands_every_partition_over_at_once_and_refuses_later_writes() {
+    let s = Shared::new();
+    let a = s.writer("writer-a").await;
+    // A reader that owns nothing (like `serve --role archiver`) takes no lease.
+    let reader = s
+        .open_on(
+            s.store.clone(),
+            LogConfig {
+                own_partitions: false,
+                ..s.cfg("reader")
+            },
+        )
+        .await
+        .expect("reader");
+    assert!(reader.owned_partitions().is_empty());
+    let b = s
+        .open_on(
+            s.store.clone(),
+            LogConfig {
+                lease_ttl: Duration::from_millis(300),
+                ..s.cfg("writer-b")
+            },
+        )
+        .await
+        .expect("b");
+    create_group(&a, "general").await;
+    let p = a.partition_of(&t("acme"), &c("general"));
+    let epoch = s.lease(p).await.epoch;
+
+    a.release_leases().await.expect("release");
+    assert!(a.owned_partitions().is_empty());
+    assert_not_owner(a.append(text("general", "m")).await, p, "");
+    for _ in 0..50 {
+        if b.owned_partitions().len() == 64 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(b.owned_partitions().len(), 64, "B's keeper took them all");
+    assert!(reader.owned_partitions().is_empty());
+    assert_eq!(s.lease(p).await.epoch, epoch + 1);
+    b.append(text("general", "m")).await.expect("b appends");
+    // Reads go on through the released writer.
+    assert_eq!(
+        a.conversation(&t("acme"), &c("general"))
+            .await
+            .expect("read")
+            .head_seq,
+        2
+    );
+    reader.close().await;
+    b.close().await;
+    a.close().await;
+}
+
+#[tokio::test]
 async fn a_lease_left_by_a_crashed_process_is_taken_at_once_on_the_embedded_store() {
     let s = Shared::new();
     // What a killed process leaves: a live lease whose owner runs nowhere in this process.

@@ -597,6 +597,7 @@ impl Config {
             partitions: s.partitions,
             writer_id: s.writer_id.clone(),
             lease_ttl: std::time::Duration::from_millis(s.lease_ttl_ms),
+            own_partitions: true,
         }
     }
 
