@@ -16,8 +16,8 @@ pub struct Head {
     pub last_seq: u64,
     #[prost(int64, tag = "2")]
     pub last_time_ms: i64,
-    /// Fencing token of the writer that owns the conversation (TiKV deployments); every commit
-    /// checks it, so a stale writer can never write.
+    /// Epoch of the lease (ls/<partition>) under which the head was last written: the stored
+    /// data names which owner wrote it. The fence itself is the lease check in every commit.
     #[prost(uint64, tag = "3")]
     pub writer_epoch: u64,
     /// tidings.v1.ConversationKind, copied from the creation event so the writer can enforce
@@ -200,4 +200,28 @@ pub struct Hold {
     pub released_by: ::prost::alloc::string::String,
     #[prost(int64, tag = "10")]
     pub released_ms: i64,
+}
+/// ls/<partition>: who may write the conversations of a partition (ARCHITECTURE.md, "Writer
+/// ownership and fencing"). Every commit of the owner expects this value exactly as the owner
+/// holds it, so a writer whose lease was taken over can never commit again.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Lease {
+    /// The writer's id (`log.writer_id`).
+    #[prost(string, tag = "1")]
+    pub owner: ::prost::alloc::string::String,
+    /// Grows by one every time the lease is acquired, by anyone; never reused. Written into the
+    /// heads the owner changes (Head.writer_epoch).
+    #[prost(uint64, tag = "2")]
+    pub epoch: u64,
+    /// Wall-clock time after which another writer may take the lease; 0 after a clean release.
+    #[prost(int64, tag = "3")]
+    pub expires_ms: i64,
+}
+/// sy/partitions: how many partitions conversations are hashed into. Recorded at the first
+/// open of a store and fixed for its life: a changed count would move conversations between
+/// leases.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Partitions {
+    #[prost(uint32, tag = "1")]
+    pub count: u32,
 }

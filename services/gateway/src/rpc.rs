@@ -40,13 +40,32 @@ impl NatsLogService {
         NatsLogService { client, timeout }
     }
 
+    /// Sends a call, and sends it again (a bounded number of times, with a short jittered
+    /// backoff) while the log process that answered does not own the conversation's
+    /// partition (`not_owner`): the queue group hands each try to any log process, and the
+    /// refusal wrote nothing, so a retry is safe. Appends are idempotent besides.
     async fn call(&self, tenant: &TenantId, call: Call) -> Result<Reply, LogError> {
         let req = wire::LogRequest {
             tenant: tenant.to_string(),
             call: Some(call),
         };
+        let payload = Bytes::from(req.encode_to_vec());
+        let mut attempt = 1;
+        loop {
+            match self.call_once(payload.clone()).await {
+                Err(e) if e.code() == "not_owner" && attempt < NOT_OWNER_ATTEMPTS => {
+                    debug!(attempt, error = %e, "log process does not own the partition; retrying");
+                    tokio::time::sleep(not_owner_backoff(attempt)).await;
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn call_once(&self, payload: Bytes) -> Result<Reply, LogError> {
         let request = async_nats::Request::new()
-            .payload(Bytes::from(req.encode_to_vec()))
+            .payload(payload)
             .timeout(Some(self.timeout));
         let msg = self
             .client
@@ -68,6 +87,22 @@ impl NatsLogService {
             None => Err(unexpected()),
         }
     }
+}
+
+/// Tries of one call while log processes answer `not_owner` (a partition changing hands, or
+/// a try that reached a process that does not own it).
+const NOT_OWNER_ATTEMPTS: u32 = 6;
+
+/// 10 ms doubling per attempt up to 160 ms, with jitter (half to all of it) so the retries
+/// of many gateways do not arrive together.
+fn not_owner_backoff(attempt: u32) -> Duration {
+    use std::hash::{BuildHasher, Hasher};
+    let full = 10u64 << attempt.saturating_sub(1).min(4);
+    // A fresh RandomState is randomly keyed: random bits without a dependency.
+    let random = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    Duration::from_millis(full / 2 + random % (full / 2 + 1))
 }
 
 fn unexpected() -> LogError {

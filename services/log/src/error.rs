@@ -90,6 +90,20 @@ pub enum LogError {
     #[error("the log is shutting down")]
     ShuttingDown,
 
+    /// This writer does not own the conversation's partition (another writer holds its lease,
+    /// or took it over). Nothing was written; the owner, or this writer once it owns the
+    /// partition again, will take the request.
+    #[error("this log writer does not own partition {partition}; its owner is {owner:?}")]
+    NotOwner { partition: u32, owner: String },
+
+    /// `log.partitions` differs from the count the store was created with; conversations
+    /// would move between leases, so the store refuses to open.
+    #[error(
+        "log.partitions is {configured} but this store was created with {stored}; the count is \
+         fixed for the life of a store"
+    )]
+    PartitionsMismatch { stored: u32, configured: u32 },
+
     #[error(transparent)]
     Store(#[from] StoreError),
 
@@ -122,6 +136,8 @@ pub const ERROR_CODES: &[&str] = &[
     "tenant_key_unavailable",
     "wrong_tenant_key",
     "shutting_down",
+    "not_owner",
+    "partitions_mismatch",
     "archive_unavailable",
     "conflict",
     "store_locked",
@@ -150,6 +166,8 @@ impl LogError {
             LogError::TenantKeyUnavailable { .. } => "tenant_key_unavailable",
             LogError::WrongTenantKey { .. } => "wrong_tenant_key",
             LogError::ShuttingDown => "shutting_down",
+            LogError::NotOwner { .. } => "not_owner",
+            LogError::PartitionsMismatch { .. } => "partitions_mismatch",
             LogError::Archive { .. } => "archive_unavailable",
             LogError::Store(StoreError::Conflict { .. }) => "conflict",
             LogError::Store(StoreError::Locked { .. }) => "store_locked",
@@ -178,7 +196,7 @@ impl LogError {
     pub fn is_retryable(&self) -> bool {
         match self {
             LogError::Store(e) => e.is_retryable(),
-            LogError::ShuttingDown => true,
+            LogError::ShuttingDown | LogError::NotOwner { .. } => true,
             LogError::Archive { retryable, .. } => *retryable,
             LogError::Remote { retryable, .. } => *retryable,
             _ => false,

@@ -14,6 +14,8 @@
 //! au/tenant/seq                         AuditRecord, sealed under the audit key (hash-chained)
 //! ah/tenant                             AuditHead
 //! lh/tenant/hold_id                     Hold (legal hold), sealed under the audit key
+//! ls/partition                          Lease (who owns a partition of conversations)
+//! sy/partitions                         Partitions (the count, fixed at the first open)
 //! sy/key_check                          proof that the master key opens this store
 //! sy/audit_key                          the audit key, wrapped by the master key
 //! ```
@@ -193,6 +195,28 @@ pub fn after_tenant_heads(t: &str) -> Vec<u8> {
 
 pub const KEY_CHECK: &[u8] = b"sy\0key_check";
 
+/// How many partitions conversations hash into; fixed at the first open of a store.
+pub const PARTITIONS: &[u8] = b"sy\0partitions";
+
+/// The lease of a partition: `ls/` and the partition as 4-byte big-endian.
+pub fn lease(partition: u32) -> Vec<u8> {
+    let mut k = b"ls\0".to_vec();
+    k.extend_from_slice(&partition.to_be_bytes());
+    k
+}
+
+/// The `tenant\0conv` part of a `hd/` or `mb/` key: what a conversation's partition is
+/// hashed from, so a cached key can be told apart by partition without parsing ids.
+pub fn conversation_part(key: &[u8]) -> Option<&[u8]> {
+    let rest = key.get(3..)?;
+    let tenant_end = rest.iter().position(|&b| b == SEP)?;
+    let conv_end = rest[tenant_end + 1..]
+        .iter()
+        .position(|&b| b == SEP)
+        .map_or(rest.len(), |i| tenant_end + 1 + i);
+    Some(&rest[..conv_end])
+}
+
 /// The store-wide key that seals audit records and holds, wrapped by the master key.
 pub const AUDIT_KEY: &[u8] = b"sy\0audit_key";
 
@@ -276,6 +300,17 @@ mod tests {
         let range = KeyRange::prefix(event_dir(&a, &c));
         assert!(range.contains(&event(&a, &c, 1)));
         assert!(!range.contains(&event(&ab, &c, 1)));
+    }
+
+    #[test]
+    fn conversation_part_of_heads_and_members() {
+        let (t, c) = ids();
+        let u = UserId::new("u").expect("id");
+        assert_eq!(conversation_part(&head(&t, &c)), Some(b"t\0c".as_slice()));
+        assert_eq!(
+            conversation_part(&member(&t, &c, &u)),
+            Some(b"t\0c".as_slice())
+        );
     }
 
     #[test]

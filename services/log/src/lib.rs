@@ -8,6 +8,8 @@
 //! - [`crypto`]: AES-256-SIV sealing under per-tenant data keys wrapped by a master key (and
 //!   a tenant-held key, for tenants that have one); crypto-shredding.
 //! - [`tenant_keys`]: where tenant-held keys come from (a file or a command).
+//! - [`lease`]: writer ownership: partitions, leases and epochs, the fence every commit
+//!   carries.
 //! - `writer` (private): the sequencer, one task that assigns seqs and group-commits.
 //! - [`log`]: [`Log`], the API the binary and the gateway use: conversations, membership,
 //!   appends, reads, read cursors.
@@ -20,6 +22,7 @@ pub mod crypto;
 pub mod error;
 pub mod ids;
 pub mod keys;
+pub mod lease;
 pub mod log;
 pub mod store;
 pub mod tenant_keys;

@@ -6,19 +6,22 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use prost::Message;
 use tidings_schemas::storage::{Head, Membership, SealedEvent, UserConversation};
 use tidings_schemas::v1::{ConversationKind, Event, MemberRole, event::Body};
 use tokio::sync::{mpsc, oneshot};
+use tracing::{info, warn};
 
 use crate::cold::{self, ColdTier};
 use crate::crypto::{Keyring, MasterKey};
 use crate::error::LogError;
 use crate::ids::{ClientMsgId, ConvId, TenantId, UserId, validate_id};
 use crate::keys;
+use crate::lease::{self, Ownership, Registration};
 use crate::store::{KeyRange, KvStore, Order};
-use crate::writer::{Command, Outcome, Request, Writer, WriterStats};
+use crate::writer::{Command, LeaseOp, Outcome, Request, Writer, WriterStats};
 
 /// Limits and sizes of the log. Every queue and batch is bounded.
 #[derive(Clone, Debug)]
@@ -37,6 +40,19 @@ pub struct LogConfig {
     pub max_group_members: usize,
     /// Heads and memberships the sequencer keeps in memory (exact; dropped whole when full).
     pub writer_cache_entries: usize,
+    /// How many partitions conversations hash into (each has one lease, one owner). Fixed
+    /// for the life of a store: recorded at its first open, any other count is refused.
+    pub partitions: u32,
+    /// This writer's owner id in the leases; empty: `hostname-pid-random`, new every open.
+    /// Must be unique among the writers of a store.
+    pub writer_id: String,
+    /// How long a lease lives without renewal; renewed every third of it. Another writer
+    /// takes over a partition at the earliest this long after its owner stopped renewing.
+    pub lease_ttl: Duration,
+    /// Whether this log takes partition leases at all. False for processes that read and
+    /// archive but never write through the sequencer (`serve --role archiver`): they must
+    /// not hold the partitions the writers need. Their writes are refused with `not_owner`.
+    pub own_partitions: bool,
 }
 
 impl Default for LogConfig {
@@ -49,6 +65,10 @@ impl Default for LogConfig {
             max_read_limit: 1000,
             max_group_members: 100_000,
             writer_cache_entries: 1_000_000,
+            partitions: 64,
+            writer_id: String::new(),
+            lease_ttl: Duration::from_secs(10),
+            own_partitions: true,
         }
     }
 }
@@ -68,6 +88,21 @@ impl LogConfig {
             if value == 0 {
                 return Err(format!("{name} must be greater than 0"));
             }
+        }
+        if self.partitions == 0 || self.partitions > 65_536 {
+            return Err("partitions must be between 1 and 65536".into());
+        }
+        if self.lease_ttl < Duration::from_millis(50) || self.lease_ttl > Duration::from_secs(3600)
+        {
+            return Err("lease_ttl must be between 50 ms and 1 hour".into());
+        }
+        if self.writer_id.len() > 128
+            || self
+                .writer_id
+                .chars()
+                .any(|c| c.is_whitespace() || c.is_control())
+        {
+            return Err("writer_id must be at most 128 characters, without spaces".into());
         }
         if self.max_read_limit > crate::store::FjallStore::MAX_SCAN_LIMIT {
             return Err(format!(
@@ -226,8 +261,76 @@ impl PendingAppend {
 fn committed(outcome: Outcome) -> Result<Committed, LogError> {
     match outcome {
         Outcome::Committed(c) => Ok(c),
-        Outcome::Cursor(_) => Err(LogError::corrupt(b"", "internal: unexpected outcome")),
+        Outcome::Cursor(_) | Outcome::Leases { .. } => {
+            Err(LogError::corrupt(b"", "internal: unexpected outcome"))
+        }
     }
+}
+
+/// `hostname-pid-random`: unique per open, readable in the leases and the logs.
+fn default_writer_id(random: u64) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .unwrap_or_default();
+    let host: String = host
+        .trim()
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        .take(64)
+        .collect();
+    let host = if host.is_empty() { "host".into() } else { host };
+    format!("{host}-{}-{:08x}", std::process::id(), random as u32)
+}
+
+/// The lease keeper: every `period` (a third of the ttl) renews what the sequencer holds and
+/// tries to acquire every partition no live writer holds. Stops when the log is gone.
+async fn keep_leases(
+    tx: mpsc::WeakSender<Request>,
+    store: Arc<dyn KvStore>,
+    own: Arc<Ownership>,
+    acquiring: Arc<tokio::sync::Mutex<()>>,
+    period: Duration,
+) {
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let Some(tx) = tx.upgrade() else {
+            return;
+        };
+        // The sequencer logs what it lost; nothing more to do here.
+        let _ = ask(&tx, Command::Lease(LeaseOp::Renew)).await;
+        let _one_at_a_time = acquiring.lock().await;
+        let wanted = own.not_owned();
+        if wanted.is_empty() || own.retired() {
+            continue;
+        }
+        match lease::acquire(&*store, &own, &wanted, false).await {
+            Ok(acquired) => {
+                for (p, owner) in &acquired.others {
+                    own.set(*p, false, owner);
+                }
+                if acquired.got.is_empty() {
+                    continue;
+                }
+                let partitions: Vec<u32> = acquired.got.iter().map(|(p, _)| *p).collect();
+                info!(?partitions, "acquired the leases of partitions");
+                if let Err(e) = ask(&tx, Command::Lease(LeaseOp::Adopt(acquired.got))).await {
+                    warn!(error = %e, "failed to hand acquired leases to the sequencer");
+                }
+            }
+            Err(e) => warn!(error = %e, "failed to acquire free partitions"),
+        }
+    }
+}
+
+async fn ask(tx: &mpsc::Sender<Request>, cmd: Command) -> Result<Outcome, LogError> {
+    let (reply, rx) = oneshot::channel();
+    tx.send(Request { cmd, reply })
+        .await
+        .map_err(|_| LogError::ShuttingDown)?;
+    rx.await.map_err(|_| LogError::ShuttingDown)?
 }
 
 /// The event log. Cheap to clone; all clones share one sequencer.
@@ -252,10 +355,30 @@ struct Inner {
     stats: Arc<WriterStats>,
     writer: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     cold: std::sync::OnceLock<Arc<dyn ColdTier>>,
+    /// Which partitions this writer owns (the sequencer keeps it current).
+    own: Arc<Ownership>,
+    /// One acquisition at a time per writer (the lease keeper's and `take_over`).
+    acquiring: Arc<tokio::sync::Mutex<()>>,
+    /// Renews and acquires leases; stopped with the last handle.
+    keeper: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Some(keeper) = self.keeper.take() {
+            keeper.abort();
+        }
+    }
 }
 
 impl Log {
     /// Opens the log on `store`, checking the master key, and starts its sequencer.
+    ///
+    /// The log's writer takes the lease of every partition no other live writer holds
+    /// (ARCHITECTURE.md, "Writer ownership and fencing"); alone on a store, that is all of
+    /// them. Several logs may be opened on one already-open store (the same `Arc`) with
+    /// different `writer_id`s: that is how two writers of one store are exercised in one
+    /// process, since the embedded store can only be opened by one process.
     pub async fn open(
         store: Arc<dyn KvStore>,
         master: MasterKey,
@@ -286,12 +409,41 @@ impl Log {
         feed: Option<mpsc::Sender<FeedItem>>,
     ) -> Result<Log, LogError> {
         cfg.validate().map_err(LogError::InvalidRequest)?;
-        let keyring = Arc::new(keyring);
-        let (tx, rx) = mpsc::channel(cfg.queue_depth);
-        let stats = Arc::new(WriterStats::default());
+        lease::check_partitions(&*store, cfg.partitions).await?;
         let mut seed = [0u8; 8];
         getrandom::fill(&mut seed)
             .map_err(|e| LogError::InvalidRequest(format!("no OS randomness: {e}")))?;
+        let writer_id = if cfg.writer_id.is_empty() {
+            default_writer_id(u64::from_le_bytes(seed))
+        } else {
+            cfg.writer_id.clone()
+        };
+        let registration = Registration::new(&writer_id)?;
+        let ttl_ms = cfg.lease_ttl.as_millis() as i64;
+        let own = Arc::new(Ownership::new(writer_id, cfg.partitions, ttl_ms));
+        let acquired = if cfg.own_partitions {
+            lease::acquire(&*store, &own, &own.not_owned(), false).await?
+        } else {
+            own.retire();
+            lease::Acquired::default()
+        };
+        let mut held = std::collections::HashMap::new();
+        for (p, h) in acquired.got {
+            own.set(p, true, &own.writer_id);
+            held.insert(p, h);
+        }
+        for (p, owner) in acquired.others {
+            own.set(p, false, &owner);
+        }
+        info!(
+            writer_id = %own.writer_id,
+            owned = held.len(),
+            partitions = cfg.partitions,
+            "log writer opened"
+        );
+        let keyring = Arc::new(keyring);
+        let (tx, rx) = mpsc::channel(cfg.queue_depth);
+        let stats = Arc::new(WriterStats::default());
         let writer = Writer {
             store: store.clone(),
             keyring: keyring.clone(),
@@ -301,8 +453,19 @@ impl Log {
             feed,
             rng: fastrand::Rng::with_seed(u64::from_le_bytes(seed)),
             in_flight: std::collections::HashMap::new(),
+            own: own.clone(),
+            held,
+            _registration: registration,
         };
         let writer = tokio::spawn(writer.run(rx));
+        let acquiring = Arc::new(tokio::sync::Mutex::new(()));
+        let keeper = tokio::spawn(keep_leases(
+            tx.downgrade(),
+            store.clone(),
+            own.clone(),
+            acquiring.clone(),
+            cfg.lease_ttl / 3,
+        ));
         Ok(Log {
             inner: Arc::new(Inner {
                 store,
@@ -312,8 +475,86 @@ impl Log {
                 stats,
                 writer: std::sync::Mutex::new(Some(writer)),
                 cold: std::sync::OnceLock::new(),
+                own,
+                acquiring,
+                keeper: Some(keeper),
             }),
         })
+    }
+
+    /// This writer's owner id in the leases.
+    pub fn writer_id(&self) -> &str {
+        &self.inner.own.writer_id
+    }
+
+    /// The partition a conversation belongs to ([`lease::partition_of`] with this store's
+    /// count).
+    pub fn partition_of(&self, tenant: &TenantId, conv: &ConvId) -> u32 {
+        self.inner.own.partition(tenant, conv)
+    }
+
+    /// The partitions this writer owns now, in order.
+    pub fn owned_partitions(&self) -> Vec<u32> {
+        self.inner.own.owned()
+    }
+
+    /// Renews every lease held now, instead of at the next tick of the lease keeper (which
+    /// does this every `lease_ttl / 3`); returns the partitions found lost, which from now
+    /// on are refused with `not_owner`.
+    pub async fn renew_leases(&self) -> Result<Vec<u32>, LogError> {
+        match self.call(Command::Lease(LeaseOp::Renew)).await? {
+            Outcome::Leases { lost } => Ok(lost),
+            _ => Err(LogError::corrupt(b"ls", "internal: unexpected outcome")),
+        }
+    }
+
+    /// Stops writing: releases every lease this writer holds, so other writers take its
+    /// partitions at once rather than after `lease_ttl`, and acquires none from now on.
+    /// Later writes through any handle are refused with `not_owner`; reads go on. For a
+    /// clean shutdown while handles may still be around (the gateway's, the RPC server's).
+    pub async fn release_leases(&self) -> Result<(), LogError> {
+        // Not while the keeper acquires: what it got would be adopted after the release.
+        let _one_at_a_time = self.inner.acquiring.lock().await;
+        self.inner.own.retire();
+        self.call(Command::Lease(LeaseOp::Release)).await?;
+        Ok(())
+    }
+
+    /// Takes the lease of `partition` whoever holds it, live or not, with a fresh epoch:
+    /// the old owner's in-flight and later commits to it fail. For a forced hand-over (an
+    /// operator draining a writer that cannot release, tests of fencing); ordinary
+    /// ownership changes wait for a release or an expiry. Returns the new epoch.
+    pub async fn take_over(&self, partition: u32) -> Result<u64, LogError> {
+        if partition >= self.inner.cfg.partitions {
+            return Err(LogError::InvalidRequest(format!(
+                "partition {partition} is out of range (this store has {})",
+                self.inner.cfg.partitions
+            )));
+        }
+        let inner = &self.inner;
+        let _one_at_a_time = inner.acquiring.lock().await;
+        if inner.own.retired() {
+            return Err(LogError::InvalidRequest(
+                "this writer released its leases or owns no partitions".into(),
+            ));
+        }
+        if inner.own.holds(partition) {
+            return Err(LogError::InvalidRequest(format!(
+                "this writer already owns partition {partition}"
+            )));
+        }
+        let acquired = lease::acquire(&*inner.store, &inner.own, &[partition], true).await?;
+        let epoch = acquired.got.first().map(|(_, h)| h.lease.epoch);
+        let Some(epoch) = epoch else {
+            return Err(LogError::Store(crate::store::StoreError::Conflict {
+                key: keys::display_key(&keys::lease(partition)),
+                reason: "other writers kept changing the lease",
+            }));
+        };
+        self.call(Command::Lease(LeaseOp::Adopt(acquired.got)))
+            .await?;
+        warn!(partition, epoch, writer_id = %inner.own.writer_id, "took over a partition");
+        Ok(epoch)
     }
 
     /// Drops this handle and waits for the sequencer to finish what is queued and stop,
@@ -369,6 +610,12 @@ impl Log {
         &self,
         cmd: Command,
     ) -> Result<oneshot::Receiver<Result<Outcome, LogError>>, LogError> {
+        // A partition this writer does not own is refused before it queues: the owner (or
+        // this writer, once it owns it again) takes the retry.
+        if let Some((t, c)) = cmd.tenant_conv() {
+            let own = &self.inner.own;
+            own.check(own.partition(t, c))?;
+        }
         let (reply, rx) = oneshot::channel();
         self.inner
             .tx
@@ -553,7 +800,9 @@ impl Log {
         };
         match self.call(cmd).await? {
             Outcome::Cursor(c) => Ok(c),
-            Outcome::Committed(_) => Err(LogError::corrupt(b"", "internal: unexpected outcome")),
+            Outcome::Committed(_) | Outcome::Leases { .. } => {
+                Err(LogError::corrupt(b"", "internal: unexpected outcome"))
+            }
         }
     }
 

@@ -12,16 +12,21 @@
 //! Because this task is the only writer of its store, its reads are never stale, and it keeps
 //! exact caches of the keys it reads for almost every request: heads (`hd/`) and memberships
 //! (`mb/`). Only dedupe keys are read from the store per append. The head checks in the
-//! transaction (`Expect` on every `hd/` key) are the fence for deployments where single
-//! ownership is not guaranteed by construction (TiKV with leases): a stale writer's whole
-//! batch is refused, never half-applied, and its caches are dropped.
+//! transaction (`Expect` on every `hd/` key) guard against writes behind its back.
+//!
+//! Ownership (see `lease`): the sequencer only takes requests for partitions it holds the
+//! lease of, and every commit expects each touched partition's lease exactly as held, so a
+//! writer whose lease was taken over can never commit again: its batch fails whole, it reads
+//! the leases back, drops what it lost (logged) and refuses those partitions from then on.
+//! Renewals are requests on the same queue, so the lease value a batch expects is always the
+//! one the batch before it wrote.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use prost::Message;
-use tidings_schemas::storage::{Dedupe, Head, Membership, SealedEvent, UserConversation};
+use tidings_schemas::storage::{Dedupe, Head, Lease, Membership, SealedEvent, UserConversation};
 use tidings_schemas::v1::{
     ConversationCreated, ConversationKind, ConversationRenamed, Event, MemberJoined, MemberLeft,
     MemberRole, event::Body,
@@ -33,6 +38,7 @@ use crate::crypto::{DataKey, Keyring};
 use crate::error::LogError;
 use crate::ids::{ConvId, TenantId, UserId};
 use crate::keys;
+use crate::lease::{Held, Ownership, Registration, partition_of_part};
 use crate::log::{Append, Committed, CreateConversation, FeedItem, LogConfig};
 use crate::store::{KvStore, StoreError, Transaction};
 
@@ -63,26 +69,41 @@ pub(crate) enum Command {
         user: UserId,
         seq: u64,
     },
+    /// Lease upkeep, queued like any write so it is ordered with the batches.
+    Lease(LeaseOp),
+}
+
+pub(crate) enum LeaseOp {
+    /// Push the expiry of every lease held; answers with the partitions found lost.
+    Renew,
+    /// Start taking requests for partitions the log's lease keeper just acquired.
+    Adopt(Vec<(u32, Held)>),
+    /// Release every lease held (a clean stop): later requests are refused.
+    Release,
 }
 
 impl Command {
-    fn tenant_conv(&self) -> (&TenantId, &ConvId) {
+    /// The conversation a write is about; `None` for lease upkeep.
+    pub(crate) fn tenant_conv(&self) -> Option<(&TenantId, &ConvId)> {
         match self {
-            Command::Create(c) => (&c.tenant, &c.conv),
-            Command::Append(a) => (&a.tenant, &a.conv),
+            Command::Create(c) => Some((&c.tenant, &c.conv)),
+            Command::Append(a) => Some((&a.tenant, &a.conv)),
             Command::AddMember { tenant, conv, .. }
             | Command::RemoveMember { tenant, conv, .. }
             | Command::Rename { tenant, conv, .. }
-            | Command::MarkRead { tenant, conv, .. } => (tenant, conv),
+            | Command::MarkRead { tenant, conv, .. } => Some((tenant, conv)),
+            Command::Lease(_) => None,
         }
     }
 
     /// Every key `apply` may read, so the batch can fetch them in one round trip.
     fn reads(&self, out: &mut Vec<Vec<u8>>) {
-        let (t, c) = self.tenant_conv();
+        let Some((t, c)) = self.tenant_conv() else {
+            return;
+        };
         out.push(keys::head(t, c));
         match self {
-            Command::Create(_) => {}
+            Command::Create(_) | Command::Lease(_) => {}
             Command::Append(a) => {
                 out.push(keys::member(t, c, &a.sender));
                 out.push(keys::dedupe(t, c, &a.sender, &a.client_msg_id));
@@ -125,6 +146,10 @@ fn target_seq(body: &Body) -> Option<u64> {
 pub(crate) enum Outcome {
     Committed(Committed),
     Cursor(u64),
+    /// Lease upkeep done; the partitions found lost on the way.
+    Leases {
+        lost: Vec<u32>,
+    },
 }
 
 pub(crate) struct Request {
@@ -152,6 +177,13 @@ pub(crate) struct Writer {
     pub feed: Option<mpsc::Sender<FeedItem>>,
     /// The writes of the batch whose commit is running (empty when none is).
     pub in_flight: HashMap<Vec<u8>, Option<Vec<u8>>>,
+    /// Which partitions this writer owns, as every handle of the log sees it.
+    pub own: Arc<Ownership>,
+    /// The leases held, as last committed by this writer: what a batch expects when the
+    /// batch in flight does not write the lease.
+    pub held: HashMap<u32, Held>,
+    /// Keeps the writer id registered as alive in this process while the sequencer runs.
+    pub _registration: Registration,
 }
 
 /// The committed values of the keys only this writer writes (heads and memberships),
@@ -192,6 +224,15 @@ impl Cache {
     fn clear(&mut self) {
         self.entries.clear();
     }
+
+    /// Drops what is cached of one partition's conversations: another writer may have
+    /// changed them while this one did not own it.
+    fn forget_partition(&mut self, partition: u32, partitions: u32) {
+        self.entries.retain(|key, _| {
+            keys::conversation_part(key)
+                .is_none_or(|part| partition_of_part(part, partitions) != partition)
+        });
+    }
 }
 
 /// Values read for a batch, and the batch's writes so far (`None`: deleted).
@@ -217,6 +258,8 @@ struct Scratch<'a> {
     rng: &'a mut fastrand::Rng,
     /// Collect feed items (only when someone listens).
     announce: Option<Vec<FeedItem>>,
+    /// Epoch of the lease under which this command writes, recorded in the head.
+    epoch: u64,
 }
 
 impl Scratch<'_> {
@@ -315,6 +358,7 @@ impl Scratch<'_> {
         debug_assert_eq!(seq, head.last_seq + 1);
         head.last_seq = seq;
         head.last_time_ms = time_ms;
+        head.writer_epoch = self.epoch;
         Ok(Committed {
             seq,
             event_id,
@@ -368,6 +412,7 @@ impl Scratch<'_> {
                 user,
                 seq,
             } => self.mark_read(tenant, conv, user, *seq),
+            Command::Lease(_) => Err(LogError::corrupt(b"ls", "internal: lease op applied")),
         }
     }
 
@@ -609,7 +654,7 @@ impl Writer {
                     biased;
                     done = handle => {
                         if let Some((_, prev)) = committing.take() {
-                            self.finish(prev, done);
+                            self.finish(prev, done).await;
                         }
                         continue;
                     }
@@ -620,8 +665,9 @@ impl Writer {
             if received == 0 {
                 if let Some((handle, prev)) = committing.take() {
                     let done = handle.await;
-                    self.finish(prev, done);
+                    self.finish(prev, done).await;
                 }
+                self.release().await;
                 debug!("sequencer stopped: every handle to the log is gone");
                 return;
             }
@@ -630,14 +676,14 @@ impl Writer {
             };
             if let Some((handle, prev)) = committing.take() {
                 let done = handle.await;
-                if !self.finish(prev, done) {
+                if !self.finish(prev, done).await {
                     // Built on a batch that did not commit.
                     self.cache.clear();
                     let error = StoreError::Conflict {
                         key: "the previous batch".into(),
                         reason: "it failed to commit, and this batch was built on it",
                     };
-                    self.complete(next, Err(error));
+                    self.complete(next, Err(error)).await;
                     continue;
                 }
             }
@@ -650,7 +696,7 @@ impl Writer {
     }
 
     /// Completes the committed batch; returns whether it committed.
-    fn finish(
+    async fn finish(
         &mut self,
         mut batch: Prepared,
         done: Result<Result<(), StoreError>, tokio::task::JoinError>,
@@ -663,8 +709,122 @@ impl Writer {
             })
         });
         let ok = result.is_ok();
-        self.complete(batch, result);
+        self.complete(batch, result).await;
         ok
+    }
+
+    /// The partition of a write if this writer owns it, the `not_owner` refusal if not;
+    /// `None` for lease upkeep.
+    fn owned_partition(&self, cmd: &Command) -> Option<Result<u32, LogError>> {
+        let (t, c) = cmd.tenant_conv()?;
+        let p = self.own.partition(t, c);
+        Some(if self.held.contains_key(&p) {
+            Ok(p)
+        } else {
+            Err(self.own.not_owner(p))
+        })
+    }
+
+    /// The lease value a batch prepared now must expect: the one the batch in flight writes,
+    /// if it writes one, else the one last committed.
+    fn expected_lease(&self, partition: u32) -> Option<Vec<u8>> {
+        if let Some(Some(bytes)) = self.in_flight.get(&keys::lease(partition)) {
+            return Some(bytes.clone());
+        }
+        self.held.get(&partition).map(|h| h.bytes.clone())
+    }
+
+    /// Starts taking requests for partitions just acquired. What was cached of them may be
+    /// stale (another writer owned them meanwhile), so it is dropped.
+    fn adopt(&mut self, acquired: &[(u32, Held)]) {
+        if self.own.retired() {
+            return;
+        }
+        for (p, held) in acquired {
+            if self.held.contains_key(p) {
+                continue;
+            }
+            self.cache.forget_partition(*p, self.own.partitions);
+            self.held.insert(*p, held.clone());
+            self.own.set(*p, true, &self.own.writer_id);
+        }
+    }
+
+    /// After a failed commit: reads back every lease held and drops those that are no
+    /// longer this writer's (taken over). Returns the partitions lost.
+    async fn detect_loss(&mut self) -> BTreeSet<u32> {
+        let mut lost = BTreeSet::new();
+        if self.held.is_empty() {
+            return lost;
+        }
+        let partitions: Vec<u32> = self.held.keys().copied().collect();
+        let keys: Vec<Vec<u8>> = partitions.iter().map(|p| keys::lease(*p)).collect();
+        let values = match self.store.batch_get(keys).await {
+            Ok(values) => values,
+            Err(e) => {
+                warn!(error = %e, "failed to read the leases back after a failed commit");
+                return lost;
+            }
+        };
+        for (p, value) in partitions.into_iter().zip(values) {
+            let Some(held) = self.held.get(&p) else {
+                continue;
+            };
+            if value.as_deref() == Some(held.bytes.as_slice()) {
+                continue;
+            }
+            let stored = value.and_then(|bytes| Lease::decode(bytes.as_slice()).ok());
+            match stored {
+                // A renewal whose commit reported failure but landed: still ours.
+                Some(l) if l.owner == self.own.writer_id && l.epoch == held.lease.epoch => {
+                    self.held.insert(p, Held::new(l));
+                }
+                other => {
+                    let (taken_by, taken_epoch) =
+                        other.map_or((String::new(), 0), |l| (l.owner, l.epoch));
+                    warn!(
+                        partition = p,
+                        epoch = held.lease.epoch,
+                        taken_by = %taken_by,
+                        taken_epoch,
+                        "lost the lease of a partition: refusing its writes from now on"
+                    );
+                    self.held.remove(&p);
+                    self.own.set(p, false, &taken_by);
+                    self.cache.forget_partition(p, self.own.partitions);
+                    lost.insert(p);
+                }
+            }
+        }
+        lost
+    }
+
+    /// Releases every lease held (expiry 0, same epoch), so the next writer takes them at
+    /// once instead of waiting for them to expire.
+    async fn release(&mut self) {
+        if self.held.is_empty() {
+            return;
+        }
+        let mut txn = Transaction::new();
+        for (p, held) in &self.held {
+            let key = keys::lease(*p);
+            let released = Lease {
+                expires_ms: 0,
+                ..held.lease.clone()
+            };
+            txn.expect(key.clone(), Some(held.bytes.clone()));
+            txn.put(key, released.encode_to_vec());
+        }
+        match self.store.commit(txn).await {
+            Ok(()) => debug!(partitions = self.held.len(), "released the leases"),
+            Err(e) => {
+                warn!(error = %e, "failed to release the leases; they expire on their own")
+            }
+        }
+        for p in self.held.keys() {
+            self.own.set(*p, false, "");
+        }
+        self.held.clear();
     }
 
     /// Data keys the batch needs: each tenant's current key (to seal) and the keys of any
@@ -677,11 +837,14 @@ impl Writer {
     ) -> BatchKeys {
         let mut keys = BatchKeys::default();
         for r in reqs {
-            let (t, _) = r.cmd.tenant_conv();
-            if keys.refused.contains_key(t) {
+            let Some((t, _)) = r.cmd.tenant_conv() else {
+                continue;
+            };
+            if keys.refused.contains_key(t) || !matches!(self.owned_partition(&r.cmd), Some(Ok(_)))
+            {
                 continue;
             }
-            if let Err(e) = self.resolve_request_keys(r, fetched, &mut keys).await {
+            if let Err(e) = self.resolve_request_keys(r, t, fetched, &mut keys).await {
                 keys.refused.insert(t.clone(), e);
             }
         }
@@ -691,10 +854,10 @@ impl Writer {
     async fn resolve_request_keys(
         &self,
         r: &Request,
+        t: &TenantId,
         fetched: &HashMap<Vec<u8>, Option<Vec<u8>>>,
         keys: &mut BatchKeys,
     ) -> Result<(), LogError> {
-        let (t, _) = r.cmd.tenant_conv();
         if !keys.current.contains_key(t) {
             let k = self.keyring.current(t).await?;
             keys.all.insert((t.clone(), k.id), k.clone());
@@ -718,13 +881,16 @@ impl Writer {
     }
 
     /// Reads what the batch needs: cached keys from the cache, the rest in one `batch_get`.
+    /// Requests for partitions this writer does not own read nothing (they are refused).
     async fn fetch(
         &self,
         reqs: &[Request],
     ) -> Result<HashMap<Vec<u8>, Option<Vec<u8>>>, StoreError> {
         let mut wanted = Vec::with_capacity(reqs.len() * 3);
         for r in reqs {
-            r.cmd.reads(&mut wanted);
+            if let Some(Ok(_)) = self.owned_partition(&r.cmd) {
+                r.cmd.reads(&mut wanted);
+            }
         }
         wanted.sort_unstable();
         wanted.dedup();
@@ -750,9 +916,63 @@ impl Writer {
         Ok(fetched)
     }
 
+    /// Writes a renewal of every lease held into the batch: same owner and epoch, expiry
+    /// pushed to now + ttl.
+    fn renew(&self, state: &mut State, touched: &mut BTreeSet<u32>, now_ms: i64) {
+        for (p, held) in &self.held {
+            let renewed = Lease {
+                expires_ms: now_ms + self.own.ttl_ms,
+                ..held.lease.clone()
+            };
+            let key = keys::lease(*p);
+            if state
+                .pending
+                .insert(key.clone(), Some(renewed.encode_to_vec()))
+                .is_none()
+            {
+                state.order.push(key);
+            }
+            touched.insert(*p);
+        }
+    }
+
+    /// Writes the release of every lease held into the batch (same epoch, expiry 0) and stops
+    /// holding them at once, so requests after it are refused.
+    fn release_in(&mut self, state: &mut State, fence: &mut Vec<(Vec<u8>, Vec<u8>)>) {
+        let partitions: Vec<u32> = self.held.keys().copied().collect();
+        for p in partitions {
+            let key = keys::lease(p);
+            if let Some(expected) = self.expected_lease(p) {
+                fence.push((key.clone(), expected));
+            }
+            let Some(held) = self.held.remove(&p) else {
+                continue;
+            };
+            let released = Lease {
+                expires_ms: 0,
+                ..held.lease
+            };
+            if state
+                .pending
+                .insert(key.clone(), Some(released.encode_to_vec()))
+                .is_none()
+            {
+                state.order.push(key);
+            }
+            self.own.set(p, false, "");
+        }
+    }
+
     /// Reads, applies and seals a batch: everything but the commit. `None` when the batch
     /// failed before anything could be applied (its callers have been answered).
     async fn prepare(&mut self, reqs: Vec<Request>) -> Option<Prepared> {
+        // Partitions acquired since the last batch first, so their requests in this batch
+        // are read and applied.
+        for r in &reqs {
+            if let Command::Lease(LeaseOp::Adopt(acquired)) = &r.cmd {
+                self.adopt(acquired);
+            }
+        }
         let fetched = match self.fetch(&reqs).await {
             Ok(fetched) => fetched,
             Err(e) => {
@@ -774,12 +994,46 @@ impl Writer {
         };
         let now_ms = crate::now_ms();
         let mut results = Vec::with_capacity(reqs.len());
+        let mut partitions = Vec::with_capacity(reqs.len());
+        let mut touched = BTreeSet::new();
+        // Releases expect the lease as held, like any commit, though they stop holding it.
+        let mut fence: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
         for r in &reqs {
-            let (t, _) = r.cmd.tenant_conv();
+            let partition = match self.owned_partition(&r.cmd) {
+                None => {
+                    match r.cmd {
+                        Command::Lease(LeaseOp::Renew) => {
+                            self.renew(&mut state, &mut touched, now_ms);
+                        }
+                        Command::Lease(LeaseOp::Release) => {
+                            self.release_in(&mut state, &mut fence);
+                        }
+                        _ => {}
+                    }
+                    partitions.push(None);
+                    results.push(Ok(Outcome::Leases { lost: Vec::new() }));
+                    continue;
+                }
+                Some(Err(not_owner)) => {
+                    partitions.push(None);
+                    results.push(Err(not_owner));
+                    continue;
+                }
+                Some(Ok(p)) => p,
+            };
+            partitions.push(Some(partition));
+            let Some((t, _)) = r.cmd.tenant_conv() else {
+                results.push(Err(LogError::corrupt(
+                    b"",
+                    "internal: write without a conversation",
+                )));
+                continue;
+            };
             if let Some(e) = refused.get(t) {
                 results.push(Err(e.clone()));
                 continue;
             }
+            let epoch = self.held.get(&partition).map_or(0, |h| h.lease.epoch);
             let mut scratch = Scratch {
                 state: &state,
                 writes: HashMap::new(),
@@ -789,6 +1043,7 @@ impl Writer {
                 now_ms,
                 rng: &mut self.rng,
                 announce: self.feed.as_ref().map(|_| Vec::new()),
+                epoch,
             };
             let result = scratch.apply(&r.cmd, &self.cfg);
             if result.is_ok() {
@@ -799,6 +1054,9 @@ impl Writer {
                     ..
                 } = scratch;
                 state.announce.extend(announce.unwrap_or_default());
+                if !order.is_empty() {
+                    touched.insert(partition);
+                }
                 for key in order {
                     let value = writes.remove(&key).flatten();
                     if state.pending.insert(key.clone(), value).is_none() {
@@ -808,21 +1066,30 @@ impl Writer {
             }
             results.push(result);
         }
-        let txn = transaction(&state);
+        // The fence: each touched partition's lease exactly as this writer holds it.
+        fence.extend(
+            touched
+                .iter()
+                .filter_map(|p| Some((keys::lease(*p), self.expected_lease(*p)?))),
+        );
+        let txn = transaction(&state, fence);
         Some(Prepared {
             reqs,
             results,
+            partitions,
             state,
             txn: Some(txn),
         })
     }
 
-    /// Answers a batch after its commit: on success updates the cache, announces and replies;
-    /// on failure drops what it believed and fails the batch's writes.
-    fn complete(&mut self, batch: Prepared, committed: Result<(), StoreError>) {
+    /// Answers a batch after its commit: on success updates the cache and the leases held,
+    /// announces and replies; on failure drops what it believed, reads the leases back and
+    /// fails the batch's writes (with `not_owner` where the partition was lost).
+    async fn complete(&mut self, batch: Prepared, committed: Result<(), StoreError>) {
         let Prepared {
             reqs,
             results,
+            partitions,
             state,
             ..
         } = batch;
@@ -830,10 +1097,18 @@ impl Writer {
             warn!(error = %e, requests = reqs.len(), "failed to commit a batch");
             // What the store holds now is unknown to us: read it afresh next time.
             self.cache.clear();
-            for (r, result) in reqs.into_iter().zip(results) {
-                let answer = match result {
-                    Ok(_) => Err(LogError::Store(e.clone())),
-                    refused => refused,
+            let lost = self.detect_loss().await;
+            for ((r, result), partition) in reqs.into_iter().zip(results).zip(partitions) {
+                let answer = match (result, partition) {
+                    (Ok(Outcome::Leases { .. }), _) => Ok(Outcome::Leases {
+                        lost: lost.iter().copied().collect(),
+                    }),
+                    // Lost now, or before (a batch built on the one that found out).
+                    (Ok(_), Some(p)) if lost.contains(&p) || !self.held.contains_key(&p) => {
+                        Err(self.own.not_owner(p))
+                    }
+                    (Ok(_), _) => Err(LogError::Store(e.clone())),
+                    (refused, _) => refused,
                 };
                 let _ = r.reply.send(answer);
             }
@@ -845,7 +1120,11 @@ impl Writer {
             }
         }
         for (key, value) in &state.pending {
-            self.cache.remember(key, value.as_ref());
+            if key.starts_with(b"ls\0") {
+                self.remember_lease(key, value.as_deref());
+            } else {
+                self.cache.remember(key, value.as_ref());
+            }
         }
         if !state.pending.is_empty() {
             self.stats.commits.fetch_add(1, Ordering::Relaxed);
@@ -865,6 +1144,25 @@ impl Writer {
             let _ = r.reply.send(result);
         }
     }
+
+    /// A renewal committed: the value later batches expect.
+    fn remember_lease(&mut self, key: &[u8], value: Option<&[u8]>) {
+        let Some(p) = key
+            .get(3..)
+            .and_then(|b| <[u8; 4]>::try_from(b).ok())
+            .map(u32::from_be_bytes)
+        else {
+            return;
+        };
+        let Some(lease) = value.and_then(|v| Lease::decode(v).ok()) else {
+            return;
+        };
+        if let Some(held) = self.held.get_mut(&p)
+            && held.lease.epoch == lease.epoch
+        {
+            *held = Held::new(lease);
+        }
+    }
 }
 
 /// The data keys a batch uses, and the tenants whose keys could not be had.
@@ -882,16 +1180,22 @@ struct BatchKeys {
 struct Prepared {
     reqs: Vec<Request>,
     results: Vec<Result<Outcome, LogError>>,
+    /// Each request's partition, where it is a write this writer owns.
+    partitions: Vec<Option<u32>>,
     state: State,
     txn: Option<Transaction>,
 }
 
-/// The batch as one transaction: every head it moves is checked against the value the batch
-/// read, then everything is written as decided. Events need no check of their own: an event
-/// key above a head is only ever written together with that head, so a head that still holds
-/// the value we read proves the seqs we assign are free.
-fn transaction(state: &State) -> Transaction {
+/// The batch as one transaction: first the fence (each touched partition's lease as this
+/// writer holds it), then every head it moves is checked against the value the batch read,
+/// then everything is written as decided. Events need no check of their own: an event key
+/// above a head is only ever written together with that head, so a head that still holds the
+/// value we read proves the seqs we assign are free.
+fn transaction(state: &State, fence: Vec<(Vec<u8>, Vec<u8>)>) -> Transaction {
     let mut txn = Transaction::new();
+    for (key, value) in fence {
+        txn.expect(key, Some(value));
+    }
     for key in &state.order {
         let value = state.pending.get(key).cloned().flatten();
         if key.starts_with(b"hd\0") {

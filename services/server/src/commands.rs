@@ -44,13 +44,28 @@ pub async fn open_log_with_feed(
     config: &Config,
     feed: Option<mpsc::Sender<tidings_log::FeedItem>>,
 ) -> anyhow::Result<Log> {
+    open_log_owning(config, feed, true).await
+}
+
+/// Opens the log; with `own_partitions` false it takes no partition lease (a process that
+/// reads and archives but never writes through the sequencer, which must not hold the
+/// partitions the writers need).
+pub async fn open_log_owning(
+    config: &Config,
+    feed: Option<mpsc::Sender<tidings_log::FeedItem>>,
+    own_partitions: bool,
+) -> anyhow::Result<Log> {
     let master = config.master_key(env)?;
     let tenant_keys = config.tenant_keys()?;
     let store = open_store(config).await?;
     let keyring = Keyring::open(store.clone(), master)
         .await?
         .with_tenant_keys(tenant_keys);
-    let log = Log::open_with_keyring(store, keyring, config.log_config(), feed).await?;
+    let log_config = tidings_log::LogConfig {
+        own_partitions,
+        ..config.log_config()
+    };
+    let log = Log::open_with_keyring(store, keyring, log_config, feed).await?;
     // Reads below the hot floor come from the archive.
     let objects = crate::archive::objects(config)?;
     let reader = tidings_archive::ColdReader::new(

@@ -337,6 +337,12 @@ pub struct LogSection {
     pub max_read_limit: usize,
     pub max_group_members: usize,
     pub writer_cache_entries: usize,
+    /// Partitions conversations hash into; fixed for the life of a store.
+    pub partitions: u32,
+    /// This writer's id in the leases; empty: hostname-pid-random.
+    pub writer_id: String,
+    /// How long a partition lease lives without renewal (renewed every third of it).
+    pub lease_ttl_ms: u64,
 }
 
 impl Default for Config {
@@ -367,6 +373,9 @@ impl Default for LogSection {
             max_read_limit: d.max_read_limit,
             max_group_members: d.max_group_members,
             writer_cache_entries: d.writer_cache_entries,
+            partitions: d.partitions,
+            writer_id: d.writer_id,
+            lease_ttl_ms: d.lease_ttl.as_millis() as u64,
         }
     }
 }
@@ -562,6 +571,15 @@ impl Config {
                 *slot = parse_env(name, &value)?;
             }
         }
+        if let Some(v) = env("TIDINGS_LOG_PARTITIONS") {
+            self.log.partitions = parse_env("TIDINGS_LOG_PARTITIONS", &v)?;
+        }
+        if let Some(v) = env("TIDINGS_LOG_LEASE_TTL_MS") {
+            self.log.lease_ttl_ms = parse_env("TIDINGS_LOG_LEASE_TTL_MS", &v)?;
+        }
+        if let Some(v) = env("TIDINGS_LOG_WRITER_ID") {
+            self.log.writer_id = v;
+        }
         Ok(())
     }
 
@@ -682,6 +700,10 @@ impl Config {
             max_read_limit: s.max_read_limit,
             max_group_members: s.max_group_members,
             writer_cache_entries: s.writer_cache_entries,
+            partitions: s.partitions,
+            writer_id: s.writer_id.clone(),
+            lease_ttl: std::time::Duration::from_millis(s.lease_ttl_ms),
+            own_partitions: true,
         }
     }
 

@@ -118,7 +118,9 @@ async fn shutdown_signal() {
 
 pub async fn serve(config: Config, role: Role) -> anyhow::Result<()> {
     if role == Role::Archiver {
-        let log = crate::commands::open_log(&config).await?;
+        // The archiver never writes through the sequencer: it leaves the partitions to the
+        // log writers.
+        let log = crate::commands::open_log_owning(&config, None, false).await?;
         let archiver = crate::archive::spawn_periodic(&config, log, Arc::default())?;
         eprintln!("tidings: archiver every {}", config.archive.interval);
         shutdown_signal().await;
@@ -206,7 +208,12 @@ pub async fn serve(config: Config, role: Role) -> anyhow::Result<()> {
         task.abort();
     }
     if let Some(log) = log_handle {
-        // Appends already acknowledged are durable; closing releases the store.
+        // Appends already acknowledged are durable. Hand the partitions over at once (other
+        // writers need not wait for the leases to expire); the store is released with the
+        // last handle.
+        if let Err(e) = log.release_leases().await {
+            warn!(error = %e, "failed to release the partition leases; they expire on their own");
+        }
         drop(log);
     }
     // Give the publisher a moment to hand over what is committed.

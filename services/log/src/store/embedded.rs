@@ -342,6 +342,11 @@ impl KvStore for FjallStore {
     async fn purge_deleted(&self) -> Result<(), StoreError> {
         self.blocking(|s| s.purge_deleted()).await
     }
+
+    /// fjall locks the directory: no other process can have it open.
+    fn single_process(&self) -> bool {
+        true
+    }
 }
 
 #[cfg(test)]

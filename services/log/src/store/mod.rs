@@ -187,4 +187,12 @@ pub trait KvStore: Send + Sync + 'static {
     /// call. Live values are untouched. Slow (it may rewrite everything the store holds):
     /// for rare operations such as shredding a tenant's keys, not for every delete.
     async fn purge_deleted(&self) -> Result<(), StoreError>;
+
+    /// Whether at most one process can have this store open at a time (the embedded store
+    /// locks its directory). Then a lease held by a writer that is not alive in this process
+    /// belongs to a process that is gone (a crash), and is taken at once rather than after
+    /// it expires. Shared stores (TiKV) keep the default, `false`.
+    fn single_process(&self) -> bool {
+        false
+    }
 }
