@@ -906,3 +906,97 @@ async fn history_pull_and_sync_span_the_archive() {
         .sum();
     assert!(rows >= 61, "the archive holds {rows} rows");
 }
+
+/// A log process that does not own a conversation's partition answers `not_owner` naming
+/// the owner, and the gateway's client sends the request on to the owner by name. Here the
+/// only member of the queue group owns nothing, so every append is refused first and must
+/// be routed to land; none is lost or doubled. With the owner gone, the client gives up
+/// after its bounded tries with the typed error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appends_reaching_a_writer_that_does_not_own_them_are_routed_to_the_owner() {
+    use std::sync::Arc;
+    use tidings_gateway::LogService;
+    use tidings_gateway::rpc::{self, NatsLogService};
+    use tidings_log::crypto::MasterKey;
+    use tidings_log::store::{FjallStore, KvStore};
+    use tidings_log::{
+        Append, ClientMsgId, ConvId, CreateConversation, Log, LogConfig, ReadRange, TenantId,
+        UserId,
+    };
+
+    let nats = Nats::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store: Arc<dyn KvStore> = Arc::new(FjallStore::open(dir.path()).expect("store"));
+    let hex = MasterKey::generate().to_hex();
+    let open = |writer: &str| {
+        let (store, hex, writer) = (store.clone(), hex.clone(), writer.to_string());
+        async move {
+            let cfg = LogConfig {
+                writer_id: writer,
+                ..LogConfig::default()
+            };
+            Log::open(store, MasterKey::from_hex(&hex).expect("hex"), cfg)
+                .await
+                .expect("log")
+        }
+    };
+    let owner = open("owner.example.com-1").await;
+    let other = open("other-2").await;
+    assert!(other.owned_partitions().is_empty());
+    let (t, c) = (
+        TenantId::new("acme").expect("id"),
+        ConvId::new("general").expect("id"),
+    );
+    let alice = UserId::new("alice").expect("id");
+    owner
+        .create_conversation(CreateConversation {
+            tenant: t.clone(),
+            conv: c.clone(),
+            kind: tidings_log::ConversationKind::Group,
+            title: "General".into(),
+            creator: alice.clone(),
+            members: vec![],
+        })
+        .await
+        .expect("create");
+
+    let client = async_nats::connect(nats.url()).await.expect("nats");
+    let serving_other = tokio::spawn(rpc::serve(client.clone(), other.clone(), 64));
+    let serving_owner = tokio::spawn(rpc::serve_by_name_only(client.clone(), owner.clone(), 64));
+    tokio::time::sleep(Duration::from_millis(300)).await; // subscriptions in place
+    let service = NatsLogService::new(client.clone(), Duration::from_secs(5));
+    let append = |i: usize| {
+        Append::text(
+            t.clone(),
+            c.clone(),
+            alice.clone(),
+            ClientMsgId::new(format!("m{i}")).expect("id"),
+            format!("routed {i}"),
+        )
+    };
+    for i in 0..20 {
+        let acked = service
+            .append(append(i))
+            .await
+            .expect("routed to the owner");
+        assert_eq!(acked.seq, i as u64 + 2);
+        assert!(!acked.duplicate);
+    }
+    let read = owner
+        .read(&t, &c, ReadRange::forward(1, 100))
+        .await
+        .expect("read");
+    let seqs: Vec<u64> = read.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, (1..=21).collect::<Vec<_>>());
+
+    serving_owner.abort();
+    let refused = service
+        .append(append(99))
+        .await
+        .expect_err("no owner answers");
+    assert!(
+        matches!(refused.code(), "not_owner" | "unavailable"),
+        "{refused}"
+    );
+    serving_other.abort();
+}

@@ -173,6 +173,10 @@ pub struct LogError {
     pub message: ::prost::alloc::string::String,
     #[prost(bool, tag = "3")]
     pub retryable: bool,
+    /// For not_owner: the writer id that owns the conversation's partition (empty if none
+    /// does). The caller re-sends to that writer's own subject, tidings.rpc.log.w.<id>.
+    #[prost(string, tag = "4")]
+    pub owner: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct Committed {

@@ -40,51 +40,86 @@ impl NatsLogService {
         NatsLogService { client, timeout }
     }
 
-    /// Sends a call, and sends it again (a bounded number of times, with a short jittered
-    /// backoff) while the log process that answered does not own the conversation's
-    /// partition (`not_owner`): the queue group hands each try to any log process, and the
-    /// refusal wrote nothing, so a retry is safe. Appends are idempotent besides.
+    /// Sends a call. A log process that does not own the conversation's partition answers
+    /// `not_owner` naming the owner; the call then goes straight to that writer's own
+    /// subject (one more hop, no guessing). While ownership is changing hands (no owner, or
+    /// the named one has just lost it) it is sent again a bounded number of times with a
+    /// short jittered backoff. A refusal wrote nothing, and appends are idempotent besides.
     async fn call(&self, tenant: &TenantId, call: Call) -> Result<Reply, LogError> {
         let req = wire::LogRequest {
             tenant: tenant.to_string(),
             call: Some(call),
         };
         let payload = Bytes::from(req.encode_to_vec());
+        let mut subject = subjects::LOG_RPC.to_string();
         let mut attempt = 1;
         loop {
-            match self.call_once(payload.clone()).await {
-                Err(e) if e.code() == "not_owner" && attempt < NOT_OWNER_ATTEMPTS => {
-                    debug!(attempt, error = %e, "log process does not own the partition; retrying");
-                    tokio::time::sleep(not_owner_backoff(attempt)).await;
+            match self.call_once(&subject, payload.clone()).await {
+                Err(Refused { error, owner })
+                    if error.code() == "not_owner" && attempt < NOT_OWNER_ATTEMPTS =>
+                {
+                    debug!(attempt, %owner, error = %error, "not the owner; sending to the owner");
+                    if owner.is_empty() {
+                        tokio::time::sleep(not_owner_backoff(attempt)).await;
+                        subject = subjects::LOG_RPC.to_string();
+                    } else {
+                        if attempt > 1 {
+                            tokio::time::sleep(not_owner_backoff(attempt)).await;
+                        }
+                        subject = subjects::log_writer(&owner);
+                    }
                     attempt += 1;
                 }
-                other => return other,
+                Err(Refused { error, .. }) => return Err(error),
+                Ok(reply) => return Ok(reply),
             }
         }
     }
 
-    async fn call_once(&self, payload: Bytes) -> Result<Reply, LogError> {
+    async fn call_once(&self, subject: &str, payload: Bytes) -> Result<Reply, Refused> {
         let request = async_nats::Request::new()
             .payload(payload)
             .timeout(Some(self.timeout));
         let msg = self
             .client
-            .send_request(subjects::LOG_RPC, request)
+            .send_request(subject.to_string(), request)
             .await
             .map_err(|e| {
-                LogError::remote("unavailable", format!("log service unreachable: {e}"), true)
+                Refused::from(LogError::remote(
+                    "unavailable",
+                    format!("log service unreachable: {e}"),
+                    true,
+                ))
             })?;
         let resp = wire::LogResponse::decode(msg.payload.as_ref()).map_err(|e| {
-            LogError::remote(
+            Refused::from(LogError::remote(
                 "store_error",
                 format!("bad reply from the log service: {e}"),
                 false,
-            )
+            ))
         })?;
         match resp.result {
-            Some(Reply::Error(e)) => Err(LogError::remote(&e.code, e.message, e.retryable)),
+            Some(Reply::Error(e)) => Err(Refused {
+                error: LogError::remote(&e.code, e.message, e.retryable),
+                owner: e.owner,
+            }),
             Some(other) => Ok(other),
-            None => Err(unexpected()),
+            None => Err(unexpected().into()),
+        }
+    }
+}
+
+/// A call the log service refused, with the partition's owner when it said `not_owner`.
+struct Refused {
+    error: LogError,
+    owner: String,
+}
+
+impl From<LogError> for Refused {
+    fn from(error: LogError) -> Self {
+        Refused {
+            error,
+            owner: String::new(),
         }
     }
 }
@@ -473,16 +508,45 @@ async fn execute(log: &Log, req: wire::LogRequest) -> Result<Reply, LogError> {
     })
 }
 
-/// Server side: answers log requests from NATS until the subscription ends. At most
-/// `max_in_flight` requests run at once; the rest wait in NATS's queue.
+/// Server side: answers log requests from NATS until the subscriptions end: those of the
+/// queue group (any log process may get them) and those sent to this writer by name. At
+/// most `max_in_flight` requests run at once; the rest wait in NATS's queue.
 pub async fn serve(
     client: async_nats::Client,
     log: Log,
     max_in_flight: usize,
 ) -> Result<(), async_nats::SubscribeError> {
-    let mut requests = client
-        .queue_subscribe(subjects::LOG_RPC, subjects::LOG_QUEUE_GROUP.to_string())
+    serve_on(client, log, max_in_flight, true).await
+}
+
+/// [`serve`] without joining the queue group: answers only requests sent to this writer
+/// by name. For tests that must know which process a request reaches first.
+pub async fn serve_by_name_only(
+    client: async_nats::Client,
+    log: Log,
+    max_in_flight: usize,
+) -> Result<(), async_nats::SubscribeError> {
+    serve_on(client, log, max_in_flight, false).await
+}
+
+async fn serve_on(
+    client: async_nats::Client,
+    log: Log,
+    max_in_flight: usize,
+    shared: bool,
+) -> Result<(), async_nats::SubscribeError> {
+    // Requests sent here by name, after another log process said this one owns them.
+    let own = client
+        .subscribe(subjects::log_writer(log.writer_id()))
         .await?;
+    let mut requests = if shared {
+        let group = client
+            .queue_subscribe(subjects::LOG_RPC, subjects::LOG_QUEUE_GROUP.to_string())
+            .await?;
+        futures_util::stream::select(group, own).boxed()
+    } else {
+        own.boxed()
+    };
     let permits = Arc::new(Semaphore::new(max_in_flight));
     while let Some(msg) = requests.next().await {
         let Some(reply_to) = msg.reply.clone() else {
@@ -506,6 +570,10 @@ pub async fn serve(
                     code: e.code().to_string(),
                     message: e.to_string(),
                     retryable: e.is_retryable(),
+                    owner: match &e {
+                        LogError::NotOwner { owner, .. } => owner.clone(),
+                        _ => String::new(),
+                    },
                 }),
             };
             let resp = wire::LogResponse {

@@ -10,6 +10,24 @@ pub const STREAM_SUBJECTS: &str = "tidings.ev.>";
 pub const LOG_RPC: &str = "tidings.rpc.log";
 pub const LOG_QUEUE_GROUP: &str = "tidings-log";
 
+/// One log process's own request subject, named by its writer id: where a request goes
+/// once a `not_owner` reply has said who owns the conversation. Writer ids may hold any
+/// characters (a default one has the hostname), so everything outside `[A-Za-z0-9_-]`
+/// becomes `_`; both sides map the same id the same way.
+pub fn log_writer(writer_id: &str) -> String {
+    let token: String = writer_id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("{LOG_RPC}.w.{token}")
+}
+
 /// Committed events of one conversation.
 pub fn events(t: &TenantId, c: &ConvId) -> String {
     format!("tidings.ev.{t}.{c}")
