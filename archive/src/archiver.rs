@@ -443,9 +443,16 @@ impl Archiver {
                 }
                 let pending = Pending::new(event);
                 batch.bytes += pending.plain_bytes;
-                batch.by_date.entry(date.clone()).or_default().push(pending);
+                let rows = batch.by_date.entry(date.clone()).or_default();
+                rows.push(pending);
                 taken += 1;
                 next = seq + 1;
+                // Full exactly at the limit, not a page later: an overshoot would become a
+                // segment of its own, a few hundred rows long.
+                if rows.len() >= self.cfg.segment_max_events || batch.bytes >= self.cfg.buffer_bytes
+                {
+                    return Ok((taken, true));
+                }
             }
         }
         Ok((taken, false))
