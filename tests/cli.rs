@@ -5,7 +5,7 @@ mod common;
 
 use std::io::{BufRead, BufReader, Write};
 
-use common::{Sandbox, grep_dir, input_lines, json_lines, stderr};
+use common::{Sandbox, error_line, grep_dir, input_lines, json_lines, stderr};
 
 #[test]
 fn keys_init_writes_a_private_key_and_never_overwrites_it() {
@@ -599,35 +599,6 @@ fn config_file_is_read_and_typos_in_it_are_refused() {
     assert!(stderr(&out).contains("max_body_byte"), "{}", stderr(&out));
 }
 
-/// The JSON error line a refused command prints on stderr.
-fn error_line(out: &std::process::Output) -> serde_json::Value {
-    let text = stderr(out);
-    let line = text
-        .lines()
-        .rev()
-        .find(|l| l.starts_with('{'))
-        .unwrap_or_else(|| panic!("no JSON error line in {text:?}"));
-    serde_json::from_str(line).unwrap_or_else(|e| panic!("bad JSON {line:?}: {e}"))
-}
-
-/// Creates group `conv` in `tenant`, owned by alice, with bob.
-fn group_in(s: &Sandbox, tenant: &str, conv: &str) {
-    s.ok(&[
-        "conv",
-        "create",
-        "--tenant",
-        tenant,
-        "--conv",
-        conv,
-        "--kind",
-        "group",
-        "--by",
-        "alice",
-        "--members",
-        "bob",
-    ]);
-}
-
 fn post(s: &Sandbox, tenant: &str, id: &str, text: &str) -> std::process::Output {
     s.run(&[
         "log",
@@ -688,7 +659,7 @@ fn keys_shred_refuses_without_a_matching_confirm() {
 fn after_keys_shred_the_tenant_is_refused_with_tenant_shredded_and_others_still_read() {
     let s = Sandbox::new();
     for tenant in ["acme", "globex"] {
-        group_in(&s, tenant, "general");
+        s.group_in(tenant, "general");
         assert!(
             post(&s, tenant, "m1", &format!("hello from {tenant}"))
                 .status
@@ -809,7 +780,7 @@ fn a_tenant_key_from_key_command_seals_and_opens_end_to_end() {
     assert!(!stderr(&out).contains("not-a-key-8f2c"), "{}", stderr(&out));
 
     // keys wrap: refused without a tenant key, adds the layer to an existing key with one.
-    group_in(&s, "globex", "general");
+    s.group_in("globex", "general");
     let out = s.run(&["keys", "wrap", "--tenant", "globex"]);
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(error_line(&out)["error"]["code"], "tenant_key_unavailable");

@@ -5,7 +5,7 @@ mod common;
 
 use std::process::{Command, Output};
 
-use common::{Sandbox, json_lines, stderr};
+use common::{Sandbox, error_line, json_lines, stderr};
 use serde_json::Value;
 
 fn post(s: &Sandbox, conv: &str, sender: &str, id: &str, text: &str) -> u64 {
@@ -738,35 +738,19 @@ fn retention_killed_at_every_step_of_a_rewrite_converges() {
     }
 }
 
-/// The JSON error line a failed command prints on stderr.
+/// The code of the JSON error line a failed command prints on stderr.
 fn error_code(out: &Output) -> String {
-    let text = stderr(out);
-    let line = text
-        .lines()
-        .find(|l| l.starts_with("{\"error\""))
-        .unwrap_or_else(|| panic!("no JSON error line in {text}"));
-    let v: Value = serde_json::from_str(line).expect("JSON");
-    v["error"]["code"].as_str().expect("code").to_string()
+    error_line(out)["error"]["code"]
+        .as_str()
+        .expect("code")
+        .to_string()
 }
 
 #[test]
 fn a_hold_blocks_shredding_and_a_shredded_tenant_opens_nowhere_while_others_do() {
     let s = Sandbox::new();
     for tenant in ["acme", "globex"] {
-        s.ok(&[
-            "conv",
-            "create",
-            "--tenant",
-            tenant,
-            "--conv",
-            "general",
-            "--kind",
-            "group",
-            "--by",
-            "alice",
-            "--members",
-            "bob",
-        ]);
+        s.group_in(tenant, "general");
         s.ok(&[
             "log",
             "append",

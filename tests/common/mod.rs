@@ -89,11 +89,16 @@ impl Sandbox {
 
     /// Creates group `conv` in tenant `acme`, owned by alice, with bob.
     pub fn group(&self, conv: &str) {
+        self.group_in("acme", conv);
+    }
+
+    /// Creates group `conv` in `tenant`, owned by alice, with bob.
+    pub fn group_in(&self, tenant: &str, conv: &str) {
         self.ok(&[
             "conv",
             "create",
             "--tenant",
-            "acme",
+            tenant,
             "--conv",
             conv,
             "--kind",
@@ -113,6 +118,17 @@ impl Sandbox {
 
 pub fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// The JSON error line a refused command prints on stderr (the last one).
+pub fn error_line(out: &Output) -> serde_json::Value {
+    let text = stderr(out);
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .unwrap_or_else(|| panic!("no JSON error line in {text:?}"));
+    serde_json::from_str(line).unwrap_or_else(|e| panic!("bad JSON {line:?}: {e}"))
 }
 
 pub fn json_lines(bytes: &[u8]) -> Vec<serde_json::Value> {
