@@ -224,15 +224,20 @@ fn archive_for_data_tools(s: &Sandbox) -> Value {
 /// tests/data_tools/, which prints the summary [`archive_for_data_tools`] computes from the
 /// log; every figure must match. The README's claim is checked too: the metadata columns are
 /// plain strings, integers and a timestamp, the sealed body is binary and no body holds the
-/// plaintext. Skipped (with a line saying so) when `needs` fails, unless `require_var`=1.
-fn data_tool_reads_the_archive(test: &str, script: &str, needs: &[&[&str]], require_var: &str) {
-    for need in needs {
-        let found = Command::new(need[0])
-            .args(&need[1..])
+/// plaintext. Skipped (with a line saying what is missing) when a probe in `needs` fails,
+/// unless `require_var`=1.
+fn data_tool_reads_the_archive(
+    test: &str,
+    script: &str,
+    needs: &[(&[&str], &str)],
+    require_var: &str,
+) {
+    for (probe, why) in needs {
+        let found = Command::new(probe[0])
+            .args(&probe[1..])
             .output()
             .is_ok_and(|o| o.status.success());
         if !found {
-            let why = format!("`{}` failed", need.join(" "));
             assert!(
                 std::env::var(require_var).as_deref() != Ok("1"),
                 "{test}: required ({require_var}=1) but {why}"
@@ -313,7 +318,10 @@ fn duckdb_reads_the_hive_partitions() {
     data_tool_reads_the_archive(
         "duckdb_reads_the_hive_partitions",
         "duckdb_read.py",
-        &[&["python3", "-c", "import duckdb"]],
+        &[(
+            &["python3", "-c", "import duckdb"],
+            "python3 module duckdb not installed",
+        )],
         "TIDINGS_REQUIRE_DUCKDB",
     );
 }
@@ -323,7 +331,10 @@ fn pyarrow_dataset_reads_the_hive_partitions() {
     data_tool_reads_the_archive(
         "pyarrow_dataset_reads_the_hive_partitions",
         "pyarrow_read.py",
-        &[&["python3", "-c", "import pyarrow.dataset"]],
+        &[(
+            &["python3", "-c", "import pyarrow.dataset"],
+            "python3 module pyarrow not installed",
+        )],
         "TIDINGS_REQUIRE_DATATOOLS",
     );
 }
@@ -333,7 +344,10 @@ fn polars_scan_parquet_reads_the_hive_partitions() {
     data_tool_reads_the_archive(
         "polars_scan_parquet_reads_the_hive_partitions",
         "polars_read.py",
-        &[&["python3", "-c", "import polars"]],
+        &[(
+            &["python3", "-c", "import polars"],
+            "python3 module polars not installed",
+        )],
         "TIDINGS_REQUIRE_DATATOOLS",
     );
 }
@@ -343,7 +357,13 @@ fn spark_reads_the_hive_partitions() {
     data_tool_reads_the_archive(
         "spark_reads_the_hive_partitions",
         "spark_read.py",
-        &[&["python3", "-c", "import pyspark"], &["java", "-version"]],
+        &[
+            (
+                &["python3", "-c", "import pyspark"],
+                "python3 module pyspark not installed",
+            ),
+            (&["java", "-version"], "no java runtime (Spark runs on one)"),
+        ],
         "TIDINGS_REQUIRE_DATATOOLS",
     );
 }
