@@ -1,6 +1,7 @@
 //! The archive end to end through the `tidings` binary: a pass moves everything, reads stay
-//! whole, no plaintext reaches a file, DuckDB reads the Hive partitions, and a crash at
-//! every step of a pass converges to every event exactly once.
+//! whole, no plaintext reaches a file, DuckDB, pyarrow, Polars and Spark read the Hive
+//! partitions and count what the log wrote, and a crash at every step of a pass converges to
+//! every event exactly once.
 
 mod common;
 
@@ -13,20 +14,30 @@ use serde_json::Value;
 /// Fills `convs` conversations of tenant acme with `per` messages each.
 fn fill(s: &Sandbox, convs: usize, per: usize) {
     for i in 0..convs {
-        let conv = format!("c{i}");
-        s.group(&conv);
-        let out = s.run_with_input(
-            &[
-                "log", "append", "--tenant", "acme", "--conv", &conv, "--sender", "bob", "--stdin",
-            ],
-            input_lines(&format!("secret-{conv}-"), per).as_bytes(),
-        );
-        assert!(out.status.success(), "append: {}", stderr(&out));
+        append_in(s, "acme", &format!("c{i}"), per);
     }
 }
 
-/// Every event of a conversation, paging 1000 at a time.
+/// Creates group `conv` in `tenant` and appends `per` messages to it, texts
+/// `message secret-<conv>-<i>`.
+fn append_in(s: &Sandbox, tenant: &str, conv: &str, per: usize) {
+    s.group_in(tenant, conv);
+    let out = s.run_with_input(
+        &[
+            "log", "append", "--tenant", tenant, "--conv", conv, "--sender", "bob", "--stdin",
+        ],
+        input_lines(&format!("secret-{conv}-"), per).as_bytes(),
+    );
+    assert!(out.status.success(), "append: {}", stderr(&out));
+}
+
+/// Every event of an acme conversation, paging 1000 at a time.
 fn read_conv(s: &Sandbox, conv: &str) -> Vec<Value> {
+    read_conv_in(s, "acme", conv)
+}
+
+/// Every event of a conversation of `tenant`, paging 1000 at a time.
+fn read_conv_in(s: &Sandbox, tenant: &str, conv: &str) -> Vec<Value> {
     let mut all: Vec<Value> = Vec::new();
     loop {
         let from = all.len() + 1;
@@ -34,7 +45,7 @@ fn read_conv(s: &Sandbox, conv: &str) -> Vec<Value> {
             "log",
             "read",
             "--tenant",
-            "acme",
+            tenant,
             "--conv",
             conv,
             "--from",
@@ -143,78 +154,218 @@ fn archive_run_moves_everything_and_log_read_stays_whole() {
     assert_eq!(ack[0]["seq"], per as u64 + 2);
 }
 
-/// DuckDB reads the archive as data tools do: Hive partitions, plain metadata columns.
-/// Skipped (with a line saying so) when the Python module is missing, unless
-/// TIDINGS_REQUIRE_DUCKDB=1 (ops/test sets it).
-#[test]
-fn duckdb_reads_the_hive_partitions() {
-    let probe = Command::new("python3")
-        .args(["-c", "import duckdb"])
-        .output();
-    if !probe.is_ok_and(|o| o.status.success()) {
-        assert!(
-            std::env::var("TIDINGS_REQUIRE_DUCKDB").as_deref() != Ok("1"),
-            "DuckDB is required (TIDINGS_REQUIRE_DUCKDB=1) but `python3 -c 'import duckdb'` failed"
+/// The archive the data-tool tests read: two tenants (two Hive partitions), conversations
+/// of different lengths so that per-conversation counts tell them apart.
+const DATA_TOOL_ARCHIVE: [(&str, &[usize]); 2] =
+    [("acme", &[30, 45, 60, 75]), ("globex", &[20, 25])];
+
+/// What no sealed body may hold: the start of every message text written.
+const PLAINTEXT: &str = "message secret-";
+
+/// Fills [`DATA_TOOL_ARCHIVE`], archives all of it, and returns the summary every data tool
+/// must reproduce, computed from what the log itself reads back (`tidings log read`): per
+/// tenant, rows, conversations, seq range, dates (UTC) and time range; per conversation,
+/// rows and seq range; rows per kind.
+fn archive_for_data_tools(s: &Sandbox) -> Value {
+    let mut tenants = serde_json::Map::new();
+    let mut conversations = Vec::new();
+    let mut kinds = serde_json::Map::new();
+    for (tenant, lengths) in DATA_TOOL_ARCHIVE {
+        for (i, per) in lengths.iter().enumerate() {
+            append_in(s, tenant, &format!("c{i}"), *per);
+        }
+    }
+    let out = archive_run(s, &[]);
+    assert!(out.status.success(), "archive run: {}", stderr(&out));
+    for (tenant, lengths) in DATA_TOOL_ARCHIVE {
+        let mut events = Vec::new();
+        for i in 0..lengths.len() {
+            let conv = format!("c{i}");
+            let read = read_conv_in(s, tenant, &conv);
+            let seqs: Vec<u64> = read.iter().filter_map(|e| e["seq"].as_u64()).collect();
+            conversations.push(serde_json::json!([
+                tenant,
+                conv,
+                read.len(),
+                seqs.iter().min(),
+                seqs.iter().max()
+            ]));
+            events.extend(read);
+        }
+        let seqs = events.iter().filter_map(|e| e["seq"].as_u64());
+        let times = events.iter().filter_map(|e| e["time_ms"].as_i64());
+        let dates: std::collections::BTreeSet<&str> = events
+            .iter()
+            .filter_map(|e| e["time"].as_str()?.get(..10))
+            .collect();
+        for e in &events {
+            let kind = e["kind"].as_str().expect("kind");
+            let n = kinds.get(kind).and_then(Value::as_u64).unwrap_or(0);
+            kinds.insert(kind.to_string(), (n + 1).into());
+        }
+        tenants.insert(
+            tenant.to_string(),
+            serde_json::json!({
+                "rows": events.len(),
+                "conversations": lengths.len(),
+                "min_seq": seqs.clone().min(),
+                "max_seq": seqs.max(),
+                "dates": dates,
+                "min_time_ms": times.clone().min(),
+                "max_time_ms": times.max(),
+            }),
         );
-        eprintln!(
-            "SKIPPED duckdb_reads_the_hive_partitions: python3 module duckdb not installed (ops/install-deps installs it)"
-        );
-        return;
+    }
+    conversations.sort_by_key(|c| (c[0].to_string(), c[1].to_string()));
+    serde_json::json!({"tenants": tenants, "conversations": conversations, "kinds": kinds})
+}
+
+/// A data tool reads the archive root (Hive partitions) with its script in
+/// tests/data_tools/, which prints the summary [`archive_for_data_tools`] computes from the
+/// log; every figure must match. The README's claim is checked too: the metadata columns are
+/// plain strings, integers and a timestamp, the sealed body is binary and no body holds the
+/// plaintext. Skipped (with a line saying what is missing) when a probe in `needs` fails,
+/// unless `require_var`=1.
+fn data_tool_reads_the_archive(
+    test: &str,
+    script: &str,
+    needs: &[(&[&str], &str)],
+    require_var: &str,
+) {
+    for (probe, why) in needs {
+        let found = Command::new(probe[0])
+            .args(&probe[1..])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !found {
+            assert!(
+                std::env::var(require_var).as_deref() != Ok("1"),
+                "{test}: required ({require_var}=1) but {why}"
+            );
+            eprintln!("SKIPPED {test}: {why} (ops/install-test-deps installs it)");
+            return;
+        }
     }
     let s = Sandbox::new();
-    let (convs, per) = (7, 90);
-    fill(&s, convs, per);
-    let out = archive_run(&s, &[]);
-    assert!(out.status.success(), "archive run: {}", stderr(&out));
-    let script = r#"
-import duckdb, json, sys
-rel = "read_parquet('" + sys.argv[1] + "/**/*.parquet', hive_partitioning = true)"
-rows = duckdb.sql(f"select count(*), count(distinct conversation), min(seq), max(seq), count(distinct date), any_value(tenant) from {rel}").fetchall()[0]
-kinds = dict(duckdb.sql(f"select kind, count(*) from {rel} group by kind").fetchall())
-per_conv = duckdb.sql(f"select conversation, count(*), max(seq) from {rel} where tenant = 'acme' group by conversation order by conversation").fetchall()
-cols = [c[0] for c in duckdb.sql(f"describe select * from {rel}").fetchall()]
-print(json.dumps({"count": rows[0], "convs": rows[1], "min_seq": rows[2], "max_seq": rows[3], "dates": rows[4], "tenant": rows[5], "kinds": kinds, "per_conv": per_conv, "columns": cols}))
-"#;
+    let want = archive_for_data_tools(&s);
+    let script =
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/data_tools/").to_string() + script;
     let archive = s.data_dir().join("archive");
+    let started = std::time::Instant::now();
     let out = Command::new("python3")
-        .args(["-c", script, archive.to_str().expect("utf-8 path")])
+        .arg(&script)
+        .arg(&archive)
+        .arg(PLAINTEXT)
+        .current_dir(s.path())
         .output()
         .expect("python3");
-    assert!(out.status.success(), "duckdb: {}", stderr(&out));
-    let got: Value = serde_json::from_slice(&out.stdout).expect("JSON");
-    assert_eq!(got["count"], (convs * (per + 1)) as u64);
-    assert_eq!(got["convs"], convs as u64);
-    assert_eq!(got["min_seq"], 1);
-    assert_eq!(got["max_seq"], per as u64 + 1);
-    assert_eq!(got["dates"], 1);
-    assert_eq!(got["tenant"], "acme");
-    assert_eq!(got["kinds"]["message_posted"], (convs * per) as u64);
-    assert_eq!(got["kinds"]["conversation_created"], convs as u64);
-    for row in got["per_conv"].as_array().expect("rows") {
-        assert_eq!(row[1], per as u64 + 1);
-        assert_eq!(row[2], per as u64 + 1);
-    }
-    let columns: Vec<&str> = got["columns"]
-        .as_array()
-        .expect("columns")
-        .iter()
-        .filter_map(Value::as_str)
-        .collect();
-    for c in [
-        "tenant",
-        "conversation",
-        "seq",
-        "event_id",
-        "sender",
-        "time",
-        "kind",
-        "key_id",
-        "body_size",
-        "body",
-        "date",
+    assert!(out.status.success(), "{test}: {script}: {}", stderr(&out));
+    let got: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{test}: {e}: {}", String::from_utf8_lossy(&out.stdout)));
+    let tool = got["tool"].as_str().unwrap_or("?");
+    eprintln!("{test}: {tool} read the archive in {:?}", started.elapsed());
+
+    assert_eq!(got["tenants"], want["tenants"], "{tool}: per tenant");
+    assert_eq!(
+        got["conversations"], want["conversations"],
+        "{tool}: per conversation"
+    );
+    assert_eq!(got["kinds"], want["kinds"], "{tool}: per kind");
+
+    let columns = got["columns"].as_object().expect("columns");
+    let is = |c: &str| columns.get(c).map(|t| t["is"].as_str().unwrap_or("?"));
+    for (column, want_is) in [
+        ("tenant", "string"),
+        ("conversation", "string"),
+        ("seq", "int"),
+        ("event_id", "string"),
+        ("sender", "string"),
+        ("time", "timestamp"),
+        ("kind", "string"),
+        ("key_id", "int"),
+        ("body_size", "int"),
+        ("body", "binary"),
+        ("client_msg_id", "string"),
     ] {
-        assert!(columns.contains(&c), "column {c} missing from {columns:?}");
+        assert_eq!(
+            is(column),
+            Some(want_is),
+            "{tool}: column {column} in {columns:?}"
+        );
     }
+    // The partition column: a string or (type inference) a date, depending on the tool.
+    assert!(
+        matches!(is("date"), Some("string" | "date")),
+        "{tool}: date in {columns:?}"
+    );
+    assert_eq!(columns.len(), 12, "{tool}: no other columns: {columns:?}");
+    let rows: u64 = DATA_TOOL_ARCHIVE
+        .iter()
+        .map(|(_, lengths)| lengths.iter().map(|n| *n as u64 + 1).sum::<u64>())
+        .sum();
+    assert_eq!(
+        got["bodies_as_bytes"], rows,
+        "{tool}: every body comes back as bytes"
+    );
+    assert_eq!(
+        got["bodies_with_plaintext"], 0,
+        "{tool}: a body holds {PLAINTEXT:?}"
+    );
+}
+
+#[test]
+fn duckdb_reads_the_hive_partitions() {
+    data_tool_reads_the_archive(
+        "duckdb_reads_the_hive_partitions",
+        "duckdb_read.py",
+        &[(
+            &["python3", "-c", "import duckdb"],
+            "python3 module duckdb not installed",
+        )],
+        "TIDINGS_REQUIRE_DUCKDB",
+    );
+}
+
+#[test]
+fn pyarrow_dataset_reads_the_hive_partitions() {
+    data_tool_reads_the_archive(
+        "pyarrow_dataset_reads_the_hive_partitions",
+        "pyarrow_read.py",
+        &[(
+            &["python3", "-c", "import pyarrow.dataset"],
+            "python3 module pyarrow not installed",
+        )],
+        "TIDINGS_REQUIRE_DATATOOLS",
+    );
+}
+
+#[test]
+fn polars_scan_parquet_reads_the_hive_partitions() {
+    data_tool_reads_the_archive(
+        "polars_scan_parquet_reads_the_hive_partitions",
+        "polars_read.py",
+        &[(
+            &["python3", "-c", "import polars"],
+            "python3 module polars not installed",
+        )],
+        "TIDINGS_REQUIRE_DATATOOLS",
+    );
+}
+
+#[test]
+fn spark_reads_the_hive_partitions() {
+    data_tool_reads_the_archive(
+        "spark_reads_the_hive_partitions",
+        "spark_read.py",
+        &[
+            (
+                &["python3", "-c", "import pyspark"],
+                "python3 module pyspark not installed",
+            ),
+            (&["java", "-version"], "no java runtime (Spark runs on one)"),
+        ],
+        "TIDINGS_REQUIRE_DATATOOLS",
+    );
 }
 
 /// Kill the archiver at every step of a pass (failpoints abort the process), then run it

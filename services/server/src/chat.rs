@@ -1,10 +1,17 @@
-//! `tidings chat`: a terminal client. Each stdin line is sent as a message; every event of
-//! the conversation is printed as one JSON line, in seq order, once — gaps are pulled.
+//! `tidings chat`: a terminal client. On joining it prints the conversation's latest events
+//! (`--history N`), then each stdin line is sent as a message and every new event of the
+//! conversation is printed as one JSON line, in seq order, once — gaps are pulled.
+//!
+//! History and live events meet at the head that Sync reports after Welcome: history is read
+//! up to that seq, live pushes are taken after it. The gateway subscribes the session before
+//! it sends Welcome, so every event past that head is pushed, and the tracker drops any that
+//! history already showed.
 
 use std::collections::BTreeMap;
 
 use anyhow::Context;
 use tidings_client::{Connection, Push, Requester, Seen, Tracker};
+use tidings_schemas::v1::Event;
 use tokio::io::AsyncBufReadExt;
 
 use crate::output;
@@ -49,7 +56,33 @@ async fn show(
     Ok(())
 }
 
-pub async fn run(url: &str, token: &str, conv: &str) -> anyhow::Result<bool> {
+/// The `n` events up to and including `head`, oldest first, paged back with History (the
+/// server caps each page at its read limit). Fewer when the conversation is shorter.
+async fn history(
+    requester: &Requester,
+    conv: &str,
+    head: u64,
+    n: u32,
+) -> anyhow::Result<Vec<Event>> {
+    let mut pages: Vec<Vec<Event>> = Vec::new();
+    let mut wanted = n;
+    let mut before = head + 1;
+    while wanted > 0 && before > 1 {
+        let page = requester.history(conv, before, wanted).await?.events;
+        let Some(oldest) = page.first().map(|e| e.seq) else {
+            break;
+        };
+        debug_assert!(page.last().is_some_and(|e| e.seq < before));
+        wanted = wanted.saturating_sub(u32::try_from(page.len()).unwrap_or(u32::MAX));
+        before = oldest;
+        pages.push(page);
+    }
+    Ok(pages.into_iter().rev().flatten().collect())
+}
+
+/// Joins `conv`, prints its last `history_len` events, then chats until stdin ends and
+/// every message sent has come back.
+pub async fn run(url: &str, token: &str, conv: &str, history_len: u32) -> anyhow::Result<bool> {
     let (mut conn, welcome) = Connection::open(url, token, "tidings-chat")
         .await
         .with_context(|| format!("connect to {url}"))?;
@@ -59,12 +92,16 @@ pub async fn run(url: &str, token: &str, conv: &str) -> anyhow::Result<bool> {
     );
     let requester = conn.requester();
     let mut tracker = Tracker::default();
-    // Start at the head: what follows is new. (History: `tidings log read` or History.)
+    // The head after Welcome splits what is shown as history from what comes live.
     let sync = requester.sync(&[], 1).await?;
     let Some(state) = sync.conversations.iter().find(|s| s.conversation == conv) else {
         anyhow::bail!("{} is not a member of {conv}", welcome.user);
     };
-    tracker.advance(conv, state.head_seq);
+    let head = state.head_seq;
+    for e in history(&requester, conv, head, history_len).await? {
+        println!("{}", output::event(&e));
+    }
+    tracker.advance(conv, head);
 
     // Sending runs beside receiving; sends are sequential so they keep the input's order.
     let sender = requester.clone();

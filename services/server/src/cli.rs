@@ -60,8 +60,8 @@ pub enum Command {
     /// Development tokens.
     #[command(subcommand)]
     Token(TokenCommand),
-    /// Chat in a terminal: each stdin line is sent; every event of the conversation is
-    /// printed as a JSON line.
+    /// Chat in a terminal: prints the conversation's latest events, then sends each stdin
+    /// line and prints every new event of the conversation, all as JSON lines.
     Chat {
         /// The gateway, e.g. ws://127.0.0.1:7300/v1/ws
         #[arg(long)]
@@ -71,8 +71,16 @@ pub enum Command {
         token: String,
         #[arg(long)]
         conv: ConvId,
+        /// How many of the conversation's latest events to print on joining (0: none).
+        #[arg(long, value_name = "N", default_value_t = 20,
+              value_parser = clap::value_parser!(u32).range(0..=MAX_CHAT_HISTORY))]
+        history: u32,
     },
 }
+
+/// Most events `tidings chat --history` prints: it holds them all before printing the
+/// first, oldest first.
+pub const MAX_CHAT_HISTORY: i64 = 10_000;
 
 #[derive(Debug, Subcommand)]
 pub enum ArchiveCommand {

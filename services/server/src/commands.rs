@@ -183,7 +183,12 @@ pub async fn run(command: Command, config: Config) -> anyhow::Result<bool> {
             crate::serve::serve(config, role).await?;
             Ok(true)
         }
-        Command::Chat { url, token, conv } => crate::chat::run(&url, &token, conv.as_str()).await,
+        Command::Chat {
+            url,
+            token,
+            conv,
+            history,
+        } => crate::chat::run(&url, &token, conv.as_str(), history).await,
         Command::Bench(crate::cli::BenchCommand::Append(args)) => {
             crate::bench::append(args, &config).await?;
             Ok(true)
