@@ -961,8 +961,15 @@ async fn appends_reaching_a_writer_that_does_not_own_them_are_routed_to_the_owne
         .expect("create");
 
     let client = async_nats::connect(nats.url()).await.expect("nats");
-    let serving_other = tokio::spawn(rpc::serve(client.clone(), other.clone(), 64));
-    let serving_owner = tokio::spawn(rpc::serve_by_name_only(client.clone(), owner.clone(), 64));
+    let auth = common::identity::rpc_auth();
+    let serving_other = tokio::spawn(rpc::serve(client.clone(), other.clone(), auth.clone(), 64));
+    let serving_owner = tokio::spawn(rpc::serve_by_name_only(
+        client.clone(),
+        owner.clone(),
+        auth,
+        64,
+    ));
+    let as_alice = common::identity::user("acme", "alice");
     tokio::time::sleep(Duration::from_millis(300)).await; // subscriptions in place
     let service = NatsLogService::new(client.clone(), Duration::from_secs(5));
     let append = |i: usize| {
@@ -976,7 +983,7 @@ async fn appends_reaching_a_writer_that_does_not_own_them_are_routed_to_the_owne
     };
     for i in 0..20 {
         let acked = service
-            .append(append(i))
+            .append(&as_alice, append(i))
             .await
             .expect("routed to the owner");
         assert_eq!(acked.seq, i as u64 + 2);
@@ -991,7 +998,7 @@ async fn appends_reaching_a_writer_that_does_not_own_them_are_routed_to_the_owne
 
     serving_owner.abort();
     let refused = service
-        .append(append(99))
+        .append(&as_alice, append(99))
         .await
         .expect_err("no owner answers");
     assert!(

@@ -28,10 +28,105 @@ pub struct TypingNotice {
     #[prost(string, tag = "2")]
     pub user: ::prost::alloc::string::String,
 }
+/// A committed event on the stream. The subject names tenant and conversation.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct SealedEvent {
+    /// The tenant transport key that sealed it (= the id of the data key it derives from).
+    #[prost(uint32, tag = "1")]
+    pub key_id: u32,
+    #[prost(uint64, tag = "2")]
+    pub seq: u64,
+    /// AES-256-SIV of the encoded tidings.v1.Event, AD
+    /// \["tidings-bus-v1", tenant, conversation, seq (u64 BE), key_id (u32 BE)\].
+    #[prost(bytes = "vec", tag = "3")]
+    pub sealed: ::prost::alloc::vec::Vec<u8>,
+}
+/// What a gateway sends to the log service.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RpcRequest {
+    #[prost(string, tag = "1")]
+    pub tenant: ::prost::alloc::string::String,
+    #[prost(oneof = "rpc_request::Body", tags = "2, 3")]
+    pub body: ::core::option::Option<rpc_request::Body>,
+}
+/// Nested message and enum types in `RpcRequest`.
+pub mod rpc_request {
+    #[derive(Clone, PartialEq, Eq, Hash, ::prost::Oneof)]
+    pub enum Body {
+        #[prost(message, tag = "2")]
+        Call(super::SealedCall),
+        #[prost(message, tag = "3")]
+        TransportKey(super::TransportKeyRequest),
+    }
+}
+/// A LogRequest sealed under the tenant's transport key.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct SealedCall {
+    #[prost(uint32, tag = "1")]
+    pub key_id: u32,
+    /// 16 random bytes, fresh per call; the reply is bound to it.
+    #[prost(bytes = "vec", tag = "2")]
+    pub nonce: ::prost::alloc::vec::Vec<u8>,
+    /// AES-256-SIV of the encoded LogRequest, AD
+    /// \["tidings-rpc-v1", tenant, "request", nonce, key_id (u32 BE)\].
+    #[prost(bytes = "vec", tag = "3")]
+    pub sealed: ::prost::alloc::vec::Vec<u8>,
+}
+/// What the log service answers.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RpcReply {
+    #[prost(oneof = "rpc_reply::Body", tags = "1, 2, 3")]
+    pub body: ::core::option::Option<rpc_reply::Body>,
+}
+/// Nested message and enum types in `RpcReply`.
+pub mod rpc_reply {
+    #[derive(Clone, PartialEq, Eq, Hash, ::prost::Oneof)]
+    pub enum Body {
+        /// AES-256-SIV of the encoded LogResponse under the request's key, AD
+        /// \["tidings-rpc-v1", tenant, "reply", nonce, key_id (u32 BE)\].
+        #[prost(bytes, tag = "1")]
+        Sealed(::prost::alloc::vec::Vec<u8>),
+        /// The request could not be opened (unknown key, shredded tenant, bad bytes): a code and
+        /// a fixed message, nothing from the request.
+        #[prost(message, tag = "2")]
+        Refused(super::LogError),
+        #[prost(message, tag = "3")]
+        TransportKey(super::TransportKeyReply),
+    }
+}
+/// A gateway asks for a tenant's transport key with an ephemeral X25519 public key.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct TransportKeyRequest {
+    #[prost(bytes = "vec", tag = "1")]
+    pub public_key: ::prost::alloc::vec::Vec<u8>,
+    /// Absent: the tenant's current key.
+    #[prost(uint32, optional, tag = "2")]
+    pub key_id: ::core::option::Option<u32>,
+}
+/// The key sealed under HMAC-SHA512 of the X25519 shared secret, bound to the tenant, the key
+/// id and both public keys (see tidings_log::crypto::TransportKey::seal_for_exchange).
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct TransportKeyReply {
+    #[prost(uint32, tag = "1")]
+    pub key_id: u32,
+    /// The log's ephemeral X25519 public key.
+    #[prost(bytes = "vec", tag = "2")]
+    pub public_key: ::prost::alloc::vec::Vec<u8>,
+    #[prost(bytes = "vec", tag = "3")]
+    pub sealed_key: ::prost::alloc::vec::Vec<u8>,
+}
+/// The call inside a SealedCall.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct LogRequest {
     #[prost(string, tag = "1")]
     pub tenant: ::prost::alloc::string::String,
+    /// The JWT of the user the call acts for; empty for a gateway's own read-only calls.
+    #[prost(string, tag = "2")]
+    pub token: ::prost::alloc::string::String,
+    /// When the gateway sent it (ms since the epoch): the log refuses stale calls, so a
+    /// captured request cannot be replayed later.
+    #[prost(int64, tag = "3")]
+    pub sent_ms: i64,
     #[prost(
         oneof = "log_request::Call",
         tags = "10, 11, 12, 13, 14, 15, 16, 17, 18, 19"

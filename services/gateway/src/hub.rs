@@ -9,6 +9,10 @@
 //!   from NATS is dropped, an event ahead of the next expected one waits while the gap is read
 //!   from the log. Membership changes are applied by the hub in event order, so a member
 //!   added to a group gets the join event and everything after it.
+//! - Events arrive sealed ([`crate::bus_crypto`]); a hub opens each with its tenant's
+//!   transport key (fetched from the log once per key id, cached in the registry). An
+//!   envelope that does not open is treated as lost, never delivered: the hub heals from the
+//!   log, as for any gap.
 //! - Sessions have bounded outbound queues; a hub never waits for a session. A session whose
 //!   queue is full is disconnected as a slow consumer ([`SessionHandle::push`]).
 
@@ -26,7 +30,8 @@ use tidings_schemas::internal::{TypingNotice, UserNotice, user_notice::Change};
 use tokio::sync::{Notify, broadcast, mpsc, oneshot};
 use tracing::{debug, warn};
 
-use crate::service::LogService;
+use crate::bus_crypto::{self, KeyCache};
+use crate::service::{Caller, LogService};
 use crate::subjects;
 
 /// Why a session is being closed by the server.
@@ -161,6 +166,8 @@ pub struct Registry {
 struct RegistryInner {
     state: Mutex<State>,
     log: Arc<dyn LogService>,
+    /// Transport keys that open the events of the conversations followed here.
+    keys: KeyCache,
     nats: async_nats::Client,
     cfg: HubConfig,
     /// Fires when the NATS connection is (re)established: hubs then check for missed events.
@@ -178,6 +185,7 @@ impl Registry {
             inner: Arc::new(RegistryInner {
                 state: Mutex::new(State::default()),
                 log,
+                keys: KeyCache::default(),
                 nats,
                 cfg,
                 reconnected,
@@ -459,7 +467,12 @@ impl Hub {
     async fn page(&self, from: u64, upto: u64) -> Result<Vec<Event>, tidings_log::LogError> {
         let limit = ((upto - from + 1) as usize).min(self.registry.inner.cfg.read_limit);
         self.log()
-            .read(&self.tenant, &self.conv, ReadRange::forward(from, limit))
+            .read(
+                &Caller::Gateway,
+                &self.tenant,
+                &self.conv,
+                ReadRange::forward(from, limit),
+            )
             .await
     }
 
@@ -488,7 +501,11 @@ impl Hub {
 
     /// Catches up with the log's head (after a reconnect, or periodically).
     async fn heal(&mut self) {
-        match self.log().conversation(&self.tenant, &self.conv).await {
+        match self
+            .log()
+            .conversation(&Caller::Gateway, &self.tenant, &self.conv)
+            .await
+        {
             Ok(info) if info.head_seq > self.delivered => {
                 debug!(tenant = %self.tenant, conv = %self.conv, from = self.delivered, to = info.head_seq, "healing a gap from the log");
                 self.fill(info.head_seq).await;
@@ -543,6 +560,46 @@ impl Hub {
         }
     }
 
+    /// Opens an envelope from the stream. One that does not open (forged, damaged, or of a
+    /// tenant whose keys are gone) is never delivered: `None`, and the caller heals from the
+    /// log, which has the real event if there is one.
+    async fn open(&self, payload: &[u8]) -> Option<Event> {
+        let env = match bus_crypto::envelope(payload) {
+            Ok(env) => env,
+            Err(e) => {
+                warn!(error = %e, tenant = %self.tenant, conv = %self.conv, "failed to read an event envelope");
+                return None;
+            }
+        };
+        let registry = &self.registry.inner;
+        let key = registry
+            .keys
+            .get(&self.tenant, Some(env.key_id), || {
+                registry.log.transport_key(&self.tenant, Some(env.key_id))
+            })
+            .await;
+        let opened = match key {
+            Ok(key) => {
+                let conv = self.conv.clone();
+                bus_crypto::off_runtime_if_large(env.sealed.len(), move || {
+                    bus_crypto::open_event(&key, &conv, &env)
+                })
+                .await
+            }
+            Err(e) => {
+                warn!(error = %e, tenant = %self.tenant, key_id = env.key_id, "failed to get a transport key");
+                return None;
+            }
+        };
+        match opened {
+            Ok(event) => Some(event),
+            Err(e) => {
+                warn!(error = %e, tenant = %self.tenant, conv = %self.conv, "an event envelope did not open; treated as lost");
+                None
+            }
+        }
+    }
+
     fn typing(&self, notice: TypingNotice) {
         let frame = push_frame(Msg::Typing(proto::TypingNotice {
             conversation: notice.conversation,
@@ -583,7 +640,7 @@ async fn run_hub(
     let head = registry
         .inner
         .log
-        .conversation(&tenant, &conv)
+        .conversation(&Caller::Gateway, &tenant, &conv)
         .await
         .map_or(0, |i| i.head_seq);
     let mut hub = Hub {
@@ -603,9 +660,9 @@ async fn run_hub(
                 None => return,
             },
             msg = events.next() => match msg {
-                Some(msg) => match Event::decode(msg.payload.as_ref()) {
-                    Ok(event) => hub.accept(event).await,
-                    Err(e) => warn!(error = %e, "undecodable event on NATS ignored"),
+                Some(msg) => match hub.open(&msg.payload).await {
+                    Some(event) => hub.accept(event).await,
+                    None => hub.heal().await,
                 },
                 None => return,
             },

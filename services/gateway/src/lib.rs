@@ -9,23 +9,30 @@
 //!   reference counted; events delivered in seq order, once, gaps filled from the log.
 //! - [`service`]: the [`LogService`](service::LogService) interface and its in-process
 //!   implementation over [`tidings_log::Log`].
-//! - [`rpc`]: the same interface over NATS request/reply, client and server sides.
-//! - [`publisher`]: the log's commit feed delivered to JetStream and to users' notice
-//!   subjects.
+//! - [`rpc`]: the same interface over NATS request/reply, client and server sides; calls and
+//!   replies sealed.
+//! - [`rpc_identity`]: the log's check of who a call acts for: the user's token, verified
+//!   (and cached), never a name in the payload.
+//! - [`bus_crypto`]: sealing on NATS under tenant transport keys (event envelopes, RPC
+//!   payloads, the X25519 key exchange) and the gateway's bounded key cache.
+//! - [`publisher`]: the log's commit feed, sealed, delivered to JetStream and to users'
+//!   notice subjects.
 //! - [`subjects`]: NATS subject names.
 //!
 //! The protocol itself is documented in `schemas/proto/tidings/client/v1/client.proto`.
 
+pub mod bus_crypto;
 pub mod hub;
 pub mod publisher;
 pub mod rpc;
+pub mod rpc_identity;
 pub mod server;
 pub mod service;
 pub mod session;
 pub mod subjects;
 
 pub use server::{GatewayConfig, Shared, connect_nats, run};
-pub use service::LogService;
+pub use service::{Caller, LogService};
 
 /// Seconds since the Unix epoch.
 pub fn now_secs() -> u64 {

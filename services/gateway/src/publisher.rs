@@ -2,9 +2,12 @@
 //!
 //! Each committed event goes to JetStream subject `tidings.ev.<tenant>.<conv>` with
 //! `Nats-Msg-Id: <tenant>/<conv>/<seq>` (JetStream drops a re-publish of the same id inside
-//! its duplicate window). Membership changes and read cursors go to the affected users'
-//! subjects `tidings.user.<tenant>.<user>` on core NATS, so every gateway where the user is
-//! online can react at once.
+//! its duplicate window), **sealed** under the tenant's current transport key
+//! ([`crate::bus_crypto::seal_event`]): key id and seq in the clear, the event not. Membership
+//! changes and read cursors go to the affected users' subjects `tidings.user.<tenant>.<user>`
+//! on core NATS, so every gateway where the user is online can react at once; they carry ids
+//! and seqs only (a conversation id and a seq), which the subject's routing reveals anyway,
+//! so they are not sealed.
 //!
 //! NATS is not the source of truth and must never hold back a send: the log acks after its
 //! commit and hands the event to this task through a bounded feed. While NATS is down, events
@@ -13,10 +16,10 @@
 //! by seq, so a drop delays delivery, it never loses a message.
 //!
 //! The stream keeps events in **memory** only, for a bounded window (age and bytes from
-//! config): message text never reaches NATS's disk in the clear. The replay window serves
+//! config), and sealed: neither NATS's memory nor a copy of the stream holds message text. The replay window serves
 //! gateways and downstream consumers (notifications, bots) that reconnect.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -24,11 +27,13 @@ use std::time::Duration;
 use async_nats::jetstream;
 use bytes::Bytes;
 use prost::Message;
+use tidings_log::crypto::{Keyring, TransportKey};
 use tidings_log::{Body, ConvId, FeedItem, TenantId, UserId};
 use tidings_schemas::internal::{UserNotice, user_notice::Change};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
+use crate::bus_crypto;
 use crate::subjects;
 
 #[derive(Clone, Debug)]
@@ -74,6 +79,10 @@ struct Outgoing {
     payload: Bytes,
 }
 
+/// Most feed items sealed in one go: a bound on the work done between two publishes (and on
+/// the time one blocking-pool job takes).
+const SEAL_BATCH: usize = 1024;
+
 /// Creates the stream if it does not exist (idempotent: an existing stream is kept as is).
 pub async fn ensure_stream(
     js: &jetstream::Context,
@@ -107,8 +116,41 @@ fn notice(t: &TenantId, user: &str, conv: &str, change: Change) -> Option<Outgoi
     })
 }
 
+/// What to send for a batch of feed items, events sealed. Keys are looked up once per tenant
+/// per batch; a large batch is sealed on the blocking pool. An event whose tenant has no
+/// transport key (shredded since it committed) is not sent: there is nobody to read it.
+async fn outgoing_batch(keyring: &Keyring, items: Vec<FeedItem>) -> Vec<Outgoing> {
+    let mut keys: HashMap<String, Option<TransportKey>> = HashMap::new();
+    let mut bytes = 0;
+    for item in &items {
+        if let FeedItem::Event(event) = item {
+            bytes += event.encoded_len();
+            if !keys.contains_key(&event.tenant) {
+                let key = match TenantId::new(event.tenant.clone()) {
+                    Ok(t) => match keyring.transport_key(&t, None).await {
+                        Ok(key) => Some(key),
+                        Err(e) => {
+                            warn!(error = %e, tenant = %t, "failed to get a transport key; events not published");
+                            None
+                        }
+                    },
+                    Err(_) => None,
+                };
+                keys.insert(event.tenant.clone(), key);
+            }
+        }
+    }
+    bus_crypto::off_runtime_if_large(bytes, move || {
+        items
+            .into_iter()
+            .flat_map(|item| outgoing(item, &keys))
+            .collect()
+    })
+    .await
+}
+
 /// What to send for one feed item: the event itself and any user notices it implies.
-fn outgoing(item: FeedItem) -> Vec<Outgoing> {
+fn outgoing(item: FeedItem, keys: &HashMap<String, Option<TransportKey>>) -> Vec<Outgoing> {
     match item {
         FeedItem::ReadCursor {
             tenant,
@@ -130,11 +172,14 @@ fn outgoing(item: FeedItem) -> Vec<Outgoing> {
             ) else {
                 return Vec::new();
             };
+            let Some(Some(key)) = keys.get(&event.tenant) else {
+                return Vec::new();
+            };
             let seq = event.seq;
             let mut out = vec![Outgoing {
                 subject: subjects::events(&t, &c),
                 msg_id: Some(subjects::msg_id(t.as_str(), c.as_str(), seq)),
-                payload: Bytes::from(event.encode_to_vec()),
+                payload: Bytes::from(bus_crypto::seal_event(key, &c, seq, &event.encode_to_vec())),
             }];
             match &event.body {
                 Some(Body::ConversationCreated(created)) => out.extend(
@@ -157,10 +202,12 @@ fn outgoing(item: FeedItem) -> Vec<Outgoing> {
 }
 
 /// Starts the publisher. It runs until the feed closes (the log is gone) and its backlog is
-/// empty or NATS stays unreachable.
+/// empty or NATS stays unreachable. `keyring` is the log's ([`tidings_log::Log::keyring`]):
+/// events are sealed under its tenants' transport keys.
 pub fn spawn(
     client: async_nats::Client,
     mut feed: mpsc::Receiver<FeedItem>,
+    keyring: Arc<Keyring>,
     cfg: PublisherConfig,
 ) -> (tokio::task::JoinHandle<()>, Arc<PublisherStats>) {
     let stats = Arc::new(PublisherStats::default());
@@ -174,6 +221,7 @@ pub fn spawn(
         let mut stream_ready = false;
         let mut backoff = Duration::from_millis(50);
         let mut feed_open = true;
+        let mut items = Vec::new();
         loop {
             // Take what the log has committed, waiting only when there is nothing to send.
             if backlog.is_empty() {
@@ -181,16 +229,20 @@ pub fn spawn(
                     return;
                 }
                 match feed.recv().await {
-                    Some(item) => backlog.extend(outgoing(item)),
+                    Some(item) => items.push(item),
                     None => return,
                 }
             }
-            while feed_open {
+            while feed_open && items.len() < SEAL_BATCH {
                 match feed.try_recv() {
-                    Ok(item) => backlog.extend(outgoing(item)),
+                    Ok(item) => items.push(item),
                     Err(mpsc::error::TryRecvError::Empty) => break,
                     Err(mpsc::error::TryRecvError::Disconnected) => feed_open = false,
                 }
+            }
+            if !items.is_empty() {
+                let batch = std::mem::take(&mut items);
+                backlog.extend(outgoing_batch(&keyring, batch).await);
             }
             while backlog.len() > cfg.backlog {
                 backlog.pop_front();

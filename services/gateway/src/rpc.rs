@@ -5,14 +5,23 @@
 //! so any number of them share the load and a request is answered once. Errors travel as
 //! (code, message, retryable) and come back as [`LogError::Remote`]; an unreachable log
 //! service is `unavailable` and retryable.
+//!
+//! Nothing readable travels: the tenant is in the clear, the call (with the user's token)
+//! is sealed under the tenant's transport key with a fresh nonce, and the reply is sealed
+//! with the same nonce the other way ([`crate::bus_crypto`]). A gateway gets a tenant's
+//! transport key from the log itself, by an X25519 exchange over this same subject. The log
+//! verifies the token and refuses a call that acts as anyone else
+//! ([`crate::rpc_identity`]).
 
-use std::sync::Arc;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use prost::Message;
+use tidings_log::crypto::TransportKey;
 use tidings_log::store::Order;
 use tidings_log::{
     Append, Body, ClientMsgId, Committed, ConvId, ConversationInfo, ConversationKind,
@@ -22,10 +31,13 @@ use tidings_log::{
 use tidings_schemas::internal as wire;
 use tidings_schemas::internal::log_request::Call;
 use tidings_schemas::internal::log_response::Result as Reply;
+use tidings_schemas::internal::{rpc_reply, rpc_request};
 use tokio::sync::Semaphore;
 use tracing::{debug, warn};
 
-use crate::service::LogService;
+use crate::bus_crypto::{self, Direction, Exchange, KeyCache, NONCE_LEN};
+use crate::rpc_identity::{self, TokenCache};
+use crate::service::{Caller, LogService};
 use crate::subjects;
 
 /// Client side: a [`LogService`] that sends every call to the log processes over NATS.
@@ -33,11 +45,77 @@ use crate::subjects;
 pub struct NatsLogService {
     client: async_nats::Client,
     timeout: Duration,
+    /// Transport keys fetched from the log, to seal calls with.
+    keys: Arc<KeyCache>,
 }
 
 impl NatsLogService {
     pub fn new(client: async_nats::Client, timeout: Duration) -> Self {
-        NatsLogService { client, timeout }
+        NatsLogService {
+            client,
+            timeout,
+            keys: Arc::new(KeyCache::default()),
+        }
+    }
+
+    /// Asks the log for a tenant's transport key: an ephemeral X25519 public key out, the key
+    /// sealed for it back. The X25519 secret lives in this call only.
+    async fn fetch_key(
+        &self,
+        tenant: &TenantId,
+        key_id: Option<u32>,
+    ) -> Result<TransportKey, LogError> {
+        let exchange = Exchange::new();
+        let req = wire::RpcRequest {
+            tenant: tenant.to_string(),
+            body: Some(rpc_request::Body::TransportKey(wire::TransportKeyRequest {
+                public_key: exchange.public_key().to_vec(),
+                key_id,
+            })),
+        };
+        let reply = self
+            .round_trip(subjects::LOG_RPC, Bytes::from(req.encode_to_vec()))
+            .await
+            .map_err(|r| r.error)?;
+        match reply.body {
+            Some(rpc_reply::Body::TransportKey(k)) => exchange.finish(tenant, &k),
+            Some(rpc_reply::Body::Refused(e)) => {
+                Err(LogError::remote(&e.code, e.message, e.retryable))
+            }
+            _ => Err(unexpected()),
+        }
+    }
+
+    /// The tenant's transport key, cached.
+    async fn key(&self, tenant: &TenantId) -> Result<TransportKey, LogError> {
+        self.keys
+            .get(tenant, None, || self.fetch_key(tenant, None))
+            .await
+    }
+
+    /// One request and its (still sealed) reply.
+    async fn round_trip(&self, subject: &str, payload: Bytes) -> Result<wire::RpcReply, Refused> {
+        let request = async_nats::Request::new()
+            .payload(payload)
+            .timeout(Some(self.timeout));
+        let msg = self
+            .client
+            .send_request(subject.to_string(), request)
+            .await
+            .map_err(|e| {
+                Refused::from(LogError::remote(
+                    "unavailable",
+                    format!("log service unreachable: {e}"),
+                    true,
+                ))
+            })?;
+        wire::RpcReply::decode(msg.payload.as_ref()).map_err(|e| {
+            Refused::from(LogError::remote(
+                "store_error",
+                format!("bad reply from the log service: {e}"),
+                false,
+            ))
+        })
     }
 
     /// Sends a call. A log process that does not own the conversation's partition answers
@@ -45,16 +123,46 @@ impl NatsLogService {
     /// subject (one more hop, no guessing). While ownership is changing hands (no owner, or
     /// the named one has just lost it) it is sent again a bounded number of times with a
     /// short jittered backoff. A refusal wrote nothing, and appends are idempotent besides.
-    async fn call(&self, tenant: &TenantId, call: Call) -> Result<Reply, LogError> {
+    async fn call(
+        &self,
+        caller: &Caller,
+        tenant: &TenantId,
+        call: Call,
+    ) -> Result<Reply, LogError> {
+        let key = self.key(tenant).await?;
         let req = wire::LogRequest {
             tenant: tenant.to_string(),
+            token: caller.token().to_string(),
+            sent_ms: tidings_log::now_ms(),
             call: Some(call),
         };
-        let payload = Bytes::from(req.encode_to_vec());
+        let nonce = bus_crypto::nonce();
+        let plain = req.encode_to_vec();
+        let sealed = {
+            let key = key.clone();
+            bus_crypto::off_runtime_if_large(plain.len(), move || {
+                bus_crypto::seal_rpc(&key, Direction::Request, &nonce, &plain)
+            })
+            .await
+        };
+        let payload = Bytes::from(
+            wire::RpcRequest {
+                tenant: tenant.to_string(),
+                body: Some(rpc_request::Body::Call(wire::SealedCall {
+                    key_id: key.id,
+                    nonce: nonce.to_vec(),
+                    sealed,
+                })),
+            }
+            .encode_to_vec(),
+        );
         let mut subject = subjects::LOG_RPC.to_string();
         let mut attempt = 1;
         loop {
-            match self.call_once(&subject, payload.clone()).await {
+            match self
+                .call_once(&subject, payload.clone(), &key, &nonce)
+                .await
+            {
                 Err(Refused { error, owner })
                     if error.code() == "not_owner" && attempt < NOT_OWNER_ATTEMPTS =>
                 {
@@ -76,22 +184,41 @@ impl NatsLogService {
         }
     }
 
-    async fn call_once(&self, subject: &str, payload: Bytes) -> Result<Reply, Refused> {
-        let request = async_nats::Request::new()
-            .payload(payload)
-            .timeout(Some(self.timeout));
-        let msg = self
-            .client
-            .send_request(subject.to_string(), request)
+    async fn call_once(
+        &self,
+        subject: &str,
+        payload: Bytes,
+        key: &TransportKey,
+        nonce: &[u8; NONCE_LEN],
+    ) -> Result<Reply, Refused> {
+        let sealed = match self.round_trip(subject, payload).await?.body {
+            Some(rpc_reply::Body::Sealed(sealed)) => sealed,
+            Some(rpc_reply::Body::Refused(e)) => {
+                if e.code == "tenant_shredded" {
+                    self.keys.forget(key.tenant());
+                }
+                return Err(Refused {
+                    error: LogError::remote(&e.code, e.message, e.retryable),
+                    owner: e.owner,
+                });
+            }
+            _ => return Err(unexpected().into()),
+        };
+        let opened = {
+            let (key, nonce) = (key.clone(), *nonce);
+            bus_crypto::off_runtime_if_large(sealed.len(), move || {
+                bus_crypto::open_rpc(&key, Direction::Reply, &nonce, &sealed)
+            })
             .await
-            .map_err(|e| {
-                Refused::from(LogError::remote(
-                    "unavailable",
-                    format!("log service unreachable: {e}"),
-                    true,
-                ))
-            })?;
-        let resp = wire::LogResponse::decode(msg.payload.as_ref()).map_err(|e| {
+        };
+        let plain = opened.map_err(|_| {
+            Refused::from(LogError::remote(
+                "store_error",
+                "a reply from the log service does not open under the call's key".into(),
+                false,
+            ))
+        })?;
+        let resp = wire::LogResponse::decode(plain.as_slice()).map_err(|e| {
             Refused::from(LogError::remote(
                 "store_error",
                 format!("bad reply from the log service: {e}"),
@@ -197,18 +324,19 @@ fn limit_u32(limit: usize) -> u32 {
 
 #[async_trait]
 impl LogService for NatsLogService {
-    async fn append(&self, req: Append) -> Result<Committed, LogError> {
+    async fn append(&self, caller: &Caller, req: Append) -> Result<Committed, LogError> {
         let call = Call::Append(wire::Append {
             conversation: req.conv.to_string(),
             sender: req.sender.to_string(),
             client_msg_id: req.client_msg_id.to_string(),
             body: Some(body_to_wire(req.body)?),
         });
-        committed_reply(self.call(&req.tenant, call).await?)
+        committed_reply(self.call(caller, &req.tenant, call).await?)
     }
 
     async fn read(
         &self,
+        caller: &Caller,
         t: &TenantId,
         c: &ConvId,
         range: ReadRange,
@@ -219,13 +347,17 @@ impl LogService for NatsLogService {
             limit: limit_u32(range.limit),
             descending: range.order == Order::Descending,
         });
-        match self.call(t, call).await? {
+        match self.call(caller, t, call).await? {
             Reply::Events(list) => Ok(list.events),
             _ => Err(unexpected()),
         }
     }
 
-    async fn create_conversation(&self, req: CreateConversation) -> Result<Committed, LogError> {
+    async fn create_conversation(
+        &self,
+        caller: &Caller,
+        req: CreateConversation,
+    ) -> Result<Committed, LogError> {
         let call = Call::Create(wire::Create {
             conversation: req.conv.to_string(),
             kind: req.kind as i32,
@@ -233,33 +365,36 @@ impl LogService for NatsLogService {
             creator: req.creator.to_string(),
             members: req.members.iter().map(|m| m.to_string()).collect(),
         });
-        committed_reply(self.call(&req.tenant, call).await?)
+        committed_reply(self.call(caller, &req.tenant, call).await?)
     }
 
     async fn add_member(
         &self,
+        caller: &Caller,
         t: &TenantId,
         c: &ConvId,
         by: &UserId,
         user: &UserId,
     ) -> Result<Committed, LogError> {
         let call = Call::AddMember(member_change(c, by, user));
-        committed_reply(self.call(t, call).await?)
+        committed_reply(self.call(caller, t, call).await?)
     }
 
     async fn remove_member(
         &self,
+        caller: &Caller,
         t: &TenantId,
         c: &ConvId,
         by: &UserId,
         user: &UserId,
     ) -> Result<Committed, LogError> {
         let call = Call::RemoveMember(member_change(c, by, user));
-        committed_reply(self.call(t, call).await?)
+        committed_reply(self.call(caller, t, call).await?)
     }
 
     async fn mark_read(
         &self,
+        caller: &Caller,
         t: &TenantId,
         c: &ConvId,
         user: &UserId,
@@ -270,7 +405,7 @@ impl LogService for NatsLogService {
             user: user.to_string(),
             seq,
         });
-        match self.call(t, call).await? {
+        match self.call(caller, t, call).await? {
             Reply::ReadSeq(s) => Ok(s),
             _ => Err(unexpected()),
         }
@@ -278,6 +413,7 @@ impl LogService for NatsLogService {
 
     async fn conversations(
         &self,
+        caller: &Caller,
         t: &TenantId,
         user: &UserId,
         after: Option<&ConvId>,
@@ -288,7 +424,7 @@ impl LogService for NatsLogService {
             after: after.map(|a| a.to_string()).unwrap_or_default(),
             limit: limit_u32(limit),
         });
-        match self.call(t, call).await? {
+        match self.call(caller, t, call).await? {
             Reply::Conversations(list) => list
                 .conversations
                 .into_iter()
@@ -307,6 +443,7 @@ impl LogService for NatsLogService {
 
     async fn members(
         &self,
+        caller: &Caller,
         t: &TenantId,
         c: &ConvId,
         after: Option<&UserId>,
@@ -317,7 +454,7 @@ impl LogService for NatsLogService {
             after: after.map(|a| a.to_string()).unwrap_or_default(),
             limit: limit_u32(limit),
         });
-        match self.call(t, call).await? {
+        match self.call(caller, t, call).await? {
             Reply::Members(list) => list
                 .members
                 .into_iter()
@@ -333,22 +470,33 @@ impl LogService for NatsLogService {
         }
     }
 
-    async fn is_member(&self, t: &TenantId, c: &ConvId, user: &UserId) -> Result<bool, LogError> {
+    async fn is_member(
+        &self,
+        caller: &Caller,
+        t: &TenantId,
+        c: &ConvId,
+        user: &UserId,
+    ) -> Result<bool, LogError> {
         let call = Call::IsMember(wire::IsMember {
             conversation: c.to_string(),
             user: user.to_string(),
         });
-        match self.call(t, call).await? {
+        match self.call(caller, t, call).await? {
             Reply::IsMember(b) => Ok(b),
             _ => Err(unexpected()),
         }
     }
 
-    async fn conversation(&self, t: &TenantId, c: &ConvId) -> Result<ConversationInfo, LogError> {
+    async fn conversation(
+        &self,
+        caller: &Caller,
+        t: &TenantId,
+        c: &ConvId,
+    ) -> Result<ConversationInfo, LogError> {
         let call = Call::ConversationInfo(wire::ConversationInfo {
             conversation: c.to_string(),
         });
-        match self.call(t, call).await? {
+        match self.call(caller, t, call).await? {
             Reply::Info(i) => Ok(ConversationInfo {
                 kind: ConversationKind::try_from(i.kind).unwrap_or(ConversationKind::Unspecified),
                 head_seq: i.head_seq,
@@ -357,6 +505,14 @@ impl LogService for NatsLogService {
             }),
             _ => Err(unexpected()),
         }
+    }
+
+    async fn transport_key(
+        &self,
+        t: &TenantId,
+        key_id: Option<u32>,
+    ) -> Result<TransportKey, LogError> {
+        self.keys.get(t, key_id, || self.fetch_key(t, key_id)).await
     }
 }
 
@@ -390,11 +546,7 @@ fn to_wire_committed(c: Committed) -> Reply {
 
 /// Executes one request against the log. Ids are validated here: the request came off the
 /// network.
-async fn execute(log: &Log, req: wire::LogRequest) -> Result<Reply, LogError> {
-    let t = TenantId::new(req.tenant)?;
-    let call = req
-        .call
-        .ok_or_else(|| LogError::InvalidRequest("request without a call".into()))?;
+async fn execute(log: &Log, t: TenantId, call: Call) -> Result<Reply, LogError> {
     Ok(match call {
         Call::Append(a) => {
             let body = a
@@ -508,15 +660,220 @@ async fn execute(log: &Log, req: wire::LogRequest) -> Result<Reply, LogError> {
     })
 }
 
+/// How far a call's `sent_ms` may be from the log's clock: a captured request replayed
+/// later than this is refused. Generous enough for clock skew between hosts and a request
+/// retried to the partition's owner.
+pub const MAX_CALL_AGE: Duration = Duration::from_secs(60);
+
+/// Nonces of membership changes remembered (for [`MAX_CALL_AGE`]) so a captured one cannot be
+/// replayed inside that window to undo a later change. Appends need no such memory (they are
+/// idempotent by client message id), nor do reads and read cursors (monotonic). 100,000
+/// entries of ~64 bytes: ~6 MB; past it the oldest are forgotten.
+pub const REPLAY_NONCES: usize = 100_000;
+
+/// What the log's RPC server checks calls against.
+pub struct RpcAuth {
+    tokens: TokenCache,
+    replay: Mutex<ReplayGuard>,
+}
+
+impl RpcAuth {
+    /// Verifies user tokens with `verifier` (built from the same `[auth]` config as the
+    /// gateways'), caching verified ones.
+    pub fn new(verifier: tidings_auth::Verifier) -> Arc<RpcAuth> {
+        Arc::new(RpcAuth {
+            tokens: TokenCache::new(verifier),
+            replay: Mutex::new(ReplayGuard::default()),
+        })
+    }
+
+    pub fn tokens(&self) -> &TokenCache {
+        &self.tokens
+    }
+}
+
+#[derive(Default)]
+struct ReplayGuard {
+    seen: HashMap<[u8; NONCE_LEN], i64>,
+    order: VecDeque<([u8; NONCE_LEN], i64)>,
+}
+
+impl ReplayGuard {
+    /// Records a nonce; false if it was seen within the window.
+    fn fresh(&mut self, nonce: [u8; NONCE_LEN], now_ms: i64) -> bool {
+        let window = MAX_CALL_AGE.as_millis() as i64;
+        while let Some((old, at)) = self.order.front().copied() {
+            if now_ms - at > 2 * window || self.order.len() >= REPLAY_NONCES {
+                self.order.pop_front();
+                if self.seen.get(&old) == Some(&at) {
+                    self.seen.remove(&old);
+                }
+            } else {
+                break;
+            }
+        }
+        if self.seen.contains_key(&nonce) {
+            return false;
+        }
+        self.seen.insert(nonce, now_ms);
+        self.order.push_back((nonce, now_ms));
+        true
+    }
+
+    fn forget(&mut self, nonce: &[u8; NONCE_LEN]) {
+        self.seen.remove(nonce);
+    }
+}
+
+/// A refusal sent in the clear, for a request that could not be opened: a code and a fixed
+/// message, nothing taken from the request.
+fn refused(e: &LogError) -> wire::RpcReply {
+    let message = match e {
+        LogError::TenantShredded { .. } => "the tenant was shredded",
+        LogError::InvalidId { .. } => "the tenant id is not valid",
+        _ if e.code() == "invalid_request" => "the request could not be opened",
+        _ => "the log could not answer",
+    };
+    wire::RpcReply {
+        body: Some(rpc_reply::Body::Refused(wire::LogError {
+            code: e.code().to_string(),
+            message: message.into(),
+            retryable: e.is_retryable(),
+            owner: String::new(),
+        })),
+    }
+}
+
+fn error_reply(e: &LogError) -> Reply {
+    Reply::Error(wire::LogError {
+        code: e.code().to_string(),
+        message: e.to_string(),
+        retryable: e.is_retryable(),
+        owner: match e {
+            LogError::NotOwner { owner, .. } => owner.clone(),
+            _ => String::new(),
+        },
+    })
+}
+
+/// Answers one request off NATS.
+async fn answer(log: &Log, auth: &RpcAuth, payload: &[u8]) -> wire::RpcReply {
+    let req = match wire::RpcRequest::decode(payload) {
+        Ok(req) => req,
+        Err(_) => return refused(&LogError::InvalidRequest("undecodable".into())),
+    };
+    let t = match TenantId::new(req.tenant) {
+        Ok(t) => t,
+        Err(e) => return refused(&e),
+    };
+    match req.body {
+        Some(rpc_request::Body::TransportKey(k)) => {
+            let key = match log.transport_key(&t, k.key_id).await {
+                Ok(key) => key,
+                Err(e) => return refused(&e),
+            };
+            match bus_crypto::answer_exchange(&key, &k.public_key) {
+                Ok(reply) => wire::RpcReply {
+                    body: Some(rpc_reply::Body::TransportKey(reply)),
+                },
+                Err(e) => refused(&e),
+            }
+        }
+        Some(rpc_request::Body::Call(call)) => {
+            let Ok(nonce) = <[u8; NONCE_LEN]>::try_from(call.nonce.as_slice()) else {
+                return refused(&LogError::InvalidRequest("bad nonce".into()));
+            };
+            let key = match log.transport_key(&t, Some(call.key_id)).await {
+                Ok(key) => key,
+                Err(e) => return refused(&e),
+            };
+            let sealed = call.sealed;
+            let opened = {
+                let key = key.clone();
+                bus_crypto::off_runtime_if_large(sealed.len(), move || {
+                    bus_crypto::open_rpc(&key, Direction::Request, &nonce, &sealed)
+                })
+                .await
+            };
+            let Ok(plain) = opened else {
+                return refused(&LogError::InvalidRequest("does not open".into()));
+            };
+            let result = match wire::LogRequest::decode(plain.as_slice()) {
+                Ok(inner) => run_call(log, auth, &t, nonce, inner).await,
+                Err(e) => Err(LogError::InvalidRequest(format!(
+                    "undecodable log request: {e}"
+                ))),
+            };
+            let resp = wire::LogResponse {
+                result: Some(result.unwrap_or_else(|e| error_reply(&e))),
+            }
+            .encode_to_vec();
+            let sealed = bus_crypto::off_runtime_if_large(resp.len(), move || {
+                bus_crypto::seal_rpc(&key, Direction::Reply, &nonce, &resp)
+            })
+            .await;
+            wire::RpcReply {
+                body: Some(rpc_reply::Body::Sealed(sealed)),
+            }
+        }
+        None => refused(&LogError::InvalidRequest("empty".into())),
+    }
+}
+
+/// Checks an opened call (tenant, age, identity, replay) and runs it.
+async fn run_call(
+    log: &Log,
+    auth: &RpcAuth,
+    t: &TenantId,
+    nonce: [u8; NONCE_LEN],
+    req: wire::LogRequest,
+) -> Result<Reply, LogError> {
+    if req.tenant != t.as_str() {
+        return Err(LogError::InvalidRequest(
+            "the sealed call names another tenant than its envelope".into(),
+        ));
+    }
+    let now = tidings_log::now_ms();
+    if (now - req.sent_ms).unsigned_abs() > MAX_CALL_AGE.as_millis() as u64 {
+        return Err(LogError::NotAllowed(
+            "the call is stale (or the clocks of gateway and log disagree)".into(),
+        ));
+    }
+    let call = req
+        .call
+        .ok_or_else(|| LogError::InvalidRequest("request without a call".into()))?;
+    rpc_identity::authorize(&auth.tokens, t, &req.token, &call, crate::now_secs())?;
+    let membership = matches!(call, Call::AddMember(_) | Call::RemoveMember(_));
+    if membership
+        && !auth
+            .replay
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .fresh(nonce, now)
+    {
+        return Err(LogError::NotAllowed("the call was replayed".into()));
+    }
+    let result = execute(log, t.clone(), call).await;
+    if membership && matches!(&result, Err(LogError::NotOwner { .. })) {
+        // Not done here: the caller sends the same call on to the owner, maybe us again.
+        auth.replay
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .forget(&nonce);
+    }
+    result
+}
+
 /// Server side: answers log requests from NATS until the subscriptions end: those of the
 /// queue group (any log process may get them) and those sent to this writer by name. At
 /// most `max_in_flight` requests run at once; the rest wait in NATS's queue.
 pub async fn serve(
     client: async_nats::Client,
     log: Log,
+    auth: Arc<RpcAuth>,
     max_in_flight: usize,
 ) -> Result<(), async_nats::SubscribeError> {
-    serve_on(client, log, max_in_flight, true).await
+    serve_on(client, log, auth, max_in_flight, true).await
 }
 
 /// [`serve`] without joining the queue group: answers only requests sent to this writer
@@ -524,14 +881,16 @@ pub async fn serve(
 pub async fn serve_by_name_only(
     client: async_nats::Client,
     log: Log,
+    auth: Arc<RpcAuth>,
     max_in_flight: usize,
 ) -> Result<(), async_nats::SubscribeError> {
-    serve_on(client, log, max_in_flight, false).await
+    serve_on(client, log, auth, max_in_flight, false).await
 }
 
 async fn serve_on(
     client: async_nats::Client,
     log: Log,
+    auth: Arc<RpcAuth>,
     max_in_flight: usize,
     shared: bool,
 ) -> Result<(), async_nats::SubscribeError> {
@@ -556,31 +915,11 @@ async fn serve_on(
         let Ok(permit) = permits.clone().acquire_owned().await else {
             break;
         };
-        let (client, log) = (client.clone(), log.clone());
+        let (client, log, auth) = (client.clone(), log.clone(), auth.clone());
         tokio::spawn(async move {
-            let result = match wire::LogRequest::decode(msg.payload.as_ref()) {
-                Ok(req) => execute(&log, req).await,
-                Err(e) => Err(LogError::InvalidRequest(format!(
-                    "undecodable log request: {e}"
-                ))),
-            };
-            let reply = match result {
-                Ok(r) => r,
-                Err(e) => Reply::Error(wire::LogError {
-                    code: e.code().to_string(),
-                    message: e.to_string(),
-                    retryable: e.is_retryable(),
-                    owner: match &e {
-                        LogError::NotOwner { owner, .. } => owner.clone(),
-                        _ => String::new(),
-                    },
-                }),
-            };
-            let resp = wire::LogResponse {
-                result: Some(reply),
-            };
+            let reply = answer(&log, &auth, &msg.payload).await;
             if let Err(e) = client
-                .publish(reply_to, Bytes::from(resp.encode_to_vec()))
+                .publish(reply_to, Bytes::from(reply.encode_to_vec()))
                 .await
             {
                 warn!(error = %e, "failed to send a log reply");

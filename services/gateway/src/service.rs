@@ -1,23 +1,80 @@
 //! `LogService`: what a gateway needs from the log, whether in this process or across NATS.
+//!
+//! Every call names its [`Caller`]: the user it acts for (with the token the gateway
+//! verified, which a remote log verifies again: docs/decisions/rpc-identity.md), or the
+//! gateway itself, for read-only calls of its own (gap-fill reads, heads).
+
+use std::sync::Arc;
 
 use async_trait::async_trait;
+use tidings_auth::Claims;
+use tidings_log::crypto::TransportKey;
 use tidings_log::{
     Append, Committed, ConvId, ConversationInfo, ConversationSummary, CreateConversation, Event,
     Log, LogError, Member, ReadRange, TenantId, UserId,
 };
 
+/// Who a log call is made for.
+#[derive(Clone)]
+pub enum Caller {
+    /// The gateway itself: only read-only calls are allowed without a user.
+    Gateway,
+    /// A user, by the token they presented (already verified by the gateway).
+    User(Arc<UserCaller>),
+}
+
+/// A user's verified token and what it says.
+pub struct UserCaller {
+    pub claims: Claims,
+    pub token: String,
+}
+
+impl Caller {
+    pub fn user(claims: Claims, token: String) -> Caller {
+        Caller::User(Arc::new(UserCaller { claims, token }))
+    }
+
+    /// The raw token to send along, empty for the gateway's own calls.
+    pub fn token(&self) -> &str {
+        match self {
+            Caller::Gateway => "",
+            Caller::User(u) => &u.token,
+        }
+    }
+}
+
+/// Shows who, never the token.
+impl std::fmt::Debug for Caller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Caller::Gateway => f.write_str("Caller::Gateway"),
+            Caller::User(u) => f
+                .debug_struct("Caller::User")
+                .field("tenant", &u.claims.tenant)
+                .field("user", &u.claims.user)
+                .finish_non_exhaustive(),
+        }
+    }
+}
+
 #[async_trait]
 pub trait LogService: Send + Sync + 'static {
-    async fn append(&self, req: Append) -> Result<Committed, LogError>;
+    async fn append(&self, caller: &Caller, req: Append) -> Result<Committed, LogError>;
     async fn read(
         &self,
+        caller: &Caller,
         t: &TenantId,
         c: &ConvId,
         range: ReadRange,
     ) -> Result<Vec<Event>, LogError>;
-    async fn create_conversation(&self, req: CreateConversation) -> Result<Committed, LogError>;
+    async fn create_conversation(
+        &self,
+        caller: &Caller,
+        req: CreateConversation,
+    ) -> Result<Committed, LogError>;
     async fn add_member(
         &self,
+        caller: &Caller,
         t: &TenantId,
         c: &ConvId,
         by: &UserId,
@@ -25,6 +82,7 @@ pub trait LogService: Send + Sync + 'static {
     ) -> Result<Committed, LogError>;
     async fn remove_member(
         &self,
+        caller: &Caller,
         t: &TenantId,
         c: &ConvId,
         by: &UserId,
@@ -32,6 +90,7 @@ pub trait LogService: Send + Sync + 'static {
     ) -> Result<Committed, LogError>;
     async fn mark_read(
         &self,
+        caller: &Caller,
         t: &TenantId,
         c: &ConvId,
         user: &UserId,
@@ -39,6 +98,7 @@ pub trait LogService: Send + Sync + 'static {
     ) -> Result<u64, LogError>;
     async fn conversations(
         &self,
+        caller: &Caller,
         t: &TenantId,
         user: &UserId,
         after: Option<&ConvId>,
@@ -46,34 +106,61 @@ pub trait LogService: Send + Sync + 'static {
     ) -> Result<Vec<ConversationSummary>, LogError>;
     async fn members(
         &self,
+        caller: &Caller,
         t: &TenantId,
         c: &ConvId,
         after: Option<&UserId>,
         limit: usize,
     ) -> Result<Vec<Member>, LogError>;
-    async fn is_member(&self, t: &TenantId, c: &ConvId, user: &UserId) -> Result<bool, LogError>;
-    async fn conversation(&self, t: &TenantId, c: &ConvId) -> Result<ConversationInfo, LogError>;
+    async fn is_member(
+        &self,
+        caller: &Caller,
+        t: &TenantId,
+        c: &ConvId,
+        user: &UserId,
+    ) -> Result<bool, LogError>;
+    async fn conversation(
+        &self,
+        caller: &Caller,
+        t: &TenantId,
+        c: &ConvId,
+    ) -> Result<ConversationInfo, LogError>;
+    /// The tenant's transport key `key_id` (or its current one): what seals the tenant's
+    /// traffic on NATS. Always the gateway's own call.
+    async fn transport_key(
+        &self,
+        t: &TenantId,
+        key_id: Option<u32>,
+    ) -> Result<TransportKey, LogError>;
 }
 
 /// In-process: the gateway calls the log directly (`tidings serve`).
+/// The caller is not checked again: the gateway verified the token, and this log is in its
+/// own process.
 #[async_trait]
 impl LogService for Log {
-    async fn append(&self, req: Append) -> Result<Committed, LogError> {
+    async fn append(&self, _caller: &Caller, req: Append) -> Result<Committed, LogError> {
         Log::append(self, req).await
     }
     async fn read(
         &self,
+        _caller: &Caller,
         t: &TenantId,
         c: &ConvId,
         range: ReadRange,
     ) -> Result<Vec<Event>, LogError> {
         Log::read(self, t, c, range).await
     }
-    async fn create_conversation(&self, req: CreateConversation) -> Result<Committed, LogError> {
+    async fn create_conversation(
+        &self,
+        _caller: &Caller,
+        req: CreateConversation,
+    ) -> Result<Committed, LogError> {
         Log::create_conversation(self, req).await
     }
     async fn add_member(
         &self,
+        _caller: &Caller,
         t: &TenantId,
         c: &ConvId,
         by: &UserId,
@@ -83,6 +170,7 @@ impl LogService for Log {
     }
     async fn remove_member(
         &self,
+        _caller: &Caller,
         t: &TenantId,
         c: &ConvId,
         by: &UserId,
@@ -92,6 +180,7 @@ impl LogService for Log {
     }
     async fn mark_read(
         &self,
+        _caller: &Caller,
         t: &TenantId,
         c: &ConvId,
         user: &UserId,
@@ -101,6 +190,7 @@ impl LogService for Log {
     }
     async fn conversations(
         &self,
+        _caller: &Caller,
         t: &TenantId,
         user: &UserId,
         after: Option<&ConvId>,
@@ -110,6 +200,7 @@ impl LogService for Log {
     }
     async fn members(
         &self,
+        _caller: &Caller,
         t: &TenantId,
         c: &ConvId,
         after: Option<&UserId>,
@@ -117,10 +208,28 @@ impl LogService for Log {
     ) -> Result<Vec<Member>, LogError> {
         Log::members(self, t, c, after, limit).await
     }
-    async fn is_member(&self, t: &TenantId, c: &ConvId, user: &UserId) -> Result<bool, LogError> {
+    async fn is_member(
+        &self,
+        _caller: &Caller,
+        t: &TenantId,
+        c: &ConvId,
+        user: &UserId,
+    ) -> Result<bool, LogError> {
         Log::is_member(self, t, c, user).await
     }
-    async fn conversation(&self, t: &TenantId, c: &ConvId) -> Result<ConversationInfo, LogError> {
+    async fn conversation(
+        &self,
+        _caller: &Caller,
+        t: &TenantId,
+        c: &ConvId,
+    ) -> Result<ConversationInfo, LogError> {
         Log::conversation(self, t, c).await
+    }
+    async fn transport_key(
+        &self,
+        t: &TenantId,
+        key_id: Option<u32>,
+    ) -> Result<TransportKey, LogError> {
+        Log::transport_key(self, t, key_id).await
     }
 }

@@ -31,6 +31,7 @@ use tracing::{debug, info};
 
 use crate::hub::{CloseOrder, KillSwitch, SessionHandle};
 use crate::server::Shared;
+use crate::service::Caller;
 use crate::subjects;
 
 fn frame(request_id: u64, msg: Msg) -> Bytes {
@@ -224,6 +225,7 @@ pub async fn serve(stream: TcpStream, shared: Arc<Shared>) {
         frames: frames_tx,
         kill: kill.clone(),
         claims: None,
+        caller: Caller::Gateway,
         handle: None,
         bucket: Bucket::new(cfg.frames_per_second, cfg.frame_burst),
     };
@@ -263,6 +265,8 @@ struct Session {
     frames: mpsc::Sender<Bytes>,
     kill: Arc<KillSwitch>,
     claims: Option<Claims>,
+    /// Who the session's log calls act for (set by Hello).
+    caller: Caller,
     handle: Option<SessionHandle>,
     bucket: Bucket,
 }
@@ -453,6 +457,7 @@ impl Session {
                 );
             }
         };
+        self.caller = Caller::user(claims.clone(), hello.token.clone());
         let session_id = self.shared.next_session_id();
         let handle = SessionHandle::new(
             session_id,
@@ -513,7 +518,7 @@ impl Session {
             let list = self
                 .shared
                 .log
-                .conversations(t, u, after.as_ref(), page)
+                .conversations(&self.caller, t, u, after.as_ref(), page)
                 .await?;
             let full = list.len() == page;
             all.extend(list);
@@ -533,7 +538,7 @@ impl Session {
     }
 
     async fn member_or_refuse(&self, t: &TenantId, c: &ConvId, u: &UserId) -> Result<(), LogError> {
-        if self.shared.log.is_member(t, c, u).await? {
+        if self.shared.log.is_member(&self.caller, t, c, u).await? {
             Ok(())
         } else {
             Err(LogError::NotMember {
@@ -554,6 +559,8 @@ impl Session {
     async fn op(&mut self, op: Op) -> Result<Msg, LogError> {
         let (t, u) = self.who()?;
         let log = self.shared.log.clone();
+        let caller = self.caller.clone();
+        let caller = &caller;
         match op {
             Op::Hello(_) => Err(LogError::InvalidRequest("already authenticated".into())),
             Op::Ping(_) => Ok(Msg::Pong(proto::Pong {})),
@@ -571,13 +578,16 @@ impl Session {
                 let conv = ConvId::new(send.conversation)?;
                 let client_msg_id = ClientMsgId::new(send.client_msg_id)?;
                 let c = log
-                    .append(Append {
-                        tenant: t,
-                        conv: conv.clone(),
-                        sender: u,
-                        client_msg_id: client_msg_id.clone(),
-                        body,
-                    })
+                    .append(
+                        caller,
+                        Append {
+                            tenant: t,
+                            conv: conv.clone(),
+                            sender: u,
+                            client_msg_id: client_msg_id.clone(),
+                            body,
+                        },
+                    )
                     .await?;
                 Ok(Msg::SendAck(proto::SendAck {
                     client_msg_id: client_msg_id.to_string(),
@@ -601,10 +611,10 @@ impl Session {
                 let mut events = if h.before_seq == 1 {
                     Vec::new()
                 } else {
-                    log.read(&t, &conv, range).await?
+                    log.read(caller, &t, &conv, range).await?
                 };
                 events.reverse();
-                let head = log.conversation(&t, &conv).await?.head_seq;
+                let head = log.conversation(caller, &t, &conv).await?.head_seq;
                 Ok(Msg::Events(proto::Events {
                     conversation: conv.to_string(),
                     events,
@@ -624,9 +634,9 @@ impl Session {
                     .unwrap_or(usize::MAX)
                     .min(self.shared.cfg.read_limit);
                 let events = log
-                    .read(&t, &conv, ReadRange::forward(p.from_seq, limit))
+                    .read(caller, &t, &conv, ReadRange::forward(p.from_seq, limit))
                     .await?;
-                let head = log.conversation(&t, &conv).await?.head_seq;
+                let head = log.conversation(caller, &t, &conv).await?.head_seq;
                 Ok(Msg::Events(proto::Events {
                     conversation: conv.to_string(),
                     events,
@@ -635,7 +645,7 @@ impl Session {
             }
             Op::MarkRead(m) => {
                 let conv = ConvId::new(m.conversation)?;
-                let read_seq = log.mark_read(&t, &conv, &u, m.seq).await?;
+                let read_seq = log.mark_read(caller, &t, &conv, &u, m.seq).await?;
                 Ok(Msg::ReadCursor(proto::ReadCursor {
                     conversation: conv.to_string(),
                     read_seq,
@@ -669,25 +679,28 @@ impl Session {
                     .map(UserId::new)
                     .collect::<Result<Vec<_>, _>>()?;
                 let done = log
-                    .create_conversation(CreateConversation {
-                        tenant: t,
-                        conv: conv.clone(),
-                        kind,
-                        title: c.title,
-                        creator: u,
-                        members,
-                    })
+                    .create_conversation(
+                        caller,
+                        CreateConversation {
+                            tenant: t,
+                            conv: conv.clone(),
+                            kind,
+                            title: c.title,
+                            creator: u,
+                            members,
+                        },
+                    )
                     .await?;
                 Ok(committed(&conv, done))
             }
             Op::AddMember(m) => {
                 let (conv, user) = (ConvId::new(m.conversation)?, UserId::new(m.user)?);
-                let done = log.add_member(&t, &conv, &u, &user).await?;
+                let done = log.add_member(caller, &t, &conv, &u, &user).await?;
                 Ok(committed(&conv, done))
             }
             Op::RemoveMember(m) => {
                 let (conv, user) = (ConvId::new(m.conversation)?, UserId::new(m.user)?);
-                let done = log.remove_member(&t, &conv, &u, &user).await?;
+                let done = log.remove_member(caller, &t, &conv, &u, &user).await?;
                 Ok(committed(&conv, done))
             }
             Op::ListConversations(l) => {
@@ -695,7 +708,9 @@ impl Session {
                     .then(|| ConvId::new(l.after))
                     .transpose()?;
                 let limit = self.limit(l.limit, self.shared.cfg.read_limit);
-                let list = log.conversations(&t, &u, after.as_ref(), limit).await?;
+                let list = log
+                    .conversations(caller, &t, &u, after.as_ref(), limit)
+                    .await?;
                 Ok(Msg::ConversationList(proto::ConversationList {
                     conversations: list
                         .into_iter()
@@ -715,7 +730,9 @@ impl Session {
                     .then(|| UserId::new(l.after))
                     .transpose()?;
                 let limit = self.limit(l.limit, self.shared.cfg.read_limit);
-                let list = log.members(&t, &conv, after.as_ref(), limit).await?;
+                let list = log
+                    .members(caller, &t, &conv, after.as_ref(), limit)
+                    .await?;
                 Ok(Msg::MemberList(proto::MemberList {
                     members: list
                         .into_iter()
@@ -745,9 +762,11 @@ impl Session {
                 (Vec::new(), false)
             } else if missing as usize <= latest {
                 let range = ReadRange::forward(last_seq + 1, latest);
-                (log.read(t, &s.conv, range).await?, false)
+                (log.read(&self.caller, t, &s.conv, range).await?, false)
             } else {
-                let mut e = log.read(t, &s.conv, ReadRange::latest(latest)).await?;
+                let mut e = log
+                    .read(&self.caller, t, &s.conv, ReadRange::latest(latest))
+                    .await?;
                 e.reverse();
                 (e, true)
             };

@@ -17,6 +17,14 @@
 //! open, and the same text at two positions seals to different bytes. SIV is deterministic
 //! and misuse-resistant: no nonce to get wrong, and a (tenant, conversation, seq) position is
 //! sealed once, ever.
+//!
+//! **Transport keys** seal what travels on NATS (events on the stream, log RPC calls). A
+//! tenant's transport key with id `n` is `HMAC-SHA512(data key n, "tidings-transport-v1" ||
+//! tenant || n)`: 64 bytes, an AES-256-SIV key of its own. It is derived, never stored, so
+//! every data key id still has its transport key (events in flight across a rotation open),
+//! a shredded tenant has none, and holding a transport key opens nothing at rest: HMAC is
+//! one-way, so the data key cannot be recovered from it. Gateways get transport keys, never
+//! data keys or the master key.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -24,6 +32,7 @@ use std::sync::{Arc, RwLock};
 
 use aes_siv::KeyInit;
 use aes_siv::siv::Aes256Siv;
+use hmac::{Hmac, Mac};
 use prost::Message;
 use tidings_schemas::storage::{Shredded, WrappedKey};
 
@@ -46,6 +55,19 @@ impl Drop for Secret {
             // black_box keeps the compiler from dropping the wipe as a dead store
             *b = std::hint::black_box(0);
         }
+    }
+}
+
+impl Secret {
+    /// AES-256-SIV under this key, bound to `ad`.
+    fn seal(&self, ad: &[&[u8]], plain: &[u8]) -> Vec<u8> {
+        siv(self)
+            .encrypt(ad, plain)
+            .expect("AES-SIV encryption of an in-memory buffer cannot fail")
+    }
+
+    fn open(&self, ad: &[&[u8]], sealed: &[u8]) -> Result<Vec<u8>, aes_siv::Error> {
+        siv(self).decrypt(ad, sealed)
     }
 }
 
@@ -201,15 +223,13 @@ impl DataKey {
     /// starts its AD with its own label (`tidings-ev-v1`, ...), so one kind can never be
     /// opened as another.
     pub fn seal(&self, ad: &[&[u8]], plain: &[u8]) -> Vec<u8> {
-        siv(&self.secret)
-            .encrypt(ad, plain)
-            .expect("AES-SIV encryption of an in-memory buffer cannot fail")
+        self.secret.seal(ad, plain)
     }
 
     /// Opens a value sealed by [`DataKey::seal`] with the same AD; fails if anything differs
     /// or the bytes were altered.
     pub fn open(&self, ad: &[&[u8]], sealed: &[u8]) -> Result<Vec<u8>, aes_siv::Error> {
-        siv(&self.secret).decrypt(ad, sealed)
+        self.secret.open(ad, sealed)
     }
 
     /// Seals an encoded event for its row.
@@ -228,6 +248,133 @@ impl DataKey {
     ) -> Result<Vec<u8>, aes_siv::Error> {
         let (key_id, seq) = (self.id.to_be_bytes(), seq.to_be_bytes());
         self.open(&event_ad(tenant, conv, &key_id, &seq), sealed)
+    }
+}
+
+/// The label every transport key derivation starts with.
+const TRANSPORT_LABEL: &[u8] = b"tidings-transport-v1";
+
+/// The label of a transport key sealed for a gateway during the key exchange.
+const EXCHANGE_LABEL: &[u8] = b"tidings-transport-exchange-v1";
+
+/// HMAC-SHA512 of `parts` (concatenated) under `key`: 64 bytes, an AES-256-SIV key.
+fn hmac_sha512(key: &[u8], parts: &[&[u8]]) -> Secret {
+    let mut mac =
+        <Hmac<sha2::Sha512> as Mac>::new_from_slice(key).expect("HMAC takes keys of any length");
+    for part in parts {
+        mac.update(part);
+    }
+    let mut bytes = [0u8; KEY_LEN];
+    bytes.copy_from_slice(&mac.finalize().into_bytes());
+    Secret(bytes)
+}
+
+/// A tenant's key for what travels on NATS, derived from the data key of the same id (see
+/// the module documentation). Cheap to clone; the bytes are wiped with the last clone.
+#[derive(Clone)]
+pub struct TransportKey {
+    pub id: u32,
+    tenant: TenantId,
+    secret: Arc<Secret>,
+}
+
+/// Shows the tenant and id, never the key.
+impl std::fmt::Debug for TransportKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TransportKey")
+            .field("tenant", &self.tenant)
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TransportKey {
+    /// The transport key of `data`'s id for `tenant`.
+    pub fn derive(tenant: &TenantId, data: &DataKey) -> TransportKey {
+        let id = data.id.to_be_bytes();
+        TransportKey {
+            id: data.id,
+            tenant: tenant.clone(),
+            secret: Arc::new(hmac_sha512(
+                &data.secret.0,
+                &[TRANSPORT_LABEL, tenant.as_str().as_bytes(), &id],
+            )),
+        }
+    }
+
+    pub fn tenant(&self) -> &TenantId {
+        &self.tenant
+    }
+
+    /// Seals `plain` bound to `ad`. Callers start `ad` with their own label
+    /// (`tidings-bus-v1`, `tidings-rpc-v1`), so a value of one kind never opens as another.
+    pub fn seal(&self, ad: &[&[u8]], plain: &[u8]) -> Vec<u8> {
+        self.secret.seal(ad, plain)
+    }
+
+    /// Opens a value sealed by [`TransportKey::seal`] with the same AD.
+    pub fn open(&self, ad: &[&[u8]], sealed: &[u8]) -> Result<Vec<u8>, aes_siv::Error> {
+        self.secret.open(ad, sealed)
+    }
+
+    /// The exchange key: HMAC-SHA512 of an ECDH shared secret, bound to the tenant, the key
+    /// id and both public keys (`transcript`), so a sealed key answers one request only.
+    fn exchange_key(
+        shared: &[u8],
+        tenant: &TenantId,
+        id: u32,
+        transcript: &[&[u8]],
+    ) -> (Secret, [u8; 4]) {
+        let id = id.to_be_bytes();
+        let mut parts: Vec<&[u8]> = vec![EXCHANGE_LABEL, tenant.as_str().as_bytes(), &id];
+        parts.extend_from_slice(transcript);
+        (hmac_sha512(shared, &parts), id)
+    }
+
+    /// Seals this key for the party that shares `shared` (an X25519 shared secret) with us.
+    /// `transcript` is what both sides saw of the exchange (the two public keys).
+    pub fn seal_for_exchange(&self, shared: &[u8], transcript: &[&[u8]]) -> Vec<u8> {
+        let (kek, id) = Self::exchange_key(shared, &self.tenant, self.id, transcript);
+        siv(&kek)
+            .encrypt(
+                [EXCHANGE_LABEL, self.tenant.as_str().as_bytes(), &id],
+                &self.secret.0,
+            )
+            .expect("AES-SIV encryption of an in-memory buffer cannot fail")
+    }
+
+    /// Opens a key sealed by [`TransportKey::seal_for_exchange`]; fails if the shared secret,
+    /// tenant, id or transcript differ, or the bytes were altered.
+    pub fn open_from_exchange(
+        tenant: &TenantId,
+        id: u32,
+        shared: &[u8],
+        transcript: &[&[u8]],
+        sealed: &[u8],
+    ) -> Result<TransportKey, aes_siv::Error> {
+        let (kek, id_bytes) = Self::exchange_key(shared, tenant, id, transcript);
+        let raw = siv(&kek).decrypt(
+            [EXCHANGE_LABEL, tenant.as_str().as_bytes(), &id_bytes],
+            sealed,
+        )?;
+        let bytes: [u8; KEY_LEN] = raw.as_slice().try_into().map_err(|_| aes_siv::Error)?;
+        Ok(TransportKey {
+            id,
+            tenant: tenant.clone(),
+            secret: Arc::new(Secret(bytes)),
+        })
+    }
+
+    /// Whether two keys are the same bytes (for tests; not constant time).
+    #[doc(hidden)]
+    pub fn same_secret(&self, other: &TransportKey) -> bool {
+        self.secret.0 == other.secret.0
+    }
+
+    /// The raw key, for tests that check it never travels in the clear.
+    #[doc(hidden)]
+    pub fn secret_bytes_for_tests(&self) -> [u8; KEY_LEN] {
+        self.secret.0
     }
 }
 
@@ -602,6 +749,32 @@ impl Keyring {
         })
     }
 
+    /// The tenant's transport key with `key_id`, or of its newest data key (created if the
+    /// tenant has none yet). A shredded tenant has none ([`LogError::TenantShredded`]); an id
+    /// the tenant never had is [`LogError::InvalidRequest`].
+    pub async fn transport_key(
+        &self,
+        tenant: &TenantId,
+        key_id: Option<u32>,
+    ) -> Result<TransportKey, LogError> {
+        let data = match key_id {
+            None => self.current(tenant).await?,
+            Some(id) => {
+                let keys = self.keys_of(tenant).await?;
+                match keys.get(&id) {
+                    Some(k) => k.clone(),
+                    // Maybe created by another process since we cached the tenant's keys.
+                    None => self.load(tenant).await?.get(&id).cloned().ok_or_else(|| {
+                        LogError::InvalidRequest(format!(
+                            "tenant {tenant} has no transport key {id}"
+                        ))
+                    })?,
+                }
+            }
+        };
+        Ok(TransportKey::derive(tenant, &data))
+    }
+
     /// The tenant's newest key, creating the first one if the tenant has none.
     pub async fn current(&self, tenant: &TenantId) -> Result<DataKey, LogError> {
         if let Some((_, k)) = self.keys_of(tenant).await?.last_key_value() {
@@ -831,6 +1004,55 @@ mod tests {
         let last = sealed.len() - 1;
         sealed[last] ^= 1;
         assert!(k.open_event(&t, &c, 1, &sealed).is_err());
+    }
+
+    #[test]
+    fn transport_keys_are_per_tenant_and_id_and_differ_from_the_data_key() {
+        let (t, c) = ids();
+        let data = key(1);
+        let tk = TransportKey::derive(&t, &data);
+        assert_eq!(tk.id, 1);
+        assert!(
+            tk.same_secret(&TransportKey::derive(&t, &data)),
+            "deterministic"
+        );
+        let other_tenant = TenantId::new("globex").expect("id");
+        assert!(!tk.same_secret(&TransportKey::derive(&other_tenant, &data)));
+        let relabelled = DataKey {
+            id: 2,
+            secret: data.secret.clone(),
+        };
+        assert!(!tk.same_secret(&TransportKey::derive(&t, &relabelled)));
+        assert_ne!(tk.secret.0, data.secret.0);
+        // A transport key does not open what the data key sealed.
+        let at_rest = data.seal_event(&t, &c, 1, b"stored");
+        let (id, seq) = (1u32.to_be_bytes(), 1u64.to_be_bytes());
+        assert!(tk.open(&event_ad(&t, &c, &id, &seq), &at_rest).is_err());
+    }
+
+    #[test]
+    fn exchanged_transport_key_opens_only_with_the_same_secret_and_transcript() {
+        let (t, _) = ids();
+        let tk = TransportKey::derive(&t, &key(3));
+        let shared = [7u8; 32];
+        let transcript: [&[u8]; 2] = [b"gateway-public", b"log-public"];
+        let sealed = tk.seal_for_exchange(&shared, &transcript);
+        let raw = tk.secret_bytes_for_tests();
+        assert!(
+            !sealed.windows(16).any(|w| raw.windows(16).any(|r| r == w)),
+            "the sealed key must not contain the key"
+        );
+        let opened =
+            TransportKey::open_from_exchange(&t, 3, &shared, &transcript, &sealed).expect("open");
+        assert!(opened.same_secret(&tk));
+        assert!(TransportKey::open_from_exchange(&t, 3, &[8u8; 32], &transcript, &sealed).is_err());
+        assert!(TransportKey::open_from_exchange(&t, 4, &shared, &transcript, &sealed).is_err());
+        let globex = TenantId::new("globex").expect("id");
+        assert!(
+            TransportKey::open_from_exchange(&globex, 3, &shared, &transcript, &sealed).is_err()
+        );
+        let other: [&[u8]; 2] = [b"gateway-public", b"mallory-public"];
+        assert!(TransportKey::open_from_exchange(&t, 3, &shared, &other, &sealed).is_err());
     }
 
     #[test]

@@ -581,6 +581,16 @@ impl Log {
         &self.inner.keyring
     }
 
+    /// The tenant's transport key (what seals its traffic on NATS): `key_id`'s, or the
+    /// current one's. See [`crate::crypto::TransportKey`].
+    pub async fn transport_key(
+        &self,
+        tenant: &TenantId,
+        key_id: Option<u32>,
+    ) -> Result<crate::crypto::TransportKey, LogError> {
+        self.inner.keyring.transport_key(tenant, key_id).await
+    }
+
     /// The store the log writes to (the archiver shares it).
     pub fn store(&self) -> &Arc<dyn KvStore> {
         &self.inner.store

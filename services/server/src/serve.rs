@@ -127,6 +127,14 @@ pub async fn serve(config: Config, role: Role) -> anyhow::Result<()> {
         archiver.abort();
         return Ok(());
     }
+    // The log service checks the token of every call that acts for a user (a NATS
+    // credential alone never writes as anyone): the same [auth] settings as the gateways.
+    let rpc_auth = match role {
+        Role::All | Role::Log => Some(rpc::RpcAuth::new(verifier(&config).context(
+            "the log service verifies the users' tokens on calls from gateways ([auth])",
+        )?)),
+        _ => None,
+    };
     let verifier = match role {
         Role::Log => None,
         _ => Some(verifier(&config)?),
@@ -145,13 +153,20 @@ pub async fn serve(config: Config, role: Role) -> anyhow::Result<()> {
         Role::All | Role::Log => {
             let (feed_tx, feed_rx) = tokio::sync::mpsc::channel(64 * 1024);
             let log = crate::commands::open_log_with_feed(&config, Some(feed_tx)).await?;
-            let (publisher, _stats) =
-                publisher::spawn(nats.clone(), feed_rx, config.publisher_config());
+            let (publisher, _stats) = publisher::spawn(
+                nats.clone(),
+                feed_rx,
+                log.keyring().clone(),
+                config.publisher_config(),
+            );
             background.push(publisher);
             let (rpc_nats, rpc_log, in_flight) =
                 (nats.clone(), log.clone(), config.nats.rpc_in_flight);
+            let auth = rpc_auth
+                .clone()
+                .context("the log service has its token check")?;
             background.push(tokio::spawn(async move {
-                if let Err(e) = rpc::serve(rpc_nats, rpc_log, in_flight).await {
+                if let Err(e) = rpc::serve(rpc_nats, rpc_log, auth, in_flight).await {
                     warn!(error = %e, "log service stopped");
                 }
             }));
