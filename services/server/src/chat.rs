@@ -49,8 +49,13 @@ async fn show(
     Ok(())
 }
 
-pub async fn run(url: &str, token: &str, conv: &str) -> anyhow::Result<bool> {
-    let (mut conn, welcome) = Connection::open(url, token, "tidings-chat")
+pub async fn run(
+    url: &str,
+    tls: &tidings_client::ClientTls,
+    token: &str,
+    conv: &str,
+) -> anyhow::Result<bool> {
+    let (mut conn, welcome) = Connection::open_with(url, tls, token, "tidings-chat")
         .await
         .with_context(|| format!("connect to {url}"))?;
     eprintln!(
