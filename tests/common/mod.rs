@@ -257,14 +257,26 @@ pub struct Nats {
     pub port: u16,
     store: tempfile::TempDir,
     child: Option<Child>,
+    /// A server config file (accounts, TLS); its `listen`/`port` are overridden.
+    config: Option<PathBuf>,
+    /// The URL scheme clients use: `nats` or `tls`.
+    scheme: &'static str,
 }
 
 impl Nats {
     pub fn start() -> Nats {
+        Nats::start_with(None, "nats")
+    }
+
+    /// A nats-server run with `-c config` (accounts, permissions, TLS), JetStream on, on a
+    /// free port. `scheme` is what [`Nats::url`] says (`tls` for a TLS-only server).
+    pub fn start_with(config: Option<&Path>, scheme: &'static str) -> Nats {
         let mut nats = Nats {
             port: 0,
             store: tempfile::tempdir().expect("tempdir"),
             child: None,
+            config: config.map(Path::to_path_buf),
+            scheme,
         };
         nats.spawn();
         nats
@@ -277,7 +289,11 @@ impl Nats {
         } else {
             self.port.to_string()
         };
-        let mut child = Command::new("nats-server")
+        let mut cmd = Command::new("nats-server");
+        if let Some(config) = &self.config {
+            cmd.arg("-c").arg(config);
+        }
+        let mut child = cmd
             .args(["-js", "-a", "127.0.0.1", "-p", &port, "-sd"])
             .arg(self.store.path())
             .stdout(Stdio::null())
@@ -297,7 +313,7 @@ impl Nats {
     }
 
     pub fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
+        format!("{}://127.0.0.1:{}", self.scheme, self.port)
     }
 
     pub fn kill(&mut self) {
@@ -348,14 +364,15 @@ impl Server {
                 .iter()
                 .any(|(k, v)| *k == "TIDINGS_ADMIN_LISTEN" && v.is_empty());
         let mut child = cmd.spawn().expect("spawn tidings serve");
+        // "on ws" and "on http" match the TLS listeners (wss://, https://) too.
         let ready = if role == "log" {
             "log service on NATS"
         } else {
-            "gateway on ws://"
+            "gateway on ws"
         };
         let mut markers = vec![ready];
         if admin {
-            markers.push("admin on http://");
+            markers.push("admin on http");
         }
         let found = wait_for_lines(&mut child, &markers, "tidings serve");
         let port = if role == "log" {

@@ -42,6 +42,48 @@ pub enum ClientError {
     Unexpected(String),
 }
 
+/// How a `wss://` server's certificate is verified.
+#[derive(Clone, Debug, Default)]
+pub struct ClientTls {
+    /// Trust only the CA certificates in this PEM file (a private CA); without it, the
+    /// system's roots.
+    pub ca_file: Option<std::path::PathBuf>,
+}
+
+impl ClientTls {
+    fn client_config(&self) -> Result<rustls::ClientConfig, String> {
+        use rustls_pki_types::CertificateDer;
+        use rustls_pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore::empty();
+        match &self.ca_file {
+            Some(path) => {
+                let certs = CertificateDer::pem_file_iter(path)
+                    .map_err(|e| format!("read CA file {}: {e}", path.display()))?;
+                for cert in certs {
+                    let cert = cert.map_err(|e| format!("CA file {}: {e}", path.display()))?;
+                    roots
+                        .add(cert)
+                        .map_err(|e| format!("CA file {}: {e}", path.display()))?;
+                }
+                if roots.is_empty() {
+                    return Err(format!("CA file {} holds no certificate", path.display()));
+                }
+            }
+            None => {
+                for cert in rustls_native_certs::load_native_certs().certs {
+                    let _ = roots.add(cert);
+                }
+            }
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        Ok(rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots)
+            .with_no_client_auth())
+    }
+}
+
 /// Something the server sent without being asked.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Push {
@@ -95,15 +137,53 @@ impl std::ops::Deref for Connection {
 const PUSH_BUFFER: usize = 4096;
 
 impl Connection {
-    /// Opens the WebSocket (no Hello yet).
+    /// Opens the WebSocket (no Hello yet); `wss://` trusts the system's roots.
     pub async fn connect(url: &str) -> Result<Connection, ClientError> {
-        let (ws, _) =
-            tokio_tungstenite::connect_async(url)
+        Connection::connect_with(url, &ClientTls::default()).await
+    }
+
+    /// Opens the WebSocket (no Hello yet); `wss://` is verified as `tls` says.
+    pub async fn connect_with(url: &str, tls: &ClientTls) -> Result<Connection, ClientError> {
+        let fail = |message: String| ClientError::Connect {
+            url: url.to_string(),
+            message,
+        };
+        if !url.starts_with("wss://") {
+            let (ws, _) = tokio_tungstenite::connect_async(url)
                 .await
-                .map_err(|e| ClientError::Connect {
-                    url: url.to_string(),
-                    message: e.to_string(),
-                })?;
+                .map_err(|e| fail(e.to_string()))?;
+            return Ok(Connection::start(ws));
+        }
+        let uri: tokio_tungstenite::tungstenite::http::Uri =
+            url.parse().map_err(|e| fail(format!("{e}")))?;
+        let host = uri
+            .host()
+            .ok_or_else(|| fail("no host".into()))?
+            .to_string();
+        let port = uri.port_u16().unwrap_or(443);
+        let config = tls.client_config().map_err(fail)?;
+        let bare = host.trim_matches(['[', ']']);
+        let name = rustls_pki_types::ServerName::try_from(bare)
+            .map_err(|e| fail(format!("bad server name {host:?}: {e}")))?
+            .to_owned();
+        let tcp = tokio::net::TcpStream::connect((bare, port))
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        let _ = tcp.set_nodelay(true);
+        let stream = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(name, tcp)
+            .await
+            .map_err(|e| fail(format!("TLS: {e}")))?;
+        let (ws, _) = tokio_tungstenite::client_async(url, stream)
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        Ok(Connection::start(ws))
+    }
+
+    fn start<S>(ws: tokio_tungstenite::WebSocketStream<S>) -> Connection
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
         let (mut sink, mut source) = ws.split();
         let (out, mut out_rx) = mpsc::channel::<Message>(1024);
         let (push_tx, pushes) = mpsc::channel(PUSH_BUFFER);
@@ -176,7 +256,7 @@ impl Connection {
                 .take();
             let _ = push_tx.send(close).await;
         });
-        Ok(Connection {
+        Connection {
             requester: Requester {
                 inner: Arc::new(RequesterInner {
                     out,
@@ -186,7 +266,7 @@ impl Connection {
                 }),
             },
             pushes,
-        })
+        }
     }
 
     /// Connects and authenticates.
@@ -195,7 +275,17 @@ impl Connection {
         token: &str,
         device: &str,
     ) -> Result<(Connection, proto::Welcome), ClientError> {
-        let conn = Connection::connect(url).await?;
+        Connection::open_with(url, &ClientTls::default(), token, device).await
+    }
+
+    /// Connects with `tls` for `wss://`, and authenticates.
+    pub async fn open_with(
+        url: &str,
+        tls: &ClientTls,
+        token: &str,
+        device: &str,
+    ) -> Result<(Connection, proto::Welcome), ClientError> {
+        let conn = Connection::connect_with(url, tls).await?;
         let welcome = conn.hello(token, device).await?;
         Ok((conn, welcome))
     }

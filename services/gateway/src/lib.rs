@@ -18,11 +18,14 @@
 //! - [`publisher`]: the log's commit feed, sealed, delivered to JetStream and to users'
 //!   notice subjects.
 //! - [`subjects`]: NATS subject names.
+//! - [`nats`]: connecting to NATS with a role's credential and TLS; URL redaction.
+//! - [`tls`]: TLS for the edge listeners (wss://, https://), reloaded from disk.
 //!
 //! The protocol itself is documented in `schemas/proto/tidings/client/v1/client.proto`.
 
 pub mod bus_crypto;
 pub mod hub;
+pub mod nats;
 pub mod publisher;
 pub mod rpc;
 pub mod rpc_identity;
@@ -30,8 +33,10 @@ pub mod server;
 pub mod service;
 pub mod session;
 pub mod subjects;
+pub mod tls;
 
-pub use server::{GatewayConfig, Shared, connect_nats, run};
+pub use nats::{NatsAuth, NatsConnect, connect_nats, redact_url};
+pub use server::{GatewayConfig, Shared, run};
 pub use service::{Caller, LogService};
 
 /// Seconds since the Unix epoch.

@@ -7,10 +7,11 @@ use std::time::Duration;
 use tidings_auth::Verifier;
 use tokio::net::TcpListener;
 use tokio::sync::broadcast;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::hub::{HubConfig, Registry};
 use crate::service::LogService;
+use crate::tls::ReloadingAcceptor;
 
 /// Limits and defaults of the gateway. Every queue and frame is bounded.
 #[derive(Clone, Debug)]
@@ -96,15 +97,29 @@ impl Shared {
     }
 }
 
-/// Accepts connections until `shutdown` resolves; each is served on its own task.
+/// Accepts connections until `shutdown` resolves; each is served on its own task, behind
+/// TLS when `tls` is given (its handshake under [`crate::tls::HANDSHAKE_TIMEOUT`], on the
+/// connection's task so a slow handshake never holds up the accept loop).
 pub async fn run(
     listener: TcpListener,
     shared: Arc<Shared>,
+    tls: Option<ReloadingAcceptor>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
     if let Ok(addr) = listener.local_addr() {
-        info!(%addr, "gateway listening on ws://{addr}/v1/ws");
+        match &tls {
+            Some(_) => info!(%addr, "gateway listening on wss://{addr}/v1/ws"),
+            None if crate::tls::is_loopback(&addr) => {
+                info!(%addr, "gateway listening on plain ws://{addr}/v1/ws (loopback only)")
+            }
+            None => warn!(
+                %addr,
+                "gateway listening on PLAIN ws://{addr}/v1/ws on a non-loopback address: \
+                 tokens and messages cross the network unencrypted; set gateway.tls_cert_file \
+                 and gateway.tls_key_file"
+            ),
+        }
     }
     loop {
         tokio::select! {
@@ -123,9 +138,23 @@ pub async fn run(
                 return;
             }
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
+                Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
-                    tokio::spawn(crate::session::serve(stream, shared.clone()));
+                    let shared = shared.clone();
+                    match &tls {
+                        None => {
+                            tokio::spawn(crate::session::serve(stream, peer, shared));
+                        }
+                        Some(tls) => {
+                            let tls = tls.clone();
+                            tokio::spawn(async move {
+                                match tls.accept(stream, peer).await {
+                                    Ok(stream) => crate::session::serve(stream, peer, shared).await,
+                                    Err(e) => debug!(error = %e, "tls handshake failed"),
+                                }
+                            });
+                        }
+                    }
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.
@@ -135,37 +164,4 @@ pub async fn run(
             }
         }
     }
-}
-
-/// Connects to NATS, retrying in the background if it is not up yet, reconnecting forever.
-/// The returned channel fires on every (re)connection, so hubs can check what they missed.
-pub async fn connect_nats(
-    url: &str,
-    name: &str,
-) -> Result<(async_nats::Client, broadcast::Sender<()>), async_nats::ConnectError> {
-    let (reconnected, _) = broadcast::channel(16);
-    let tx = reconnected.clone();
-    let client = async_nats::ConnectOptions::new()
-        .name(name)
-        .retry_on_initial_connect()
-        .max_reconnects(None)
-        .reconnect_delay_callback(|attempts| {
-            Duration::from_millis((50 * 2u64.saturating_pow(attempts.min(6) as u32)).min(2000))
-        })
-        .event_callback(move |event| {
-            let tx = tx.clone();
-            async move {
-                match event {
-                    async_nats::Event::Connected => {
-                        info!("connected to nats");
-                        let _ = tx.send(());
-                    }
-                    async_nats::Event::Disconnected => warn!("disconnected from nats"),
-                    other => info!(event = %other, "nats event"),
-                }
-            }
-        })
-        .connect(url)
-        .await?;
-    Ok((client, reconnected))
 }

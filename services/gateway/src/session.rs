@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use prost::Message as _;
+use std::net::SocketAddr;
 use tidings_auth::Claims;
 use tidings_log::store::Order;
 use tidings_log::{
@@ -22,7 +23,7 @@ use tidings_schemas::client::{
     self as proto, ClientFrame, CloseReason, ErrorCode, client_frame::Op, server_frame::Msg,
 };
 use tidings_schemas::internal::TypingNotice;
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -120,11 +121,14 @@ enum Out {
     Close(CloseOrder),
 }
 
-/// Serves one TCP connection until it closes.
+/// Serves one connection (plain TCP or TLS over it) from `peer` until it closes.
 // The handshake callback's error type is tungstenite's HTTP response; its size is theirs.
 #[allow(clippy::result_large_err)]
-pub async fn serve(stream: TcpStream, shared: Arc<Shared>) {
-    let peer = stream.peer_addr().ok();
+pub async fn serve<S>(stream: S, peer: SocketAddr, shared: Arc<Shared>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let peer = Some(peer);
     let cfg = &shared.cfg;
     let allowed = cfg.allowed_origins.clone();
     // Small I/O buffers: tungstenite's 128 KiB default per connection is 1.3 GB for 10,000

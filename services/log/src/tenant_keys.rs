@@ -84,9 +84,25 @@ fn read_bounded(input: impl Read) -> Result<String, String> {
     String::from_utf8(bytes).map_err(|_| "not text".to_string())
 }
 
-/// Runs `sh -c command`, waits at most `timeout`, and parses its stdout as the key.
+/// The only variables a `key_command` sees (when set in ours): enough for a shell script
+/// to find its tools, its user's config (a KMS CLI reads `~/.aws`, `~/.config/gcloud`), and
+/// to print text. Everything else, the master key (`TIDINGS_MASTER_KEY`) and the NATS
+/// password first of all, stays out: a key command is often someone else's script, and it
+/// has no business with our secrets. Whatever else it needs it reads from its own files, or
+/// the command line sets it (`VAR=value tool ...`).
+pub const KEY_COMMAND_ENV: &[&str] = &["PATH", "HOME", "USER", "LOGNAME", "LANG", "TZ", "TMPDIR"];
+
+/// Runs `sh -c command` with the environment reduced to [`KEY_COMMAND_ENV`], waits at most
+/// `timeout`, and parses its stdout as the key.
 fn run_key_command(command: &str, timeout: Duration) -> Result<TenantKey, String> {
-    let mut child = Command::new("sh")
+    let mut cmd = Command::new("sh");
+    cmd.env_clear();
+    for name in KEY_COMMAND_ENV {
+        if let Some(value) = std::env::var_os(name) {
+            cmd.env(name, value);
+        }
+    }
+    let mut child = cmd
         .arg("-c")
         .arg(command)
         .stdin(Stdio::null())
@@ -167,6 +183,21 @@ mod tests {
     async fn a_command_printing_a_key_gives_that_key() {
         let key = TenantKey::generate().to_hex();
         let got = command(&format!("echo {key}")).fetch().await.expect("key");
+        assert_eq!(got.to_hex(), key);
+    }
+
+    #[tokio::test]
+    async fn a_command_sees_only_the_documented_environment() {
+        // Cargo sets CARGO_MANIFEST_DIR for the test process; the command must not see it,
+        // as it must not see TIDINGS_MASTER_KEY, but it must see PATH.
+        assert!(std::env::var_os("CARGO_MANIFEST_DIR").is_some());
+        let key = TenantKey::generate().to_hex();
+        let got = command(&format!(
+            "if [ -n \"$CARGO_MANIFEST_DIR\" ] || [ -z \"$PATH\" ]; then exit 3; fi; echo {key}"
+        ))
+        .fetch()
+        .await
+        .expect("a command in a cleared environment");
         assert_eq!(got.to_hex(), key);
     }
 

@@ -1,4 +1,5 @@
-//! The admin listener of `tidings serve`: plain HTTP/1.1 for operators and compliance
+//! The admin listener of `tidings serve`: HTTP/1.1, over TLS when `admin.tls_cert_file` is
+//! set (docs/decisions/edge-tls.md), for operators and compliance
 //! officers, never for end users (they use the gateway).
 //!
 //! - `GET /healthz`: `200 ok`.
@@ -43,6 +44,7 @@ use tidings_archive::compliance::{
     parse_time,
 };
 use tidings_auth::Verifier;
+use tidings_gateway::tls::ReloadingAcceptor;
 use tidings_log::{ConvId, TenantId, UserId};
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, mpsc, watch};
@@ -88,11 +90,13 @@ struct State {
 }
 
 impl Admin {
-    /// Binds `listen` and serves until [`Admin::stop`].
+    /// Binds `listen` and serves until [`Admin::stop`]: HTTPS when `tls` is given
+    /// (certificate reloaded from disk), plain HTTP otherwise.
     pub async fn start(
         listen: SocketAddr,
         verifier: Verifier,
         compliance: Compliance,
+        tls: Option<ReloadingAcceptor>,
     ) -> std::io::Result<Admin> {
         let listener = TcpListener::bind(listen).await?;
         let addr = listener.local_addr()?;
@@ -102,7 +106,7 @@ impl Admin {
             requests: Arc::new(Semaphore::new(MAX_REQUESTS)),
         });
         let (stop, stopped) = watch::channel(false);
-        let task = tokio::spawn(run(listener, state, stopped));
+        let task = tokio::spawn(run(listener, state, tls, stopped));
         Ok(Admin { addr, stop, task })
     }
 
@@ -120,7 +124,12 @@ impl Admin {
     }
 }
 
-async fn run(listener: TcpListener, state: Arc<State>, mut stopped: watch::Receiver<bool>) {
+async fn run(
+    listener: TcpListener,
+    state: Arc<State>,
+    tls: Option<ReloadingAcceptor>,
+    mut stopped: watch::Receiver<bool>,
+) {
     let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let mut tasks = JoinSet::new();
     loop {
@@ -145,29 +154,17 @@ async fn run(listener: TcpListener, state: Arc<State>, mut stopped: watch::Recei
             _ = stopping(&mut stopped) => break,
         };
         let state = state.clone();
-        let mut stopped = stopped.clone();
+        let stopped = stopped.clone();
+        let tls = tls.clone();
         tasks.spawn(async move {
             let _permit = permit;
-            let service = service_fn(move |req| {
-                let state = state.clone();
-                async move { Ok::<_, Infallible>(handle(&state, peer, req).await) }
-            });
-            let mut builder = http1::Builder::new();
-            builder
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
-                .max_buf_size(MAX_BUF_BYTES);
-            let conn = builder.serve_connection(TokioIo::new(stream), service);
-            tokio::pin!(conn);
-            let result = tokio::select! {
-                result = conn.as_mut() => result,
-                _ = stopping(&mut stopped) => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
-            };
-            if let Err(e) = result {
-                debug!(%peer, error = %e, "admin connection ended with an error");
+            match tls {
+                None => serve_connection(stream, peer, state, stopped).await,
+                // The handshake has its own deadline (the header read timeout starts after).
+                Some(tls) => match tls.accept(stream, peer).await {
+                    Ok(stream) => serve_connection(stream, peer, state, stopped).await,
+                    Err(e) => debug!(error = %e, "admin tls handshake failed"),
+                },
             }
         });
     }
@@ -190,6 +187,38 @@ async fn run(listener: TcpListener, state: Arc<State>, mut stopped: watch::Recei
         state.requests.acquire_many(MAX_REQUESTS as u32),
     )
     .await;
+}
+
+/// Serves HTTP/1.1 on one connection, plain or TLS, until it ends or stop is asked for.
+async fn serve_connection<S>(
+    stream: S,
+    peer: SocketAddr,
+    state: Arc<State>,
+    mut stopped: watch::Receiver<bool>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(move |req| {
+        let state = state.clone();
+        async move { Ok::<_, Infallible>(handle(&state, peer, req).await) }
+    });
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(MAX_BUF_BYTES);
+    let conn = builder.serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        result = conn.as_mut() => result,
+        _ = stopping(&mut stopped) => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        debug!(%peer, error = %e, "admin connection ended with an error");
+    }
 }
 
 /// Resolves once stop is asked for (or the [`Admin`] is gone).

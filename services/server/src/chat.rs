@@ -82,8 +82,14 @@ async fn history(
 
 /// Joins `conv`, prints its last `history_len` events, then chats until stdin ends and
 /// every message sent has come back.
-pub async fn run(url: &str, token: &str, conv: &str, history_len: u32) -> anyhow::Result<bool> {
-    let (mut conn, welcome) = Connection::open(url, token, "tidings-chat")
+pub async fn run(
+    url: &str,
+    tls: &tidings_client::ClientTls,
+    token: &str,
+    conv: &str,
+    history_len: u32,
+) -> anyhow::Result<bool> {
+    let (mut conn, welcome) = Connection::open_with(url, tls, token, "tidings-chat")
         .await
         .with_context(|| format!("connect to {url}"))?;
     eprintln!(

@@ -75,6 +75,24 @@ pub enum Command {
         #[arg(long, value_name = "N", default_value_t = 20,
               value_parser = clap::value_parser!(u32).range(0..=MAX_CHAT_HISTORY))]
         history: u32,
+        /// For wss://: trust only the CA certificates in this PEM file (default: the
+        /// system's roots).
+        #[arg(long, env = "TIDINGS_CA_FILE", value_name = "FILE")]
+        ca_file: Option<PathBuf>,
+    },
+    /// NATS credentials for the roles.
+    #[command(subcommand)]
+    Nats(NatsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NatsCommand {
+    /// Generates one NKey per role (log, gateway, all) into DIR (seeds mode 0600) and a
+    /// nats-server include with their public keys and subject permissions
+    /// (DIR/accounts.conf). Existing seeds are kept, so it is safe to run again.
+    Init {
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
     },
 }
 

@@ -188,7 +188,16 @@ pub async fn run(command: Command, config: Config) -> anyhow::Result<bool> {
             token,
             conv,
             history,
-        } => crate::chat::run(&url, &token, conv.as_str(), history).await,
+            ca_file,
+        } => {
+            let tls = tidings_client::ClientTls { ca_file };
+            crate::chat::run(&url, &tls, &token, conv.as_str(), history).await
+        }
+        Command::Nats(crate::cli::NatsCommand::Init { dir }) => {
+            let written = crate::nats_init::init(&dir)?;
+            emit(&written)?;
+            Ok(true)
+        }
         Command::Bench(crate::cli::BenchCommand::Append(args)) => {
             crate::bench::append(args, &config).await?;
             Ok(true)
@@ -361,6 +370,7 @@ async fn run_on_log(command: Command, log: &Log) -> anyhow::Result<bool> {
         | Command::Bench(_)
         | Command::Token(_)
         | Command::Serve { .. }
+        | Command::Nats(_)
         | Command::Chat { .. } => {
             unreachable!("handled before the log is opened")
         }

@@ -88,16 +88,40 @@ pub enum Backend {
 #[serde(deny_unknown_fields, default)]
 pub struct AdminSection {
     /// Where the admin HTTP listener (health, compliance search, audit log) listens, in
-    /// `serve` roles all and log; empty disables it. Plain HTTP: keep it on loopback or a
-    /// private network, or put TLS in front.
+    /// `serve` roles all and log; empty disables it. Plain HTTP unless a certificate is
+    /// set below: keep a plain listener on loopback.
     pub listen: String,
+    /// Serve `https://` with this certificate chain and key (PEM; both or neither),
+    /// reloaded when the files change.
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
 }
 
 impl Default for AdminSection {
     fn default() -> Self {
         AdminSection {
             listen: "127.0.0.1:7180".into(),
+            tls_cert_file: None,
+            tls_key_file: None,
         }
+    }
+}
+
+/// A listener's certificate and key: both, or neither (plain).
+pub fn edge_tls(
+    section: &str,
+    cert: &Option<PathBuf>,
+    key: &Option<PathBuf>,
+) -> Result<Option<tidings_gateway::tls::TlsFiles>, ConfigError> {
+    match (cert, key) {
+        (Some(cert), Some(key)) => Ok(Some(tidings_gateway::tls::TlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+        })),
+        (None, None) => Ok(None),
+        _ => Err(ConfigError::Invalid(format!(
+            "{section}.tls_cert_file and {section}.tls_key_file go together"
+        ))),
     }
 }
 
@@ -255,9 +279,18 @@ pub struct GatewaySection {
     pub allowed_origins: Vec<String>,
     pub max_conversations_per_session: usize,
     pub heal_interval_ms: u64,
+    /// Serve `wss://` with this certificate chain and key (PEM; both or neither). Reloaded
+    /// when the files change. Without them the listener is plain `ws://`.
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+/// The NATS link: where, with which credential, over TLS or not
+/// (docs/decisions/nats-identity-and-permissions.md). At most one credential kind may be
+/// set. Secrets are never in this file itself: they come from files (mode 0600) or from
+/// `TIDINGS_NATS_PASSWORD` / `TIDINGS_NATS_TOKEN`; `Debug` redacts them and the URL's
+/// userinfo.
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NatsSection {
     pub url: String,
@@ -267,6 +300,170 @@ pub struct NatsSection {
     pub publish_backlog: usize,
     /// Log requests one log process serves at once (`--role log`).
     pub rpc_in_flight: usize,
+    /// User name for user/password authentication; the password comes from
+    /// `password_file` or `TIDINGS_NATS_PASSWORD`.
+    pub user: String,
+    pub password_file: Option<PathBuf>,
+    /// A file holding an authorization token (or `TIDINGS_NATS_TOKEN`).
+    pub token_file: Option<PathBuf>,
+    /// A file holding this role's NKey user seed (`tidings nats init` writes one per role).
+    pub nkey_seed_file: Option<PathBuf>,
+    /// A `.creds` file (user JWT + seed) for a server in operator/JWT mode.
+    pub creds_file: Option<PathBuf>,
+    /// The CA (PEM) that signed the NATS server's certificate.
+    pub tls_ca_file: Option<PathBuf>,
+    /// A client certificate and key (PEM), when the server verifies clients.
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
+    /// Refuse a server that does not speak TLS.
+    pub tls_required: bool,
+    /// How long the first connection waits for a server that is not up yet: 30s, 2m.
+    /// A refused credential or an untrusted certificate fails at once.
+    pub connect_wait: String,
+    /// From `TIDINGS_NATS_PASSWORD`, never from the file.
+    #[serde(skip)]
+    pub password_env: Option<String>,
+    /// From `TIDINGS_NATS_TOKEN`, never from the file.
+    #[serde(skip)]
+    pub token_env: Option<String>,
+}
+
+impl std::fmt::Debug for NatsSection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let redacted = |v: &Option<String>| v.as_ref().map(|_| "<redacted>");
+        f.debug_struct("NatsSection")
+            .field("url", &tidings_gateway::redact_url(&self.url))
+            .field("request_timeout_ms", &self.request_timeout_ms)
+            .field("stream_max_age_secs", &self.stream_max_age_secs)
+            .field("stream_max_bytes", &self.stream_max_bytes)
+            .field("publish_backlog", &self.publish_backlog)
+            .field("rpc_in_flight", &self.rpc_in_flight)
+            .field("user", &self.user)
+            .field("password_file", &self.password_file)
+            .field("token_file", &self.token_file)
+            .field("nkey_seed_file", &self.nkey_seed_file)
+            .field("creds_file", &self.creds_file)
+            .field("tls_ca_file", &self.tls_ca_file)
+            .field("tls_cert_file", &self.tls_cert_file)
+            .field("tls_key_file", &self.tls_key_file)
+            .field("tls_required", &self.tls_required)
+            .field("connect_wait", &self.connect_wait)
+            .field("password_env", &redacted(&self.password_env))
+            .field("token_env", &redacted(&self.token_env))
+            .finish()
+    }
+}
+
+/// Reads a secret file, trimmed; a file others can read is refused, so a seed or password
+/// left world-readable is found at startup rather than by someone else.
+fn read_secret_file(what: &str, path: &Path) -> Result<String, ConfigError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let meta = std::fs::metadata(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        if meta.permissions().mode() & 0o077 != 0 {
+            return Err(ConfigError::Invalid(format!(
+                "{what} {} is readable by other users (mode {:o}); chmod 600 it",
+                path.display(),
+                meta.permissions().mode() & 0o777
+            )));
+        }
+    }
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    let text = text.trim().to_string();
+    if text.is_empty() {
+        return Err(ConfigError::Invalid(format!(
+            "{what} {} is empty",
+            path.display()
+        )));
+    }
+    Ok(text)
+}
+
+impl NatsSection {
+    /// The credential and TLS settings, secrets read from their files; what
+    /// [`tidings_gateway::connect_nats`] takes. Exactly one credential kind, or none.
+    pub fn connect(&self) -> Result<tidings_gateway::NatsConnect, ConfigError> {
+        use tidings_gateway::NatsAuth;
+        let password = match (&self.password_env, &self.password_file) {
+            (Some(p), _) => Some(p.clone()),
+            (None, Some(f)) => Some(read_secret_file("nats.password_file", f)?),
+            (None, None) => None,
+        };
+        let token = match (&self.token_env, &self.token_file) {
+            (Some(t), _) => Some(t.clone()),
+            (None, Some(f)) => Some(read_secret_file("nats.token_file", f)?),
+            (None, None) => None,
+        };
+        let mut kinds = Vec::new();
+        if !self.user.is_empty() || password.is_some() {
+            kinds.push("user/password");
+        }
+        if token.is_some() {
+            kinds.push("token");
+        }
+        if self.nkey_seed_file.is_some() {
+            kinds.push("nkey_seed_file");
+        }
+        if self.creds_file.is_some() {
+            kinds.push("creds_file");
+        }
+        if kinds.len() > 1 {
+            return Err(ConfigError::Invalid(format!(
+                "nats: more than one credential is set ({}); keep one",
+                kinds.join(", ")
+            )));
+        }
+        let auth = if let Some(t) = token {
+            NatsAuth::Token(t)
+        } else if let Some(f) = &self.nkey_seed_file {
+            NatsAuth::NKeySeed(read_secret_file("nats.nkey_seed_file", f)?)
+        } else if let Some(f) = &self.creds_file {
+            NatsAuth::Creds(read_secret_file("nats.creds_file", f)?)
+        } else if !self.user.is_empty() || password.is_some() {
+            match (self.user.is_empty(), password) {
+                (false, Some(password)) => NatsAuth::UserPassword {
+                    user: self.user.clone(),
+                    password,
+                },
+                _ => {
+                    return Err(ConfigError::Invalid(
+                        "nats.user needs a password (nats.password_file or \
+                         TIDINGS_NATS_PASSWORD), and a password needs nats.user"
+                            .into(),
+                    ));
+                }
+            }
+        } else {
+            NatsAuth::None
+        };
+        let tls_client_cert = match (&self.tls_cert_file, &self.tls_key_file) {
+            (Some(c), Some(k)) => Some((c.clone(), k.clone())),
+            (None, None) => None,
+            _ => {
+                return Err(ConfigError::Invalid(
+                    "nats.tls_cert_file and nats.tls_key_file go together".into(),
+                ));
+            }
+        };
+        let wait = parse_duration_secs(&self.connect_wait)
+            .map_err(|e| ConfigError::Invalid(format!("nats.connect_wait: {e}")))?;
+        Ok(tidings_gateway::NatsConnect {
+            url: self.url.clone(),
+            auth,
+            tls_ca_file: self.tls_ca_file.clone(),
+            tls_client_cert,
+            tls_required: self.tls_required,
+            initial_wait: std::time::Duration::from_secs(wait),
+            inbox_prefix: None,
+        })
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -297,6 +494,8 @@ impl Default for GatewaySection {
             allowed_origins: d.allowed_origins,
             max_conversations_per_session: d.max_conversations_per_session,
             heal_interval_ms: d.heal_interval.as_millis() as u64,
+            tls_cert_file: None,
+            tls_key_file: None,
         }
     }
 }
@@ -311,6 +510,18 @@ impl Default for NatsSection {
             stream_max_bytes: d.stream_max_bytes,
             publish_backlog: d.backlog,
             rpc_in_flight: 1024,
+            user: String::new(),
+            password_file: None,
+            token_file: None,
+            nkey_seed_file: None,
+            creds_file: None,
+            tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
+            tls_required: false,
+            connect_wait: "30s".into(),
+            password_env: None,
+            token_env: None,
         }
     }
 }
@@ -446,6 +657,48 @@ impl Config {
         }
         if let Some(v) = env("TIDINGS_NATS_URL") {
             self.nats.url = v;
+        }
+        self.nats.password_env = env("TIDINGS_NATS_PASSWORD").filter(|v| !v.is_empty());
+        self.nats.token_env = env("TIDINGS_NATS_TOKEN").filter(|v| !v.is_empty());
+        if let Some(v) = env("TIDINGS_NATS_USER") {
+            self.nats.user = v;
+        }
+        let nats_files: [(&'static str, &mut Option<PathBuf>); 7] = [
+            ("TIDINGS_NATS_PASSWORD_FILE", &mut self.nats.password_file),
+            ("TIDINGS_NATS_TOKEN_FILE", &mut self.nats.token_file),
+            ("TIDINGS_NATS_NKEY_SEED_FILE", &mut self.nats.nkey_seed_file),
+            ("TIDINGS_NATS_CREDS_FILE", &mut self.nats.creds_file),
+            ("TIDINGS_NATS_TLS_CA_FILE", &mut self.nats.tls_ca_file),
+            ("TIDINGS_NATS_TLS_CERT_FILE", &mut self.nats.tls_cert_file),
+            ("TIDINGS_NATS_TLS_KEY_FILE", &mut self.nats.tls_key_file),
+        ];
+        for (name, slot) in nats_files {
+            if let Some(v) = env(name) {
+                *slot = (!v.is_empty()).then(|| PathBuf::from(v));
+            }
+        }
+        let edge_files: [(&'static str, &mut Option<PathBuf>); 4] = [
+            (
+                "TIDINGS_GATEWAY_TLS_CERT_FILE",
+                &mut self.gateway.tls_cert_file,
+            ),
+            (
+                "TIDINGS_GATEWAY_TLS_KEY_FILE",
+                &mut self.gateway.tls_key_file,
+            ),
+            ("TIDINGS_ADMIN_TLS_CERT_FILE", &mut self.admin.tls_cert_file),
+            ("TIDINGS_ADMIN_TLS_KEY_FILE", &mut self.admin.tls_key_file),
+        ];
+        for (name, slot) in edge_files {
+            if let Some(v) = env(name) {
+                *slot = (!v.is_empty()).then(|| PathBuf::from(v));
+            }
+        }
+        if let Some(v) = env("TIDINGS_NATS_TLS_REQUIRED") {
+            self.nats.tls_required = parse_env("TIDINGS_NATS_TLS_REQUIRED", &v)?;
+        }
+        if let Some(v) = env("TIDINGS_NATS_CONNECT_WAIT") {
+            self.nats.connect_wait = v;
         }
         if let Some(v) = env("TIDINGS_STORE_BACKEND") {
             self.store.backend = v;
@@ -637,6 +890,10 @@ impl Config {
         }
         self.archive_config()?;
         self.archive_storage()?;
+        edge_tls("gateway", &g.tls_cert_file, &g.tls_key_file)?;
+        edge_tls("admin", &self.admin.tls_cert_file, &self.admin.tls_key_file)?;
+        parse_duration_secs(&self.nats.connect_wait)
+            .map_err(|e| ConfigError::Invalid(format!("nats.connect_wait: {e}")))?;
         self.tenant_keys()?;
         if self.backend()? == Backend::Tikv {
             self.tikv_config()?;
@@ -902,6 +1159,71 @@ mod tests {
         assert_eq!(format!("{:?}", cfg.admin), format!("{:?}", d.admin));
         assert_eq!(format!("{:?}", cfg.keys), format!("{:?}", d.keys));
         assert_eq!(format!("{:?}", cfg.store), format!("{:?}", d.store));
+    }
+
+    #[test]
+    fn nats_credentials_come_from_files_or_env_one_kind_only_and_never_show_in_debug() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let seed = dir.path().join("log.nk");
+        std::fs::write(&seed, "SUSEEDSECRET\n").expect("write");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&seed, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+            let cfg = Config::load(
+                None,
+                env(&[("TIDINGS_NATS_NKEY_SEED_FILE", seed.to_str().expect("utf-8"))]),
+            )
+            .expect("load");
+            let err = cfg.nats.connect().expect_err("a world-readable seed");
+            assert!(err.to_string().contains("chmod 600"), "{err}");
+            std::fs::set_permissions(&seed, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        }
+        let cfg = Config::load(
+            None,
+            env(&[
+                ("TIDINGS_NATS_NKEY_SEED_FILE", seed.to_str().expect("utf-8")),
+                ("TIDINGS_NATS_URL", "nats://u:hunter2@127.0.0.1:4222"),
+            ]),
+        )
+        .expect("load");
+        let c = cfg.nats.connect().expect("connect options");
+        assert!(matches!(&c.auth, tidings_gateway::NatsAuth::NKeySeed(s) if s == "SUSEEDSECRET"));
+        for shown in [format!("{:?}", cfg.nats), format!("{c:?}")] {
+            assert!(
+                !shown.contains("SUSEEDSECRET") && !shown.contains("hunter2"),
+                "{shown}"
+            );
+        }
+
+        let cfg = Config::load(
+            None,
+            env(&[
+                ("TIDINGS_NATS_USER", "gw"),
+                ("TIDINGS_NATS_PASSWORD", "hunter2"),
+            ]),
+        )
+        .expect("load");
+        assert!(!format!("{cfg:?}").contains("hunter2"));
+        assert!(matches!(
+            cfg.nats.connect().expect("user/password").auth,
+            tidings_gateway::NatsAuth::UserPassword { .. }
+        ));
+        let cfg = Config::load(
+            None,
+            env(&[
+                ("TIDINGS_NATS_TOKEN", "t0k"),
+                ("TIDINGS_NATS_NKEY_SEED_FILE", seed.to_str().expect("utf-8")),
+            ]),
+        )
+        .expect("load");
+        let err = cfg.nats.connect().expect_err("two kinds");
+        assert!(
+            err.to_string().contains("more than one credential"),
+            "{err}"
+        );
+        let cfg = Config::load(None, env(&[("TIDINGS_NATS_PASSWORD", "p")])).expect("load");
+        assert!(cfg.nats.connect().is_err(), "a password without a user");
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! - [`admin`]: the admin HTTP listener of `serve`: health, compliance search, audit log.
 //! - [`archive`]: `tidings archive run|inspect|verify` and the periodic archiver of `serve`.
 //! - [`chat`]: `tidings chat`, a terminal client.
+//! - [`nats_init`]: `tidings nats init`: a NATS identity per role and its permissions.
 //! - [`bench`], [`bench_gateway`], [`bench_archive`], [`bench_compliance`]: `tidings bench`,
 //!   tidings against its baselines in one run; [`bench_corpus`]: the chat corpus and
 //!   plaintext Parquet baseline they share.
@@ -25,5 +26,6 @@ pub mod cli;
 pub mod commands;
 pub mod compliance;
 pub mod config;
+pub mod nats_init;
 pub mod output;
 pub mod serve;

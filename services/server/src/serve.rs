@@ -88,11 +88,78 @@ async fn start_admin(
         Some(crate::archive::objects(config)?),
         archive_gate,
     );
-    let admin = crate::admin::Admin::start(addr, verifier, compliance)
+    let tls = edge_tls(
+        "admin",
+        &config.admin.tls_cert_file,
+        &config.admin.tls_key_file,
+        ADMIN_ALPN,
+    )?;
+    let secure = tls.is_some();
+    let admin = crate::admin::Admin::start(addr, verifier, compliance, tls)
         .await
         .with_context(|| format!("admin listener on {addr}"))?;
-    eprintln!("tidings: admin on http://{}", admin.local_addr());
+    announce(
+        "admin",
+        admin.local_addr(),
+        secure,
+        "https://",
+        "http://",
+        "",
+    );
     Ok(admin.into())
+}
+
+/// The admin listener speaks HTTP/1.1 only; saying so in ALPN lets clients skip h2.
+const ADMIN_ALPN: &[&[u8]] = &[b"http/1.1"];
+
+/// The TLS acceptor of a listener, if its section names a certificate; a certificate that
+/// does not load fails startup.
+fn edge_tls(
+    section: &str,
+    cert: &Option<std::path::PathBuf>,
+    key: &Option<std::path::PathBuf>,
+    alpn: &'static [&'static [u8]],
+) -> anyhow::Result<Option<tidings_gateway::tls::ReloadingAcceptor>> {
+    let Some(files) = crate::config::edge_tls(section, cert, key)? else {
+        return Ok(None);
+    };
+    let acceptor = tidings_gateway::tls::ReloadingAcceptor::start(files, alpn)
+        .with_context(|| format!("load the {section} TLS certificate"))?;
+    Ok(Some(acceptor))
+}
+
+/// Says where a listener is, and loudly when it is plain on an address others can reach.
+fn announce(what: &str, addr: SocketAddr, tls: bool, secure: &str, plain: &str, path: &str) {
+    // The address ends the first part of each line: tests and scripts read the port there.
+    if tls {
+        eprintln!("tidings: {what} on {secure}{addr}{path}");
+    } else if addr.ip().is_loopback() {
+        eprintln!("tidings: {what} on {plain}{addr}{path} (plain, loopback only)");
+    } else {
+        eprintln!(
+            "tidings: {what} on {plain}{addr}{path} WARNING, PLAIN and reachable from the \
+             network, unencrypted (tokens and messages in the clear); set {what}.tls_cert_file \
+             and {what}.tls_key_file"
+        );
+    }
+}
+
+/// The NATS connection of a `serve` role (and of every tool that talks to NATS), with the
+/// configured credential and TLS. A refused credential or an untrusted server certificate
+/// fails here, at startup.
+pub async fn connect_nats(
+    config: &Config,
+    role: Role,
+) -> anyhow::Result<(async_nats::Client, tokio::sync::broadcast::Sender<()>)> {
+    let mut opts = config.nats.connect()?;
+    let role_name = match role {
+        Role::All => "all",
+        Role::Log => "log",
+        Role::Gateway => "gateway",
+        Role::Archiver => "archiver",
+    };
+    opts.inbox_prefix = Some(crate::nats_init::inbox_prefix(role_name));
+    Ok(tidings_gateway::connect_nats(&opts, &format!("tidings-{role_name}")).await?)
 }
 
 async fn shutdown_signal() {
@@ -139,9 +206,7 @@ pub async fn serve(config: Config, role: Role) -> anyhow::Result<()> {
         Role::Log => None,
         _ => Some(verifier(&config)?),
     };
-    let (nats, reconnected) = tidings_gateway::connect_nats(&config.nats.url, "tidings")
-        .await
-        .with_context(|| format!("connect to NATS at {}", config.nats.url))?;
+    let (nats, reconnected) = connect_nats(&config, role).await?;
 
     // Held shared by compliance reads and exclusively by an archive pass, so a read never
     // sees events halfway between the tiers; made here, once per process, for both.
@@ -196,6 +261,12 @@ pub async fn serve(config: Config, role: Role) -> anyhow::Result<()> {
     match (role, service, verifier) {
         (Role::All | Role::Gateway, Some(service), Some(verifier)) => {
             let addr: SocketAddr = config.gateway.listen.parse()?;
+            let tls = edge_tls(
+                "gateway",
+                &config.gateway.tls_cert_file,
+                &config.gateway.tls_key_file,
+                &[],
+            )?;
             let listener = TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("listen on {addr}"))?;
@@ -206,11 +277,15 @@ pub async fn serve(config: Config, role: Role) -> anyhow::Result<()> {
                 verifier,
                 reconnected,
             );
-            eprintln!("tidings: gateway on ws://{}/v1/ws", listener.local_addr()?);
-            tidings_gateway::run(listener, shared, shutdown_signal()).await;
+            let local = listener.local_addr()?;
+            announce("gateway", local, tls.is_some(), "wss://", "ws://", "/v1/ws");
+            tidings_gateway::run(listener, shared, tls, shutdown_signal()).await;
         }
         _ => {
-            eprintln!("tidings: log service on NATS {}", config.nats.url);
+            eprintln!(
+                "tidings: log service on NATS {}",
+                tidings_gateway::redact_url(&config.nats.url)
+            );
             shutdown_signal().await;
         }
     }
