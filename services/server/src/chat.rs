@@ -64,6 +64,9 @@ pub async fn run(url: &str, token: &str, conv: &str) -> anyhow::Result<bool> {
     let Some(state) = sync.conversations.iter().find(|s| s.conversation == conv) else {
         anyhow::bail!("{} is not a member of {conv}", welcome.user);
     };
+    if let Some(e) = &state.error {
+        anyhow::bail!("{conv} cannot be read right now: {}", e.message);
+    }
     tracker.advance(conv, state.head_seq);
 
     // Sending runs beside receiving; sends are sequential so they keep the input's order.
