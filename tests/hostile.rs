@@ -24,6 +24,15 @@ const WAIT: Duration = Duration::from_secs(20);
 
 type Raw = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
 
+/// A sandbox with group `conv` (alice, bob), a nats-server and `tidings serve` with `env`.
+fn serve(conv: &str, env: &[(&str, &str)]) -> (Sandbox, Nats, Server) {
+    let s = Sandbox::new();
+    s.group(conv);
+    let nats = Nats::start();
+    let server = Server::start(&s, &nats, "all", env);
+    (s, nats, server)
+}
+
 async fn connect(server: &Server, s: &Sandbox, user: &str) -> Connection {
     let token = s.token("acme", user, 3600);
     let (conn, _) = Connection::open(&server.url(), &token, "test")
@@ -135,13 +144,8 @@ async fn round_trip(from: &Connection, to: &mut Connection, conv: &str, id: &str
 /// session is cut off with 4008, and the others are served throughout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sessions_that_never_read_their_history_pages_are_cut_off_and_memory_stays_bounded() {
-    let s = Sandbox::new();
-    s.group("big");
-    let nats = Nats::start();
-    let server = Server::start(
-        &s,
-        &nats,
-        "all",
+    let (s, _nats, server) = serve(
+        "big",
         &[
             ("TIDINGS_GATEWAY_FRAMES_PER_SECOND", "100000"),
             ("TIDINGS_GATEWAY_FRAME_BURST", "100000"),
@@ -295,13 +299,8 @@ async fn sessions_that_never_read_their_history_pages_are_cut_off_and_memory_sta
 /// its normal time, and the stalled connections are shed at the handshake deadline.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn idle_connections_and_a_handshake_flood_leave_existing_sessions_working() {
-    let s = Sandbox::new();
-    s.group("general");
-    let nats = Nats::start();
-    let server = Server::start(
-        &s,
-        &nats,
-        "all",
+    let (s, _nats, server) = serve(
+        "general",
         &[
             ("TIDINGS_GATEWAY_HANDSHAKE_TIMEOUT_MS", "1000"),
             ("TIDINGS_GATEWAY_MAX_CONNECTIONS", "30000"),
@@ -387,13 +386,8 @@ async fn idle_connections_and_a_handshake_flood_leave_existing_sessions_working(
 /// when connections go.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn caps_per_ip_and_per_user_refuse_with_their_codes_and_free_their_places() {
-    let s = Sandbox::new();
-    s.group("general");
-    let nats = Nats::start();
-    let server = Server::start(
-        &s,
-        &nats,
-        "all",
+    let (s, _nats, server) = serve(
+        "general",
         &[
             ("TIDINGS_GATEWAY_MAX_CONNECTIONS_PER_IP", "3"),
             ("TIDINGS_GATEWAY_MAX_SESSIONS_PER_USER", "2"),
@@ -458,13 +452,8 @@ async fn caps_per_ip_and_per_user_refuse_with_their_codes_and_free_their_places(
 /// one that neither sends nor pongs is closed with 4012.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_session_is_cut_off_at_the_idle_timeout_and_a_ponging_one_stays() {
-    let s = Sandbox::new();
-    s.group("general");
-    let nats = Nats::start();
-    let server = Server::start(
-        &s,
-        &nats,
-        "all",
+    let (s, _nats, server) = serve(
+        "general",
         &[
             ("TIDINGS_GATEWAY_PING_INTERVAL_MS", "200"),
             ("TIDINGS_GATEWAY_IDLE_TIMEOUT_MS", "1000"),
@@ -621,13 +610,8 @@ async fn sync_is_paginated_and_one_unreadable_conversation_does_not_fail_it() {
 /// creation rate, non-members, bad ids.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_typed_safe_errors_and_another_session_loses_nothing() {
-    let s = Sandbox::new();
-    s.group("general");
-    let nats = Nats::start();
-    let server = Server::start(
-        &s,
-        &nats,
-        "all",
+    let (s, _nats, server) = serve(
+        "general",
         &[
             ("TIDINGS_LOG_MAX_MEMBERS_PER_REQUEST", "5"),
             (
