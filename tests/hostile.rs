@@ -449,7 +449,8 @@ async fn caps_per_ip_and_per_user_refuse_with_their_codes_and_free_their_places(
 }
 
 /// The server pings; a client that answers (its library pongs while it reads) stays,
-/// one that neither sends nor pongs is closed with 4012.
+/// one that neither sends nor pongs is closed with 4012. One that never says Hello is closed
+/// at the Hello deadline (4003), pings answered or not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_session_is_cut_off_at_the_idle_timeout_and_a_ponging_one_stays() {
     let (s, _nats, server) = serve(
@@ -457,11 +458,19 @@ async fn a_silent_session_is_cut_off_at_the_idle_timeout_and_a_ponging_one_stays
         &[
             ("TIDINGS_GATEWAY_PING_INTERVAL_MS", "200"),
             ("TIDINGS_GATEWAY_IDLE_TIMEOUT_MS", "1000"),
+            ("TIDINGS_GATEWAY_HELLO_TIMEOUT_MS", "1500"),
         ],
     );
     let mut quiet = connect(&server, &s, "alice").await;
     let mut silent = raw_from(&server, "127.0.0.1").await.expect("connect");
     send_op(&mut silent, 1, hello(s.token("acme", "bob", 3600))).await;
+    // Anonymous, but reading (so its library pongs): the Hello deadline still holds.
+    let mut anonymous = raw_from(&server, "127.0.0.1").await.expect("connect");
+    let anonymous = tokio::spawn(async move {
+        let started = Instant::now();
+        let end = read_to_end(&mut anonymous, WAIT).await;
+        (end.goodbye, end.code, started.elapsed())
+    });
     let start = Instant::now();
     // The quiet client sends nothing for 3 idle timeouts; its library answers the pings.
     while start.elapsed() < Duration::from_secs(3) {
@@ -480,6 +489,12 @@ async fn a_silent_session_is_cut_off_at_the_idle_timeout_and_a_ponging_one_stays
         (end.goodbye, end.code),
         (Some(CloseReason::IdleTimeout), Some(4012))
     );
+    let (goodbye, code, after) = anonymous.await.expect("anonymous");
+    assert_eq!(
+        (goodbye, code),
+        (Some(CloseReason::ProtocolViolation), Some(4003))
+    );
+    assert!(after < Duration::from_secs(3), "closed after {after:?}");
 }
 
 /// Sync comes in pages of at most `sync_page_conversations`, each with a cursor to go on;
