@@ -12,8 +12,9 @@
 //!   Checked at Hello, when the user is known; over it, the Hello is refused and the
 //!   connection closed with `TOO_MANY_SESSIONS`.
 //!
-//! Refusals are counted ([`Admission::refused`]) and logged at debug level: a flood must not
-//! turn into a flood of log lines.
+//! Refusals are counted ([`Admission::refused`]) and logged at warn level at the 1st, 2nd,
+//! 4th, 8th, ... refusal of each cause: an operator sees that a cap bites and how often, and
+//! a flood does not turn into a flood of log lines.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -21,6 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tidings_log::{TenantId, UserId};
+use tracing::warn;
 
 /// The caps.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -89,13 +91,11 @@ impl Admission {
         let limits = self.inner.limits;
         let mut counts = self.counts();
         if counts.total >= limits.max_connections {
-            self.inner.refused.global.fetch_add(1, Ordering::Relaxed);
-            return Err(Refusal::Global);
+            return Err(count(&self.inner.refused.global, Refusal::Global));
         }
         let from_ip = counts.per_ip.get(&ip).copied().unwrap_or(0);
         if from_ip >= limits.max_connections_per_ip {
-            self.inner.refused.per_ip.fetch_add(1, Ordering::Relaxed);
-            return Err(Refusal::PerIp);
+            return Err(count(&self.inner.refused.per_ip, Refusal::PerIp));
         }
         counts.total += 1;
         counts.per_ip.insert(ip, from_ip + 1);
@@ -111,8 +111,7 @@ impl Admission {
         let key = (tenant.clone(), user.clone());
         let n = counts.per_user.get(&key).copied().unwrap_or(0);
         if n >= self.inner.limits.max_sessions_per_user {
-            self.inner.refused.per_user.fetch_add(1, Ordering::Relaxed);
-            return Err(Refusal::PerUser);
+            return Err(count(&self.inner.refused.per_user, Refusal::PerUser));
         }
         counts.per_user.insert(key.clone(), n + 1);
         Ok(SessionPermit {
@@ -142,6 +141,15 @@ impl Admission {
     pub fn limits(&self) -> Limits {
         self.inner.limits
     }
+}
+
+/// Counts a refusal; logs the 1st, 2nd, 4th, 8th, ... of each cause.
+fn count(counter: &AtomicU64, why: Refusal) -> Refusal {
+    let n = counter.fetch_add(1, Ordering::Relaxed) + 1;
+    if n.is_power_of_two() {
+        warn!(cause = ?why, refused = n, "refused over a connection or session cap");
+    }
+    why
 }
 
 /// One admitted connection; dropping it frees its place.
