@@ -400,6 +400,23 @@ impl Server {
         format!("ws://127.0.0.1:{}/v1/ws", self.port)
     }
 
+    /// The server's process id (to read its memory from /proc).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Its resident set size now, in bytes (VmRSS in /proc/PID/status).
+    pub fn rss_bytes(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("read /proc/PID/status");
+        let kb: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS in /proc/PID/status");
+        kb * 1024
+    }
+
     /// SIGTERM, as a service manager stops it; waits for it to exit and returns success.
     pub fn terminate(&mut self) -> bool {
         let _ = Command::new("kill")

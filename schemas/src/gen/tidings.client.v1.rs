@@ -87,6 +87,11 @@ pub struct KnownConversation {
     pub last_seq: u64,
 }
 /// Catch up after connecting. Conversations not listed in `known` are treated as last_seq 0.
+///
+/// Paginated: one answer covers the user's conversations in id order after `cursor`, as many
+/// as fit in the reply's byte budget and at most `max_conversations` (0: the server's
+/// default, gateway.sync_page_conversations). SyncResult.next_cursor is empty when every
+/// conversation was covered; otherwise send the same Sync again with cursor = next_cursor.
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct Sync {
     #[prost(message, repeated, tag = "1")]
@@ -94,9 +99,16 @@ pub struct Sync {
     /// Most events per conversation; 0 means the server's default.
     #[prost(uint32, tag = "2")]
     pub latest: u32,
+    /// Start after this conversation id ("" = from the first); a previous next_cursor.
+    #[prost(string, tag = "3")]
+    pub cursor: ::prost::alloc::string::String,
+    /// Most conversations in this answer; 0 = the server's default (and it caps it).
+    #[prost(uint32, tag = "4")]
+    pub max_conversations: u32,
 }
 /// Older history: up to `limit` events before `before_seq` (exclusive; 0 = from the head),
-/// returned in ascending seq order.
+/// returned in ascending seq order. Fewer when the page reached the reply's byte budget
+/// (Events.more is then true: ask again with before_seq = the first seq returned).
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct History {
     #[prost(string, tag = "1")]
@@ -106,7 +118,8 @@ pub struct History {
     #[prost(uint32, tag = "3")]
     pub limit: u32,
 }
-/// Fill a gap: events from_seq..=to_seq (at most the server's read limit), ascending.
+/// Fill a gap: events from_seq..=to_seq (at most the server's read limit and the reply's byte
+/// budget), ascending. Events.more: the range goes on after the last seq returned.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct Pull {
     #[prost(string, tag = "1")]
@@ -274,14 +287,24 @@ pub struct ConversationState {
     /// Events after the client's last_seq, ascending, at most `latest` (the newest ones).
     #[prost(message, repeated, tag = "5")]
     pub events: ::prost::alloc::vec::Vec<super::super::v1::Event>,
-    /// True when there were more events after last_seq than were returned.
+    /// True when there were more events after last_seq than were returned (more than
+    /// `latest`, or more than fit in the reply's byte budget): the returned ones are the
+    /// newest; page the older ones with History or Pull.
     #[prost(bool, tag = "6")]
     pub truncated: bool,
+    /// Set when this conversation could not be read right now (the others are unaffected):
+    /// head_seq, read_seq, unread and events are then unset. Retry later with the same known.
+    #[prost(message, optional, tag = "7")]
+    pub error: ::core::option::Option<Error>,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct SyncResult {
     #[prost(message, repeated, tag = "1")]
     pub conversations: ::prost::alloc::vec::Vec<ConversationState>,
+    /// Empty: the user's every conversation was covered. Otherwise send Sync again with
+    /// cursor = next_cursor for the next page.
+    #[prost(string, tag = "2")]
+    pub next_cursor: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct Events {
@@ -291,6 +314,11 @@ pub struct Events {
     pub events: ::prost::alloc::vec::Vec<super::super::v1::Event>,
     #[prost(uint64, tag = "3")]
     pub head_seq: u64,
+    /// True when the answer stopped short of what was asked (the read limit or the reply's
+    /// byte budget): History: older events remain before the first seq returned; Pull: the
+    /// range goes on after the last seq returned.
+    #[prost(bool, tag = "4")]
+    pub more: bool,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ReadCursor {
@@ -330,6 +358,9 @@ pub struct ConversationSummary {
 pub struct ConversationList {
     #[prost(message, repeated, tag = "1")]
     pub conversations: ::prost::alloc::vec::Vec<ConversationSummary>,
+    /// True when more conversations may follow: ask again with after = the last one returned.
+    #[prost(bool, tag = "2")]
+    pub more: bool,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct Member {
@@ -344,6 +375,9 @@ pub struct Member {
 pub struct MemberList {
     #[prost(message, repeated, tag = "1")]
     pub members: ::prost::alloc::vec::Vec<Member>,
+    /// True when more members may follow: ask again with after = the last one returned.
+    #[prost(bool, tag = "2")]
+    pub more: bool,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct Error {
@@ -356,6 +390,10 @@ pub struct Error {
     pub retry_after_ms: u64,
     #[prost(bool, tag = "4")]
     pub retryable: bool,
+    /// For errors the client cannot fix (UNAVAILABLE, INTERNAL): the id under which the server
+    /// logged the cause. Quote it to an operator; it means nothing else.
+    #[prost(string, tag = "5")]
+    pub trace_id: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct Goodbye {
@@ -382,6 +420,7 @@ pub enum ErrorCode {
     NotAllowed = 10,
     NotFound = 11,
     AlreadyExists = 12,
+    /// Too many requests (frames, or conversations created by the user); wait retry_after_ms.
     RateLimited = 13,
     /// Temporarily unable (store or log service unreachable); retry later.
     Unavailable = 14,
@@ -447,9 +486,17 @@ pub enum CloseReason {
     /// Operations before Hello, a second Hello, no Hello in time.
     ProtocolViolation = 4003,
     /// The client did not read its pushes fast enough; its queue filled up.
+    /// The client did not read its replies and pushes fast enough: its outbound queue (bounded
+    /// in frames and in bytes, gateway.outbound_queue_bytes) filled up.
     SlowConsumer = 4008,
+    /// The user's tokens were revoked (`tidings token revoke`): every session of the user ends.
+    Revoked = 4011,
+    /// Nothing (no frame, no pong to the server's pings) arrived for gateway.idle_timeout_ms.
+    IdleTimeout = 4012,
     /// The server cannot serve the session right now (e.g. the log is unreachable); reconnect later.
     Unavailable = 4013,
+    /// The user already has gateway.max_sessions_per_user sessions on this gateway.
+    TooManySessions = 4014,
     Flood = 4029,
     ShuttingDown = 4050,
 }
@@ -466,7 +513,10 @@ impl CloseReason {
             Self::TokenExpired => "CLOSE_REASON_TOKEN_EXPIRED",
             Self::ProtocolViolation => "CLOSE_REASON_PROTOCOL_VIOLATION",
             Self::SlowConsumer => "CLOSE_REASON_SLOW_CONSUMER",
+            Self::Revoked => "CLOSE_REASON_REVOKED",
+            Self::IdleTimeout => "CLOSE_REASON_IDLE_TIMEOUT",
             Self::Unavailable => "CLOSE_REASON_UNAVAILABLE",
+            Self::TooManySessions => "CLOSE_REASON_TOO_MANY_SESSIONS",
             Self::Flood => "CLOSE_REASON_FLOOD",
             Self::ShuttingDown => "CLOSE_REASON_SHUTTING_DOWN",
         }
@@ -480,7 +530,10 @@ impl CloseReason {
             "CLOSE_REASON_TOKEN_EXPIRED" => Some(Self::TokenExpired),
             "CLOSE_REASON_PROTOCOL_VIOLATION" => Some(Self::ProtocolViolation),
             "CLOSE_REASON_SLOW_CONSUMER" => Some(Self::SlowConsumer),
+            "CLOSE_REASON_REVOKED" => Some(Self::Revoked),
+            "CLOSE_REASON_IDLE_TIMEOUT" => Some(Self::IdleTimeout),
             "CLOSE_REASON_UNAVAILABLE" => Some(Self::Unavailable),
+            "CLOSE_REASON_TOO_MANY_SESSIONS" => Some(Self::TooManySessions),
             "CLOSE_REASON_FLOOD" => Some(Self::Flood),
             "CLOSE_REASON_SHUTTING_DOWN" => Some(Self::ShuttingDown),
             _ => None,

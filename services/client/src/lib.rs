@@ -390,10 +390,41 @@ impl Requester {
         }
     }
 
+    /// Catches up on every conversation of the user: asks Sync page after page (the server
+    /// answers a bounded number of conversations and bytes per page) and returns them all,
+    /// in id order. Conversations the server could not read carry their `error`.
     pub async fn sync(
         &self,
         known: &[(String, u64)],
         latest: u32,
+    ) -> Result<proto::SyncResult, ClientError> {
+        let mut all = proto::SyncResult::default();
+        let mut cursor = String::new();
+        loop {
+            let page = self.sync_page(known, latest, &cursor, 0).await?;
+            all.conversations.extend(page.conversations);
+            if page.next_cursor.is_empty() {
+                return Ok(all);
+            }
+            if page.next_cursor <= cursor {
+                return Err(ClientError::Unexpected(format!(
+                    "Sync cursor went from {cursor:?} back to {:?}",
+                    page.next_cursor
+                )));
+            }
+            cursor = page.next_cursor;
+        }
+    }
+
+    /// One page of Sync: conversations after `cursor` ("" = from the first), at most
+    /// `max_conversations` (0 = the server's default). Send the next with its `next_cursor`
+    /// until that is empty.
+    pub async fn sync_page(
+        &self,
+        known: &[(String, u64)],
+        latest: u32,
+        cursor: &str,
+        max_conversations: u32,
     ) -> Result<proto::SyncResult, ClientError> {
         let op = Op::Sync(proto::Sync {
             known: known
@@ -404,6 +435,8 @@ impl Requester {
                 })
                 .collect(),
             latest,
+            cursor: cursor.to_string(),
+            max_conversations,
         });
         match self.request(op).await? {
             Msg::SyncResult(r) => Ok(r),
@@ -418,7 +451,8 @@ impl Requester {
         }
     }
 
-    /// Up to `limit` events before `before_seq` (0: from the head), ascending.
+    /// Up to `limit` events before `before_seq` (0: from the head), ascending; fewer when
+    /// the server's reply budget cut the page (`more` is then set).
     pub async fn history(
         &self,
         conversation: &str,

@@ -13,11 +13,12 @@
 //!   transport key (fetched from the log once per key id, cached in the registry). An
 //!   envelope that does not open is treated as lost, never delivered: the hub heals from the
 //!   log, as for any gap.
-//! - Sessions have bounded outbound queues; a hub never waits for a session. A session whose
-//!   queue is full is disconnected as a slow consumer ([`SessionHandle::push`]).
+//! - Sessions have outbound queues bounded in frames and in bytes ([`OutboundBudget`]); a hub
+//!   never waits for a session. A session whose queue is full is disconnected as a slow
+//!   consumer ([`SessionHandle::push`]).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -49,6 +50,82 @@ pub struct SessionHandle {
     pub user: UserId,
     tx: mpsc::Sender<Bytes>,
     kill: Arc<KillSwitch>,
+    budget: Arc<OutboundBudget>,
+}
+
+/// The bytes a session's outbound queue may hold: frames are charged when queued (pushes by
+/// hubs, replies by the session) and refunded by the writer task once written to the socket.
+/// Counting frames alone let one client hold a thousand 60 KB replies; this bounds what a
+/// client that stops reading can make the gateway keep.
+#[derive(Debug)]
+pub struct OutboundBudget {
+    queued: AtomicUsize,
+    limit: usize,
+}
+
+impl OutboundBudget {
+    pub fn new(limit: usize) -> Arc<Self> {
+        Arc::new(OutboundBudget {
+            queued: AtomicUsize::new(0),
+            limit,
+        })
+    }
+
+    /// Charges `n` bytes; false (nothing charged) if that would cross the limit.
+    pub fn charge(&self, n: usize) -> bool {
+        self.queued
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| {
+                q.checked_add(n).filter(|t| *t <= self.limit)
+            })
+            .is_ok()
+    }
+
+    /// Gives back `n` bytes charged earlier (the frame left).
+    pub fn refund(&self, n: usize) {
+        let _ = self
+            .queued
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| {
+                Some(q.saturating_sub(n))
+            });
+    }
+
+    /// Bytes queued now.
+    pub fn queued(&self) -> usize {
+        self.queued.load(Ordering::Acquire)
+    }
+}
+
+/// Queues `frame` on a session's outbound queue without waiting, charging its budget. Over
+/// the budget or the frame count, the session is closed as a slow consumer and false is
+/// returned. Shared by pushes ([`SessionHandle::push`]) and the session's own replies.
+pub fn queue_frame(
+    tx: &mpsc::Sender<Bytes>,
+    budget: &OutboundBudget,
+    kill: &KillSwitch,
+    frame: Bytes,
+) -> bool {
+    let slow = |what: &str| {
+        kill.fire(CloseOrder {
+            reason: proto::CloseReason::SlowConsumer,
+            message: format!("outbound queue full ({what}): the client is not reading fast enough"),
+        });
+        false
+    };
+    let n = frame.len();
+    if !budget.charge(n) {
+        return slow("bytes");
+    }
+    match tx.try_send(frame) {
+        Ok(()) => true,
+        Err(mpsc::error::TrySendError::Full(_)) => {
+            budget.refund(n);
+            slow("frames")
+        }
+        Err(mpsc::error::TrySendError::Closed(_)) => {
+            budget.refund(n);
+            false
+        }
+    }
 }
 
 /// Tells a session's connection task to close, once.
@@ -79,6 +156,7 @@ impl SessionHandle {
         user: UserId,
         tx: mpsc::Sender<Bytes>,
         kill: Arc<KillSwitch>,
+        budget: Arc<OutboundBudget>,
     ) -> Self {
         SessionHandle {
             id,
@@ -86,23 +164,14 @@ impl SessionHandle {
             user,
             tx,
             kill,
+            budget,
         }
     }
 
-    /// Queues a frame without waiting. A full queue means the client is not reading: it is
-    /// disconnected rather than allowed to grow the gateway's memory.
+    /// Queues a frame without waiting. A full queue (in frames or bytes) means the client is
+    /// not reading: it is disconnected rather than allowed to grow the gateway's memory.
     pub fn push(&self, frame: Bytes) -> bool {
-        match self.tx.try_send(frame) {
-            Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                self.kill.fire(CloseOrder {
-                    reason: proto::CloseReason::SlowConsumer,
-                    message: "outbound queue full: the client is not reading fast enough".into(),
-                });
-                false
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
-        }
+        queue_frame(&self.tx, &self.budget, &self.kill, frame)
     }
 }
 

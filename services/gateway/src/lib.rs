@@ -3,6 +3,8 @@
 //! # Layout
 //! - [`server`]: the listener, [`GatewayConfig`](server::GatewayConfig), the shared state,
 //!   and the NATS connection with reconnect notifications.
+//! - [`admission`]: the global, per-IP and per-user caps on connections and sessions, held
+//!   by RAII permits.
 //! - [`session`]: one connection — handshake, Hello, then requests in order; typed errors and
 //!   close codes for bad input.
 //! - [`hub`]: per-conversation fan-out: one NATS subscription per conversation per gateway,
@@ -23,6 +25,7 @@
 //!
 //! The protocol itself is documented in `schemas/proto/tidings/client/v1/client.proto`.
 
+pub mod admission;
 pub mod bus_crypto;
 pub mod hub;
 pub mod nats;

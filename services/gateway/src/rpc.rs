@@ -587,7 +587,7 @@ async fn execute(log: &Log, t: TenantId, call: Call) -> Result<Reply, LogError> 
                     .map(UserId::new)
                     .collect::<Result<_, _>>()?,
             };
-            to_wire_committed(log.create_conversation(req).await?)
+            to_wire_committed(log.create_conversation_for_user(req).await?)
         }
         Call::AddMember(m) => {
             let (c, by, user) = (

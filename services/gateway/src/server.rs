@@ -9,6 +9,7 @@ use tokio::net::TcpListener;
 use tokio::sync::broadcast;
 use tracing::{debug, info, warn};
 
+use crate::admission::{Admission, Limits};
 use crate::hub::{HubConfig, Registry};
 use crate::service::LogService;
 use crate::tls::ReloadingAcceptor;
@@ -20,12 +21,31 @@ pub struct GatewayConfig {
     pub max_frame_bytes: usize,
     /// Frames queued for one session before it is disconnected as a slow consumer.
     pub outbound_queue: usize,
+    /// Bytes queued for one session (replies and pushes not yet written to its socket)
+    /// before it is disconnected as a slow consumer: the real bound on a session's memory.
+    pub outbound_queue_bytes: usize,
+    /// Largest reply the gateway builds, roughly (History, Pull, Sync and list pages are
+    /// cut before the entry that would cross it; one entry always goes).
+    pub max_reply_bytes: usize,
+    /// Conversations in one Sync answer when the client does not say (and at most).
+    pub sync_page_conversations: usize,
     /// Events per conversation in a Sync answer when the client does not say.
     pub sync_latest: usize,
     /// Most events or entries one read returns (History, Pull, lists).
     pub read_limit: usize,
+    /// Time allowed for the WebSocket handshake (from accept to the upgrade's answer).
+    pub handshake_timeout: Duration,
     /// Time allowed between connecting and Hello.
     pub hello_timeout: Duration,
+    /// How often the server pings each session.
+    pub ping_interval: Duration,
+    /// A session from which nothing arrives (no frame, no pong) for this long is closed.
+    pub idle_timeout: Duration,
+    /// Connections served at once (authenticated or not), from one IP address, and
+    /// sessions of one user (see [`crate::admission`]).
+    pub max_connections: usize,
+    pub max_connections_per_ip: usize,
+    pub max_sessions_per_user: usize,
     /// Frames a session may send per second, and in a burst.
     pub frames_per_second: u32,
     pub frame_burst: u32,
@@ -42,9 +62,26 @@ impl Default for GatewayConfig {
         GatewayConfig {
             max_frame_bytes: 128 * 1024,
             outbound_queue: 1024,
+            // 4 MiB: eight full replies, or a burst of large pushes; 10,000 sessions that
+            // all let their queues fill would hold 40 GB, so the frame count (and the
+            // per-user and global caps) still matter.
+            outbound_queue_bytes: 4 << 20,
+            // 512 KiB: half of NATS's default max_payload (1 MiB), so a page read through
+            // the log RPC fits with its envelope and sealing overhead to spare.
+            max_reply_bytes: 512 << 10,
+            sync_page_conversations: 100,
             sync_latest: 100,
             read_limit: 1000,
+            handshake_timeout: Duration::from_secs(5),
             hello_timeout: Duration::from_secs(10),
+            ping_interval: Duration::from_secs(20),
+            idle_timeout: Duration::from_secs(60),
+            max_connections: 100_000,
+            // Offices behind one NAT address are many users: generous, but not the whole
+            // global cap.
+            max_connections_per_ip: 10_000,
+            // Phones, desktops, browser tabs: a dozen devices is plenty.
+            max_sessions_per_user: 16,
             frames_per_second: 200,
             frame_burst: 400,
             allowed_origins: Vec::new(),
@@ -61,6 +98,7 @@ pub struct Shared {
     pub nats: async_nats::Client,
     pub verifier: Verifier,
     pub registry: Registry,
+    pub admission: Admission,
     session_ids: AtomicU64,
 }
 
@@ -82,7 +120,13 @@ impl Shared {
             },
             reconnected,
         );
+        let admission = Admission::new(Limits {
+            max_connections: cfg.max_connections,
+            max_connections_per_ip: cfg.max_connections_per_ip,
+            max_sessions_per_user: cfg.max_sessions_per_user,
+        });
         Arc::new(Shared {
+            admission,
             cfg,
             log,
             nats,
@@ -139,22 +183,28 @@ pub async fn run(
             }
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
+                    // Over a cap: closed before any byte is read (crate::admission).
+                    let permit = match shared.admission.connect(peer.ip()) {
+                        Ok(permit) => permit,
+                        Err(why) => {
+                            debug!(%peer, ?why, "connection refused");
+                            drop(stream);
+                            continue;
+                        }
+                    };
                     let _ = stream.set_nodelay(true);
                     let shared = shared.clone();
-                    match &tls {
-                        None => {
-                            tokio::spawn(crate::session::serve(stream, peer, shared));
+                    let tls = tls.clone();
+                    tokio::spawn(async move {
+                        match tls {
+                            None => crate::session::serve(stream, peer, shared).await,
+                            Some(tls) => match tls.accept(stream, peer).await {
+                                Ok(stream) => crate::session::serve(stream, peer, shared).await,
+                                Err(e) => debug!(error = %e, "tls handshake failed"),
+                            },
                         }
-                        Some(tls) => {
-                            let tls = tls.clone();
-                            tokio::spawn(async move {
-                                match tls.accept(stream, peer).await {
-                                    Ok(stream) => crate::session::serve(stream, peer, shared).await,
-                                    Err(e) => debug!(error = %e, "tls handshake failed"),
-                                }
-                            });
-                        }
-                    }
+                        drop(permit);
+                    });
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.

@@ -156,7 +156,8 @@ impl LogService for Log {
         _caller: &Caller,
         req: CreateConversation,
     ) -> Result<Committed, LogError> {
-        Log::create_conversation(self, req).await
+        // Gateways create for users: held to the user caps.
+        Log::create_conversation_for_user(self, req).await
     }
     async fn add_member(
         &self,

@@ -1,10 +1,17 @@
 //! One WebSocket connection: handshake, Hello, then requests in order until it closes.
 //!
 //! The connection has two halves. This task reads frames and answers them in order; a
-//! writer task sends whatever is queued on the session's bounded outbound queue (replies and
-//! pushes alike). Fatal conditions — a bad token, operations before Hello, an expired token,
-//! a full outbound queue, a flood, an oversized frame — end with a Goodbye frame and a close
-//! code; everything else gets a typed Error frame and the session goes on.
+//! writer task sends whatever is queued on the session's outbound queue (replies and pushes
+//! alike), bounded in frames and in bytes, and pings the client. Fatal conditions — a bad
+//! token, operations before Hello, an expired token, a full outbound queue, a flood, an
+//! oversized frame, silence past the idle timeout, too many sessions of the user — end with a
+//! Goodbye frame and a close code; everything else gets a typed Error frame and the session
+//! goes on.
+//!
+//! Every deadline is named in [`GatewayConfig`](crate::GatewayConfig): the handshake, Hello,
+//! the token's expiry, idleness. Every reply is cut to `max_reply_bytes` and says whether more
+//! remain. Errors a client sees carry a code and a fixed message ([`log_error`]): internal
+//! detail goes to the log under a trace id the client also gets.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -28,9 +35,10 @@ use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{self, Message};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
-use crate::hub::{CloseOrder, KillSwitch, SessionHandle};
+use crate::admission::SessionPermit;
+use crate::hub::{CloseOrder, KillSwitch, OutboundBudget, SessionHandle, queue_frame};
 use crate::server::Shared;
 use crate::service::Caller;
 use crate::subjects;
@@ -51,30 +59,105 @@ fn error(code: ErrorCode, message: impl Into<String>) -> Msg {
         message: message.into(),
         retry_after_ms: 0,
         retryable: false,
+        trace_id: String::new(),
     })
 }
 
-/// The client-facing error for a log error.
-pub fn log_error(e: &LogError) -> Msg {
-    let code = match e.code() {
-        "invalid_id" => ErrorCode::InvalidId,
-        "too_large" => ErrorCode::TooLarge,
-        "invalid_request" | "no_such_message" => ErrorCode::InvalidRequest,
-        "conversation_not_found" => ErrorCode::NotFound,
-        "conversation_exists" | "already_member" => ErrorCode::AlreadyExists,
-        "not_member" => ErrorCode::NotMember,
-        // A shredded tenant's history is gone for good: refused, not an outage.
-        "not_allowed" | "tenant_shredded" => ErrorCode::NotAllowed,
-        "conflict" | "store_locked" | "store_error" | "shutting_down" | "unavailable" => {
-            ErrorCode::Unavailable
+/// Room kept in a reply's byte budget for what surrounds its entries (ids, heads, tags).
+const REPLY_OVERHEAD: usize = 1024;
+
+/// Longest piece of the client's own input echoed back in an error message.
+const MAX_ECHO: usize = 200;
+
+/// The client-facing error for a log error: its code and a fixed, safe message.
+///
+/// Only errors about the client's own request (an invalid id, a body over the limit, a
+/// malformed request) keep their detail: it describes what the client sent and helps it fix
+/// that. Everything else — store keys, writer ids, archive paths, tenant key sources — stays
+/// in the server's log, under a trace id the client gets so an operator can find it.
+pub fn log_error(e: &LogError, session: u64, request_id: u64) -> Msg {
+    let client_detail = |fallback: &str| {
+        let text = e.to_string();
+        if text.is_empty() {
+            fallback.to_string()
+        } else {
+            text.chars().take(MAX_ECHO).collect()
         }
-        _ => ErrorCode::Internal,
+    };
+    let (code, message, traced) = match e.code() {
+        "invalid_id" => (ErrorCode::InvalidId, client_detail("invalid id"), false),
+        "too_large" => (ErrorCode::TooLarge, client_detail("too large"), false),
+        "invalid_request" => (
+            ErrorCode::InvalidRequest,
+            client_detail("invalid request"),
+            false,
+        ),
+        "no_such_message" => (
+            ErrorCode::InvalidRequest,
+            "no such message in this conversation".into(),
+            false,
+        ),
+        "conversation_not_found" => (ErrorCode::NotFound, "no such conversation".into(), false),
+        "conversation_exists" => (
+            ErrorCode::AlreadyExists,
+            "the conversation already exists".into(),
+            false,
+        ),
+        "already_member" => (
+            ErrorCode::AlreadyExists,
+            "already a member of the conversation".into(),
+            false,
+        ),
+        "not_member" => (
+            ErrorCode::NotMember,
+            "not a member of the conversation".into(),
+            false,
+        ),
+        // Permission refusals say what rule refused (fixed text made by the log), never
+        // whose data it was.
+        "not_allowed" => (ErrorCode::NotAllowed, client_detail("not allowed"), false),
+        // A shredded tenant's history is gone for good: refused, not an outage.
+        "tenant_shredded" => (
+            ErrorCode::NotAllowed,
+            "this tenant's history was destroyed".into(),
+            false,
+        ),
+        "rate_limited" => (
+            ErrorCode::RateLimited,
+            client_detail("too many requests; slow down"),
+            false,
+        ),
+        "conflict"
+        | "store_locked"
+        | "store_error"
+        | "shutting_down"
+        | "unavailable"
+        | "not_owner"
+        | "archive_unavailable"
+        | "tenant_key_unavailable" => (
+            ErrorCode::Unavailable,
+            "temporarily unavailable; try again later".into(),
+            true,
+        ),
+        _ => (ErrorCode::Internal, "internal error".into(), true),
+    };
+    let trace_id = if traced {
+        let id = uuid::Uuid::now_v7().simple().to_string();
+        warn!(trace_id = %id, session, request_id, code = e.code(), error = %e, "request failed");
+        id
+    } else {
+        debug!(session, request_id, code = e.code(), error = %e, "request refused");
+        String::new()
     };
     Msg::Error(proto::Error {
         code: code as i32,
-        message: e.to_string(),
-        retry_after_ms: 0,
+        message,
+        retry_after_ms: match e {
+            LogError::RateLimited { retry_after_ms, .. } => *retry_after_ms,
+            _ => 0,
+        },
         retryable: e.is_retryable(),
+        trace_id,
     })
 }
 
@@ -118,6 +201,7 @@ impl Bucket {
 
 enum Out {
     Frame(Bytes),
+    Ping,
     Close(CloseOrder),
 }
 
@@ -157,22 +241,35 @@ where
         }
         Ok(resp)
     };
-    let ws =
-        match tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(ws_config))
-            .await
-        {
-            Ok(ws) => ws,
-            Err(e) => {
-                debug!(?peer, error = %e, "websocket handshake failed");
-                return;
-            }
-        };
+    // A deadline on the handshake: a client that connects and sends nothing (or a byte a
+    // minute) must not hold a task, a socket and a place under the connection caps.
+    let handshake =
+        tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(ws_config));
+    let ws = match tokio::time::timeout(cfg.handshake_timeout, handshake).await {
+        Ok(Ok(ws)) => ws,
+        Ok(Err(e)) => {
+            debug!(?peer, error = %e, "websocket handshake failed");
+            return;
+        }
+        Err(_) => {
+            debug!(?peer, "websocket handshake timed out");
+            return;
+        }
+    };
     let (mut sink, mut source) = ws.split();
 
     // The writer: everything the session sends goes through one bounded queue.
+    // Bounded in frames (the channel) and in bytes (the budget, refunded once a frame is
+    // written to the socket).
     let (frames_tx, mut frames_rx) = mpsc::channel::<Bytes>(cfg.outbound_queue);
+    let budget = OutboundBudget::new(cfg.outbound_queue_bytes);
     let (close_tx, mut close_rx) = mpsc::channel::<CloseOrder>(1);
+    let writer_budget = budget.clone();
+    let ping_every = cfg.ping_interval;
     let writer = tokio::spawn(async move {
+        let mut pings =
+            tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
+        pings.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let out = tokio::select! {
                 biased;
@@ -184,10 +281,20 @@ where
                     Some(f) => Out::Frame(f),
                     None => return,
                 },
+                _ = pings.tick() => Out::Ping,
             };
             match out {
                 Out::Frame(f) => {
+                    let n = f.len();
                     if sink.send(Message::Binary(f)).await.is_err() {
+                        return;
+                    }
+                    writer_budget.refund(n);
+                }
+                Out::Ping => {
+                    // The answer (any frame, or the pong a WebSocket library sends by
+                    // itself) keeps the session from the idle cutoff.
+                    if sink.send(Message::Ping(Bytes::new())).await.is_err() {
                         return;
                     }
                 }
@@ -227,10 +334,13 @@ where
     let mut session = Session {
         shared: shared.clone(),
         frames: frames_tx,
+        budget,
         kill: kill.clone(),
         claims: None,
         caller: Caller::Gateway,
         handle: None,
+        permit: None,
+        session_id: 0,
         bucket: Bucket::new(cfg.frames_per_second, cfg.frame_burst),
     };
     let order = session.run(&mut source).await;
@@ -267,11 +377,16 @@ const CLOSE_GRACE: Duration = Duration::from_secs(10);
 struct Session {
     shared: Arc<Shared>,
     frames: mpsc::Sender<Bytes>,
+    budget: Arc<OutboundBudget>,
     kill: Arc<KillSwitch>,
     claims: Option<Claims>,
     /// Who the session's log calls act for (set by Hello).
     caller: Caller,
     handle: Option<SessionHandle>,
+    /// The session's place under the per-user cap, from Hello on.
+    permit: Option<SessionPermit>,
+    /// 0 until Hello.
+    session_id: u64,
     bucket: Bucket,
 }
 
@@ -283,16 +398,15 @@ fn close(reason: CloseReason, message: impl Into<String>) -> Option<CloseOrder> 
 }
 
 impl Session {
-    /// Queues a reply; a full queue ends the session as a slow consumer.
+    /// Queues a reply, charged to the session's byte budget like a push; a full queue ends
+    /// the session as a slow consumer.
     fn reply(&self, request_id: u64, msg: Msg) {
-        if let Err(mpsc::error::TrySendError::Full(_)) =
-            self.frames.try_send(frame(request_id, msg))
-        {
-            self.kill.fire(CloseOrder {
-                reason: CloseReason::SlowConsumer,
-                message: "outbound queue full: the client is not reading fast enough".into(),
-            });
-        }
+        queue_frame(
+            &self.frames,
+            &self.budget,
+            &self.kill,
+            frame(request_id, msg),
+        );
     }
 
     /// Charges one frame to the session's bucket. `Err(None)`: refused, RATE_LIMITED sent;
@@ -314,6 +428,7 @@ impl Session {
                 message: "too many frames; slow down".into(),
                 retry_after_ms: wait.as_millis() as u64 + 1,
                 retryable: true,
+                trace_id: String::new(),
             }),
         );
         Err(None)
@@ -326,6 +441,8 @@ impl Session {
         S: futures_util::Stream<Item = Result<Message, tungstenite::Error>> + Unpin,
     {
         let hello_deadline = tokio::time::Instant::now() + self.shared.cfg.hello_timeout;
+        let idle = self.shared.cfg.idle_timeout;
+        let mut last_heard = tokio::time::Instant::now();
         loop {
             let expiry = match &self.claims {
                 Some(c) => {
@@ -340,6 +457,12 @@ impl Session {
             let msg = tokio::select! {
                 msg = source.next() => msg,
                 _ = self.kill.notify.notified() => return self.kill.order(),
+                _ = tokio::time::sleep_until(last_heard + idle) => {
+                    return close(
+                        CloseReason::IdleTimeout,
+                        "nothing received (no frame, no pong) for the idle timeout",
+                    );
+                }
                 _ = tokio::time::sleep_until(expiry) => {
                     return match self.claims {
                         Some(_) => close(CloseReason::TokenExpired, "the token has expired"),
@@ -347,6 +470,7 @@ impl Session {
                     };
                 }
             };
+            last_heard = tokio::time::Instant::now();
             let msg = match msg {
                 None => return None,
                 Some(Ok(m)) => m,
@@ -421,7 +545,7 @@ impl Session {
                 (Some(_), op) => {
                     let msg = match self.op(op).await {
                         Ok(msg) => msg,
-                        Err(e) => log_error(&e),
+                        Err(e) => log_error(&e, self.session_id, id),
                     };
                     self.reply(id, msg);
                 }
@@ -462,13 +586,34 @@ impl Session {
             }
         };
         self.caller = Caller::user(claims.clone(), hello.token.clone());
+        let permit = match self.shared.admission.session(&tenant, &user) {
+            Ok(permit) => permit,
+            Err(_) => {
+                let max = self.shared.cfg.max_sessions_per_user;
+                debug!(%tenant, %user, max, "session refused: too many sessions of the user");
+                self.reply(
+                    id,
+                    error(
+                        ErrorCode::NotAllowed,
+                        format!("too many sessions of this user (max {max}); close one first"),
+                    ),
+                );
+                return close(
+                    CloseReason::TooManySessions,
+                    format!("too many sessions of this user (max {max})"),
+                );
+            }
+        };
+        self.permit = Some(permit);
         let session_id = self.shared.next_session_id();
+        self.session_id = session_id;
         let handle = SessionHandle::new(
             session_id,
             tenant.clone(),
             user.clone(),
             self.frames.clone(),
             self.kill.clone(),
+            self.budget.clone(),
         );
         let registry = &self.shared.registry;
         registry.add_session(&handle);
@@ -478,7 +623,7 @@ impl Session {
         let convs = match self.all_conversations(&tenant, &user).await {
             Ok(convs) => convs,
             Err(e) => {
-                self.reply(id, log_error(&e));
+                self.reply(id, log_error(&e, session_id, id));
                 return close(
                     CloseReason::Unavailable,
                     "cannot list the user's conversations; try again later",
@@ -617,12 +762,17 @@ impl Session {
                 } else {
                     log.read(caller, &t, &conv, range).await?
                 };
+                // Newest first: the page keeps the newest that fit, the client pages on
+                // from the oldest it got.
+                fit(&mut events, self.reply_budget());
                 events.reverse();
                 let head = log.conversation(caller, &t, &conv).await?.head_seq;
+                let more = events.first().is_some_and(|e| e.seq > 1);
                 Ok(Msg::Events(proto::Events {
                     conversation: conv.to_string(),
                     events,
                     head_seq: head,
+                    more,
                 }))
             }
             Op::Pull(p) => {
@@ -637,14 +787,19 @@ impl Session {
                 let limit = usize::try_from(span)
                     .unwrap_or(usize::MAX)
                     .min(self.shared.cfg.read_limit);
-                let events = log
+                let mut events = log
                     .read(caller, &t, &conv, ReadRange::forward(p.from_seq, limit))
                     .await?;
+                fit(&mut events, self.reply_budget());
                 let head = log.conversation(caller, &t, &conv).await?.head_seq;
+                let more = events
+                    .last()
+                    .is_some_and(|e| e.seq < p.to_seq && e.seq < head);
                 Ok(Msg::Events(proto::Events {
                     conversation: conv.to_string(),
                     events,
                     head_seq: head,
+                    more,
                 }))
             }
             Op::MarkRead(m) => {
@@ -712,19 +867,21 @@ impl Session {
                     .then(|| ConvId::new(l.after))
                     .transpose()?;
                 let limit = self.limit(l.limit, self.shared.cfg.read_limit);
-                let list = log
-                    .conversations(caller, &t, &u, after.as_ref(), limit)
-                    .await?;
+                let list = log.conversations(caller, &t, &u, after.as_ref(), limit).await?;
+                let full = list.len() == limit;
+                let mut conversations: Vec<_> = list
+                    .into_iter()
+                    .map(|s| proto::ConversationSummary {
+                        conversation: s.conv.to_string(),
+                        head_seq: s.head_seq,
+                        read_seq: s.read_seq,
+                        unread: s.unread,
+                    })
+                    .collect();
+                let cut = fit(&mut conversations, self.reply_budget());
                 Ok(Msg::ConversationList(proto::ConversationList {
-                    conversations: list
-                        .into_iter()
-                        .map(|s| proto::ConversationSummary {
-                            conversation: s.conv.to_string(),
-                            head_seq: s.head_seq,
-                            read_seq: s.read_seq,
-                            unread: s.unread,
-                        })
-                        .collect(),
+                    conversations,
+                    more: full || cut,
                 }))
             }
             Op::ListMembers(l) => {
@@ -734,59 +891,151 @@ impl Session {
                     .then(|| UserId::new(l.after))
                     .transpose()?;
                 let limit = self.limit(l.limit, self.shared.cfg.read_limit);
-                let list = log
-                    .members(caller, &t, &conv, after.as_ref(), limit)
-                    .await?;
+                let list = log.members(caller, &t, &conv, after.as_ref(), limit).await?;
+                let full = list.len() == limit;
+                let mut members: Vec<_> = list
+                    .into_iter()
+                    .map(|m| proto::Member {
+                        user: m.user.to_string(),
+                        role: m.role as i32,
+                        joined_seq: m.joined_seq,
+                    })
+                    .collect();
+                let cut = fit(&mut members, self.reply_budget());
                 Ok(Msg::MemberList(proto::MemberList {
-                    members: list
-                        .into_iter()
-                        .map(|m| proto::Member {
-                            user: m.user.to_string(),
-                            role: m.role as i32,
-                            joined_seq: m.joined_seq,
-                        })
-                        .collect(),
+                    members,
+                    more: full || cut,
                 }))
             }
         }
     }
 
+    /// Bytes the entries of one reply may take.
+    fn reply_budget(&self) -> usize {
+        self.shared
+            .cfg
+            .max_reply_bytes
+            .saturating_sub(REPLY_OVERHEAD)
+            .max(1)
+    }
+
+    /// One page of Sync: the user's conversations after the cursor, as many as fit in the
+    /// reply's byte budget, at most `max_conversations`. A conversation that cannot be read
+    /// gets an entry with its error; the others are answered as usual.
     async fn sync(&self, t: &TenantId, u: &UserId, sync: proto::Sync) -> Result<Msg, LogError> {
-        let log = &self.shared.log;
-        let latest = self.limit(sync.latest, self.shared.cfg.sync_latest);
+        let cfg = &self.shared.cfg;
+        let latest = self.limit(sync.latest, cfg.sync_latest);
         let mut known = std::collections::HashMap::new();
         for k in sync.known {
             known.insert(ConvId::new(k.conversation)?, k.last_seq);
         }
+        let cursor = (!sync.cursor.is_empty())
+            .then(|| ConvId::new(sync.cursor))
+            .transpose()?;
+        let page = match sync.max_conversations {
+            0 => cfg.sync_page_conversations,
+            n => (n as usize).min(cfg.sync_page_conversations),
+        };
+        // One more than the page: whether another page follows, without asking again.
+        let mut list = self
+            .shared
+            .log
+            .conversations(t, u, cursor.as_ref(), (page + 1).min(cfg.read_limit))
+            .await?;
+        let mut more = list.len() > page;
+        list.truncate(page);
+        let budget = self.reply_budget();
+        let mut used = 0;
         let mut states = Vec::new();
-        for s in self.all_conversations(t, u).await? {
-            let last_seq = known.get(&s.conv).copied().unwrap_or(0).min(s.head_seq);
-            let missing = s.head_seq - last_seq;
-            let (events, truncated) = if missing == 0 {
-                (Vec::new(), false)
-            } else if missing as usize <= latest {
-                let range = ReadRange::forward(last_seq + 1, latest);
-                (log.read(&self.caller, t, &s.conv, range).await?, false)
-            } else {
-                let mut e = log
-                    .read(&self.caller, t, &s.conv, ReadRange::latest(latest))
-                    .await?;
-                e.reverse();
-                (e, true)
+        for s in list {
+            let state = match self.sync_one(t, &s, &known, latest, budget).await {
+                Ok(state) => state,
+                Err(e) => {
+                    let Msg::Error(error) = log_error(&e, self.session_id, 0) else {
+                        unreachable!("log_error makes errors")
+                    };
+                    proto::ConversationState {
+                        conversation: s.conv.to_string(),
+                        error: Some(error),
+                        ..Default::default()
+                    }
+                }
             };
-            states.push(proto::ConversationState {
-                conversation: s.conv.to_string(),
-                head_seq: s.head_seq,
-                read_seq: s.read_seq,
-                unread: s.unread,
-                events,
-                truncated,
-            });
+            let size = state.encoded_len() + 8;
+            if !states.is_empty() && used + size > budget {
+                // The next page starts with this one.
+                more = true;
+                break;
+            }
+            used += size;
+            states.push(state);
         }
+        let next_cursor = match (more, states.last()) {
+            (true, Some(last)) => last.conversation.clone(),
+            _ => String::new(),
+        };
         Ok(Msg::SyncResult(proto::SyncResult {
             conversations: states,
+            next_cursor,
         }))
     }
+
+    /// One conversation's entry in a Sync: the events after the client's last seq, the
+    /// newest `latest` of them that fit in `budget` bytes.
+    async fn sync_one(
+        &self,
+        t: &TenantId,
+        s: &tidings_log::ConversationSummary,
+        known: &std::collections::HashMap<ConvId, u64>,
+        latest: usize,
+        budget: usize,
+    ) -> Result<proto::ConversationState, LogError> {
+        let log = &self.shared.log;
+        let last_seq = known.get(&s.conv).copied().unwrap_or(0).min(s.head_seq);
+        let missing = s.head_seq - last_seq;
+        let want = missing.min(latest as u64) as usize;
+        let mut events = if want == 0 {
+            Vec::new()
+        } else {
+            // The newest `want` up to the head the list showed, newest first; later ones
+            // reach the session as pushes.
+            let range = ReadRange {
+                from: Some(s.head_seq),
+                limit: want,
+                order: Order::Descending,
+            };
+            log.read(&self.caller, t, &s.conv, range).await?
+        };
+        // Keep the newest that fit (one at least, so the client always moves on). A read
+        // may also have stopped short at the log's own byte budget.
+        let cut = fit(&mut events, budget);
+        let truncated = missing > latest as u64 || cut || events.len() < want;
+        events.reverse();
+        Ok(proto::ConversationState {
+            conversation: s.conv.to_string(),
+            head_seq: s.head_seq,
+            read_seq: s.read_seq,
+            unread: s.unread,
+            events,
+            truncated,
+            error: None,
+        })
+    }
+}
+
+/// Cuts `items` after the last one that fits in `budget` encoded bytes (the first one always
+/// stays, so every page makes progress); returns whether anything was cut.
+fn fit<T: prost::Message>(items: &mut Vec<T>, budget: usize) -> bool {
+    let mut used = 0;
+    for (i, item) in items.iter().enumerate() {
+        // The field tag and length prefix around each entry: a few bytes.
+        used += item.encoded_len() + 8;
+        if i > 0 && used > budget {
+            items.truncate(i);
+            return true;
+        }
+    }
+    false
 }
 
 fn committed(conv: &ConvId, c: tidings_log::Committed) -> Msg {
@@ -795,4 +1044,86 @@ fn committed(conv: &ConvId, c: tidings_log::Committed) -> Msg {
         seq: c.seq,
         event_id: c.event_id,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(e: &LogError) -> (i32, String, String) {
+        match log_error(e, 7, 9) {
+            Msg::Error(e) => (e.code, e.message, e.trace_id),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn client_errors_carry_no_internal_text_and_internal_ones_a_trace_id() {
+        let internal = [
+            LogError::NotOwner {
+                partition: 3,
+                owner: "host-1234-deadbeef".into(),
+            },
+            LogError::corrupt(b"ev/acme/general/42", "bad tag"),
+            LogError::Archive {
+                reason: "/srv/tidings/archive/acme/seg-1.parquet: not found".into(),
+                retryable: true,
+            },
+            LogError::remote(
+                "store_error",
+                "store key hd/acme/general: io error".into(),
+                true,
+            ),
+            LogError::TenantKeyUnavailable {
+                tenant: "acme".into(),
+                reason: "/etc/keys/acme: permission denied".into(),
+            },
+        ];
+        for e in &internal {
+            let (_, text, trace) = message(e);
+            for leak in [
+                "host-1234",
+                "acme",
+                "general",
+                "/srv",
+                "/etc",
+                "parquet",
+                "hd/",
+            ] {
+                assert!(!text.contains(leak), "{leak:?} leaked from {e:?}: {text:?}");
+            }
+            assert_eq!(trace.len(), 32, "a trace id for {e:?}");
+        }
+        let not_member = LogError::NotMember {
+            user: "mallory".into(),
+            conversation: "general".into(),
+        };
+        let (code, text, trace) = message(&not_member);
+        assert_eq!(code, ErrorCode::NotMember as i32);
+        assert!(!text.contains("mallory") && !text.contains("general"));
+        assert!(trace.is_empty());
+        // The client's own input is explained.
+        let too_large = LogError::TooLarge {
+            what: "message body",
+            size: 70_000,
+            limit: 65_536,
+        };
+        let (code, text, _) = message(&too_large);
+        assert_eq!(code, ErrorCode::TooLarge as i32);
+        assert!(text.contains("70000") && text.contains("65536"), "{text}");
+    }
+
+    #[test]
+    fn fit_keeps_what_fits_and_always_one() {
+        let ev = |n: usize| tidings_log::Event {
+            event_id: "x".repeat(n),
+            ..Default::default()
+        };
+        let mut one = vec![ev(1000)];
+        assert!(!fit(&mut one, 10));
+        assert_eq!(one.len(), 1);
+        let mut many = vec![ev(100), ev(100), ev(100)];
+        assert!(fit(&mut many, 250));
+        assert_eq!(many.len(), 2);
+    }
 }

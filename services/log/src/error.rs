@@ -90,6 +90,14 @@ pub enum LogError {
     #[error("the log is shutting down")]
     ShuttingDown,
 
+    /// The caller did too much of something that has a rate limit (conversations created
+    /// per user per hour); trying again after `retry_after_ms` may succeed.
+    #[error("too many {what}; try again in {retry_after_ms} ms")]
+    RateLimited {
+        what: &'static str,
+        retry_after_ms: u64,
+    },
+
     /// This writer does not own the conversation's partition (another writer holds its lease,
     /// or took it over). Nothing was written; the owner, or this writer once it owns the
     /// partition again, will take the request.
@@ -136,6 +144,7 @@ pub const ERROR_CODES: &[&str] = &[
     "tenant_key_unavailable",
     "wrong_tenant_key",
     "shutting_down",
+    "rate_limited",
     "not_owner",
     "partitions_mismatch",
     "archive_unavailable",
@@ -166,6 +175,7 @@ impl LogError {
             LogError::TenantKeyUnavailable { .. } => "tenant_key_unavailable",
             LogError::WrongTenantKey { .. } => "wrong_tenant_key",
             LogError::ShuttingDown => "shutting_down",
+            LogError::RateLimited { .. } => "rate_limited",
             LogError::NotOwner { .. } => "not_owner",
             LogError::PartitionsMismatch { .. } => "partitions_mismatch",
             LogError::Archive { .. } => "archive_unavailable",
@@ -196,7 +206,9 @@ impl LogError {
     pub fn is_retryable(&self) -> bool {
         match self {
             LogError::Store(e) => e.is_retryable(),
-            LogError::ShuttingDown | LogError::NotOwner { .. } => true,
+            LogError::ShuttingDown | LogError::NotOwner { .. } | LogError::RateLimited { .. } => {
+                true
+            }
             LogError::Archive { retryable, .. } => *retryable,
             LogError::Remote { retryable, .. } => *retryable,
             _ => false,

@@ -24,6 +24,7 @@ pub mod ids;
 pub mod keys;
 pub mod lease;
 pub mod log;
+mod quota;
 pub mod store;
 pub mod tenant_keys;
 mod writer;

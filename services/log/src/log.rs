@@ -36,8 +36,15 @@ pub struct LogConfig {
     pub queue_depth: usize,
     /// Most events or list entries one read returns.
     pub max_read_limit: usize,
+    /// Most bytes of events one read returns (one event always): what a read holds in
+    /// memory, and what a page read through the log RPC puts in one NATS message.
+    pub max_read_bytes: usize,
     /// Most members a group may have.
     pub max_group_members: usize,
+    /// Most members one CreateConversation may list; bigger groups grow by AddMember.
+    pub max_members_per_request: usize,
+    /// Conversations one user may create per hour (per writer; see `quota`).
+    pub max_conversations_created_per_user_per_hour: u32,
     /// Heads and memberships the sequencer keeps in memory (exact; dropped whole when full).
     pub writer_cache_entries: usize,
     /// How many partitions conversations hash into (each has one lease, one owner). Fixed
@@ -63,7 +70,12 @@ impl Default for LogConfig {
             max_batch: 2048,
             queue_depth: 16 * 1024,
             max_read_limit: 1000,
+            // Half of NATS's default max_payload (1 MiB): a page and its envelope fit.
+            max_read_bytes: 512 << 10,
             max_group_members: 100_000,
+            // One create is one sequencer command and one transaction: it must stay small.
+            max_members_per_request: 1000,
+            max_conversations_created_per_user_per_hour: 1000,
             writer_cache_entries: 1_000_000,
             partitions: 64,
             writer_id: String::new(),
@@ -81,7 +93,13 @@ impl LogConfig {
             ("max_batch", self.max_batch),
             ("queue_depth", self.queue_depth),
             ("max_read_limit", self.max_read_limit),
+            ("max_read_bytes", self.max_read_bytes),
             ("max_group_members", self.max_group_members),
+            ("max_members_per_request", self.max_members_per_request),
+            (
+                "max_conversations_created_per_user_per_hour",
+                self.max_conversations_created_per_user_per_hour as usize,
+            ),
             ("writer_cache_entries", self.writer_cache_entries),
         ];
         for (name, value) in positive {
@@ -179,6 +197,10 @@ pub struct Committed {
     pub time_ms: i64,
     pub duplicate: bool,
 }
+
+/// Events in the first chunk of a read, before their size is known: 8 events of the largest
+/// body are 512 KiB, the default budget; small events take a second, larger chunk.
+const FIRST_CHUNK: usize = 8;
 
 /// Which events to read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -361,6 +383,8 @@ struct Inner {
     acquiring: Arc<tokio::sync::Mutex<()>>,
     /// Renews and acquires leases; stopped with the last handle.
     keeper: Option<tokio::task::JoinHandle<()>>,
+    /// Conversations created per user (a rate).
+    creations: crate::quota::CreationQuota,
 }
 
 impl Drop for Inner {
@@ -466,6 +490,8 @@ impl Log {
             acquiring.clone(),
             cfg.lease_ttl / 3,
         ));
+        let creations =
+            crate::quota::CreationQuota::new(cfg.max_conversations_created_per_user_per_hour);
         Ok(Log {
             inner: Arc::new(Inner {
                 store,
@@ -478,6 +504,7 @@ impl Log {
                 own,
                 acquiring,
                 keeper: Some(keeper),
+                creations,
             }),
         })
     }
@@ -683,6 +710,40 @@ impl Log {
         committed(self.call(Command::Create(req)).await?)
     }
 
+    /// [`Log::create_conversation`] for a user's request (through a gateway), held also to
+    /// the caps a user is under: at most `max_members_per_request` members listed, and
+    /// `max_conversations_created_per_user_per_hour` (see `quota`). Operator tools (the CLI,
+    /// benchmarks) call `create_conversation` and are not held to them.
+    pub async fn create_conversation_for_user(
+        &self,
+        req: CreateConversation,
+    ) -> Result<Committed, LogError> {
+        let listed = req.members.len();
+        let max = self.inner.cfg.max_members_per_request;
+        if listed > max {
+            return Err(LogError::TooLarge {
+                what: "member list of one request",
+                size: listed,
+                limit: max,
+            });
+        }
+        // Charged where the create will run: a writer that does not own the partition
+        // refuses it (the caller retries at the owner) without taking from the quota.
+        let own = &self.inner.own;
+        own.check(own.partition(&req.tenant, &req.conv))?;
+        if let Err(wait) =
+            self.inner
+                .creations
+                .take(&req.tenant, &req.creator, std::time::Instant::now())
+        {
+            return Err(LogError::RateLimited {
+                what: "conversations created by this user",
+                retry_after_ms: wait.as_millis() as u64 + 1,
+            });
+        }
+        self.create_conversation(req).await
+    }
+
     pub async fn add_member(
         &self,
         tenant: &TenantId,
@@ -854,10 +915,13 @@ impl Log {
         Ok(())
     }
 
-    /// Reads committed events, forward or backward, at most `limit`, from the hot log and the
-    /// archive alike: a page that crosses the hot floor comes back whole and in order. Bounded
-    /// by the head read first, so a read racing appends returns a contiguous run and never a
-    /// partial batch.
+    /// Reads committed events, forward or backward, at most `limit` and at most
+    /// `max_read_bytes` of them (one event always), from the hot log and the archive alike:
+    /// a page that crosses the hot floor comes back whole and in order. A read that stops at
+    /// the byte budget returns fewer than `limit`: callers page on from the last event.
+    ///
+    /// Read in chunks sized from the events seen so far, so a page of large events never
+    /// holds much more than the budget (a thousand 60 KB events would be 60 MB).
     pub async fn read(
         &self,
         tenant: &TenantId,
@@ -865,6 +929,61 @@ impl Log {
         range: ReadRange,
     ) -> Result<Vec<Event>, LogError> {
         self.check_limit(range.limit)?;
+        let budget = self.inner.cfg.max_read_bytes;
+        let mut out: Vec<Event> = Vec::new();
+        let mut bytes = 0usize;
+        let mut from = range.from;
+        loop {
+            let left = range.limit - out.len();
+            let chunk = if out.is_empty() {
+                left.min(FIRST_CHUNK)
+            } else {
+                let mean = (bytes / out.len()).max(1);
+                left.min(budget.saturating_sub(bytes) / mean + 1)
+            };
+            let page = self
+                .read_run(
+                    tenant,
+                    conv,
+                    ReadRange {
+                        from,
+                        limit: chunk,
+                        ..range
+                    },
+                )
+                .await?;
+            let short = page.len() < chunk;
+            for e in page {
+                let n = e.encoded_len();
+                if !out.is_empty() && bytes + n > budget {
+                    return Ok(out);
+                }
+                bytes += n;
+                out.push(e);
+            }
+            let Some(last) = out.last().map(|e| e.seq) else {
+                return Ok(out);
+            };
+            if short || out.len() == range.limit {
+                return Ok(out);
+            }
+            from = match range.order {
+                Order::Ascending => Some(last + 1),
+                Order::Descending if last > 1 => Some(last - 1),
+                Order::Descending => return Ok(out),
+            };
+        }
+    }
+
+    /// One contiguous run of at most `range.limit` events (see [`Log::read`]). Bounded by
+    /// the head read first, so a read racing appends returns a contiguous run and never a
+    /// partial batch.
+    async fn read_run(
+        &self,
+        tenant: &TenantId,
+        conv: &ConvId,
+        range: ReadRange,
+    ) -> Result<Vec<Event>, LogError> {
         let head = self.head(tenant, conv).await?.last_seq;
         let (lo, hi) = match range.order {
             Order::Ascending => (range.from.unwrap_or(1).max(1), head),

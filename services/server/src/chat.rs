@@ -103,6 +103,9 @@ pub async fn run(
     let Some(state) = sync.conversations.iter().find(|s| s.conversation == conv) else {
         anyhow::bail!("{} is not a member of {conv}", welcome.user);
     };
+    if let Some(e) = &state.error {
+        anyhow::bail!("{conv} cannot be read right now: {}", e.message);
+    }
     let head = state.head_seq;
     for e in history(&requester, conv, head, history_len).await? {
         println!("{}", output::event(&e));

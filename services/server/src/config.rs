@@ -283,6 +283,21 @@ pub struct GatewaySection {
     /// when the files change. Without them the listener is plain `ws://`.
     pub tls_cert_file: Option<PathBuf>,
     pub tls_key_file: Option<PathBuf>,
+    /// Time allowed for the WebSocket handshake, from accept.
+    pub handshake_timeout_ms: u64,
+    /// How often the server pings each session, and how long a silent one lives.
+    pub ping_interval_ms: u64,
+    pub idle_timeout_ms: u64,
+    /// Connections served at once, from one IP address, and sessions of one user.
+    pub max_connections: usize,
+    pub max_connections_per_ip: usize,
+    pub max_sessions_per_user: usize,
+    /// Bytes queued for one session before it is cut off as a slow consumer.
+    pub outbound_queue_bytes: usize,
+    /// Largest reply (a page of History, Pull, Sync, lists), roughly.
+    pub max_reply_bytes: usize,
+    /// Conversations in one Sync answer at most.
+    pub sync_page_conversations: usize,
 }
 
 /// The NATS link: where, with which credential, over TLS or not
@@ -496,6 +511,15 @@ impl Default for GatewaySection {
             heal_interval_ms: d.heal_interval.as_millis() as u64,
             tls_cert_file: None,
             tls_key_file: None,
+            handshake_timeout_ms: d.handshake_timeout.as_millis() as u64,
+            ping_interval_ms: d.ping_interval.as_millis() as u64,
+            idle_timeout_ms: d.idle_timeout.as_millis() as u64,
+            max_connections: d.max_connections,
+            max_connections_per_ip: d.max_connections_per_ip,
+            max_sessions_per_user: d.max_sessions_per_user,
+            outbound_queue_bytes: d.outbound_queue_bytes,
+            max_reply_bytes: d.max_reply_bytes,
+            sync_page_conversations: d.sync_page_conversations,
         }
     }
 }
@@ -546,7 +570,10 @@ pub struct LogSection {
     pub max_batch: usize,
     pub queue_depth: usize,
     pub max_read_limit: usize,
+    pub max_read_bytes: usize,
     pub max_group_members: usize,
+    pub max_members_per_request: usize,
+    pub max_conversations_created_per_user_per_hour: u32,
     pub writer_cache_entries: usize,
     /// Partitions conversations hash into; fixed for the life of a store.
     pub partitions: u32,
@@ -582,7 +609,11 @@ impl Default for LogSection {
             max_batch: d.max_batch,
             queue_depth: d.queue_depth,
             max_read_limit: d.max_read_limit,
+            max_read_bytes: d.max_read_bytes,
             max_group_members: d.max_group_members,
+            max_members_per_request: d.max_members_per_request,
+            max_conversations_created_per_user_per_hour: d
+                .max_conversations_created_per_user_per_hour,
             writer_cache_entries: d.writer_cache_entries,
             partitions: d.partitions,
             writer_id: d.writer_id,
@@ -753,7 +784,36 @@ impl Config {
         if let Some(v) = env("TIDINGS_AUTH_HS256_SECRET_FILE") {
             self.auth.hs256_secret_file = PathBuf::from(v);
         }
-        let gateway_numbers: [(&'static str, &mut usize); 4] = [
+        let gateway_numbers: [(&'static str, &mut usize); 12] = [
+            (
+                "TIDINGS_GATEWAY_MAX_CONNECTIONS",
+                &mut self.gateway.max_connections,
+            ),
+            (
+                "TIDINGS_GATEWAY_MAX_CONNECTIONS_PER_IP",
+                &mut self.gateway.max_connections_per_ip,
+            ),
+            (
+                "TIDINGS_GATEWAY_MAX_SESSIONS_PER_USER",
+                &mut self.gateway.max_sessions_per_user,
+            ),
+            (
+                "TIDINGS_GATEWAY_OUTBOUND_QUEUE_BYTES",
+                &mut self.gateway.outbound_queue_bytes,
+            ),
+            (
+                "TIDINGS_GATEWAY_MAX_REPLY_BYTES",
+                &mut self.gateway.max_reply_bytes,
+            ),
+            (
+                "TIDINGS_GATEWAY_SYNC_PAGE_CONVERSATIONS",
+                &mut self.gateway.sync_page_conversations,
+            ),
+            ("TIDINGS_LOG_MAX_READ_BYTES", &mut self.log.max_read_bytes),
+            (
+                "TIDINGS_LOG_MAX_MEMBERS_PER_REQUEST",
+                &mut self.log.max_members_per_request,
+            ),
             (
                 "TIDINGS_GATEWAY_MAX_FRAME_BYTES",
                 &mut self.gateway.max_frame_bytes,
@@ -773,7 +833,11 @@ impl Config {
                 *slot = parse_env(name, &value)?;
             }
         }
-        let small_numbers: [(&'static str, &mut u32); 2] = [
+        let small_numbers: [(&'static str, &mut u32); 3] = [
+            (
+                "TIDINGS_LOG_MAX_CONVERSATIONS_CREATED_PER_USER_PER_HOUR",
+                &mut self.log.max_conversations_created_per_user_per_hour,
+            ),
             (
                 "TIDINGS_GATEWAY_FRAMES_PER_SECOND",
                 &mut self.gateway.frames_per_second,
@@ -785,7 +849,19 @@ impl Config {
                 *slot = parse_env(name, &value)?;
             }
         }
-        let millis: [(&'static str, &mut u64); 3] = [
+        let millis: [(&'static str, &mut u64); 6] = [
+            (
+                "TIDINGS_GATEWAY_HANDSHAKE_TIMEOUT_MS",
+                &mut self.gateway.handshake_timeout_ms,
+            ),
+            (
+                "TIDINGS_GATEWAY_PING_INTERVAL_MS",
+                &mut self.gateway.ping_interval_ms,
+            ),
+            (
+                "TIDINGS_GATEWAY_IDLE_TIMEOUT_MS",
+                &mut self.gateway.idle_timeout_ms,
+            ),
             (
                 "TIDINGS_GATEWAY_HELLO_TIMEOUT_MS",
                 &mut self.gateway.hello_timeout_ms,
@@ -849,6 +925,15 @@ impl Config {
             allowed_origins: g.allowed_origins.clone(),
             max_conversations_per_session: g.max_conversations_per_session,
             heal_interval: std::time::Duration::from_millis(g.heal_interval_ms),
+            handshake_timeout: std::time::Duration::from_millis(g.handshake_timeout_ms),
+            ping_interval: std::time::Duration::from_millis(g.ping_interval_ms),
+            idle_timeout: std::time::Duration::from_millis(g.idle_timeout_ms),
+            max_connections: g.max_connections,
+            max_connections_per_ip: g.max_connections_per_ip,
+            max_sessions_per_user: g.max_sessions_per_user,
+            outbound_queue_bytes: g.outbound_queue_bytes,
+            max_reply_bytes: g.max_reply_bytes,
+            sync_page_conversations: g.sync_page_conversations,
         }
     }
 
@@ -876,6 +961,27 @@ impl Config {
                 g.max_conversations_per_session as u64,
             ),
             ("gateway.heal_interval_ms", g.heal_interval_ms),
+            ("gateway.handshake_timeout_ms", g.handshake_timeout_ms),
+            ("gateway.ping_interval_ms", g.ping_interval_ms),
+            ("gateway.idle_timeout_ms", g.idle_timeout_ms),
+            ("gateway.max_connections", g.max_connections as u64),
+            (
+                "gateway.max_connections_per_ip",
+                g.max_connections_per_ip as u64,
+            ),
+            (
+                "gateway.max_sessions_per_user",
+                g.max_sessions_per_user as u64,
+            ),
+            (
+                "gateway.outbound_queue_bytes",
+                g.outbound_queue_bytes as u64,
+            ),
+            ("gateway.max_reply_bytes", g.max_reply_bytes as u64),
+            (
+                "gateway.sync_page_conversations",
+                g.sync_page_conversations as u64,
+            ),
             ("nats.request_timeout_ms", self.nats.request_timeout_ms),
             ("nats.stream_max_age_secs", self.nats.stream_max_age_secs),
             ("nats.publish_backlog", self.nats.publish_backlog as u64),
@@ -887,6 +993,32 @@ impl Config {
                     "{name} must be greater than 0"
                 )));
             }
+        }
+        // A queue that cannot hold two full replies would cut off clients that read fine.
+        if g.outbound_queue_bytes < 2 * g.max_reply_bytes {
+            return Err(ConfigError::Invalid(format!(
+                "gateway.outbound_queue_bytes ({}) must be at least twice gateway.max_reply_bytes ({})",
+                g.outbound_queue_bytes, g.max_reply_bytes
+            )));
+        }
+        // A reply must hold the largest message (the log returns one event at least).
+        if g.max_reply_bytes < self.log.max_body_bytes + 4096 {
+            return Err(ConfigError::Invalid(format!(
+                "gateway.max_reply_bytes ({}) must exceed log.max_body_bytes ({}) by 4096",
+                g.max_reply_bytes, self.log.max_body_bytes
+            )));
+        }
+        if g.sync_page_conversations >= self.log.max_read_limit {
+            return Err(ConfigError::Invalid(format!(
+                "gateway.sync_page_conversations ({}) must be below log.max_read_limit ({})",
+                g.sync_page_conversations, self.log.max_read_limit
+            )));
+        }
+        if g.idle_timeout_ms <= g.ping_interval_ms {
+            return Err(ConfigError::Invalid(format!(
+                "gateway.idle_timeout_ms ({}) must exceed gateway.ping_interval_ms ({})",
+                g.idle_timeout_ms, g.ping_interval_ms
+            )));
         }
         self.archive_config()?;
         self.archive_storage()?;
@@ -955,7 +1087,11 @@ impl Config {
             max_batch: s.max_batch,
             queue_depth: s.queue_depth,
             max_read_limit: s.max_read_limit,
+            max_read_bytes: s.max_read_bytes,
             max_group_members: s.max_group_members,
+            max_members_per_request: s.max_members_per_request,
+            max_conversations_created_per_user_per_hour: s
+                .max_conversations_created_per_user_per_hour,
             writer_cache_entries: s.writer_cache_entries,
             partitions: s.partitions,
             writer_id: s.writer_id.clone(),
