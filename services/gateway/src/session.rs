@@ -940,7 +940,7 @@ impl Session {
         let mut list = self
             .shared
             .log
-            .conversations(t, u, cursor.as_ref(), (page + 1).min(cfg.read_limit))
+            .conversations(&self.caller, t, u, cursor.as_ref(), (page + 1).min(cfg.read_limit))
             .await?;
         let mut more = list.len() > page;
         list.truncate(page);
