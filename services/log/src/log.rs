@@ -361,6 +361,8 @@ struct Inner {
     acquiring: Arc<tokio::sync::Mutex<()>>,
     /// Renews and acquires leases; stopped with the last handle.
     keeper: Option<tokio::task::JoinHandle<()>>,
+    /// Revoked tokens, read through a small cache (`revocation.rs`).
+    revocations: crate::revocation::Revocations,
 }
 
 impl Drop for Inner {
@@ -459,6 +461,7 @@ impl Log {
         };
         let writer = tokio::spawn(writer.run(rx));
         let acquiring = Arc::new(tokio::sync::Mutex::new(()));
+        let store_for_revocations = store.clone();
         let keeper = tokio::spawn(keep_leases(
             tx.downgrade(),
             store.clone(),
@@ -478,6 +481,7 @@ impl Log {
                 own,
                 acquiring,
                 keeper: Some(keeper),
+                revocations: crate::revocation::Revocations::new(store_for_revocations),
             }),
         })
     }
@@ -584,6 +588,11 @@ impl Log {
     /// The store the log writes to (the archiver shares it).
     pub fn store(&self) -> &Arc<dyn KvStore> {
         &self.inner.store
+    }
+
+    /// Revoked tokens: what Hello, the admin listener and the log's RPC check.
+    pub fn revocations(&self) -> &crate::revocation::Revocations {
+        &self.inner.revocations
     }
 
     /// Serves reads below the hot floor from `cold`. Set once, before or after the log is
