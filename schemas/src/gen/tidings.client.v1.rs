@@ -448,6 +448,9 @@ pub enum CloseReason {
     ProtocolViolation = 4003,
     /// The client did not read its pushes fast enough; its queue filled up.
     SlowConsumer = 4008,
+    /// The session's token was revoked (by its jti, or all of its user's tokens issued up to a
+    /// time); get a new token before reconnecting.
+    Revoked = 4011,
     /// The server cannot serve the session right now (e.g. the log is unreachable); reconnect later.
     Unavailable = 4013,
     Flood = 4029,
@@ -466,6 +469,7 @@ impl CloseReason {
             Self::TokenExpired => "CLOSE_REASON_TOKEN_EXPIRED",
             Self::ProtocolViolation => "CLOSE_REASON_PROTOCOL_VIOLATION",
             Self::SlowConsumer => "CLOSE_REASON_SLOW_CONSUMER",
+            Self::Revoked => "CLOSE_REASON_REVOKED",
             Self::Unavailable => "CLOSE_REASON_UNAVAILABLE",
             Self::Flood => "CLOSE_REASON_FLOOD",
             Self::ShuttingDown => "CLOSE_REASON_SHUTTING_DOWN",
@@ -480,6 +484,7 @@ impl CloseReason {
             "CLOSE_REASON_TOKEN_EXPIRED" => Some(Self::TokenExpired),
             "CLOSE_REASON_PROTOCOL_VIOLATION" => Some(Self::ProtocolViolation),
             "CLOSE_REASON_SLOW_CONSUMER" => Some(Self::SlowConsumer),
+            "CLOSE_REASON_REVOKED" => Some(Self::Revoked),
             "CLOSE_REASON_UNAVAILABLE" => Some(Self::Unavailable),
             "CLOSE_REASON_FLOOD" => Some(Self::Flood),
             "CLOSE_REASON_SHUTTING_DOWN" => Some(Self::ShuttingDown),

@@ -12,12 +12,15 @@
 //! - [`rpc`]: the same interface over NATS request/reply, client and server sides.
 //! - [`publisher`]: the log's commit feed delivered to JetStream and to users' notice
 //!   subjects.
+//! - [`revocation`]: revoked tokens at the gateway: the Hello check, the notices on
+//!   `tidings.revoked.<tenant>` that end live sessions at once, and a periodic re-check.
 //! - [`subjects`]: NATS subject names.
 //!
 //! The protocol itself is documented in `schemas/proto/tidings/client/v1/client.proto`.
 
 pub mod hub;
 pub mod publisher;
+pub mod revocation;
 pub mod rpc;
 pub mod server;
 pub mod service;

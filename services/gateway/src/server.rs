@@ -60,6 +60,8 @@ pub struct Shared {
     pub nats: async_nats::Client,
     pub verifier: Verifier,
     pub registry: Registry,
+    /// Revoked tokens: checked at Hello; notices end live sessions (`revocation.rs`).
+    pub revocations: crate::revocation::Revocations,
     session_ids: AtomicU64,
 }
 
@@ -87,6 +89,7 @@ impl Shared {
             nats,
             verifier,
             registry,
+            revocations: crate::revocation::Revocations::default(),
             session_ids: AtomicU64::new(1),
         })
     }

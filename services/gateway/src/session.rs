@@ -460,10 +460,16 @@ impl Session {
             user.clone(),
             self.frames.clone(),
             self.kill.clone(),
-        );
+        )
+        .with_token(claims.jti.as_deref(), claims.issued_at);
         let registry = &self.shared.registry;
         registry.add_session(&handle);
         self.handle = Some(handle.clone());
+        // Checked once the session is registered: a revocation recorded after this check
+        // reaches the session through its notice (see `revocation.rs`).
+        if let Some(order) = self.refuse_if_revoked(id, &tenant, &user, &claims).await {
+            return Some(order);
+        }
         // Join every conversation of the user before Welcome: from then on, every event
         // delivered here reaches this session, and the client's Sync covers the rest.
         let convs = match self.all_conversations(&tenant, &user).await {
@@ -495,6 +501,40 @@ impl Session {
         );
         self.claims = Some(claims);
         None
+    }
+
+    /// Refuses a revoked token (or one whose revocation cannot be checked: fail closed).
+    async fn refuse_if_revoked(
+        &self,
+        id: u64,
+        tenant: &TenantId,
+        user: &UserId,
+        claims: &Claims,
+    ) -> Option<CloseOrder> {
+        let token = tidings_log::revocation::TokenRef {
+            tenant,
+            user,
+            jti: claims.jti.as_deref(),
+            issued_at: claims.issued_at,
+        };
+        match self.shared.revocations.is_revoked(token).await {
+            Ok(false) => None,
+            Ok(true) => {
+                self.reply(
+                    id,
+                    error(ErrorCode::AuthFailed, "token refused: it has been revoked"),
+                );
+                close(CloseReason::Revoked, "token refused: revoked")
+            }
+            Err(e) => {
+                info!(error = %e, "failed to check a token's revocation");
+                self.reply(id, log_error(&e));
+                close(
+                    CloseReason::Unavailable,
+                    "cannot check the token right now; try again later",
+                )
+            }
+        }
     }
 
     /// The user's conversations, every page, up to `max_conversations_per_session`.
