@@ -28,9 +28,13 @@ fn two_chat_processes_exchange_100_messages_each_way_once_in_order() {
     ]);
     let server = Server::start(&s, &nats, "all", &[]);
     let token = |user: &str| {
-        let out = s.run(&[
-            "token", "issue", "--tenant", "acme", "--user", user, "--ttl", "10m",
-        ]);
+        let out = s
+            .command(&[
+                "token", "issue", "--tenant", "acme", "--user", user, "--ttl", "10m",
+            ])
+            .env("TIDINGS_AUTH_HS256_ENABLED", "1")
+            .output()
+            .expect("token issue");
         assert!(out.status.success(), "{}", common::stderr(&out));
         String::from_utf8(out.stdout)
             .expect("utf8")

@@ -12,6 +12,7 @@
 //!   tidings against its baselines in one run; [`bench_corpus`]: the chat corpus and
 //!   plaintext Parquet baseline they share.
 //! - [`output`]: the JSON lines the tools print.
+//! - [`revoke`]: token revocation, shared by `tidings token revoke` and the admin listener.
 
 pub mod admin;
 pub mod archive;
@@ -26,4 +27,5 @@ pub mod commands;
 pub mod compliance;
 pub mod config;
 pub mod output;
+pub mod revoke;
 pub mod serve;
