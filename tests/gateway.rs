@@ -571,12 +571,15 @@ async fn an_expiring_token_ends_the_session() {
         closed(&mut conn).await,
         (Some(CloseReason::TokenExpired), Some(4002))
     );
-    // An expiry centuries away is just a long session (no timer overflow).
+    // An expiry centuries away is refused: no token outlives auth.max_token_lifetime_secs.
     let forever = s.token("acme", "bob", i64::MAX);
-    let (conn, _) = Connection::open(&server.url(), &forever, "t")
-        .await
-        .expect("open");
-    conn.ping().await.expect("still serving");
+    let mut conn = Connection::connect(&server.url()).await.expect("connect");
+    let err = conn.hello(&forever, "t").await.expect_err("too long");
+    assert_eq!(server_code(err), ErrorCode::AuthFailed);
+    assert_eq!(
+        closed(&mut conn).await,
+        (Some(CloseReason::AuthFailed), Some(4001))
+    );
     // A token expired past the verifier's leeway is refused at Hello, and says why.
     let expired = s.token("acme", "bob", -3600);
     let mut conn = Connection::connect(&server.url()).await.expect("connect");
