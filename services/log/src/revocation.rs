@@ -269,6 +269,10 @@ mod tests {
         }
     }
 
+    async fn revoked(r: &Revocations, token: TokenRef<'_>) -> bool {
+        r.is_revoked(token).await.expect("check")
+    }
+
     #[tokio::test]
     async fn jti_and_user_cutoffs_revoke_exactly_what_they_name() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -276,45 +280,21 @@ mod tests {
         let r = Revocations::new(store.clone());
         let (t, bob, carol) = ids();
         let (bob, carol) = (&bob, &carol);
-        assert!(
-            !r.is_revoked(tok(&t, bob, Some("j1"), 100))
-                .await
-                .expect("check")
-        );
+        assert!(!revoked(&r, tok(&t, bob, Some("j1"), 100)).await);
 
         r.revoke_jti(&t, "j1", 150).await.expect("revoke jti");
-        assert!(
-            r.is_revoked(tok(&t, bob, Some("j1"), 100))
-                .await
-                .expect("check")
-        );
-        assert!(
-            !r.is_revoked(tok(&t, bob, Some("j2"), 100))
-                .await
-                .expect("check")
-        );
-        assert!(!r.is_revoked(tok(&t, bob, None, 100)).await.expect("check"));
+        assert!(revoked(&r, tok(&t, bob, Some("j1"), 100)).await);
+        assert!(!revoked(&r, tok(&t, bob, Some("j2"), 100)).await);
+        assert!(!revoked(&r, tok(&t, bob, None, 100)).await);
 
         assert_eq!(
             r.revoke_user_before(&t, bob, 200).await.expect("cutoff"),
             200
         );
-        assert!(r.is_revoked(tok(&t, bob, None, 200)).await.expect("check"));
-        assert!(
-            r.is_revoked(tok(&t, bob, Some("j2"), 199))
-                .await
-                .expect("check")
-        );
-        assert!(
-            !r.is_revoked(tok(&t, bob, Some("j2"), 201))
-                .await
-                .expect("check")
-        );
-        assert!(
-            !r.is_revoked(tok(&t, carol, None, 100))
-                .await
-                .expect("check")
-        );
+        assert!(revoked(&r, tok(&t, bob, None, 200)).await);
+        assert!(revoked(&r, tok(&t, bob, Some("j2"), 199)).await);
+        assert!(!revoked(&r, tok(&t, bob, Some("j2"), 201)).await);
+        assert!(!revoked(&r, tok(&t, carol, None, 100)).await);
         // A cutoff never moves back.
         assert_eq!(
             r.revoke_user_before(&t, bob, 150).await.expect("cutoff"),
@@ -324,24 +304,9 @@ mod tests {
 
         // Another process (a fresh cache on the same store) sees the records.
         let fresh = Revocations::new(store);
-        assert!(
-            fresh
-                .is_revoked(tok(&t, bob, Some("j1"), 300))
-                .await
-                .expect("check")
-        );
-        assert!(
-            fresh
-                .is_revoked(tok(&t, bob, None, 200))
-                .await
-                .expect("check")
-        );
-        assert!(
-            !fresh
-                .is_revoked(tok(&t, carol, Some("j3"), 1))
-                .await
-                .expect("check")
-        );
+        assert!(revoked(&fresh, tok(&t, bob, Some("j1"), 300)).await);
+        assert!(revoked(&fresh, tok(&t, bob, None, 200)).await);
+        assert!(!revoked(&fresh, tok(&t, carol, Some("j3"), 1)).await);
         // And refuses ids no verifier would pass.
         assert!(r.revoke_jti(&t, "", 1).await.is_err());
         assert!(r.revoke_jti(&t, &"x".repeat(129), 1).await.is_err());
