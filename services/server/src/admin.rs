@@ -17,11 +17,12 @@
 //! compliance audience (`auth.compliance_audience`; a chat token is refused here as
 //! unauthenticated) and which is not revoked. The compliance routes need the `compliance`
 //! role.
+//!
 //! Who may ask, and what is recorded:
 //!
 //! | request | answer | audit log |
 //! |---|---|---|
-//! | no token, malformed header, token fails verification | 401 | none (only a warning in the process log) |
+//! | no token, malformed header, token fails verification (a chat token's audience included), revoked token | 401 | none (only a warning in the process log) |
 //! | verified token without the `compliance` role | 403 | denied, in the token's tenant |
 //! | compliance token of tenant A asking for tenant B | 403 | denied, in B's |
 //! | malformed filters | 400 | denied, with the reason |
