@@ -7,7 +7,6 @@
 //!   failed midway. Only that last line tells a complete result from a cut one.
 //! - `GET /v1/compliance/audit?tenant=`: the tenant's audit records as JSON lines, then
 //!   `{"complete":true,"rows":N,"problems":[..]}`. Reading the audit log is audited too.
-//!
 //! - `POST /v1/admin/tokens/revoke` with a JSON body `{"tenant":..,"jti":..}` or
 //!   `{"tenant":..,"user":..,"before":"now"|RFC 3339|Unix seconds}`: records the revocation,
 //!   tells every gateway (NATS `tidings.revoked.<tenant>`) and answers what it did. Needs the
