@@ -123,7 +123,9 @@ async fn compliance_search_finds_the_marker_and_every_refusal_is_audited_except_
     let (s, _nats, server) = setup("all");
     let admin = Admin::new(&server);
     let auditor = s.token_with_roles("acme", "auditor", &["compliance"], 3600);
-    let bob = s.token("acme", "bob", 3600);
+    // An admin-plane token (the compliance audience) without the compliance role; a chat
+    // token is not even verified here (tests/tokens.rs).
+    let bob = s.token_for(common::COMPLIANCE_AUDIENCE, "acme", "bob", &[], 3600, None);
     let other_auditor = s.token_with_roles("other", "auditor", &["compliance"], 3600);
     let expired_auditor = s.token_with_roles("acme", "auditor", &["compliance"], -3600);
 

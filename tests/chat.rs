@@ -11,9 +11,13 @@ use common::{Nats, Sandbox, Server, input_lines, stderr};
 use serde_json::Value;
 
 fn token(s: &Sandbox, user: &str) -> String {
-    let out = s.run(&[
-        "token", "issue", "--tenant", "acme", "--user", user, "--ttl", "10m",
-    ]);
+    let out = s
+        .command(&[
+            "token", "issue", "--tenant", "acme", "--user", user, "--ttl", "10m",
+        ])
+        .env("TIDINGS_AUTH_HS256_ENABLED", "1")
+        .output()
+        .expect("token issue");
     assert!(out.status.success(), "{}", stderr(&out));
     String::from_utf8(out.stdout)
         .expect("utf8")

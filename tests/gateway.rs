@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Nats, Sandbox, Server};
+use common::{Nats, Sandbox, Server, closed};
 use tidings_client::client::{CloseReason, ErrorCode};
 use tidings_client::{ClientError, Connection, Push};
 use tidings_schemas::v1::{ConversationKind, Event};
@@ -79,21 +79,6 @@ fn server_code(err: ClientError) -> ErrorCode {
     match err {
         ClientError::Server { code, .. } => code,
         other => panic!("expected a server error, got {other:?}"),
-    }
-}
-
-/// Waits for the connection to end; returns the close code.
-async fn closed(conn: &mut Connection) -> (Option<CloseReason>, Option<u16>) {
-    let mut goodbye = None;
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        match tokio::time::timeout_at(deadline, conn.next_push()).await {
-            Ok(Some(Push::Goodbye(g))) => goodbye = CloseReason::try_from(g.reason).ok(),
-            Ok(Some(Push::Closed { code, .. })) => return (goodbye, code),
-            Ok(None) => return (goodbye, None),
-            Ok(Some(_)) => {}
-            Err(_) => panic!("the server did not close the connection"),
-        }
     }
 }
 
@@ -586,12 +571,15 @@ async fn an_expiring_token_ends_the_session() {
         closed(&mut conn).await,
         (Some(CloseReason::TokenExpired), Some(4002))
     );
-    // An expiry centuries away is just a long session (no timer overflow).
+    // An expiry centuries away is refused: no token outlives auth.max_token_lifetime_secs.
     let forever = s.token("acme", "bob", i64::MAX);
-    let (conn, _) = Connection::open(&server.url(), &forever, "t")
-        .await
-        .expect("open");
-    conn.ping().await.expect("still serving");
+    let mut conn = Connection::connect(&server.url()).await.expect("connect");
+    let err = conn.hello(&forever, "t").await.expect_err("too long");
+    assert_eq!(server_code(err), ErrorCode::AuthFailed);
+    assert_eq!(
+        closed(&mut conn).await,
+        (Some(CloseReason::AuthFailed), Some(4001))
+    );
     // A token expired past the verifier's leeway is refused at Hello, and says why.
     let expired = s.token("acme", "bob", -3600);
     let mut conn = Connection::connect(&server.url()).await.expect("connect");
@@ -803,7 +791,7 @@ async fn production_ed25519_tokens_are_accepted_and_hs256_is_then_refused() {
         format!("[auth]\nhs256_secret_file = \"absent.secret\"\ned25519_public_keys = [\"k1:{public}\"]\n"),
     )
     .expect("config");
-    let server = Server::start(&s, &nats, "all", &[]);
+    let server = Server::start(&s, &nats, "all", &[("TIDINGS_AUTH_HS256_ENABLED", "0")]);
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .expect("clock")
@@ -814,6 +802,7 @@ async fn production_ed25519_tokens_are_accepted_and_hs256_is_then_refused() {
         roles: vec!["member".into()],
         expires_at: now + 600,
         issued_at: now,
+        jti: None,
     };
     let eddsa = tidings_auth::issue_ed25519(&seed, Some("k1"), "tidings", "tidings", &claims);
     let (conn, welcome) = Connection::open(&server.url(), &eddsa, "prod")

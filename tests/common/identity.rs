@@ -21,9 +21,12 @@ pub fn verifier() -> Verifier {
     Verifier::new(AuthConfig {
         issuer: "tidings".into(),
         audience: "tidings".into(),
+        refused_audiences: Vec::new(),
         hs256_secret: Some(SECRET.to_vec()),
         ed25519_public_keys: Vec::new(),
+        jwks: None,
         leeway_secs: 0,
+        max_lifetime_secs: 86_400,
     })
     .expect("verifier")
 }
@@ -41,6 +44,7 @@ pub fn token(tenant: &str, user: &str) -> (String, Claims) {
         roles: Vec::new(),
         expires_at: now() + 3600,
         issued_at: now(),
+        jti: None,
     };
     let token = tidings_auth::issue_hs256(SECRET, "tidings", "tidings", &claims);
     (token, claims)

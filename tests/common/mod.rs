@@ -350,7 +350,10 @@ impl Server {
     /// when it says so.
     pub fn start(s: &Sandbox, nats: &Nats, role: &str, env: &[(&str, &str)]) -> Server {
         let mut cmd = s.command(&["serve", "--role", role]);
+        // The tests sign development (HS256) tokens: enabled explicitly, as `ops/run` does.
+        // A test that wants it off passes TIDINGS_AUTH_HS256_ENABLED=0 in `env`.
         cmd.env("TIDINGS_NATS_URL", nats.url())
+            .env("TIDINGS_AUTH_HS256_ENABLED", "1")
             .env("TIDINGS_GATEWAY_LISTEN", "127.0.0.1:0")
             .env("TIDINGS_ADMIN_LISTEN", "127.0.0.1:0")
             .stdin(Stdio::null())
@@ -440,7 +443,8 @@ impl Sandbox {
         self.token_with_roles(tenant, user, &[], ttl_secs)
     }
 
-    /// [`Sandbox::token`] carrying `roles`.
+    /// [`Sandbox::token`] carrying `roles`. With the compliance or admin role the token is
+    /// for the admin listener (the compliance audience), as `tidings token issue` makes it.
     pub fn token_with_roles(
         &self,
         tenant: &str,
@@ -448,23 +452,77 @@ impl Sandbox {
         roles: &[&str],
         ttl_secs: i64,
     ) -> String {
-        let hex = std::fs::read_to_string(self.path().join("tidings-jwt.secret")).expect("secret");
-        let secret = tidings_log::crypto::hex_decode(hex.trim()).expect("hex secret");
+        let audience = if roles.iter().any(|r| *r == "compliance" || *r == "admin") {
+            COMPLIANCE_AUDIENCE
+        } else {
+            CHAT_AUDIENCE
+        };
+        self.token_for(audience, tenant, user, roles, ttl_secs, None)
+    }
+
+    /// A token signed with the sandbox's development secret for `audience`, issued now,
+    /// valid for `ttl_secs` (negative: already expired), with an optional `jti`.
+    pub fn token_for(
+        &self,
+        audience: &str,
+        tenant: &str,
+        user: &str,
+        roles: &[&str],
+        ttl_secs: i64,
+        jti: Option<&str>,
+    ) -> String {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .expect("clock")
             .as_secs();
-        tidings_auth::issue_hs256(
-            &secret,
-            "tidings",
-            "tidings",
+        // An expired token was issued before it expired (exp is never before iat).
+        let issued_at = if ttl_secs < 0 {
+            now.saturating_add_signed(ttl_secs - 60)
+        } else {
+            now
+        };
+        self.sign(
+            audience,
             &tidings_auth::Claims {
                 tenant: tenant.into(),
                 user: user.into(),
                 roles: roles.iter().map(|r| r.to_string()).collect(),
                 expires_at: now.saturating_add_signed(ttl_secs),
-                issued_at: now,
+                issued_at,
+                jti: jti.map(str::to_owned),
             },
         )
+    }
+
+    /// `claims` signed with the sandbox's development secret for `audience`.
+    pub fn sign(&self, audience: &str, claims: &tidings_auth::Claims) -> String {
+        let hex = std::fs::read_to_string(self.path().join("tidings-jwt.secret")).expect("secret");
+        let secret = tidings_log::crypto::hex_decode(hex.trim()).expect("hex secret");
+        tidings_auth::issue_hs256(&secret, "tidings", audience, claims)
+    }
+}
+
+/// The default audiences (`auth.audience`, `auth.compliance_audience`).
+pub const CHAT_AUDIENCE: &str = "tidings";
+pub const COMPLIANCE_AUDIENCE: &str = "tidings-compliance";
+
+/// Waits (at most 20 s) for the connection to end; returns the Goodbye's reason and the
+/// close code.
+pub async fn closed(
+    conn: &mut tidings_client::Connection,
+) -> (Option<tidings_client::client::CloseReason>, Option<u16>) {
+    use tidings_client::Push;
+    let mut goodbye = None;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        match tokio::time::timeout_at(deadline, conn.next_push()).await {
+            Ok(Some(Push::Goodbye(g))) => {
+                goodbye = tidings_client::client::CloseReason::try_from(g.reason).ok();
+            }
+            Ok(Some(Push::Closed { code, .. })) => return (goodbye, code),
+            Ok(None) => return (goodbye, None),
+            Ok(Some(_)) => {}
+            Err(_) => panic!("the server did not close the connection"),
+        }
     }
 }

@@ -12,8 +12,26 @@
 //! the signature is checked before any claim is read, key-carrying headers (`jwk`, `jku`,
 //! `x5u`, ...) are ignored, `crit` is refused, duplicate JSON members are refused, and error
 //! messages never echo the token or the secret.
+//!
+//! # Token rules (issue 11)
+//! - HS256 is a development convenience: a verifier accepts it only when its configuration
+//!   carries a secret, and the binary puts one there only when `auth.hs256_enabled` says so
+//!   (never because a secret file happens to exist).
+//! - Audiences separate planes: the gateway's verifier requires the chat audience and
+//!   refuses any token that also names the compliance audience, the admin listener's the
+//!   other way round ([`AuthConfig::refused_audiences`]). A stolen compliance token cannot
+//!   open a chat session, and a chat token cannot read a tenant's history.
+//! - `iat` is required, may not be in the future (beyond the leeway), and `exp - iat` may
+//!   not exceed [`AuthConfig::max_lifetime_secs`]: no token outlives a bounded window, which
+//!   also bounds how long a revocation record must be kept.
+//! - `jti` (optional, at most [`MAX_JTI_BYTES`]) names a token so it can be revoked alone;
+//!   revocation itself is kept by the log (`tidings_log::revocation`), not here.
+//! - Ed25519 keys come from the configuration and, optionally, from a JWKS file ([`Jwks`])
+//!   that the server re-reads when it changes; a broken file keeps the keys it had.
 
 use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -31,6 +49,15 @@ pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
 /// The smallest HS256 secret a [`Verifier`] accepts, in bytes.
 pub const MIN_HS256_SECRET_BYTES: usize = 32;
 
+/// The longest `jti` accepted, in bytes: revocation records are keyed by it.
+pub const MAX_JTI_BYTES: usize = 128;
+
+/// The largest JWKS file [`Jwks`] reads, in bytes (a few hundred keys).
+pub const MAX_JWKS_BYTES: u64 = 256 * 1024;
+
+/// The most keys one JWKS file may hold.
+pub const MAX_JWKS_KEYS: usize = 256;
+
 /// Longest attacker-controlled string (alg, kid, iss, aud, ...) echoed in an error message.
 const MAX_ECHO_CHARS: usize = 64;
 
@@ -45,8 +72,10 @@ pub struct Claims {
     pub roles: Vec<String>,
     /// `exp`, seconds since the Unix epoch (required).
     pub expires_at: u64,
-    /// `iat`, seconds since the Unix epoch (optional when verifying: 0 if absent).
+    /// `iat`, seconds since the Unix epoch (required).
     pub issued_at: u64,
+    /// `jti`, the token's id (optional; what `tidings token revoke --jti` names).
+    pub jti: Option<String>,
 }
 
 /// What a [`Verifier`] accepts.
@@ -56,12 +85,19 @@ pub struct AuthConfig {
     pub issuer: String,
     /// Required `aud` value; a token's `aud` may be this string or an array containing it.
     pub audience: String,
+    /// Audiences a token may not name, even beside [`AuthConfig::audience`]: the other
+    /// plane's (a chat verifier refuses the compliance audience and vice versa).
+    pub refused_audiences: Vec<String>,
     /// Enables HS256 when `Some`; must be at least [`MIN_HS256_SECRET_BYTES`] long.
     pub hs256_secret: Option<Vec<u8>>,
-    /// Enables EdDSA when non-empty.
+    /// Enables EdDSA when non-empty (or when `jwks` is set).
     pub ed25519_public_keys: Vec<Ed25519Key>,
-    /// Clock skew allowed on `exp` and `nbf`, in seconds.
+    /// More Ed25519 keys, from a JWKS file that may change while the verifier lives.
+    pub jwks: Option<Arc<Jwks>>,
+    /// Clock skew allowed on `exp`, `nbf` and `iat`, in seconds.
     pub leeway_secs: u64,
+    /// The longest a token may live: `exp - iat` at most this, in seconds.
+    pub max_lifetime_secs: u64,
 }
 
 /// Hand-written so that logging a config never prints the HS256 secret.
@@ -74,8 +110,11 @@ impl fmt::Debug for AuthConfig {
                 "hs256_secret",
                 &self.hs256_secret.as_ref().map(|_| "<redacted>"),
             )
+            .field("refused_audiences", &self.refused_audiences)
             .field("ed25519_public_keys", &self.ed25519_public_keys)
+            .field("jwks", &self.jwks)
             .field("leeway_secs", &self.leeway_secs)
+            .field("max_lifetime_secs", &self.max_lifetime_secs)
             .finish()
     }
 }
@@ -122,9 +161,28 @@ pub enum AuthError {
     /// `iss` is not the configured issuer.
     #[error("token issuer {0} is not the configured issuer")]
     WrongIssuer(String),
-    /// `aud` does not name the configured audience.
+    /// `aud` does not name the configured audience, or names a refused one.
     #[error("token audience {0} does not include the configured audience")]
     WrongAudience(String),
+    /// `exp - iat` is over the configured maximum lifetime.
+    #[error("token lifetime of {lifetime_secs} s is over the {max_secs} s maximum")]
+    LifetimeTooLong {
+        /// The token's `exp - iat`.
+        lifetime_secs: u64,
+        /// The configured maximum.
+        max_secs: u64,
+    },
+    /// `iat` (minus leeway) is in the future.
+    #[error("token is issued in the future ({issued_at}, Unix seconds)")]
+    IssuedInFuture {
+        /// The token's `iat`.
+        issued_at: u64,
+    },
+    /// The token was revoked (by its `jti`, or all of its user's tokens issued up to a time).
+    /// Never produced by [`Verifier::verify`]: revocation lives in the log; callers that
+    /// consult it report this variant so the code is the same everywhere.
+    #[error("token has been revoked")]
+    Revoked,
     /// The [`AuthConfig`] cannot be used.
     #[error("invalid auth configuration: {0}")]
     InvalidConfig(String),
@@ -142,6 +200,9 @@ impl AuthError {
             AuthError::NotYetValid { .. } => "not_yet_valid",
             AuthError::WrongIssuer(_) => "wrong_issuer",
             AuthError::WrongAudience(_) => "wrong_audience",
+            AuthError::LifetimeTooLong { .. } => "lifetime_too_long",
+            AuthError::IssuedInFuture { .. } => "issued_in_future",
+            AuthError::Revoked => "revoked",
             AuthError::InvalidConfig(_) => "invalid_config",
         }
     }
@@ -170,9 +231,12 @@ struct Header {
 pub struct Verifier {
     issuer: String,
     audience: String,
+    refused_audiences: Vec<String>,
     hs256_secret: Option<Vec<u8>>,
     ed25519_keys: Vec<VerifierKey>,
+    jwks: Option<Arc<Jwks>>,
     leeway_secs: u64,
+    max_lifetime_secs: u64,
 }
 
 /// Hand-written so that logging a verifier never prints the HS256 secret.
@@ -182,9 +246,12 @@ impl fmt::Debug for Verifier {
         f.debug_struct("Verifier")
             .field("issuer", &self.issuer)
             .field("audience", &self.audience)
+            .field("refused_audiences", &self.refused_audiences)
             .field("hs256_enabled", &self.hs256_secret.is_some())
             .field("ed25519_kids", &kids)
+            .field("jwks", &self.jwks)
             .field("leeway_secs", &self.leeway_secs)
+            .field("max_lifetime_secs", &self.max_lifetime_secs)
             .finish()
     }
 }
@@ -204,9 +271,18 @@ impl Verifier {
         if config.audience.is_empty() {
             return invalid("audience must not be empty".to_owned());
         }
-        if config.hs256_secret.is_none() && config.ed25519_public_keys.is_empty() {
+        if config.refused_audiences.contains(&config.audience) {
+            return invalid("the audience must not also be a refused audience".to_owned());
+        }
+        if config.max_lifetime_secs == 0 {
+            return invalid("the maximum token lifetime must be positive".to_owned());
+        }
+        if config.hs256_secret.is_none()
+            && config.ed25519_public_keys.is_empty()
+            && config.jwks.is_none()
+        {
             return invalid(
-                "no algorithm enabled: configure an HS256 secret or at least one Ed25519 public key"
+                "no algorithm enabled: configure an HS256 secret, an Ed25519 public key or a JWKS file"
                     .to_owned(),
             );
         }
@@ -228,33 +304,27 @@ impl Verifier {
                 );
             }
         }
-        let mut ed25519_keys = Vec::with_capacity(config.ed25519_public_keys.len());
-        for (index, configured) in config.ed25519_public_keys.iter().enumerate() {
-            let name = match &configured.kid {
-                Some(kid) => format!("Ed25519 public key #{index} (kid {})", echo(kid)),
-                None => format!("Ed25519 public key #{index}"),
-            };
-            if configured.kid.as_deref() == Some("") {
-                return invalid(format!("{name}: kid must not be empty (omit it instead)"));
-            }
-            let Ok(key) = VerifyingKey::from_bytes(&configured.public_key) else {
-                return invalid(format!("{name} is not a valid Ed25519 point"));
-            };
-            if key.is_weak() {
-                return invalid(format!("{name} is a weak (small-order) Ed25519 point"));
-            }
-            ed25519_keys.push(VerifierKey {
-                kid: configured.kid.clone(),
-                key,
-            });
-        }
+        let ed25519_keys = checked_keys(&config.ed25519_public_keys)?;
         Ok(Verifier {
             issuer: config.issuer,
             audience: config.audience,
+            refused_audiences: config.refused_audiences,
             hs256_secret: config.hs256_secret,
             ed25519_keys,
+            jwks: config.jwks,
             leeway_secs: config.leeway_secs,
+            max_lifetime_secs: config.max_lifetime_secs,
         })
+    }
+
+    /// Whether HS256 tokens are accepted.
+    pub fn hs256_enabled(&self) -> bool {
+        self.hs256_secret.is_some()
+    }
+
+    /// The audience tokens must name.
+    pub fn audience(&self) -> &str {
+        &self.audience
     }
 
     /// Verifies `token` at time `now_secs` (Unix seconds) and returns its claims.
@@ -359,7 +429,7 @@ impl Verifier {
             "HS256" => Err(AuthError::UnsupportedAlgorithm(
                 "HS256 is not enabled in this configuration (only EdDSA is)".to_owned(),
             )),
-            "EdDSA" if !self.ed25519_keys.is_empty() => Ok(Algorithm::EdDsa),
+            "EdDSA" if !self.ed25519_keys.is_empty() || self.jwks.is_some() => Ok(Algorithm::EdDsa),
             "EdDSA" => Err(AuthError::UnsupportedAlgorithm(
                 "EdDSA is not enabled in this configuration (only HS256 is)".to_owned(),
             )),
@@ -391,21 +461,18 @@ impl Verifier {
         signing_input: &[u8],
         signature: &[u8],
     ) -> Result<(), AuthError> {
+        // A snapshot of the JWKS keys: a reload in the middle does not change this check.
+        let file_keys = self.jwks.as_ref().map(|j| j.keys()).unwrap_or_default();
+        let all = || self.ed25519_keys.iter().chain(file_keys.iter());
         let candidates: Vec<&VerifierKey> = match kid {
-            None => self.ed25519_keys.iter().collect(),
+            None => all().collect(),
             Some(kid) => {
-                let named: Vec<&VerifierKey> = self
-                    .ed25519_keys
-                    .iter()
-                    .filter(|k| k.kid.as_deref() == Some(kid))
-                    .collect();
+                let named: Vec<&VerifierKey> =
+                    all().filter(|k| k.kid.as_deref() == Some(kid)).collect();
                 if named.is_empty() {
                     // Keys configured without a kid accept any token; keys with a kid only
                     // accept tokens naming it.
-                    self.ed25519_keys
-                        .iter()
-                        .filter(|k| k.kid.is_none())
-                        .collect()
+                    all().filter(|k| k.kid.is_none()).collect()
                 } else {
                     named
                 }
@@ -440,14 +507,35 @@ impl Verifier {
         let tenant = required_non_empty(payload, "tenant")?;
         let expires_at = optional_time(payload, "exp")?.ok_or_else(|| missing("exp"))?;
         let not_before = optional_time(payload, "nbf")?;
-        let issued_at = optional_time(payload, "iat")?.unwrap_or(0);
+        let issued_at = optional_time(payload, "iat")?.ok_or_else(|| missing("iat"))?;
         let roles = roles(payload)?;
+        let jti = jti(payload)?;
+        if expires_at < issued_at {
+            return Err(AuthError::Malformed(
+                "claim \"exp\" is before claim \"iat\"".to_owned(),
+            ));
+        }
 
         if issuer != self.issuer {
             return Err(AuthError::WrongIssuer(echo(issuer)));
         }
-        if !audience.contains(&self.audience) {
+        if !audience.contains(&self.audience)
+            || self
+                .refused_audiences
+                .iter()
+                .any(|refused| audience.contains(refused))
+        {
             return Err(AuthError::WrongAudience(audience.describe()));
+        }
+        let lifetime_secs = expires_at - issued_at;
+        if lifetime_secs > self.max_lifetime_secs {
+            return Err(AuthError::LifetimeTooLong {
+                lifetime_secs,
+                max_secs: self.max_lifetime_secs,
+            });
+        }
+        if now_secs.saturating_add(self.leeway_secs) < issued_at {
+            return Err(AuthError::IssuedInFuture { issued_at });
         }
         if now_secs > expires_at.saturating_add(self.leeway_secs) {
             return Err(AuthError::Expired {
@@ -465,8 +553,254 @@ impl Verifier {
             roles,
             expires_at,
             issued_at,
+            jti,
         })
     }
+}
+
+/// Checks configured keys: valid, not weak, kid absent or non-empty.
+fn checked_keys(keys: &[Ed25519Key]) -> Result<Vec<VerifierKey>, AuthError> {
+    let invalid = |msg: String| Err(AuthError::InvalidConfig(msg));
+    let mut checked = Vec::with_capacity(keys.len());
+    for (index, configured) in keys.iter().enumerate() {
+        let name = match &configured.kid {
+            Some(kid) => format!("Ed25519 public key #{index} (kid {})", echo(kid)),
+            None => format!("Ed25519 public key #{index}"),
+        };
+        if configured.kid.as_deref() == Some("") {
+            return invalid(format!("{name}: kid must not be empty (omit it instead)"));
+        }
+        let Ok(key) = VerifyingKey::from_bytes(&configured.public_key) else {
+            return invalid(format!("{name} is not a valid Ed25519 point"));
+        };
+        if key.is_weak() {
+            return invalid(format!("{name} is a weak (small-order) Ed25519 point"));
+        }
+        checked.push(VerifierKey {
+            kid: configured.kid.clone(),
+            key,
+        });
+    }
+    Ok(checked)
+}
+
+/// What identifies a version of a file on disk: a replaced file (new inode), a rewritten one
+/// (new mtime or length) both count as changed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FileStamp {
+    modified: Option<std::time::SystemTime>,
+    len: u64,
+    inode: u64,
+}
+
+fn stamp(path: &Path) -> std::io::Result<FileStamp> {
+    let meta = std::fs::metadata(path)?;
+    #[cfg(unix)]
+    let inode = std::os::unix::fs::MetadataExt::ino(&meta);
+    #[cfg(not(unix))]
+    let inode = 0;
+    Ok(FileStamp {
+        modified: meta.modified().ok(),
+        len: meta.len(),
+        inode,
+    })
+}
+
+/// Ed25519 public keys from a JWKS file (RFC 7517, keys of type OKP, RFC 8037), re-read by
+/// [`Jwks::reload_if_changed`] when the file changes.
+///
+/// A file that cannot be read or parsed keeps the keys loaded before (and the caller logs a
+/// warning): a half-written file during a rotation must not lock every user out. Keys of
+/// other types are skipped; a key carrying a private part (`d`) makes the whole file invalid,
+/// since whoever published it has leaked a signing key.
+pub struct Jwks {
+    path: PathBuf,
+    state: RwLock<JwksState>,
+}
+
+struct JwksState {
+    stamp: Option<FileStamp>,
+    keys: Arc<Vec<VerifierKey>>,
+}
+
+impl fmt::Debug for Jwks {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kids: Vec<Option<String>> = self.keys().iter().map(|k| k.kid.clone()).collect();
+        f.debug_struct("Jwks")
+            .field("path", &self.path)
+            .field("kids", &kids)
+            .finish()
+    }
+}
+
+impl Jwks {
+    /// Reads the file; it must be valid now (a server does not start on a broken key file).
+    pub fn load(path: impl Into<PathBuf>) -> Result<Jwks, AuthError> {
+        let path = path.into();
+        let stamp = stamp(&path)
+            .map_err(|e| AuthError::InvalidConfig(format!("JWKS file {}: {e}", path.display())))?;
+        let keys = read_jwks(&path)?;
+        Ok(Jwks {
+            path,
+            state: RwLock::new(JwksState {
+                stamp: Some(stamp),
+                keys: Arc::new(keys),
+            }),
+        })
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Re-reads the file if it changed since the last (successful or failed) look:
+    /// `Ok(Some(n))` with the number of keys now in use, `Ok(None)` if unchanged. On an
+    /// error the keys in use stay as they were, and the same broken version is not retried
+    /// (nor reported again) until the file changes once more.
+    pub fn reload_if_changed(&self) -> Result<Option<usize>, AuthError> {
+        let now = stamp(&self.path).ok();
+        {
+            let state = self.state.read().unwrap_or_else(|p| p.into_inner());
+            if now.is_some() && state.stamp == now {
+                return Ok(None);
+            }
+        }
+        let mut state = self.state.write().unwrap_or_else(|p| p.into_inner());
+        if now.is_some() && state.stamp == now {
+            return Ok(None);
+        }
+        let missing = now.is_none() && state.stamp.is_none();
+        state.stamp = now;
+        if missing {
+            // Still gone: reported once already.
+            return Ok(None);
+        }
+        let keys = read_jwks(&self.path)?;
+        let n = keys.len();
+        state.keys = Arc::new(keys);
+        Ok(Some(n))
+    }
+
+    fn keys(&self) -> Arc<Vec<VerifierKey>> {
+        self.state
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys
+            .clone()
+    }
+
+    /// The key ids in use (`None` for a key without one).
+    pub fn kids(&self) -> Vec<Option<String>> {
+        self.keys().iter().map(|k| k.kid.clone()).collect()
+    }
+}
+
+fn read_jwks(path: &Path) -> Result<Vec<VerifierKey>, AuthError> {
+    use std::io::Read as _;
+    let name = path.display();
+    let bad = |msg: String| AuthError::InvalidConfig(format!("JWKS file {name}: {msg}"));
+    let file = std::fs::File::open(path).map_err(|e| bad(e.to_string()))?;
+    let mut bytes = Vec::new();
+    file.take(MAX_JWKS_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| bad(e.to_string()))?;
+    if bytes.len() as u64 > MAX_JWKS_BYTES {
+        return Err(bad(format!("larger than {MAX_JWKS_BYTES} bytes")));
+    }
+    let keys = parse_jwks(&bytes).map_err(|e| match e {
+        AuthError::InvalidConfig(msg) => bad(msg),
+        other => other,
+    })?;
+    checked_keys(&keys).map_err(|e| match e {
+        AuthError::InvalidConfig(msg) => bad(msg),
+        other => other,
+    })
+}
+
+/// The Ed25519 keys of a JWKS document (`{"keys":[{"kty":"OKP","crv":"Ed25519","kid":..,
+/// "x":..}]}`). Keys of other types and curves are skipped; the document must hold at least
+/// one Ed25519 key, at most [`MAX_JWKS_KEYS`] keys in all, and no private key.
+pub fn parse_jwks(bytes: &[u8]) -> Result<Vec<Ed25519Key>, AuthError> {
+    let invalid = |msg: &str| AuthError::InvalidConfig(msg.to_owned());
+    let doc = parse_object(bytes, "JWKS").map_err(|e| AuthError::InvalidConfig(e.to_string()))?;
+    let Some(Value::Array(entries)) = doc.get("keys") else {
+        return Err(invalid("no \"keys\" array"));
+    };
+    if entries.len() > MAX_JWKS_KEYS {
+        return Err(AuthError::InvalidConfig(format!(
+            "{} keys, over the {MAX_JWKS_KEYS}-key limit",
+            entries.len()
+        )));
+    }
+    let mut keys = Vec::new();
+    for (index, entry) in entries.iter().enumerate() {
+        let Value::Object(jwk) = entry else {
+            return Err(AuthError::InvalidConfig(format!(
+                "key #{index} is not an object"
+            )));
+        };
+        if jwk.contains_key("d") {
+            return Err(AuthError::InvalidConfig(format!(
+                "key #{index} carries a private key (\"d\"); publish public keys only"
+            )));
+        }
+        let text = |name: &str| jwk.get(name).and_then(Value::as_str);
+        if text("kty") != Some("OKP") || text("crv") != Some("Ed25519") {
+            continue;
+        }
+        if let Some(usage) = text("use")
+            && usage != "sig"
+        {
+            continue;
+        }
+        let x = text("x")
+            .ok_or_else(|| AuthError::InvalidConfig(format!("key #{index} has no \"x\"")))?;
+        let public_key: [u8; 32] = URL_SAFE_NO_PAD
+            .decode(x)
+            .ok()
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(|| {
+                AuthError::InvalidConfig(format!(
+                    "key #{index}: \"x\" is not 32 bytes of unpadded base64url"
+                ))
+            })?;
+        let kid = match jwk.get("kid") {
+            None => None,
+            Some(Value::String(kid)) => Some(kid.clone()),
+            Some(_) => {
+                return Err(AuthError::InvalidConfig(format!(
+                    "key #{index}: \"kid\" must be a string"
+                )));
+            }
+        };
+        keys.push(Ed25519Key { kid, public_key });
+    }
+    if keys.is_empty() {
+        return Err(invalid("no Ed25519 (OKP) key"));
+    }
+    Ok(keys)
+}
+
+/// A JWKS document holding these public keys (for tests and tools).
+pub fn jwks_json(keys: &[Ed25519Key]) -> String {
+    let keys: Vec<Value> = keys
+        .iter()
+        .map(|k| {
+            let mut jwk = serde_json::json!({
+                "kty": "OKP",
+                "crv": "Ed25519",
+                "use": "sig",
+                "alg": "EdDSA",
+                "x": URL_SAFE_NO_PAD.encode(k.public_key),
+            });
+            if let (Some(kid), Value::Object(fields)) = (&k.kid, &mut jwk) {
+                fields.insert("kid".to_owned(), Value::String(kid.clone()));
+            }
+            jwk
+        })
+        .collect();
+    serde_json::json!({ "keys": keys }).to_string()
 }
 
 /// A token's `aud`: one string or an array of strings.
@@ -553,6 +887,18 @@ fn optional_time(payload: &Map<String, Value>, claim: &str) -> Result<Option<u64
                 "claim \"{claim}\" must be a non-negative integer (seconds since the Unix epoch)"
             ))
         }),
+    }
+}
+
+fn jti(payload: &Map<String, Value>) -> Result<Option<String>, AuthError> {
+    match payload.get("jti") {
+        None => Ok(None),
+        Some(Value::String(jti)) if !jti.is_empty() && jti.len() <= MAX_JTI_BYTES => {
+            Ok(Some(jti.clone()))
+        }
+        Some(_) => Err(AuthError::Malformed(format!(
+            "claim \"jti\" must be a non-empty string of at most {MAX_JTI_BYTES} bytes"
+        ))),
     }
 }
 
@@ -647,7 +993,7 @@ fn encode_json(value: &Value) -> String {
 }
 
 fn payload_json(issuer: &str, audience: &str, claims: &Claims) -> Value {
-    serde_json::json!({
+    let mut payload = serde_json::json!({
         "iss": issuer,
         "aud": audience,
         "sub": claims.user,
@@ -655,12 +1001,17 @@ fn payload_json(issuer: &str, audience: &str, claims: &Claims) -> Value {
         "roles": claims.roles,
         "iat": claims.issued_at,
         "exp": claims.expires_at,
-    })
+    });
+    if let (Some(jti), Value::Object(fields)) = (&claims.jti, &mut payload) {
+        fields.insert("jti".to_owned(), Value::String(jti.clone()));
+    }
+    payload
 }
 
 /// Signs claims with HS256. Used by `tidings token issue` (development) and tests.
 ///
-/// The payload holds `iss`, `aud` (a string), `sub`, `tenant`, `roles`, `iat` and `exp`.
+/// The payload holds `iss`, `aud` (a string), `sub`, `tenant`, `roles`, `iat`, `exp` and,
+/// when the claims have one, `jti`.
 /// The secret is not length-checked here; a [`Verifier`] requires at least
 /// [`MIN_HS256_SECRET_BYTES`].
 pub fn issue_hs256(secret: &[u8], issuer: &str, audience: &str, claims: &Claims) -> String {

@@ -6,14 +6,16 @@ use ed25519_dalek::{Signer as _, SigningKey};
 use hmac::{Hmac, Mac as _};
 use sha2::Sha256;
 use tidings_auth::{
-    AuthConfig, AuthError, Claims, Ed25519Key, MAX_TOKEN_BYTES, Verifier, ed25519_public_key,
-    issue_ed25519, issue_hs256,
+    AuthConfig, AuthError, Claims, Ed25519Key, Jwks, MAX_JWKS_KEYS, MAX_TOKEN_BYTES, Verifier,
+    ed25519_public_key, issue_ed25519, issue_hs256, jwks_json, parse_jwks,
 };
 
 const SECRET: &[u8] = b"tidings-dev-secret-0123456789-abcdefgh";
 const OTHER_SECRET: &[u8] = b"another-secret-that-is-long-enough-000";
 const ISS: &str = "https://auth.tidings.test";
 const AUD: &str = "tidings-gateway";
+const COMPLIANCE_AUD: &str = "tidings-compliance";
+const MAX_LIFETIME: u64 = 24 * 3600;
 const NOW: u64 = 1_700_000_000;
 const SEED_A: [u8; 32] = [7; 32];
 const SEED_B: [u8; 32] = [42; 32];
@@ -25,6 +27,7 @@ fn claims() -> Claims {
         roles: vec!["admin".to_owned(), "member".to_owned()],
         expires_at: NOW + 3600,
         issued_at: NOW - 10,
+        jti: None,
     }
 }
 
@@ -32,9 +35,12 @@ fn config() -> AuthConfig {
     AuthConfig {
         issuer: ISS.to_owned(),
         audience: AUD.to_owned(),
+        refused_audiences: vec![COMPLIANCE_AUD.to_owned()],
         hs256_secret: None,
         ed25519_public_keys: Vec::new(),
+        jwks: None,
         leeway_secs: 0,
+        max_lifetime_secs: MAX_LIFETIME,
     }
 }
 
@@ -173,9 +179,9 @@ fn round_trip_eddsa_with_and_without_kid() {
 
 #[test]
 fn optional_claims_default() {
-    // No iat, no roles; aud as an array; unknown claims ignored.
+    // No roles, no jti; aud as an array; unknown claims ignored.
     let payload = format!(
-        r#"{{"iss":"{ISS}","aud":["x","{AUD}"],"sub":"bob","tenant":"t1","exp":{},"extra":{{"a":[1,2]}}}}"#,
+        r#"{{"iss":"{ISS}","aud":["x","{AUD}"],"sub":"bob","tenant":"t1","exp":{},"iat":{NOW},"extra":{{"a":[1,2]}}}}"#,
         NOW + 1
     );
     let token = sign_hs(SECRET, r#"{"alg":"HS256"}"#, &payload);
@@ -186,7 +192,8 @@ fn optional_claims_default() {
             user: "bob".to_owned(),
             roles: Vec::new(),
             expires_at: NOW + 1,
-            issued_at: 0,
+            issued_at: NOW,
+            jti: None,
         })
     );
 }
@@ -513,7 +520,7 @@ fn invalid_configs_are_rejected() {
     assert_eq!(
         invalid(config()),
         AuthError::InvalidConfig(
-            "no algorithm enabled: configure an HS256 secret or at least one Ed25519 public key"
+            "no algorithm enabled: configure an HS256 secret, an Ed25519 public key or a JWKS file"
                 .to_owned()
         )
     );
@@ -622,6 +629,7 @@ fn expiry_and_leeway() {
             AUD,
             &Claims {
                 expires_at: exp,
+                issued_at: exp.saturating_sub(10),
                 ..claims()
             },
         )
@@ -721,7 +729,7 @@ fn wrong_audience() {
 
     let aud_payload = |aud: &str| {
         format!(
-            r#"{{"iss":"{ISS}","aud":{aud},"sub":"alice","tenant":"acme","exp":{}}}"#,
+            r#"{{"iss":"{ISS}","aud":{aud},"sub":"alice","tenant":"acme","exp":{},"iat":{NOW}}}"#,
             NOW + 60
         )
     };
@@ -786,7 +794,7 @@ fn missing_and_mistyped_claims_are_malformed() {
             .expect("claim present");
         sign_hs(SECRET, HS_HEADER, &payload.to_string())
     };
-    for claim in ["sub", "tenant", "exp", "iss", "aud"] {
+    for claim in ["sub", "tenant", "exp", "iat", "iss", "aud"] {
         assert_eq!(
             reject(&v, &token_without(claim), NOW),
             malformed(&format!("missing required claim \"{claim}\"")),
@@ -847,6 +855,26 @@ fn missing_and_mistyped_claims_are_malformed() {
             "roles",
             json!(null),
             "claim \"roles\" must be an array of strings",
+        ),
+        (
+            "jti",
+            json!(""),
+            "claim \"jti\" must be a non-empty string of at most 128 bytes",
+        ),
+        (
+            "jti",
+            json!("j".repeat(129)),
+            "claim \"jti\" must be a non-empty string of at most 128 bytes",
+        ),
+        (
+            "jti",
+            json!(7),
+            "claim \"jti\" must be a non-empty string of at most 128 bytes",
+        ),
+        (
+            "exp",
+            json!(NOW - 1),
+            "claim \"exp\" is before claim \"iat\"",
         ),
     ];
     for (claim, value, expected) in cases {
@@ -1147,9 +1175,256 @@ fn error_codes_are_stable() {
         (AuthError::NotYetValid { not_before: 0 }, "not_yet_valid"),
         (AuthError::WrongIssuer(String::new()), "wrong_issuer"),
         (AuthError::WrongAudience(String::new()), "wrong_audience"),
+        (
+            AuthError::LifetimeTooLong {
+                lifetime_secs: 0,
+                max_secs: 0,
+            },
+            "lifetime_too_long",
+        ),
+        (
+            AuthError::IssuedInFuture { issued_at: 0 },
+            "issued_in_future",
+        ),
+        (AuthError::Revoked, "revoked"),
         (AuthError::InvalidConfig(String::new()), "invalid_config"),
     ];
     for (err, code) in cases {
         assert_eq!(err.code(), code);
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Token rules of issue 11: HS256 explicit, audiences, lifetime, iat, jti, JWKS reload
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn hs256_tokens_are_refused_when_no_secret_is_configured() {
+    // What `auth.hs256_enabled = false` produces: an EdDSA-only verifier, whatever files exist.
+    let ed_only = ed_verifier(vec![key(None, &SEED_A)]);
+    assert!(!ed_only.hs256_enabled());
+    let token = issue_hs256(SECRET, ISS, AUD, &claims());
+    assert_eq!(
+        reject(&ed_only, &token, NOW),
+        AuthError::UnsupportedAlgorithm(
+            "HS256 is not enabled in this configuration (only EdDSA is)".to_owned()
+        )
+    );
+    assert!(hs_verifier().hs256_enabled());
+}
+
+fn compliance_verifier() -> Verifier {
+    Verifier::new(AuthConfig {
+        audience: COMPLIANCE_AUD.to_owned(),
+        refused_audiences: vec![AUD.to_owned()],
+        hs256_secret: Some(SECRET.to_vec()),
+        ..config()
+    })
+    .expect("valid compliance config")
+}
+
+#[test]
+fn chat_and_compliance_audiences_are_separate() {
+    let chat = hs_verifier();
+    let compliance = compliance_verifier();
+    let chat_token = issue_hs256(SECRET, ISS, AUD, &claims());
+    let compliance_token = issue_hs256(SECRET, ISS, COMPLIANCE_AUD, &claims());
+    assert_eq!(chat.verify(&chat_token, NOW), Ok(claims()));
+    assert_eq!(compliance.verify(&compliance_token, NOW), Ok(claims()));
+    assert_eq!(
+        reject(&chat, &compliance_token, NOW),
+        AuthError::WrongAudience(format!("{COMPLIANCE_AUD:?}"))
+    );
+    assert_eq!(
+        reject(&compliance, &chat_token, NOW),
+        AuthError::WrongAudience(format!("{AUD:?}"))
+    );
+    // A token naming both planes is refused by both.
+    let payload = format!(
+        r#"{{"iss":"{ISS}","aud":["{AUD}","{COMPLIANCE_AUD}"],"sub":"a","tenant":"t","exp":{},"iat":{NOW}}}"#,
+        NOW + 60
+    );
+    let both = sign_hs(SECRET, HS_HEADER, &payload);
+    for verifier in [&chat, &compliance] {
+        assert_eq!(reject(verifier, &both, NOW).code(), "wrong_audience");
+    }
+    // A configuration cannot require an audience it refuses.
+    let err = Verifier::new(AuthConfig {
+        refused_audiences: vec![AUD.to_owned()],
+        hs256_secret: Some(SECRET.to_vec()),
+        ..config()
+    })
+    .expect_err("audience refused by its own verifier");
+    assert_eq!(err.code(), "invalid_config");
+}
+
+#[test]
+fn lifetime_is_bounded() {
+    let v = hs_verifier();
+    let living = |lifetime: u64| {
+        issue_hs256(
+            SECRET,
+            ISS,
+            AUD,
+            &Claims {
+                issued_at: NOW - 10,
+                expires_at: NOW - 10 + lifetime,
+                ..claims()
+            },
+        )
+    };
+    assert!(v.verify(&living(MAX_LIFETIME), NOW).is_ok());
+    assert_eq!(
+        reject(&v, &living(MAX_LIFETIME + 1), NOW),
+        AuthError::LifetimeTooLong {
+            lifetime_secs: MAX_LIFETIME + 1,
+            max_secs: MAX_LIFETIME
+        }
+    );
+    // A century-long token is refused however valid its signature.
+    assert_eq!(
+        reject(&v, &living(100 * 365 * 86_400), NOW).code(),
+        "lifetime_too_long"
+    );
+    let err = Verifier::new(AuthConfig {
+        max_lifetime_secs: 0,
+        hs256_secret: Some(SECRET.to_vec()),
+        ..config()
+    })
+    .expect_err("zero lifetime");
+    assert_eq!(err.code(), "invalid_config");
+}
+
+#[test]
+fn iat_may_not_be_in_the_future_beyond_the_leeway() {
+    let issued = |iat: u64| {
+        issue_hs256(
+            SECRET,
+            ISS,
+            AUD,
+            &Claims {
+                issued_at: iat,
+                expires_at: iat + 60,
+                ..claims()
+            },
+        )
+    };
+    assert!(hs_verifier().verify(&issued(NOW), NOW).is_ok());
+    assert_eq!(
+        reject(&hs_verifier(), &issued(NOW + 1), NOW),
+        AuthError::IssuedInFuture { issued_at: NOW + 1 }
+    );
+    let lenient = hs_verifier_with_leeway(30);
+    assert!(lenient.verify(&issued(NOW + 30), NOW).is_ok());
+    assert_eq!(
+        reject(&lenient, &issued(NOW + 31), NOW),
+        AuthError::IssuedInFuture {
+            issued_at: NOW + 31
+        }
+    );
+}
+
+#[test]
+fn jti_round_trips() {
+    let named = Claims {
+        jti: Some("0193a5c2-7b7e-7000-8000-000000000001".to_owned()),
+        ..claims()
+    };
+    let token = issue_hs256(SECRET, ISS, AUD, &named);
+    assert_eq!(hs_verifier().verify(&token, NOW), Ok(named.clone()));
+    let token = issue_ed25519(&SEED_A, None, ISS, AUD, &named);
+    assert_eq!(
+        ed_verifier(vec![key(None, &SEED_A)]).verify(&token, NOW),
+        Ok(named)
+    );
+}
+
+/// Writes `text` to `path` the way a rotation should: a new file renamed over the old one.
+fn replace_file(path: &std::path::Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).expect("write");
+    std::fs::rename(&tmp, path).expect("rename");
+}
+
+#[test]
+fn jwks_keys_are_reloaded_when_the_file_changes_and_a_broken_file_keeps_the_old_keys() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("jwks.json");
+    replace_file(&path, &jwks_json(&[key(Some("k1"), &SEED_A)]));
+    let jwks = std::sync::Arc::new(Jwks::load(&path).expect("load"));
+    let v = Verifier::new(AuthConfig {
+        jwks: Some(jwks.clone()),
+        ..config()
+    })
+    .expect("JWKS-only verifier");
+    let token_a = issue_ed25519(&SEED_A, Some("k1"), ISS, AUD, &claims());
+    let token_b = issue_ed25519(&SEED_B, Some("k2"), ISS, AUD, &claims());
+    assert_eq!(v.verify(&token_a, NOW), Ok(claims()));
+    assert_eq!(
+        reject(&v, &token_b, NOW),
+        AuthError::UnknownKey("\"k2\"".to_owned())
+    );
+    assert_eq!(jwks.reload_if_changed(), Ok(None), "unchanged");
+
+    // Rotation: k2 in, k1 out.
+    replace_file(&path, &jwks_json(&[key(Some("k2"), &SEED_B)]));
+    assert_eq!(jwks.reload_if_changed(), Ok(Some(1)));
+    assert_eq!(jwks.kids(), vec![Some("k2".to_owned())]);
+    assert_eq!(v.verify(&token_b, NOW), Ok(claims()));
+    assert_eq!(reject(&v, &token_a, NOW).code(), "unknown_key");
+
+    // A broken file is reported once and changes nothing.
+    replace_file(&path, "{\"keys\": [");
+    let err = jwks.reload_if_changed().expect_err("broken file");
+    assert_eq!(err.code(), "invalid_config");
+    assert_eq!(jwks.reload_if_changed(), Ok(None), "reported once");
+    assert_eq!(v.verify(&token_b, NOW), Ok(claims()));
+
+    // So is a file that publishes a private key, or one gone missing.
+    replace_file(
+        &path,
+        r#"{"keys":[{"kty":"OKP","crv":"Ed25519","x":"AAAA","d":"AAAA"}]}"#,
+    );
+    let err = jwks.reload_if_changed().expect_err("private key");
+    assert!(err.to_string().contains("private key"), "{err}");
+    std::fs::remove_file(&path).expect("remove");
+    assert!(jwks.reload_if_changed().is_err());
+    assert_eq!(jwks.reload_if_changed(), Ok(None));
+    assert_eq!(v.verify(&token_b, NOW), Ok(claims()));
+
+    // And a good file again is picked up.
+    replace_file(
+        &path,
+        &jwks_json(&[key(Some("k1"), &SEED_A), key(Some("k2"), &SEED_B)]),
+    );
+    assert_eq!(jwks.reload_if_changed(), Ok(Some(2)));
+    assert_eq!(v.verify(&token_a, NOW), Ok(claims()));
+}
+
+#[test]
+fn jwks_parsing_is_strict_about_ed25519_keys_and_skips_others() {
+    let x = URL_SAFE_NO_PAD.encode(ed25519_public_key(&SEED_A));
+    let doc = format!(
+        r#"{{"keys":[{{"kty":"RSA","n":"xx","e":"AQAB"}},{{"kty":"OKP","crv":"X25519","x":"{x}"}},{{"kty":"OKP","crv":"Ed25519","use":"enc","x":"{x}"}},{{"kty":"OKP","crv":"Ed25519","kid":"a","x":"{x}"}}]}}"#
+    );
+    let keys = parse_jwks(doc.as_bytes()).expect("parses");
+    assert_eq!(keys.len(), 1);
+    assert_eq!(keys[0].kid.as_deref(), Some("a"));
+    assert_eq!(keys[0].public_key, ed25519_public_key(&SEED_A));
+    for bad in [
+        r#"{"keys":[]}"#.to_owned(),
+        r#"{"keys":[{"kty":"RSA"}]}"#.to_owned(),
+        r#"{"nokeys":1}"#.to_owned(),
+        r#"{"keys":[{"kty":"OKP","crv":"Ed25519","x":"AAAA"}]}"#.to_owned(),
+        format!(r#"{{"keys":[{{"kty":"OKP","crv":"Ed25519","kid":5,"x":"{x}"}}]}}"#),
+        "[]".to_owned(),
+    ] {
+        let err = parse_jwks(bad.as_bytes()).expect_err(&bad);
+        assert_eq!(err.code(), "invalid_config", "{bad}");
+    }
+    let too_many = format!(
+        r#"{{"keys":[{}]}}"#,
+        vec![format!(r#"{{"kty":"OKP","crv":"Ed25519","x":"{x}"}}"#); MAX_JWKS_KEYS + 1].join(",")
+    );
+    assert!(parse_jwks(too_many.as_bytes()).is_err());
 }

@@ -48,6 +48,10 @@ pub struct SessionHandle {
     pub id: u64,
     pub tenant: TenantId,
     pub user: UserId,
+    /// The session's token: its id (`jti`) and issue time (`iat`), so a revocation can find
+    /// the sessions it ends ([`Registry::close_user`]).
+    pub jti: Option<Arc<str>>,
+    pub issued_at: u64,
     tx: mpsc::Sender<Bytes>,
     kill: Arc<KillSwitch>,
     budget: Arc<OutboundBudget>,
@@ -162,10 +166,24 @@ impl SessionHandle {
             id,
             tenant,
             user,
+            jti: None,
+            issued_at: 0,
             tx,
             kill,
             budget,
         }
+    }
+
+    /// Records the session's token id and issue time.
+    pub fn with_token(mut self, jti: Option<&str>, issued_at: u64) -> Self {
+        self.jti = jti.map(Arc::from);
+        self.issued_at = issued_at;
+        self
+    }
+
+    /// Tells the session to close (once; later orders are ignored).
+    pub fn close(&self, order: CloseOrder) {
+        self.kill.fire(order);
     }
 
     /// Queues a frame without waiting. A full queue (in frames or bytes) means the client is
@@ -277,6 +295,63 @@ impl Registry {
             }
         }
         n
+    }
+
+    /// Tells every session of `user` for which `matches` holds to close; returns how many.
+    /// What a revocation uses: `matches` looks at the session's `jti` and `issued_at`.
+    pub fn close_user(
+        &self,
+        tenant: &TenantId,
+        user: &UserId,
+        matches: impl Fn(&SessionHandle) -> bool,
+        order: CloseOrder,
+    ) -> usize {
+        let state = self.state();
+        let Some(entry) = state.users.get(&(tenant.clone(), user.clone())) else {
+            return 0;
+        };
+        let mut n = 0;
+        for s in entry.sessions.values().filter(|s| matches(s)) {
+            s.kill.fire(order.clone());
+            n += 1;
+        }
+        n
+    }
+
+    /// Like [`Registry::close_user`] for every user of `tenant` (a revoked `jti` does not
+    /// say whose it is).
+    pub fn close_tenant_sessions(
+        &self,
+        tenant: &TenantId,
+        matches: impl Fn(&SessionHandle) -> bool,
+        order: CloseOrder,
+    ) -> usize {
+        let state = self.state();
+        let mut n = 0;
+        for ((t, _), entry) in &state.users {
+            if t != tenant {
+                continue;
+            }
+            for s in entry.sessions.values().filter(|s| matches(s)) {
+                s.kill.fire(order.clone());
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Every registered session (for periodic checks of their tokens).
+    pub fn sessions(&self) -> Vec<SessionHandle> {
+        self.state()
+            .users
+            .values()
+            .flat_map(|u| u.sessions.values().cloned())
+            .collect()
+    }
+
+    /// Fires on every NATS (re)connection.
+    pub fn reconnections(&self) -> broadcast::Receiver<()> {
+        self.inner.reconnected.subscribe()
     }
 
     /// Sessions still registered.

@@ -19,6 +19,8 @@
 //!   payloads, the X25519 key exchange) and the gateway's bounded key cache.
 //! - [`publisher`]: the log's commit feed, sealed, delivered to JetStream and to users'
 //!   notice subjects.
+//! - [`revocation`]: revoked tokens at the gateway: the Hello check, the notices on
+//!   `tidings.revoked.<tenant>` that end live sessions at once, and a periodic re-check.
 //! - [`subjects`]: NATS subject names.
 //! - [`nats`]: connecting to NATS with a role's credential and TLS; URL redaction.
 //! - [`tls`]: TLS for the edge listeners (wss://, https://), reloaded from disk.
@@ -30,6 +32,7 @@ pub mod bus_crypto;
 pub mod hub;
 pub mod nats;
 pub mod publisher;
+pub mod revocation;
 pub mod rpc;
 pub mod rpc_identity;
 pub mod server;

@@ -842,7 +842,22 @@ async fn run_call(
     let call = req
         .call
         .ok_or_else(|| LogError::InvalidRequest("request without a call".into()))?;
-    rpc_identity::authorize(&auth.tokens, t, &req.token, &call, crate::now_secs())?;
+    if let Some(claims) =
+        rpc_identity::authorize(&auth.tokens, t, &req.token, &call, crate::now_secs())?
+    {
+        // A revoked token acts for no one, here as at the gateway's Hello: a gateway that
+        // missed the revocation notice still cannot write with it.
+        let user = tidings_log::UserId::new(claims.user.clone())?;
+        let token = tidings_log::revocation::TokenRef {
+            tenant: t,
+            user: &user,
+            jti: claims.jti.as_deref(),
+            issued_at: claims.issued_at,
+        };
+        if log.is_revoked(token).await? {
+            return Err(LogError::NotAllowed("token refused: revoked".into()));
+        }
+    }
     let membership = matches!(call, Call::AddMember(_) | Call::RemoveMember(_));
     if membership
         && !auth

@@ -153,16 +153,18 @@ fn acting_user(call: &Call) -> Option<&str> {
 }
 
 /// Checks that `call`, for `tenant`, may run with `token` (empty: the gateway's own call).
+/// Returns the token's claims when the call carries one, so the caller can also check them
+/// against the revocation records (which live in the log, not here).
 pub fn authorize(
     tokens: &TokenCache,
     tenant: &TenantId,
     token: &str,
     call: &Call,
     now_secs: u64,
-) -> Result<(), LogError> {
+) -> Result<Option<Claims>, LogError> {
     if token.is_empty() {
         return if read_only(call) {
-            Ok(())
+            Ok(None)
         } else {
             Err(LogError::NotAllowed(
                 "a call that writes must carry the user's token".into(),
@@ -179,7 +181,7 @@ pub fn authorize(
         Some(user) if user != claims.user => Err(LogError::NotAllowed(
             "the call acts as another user than its token's".into(),
         )),
-        _ => Ok(()),
+        _ => Ok(Some(claims)),
     }
 }
 
@@ -195,9 +197,12 @@ mod tests {
         Verifier::new(AuthConfig {
             issuer: "tidings".into(),
             audience: "tidings".into(),
+            refused_audiences: Vec::new(),
             hs256_secret: Some(SECRET.to_vec()),
             ed25519_public_keys: Vec::new(),
+            jwks: None,
             leeway_secs: 0,
+            max_lifetime_secs: 86_400,
         })
         .expect("verifier")
     }
@@ -213,6 +218,7 @@ mod tests {
                 roles: Vec::new(),
                 expires_at: exp,
                 issued_at: 1_000,
+                jti: None,
             },
         )
     }

@@ -99,6 +99,8 @@ pub struct Shared {
     pub verifier: Verifier,
     pub registry: Registry,
     pub admission: Admission,
+    /// Revoked tokens: checked at Hello; notices end live sessions (`revocation.rs`).
+    pub revocations: crate::revocation::Revocations,
     session_ids: AtomicU64,
 }
 
@@ -132,6 +134,7 @@ impl Shared {
             nats,
             verifier,
             registry,
+            revocations: crate::revocation::Revocations::default(),
             session_ids: AtomicU64::new(1),
         })
     }

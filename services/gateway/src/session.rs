@@ -614,10 +614,16 @@ impl Session {
             self.frames.clone(),
             self.kill.clone(),
             self.budget.clone(),
-        );
+        )
+        .with_token(claims.jti.as_deref(), claims.issued_at);
         let registry = &self.shared.registry;
         registry.add_session(&handle);
         self.handle = Some(handle.clone());
+        // Checked once the session is registered: a revocation recorded after this check
+        // reaches the session through its notice (see `revocation.rs`).
+        if let Some(order) = self.refuse_if_revoked(id, &tenant, &user, &claims).await {
+            return Some(order);
+        }
         // Join every conversation of the user before Welcome: from then on, every event
         // delivered here reaches this session, and the client's Sync covers the rest.
         let convs = match self.all_conversations(&tenant, &user).await {
@@ -649,6 +655,40 @@ impl Session {
         );
         self.claims = Some(claims);
         None
+    }
+
+    /// Refuses a revoked token (or one whose revocation cannot be checked: fail closed).
+    async fn refuse_if_revoked(
+        &self,
+        id: u64,
+        tenant: &TenantId,
+        user: &UserId,
+        claims: &Claims,
+    ) -> Option<CloseOrder> {
+        let token = tidings_log::revocation::TokenRef {
+            tenant,
+            user,
+            jti: claims.jti.as_deref(),
+            issued_at: claims.issued_at,
+        };
+        match self.shared.revocations.is_revoked(token).await {
+            Ok(false) => None,
+            Ok(true) => {
+                self.reply(
+                    id,
+                    error(ErrorCode::AuthFailed, "token refused: it has been revoked"),
+                );
+                close(CloseReason::Revoked, "token refused: revoked")
+            }
+            Err(e) => {
+                info!(error = %e, "failed to check a token's revocation");
+                self.reply(id, log_error(&e, self.session_id, id));
+                close(
+                    CloseReason::Unavailable,
+                    "cannot check the token right now; try again later",
+                )
+            }
+        }
     }
 
     /// The user's conversations, every page, up to `max_conversations_per_session`.
@@ -867,7 +907,9 @@ impl Session {
                     .then(|| ConvId::new(l.after))
                     .transpose()?;
                 let limit = self.limit(l.limit, self.shared.cfg.read_limit);
-                let list = log.conversations(caller, &t, &u, after.as_ref(), limit).await?;
+                let list = log
+                    .conversations(caller, &t, &u, after.as_ref(), limit)
+                    .await?;
                 let full = list.len() == limit;
                 let mut conversations: Vec<_> = list
                     .into_iter()
@@ -891,7 +933,9 @@ impl Session {
                     .then(|| UserId::new(l.after))
                     .transpose()?;
                 let limit = self.limit(l.limit, self.shared.cfg.read_limit);
-                let list = log.members(caller, &t, &conv, after.as_ref(), limit).await?;
+                let list = log
+                    .members(caller, &t, &conv, after.as_ref(), limit)
+                    .await?;
                 let full = list.len() == limit;
                 let mut members: Vec<_> = list
                     .into_iter()
@@ -940,7 +984,13 @@ impl Session {
         let mut list = self
             .shared
             .log
-            .conversations(&self.caller, t, u, cursor.as_ref(), (page + 1).min(cfg.read_limit))
+            .conversations(
+                &self.caller,
+                t,
+                u,
+                cursor.as_ref(),
+                (page + 1).min(cfg.read_limit),
+            )
             .await?;
         let mut more = list.len() > page;
         list.truncate(page);

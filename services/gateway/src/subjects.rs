@@ -43,6 +43,16 @@ pub fn user(t: &TenantId, u: &UserId) -> String {
     format!("tidings.user.{t}.{u}")
 }
 
+/// Revocation notices of one tenant (core NATS): every gateway ends the sessions a notice
+/// names.
+pub fn revoked(t: &TenantId) -> String {
+    format!("{REVOKED_PREFIX}.{t}")
+}
+
+/// What a gateway subscribes to for revocation notices of every tenant.
+pub const REVOKED_ALL: &str = "tidings.revoked.*";
+pub const REVOKED_PREFIX: &str = "tidings.revoked";
+
 /// The JetStream dedupe id of an event.
 pub fn msg_id(t: &str, c: &str, seq: u64) -> String {
     format!("{t}/{c}/{seq}")

@@ -14,6 +14,8 @@
 //! au/tenant/seq                         AuditRecord, sealed under the audit key (hash-chained)
 //! ah/tenant                             AuditHead
 //! lh/tenant/hold_id                     Hold (legal hold), sealed under the audit key
+//! rv/tenant/j/jti                       revoked token id: when it was revoked (8-byte BE secs)
+//! rv/tenant/u/user                      user cutoff: tokens issued at or before it are revoked
 //! ls/partition                          Lease (who owns a partition of conversations)
 //! sy/partitions                         Partitions (the count, fixed at the first open)
 //! sy/key_check                          proof that the master key opens this store
@@ -193,6 +195,16 @@ pub fn after_tenant_heads(t: &str) -> Vec<u8> {
     k
 }
 
+/// The revocation record of one token id (`jti`) of a tenant.
+pub fn revoked_jti(t: &TenantId, jti: &str) -> Vec<u8> {
+    key(b"rv", &[t.as_str(), "j", jti])
+}
+
+/// The revocation cutoff of one user of a tenant.
+pub fn revoked_user(t: &TenantId, u: &UserId) -> Vec<u8> {
+    key(b"rv", &[t.as_str(), "u", u.as_str()])
+}
+
 pub const KEY_CHECK: &[u8] = b"sy\0key_check";
 
 /// How many partitions conversations hash into; fixed at the first open of a store.
@@ -311,6 +323,21 @@ mod tests {
             conversation_part(&member(&t, &c, &u)),
             Some(b"t\0c".as_slice())
         );
+    }
+
+    #[test]
+    fn revocation_keys_never_cross_tenants_or_kinds() {
+        let a = TenantId::new("a").expect("id");
+        let ab = TenantId::new("ab").expect("id");
+        let u = UserId::new("u").expect("id");
+        let a_dir = KeyRange::prefix(dir(b"rv", &[a.as_str()]));
+        assert!(a_dir.contains(&revoked_jti(&a, "x")));
+        assert!(a_dir.contains(&revoked_user(&a, &u)));
+        assert!(!a_dir.contains(&revoked_jti(&ab, "x")));
+        assert!(!a_dir.contains(&revoked_user(&ab, &u)));
+        // A jti that looks like a user key stays a jti key.
+        assert_ne!(revoked_jti(&a, "u"), revoked_user(&a, &u));
+        assert_ne!(revoked_jti(&a, "u\0u"), revoked_user(&a, &u));
     }
 
     #[test]

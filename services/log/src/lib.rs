@@ -13,6 +13,8 @@
 //! - `writer` (private): the sequencer, one task that assigns seqs and group-commits.
 //! - [`log`]: [`Log`], the API the binary and the gateway use: conversations, membership,
 //!   appends, reads, read cursors.
+//! - [`revocation`]: revoked tokens (by `jti`, and users' issued-before cutoffs), kept in
+//!   the store (`rv/`) behind a small bounded cache.
 //! - [`cold`]: the [`ColdTier`](cold::ColdTier) interface to archived events and the archive
 //!   index lookups the log makes itself.
 //! - [`error`]: the typed [`LogError`].
@@ -25,6 +27,7 @@ pub mod keys;
 pub mod lease;
 pub mod log;
 mod quota;
+pub mod revocation;
 pub mod store;
 pub mod tenant_keys;
 mod writer;

@@ -385,6 +385,8 @@ struct Inner {
     keeper: Option<tokio::task::JoinHandle<()>>,
     /// Conversations created per user (a rate).
     creations: crate::quota::CreationQuota,
+    /// Revoked tokens, read through a small cache (`revocation.rs`).
+    revocations: crate::revocation::Revocations,
 }
 
 impl Drop for Inner {
@@ -483,6 +485,7 @@ impl Log {
         };
         let writer = tokio::spawn(writer.run(rx));
         let acquiring = Arc::new(tokio::sync::Mutex::new(()));
+        let store_for_revocations = store.clone();
         let keeper = tokio::spawn(keep_leases(
             tx.downgrade(),
             store.clone(),
@@ -505,6 +508,7 @@ impl Log {
                 acquiring,
                 keeper: Some(keeper),
                 creations,
+                revocations: crate::revocation::Revocations::new(store_for_revocations),
             }),
         })
     }
@@ -621,6 +625,11 @@ impl Log {
     /// The store the log writes to (the archiver shares it).
     pub fn store(&self) -> &Arc<dyn KvStore> {
         &self.inner.store
+    }
+
+    /// Revoked tokens: what Hello, the admin listener and the log's RPC check.
+    pub fn revocations(&self) -> &crate::revocation::Revocations {
+        &self.inner.revocations
     }
 
     /// Serves reads below the hot floor from `cold`. Set once, before or after the log is

@@ -8,13 +8,21 @@
 //!   failed midway. Only that last line tells a complete result from a cut one.
 //! - `GET /v1/compliance/audit?tenant=`: the tenant's audit records as JSON lines, then
 //!   `{"complete":true,"rows":N,"problems":[..]}`. Reading the audit log is audited too.
+//! - `POST /v1/admin/tokens/revoke` with a JSON body `{"tenant":..,"jti":..}` or
+//!   `{"tenant":..,"user":..,"before":"now"|RFC 3339|Unix seconds}`: records the revocation,
+//!   tells every gateway (NATS `tidings.revoked.<tenant>`) and answers what it did. Needs the
+//!   `admin` role in the caller's own tenant; recorded in that tenant's audit log.
 //!
-//! Both compliance routes take `Authorization: Bearer <jwt>` with the `compliance` role.
+//! Every route but health takes `Authorization: Bearer <jwt>` whose audience is the
+//! compliance audience (`auth.compliance_audience`; a chat token is refused here as
+//! unauthenticated) and which is not revoked. The compliance routes need the `compliance`
+//! role.
+//!
 //! Who may ask, and what is recorded:
 //!
 //! | request | answer | audit log |
 //! |---|---|---|
-//! | no token, malformed header, token fails verification | 401 | none (only a warning in the process log) |
+//! | no token, malformed header, token fails verification (a chat token's audience included), revoked token | 401 | none (only a warning in the process log) |
 //! | verified token without the `compliance` role | 403 | denied, in the token's tenant |
 //! | compliance token of tenant A asking for tenant B | 403 | denied, in B's |
 //! | malformed filters | 400 | denied, with the reason |
@@ -53,6 +61,10 @@ use tracing::{debug, error, info, warn};
 
 /// The role a token needs for the compliance routes.
 pub const COMPLIANCE_ROLE: &str = "compliance";
+/// The role a token needs to revoke tokens.
+pub const ADMIN_ROLE: &str = "admin";
+/// The largest request body accepted (a revocation: a tenant, and a jti or a user and time).
+const MAX_BODY_BYTES: usize = 4 * 1024;
 /// Longest query string accepted (414 beyond).
 pub const MAX_QUERY_BYTES: usize = 8 * 1024;
 /// Connections served at once; more wait in the kernel's accept queue.
@@ -87,16 +99,23 @@ struct State {
     verifier: Verifier,
     compliance: Compliance,
     requests: Arc<Semaphore>,
+    /// Revocation records (checked for every token, written by the revoke route).
+    log: tidings_log::Log,
+    /// Where revocation notices go; `None` when this process has no NATS connection.
+    nats: Option<async_nats::Client>,
 }
 
 impl Admin {
     /// Binds `listen` and serves until [`Admin::stop`]: HTTPS when `tls` is given
-    /// (certificate reloaded from disk), plain HTTP otherwise.
+    /// (certificate reloaded from disk), plain HTTP otherwise. `verifier` must be the admin
+    /// plane's (the compliance audience).
     pub async fn start(
         listen: SocketAddr,
         verifier: Verifier,
         compliance: Compliance,
         tls: Option<ReloadingAcceptor>,
+        log: tidings_log::Log,
+        nats: Option<async_nats::Client>,
     ) -> std::io::Result<Admin> {
         let listener = TcpListener::bind(listen).await?;
         let addr = listener.local_addr()?;
@@ -104,6 +123,8 @@ impl Admin {
             verifier,
             compliance,
             requests: Arc::new(Semaphore::new(MAX_REQUESTS)),
+            log,
+            nats,
         });
         let (stop, stopped) = watch::channel(false);
         let task = tokio::spawn(run(listener, state, tls, stopped));
@@ -231,6 +252,7 @@ enum Route {
     Health,
     Search,
     Audit,
+    Revoke,
 }
 
 impl Route {
@@ -240,6 +262,7 @@ impl Route {
             Route::Health => "healthz",
             Route::Search => "search",
             Route::Audit => "audit_read",
+            Route::Revoke => "token_revoke",
         }
     }
 
@@ -249,6 +272,7 @@ impl Route {
             Route::Health => &[],
             Route::Search => &["tenant", "conv", "sender", "from", "to", "text"],
             Route::Audit => &["tenant"],
+            Route::Revoke => &[],
         }
     }
 }
@@ -258,18 +282,18 @@ async fn handle(state: &Arc<State>, peer: SocketAddr, req: Request<Incoming>) ->
         "/healthz" => Route::Health,
         "/v1/compliance/search" => Route::Search,
         "/v1/compliance/audit" => Route::Audit,
+        "/v1/admin/tokens/revoke" => Route::Revoke,
         _ => return error(StatusCode::NOT_FOUND, "not_found", "no such route"),
     };
+    if route == Route::Revoke {
+        if req.method() != Method::POST {
+            return method_not_allowed("POST");
+        }
+        let (parts, body) = req.into_parts();
+        return revoke_request(state, peer, &parts.headers, body).await;
+    }
     if req.method() != Method::GET {
-        let mut response = error(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method_not_allowed",
-            "only GET is allowed here",
-        );
-        response
-            .headers_mut()
-            .insert(header::ALLOW, HeaderValue::from_static("GET"));
-        return response;
+        return method_not_allowed("GET");
     }
     if !hyper::body::Body::is_end_stream(req.body()) {
         return error(
@@ -291,7 +315,21 @@ async fn handle(state: &Arc<State>, peer: SocketAddr, req: Request<Incoming>) ->
         Route::Search | Route::Audit => {
             compliance_request(state, peer, route, req.headers(), raw_query).await
         }
+        Route::Revoke => error(StatusCode::NOT_FOUND, "not_found", "no such route"),
     }
+}
+
+/// 405 with the one method the route takes.
+fn method_not_allowed(allowed: &'static str) -> Response<Body> {
+    let mut response = error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        &format!("only {allowed} is allowed here"),
+    );
+    response
+        .headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static(allowed));
+    response
 }
 
 /// Who a verified token says is asking.
@@ -299,10 +337,36 @@ struct Caller {
     tenant: TenantId,
     actor: Actor,
     compliance: bool,
+    admin: bool,
 }
 
-/// Checks the bearer token. The error is for the process log; it never contains the token.
-fn authenticate(verifier: &Verifier, headers: &HeaderMap) -> Result<Caller, String> {
+/// Checks the bearer token, then that it is not revoked. The error is for the process log
+/// and the 401 answer; it never contains the token.
+async fn authenticate(state: &State, headers: &HeaderMap) -> Result<Caller, String> {
+    let (caller, claims) = verify_bearer(&state.verifier, headers)?;
+    let user = UserId::new(claims.user.as_str()).map_err(|e| format!("token user: {e}"))?;
+    let token = tidings_log::revocation::TokenRef {
+        tenant: &caller.tenant,
+        user: &user,
+        jti: claims.jti.as_deref(),
+        issued_at: claims.issued_at,
+    };
+    match state.log.is_revoked(token).await {
+        Ok(false) => Ok(caller),
+        Ok(true) => Err(tidings_auth::AuthError::Revoked.to_string()),
+        // Fail closed: a token whose revocation cannot be checked is not served.
+        Err(e) => Err(format!(
+            "the token's revocation cannot be checked ({})",
+            e.code()
+        )),
+    }
+}
+
+/// Checks the bearer token's signature and claims.
+fn verify_bearer(
+    verifier: &Verifier,
+    headers: &HeaderMap,
+) -> Result<(Caller, tidings_auth::Claims), String> {
     let mut values = headers.get_all(header::AUTHORIZATION).iter();
     let value = values.next().ok_or("no Authorization header")?;
     if values.next().is_some() {
@@ -318,17 +382,139 @@ fn authenticate(verifier: &Verifier, headers: &HeaderMap) -> Result<Caller, Stri
     let claims = verifier
         .verify(token, tidings_gateway::now_secs())
         .map_err(|e| e.to_string())?;
-    let tenant = TenantId::new(claims.tenant).map_err(|e| format!("token tenant: {e}"))?;
-    let user = UserId::new(claims.user).map_err(|e| format!("token user: {e}"))?;
+    let tenant = TenantId::new(claims.tenant.as_str()).map_err(|e| format!("token tenant: {e}"))?;
+    let user = UserId::new(claims.user.as_str()).map_err(|e| format!("token user: {e}"))?;
     // Two ids of up to 64 characters and a slash can be one over the actor limit; a request
     // that cannot be recorded under its actor is not served.
     let actor = Actor::new(&format!("{tenant}/{user}"), Via::Http)
         .map_err(|e| format!("token tenant and user as an actor: {e}"))?;
-    Ok(Caller {
+    let caller = Caller {
         tenant,
         actor,
         compliance: claims.roles.iter().any(|r| r == COMPLIANCE_ROLE),
-    })
+        admin: claims.roles.iter().any(|r| r == ADMIN_ROLE),
+    };
+    Ok((caller, claims))
+}
+
+/// The 401 answer. Not in any audit log: an unauthenticated caller could fill any tenant's.
+fn unauthenticated(peer: SocketAddr, action: &str, reason: &str) -> Response<Body> {
+    warn!(%peer, action, %reason, "admin request refused: unauthenticated");
+    let mut response = error(
+        StatusCode::UNAUTHORIZED,
+        "unauthenticated",
+        &format!("a valid bearer token is required ({reason})"),
+    );
+    response
+        .headers_mut()
+        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    response
+}
+
+/// Reads a request body of at most [`MAX_BODY_BYTES`], within [`HEADER_READ_TIMEOUT`].
+async fn read_body(body: Incoming) -> Result<Vec<u8>, Response<Body>> {
+    let mut body = std::pin::pin!(body);
+    let mut bytes = Vec::new();
+    let read = async {
+        while let Some(frame) =
+            std::future::poll_fn(|cx| hyper::body::Body::poll_frame(body.as_mut(), cx)).await
+        {
+            let frame = frame.map_err(|_| {
+                error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request",
+                    "the request body could not be read",
+                )
+            })?;
+            if let Ok(data) = frame.into_data() {
+                if bytes.len() + data.len() > MAX_BODY_BYTES {
+                    return Err(error(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "too_large",
+                        &format!("the request body is over {MAX_BODY_BYTES} bytes"),
+                    ));
+                }
+                bytes.extend_from_slice(&data);
+            }
+        }
+        Ok(())
+    };
+    let result = tokio::time::timeout(HEADER_READ_TIMEOUT, read).await;
+    match result {
+        Ok(Ok(())) => Ok(bytes),
+        Ok(Err(response)) => Err(response),
+        Err(_) => Err(error(
+            StatusCode::REQUEST_TIMEOUT,
+            "timeout",
+            "the request body did not arrive in time",
+        )),
+    }
+}
+
+/// `POST /v1/admin/tokens/revoke`.
+async fn revoke_request(
+    state: &Arc<State>,
+    peer: SocketAddr,
+    headers: &HeaderMap,
+    body: Incoming,
+) -> Response<Body> {
+    let action = Route::Revoke.action();
+    let caller = match authenticate(state, headers).await {
+        Ok(caller) => caller,
+        Err(reason) => return unauthenticated(peer, action, &reason),
+    };
+    let bytes = match read_body(body).await {
+        Ok(bytes) => bytes,
+        Err(response) => return response,
+    };
+    let filters: String = String::from_utf8_lossy(&bytes).chars().take(512).collect();
+    let refusal = Refusal {
+        state,
+        actor: &caller.actor,
+        action,
+        filters: &filters,
+    };
+    if !caller.admin {
+        let reason = format!("the token does not carry the {ADMIN_ROLE} role");
+        return refusal.forbidden(&caller.tenant, &reason).await;
+    }
+    let request = match crate::revoke::Request::from_json(&bytes, tidings_gateway::now_secs()) {
+        Ok(request) => request,
+        Err(reason) => return refusal.invalid(&caller.tenant, &reason).await,
+    };
+    if request.tenant != caller.tenant {
+        let reason = format!(
+            "a token of tenant {} may not revoke tokens of tenant {}",
+            caller.tenant, request.tenant
+        );
+        return refusal.forbidden(&request.tenant, &reason).await;
+    }
+    let outcome = match crate::revoke::revoke(&state.log, state.nats.as_ref(), &request).await {
+        Ok(outcome) => outcome,
+        Err(e) => {
+            warn!(tenant = %request.tenant, code = e.code(), error = %e, "token revocation failed");
+            let status = if e.is_retryable() {
+                StatusCode::SERVICE_UNAVAILABLE
+            } else {
+                StatusCode::INTERNAL_SERVER_ERROR
+            };
+            return error(status, e.code(), "the revocation could not be recorded");
+        }
+    };
+    let mut entry = Entry::new(&caller.actor, action, "completed");
+    entry.access_id = uuid::Uuid::now_v7().to_string();
+    entry.filters = filters;
+    entry.detail = outcome.describe();
+    if let Err(e) = state.compliance.record(&request.tenant, &entry).await {
+        // The revocation stands; only its record is missing.
+        error!(tenant = %request.tenant, error = %e, "failed to record a token revocation");
+    }
+    info!(tenant = %request.tenant, actor = caller.actor.name(), detail = %entry.detail, "tokens revoked");
+    full(
+        StatusCode::OK,
+        "application/json",
+        format!("{}\n", outcome.to_json()),
+    )
 }
 
 async fn compliance_request(
@@ -339,21 +525,9 @@ async fn compliance_request(
     raw_query: &str,
 ) -> Response<Body> {
     let action = route.action();
-    let caller = match authenticate(&state.verifier, headers) {
+    let caller = match authenticate(state, headers).await {
         Ok(caller) => caller,
-        Err(reason) => {
-            // Not in any audit log: an unauthenticated caller could fill any tenant's.
-            warn!(%peer, action, %reason, "admin request refused: unauthenticated");
-            let mut response = error(
-                StatusCode::UNAUTHORIZED,
-                "unauthenticated",
-                &format!("a valid bearer token is required ({reason})"),
-            );
-            response
-                .headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-            return response;
-        }
+        Err(reason) => return unauthenticated(peer, action, &reason),
     };
     let params = parse_query(raw_query, route.parameters());
     let filters = match &params {
@@ -396,7 +570,7 @@ async fn compliance_request(
             Err(reason) => refusal.invalid(&target, &reason).await,
         },
         Route::Audit => read_audit(state, target, caller.actor.clone(), filters.clone()).await,
-        Route::Health => error(StatusCode::NOT_FOUND, "not_found", "no such route"),
+        Route::Health | Route::Revoke => error(StatusCode::NOT_FOUND, "not_found", "no such route"),
     }
 }
 

@@ -182,6 +182,7 @@ pub async fn run(args: GatewayArgs, _config: &Config) -> anyhow::Result<()> {
             .env("TIDINGS_DATA_DIR", root.join("data"))
             .env("TIDINGS_MASTER_KEY_FILE", root.join("master.key"))
             .env("TIDINGS_AUTH_HS256_SECRET_FILE", root.join("jwt.secret"))
+            .env("TIDINGS_AUTH_HS256_ENABLED", "1")
             .env("TIDINGS_NATS_URL", &nats_url)
             .env("TIDINGS_GATEWAY_LISTEN", format!("127.0.0.1:{gw_port}"))
             // The bench needs no admin listener, and its default port may be taken.
@@ -206,6 +207,7 @@ pub async fn run(args: GatewayArgs, _config: &Config) -> anyhow::Result<()> {
                 roles: vec![],
                 expires_at: now + 3600,
                 issued_at: now,
+                jti: None,
             },
         )
     };

@@ -57,7 +57,7 @@ pub enum Command {
         #[arg(long)]
         listen: Option<String>,
     },
-    /// Development tokens.
+    /// Issue development tokens; revoke tokens.
     #[command(subcommand)]
     Token(TokenCommand),
     /// Chat in a terminal: prints the conversation's latest events, then sends each stdin
@@ -223,18 +223,46 @@ pub enum HoldCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum TokenCommand {
-    /// Print a token signed with the development secret (auth.hs256_secret_file).
+    /// Print a development token signed with the HS256 secret (auth.hs256_secret_file).
+    /// Refused unless auth.hs256_enabled is set. Tokens with the compliance or admin role
+    /// get the compliance audience (the admin listener's); others the chat audience.
     Issue {
         #[arg(long)]
         tenant: TenantId,
         #[arg(long)]
         user: UserId,
-        /// Lifetime: 90s, 30m, 1h, 2d.
+        /// Lifetime: 90s, 30m, 1h, 2d (at most auth.max_token_lifetime_secs).
         #[arg(long, default_value = "1h")]
         ttl: String,
         /// Roles to put in the token (repeatable).
         #[arg(long)]
         role: Vec<String>,
+    },
+    /// Revoke one token (--jti) or every token of a user issued at or before a time
+    /// (--user, --before). Live sessions of those tokens are closed (code 4011). Works on
+    /// the store when no server runs; with --server, through a running server's admin
+    /// listener (an admin-role token of the tenant).
+    Revoke {
+        #[arg(long)]
+        tenant: TenantId,
+        /// The token's id (its `jti` claim).
+        #[arg(long, required_unless_present = "user", conflicts_with = "user")]
+        jti: Option<String>,
+        #[arg(long)]
+        user: Option<UserId>,
+        /// With --user: "now" (default), an RFC 3339 time, or Unix seconds.
+        #[arg(long, requires = "user", value_name = "TIME")]
+        before: Option<String>,
+        /// The admin listener of a running server, e.g. http://127.0.0.1:7180.
+        #[arg(long, requires = "token", value_name = "URL")]
+        server: Option<String>,
+        /// An admin-role token (compliance audience) for --server.
+        #[arg(long, requires = "server")]
+        token: Option<String>,
+        /// Who does it, recorded in the tenant's audit log (without --server; with it, the
+        /// token's user is).
+        #[arg(long, default_value = "operator")]
+        actor: String,
     },
 }
 

@@ -148,32 +148,23 @@ pub async fn run(command: Command, config: Config) -> anyhow::Result<bool> {
             ttl,
             role,
         }) => {
-            let text =
-                std::fs::read_to_string(&config.auth.hs256_secret_file).with_context(|| {
-                    format!(
-                        "read the development token secret {} (run `tidings keys init`)",
-                        config.auth.hs256_secret_file.display()
-                    )
-                })?;
-            let secret = hex_decode(text.trim())?;
-            let now = tidings_gateway::now_secs();
-            let claims = tidings_auth::Claims {
-                tenant: tenant.to_string(),
-                user: user.to_string(),
-                roles: role,
-                expires_at: now + parse_ttl(&ttl)?,
-                issued_at: now,
-            };
-            println!(
-                "{}",
-                tidings_auth::issue_hs256(
-                    &secret,
-                    &config.auth.issuer,
-                    &config.auth.audience,
-                    &claims
-                )
-            );
+            println!("{}", issue_token(&config, &tenant, &user, &ttl, role)?);
             Ok(true)
+        }
+        Command::Token(crate::cli::TokenCommand::Revoke {
+            tenant,
+            jti,
+            user,
+            before,
+            server,
+            token,
+            actor,
+        }) => {
+            let how = match (server, token) {
+                (Some(server), Some(token)) => Through::Server { server, token },
+                _ => Through::Store { actor },
+            };
+            revoke_tokens(&config, tenant, jti, user, before, how).await
         }
         Command::Serve { role, listen } => {
             let mut config = config;
@@ -233,6 +224,137 @@ pub async fn run(command: Command, config: Config) -> anyhow::Result<bool> {
             result
         }
     }
+}
+
+/// A development token: HS256, only when `auth.hs256_enabled`; a `jti` (UUID v7) so it can
+/// be revoked alone; the compliance audience when it carries the compliance or admin role.
+fn issue_token(
+    config: &Config,
+    tenant: &TenantId,
+    user: &tidings_log::UserId,
+    ttl: &str,
+    roles: Vec<String>,
+) -> anyhow::Result<String> {
+    let a = &config.auth;
+    let Some(secret) = crate::serve::hs256_secret(config)? else {
+        bail!(
+            "HS256 development tokens are disabled: set auth.hs256_enabled = true (or \
+             TIDINGS_AUTH_HS256_ENABLED=1) on a development setup; production tokens come \
+             from your identity provider (Ed25519, auth.ed25519_public_keys or auth.jwks_file)"
+        );
+    };
+    let ttl = parse_ttl(ttl)?;
+    if ttl > a.max_token_lifetime_secs {
+        bail!(
+            "ttl {ttl}s is over auth.max_token_lifetime_secs ({}s); such a token would be refused",
+            a.max_token_lifetime_secs
+        );
+    }
+    let admin_plane = roles
+        .iter()
+        .any(|r| r == crate::admin::COMPLIANCE_ROLE || r == crate::admin::ADMIN_ROLE);
+    let audience = if admin_plane {
+        &a.compliance_audience
+    } else {
+        &a.audience
+    };
+    let now = tidings_gateway::now_secs();
+    let claims = tidings_auth::Claims {
+        tenant: tenant.to_string(),
+        user: user.to_string(),
+        roles,
+        expires_at: now + ttl,
+        issued_at: now,
+        jti: Some(uuid::Uuid::now_v7().to_string()),
+    };
+    Ok(tidings_auth::issue_hs256(
+        &secret, &a.issuer, audience, &claims,
+    ))
+}
+
+/// How `tidings token revoke` reaches the revocation records.
+enum Through {
+    /// A running server's admin listener, with an admin token.
+    Server { server: String, token: String },
+    /// The store directly (no server runs), recorded in the audit log under `actor`.
+    Store { actor: String },
+}
+
+/// `tidings token revoke`: through a running server's admin listener, or on the store.
+async fn revoke_tokens(
+    config: &Config,
+    tenant: TenantId,
+    jti: Option<String>,
+    user: Option<tidings_log::UserId>,
+    before: Option<String>,
+    how: Through,
+) -> anyhow::Result<bool> {
+    use crate::revoke::{Request, Target};
+    let now = tidings_gateway::now_secs();
+    let target = match (jti, user) {
+        (Some(jti), None) => {
+            Target::Jti(crate::revoke::check_jti(&jti).map_err(anyhow::Error::msg)?)
+        }
+        (None, Some(user)) => Target::UserBefore {
+            user,
+            before: crate::revoke::parse_before(before.as_deref().unwrap_or("now"), now)
+                .map_err(anyhow::Error::msg)?,
+        },
+        _ => bail!("name a token (--jti) or a user (--user), not both"),
+    };
+    let request = Request { tenant, target };
+    let actor = match how {
+        Through::Store { actor } => Actor::new(&actor, Via::Cli)?,
+        Through::Server { server, token } => {
+            return revoke_through_server(&server, &token, &request).await;
+        }
+    };
+    let log = open_log(config).await.context(
+        "open the store to record the revocation (while `tidings serve` runs, pass \
+         --server http://ADMIN_ADDRESS --token ADMIN_TOKEN instead)",
+    )?;
+    // Gateways of other processes may be running: tell them, if NATS is there.
+    let nats = match tokio::time::timeout(
+        crate::revoke::NOTIFY_TIMEOUT,
+        async_nats::ConnectOptions::new()
+            .name("tidings-token-revoke")
+            .connect(&config.nats.url),
+    )
+    .await
+    {
+        Ok(Ok(client)) => Some(client),
+        _ => None,
+    };
+    let result = async {
+        let outcome = crate::revoke::revoke(&log, nats.as_ref(), &request).await?;
+        record_key_change(
+            &log,
+            &request.tenant,
+            &actor,
+            "token_revoke",
+            outcome.describe(),
+        )
+        .await?;
+        anyhow::Ok(outcome)
+    }
+    .await;
+    log.close().await;
+    emit(&result?.to_json())?;
+    Ok(true)
+}
+
+async fn revoke_through_server(
+    server: &str,
+    token: &str,
+    request: &crate::revoke::Request,
+) -> anyhow::Result<bool> {
+    let (status, answer) = crate::revoke::call_server(server, token, request).await?;
+    if status != 200 {
+        let message = answer["error"]["message"].as_str().unwrap_or("");
+        bail!("the server refused the revocation ({status}): {message}");
+    }
+    emit(&answer)?;
+    Ok(true)
 }
 
 /// Writes a new key file, readable by its owner only.

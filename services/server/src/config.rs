@@ -154,6 +154,10 @@ pub struct TenantKeySection {
     pub key_command: Option<String>,
 }
 
+/// The longest `auth.max_token_lifetime_secs` may be: revocation records must outlive the
+/// tokens they name, and a month is already long for a bearer credential.
+const MAX_TOKEN_LIFETIME_SECS: u64 = 30 * 86_400;
+
 /// The longest `keys.command_timeout` may be: a key fetch holds up the first read of a tenant.
 const MAX_KEY_COMMAND_TIMEOUT_SECS: u64 = 300;
 
@@ -485,14 +489,32 @@ impl NatsSection {
 #[serde(deny_unknown_fields, default)]
 pub struct AuthSection {
     pub issuer: String,
+    /// The audience of chat tokens (the gateway's).
     pub audience: String,
+    /// The audience of compliance and admin tokens (the admin listener's). Each side refuses
+    /// the other's, so a chat token never reads history and a compliance token never chats.
+    pub compliance_audience: String,
+    /// Accept HS256 tokens signed with `hs256_secret_file` (development only). Off unless
+    /// set: a secret file lying around enables nothing.
+    pub hs256_enabled: bool,
     /// HS256 secret for development tokens (`tidings keys init` writes it, `tidings token
-    /// issue` signs with it). Used when the file exists.
+    /// issue` signs with it). Read only when `hs256_enabled`.
     pub hs256_secret_file: PathBuf,
     /// Ed25519 public keys for production tokens (EdDSA), as 64 hex digits, optionally
     /// prefixed by a key id: "kid:hex".
     pub ed25519_public_keys: Vec<String>,
+    /// A JWKS file of Ed25519 public keys (OKP), used beside `ed25519_public_keys` and
+    /// re-read when it changes; empty for none.
+    pub jwks_file: PathBuf,
+    /// How often the JWKS file is checked for changes, in milliseconds.
+    pub jwks_poll_ms: u64,
+    /// Clock skew allowed on exp, nbf and iat.
     pub leeway_secs: u64,
+    /// The longest a token may live (exp - iat).
+    pub max_token_lifetime_secs: u64,
+    /// How often a gateway with the log in-process re-checks its live sessions' tokens
+    /// against the revocation records (a missed NATS notice costs at most this long).
+    pub revocation_recheck_secs: u64,
 }
 
 impl Default for GatewaySection {
@@ -555,9 +577,15 @@ impl Default for AuthSection {
         AuthSection {
             issuer: "tidings".into(),
             audience: "tidings".into(),
+            compliance_audience: "tidings-compliance".into(),
+            hs256_enabled: false,
             hs256_secret_file: PathBuf::from("tidings-jwt.secret"),
             ed25519_public_keys: Vec::new(),
+            jwks_file: PathBuf::new(),
+            jwks_poll_ms: 5000,
             leeway_secs: 30,
+            max_token_lifetime_secs: 24 * 3600,
+            revocation_recheck_secs: 30,
         }
     }
 }
@@ -784,6 +812,29 @@ impl Config {
         if let Some(v) = env("TIDINGS_AUTH_HS256_SECRET_FILE") {
             self.auth.hs256_secret_file = PathBuf::from(v);
         }
+        if let Some(v) = env("TIDINGS_AUTH_HS256_ENABLED") {
+            self.auth.hs256_enabled = parse_flag("TIDINGS_AUTH_HS256_ENABLED", &v)?;
+        }
+        if let Some(v) = env("TIDINGS_AUTH_JWKS_FILE") {
+            self.auth.jwks_file = PathBuf::from(v);
+        }
+        let auth_numbers: [(&'static str, &mut u64); 4] = [
+            ("TIDINGS_AUTH_JWKS_POLL_MS", &mut self.auth.jwks_poll_ms),
+            (
+                "TIDINGS_AUTH_MAX_TOKEN_LIFETIME_SECS",
+                &mut self.auth.max_token_lifetime_secs,
+            ),
+            (
+                "TIDINGS_AUTH_REVOCATION_RECHECK_SECS",
+                &mut self.auth.revocation_recheck_secs,
+            ),
+            ("TIDINGS_AUTH_LEEWAY_SECS", &mut self.auth.leeway_secs),
+        ];
+        for (name, slot) in auth_numbers {
+            if let Some(value) = env(name) {
+                *slot = parse_env(name, &value)?;
+            }
+        }
         let gateway_numbers: [(&'static str, &mut usize); 12] = [
             (
                 "TIDINGS_GATEWAY_MAX_CONNECTIONS",
@@ -986,6 +1037,15 @@ impl Config {
             ("nats.stream_max_age_secs", self.nats.stream_max_age_secs),
             ("nats.publish_backlog", self.nats.publish_backlog as u64),
             ("nats.rpc_in_flight", self.nats.rpc_in_flight as u64),
+            ("auth.jwks_poll_ms", self.auth.jwks_poll_ms),
+            (
+                "auth.max_token_lifetime_secs",
+                self.auth.max_token_lifetime_secs,
+            ),
+            (
+                "auth.revocation_recheck_secs",
+                self.auth.revocation_recheck_secs,
+            ),
         ];
         for (name, value) in positive {
             if value == 0 {
@@ -1020,6 +1080,7 @@ impl Config {
                 g.idle_timeout_ms, g.ping_interval_ms
             )));
         }
+        self.validate_auth()?;
         self.archive_config()?;
         self.archive_storage()?;
         edge_tls("gateway", &g.tls_cert_file, &g.tls_key_file)?;
@@ -1042,6 +1103,28 @@ impl Config {
             return Err(ConfigError::Invalid(format!(
                 "admin.listen {:?} is not an address like 127.0.0.1:7180 (empty disables it)",
                 self.admin.listen
+            )));
+        }
+        Ok(())
+    }
+
+    fn validate_auth(&self) -> Result<(), ConfigError> {
+        let a = &self.auth;
+        if a.issuer.is_empty() || a.audience.is_empty() || a.compliance_audience.is_empty() {
+            return Err(ConfigError::Invalid(
+                "auth.issuer, auth.audience and auth.compliance_audience must not be empty".into(),
+            ));
+        }
+        if a.audience == a.compliance_audience {
+            return Err(ConfigError::Invalid(format!(
+                "auth.audience and auth.compliance_audience are both {:?}: chat and compliance \
+                 tokens must have audiences of their own",
+                a.audience
+            )));
+        }
+        if a.max_token_lifetime_secs > MAX_TOKEN_LIFETIME_SECS {
+            return Err(ConfigError::Invalid(format!(
+                "auth.max_token_lifetime_secs is at most {MAX_TOKEN_LIFETIME_SECS} (30 days)"
             )));
         }
         Ok(())
@@ -1253,6 +1336,19 @@ impl Config {
     }
 }
 
+/// A boolean from the environment: 1/0, true/false, yes/no, on/off.
+fn parse_flag(name: &'static str, value: &str) -> Result<bool, ConfigError> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" | "" => Ok(false),
+        _ => Err(ConfigError::Env {
+            name,
+            value: value.to_string(),
+            reason: "expected 1/0, true/false, yes/no or on/off".into(),
+        }),
+    }
+}
+
 fn parse_env<T: std::str::FromStr>(name: &'static str, value: &str) -> Result<T, ConfigError>
 where
     T::Err: std::fmt::Display,
@@ -1413,6 +1509,38 @@ mod tests {
             Config::load(Some(&file), env(&[])),
             Err(ConfigError::Parse { .. })
         ));
+    }
+
+    #[test]
+    fn hs256_is_off_unless_enabled_and_audiences_must_differ() {
+        let cfg = Config::load(None, env(&[])).expect("defaults");
+        assert!(!cfg.auth.hs256_enabled);
+        assert_eq!(cfg.auth.compliance_audience, "tidings-compliance");
+        for on in ["1", "true", "yes", "on"] {
+            let cfg = Config::load(None, env(&[("TIDINGS_AUTH_HS256_ENABLED", on)])).expect("on");
+            assert!(cfg.auth.hs256_enabled, "{on}");
+        }
+        let err = Config::load(None, env(&[("TIDINGS_AUTH_HS256_ENABLED", "maybe")]))
+            .expect_err("not a flag");
+        assert!(
+            matches!(
+                err,
+                ConfigError::Env {
+                    name: "TIDINGS_AUTH_HS256_ENABLED",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("t.toml");
+        std::fs::write(&file, "[auth]\ncompliance_audience = \"tidings\"\n").expect("write");
+        let err = Config::load(Some(&file), env(&[])).expect_err("same audience");
+        assert!(err.to_string().contains("audiences of their own"), "{err}");
+        std::fs::write(&file, "[auth]\nmax_token_lifetime_secs = 0\n").expect("write");
+        assert!(Config::load(Some(&file), env(&[])).is_err());
+        std::fs::write(&file, "[auth]\nmax_token_lifetime_secs = 31536000\n").expect("write");
+        assert!(Config::load(Some(&file), env(&[])).is_err());
     }
 
     #[test]

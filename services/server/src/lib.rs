@@ -13,6 +13,7 @@
 //!   tidings against its baselines in one run; [`bench_corpus`]: the chat corpus and
 //!   plaintext Parquet baseline they share.
 //! - [`output`]: the JSON lines the tools print.
+//! - [`revoke`]: token revocation, shared by `tidings token revoke` and the admin listener.
 
 pub mod admin;
 pub mod archive;
@@ -28,4 +29,5 @@ pub mod compliance;
 pub mod config;
 pub mod nats_init;
 pub mod output;
+pub mod revoke;
 pub mod serve;

@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context;
-use tidings_auth::{AuthConfig, Ed25519Key, Verifier};
+use tidings_auth::{AuthConfig, Ed25519Key, Jwks, Verifier};
 use tidings_gateway::{LogService, Shared, publisher, rpc};
 use tokio::net::TcpListener;
 use tracing::{info, warn};
@@ -29,18 +29,41 @@ pub enum Role {
     Archiver,
 }
 
-/// Reads the token verification keys from the config.
-pub fn verifier(config: &Config) -> anyhow::Result<Verifier> {
+/// The token verifiers of one process: one per plane, all reading the same keys.
+pub struct Verifiers {
+    /// The gateway's: the chat audience, never the compliance one.
+    pub chat: Verifier,
+    /// The admin listener's: the compliance audience, never the chat one.
+    pub admin: Verifier,
+    /// The log service's, for the users' tokens on calls from gateways: the chat audience.
+    pub rpc: Verifier,
+    /// The JWKS file all read, when configured (see [`watch_jwks`]).
+    pub jwks: Option<Arc<Jwks>>,
+}
+
+/// The HS256 secret, only when `auth.hs256_enabled`: the file's presence alone enables
+/// nothing.
+pub fn hs256_secret(config: &Config) -> anyhow::Result<Option<Vec<u8>>> {
     let a = &config.auth;
-    let hs256_secret = match std::fs::read_to_string(&a.hs256_secret_file) {
-        Ok(text) => Some(crate::commands::hex_decode(text.trim()).with_context(|| {
-            format!("read the HS256 secret in {}", a.hs256_secret_file.display())
-        })?),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-        Err(e) => {
-            return Err(e).with_context(|| format!("read {}", a.hs256_secret_file.display()));
-        }
-    };
+    if !a.hs256_enabled {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&a.hs256_secret_file).with_context(|| {
+        format!(
+            "auth.hs256_enabled is set but the HS256 secret {} cannot be read \
+             (`tidings keys init` writes one)",
+            a.hs256_secret_file.display()
+        )
+    })?;
+    let secret = crate::commands::hex_decode(text.trim())
+        .with_context(|| format!("read the HS256 secret in {}", a.hs256_secret_file.display()))?;
+    Ok(Some(secret))
+}
+
+/// Reads the token verification keys from the config.
+pub fn verifiers(config: &Config) -> anyhow::Result<Verifiers> {
+    let a = &config.auth;
+    let hs256_secret = hs256_secret(config)?;
     let mut keys = Vec::new();
     for entry in &a.ed25519_public_keys {
         let (kid, hex) = match entry.split_once(':') {
@@ -53,35 +76,82 @@ pub fn verifier(config: &Config) -> anyhow::Result<Verifier> {
             .map_err(|_| anyhow::anyhow!("an Ed25519 public key is 32 bytes (64 hex digits)"))?;
         keys.push(Ed25519Key { kid, public_key });
     }
-    if hs256_secret.is_none() && keys.is_empty() {
+    let jwks = if a.jwks_file.as_os_str().is_empty() {
+        None
+    } else {
+        Some(Arc::new(
+            Jwks::load(&a.jwks_file).context("auth.jwks_file")?,
+        ))
+    };
+    if hs256_secret.is_none() && keys.is_empty() && jwks.is_none() {
         anyhow::bail!(
-            "no token keys: run `tidings keys init` (writes the development secret {}) \
-             or set auth.ed25519_public_keys",
+            "no token keys: set auth.ed25519_public_keys or auth.jwks_file, or for development \
+             auth.hs256_enabled = true (TIDINGS_AUTH_HS256_ENABLED=1) with the secret \
+             `tidings keys init` writes to {}",
             a.hs256_secret_file.display()
         );
     }
-    Ok(Verifier::new(AuthConfig {
-        issuer: a.issuer.clone(),
-        audience: a.audience.clone(),
-        hs256_secret,
-        ed25519_public_keys: keys,
-        leeway_secs: a.leeway_secs,
-    })?)
+    let build = |audience: &str, refused: &str| {
+        Verifier::new(AuthConfig {
+            issuer: a.issuer.clone(),
+            audience: audience.to_owned(),
+            refused_audiences: vec![refused.to_owned()],
+            hs256_secret: hs256_secret.clone(),
+            ed25519_public_keys: keys.clone(),
+            jwks: jwks.clone(),
+            leeway_secs: a.leeway_secs,
+            max_lifetime_secs: a.max_token_lifetime_secs,
+        })
+    };
+    Ok(Verifiers {
+        chat: build(&a.audience, &a.compliance_audience)?,
+        admin: build(&a.compliance_audience, &a.audience)?,
+        rpc: build(&a.audience, &a.compliance_audience)?,
+        jwks,
+    })
 }
 
-/// The admin listener, unless `admin.listen` is empty. Its tokens are checked exactly as
-/// the gateway's.
+/// Re-reads the JWKS file every `auth.jwks_poll_ms` when it changed; a broken file keeps the
+/// keys in use and is reported once.
+pub fn watch_jwks(jwks: Arc<Jwks>, every: std::time::Duration) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut timer = tokio::time::interval(every);
+        timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            timer.tick().await;
+            let reload = {
+                let jwks = jwks.clone();
+                tokio::task::spawn_blocking(move || jwks.reload_if_changed()).await
+            };
+            match reload {
+                Ok(Ok(None)) => {}
+                Ok(Ok(Some(keys))) => {
+                    info!(path = %jwks.path().display(), keys, "JWKS file reloaded");
+                }
+                Ok(Err(e)) => warn!(
+                    path = %jwks.path().display(),
+                    error = %e,
+                    "JWKS file not reloaded; the keys loaded before stay in use"
+                ),
+                Err(e) => warn!(error = %e, "JWKS reload task failed"),
+            }
+        }
+    })
+}
+
+/// The admin listener, unless `admin.listen` is empty. It takes admin-plane tokens only
+/// (the compliance audience), checked against the revocation records like the gateway's.
 async fn start_admin(
     config: &Config,
     log: &tidings_log::Log,
     archive_gate: Arc<tokio::sync::RwLock<()>>,
+    verifier: Verifier,
+    nats: async_nats::Client,
 ) -> anyhow::Result<Option<crate::admin::Admin>> {
     if config.admin.listen.is_empty() {
         return Ok(None);
     }
     let addr: SocketAddr = config.admin.listen.parse()?;
-    let verifier = verifier(config)
-        .context("the admin listener checks tokens (admin.listen = \"\" disables it)")?;
     let compliance = tidings_archive::compliance::Compliance::new(
         log.store().clone(),
         log.keyring().clone(),
@@ -95,9 +165,10 @@ async fn start_admin(
         ADMIN_ALPN,
     )?;
     let secure = tls.is_some();
-    let admin = crate::admin::Admin::start(addr, verifier, compliance, tls)
-        .await
-        .with_context(|| format!("admin listener on {addr}"))?;
+    let admin =
+        crate::admin::Admin::start(addr, verifier, compliance, tls, log.clone(), Some(nats))
+            .await
+            .with_context(|| format!("admin listener on {addr}"))?;
     announce(
         "admin",
         admin.local_addr(),
@@ -194,17 +265,31 @@ pub async fn serve(config: Config, role: Role) -> anyhow::Result<()> {
         archiver.abort();
         return Ok(());
     }
-    // The log service checks the token of every call that acts for a user (a NATS
-    // credential alone never writes as anyone): the same [auth] settings as the gateways.
+    // Every role but the archiver verifies tokens: the gateway its sessions', the log
+    // service those on calls from gateways (a NATS credential alone never writes as anyone),
+    // the admin listener the compliance plane's. One set of keys, three audiences' checks.
+    let verifiers = verifiers(&config).context(
+        "token keys ([auth]; the log service checks the users' tokens on calls from gateways)",
+    )?;
+    if verifiers.chat.hs256_enabled() {
+        eprintln!(
+            "tidings: HS256 development tokens are accepted (auth.hs256_enabled); \
+             never in production"
+        );
+    }
+    let mut token_tasks = Vec::new();
+    if let Some(jwks) = verifiers.jwks {
+        let every = std::time::Duration::from_millis(config.auth.jwks_poll_ms);
+        token_tasks.push(watch_jwks(jwks, every));
+    }
     let rpc_auth = match role {
-        Role::All | Role::Log => Some(rpc::RpcAuth::new(verifier(&config).context(
-            "the log service verifies the users' tokens on calls from gateways ([auth])",
-        )?)),
+        Role::All | Role::Log => Some(rpc::RpcAuth::new(verifiers.rpc)),
         _ => None,
     };
+    let (verifier, admin_verifier) = (Some(verifiers.chat), Some(verifiers.admin));
     let verifier = match role {
         Role::Log => None,
-        _ => Some(verifier(&config)?),
+        _ => verifier,
     };
     let (nats, reconnected) = connect_nats(&config, role).await?;
 
@@ -242,7 +327,16 @@ pub async fn serve(config: Config, role: Role) -> anyhow::Result<()> {
                     archive_gate.clone(),
                 )?);
             }
-            admin = start_admin(&config, &log, archive_gate.clone()).await?;
+            if let Some(admin_verifier) = admin_verifier {
+                admin = start_admin(
+                    &config,
+                    &log,
+                    archive_gate.clone(),
+                    admin_verifier,
+                    nats.clone(),
+                )
+                .await?;
+            }
             info!(
                 backend = %config.store.backend,
                 data_dir = %config.data_dir.display(),
@@ -277,6 +371,11 @@ pub async fn serve(config: Config, role: Role) -> anyhow::Result<()> {
                 verifier,
                 reconnected,
             );
+            if let Some(log) = &log_handle {
+                shared.revocations.set_store(Arc::new(log.clone()));
+            }
+            let recheck = std::time::Duration::from_secs(config.auth.revocation_recheck_secs);
+            token_tasks.push(tidings_gateway::revocation::spawn(shared.clone(), recheck));
             let local = listener.local_addr()?;
             announce("gateway", local, tls.is_some(), "wss://", "ws://", "/v1/ws");
             tidings_gateway::run(listener, shared, tls, shutdown_signal()).await;
@@ -291,6 +390,9 @@ pub async fn serve(config: Config, role: Role) -> anyhow::Result<()> {
     }
 
     info!("shutting down");
+    for task in &token_tasks {
+        task.abort();
+    }
     if let Some(admin) = admin {
         admin.stop().await;
     }

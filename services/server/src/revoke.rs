@@ -1,0 +1,314 @@
+//! Token revocation: what `tidings token revoke` and `POST /v1/admin/tokens/revoke` share.
+//!
+//! A revocation is recorded in the store first (every process that verifies tokens reads
+//! it there), then announced on NATS (`tidings.revoked.<tenant>`) so every gateway ends the
+//! matching live sessions at once. If the announcement fails the revocation still stands:
+//! gateways refuse the token at the next Hello and end live sessions at their next periodic
+//! check (`auth.revocation_recheck_secs`).
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tidings_gateway::revocation::Notice;
+use tidings_log::{Log, LogError, TenantId, UserId};
+use tracing::warn;
+
+/// How long a revoker waits for NATS to take its notice.
+pub const NOTIFY_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What to revoke.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// One token, by its `jti`.
+    Jti(String),
+    /// Every token of the user issued at or before `before` (Unix seconds).
+    UserBefore { user: UserId, before: u64 },
+}
+
+/// A revocation asked for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Request {
+    pub tenant: TenantId,
+    pub target: Target,
+}
+
+/// `now`, an RFC 3339 time (or a date), or Unix seconds: a user cutoff.
+pub fn parse_before(text: &str, now_secs: u64) -> Result<u64, String> {
+    let text = text.trim();
+    if text.eq_ignore_ascii_case("now") {
+        return Ok(now_secs);
+    }
+    if let Ok(secs) = text.parse::<u64>() {
+        return Ok(secs);
+    }
+    let ms = tidings_archive::compliance::parse_time(text)
+        .map_err(|e| format!("before: {e} (or \"now\")"))?;
+    u64::try_from(ms / 1000).map_err(|_| "before: a time before 1970".to_string())
+}
+
+impl Request {
+    /// From the admin route's JSON body.
+    pub fn from_json(bytes: &[u8], now_secs: u64) -> Result<Request, String> {
+        let body: Value = serde_json::from_slice(bytes)
+            .map_err(|e| format!("the body is not JSON ({e}): {{\"tenant\",\"jti\"}} or {{\"tenant\",\"user\",\"before\"}}"))?;
+        let Value::Object(fields) = body else {
+            return Err("the body is not a JSON object".into());
+        };
+        for name in fields.keys() {
+            if !["tenant", "jti", "user", "before"].contains(&name.as_str()) {
+                return Err(format!(
+                    "unknown field {name:?} (known: tenant, jti, user, before)"
+                ));
+            }
+        }
+        let text = |name: &str| -> Result<Option<&str>, String> {
+            match fields.get(name) {
+                None => Ok(None),
+                Some(Value::String(s)) => Ok(Some(s)),
+                Some(_) => Err(format!("{name} must be a string")),
+            }
+        };
+        let tenant = TenantId::new(text("tenant")?.ok_or("tenant is required")?)
+            .map_err(|e| e.to_string())?;
+        let before = match fields.get("before") {
+            None => None,
+            Some(Value::Number(n)) => Some(n.as_u64().ok_or("before must be Unix seconds")?),
+            Some(Value::String(s)) => Some(parse_before(s, now_secs)?),
+            Some(_) => return Err("before must be a string or Unix seconds".into()),
+        };
+        let target = match (text("jti")?, text("user")?, before) {
+            (Some(jti), None, None) => Target::Jti(check_jti(jti)?),
+            (None, Some(user), before) => Target::UserBefore {
+                user: UserId::new(user).map_err(|e| e.to_string())?,
+                before: before.unwrap_or(now_secs),
+            },
+            _ => {
+                return Err("name a jti, or a user (with an optional before), not both".into());
+            }
+        };
+        Ok(Request { tenant, target })
+    }
+
+    /// The JSON body the admin route takes.
+    pub fn to_json(&self) -> Value {
+        match &self.target {
+            Target::Jti(jti) => json!({"tenant": self.tenant.as_str(), "jti": jti}),
+            Target::UserBefore { user, before } => {
+                json!({"tenant": self.tenant.as_str(), "user": user.as_str(), "before": before})
+            }
+        }
+    }
+}
+
+/// A jti as a verifier would accept it.
+pub fn check_jti(jti: &str) -> Result<String, String> {
+    if jti.is_empty() || jti.len() > tidings_auth::MAX_JTI_BYTES {
+        return Err(format!(
+            "a jti is 1 to {} bytes",
+            tidings_auth::MAX_JTI_BYTES
+        ));
+    }
+    Ok(jti.to_owned())
+}
+
+/// What a revocation did.
+#[derive(Clone, Debug)]
+pub struct Outcome {
+    pub request: Request,
+    /// For a user: the cutoff in force (a later one recorded before wins).
+    pub cutoff: Option<u64>,
+    /// Whether the gateways were told at once; `Err` says why not.
+    pub notified: Result<(), String>,
+}
+
+impl Outcome {
+    pub fn to_json(&self) -> Value {
+        let mut out = self.request.to_json();
+        if let (Value::Object(fields), Some(cutoff)) = (&mut out, self.cutoff) {
+            fields.insert("before".into(), json!(cutoff));
+            fields.insert(
+                "before_time".into(),
+                json!(crate::output::rfc3339_ms(cutoff.saturating_mul(1000) as i64)),
+            );
+        }
+        if let Value::Object(fields) = &mut out {
+            fields.insert("revoked".into(), json!(true));
+            fields.insert("notified".into(), json!(self.notified.is_ok()));
+            if let Err(why) = &self.notified {
+                fields.insert("notify_error".into(), json!(why));
+            }
+        }
+        out
+    }
+
+    /// One line for the audit log.
+    pub fn describe(&self) -> String {
+        match (&self.request.target, self.cutoff) {
+            (Target::Jti(jti), _) => format!("token {jti:?} revoked"),
+            (Target::UserBefore { user, .. }, Some(cutoff)) => {
+                format!("tokens of {user} issued at or before {cutoff} (Unix seconds) revoked")
+            }
+            (Target::UserBefore { user, before }, None) => {
+                format!("tokens of {user} issued at or before {before} (Unix seconds) revoked")
+            }
+        }
+    }
+}
+
+/// Records the revocation, then tells the gateways over `nats` (if given).
+pub async fn revoke(
+    log: &Log,
+    nats: Option<&async_nats::Client>,
+    request: &Request,
+) -> Result<Outcome, LogError> {
+    let tenant = &request.tenant;
+    let (notice, cutoff) = match &request.target {
+        Target::Jti(jti) => {
+            log.revoke_jti(tenant, jti, tidings_gateway::now_secs())
+                .await?;
+            (Notice::jti(jti), None)
+        }
+        Target::UserBefore { user, before } => {
+            let cutoff = log.revoke_user_before(tenant, user, *before).await?;
+            (Notice::user_before(user, cutoff), Some(cutoff))
+        }
+    };
+    let notified = match nats {
+        Some(nats) => {
+            tidings_gateway::revocation::publish(nats, tenant, &notice, NOTIFY_TIMEOUT).await
+        }
+        None => Err("no NATS connection".to_string()),
+    };
+    if let Err(why) = &notified {
+        warn!(%tenant, reason = %why, "revocation recorded but not announced; gateways apply it at their next check");
+    }
+    Ok(Outcome {
+        request: request.clone(),
+        cutoff,
+        notified,
+    })
+}
+
+/// The longest answer read from an admin listener.
+const MAX_RESPONSE_BYTES: u64 = 64 * 1024;
+/// How long a call to an admin listener may take.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `POST /v1/admin/tokens/revoke` on a running server's admin listener (`http://host:port`):
+/// the answer's status and JSON body.
+pub async fn call_server(
+    server: &str,
+    token: &str,
+    request: &Request,
+) -> anyhow::Result<(u16, Value)> {
+    use anyhow::Context as _;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let Some(authority) = server
+        .strip_prefix("http://")
+        .map(|rest| rest.trim_end_matches('/'))
+    else {
+        anyhow::bail!(
+            "--server must be http://host:port (the admin listener); this client speaks plain \
+             HTTP only, so keep it on loopback or use curl for https"
+        );
+    };
+    anyhow::ensure!(
+        !authority.is_empty() && !authority.contains('/'),
+        "--server must be http://host:port"
+    );
+    let body = request.to_json().to_string();
+    let message = format!(
+        "POST /v1/admin/tokens/revoke HTTP/1.1\r\nHost: {authority}\r\n\
+         Authorization: Bearer {token}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let call = async {
+        let mut stream = tokio::net::TcpStream::connect(authority)
+            .await
+            .with_context(|| format!("connect to {authority}"))?;
+        stream
+            .write_all(message.as_bytes())
+            .await
+            .context("send the request")?;
+        let mut answer = Vec::new();
+        stream
+            .take(MAX_RESPONSE_BYTES)
+            .read_to_end(&mut answer)
+            .await
+            .context("read the answer")?;
+        anyhow::Ok(answer)
+    };
+    let answer = tokio::time::timeout(CALL_TIMEOUT, call)
+        .await
+        .map_err(|_| anyhow::anyhow!("{authority} did not answer within {CALL_TIMEOUT:?}"))??;
+    let text = String::from_utf8_lossy(&answer);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| anyhow::anyhow!("{authority} sent no HTTP answer"))?;
+    let status: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("{authority} sent no HTTP status"))?;
+    let json = serde_json::from_str(body.trim())
+        .unwrap_or_else(|_| json!({"error": {"code": "bad_answer", "message": body.trim()}}));
+    Ok((status, json))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_name_a_jti_or_a_user_and_a_time() {
+        let now = 1_800_000_000;
+        let r = Request::from_json(br#"{"tenant":"acme","jti":"j1"}"#, now).expect("jti");
+        assert_eq!(r.target, Target::Jti("j1".into()));
+        let r = Request::from_json(br#"{"tenant":"acme","user":"bob"}"#, now).expect("user");
+        assert_eq!(
+            r.target,
+            Target::UserBefore {
+                user: UserId::new("bob").expect("id"),
+                before: now
+            }
+        );
+        let r = Request::from_json(
+            br#"{"tenant":"acme","user":"bob","before":"2026-11-30T00:00:00Z"}"#,
+            now,
+        )
+        .expect("time");
+        assert!(matches!(
+            r.target,
+            Target::UserBefore {
+                before: 1_795_996_800,
+                ..
+            }
+        ));
+        let r =
+            Request::from_json(br#"{"tenant":"acme","user":"bob","before":5}"#, now).expect("secs");
+        assert!(matches!(r.target, Target::UserBefore { before: 5, .. }));
+        assert_eq!(
+            Request::from_json(&serde_json::to_vec(&r.to_json()).expect("json"), now),
+            Ok(r)
+        );
+        for bad in [
+            &br#"{"tenant":"acme"}"#[..],
+            br#"{"tenant":"acme","jti":"j","user":"bob"}"#,
+            br#"{"tenant":"acme","jti":"j","before":"now"}"#,
+            br#"{"tenant":"acme","jti":""}"#,
+            br#"{"jti":"j"}"#,
+            br#"{"tenant":"a/b","jti":"j"}"#,
+            br#"{"tenant":"acme","user":"bob","before":"yesterday"}"#,
+            br#"{"tenant":"acme","jti":"j","extra":1}"#,
+            br#"[]"#,
+            b"not json",
+        ] {
+            assert!(
+                Request::from_json(bad, now).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+}
