@@ -238,6 +238,7 @@ async fn a_wrong_key_fails_startup_with_a_clear_error() {
     env[0].1 = stranger.join("log.nk").display().to_string();
     let started = std::time::Instant::now();
     let mut cmd = s.command(&["serve", "--role", "log"]);
+    cmd.env("TIDINGS_AUTH_HS256_ENABLED", "1");
     cmd.env("TIDINGS_NATS_URL", bus.nats.url())
         .env("TIDINGS_ADMIN_LISTEN", "")
         .env("TIDINGS_NATS_CONNECT_WAIT", "10s");
@@ -262,6 +263,7 @@ async fn an_untrusted_server_certificate_fails_startup_with_a_clear_error() {
     let mut env = role_env(&bus, "gateway");
     env[1].1 = other.ca_cert().display().to_string();
     let mut cmd = s.command(&["serve", "--role", "gateway"]);
+    cmd.env("TIDINGS_AUTH_HS256_ENABLED", "1");
     cmd.env("TIDINGS_NATS_URL", bus.nats.url())
         .env("TIDINGS_GATEWAY_LISTEN", "127.0.0.1:0")
         .env("TIDINGS_NATS_CONNECT_WAIT", "10s");
@@ -288,6 +290,7 @@ async fn a_password_never_reaches_the_output() {
         .url()
         .replacen("tls://", &format!("tls://{OUTSIDER}:{secret}@"), 1);
     let mut cmd = s.command(&["serve", "--role", "log"]);
+    cmd.env("TIDINGS_AUTH_HS256_ENABLED", "1");
     cmd.env("TIDINGS_NATS_URL", &url)
         .env("TIDINGS_ADMIN_LISTEN", "")
         .env("TIDINGS_NATS_TLS_CA_FILE", bus.ca.ca_cert());

@@ -489,7 +489,8 @@ pub enum CloseReason {
     /// The client did not read its replies and pushes fast enough: its outbound queue (bounded
     /// in frames and in bytes, gateway.outbound_queue_bytes) filled up.
     SlowConsumer = 4008,
-    /// The user's tokens were revoked (`tidings token revoke`): every session of the user ends.
+    /// The session's token was revoked (by its jti, or all of its user's tokens issued up to a
+    /// time); get a new token before reconnecting.
     Revoked = 4011,
     /// Nothing (no frame, no pong to the server's pings) arrived for gateway.idle_timeout_ms.
     IdleTimeout = 4012,
