@@ -286,10 +286,10 @@ pub async fn serve(config: Config, role: Role) -> anyhow::Result<()> {
         Role::All | Role::Log => Some(rpc::RpcAuth::new(verifiers.rpc)),
         _ => None,
     };
-    let (verifier, admin_verifier) = (Some(verifiers.chat), Some(verifiers.admin));
+    let admin_verifier = verifiers.admin;
     let verifier = match role {
         Role::Log => None,
-        _ => verifier,
+        _ => Some(verifiers.chat),
     };
     let (nats, reconnected) = connect_nats(&config, role).await?;
 
@@ -327,16 +327,14 @@ pub async fn serve(config: Config, role: Role) -> anyhow::Result<()> {
                     archive_gate.clone(),
                 )?);
             }
-            if let Some(admin_verifier) = admin_verifier {
-                admin = start_admin(
-                    &config,
-                    &log,
-                    archive_gate.clone(),
-                    admin_verifier,
-                    nats.clone(),
-                )
-                .await?;
-            }
+            admin = start_admin(
+                &config,
+                &log,
+                archive_gate.clone(),
+                admin_verifier,
+                nats.clone(),
+            )
+            .await?;
             info!(
                 backend = %config.store.backend,
                 data_dir = %config.data_dir.display(),
