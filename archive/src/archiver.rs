@@ -808,33 +808,56 @@ pub async fn indexed_segments(
     Ok(ids)
 }
 
-/// Every pair of `range`, page by page.
+/// Rows read per page by [`Pages`]: what one step of a streaming read holds in memory.
+pub const PAGE_ROWS: usize = 1000;
+
+/// A key range read page by page: a reader holds one page at a time, however many rows the
+/// range has (a tenant's heads, its audit log).
+pub struct Pages {
+    next: Option<KeyRange>,
+}
+
+impl Pages {
+    pub fn new(range: KeyRange) -> Self {
+        Pages { next: Some(range) }
+    }
+
+    /// The next page (at most [`PAGE_ROWS`] pairs, in key order); `None` once done.
+    pub async fn next(
+        &mut self,
+        store: &dyn KvStore,
+    ) -> Result<Option<Vec<(Vec<u8>, Vec<u8>)>>, ArchiveError> {
+        let Some(range) = self.next.take() else {
+            return Ok(None);
+        };
+        let page = store
+            .scan(range.clone(), PAGE_ROWS, Order::Ascending)
+            .await
+            .map_err(LogError::from)?;
+        if page.len() == PAGE_ROWS
+            && let Some((last, _)) = page.last()
+        {
+            let mut start = last.clone();
+            start.push(0);
+            self.next = Some(KeyRange {
+                start,
+                end: range.end,
+            });
+        }
+        Ok((!page.is_empty()).then_some(page))
+    }
+}
+
+/// Every pair of `range`, page by page, collected: for ranges known to be small (a
+/// conversation's runs, a hold's entries). Whole-tenant reads use [`Pages`].
 pub async fn scan_all(
     store: &dyn KvStore,
     range: KeyRange,
 ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, ArchiveError> {
     let mut out = Vec::new();
-    let mut start = range.start.clone();
-    loop {
-        let page = store
-            .scan(
-                KeyRange {
-                    start: start.clone(),
-                    end: range.end.clone(),
-                },
-                1000,
-                Order::Ascending,
-            )
-            .await
-            .map_err(LogError::from)?;
-        let full = page.len() == 1000;
-        if let Some((last, _)) = page.last() {
-            start = last.clone();
-            start.push(0);
-        }
+    let mut pages = Pages::new(range);
+    while let Some(page) = pages.next(store).await? {
         out.extend(page);
-        if !full {
-            return Ok(out);
-        }
     }
+    Ok(out)
 }

@@ -218,20 +218,28 @@ pub struct HubConfig {
     pub heal_interval: Duration,
 }
 
-enum HubCommand {
-    /// Add sessions. With `from`, first send them the events from that seq up to what the
-    /// hub has delivered (a member added while online). Acked once they are in.
-    Join {
-        sessions: Vec<SessionHandle>,
-        from: Option<u64>,
-        done: Option<oneshot::Sender<()>>,
-    },
-    Leave(Vec<u64>),
+/// Joins queued for one hub. A join beyond this waits (the joining session's request, or
+/// the user-notice watcher) instead of growing the queue: a hub catches newcomers up from
+/// the log, so a burst of a large group's members coming online at once is served in
+/// turn, never held in memory without bound.
+const HUB_COMMANDS: usize = 256;
+
+/// Add sessions. With `from`, first send them the events from that seq up to what the hub
+/// has delivered (a member added while online). Acked once they are in. (Leaves need no
+/// message: the registry's set is the truth, see [`HubHandle::left`].)
+struct HubCommand {
+    sessions: Vec<SessionHandle>,
+    from: Option<u64>,
+    done: Option<oneshot::Sender<()>>,
 }
 
 struct HubHandle {
-    commands: mpsc::UnboundedSender<HubCommand>,
+    commands: mpsc::Sender<HubCommand>,
+    /// The sessions in the conversation here: the truth the hub follows.
     sessions: HashSet<u64>,
+    /// Wakes the hub when sessions left: it drops those no longer in `sessions`. A leave
+    /// is a flag, not a queued message, so it needs no queue and never waits.
+    left: Arc<Notify>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -428,7 +436,7 @@ impl Registry {
         from: Option<u64>,
     ) {
         let (done, wait) = oneshot::channel();
-        {
+        let (commands, join) = {
             let mut state = self.state();
             let sessions: Vec<_> = sessions
                 .into_iter()
@@ -462,26 +470,33 @@ impl Registry {
                 );
             }
             let hub = state.hubs.entry(key).or_insert_with(|| {
-                let (tx, rx) = mpsc::unbounded_channel();
+                let (tx, rx) = mpsc::channel(HUB_COMMANDS);
+                let left = Arc::new(Notify::new());
                 HubHandle {
                     commands: tx,
                     sessions: HashSet::new(),
+                    left: left.clone(),
                     task: tokio::spawn(run_hub(
                         self.clone(),
                         tenant.clone(),
                         conv.clone(),
                         rx,
+                        left,
                         from.map(|f| f.saturating_sub(1)),
                     )),
                 }
             });
             hub.sessions.extend(sessions.iter().map(|s| s.id));
-            let _ = hub.commands.send(HubCommand::Join {
+            let join = HubCommand {
                 sessions,
                 from,
                 done: Some(done),
-            });
-        }
+            };
+            (hub.commands.clone(), join)
+        };
+        // Sent outside the lock: a full queue makes this join wait, nothing else. If the
+        // hub stops meanwhile (everyone left), `wait` resolves at once.
+        let _ = commands.send(join).await;
         let _ = wait.await;
     }
 
@@ -499,7 +514,7 @@ impl Registry {
                 for id in ids {
                     hub.sessions.remove(id);
                 }
-                let _ = hub.commands.send(HubCommand::Leave(ids.to_vec()));
+                hub.left.notify_one();
                 hub.sessions.is_empty()
             }
             None => false,
@@ -712,47 +727,59 @@ impl Hub {
         }
     }
 
+    /// The sessions the registry has in this conversation now (the truth; see
+    /// [`HubHandle::left`]).
+    fn registered(&self) -> HashSet<u64> {
+        self.registry
+            .state()
+            .hubs
+            .get(&(self.tenant.clone(), self.conv.clone()))
+            .map(|h| h.sessions.clone())
+            .unwrap_or_default()
+    }
+
+    /// Drops the sessions that left.
+    fn reconcile(&mut self) {
+        let registered = self.registered();
+        self.sessions.retain(|id, _| registered.contains(id));
+    }
+
     async fn command(&mut self, cmd: HubCommand) {
-        match cmd {
-            HubCommand::Join {
-                sessions,
-                from,
-                done,
-            } => {
-                if let Some(from) = from.filter(|f| *f <= self.delivered) {
-                    // Catch the newcomers up to where the others are.
-                    let mut next = from;
-                    while next <= self.delivered {
-                        match self.page(next, self.delivered).await {
-                            Ok(events) if !events.is_empty() => {
-                                for e in &events {
-                                    let frame = push_frame(Msg::Event(e.clone()));
-                                    for s in &sessions {
-                                        s.push(frame.clone());
-                                    }
-                                    next = e.seq + 1;
-                                }
+        let HubCommand {
+            mut sessions,
+            from,
+            done,
+        } = cmd;
+        // A session that left before its join arrived is not added.
+        let registered = self.registered();
+        sessions.retain(|s| registered.contains(&s.id));
+        if let Some(from) = from.filter(|f| *f <= self.delivered) {
+            // Catch the newcomers up to where the others are.
+            let mut next = from;
+            while next <= self.delivered {
+                match self.page(next, self.delivered).await {
+                    Ok(events) if !events.is_empty() => {
+                        for e in &events {
+                            let frame = push_frame(Msg::Event(e.clone()));
+                            for s in &sessions {
+                                s.push(frame.clone());
                             }
-                            _ => break,
+                            next = e.seq + 1;
                         }
                     }
-                }
-                for s in sessions {
-                    self.sessions.insert(s.id, s);
-                }
-                if let Some(done) = done {
-                    let _ = done.send(());
-                }
-                if from.is_some() {
-                    // A member was added: deliver whatever the hub has not seen yet, now.
-                    self.heal().await;
+                    _ => break,
                 }
             }
-            HubCommand::Leave(ids) => {
-                for id in ids {
-                    self.sessions.remove(&id);
-                }
-            }
+        }
+        for s in sessions {
+            self.sessions.insert(s.id, s);
+        }
+        if let Some(done) = done {
+            let _ = done.send(());
+        }
+        if from.is_some() {
+            // A member was added: deliver whatever the hub has not seen yet, now.
+            self.heal().await;
         }
     }
 
@@ -815,7 +842,8 @@ async fn run_hub(
     registry: Registry,
     tenant: TenantId,
     conv: ConvId,
-    mut commands: mpsc::UnboundedReceiver<HubCommand>,
+    mut commands: mpsc::Receiver<HubCommand>,
+    left: Arc<Notify>,
     start_after: Option<u64>,
 ) {
     // Subscribe before reading the head: nothing committed after the read can be missed.
@@ -845,6 +873,7 @@ async fn run_hub(
                 Some(cmd) => hub.command(cmd).await,
                 None => return,
             },
+            _ = left.notified() => hub.reconcile(),
             delivery = events.next() => match delivery {
                 Delivery::Message(msg) => match hub.open(&msg.payload).await {
                     Some(event) => hub.accept(event).await,

@@ -689,8 +689,10 @@ fn search(state: &Arc<State>, query: Query, actor: Actor) -> Response<Body> {
     ndjson(rx)
 }
 
-/// Records the read (nothing is read if that fails), reads and checks the whole audit log,
-/// records the outcome, then streams the records.
+/// Records the read (nothing is read if that fails), then streams the records as they are
+/// read and checked, a page at a time (memory bounded by a page and the line channel,
+/// however long the log), then records the outcome. As for a search, the status is 200
+/// from the first record on and the last line says how it ended.
 async fn read_audit(
     state: &Arc<State>,
     tenant: TenantId,
@@ -700,49 +702,67 @@ async fn read_audit(
     let Ok(permit) = state.requests.clone().try_acquire_owned() else {
         return busy();
     };
-    let compliance = &state.compliance;
     let mut entry = Entry::new(&actor, Route::Audit.action(), "started");
     entry.access_id = uuid::Uuid::now_v7().to_string();
     entry.filters = filters;
-    if let Err(e) = compliance.record(&tenant, &entry).await {
+    if let Err(e) = state.compliance.record(&tenant, &entry).await {
         return failure(&e);
     }
-    let result = audit::read(&**compliance.store(), compliance.keyring(), &tenant)
+    let (tx, rx) = mpsc::channel(STREAM_LINES);
+    let state = state.clone();
+    tokio::spawn(async move {
+        let compliance = &state.compliance;
+        let sink = LineSink { tx };
+        // Why the client stopped taking lines, if it did (set inside the reader's callback).
+        let cut: std::sync::Mutex<Option<ComplianceError>> = std::sync::Mutex::default();
+        let result = audit::read_each(
+            &**compliance.store(),
+            compliance.keyring(),
+            &tenant,
+            |record| {
+                let line = audit::record_json(&tenant, &record);
+                let (sink, cut) = (&sink, &cut);
+                async move {
+                    match sink.send(&line).await {
+                        Ok(()) => true,
+                        Err(e) => {
+                            *cut.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                            false
+                        }
+                    }
+                }
+            },
+        )
         .await
         .map_err(ComplianceError::from);
-    match &result {
-        Ok(listing) => {
-            entry.outcome = "completed".into();
-            entry.rows = listing.records.len() as u64;
-        }
-        Err(e) => {
-            entry.outcome = "failed".into();
-            entry.detail = format!("{}: {e}", e.code());
-        }
-    }
-    let recorded = compliance.record(&tenant, &entry).await;
-    drop(permit);
-    let listing = match (result, recorded) {
-        (Ok(listing), Ok(_)) => listing,
-        (Err(e), _) | (Ok(_), Err(e)) => return failure(&e),
-    };
-    let (tx, rx) = mpsc::channel(STREAM_LINES);
-    tokio::spawn(async move {
-        let sink = LineSink { tx };
-        for record in &listing.records {
-            if sink
-                .send(&audit::record_json(&tenant, record))
-                .await
-                .is_err()
-            {
-                return;
+        let cut = cut.into_inner().unwrap_or_else(|p| p.into_inner());
+        let result = match (result, cut) {
+            (Ok(checked), None) => Ok(checked),
+            (Ok(_), Some(e)) | (Err(e), _) => Err(e),
+        };
+        match &result {
+            Ok(checked) => {
+                entry.outcome = "completed".into();
+                entry.rows = checked.rows;
+            }
+            Err(e) => {
+                entry.outcome = "failed".into();
+                entry.detail = format!("{}: {e}", e.code());
             }
         }
-        let last = json!({
-            "complete": true,
-            "rows": listing.records.len(),
-            "problems": listing.problems,
-        });
+        let recorded = compliance.record(&tenant, &entry).await;
+        drop(permit);
+        let last = match (result, recorded) {
+            (Ok(checked), Ok(_)) => json!({
+                "complete": true,
+                "rows": checked.rows,
+                "problems": checked.problems,
+            }),
+            (Err(e), _) | (Ok(_), Err(e)) => {
+                warn!(actor = actor.name(), code = e.code(), error = %e, "audit log read failed");
+                error_json(e.code(), &e.to_string())
+            }
+        };
         let _ = sink.send(&last).await;
     });
     ndjson(rx)
