@@ -9,6 +9,8 @@
 //! - a panic in the sequencer (the store's injected `panic-on-commit`): the process exits
 //!   non-zero with the reason instead of answering `shutting_down` forever.
 
+#![allow(clippy::disallowed_methods)] // tests wait on processes synchronously, off any runtime's workers
+
 mod common;
 
 use std::io::BufRead;

@@ -2,6 +2,7 @@
 //! directory of its own (data directory and master key file included).
 
 #![allow(dead_code)] // each test file uses its own subset
+#![allow(clippy::disallowed_methods)] // synchronous helpers around processes, off any runtime
 
 pub mod identity;
 
