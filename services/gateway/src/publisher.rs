@@ -233,7 +233,7 @@ fn outgoing(item: FeedItem, keys: &HashMap<String, Option<TransportKey>>) -> Vec
 }
 
 /// Starts the publisher, for a connection whose state nobody reports (tests): see
-/// [`spawn_linked`].
+/// [`run`].
 pub fn spawn(
     client: async_nats::Client,
     feed: mpsc::Receiver<FeedItem>,
@@ -273,6 +273,9 @@ pub async fn run(
     // Make sure of the stream at once, not at the first event: readiness waits for it.
     link.mark_changed();
     loop {
+        if !feed_open && backlog.is_empty() && items.is_empty() {
+            return; // the log is gone and everything it committed was handed over
+        }
         // Take what the log has committed, waiting only when there is nothing to send and
         // the stream is there for this connection (else it is made sure of first, below).
         let now = *link.borrow_and_update();
