@@ -622,6 +622,20 @@ impl Log {
         self.inner.keyring.transport_key(tenant, key_id).await
     }
 
+    /// The tenant's current transport key if it has data keys; `None` (nothing created) if not.
+    pub async fn existing_transport_key(
+        &self,
+        tenant: &TenantId,
+    ) -> Result<Option<crate::crypto::TransportKey>, LogError> {
+        self.inner.keyring.existing_transport_key(tenant).await
+    }
+
+    /// The log's long-term X25519 secret, derived from the master key: gateways pin its
+    /// public half so only a log can answer their transport key requests.
+    pub fn log_identity_secret(&self) -> [u8; 32] {
+        self.inner.keyring.log_identity_secret()
+    }
+
     /// The store the log writes to (the archiver shares it).
     pub fn store(&self) -> &Arc<dyn KvStore> {
         &self.inner.store

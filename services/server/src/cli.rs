@@ -277,6 +277,10 @@ pub enum KeysCommand {
         #[arg(long)]
         force: bool,
     },
+    /// Print the log's public identity key (derived from the master key). Gateways running
+    /// apart from the log pin it (`gateway.log_public_key`), so only a log holding this
+    /// master key can hand them transport keys.
+    LogIdentity,
     /// Add a new data key for a tenant; new events are sealed with it, old ones still open.
     Rotate {
         #[arg(long)]

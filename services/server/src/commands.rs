@@ -9,6 +9,7 @@ use serde::Deserialize;
 use serde_json::json;
 use tidings_archive::compliance::audit::Entry;
 use tidings_archive::compliance::{Actor, Compliance, Via};
+use tidings_gateway::bus_crypto::LogPublicKey;
 use tidings_log::crypto::{Keyring, MasterKey};
 use tidings_log::store::{Fault, FaultSwitch, FaultyStore, FjallStore, KvStore, Order};
 use tidings_log::{
@@ -159,6 +160,15 @@ pub async fn run(command: Command, config: Config) -> anyhow::Result<bool> {
                 "created": true,
                 "jwt_secret_file": secret.display().to_string(),
                 "jwt_secret_created": jwt_created,
+            }))?;
+            Ok(true)
+        }
+        Command::Keys(KeysCommand::LogIdentity) => {
+            let master = config.master_key(env)?;
+            let public = LogPublicKey::of_secret(&master.log_identity_secret());
+            emit(&json!({
+                "log_public_key": public.to_hex(),
+                "setting": "gateway.log_public_key (TIDINGS_GATEWAY_LOG_PUBLIC_KEY)",
             }))?;
             Ok(true)
         }
@@ -506,7 +516,7 @@ async fn run_on_log(command: Command, log: &Log) -> anyhow::Result<bool> {
             limit,
             reverse,
         }) => read(log, &target, from, limit, reverse).await?,
-        Command::Keys(KeysCommand::Init { .. })
+        Command::Keys(KeysCommand::Init { .. } | KeysCommand::LogIdentity)
         | Command::Archive(_)
         | Command::Compliance(_)
         | Command::Bench(_)

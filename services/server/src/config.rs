@@ -307,6 +307,10 @@ pub struct GatewaySection {
     pub max_reply_bytes: usize,
     /// Conversations in one Sync answer at most.
     pub sync_page_conversations: usize,
+    /// The log's public identity key (64 hex digits; `tidings keys log-identity` prints it).
+    /// A gateway running apart from the log (`--role gateway`) needs it: only a log with
+    /// that identity can answer its transport key requests.
+    pub log_public_key: String,
 }
 
 /// The NATS link: where, with which credential, over TLS or not
@@ -547,6 +551,7 @@ impl Default for GatewaySection {
             outbound_queue_bytes: d.outbound_queue_bytes,
             max_reply_bytes: d.max_reply_bytes,
             sync_page_conversations: d.sync_page_conversations,
+            log_public_key: String::new(),
         }
     }
 }
@@ -758,8 +763,11 @@ impl Config {
                 *slot = (!v.is_empty()).then(|| PathBuf::from(v));
             }
         }
+        if let Some(v) = env("TIDINGS_GATEWAY_LOG_PUBLIC_KEY") {
+            self.gateway.log_public_key = v;
+        }
         if let Some(v) = env("TIDINGS_NATS_TLS_REQUIRED") {
-            self.nats.tls_required = parse_env("TIDINGS_NATS_TLS_REQUIRED", &v)?;
+            self.nats.tls_required = parse_flag("TIDINGS_NATS_TLS_REQUIRED", &v)?;
         }
         if let Some(v) = env("TIDINGS_NATS_CONNECT_WAIT") {
             self.nats.connect_wait = v;
@@ -1091,6 +1099,7 @@ impl Config {
         self.validate_auth()?;
         self.archive_config()?;
         self.archive_storage()?;
+        self.log_public_key()?;
         edge_tls("gateway", &g.tls_cert_file, &g.tls_key_file)?;
         edge_tls("admin", &self.admin.tls_cert_file, &self.admin.tls_key_file)?;
         parse_duration_secs(&self.nats.connect_wait)
@@ -1325,6 +1334,19 @@ impl Config {
             keys.insert(id, source);
         }
         Ok(keys)
+    }
+
+    /// The pinned log identity (`gateway.log_public_key`), if set.
+    pub fn log_public_key(
+        &self,
+    ) -> Result<Option<tidings_gateway::bus_crypto::LogPublicKey>, ConfigError> {
+        let text = self.gateway.log_public_key.trim();
+        if text.is_empty() {
+            return Ok(None);
+        }
+        tidings_gateway::bus_crypto::LogPublicKey::from_hex(text)
+            .map(Some)
+            .map_err(|e| ConfigError::Invalid(format!("gateway.log_public_key: {e}")))
     }
 
     /// The master key: `TIDINGS_MASTER_KEY` if set, else the key file.

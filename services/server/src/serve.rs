@@ -291,6 +291,15 @@ pub async fn serve(config: Config, role: Role) -> anyhow::Result<()> {
         Role::Log => None,
         _ => Some(verifiers.chat),
     };
+    // A gateway apart from the log pins the log's identity, so whoever can publish on NATS
+    // cannot hand it transport keys of their own making.
+    let pinned_log = config.log_public_key()?;
+    if role == Role::Gateway && pinned_log.is_none() {
+        anyhow::bail!(
+            "--role gateway needs gateway.log_public_key (TIDINGS_GATEWAY_LOG_PUBLIC_KEY): \
+             run `tidings keys log-identity` where the master key is and copy its output"
+        );
+    }
     let (nats, reconnected) = connect_nats(&config, role).await?;
 
     // Held shared by compliance reads and exclusively by an archive pass, so a read never
@@ -347,6 +356,7 @@ pub async fn serve(config: Config, role: Role) -> anyhow::Result<()> {
         Role::Gateway => Some(Arc::new(rpc::NatsLogService::new(
             nats.clone(),
             std::time::Duration::from_millis(config.nats.request_timeout_ms),
+            pinned_log.context("checked above")?,
         ))),
     };
 
