@@ -253,9 +253,14 @@ pub enum TokenCommand {
         /// With --user: "now" (default), an RFC 3339 time, or Unix seconds.
         #[arg(long, requires = "user", value_name = "TIME")]
         before: Option<String>,
-        /// The admin listener of a running server, e.g. http://127.0.0.1:7180.
+        /// The admin listener of a running server, e.g. https://admin-1:7180 or
+        /// http://127.0.0.1:7180.
         #[arg(long, requires = "token", value_name = "URL")]
         server: Option<String>,
+        /// Trust only the CA certificates in this PEM file for an https:// --server (default:
+        /// the system's roots).
+        #[arg(long, requires = "server", value_name = "PEM")]
+        ca_file: Option<PathBuf>,
         /// An admin-role token (compliance audience) for --server.
         #[arg(long, requires = "server")]
         token: Option<String>,

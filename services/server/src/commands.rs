@@ -187,11 +187,16 @@ pub async fn run(command: Command, config: Config) -> anyhow::Result<bool> {
             user,
             before,
             server,
+            ca_file,
             token,
             actor,
         }) => {
             let how = match (server, token) {
-                (Some(server), Some(token)) => Through::Server { server, token },
+                (Some(server), Some(token)) => Through::Server {
+                    server,
+                    token,
+                    tls: tidings_client::ClientTls { ca_file },
+                },
                 _ => Through::Store { actor },
             };
             revoke_tokens(&config, tenant, jti, user, before, how).await
@@ -305,7 +310,11 @@ fn issue_token(
 /// How `tidings token revoke` reaches the revocation records.
 enum Through {
     /// A running server's admin listener, with an admin token.
-    Server { server: String, token: String },
+    Server {
+        server: String,
+        token: String,
+        tls: tidings_client::ClientTls,
+    },
     /// The store directly (no server runs), recorded in the audit log under `actor`.
     Store { actor: String },
 }
@@ -335,8 +344,8 @@ async fn revoke_tokens(
     let request = Request { tenant, target };
     let actor = match how {
         Through::Store { actor } => Actor::new(&actor, Via::Cli)?,
-        Through::Server { server, token } => {
-            return revoke_through_server(&server, &token, &request).await;
+        Through::Server { server, token, tls } => {
+            return revoke_through_server(&server, &token, &tls, &request).await;
         }
     };
     let log = open_log(config).await.context(
@@ -376,9 +385,10 @@ async fn revoke_tokens(
 async fn revoke_through_server(
     server: &str,
     token: &str,
+    tls: &tidings_client::ClientTls,
     request: &crate::revoke::Request,
 ) -> anyhow::Result<bool> {
-    let (status, answer) = crate::revoke::call_server(server, token, request).await?;
+    let (status, answer) = crate::revoke::call_server(server, token, tls, request).await?;
     if status != 200 {
         let message = answer["error"]["message"].as_str().unwrap_or("");
         bail!("the server refused the revocation ({status}): {message}");
