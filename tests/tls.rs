@@ -145,7 +145,7 @@ fn admin_over_https() -> (Sandbox, tls::TestCa, Nats, Server) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_admin_listener_serves_https_with_a_private_ca() {
-    let (s, ca, _nats, server) = admin_over_https();
+    let (_s, ca, _nats, server) = admin_over_https();
     let reply = healthz(server.admin_port, &ca.ca_cert()).await;
     assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
     assert!(
