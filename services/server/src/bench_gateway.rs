@@ -53,6 +53,10 @@ pub struct GatewayArgs {
     /// What the client links and NATS use.
     #[arg(long, value_enum, default_value_t = Edge::Plain)]
     pub edge: Edge,
+    /// With `--edge compare`: rounds of plain and TLS, alternating which goes first; the
+    /// summary is the median of the rounds' ratios.
+    #[arg(long, default_value_t = 1)]
+    pub rounds: usize,
 }
 
 /// What the client links and NATS use. Bus payloads are sealed either way.
@@ -441,11 +445,6 @@ pub async fn run(args: GatewayArgs, _config: &Config) -> anyhow::Result<()> {
     let tokens = Tokens { secret };
     let tenant = TenantId::new("bench")?;
     let pairs = args.users / 2;
-    let edges: &[bool] = match args.edge {
-        Edge::Plain => &[false],
-        Edge::Tls => &[true],
-        Edge::Compare => &[false, true],
-    };
 
     println!(
         "tidings bench gateway: {} cores; nats-server and `tidings serve` on loopback; edge: {:?}",
@@ -454,32 +453,61 @@ pub async fn run(args: GatewayArgs, _config: &Config) -> anyhow::Result<()> {
     );
     println!();
 
-    let mut measured = Vec::new();
-    let mut sealing = Vec::new();
-    let mut last = None;
-    for &secure in edges {
-        let name = if secure { "tls" } else { "plain" };
-        let here = root.join(name);
-        let data = here.join("data");
-        sealing = seed_store(&data, &master.to_hex(), &tenant, pairs, &args).await?;
-        let dep = deploy(&here, &data, secure, (&master_file, &jwt_file)).await?;
-        let baseline = match &dep.open_nats_url {
-            Some(url) => Some(baselines(url, &root.join("raw")).await?),
-            None => None,
-        };
-        let m = measure(&dep, &args, pairs, &tokens).await?;
-        if args.edge != Edge::Compare {
-            print_single(&m, &args, pairs, baseline.as_ref());
+    // Compare: plain and TLS in each round, alternating which goes first.
+    let rounds: Vec<Vec<bool>> = match args.edge {
+        Edge::Plain => vec![vec![false]],
+        Edge::Tls => vec![vec![true]],
+        Edge::Compare => (0..args.rounds.max(1))
+            .map(|r| {
+                if r % 2 == 0 {
+                    vec![false, true]
+                } else {
+                    vec![true, false]
+                }
+            })
+            .collect(),
+    };
+    let mut ratios = Vec::new();
+    for (round, edges) in rounds.iter().enumerate() {
+        let (mut plain, mut tls, mut sealing) = (None, None, Vec::new());
+        for &secure in edges {
+            let name = if secure { "tls" } else { "plain" };
+            let here = root.join(format!("{name}-{round}"));
+            let data = here.join("data");
+            sealing = seed_store(&data, &master.to_hex(), &tenant, pairs, &args).await?;
+            // Dropped at the end of this iteration: one deployment runs at a time.
+            let dep = deploy(&here, &data, secure, (&master_file, &jwt_file)).await?;
+            let baseline = match &dep.open_nats_url {
+                Some(url) if round == 0 => Some(baselines(url, &root.join("raw")).await?),
+                _ => None,
+            };
+            let m = measure(&dep, &args, pairs, &tokens).await?;
+            if args.edge != Edge::Compare {
+                print_single(&m, &args, pairs, baseline.as_ref());
+                if args.fanout > 1 {
+                    fan_out(&dep, &args, &tokens).await?;
+                }
+            }
+            *(if secure { &mut tls } else { &mut plain }) = Some(m);
         }
-        measured.push((name, m));
-        last = Some(dep);
+        if let (Some(plain), Some(tls)) = (&plain, &tls) {
+            println!("round {} of {}:", round + 1, rounds.len());
+            ratios.push(print_comparison(plain, tls, &sealing));
+        }
     }
-    if let [(_, plain), (_, tls)] = measured.as_slice() {
-        print_comparison(plain, tls, &sealing);
-    } else if let Some(dep) = &last
-        && args.fanout > 1
-    {
-        fan_out(dep, &args, &tokens).await?;
+    if ratios.len() > 1 {
+        let median = |i: usize| {
+            let mut v: Vec<f64> = ratios.iter().map(|r: &[f64; 3]| r[i]).collect();
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        println!(
+            "median of {} rounds, secure / plain: p50 {:.2}x, p99 {:.2}x, acked sends/s {:.2}x",
+            ratios.len(),
+            median(0),
+            median(1),
+            median(2)
+        );
     }
     Ok(())
 }
@@ -648,7 +676,8 @@ fn print_single(
 
 /// TLS on every link (wss, NATS TLS with NKeys) against the same run without it; the bus is
 /// sealed in both (there is no unsealed bus), so what sealing costs is measured in-process.
-fn print_comparison(plain: &Measured, tls: &Measured, sealing: &[Duration]) {
+/// Returns the ratios secure / plain: [p50, p99, acked sends/s].
+fn print_comparison(plain: &Measured, tls: &Measured, sealing: &[Duration]) -> [f64; 3] {
     let ratio = |a: Duration, b: Duration| a.as_secs_f64() / b.as_secs_f64().max(1e-9);
     println!("| edge | p50 | p99 | p99.9 | delivered | acked sends/s |");
     println!("|---|---:|---:|---:|---:|---:|");
@@ -665,12 +694,17 @@ fn print_comparison(plain: &Measured, tls: &Measured, sealing: &[Duration]) {
             m.sends_per_s
         );
     }
-    println!(
-        "| **secure / plain** | **{:.2}x** | **{:.2}x** | {:.2}x | | **{:.2}x** |",
+    let ratios = [
         ratio(pct(&tls.latencies, 0.5), pct(&plain.latencies, 0.5)),
         ratio(pct(&tls.latencies, 0.99), pct(&plain.latencies, 0.99)),
+        tls.sends_per_s / plain.sends_per_s.max(1e-9),
+    ];
+    println!(
+        "| **secure / plain** | **{:.2}x** | **{:.2}x** | {:.2}x | | **{:.2}x** |",
+        ratios[0],
+        ratios[1],
         ratio(pct(&tls.latencies, 0.999), pct(&plain.latencies, 0.999)),
-        tls.sends_per_s / plain.sends_per_s.max(1e-9)
+        ratios[2]
     );
     println!();
     let seal = pct(sealing, 0.5);
@@ -680,6 +714,8 @@ fn print_comparison(plain: &Measured, tls: &Measured, sealing: &[Duration]) {
         pct(sealing, 0.99).as_secs_f64() * 1e6,
         100.0 * ratio(seal, pct(&plain.latencies, 0.5))
     );
+    println!();
+    ratios
 }
 
 /// One message to a group of `--fanout` members, all online.
