@@ -120,8 +120,8 @@ async fn wait_port(port: u16, log: &Path) -> anyhow::Result<()> {
 
 /// One `tidings serve --role all` and its nats-server, set up as `secure` says.
 struct Deployment {
-    _nats: Child,
-    _server: Child,
+    nats: Child,
+    server: Child,
     /// The gateway's WebSocket URL, and how clients verify it.
     url: String,
     client_tls: ClientTls,
@@ -385,8 +385,8 @@ async fn deploy(
     );
     wait_port(gw_port, &server_log).await?;
     Ok(Deployment {
-        _nats: nats,
-        _server: server,
+        nats,
+        server,
         url: format!("{scheme}://127.0.0.1:{gw_port}/v1/ws"),
         client_tls,
         open_nats_url,
@@ -422,6 +422,25 @@ struct Measured {
     latencies: Vec<Duration>,
     sends_per_s: f64,
     sessions: usize,
+    /// CPU time of `tidings serve` and nats-server per acked send in the throughput run:
+    /// what the server side pays, whatever the bench's own clients cost on the same cores.
+    server_cpu_per_send: Duration,
+}
+
+/// CPU time (user + system) a process has used so far, from /proc/PID/stat (Linux; in
+/// USER_HZ ticks, 100 per second). Zero where it cannot be read.
+fn cpu_time(child: &Child) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", child.0.id())).unwrap_or_default();
+    // The fields after the command name (which is in parentheses and may hold spaces).
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let field = |i: usize| -> u64 {
+        rest.split_whitespace()
+            .nth(i)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    // utime and stime are fields 14 and 15 of stat; `rest` starts at field 3.
+    Duration::from_millis((field(11) + field(12)) * 10)
 }
 
 pub async fn run(args: GatewayArgs, _config: &Config) -> anyhow::Result<()> {
@@ -497,16 +516,18 @@ pub async fn run(args: GatewayArgs, _config: &Config) -> anyhow::Result<()> {
     }
     if ratios.len() > 1 {
         let median = |i: usize| {
-            let mut v: Vec<f64> = ratios.iter().map(|r: &[f64; 3]| r[i]).collect();
+            let mut v: Vec<f64> = ratios.iter().map(|r: &[f64; 4]| r[i]).collect();
             v.sort_by(f64::total_cmp);
             v[v.len() / 2]
         };
         println!(
-            "median of {} rounds, secure / plain: p50 {:.2}x, p99 {:.2}x, acked sends/s {:.2}x",
+            "median of {} rounds, secure / plain: p50 {:.2}x, p99 {:.2}x, acked sends/s {:.2}x, \
+             server CPU per send {:.2}x",
             ratios.len(),
             median(0),
             median(1),
-            median(2)
+            median(2),
+            median(3)
         );
     }
     Ok(())
@@ -623,11 +644,15 @@ async fn measure(
         });
     }
     let started = Instant::now();
+    let cpu_before = cpu_time(&dep.server) + cpu_time(&dep.nats);
     while sending.join_next().await.is_some() {}
+    let cpu = (cpu_time(&dep.server) + cpu_time(&dep.nats)).saturating_sub(cpu_before);
+    let sends = acked.load(Ordering::Relaxed);
     Ok(Measured {
         latencies,
-        sends_per_s: acked.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64(),
+        sends_per_s: sends as f64 / started.elapsed().as_secs_f64(),
         sessions: args.senders.min(pairs.max(1)),
+        server_cpu_per_send: cpu / u32::try_from(sends.max(1)).unwrap_or(u32::MAX),
     })
 }
 
@@ -676,35 +701,40 @@ fn print_single(
 
 /// TLS on every link (wss, NATS TLS with NKeys) against the same run without it; the bus is
 /// sealed in both (there is no unsealed bus), so what sealing costs is measured in-process.
-/// Returns the ratios secure / plain: [p50, p99, acked sends/s].
-fn print_comparison(plain: &Measured, tls: &Measured, sealing: &[Duration]) -> [f64; 3] {
+/// Returns the ratios secure / plain: [p50, p99, acked sends/s, server CPU per send].
+fn print_comparison(plain: &Measured, tls: &Measured, sealing: &[Duration]) -> [f64; 4] {
     let ratio = |a: Duration, b: Duration| a.as_secs_f64() / b.as_secs_f64().max(1e-9);
-    println!("| edge | p50 | p99 | p99.9 | delivered | acked sends/s |");
-    println!("|---|---:|---:|---:|---:|---:|");
+    println!(
+        "| edge | p50 | p99 | p99.9 | delivered | acked sends/s | server CPU per send (tidings + nats-server) |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|");
     for (name, m) in [
         ("plain: ws://, NATS without TLS or credentials", plain),
         ("secure: wss://, NATS over TLS with the role's NKey", tls),
     ] {
         println!(
-            "| {name} | {} | {} | {} | {} | {:.0} |",
+            "| {name} | {} | {} | {} | {} | {:.0} | {:.0} µs |",
             ms(pct(&m.latencies, 0.5)),
             ms(pct(&m.latencies, 0.99)),
             ms(pct(&m.latencies, 0.999)),
             m.latencies.len(),
-            m.sends_per_s
+            m.sends_per_s,
+            m.server_cpu_per_send.as_secs_f64() * 1e6
         );
     }
     let ratios = [
         ratio(pct(&tls.latencies, 0.5), pct(&plain.latencies, 0.5)),
         ratio(pct(&tls.latencies, 0.99), pct(&plain.latencies, 0.99)),
         tls.sends_per_s / plain.sends_per_s.max(1e-9),
+        ratio(tls.server_cpu_per_send, plain.server_cpu_per_send),
     ];
     println!(
-        "| **secure / plain** | **{:.2}x** | **{:.2}x** | {:.2}x | | **{:.2}x** |",
+        "| **secure / plain** | **{:.2}x** | **{:.2}x** | {:.2}x | | **{:.2}x** | {:.2}x |",
         ratios[0],
         ratios[1],
         ratio(pct(&tls.latencies, 0.999), pct(&plain.latencies, 0.999)),
-        ratios[2]
+        ratios[2],
+        ratios[3]
     );
     println!();
     let seal = pct(sealing, 0.5);
