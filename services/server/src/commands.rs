@@ -10,13 +10,14 @@ use serde_json::json;
 use tidings_archive::compliance::audit::Entry;
 use tidings_archive::compliance::{Actor, Compliance, Via};
 use tidings_log::crypto::{Keyring, MasterKey};
-use tidings_log::store::{FjallStore, KvStore, Order};
+use tidings_log::store::{Fault, FaultSwitch, FaultyStore, FjallStore, KvStore, Order};
 use tidings_log::{
     Append, Body, ClientMsgId, ConversationKind, CreateConversation, Log, LogError, PendingAppend,
     ReadRange, TenantId,
 };
 use tokio::io::{AsyncBufRead, AsyncBufReadExt};
 use tokio::sync::mpsc;
+use tracing::warn;
 
 use crate::cli::{Command, ConvCommand, KeysCommand, Kind, LogCommand, Target};
 use crate::config::Config;
@@ -78,8 +79,27 @@ pub async fn open_log_owning(
     Ok(log)
 }
 
-/// Opens the configured store: fjall in the data directory, or the TiKV cluster.
+/// Opens the configured store: fjall in the data directory, or the TiKV cluster; wrapped in
+/// a [`FaultyStore`] when the debug setting `store.faults_file` names a control file.
 pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn KvStore>> {
+    let store = open_backend(config).await?;
+    if config.store.faults_file.as_os_str().is_empty() {
+        return Ok(store);
+    }
+    warn!(
+        file = %config.store.faults_file.display(),
+        "store fault injection is on (store.faults_file): a debug setting, not for production"
+    );
+    let switch = Arc::new(FaultSwitch::default());
+    if let Ok(text) = tokio::fs::read_to_string(&config.store.faults_file).await {
+        switch.set(Fault::parse(&text).unwrap_or(Fault::Ok));
+    }
+    // The watcher holds the switch weakly and ends with the store.
+    drop(switch.watch(config.store.faults_file.clone()));
+    Ok(Arc::new(FaultyStore::new(store, switch)))
+}
+
+async fn open_backend(config: &Config) -> anyhow::Result<Arc<dyn KvStore>> {
     match config.backend()? {
         crate::config::Backend::Embedded => Ok(Arc::new(
             FjallStore::open(&config.data_dir)

@@ -37,6 +37,10 @@ pub struct StoreSection {
     /// "embedded" or "tikv".
     pub backend: String,
     pub tikv: TikvSection,
+    /// Debug only: a control file whose first word injects a store fault (`ok`,
+    /// `unavailable`, `commit-unavailable`, `panic-on-commit`), for tests and outage
+    /// rehearsals. Empty (the default) = the store is used as it is.
+    pub faults_file: PathBuf,
 }
 
 impl Default for StoreSection {
@@ -44,6 +48,7 @@ impl Default for StoreSection {
         StoreSection {
             backend: "embedded".into(),
             tikv: TikvSection::default(),
+            faults_file: PathBuf::new(),
         }
     }
 }
@@ -761,6 +766,9 @@ impl Config {
         }
         if let Some(v) = env("TIDINGS_STORE_BACKEND") {
             self.store.backend = v;
+        }
+        if let Some(v) = env("TIDINGS_STORE_FAULTS_FILE") {
+            self.store.faults_file = PathBuf::from(v);
         }
         if let Some(v) = env("TIDINGS_TIKV_PD") {
             self.store.tikv.pd_endpoints = v

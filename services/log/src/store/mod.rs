@@ -8,11 +8,13 @@
 
 pub mod conformance;
 mod embedded;
+pub mod faults;
 #[cfg(feature = "tikv")]
 mod tikv;
 pub mod tikv_config;
 
 pub use embedded::FjallStore;
+pub use faults::{Fault, FaultSwitch, FaultyStore};
 #[cfg(feature = "tikv")]
 pub use tikv::TikvStore;
 pub use tikv_config::{TikvConfig, TlsPaths};
