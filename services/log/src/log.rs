@@ -1056,7 +1056,13 @@ impl Log {
             .is_some_and(|low| lowest_wanted >= low)
         {
             return self
-                .read_buffered(tenant, conv, (lowest_wanted.max(lo), hi), range.limit, range.order)
+                .read_buffered(
+                    tenant,
+                    conv,
+                    (lowest_wanted.max(lo), hi),
+                    range.limit,
+                    range.order,
+                )
                 .await;
         }
         // The archiver moves a conversation's oldest events to the archive while we read. It

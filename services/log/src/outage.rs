@@ -412,7 +412,10 @@ impl Writer {
                 v.and_then(|b| Head::decode(b.as_slice()).ok())
                     .map_or(0, |h| h.last_seq)
             };
-            let Some(head_key) = writes.iter().map(|(k, _)| k).find(|k| k.starts_with(b"hd\0"))
+            let Some(head_key) = writes
+                .iter()
+                .map(|(k, _)| k)
+                .find(|k| k.starts_with(b"hd\0"))
             else {
                 continue;
             };

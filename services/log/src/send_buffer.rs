@@ -46,13 +46,13 @@ pub struct SendBufferConfig {
 impl SendBufferConfig {
     pub fn validate(&self) -> Result<(), String> {
         if self.dir.as_os_str().is_empty() {
-            return Err("send_buffer dir must not be empty".into());
+            return Err("send_buffer_dir must not be empty".into());
         }
         if self.max_bytes < 1 << 20 {
-            return Err("send_buffer max_bytes must be at least 1 MiB".into());
+            return Err("send_buffer_max_bytes must be at least 1 MiB (1048576)".into());
         }
         if self.max_age < Duration::from_secs(1) {
-            return Err("send_buffer max_age must be at least 1 s".into());
+            return Err("send_buffer_max_age_ms must be at least 1000".into());
         }
         Ok(())
     }
@@ -182,7 +182,9 @@ fn crc32(bytes: &[u8]) -> u32 {
 #[derive(Debug)]
 pub(crate) enum AppendRefused {
     /// A later epoch adopted the partition: this writer lost it.
-    Fenced { epoch: u64 },
+    Fenced {
+        epoch: u64,
+    },
     Io(std::io::Error),
 }
 

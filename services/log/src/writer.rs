@@ -686,18 +686,18 @@ impl Writer {
                 n
             } else {
                 match committing.as_mut() {
-                Some((handle, _)) => tokio::select! {
-                    biased;
-                    done = handle => {
-                        if let Some((_, prev)) = committing.take() {
-                            self.finish(prev, done).await;
+                    Some((handle, _)) => tokio::select! {
+                        biased;
+                        done = handle => {
+                            if let Some((_, prev)) = committing.take() {
+                                self.finish(prev, done).await;
+                            }
+                            continue;
                         }
-                        continue;
-                    }
-                    n = rx.recv_many(&mut batch, max) => n,
-                },
-                None => rx.recv_many(&mut batch, max).await,
-            }
+                        n = rx.recv_many(&mut batch, max) => n,
+                    },
+                    None => rx.recv_many(&mut batch, max).await,
+                }
             };
             if received == 0 {
                 if let Some((handle, prev)) = committing.take() {

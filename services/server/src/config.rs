@@ -614,6 +614,16 @@ pub struct LogSection {
     pub writer_id: String,
     /// How long a partition lease lives without renewal (renewed every third of it).
     pub lease_ttl_ms: u64,
+    /// Keep accepting messages while the store cannot commit, in a write-ahead buffer on
+    /// disk outside it (docs/decisions/send-buffer.md).
+    pub send_buffer: bool,
+    /// The buffer's directory; every writer of a store must share it. Empty: `send-buffer`
+    /// under `data_dir` with the embedded store; with TiKV the buffer stays off unless set.
+    pub send_buffer_dir: PathBuf,
+    /// Most bytes the buffer holds; past it sends fail `unavailable`.
+    pub send_buffer_max_bytes: u64,
+    /// Oldest a buffered event may wait for the store; past it sends fail `unavailable`.
+    pub send_buffer_max_age_ms: u64,
 }
 
 impl Default for Config {
@@ -651,6 +661,10 @@ impl Default for LogSection {
             partitions: d.partitions,
             writer_id: d.writer_id,
             lease_ttl_ms: d.lease_ttl.as_millis() as u64,
+            send_buffer: true,
+            send_buffer_dir: PathBuf::new(),
+            send_buffer_max_bytes: 256 << 20,
+            send_buffer_max_age_ms: 300_000,
         }
     }
 }
@@ -968,6 +982,18 @@ impl Config {
         if let Some(v) = env("TIDINGS_LOG_WRITER_ID") {
             self.log.writer_id = v;
         }
+        if let Some(v) = env("TIDINGS_LOG_SEND_BUFFER") {
+            self.log.send_buffer = parse_env("TIDINGS_LOG_SEND_BUFFER", &v)?;
+        }
+        if let Some(v) = env("TIDINGS_LOG_SEND_BUFFER_DIR") {
+            self.log.send_buffer_dir = PathBuf::from(v);
+        }
+        if let Some(v) = env("TIDINGS_LOG_SEND_BUFFER_MAX_BYTES") {
+            self.log.send_buffer_max_bytes = parse_env("TIDINGS_LOG_SEND_BUFFER_MAX_BYTES", &v)?;
+        }
+        if let Some(v) = env("TIDINGS_LOG_SEND_BUFFER_MAX_AGE_MS") {
+            self.log.send_buffer_max_age_ms = parse_env("TIDINGS_LOG_SEND_BUFFER_MAX_AGE_MS", &v)?;
+        }
         Ok(())
     }
 
@@ -1089,6 +1115,10 @@ impl Config {
             )));
         }
         self.validate_auth()?;
+        if let Some(b) = self.send_buffer() {
+            b.validate()
+                .map_err(|e| ConfigError::Invalid(format!("log.{e}")))?;
+        }
         self.archive_config()?;
         self.archive_storage()?;
         edge_tls("gateway", &g.tls_cert_file, &g.tls_key_file)?;
@@ -1188,7 +1218,29 @@ impl Config {
             writer_id: s.writer_id.clone(),
             lease_ttl: std::time::Duration::from_millis(s.lease_ttl_ms),
             own_partitions: true,
+            send_buffer: self.send_buffer(),
         }
+    }
+
+    /// The send buffer's settings; `None` when it is off (or TiKV without a shared dir).
+    pub fn send_buffer(&self) -> Option<tidings_log::send_buffer::SendBufferConfig> {
+        let s = &self.log;
+        if !s.send_buffer {
+            return None;
+        }
+        let dir = if !s.send_buffer_dir.as_os_str().is_empty() {
+            s.send_buffer_dir.clone()
+        } else if self.backend().ok() == Some(Backend::Embedded) {
+            self.data_dir.join("send-buffer")
+        } else {
+            // Writers on several hosts must share the directory: only the operator knows.
+            return None;
+        };
+        Some(tidings_log::send_buffer::SendBufferConfig {
+            dir,
+            max_bytes: s.send_buffer_max_bytes,
+            max_age: std::time::Duration::from_millis(s.send_buffer_max_age_ms),
+        })
     }
 
     /// The archiver's settings.
