@@ -199,6 +199,17 @@ async fn a_kv_outage_while_clients_chat_keeps_sends_acked_and_live_then_replays_
     let page = bob.history("general", 0, 10).await.expect("history");
     assert_eq!(page.events.len(), 10);
     assert_eq!(page.events[0].seq, 6 + during as u64 - 9);
+    // Sync reports the buffered head and the latest events from the buffer.
+    let synced = bob
+        .sync(&[("general".to_string(), 5)], 3)
+        .await
+        .expect("sync");
+    let general = &synced.conversations[0];
+    assert_eq!(general.head_seq, 6 + during as u64);
+    assert_eq!(
+        general.events.last().map(|e| e.seq),
+        Some(6 + during as u64)
+    );
     // What cannot be buffered is refused as unavailable, retryably.
     let err = alice
         .create_conversation("new", ConversationKind::Group, "new", &["bob"])

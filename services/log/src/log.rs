@@ -1377,8 +1377,16 @@ impl Log {
             convs.push(conv);
             entries.push(entry);
         }
-        let head_keys = convs.iter().map(|c| keys::head(tenant, c)).collect();
-        let heads = self.inner.store.batch_get(head_keys).await?;
+        let head_keys: Vec<Vec<u8>> = convs.iter().map(|c| keys::head(tenant, c)).collect();
+        let mut heads = self.inner.store.batch_get(head_keys.clone()).await?;
+        // Heads moved by buffered appends (a store outage) are ahead of the stored ones.
+        if let Some(buffer) = &self.inner.buffer {
+            for (key, head) in head_keys.iter().zip(heads.iter_mut()) {
+                if let Some(bytes) = buffer.get(key) {
+                    *head = Some(bytes);
+                }
+            }
+        }
         convs
             .into_iter()
             .zip(entries)

@@ -30,7 +30,7 @@ use crate::lease::{Held, partition_of_part};
 use crate::log::FeedItem;
 use crate::send_buffer::{AppendRefused, Record, SendBuffer};
 use crate::store::{StoreError, Transaction};
-use crate::writer::{Command, LeaseOp, Outcome, Request, Writer, fail_all};
+use crate::writer::{Command, LeaseOp, Outcome, Request, State, Writer, fail_all};
 
 /// How often a writer in outage mode tries the store again.
 pub(crate) const PROBE_INTERVAL: Duration = Duration::from_millis(200);
@@ -390,51 +390,7 @@ impl Writer {
         let partitions = prepared.partitions;
         let state = prepared.state;
 
-        // One record per conversation, grouped by partition.
-        let mut convs: Vec<(Vec<u8>, Vec<(Vec<u8>, Vec<u8>)>)> = Vec::new();
-        let mut conv_at: HashMap<Vec<u8>, usize> = HashMap::new();
-        for key in &state.order {
-            let (Some(part), Some(Some(value))) =
-                (keys::conversation_part(key), state.pending.get(key))
-            else {
-                continue;
-            };
-            let i = *conv_at.entry(part.to_vec()).or_insert_with(|| {
-                convs.push((part.to_vec(), Vec::new()));
-                convs.len() - 1
-            });
-            convs[i].1.push((key.clone(), value.clone()));
-        }
-        let mut by_partition: BTreeMap<u32, Vec<Record>> = BTreeMap::new();
-        let mut bytes = 0u64;
-        for (part, writes) in convs {
-            let seq_of = |v: Option<&Vec<u8>>| {
-                v.and_then(|b| Head::decode(b.as_slice()).ok())
-                    .map_or(0, |h| h.last_seq)
-            };
-            let Some(head_key) = writes
-                .iter()
-                .map(|(k, _)| k)
-                .find(|k| k.starts_with(b"hd\0"))
-            else {
-                continue;
-            };
-            let before = seq_of(state.fetched.get(head_key).and_then(Option::as_ref));
-            let after = seq_of(state.pending.get(head_key).and_then(Option::as_ref));
-            bytes += writes
-                .iter()
-                .map(|(k, v)| (k.len() + v.len()) as u64)
-                .sum::<u64>();
-            by_partition
-                .entry(partition_of_part(&part, self.own.partitions))
-                .or_default()
-                .push(Record {
-                    before,
-                    after,
-                    buffered_ms: now_ms,
-                    writes,
-                });
-        }
+        let (mut by_partition, bytes) = records_of(&state, now_ms, self.own.partitions);
         let mut failed: HashMap<u32, LogError> = HashMap::new();
         if let Err(reason) = buffer.check_limits(bytes, now_ms) {
             for p in by_partition.keys() {
@@ -447,11 +403,22 @@ impl Writer {
             }
             by_partition.clear();
         }
-        for (p, records) in by_partition {
-            let epoch = self.held.get(&p).map_or(0, |h| h.lease.epoch);
-            let b = buffer.clone();
-            let written = tokio::task::spawn_blocking(move || b.append(p, epoch, records)).await;
-            match written {
+        // Every partition's file at once: their fsyncs overlap (the filesystem's journal
+        // commits them together) instead of queueing one after another.
+        let writes: Vec<_> = by_partition
+            .into_iter()
+            .map(|(p, records)| {
+                let epoch = self.held.get(&p).map_or(0, |h| h.lease.epoch);
+                let b = buffer.clone();
+                (
+                    p,
+                    epoch,
+                    tokio::task::spawn_blocking(move || b.append(p, epoch, records)),
+                )
+            })
+            .collect();
+        for (p, epoch, handle) in writes {
+            match handle.await {
                 Ok(Ok(())) => {}
                 Ok(Err(AppendRefused::Fenced { epoch: theirs })) => {
                     warn!(
@@ -563,4 +530,57 @@ impl Writer {
         }
         (fetched, unknown)
     }
+}
+
+/// Puts, in the order made.
+type Writes = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// A buffered batch's writes as records: one per conversation, grouped by partition; and
+/// their size.
+fn records_of(state: &State, now_ms: i64, partitions: u32) -> (BTreeMap<u32, Vec<Record>>, u64) {
+    let mut convs: Vec<(Vec<u8>, Writes)> = Vec::new();
+    let mut conv_at: HashMap<Vec<u8>, usize> = HashMap::new();
+    for key in &state.order {
+        let (Some(part), Some(Some(value))) =
+            (keys::conversation_part(key), state.pending.get(key))
+        else {
+            continue;
+        };
+        let i = *conv_at.entry(part.to_vec()).or_insert_with(|| {
+            convs.push((part.to_vec(), Vec::new()));
+            convs.len() - 1
+        });
+        convs[i].1.push((key.clone(), value.clone()));
+    }
+    let seq_of = |v: Option<&Vec<u8>>| {
+        v.and_then(|b| Head::decode(b.as_slice()).ok())
+            .map_or(0, |h| h.last_seq)
+    };
+    let mut by_partition: BTreeMap<u32, Vec<Record>> = BTreeMap::new();
+    let mut bytes = 0u64;
+    for (part, writes) in convs {
+        let Some(head_key) = writes
+            .iter()
+            .map(|(k, _)| k)
+            .find(|k| k.starts_with(b"hd\0"))
+        else {
+            continue;
+        };
+        let before = seq_of(state.fetched.get(head_key).and_then(Option::as_ref));
+        let after = seq_of(state.pending.get(head_key).and_then(Option::as_ref));
+        bytes += writes
+            .iter()
+            .map(|(k, v)| (k.len() + v.len()) as u64)
+            .sum::<u64>();
+        by_partition
+            .entry(partition_of_part(&part, partitions))
+            .or_default()
+            .push(Record {
+                before,
+                after,
+                buffered_ms: now_ms,
+                writes,
+            });
+    }
+    (by_partition, bytes)
 }

@@ -142,6 +142,15 @@ impl Rig {
     }
 }
 
+/// Appends to `g`, once more if refused retryably: the batch whose commit meets the outage
+/// fails (as clients see it), and the retry is buffered.
+async fn send(log: &Log, id: &str) -> Result<Committed, LogError> {
+    match log.append(text("g", id)).await {
+        Err(e) if e.is_retryable() => log.append(text("g", id)).await,
+        other => other,
+    }
+}
+
 async fn until_replayed(log: &Log) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     while log.send_buffer_stats().expect("buffer").events > 0 {
@@ -188,13 +197,7 @@ async fn appends_during_an_outage_are_acked_read_and_replayed_exactly_once() {
     rig.switch.set(Fault::Unavailable);
     for i in 0..20 {
         let id = format!("during-{i}");
-        let ok = log.append(text("g", &id)).await;
-        // The batch whose commit found the outage fails (retryably); a retry is buffered.
-        let ok = match ok {
-            Err(e) if e.is_retryable() => log.append(text("g", &id)).await,
-            other => other,
-        };
-        let ok = ok.expect("acked during the outage");
+        let ok = send(&log, &id).await.expect("acked during the outage");
         acked.insert(id, ok.seq);
     }
     // A retry of a buffered send answers the original.
@@ -258,10 +261,7 @@ async fn with_reads_up_history_joins_the_store_and_the_buffer() {
     let mut seqs = Vec::new();
     for i in 0..5 {
         let id = format!("b{i}");
-        let r = match log.append(text("g", &id)).await {
-            Err(e) if e.is_retryable() => log.append(text("g", &id)).await,
-            other => other,
-        };
+        let r = send(&log, &id).await;
         seqs.push(r.expect("buffered").seq);
     }
     assert_eq!(seqs, vec![7, 8, 9, 10, 11]);
@@ -303,10 +303,7 @@ async fn a_replay_that_runs_again_lands_nothing_twice() {
     let mut acked = HashMap::new();
     for i in 0..10 {
         let id = format!("m{i}");
-        let r = match log.append(text("g", &id)).await {
-            Err(e) if e.is_retryable() => log.append(text("g", &id)).await,
-            other => other,
-        };
+        let r = send(&log, &id).await;
         acked.insert(id, r.expect("buffered").seq);
     }
     // A crash after the replay committed but before the trim leaves the file as it was.
@@ -412,10 +409,7 @@ async fn two_writers_around_a_takeover_never_hand_out_one_seq_twice() {
     };
     for i in 0..10 {
         let id = format!("a{i}");
-        let r = match a.append(text("g", &id)).await {
-            Err(e) if e.is_retryable() => a.append(text("g", &id)).await,
-            other => other,
-        };
+        let r = send(&a, &id).await;
         record(id, r.expect("A buffers"));
     }
     // Outlast A's lease: it cannot renew while the store is out.
@@ -450,10 +444,7 @@ async fn a_writer_reopened_after_a_crash_replays_what_its_predecessor_buffered()
     let mut acked = HashMap::new();
     for i in 0..8 {
         let id = format!("m{i}");
-        let r = match log.append(text("g", &id)).await {
-            Err(e) if e.is_retryable() => log.append(text("g", &id)).await,
-            other => other,
-        };
+        let r = send(&log, &id).await;
         acked.insert(id, r.expect("buffered").seq);
     }
     // The "crash": the writer stops while the store is out (its release fails too).
