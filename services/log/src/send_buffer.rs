@@ -27,6 +27,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use crate::error::LogError;
@@ -223,6 +224,9 @@ struct Index {
 pub struct SendBuffer {
     cfg: SendBufferConfig,
     index: Mutex<Index>,
+    /// Keys in the overlay, kept beside the lock so that reads, which nearly always find the
+    /// buffer empty, do not take it.
+    overlay_keys: AtomicUsize,
 }
 
 impl SendBuffer {
@@ -232,6 +236,7 @@ impl SendBuffer {
         Ok(SendBuffer {
             cfg,
             index: Mutex::new(Index::default()),
+            overlay_keys: AtomicUsize::new(0),
         })
     }
 
@@ -288,12 +293,23 @@ impl SendBuffer {
 
     /// The buffered value of a key, if a record holds one.
     pub fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
+        if self.overlay_keys.load(Ordering::Acquire) == 0 {
+            return None;
+        }
         self.index().overlay.get(key).cloned()
     }
 
     /// The lowest seq of the conversation (`tenant\0conv`) held here, if any.
     pub fn lowest_seq(&self, part: &[u8]) -> Option<u64> {
+        if self.overlay_keys.load(Ordering::Acquire) == 0 {
+            return None;
+        }
         self.index().low.get(part).copied()
+    }
+
+    /// Publishes the overlay's size after a change (called with the index locked).
+    fn changed(&self, ix: &Index) {
+        self.overlay_keys.store(ix.overlay.len(), Ordering::Release);
     }
 
     /// Whether `more` bytes fit, and the oldest record is young enough: the limits.
@@ -343,6 +359,7 @@ impl SendBuffer {
         for r in records {
             insert(&mut ix, partition, r);
         }
+        self.changed(&ix);
         Ok(n)
     }
 
@@ -373,6 +390,7 @@ impl SendBuffer {
         for r in records {
             insert(&mut ix, partition, r);
         }
+        self.changed(&ix);
         Ok(())
     }
 
@@ -393,13 +411,16 @@ impl SendBuffer {
             .map_or(0, |p| p.records.iter().map(Record::events).sum());
         ix.replayed += events;
         forget(&mut ix, partition);
+        self.changed(&ix);
         Ok(())
     }
 
     /// This writer no longer holds the partition: forget its records (the file keeps them
     /// for the next owner, which loads them when it adopts).
     pub(crate) fn drop_partition(&self, partition: u32) {
-        forget(&mut self.index(), partition);
+        let mut ix = self.index();
+        forget(&mut ix, partition);
+        self.changed(&ix);
     }
 }
 

@@ -433,6 +433,16 @@ async fn two_writers_around_a_takeover_never_hand_out_one_seq_twice() {
         acked.keys().any(|k| k.starts_with("b-after")),
         "B never sent"
     );
+    // A's ten buffered events were replayed by exactly one of them: B, which loaded them
+    // when it adopted the partition (nearly always), or A, if its probe came first.
+    let replayed = (
+        a.send_buffer_stats().expect("buffer").replayed,
+        b.send_buffer_stats().expect("buffer").replayed,
+    );
+    assert!(
+        replayed == (0, 10) || replayed == (10, 0),
+        "replayed by A, B: {replayed:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
