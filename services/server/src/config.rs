@@ -1667,6 +1667,29 @@ mod tests {
     }
 
     #[test]
+    fn the_send_buffer_is_on_under_the_data_dir_for_the_embedded_store_only() {
+        let cfg = Config::load(None, env(&[])).expect("defaults");
+        let b = cfg.send_buffer().expect("on by default");
+        assert_eq!(b.dir, cfg.data_dir.join("send-buffer"));
+        assert_eq!(b.max_bytes, 256 << 20);
+        let off = Config::load(None, env(&[("TIDINGS_LOG_SEND_BUFFER", "false")])).expect("off");
+        assert!(off.send_buffer().is_none());
+        let tikv = Config {
+            store: StoreSection {
+                backend: "tikv".into(),
+                ..StoreSection::default()
+            },
+            ..Config::default()
+        };
+        assert!(
+            tikv.send_buffer().is_none(),
+            "TiKV needs a shared dir named"
+        );
+        let small = Config::load(None, env(&[("TIDINGS_LOG_SEND_BUFFER_MAX_BYTES", "1000")]));
+        assert!(small.is_err(), "a buffer under 1 MiB is refused");
+    }
+
+    #[test]
     fn file_then_env_override_defaults() {
         let dir = tempfile::tempdir().expect("tempdir");
         let file = dir.path().join("t.toml");
