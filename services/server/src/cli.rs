@@ -472,4 +472,7 @@ pub enum BenchCommand {
     /// result), against scanning the same events as plaintext Parquet; and how selective
     /// filters prune.
     Compliance(crate::bench_compliance::ComplianceArgs),
+    /// Sending through a KV outage: appends/s and ack latency with the store up and with it
+    /// unavailable (acks from the send buffer), in one run; then the replay rate.
+    Outage(crate::bench_outage::OutageArgs),
 }

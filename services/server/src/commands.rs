@@ -236,6 +236,10 @@ pub async fn run(command: Command, config: Config) -> anyhow::Result<bool> {
             crate::bench_compliance::run(args).await?;
             Ok(true)
         }
+        Command::Bench(crate::cli::BenchCommand::Outage(args)) => {
+            crate::bench_outage::run(args, config.log_config()).await?;
+            Ok(true)
+        }
         Command::Bench(crate::cli::BenchCommand::Gateway(args)) => {
             crate::bench_gateway::run(args, &config).await?;
             Ok(true)
