@@ -422,9 +422,10 @@ struct Measured {
     latencies: Vec<Duration>,
     sends_per_s: f64,
     sessions: usize,
-    /// CPU time of `tidings serve` and nats-server per acked send in the throughput run:
+    /// CPU time of `tidings serve` and of nats-server per acked send in the throughput run:
     /// what the server side pays, whatever the bench's own clients cost on the same cores.
     server_cpu_per_send: Duration,
+    nats_cpu_per_send: Duration,
 }
 
 /// CPU time (user + system) a process has used so far, from /proc/PID/stat (Linux; in
@@ -644,15 +645,16 @@ async fn measure(
         });
     }
     let started = Instant::now();
-    let cpu_before = cpu_time(&dep.server) + cpu_time(&dep.nats);
+    let cpu_before = (cpu_time(&dep.server), cpu_time(&dep.nats));
     while sending.join_next().await.is_some() {}
-    let cpu = (cpu_time(&dep.server) + cpu_time(&dep.nats)).saturating_sub(cpu_before);
     let sends = acked.load(Ordering::Relaxed);
+    let per_send = |d: Duration| d / u32::try_from(sends.max(1)).unwrap_or(u32::MAX);
     Ok(Measured {
         latencies,
         sends_per_s: sends as f64 / started.elapsed().as_secs_f64(),
         sessions: args.senders.min(pairs.max(1)),
-        server_cpu_per_send: cpu / u32::try_from(sends.max(1)).unwrap_or(u32::MAX),
+        server_cpu_per_send: per_send(cpu_time(&dep.server).saturating_sub(cpu_before.0)),
+        nats_cpu_per_send: per_send(cpu_time(&dep.nats).saturating_sub(cpu_before.1)),
     })
 }
 
@@ -705,7 +707,7 @@ fn print_single(
 fn print_comparison(plain: &Measured, tls: &Measured, sealing: &[Duration]) -> [f64; 4] {
     let ratio = |a: Duration, b: Duration| a.as_secs_f64() / b.as_secs_f64().max(1e-9);
     println!(
-        "| edge | p50 | p99 | p99.9 | delivered | acked sends/s | server CPU per send (tidings + nats-server) |"
+        "| edge | p50 | p99 | p99.9 | delivered | acked sends/s | CPU per send: tidings + nats-server |"
     );
     println!("|---|---:|---:|---:|---:|---:|---:|");
     for (name, m) in [
@@ -713,20 +715,24 @@ fn print_comparison(plain: &Measured, tls: &Measured, sealing: &[Duration]) -> [
         ("secure: wss://, NATS over TLS with the role's NKey", tls),
     ] {
         println!(
-            "| {name} | {} | {} | {} | {} | {:.0} | {:.0} µs |",
+            "| {name} | {} | {} | {} | {} | {:.0} | {:.0} + {:.0} µs |",
             ms(pct(&m.latencies, 0.5)),
             ms(pct(&m.latencies, 0.99)),
             ms(pct(&m.latencies, 0.999)),
             m.latencies.len(),
             m.sends_per_s,
-            m.server_cpu_per_send.as_secs_f64() * 1e6
+            m.server_cpu_per_send.as_secs_f64() * 1e6,
+            m.nats_cpu_per_send.as_secs_f64() * 1e6
         );
     }
     let ratios = [
         ratio(pct(&tls.latencies, 0.5), pct(&plain.latencies, 0.5)),
         ratio(pct(&tls.latencies, 0.99), pct(&plain.latencies, 0.99)),
         tls.sends_per_s / plain.sends_per_s.max(1e-9),
-        ratio(tls.server_cpu_per_send, plain.server_cpu_per_send),
+        ratio(
+            tls.server_cpu_per_send + tls.nats_cpu_per_send,
+            plain.server_cpu_per_send + plain.nats_cpu_per_send,
+        ),
     ];
     println!(
         "| **secure / plain** | **{:.2}x** | **{:.2}x** | {:.2}x | | **{:.2}x** | {:.2}x |",
