@@ -11,6 +11,7 @@ use common::{Nats, Sandbox, Server};
 use futures_util::StreamExt;
 use prost::Message;
 use tidings_client::{Connection, Push};
+use tidings_gateway::bus_crypto::LogPublicKey;
 use tidings_gateway::rpc::{self, NatsLogService};
 use tidings_gateway::{Caller, LogService, bus_crypto, publisher};
 use tidings_log::crypto::MasterKey;
@@ -29,6 +30,17 @@ struct LogOnNats {
     log: Log,
     _dir: tempfile::TempDir,
     serving: tokio::task::JoinHandle<Result<(), tidings_gateway::rpc::ServeError>>,
+}
+
+impl LogOnNats {
+    /// A gateway's log service on `client`, pinning this log's identity.
+    fn service(&self, client: async_nats::Client) -> NatsLogService {
+        NatsLogService::new(client, Duration::from_secs(5), self.pinned())
+    }
+
+    fn pinned(&self) -> LogPublicKey {
+        LogPublicKey::of_secret(&self.log.log_identity_secret())
+    }
 }
 
 impl Drop for LogOnNats {
@@ -147,7 +159,7 @@ async fn the_log_refuses_a_forged_sender_and_a_write_without_a_token() {
     let served = log_on_nats(&nats, None).await;
     // The attacker holds a working gateway connection to NATS and alice's valid token.
     let client = async_nats::connect(nats.url()).await.expect("nats");
-    let service = NatsLogService::new(client, Duration::from_secs(5));
+    let service = served.service(client);
     let as_alice = common::identity::user("acme", "alice");
 
     let forged = service
@@ -228,7 +240,7 @@ async fn the_transport_key_never_travels_in_the_clear() {
     let served = log_on_nats(&nats, None).await;
     let capture = Capture::start(&nats, &[">"]).await;
     let client = async_nats::connect(nats.url()).await.expect("nats");
-    let service = NatsLogService::new(client.clone(), Duration::from_secs(5));
+    let service = served.service(client.clone());
     let (t, _) = acme();
     let got = service.transport_key(&t, None).await.expect("exchange");
     let real = served.log.transport_key(&t, None).await.expect("key");
@@ -315,6 +327,102 @@ async fn events_on_the_stream_are_sealed_and_bound_to_their_place() {
 
 /// The user-facing path with the roles apart: messages flow, and a raw subscriber to every
 /// subject and every reply inbox captures no message text and no token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_impostor_on_nats_cannot_hand_a_gateway_a_key() {
+    let nats = Nats::start();
+    // The real log exists (the gateway pins its identity) but is not serving: an attacker
+    // who can subscribe to the RPC subject answers instead, with a key of its own making.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store: Arc<dyn KvStore> = Arc::new(FjallStore::open(dir.path()).expect("store"));
+    let real = Log::open(store, MasterKey::generate(), LogConfig::default())
+        .await
+        .expect("log");
+    let pinned = LogPublicKey::of_secret(&real.log_identity_secret());
+    // A log of the attacker's own (its own master key, so its own identity and keys), which
+    // answers every request on the RPC subject.
+    let impostor = log_on_nats(&nats, None).await;
+    let (t, _) = acme();
+
+    let client = async_nats::connect(nats.url()).await.expect("nats");
+    let service = NatsLogService::new(client, Duration::from_secs(5), pinned);
+    let err = service
+        .transport_key(&t, None)
+        .await
+        .expect_err("a key from an unpinned identity");
+    assert!(
+        err.to_string()
+            .contains("not from the log identity this gateway pins"),
+        "{err}"
+    );
+    // A user's write is never sealed under the impostor's key: it fails instead.
+    let err = service
+        .append(
+            &common::identity::user("acme", "alice"),
+            text_append("alice", "m-impostor", "secret plans"),
+        )
+        .await
+        .expect_err("no key, no call");
+    assert!(
+        err.to_string().contains("not from the log identity"),
+        "{err}"
+    );
+    drop(impostor);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_alone_cannot_make_the_log_create_keys_for_a_made_up_tenant() {
+    let nats = Nats::start();
+    let served = log_on_nats(&nats, None).await;
+    let client = async_nats::connect(nats.url()).await.expect("nats");
+    let service = served.service(client);
+    let made_up = TenantId::new("made-up-tenant").expect("id");
+    let err = service
+        .transport_key(&made_up, None)
+        .await
+        .expect_err("no keys for a tenant nobody started");
+    assert_eq!(err.code(), "not_allowed", "{err}");
+    let has_key = async || {
+        served
+            .log
+            .existing_transport_key(&made_up)
+            .await
+            .expect("read")
+            .is_some()
+    };
+    assert!(!has_key().await, "the log wrote no key");
+    // A token of another tenant does not start it either.
+    let err = service
+        .conversations(
+            &common::identity::user("acme", "mallory"),
+            &made_up,
+            &UserId::new("mallory").expect("id"),
+            None,
+            10,
+        )
+        .await
+        .expect_err("another tenant's token");
+    assert_eq!(err.code(), "not_allowed", "{err}");
+    assert!(!has_key().await, "the log wrote no key");
+    // A user of the new tenant does: its first call makes the key and runs.
+    let carol = common::identity::user("made-up-tenant", "carol");
+    let created = service
+        .create_conversation(
+            &carol,
+            CreateConversation {
+                tenant: made_up.clone(),
+                conv: ConvId::new("first").expect("id"),
+                kind: ConversationKind::Group,
+                title: "First".into(),
+                creator: UserId::new("carol").expect("id"),
+                members: Vec::new(),
+            },
+        )
+        .await
+        .expect("the tenant's first user starts it");
+    assert_eq!(created.seq, 1);
+    assert!(has_key().await);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn separate_log_and_gateway_processes_put_no_text_on_nats() {
     let s = Sandbox::new();

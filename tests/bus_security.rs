@@ -263,7 +263,8 @@ async fn an_untrusted_server_certificate_fails_startup_with_a_clear_error() {
     let mut env = role_env(&bus, "gateway");
     env[1].1 = other.ca_cert().display().to_string();
     let mut cmd = s.command(&["serve", "--role", "gateway"]);
-    cmd.env("TIDINGS_AUTH_HS256_ENABLED", "1");
+    cmd.env("TIDINGS_AUTH_HS256_ENABLED", "1")
+        .env("TIDINGS_GATEWAY_LOG_PUBLIC_KEY", s.log_public_key());
     cmd.env("TIDINGS_NATS_URL", bus.nats.url())
         .env("TIDINGS_GATEWAY_LISTEN", "127.0.0.1:0")
         .env("TIDINGS_NATS_CONNECT_WAIT", "10s");

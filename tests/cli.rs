@@ -832,3 +832,53 @@ fn a_tenant_key_from_key_command_seals_and_opens_end_to_end() {
     assert_eq!(error_line(&out)["error"]["code"], "tenant_key_unavailable");
     assert!(stderr(&out).contains("does not exist"), "{}", stderr(&out));
 }
+
+#[test]
+fn a_gateway_apart_from_the_log_must_pin_the_log_identity() {
+    let s = Sandbox::new();
+    let serve_gateway = |key: Option<&str>| {
+        let mut cmd = s.command(&["serve", "--role", "gateway"]);
+        cmd.env("TIDINGS_AUTH_HS256_ENABLED", "1")
+            .env("TIDINGS_GATEWAY_LISTEN", "127.0.0.1:0")
+            .env("TIDINGS_ADMIN_LISTEN", "")
+            // Nothing listens here: the identity check comes first.
+            .env("TIDINGS_NATS_URL", "nats://127.0.0.1:1")
+            .env("TIDINGS_NATS_CONNECT_WAIT", "0s");
+        if let Some(key) = key {
+            cmd.env("TIDINGS_GATEWAY_LOG_PUBLIC_KEY", key);
+        }
+        cmd.stdin(std::process::Stdio::null())
+            .output()
+            .expect("run tidings")
+    };
+    let out = serve_gateway(None);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("gateway.log_public_key") && err.contains("tidings keys log-identity"),
+        "{err}"
+    );
+    let out = serve_gateway(Some("abcd"));
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("gateway.log_public_key: a log public key is 64 hex digits"));
+
+    // The identity is the master key's: the same every time, 32 bytes of hex.
+    let first = s.ok(&["keys", "log-identity"]);
+    let key = first[0]["log_public_key"].as_str().expect("log_public_key");
+    assert_eq!(key.len(), 64);
+    assert!(key.bytes().all(|b| b.is_ascii_hexdigit()));
+    assert_eq!(s.ok(&["keys", "log-identity"])[0]["log_public_key"], key);
+    let other = Sandbox::new();
+    assert_ne!(
+        other.ok(&["keys", "log-identity"])[0]["log_public_key"],
+        key
+    );
+    // With it, the gateway gets past the check (and then fails on the absent NATS).
+    let out = serve_gateway(Some(key));
+    assert!(!out.status.success());
+    assert!(
+        !stderr(&out).contains("gateway.log_public_key"),
+        "{}",
+        stderr(&out)
+    );
+}

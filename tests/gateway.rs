@@ -960,7 +960,11 @@ async fn appends_reaching_a_writer_that_does_not_own_them_are_routed_to_the_owne
     ));
     let as_alice = common::identity::user("acme", "alice");
     tokio::time::sleep(Duration::from_millis(300)).await; // subscriptions in place
-    let service = NatsLogService::new(client.clone(), Duration::from_secs(5));
+    let service = NatsLogService::new(
+        client.clone(),
+        Duration::from_secs(5),
+        tidings_gateway::bus_crypto::LogPublicKey::of_secret(&owner.log_identity_secret()),
+    );
     let append = |i: usize| {
         Append::text(
             t.clone(),

@@ -129,8 +129,8 @@ async fn healthz(port: u16, ca: &Path) -> String {
     String::from_utf8_lossy(&reply).into_owned()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_admin_listener_serves_https_with_a_private_ca() {
+/// A log process whose admin listener serves https with a certificate of a new private CA.
+fn admin_over_https() -> (Sandbox, tls::TestCa, Nats, Server) {
     let s = Sandbox::new();
     let ca = tls::TestCa::new("tidings admin CA");
     install(
@@ -140,12 +140,52 @@ async fn the_admin_listener_serves_https_with_a_private_ca() {
     );
     let nats = Nats::start();
     let server = Server::start(&s, &nats, "log", &as_refs(&tls_env(&s, "admin")));
+    (s, ca, nats, server)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_listener_serves_https_with_a_private_ca() {
+    let (_s, ca, _nats, server) = admin_over_https();
     let reply = healthz(server.admin_port, &ca.ca_cert()).await;
     assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
     assert!(
         reply.ends_with("ok") || reply.contains("\r\n\r\nok"),
         "{reply}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_revoke_reaches_an_https_admin_listener_it_trusts_and_no_other() {
+    let (s, ca, _nats, server) = admin_over_https();
+    let admin = s.token_with_roles("acme", "root", &["admin"], 3600);
+    let url = format!("https://127.0.0.1:{}", server.admin_port);
+    let revoke = |extra: &[&str]| {
+        let mut args = vec![
+            "token", "revoke", "--tenant", "acme", "--jti", "lost-1", "--server", &url, "--token",
+            &admin,
+        ];
+        args.extend_from_slice(extra);
+        s.run(&args)
+    };
+    // Without the private CA the server is not trusted: nothing is sent.
+    let out = revoke(&[]);
+    assert!(!out.status.success());
+    assert!(
+        common::stderr(&out).contains(&format!("call {url}")),
+        "{}",
+        common::stderr(&out)
+    );
+    // Another CA's file: refused too.
+    let other = tls::TestCa::new("another CA");
+    let other_ca = other.ca_cert().display().to_string();
+    assert!(!revoke(&["--ca-file", &other_ca]).status.success());
+    // With it, the revocation lands.
+    let ca_file = ca.ca_cert().display().to_string();
+    let out = revoke(&["--ca-file", &ca_file]);
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    let answer = &common::json_lines(&out.stdout)[0];
+    assert_eq!(answer["revoked"], serde_json::json!(true), "{answer}");
+    assert_eq!(answer["jti"], serde_json::json!("lost-1"), "{answer}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

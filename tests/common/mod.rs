@@ -50,6 +50,15 @@ impl Sandbox {
         cmd
     }
 
+    /// The log identity a gateway of this sandbox pins (`tidings keys log-identity`).
+    pub fn log_public_key(&self) -> String {
+        let identity = self.ok(&["keys", "log-identity"]);
+        identity[0]["log_public_key"]
+            .as_str()
+            .expect("log_public_key")
+            .to_string()
+    }
+
     pub fn run(&self, args: &[&str]) -> Output {
         self.command(args)
             .stdin(Stdio::null())
@@ -370,6 +379,11 @@ impl Server {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
+        // A gateway apart from the log pins the log's identity, as an operator would set it
+        // from `tidings keys log-identity`.
+        if role == "gateway" {
+            cmd.env("TIDINGS_GATEWAY_LOG_PUBLIC_KEY", s.log_public_key());
+        }
         for (k, v) in env {
             cmd.env(k, v);
         }

@@ -94,7 +94,9 @@ pub mod rpc_reply {
         TransportKey(super::TransportKeyReply),
     }
 }
-/// A gateway asks for a tenant's transport key with an ephemeral X25519 public key.
+/// A gateway asks for a tenant's transport key with an ephemeral X25519 public key. The
+/// exchange is with the log's long-term identity key, which gateways pin (configured, derived
+/// from the master key), so only a log can answer.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct TransportKeyRequest {
     #[prost(bytes = "vec", tag = "1")]
@@ -102,6 +104,12 @@ pub struct TransportKeyRequest {
     /// Absent: the tenant's current key.
     #[prost(uint32, optional, tag = "2")]
     pub key_id: ::core::option::Option<u32>,
+    /// The user's token whose call needs the key, sealed for the log's identity: AES-SIV under
+    /// HMAC-SHA512 of the X25519 shared secret (see tidings_log::crypto::seal_for_shared), AD
+    /// bound to the tenant and both public keys. Empty for the gateway's own reads. The log
+    /// creates a tenant's first key only for a valid token of that tenant.
+    #[prost(bytes = "vec", tag = "3")]
+    pub sealed_token: ::prost::alloc::vec::Vec<u8>,
 }
 /// The key sealed under HMAC-SHA512 of the X25519 shared secret, bound to the tenant, the key
 /// id and both public keys (see tidings_log::crypto::TransportKey::seal_for_exchange).
@@ -109,7 +117,7 @@ pub struct TransportKeyRequest {
 pub struct TransportKeyReply {
     #[prost(uint32, tag = "1")]
     pub key_id: u32,
-    /// The log's ephemeral X25519 public key.
+    /// The log's long-term X25519 public key (the gateway checks it is the one it pins).
     #[prost(bytes = "vec", tag = "2")]
     pub public_key: ::prost::alloc::vec::Vec<u8>,
     #[prost(bytes = "vec", tag = "3")]

@@ -51,7 +51,9 @@ pub struct ClientTls {
 }
 
 impl ClientTls {
-    fn client_config(&self) -> Result<rustls::ClientConfig, String> {
+    /// The rustls configuration this verification means (ring provider; the CA file's
+    /// certificates, or the system's roots). Other HTTPS clients of tidings use it too.
+    pub fn rustls_config(&self) -> Result<rustls::ClientConfig, String> {
         use rustls_pki_types::CertificateDer;
         use rustls_pki_types::pem::PemObject;
         let mut roots = rustls::RootCertStore::empty();
@@ -161,7 +163,7 @@ impl Connection {
             .ok_or_else(|| fail("no host".into()))?
             .to_string();
         let port = uri.port_u16().unwrap_or(443);
-        let config = tls.client_config().map_err(fail)?;
+        let config = tls.rustls_config().map_err(fail)?;
         let bare = host.trim_matches(['[', ']']);
         let name = rustls_pki_types::ServerName::try_from(bare)
             .map_err(|e| fail(format!("bad server name {host:?}: {e}")))?

@@ -9,9 +9,13 @@
 //!   `["tidings-rpc-v1", tenant, "request", nonce, key_id]` and its `LogResponse` with
 //!   `"reply"` in place of `"request"`: a reply answers exactly one call and can never be
 //!   passed off as a call.
-//! - The transport key exchange: a gateway sends an ephemeral X25519 public key, the log
-//!   answers with its own and the key sealed under HMAC-SHA512 of the shared secret
-//!   ([`TransportKey::seal_for_exchange`]). A passive observer sees two public keys.
+//! - The transport key exchange: a gateway sends an ephemeral X25519 public key; the log
+//!   answers with the key sealed under HMAC-SHA512 of the secret shared between that key and
+//!   the log's long-term identity key ([`TransportKey::seal_for_exchange`]). Gateways pin
+//!   the identity's public half ([`LogPublicKey`]), so a party that can publish on NATS
+//!   but is not a log cannot answer; a passive observer sees two public keys. The request
+//!   may carry the user's token sealed for the log the same way: a tenant's first key is
+//!   made only for a valid token of that tenant.
 //! - [`KeyCache`]: the transport keys a gateway has fetched, bounded.
 //!
 //! Why here and not in the log crate: the log derives keys; what goes on the wire and in which
@@ -23,10 +27,10 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use prost::Message;
-use tidings_log::crypto::TransportKey;
+use tidings_log::crypto::{TransportKey, hex_decode, hex_encode, open_for_shared, seal_for_shared};
 use tidings_log::{ConvId, Event, LogError, TenantId};
 use tidings_schemas::internal::{SealedEvent, TransportKeyReply};
-use x25519_dalek::{EphemeralSecret, PublicKey};
+use x25519_dalek::{EphemeralSecret, PublicKey, SharedSecret, StaticSecret};
 
 const BUS_LABEL: &[u8] = b"tidings-bus-v1";
 const RPC_LABEL: &[u8] = b"tidings-rpc-v1";
@@ -178,33 +182,91 @@ pub fn open_rpc(
     .map_err(|_| OpenError::Seal { key_id: key.id })
 }
 
-/// The gateway's half of a transport key exchange: an ephemeral X25519 secret that lives in
-/// this value only, in memory, and is consumed by [`Exchange::finish`].
-pub struct Exchange {
-    secret: EphemeralSecret,
-    public: PublicKey,
-}
+const TOKEN_LABEL: &[u8] = b"tidings-key-request-token-v1";
 
-impl Default for Exchange {
-    fn default() -> Self {
-        Self::new()
+/// The public half of the log's long-term X25519 identity, which gateways pin
+/// (`gateway.log_public_key`; `tidings keys log-identity` prints it).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct LogPublicKey([u8; 32]);
+
+impl LogPublicKey {
+    /// The public key of the identity `secret` ([`tidings_log::Log::log_identity_secret`]).
+    pub fn of_secret(secret: &[u8; 32]) -> LogPublicKey {
+        LogPublicKey(PublicKey::from(&StaticSecret::from(*secret)).to_bytes())
+    }
+
+    /// 64 hex digits.
+    pub fn from_hex(text: &str) -> Result<LogPublicKey, String> {
+        let bytes = hex_decode(text.trim())?;
+        let key: [u8; 32] = bytes
+            .try_into()
+            .map_err(|_| "a log public key is 64 hex digits (32 bytes)".to_string())?;
+        Ok(LogPublicKey(key))
+    }
+
+    pub fn to_hex(&self) -> String {
+        hex_encode(&self.0)
     }
 }
 
+impl std::fmt::Debug for LogPublicKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "LogPublicKey({})", self.to_hex())
+    }
+}
+
+/// What a token sealed into a key request is bound to: the tenant and both public keys.
+fn token_context<'a>(
+    tenant: &'a TenantId,
+    gateway: &'a [u8; 32],
+    log: &'a [u8; 32],
+) -> [&'a [u8]; 4] {
+    [TOKEN_LABEL, tenant.as_str().as_bytes(), gateway, log]
+}
+
+/// The gateway's half of a transport key exchange: the secret it shares with the pinned log
+/// identity, made from an ephemeral X25519 secret that is gone once made. Consumed by
+/// [`Exchange::finish`].
+pub struct Exchange {
+    public: [u8; 32],
+    log: [u8; 32],
+    shared: SharedSecret,
+}
+
 impl Exchange {
-    pub fn new() -> Exchange {
+    /// Starts an exchange with the log whose identity is `log`.
+    pub fn new(log: &LogPublicKey) -> Result<Exchange, LogError> {
         let secret = EphemeralSecret::random();
-        let public = PublicKey::from(&secret);
-        Exchange { secret, public }
+        let public = PublicKey::from(&secret).to_bytes();
+        let shared = secret.diffie_hellman(&PublicKey::from(log.0));
+        if !shared.was_contributory() {
+            return Err(LogError::InvalidRequest(
+                "the configured log public key is a low-order point".into(),
+            ));
+        }
+        Ok(Exchange {
+            public,
+            log: log.0,
+            shared,
+        })
     }
 
     /// What the gateway sends: its public key.
     pub fn public_key(&self) -> [u8; 32] {
-        self.public.to_bytes()
+        self.public
     }
 
-    /// Opens the log's answer. Fails on a low-order public key (a shared secret that is not
-    /// contributory would be known to anyone) and on anything that does not open.
+    /// `token` sealed so that only the log can read it, bound to `tenant` and this exchange.
+    pub fn seal_token(&self, tenant: &TenantId, token: &str) -> Vec<u8> {
+        seal_for_shared(
+            self.shared.as_bytes(),
+            &token_context(tenant, &self.public, &self.log),
+            token.as_bytes(),
+        )
+    }
+
+    /// Opens the log's answer. Fails unless it names the pinned identity and was sealed with
+    /// it for this exchange.
     pub fn finish(
         self,
         tenant: &TenantId,
@@ -217,48 +279,84 @@ impl Exchange {
                 false,
             )
         };
-        let theirs: [u8; 32] = reply
-            .public_key
-            .as_slice()
-            .try_into()
-            .map_err(|_| bad("the public key is not 32 bytes"))?;
-        let shared = self.secret.diffie_hellman(&PublicKey::from(theirs));
-        if !shared.was_contributory() {
-            return Err(bad("a low-order public key"));
+        if reply.public_key.as_slice() != self.log.as_slice() {
+            return Err(bad("it is not from the log identity this gateway pins"));
         }
-        let ours = self.public.to_bytes();
         TransportKey::open_from_exchange(
             tenant,
             reply.key_id,
-            shared.as_bytes(),
-            &[ours.as_slice(), theirs.as_slice()],
+            self.shared.as_bytes(),
+            &[self.public.as_slice(), self.log.as_slice()],
             &reply.sealed_key,
         )
         .map_err(|_| bad("the sealed key does not open"))
     }
 }
 
-/// The log's half: answers a gateway's public key with `key`, sealed for it alone.
-pub fn answer_exchange(
-    key: &TransportKey,
-    gateway_public: &[u8],
-) -> Result<TransportKeyReply, LogError> {
-    let theirs: [u8; 32] = gateway_public
-        .try_into()
-        .map_err(|_| LogError::InvalidRequest("an X25519 public key is 32 bytes".into()))?;
-    let secret = EphemeralSecret::random();
-    let ours = PublicKey::from(&secret).to_bytes();
-    let shared = secret.diffie_hellman(&PublicKey::from(theirs));
-    if !shared.was_contributory() {
-        return Err(LogError::InvalidRequest(
-            "a low-order X25519 public key".into(),
-        ));
+/// The log's half, with its long-term identity secret.
+pub struct LogIdentity {
+    secret: StaticSecret,
+    public: [u8; 32],
+}
+
+impl LogIdentity {
+    pub fn new(secret: [u8; 32]) -> LogIdentity {
+        let secret = StaticSecret::from(secret);
+        let public = PublicKey::from(&secret).to_bytes();
+        LogIdentity { secret, public }
     }
-    Ok(TransportKeyReply {
-        key_id: key.id,
-        public_key: ours.to_vec(),
-        sealed_key: key.seal_for_exchange(shared.as_bytes(), &[theirs.as_slice(), ours.as_slice()]),
-    })
+
+    pub fn public_key(&self) -> LogPublicKey {
+        LogPublicKey(self.public)
+    }
+
+    fn shared_with(&self, gateway_public: &[u8]) -> Result<([u8; 32], SharedSecret), LogError> {
+        let theirs: [u8; 32] = gateway_public
+            .try_into()
+            .map_err(|_| LogError::InvalidRequest("an X25519 public key is 32 bytes".into()))?;
+        let shared = self.secret.diffie_hellman(&PublicKey::from(theirs));
+        if !shared.was_contributory() {
+            return Err(LogError::InvalidRequest(
+                "a low-order X25519 public key".into(),
+            ));
+        }
+        Ok((theirs, shared))
+    }
+
+    /// Opens a token a gateway sealed into its key request for `tenant`.
+    pub fn open_token(
+        &self,
+        tenant: &TenantId,
+        gateway_public: &[u8],
+        sealed: &[u8],
+    ) -> Result<String, LogError> {
+        let (theirs, shared) = self.shared_with(gateway_public)?;
+        let plain = open_for_shared(
+            shared.as_bytes(),
+            &token_context(tenant, &theirs, &self.public),
+            sealed,
+        )
+        .map_err(|_| LogError::InvalidRequest("the sealed token does not open".into()))?;
+        String::from_utf8(plain)
+            .map_err(|_| LogError::InvalidRequest("the token is not text".into()))
+    }
+
+    /// Answers a gateway's public key with `key`, sealed for that gateway alone.
+    pub fn answer(
+        &self,
+        key: &TransportKey,
+        gateway_public: &[u8],
+    ) -> Result<TransportKeyReply, LogError> {
+        let (theirs, shared) = self.shared_with(gateway_public)?;
+        Ok(TransportKeyReply {
+            key_id: key.id,
+            public_key: self.public.to_vec(),
+            sealed_key: key.seal_for_exchange(
+                shared.as_bytes(),
+                &[theirs.as_slice(), self.public.as_slice()],
+            ),
+        })
+    }
 }
 
 /// Most transport keys a gateway keeps: one per tenant and key id it has seen traffic of.
@@ -471,19 +569,86 @@ mod tests {
         let (ring, _dir) = keys().await;
         let (t, _) = ids();
         let key = ring.transport_key(&t, None).await.expect("key");
-        let gateway = Exchange::new();
-        let reply = answer_exchange(&key, &gateway.public_key()).expect("answer");
+        let log = LogIdentity::new(ring.log_identity_secret());
+        let pinned = LogPublicKey::of_secret(&ring.log_identity_secret());
+        assert_eq!(log.public_key(), pinned);
+        let gateway = Exchange::new(&pinned).expect("exchange");
+        let reply = log.answer(&key, &gateway.public_key()).expect("answer");
         let raw = key.secret_bytes_for_tests();
         let wire = reply.encode_to_vec();
         assert!(!wire.windows(16).any(|w| raw.windows(16).any(|r| r == w)));
         // Someone else's exchange cannot open it.
-        let eavesdropper = Exchange::new();
+        let eavesdropper = Exchange::new(&pinned).expect("exchange");
         assert!(eavesdropper.finish(&t, &reply).is_err());
         let got = gateway.finish(&t, &reply).expect("finish");
         assert!(got.same_secret(&key));
         assert_eq!(got.id, key.id);
         // A low-order point is refused.
-        assert!(answer_exchange(&key, &[0u8; 32]).is_err());
+        assert!(log.answer(&key, &[0u8; 32]).is_err());
+    }
+
+    #[tokio::test]
+    async fn only_the_pinned_log_can_answer_an_exchange() {
+        let (ring, _dir) = keys().await;
+        let (t, _) = ids();
+        let pinned = LogPublicKey::of_secret(&ring.log_identity_secret());
+        // An impostor who can publish on NATS, with a key of its own making, answers with
+        // its own identity: refused for not being pinned.
+        let impostor = LogIdentity::new([9u8; 32]);
+        let (other_ring, _other_dir) = keys().await;
+        let fake = other_ring.transport_key(&t, None).await.expect("key");
+        let gateway = Exchange::new(&pinned).expect("exchange");
+        let reply = impostor
+            .answer(&fake, &gateway.public_key())
+            .expect("answer");
+        let err = gateway.finish(&t, &reply).expect_err("not pinned");
+        assert!(
+            err.to_string().contains("not from the log identity"),
+            "{err}"
+        );
+        // ...and claiming the pinned public key does not help: the key does not open.
+        let gateway = Exchange::new(&pinned).expect("exchange");
+        let mut reply = impostor
+            .answer(&fake, &gateway.public_key())
+            .expect("answer");
+        reply.public_key = hex_decode(&pinned.to_hex()).expect("hex");
+        let err = gateway.finish(&t, &reply).expect_err("does not open");
+        assert!(err.to_string().contains("does not open"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_sealed_token_opens_for_the_log_and_only_for_its_tenant() {
+        let (ring, _dir) = keys().await;
+        let (t, _) = ids();
+        let log = LogIdentity::new(ring.log_identity_secret());
+        let gateway = Exchange::new(&log.public_key()).expect("exchange");
+        let sealed = gateway.seal_token(&t, "header.claims.signature");
+        assert!(!sealed.windows(6).any(|w| w == b"claims"));
+        assert_eq!(
+            log.open_token(&t, &gateway.public_key(), &sealed)
+                .expect("open"),
+            "header.claims.signature"
+        );
+        let globex = TenantId::new("globex").expect("id");
+        assert!(
+            log.open_token(&globex, &gateway.public_key(), &sealed)
+                .is_err()
+        );
+        let other = Exchange::new(&log.public_key()).expect("exchange");
+        assert!(log.open_token(&t, &other.public_key(), &sealed).is_err());
+        assert!(
+            LogIdentity::new([9u8; 32])
+                .open_token(&t, &gateway.public_key(), &sealed)
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn log_public_keys_parse_from_hex_only() {
+        let k = LogPublicKey::of_secret(&[5u8; 32]);
+        assert_eq!(LogPublicKey::from_hex(&k.to_hex()).expect("parse"), k);
+        assert!(LogPublicKey::from_hex("abcd").is_err());
+        assert!(LogPublicKey::from_hex(&"zz".repeat(32)).is_err());
     }
 
     #[tokio::test]

@@ -21,6 +21,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use prost::Message;
+use tidings_auth::Claims;
 use tidings_log::crypto::TransportKey;
 use tidings_log::store::Order;
 use tidings_log::{
@@ -35,7 +36,9 @@ use tidings_schemas::internal::{rpc_reply, rpc_request};
 use tokio::sync::Semaphore;
 use tracing::{debug, warn};
 
-use crate::bus_crypto::{self, Direction, Exchange, KeyCache, NONCE_LEN};
+use crate::bus_crypto::{
+    self, Direction, Exchange, KeyCache, LogIdentity, LogPublicKey, NONCE_LEN,
+};
 use crate::rpc_identity::{self, TokenCache};
 use crate::service::{Caller, LogService};
 use crate::subjects;
@@ -45,32 +48,44 @@ use crate::subjects;
 pub struct NatsLogService {
     client: async_nats::Client,
     timeout: Duration,
+    /// The log identity this gateway pins: only it can answer a transport key request.
+    log: LogPublicKey,
     /// Transport keys fetched from the log, to seal calls with.
     keys: Arc<KeyCache>,
 }
 
 impl NatsLogService {
-    pub fn new(client: async_nats::Client, timeout: Duration) -> Self {
+    pub fn new(client: async_nats::Client, timeout: Duration, log: LogPublicKey) -> Self {
         NatsLogService {
             client,
             timeout,
+            log,
             keys: Arc::new(KeyCache::default()),
         }
     }
 
     /// Asks the log for a tenant's transport key: an ephemeral X25519 public key out, the key
-    /// sealed for it back. The X25519 secret lives in this call only.
+    /// sealed for it back. The X25519 secret lives in this call only. `token` (the user's,
+    /// empty for the gateway's own reads) goes sealed for the log: a tenant's first key is
+    /// made only for one of its users.
     async fn fetch_key(
         &self,
         tenant: &TenantId,
         key_id: Option<u32>,
+        token: &str,
     ) -> Result<TransportKey, LogError> {
-        let exchange = Exchange::new();
+        let exchange = Exchange::new(&self.log)?;
+        let sealed_token = if token.is_empty() {
+            Vec::new()
+        } else {
+            exchange.seal_token(tenant, token)
+        };
         let req = wire::RpcRequest {
             tenant: tenant.to_string(),
             body: Some(rpc_request::Body::TransportKey(wire::TransportKeyRequest {
                 public_key: exchange.public_key().to_vec(),
                 key_id,
+                sealed_token,
             })),
         };
         let reply = self
@@ -87,9 +102,9 @@ impl NatsLogService {
     }
 
     /// The tenant's transport key, cached.
-    async fn key(&self, tenant: &TenantId) -> Result<TransportKey, LogError> {
+    async fn key(&self, tenant: &TenantId, token: &str) -> Result<TransportKey, LogError> {
         self.keys
-            .get(tenant, None, || self.fetch_key(tenant, None))
+            .get(tenant, None, || self.fetch_key(tenant, None, token))
             .await
     }
 
@@ -129,7 +144,7 @@ impl NatsLogService {
         tenant: &TenantId,
         call: Call,
     ) -> Result<Reply, LogError> {
-        let key = self.key(tenant).await?;
+        let key = self.key(tenant, caller.token()).await?;
         let req = wire::LogRequest {
             tenant: tenant.to_string(),
             token: caller.token().to_string(),
@@ -512,7 +527,9 @@ impl LogService for NatsLogService {
         t: &TenantId,
         key_id: Option<u32>,
     ) -> Result<TransportKey, LogError> {
-        self.keys.get(t, key_id, || self.fetch_key(t, key_id)).await
+        self.keys
+            .get(t, key_id, || self.fetch_key(t, key_id, ""))
+            .await
     }
 }
 
@@ -675,6 +692,8 @@ pub const REPLAY_NONCES: usize = 100_000;
 pub struct RpcAuth {
     tokens: TokenCache,
     replay: Mutex<ReplayGuard>,
+    /// The log's identity, made from the log's master key on first use.
+    identity: std::sync::OnceLock<LogIdentity>,
 }
 
 impl RpcAuth {
@@ -684,7 +703,13 @@ impl RpcAuth {
         Arc::new(RpcAuth {
             tokens: TokenCache::new(verifier),
             replay: Mutex::new(ReplayGuard::default()),
+            identity: std::sync::OnceLock::new(),
         })
+    }
+
+    fn identity(&self, log: &Log) -> &LogIdentity {
+        self.identity
+            .get_or_init(|| LogIdentity::new(log.log_identity_secret()))
     }
 
     pub fn tokens(&self) -> &TokenCache {
@@ -768,11 +793,12 @@ async fn answer(log: &Log, auth: &RpcAuth, payload: &[u8]) -> wire::RpcReply {
     };
     match req.body {
         Some(rpc_request::Body::TransportKey(k)) => {
-            let key = match log.transport_key(&t, k.key_id).await {
+            let identity = auth.identity(log);
+            let key = match key_for_request(log, auth, identity, &t, &k).await {
                 Ok(key) => key,
                 Err(e) => return refused(&e),
             };
-            match bus_crypto::answer_exchange(&key, &k.public_key) {
+            match identity.answer(&key, &k.public_key) {
                 Ok(reply) => wire::RpcReply {
                     body: Some(rpc_reply::Body::TransportKey(reply)),
                 },
@@ -820,6 +846,56 @@ async fn answer(log: &Log, auth: &RpcAuth, payload: &[u8]) -> wire::RpcReply {
     }
 }
 
+/// The key a transport key request asks for. Nothing is created for the gateway alone: a
+/// tenant's first key is made only when the request carries a valid, unrevoked token of that
+/// tenant (sealed for this log), so a gateway credential cannot make the log write keys for
+/// tenants it made up.
+async fn key_for_request(
+    log: &Log,
+    auth: &RpcAuth,
+    identity: &LogIdentity,
+    t: &TenantId,
+    k: &wire::TransportKeyRequest,
+) -> Result<TransportKey, LogError> {
+    if k.key_id.is_some() {
+        return log.transport_key(t, k.key_id).await;
+    }
+    if let Some(key) = log.existing_transport_key(t).await? {
+        return Ok(key);
+    }
+    let no_keys = || {
+        LogError::NotAllowed(format!(
+            "tenant {t} has no keys yet; a call of one of its users starts it"
+        ))
+    };
+    if k.sealed_token.is_empty() {
+        return Err(no_keys());
+    }
+    let token = identity.open_token(t, &k.public_key, &k.sealed_token)?;
+    let claims = auth.tokens.verify(&token, crate::now_secs())?;
+    if claims.tenant != t.as_str() {
+        return Err(no_keys());
+    }
+    refuse_revoked(log, t, &claims).await?;
+    log.transport_key(t, None).await
+}
+
+/// A revoked token acts for no one, here as at the gateway's Hello: a gateway that missed
+/// the revocation notice still cannot act with it.
+async fn refuse_revoked(log: &Log, t: &TenantId, claims: &Claims) -> Result<(), LogError> {
+    let user = tidings_log::UserId::new(claims.user.clone())?;
+    let token = tidings_log::revocation::TokenRef {
+        tenant: t,
+        user: &user,
+        jti: claims.jti.as_deref(),
+        issued_at: claims.issued_at,
+    };
+    if log.is_revoked(token).await? {
+        return Err(LogError::NotAllowed("token refused: revoked".into()));
+    }
+    Ok(())
+}
+
 /// Checks an opened call (tenant, age, identity, replay) and runs it.
 async fn run_call(
     log: &Log,
@@ -845,18 +921,7 @@ async fn run_call(
     if let Some(claims) =
         rpc_identity::authorize(&auth.tokens, t, &req.token, &call, crate::now_secs())?
     {
-        // A revoked token acts for no one, here as at the gateway's Hello: a gateway that
-        // missed the revocation notice still cannot write with it.
-        let user = tidings_log::UserId::new(claims.user.clone())?;
-        let token = tidings_log::revocation::TokenRef {
-            tenant: t,
-            user: &user,
-            jti: claims.jti.as_deref(),
-            issued_at: claims.issued_at,
-        };
-        if log.is_revoked(token).await? {
-            return Err(LogError::NotAllowed("token refused: revoked".into()));
-        }
+        refuse_revoked(log, t, &claims).await?;
     }
     let membership = matches!(call, Call::AddMember(_) | Call::RemoveMember(_));
     if membership

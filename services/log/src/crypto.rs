@@ -128,6 +128,17 @@ fn secret_from_hex(text: &str) -> Result<Secret, String> {
 pub struct MasterKey(Secret);
 
 impl MasterKey {
+    /// The log's long-term X25519 secret, derived from the master key so every log process
+    /// of a deployment has the same one and nothing new needs storing. Gateways pin its public
+    /// half (`tidings keys log-identity`): a transport key reply that this secret did not make
+    /// does not open for them, so whoever can publish on NATS cannot pose as the log.
+    pub fn log_identity_secret(&self) -> [u8; 32] {
+        let derived = hmac_sha512(&self.0.0, &[LOG_IDENTITY_LABEL]);
+        let mut out = [0u8; 32];
+        out.copy_from_slice(&derived.0[..32]);
+        out
+    }
+
     pub fn generate() -> Self {
         MasterKey(random_secret())
     }
@@ -258,6 +269,27 @@ const TRANSPORT_LABEL: &[u8] = b"tidings-transport-v1";
 const EXCHANGE_LABEL: &[u8] = b"tidings-transport-exchange-v1";
 
 /// HMAC-SHA512 of `parts` (concatenated) under `key`: 64 bytes, an AES-256-SIV key.
+/// Seals `plain` for whoever shares `shared` (an X25519 shared secret) with us: AES-SIV under
+/// HMAC-SHA512(shared, context), with `context` (labels, ids, the exchange's public keys) as
+/// associated data, so it opens only for the same secret and the same context.
+pub fn seal_for_shared(shared: &[u8], context: &[&[u8]], plain: &[u8]) -> Vec<u8> {
+    siv(&hmac_sha512(shared, context))
+        .encrypt(context, plain)
+        .expect("AES-SIV encryption of an in-memory buffer cannot fail")
+}
+
+/// Opens what [`seal_for_shared`] sealed with the same secret and context.
+pub fn open_for_shared(
+    shared: &[u8],
+    context: &[&[u8]],
+    sealed: &[u8],
+) -> Result<Vec<u8>, aes_siv::Error> {
+    siv(&hmac_sha512(shared, context)).decrypt(context, sealed)
+}
+
+/// Domain separation of the log identity derived from the master key.
+const LOG_IDENTITY_LABEL: &[u8] = b"tidings-log-identity-v1";
+
 fn hmac_sha512(key: &[u8], parts: &[&[u8]]) -> Secret {
     let mut mac =
         <Hmac<sha2::Sha512> as Mac>::new_from_slice(key).expect("HMAC takes keys of any length");
@@ -467,6 +499,11 @@ impl Keyring {
         })
     }
 
+    /// The log's long-term X25519 secret ([`MasterKey::log_identity_secret`]).
+    pub fn log_identity_secret(&self) -> [u8; 32] {
+        self.master.log_identity_secret()
+    }
+
     /// Where tenants with a tenant-held key get it. New data keys of those tenants are
     /// sealed under it before the master key wraps them; their existing double-wrapped keys
     /// need it to open.
@@ -612,7 +649,11 @@ impl Keyring {
         if let Some(TenantState::Shredded) = tenants.get(tenant) {
             return Err(Self::shredded_error(tenant));
         }
-        tenants.insert(tenant.clone(), TenantState::Keys(found.clone()));
+        // A tenant with no keys is not remembered: ids anyone can make up must not grow the
+        // cache (it is read again next time, which is one scan of nothing).
+        if !found.is_empty() {
+            tenants.insert(tenant.clone(), TenantState::Keys(found.clone()));
+        }
         Ok(found)
     }
 
@@ -773,6 +814,21 @@ impl Keyring {
             }
         };
         Ok(TransportKey::derive(tenant, &data))
+    }
+
+    /// The tenant's current transport key if the tenant has a data key already; `None` if
+    /// it has none (nothing is created: a gateway asking for a made-up tenant's key must not
+    /// make the log write one).
+    pub async fn existing_transport_key(
+        &self,
+        tenant: &TenantId,
+    ) -> Result<Option<TransportKey>, LogError> {
+        // A tenant without keys is never cached, so this sees keys another process made.
+        Ok(self
+            .keys_of(tenant)
+            .await?
+            .last_key_value()
+            .map(|(_, k)| TransportKey::derive(tenant, k)))
     }
 
     /// The tenant's newest key, creating the first one if the tenant has none.

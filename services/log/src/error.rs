@@ -90,6 +90,11 @@ pub enum LogError {
     #[error("the log is shutting down")]
     ShuttingDown,
 
+    /// The store cannot take this write now (an outage) and it cannot be buffered: not a
+    /// message, or the send buffer is full or too old. Nothing was written; retry later.
+    #[error("unavailable: {reason}")]
+    Unavailable { reason: String },
+
     /// The caller did too much of something that has a rate limit (conversations created
     /// per user per hour); trying again after `retry_after_ms` may succeed.
     #[error("too many {what}; try again in {retry_after_ms} ms")]
@@ -175,6 +180,7 @@ impl LogError {
             LogError::TenantKeyUnavailable { .. } => "tenant_key_unavailable",
             LogError::WrongTenantKey { .. } => "wrong_tenant_key",
             LogError::ShuttingDown => "shutting_down",
+            LogError::Unavailable { .. } => "unavailable",
             LogError::RateLimited { .. } => "rate_limited",
             LogError::NotOwner { .. } => "not_owner",
             LogError::PartitionsMismatch { .. } => "partitions_mismatch",
@@ -206,9 +212,10 @@ impl LogError {
     pub fn is_retryable(&self) -> bool {
         match self {
             LogError::Store(e) => e.is_retryable(),
-            LogError::ShuttingDown | LogError::NotOwner { .. } | LogError::RateLimited { .. } => {
-                true
-            }
+            LogError::ShuttingDown
+            | LogError::Unavailable { .. }
+            | LogError::NotOwner { .. }
+            | LogError::RateLimited { .. } => true,
             LogError::Archive { retryable, .. } => *retryable,
             LogError::Remote { retryable, .. } => *retryable,
             _ => false,

@@ -10,7 +10,10 @@
 //! - [`tenant_keys`]: where tenant-held keys come from (a file or a command).
 //! - [`lease`]: writer ownership: partitions, leases and epochs, the fence every commit
 //!   carries.
-//! - `writer` (private): the sequencer, one task that assigns seqs and group-commits.
+//! - `writer` (private): the sequencer, one task that assigns seqs and group-commits;
+//!   `outage` (private): the sequencer while the store cannot commit.
+//! - [`send_buffer`]: the write-ahead buffer outside the KV that appends go to during an
+//!   outage, replayed in seq order when the store is back.
 //! - [`log`]: [`Log`], the API the binary and the gateway use: conversations, membership,
 //!   appends, reads, read cursors.
 //! - [`revocation`]: revoked tokens (by `jti`, and users' issued-before cutoffs), kept in
@@ -26,8 +29,10 @@ pub mod ids;
 pub mod keys;
 pub mod lease;
 pub mod log;
+mod outage;
 mod quota;
 pub mod revocation;
+pub mod send_buffer;
 pub mod store;
 pub mod tenant_keys;
 mod writer;

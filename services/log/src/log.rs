@@ -20,6 +20,7 @@ use crate::error::LogError;
 use crate::ids::{ClientMsgId, ConvId, TenantId, UserId, validate_id};
 use crate::keys;
 use crate::lease::{self, Ownership, Registration};
+use crate::send_buffer::{BufferStats, SendBuffer};
 use crate::store::{KeyRange, KvStore, Order};
 use crate::writer::{Command, LeaseOp, Outcome, Request, Writer, WriterStats};
 
@@ -60,6 +61,9 @@ pub struct LogConfig {
     /// archive but never write through the sequencer (`serve --role archiver`): they must
     /// not hold the partitions the writers need. Their writes are refused with `not_owner`.
     pub own_partitions: bool,
+    /// Where appends go while the store cannot commit (`send_buffer`); `None`: they fail.
+    /// Every writer of a store must use the same directory.
+    pub send_buffer: Option<crate::send_buffer::SendBufferConfig>,
 }
 
 impl Default for LogConfig {
@@ -81,6 +85,7 @@ impl Default for LogConfig {
             writer_id: String::new(),
             lease_ttl: Duration::from_secs(10),
             own_partitions: true,
+            send_buffer: None,
         }
     }
 }
@@ -121,6 +126,9 @@ impl LogConfig {
                 .any(|c| c.is_whitespace() || c.is_control())
         {
             return Err("writer_id must be at most 128 characters, without spaces".into());
+        }
+        if let Some(b) = &self.send_buffer {
+            b.validate()?;
         }
         if self.max_read_limit > crate::store::FjallStore::MAX_SCAN_LIMIT {
             return Err(format!(
@@ -387,6 +395,8 @@ struct Inner {
     creations: crate::quota::CreationQuota,
     /// Revoked tokens, read through a small cache (`revocation.rs`).
     revocations: crate::revocation::Revocations,
+    /// Appends made while the store could not commit, until replayed: reads see them too.
+    buffer: Option<Arc<SendBuffer>>,
     /// Why the sequencer died, once it has (see [`Log::sequencer_failure`]).
     failure: watch::Receiver<Option<Arc<str>>>,
 }
@@ -466,8 +476,20 @@ impl Log {
             own.retire();
             lease::Acquired::default()
         };
+        let buffer = match &cfg.send_buffer {
+            Some(b) => Some(Arc::new(SendBuffer::open(b.clone())?)),
+            None => None,
+        };
         let mut held = std::collections::HashMap::new();
         for (p, h) in acquired.got {
+            // What a previous owner buffered is loaded before any seq is assigned.
+            if let Some(buffer) = &buffer {
+                let b = buffer.clone();
+                let epoch = h.lease.epoch;
+                tokio::task::spawn_blocking(move || b.adopt(p, epoch))
+                    .await
+                    .map_err(|e| LogError::InvalidRequest(format!("send buffer load: {e}")))??;
+            }
             own.set(p, true, &own.writer_id);
             held.insert(p, h);
         }
@@ -483,7 +505,7 @@ impl Log {
         let keyring = Arc::new(keyring);
         let (tx, rx) = mpsc::channel(cfg.queue_depth);
         let stats = Arc::new(WriterStats::default());
-        let writer = Writer {
+        let mut writer = Writer {
             store: store.clone(),
             keyring: keyring.clone(),
             cfg: cfg.clone(),
@@ -495,7 +517,20 @@ impl Log {
             own: own.clone(),
             held,
             _registration: registration,
+            buffer: buffer.clone(),
+            outage: None,
         };
+        if let Some(b) = &buffer
+            && !b.is_empty()
+        {
+            let s = b.stats();
+            warn!(
+                events = s.events,
+                bytes = s.bytes,
+                "the send buffer holds events from before a restart: replaying them first"
+            );
+            writer.replay_first();
+        }
         // The sequencer runs in a task of its own, watched: a panic there (a broken
         // invariant) is recorded with its message for the process to exit on, rather than
         // every later call being answered `shutting_down` by a log that looks alive.
@@ -535,6 +570,7 @@ impl Log {
                 keeper: Some(keeper),
                 creations,
                 revocations: crate::revocation::Revocations::new(store_for_revocations),
+                buffer,
                 failure,
             }),
         })
@@ -655,6 +691,20 @@ impl Log {
         self.inner.keyring.transport_key(tenant, key_id).await
     }
 
+    /// The tenant's current transport key if it has data keys; `None` (nothing created) if not.
+    pub async fn existing_transport_key(
+        &self,
+        tenant: &TenantId,
+    ) -> Result<Option<crate::crypto::TransportKey>, LogError> {
+        self.inner.keyring.existing_transport_key(tenant).await
+    }
+
+    /// The log's long-term X25519 secret, derived from the master key: gateways pin its
+    /// public half so only a log can answer their transport key requests.
+    pub fn log_identity_secret(&self) -> [u8; 32] {
+        self.inner.keyring.log_identity_secret()
+    }
+
     /// The store the log writes to (the archiver shares it).
     pub fn store(&self) -> &Arc<dyn KvStore> {
         &self.inner.store
@@ -681,6 +731,11 @@ impl Log {
     }
 
     /// Feed items dropped because the feed was full.
+    /// What the send buffer holds now (`None`: this log has none).
+    pub fn send_buffer_stats(&self) -> Option<BufferStats> {
+        self.inner.buffer.as_ref().map(|b| b.stats())
+    }
+
     pub fn feed_dropped(&self) -> u64 {
         self.inner.stats.feed_dropped.load(Ordering::Relaxed)
     }
@@ -921,6 +976,10 @@ impl Log {
 
     async fn head(&self, tenant: &TenantId, conv: &ConvId) -> Result<Head, LogError> {
         let key = keys::head(tenant, conv);
+        // A buffered head is always ahead of the stored one.
+        if let Some(bytes) = self.inner.buffer.as_ref().and_then(|b| b.get(&key)) {
+            return Head::decode(bytes.as_slice()).map_err(|e| LogError::corrupt(&key, e));
+        }
         let bytes =
             self.inner
                 .store
@@ -1034,6 +1093,25 @@ impl Log {
         if lo > hi {
             return Ok(Vec::new());
         }
+        // All of it buffered (the store may not even read): served from the buffer alone.
+        let lowest_wanted = match range.order {
+            Order::Ascending => lo,
+            Order::Descending => lo.max((hi + 1).saturating_sub(range.limit as u64)),
+        };
+        if self
+            .buffered_low(tenant, conv)
+            .is_some_and(|low| lowest_wanted >= low)
+        {
+            return self
+                .read_buffered(
+                    tenant,
+                    conv,
+                    (lowest_wanted.max(lo), hi),
+                    range.limit,
+                    range.order,
+                )
+                .await;
+        }
         // The archiver moves a conversation's oldest events to the archive while we read. It
         // only ever raises the floor, in one transaction with the index, so a hot read that
         // comes back short means the floor moved: read again with the new one.
@@ -1116,7 +1194,97 @@ impl Log {
     }
 
     /// Events `lo..=hi` of the hot log in `order`, at most `limit`; `None` if one is missing.
+    /// The lowest seq of the conversation that is in the send buffer, not the store.
+    fn buffered_low(&self, tenant: &TenantId, conv: &ConvId) -> Option<u64> {
+        let b = self.inner.buffer.as_ref()?;
+        let part = [tenant.as_str().as_bytes(), b"\0", conv.as_str().as_bytes()].concat();
+        b.lowest_seq(&part)
+    }
+
+    /// Events `lo..=hi` (all buffered), up to `limit`, in `order`.
+    async fn read_buffered(
+        &self,
+        tenant: &TenantId,
+        conv: &ConvId,
+        (lo, hi): (u64, u64),
+        limit: usize,
+        order: Order,
+    ) -> Result<Vec<Event>, LogError> {
+        let Some(buffer) = self.inner.buffer.as_ref() else {
+            return Ok(Vec::new());
+        };
+        let seqs: Vec<u64> = match order {
+            Order::Ascending => (lo..=hi).take(limit).collect(),
+            Order::Descending => (lo..=hi).rev().take(limit).collect(),
+        };
+        let mut events = Vec::with_capacity(seqs.len());
+        for seq in seqs {
+            let key = keys::event(tenant, conv, seq);
+            let Some(value) = buffer.get(&key) else {
+                // Replayed and trimmed meanwhile: a read again finds it in the store.
+                return Err(LogError::Unavailable {
+                    reason: "the send buffer was replayed during the read; read again".into(),
+                });
+            };
+            events.push(self.open_event(tenant, conv, seq, &key, &value).await?);
+        }
+        Ok(events)
+    }
+
+    /// Hot events: from the store, and above what it holds, from the send buffer.
     async fn read_hot(
+        &self,
+        tenant: &TenantId,
+        conv: &ConvId,
+        (lo, hi): (u64, u64),
+        limit: usize,
+        order: Order,
+    ) -> Result<Option<Vec<Event>>, LogError> {
+        let Some(low) = self.buffered_low(tenant, conv).filter(|low| hi >= *low) else {
+            return self.read_stored(tenant, conv, (lo, hi), limit, order).await;
+        };
+        let stored_hi = low - 1;
+        match order {
+            Order::Ascending => {
+                let mut events = Vec::new();
+                if lo <= stored_hi {
+                    let Some(stored) = self
+                        .read_stored(tenant, conv, (lo, stored_hi), limit, order)
+                        .await?
+                    else {
+                        return Ok(None);
+                    };
+                    events = stored;
+                }
+                let left = limit - events.len();
+                if left > 0 {
+                    events.extend(
+                        self.read_buffered(tenant, conv, (low.max(lo), hi), left, order)
+                            .await?,
+                    );
+                }
+                Ok(Some(events))
+            }
+            Order::Descending => {
+                let mut events = self
+                    .read_buffered(tenant, conv, (low.max(lo), hi), limit, order)
+                    .await?;
+                let left = limit - events.len();
+                if left > 0 && lo <= stored_hi {
+                    let Some(stored) = self
+                        .read_stored(tenant, conv, (lo, stored_hi), left, order)
+                        .await?
+                    else {
+                        return Ok(None);
+                    };
+                    events.extend(stored);
+                }
+                Ok(Some(events))
+            }
+        }
+    }
+
+    async fn read_stored(
         &self,
         tenant: &TenantId,
         conv: &ConvId,
@@ -1256,8 +1424,16 @@ impl Log {
             convs.push(conv);
             entries.push(entry);
         }
-        let head_keys = convs.iter().map(|c| keys::head(tenant, c)).collect();
-        let heads = self.inner.store.batch_get(head_keys).await?;
+        let head_keys: Vec<Vec<u8>> = convs.iter().map(|c| keys::head(tenant, c)).collect();
+        let mut heads = self.inner.store.batch_get(head_keys.clone()).await?;
+        // Heads moved by buffered appends (a store outage) are ahead of the stored ones.
+        if let Some(buffer) = &self.inner.buffer {
+            for (key, head) in head_keys.iter().zip(heads.iter_mut()) {
+                if let Some(bytes) = buffer.get(key) {
+                    *head = Some(bytes);
+                }
+            }
+        }
         convs
             .into_iter()
             .zip(entries)

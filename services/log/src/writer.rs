@@ -40,6 +40,8 @@ use crate::ids::{ConvId, TenantId, UserId};
 use crate::keys;
 use crate::lease::{Held, Ownership, Registration, partition_of_part};
 use crate::log::{Append, Committed, CreateConversation, FeedItem, LogConfig};
+use crate::outage::Outage;
+use crate::send_buffer::SendBuffer;
 use crate::store::{KvStore, StoreError, Transaction};
 
 pub(crate) enum Command {
@@ -97,7 +99,7 @@ impl Command {
     }
 
     /// Every key `apply` may read, so the batch can fetch them in one round trip.
-    fn reads(&self, out: &mut Vec<Vec<u8>>) {
+    pub(crate) fn reads(&self, out: &mut Vec<Vec<u8>>) {
         let Some((t, c)) = self.tenant_conv() else {
             return;
         };
@@ -163,6 +165,10 @@ pub struct WriterStats {
     pub commits: AtomicU64,
     pub requests: AtomicU64,
     pub feed_dropped: AtomicU64,
+    /// Events in the send buffer, not yet in the store (as of the last outage batch).
+    pub buffered_events: AtomicU64,
+    /// Events replayed from the send buffer into the store since the log opened.
+    pub replayed_events: AtomicU64,
 }
 
 pub(crate) struct Writer {
@@ -184,6 +190,10 @@ pub(crate) struct Writer {
     pub held: HashMap<u32, Held>,
     /// Keeps the writer id registered as alive in this process while the sequencer runs.
     pub _registration: Registration,
+    /// Where appends go while the store cannot commit (`outage`); `None`: they fail.
+    pub buffer: Option<Arc<SendBuffer>>,
+    /// Set while the store cannot commit or buffered records wait for replay.
+    pub outage: Option<Outage>,
 }
 
 /// The committed values of the keys only this writer writes (heads and memberships),
@@ -206,7 +216,7 @@ impl Cache {
         key.starts_with(b"hd\0") || key.starts_with(b"mb\0")
     }
 
-    fn get(&self, key: &[u8]) -> Option<&Option<Vec<u8>>> {
+    pub(crate) fn get(&self, key: &[u8]) -> Option<&Option<Vec<u8>>> {
         self.entries.get(key)
     }
 
@@ -221,13 +231,13 @@ impl Cache {
         self.entries.insert(key.to_vec(), value.cloned());
     }
 
-    fn clear(&mut self) {
+    pub(crate) fn clear(&mut self) {
         self.entries.clear();
     }
 
     /// Drops what is cached of one partition's conversations: another writer may have
     /// changed them while this one did not own it.
-    fn forget_partition(&mut self, partition: u32, partitions: u32) {
+    pub(crate) fn forget_partition(&mut self, partition: u32, partitions: u32) {
         self.entries.retain(|key, _| {
             keys::conversation_part(key)
                 .is_none_or(|part| partition_of_part(part, partitions) != partition)
@@ -236,14 +246,14 @@ impl Cache {
 }
 
 /// Values read for a batch, and the batch's writes so far (`None`: deleted).
-struct State {
-    fetched: HashMap<Vec<u8>, Option<Vec<u8>>>,
-    pending: HashMap<Vec<u8>, Option<Vec<u8>>>,
+pub(crate) struct State {
+    pub fetched: HashMap<Vec<u8>, Option<Vec<u8>>>,
+    pub pending: HashMap<Vec<u8>, Option<Vec<u8>>>,
     /// Keys written by this batch in the order first written, so the transaction is built
     /// deterministically.
-    order: Vec<Vec<u8>>,
+    pub order: Vec<Vec<u8>>,
     /// What to announce once the batch is committed.
-    announce: Vec<FeedItem>,
+    pub announce: Vec<FeedItem>,
 }
 
 /// One command's view: its own writes over the batch's state. Merged into the state only if
@@ -649,18 +659,45 @@ impl Writer {
         let mut committing: Option<(tokio::task::JoinHandle<Result<(), StoreError>>, Prepared)> =
             None;
         loop {
-            let received = match committing.as_mut() {
-                Some((handle, _)) => tokio::select! {
+            let received = if let Some(probe_at) = self.probe_at() {
+                // The store cannot commit: appends go to the send buffer (see `outage`).
+                if let Some((handle, prev)) = committing.take() {
+                    let done = handle.await;
+                    self.finish(prev, done).await;
+                    continue;
+                }
+                let n = tokio::select! {
                     biased;
-                    done = handle => {
-                        if let Some((_, prev)) = committing.take() {
-                            self.finish(prev, done).await;
-                        }
+                    n = rx.recv_many(&mut batch, max) => n,
+                    () = tokio::time::sleep_until(probe_at) => {
+                        self.probe().await;
                         continue;
                     }
-                    n = rx.recv_many(&mut batch, max) => n,
-                },
-                None => rx.recv_many(&mut batch, max).await,
+                };
+                if n > 0 {
+                    if tokio::time::Instant::now() >= probe_at {
+                        self.probe().await;
+                    }
+                    if self.outage.is_some() {
+                        self.buffer_batch(std::mem::take(&mut batch)).await;
+                        continue;
+                    }
+                }
+                n
+            } else {
+                match committing.as_mut() {
+                    Some((handle, _)) => tokio::select! {
+                        biased;
+                        done = handle => {
+                            if let Some((_, prev)) = committing.take() {
+                                self.finish(prev, done).await;
+                            }
+                            continue;
+                        }
+                        n = rx.recv_many(&mut batch, max) => n,
+                    },
+                    None => rx.recv_many(&mut batch, max).await,
+                }
             };
             if received == 0 {
                 if let Some((handle, prev)) = committing.take() {
@@ -678,7 +715,9 @@ impl Writer {
                 let done = handle.await;
                 if !self.finish(prev, done).await {
                     // Built on a batch that did not commit.
-                    self.cache.clear();
+                    if self.outage.is_none() {
+                        self.cache.clear();
+                    }
                     let error = StoreError::Conflict {
                         key: "the previous batch".into(),
                         reason: "it failed to commit, and this batch was built on it",
@@ -721,7 +760,7 @@ impl Writer {
 
     /// The partition of a write if this writer owns it, the `not_owner` refusal if not;
     /// `None` for lease upkeep.
-    fn owned_partition(&self, cmd: &Command) -> Option<Result<u32, LogError>> {
+    pub(crate) fn owned_partition(&self, cmd: &Command) -> Option<Result<u32, LogError>> {
         let (t, c) = cmd.tenant_conv()?;
         let p = self.own.partition(t, c);
         Some(if self.held.contains_key(&p) {
@@ -733,7 +772,7 @@ impl Writer {
 
     /// The lease value a batch prepared now must expect: the one the batch in flight writes,
     /// if it writes one, else the one last committed.
-    fn expected_lease(&self, partition: u32) -> Option<Vec<u8>> {
+    pub(crate) fn expected_lease(&self, partition: u32) -> Option<Vec<u8>> {
         if let Some(Some(bytes)) = self.in_flight.get(&keys::lease(partition)) {
             return Some(bytes.clone());
         }
@@ -741,13 +780,19 @@ impl Writer {
     }
 
     /// Starts taking requests for partitions just acquired. What was cached of them may be
-    /// stale (another writer owned them meanwhile), so it is dropped.
-    fn adopt(&mut self, acquired: &[(u32, Held)]) {
+    /// stale (another writer owned them meanwhile), so it is dropped. What the previous
+    /// owner left in the send buffer is loaded first (and replayed before anything else
+    /// commits), so no seq it handed out is handed out again; a partition whose buffer
+    /// cannot be read is not taken.
+    pub(crate) async fn adopt(&mut self, acquired: &[(u32, Held)]) {
         if self.own.retired() {
             return;
         }
         for (p, held) in acquired {
             if self.held.contains_key(p) {
+                continue;
+            }
+            if !self.load_buffered(*p, held.lease.epoch).await {
                 continue;
             }
             self.cache.forget_partition(*p, self.own.partitions);
@@ -758,7 +803,7 @@ impl Writer {
 
     /// After a failed commit: reads back every lease held and drops those that are no
     /// longer this writer's (taken over). Returns the partitions lost.
-    async fn detect_loss(&mut self) -> BTreeSet<u32> {
+    pub(crate) async fn detect_loss(&mut self) -> BTreeSet<u32> {
         let mut lost = BTreeSet::new();
         if self.held.is_empty() {
             return lost;
@@ -798,6 +843,10 @@ impl Writer {
                     self.held.remove(&p);
                     self.own.set(p, false, &taken_by);
                     self.cache.forget_partition(p, self.own.partitions);
+                    if let Some(buffer) = &self.buffer {
+                        // Its next owner loads the records from the file.
+                        buffer.drop_partition(p);
+                    }
                     lost.insert(p);
                 }
             }
@@ -807,7 +856,7 @@ impl Writer {
 
     /// Releases every lease held (expiry 0, same epoch), so the next writer takes them at
     /// once instead of waiting for them to expire.
-    async fn release(&mut self) {
+    pub(crate) async fn release(&mut self) {
         if self.held.is_empty() {
             return;
         }
@@ -976,16 +1025,30 @@ impl Writer {
         // are read and applied.
         for r in &reqs {
             if let Command::Lease(LeaseOp::Adopt(acquired)) = &r.cmd {
-                self.adopt(acquired);
+                self.adopt(acquired).await;
             }
         }
         let fetched = match self.fetch(&reqs).await {
             Ok(fetched) => fetched,
+            Err(e) if self.is_outage_error(&e) => {
+                self.enter_outage(&e);
+                fail_all(reqs, self.unavailable(&e));
+                return None;
+            }
             Err(e) => {
                 fail_all(reqs, LogError::Store(e));
                 return None;
             }
         };
+        Some(self.apply_batch(reqs, fetched).await)
+    }
+
+    /// Applies and seals a batch over the values read for it: everything but the commit.
+    pub(crate) async fn apply_batch(
+        &mut self,
+        reqs: Vec<Request>,
+        fetched: HashMap<Vec<u8>, Option<Vec<u8>>>,
+    ) -> Prepared {
         let BatchKeys {
             current,
             all: data_keys,
@@ -1079,13 +1142,13 @@ impl Writer {
                 .filter_map(|p| Some((keys::lease(*p), self.expected_lease(*p)?))),
         );
         let txn = transaction(&state, fence);
-        Some(Prepared {
+        Prepared {
             reqs,
             results,
             partitions,
             state,
             txn: Some(txn),
-        })
+        }
     }
 
     /// Answers a batch after its commit: on success updates the cache and the leases held,
@@ -1101,6 +1164,20 @@ impl Writer {
         } = batch;
         if let Err(e) = committed {
             warn!(error = %e, requests = reqs.len(), "failed to commit a batch");
+            if self.is_outage_error(&e) || self.outage.is_some() {
+                // Not applied (an outage error): the cache still holds what the store
+                // holds, and the send buffer builds on it.
+                self.enter_outage(&e);
+                let answer = self.unavailable(&e);
+                for (r, result) in reqs.into_iter().zip(results) {
+                    let _ = r.reply.send(match result {
+                        Ok(Outcome::Leases { .. }) => Ok(Outcome::Leases { lost: Vec::new() }),
+                        Ok(_) => Err(answer.clone()),
+                        refused => refused,
+                    });
+                }
+                return;
+            }
             // What the store holds now is unknown to us: read it afresh next time.
             self.cache.clear();
             let lost = self.detect_loss().await;
@@ -1152,7 +1229,7 @@ impl Writer {
     }
 
     /// A renewal committed: the value later batches expect.
-    fn remember_lease(&mut self, key: &[u8], value: Option<&[u8]>) {
+    pub(crate) fn remember_lease(&mut self, key: &[u8], value: Option<&[u8]>) {
         let Some(p) = key
             .get(3..)
             .and_then(|b| <[u8; 4]>::try_from(b).ok())
@@ -1183,13 +1260,13 @@ struct BatchKeys {
 }
 
 /// A batch applied and sealed, waiting for (or in) its commit.
-struct Prepared {
-    reqs: Vec<Request>,
-    results: Vec<Result<Outcome, LogError>>,
+pub(crate) struct Prepared {
+    pub reqs: Vec<Request>,
+    pub results: Vec<Result<Outcome, LogError>>,
     /// Each request's partition, where it is a write this writer owns.
-    partitions: Vec<Option<u32>>,
-    state: State,
-    txn: Option<Transaction>,
+    pub partitions: Vec<Option<u32>>,
+    pub state: State,
+    pub txn: Option<Transaction>,
 }
 
 /// The batch as one transaction: first the fence (each touched partition's lease as this
@@ -1216,7 +1293,7 @@ fn transaction(state: &State, fence: Vec<(Vec<u8>, Vec<u8>)>) -> Transaction {
     txn
 }
 
-fn fail_all(reqs: Vec<Request>, e: LogError) {
+pub(crate) fn fail_all(reqs: Vec<Request>, e: LogError) {
     warn!(error = %e, requests = reqs.len(), "failed to prepare a batch");
     for r in reqs {
         let _ = r.reply.send(Err(e.clone()));

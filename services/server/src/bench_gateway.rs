@@ -10,7 +10,7 @@
 //! 4. Fan-out: a group of `--fanout` members, all online (one socket each); one message; the
 //!    time until the last member has it.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -18,8 +18,9 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use fjall::{Database, KeyspaceCreateOptions, PersistMode};
 use futures_util::StreamExt;
-use tidings_client::{Connection, Push};
-use tidings_log::crypto::MasterKey;
+use tidings_client::{ClientTls, Connection, Push};
+use tidings_gateway::bus_crypto;
+use tidings_log::crypto::{MasterKey, TransportKey};
 use tidings_log::store::{FjallStore, KvStore};
 use tidings_log::{ConvId, ConversationKind, CreateConversation, Log, TenantId, UserId};
 use tokio::sync::Semaphore;
@@ -49,6 +50,25 @@ pub struct GatewayArgs {
     /// Scratch directory (a real disk; default: the system temp directory).
     #[arg(long)]
     pub dir: Option<PathBuf>,
+    /// What the client links and NATS use.
+    #[arg(long, value_enum, default_value_t = Edge::Plain)]
+    pub edge: Edge,
+    /// With `--edge compare`: rounds of plain and TLS, alternating which goes first; the
+    /// summary is the median of the rounds' ratios.
+    #[arg(long, default_value_t = 1)]
+    pub rounds: usize,
+}
+
+/// What the client links and NATS use. Bus payloads are sealed either way.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Edge {
+    /// ws:// and NATS over plain TCP without credentials.
+    Plain,
+    /// wss:// with a private CA made for the run, NATS over TLS and closed to all but the
+    /// per-role NKeys of `tidings nats init`: as deployed.
+    Tls,
+    /// Plain, then TLS, in the same run: latency and throughput ratios (no fan-out).
+    Compare,
 }
 
 fn pct(sorted: &[Duration], p: f64) -> Duration {
@@ -76,16 +96,352 @@ fn free_port() -> anyhow::Result<u16> {
         .port())
 }
 
-async fn wait_port(port: u16) -> anyhow::Result<()> {
+/// Waits for a process to listen on `port`; if it never does, fails with the end of its
+/// log.
+async fn wait_port(port: u16, log: &Path) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     while tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .is_err()
     {
-        anyhow::ensure!(Instant::now() < deadline, "nothing listens on port {port}");
+        if Instant::now() >= deadline {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(10).collect();
+            anyhow::bail!(
+                "nothing listens on port {port}; the end of {}:\n{}",
+                log.display(),
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     Ok(())
+}
+
+/// One `tidings serve --role all` and its nats-server, set up as `secure` says.
+struct Deployment {
+    nats: Child,
+    server: Child,
+    /// The gateway's WebSocket URL, and how clients verify it.
+    url: String,
+    client_tls: ClientTls,
+    /// NATS without credentials (the plain deployment only): for the raw baseline.
+    open_nats_url: Option<String>,
+}
+
+/// Writes the run's keys and the conversations into `data` before a server owns it.
+/// Returns the seal + open time of one bench-sized event on the bus (sorted samples).
+async fn seed_store(
+    data: &Path,
+    master_hex: &str,
+    tenant: &TenantId,
+    pairs: usize,
+    args: &GatewayArgs,
+) -> anyhow::Result<Vec<Duration>> {
+    let store = Arc::new(FjallStore::open(data)?);
+    let log = Log::open(
+        store as Arc<dyn KvStore>,
+        MasterKey::from_hex(master_hex).map_err(anyhow::Error::msg)?,
+        Default::default(),
+    )
+    .await?;
+    let mut creates = tokio::task::JoinSet::new();
+    for p in 0..pairs.max(args.senders) {
+        let (log, tenant) = (log.clone(), tenant.clone());
+        creates.spawn(async move {
+            log.create_conversation(CreateConversation {
+                tenant,
+                conv: ConvId::new(format!("pair{p}"))?,
+                kind: ConversationKind::Direct,
+                title: String::new(),
+                creator: UserId::new(format!("a{p}"))?,
+                members: vec![UserId::new(format!("b{p}"))?],
+            })
+            .await?;
+            anyhow::Ok(())
+        });
+    }
+    while let Some(r) = creates.join_next().await {
+        r??;
+    }
+    if args.fanout > 1 {
+        log.create_conversation(CreateConversation {
+            tenant: tenant.clone(),
+            conv: ConvId::new("fanout")?,
+            kind: ConversationKind::Group,
+            title: String::new(),
+            creator: UserId::new("f0")?,
+            members: (1..args.fanout)
+                .map(|i| UserId::new(format!("f{i}")))
+                .collect::<Result<_, _>>()?,
+        })
+        .await?;
+    }
+    let key = log.transport_key(tenant, None).await?;
+    log.close().await;
+    Ok(sealing_costs(&key, tenant, 2000))
+}
+
+/// What sealing costs per event on the bus: the log seals each committed event once and
+/// every gateway opens it once, so one seal plus one open of an event as the latency run
+/// sends it.
+fn sealing_costs(key: &TransportKey, tenant: &TenantId, n: usize) -> Vec<Duration> {
+    use prost::Message;
+    let conv = ConvId::new("pair0").expect("a valid id");
+    let event = tidings_schemas::v1::Event {
+        tenant: tenant.as_str().into(),
+        conversation: conv.as_str().into(),
+        seq: 1,
+        event_id: "0123456789abcdef0123456789abcdef".into(),
+        sender: "a0".into(),
+        server_time_ms: 1_700_000_000_000,
+        client_msg_id: "lat0".into(),
+        body: Some(tidings_schemas::v1::event::Body::MessagePosted(
+            tidings_schemas::v1::MessagePosted {
+                text: "1234".into(),
+                ..Default::default()
+            },
+        )),
+    }
+    .encode_to_vec();
+    let mut out = Vec::with_capacity(n);
+    for seq in 0..n as u64 {
+        let t = Instant::now();
+        let sealed = bus_crypto::seal_event(key, &conv, seq, &event);
+        let opened =
+            bus_crypto::envelope(&sealed).and_then(|env| bus_crypto::open_event(key, &conv, &env));
+        out.push(t.elapsed());
+        std::hint::black_box(opened.is_ok());
+    }
+    out.sort();
+    out
+}
+
+/// A throwaway CA and a certificate for 127.0.0.1 signed by it, made with the openssl CLI:
+/// (CA certificate, certificate, key).
+fn make_pki(dir: &Path) -> anyhow::Result<(PathBuf, PathBuf, PathBuf)> {
+    std::fs::create_dir_all(dir)?;
+    let openssl = |args: &[&str]| -> anyhow::Result<()> {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .context("run the openssl CLI (apt-get install openssl)")?;
+        anyhow::ensure!(
+            out.status.success(),
+            "openssl {}: {}",
+            args.first().unwrap_or(&""),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    openssl(
+        &[
+            &["req", "-x509"][..],
+            &ec,
+            &[
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=tidings bench CA",
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+                "-addext",
+                "keyUsage=critical,keyCertSign,cRLSign",
+            ],
+        ]
+        .concat(),
+    )?;
+    openssl(
+        &[
+            &["req"][..],
+            &ec,
+            &[
+                "-keyout",
+                "server.key",
+                "-out",
+                "server.csr",
+                "-subj",
+                "/CN=127.0.0.1",
+            ],
+        ]
+        .concat(),
+    )?;
+    std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n",
+    )?;
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "server.ext",
+    ])?;
+    Ok((
+        dir.join("ca.pem"),
+        dir.join("server.pem"),
+        dir.join("server.key"),
+    ))
+}
+
+/// Starts nats-server and `tidings serve --role all` (this same binary) on `data`.
+/// `secure`: wss:// with a private CA, NATS over TLS and closed to all but the NKey
+/// identities `tidings nats init` writes; else ws:// and NATS without credentials.
+async fn deploy(
+    root: &Path,
+    data: &Path,
+    secure: bool,
+    secrets: (&Path, &Path),
+) -> anyhow::Result<Deployment> {
+    let (master_file, jwt_file) = secrets;
+    let nats_port = free_port()?;
+    let nats_dir = root.join("nats");
+    let mut nats = std::process::Command::new("nats-server");
+    let mut server = std::process::Command::new(std::env::current_exe()?);
+    let gw_port = free_port()?;
+    let (scheme, client_tls, open_nats_url) = if secure {
+        let (ca, cert, key) = make_pki(&root.join("pki"))?;
+        crate::nats_init::init(&root.join("creds"))?;
+        let conf = root.join("nats.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listen: 127.0.0.1:{nats_port}\n\
+                 jetstream {{ store_dir: {nats_dir:?} }}\n\
+                 tls {{ cert_file: {cert:?}\n key_file: {key:?}\n timeout: 2 }}\n\
+                 include \"creds/accounts.conf\"\n"
+            ),
+        )?;
+        nats.arg("-c").arg(&conf);
+        server
+            .env("TIDINGS_NATS_URL", format!("tls://127.0.0.1:{nats_port}"))
+            .env("TIDINGS_NATS_TLS_CA_FILE", &ca)
+            .env("TIDINGS_NATS_TLS_REQUIRED", "1")
+            .env("TIDINGS_NATS_NKEY_SEED_FILE", root.join("creds/all.nk"))
+            .env("TIDINGS_GATEWAY_TLS_CERT_FILE", &cert)
+            .env("TIDINGS_GATEWAY_TLS_KEY_FILE", &key);
+        let tls = ClientTls { ca_file: Some(ca) };
+        ("wss", tls, None)
+    } else {
+        let url = format!("nats://127.0.0.1:{nats_port}");
+        nats.args([
+            "-js",
+            "-a",
+            "127.0.0.1",
+            "-p",
+            &nats_port.to_string(),
+            "-sd",
+        ])
+        .arg(&nats_dir);
+        server.env("TIDINGS_NATS_URL", &url);
+        ("ws", ClientTls::default(), Some(url))
+    };
+    let nats_log = root.join("nats.log");
+    let nats = Child(
+        nats.stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&nats_log)?)
+            .spawn()
+            .context("start nats-server (apt-get install nats-server)")?,
+    );
+    wait_port(nats_port, &nats_log).await?;
+    let server_log = root.join("server.log");
+    let server = Child(
+        server
+            .args(["serve", "--role", "all"])
+            .env("TIDINGS_DATA_DIR", data)
+            .env("TIDINGS_MASTER_KEY_FILE", master_file)
+            .env("TIDINGS_AUTH_HS256_SECRET_FILE", jwt_file)
+            .env("TIDINGS_AUTH_HS256_ENABLED", "1")
+            .env("TIDINGS_GATEWAY_LISTEN", format!("127.0.0.1:{gw_port}"))
+            // The bench needs no admin listener, and its default port may be taken.
+            .env("TIDINGS_ADMIN_LISTEN", "")
+            .env("TIDINGS_GATEWAY_FRAMES_PER_SECOND", "100000")
+            .env("TIDINGS_GATEWAY_FRAME_BURST", "100000")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&server_log)?)
+            .spawn()?,
+    );
+    wait_port(gw_port, &server_log).await?;
+    Ok(Deployment {
+        nats,
+        server,
+        url: format!("{scheme}://127.0.0.1:{gw_port}/v1/ws"),
+        client_tls,
+        open_nats_url,
+    })
+}
+
+/// Issues the bench's user tokens.
+struct Tokens {
+    secret: [u8; 32],
+}
+
+impl Tokens {
+    fn of(&self, user: &str) -> String {
+        let now = tidings_gateway::now_secs();
+        tidings_auth::issue_hs256(
+            &self.secret,
+            "tidings",
+            "tidings",
+            &tidings_auth::Claims {
+                tenant: "bench".into(),
+                user: user.into(),
+                roles: vec![],
+                expires_at: now + 3600,
+                issued_at: now,
+                jti: None,
+            },
+        )
+    }
+}
+
+/// What the latency and throughput runs measured on one deployment.
+struct Measured {
+    latencies: Vec<Duration>,
+    sends_per_s: f64,
+    sessions: usize,
+    /// CPU time of `tidings serve` and of nats-server per acked send in the throughput run:
+    /// what the server side pays, whatever the bench's own clients cost on the same cores.
+    server_cpu_per_send: Duration,
+    nats_cpu_per_send: Duration,
+}
+
+/// CPU time (user + system) a process has used so far, from /proc/PID/stat (Linux; in
+/// USER_HZ ticks, 100 per second). Zero where it cannot be read.
+fn cpu_time(child: &Child) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", child.0.id())).unwrap_or_default();
+    // The fields after the command name (which is in parentheses and may hold spaces).
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let field = |i: usize| -> u64 {
+        rest.split_whitespace()
+            .nth(i)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    // utime and stime are fields 14 and 15 of stat; `rest` starts at field 3.
+    Duration::from_millis((field(11) + field(12)) * 10)
 }
 
 pub async fn run(args: GatewayArgs, _config: &Config) -> anyhow::Result<()> {
@@ -99,128 +455,89 @@ pub async fn run(args: GatewayArgs, _config: &Config) -> anyhow::Result<()> {
         .tempdir_in(&base)?;
     let root = dir.path();
 
-    // nats-server with JetStream.
-    let nats_port = free_port()?;
-    let _nats = Child(
-        std::process::Command::new("nats-server")
-            .args([
-                "-js",
-                "-a",
-                "127.0.0.1",
-                "-p",
-                &nats_port.to_string(),
-                "-sd",
-            ])
-            .arg(root.join("nats"))
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .context("start nats-server (apt-get install nats-server)")?,
-    );
-    wait_port(nats_port).await?;
-    let nats_url = format!("nats://127.0.0.1:{nats_port}");
-
-    // Keys, and the conversations, written before the server owns the store.
     let master = MasterKey::generate();
-    std::fs::write(root.join("master.key"), master.to_hex())?;
+    let master_file = root.join("master.key");
+    std::fs::write(&master_file, master.to_hex())?;
     let mut secret = [0u8; 32];
     getrandom::fill(&mut secret).map_err(|e| anyhow::anyhow!("randomness: {e}"))?;
-    std::fs::write(
-        root.join("jwt.secret"),
-        tidings_log::crypto::hex_encode(&secret),
-    )?;
+    let jwt_file = root.join("jwt.secret");
+    std::fs::write(&jwt_file, tidings_log::crypto::hex_encode(&secret))?;
+    let tokens = Tokens { secret };
     let tenant = TenantId::new("bench")?;
     let pairs = args.users / 2;
-    {
-        let store = Arc::new(FjallStore::open(&root.join("data"))?);
-        let log = Log::open(
-            store as Arc<dyn KvStore>,
-            MasterKey::from_hex(&master.to_hex()).map_err(anyhow::Error::msg)?,
-            Default::default(),
-        )
-        .await?;
-        let mut creates = tokio::task::JoinSet::new();
-        for p in 0..pairs.max(args.senders) {
-            let (log, tenant) = (log.clone(), tenant.clone());
-            creates.spawn(async move {
-                log.create_conversation(CreateConversation {
-                    tenant,
-                    conv: ConvId::new(format!("pair{p}"))?,
-                    kind: ConversationKind::Direct,
-                    title: String::new(),
-                    creator: UserId::new(format!("a{p}"))?,
-                    members: vec![UserId::new(format!("b{p}"))?],
-                })
-                .await?;
-                anyhow::Ok(())
-            });
-        }
-        while let Some(r) = creates.join_next().await {
-            r??;
-        }
-        if args.fanout > 1 {
-            log.create_conversation(CreateConversation {
-                tenant: tenant.clone(),
-                conv: ConvId::new("fanout")?,
-                kind: ConversationKind::Group,
-                title: String::new(),
-                creator: UserId::new("f0")?,
-                members: (1..args.fanout)
-                    .map(|i| UserId::new(format!("f{i}")))
-                    .collect::<Result<_, _>>()?,
-            })
-            .await?;
-        }
-        log.close().await;
-    }
-
-    // The server: `tidings serve`, this same binary.
-    let gw_port = free_port()?;
-    let _server = Child(
-        std::process::Command::new(std::env::current_exe()?)
-            .args(["serve", "--role", "all"])
-            .env("TIDINGS_DATA_DIR", root.join("data"))
-            .env("TIDINGS_MASTER_KEY_FILE", root.join("master.key"))
-            .env("TIDINGS_AUTH_HS256_SECRET_FILE", root.join("jwt.secret"))
-            .env("TIDINGS_AUTH_HS256_ENABLED", "1")
-            .env("TIDINGS_NATS_URL", &nats_url)
-            .env("TIDINGS_GATEWAY_LISTEN", format!("127.0.0.1:{gw_port}"))
-            // The bench needs no admin listener, and its default port may be taken.
-            .env("TIDINGS_ADMIN_LISTEN", "")
-            .env("TIDINGS_GATEWAY_FRAMES_PER_SECOND", "100000")
-            .env("TIDINGS_GATEWAY_FRAME_BURST", "100000")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()?,
-    );
-    wait_port(gw_port).await?;
-    let url = format!("ws://127.0.0.1:{gw_port}/v1/ws");
-    let token = |user: &str| {
-        let now = tidings_gateway::now_secs();
-        tidings_auth::issue_hs256(
-            &secret,
-            "tidings",
-            "tidings",
-            &tidings_auth::Claims {
-                tenant: "bench".into(),
-                user: user.into(),
-                roles: vec![],
-                expires_at: now + 3600,
-                issued_at: now,
-                jti: None,
-            },
-        )
-    };
 
     println!(
-        "tidings bench gateway: {} cores; nats-server and `tidings serve` on loopback",
-        std::thread::available_parallelism().map_or(0, |n| n.get())
+        "tidings bench gateway: {} cores; nats-server and `tidings serve` on loopback; edge: {:?}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        args.edge
     );
     println!();
 
-    // 1. Baselines.
-    let nats_rtt = nats_round_trips(&nats_url, 2000).await?;
-    let commits = store_commits(&root.join("raw"), 2000)?;
+    // Compare: plain and TLS in each round, alternating which goes first.
+    let rounds: Vec<Vec<bool>> = match args.edge {
+        Edge::Plain => vec![vec![false]],
+        Edge::Tls => vec![vec![true]],
+        Edge::Compare => (0..args.rounds.max(1))
+            .map(|r| {
+                if r % 2 == 0 {
+                    vec![false, true]
+                } else {
+                    vec![true, false]
+                }
+            })
+            .collect(),
+    };
+    let mut ratios = Vec::new();
+    for (round, edges) in rounds.iter().enumerate() {
+        let (mut plain, mut tls, mut sealing) = (None, None, Vec::new());
+        for &secure in edges {
+            let name = if secure { "tls" } else { "plain" };
+            let here = root.join(format!("{name}-{round}"));
+            let data = here.join("data");
+            sealing = seed_store(&data, &master.to_hex(), &tenant, pairs, &args).await?;
+            // Dropped at the end of this iteration: one deployment runs at a time.
+            let dep = deploy(&here, &data, secure, (&master_file, &jwt_file)).await?;
+            let baseline = match &dep.open_nats_url {
+                Some(url) if round == 0 => Some(baselines(url, &root.join("raw")).await?),
+                _ => None,
+            };
+            let m = measure(&dep, &args, pairs, &tokens).await?;
+            if args.edge != Edge::Compare {
+                print_single(&m, &args, pairs, baseline.as_ref());
+                if args.fanout > 1 {
+                    fan_out(&dep, &args, &tokens).await?;
+                }
+            }
+            *(if secure { &mut tls } else { &mut plain }) = Some(m);
+        }
+        if let (Some(plain), Some(tls)) = (&plain, &tls) {
+            println!("round {} of {}:", round + 1, rounds.len());
+            ratios.push(print_comparison(plain, tls, &sealing));
+        }
+    }
+    if ratios.len() > 1 {
+        let median = |i: usize| {
+            let mut v: Vec<f64> = ratios.iter().map(|r: &[f64; 4]| r[i]).collect();
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        println!(
+            "median of {} rounds, secure / plain: p50 {:.2}x, p99 {:.2}x, acked sends/s {:.2}x, \
+             server CPU per send {:.2}x",
+            ratios.len(),
+            median(0),
+            median(1),
+            median(2),
+            median(3)
+        );
+    }
+    Ok(())
+}
+
+/// The raw baselines: a NATS request/reply round trip and a durable store commit.
+async fn baselines(nats_url: &str, raw: &Path) -> anyhow::Result<(Vec<Duration>, Vec<Duration>)> {
+    let nats_rtt = nats_round_trips(nats_url, 2000).await?;
+    let commits = store_commits(raw, 2000)?;
     println!("| baseline | p50 | p99 | p99.9 |");
     println!("|---|---:|---:|---:|");
     println!(
@@ -236,18 +553,33 @@ pub async fn run(args: GatewayArgs, _config: &Config) -> anyhow::Result<()> {
         ms(pct(&commits, 0.999))
     );
     println!();
+    Ok((nats_rtt, commits))
+}
 
-    // 2. Latency at a steady rate.
+/// Latency at a steady rate, then throughput with senders as fast as acked.
+async fn measure(
+    dep: &Deployment,
+    args: &GatewayArgs,
+    pairs: usize,
+    tokens: &Tokens,
+) -> anyhow::Result<Measured> {
     // Senders keep only their request side: their own pushes are dropped unread. (A
     // Connection whose pushes nobody takes stops reading its socket once its buffer is full,
     // and the server then cuts it off as a slow consumer.)
+    let open = |user: String| {
+        let (url, tls, token) = (dep.url.clone(), dep.client_tls.clone(), tokens.of(&user));
+        async move {
+            Connection::open_with(&url, &tls, &token, "bench")
+                .await
+                .map(|(c, _)| c)
+                .with_context(|| format!("open a session for {user} at {url}"))
+        }
+    };
     let mut requesters = Vec::new();
     let mut receivers = Vec::new();
     for p in 0..pairs {
-        let (a, _) = Connection::open(&url, &token(&format!("a{p}")), "bench").await?;
-        let (b, _) = Connection::open(&url, &token(&format!("b{p}")), "bench").await?;
-        requesters.push(a.requester());
-        receivers.push(b);
+        requesters.push(open(format!("a{p}")).await?.requester());
+        receivers.push(open(format!("b{p}")).await?);
     }
     let sent_at: Arc<Vec<AtomicU64>> =
         Arc::new((0..args.messages).map(|_| AtomicU64::new(0)).collect());
@@ -290,25 +622,7 @@ pub async fn run(args: GatewayArgs, _config: &Config) -> anyhow::Result<()> {
     }
     listening.abort_all();
     latencies.sort();
-    let base = pct(&nats_rtt, 0.5) + pct(&commits, 0.5);
-    println!(
-        "| end to end, send -> other member's push | users | rate | p50 | p99 | p99.9 | delivered | p50 / (NATS rtt + commit) |"
-    );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
-    println!(
-        "| steady rate | {} | {}/s | {} | {} | {} | {}/{} | {:.1}x |",
-        pairs * 2,
-        args.rate,
-        ms(pct(&latencies, 0.5)),
-        ms(pct(&latencies, 0.99)),
-        ms(pct(&latencies, 0.999)),
-        latencies.len(),
-        args.messages,
-        pct(&latencies, 0.5).as_secs_f64() / base.as_secs_f64().max(1e-9)
-    );
-    println!();
 
-    // 3. Throughput: senders as fast as acked.
     let acked = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + Duration::from_secs(args.seconds);
     let mut sending = tokio::task::JoinSet::new();
@@ -331,85 +645,179 @@ pub async fn run(args: GatewayArgs, _config: &Config) -> anyhow::Result<()> {
         });
     }
     let started = Instant::now();
+    let cpu_before = (cpu_time(&dep.server), cpu_time(&dep.nats));
     while sending.join_next().await.is_some() {}
-    let per_s = acked.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64();
-    let commit_rate = 1.0 / pct(&commits, 0.5).as_secs_f64().max(1e-9);
+    let sends = acked.load(Ordering::Relaxed);
+    let per_send = |d: Duration| d / u32::try_from(sends.max(1)).unwrap_or(u32::MAX);
+    Ok(Measured {
+        latencies,
+        sends_per_s: sends as f64 / started.elapsed().as_secs_f64(),
+        sessions: args.senders.min(pairs.max(1)),
+        server_cpu_per_send: per_send(cpu_time(&dep.server).saturating_sub(cpu_before.0)),
+        nats_cpu_per_send: per_send(cpu_time(&dep.nats).saturating_sub(cpu_before.1)),
+    })
+}
+
+fn print_single(
+    m: &Measured,
+    args: &GatewayArgs,
+    pairs: usize,
+    baseline: Option<&(Vec<Duration>, Vec<Duration>)>,
+) {
+    let lat = &m.latencies;
+    let vs_base =
+        |d: Duration, b: Duration| format!("{:.1}x", d.as_secs_f64() / b.as_secs_f64().max(1e-9));
+    println!(
+        "| end to end, send -> other member's push | users | rate | p50 | p99 | p99.9 | delivered | p50 / (NATS rtt + commit) |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    println!(
+        "| steady rate | {} | {}/s | {} | {} | {} | {}/{} | {} |",
+        pairs * 2,
+        args.rate,
+        ms(pct(lat, 0.5)),
+        ms(pct(lat, 0.99)),
+        ms(pct(lat, 0.999)),
+        lat.len(),
+        args.messages,
+        baseline.map_or("-".into(), |(rtt, c)| vs_base(
+            pct(lat, 0.5),
+            pct(rtt, 0.5) + pct(c, 0.5)
+        ))
+    );
+    println!();
+    let commit_rate = baseline.map(|(_, c)| 1.0 / pct(c, 0.5).as_secs_f64().max(1e-9));
     println!(
         "| throughput | sessions | acked sends/s | raw store commits/s (one value each) | ratio |"
     );
     println!("|---|---:|---:|---:|---:|");
     println!(
-        "| as fast as acked | {} | {:.0} | {:.0} | {:.2}x |",
-        args.senders.min(pairs.max(1)),
-        per_s,
-        commit_rate,
-        per_s / commit_rate
+        "| as fast as acked | {} | {:.0} | {} | {} |",
+        m.sessions,
+        m.sends_per_s,
+        commit_rate.map_or("-".into(), |r| format!("{r:.0}")),
+        commit_rate.map_or("-".into(), |r| format!("{:.2}x", m.sends_per_s / r))
     );
     println!();
-    drop(requesters);
+}
 
-    // 4. Fan-out.
-    if args.fanout > 1 {
-        let permits = Arc::new(Semaphore::new(64));
-        let mut connecting = tokio::task::JoinSet::new();
-        let started = Instant::now();
-        for i in 0..args.fanout {
-            let (url, token, permits) = (url.clone(), token(&format!("f{i}")), permits.clone());
-            connecting.spawn(async move {
-                let _p = permits.acquire_owned().await;
-                Connection::open(&url, &token, "bench")
-                    .await
-                    .map(|(c, _)| c)
-            });
-        }
-        let mut conns = Vec::new();
-        while let Some(c) = connecting.join_next().await {
-            conns.push(c??);
-        }
-        let connect_time = started.elapsed();
-        let sender = conns.pop().context("no sessions")?.requester();
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let mut waiting = tokio::task::JoinSet::new();
-        for mut c in conns {
-            let tx = tx.clone();
-            waiting.spawn(async move {
-                while let Some(p) = c.next_push().await {
-                    if let Push::Event(_) = p {
-                        let _ = tx.send(Instant::now());
-                        let _ = c.next_push().await;
-                        return;
-                    }
-                }
-            });
-        }
-        drop(tx);
-        let sent = Instant::now();
-        sender.send_text("fanout", "fan", "hello, everyone").await?;
-        let mut last = sent;
-        let mut got = 0;
-        while got < args.fanout - 1 {
-            match tokio::time::timeout(Duration::from_secs(60), rx.recv()).await {
-                Ok(Some(at)) => {
-                    last = last.max(at);
-                    got += 1;
-                }
-                _ => break,
-            }
-        }
-        waiting.abort_all();
+/// TLS on every link (wss, NATS TLS with NKeys) against the same run without it; the bus is
+/// sealed in both (there is no unsealed bus), so what sealing costs is measured in-process.
+/// Returns the ratios secure / plain: [p50, p99, acked sends/s, server CPU per send].
+fn print_comparison(plain: &Measured, tls: &Measured, sealing: &[Duration]) -> [f64; 4] {
+    let ratio = |a: Duration, b: Duration| a.as_secs_f64() / b.as_secs_f64().max(1e-9);
+    println!(
+        "| edge | p50 | p99 | p99.9 | delivered | acked sends/s | CPU per send: tidings + nats-server |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    for (name, m) in [
+        ("plain: ws://, NATS without TLS or credentials", plain),
+        ("secure: wss://, NATS over TLS with the role's NKey", tls),
+    ] {
         println!(
-            "| fan-out | members online | connect all | send -> last member has it | delivered |"
-        );
-        println!("|---|---:|---:|---:|---:|");
-        println!(
-            "| one message, one group | {} | {:.1} s | {} | {}/{} |",
-            args.fanout,
-            connect_time.as_secs_f64(),
-            ms(last - sent),
-            got,
-            args.fanout - 1
+            "| {name} | {} | {} | {} | {} | {:.0} | {:.0} + {:.0} µs |",
+            ms(pct(&m.latencies, 0.5)),
+            ms(pct(&m.latencies, 0.99)),
+            ms(pct(&m.latencies, 0.999)),
+            m.latencies.len(),
+            m.sends_per_s,
+            m.server_cpu_per_send.as_secs_f64() * 1e6,
+            m.nats_cpu_per_send.as_secs_f64() * 1e6
         );
     }
+    let ratios = [
+        ratio(pct(&tls.latencies, 0.5), pct(&plain.latencies, 0.5)),
+        ratio(pct(&tls.latencies, 0.99), pct(&plain.latencies, 0.99)),
+        tls.sends_per_s / plain.sends_per_s.max(1e-9),
+        ratio(
+            tls.server_cpu_per_send + tls.nats_cpu_per_send,
+            plain.server_cpu_per_send + plain.nats_cpu_per_send,
+        ),
+    ];
+    println!(
+        "| **secure / plain** | **{:.2}x** | **{:.2}x** | {:.2}x | | **{:.2}x** | {:.2}x |",
+        ratios[0],
+        ratios[1],
+        ratio(pct(&tls.latencies, 0.999), pct(&plain.latencies, 0.999)),
+        ratios[2],
+        ratios[3]
+    );
+    println!();
+    let seal = pct(sealing, 0.5);
+    println!(
+        "bus sealing (both runs): seal + open of one event, median {:.1} µs, p99 {:.1} µs = {:.2}% of the plain p50",
+        seal.as_secs_f64() * 1e6,
+        pct(sealing, 0.99).as_secs_f64() * 1e6,
+        100.0 * ratio(seal, pct(&plain.latencies, 0.5))
+    );
+    println!();
+    ratios
+}
+
+/// One message to a group of `--fanout` members, all online.
+async fn fan_out(dep: &Deployment, args: &GatewayArgs, tokens: &Tokens) -> anyhow::Result<()> {
+    let permits = Arc::new(Semaphore::new(64));
+    let mut connecting = tokio::task::JoinSet::new();
+    let started = Instant::now();
+    for i in 0..args.fanout {
+        let (url, tls, token, permits) = (
+            dep.url.clone(),
+            dep.client_tls.clone(),
+            tokens.of(&format!("f{i}")),
+            permits.clone(),
+        );
+        connecting.spawn(async move {
+            let _p = permits.acquire_owned().await;
+            Connection::open_with(&url, &tls, &token, "bench")
+                .await
+                .map(|(c, _)| c)
+        });
+    }
+    let mut conns = Vec::new();
+    while let Some(c) = connecting.join_next().await {
+        conns.push(c??);
+    }
+    let connect_time = started.elapsed();
+    let sender = conns.pop().context("no sessions")?.requester();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut waiting = tokio::task::JoinSet::new();
+    for mut c in conns {
+        let tx = tx.clone();
+        waiting.spawn(async move {
+            while let Some(p) = c.next_push().await {
+                if let Push::Event(_) = p {
+                    let _ = tx.send(Instant::now());
+                    let _ = c.next_push().await;
+                    return;
+                }
+            }
+        });
+    }
+    drop(tx);
+    let sent = Instant::now();
+    sender.send_text("fanout", "fan", "hello, everyone").await?;
+    let mut last = sent;
+    let mut got = 0;
+    while got < args.fanout - 1 {
+        match tokio::time::timeout(Duration::from_secs(60), rx.recv()).await {
+            Ok(Some(at)) => {
+                last = last.max(at);
+                got += 1;
+            }
+            _ => break,
+        }
+    }
+    waiting.abort_all();
+    println!("| fan-out | members online | connect all | send -> last member has it | delivered |");
+    println!("|---|---:|---:|---:|---:|");
+    println!(
+        "| one message, one group | {} | {:.1} s | {} | {}/{} |",
+        args.fanout,
+        connect_time.as_secs_f64(),
+        ms(last - sent),
+        got,
+        args.fanout - 1
+    );
     Ok(())
 }
 

@@ -253,9 +253,14 @@ pub enum TokenCommand {
         /// With --user: "now" (default), an RFC 3339 time, or Unix seconds.
         #[arg(long, requires = "user", value_name = "TIME")]
         before: Option<String>,
-        /// The admin listener of a running server, e.g. http://127.0.0.1:7180.
+        /// The admin listener of a running server, e.g. https://admin-1:7180 or
+        /// http://127.0.0.1:7180.
         #[arg(long, requires = "token", value_name = "URL")]
         server: Option<String>,
+        /// Trust only the CA certificates in this PEM file for an https:// --server (default:
+        /// the system's roots).
+        #[arg(long, requires = "server", value_name = "PEM")]
+        ca_file: Option<PathBuf>,
         /// An admin-role token (compliance audience) for --server.
         #[arg(long, requires = "server")]
         token: Option<String>,
@@ -277,6 +282,10 @@ pub enum KeysCommand {
         #[arg(long)]
         force: bool,
     },
+    /// Print the log's public identity key (derived from the master key). Gateways running
+    /// apart from the log pin it (`gateway.log_public_key`), so only a log holding this
+    /// master key can hand them transport keys.
+    LogIdentity,
     /// Add a new data key for a tenant; new events are sealed with it, old ones still open.
     Rotate {
         #[arg(long)]
@@ -463,4 +472,7 @@ pub enum BenchCommand {
     /// result), against scanning the same events as plaintext Parquet; and how selective
     /// filters prune.
     Compliance(crate::bench_compliance::ComplianceArgs),
+    /// Sending through a KV outage: appends/s and ack latency with the store up and with it
+    /// unavailable (acks from the send buffer), in one run; then the replay rate.
+    Outage(crate::bench_outage::OutageArgs),
 }

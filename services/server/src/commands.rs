@@ -9,6 +9,7 @@ use serde::Deserialize;
 use serde_json::json;
 use tidings_archive::compliance::audit::Entry;
 use tidings_archive::compliance::{Actor, Compliance, Via};
+use tidings_gateway::bus_crypto::LogPublicKey;
 use tidings_log::crypto::{Keyring, MasterKey};
 use tidings_log::store::{Fault, FaultSwitch, FaultyStore, FjallStore, KvStore, Order};
 use tidings_log::{
@@ -162,6 +163,15 @@ pub async fn run(command: Command, config: Config) -> anyhow::Result<bool> {
             }))?;
             Ok(true)
         }
+        Command::Keys(KeysCommand::LogIdentity) => {
+            let master = config.master_key(env)?;
+            let public = LogPublicKey::of_secret(&master.log_identity_secret());
+            emit(&json!({
+                "log_public_key": public.to_hex(),
+                "setting": "gateway.log_public_key (TIDINGS_GATEWAY_LOG_PUBLIC_KEY)",
+            }))?;
+            Ok(true)
+        }
         Command::Token(crate::cli::TokenCommand::Issue {
             tenant,
             user,
@@ -177,11 +187,16 @@ pub async fn run(command: Command, config: Config) -> anyhow::Result<bool> {
             user,
             before,
             server,
+            ca_file,
             token,
             actor,
         }) => {
             let how = match (server, token) {
-                (Some(server), Some(token)) => Through::Server { server, token },
+                (Some(server), Some(token)) => Through::Server {
+                    server,
+                    token,
+                    tls: tidings_client::ClientTls { ca_file },
+                },
                 _ => Through::Store { actor },
             };
             revoke_tokens(&config, tenant, jti, user, before, how).await
@@ -219,6 +234,10 @@ pub async fn run(command: Command, config: Config) -> anyhow::Result<bool> {
         }
         Command::Bench(crate::cli::BenchCommand::Compliance(args)) => {
             crate::bench_compliance::run(args).await?;
+            Ok(true)
+        }
+        Command::Bench(crate::cli::BenchCommand::Outage(args)) => {
+            crate::bench_outage::run(args, config.log_config()).await?;
             Ok(true)
         }
         Command::Bench(crate::cli::BenchCommand::Gateway(args)) => {
@@ -295,7 +314,11 @@ fn issue_token(
 /// How `tidings token revoke` reaches the revocation records.
 enum Through {
     /// A running server's admin listener, with an admin token.
-    Server { server: String, token: String },
+    Server {
+        server: String,
+        token: String,
+        tls: tidings_client::ClientTls,
+    },
     /// The store directly (no server runs), recorded in the audit log under `actor`.
     Store { actor: String },
 }
@@ -325,8 +348,8 @@ async fn revoke_tokens(
     let request = Request { tenant, target };
     let actor = match how {
         Through::Store { actor } => Actor::new(&actor, Via::Cli)?,
-        Through::Server { server, token } => {
-            return revoke_through_server(&server, &token, &request).await;
+        Through::Server { server, token, tls } => {
+            return revoke_through_server(&server, &token, &tls, &request).await;
         }
     };
     let log = open_log(config).await.context(
@@ -366,9 +389,10 @@ async fn revoke_tokens(
 async fn revoke_through_server(
     server: &str,
     token: &str,
+    tls: &tidings_client::ClientTls,
     request: &crate::revoke::Request,
 ) -> anyhow::Result<bool> {
-    let (status, answer) = crate::revoke::call_server(server, token, request).await?;
+    let (status, answer) = crate::revoke::call_server(server, token, tls, request).await?;
     if status != 200 {
         let message = answer["error"]["message"].as_str().unwrap_or("");
         bail!("the server refused the revocation ({status}): {message}");
@@ -506,7 +530,7 @@ async fn run_on_log(command: Command, log: &Log) -> anyhow::Result<bool> {
             limit,
             reverse,
         }) => read(log, &target, from, limit, reverse).await?,
-        Command::Keys(KeysCommand::Init { .. })
+        Command::Keys(KeysCommand::Init { .. } | KeysCommand::LogIdentity)
         | Command::Archive(_)
         | Command::Compliance(_)
         | Command::Bench(_)

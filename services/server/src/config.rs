@@ -307,6 +307,10 @@ pub struct GatewaySection {
     pub max_reply_bytes: usize,
     /// Conversations in one Sync answer at most.
     pub sync_page_conversations: usize,
+    /// The log's public identity key (64 hex digits; `tidings keys log-identity` prints it).
+    /// A gateway running apart from the log (`--role gateway`) needs it: only a log with
+    /// that identity can answer its transport key requests.
+    pub log_public_key: String,
 }
 
 /// The NATS link: where, with which credential, over TLS or not
@@ -547,6 +551,7 @@ impl Default for GatewaySection {
             outbound_queue_bytes: d.outbound_queue_bytes,
             max_reply_bytes: d.max_reply_bytes,
             sync_page_conversations: d.sync_page_conversations,
+            log_public_key: String::new(),
         }
     }
 }
@@ -614,6 +619,16 @@ pub struct LogSection {
     pub writer_id: String,
     /// How long a partition lease lives without renewal (renewed every third of it).
     pub lease_ttl_ms: u64,
+    /// Keep accepting messages while the store cannot commit, in a write-ahead buffer on
+    /// disk outside it (docs/decisions/send-buffer.md).
+    pub send_buffer: bool,
+    /// The buffer's directory; every writer of a store must share it. Empty: `send-buffer`
+    /// under `data_dir` with the embedded store; with TiKV the buffer stays off unless set.
+    pub send_buffer_dir: PathBuf,
+    /// Most bytes the buffer holds; past it sends fail `unavailable`.
+    pub send_buffer_max_bytes: u64,
+    /// Oldest a buffered event may wait for the store; past it sends fail `unavailable`.
+    pub send_buffer_max_age_ms: u64,
 }
 
 impl Default for Config {
@@ -651,6 +666,10 @@ impl Default for LogSection {
             partitions: d.partitions,
             writer_id: d.writer_id,
             lease_ttl_ms: d.lease_ttl.as_millis() as u64,
+            send_buffer: true,
+            send_buffer_dir: PathBuf::new(),
+            send_buffer_max_bytes: 256 << 20,
+            send_buffer_max_age_ms: 300_000,
         }
     }
 }
@@ -758,8 +777,11 @@ impl Config {
                 *slot = (!v.is_empty()).then(|| PathBuf::from(v));
             }
         }
+        if let Some(v) = env("TIDINGS_GATEWAY_LOG_PUBLIC_KEY") {
+            self.gateway.log_public_key = v;
+        }
         if let Some(v) = env("TIDINGS_NATS_TLS_REQUIRED") {
-            self.nats.tls_required = parse_env("TIDINGS_NATS_TLS_REQUIRED", &v)?;
+            self.nats.tls_required = parse_flag("TIDINGS_NATS_TLS_REQUIRED", &v)?;
         }
         if let Some(v) = env("TIDINGS_NATS_CONNECT_WAIT") {
             self.nats.connect_wait = v;
@@ -968,6 +990,18 @@ impl Config {
         if let Some(v) = env("TIDINGS_LOG_WRITER_ID") {
             self.log.writer_id = v;
         }
+        if let Some(v) = env("TIDINGS_LOG_SEND_BUFFER") {
+            self.log.send_buffer = parse_env("TIDINGS_LOG_SEND_BUFFER", &v)?;
+        }
+        if let Some(v) = env("TIDINGS_LOG_SEND_BUFFER_DIR") {
+            self.log.send_buffer_dir = PathBuf::from(v);
+        }
+        if let Some(v) = env("TIDINGS_LOG_SEND_BUFFER_MAX_BYTES") {
+            self.log.send_buffer_max_bytes = parse_env("TIDINGS_LOG_SEND_BUFFER_MAX_BYTES", &v)?;
+        }
+        if let Some(v) = env("TIDINGS_LOG_SEND_BUFFER_MAX_AGE_MS") {
+            self.log.send_buffer_max_age_ms = parse_env("TIDINGS_LOG_SEND_BUFFER_MAX_AGE_MS", &v)?;
+        }
         Ok(())
     }
 
@@ -1089,8 +1123,13 @@ impl Config {
             )));
         }
         self.validate_auth()?;
+        if let Some(b) = self.send_buffer() {
+            b.validate()
+                .map_err(|e| ConfigError::Invalid(format!("log.{e}")))?;
+        }
         self.archive_config()?;
         self.archive_storage()?;
+        self.log_public_key()?;
         edge_tls("gateway", &g.tls_cert_file, &g.tls_key_file)?;
         edge_tls("admin", &self.admin.tls_cert_file, &self.admin.tls_key_file)?;
         parse_duration_secs(&self.nats.connect_wait)
@@ -1188,7 +1227,29 @@ impl Config {
             writer_id: s.writer_id.clone(),
             lease_ttl: std::time::Duration::from_millis(s.lease_ttl_ms),
             own_partitions: true,
+            send_buffer: self.send_buffer(),
         }
+    }
+
+    /// The send buffer's settings; `None` when it is off (or TiKV without a shared dir).
+    pub fn send_buffer(&self) -> Option<tidings_log::send_buffer::SendBufferConfig> {
+        let s = &self.log;
+        if !s.send_buffer {
+            return None;
+        }
+        let dir = if !s.send_buffer_dir.as_os_str().is_empty() {
+            s.send_buffer_dir.clone()
+        } else if self.backend().ok() == Some(Backend::Embedded) {
+            self.data_dir.join("send-buffer")
+        } else {
+            // Writers on several hosts must share the directory: only the operator knows.
+            return None;
+        };
+        Some(tidings_log::send_buffer::SendBufferConfig {
+            dir,
+            max_bytes: s.send_buffer_max_bytes,
+            max_age: std::time::Duration::from_millis(s.send_buffer_max_age_ms),
+        })
     }
 
     /// The archiver's settings.
@@ -1325,6 +1386,19 @@ impl Config {
             keys.insert(id, source);
         }
         Ok(keys)
+    }
+
+    /// The pinned log identity (`gateway.log_public_key`), if set.
+    pub fn log_public_key(
+        &self,
+    ) -> Result<Option<tidings_gateway::bus_crypto::LogPublicKey>, ConfigError> {
+        let text = self.gateway.log_public_key.trim();
+        if text.is_empty() {
+            return Ok(None);
+        }
+        tidings_gateway::bus_crypto::LogPublicKey::from_hex(text)
+            .map(Some)
+            .map_err(|e| ConfigError::Invalid(format!("gateway.log_public_key: {e}")))
     }
 
     /// The master key: `TIDINGS_MASTER_KEY` if set, else the key file.
@@ -1612,6 +1686,29 @@ mod tests {
         std::fs::write(&file, "[keys.tenants.acme]\nkey_fiel = \"a\"\n").expect("write");
         let err = Config::load(Some(&file), env(&[])).expect_err("typo");
         assert!(err.to_string().contains("key_fiel"), "{err}");
+    }
+
+    #[test]
+    fn the_send_buffer_is_on_under_the_data_dir_for_the_embedded_store_only() {
+        let cfg = Config::load(None, env(&[])).expect("defaults");
+        let b = cfg.send_buffer().expect("on by default");
+        assert_eq!(b.dir, cfg.data_dir.join("send-buffer"));
+        assert_eq!(b.max_bytes, 256 << 20);
+        let off = Config::load(None, env(&[("TIDINGS_LOG_SEND_BUFFER", "false")])).expect("off");
+        assert!(off.send_buffer().is_none());
+        let tikv = Config {
+            store: StoreSection {
+                backend: "tikv".into(),
+                ..StoreSection::default()
+            },
+            ..Config::default()
+        };
+        assert!(
+            tikv.send_buffer().is_none(),
+            "TiKV needs a shared dir named"
+        );
+        let small = Config::load(None, env(&[("TIDINGS_LOG_SEND_BUFFER_MAX_BYTES", "1000")]));
+        assert!(small.is_err(), "a buffer under 1 MiB is refused");
     }
 
     #[test]

@@ -10,7 +10,8 @@
 //! - [`archive`]: `tidings archive run|inspect|verify` and the periodic archiver of `serve`.
 //! - [`chat`]: `tidings chat`, a terminal client.
 //! - [`nats_init`]: `tidings nats init`: a NATS identity per role and its permissions.
-//! - [`bench`], [`bench_gateway`], [`bench_archive`], [`bench_compliance`]: `tidings bench`,
+//! - [`bench`], [`bench_gateway`], [`bench_archive`], [`bench_compliance`],
+//!   [`bench_outage`]: `tidings bench`,
 //!   tidings against its baselines in one run; [`bench_corpus`]: the chat corpus and
 //!   plaintext Parquet baseline they share.
 //! - [`output`]: the JSON lines the tools print.
@@ -23,6 +24,7 @@ pub mod bench_archive;
 pub mod bench_compliance;
 pub mod bench_corpus;
 pub mod bench_gateway;
+pub mod bench_outage;
 pub mod chat;
 pub mod cli;
 pub mod commands;

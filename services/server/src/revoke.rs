@@ -190,69 +190,64 @@ pub async fn revoke(
 }
 
 /// The longest answer read from an admin listener.
-const MAX_RESPONSE_BYTES: u64 = 64 * 1024;
+const MAX_RESPONSE_BYTES: usize = 64 * 1024;
 /// How long a call to an admin listener may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// `POST /v1/admin/tokens/revoke` on a running server's admin listener (`http://host:port`):
-/// the answer's status and JSON body.
+/// `POST /v1/admin/tokens/revoke` on a running server's admin listener (`https://host:port`,
+/// or `http://` on loopback), verifying an https server as `tls` says: the answer's status and
+/// JSON body.
 pub async fn call_server(
     server: &str,
     token: &str,
+    tls: &tidings_client::ClientTls,
     request: &Request,
 ) -> anyhow::Result<(u16, Value)> {
     use anyhow::Context as _;
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let Some(authority) = server
-        .strip_prefix("http://")
-        .map(|rest| rest.trim_end_matches('/'))
-    else {
-        anyhow::bail!(
-            "--server must be http://host:port (the admin listener); this client speaks plain \
-             HTTP only, so keep it on loopback or use curl for https"
-        );
-    };
+    let base = server.trim_end_matches('/');
+    let authority = base
+        .strip_prefix("https://")
+        .or_else(|| base.strip_prefix("http://"))
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "--server must be https://host:port or http://host:port (the admin listener)"
+            )
+        })?;
     anyhow::ensure!(
         !authority.is_empty() && !authority.contains('/'),
-        "--server must be http://host:port"
+        "--server must be https://host:port or http://host:port, without a path"
     );
-    let body = request.to_json().to_string();
-    let message = format!(
-        "POST /v1/admin/tokens/revoke HTTP/1.1\r\nHost: {authority}\r\n\
-         Authorization: Bearer {token}\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    let call = async {
-        let mut stream = tokio::net::TcpStream::connect(authority)
-            .await
-            .with_context(|| format!("connect to {authority}"))?;
-        stream
-            .write_all(message.as_bytes())
-            .await
-            .context("send the request")?;
-        let mut answer = Vec::new();
-        stream
-            .take(MAX_RESPONSE_BYTES)
-            .read_to_end(&mut answer)
-            .await
-            .context("read the answer")?;
-        anyhow::Ok(answer)
-    };
-    let answer = tokio::time::timeout(CALL_TIMEOUT, call)
+    let config = tls.rustls_config().map_err(anyhow::Error::msg)?;
+    let client = reqwest::Client::builder()
+        .use_preconfigured_tls(config)
+        .timeout(CALL_TIMEOUT)
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .context("make the HTTP client")?;
+    let mut answer = client
+        .post(format!("{base}/v1/admin/tokens/revoke"))
+        .bearer_auth(token)
+        .header("content-type", "application/json")
+        .body(request.to_json().to_string())
+        .send()
         .await
-        .map_err(|_| anyhow::anyhow!("{authority} did not answer within {CALL_TIMEOUT:?}"))??;
-    let text = String::from_utf8_lossy(&answer);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| anyhow::anyhow!("{authority} sent no HTTP answer"))?;
-    let status: u16 = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| anyhow::anyhow!("{authority} sent no HTTP status"))?;
-    let json = serde_json::from_str(body.trim())
-        .unwrap_or_else(|_| json!({"error": {"code": "bad_answer", "message": body.trim()}}));
+        .with_context(|| format!("call {base}"))?;
+    let status = answer.status().as_u16();
+    let mut body = Vec::new();
+    while let Some(chunk) = answer
+        .chunk()
+        .await
+        .with_context(|| format!("read the answer of {base}"))?
+    {
+        anyhow::ensure!(
+            body.len() + chunk.len() <= MAX_RESPONSE_BYTES,
+            "{base} answered with more than {MAX_RESPONSE_BYTES} bytes"
+        );
+        body.extend_from_slice(&chunk);
+    }
+    let text = String::from_utf8_lossy(&body);
+    let json = serde_json::from_str(text.trim())
+        .unwrap_or_else(|_| json!({"error": {"code": "bad_answer", "message": text.trim()}}));
     Ok((status, json))
 }
 

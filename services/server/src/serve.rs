@@ -307,6 +307,15 @@ pub async fn serve(config: Config, role: Role) -> anyhow::Result<()> {
         Role::Log => None,
         _ => Some(verifiers.chat),
     };
+    // A gateway apart from the log pins the log's identity, so whoever can publish on NATS
+    // cannot hand it transport keys of their own making.
+    let pinned_log = config.log_public_key()?;
+    if role == Role::Gateway && pinned_log.is_none() {
+        anyhow::bail!(
+            "--role gateway needs gateway.log_public_key (TIDINGS_GATEWAY_LOG_PUBLIC_KEY): \
+             run `tidings keys log-identity` where the master key is and copy its output"
+        );
+    }
     let (nats, bus) = connect_nats(&config, role).await?;
     health.register("nats", link_probe(bus.link.subscribe()));
 
@@ -394,6 +403,7 @@ pub async fn serve(config: Config, role: Role) -> anyhow::Result<()> {
         Role::Gateway => Some(Arc::new(rpc::NatsLogService::new(
             nats.clone(),
             std::time::Duration::from_millis(config.nats.request_timeout_ms),
+            pinned_log.context("checked above")?,
         ))),
     };
 

@@ -211,7 +211,13 @@ mod tests {
         assert!(err.is_retryable(), "{err}");
 
         switch.set(Fault::Unavailable);
-        assert!(store.get(b"k").await.expect_err("get refused").is_retryable());
+        assert!(
+            store
+                .get(b"k")
+                .await
+                .expect_err("get refused")
+                .is_retryable()
+        );
 
         switch.set(Fault::Ok);
         assert_eq!(store.get(b"k").await.expect("get"), Some(b"v".to_vec()));
