@@ -3,6 +3,8 @@
 //! partitions and count what the log wrote, and a crash at every step of a pass converges to
 //! every event exactly once.
 
+#![allow(clippy::disallowed_methods)] // tests wait on processes synchronously, off any runtime's workers
+
 mod common;
 
 use std::collections::HashSet;

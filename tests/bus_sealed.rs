@@ -29,7 +29,7 @@ const WAIT: Duration = Duration::from_secs(20);
 struct LogOnNats {
     log: Log,
     _dir: tempfile::TempDir,
-    serving: tokio::task::JoinHandle<Result<(), async_nats::SubscribeError>>,
+    serving: tokio::task::JoinHandle<Result<(), tidings_gateway::rpc::ServeError>>,
 }
 
 impl LogOnNats {

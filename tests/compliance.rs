@@ -1,6 +1,8 @@
 //! Compliance as a compliance officer drives it: search and export across the hot log and
 //! the archive, the audit log of every access, legal holds against retention, bad input.
 
+#![allow(clippy::disallowed_methods)] // tests wait on processes synchronously, off any runtime's workers
+
 mod common;
 
 use std::process::{Command, Output};

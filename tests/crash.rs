@@ -8,6 +8,8 @@
 //!
 //! The seed is printed; `TIDINGS_CRASH_SEED=N` replays a run.
 
+#![allow(clippy::disallowed_methods)] // tests wait on processes synchronously, off any runtime's workers
+
 mod common;
 
 use std::collections::HashMap;

@@ -3,6 +3,8 @@
 //! the connection and session caps, the idle cutoff, Sync pagination with a failing
 //! conversation, and typed, safe errors for bad input.
 
+#![allow(clippy::disallowed_methods)] // tests wait on processes synchronously, off any runtime's workers
+
 mod common;
 
 use std::sync::Arc;

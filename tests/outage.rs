@@ -9,6 +9,8 @@
 //! Two writers around a takeover are proven in process (services/log/tests/outage.rs):
 //! one embedded store cannot be opened by two server processes.
 
+#![allow(clippy::disallowed_methods)] // tests wait on processes synchronously, off any runtime's workers
+
 mod common;
 
 use std::collections::HashMap;

@@ -512,7 +512,11 @@ impl Archiver {
         let (bytes, runs, record) = built?;
         let pending = pending.as_slice();
         let bytes = Bytes::from(bytes);
-        let digest = Sha256::digest(&bytes).to_vec();
+        let digest = off_runtime({
+            let bytes = bytes.clone();
+            move || Sha256::digest(&bytes).to_vec()
+        })
+        .await?;
 
         failpoint::hit(failpoint::BEFORE_UPLOAD);
         if failpoint::armed(failpoint::PARTIAL_UPLOAD) {
@@ -576,31 +580,16 @@ impl Archiver {
                 written.len()
             )));
         }
-        if Sha256::digest(&read).as_slice() != digest {
-            return Err(fail("SHA-256 of the bytes read back differs".into()));
-        }
-        let data = Fetched::whole(read);
-        let footer = Footer::parse(&data).map_err(|e| fail(e.to_string()))?;
-        if footer.rows() != pending.len() as u64 {
-            return Err(fail(format!(
-                "{} rows, {} written",
-                footer.rows(),
-                pending.len()
-            )));
-        }
-        let mut expected = pending
+        // Hashing and decoding up to 256 MiB is CPU work: off the runtime, with the rows
+        // expected moved there.
+        let expected: Vec<(String, u64)> = pending
             .iter()
-            .map(|p| (p.event.conversation.as_str(), p.event.seq));
-        for rg in 0..footer.meta.num_row_groups() {
-            for (conv, seq) in
-                format::read_keys(&footer, &data, rg).map_err(|e| fail(e.to_string()))?
-            {
-                if expected.next() != Some((conv.as_str(), seq)) {
-                    return Err(fail(format!("row ({conv}, {seq}) is not the row written")));
-                }
-            }
-        }
-        Ok(())
+            .map(|p| (p.event.conversation.clone(), p.event.seq))
+            .collect();
+        let digest = digest.to_vec();
+        off_runtime(move || check_read_back(read, &digest, &expected))
+            .await?
+            .map_err(fail)
     }
 
     /// Step 3: index the segment and delete its events from the hot log, in one transaction.
@@ -808,33 +797,91 @@ pub async fn indexed_segments(
     Ok(ids)
 }
 
-/// Every pair of `range`, page by page.
+/// Rows read per page by [`Pages`]: what one step of a streaming read holds in memory.
+pub const PAGE_ROWS: usize = 1000;
+
+/// A key range read page by page: a reader holds one page at a time, however many rows the
+/// range has (a tenant's heads, its audit log).
+pub struct Pages {
+    next: Option<KeyRange>,
+}
+
+impl Pages {
+    pub fn new(range: KeyRange) -> Self {
+        Pages { next: Some(range) }
+    }
+
+    /// The next page (at most [`PAGE_ROWS`] pairs, in key order); `None` once done.
+    pub async fn next(
+        &mut self,
+        store: &dyn KvStore,
+    ) -> Result<Option<Vec<(Vec<u8>, Vec<u8>)>>, ArchiveError> {
+        let Some(range) = self.next.take() else {
+            return Ok(None);
+        };
+        let page = store
+            .scan(range.clone(), PAGE_ROWS, Order::Ascending)
+            .await
+            .map_err(LogError::from)?;
+        if page.len() == PAGE_ROWS
+            && let Some((last, _)) = page.last()
+        {
+            let mut start = last.clone();
+            start.push(0);
+            self.next = Some(KeyRange {
+                start,
+                end: range.end,
+            });
+        }
+        Ok((!page.is_empty()).then_some(page))
+    }
+}
+
+/// Runs CPU work (hashing, decoding a segment) on the blocking pool, so the runtime's few
+/// workers keep serving sessions meanwhile.
+pub async fn off_runtime<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ArchiveError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| ArchiveError::Encode(format!("a blocking task failed: {e}")))
+}
+
+/// The segment read back is the one written: same SHA-256, and the rows `expected` in order.
+fn check_read_back(read: Bytes, digest: &[u8], expected: &[(String, u64)]) -> Result<(), String> {
+    if Sha256::digest(&read).as_slice() != digest {
+        return Err("SHA-256 of the bytes read back differs".into());
+    }
+    let data = Fetched::whole(read);
+    let footer = Footer::parse(&data).map_err(|e| e.to_string())?;
+    if footer.rows() != expected.len() as u64 {
+        return Err(format!(
+            "{} rows, {} written",
+            footer.rows(),
+            expected.len()
+        ));
+    }
+    let mut expected = expected.iter().map(|(c, s)| (c.as_str(), *s));
+    for rg in 0..footer.meta.num_row_groups() {
+        for (conv, seq) in format::read_keys(&footer, &data, rg).map_err(|e| e.to_string())? {
+            if expected.next() != Some((conv.as_str(), seq)) {
+                return Err(format!("row ({conv}, {seq}) is not the row written"));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Every pair of `range`, page by page, collected: for ranges known to be small (a
+/// conversation's runs, a hold's entries). Whole-tenant reads use [`Pages`].
 pub async fn scan_all(
     store: &dyn KvStore,
     range: KeyRange,
 ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, ArchiveError> {
     let mut out = Vec::new();
-    let mut start = range.start.clone();
-    loop {
-        let page = store
-            .scan(
-                KeyRange {
-                    start: start.clone(),
-                    end: range.end.clone(),
-                },
-                1000,
-                Order::Ascending,
-            )
-            .await
-            .map_err(LogError::from)?;
-        let full = page.len() == 1000;
-        if let Some((last, _)) = page.last() {
-            start = last.clone();
-            start.push(0);
-        }
+    let mut pages = Pages::new(range);
+    while let Some(page) = pages.next(store).await? {
         out.extend(page);
-        if !full {
-            return Ok(out);
-        }
     }
+    Ok(out)
 }

@@ -24,6 +24,7 @@
 //!   `$CARGO_HOME/bin/garage` or `~/.cargo/bin/garage`).
 
 #![allow(dead_code)] // each test file uses its own subset
+#![allow(clippy::disallowed_methods)] // synchronous helpers around processes, off any runtime
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};

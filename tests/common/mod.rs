@@ -2,6 +2,7 @@
 //! directory of its own (data directory and master key file included).
 
 #![allow(dead_code)] // each test file uses its own subset
+#![allow(clippy::disallowed_methods)] // synchronous helpers around processes, off any runtime
 
 pub mod identity;
 
@@ -332,6 +333,17 @@ impl Nats {
         }
     }
 
+    /// Makes the server re-read its config file (SIGHUP), as an operator's reload does:
+    /// changed permissions apply to connected clients at once.
+    pub fn reload(&self) {
+        let pid = self.child.as_ref().expect("nats-server running").id();
+        let status = Command::new("kill")
+            .args(["-HUP", &pid.to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "SIGHUP to nats-server");
+    }
+
     /// Starts it again on the same port.
     pub fn restart(&mut self) {
         self.kill();
@@ -354,10 +366,9 @@ pub struct Server {
 }
 
 impl Server {
-    /// Starts `tidings serve --role ROLE` in the sandbox against `nats`. The gateway and the
-    /// admin listener bind ports of their own choosing and say which; the log role is ready
-    /// when it says so.
-    pub fn start(s: &Sandbox, nats: &Nats, role: &str, env: &[(&str, &str)]) -> Server {
+    /// The `tidings serve --role ROLE` command [`Server::start`] runs (stderr piped, listeners
+    /// on ports of their own choosing), for a test that runs the process itself.
+    pub fn command(s: &Sandbox, nats: &Nats, role: &str, env: &[(&str, &str)]) -> Command {
         let mut cmd = s.command(&["serve", "--role", role]);
         // The tests sign development (HS256) tokens: enabled explicitly, as `ops/run` does.
         // A test that wants it off passes TIDINGS_AUTH_HS256_ENABLED=0 in `env`.
@@ -376,6 +387,14 @@ impl Server {
         for (k, v) in env {
             cmd.env(k, v);
         }
+        cmd
+    }
+
+    /// Starts `tidings serve --role ROLE` in the sandbox against `nats`. The gateway and the
+    /// admin listener bind ports of their own choosing and say which; the log role is ready
+    /// when it says so.
+    pub fn start(s: &Sandbox, nats: &Nats, role: &str, env: &[(&str, &str)]) -> Server {
+        let mut cmd = Server::command(s, nats, role, env);
         let admin = matches!(role, "all" | "log")
             && !env
                 .iter()

@@ -3,6 +3,7 @@
 //! the servers load these files and the clients verify against the CA.
 
 #![allow(dead_code)] // each test file uses its own subset
+#![allow(clippy::disallowed_methods)] // synchronous helpers around processes, off any runtime
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

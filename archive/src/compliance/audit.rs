@@ -17,7 +17,7 @@ use tidings_log::{LogError, TenantId, keys};
 use tidings_schemas::storage::{AuditHead, AuditRecord};
 
 use super::{Actor, rfc3339_ms};
-use crate::archiver::scan_all;
+use crate::archiver::Pages;
 use crate::error::ArchiveError;
 use tidings_log::store::KeyRange;
 
@@ -111,42 +111,105 @@ pub struct Listing {
     pub problems: Vec<String>,
 }
 
-/// Reads and checks a tenant's whole audit log.
+/// What a streaming read ([`read_each`]) found besides the records.
+#[derive(Debug, Default)]
+pub struct Checked {
+    /// Records handed over.
+    pub rows: u64,
+    /// Integrity problems, at most [`MAX_PROBLEMS`] (then one line counting the rest).
+    pub problems: Vec<String>,
+    /// False if the reader stopped the read early.
+    pub complete: bool,
+}
+
+/// Most integrity problems listed by one read: a log damaged throughout must not make the
+/// report as large as the log; the count of the rest is kept.
+pub const MAX_PROBLEMS: usize = 100;
+
+impl Checked {
+    fn problem(&mut self, dropped: &mut u64, text: String) {
+        if self.problems.len() < MAX_PROBLEMS {
+            self.problems.push(text);
+        } else {
+            *dropped += 1;
+        }
+    }
+}
+
+/// Reads and checks a tenant's whole audit log (collected: for tools and tests; servers
+/// use [`read_each`]).
 pub async fn read(
     store: &dyn KvStore,
     keyring: &Keyring,
     tenant: &TenantId,
 ) -> Result<Listing, ArchiveError> {
+    let mut records = Vec::new();
+    let checked = read_each(store, keyring, tenant, |record| {
+        records.push(record);
+        std::future::ready(true)
+    })
+    .await?;
+    Ok(Listing {
+        records,
+        problems: checked.problems,
+    })
+}
+
+/// Reads and checks a tenant's audit log a page at a time, handing each record to `each`
+/// as it goes (it returns false to stop): memory is bounded by a page, however long the
+/// log. The chain is checked across pages; the head is checked at the end of a complete
+/// read.
+pub async fn read_each<F, Fut>(
+    store: &dyn KvStore,
+    keyring: &Keyring,
+    tenant: &TenantId,
+    mut each: F,
+) -> Result<Checked, ArchiveError>
+where
+    F: FnMut(AuditRecord) -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
     let key = keyring.audit_key().await?;
-    let rows = scan_all(store, KeyRange::prefix(keys::audit_dir(tenant))).await?;
-    let mut listing = Listing::default();
+    let mut checked = Checked::default();
+    let mut dropped = 0u64;
     let mut prev_hash: Vec<u8> = Vec::new();
     let mut expected = 1u64;
-    for (k, sealed) in rows {
-        let Some(seq) = keys::event_seq(&k) else {
-            listing
-                .problems
-                .push(format!("unreadable key {}", keys::display_key(&k)));
-            continue;
-        };
-        if seq != expected {
-            listing
-                .problems
-                .push(format!("records {expected}..{seq} are missing"));
-        }
-        expected = seq + 1;
-        match open(&key, tenant, seq, &sealed) {
-            Ok(record) => {
-                if record.prev_hash != prev_hash {
-                    listing.problems.push(format!(
-                        "record {seq} does not follow the record before it (hash chain broken)"
-                    ));
-                }
-                listing.records.push(record);
+    let mut pages = Pages::new(KeyRange::prefix(keys::audit_dir(tenant)));
+    while let Some(page) = pages.next(store).await? {
+        for (k, sealed) in page {
+            let Some(seq) = keys::event_seq(&k) else {
+                checked.problem(
+                    &mut dropped,
+                    format!("unreadable key {}", keys::display_key(&k)),
+                );
+                continue;
+            };
+            if seq != expected {
+                checked.problem(
+                    &mut dropped,
+                    format!("records {expected}..{seq} are missing"),
+                );
             }
-            Err(reason) => listing.problems.push(format!("record {seq}: {reason}")),
+            expected = seq + 1;
+            match open(&key, tenant, seq, &sealed) {
+                Ok(record) => {
+                    if record.prev_hash != prev_hash {
+                        checked.problem(
+                            &mut dropped,
+                            format!(
+                                "record {seq} does not follow the record before it (hash chain broken)"
+                            ),
+                        );
+                    }
+                    checked.rows += 1;
+                    if !each(record).await {
+                        return Ok(checked);
+                    }
+                }
+                Err(reason) => checked.problem(&mut dropped, format!("record {seq}: {reason}")),
+            }
+            prev_hash = Sha256::digest(&sealed).to_vec();
         }
-        prev_hash = Sha256::digest(&sealed).to_vec();
     }
     let head_key = keys::audit_head(tenant);
     let head = match store.get(&head_key).await.map_err(LogError::from)? {
@@ -156,13 +219,22 @@ pub async fn read(
         None => AuditHead::default(),
     };
     if head.last_seq != expected - 1 || head.last_hash != prev_hash {
-        listing.problems.push(format!(
-            "the audit head names record {} but the log ends at {}",
-            head.last_seq,
-            expected - 1
-        ));
+        checked.problem(
+            &mut dropped,
+            format!(
+                "the audit head names record {} but the log ends at {}",
+                head.last_seq,
+                expected - 1
+            ),
+        );
     }
-    Ok(listing)
+    if dropped > 0 {
+        checked
+            .problems
+            .push(format!("and {dropped} more problems not listed"));
+    }
+    checked.complete = true;
+    Ok(checked)
 }
 
 fn open(key: &DataKey, tenant: &TenantId, seq: u64, sealed: &[u8]) -> Result<AuditRecord, String> {

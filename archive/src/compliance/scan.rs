@@ -26,7 +26,7 @@ use tidings_log::{ConvId, Event, LogError, TenantId, UserId, keys};
 use tidings_schemas::storage::{ArchiveSegment, Head};
 
 use super::{ComplianceError, Progress, Tier};
-use crate::archiver::scan_all;
+use crate::archiver::{Pages, scan_all};
 use crate::error::ArchiveError;
 use crate::format::{self, col};
 use crate::reader::{Segment, fetch_footer};
@@ -238,27 +238,42 @@ impl Scanner<'_> {
         sel: Selection<'_>,
         visitor: &mut dyn Visitor,
     ) -> Result<(), ComplianceError> {
-        let heads = match sel.conv {
-            Some(conv) => match self
+        // A tenant's heads are read a page at a time (a tenant may have millions of
+        // conversations); each page's conversations are scanned before the next is read.
+        if let Some(conv) = sel.conv {
+            let head = self
                 .store
                 .get(&keys::head(tenant, conv))
                 .await
-                .map_err(LogError::from)?
-            {
-                Some(head) => vec![(conv.clone(), head)],
-                None => Vec::new(),
-            },
-            None => {
-                let dir = keys::head_dir(Some(tenant));
-                let mut heads = Vec::new();
-                for (key, value) in scan_all(self.store, KeyRange::prefix(dir.clone())).await? {
-                    let conv = keys::last_part(&dir, &key)
-                        .ok_or_else(|| LogError::corrupt(&key, "bad head key"))?;
-                    heads.push((ConvId::new(conv)?, value));
-                }
-                heads
+                .map_err(LogError::from)?;
+            let heads = head.map(|h| (conv.clone(), h)).into_iter().collect();
+            return self
+                .scan_hot_conversations(tenant, heads, sel, visitor)
+                .await;
+        }
+        let dir = keys::head_dir(Some(tenant));
+        let mut pages = Pages::new(KeyRange::prefix(dir.clone()));
+        while let Some(page) = pages.next(self.store).await? {
+            let mut heads = Vec::with_capacity(page.len());
+            for (key, value) in page {
+                let conv = keys::last_part(&dir, &key)
+                    .ok_or_else(|| LogError::corrupt(&key, "bad head key"))?;
+                heads.push((ConvId::new(conv)?, value));
             }
-        };
+            self.scan_hot_conversations(tenant, heads, sel, visitor)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Visits the hot events of the conversations whose heads are given.
+    async fn scan_hot_conversations(
+        &self,
+        tenant: &TenantId,
+        heads: Vec<(ConvId, Vec<u8>)>,
+        sel: Selection<'_>,
+        visitor: &mut dyn Visitor,
+    ) -> Result<(), ComplianceError> {
         for (conv, head) in heads {
             let head_key = keys::head(tenant, &conv);
             let last = Head::decode(head.as_slice())

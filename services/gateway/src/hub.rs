@@ -13,6 +13,9 @@
 //!   transport key (fetched from the log once per key id, cached in the registry). An
 //!   envelope that does not open is treated as lost, never delivered: the hub heals from the
 //!   log, as for any gap.
+//! - Supervised: a hub's subscriptions are [`Resubscribing`]: removed by the server, they
+//!   are made again and the hub heals from the log. A hub task that stopped (a bug) is
+//!   found at the next join and made again for every session it had.
 //! - Sessions have outbound queues bounded in frames and in bytes ([`OutboundBudget`]); a hub
 //!   never waits for a session. A session whose queue is full is disconnected as a slow
 //!   consumer ([`SessionHandle::push`]).
@@ -23,7 +26,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::StreamExt;
 use prost::Message;
 use tidings_log::{Body, ConvId, Event, ReadRange, TenantId, UserId};
 use tidings_schemas::client::{self as proto, server_frame::Msg};
@@ -32,6 +34,8 @@ use tokio::sync::{Notify, broadcast, mpsc, oneshot};
 use tracing::{debug, warn};
 
 use crate::bus_crypto::{self, KeyCache};
+use crate::nats::BusEvents;
+use crate::resubscribe::{Delivery, Resubscribing};
 use crate::service::{Caller, LogService};
 use crate::subjects;
 
@@ -214,20 +218,28 @@ pub struct HubConfig {
     pub heal_interval: Duration,
 }
 
-enum HubCommand {
-    /// Add sessions. With `from`, first send them the events from that seq up to what the
-    /// hub has delivered (a member added while online). Acked once they are in.
-    Join {
-        sessions: Vec<SessionHandle>,
-        from: Option<u64>,
-        done: Option<oneshot::Sender<()>>,
-    },
-    Leave(Vec<u64>),
+/// Joins queued for one hub. A join beyond this waits (the joining session's request, or
+/// the user-notice watcher) instead of growing the queue: a hub catches newcomers up from
+/// the log, so a burst of a large group's members coming online at once is served in
+/// turn, never held in memory without bound.
+const HUB_COMMANDS: usize = 256;
+
+/// Add sessions. With `from`, first send them the events from that seq up to what the hub
+/// has delivered (a member added while online). Acked once they are in. (Leaves need no
+/// message: the registry's set is the truth, see [`HubHandle::left`].)
+struct HubCommand {
+    sessions: Vec<SessionHandle>,
+    from: Option<u64>,
+    done: Option<oneshot::Sender<()>>,
 }
 
 struct HubHandle {
-    commands: mpsc::UnboundedSender<HubCommand>,
+    commands: mpsc::Sender<HubCommand>,
+    /// The sessions in the conversation here: the truth the hub follows.
     sessions: HashSet<u64>,
+    /// Wakes the hub when sessions left: it drops those no longer in `sessions`. A leave
+    /// is a flag, not a queued message, so it needs no queue and never waits.
+    left: Arc<Notify>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -244,6 +256,20 @@ struct State {
     session_convs: HashMap<u64, HashSet<ConvId>>,
 }
 
+trait RemoveIfFinished {
+    fn remove_if_finished(&mut self, key: &(TenantId, ConvId)) -> Option<HubHandle>;
+}
+
+impl RemoveIfFinished for HashMap<(TenantId, ConvId), HubHandle> {
+    fn remove_if_finished(&mut self, key: &(TenantId, ConvId)) -> Option<HubHandle> {
+        if self.get(key).is_some_and(|h| h.task.is_finished()) {
+            self.remove(key)
+        } else {
+            None
+        }
+    }
+}
+
 /// Which sessions are in which conversations, on this gateway.
 #[derive(Clone)]
 pub struct Registry {
@@ -257,8 +283,11 @@ struct RegistryInner {
     keys: KeyCache,
     nats: async_nats::Client,
     cfg: HubConfig,
-    /// Fires when the NATS connection is (re)established: hubs then check for missed events.
-    reconnected: broadcast::Sender<()>,
+    /// Fires when the NATS connection is (re)established: hubs then check for missed events;
+    /// and names the subscriptions the server removed.
+    bus: BusEvents,
+    /// Subscriptions of hubs and user watches that are missing now (being made again).
+    missing: Arc<AtomicUsize>,
 }
 
 impl Registry {
@@ -266,7 +295,7 @@ impl Registry {
         log: Arc<dyn LogService>,
         nats: async_nats::Client,
         cfg: HubConfig,
-        reconnected: broadcast::Sender<()>,
+        bus: BusEvents,
     ) -> Self {
         Registry {
             inner: Arc::new(RegistryInner {
@@ -275,9 +304,26 @@ impl Registry {
                 keys: KeyCache::default(),
                 nats,
                 cfg,
-                reconnected,
+                bus,
+                missing: Arc::default(),
             }),
         }
+    }
+
+    /// How many of the fan-out's subscriptions are missing now (being made again); 0 when
+    /// every conversation and user followed here is subscribed.
+    pub fn missing_subscriptions(&self) -> usize {
+        self.inner.missing.load(Ordering::Relaxed)
+    }
+
+    async fn watch(&self, subject: String) -> Resubscribing {
+        Resubscribing::new(
+            self.inner.nats.clone(),
+            subject,
+            self.inner.bus.lost.subscribe(),
+            self.inner.missing.clone(),
+        )
+        .await
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -351,7 +397,7 @@ impl Registry {
 
     /// Fires on every NATS (re)connection.
     pub fn reconnections(&self) -> broadcast::Receiver<()> {
-        self.inner.reconnected.subscribe()
+        self.inner.bus.reconnected.subscribe()
     }
 
     /// Sessions still registered.
@@ -390,7 +436,7 @@ impl Registry {
         from: Option<u64>,
     ) {
         let (done, wait) = oneshot::channel();
-        {
+        let (commands, join) = {
             let mut state = self.state();
             let sessions: Vec<_> = sessions
                 .into_iter()
@@ -407,27 +453,50 @@ impl Registry {
                     .insert(conv.clone());
             }
             let key = (tenant.clone(), conv.clone());
+            let mut sessions = sessions;
+            if let Some(dead) = state.hubs.remove_if_finished(&key) {
+                // A hub task that stopped (it should not) would leave its sessions without
+                // pushes until they all left: make it again, with them.
+                warn!(%tenant, %conv, sessions = dead.sessions.len(), "a conversation's hub had stopped; made again");
+                let known: HashSet<u64> = sessions.iter().map(|s| s.id).collect();
+                sessions.extend(
+                    state
+                        .users
+                        .iter()
+                        .filter(|((t, _), _)| t == tenant)
+                        .flat_map(|(_, u)| u.sessions.values())
+                        .filter(|s| dead.sessions.contains(&s.id) && !known.contains(&s.id))
+                        .cloned(),
+                );
+            }
             let hub = state.hubs.entry(key).or_insert_with(|| {
-                let (tx, rx) = mpsc::unbounded_channel();
+                let (tx, rx) = mpsc::channel(HUB_COMMANDS);
+                let left = Arc::new(Notify::new());
                 HubHandle {
                     commands: tx,
                     sessions: HashSet::new(),
+                    left: left.clone(),
                     task: tokio::spawn(run_hub(
                         self.clone(),
                         tenant.clone(),
                         conv.clone(),
                         rx,
+                        left,
                         from.map(|f| f.saturating_sub(1)),
                     )),
                 }
             });
             hub.sessions.extend(sessions.iter().map(|s| s.id));
-            let _ = hub.commands.send(HubCommand::Join {
+            let join = HubCommand {
                 sessions,
                 from,
                 done: Some(done),
-            });
-        }
+            };
+            (hub.commands.clone(), join)
+        };
+        // Sent outside the lock: a full queue makes this join wait, nothing else. If the
+        // hub stops meanwhile (everyone left), `wait` resolves at once.
+        let _ = commands.send(join).await;
         let _ = wait.await;
     }
 
@@ -445,7 +514,7 @@ impl Registry {
                 for id in ids {
                     hub.sessions.remove(id);
                 }
-                let _ = hub.commands.send(HubCommand::Leave(ids.to_vec()));
+                hub.left.notify_one();
                 hub.sessions.is_empty()
             }
             None => false,
@@ -490,15 +559,13 @@ impl Registry {
 /// Follows one user's notices: joins and leaves made elsewhere, read cursors moved on other
 /// devices.
 async fn watch_user(registry: Registry, tenant: TenantId, user: UserId) {
-    let subject = subjects::user(&tenant, &user);
-    let mut sub = match registry.inner.nats.subscribe(subject.clone()).await {
-        Ok(sub) => sub,
-        Err(e) => {
-            warn!(error = %e, %subject, "failed to watch a user's notices");
-            return;
-        }
-    };
-    while let Some(msg) = sub.next().await {
+    let mut sub = registry.watch(subjects::user(&tenant, &user)).await;
+    loop {
+        // Notices missed while resubscribing are hints only: a join is also seen by the
+        // hub's own heal, and the next read cursor supersedes a lost one.
+        let Delivery::Message(msg) = sub.next().await else {
+            continue;
+        };
         let Ok(notice) = UserNotice::decode(msg.payload.as_ref()) else {
             continue;
         };
@@ -660,47 +727,59 @@ impl Hub {
         }
     }
 
+    /// The sessions the registry has in this conversation now (the truth; see
+    /// [`HubHandle::left`]).
+    fn registered(&self) -> HashSet<u64> {
+        self.registry
+            .state()
+            .hubs
+            .get(&(self.tenant.clone(), self.conv.clone()))
+            .map(|h| h.sessions.clone())
+            .unwrap_or_default()
+    }
+
+    /// Drops the sessions that left.
+    fn reconcile(&mut self) {
+        let registered = self.registered();
+        self.sessions.retain(|id, _| registered.contains(id));
+    }
+
     async fn command(&mut self, cmd: HubCommand) {
-        match cmd {
-            HubCommand::Join {
-                sessions,
-                from,
-                done,
-            } => {
-                if let Some(from) = from.filter(|f| *f <= self.delivered) {
-                    // Catch the newcomers up to where the others are.
-                    let mut next = from;
-                    while next <= self.delivered {
-                        match self.page(next, self.delivered).await {
-                            Ok(events) if !events.is_empty() => {
-                                for e in &events {
-                                    let frame = push_frame(Msg::Event(e.clone()));
-                                    for s in &sessions {
-                                        s.push(frame.clone());
-                                    }
-                                    next = e.seq + 1;
-                                }
+        let HubCommand {
+            mut sessions,
+            from,
+            done,
+        } = cmd;
+        // A session that left before its join arrived is not added.
+        let registered = self.registered();
+        sessions.retain(|s| registered.contains(&s.id));
+        if let Some(from) = from.filter(|f| *f <= self.delivered) {
+            // Catch the newcomers up to where the others are.
+            let mut next = from;
+            while next <= self.delivered {
+                match self.page(next, self.delivered).await {
+                    Ok(events) if !events.is_empty() => {
+                        for e in &events {
+                            let frame = push_frame(Msg::Event(e.clone()));
+                            for s in &sessions {
+                                s.push(frame.clone());
                             }
-                            _ => break,
+                            next = e.seq + 1;
                         }
                     }
-                }
-                for s in sessions {
-                    self.sessions.insert(s.id, s);
-                }
-                if let Some(done) = done {
-                    let _ = done.send(());
-                }
-                if from.is_some() {
-                    // A member was added: deliver whatever the hub has not seen yet, now.
-                    self.heal().await;
+                    _ => break,
                 }
             }
-            HubCommand::Leave(ids) => {
-                for id in ids {
-                    self.sessions.remove(&id);
-                }
-            }
+        }
+        for s in sessions {
+            self.sessions.insert(s.id, s);
+        }
+        if let Some(done) = done {
+            let _ = done.send(());
+        }
+        if from.is_some() {
+            // A member was added: deliver whatever the hub has not seen yet, now.
+            self.heal().await;
         }
     }
 
@@ -763,23 +842,14 @@ async fn run_hub(
     registry: Registry,
     tenant: TenantId,
     conv: ConvId,
-    mut commands: mpsc::UnboundedReceiver<HubCommand>,
+    mut commands: mpsc::Receiver<HubCommand>,
+    left: Arc<Notify>,
     start_after: Option<u64>,
 ) {
-    let nats = registry.inner.nats.clone();
     // Subscribe before reading the head: nothing committed after the read can be missed.
-    let (events, typing) = match (
-        nats.subscribe(subjects::events(&tenant, &conv)).await,
-        nats.subscribe(subjects::typing(&tenant, &conv)).await,
-    ) {
-        (Ok(e), Ok(t)) => (e, t),
-        (Err(e), _) | (_, Err(e)) => {
-            warn!(error = %e, %tenant, %conv, "failed to subscribe to a conversation");
-            return;
-        }
-    };
-    let (mut events, mut typing) = (events, typing);
-    let mut reconnected = registry.inner.reconnected.subscribe();
+    let mut events = registry.watch(subjects::events(&tenant, &conv)).await;
+    let mut typing = registry.watch(subjects::typing(&tenant, &conv)).await;
+    let mut reconnected = registry.inner.bus.reconnected.subscribe();
     let heal_every = registry.inner.cfg.heal_interval;
     let head = registry
         .inner
@@ -803,15 +873,17 @@ async fn run_hub(
                 Some(cmd) => hub.command(cmd).await,
                 None => return,
             },
-            msg = events.next() => match msg {
-                Some(msg) => match hub.open(&msg.payload).await {
+            _ = left.notified() => hub.reconcile(),
+            delivery = events.next() => match delivery {
+                Delivery::Message(msg) => match hub.open(&msg.payload).await {
                     Some(event) => hub.accept(event).await,
                     None => hub.heal().await,
                 },
-                None => return,
+                // Subscribed again: what was published meanwhile is in the log.
+                Delivery::Resubscribed => hub.heal().await,
             },
-            msg = typing.next() => {
-                if let Some(msg) = msg
+            delivery = typing.next() => {
+                if let Delivery::Message(msg) = delivery
                     && let Ok(notice) = TypingNotice::decode(msg.payload.as_ref())
                 {
                     hub.typing(notice);

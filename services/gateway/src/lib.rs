@@ -21,6 +21,8 @@
 //!   notice subjects.
 //! - [`revocation`]: revoked tokens at the gateway: the Hello check, the notices on
 //!   `tidings.revoked.<tenant>` that end live sessions at once, and a periodic re-check.
+//! - [`resubscribe`]: a core NATS subscription made again when the server removes it.
+//! - [`health`]: the named probes `/readyz` reports.
 //! - [`subjects`]: NATS subject names.
 //! - [`nats`]: connecting to NATS with a role's credential and TLS; URL redaction.
 //! - [`tls`]: TLS for the edge listeners (wss://, https://), reloaded from disk.
@@ -29,9 +31,11 @@
 
 pub mod admission;
 pub mod bus_crypto;
+pub mod health;
 pub mod hub;
 pub mod nats;
 pub mod publisher;
+pub mod resubscribe;
 pub mod revocation;
 pub mod rpc;
 pub mod rpc_identity;
@@ -41,7 +45,7 @@ pub mod session;
 pub mod subjects;
 pub mod tls;
 
-pub use nats::{NatsAuth, NatsConnect, connect_nats, redact_url};
+pub use nats::{BusEvents, NatsAuth, NatsConnect, connect_nats, redact_url};
 pub use server::{GatewayConfig, Shared, run};
 pub use service::{Caller, LogService};
 

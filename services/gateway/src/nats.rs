@@ -18,8 +18,57 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use async_nats::ConnectErrorKind;
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, watch};
 use tracing::{info, warn};
+
+use crate::health::Link;
+
+/// What the NATS connection tells the tasks of a process.
+#[derive(Clone)]
+pub struct BusEvents {
+    /// Fires on every (re)connection: hubs then check what they missed.
+    pub reconnected: broadcast::Sender<()>,
+    /// The subject of each subscription the server removed (a permission violation, e.g.
+    /// after a configuration reload). The client's stream for it stays open but silent, so
+    /// its owner must subscribe again (or end, and be restarted).
+    pub lost: broadcast::Sender<String>,
+    /// Connected or not, and how many times it (re)connected.
+    pub link: watch::Sender<Link>,
+}
+
+/// Most undelivered notices of each kind kept per listener; a listener that falls further
+/// behind sees `Lagged` and re-checks everything it owns.
+const EVENT_QUEUE: usize = 64;
+
+impl BusEvents {
+    pub fn new() -> Self {
+        BusEvents {
+            reconnected: broadcast::channel(EVENT_QUEUE).0,
+            lost: broadcast::channel(EVENT_QUEUE).0,
+            link: watch::channel(Link {
+                connected: true,
+                epoch: 0,
+            })
+            .0,
+        }
+    }
+}
+
+impl Default for BusEvents {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The subject in a server error saying a subscription was refused or removed, as
+/// nats-server words it: `Permissions Violation for Subscription to "SUBJECT"`.
+pub fn lost_subject(error: &str) -> Option<&str> {
+    const MARK: &str = "permissions violation for subscription to ";
+    let at = error.to_ascii_lowercase().find(MARK)? + MARK.len();
+    let rest = error.get(at..)?.trim_start_matches(['"', '\\']);
+    let end = rest.find(['"', '\\', ' ']).unwrap_or(rest.len());
+    (end > 0).then(|| &rest[..end])
+}
 
 /// How a process proves who it is to NATS. Secrets are held already read (from a file or
 /// the environment), never printed: `Debug` shows the kind only.
@@ -208,7 +257,7 @@ fn classify(url: &str, e: &async_nats::ConnectError) -> Attempt {
 fn options(
     cfg: &NatsConnect,
     name: &str,
-    reconnected: broadcast::Sender<()>,
+    events: BusEvents,
 ) -> Result<async_nats::ConnectOptions, NatsConnectError> {
     let mut o = match &cfg.auth {
         NatsAuth::None => async_nats::ConnectOptions::new(),
@@ -241,14 +290,31 @@ fn options(
             Duration::from_millis((50 * 2u64.saturating_pow(attempts.min(6) as u32)).min(2000))
         })
         .event_callback(move |event| {
-            let tx = reconnected.clone();
+            let events = events.clone();
             async move {
                 match event {
                     async_nats::Event::Connected => {
                         info!("connected to nats");
-                        let _ = tx.send(());
+                        events.link.send_modify(|l| {
+                            l.connected = true;
+                            l.epoch += 1;
+                        });
+                        let _ = events.reconnected.send(());
                     }
-                    async_nats::Event::Disconnected => warn!("disconnected from nats"),
+                    async_nats::Event::Disconnected => {
+                        warn!("disconnected from nats");
+                        events.link.send_modify(|l| l.connected = false);
+                    }
+                    async_nats::Event::ServerError(e) => {
+                        let text = e.to_string();
+                        match lost_subject(&text) {
+                            Some(subject) => {
+                                warn!(%subject, error = %text, "nats removed a subscription; its owner subscribes again");
+                                let _ = events.lost.send(subject.to_string());
+                            }
+                            None => warn!(error = %text, "nats server error"),
+                        }
+                    }
                     other => info!(event = %other, "nats event"),
                 }
             }
@@ -256,21 +322,22 @@ fn options(
 }
 
 /// Connects as [`NatsConnect`] says (see the module doc for what is retried and what is
-/// fatal). The returned channel fires on every (re)connection.
+/// fatal). The returned [`BusEvents`] say when it (re)connects, disconnects, or loses a
+/// subscription.
 pub async fn connect_nats(
     cfg: &NatsConnect,
     name: &str,
-) -> Result<(async_nats::Client, broadcast::Sender<()>), NatsConnectError> {
-    let (reconnected, _) = broadcast::channel(16);
+) -> Result<(async_nats::Client, BusEvents), NatsConnectError> {
+    let events = BusEvents::new();
     let deadline = tokio::time::Instant::now() + cfg.initial_wait;
     let mut delay = Duration::from_millis(100);
     let mut warned = false;
     loop {
-        let attempt = options(cfg, name, reconnected.clone())?
+        let attempt = options(cfg, name, events.clone())?
             .connect(cfg.url.as_str())
             .await;
         let detail = match attempt {
-            Ok(client) => return Ok((client, reconnected)),
+            Ok(client) => return Ok((client, events)),
             Err(e) => match classify(&cfg.url, &e) {
                 Attempt::Fatal(fatal) => return Err(fatal),
                 Attempt::Retry(detail) => detail,
@@ -308,6 +375,25 @@ mod tests {
         );
         assert_eq!(redact_url("nats://127.0.0.1:4222"), "nats://127.0.0.1:4222");
         assert_eq!(redact_url("token@host:4222"), "***@host:4222");
+    }
+
+    #[test]
+    fn a_removed_subscription_names_its_subject() {
+        assert_eq!(
+            lost_subject(r#"Permissions Violation for Subscription to "tidings.ev.acme.team""#),
+            Some("tidings.ev.acme.team")
+        );
+        assert_eq!(
+            lost_subject(
+                r#"permissions violation for subscription to "tidings.rpc.log" using queue "tidings-log""#
+            ),
+            Some("tidings.rpc.log")
+        );
+        assert_eq!(
+            lost_subject("Permissions Violation for Publish to \"x\""),
+            None
+        );
+        assert_eq!(lost_subject("authorization violation"), None);
     }
 
     #[test]

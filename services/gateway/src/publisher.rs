@@ -15,6 +15,12 @@
 //! backlog is full the oldest are dropped (and counted). Gateways heal any loss from the log
 //! by seq, so a drop delays delivery, it never loses a message.
 //!
+//! The stream lives in NATS's memory, so a NATS restart loses it: the publisher makes sure
+//! of it again after every reconnection ([`Link::epoch`]) **before** it publishes, and does
+//! not publish while disconnected. Publishing into a missing stream would reach the live
+//! subscribers but never be acked, stalling every later event for the ack timeout.
+//! [`probe`] says up only once the stream is there for the current connection.
+//!
 //! The stream keeps events in **memory** only, for a bounded window (age and bytes from
 //! config), and sealed: neither NATS's memory nor a copy of the stream holds message text. The replay window serves
 //! gateways and downstream consumers (notifications, bots) that reconnect.
@@ -30,10 +36,11 @@ use prost::Message;
 use tidings_log::crypto::{Keyring, TransportKey};
 use tidings_log::{Body, ConvId, FeedItem, TenantId, UserId};
 use tidings_schemas::internal::{UserNotice, user_notice::Change};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
 use crate::bus_crypto;
+use crate::health::{Link, Probe};
 use crate::subjects;
 
 #[derive(Clone, Debug)]
@@ -68,6 +75,30 @@ pub struct PublisherStats {
     pub published: AtomicU64,
     pub retried: AtomicU64,
     pub dropped: AtomicU64,
+    /// The [`Link::epoch`] the event stream was last made sure of in, plus one (0: never).
+    pub stream_epoch: AtomicU64,
+}
+
+/// The publisher's readiness: connected, and the stream made sure of since the last
+/// (re)connection.
+pub fn probe(stats: Arc<PublisherStats>, link: watch::Receiver<Link>) -> Probe {
+    Arc::new(move || {
+        let now = *link.borrow();
+        if !now.connected {
+            Some("waiting for NATS".into())
+        } else if stats.stream_epoch.load(Ordering::Acquire) != now.epoch + 1 {
+            Some("making sure of the event stream after a (re)connection".into())
+        } else {
+            None
+        }
+    })
+}
+
+/// Resolves when the link changes; never if nobody can change it any more.
+async fn changed(link: &mut watch::Receiver<Link>) {
+    if link.changed().await.is_err() {
+        std::future::pending::<()>().await;
+    }
 }
 
 /// One message to send.
@@ -201,129 +232,176 @@ fn outgoing(item: FeedItem, keys: &HashMap<String, Option<TransportKey>>) -> Vec
     }
 }
 
-/// Starts the publisher. It runs until the feed closes (the log is gone) and its backlog is
-/// empty or NATS stays unreachable. `keyring` is the log's ([`tidings_log::Log::keyring`]):
-/// events are sealed under its tenants' transport keys.
+/// Starts the publisher, for a connection whose state nobody reports (tests): see
+/// [`run`].
 pub fn spawn(
     client: async_nats::Client,
-    mut feed: mpsc::Receiver<FeedItem>,
+    feed: mpsc::Receiver<FeedItem>,
     keyring: Arc<Keyring>,
     cfg: PublisherConfig,
 ) -> (tokio::task::JoinHandle<()>, Arc<PublisherStats>) {
     let stats = Arc::new(PublisherStats::default());
-    let task_stats = stats.clone();
-    let handle = tokio::spawn(async move {
-        let js = jetstream::ContextBuilder::new()
-            .timeout(cfg.ack_timeout)
-            .build(client.clone());
-        let stats = task_stats;
-        let mut backlog: VecDeque<Outgoing> = VecDeque::new();
-        let mut stream_ready = false;
-        let mut backoff = Duration::from_millis(50);
-        let mut feed_open = true;
-        let mut items = Vec::new();
-        loop {
-            // Take what the log has committed, waiting only when there is nothing to send.
-            if backlog.is_empty() {
-                if !feed_open {
-                    return;
-                }
-                match feed.recv().await {
+    let link = watch::channel(Link {
+        connected: true,
+        epoch: 0,
+    })
+    .1;
+    let handle = tokio::spawn(run(client, feed, keyring, cfg, link, stats.clone()));
+    (handle, stats)
+}
+
+/// The publisher's loop. It runs until the feed closes (the log is gone) and its backlog is
+/// empty or NATS stays unreachable. `keyring` is the log's ([`tidings_log::Log::keyring`]):
+/// events are sealed under its tenants' transport keys. `link` is the connection's state
+/// ([`crate::nats::BusEvents::link`]): nothing is published while it is down, and the
+/// stream is made sure of again after each reconnection.
+pub async fn run(
+    client: async_nats::Client,
+    mut feed: mpsc::Receiver<FeedItem>,
+    keyring: Arc<Keyring>,
+    cfg: PublisherConfig,
+    mut link: watch::Receiver<Link>,
+    stats: Arc<PublisherStats>,
+) {
+    let js = jetstream::ContextBuilder::new()
+        .timeout(cfg.ack_timeout)
+        .build(client.clone());
+    let mut backlog: VecDeque<Outgoing> = VecDeque::new();
+    let mut backoff = Duration::from_millis(50);
+    let mut feed_open = true;
+    let mut items = Vec::new();
+    // Make sure of the stream at once, not at the first event: readiness waits for it.
+    link.mark_changed();
+    loop {
+        if !feed_open && backlog.is_empty() && items.is_empty() {
+            return; // the log is gone and everything it committed was handed over
+        }
+        // Take what the log has committed, waiting only when there is nothing to send and
+        // the stream is there for this connection (else it is made sure of first, below).
+        let now = *link.borrow_and_update();
+        let stream_ok =
+            now.connected && stats.stream_epoch.load(Ordering::Acquire) == now.epoch + 1;
+        if backlog.is_empty() && items.is_empty() && stream_ok {
+            if !feed_open {
+                return;
+            }
+            tokio::select! {
+                item = feed.recv() => match item {
                     Some(item) => items.push(item),
                     None => return,
-                }
-            }
-            while feed_open && items.len() < SEAL_BATCH {
-                match feed.try_recv() {
-                    Ok(item) => items.push(item),
-                    Err(mpsc::error::TryRecvError::Empty) => break,
-                    Err(mpsc::error::TryRecvError::Disconnected) => feed_open = false,
-                }
-            }
-            if !items.is_empty() {
-                let batch = std::mem::take(&mut items);
-                backlog.extend(outgoing_batch(&keyring, batch).await);
-            }
-            while backlog.len() > cfg.backlog {
-                backlog.pop_front();
-                stats.dropped.fetch_add(1, Ordering::Relaxed);
-            }
-
-            if !stream_ready {
-                match ensure_stream(&js, &cfg).await {
-                    Ok(()) => {
-                        info!(stream = subjects::STREAM, "jetstream stream ready");
-                        stream_ready = true;
-                    }
-                    Err(e) => {
-                        warn!(error = %e, backlog = backlog.len(), "failed to set up the event stream; will retry");
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(2));
-                        continue;
-                    }
-                }
-            }
-
-            let window: Vec<Outgoing> = backlog.drain(..backlog.len().min(cfg.in_flight)).collect();
-            let mut failed = Vec::new();
-            let mut acks = Vec::with_capacity(window.len());
-            for out in window {
-                match &out.msg_id {
-                    Some(id) => {
-                        let mut headers = async_nats::HeaderMap::new();
-                        headers.insert("Nats-Msg-Id", id.as_str());
-                        match js
-                            .publish_with_headers(out.subject.clone(), headers, out.payload.clone())
-                            .await
-                        {
-                            Ok(ack) => acks.push((out, Some(ack))),
-                            Err(e) => {
-                                warn!(error = %e, "failed to publish an event");
-                                failed.push(out);
-                            }
-                        }
-                    }
-                    None => {
-                        // Notices are hints; the log has the state. Best effort.
-                        if client
-                            .publish(out.subject.clone(), out.payload.clone())
-                            .await
-                            .is_ok()
-                        {
-                            acks.push((out, None));
-                        }
-                    }
-                }
-            }
-            for (out, ack) in acks {
-                match ack {
-                    None => {
-                        stats.published.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Some(ack) => match ack.await {
-                        Ok(_) => {
-                            stats.published.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Err(e) => {
-                            warn!(error = %e, subject = %out.subject, "no ack for an event; will re-publish");
-                            failed.push(out);
-                        }
-                    },
-                }
-            }
-            if failed.is_empty() {
-                backoff = Duration::from_millis(50);
-            } else {
-                stats
-                    .retried
-                    .fetch_add(failed.len() as u64, Ordering::Relaxed);
-                for out in failed.into_iter().rev() {
-                    backlog.push_front(out);
-                }
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(2));
+                },
+                _ = changed(&mut link) => {}
             }
         }
-    });
-    (handle, stats)
+        while feed_open && items.len() < SEAL_BATCH {
+            match feed.try_recv() {
+                Ok(item) => items.push(item),
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => feed_open = false,
+            }
+        }
+        if !items.is_empty() {
+            let batch = std::mem::take(&mut items);
+            backlog.extend(outgoing_batch(&keyring, batch).await);
+        }
+        while backlog.len() > cfg.backlog {
+            backlog.pop_front();
+            stats.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+
+        let now = *link.borrow_and_update();
+        if !now.connected {
+            // Keep taking the feed (the backlog bound applies) until NATS is back.
+            tokio::select! {
+                item = feed.recv(), if feed_open => match item {
+                    Some(item) => items.push(item),
+                    None => feed_open = false,
+                },
+                _ = changed(&mut link) => {}
+            }
+            continue;
+        }
+        if stats.stream_epoch.load(Ordering::Acquire) != now.epoch + 1 {
+            match ensure_stream(&js, &cfg).await {
+                Ok(()) => {
+                    info!(
+                        stream = subjects::STREAM,
+                        epoch = now.epoch,
+                        "jetstream stream ready"
+                    );
+                    stats.stream_epoch.store(now.epoch + 1, Ordering::Release);
+                    backoff = Duration::from_millis(50);
+                }
+                Err(e) => {
+                    warn!(error = %e, backlog = backlog.len(), "failed to set up the event stream; will retry");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    continue;
+                }
+            }
+        }
+        if backlog.is_empty() {
+            continue;
+        }
+
+        let window: Vec<Outgoing> = backlog.drain(..backlog.len().min(cfg.in_flight)).collect();
+        let mut failed = Vec::new();
+        let mut acks = Vec::with_capacity(window.len());
+        for out in window {
+            match &out.msg_id {
+                Some(id) => {
+                    let mut headers = async_nats::HeaderMap::new();
+                    headers.insert("Nats-Msg-Id", id.as_str());
+                    match js
+                        .publish_with_headers(out.subject.clone(), headers, out.payload.clone())
+                        .await
+                    {
+                        Ok(ack) => acks.push((out, Some(ack))),
+                        Err(e) => {
+                            warn!(error = %e, "failed to publish an event");
+                            failed.push(out);
+                        }
+                    }
+                }
+                None => {
+                    // Notices are hints; the log has the state. Best effort.
+                    if client
+                        .publish(out.subject.clone(), out.payload.clone())
+                        .await
+                        .is_ok()
+                    {
+                        acks.push((out, None));
+                    }
+                }
+            }
+        }
+        for (out, ack) in acks {
+            match ack {
+                None => {
+                    stats.published.fetch_add(1, Ordering::Relaxed);
+                }
+                Some(ack) => match ack.await {
+                    Ok(_) => {
+                        stats.published.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        warn!(error = %e, subject = %out.subject, "no ack for an event; will re-publish");
+                        failed.push(out);
+                    }
+                },
+            }
+        }
+        if failed.is_empty() {
+            backoff = Duration::from_millis(50);
+        } else {
+            stats
+                .retried
+                .fetch_add(failed.len() as u64, Ordering::Relaxed);
+            for out in failed.into_iter().rev() {
+                backlog.push_front(out);
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+    }
 }

@@ -944,6 +944,18 @@ async fn run_call(
     result
 }
 
+/// Why [`serve`] stopped. It never stops on its own while NATS keeps the subscriptions: each
+/// of these is a failure its owner restarts it for, or exits on.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("failed to subscribe to the log's subjects: {0}")]
+    Subscribe(#[from] async_nats::SubscribeError),
+    #[error("NATS removed the subscription to {subject} (a permission violation)")]
+    Lost { subject: String },
+    #[error("the request subscription ended (the NATS client closed)")]
+    Ended,
+}
+
 /// Server side: answers log requests from NATS until the subscriptions end: those of the
 /// queue group (any log process may get them) and those sent to this writer by name. At
 /// most `max_in_flight` requests run at once; the rest wait in NATS's queue.
@@ -952,8 +964,21 @@ pub async fn serve(
     log: Log,
     auth: Arc<RpcAuth>,
     max_in_flight: usize,
-) -> Result<(), async_nats::SubscribeError> {
-    serve_on(client, log, auth, max_in_flight, true).await
+) -> Result<(), ServeError> {
+    serve_on(client, log, auth, max_in_flight, true, None).await
+}
+
+/// [`serve`], ending with [`ServeError::Lost`] when NATS removes one of its subscriptions
+/// (`lost` is [`crate::nats::BusEvents::lost`]); the subscription's stream would otherwise
+/// stay open and silent while the process looks healthy.
+pub async fn serve_watched(
+    client: async_nats::Client,
+    log: Log,
+    auth: Arc<RpcAuth>,
+    max_in_flight: usize,
+    lost: tokio::sync::broadcast::Receiver<String>,
+) -> Result<(), ServeError> {
+    serve_on(client, log, auth, max_in_flight, true, Some(lost)).await
 }
 
 /// [`serve`] without joining the queue group: answers only requests sent to this writer
@@ -963,8 +988,8 @@ pub async fn serve_by_name_only(
     log: Log,
     auth: Arc<RpcAuth>,
     max_in_flight: usize,
-) -> Result<(), async_nats::SubscribeError> {
-    serve_on(client, log, auth, max_in_flight, false).await
+) -> Result<(), ServeError> {
+    serve_on(client, log, auth, max_in_flight, false, None).await
 }
 
 async fn serve_on(
@@ -973,11 +998,11 @@ async fn serve_on(
     auth: Arc<RpcAuth>,
     max_in_flight: usize,
     shared: bool,
-) -> Result<(), async_nats::SubscribeError> {
+    mut lost: Option<tokio::sync::broadcast::Receiver<String>>,
+) -> Result<(), ServeError> {
     // Requests sent here by name, after another log process said this one owns them.
-    let own = client
-        .subscribe(subjects::log_writer(log.writer_id()))
-        .await?;
+    let own_subject = subjects::log_writer(log.writer_id());
+    let own = client.subscribe(own_subject.clone()).await?;
     let mut requests = if shared {
         let group = client
             .queue_subscribe(subjects::LOG_RPC, subjects::LOG_QUEUE_GROUP.to_string())
@@ -987,13 +1012,39 @@ async fn serve_on(
         own.boxed()
     };
     let permits = Arc::new(Semaphore::new(max_in_flight));
-    while let Some(msg) = requests.next().await {
+    loop {
+        let removed = async {
+            match lost.as_mut() {
+                Some(lost) => lost.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        let msg = tokio::select! {
+            msg = requests.next() => match msg {
+                Some(msg) => msg,
+                None => return Err(ServeError::Ended),
+            },
+            subject = removed => match subject {
+                Ok(subject) if subject == subjects::LOG_RPC || subject == own_subject => {
+                    return Err(ServeError::Lost { subject });
+                }
+                Ok(_) => continue,
+                // Removal notices were missed, perhaps of ours: subscribe again to be sure.
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                    return Err(ServeError::Lost { subject: "(notices missed)".into() });
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                    lost = None;
+                    continue;
+                }
+            },
+        };
         let Some(reply_to) = msg.reply.clone() else {
             debug!("log request without a reply subject ignored");
             continue;
         };
         let Ok(permit) = permits.clone().acquire_owned().await else {
-            break;
+            return Err(ServeError::Ended);
         };
         let (client, log, auth) = (client.clone(), log.clone(), auth.clone());
         tokio::spawn(async move {
@@ -1007,5 +1058,4 @@ async fn serve_on(
             drop(permit);
         });
     }
-    Ok(())
 }

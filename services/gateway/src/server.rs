@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use tidings_auth::Verifier;
 use tokio::net::TcpListener;
-use tokio::sync::broadcast;
 use tracing::{debug, info, warn};
 
 use crate::admission::{Admission, Limits};
@@ -110,7 +109,7 @@ impl Shared {
         log: Arc<dyn LogService>,
         nats: async_nats::Client,
         verifier: Verifier,
-        reconnected: broadcast::Sender<()>,
+        bus: crate::nats::BusEvents,
     ) -> Arc<Shared> {
         let registry = Registry::new(
             log.clone(),
@@ -120,7 +119,7 @@ impl Shared {
                 max_pending: 10_000,
                 heal_interval: cfg.heal_interval,
             },
-            reconnected,
+            bus,
         );
         let admission = Admission::new(Limits {
             max_connections: cfg.max_connections,

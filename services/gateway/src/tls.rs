@@ -71,7 +71,9 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// Reads every certificate in a PEM file, leaf first.
+/// Reads every certificate in a PEM file, leaf first. Blocking: called at startup and from
+/// the reload task's blocking job.
+#[allow(clippy::disallowed_methods)]
 pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let shown = path.display().to_string();
     let bytes = std::fs::read(path).map_err(|source| TlsError::Read {
@@ -87,7 +89,8 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError>
     Ok(certs)
 }
 
-/// Reads the first private key in a PEM file.
+/// Reads the first private key in a PEM file. Blocking, like [`load_certs`].
+#[allow(clippy::disallowed_methods)]
 pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     let shown = path.display().to_string();
     let bytes = std::fs::read(path).map_err(|source| TlsError::Read {
@@ -142,6 +145,8 @@ impl std::fmt::Debug for ReloadingAcceptor {
     }
 }
 
+/// The pair's modification times. Blocking: the reload task runs it on the blocking pool.
+#[allow(clippy::disallowed_methods)]
 fn modified(files: &TlsFiles) -> Option<(SystemTime, SystemTime)> {
     let m = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
     Some((m(&files.cert)?, m(&files.key)?))
@@ -158,8 +163,8 @@ impl ReloadingAcceptor {
         };
         let weak = Arc::downgrade(&acceptor.current);
         let files = acceptor.files.clone();
+        let mut seen = modified(&files);
         tokio::spawn(async move {
-            let mut seen = modified(&files);
             // The last pair that failed to load: warned about once, retried every poll.
             let mut failed = None;
             let mut ticker = tokio::time::interval(RELOAD_POLL);
@@ -169,11 +174,24 @@ impl ReloadingAcceptor {
                 let Some(current) = weak.upgrade() else {
                     return;
                 };
-                let now = modified(&files);
+                // Stat and load on the blocking pool: file I/O never stalls a worker.
+                let polled = files.clone();
+                let now = tokio::task::spawn_blocking(move || modified(&polled))
+                    .await
+                    .ok()
+                    .flatten();
                 if now == seen {
                     continue;
                 }
-                match server_config(&files.cert, &files.key, alpn) {
+                let loading = files.clone();
+                let loaded = tokio::task::spawn_blocking(move || {
+                    server_config(&loading.cert, &loading.key, alpn)
+                })
+                .await;
+                let Ok(loaded) = loaded else {
+                    continue; // the blocking job panicked: try again at the next poll
+                };
+                match loaded {
                     Ok(config) => {
                         if let Ok(mut slot) = current.write() {
                             *slot = TlsAcceptor::from(Arc::new(config));

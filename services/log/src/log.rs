@@ -11,8 +11,8 @@ use std::time::Duration;
 use prost::Message;
 use tidings_schemas::storage::{Head, Membership, SealedEvent, UserConversation};
 use tidings_schemas::v1::{ConversationKind, Event, MemberRole, event::Body};
-use tokio::sync::{mpsc, oneshot};
-use tracing::{info, warn};
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{error, info, warn};
 
 use crate::cold::{self, ColdTier};
 use crate::crypto::{Keyring, MasterKey};
@@ -397,6 +397,19 @@ struct Inner {
     revocations: crate::revocation::Revocations,
     /// Appends made while the store could not commit, until replayed: reads see them too.
     buffer: Option<Arc<SendBuffer>>,
+    /// Why the sequencer died, once it has (see [`Log::sequencer_failure`]).
+    failure: watch::Receiver<Option<Arc<str>>>,
+}
+
+/// The message a panic was raised with (for a supervisor's report).
+pub fn panic_text(payload: Box<dyn std::any::Any + Send>) -> String {
+    match payload.downcast::<String>() {
+        Ok(s) => *s,
+        Err(payload) => payload.downcast_ref::<&str>().map_or_else(
+            || "a panic without a message".to_string(),
+            |s| s.to_string(),
+        ),
+    }
 }
 
 impl Drop for Inner {
@@ -518,7 +531,20 @@ impl Log {
             );
             writer.replay_first();
         }
-        let writer = tokio::spawn(writer.run(rx));
+        // The sequencer runs in a task of its own, watched: a panic there (a broken
+        // invariant) is recorded with its message for the process to exit on, rather than
+        // every later call being answered `shutting_down` by a log that looks alive.
+        let (failure_tx, failure) = watch::channel(None);
+        let sequencer = writer.run(rx);
+        let writer = tokio::spawn(async move {
+            if let Err(e) = tokio::spawn(sequencer).await
+                && e.is_panic()
+            {
+                let reason = panic_text(e.into_panic());
+                error!(%reason, "the sequencer panicked; the log takes no more writes");
+                let _ = failure_tx.send(Some(Arc::from(reason)));
+            }
+        });
         let acquiring = Arc::new(tokio::sync::Mutex::new(()));
         let store_for_revocations = store.clone();
         let keeper = tokio::spawn(keep_leases(
@@ -545,8 +571,15 @@ impl Log {
                 creations,
                 revocations: crate::revocation::Revocations::new(store_for_revocations),
                 buffer,
+                failure,
             }),
         })
+    }
+
+    /// Becomes `Some(reason)` if the sequencer panicked: the log then takes no writes, and
+    /// the process should exit saying why (a supervisor waits on this).
+    pub fn sequencer_failure(&self) -> watch::Receiver<Option<Arc<str>>> {
+        self.inner.failure.clone()
     }
 
     /// This writer's owner id in the leases.

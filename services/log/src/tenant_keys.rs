@@ -137,7 +137,10 @@ fn run_key_command(command: &str, timeout: Duration) -> Result<TenantKey, String
     let status = loop {
         match child.try_wait() {
             Ok(Some(status)) => break status,
-            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+            Ok(None) if Instant::now() < deadline => {
+                #[allow(clippy::disallowed_methods)] // runs on the blocking pool (`fetch`)
+                std::thread::sleep(Duration::from_millis(10))
+            }
             Ok(None) => {
                 let _ = child.kill();
                 let _ = child.wait();

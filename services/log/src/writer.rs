@@ -741,6 +741,12 @@ impl Writer {
         done: Result<Result<(), StoreError>, tokio::task::JoinError>,
     ) -> bool {
         batch.state.pending = std::mem::take(&mut self.in_flight);
+        // A panic in the commit is a broken invariant, not a failed write: the sequencer
+        // panics too, and the log's watcher makes the process exit saying why.
+        let done = done.map_err(|e| match e.try_into_panic() {
+            Ok(panic) => std::panic::resume_unwind(panic),
+            Err(e) => e,
+        });
         let result = done.unwrap_or_else(|e| {
             Err(StoreError::Backend {
                 action: "run a commit",

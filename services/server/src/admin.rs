@@ -2,7 +2,10 @@
 //! set (docs/decisions/edge-tls.md), for operators and compliance
 //! officers, never for end users (they use the gateway).
 //!
-//! - `GET /healthz`: `200 ok`.
+//! - `GET /healthz`: `200 ok` (the process answers).
+//! - `GET /readyz`: `200 {"ready":true}` when every supervised task is up and NATS is
+//!   connected, else `503 {"ready":false,"down":{NAME:WHY,..}}` naming those down
+//!   ([`tidings_gateway::health`]; no secrets, no tenant data).
 //! - `GET /v1/compliance/search?tenant=&conv=&sender=&from=&to=&text=`: the hits as JSON
 //!   lines, streamed, then `{"complete":true,"rows":N}` — or `{"error":{..}}` if the search
 //!   failed midway. Only that last line tells a complete result from a cut one.
@@ -52,6 +55,7 @@ use tidings_archive::compliance::{
     parse_time,
 };
 use tidings_auth::Verifier;
+use tidings_gateway::health::Health;
 use tidings_gateway::tls::ReloadingAcceptor;
 use tidings_log::{ConvId, TenantId, UserId};
 use tokio::net::TcpListener;
@@ -103,6 +107,8 @@ struct State {
     log: tidings_log::Log,
     /// Where revocation notices go; `None` when this process has no NATS connection.
     nats: Option<async_nats::Client>,
+    /// What `/readyz` reports.
+    health: Health,
 }
 
 impl Admin {
@@ -116,6 +122,7 @@ impl Admin {
         tls: Option<ReloadingAcceptor>,
         log: tidings_log::Log,
         nats: Option<async_nats::Client>,
+        health: Health,
     ) -> std::io::Result<Admin> {
         let listener = TcpListener::bind(listen).await?;
         let addr = listener.local_addr()?;
@@ -125,6 +132,7 @@ impl Admin {
             requests: Arc::new(Semaphore::new(MAX_REQUESTS)),
             log,
             nats,
+            health,
         });
         let (stop, stopped) = watch::channel(false);
         let task = tokio::spawn(run(listener, state, tls, stopped));
@@ -250,6 +258,7 @@ async fn stopping(stopped: &mut watch::Receiver<bool>) {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Route {
     Health,
+    Ready,
     Search,
     Audit,
     Revoke,
@@ -260,6 +269,7 @@ impl Route {
     fn action(self) -> &'static str {
         match self {
             Route::Health => "healthz",
+            Route::Ready => "readyz",
             Route::Search => "search",
             Route::Audit => "audit_read",
             Route::Revoke => "token_revoke",
@@ -269,7 +279,7 @@ impl Route {
     /// The query parameters the route takes.
     fn parameters(self) -> &'static [&'static str] {
         match self {
-            Route::Health => &[],
+            Route::Health | Route::Ready => &[],
             Route::Search => &["tenant", "conv", "sender", "from", "to", "text"],
             Route::Audit => &["tenant"],
             Route::Revoke => &[],
@@ -280,6 +290,7 @@ impl Route {
 async fn handle(state: &Arc<State>, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
     let route = match req.uri().path() {
         "/healthz" => Route::Health,
+        "/readyz" => Route::Ready,
         "/v1/compliance/search" => Route::Search,
         "/v1/compliance/audit" => Route::Audit,
         "/v1/admin/tokens/revoke" => Route::Revoke,
@@ -312,6 +323,7 @@ async fn handle(state: &Arc<State>, peer: SocketAddr, req: Request<Incoming>) ->
     }
     match route {
         Route::Health => full(StatusCode::OK, "text/plain; charset=utf-8", "ok".into()),
+        Route::Ready => ready(&state.health),
         Route::Search | Route::Audit => {
             compliance_request(state, peer, route, req.headers(), raw_query).await
         }
@@ -570,7 +582,9 @@ async fn compliance_request(
             Err(reason) => refusal.invalid(&target, &reason).await,
         },
         Route::Audit => read_audit(state, target, caller.actor.clone(), filters.clone()).await,
-        Route::Health | Route::Revoke => error(StatusCode::NOT_FOUND, "not_found", "no such route"),
+        Route::Health | Route::Ready | Route::Revoke => {
+            error(StatusCode::NOT_FOUND, "not_found", "no such route")
+        }
     }
 }
 
@@ -675,8 +689,10 @@ fn search(state: &Arc<State>, query: Query, actor: Actor) -> Response<Body> {
     ndjson(rx)
 }
 
-/// Records the read (nothing is read if that fails), reads and checks the whole audit log,
-/// records the outcome, then streams the records.
+/// Records the read (nothing is read if that fails), then streams the records as they are
+/// read and checked, a page at a time (memory bounded by a page and the line channel,
+/// however long the log), then records the outcome. As for a search, the status is 200
+/// from the first record on and the last line says how it ended.
 async fn read_audit(
     state: &Arc<State>,
     tenant: TenantId,
@@ -686,49 +702,67 @@ async fn read_audit(
     let Ok(permit) = state.requests.clone().try_acquire_owned() else {
         return busy();
     };
-    let compliance = &state.compliance;
     let mut entry = Entry::new(&actor, Route::Audit.action(), "started");
     entry.access_id = uuid::Uuid::now_v7().to_string();
     entry.filters = filters;
-    if let Err(e) = compliance.record(&tenant, &entry).await {
+    if let Err(e) = state.compliance.record(&tenant, &entry).await {
         return failure(&e);
     }
-    let result = audit::read(&**compliance.store(), compliance.keyring(), &tenant)
+    let (tx, rx) = mpsc::channel(STREAM_LINES);
+    let state = state.clone();
+    tokio::spawn(async move {
+        let compliance = &state.compliance;
+        let sink = LineSink { tx };
+        // Why the client stopped taking lines, if it did (set inside the reader's callback).
+        let cut: std::sync::Mutex<Option<ComplianceError>> = std::sync::Mutex::default();
+        let result = audit::read_each(
+            &**compliance.store(),
+            compliance.keyring(),
+            &tenant,
+            |record| {
+                let line = audit::record_json(&tenant, &record);
+                let (sink, cut) = (&sink, &cut);
+                async move {
+                    match sink.send(&line).await {
+                        Ok(()) => true,
+                        Err(e) => {
+                            *cut.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                            false
+                        }
+                    }
+                }
+            },
+        )
         .await
         .map_err(ComplianceError::from);
-    match &result {
-        Ok(listing) => {
-            entry.outcome = "completed".into();
-            entry.rows = listing.records.len() as u64;
-        }
-        Err(e) => {
-            entry.outcome = "failed".into();
-            entry.detail = format!("{}: {e}", e.code());
-        }
-    }
-    let recorded = compliance.record(&tenant, &entry).await;
-    drop(permit);
-    let listing = match (result, recorded) {
-        (Ok(listing), Ok(_)) => listing,
-        (Err(e), _) | (Ok(_), Err(e)) => return failure(&e),
-    };
-    let (tx, rx) = mpsc::channel(STREAM_LINES);
-    tokio::spawn(async move {
-        let sink = LineSink { tx };
-        for record in &listing.records {
-            if sink
-                .send(&audit::record_json(&tenant, record))
-                .await
-                .is_err()
-            {
-                return;
+        let cut = cut.into_inner().unwrap_or_else(|p| p.into_inner());
+        let result = match (result, cut) {
+            (Ok(checked), None) => Ok(checked),
+            (Ok(_), Some(e)) | (Err(e), _) => Err(e),
+        };
+        match &result {
+            Ok(checked) => {
+                entry.outcome = "completed".into();
+                entry.rows = checked.rows;
+            }
+            Err(e) => {
+                entry.outcome = "failed".into();
+                entry.detail = format!("{}: {e}", e.code());
             }
         }
-        let last = json!({
-            "complete": true,
-            "rows": listing.records.len(),
-            "problems": listing.problems,
-        });
+        let recorded = compliance.record(&tenant, &entry).await;
+        drop(permit);
+        let last = match (result, recorded) {
+            (Ok(checked), Ok(_)) => json!({
+                "complete": true,
+                "rows": checked.rows,
+                "problems": checked.problems,
+            }),
+            (Err(e), _) | (Ok(_), Err(e)) => {
+                warn!(actor = actor.name(), code = e.code(), error = %e, "audit log read failed");
+                error_json(e.code(), &e.to_string())
+            }
+        };
         let _ = sink.send(&last).await;
     });
     ndjson(rx)
@@ -869,6 +903,27 @@ fn response(status: StatusCode, content_type: &'static str, body: Body) -> Respo
     // Compliance answers carry message content; no cache on the way may keep them.
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     response
+}
+
+/// `/readyz`: 200 when every probe is up, 503 naming those down and why.
+fn ready(health: &Health) -> Response<Body> {
+    let down = health.down();
+    if down.is_empty() {
+        return full(
+            StatusCode::OK,
+            "application/json",
+            "{\"ready\":true}\n".into(),
+        );
+    }
+    let down: Map<String, Value> = down
+        .into_iter()
+        .map(|(name, why)| (name, Value::String(why)))
+        .collect();
+    full(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "application/json",
+        format!("{}\n", json!({ "ready": false, "down": down })),
+    )
 }
 
 fn full(status: StatusCode, content_type: &'static str, text: String) -> Response<Body> {

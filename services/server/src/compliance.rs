@@ -91,14 +91,18 @@ pub async fn command(cmd: ComplianceCommand, log: &Log, config: &Config) -> anyh
             Ok(true)
         }
         ComplianceCommand::Audit { tenant } => {
-            let listing = audit::read(&**log.store(), log.keyring(), &tenant).await?;
-            for record in &listing.records {
-                emit(&audit::record_json(&tenant, record))?;
+            // Streamed a page at a time: the log may hold far more records than memory.
+            let mut emitted = Ok(());
+            let checked = audit::read_each(&**log.store(), log.keyring(), &tenant, |record| {
+                emitted = emit(&audit::record_json(&tenant, &record));
+                std::future::ready(emitted.is_ok())
+            })
+            .await?;
+            emitted?;
+            if !checked.problems.is_empty() {
+                emit(&json!({"problems": checked.problems}))?;
             }
-            if !listing.problems.is_empty() {
-                emit(&json!({"problems": listing.problems}))?;
-            }
-            Ok(listing.problems.is_empty())
+            Ok(checked.problems.is_empty())
         }
         ComplianceCommand::Hold(cmd) => {
             hold_command(&compliance, cmd).await?;

@@ -5,6 +5,7 @@
 //! - [`config`]: TOML file plus `TIDINGS_*` environment overrides.
 //! - [`commands`]: the tool commands (`keys`, `conv`, `log`).
 //! - [`serve`]: `tidings serve --role all|log|gateway|archiver`.
+//! - [`supervise`]: the tasks of `serve`, owned, restarted or fatal, and `/readyz`.
 //! - [`admin`]: the admin HTTP listener of `serve`: health, compliance search, audit log.
 //! - [`archive`]: `tidings archive run|inspect|verify` and the periodic archiver of `serve`.
 //! - [`chat`]: `tidings chat`, a terminal client.
@@ -33,3 +34,4 @@ pub mod nats_init;
 pub mod output;
 pub mod revoke;
 pub mod serve;
+pub mod supervise;

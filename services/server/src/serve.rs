@@ -14,12 +14,15 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context;
+use futures_util::TryFutureExt;
 use tidings_auth::{AuthConfig, Ed25519Key, Jwks, Verifier};
-use tidings_gateway::{LogService, Shared, publisher, rpc};
+use tidings_gateway::health::{Health, link_probe};
+use tidings_gateway::{BusEvents, LogService, Shared, publisher, rpc};
 use tokio::net::TcpListener;
 use tracing::{info, warn};
 
 use crate::config::Config;
+use crate::supervise::{self, Supervisor};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Role {
@@ -147,6 +150,7 @@ async fn start_admin(
     archive_gate: Arc<tokio::sync::RwLock<()>>,
     verifier: Verifier,
     nats: async_nats::Client,
+    health: Health,
 ) -> anyhow::Result<Option<crate::admin::Admin>> {
     if config.admin.listen.is_empty() {
         return Ok(None);
@@ -165,10 +169,17 @@ async fn start_admin(
         ADMIN_ALPN,
     )?;
     let secure = tls.is_some();
-    let admin =
-        crate::admin::Admin::start(addr, verifier, compliance, tls, log.clone(), Some(nats))
-            .await
-            .with_context(|| format!("admin listener on {addr}"))?;
+    let admin = crate::admin::Admin::start(
+        addr,
+        verifier,
+        compliance,
+        tls,
+        log.clone(),
+        Some(nats),
+        health,
+    )
+    .await
+    .with_context(|| format!("admin listener on {addr}"))?;
     announce(
         "admin",
         admin.local_addr(),
@@ -221,7 +232,7 @@ fn announce(what: &str, addr: SocketAddr, tls: bool, secure: &str, plain: &str, 
 pub async fn connect_nats(
     config: &Config,
     role: Role,
-) -> anyhow::Result<(async_nats::Client, tokio::sync::broadcast::Sender<()>)> {
+) -> anyhow::Result<(async_nats::Client, BusEvents)> {
     let mut opts = config.nats.connect()?;
     let role_name = match role {
         Role::All => "all",
@@ -255,15 +266,21 @@ async fn shutdown_signal() {
 }
 
 pub async fn serve(config: Config, role: Role) -> anyhow::Result<()> {
+    let health = Health::default();
+    let supervisor = Supervisor::new(health.clone());
     if role == Role::Archiver {
         // The archiver never writes through the sequencer: it leaves the partitions to the
         // log writers.
         let log = crate::commands::open_log_owning(&config, None, false).await?;
         let archiver = crate::archive::spawn_periodic(&config, log, Arc::default())?;
+        supervisor.essential("archiver", supervise::owned(archiver));
         eprintln!("tidings: archiver every {}", config.archive.interval);
-        shutdown_signal().await;
-        archiver.abort();
-        return Ok(());
+        let fatal = tokio::select! {
+            _ = shutdown_signal() => None,
+            reason = supervisor.fatal() => Some(reason),
+        };
+        supervisor.shutdown().await;
+        return fatal.map_or(Ok(()), |reason| Err(anyhow::anyhow!(reason)));
     }
     // Every role but the archiver verifies tokens: the gateway its sessions', the log
     // service those on calls from gateways (a NATS credential alone never writes as anyone),
@@ -277,10 +294,9 @@ pub async fn serve(config: Config, role: Role) -> anyhow::Result<()> {
              never in production"
         );
     }
-    let mut token_tasks = Vec::new();
     if let Some(jwks) = verifiers.jwks {
         let every = std::time::Duration::from_millis(config.auth.jwks_poll_ms);
-        token_tasks.push(watch_jwks(jwks, every));
+        supervisor.essential("jwks reload", supervise::owned(watch_jwks(jwks, every)));
     }
     let rpc_auth = match role {
         Role::All | Role::Log => Some(rpc::RpcAuth::new(verifiers.rpc)),
@@ -300,41 +316,71 @@ pub async fn serve(config: Config, role: Role) -> anyhow::Result<()> {
              run `tidings keys log-identity` where the master key is and copy its output"
         );
     }
-    let (nats, reconnected) = connect_nats(&config, role).await?;
+    let (nats, bus) = connect_nats(&config, role).await?;
+    health.register("nats", link_probe(bus.link.subscribe()));
 
     // Held shared by compliance reads and exclusively by an archive pass, so a read never
     // sees events halfway between the tiers; made here, once per process, for both.
     let archive_gate = Arc::new(tokio::sync::RwLock::new(()));
     let mut log_handle = None;
     let mut admin = None;
-    let mut background = Vec::new();
+    let mut publisher = None;
     let service: Option<Arc<dyn LogService>> = match role {
         Role::All | Role::Log => {
             let (feed_tx, feed_rx) = tokio::sync::mpsc::channel(64 * 1024);
             let log = crate::commands::open_log_with_feed(&config, Some(feed_tx)).await?;
-            let (publisher, _stats) = publisher::spawn(
+            // A panic in the sequencer is fatal: the log takes no writes after it.
+            let mut failure = log.sequencer_failure();
+            supervisor.essential("sequencer", async move {
+                let reason = match failure.wait_for(Option::is_some).await {
+                    Ok(reason) => reason.clone(),
+                    // The log is gone (shutdown): nothing to watch.
+                    Err(_) => None,
+                };
+                let Some(reason) = reason else {
+                    return std::future::pending().await;
+                };
+                Err(supervise::Stopped(format!("panicked: {reason}")).into())
+            });
+            // The publisher owns the feed: it cannot be made again without losing what it
+            // holds, so it is not restarted; it runs until the feed closes at shutdown and
+            // is awaited then, to hand over what is committed.
+            let stats = Arc::new(publisher::PublisherStats::default());
+            health.register(
+                "publisher",
+                publisher::probe(stats.clone(), bus.link.subscribe()),
+            );
+            publisher = Some(tokio::spawn(publisher::run(
                 nats.clone(),
                 feed_rx,
                 log.keyring().clone(),
                 config.publisher_config(),
-            );
-            background.push(publisher);
-            let (rpc_nats, rpc_log, in_flight) =
-                (nats.clone(), log.clone(), config.nats.rpc_in_flight);
+                bus.link.subscribe(),
+                stats,
+            )));
             let auth = rpc_auth
                 .clone()
                 .context("the log service has its token check")?;
-            background.push(tokio::spawn(async move {
-                if let Err(e) = rpc::serve(rpc_nats, rpc_log, auth, in_flight).await {
-                    warn!(error = %e, "log service stopped");
-                }
-            }));
+            let (rpc_nats, rpc_log, in_flight, lost) = (
+                nats.clone(),
+                log.clone(),
+                config.nats.rpc_in_flight,
+                bus.lost.clone(),
+            );
+            supervisor.restarting("log service", move || {
+                rpc::serve_watched(
+                    rpc_nats.clone(),
+                    rpc_log.clone(),
+                    auth.clone(),
+                    in_flight,
+                    lost.subscribe(),
+                )
+                .map_err(anyhow::Error::from)
+            });
             if config.archive.enabled {
-                background.push(crate::archive::spawn_periodic(
-                    &config,
-                    log.clone(),
-                    archive_gate.clone(),
-                )?);
+                let archiver =
+                    crate::archive::spawn_periodic(&config, log.clone(), archive_gate.clone())?;
+                supervisor.essential("archiver", supervise::owned(archiver));
             }
             admin = start_admin(
                 &config,
@@ -342,6 +388,7 @@ pub async fn serve(config: Config, role: Role) -> anyhow::Result<()> {
                 archive_gate.clone(),
                 admin_verifier,
                 nats.clone(),
+                health.clone(),
             )
             .await?;
             info!(
@@ -360,6 +407,16 @@ pub async fn serve(config: Config, role: Role) -> anyhow::Result<()> {
         ))),
     };
 
+    // Ends on a signal, or on a fatal task failure (then `serve` fails with its reason).
+    let stop = {
+        let supervisor = supervisor.clone();
+        async move {
+            tokio::select! {
+                _ = shutdown_signal() => {}
+                _ = supervisor.fatal() => {}
+            }
+        }
+    };
     match (role, service, verifier) {
         (Role::All | Role::Gateway, Some(service), Some(verifier)) => {
             let addr: SocketAddr = config.gateway.listen.parse()?;
@@ -377,35 +434,47 @@ pub async fn serve(config: Config, role: Role) -> anyhow::Result<()> {
                 service,
                 nats.clone(),
                 verifier,
-                reconnected,
+                bus.clone(),
             );
             if let Some(log) = &log_handle {
                 shared.revocations.set_store(Arc::new(log.clone()));
             }
+            let registry = shared.registry.clone();
+            health.register(
+                "subscriptions",
+                Arc::new(move || match registry.missing_subscriptions() {
+                    0 => None,
+                    n => Some(format!(
+                        "{n} conversation or user subscriptions being made again"
+                    )),
+                }),
+            );
             let recheck = std::time::Duration::from_secs(config.auth.revocation_recheck_secs);
-            token_tasks.push(tidings_gateway::revocation::spawn(shared.clone(), recheck));
+            supervisor.essential(
+                "revocations",
+                supervise::owned(tidings_gateway::revocation::spawn(shared.clone(), recheck)),
+            );
             let local = listener.local_addr()?;
             announce("gateway", local, tls.is_some(), "wss://", "ws://", "/v1/ws");
-            tidings_gateway::run(listener, shared, tls, shutdown_signal()).await;
+            tidings_gateway::run(listener, shared, tls, stop).await;
         }
         _ => {
             eprintln!(
                 "tidings: log service on NATS {}",
                 tidings_gateway::redact_url(&config.nats.url)
             );
-            shutdown_signal().await;
+            stop.await;
         }
     }
 
-    info!("shutting down");
-    for task in &token_tasks {
-        task.abort();
+    let fatal = supervisor.fatal_now();
+    match &fatal {
+        Some(reason) => eprintln!("tidings: stopping: {reason}"),
+        None => info!("shutting down"),
     }
+    supervisor.shutdown().await;
     if let Some(admin) = admin {
         admin.stop().await;
-    }
-    for task in background.iter().skip(1) {
-        task.abort();
     }
     if let Some(log) = log_handle {
         // Appends already acknowledged are durable. Hand the partitions over at once (other
@@ -417,10 +486,13 @@ pub async fn serve(config: Config, role: Role) -> anyhow::Result<()> {
         drop(log);
     }
     // Give the publisher a moment to hand over what is committed.
-    if let Some(publisher) = background.into_iter().next() {
+    if let Some(publisher) = publisher {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(2), publisher).await;
     }
     // With NATS down a flush would wait for a reconnect that may never come.
     let _ = tokio::time::timeout(std::time::Duration::from_secs(1), nats.flush()).await;
-    Ok(())
+    match fatal {
+        Some(reason) => Err(anyhow::anyhow!(reason)),
+        None => Ok(()),
+    }
 }

@@ -245,6 +245,7 @@ impl Inner {
                     ),
                 });
             }
+            #[allow(clippy::disallowed_methods)] // runs on the blocking pool (`Store::blocking`)
             std::thread::sleep(Duration::from_millis(20));
         }
     }
