@@ -2,9 +2,8 @@
 //! real WebSockets, the store taken away by the fault-injecting wrapper
 //! (`TIDINGS_STORE_FAULTS_FILE`). While the store is out, sends are acknowledged from the
 //! send buffer and delivered live; afterwards every acknowledged event is in the store,
-//! contiguous, exactly once, at its acknowledged seq. Outages here last ~8 s rather than
-//! 30 s, with a 3 s lease: what the long outage shows (buffering outlasts the lease, the
-//! replay lands everything once) shows the same way, in a quarter of the time.
+//! contiguous, exactly once, at its acknowledged seq. The chat outage lasts 30 s, as the
+//! issue asks, with a 3 s lease: buffering outlasts the lease ten times over.
 //!
 //! Two writers around a takeover are proven in process (services/log/tests/outage.rs):
 //! one embedded store cannot be opened by two server processes.
@@ -23,7 +22,7 @@ use tidings_client::{ClientError, Connection, Push};
 use tidings_schemas::v1::{ConversationKind, Event};
 
 const WAIT: Duration = Duration::from_secs(30);
-const OUTAGE: Duration = Duration::from_secs(8);
+const OUTAGE: Duration = Duration::from_secs(30);
 
 fn faults(s: &Sandbox) -> PathBuf {
     s.path().join("faults")
