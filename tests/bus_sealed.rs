@@ -64,9 +64,17 @@ async fn log_on_nats(
     nats: &Nats,
     feed: Option<tokio::sync::mpsc::Sender<tidings_log::FeedItem>>,
 ) -> LogOnNats {
+    log_on_nats_with(nats, feed, LogConfig::default()).await
+}
+
+async fn log_on_nats_with(
+    nats: &Nats,
+    feed: Option<tokio::sync::mpsc::Sender<tidings_log::FeedItem>>,
+    cfg: LogConfig,
+) -> LogOnNats {
     let dir = tempfile::tempdir().expect("tempdir");
     let store: Arc<dyn KvStore> = Arc::new(FjallStore::open(dir.path()).expect("store"));
-    let log = Log::open_with_feed(store, MasterKey::generate(), LogConfig::default(), feed)
+    let log = Log::open_with_feed(store, MasterKey::generate(), cfg, feed)
         .await
         .expect("log");
     let (t, c) = acme();
@@ -421,6 +429,43 @@ async fn a_gateway_alone_cannot_make_the_log_create_keys_for_a_made_up_tenant() 
         .expect("the tenant's first user starts it");
     assert_eq!(created.seq, 1);
     assert!(has_key().await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_limit_keeps_its_retry_after_across_processes() {
+    let nats = Nats::start();
+    let cfg = LogConfig {
+        max_conversations_created_per_user_per_hour: 1,
+        ..LogConfig::default()
+    };
+    let served = log_on_nats_with(&nats, None, cfg).await;
+    let client = async_nats::connect(nats.url()).await.expect("nats");
+    let service = served.service(client);
+    let (t, _) = acme();
+    let carol = common::identity::user("acme", "carol");
+    let create = |conv: &str| CreateConversation {
+        tenant: t.clone(),
+        conv: ConvId::new(conv).expect("id"),
+        kind: ConversationKind::Group,
+        title: String::new(),
+        creator: user("carol"),
+        members: Vec::new(),
+    };
+    service
+        .create_conversation(&carol, create("one"))
+        .await
+        .expect("the first of the hour");
+    let err = service
+        .create_conversation(&carol, create("two"))
+        .await
+        .expect_err("over the hourly cap");
+    assert_eq!(err.code(), "rate_limited", "{err}");
+    assert!(err.is_retryable());
+    let after = err.retry_after_ms();
+    assert!(
+        (1..=3_600_000).contains(&after),
+        "retry_after_ms {after} survives the trip over NATS"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -280,6 +280,9 @@ pub struct LogError {
     /// does). The caller re-sends to that writer's own subject, tidings.rpc.log.w.<id>.
     #[prost(string, tag = "4")]
     pub owner: ::prost::alloc::string::String,
+    /// For rate_limited: when trying again may succeed, in ms (0: not said).
+    #[prost(uint64, tag = "5")]
+    pub retry_after_ms: u64,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct Committed {

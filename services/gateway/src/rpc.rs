@@ -94,9 +94,12 @@ impl NatsLogService {
             .map_err(|r| r.error)?;
         match reply.body {
             Some(rpc_reply::Body::TransportKey(k)) => exchange.finish(tenant, &k),
-            Some(rpc_reply::Body::Refused(e)) => {
-                Err(LogError::remote(&e.code, e.message, e.retryable))
-            }
+            Some(rpc_reply::Body::Refused(e)) => Err(LogError::remote_after(
+                &e.code,
+                e.message,
+                e.retryable,
+                e.retry_after_ms,
+            )),
             _ => Err(unexpected()),
         }
     }
@@ -213,7 +216,12 @@ impl NatsLogService {
                     self.keys.forget(key.tenant());
                 }
                 return Err(Refused {
-                    error: LogError::remote(&e.code, e.message, e.retryable),
+                    error: LogError::remote_after(
+                        &e.code,
+                        e.message,
+                        e.retryable,
+                        e.retry_after_ms,
+                    ),
                     owner: e.owner,
                 });
             }
@@ -242,7 +250,7 @@ impl NatsLogService {
         })?;
         match resp.result {
             Some(Reply::Error(e)) => Err(Refused {
-                error: LogError::remote(&e.code, e.message, e.retryable),
+                error: LogError::remote_after(&e.code, e.message, e.retryable, e.retry_after_ms),
                 owner: e.owner,
             }),
             Some(other) => Ok(other),
@@ -765,6 +773,7 @@ fn refused(e: &LogError) -> wire::RpcReply {
             message: message.into(),
             retryable: e.is_retryable(),
             owner: String::new(),
+            retry_after_ms: e.retry_after_ms(),
         })),
     }
 }
@@ -778,6 +787,7 @@ fn error_reply(e: &LogError) -> Reply {
             LogError::NotOwner { owner, .. } => owner.clone(),
             _ => String::new(),
         },
+        retry_after_ms: e.retry_after_ms(),
     })
 }
 

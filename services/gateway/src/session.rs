@@ -152,10 +152,7 @@ pub fn log_error(e: &LogError, session: u64, request_id: u64) -> Msg {
     Msg::Error(proto::Error {
         code: code as i32,
         message,
-        retry_after_ms: match e {
-            LogError::RateLimited { retry_after_ms, .. } => *retry_after_ms,
-            _ => 0,
-        },
+        retry_after_ms: e.retry_after_ms(),
         retryable: e.is_retryable(),
         trace_id,
     })

@@ -121,12 +121,13 @@ pub enum LogError {
     Store(#[from] StoreError),
 
     /// An error that crossed a process boundary (the log service over NATS): its code and
-    /// message as the remote side gave them.
+    /// message as the remote side gave them, and when to try again (0: not said).
     #[error("{message}")]
     Remote {
         code: &'static str,
         message: String,
         retryable: bool,
+        retry_after_ms: u64,
     },
 }
 
@@ -204,6 +205,40 @@ impl LogError {
             code,
             message,
             retryable,
+            retry_after_ms: 0,
+        }
+    }
+
+    /// [`LogError::remote`] with the remote side's advice on when to try again.
+    pub fn remote_after(
+        code: &str,
+        message: String,
+        retryable: bool,
+        retry_after_ms: u64,
+    ) -> LogError {
+        match Self::remote(code, message, retryable) {
+            LogError::Remote {
+                code,
+                message,
+                retryable,
+                ..
+            } => LogError::Remote {
+                code,
+                message,
+                retryable,
+                retry_after_ms,
+            },
+            other => other,
+        }
+    }
+
+    /// How long to wait before trying again, if the error says (0: it does not): a rate
+    /// limit's window, here or in the process that refused.
+    pub fn retry_after_ms(&self) -> u64 {
+        match self {
+            LogError::RateLimited { retry_after_ms, .. }
+            | LogError::Remote { retry_after_ms, .. } => *retry_after_ms,
+            _ => 0,
         }
     }
 
