@@ -1193,7 +1193,6 @@ impl Log {
         Ok(Some(events))
     }
 
-    /// Events `lo..=hi` of the hot log in `order`, at most `limit`; `None` if one is missing.
     /// The lowest seq of the conversation that is in the send buffer, not the store.
     fn buffered_low(&self, tenant: &TenantId, conv: &ConvId) -> Option<u64> {
         let b = self.inner.buffer.as_ref()?;
@@ -1284,6 +1283,7 @@ impl Log {
         }
     }
 
+    /// Events `lo..=hi` of the store in `order`, at most `limit`; `None` if one is missing.
     async fn read_stored(
         &self,
         tenant: &TenantId,

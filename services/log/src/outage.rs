@@ -496,12 +496,7 @@ impl Writer {
         reqs: &[Request],
         buffer: &SendBuffer,
     ) -> (HashMap<Vec<u8>, Option<Vec<u8>>>, HashSet<Vec<u8>>) {
-        let mut wanted = Vec::with_capacity(reqs.len() * 3);
-        for r in reqs {
-            r.cmd.reads(&mut wanted);
-        }
-        wanted.sort_unstable();
-        wanted.dedup();
+        let wanted = crate::writer::batch_reads(reqs.iter());
         let mut fetched = HashMap::with_capacity(wanted.len());
         let mut missing = Vec::new();
         for key in wanted {

@@ -941,14 +941,10 @@ impl Writer {
         &self,
         reqs: &[Request],
     ) -> Result<HashMap<Vec<u8>, Option<Vec<u8>>>, StoreError> {
-        let mut wanted = Vec::with_capacity(reqs.len() * 3);
-        for r in reqs {
-            if let Some(Ok(_)) = self.owned_partition(&r.cmd) {
-                r.cmd.reads(&mut wanted);
-            }
-        }
-        wanted.sort_unstable();
-        wanted.dedup();
+        let wanted = batch_reads(
+            reqs.iter()
+                .filter(|r| matches!(self.owned_partition(&r.cmd), Some(Ok(_)))),
+        );
         let mut fetched = HashMap::with_capacity(wanted.len());
         let mut missing = Vec::new();
         for key in wanted {
@@ -1291,6 +1287,17 @@ fn transaction(state: &State, fence: Vec<(Vec<u8>, Vec<u8>)>) -> Transaction {
         };
     }
     txn
+}
+
+/// Every key the commands of `reqs` read, sorted and once each.
+pub(crate) fn batch_reads<'a>(reqs: impl Iterator<Item = &'a Request>) -> Vec<Vec<u8>> {
+    let mut wanted = Vec::new();
+    for r in reqs {
+        r.cmd.reads(&mut wanted);
+    }
+    wanted.sort_unstable();
+    wanted.dedup();
+    wanted
 }
 
 pub(crate) fn fail_all(reqs: Vec<Request>, e: LogError) {
