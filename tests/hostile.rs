@@ -19,7 +19,7 @@ use tidings_client::client::{
 };
 use tidings_client::{ClientError, Connection, Push};
 use tidings_schemas::v1::ConversationKind;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio_tungstenite::tungstenite::Message;
 
 const WAIT: Duration = Duration::from_secs(20);
