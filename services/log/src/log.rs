@@ -730,12 +730,17 @@ impl Log {
         )
     }
 
-    /// Feed items dropped because the feed was full.
     /// What the send buffer holds now (`None`: this log has none).
     pub fn send_buffer_stats(&self) -> Option<BufferStats> {
         self.inner.buffer.as_ref().map(|b| b.stats())
     }
 
+    /// Requests waiting for the sequencer to take them (its queue's depth now).
+    pub fn queued(&self) -> usize {
+        self.inner.tx.max_capacity() - self.inner.tx.capacity()
+    }
+
+    /// Feed items dropped because the feed was full.
     pub fn feed_dropped(&self) -> u64 {
         self.inner.stats.feed_dropped.load(Ordering::Relaxed)
     }

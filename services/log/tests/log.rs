@@ -395,8 +395,18 @@ async fn a_failed_commit_fails_its_batch_and_the_batch_built_on_it_and_retries_h
             .expect("enqueue"),
         );
     }
-    // Time for the sequencer to take the next batch while the first waits at the gate.
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // Wait until the sequencer has taken a second batch while the first waits at the gate:
+    // once taken, it is built on the first (prepare runs before the first commit is awaited).
+    // The first batch takes 1 to 50, leaving 350 to 399 queued; the second takes 50 more,
+    // leaving fewer than 350.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    while log.queued() >= 400 - 50 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the sequencer never took a second batch"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
     drop(hold);
     let mut acked = Vec::new();
     let mut failed = Vec::new();
