@@ -171,7 +171,11 @@ async fn roles_with_their_own_keys_work_and_an_outsider_gets_nothing() {
     let s = Sandbox::new();
     s.group("team");
     let bus = closed_bus(&s);
-    let log = Server::start(&s, &bus.nats, "log", &as_refs(&role_env(&bus, "log")));
+    // The log keeps its send buffer on JetStream (as with TiKV), which its permissions must
+    // allow: it adopts every partition there at startup.
+    let mut log_env = role_env(&bus, "log");
+    log_env.push(("TIDINGS_LOG_SEND_BUFFER_MEDIUM".into(), "jetstream".into()));
+    let log = Server::start(&s, &bus.nats, "log", &as_refs(&log_env));
     let gateway = Server::start(
         &s,
         &bus.nats,
@@ -224,6 +228,13 @@ async fn roles_with_their_own_keys_work_and_an_outsider_gets_nothing() {
     // Nor read another role's replies.
     let _inbox = gw.subscribe("_INBOX.log.>").await.expect("sub");
     violation(&mut gw_errors, "_INBOX.log.>").await;
+    // Nor forge records into the log's send buffer, which the outsider cannot read either.
+    gw.publish("tidings.sendbuf.p00000", "forged".into())
+        .await
+        .expect("publish");
+    violation(&mut gw_errors, "tidings.sendbuf.p00000").await;
+    let _buffer = outsider.subscribe("tidings.sendbuf.>").await.expect("sub");
+    violation(&mut errors, "tidings.sendbuf.>").await;
     drop(log);
 }
 

@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::{Nats, Sandbox, Server};
+use futures_util::TryStreamExt;
 use tidings_client::client::ErrorCode;
 use tidings_client::{ClientError, Connection, Push};
 use tidings_schemas::v1::{ConversationKind, Event};
@@ -233,10 +234,55 @@ async fn a_kv_outage_while_clients_chat_keeps_sends_acked_and_live_then_replays_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_during_an_outage_then_restart_replays_the_buffer_and_loses_nothing() {
+    sigkill_during_an_outage(Medium::Files).await;
+}
+
+/// The same with the buffer on a JetStream stream (`log.send_buffer_medium = "jetstream"`, as
+/// TiKV deployments have by default): nothing of it is on the writer's disk, so a writer on
+/// another host could take over from it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_during_an_outage_with_the_buffer_on_jetstream_replays_from_the_stream() {
+    sigkill_during_an_outage(Medium::Stream).await;
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Medium {
+    Files,
+    Stream,
+}
+
+/// Records waiting in the JetStream send buffer: every message of its subjects except the
+/// one epoch marker each partition keeps after a trim.
+async fn stream_records(nats: &Nats) -> u64 {
+    let client = async_nats::connect(nats.url()).await.expect("connect");
+    let js = async_nats::jetstream::new(client);
+    let stream = js
+        .get_stream(tidings_gateway::send_buffer_stream::STREAM)
+        .await
+        .expect("the send buffer stream exists");
+    let mut subjects = stream
+        .info_with_subjects(format!(
+            "{}.>",
+            tidings_gateway::send_buffer_stream::SUBJECT_PREFIX
+        ))
+        .await
+        .expect("stream info");
+    let mut records = 0;
+    while let Some((_, n)) = subjects.try_next().await.expect("subjects") {
+        records += (n as u64).saturating_sub(1);
+    }
+    records
+}
+
+async fn sigkill_during_an_outage(medium: Medium) {
     let s = Sandbox::new();
     let nats = Nats::start();
     s.group("general");
-    let server = start(&s, &nats, &[]);
+    let env: &[(&str, &str)] = match medium {
+        Medium::Files => &[],
+        Medium::Stream => &[("TIDINGS_LOG_SEND_BUFFER_MEDIUM", "jetstream")],
+    };
+    let server = start(&s, &nats, env);
     let alice = connect(&server, &s, "alice").await;
     let mut acked = Vec::new();
     acked.push((
@@ -250,11 +296,34 @@ async fn sigkill_during_an_outage_then_restart_replays_the_buffer_and_loses_noth
     }
     drop(alice);
     drop(server); // SIGKILL
-    assert!(wal_bytes(&s.data_dir().join("send-buffer")) > 0);
+    let buffer_dir = s.data_dir().join("send-buffer");
+    match medium {
+        Medium::Files => assert!(wal_bytes(&buffer_dir) > 0),
+        Medium::Stream => {
+            assert_eq!(
+                wal_bytes(&buffer_dir),
+                0,
+                "nothing buffered on the writer's disk"
+            );
+            assert!(
+                stream_records(&nats).await > 0,
+                "the stream holds the sends"
+            );
+        }
+    }
 
     set_fault(&s, "ok");
-    let mut server = start(&s, &nats, &[]);
-    until_replayed(&s);
+    let mut server = start(&s, &nats, env);
+    match medium {
+        Medium::Files => until_replayed(&s),
+        Medium::Stream => {
+            let deadline = Instant::now() + WAIT;
+            while stream_records(&nats).await > 0 {
+                assert!(Instant::now() < deadline, "the stream was never replayed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
     let alice = connect(&server, &s, "alice").await;
     // A retry of a send acked before the kill answers the original.
     assert_eq!(send(&alice, "general", "during-7", "x").await, acked[8].1);

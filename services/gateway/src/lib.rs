@@ -21,6 +21,8 @@
 //!   notice subjects.
 //! - [`revocation`]: revoked tokens at the gateway: the Hello check, the notices on
 //!   `tidings.revoked.<tenant>` that end live sessions at once, and a periodic re-check.
+//! - [`send_buffer_stream`]: the log's send buffer on a JetStream stream, for writers on
+//!   several hosts (the KV-outage path; the local-file medium is in `tidings_log`).
 //! - [`resubscribe`]: a core NATS subscription made again when the server removes it.
 //! - [`health`]: the named probes `/readyz` reports.
 //! - [`subjects`]: NATS subject names.
@@ -39,6 +41,7 @@ pub mod resubscribe;
 pub mod revocation;
 pub mod rpc;
 pub mod rpc_identity;
+pub mod send_buffer_stream;
 pub mod server;
 pub mod service;
 pub mod session;

@@ -484,11 +484,7 @@ impl Log {
         for (p, h) in acquired.got {
             // What a previous owner buffered is loaded before any seq is assigned.
             if let Some(buffer) = &buffer {
-                let b = buffer.clone();
-                let epoch = h.lease.epoch;
-                tokio::task::spawn_blocking(move || b.adopt(p, epoch))
-                    .await
-                    .map_err(|e| LogError::InvalidRequest(format!("send buffer load: {e}")))??;
+                buffer.adopt(p, h.lease.epoch).await?;
             }
             own.set(p, true, &own.writer_id);
             held.insert(p, h);

@@ -100,10 +100,10 @@ impl Writer {
         let Some(buffer) = self.buffer.clone() else {
             return true;
         };
-        let loaded = tokio::task::spawn_blocking(move || buffer.adopt(partition, epoch)).await;
+        let loaded = buffer.adopt(partition, epoch).await;
         match loaded {
-            Ok(Ok(0)) => true,
-            Ok(Ok(records)) => {
+            Ok(0) => true,
+            Ok(records) => {
                 warn!(
                     partition,
                     records, "adopted a partition with buffered events: replaying them first"
@@ -116,10 +116,6 @@ impl Writer {
                     o.next_probe = Instant::now();
                 }
                 true
-            }
-            Ok(Err(e)) => {
-                warn!(partition, error = %e, "failed to load the send buffer of a partition; not taking it");
-                false
             }
             Err(e) => {
                 warn!(partition, error = %e, "failed to load the send buffer of a partition; not taking it");
@@ -224,12 +220,8 @@ impl Writer {
             for chunk in records.chunks(REPLAY_RECORDS_PER_COMMIT) {
                 self.replay_chunk(p, chunk).await?;
             }
-            let b = buffer.clone();
-            tokio::task::spawn_blocking(move || b.trim(p))
-                .await
-                .map_err(|e| LogError::Unavailable {
-                    reason: format!("trimming the send buffer failed: {e}"),
-                })??;
+            let epoch = self.held.get(&p).map_or(0, |h| h.lease.epoch);
+            buffer.trim(p, epoch).await?;
             info!(
                 partition = p,
                 events,
@@ -403,8 +395,8 @@ impl Writer {
             }
             by_partition.clear();
         }
-        // Every partition's file at once: their fsyncs overlap (the filesystem's journal
-        // commits them together) instead of queueing one after another.
+        // Every partition at once: their fsyncs (or stream writes) overlap instead of queueing
+        // one after another.
         let writes: Vec<_> = by_partition
             .into_iter()
             .map(|(p, records)| {
@@ -413,7 +405,7 @@ impl Writer {
                 (
                     p,
                     epoch,
-                    tokio::task::spawn_blocking(move || b.append(p, epoch, records)),
+                    tokio::spawn(async move { b.append(p, epoch, records).await }),
                 )
             })
             .collect();

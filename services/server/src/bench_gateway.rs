@@ -82,7 +82,7 @@ fn ms(d: Duration) -> String {
     format!("{:.2} ms", d.as_secs_f64() * 1e3)
 }
 
-struct Child(std::process::Child);
+pub(crate) struct Child(std::process::Child);
 impl Drop for Child {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -90,7 +90,7 @@ impl Drop for Child {
     }
 }
 
-fn free_port() -> anyhow::Result<u16> {
+pub(crate) fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
@@ -98,7 +98,7 @@ fn free_port() -> anyhow::Result<u16> {
 
 /// Waits for a process to listen on `port`; if it never does, fails with the end of its
 /// log.
-async fn wait_port(port: u16, log: &Path) -> anyhow::Result<()> {
+pub(crate) async fn wait_port(port: u16, log: &Path) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     while tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
@@ -306,6 +306,29 @@ fn make_pki(dir: &Path) -> anyhow::Result<(PathBuf, PathBuf, PathBuf)> {
     ))
 }
 
+/// nats-server with JetStream on loopback `port`, storing under `dir`, no credentials.
+fn plain_nats_args(cmd: &mut std::process::Command, port: u16, dir: &Path) {
+    cmd.args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+        .arg(dir);
+}
+
+/// Starts a plain nats-server (see [`plain_nats_args`]) under `root`; its URL and the
+/// process, killed on drop.
+pub(crate) async fn start_plain_nats(root: &Path) -> anyhow::Result<(String, Child)> {
+    let port = free_port()?;
+    let mut cmd = std::process::Command::new("nats-server");
+    plain_nats_args(&mut cmd, port, &root.join("nats"));
+    let log = root.join("nats.log");
+    let child = Child(
+        cmd.stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()
+            .context("start nats-server (apt-get install nats-server)")?,
+    );
+    wait_port(port, &log).await?;
+    Ok((format!("nats://127.0.0.1:{port}"), child))
+}
+
 /// Starts nats-server and `tidings serve --role all` (this same binary) on `data`.
 /// `secure`: wss:// with a private CA, NATS over TLS and closed to all but the NKey
 /// identities `tidings nats init` writes; else ws:// and NATS without credentials.
@@ -346,15 +369,7 @@ async fn deploy(
         ("wss", tls, None)
     } else {
         let url = format!("nats://127.0.0.1:{nats_port}");
-        nats.args([
-            "-js",
-            "-a",
-            "127.0.0.1",
-            "-p",
-            &nats_port.to_string(),
-            "-sd",
-        ])
-        .arg(&nats_dir);
+        plain_nats_args(&mut nats, nats_port, &nats_dir);
         server.env("TIDINGS_NATS_URL", &url);
         ("ws", ClientTls::default(), Some(url))
     };

@@ -7,6 +7,9 @@
 //! ack: first with the store up (group commits), then with the store unavailable (reads and
 //! commits refused: every ack comes from the send buffer's fsync). Then the store comes back
 //! and the replay is timed until the buffer is empty: events replayed per second.
+//!
+//! `--medium jetstream` keeps the buffer on a JetStream file stream of a nats-server the
+//! bench starts on loopback (the medium of writers on several hosts) instead of files.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -14,8 +17,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use tidings_gateway::send_buffer_stream::{StreamBuffer, StreamBufferConfig};
 use tidings_log::crypto::MasterKey;
-use tidings_log::send_buffer::SendBufferConfig;
+use tidings_log::send_buffer::{BufferPlace, SendBufferConfig};
 use tidings_log::store::{Fault, FaultSwitch, FaultyStore, FjallStore, KvStore};
 use tidings_log::{
     Append, ClientMsgId, ConvId, ConversationKind, CreateConversation, Log, LogConfig, TenantId,
@@ -36,10 +40,20 @@ pub struct OutageArgs {
     /// Message text size in bytes.
     #[arg(long, default_value_t = 200)]
     pub size: usize,
+    /// Where the send buffer lives: `files` (fsynced, on `--dir`'s disk) or `jetstream` (a
+    /// file stream, R1, of a nats-server the bench starts, storing on the same disk).
+    #[arg(long, value_enum, default_value_t = BufferMedium::Files)]
+    pub medium: BufferMedium,
     /// Directory for the scratch store and buffer; a real disk, since fsync is measured
     /// (default: the system temp directory).
     #[arg(long)]
     pub dir: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum BufferMedium {
+    Files,
+    Jetstream,
 }
 
 struct Phase {
@@ -64,9 +78,27 @@ pub async fn run(args: OutageArgs, log_config: LogConfig) -> anyhow::Result<()> 
     let inner: Arc<dyn KvStore> = Arc::new(FjallStore::open(&dir.path().join("kv"))?);
     let switch = Arc::new(FaultSwitch::default());
     let store: Arc<dyn KvStore> = Arc::new(FaultyStore::new(inner, switch.clone()));
+    let (place, _nats) = match args.medium {
+        BufferMedium::Files => (BufferPlace::Dir(dir.path().join("send-buffer")), None),
+        BufferMedium::Jetstream => {
+            let (url, child) = crate::bench_gateway::start_plain_nats(dir.path()).await?;
+            let client = async_nats::connect(&url).await?;
+            let stream = StreamBuffer::open(
+                client,
+                StreamBufferConfig {
+                    replicas: 1,
+                    max_bytes: -1,
+                    ack_timeout: Duration::from_secs(10),
+                },
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("open the send buffer stream: {e}"))?;
+            (BufferPlace::Medium(Arc::new(stream)), Some(child))
+        }
+    };
     let cfg = LogConfig {
         send_buffer: Some(SendBufferConfig {
-            dir: dir.path().join("send-buffer"),
+            place,
             // Room for the whole outage phase.
             max_bytes: (args.messages as u64 * (args.size as u64 + 512)).max(256 << 20),
             max_age: Duration::from_secs(3600),
@@ -100,12 +132,13 @@ pub async fn run(args: OutageArgs, log_config: LogConfig) -> anyhow::Result<()> 
     }
     println!(
         "tidings bench outage: {} appends of {} bytes per phase over {} conversations, {} \
-         appenders, {} cores; fjall and the send buffer under {}",
+         appenders, {} cores; fjall and the send buffer ({:?}) under {}",
         args.messages,
         args.size,
         args.conversations,
         args.concurrency,
         std::thread::available_parallelism().map_or(0, |n| n.get()),
+        args.medium,
         base.display()
     );
     let normal = drive(&log, &args, &tenant, &sender, &convs, "n").await?;

@@ -10,7 +10,9 @@ use serde_json::json;
 use tidings_archive::compliance::audit::Entry;
 use tidings_archive::compliance::{Actor, Compliance, Via};
 use tidings_gateway::bus_crypto::LogPublicKey;
+use tidings_gateway::send_buffer_stream::{StreamBuffer, StreamBufferConfig};
 use tidings_log::crypto::{Keyring, MasterKey};
+use tidings_log::send_buffer::BufferPlace;
 use tidings_log::store::{Fault, FaultSwitch, FaultyStore, FjallStore, KvStore, Order};
 use tidings_log::{
     Append, Body, ClientMsgId, ConversationKind, CreateConversation, Log, LogError, PendingAppend,
@@ -21,7 +23,7 @@ use tokio::sync::mpsc;
 use tracing::warn;
 
 use crate::cli::{Command, ConvCommand, KeysCommand, Kind, LogCommand, Target};
-use crate::config::Config;
+use crate::config::{Config, SendBufferMedium};
 use crate::output;
 
 fn env(name: &str) -> Option<String> {
@@ -38,24 +40,28 @@ pub(crate) fn emit(value: &serde_json::Value) -> anyhow::Result<()> {
 /// Opens the log on the configured data directory. The master key is checked first, so a
 /// missing key never leaves an empty data directory behind.
 pub async fn open_log(config: &Config) -> anyhow::Result<Log> {
-    open_log_with_feed(config, None).await
+    open_log_with_feed(config, None, None).await
 }
 
 /// Opens the log and announces its commits on `feed` (for the NATS publisher).
 pub async fn open_log_with_feed(
     config: &Config,
     feed: Option<mpsc::Sender<tidings_log::FeedItem>>,
+    nats: Option<async_nats::Client>,
 ) -> anyhow::Result<Log> {
-    open_log_owning(config, feed, true).await
+    open_log_owning(config, feed, true, nats).await
 }
 
 /// Opens the log; with `own_partitions` false it takes no partition lease (a process that
 /// reads and archives but never writes through the sequencer, which must not hold the
-/// partitions the writers need).
+/// partitions the writers need). A send buffer on JetStream uses `nats`, or a connection of
+/// its own when none is given (a writer must load what the buffer holds before it assigns
+/// a seq, so a command that owns partitions cannot go without it).
 pub async fn open_log_owning(
     config: &Config,
     feed: Option<mpsc::Sender<tidings_log::FeedItem>>,
     own_partitions: bool,
+    nats: Option<async_nats::Client>,
 ) -> anyhow::Result<Log> {
     let master = config.master_key(env)?;
     let tenant_keys = config.tenant_keys()?;
@@ -63,10 +69,31 @@ pub async fn open_log_owning(
     let keyring = Keyring::open(store.clone(), master)
         .await?
         .with_tenant_keys(tenant_keys);
-    let log_config = tidings_log::LogConfig {
+    let mut log_config = tidings_log::LogConfig {
         own_partitions,
         ..config.log_config()
     };
+    if own_partitions
+        && let Some(SendBufferMedium::Stream { replicas }) = config.send_buffer_medium()?
+    {
+        let client = match nats {
+            Some(c) => c,
+            None => crate::nats_init::connect(config, "log").await?.0,
+        };
+        let stream = StreamBuffer::open(
+            client,
+            StreamBufferConfig {
+                replicas,
+                // Room for several writers' buffers; each bounds its own by max_bytes.
+                max_bytes: config.log.send_buffer_max_bytes.saturating_mul(4) as i64,
+                ack_timeout: std::time::Duration::from_secs(5),
+            },
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("open the send buffer's JetStream stream: {e}"))?;
+        log_config.send_buffer =
+            Some(config.send_buffer_with(BufferPlace::Medium(Arc::new(stream))));
+    }
     let log = Log::open_with_keyring(store, keyring, log_config, feed).await?;
     // Reads below the hot floor come from the archive.
     let objects = crate::archive::objects(config)?;

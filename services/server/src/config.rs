@@ -82,6 +82,13 @@ impl Default for TikvSection {
     }
 }
 
+/// Where the send buffer lives (`log.send_buffer_medium`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SendBufferMedium {
+    Files(PathBuf),
+    Stream { replicas: usize },
+}
+
 /// The configured store backend.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backend {
@@ -622,9 +629,16 @@ pub struct LogSection {
     /// Keep accepting messages while the store cannot commit, in a write-ahead buffer on
     /// disk outside it (docs/decisions/send-buffer.md).
     pub send_buffer: bool,
-    /// The buffer's directory; every writer of a store must share it. Empty: `send-buffer`
-    /// under `data_dir` with the embedded store; with TiKV the buffer stays off unless set.
+    /// Where the buffer lives: `files` (a directory on this machine), `jetstream` (a file
+    /// stream on NATS, replicated in a cluster: for writers on several hosts), or `auto`:
+    /// `files` with the embedded store or when `send_buffer_dir` is set, else `jetstream`.
+    pub send_buffer_medium: String,
+    /// The `files` directory; every writer of a store must share it. Empty: `send-buffer`
+    /// under `data_dir`.
     pub send_buffer_dir: PathBuf,
+    /// Copies the `jetstream` buffer's stream keeps (1 to 5; 3 in a NATS cluster, so it
+    /// survives losing a server).
+    pub send_buffer_replicas: usize,
     /// Most bytes the buffer holds; past it sends fail `unavailable`.
     pub send_buffer_max_bytes: u64,
     /// Oldest a buffered event may wait for the store; past it sends fail `unavailable`.
@@ -667,7 +681,9 @@ impl Default for LogSection {
             writer_id: d.writer_id,
             lease_ttl_ms: d.lease_ttl.as_millis() as u64,
             send_buffer: true,
+            send_buffer_medium: "auto".into(),
             send_buffer_dir: PathBuf::new(),
+            send_buffer_replicas: 1,
             send_buffer_max_bytes: 256 << 20,
             send_buffer_max_age_ms: 300_000,
         }
@@ -993,8 +1009,14 @@ impl Config {
         if let Some(v) = env("TIDINGS_LOG_SEND_BUFFER") {
             self.log.send_buffer = parse_env("TIDINGS_LOG_SEND_BUFFER", &v)?;
         }
+        if let Some(v) = env("TIDINGS_LOG_SEND_BUFFER_MEDIUM") {
+            self.log.send_buffer_medium = v;
+        }
         if let Some(v) = env("TIDINGS_LOG_SEND_BUFFER_DIR") {
             self.log.send_buffer_dir = PathBuf::from(v);
+        }
+        if let Some(v) = env("TIDINGS_LOG_SEND_BUFFER_REPLICAS") {
+            self.log.send_buffer_replicas = parse_env("TIDINGS_LOG_SEND_BUFFER_REPLICAS", &v)?;
         }
         if let Some(v) = env("TIDINGS_LOG_SEND_BUFFER_MAX_BYTES") {
             self.log.send_buffer_max_bytes = parse_env("TIDINGS_LOG_SEND_BUFFER_MAX_BYTES", &v)?;
@@ -1123,8 +1145,10 @@ impl Config {
             )));
         }
         self.validate_auth()?;
-        if let Some(b) = self.send_buffer() {
-            b.validate()
+        if self.send_buffer_medium()?.is_some() {
+            let place = tidings_log::send_buffer::BufferPlace::Dir(PathBuf::from("-"));
+            self.send_buffer_with(place)
+                .validate()
                 .map_err(|e| ConfigError::Invalid(format!("log.{e}")))?;
         }
         self.archive_config()?;
@@ -1231,25 +1255,71 @@ impl Config {
         }
     }
 
-    /// The send buffer's settings; `None` when it is off (or TiKV without a shared dir).
-    pub fn send_buffer(&self) -> Option<tidings_log::send_buffer::SendBufferConfig> {
+    /// Where the send buffer lives; `None` when it is off.
+    pub fn send_buffer_medium(&self) -> Result<Option<SendBufferMedium>, ConfigError> {
         let s = &self.log;
         if !s.send_buffer {
-            return None;
+            return Ok(None);
         }
-        let dir = if !s.send_buffer_dir.as_os_str().is_empty() {
-            s.send_buffer_dir.clone()
-        } else if self.backend().ok() == Some(Backend::Embedded) {
-            self.data_dir.join("send-buffer")
-        } else {
-            // Writers on several hosts must share the directory: only the operator knows.
-            return None;
+        let files = || {
+            SendBufferMedium::Files(if s.send_buffer_dir.as_os_str().is_empty() {
+                self.data_dir.join("send-buffer")
+            } else {
+                s.send_buffer_dir.clone()
+            })
         };
-        Some(tidings_log::send_buffer::SendBufferConfig {
-            dir,
-            max_bytes: s.send_buffer_max_bytes,
-            max_age: std::time::Duration::from_millis(s.send_buffer_max_age_ms),
-        })
+        let stream = || -> Result<SendBufferMedium, ConfigError> {
+            if !(1..=5).contains(&s.send_buffer_replicas) {
+                return Err(ConfigError::Invalid(format!(
+                    "log.send_buffer_replicas must be 1 to 5 (JetStream's range), not {}",
+                    s.send_buffer_replicas
+                )));
+            }
+            Ok(SendBufferMedium::Stream {
+                replicas: s.send_buffer_replicas,
+            })
+        };
+        Ok(Some(match s.send_buffer_medium.as_str() {
+            "files" => files(),
+            "jetstream" => stream()?,
+            "auto" | "" => {
+                if self.backend()? == Backend::Embedded || !s.send_buffer_dir.as_os_str().is_empty()
+                {
+                    files()
+                } else {
+                    // Writers on several hosts: a place every one of them reaches.
+                    stream()?
+                }
+            }
+            other => {
+                return Err(ConfigError::Invalid(format!(
+                    "log.send_buffer_medium must be auto, files or jetstream, not {other:?}"
+                )));
+            }
+        }))
+    }
+
+    /// The send buffer's settings when it lives in files; `None` when it is off or on
+    /// JetStream (which needs the NATS connection: `commands::open_log_owning` makes it).
+    pub fn send_buffer(&self) -> Option<tidings_log::send_buffer::SendBufferConfig> {
+        match self.send_buffer_medium().ok()?? {
+            SendBufferMedium::Files(dir) => {
+                Some(self.send_buffer_with(tidings_log::send_buffer::BufferPlace::Dir(dir)))
+            }
+            SendBufferMedium::Stream { .. } => None,
+        }
+    }
+
+    /// The send buffer's settings with its place.
+    pub fn send_buffer_with(
+        &self,
+        place: tidings_log::send_buffer::BufferPlace,
+    ) -> tidings_log::send_buffer::SendBufferConfig {
+        tidings_log::send_buffer::SendBufferConfig {
+            place,
+            max_bytes: self.log.send_buffer_max_bytes,
+            max_age: std::time::Duration::from_millis(self.log.send_buffer_max_age_ms),
+        }
     }
 
     /// The archiver's settings.
@@ -1689,10 +1759,13 @@ mod tests {
     }
 
     #[test]
-    fn the_send_buffer_is_on_under_the_data_dir_for_the_embedded_store_only() {
+    fn the_send_buffer_is_in_files_with_the_embedded_store_and_on_jetstream_with_tikv() {
         let cfg = Config::load(None, env(&[])).expect("defaults");
+        assert_eq!(
+            cfg.send_buffer_medium().expect("valid"),
+            Some(SendBufferMedium::Files(cfg.data_dir.join("send-buffer")))
+        );
         let b = cfg.send_buffer().expect("on by default");
-        assert_eq!(b.dir, cfg.data_dir.join("send-buffer"));
         assert_eq!(b.max_bytes, 256 << 20);
         let off = Config::load(None, env(&[("TIDINGS_LOG_SEND_BUFFER", "false")])).expect("off");
         assert!(off.send_buffer().is_none());
@@ -1703,10 +1776,36 @@ mod tests {
             },
             ..Config::default()
         };
+        assert_eq!(
+            tikv.send_buffer_medium().expect("valid"),
+            Some(SendBufferMedium::Stream { replicas: 1 }),
+            "TiKV's writers share a JetStream stream"
+        );
         assert!(
             tikv.send_buffer().is_none(),
-            "TiKV needs a shared dir named"
+            "made with the NATS connection"
         );
+        let shared = Config {
+            log: LogSection {
+                send_buffer_dir: "/shared/buffer".into(),
+                ..LogSection::default()
+            },
+            ..tikv.clone()
+        };
+        assert_eq!(
+            shared.send_buffer_medium().expect("valid"),
+            Some(SendBufferMedium::Files("/shared/buffer".into()))
+        );
+        for (medium, replicas) in [("paper", 1), ("jetstream", 0), ("jetstream", 7)] {
+            let bad = Config::load(
+                None,
+                env(&[
+                    ("TIDINGS_LOG_SEND_BUFFER_MEDIUM", medium),
+                    ("TIDINGS_LOG_SEND_BUFFER_REPLICAS", &replicas.to_string()),
+                ]),
+            );
+            assert!(bad.is_err(), "{medium} with {replicas} replicas is refused");
+        }
         let small = Config::load(None, env(&[("TIDINGS_LOG_SEND_BUFFER_MAX_BYTES", "1000")]));
         assert!(small.is_err(), "a buffer under 1 MiB is refused");
     }

@@ -20,7 +20,7 @@ use std::path::Path;
 
 use anyhow::Context;
 use serde_json::json;
-use tidings_gateway::subjects;
+use tidings_gateway::{send_buffer_stream, subjects};
 
 /// Subject permissions of one role.
 pub struct RolePermissions {
@@ -33,6 +33,17 @@ pub struct RolePermissions {
 
 /// The inbox prefix of a role: request replies (RPC answers, JetStream acks) arrive under
 /// it. One prefix per role, so a gateway's credential cannot read the log's inbox.
+/// Connects to NATS as `role` (`all`, `log`, `gateway`, `archiver`), with the configured
+/// credential and TLS and the role's inbox prefix.
+pub async fn connect(
+    config: &crate::config::Config,
+    role: &str,
+) -> anyhow::Result<(async_nats::Client, tidings_gateway::BusEvents)> {
+    let mut opts = config.nats.connect()?;
+    opts.inbox_prefix = Some(inbox_prefix(role));
+    Ok(tidings_gateway::connect_nats(&opts, &format!("tidings-{role}")).await?)
+}
+
 pub fn inbox_prefix(role: &str) -> String {
     format!("_INBOX.{role}")
 }
@@ -48,6 +59,12 @@ pub fn log_permissions() -> RolePermissions {
             "tidings.revoked.>".into(),
             format!("$JS.API.STREAM.INFO.{}", subjects::STREAM),
             format!("$JS.API.STREAM.CREATE.{}", subjects::STREAM),
+            // The send buffer on JetStream: appends, reads by subject, trims.
+            format!("{}.>", send_buffer_stream::SUBJECT_PREFIX),
+            format!("$JS.API.STREAM.INFO.{}", send_buffer_stream::STREAM),
+            format!("$JS.API.STREAM.CREATE.{}", send_buffer_stream::STREAM),
+            format!("$JS.API.STREAM.MSG.GET.{}", send_buffer_stream::STREAM),
+            format!("$JS.API.STREAM.PURGE.{}", send_buffer_stream::STREAM),
         ],
         subscribe: vec![
             subjects::LOG_RPC.into(),

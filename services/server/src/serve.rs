@@ -233,15 +233,13 @@ pub async fn connect_nats(
     config: &Config,
     role: Role,
 ) -> anyhow::Result<(async_nats::Client, BusEvents)> {
-    let mut opts = config.nats.connect()?;
     let role_name = match role {
         Role::All => "all",
         Role::Log => "log",
         Role::Gateway => "gateway",
         Role::Archiver => "archiver",
     };
-    opts.inbox_prefix = Some(crate::nats_init::inbox_prefix(role_name));
-    Ok(tidings_gateway::connect_nats(&opts, &format!("tidings-{role_name}")).await?)
+    crate::nats_init::connect(config, role_name).await
 }
 
 async fn shutdown_signal() {
@@ -271,7 +269,7 @@ pub async fn serve(config: Config, role: Role) -> anyhow::Result<()> {
     if role == Role::Archiver {
         // The archiver never writes through the sequencer: it leaves the partitions to the
         // log writers.
-        let log = crate::commands::open_log_owning(&config, None, false).await?;
+        let log = crate::commands::open_log_owning(&config, None, false, None).await?;
         let archiver = crate::archive::spawn_periodic(&config, log, Arc::default())?;
         supervisor.essential("archiver", supervise::owned(archiver));
         eprintln!("tidings: archiver every {}", config.archive.interval);
@@ -328,7 +326,9 @@ pub async fn serve(config: Config, role: Role) -> anyhow::Result<()> {
     let service: Option<Arc<dyn LogService>> = match role {
         Role::All | Role::Log => {
             let (feed_tx, feed_rx) = tokio::sync::mpsc::channel(64 * 1024);
-            let log = crate::commands::open_log_with_feed(&config, Some(feed_tx)).await?;
+            let log =
+                crate::commands::open_log_with_feed(&config, Some(feed_tx), Some(nats.clone()))
+                    .await?;
             // A panic in the sequencer is fatal: the log takes no writes after it.
             let mut failure = log.sequencer_failure();
             supervisor.essential("sequencer", async move {

@@ -1,10 +1,5 @@
 //! The send buffer: where appends go while the KV cannot commit
-//! ([docs/decisions/send-buffer.md](../../../docs/decisions/send-buffer.md)).
-//!
-//! ```text
-//! <dir>/p00012.wal     records of partition 12, appended and fsynced before any ack
-//! <dir>/p00012.epoch   the highest lease epoch that adopted partition 12 (8 bytes, LE)
-//! ```
+//! ([docs/decisions/send-buffer.md](../../../../docs/decisions/send-buffer.md)).
 //!
 //! A record is one conversation's writes from one sequencer batch: the same sealed event
 //! rows, dedupe records and head the batch's transaction would have written, and the head
@@ -12,32 +7,72 @@
 //! head is still `before`, skips it if the head already reached `after`, so a replay that
 //! stops halfway and runs again lands every record exactly once.
 //!
-//! Frame: `len: u32 LE | crc32(payload): u32 LE | payload`. A torn tail (a crash during an
-//! append, never acknowledged) fails its length or checksum and is cut off when the file is
-//! next loaded.
-//!
-//! Fencing: every access to a partition's files holds an exclusive lock on its `.wal`
-//! (`flock`, so it orders writers in one process and across processes on one machine). A
-//! writer adopting the partition records its epoch under the lock and loads the records
-//! before it assigns a seq; an append checks under the lock that no later epoch adopted the
-//! partition. So once a new owner has read the buffer, the old owner can add nothing to it.
+//! The records are made durable by a [`Medium`], per partition and fenced by lease epoch:
+//! once a writer has adopted a partition (and loaded what it holds), no writer of an earlier
+//! epoch can append to it. Two media: [`local::LocalFiles`] (an fsynced file per partition on
+//! this machine, fenced by `flock`) and, in the gateway crate, a JetStream stream that
+//! outlives the machine (fenced by `Nats-Expected-Last-Subject-Sequence`). This module keeps
+//! the in-memory index over either: what reads and the sequencer see until replay.
+
+pub mod local;
 
 use std::collections::HashMap;
-use std::fs::{File, OpenOptions};
-use std::io::{Read, Seek, SeekFrom, Write};
-use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::error::LogError;
 use crate::keys;
 
+/// Where buffered records are made durable, per partition, in order. Records are opaque
+/// payloads here (the index decodes them). Implementations must fence: after
+/// `adopt(p, e)` returned, an `append(p, e')` with `e' < e` is refused, whichever process or
+/// machine makes it.
+#[async_trait::async_trait]
+pub trait Medium: Send + Sync + 'static {
+    /// Where the records live, for logs and errors.
+    fn describe(&self) -> String;
+    /// Takes the partition for `epoch` (a lease epoch this writer acquired): from now on no
+    /// earlier epoch can append. Returns the records it holds, oldest first.
+    async fn adopt(&self, partition: u32, epoch: u64) -> std::io::Result<Vec<Vec<u8>>>;
+    /// Appends records durably, in order; only after it returns may they be acknowledged.
+    /// Refused with [`AppendRefused::Fenced`] when a later epoch adopted the partition.
+    async fn append(
+        &self,
+        partition: u32,
+        epoch: u64,
+        records: Vec<Vec<u8>>,
+    ) -> Result<(), AppendRefused>;
+    /// Every record appended so far under `epoch` is in the KV: they may be dropped. A later
+    /// epoch's records must survive it.
+    async fn trim(&self, partition: u32, epoch: u64) -> std::io::Result<()>;
+}
+
+/// Where the buffer lives.
+#[derive(Clone)]
+pub enum BufferPlace {
+    /// Files on this machine ([`local::LocalFiles`]).
+    Dir(PathBuf),
+    /// Any other medium, e.g. a replicated JetStream stream.
+    Medium(Arc<dyn Medium>),
+}
+
+impl std::fmt::Debug for BufferPlace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BufferPlace::Dir(d) => write!(f, "Dir({})", d.display()),
+            BufferPlace::Medium(m) => write!(f, "Medium({})", m.describe()),
+        }
+    }
+}
+
 /// Where the buffer lives and how much it may hold.
 #[derive(Clone, Debug)]
 pub struct SendBufferConfig {
-    /// A directory of its own, on a disk that outlives the process (never inside the KV).
-    pub dir: PathBuf,
+    /// A directory of its own on a disk that outlives the process (never inside the KV), or
+    /// a medium that outlives the machine.
+    pub place: BufferPlace,
     /// Most bytes of records held (all partitions); past it appends fail `unavailable`.
     pub max_bytes: u64,
     /// Oldest a record may get before it is replayed; past it appends fail `unavailable`.
@@ -46,7 +81,9 @@ pub struct SendBufferConfig {
 
 impl SendBufferConfig {
     pub fn validate(&self) -> Result<(), String> {
-        if self.dir.as_os_str().is_empty() {
+        if let BufferPlace::Dir(dir) = &self.place
+            && dir.as_os_str().is_empty()
+        {
             return Err("send_buffer_dir must not be empty".into());
         }
         if self.max_bytes < 1 << 20 {
@@ -93,7 +130,8 @@ impl Record {
             + 32
     }
 
-    fn encode(&self) -> Vec<u8> {
+    /// The record as the medium stores it.
+    pub(crate) fn encode(&self) -> Vec<u8> {
         let mut p = Vec::with_capacity(self.bytes() as usize);
         p.extend_from_slice(&self.before.to_le_bytes());
         p.extend_from_slice(&self.after.to_le_bytes());
@@ -105,14 +143,10 @@ impl Record {
             p.extend_from_slice(&(v.len() as u32).to_le_bytes());
             p.extend_from_slice(v);
         }
-        let mut frame = Vec::with_capacity(p.len() + 8);
-        frame.extend_from_slice(&(p.len() as u32).to_le_bytes());
-        frame.extend_from_slice(&crc32(&p).to_le_bytes());
-        frame.extend_from_slice(&p);
-        frame
+        p
     }
 
-    fn decode(mut p: &[u8]) -> Option<Record> {
+    pub(crate) fn decode(mut p: &[u8]) -> Option<Record> {
         fn take<'a>(p: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
             if p.len() < n {
                 return None;
@@ -151,37 +185,9 @@ impl Record {
     }
 }
 
-/// CRC-32 (IEEE), table-driven; enough to tell a torn or damaged frame.
-fn crc32(bytes: &[u8]) -> u32 {
-    const TABLE: [u32; 256] = {
-        let mut t = [0u32; 256];
-        let mut i = 0;
-        while i < 256 {
-            let mut c = i as u32;
-            let mut k = 0;
-            while k < 8 {
-                c = if c & 1 != 0 {
-                    0xedb8_8320 ^ (c >> 1)
-                } else {
-                    c >> 1
-                };
-                k += 1;
-            }
-            t[i] = c;
-            i += 1;
-        }
-        t
-    };
-    let mut c = !0u32;
-    for &b in bytes {
-        c = TABLE[((c ^ u32::from(b)) & 0xff) as usize] ^ (c >> 8);
-    }
-    !c
-}
-
 /// Why an append to the buffer was refused.
 #[derive(Debug)]
-pub(crate) enum AppendRefused {
+pub enum AppendRefused {
     /// A later epoch adopted the partition: this writer lost it.
     Fenced {
         epoch: u64,
@@ -223,6 +229,7 @@ struct Index {
 /// an in-memory index of the partitions this writer holds.
 pub struct SendBuffer {
     cfg: SendBufferConfig,
+    medium: Arc<dyn Medium>,
     index: Mutex<Index>,
     /// Keys in the overlay, kept beside the lock so that reads, which nearly always find the
     /// buffer empty, do not take it.
@@ -232,9 +239,16 @@ pub struct SendBuffer {
 impl SendBuffer {
     pub fn open(cfg: SendBufferConfig) -> Result<SendBuffer, LogError> {
         cfg.validate().map_err(LogError::InvalidRequest)?;
-        std::fs::create_dir_all(&cfg.dir).map_err(|e| io_error("create the send buffer", e))?;
+        let medium: Arc<dyn Medium> = match &cfg.place {
+            BufferPlace::Dir(dir) => Arc::new(
+                local::LocalFiles::open(dir.clone())
+                    .map_err(|e| io_error("create the send buffer", e))?,
+            ),
+            BufferPlace::Medium(m) => m.clone(),
+        };
         Ok(SendBuffer {
             cfg,
+            medium,
             index: Mutex::new(Index::default()),
             overlay_keys: AtomicUsize::new(0),
         })
@@ -331,28 +345,29 @@ impl SendBuffer {
         Ok(())
     }
 
-    fn wal(&self, partition: u32) -> PathBuf {
-        self.cfg.dir.join(format!("p{partition:05}.wal"))
+    /// Where the records live (for logs).
+    pub fn describe(&self) -> String {
+        self.medium.describe()
     }
 
-    fn epoch_file(&self, partition: u32) -> PathBuf {
-        self.cfg.dir.join(format!("p{partition:05}.epoch"))
-    }
-
-    /// Taking a partition (`epoch` as acquired): records the epoch under the lock, so the
-    /// previous owner can append nothing more, and loads what it left, so no seq it handed
-    /// out is handed out again. Blocking (file I/O).
-    pub(crate) fn adopt(&self, partition: u32, epoch: u64) -> Result<usize, LogError> {
-        let wal = self.wal(partition);
-        let epoch_path = self.epoch_file(partition);
-        let records = (|| {
-            let mut file = open_locked(&wal)?;
-            if read_epoch(&epoch_path)? < epoch {
-                write_epoch(&epoch_path, epoch)?;
-            }
-            load(&mut file)
-        })()
-        .map_err(|e| io_error("load the send buffer", e))?;
+    /// Taking a partition (`epoch` as acquired): the medium fences out earlier epochs and
+    /// hands over what they left, which is loaded before this writer assigns any seq.
+    pub(crate) async fn adopt(&self, partition: u32, epoch: u64) -> Result<usize, LogError> {
+        let payloads = self
+            .medium
+            .adopt(partition, epoch)
+            .await
+            .map_err(|e| io_error("load the send buffer", e))?;
+        let mut records = Vec::with_capacity(payloads.len());
+        for p in payloads {
+            let r = Record::decode(&p).ok_or_else(|| {
+                LogError::corrupt(
+                    format!("send buffer partition {partition}").as_bytes(),
+                    "a buffered record does not decode",
+                )
+            })?;
+            records.push(r);
+        }
         let n = records.len();
         let mut ix = self.index();
         forget(&mut ix, partition);
@@ -363,29 +378,16 @@ impl SendBuffer {
         Ok(n)
     }
 
-    /// Appends records of one partition and fsyncs them; refused if a later epoch adopted
-    /// the partition. Only after this returns may the events be acknowledged. Blocking.
-    pub(crate) fn append(
+    /// Appends records of one partition durably; refused if a later epoch adopted the
+    /// partition. Only after this returns may the events be acknowledged.
+    pub(crate) async fn append(
         &self,
         partition: u32,
         epoch: u64,
         records: Vec<Record>,
     ) -> Result<(), AppendRefused> {
-        let wal = self.wal(partition);
-        let epoch_path = self.epoch_file(partition);
-        let mut file = open_locked(&wal).map_err(AppendRefused::Io)?;
-        let adopted = read_epoch(&epoch_path).map_err(AppendRefused::Io)?;
-        if adopted > epoch {
-            return Err(AppendRefused::Fenced { epoch: adopted });
-        }
-        let mut bytes = Vec::new();
-        for r in &records {
-            bytes.extend_from_slice(&r.encode());
-        }
-        file.seek(SeekFrom::End(0)).map_err(AppendRefused::Io)?;
-        file.write_all(&bytes).map_err(AppendRefused::Io)?;
-        file.sync_data().map_err(AppendRefused::Io)?;
-        drop(file);
+        let payloads = records.iter().map(Record::encode).collect();
+        self.medium.append(partition, epoch, payloads).await?;
         let mut ix = self.index();
         for r in records {
             insert(&mut ix, partition, r);
@@ -394,16 +396,12 @@ impl SendBuffer {
         Ok(())
     }
 
-    /// Every record of the partition is in the KV: empties its file and forgets it.
-    /// Blocking.
-    pub(crate) fn trim(&self, partition: u32) -> Result<(), LogError> {
-        let wal = self.wal(partition);
-        (|| {
-            let file = open_locked(&wal)?;
-            file.set_len(0)?;
-            file.sync_data()
-        })()
-        .map_err(|e| io_error("trim the send buffer", e))?;
+    /// Every record of the partition is in the KV: drops them and forgets them.
+    pub(crate) async fn trim(&self, partition: u32, epoch: u64) -> Result<(), LogError> {
+        self.medium
+            .trim(partition, epoch)
+            .await
+            .map_err(|e| io_error("trim the send buffer", e))?;
         let mut ix = self.index();
         let events: u64 = ix
             .parts
@@ -455,76 +453,6 @@ fn forget(ix: &mut Index, partition: u32) {
     }
 }
 
-/// Opens (creating) a partition's file and takes its exclusive lock; the lock goes with the
-/// handle.
-fn open_locked(path: &Path) -> std::io::Result<File> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(path)?;
-    file.lock()?;
-    Ok(file)
-}
-
-fn read_epoch(path: &Path) -> std::io::Result<u64> {
-    match std::fs::read(path) {
-        Ok(b) => Ok(b
-            .get(..8)
-            .and_then(|b| <[u8; 8]>::try_from(b).ok())
-            .map_or(0, u64::from_le_bytes)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
-        Err(e) => Err(e),
-    }
-}
-
-fn write_epoch(path: &Path, epoch: u64) -> std::io::Result<()> {
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(path)?;
-    // Eight bytes in one sector: written whole or not at all.
-    f.write_all(&epoch.to_le_bytes())?;
-    f.sync_data()
-}
-
-/// Reads every whole record; cuts off a torn or damaged tail (never acknowledged: the ack
-/// follows the fsync of the whole frame).
-fn load(file: &mut File) -> std::io::Result<Vec<Record>> {
-    let mut bytes = Vec::new();
-    file.seek(SeekFrom::Start(0))?;
-    file.read_to_end(&mut bytes)?;
-    let mut records = Vec::new();
-    let mut at = 0usize;
-    while let Some(frame) = bytes.get(at..at + 8) {
-        let len = u32::from_le_bytes([frame[0], frame[1], frame[2], frame[3]]) as usize;
-        let crc = u32::from_le_bytes([frame[4], frame[5], frame[6], frame[7]]);
-        let Some(payload) = bytes.get(at + 8..at + 8 + len) else {
-            break;
-        };
-        if crc32(payload) != crc {
-            break;
-        }
-        let Some(r) = Record::decode(payload) else {
-            break;
-        };
-        records.push(r);
-        at += 8 + len;
-    }
-    if at < bytes.len() {
-        tracing::warn!(
-            kept = at,
-            cut = bytes.len() - at,
-            "cut a torn tail off the send buffer (an append that was never acknowledged)"
-        );
-        file.set_len(at as u64)?;
-        file.sync_data()?;
-    }
-    Ok(records)
-}
-
 fn io_error(action: &'static str, e: std::io::Error) -> LogError {
     LogError::Store(crate::store::StoreError::Io {
         action,
@@ -535,6 +463,8 @@ fn io_error(action: &'static str, e: std::io::Error) -> LogError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write;
+    use std::path::Path;
 
     fn record(before: u64, after: u64) -> Record {
         Record {
@@ -550,7 +480,7 @@ mod tests {
 
     fn buffer(dir: &Path) -> SendBuffer {
         SendBuffer::open(SendBufferConfig {
-            dir: dir.to_path_buf(),
+            place: BufferPlace::Dir(dir.to_path_buf()),
             max_bytes: 1 << 20,
             max_age: Duration::from_secs(60),
         })
@@ -559,58 +489,59 @@ mod tests {
 
     #[test]
     fn crc32_is_the_ieee_checksum() {
-        assert_eq!(crc32(b"123456789"), 0xcbf4_3926);
+        assert_eq!(local::crc32(b"123456789"), 0xcbf4_3926);
     }
 
-    #[test]
-    fn records_survive_a_reopen_and_a_torn_tail_is_cut() {
+    #[tokio::test]
+    async fn records_survive_a_reopen_and_a_torn_tail_is_cut() {
         let dir = tempfile::tempdir().expect("dir");
         let b = buffer(dir.path());
-        assert_eq!(b.adopt(3, 1).expect("adopt"), 0);
+        assert_eq!(b.adopt(3, 1).await.expect("adopt"), 0);
         b.append(3, 1, vec![record(0, 1), record(1, 3)])
+            .await
             .expect("append");
         // A crash in the middle of the next append.
-        let mut f = OpenOptions::new()
+        let mut f = std::fs::OpenOptions::new()
             .append(true)
-            .open(b.wal(3))
+            .open(dir.path().join("p00003.wal"))
             .expect("open");
         f.write_all(&record(3, 4).encode()[..10]).expect("torn");
         drop(f);
 
         let again = buffer(dir.path());
-        assert_eq!(again.adopt(3, 2).expect("adopt"), 2);
+        assert_eq!(again.adopt(3, 2).await.expect("adopt"), 2);
         assert_eq!(again.records(3), vec![record(0, 1), record(1, 3)]);
         assert_eq!(again.stats().events, 3);
         assert_eq!(again.get(b"hd\0t\0c"), Some(vec![1, 2, 3]));
         assert_eq!(again.lowest_seq(b"t\0c"), Some(1));
-        again.trim(3).expect("trim");
+        again.trim(3, 2).await.expect("trim");
         assert!(again.is_empty());
         assert_eq!(again.stats().replayed, 3);
-        assert_eq!(buffer(dir.path()).adopt(3, 3).expect("adopt"), 0);
+        assert_eq!(buffer(dir.path()).adopt(3, 3).await.expect("adopt"), 0);
     }
 
-    #[test]
-    fn an_owner_fenced_by_a_later_adoption_cannot_append() {
+    #[tokio::test]
+    async fn an_owner_fenced_by_a_later_adoption_cannot_append() {
         let dir = tempfile::tempdir().expect("dir");
         let old = buffer(dir.path());
         let new = buffer(dir.path());
-        old.adopt(0, 4).expect("adopt");
-        old.append(0, 4, vec![record(0, 1)]).expect("append");
-        assert_eq!(new.adopt(0, 5).expect("adopt"), 1);
-        match old.append(0, 4, vec![record(1, 2)]) {
+        old.adopt(0, 4).await.expect("adopt");
+        old.append(0, 4, vec![record(0, 1)]).await.expect("append");
+        assert_eq!(new.adopt(0, 5).await.expect("adopt"), 1);
+        match old.append(0, 4, vec![record(1, 2)]).await {
             Err(AppendRefused::Fenced { epoch: 5 }) => {}
             other => panic!("expected a fence, got {other:?}"),
         }
         assert_eq!(new.records(0).len(), 1);
     }
 
-    #[test]
-    fn the_limits_refuse_more_bytes_and_old_records() {
+    #[tokio::test]
+    async fn the_limits_refuse_more_bytes_and_old_records() {
         let dir = tempfile::tempdir().expect("dir");
         let b = buffer(dir.path());
-        b.adopt(1, 1).expect("adopt");
+        b.adopt(1, 1).await.expect("adopt");
         assert!(b.check_limits(2 << 20, 10).is_err());
-        b.append(1, 1, vec![record(0, 1)]).expect("append");
+        b.append(1, 1, vec![record(0, 1)]).await.expect("append");
         assert!(b.check_limits(0, 8).is_ok());
         assert!(b.check_limits(0, 7 + 61_000).is_err());
     }
