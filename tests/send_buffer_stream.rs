@@ -168,3 +168,126 @@ async fn records_over_max_payload_are_split_and_a_torn_one_is_left_out() {
         big
     );
 }
+
+/// A free loopback port (bound, then released for the server to take).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// With three replicas on a three-server cluster, the buffer outlives a server: the writer
+/// keeps appending after one goes, and a writer on another server adopts every record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_three_replicas_the_buffer_outlives_a_nats_server() {
+    let dir = tempfile::tempdir().expect("dir");
+    let routes: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let mut nodes: Vec<common::Nats> = (0..3)
+        .map(|i| {
+            let others: Vec<String> = (0..3)
+                .filter(|j| *j != i)
+                .map(|j| format!("nats-route://127.0.0.1:{}", routes[j]))
+                .collect();
+            let config = dir.path().join(format!("n{i}.conf"));
+            std::fs::write(
+                &config,
+                format!(
+                    "server_name: n{i}\ncluster {{ name: buffer-test\n listen: 127.0.0.1:{}\n \
+                     routes: [{}] }}\n",
+                    routes[i],
+                    others.join(", ")
+                ),
+            )
+            .expect("write config");
+            common::Nats::start_with(Some(&config), "nats")
+        })
+        .collect();
+    let cfg = StreamBufferConfig {
+        replicas: 3,
+        ..stream_config()
+    };
+    let open = |url: String| {
+        let cfg = cfg.clone();
+        async move {
+            // The cluster elects its JetStream leader first: retry until the stream is made.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+            loop {
+                let client = async_nats::connect(&url).await.expect("connect");
+                match StreamBuffer::open(client, cfg.clone()).await {
+                    Ok(m) => return m,
+                    Err(e) => {
+                        assert!(tokio::time::Instant::now() < deadline, "no R3 stream: {e}");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                }
+            }
+        }
+    };
+    let a = open(nodes[0].url()).await;
+    a.adopt(0, 1).await.expect("adopt");
+    a.append(0, 1, records(1, 4, 100)).await.expect("append");
+
+    // Stop a server that does not lead the stream (no election to wait for), and not the
+    // writer's own.
+    let client = async_nats::connect(nodes[0].url()).await.expect("connect");
+    let info = async_nats::jetstream::new(client)
+        .get_stream("TIDINGS_SEND_BUFFER")
+        .await
+        .expect("stream")
+        .info()
+        .await
+        .expect("info")
+        .clone();
+    let leader = info
+        .cluster
+        .and_then(|c| c.leader)
+        .expect("a stream leader");
+    let victim = (1..3)
+        .find(|i| format!("n{i}") != leader)
+        .expect("a follower");
+    nodes[victim].kill();
+
+    a.append(0, 1, records(2, 2, 100))
+        .await
+        .expect("two of three servers still take appends");
+    let survivor = (1..3).find(|i| *i != victim).expect("survivor");
+    let b = open(nodes[survivor].url()).await;
+    let mut expected = records(1, 4, 100);
+    expected.extend(records(2, 2, 100));
+    assert_eq!(b.adopt(0, 2).await.expect("adopt"), expected);
+}
+
+/// An append that fails after part of it landed (here: its second record does not fit the
+/// stream's cap) counts for nothing: its seqs are handed out again, so the next append voids
+/// what landed, and an adopter never sees it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_landed_of_a_failed_append_is_voided() {
+    let nats = common::Nats::start();
+    let client = async_nats::connect(nats.url()).await.expect("connect");
+    let a = StreamBuffer::open(
+        client,
+        StreamBufferConfig {
+            max_bytes: 64 * 1024,
+            ..stream_config()
+        },
+    )
+    .await
+    .expect("open");
+    a.adopt(3, 1).await.expect("adopt");
+    a.append(3, 1, records(1, 1, 1000)).await.expect("append");
+    let mut failed = records(2, 1, 10_000);
+    failed.extend(records(3, 1, 100_000));
+    match a.append(3, 1, failed).await {
+        Err(AppendRefused::Io(_)) => {}
+        other => panic!("the second record cannot fit, got {other:?}"),
+    }
+    a.append(3, 1, records(4, 1, 1000)).await.expect("append");
+    let mut expected = records(1, 1, 1000);
+    expected.extend(records(4, 1, 1000));
+    let got = medium(&nats.url()).await.adopt(3, 2).await.expect("adopt");
+    let lengths = |r: &[Vec<u8>]| r.iter().map(|r| (r[0], r.len())).collect::<Vec<_>>();
+    assert_eq!(lengths(&got), lengths(&expected));
+    assert_eq!(got, expected);
+}

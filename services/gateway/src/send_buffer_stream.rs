@@ -16,9 +16,11 @@
 //! later epoch's marker is), then loads every record below the marker. So once a new owner
 //! has adopted, the old owner's next append finds a message it does not know and is refused.
 //! Trimming publishes a marker the same way and purges only what is below it, so records a
-//! later owner appended after it are never purged.
+//! later owner appended after it are never purged. An append that fails may have landed in
+//! part (or whole, with only its ack lost); its seqs are handed out again, so before the
+//! next append a marker voids whatever of it landed (`Tidings-Void-Above`).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -33,6 +35,9 @@ pub const SUBJECT_PREFIX: &str = "tidings.sendbuf";
 
 const EPOCH: &str = "Tidings-Epoch";
 const PART: &str = "Tidings-Part";
+/// On a marker: every record above this stream seq, up to the marker, is void (an append
+/// that failed after some of its messages landed).
+const VOID: &str = "Tidings-Void-Above";
 /// Room left in a message for its headers when a record is split to fit `max_payload`.
 const HEADER_ROOM: usize = 1024;
 /// Most compare-and-set rounds an adoption tries against appends racing it.
@@ -59,6 +64,9 @@ pub struct StreamBuffer {
     /// Per partition adopted: the stream seq of the last message this writer knows is on its
     /// subject (its own marker or append). Absent: not ours to append to.
     known: Mutex<HashMap<u32, u64>>,
+    /// Partitions whose last append failed: what of it landed must be voided before the
+    /// next one (its seqs will be handed out again).
+    unsure: Mutex<HashSet<u32>>,
 }
 
 fn subject(partition: u32) -> String {
@@ -108,11 +116,54 @@ impl StreamBuffer {
             stream,
             part_bytes: max_payload.saturating_sub(HEADER_ROOM).max(HEADER_ROOM),
             known: Mutex::new(HashMap::new()),
+            unsure: Mutex::new(HashSet::new()),
         })
     }
 
     fn known(&self) -> std::sync::MutexGuard<'_, HashMap<u32, u64>> {
         self.known.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn is_unsure(&self, partition: u32) -> bool {
+        let unsure = self.unsure.lock().unwrap_or_else(|p| p.into_inner());
+        unsure.contains(&partition)
+    }
+
+    fn set_unsure(&self, partition: u32, unsure: bool) {
+        let mut set = self.unsure.lock().unwrap_or_else(|p| p.into_inner());
+        if unsure {
+            set.insert(partition);
+        } else {
+            set.remove(&partition);
+        }
+    }
+
+    /// After a failed append: if any of its messages landed (the ack may be what was lost),
+    /// a marker on top voids them; `Ok(false)` if a later epoch is on top (fenced).
+    async fn settle(&self, partition: u32, epoch: u64) -> std::io::Result<bool> {
+        let Some(known) = self.known().get(&partition).copied() else {
+            return Ok(false);
+        };
+        let (last_seq, last_epoch) = self.last(partition).await?.unwrap_or((0, 0));
+        if last_seq != known {
+            if last_epoch > epoch {
+                return Ok(false);
+            }
+            let mut headers = HeaderMap::new();
+            headers.insert(EPOCH, epoch.to_string().as_str());
+            headers.insert(VOID, known.to_string().as_str());
+            match self
+                .publish_on(partition, last_seq, headers, Vec::new())
+                .await?
+            {
+                Some(marker) => {
+                    self.known().insert(partition, marker);
+                }
+                None => return Ok(false),
+            }
+        }
+        self.set_unsure(partition, false);
+        Ok(true)
     }
 
     /// The last message on a partition's subject: (stream seq, its epoch).
@@ -184,8 +235,10 @@ impl StreamBuffer {
     /// left out.
     async fn load(&self, partition: u32, below: u64) -> std::io::Result<Vec<Vec<u8>>> {
         let subject = subject(partition);
-        let mut records = Vec::new();
-        let mut partial: Option<(usize, Vec<u8>)> = None;
+        // (stream seq of its first part, payload)
+        let mut records: Vec<(u64, Vec<u8>)> = Vec::new();
+        // (stream seq of its first part, parts taken, payload so far)
+        let mut partial: Option<(u64, usize, Vec<u8>)> = None;
         let mut seq = 1;
         while seq < below {
             let m = match self
@@ -205,48 +258,49 @@ impl StreamBuffer {
             }
             seq = m.sequence + 1;
             if m.payload.is_empty() {
-                continue; // an epoch marker
-            }
-            match part_of(&m.headers) {
-                None => records.push(m.payload.to_vec()),
-                Some((1, n)) => {
-                    if partial.is_some() {
-                        warn!(
-                            partition,
-                            "a send buffer record stops short of its parts (an append that failed); left out"
-                        );
-                    }
-                    partial = Some((1, m.payload.to_vec()));
-                    if n == 1 {
-                        records.extend(partial.take().map(|(_, r)| r));
-                    }
+                // A marker; one that voids a failed append drops what of it landed.
+                if let Some(above) = m.headers.get(VOID).and_then(|v| v.as_str().parse().ok()) {
+                    records.retain(|(at, _)| *at <= above);
+                    partial = None;
                 }
-                Some((i, n)) => match partial.as_mut() {
-                    Some((got, r)) if *got + 1 == i => {
-                        *got = i;
-                        r.extend_from_slice(&m.payload);
-                        if i == n {
-                            records.extend(partial.take().map(|(_, r)| r));
-                        }
-                    }
-                    _ => {
-                        partial = None;
-                        warn!(
-                            partition,
-                            part = i,
-                            "a send buffer record part without its start; left out"
-                        );
-                    }
-                },
+                continue;
+            }
+            let (i, n) = part_of(&m.headers).unwrap_or((1, 1));
+            if i == 1 {
+                if partial.is_some() {
+                    warn!(
+                        partition,
+                        "a send buffer record stops short of its parts; left out"
+                    );
+                }
+                partial = Some((m.sequence, 0, Vec::new()));
+            }
+            match partial.as_mut() {
+                Some((_, got, r)) if *got + 1 == i => {
+                    *got = i;
+                    r.extend_from_slice(&m.payload);
+                }
+                _ => {
+                    partial = None;
+                    warn!(
+                        partition,
+                        part = i,
+                        "a send buffer record part without its start; left out"
+                    );
+                    continue;
+                }
+            }
+            if i == n {
+                records.extend(partial.take().map(|(at, _, r)| (at, r)));
             }
         }
         if partial.is_some() {
             warn!(
                 partition,
-                "a send buffer record stops short of its parts (an append that failed); left out"
+                "a send buffer record stops short of its parts; left out"
             );
         }
-        Ok(records)
+        Ok(records.into_iter().map(|(_, r)| r).collect())
     }
 }
 
@@ -287,9 +341,18 @@ impl Medium for StreamBuffer {
         epoch: u64,
         records: Vec<Vec<u8>>,
     ) -> Result<(), AppendRefused> {
-        let Some(mut after) = self.known().get(&partition).copied() else {
+        if self.is_unsure(partition)
+            && !self
+                .settle(partition, epoch)
+                .await
+                .map_err(AppendRefused::Io)?
+        {
+            return Err(self.fenced(partition).await);
+        }
+        let Some(start) = self.known().get(&partition).copied() else {
             return Err(self.fenced(partition).await);
         };
+        let mut after = start;
         for record in records {
             let parts: Vec<&[u8]> = record.chunks(self.part_bytes).collect();
             let n = parts.len();
@@ -302,20 +365,27 @@ impl Medium for StreamBuffer {
                 match self
                     .publish_on(partition, after, headers, part.to_vec())
                     .await
-                    .map_err(AppendRefused::Io)?
                 {
-                    Some(seq) => {
-                        after = seq;
-                        self.known().insert(partition, seq);
+                    Ok(Some(seq)) => after = seq,
+                    Ok(None) => return Err(self.fenced(partition).await),
+                    Err(e) => {
+                        // Nothing of this append may count (its seqs are handed out
+                        // again): what landed is voided before the next one.
+                        self.set_unsure(partition, true);
+                        return Err(AppendRefused::Io(e));
                     }
-                    None => return Err(self.fenced(partition).await),
                 }
             }
         }
+        self.known().insert(partition, after);
         Ok(())
     }
 
     async fn trim(&self, partition: u32, epoch: u64) -> std::io::Result<()> {
+        if self.is_unsure(partition) && !self.settle(partition, epoch).await? {
+            self.known().remove(&partition);
+            return Ok(());
+        }
         let Some(after) = self.known().get(&partition).copied() else {
             return Ok(()); // not ours: the owner replays and trims it
         };

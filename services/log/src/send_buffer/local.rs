@@ -89,9 +89,16 @@ impl Medium for LocalFiles {
                 bytes.extend_from_slice(&crc32(r).to_le_bytes());
                 bytes.extend_from_slice(r);
             }
-            file.seek(SeekFrom::End(0)).map_err(AppendRefused::Io)?;
-            file.write_all(&bytes).map_err(AppendRefused::Io)?;
-            file.sync_data().map_err(AppendRefused::Io)
+            let start = file.seek(SeekFrom::End(0)).map_err(AppendRefused::Io)?;
+            let written = file.write_all(&bytes).and_then(|()| file.sync_data());
+            if let Err(e) = written {
+                // The caller hands these seqs out again: nothing of this append may stay.
+                if let Err(cut) = file.set_len(start).and_then(|()| file.sync_data()) {
+                    tracing::error!(error = %cut, "could not cut a failed append off the send buffer");
+                }
+                return Err(AppendRefused::Io(e));
+            }
+            Ok(())
         })
         .await;
         done.map_err(|e| AppendRefused::Io(std::io::Error::other(e)))?
