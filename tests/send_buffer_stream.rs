@@ -178,8 +178,9 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// With three replicas on a three-server cluster, the buffer outlives a server: the writer
-/// keeps appending after one goes, and a writer on another server adopts every record.
+/// With three replicas on a three-server cluster, the buffer outlives a server, even the one
+/// leading the stream: the writer appends again once the other two elect a leader, and a
+/// writer on another server adopts every record, once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn at_three_replicas_the_buffer_outlives_a_nats_server() {
     let dir = tempfile::tempdir().expect("dir");
@@ -229,8 +230,7 @@ async fn at_three_replicas_the_buffer_outlives_a_nats_server() {
     a.adopt(0, 1).await.expect("adopt");
     a.append(0, 1, records(1, 4, 100)).await.expect("append");
 
-    // Stop a server that does not lead the stream (no election to wait for), and not the
-    // writer's own.
+    // The stream is on all three servers; stop the one that leads it.
     let client = async_nats::connect(nodes[0].url()).await.expect("connect");
     let info = async_nats::jetstream::new(client)
         .get_stream("TIDINGS_SEND_BUFFER")
@@ -240,19 +240,29 @@ async fn at_three_replicas_the_buffer_outlives_a_nats_server() {
         .await
         .expect("info")
         .clone();
-    let leader = info
-        .cluster
-        .and_then(|c| c.leader)
-        .expect("a stream leader");
-    let victim = (1..3)
-        .find(|i| format!("n{i}") != leader)
-        .expect("a follower");
+    assert_eq!(info.config.num_replicas, 3);
+    let cluster = info.cluster.expect("clustered");
+    assert_eq!(cluster.replicas.len(), 2, "two followers beside the leader");
+    let leader = cluster.leader.expect("a stream leader");
+    let victim: usize = leader.trim_start_matches('n').parse().expect("n0..n2");
     nodes[victim].kill();
 
-    a.append(0, 1, records(2, 2, 100))
-        .await
-        .expect("two of three servers still take appends");
-    let survivor = (1..3).find(|i| *i != victim).expect("survivor");
+    // Appends fail until the other two elect a leader (each failure is voided), then land.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match a.append(0, 1, records(2, 2, 100)).await {
+            Ok(()) => break,
+            Err(AppendRefused::Io(e)) => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "no append after losing the leader: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(other) => panic!("{other:?}"),
+        }
+    }
+    let survivor = (0..3).find(|i| *i != victim).expect("survivor");
     let b = open(nodes[survivor].url()).await;
     let mut expected = records(1, 4, 100);
     expected.extend(records(2, 2, 100));
