@@ -414,3 +414,46 @@ async fn kv_and_nats_down_together_give_clear_errors_and_lose_nothing_acked() {
     assert!(server.terminate(), "clean exit");
     assert_stored(&s, "general", &acked);
 }
+
+/// With the buffer on JetStream, the KV and NATS down together leave nowhere to keep a
+/// message: sends fail `unavailable` (retryable, nothing acked); once NATS is back they are
+/// buffered there while the KV is still out, and replayed when it returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kv_and_nats_down_together_with_the_buffer_on_jetstream_refuse_sends_clearly() {
+    let s = Sandbox::new();
+    let mut nats = Nats::start();
+    s.group("general");
+    let env = [("TIDINGS_LOG_SEND_BUFFER_MEDIUM", "jetstream")];
+    let mut server = start(&s, &nats, &env);
+    let alice = connect(&server, &s, "alice").await;
+    let mut acked = vec![(
+        "before".to_string(),
+        send(&alice, "general", "before", "x").await,
+    )];
+
+    set_fault(&s, "unavailable");
+    nats.kill();
+    for i in 0..3 {
+        let err = alice
+            .send_text("general", &format!("refused-{i}"), "x")
+            .await
+            .expect_err("nowhere to keep it");
+        assert_eq!(code(&err), Some(ErrorCode::Unavailable), "{err}");
+    }
+
+    nats.restart();
+    for i in 0..10 {
+        let id = format!("buffered-{i}");
+        acked.push((id.clone(), send(&alice, "general", &id, "x").await));
+    }
+    assert!(stream_records(&nats).await > 0, "buffered on the stream");
+    set_fault(&s, "ok");
+    let deadline = Instant::now() + WAIT;
+    while stream_records(&nats).await > 0 {
+        assert!(Instant::now() < deadline, "the stream was never replayed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(server.terminate(), "clean exit");
+    // The refused sends were never stored; the buffered ones are, each once, in order.
+    assert_eq!(assert_stored(&s, "general", &acked), 12);
+}
