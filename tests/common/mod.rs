@@ -5,6 +5,7 @@
 #![allow(clippy::disallowed_methods)] // synchronous helpers around processes, off any runtime
 
 pub mod identity;
+pub mod prom;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};

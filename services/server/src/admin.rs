@@ -3,6 +3,8 @@
 //! officers, never for end users (they use the gateway).
 //!
 //! - `GET /healthz`: `200 ok` (the process answers).
+//! - `GET /metrics`: Prometheus text format ([`crate::metrics`]), no token (like health:
+//!   counts and latencies only, never a tenant's or a user's id).
 //! - `GET /readyz`: `200 {"ready":true}` when every supervised task is up and NATS is
 //!   connected, else `503 {"ready":false,"down":{NAME:WHY,..}}` naming those down
 //!   ([`tidings_gateway::health`]; no secrets, no tenant data).
@@ -259,6 +261,7 @@ async fn stopping(stopped: &mut watch::Receiver<bool>) {
 enum Route {
     Health,
     Ready,
+    Metrics,
     Search,
     Audit,
     Revoke,
@@ -270,6 +273,7 @@ impl Route {
         match self {
             Route::Health => "healthz",
             Route::Ready => "readyz",
+            Route::Metrics => "metrics",
             Route::Search => "search",
             Route::Audit => "audit_read",
             Route::Revoke => "token_revoke",
@@ -279,7 +283,7 @@ impl Route {
     /// The query parameters the route takes.
     fn parameters(self) -> &'static [&'static str] {
         match self {
-            Route::Health | Route::Ready => &[],
+            Route::Health | Route::Ready | Route::Metrics => &[],
             Route::Search => &["tenant", "conv", "sender", "from", "to", "text"],
             Route::Audit => &["tenant"],
             Route::Revoke => &[],
@@ -287,15 +291,37 @@ impl Route {
     }
 }
 
+/// Serves one request and counts it (`tidings_admin_*`).
 async fn handle(state: &Arc<State>, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
+    let response = route(state, peer, req).await;
+    let refused = match response.status().as_u16() {
+        200..=399 => None,
+        401 => Some("401"),
+        403 => Some("403"),
+        400 => Some("400"),
+        503 => Some("503"),
+        _ => Some("other"),
+    };
+    if let Some(status) = refused {
+        crate::metrics::ADMIN_REFUSED.inc(status);
+    }
+    response
+}
+
+async fn route(state: &Arc<State>, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
     let route = match req.uri().path() {
         "/healthz" => Route::Health,
         "/readyz" => Route::Ready,
+        "/metrics" => Route::Metrics,
         "/v1/compliance/search" => Route::Search,
         "/v1/compliance/audit" => Route::Audit,
         "/v1/admin/tokens/revoke" => Route::Revoke,
-        _ => return error(StatusCode::NOT_FOUND, "not_found", "no such route"),
+        _ => {
+            crate::metrics::ADMIN_REQUESTS.inc("other");
+            return error(StatusCode::NOT_FOUND, "not_found", "no such route");
+        }
     };
+    crate::metrics::ADMIN_REQUESTS.inc(route.action());
     if route == Route::Revoke {
         if req.method() != Method::POST {
             return method_not_allowed("POST");
@@ -324,6 +350,11 @@ async fn handle(state: &Arc<State>, peer: SocketAddr, req: Request<Incoming>) ->
     match route {
         Route::Health => full(StatusCode::OK, "text/plain; charset=utf-8", "ok".into()),
         Route::Ready => ready(&state.health),
+        Route::Metrics => full(
+            StatusCode::OK,
+            tidings_log::metrics::CONTENT_TYPE,
+            tidings_log::metrics::render(),
+        ),
         Route::Search | Route::Audit => {
             compliance_request(state, peer, route, req.headers(), raw_query).await
         }
@@ -582,7 +613,7 @@ async fn compliance_request(
             Err(reason) => refusal.invalid(&target, &reason).await,
         },
         Route::Audit => read_audit(state, target, caller.actor.clone(), filters.clone()).await,
-        Route::Health | Route::Ready | Route::Revoke => {
+        Route::Health | Route::Ready | Route::Metrics | Route::Revoke => {
             error(StatusCode::NOT_FOUND, "not_found", "no such route")
         }
     }
@@ -676,8 +707,12 @@ fn search(state: &Arc<State>, query: Query, actor: Actor) -> Response<Body> {
             .search(&query, &actor, &Action::Search, &progress, &mut sink)
             .await
         {
-            Ok(rows) => json!({ "complete": true, "rows": rows }),
+            Ok(rows) => {
+                crate::metrics::COMPLIANCE_QUERIES.inc("complete");
+                json!({ "complete": true, "rows": rows })
+            }
             Err(e) => {
+                crate::metrics::COMPLIANCE_QUERIES.inc("failed");
                 warn!(actor = actor.name(), code = e.code(), error = %e, "compliance search failed");
                 error_json(e.code(), &e.to_string())
             }
@@ -742,10 +777,12 @@ async fn read_audit(
         };
         match &result {
             Ok(checked) => {
+                crate::metrics::COMPLIANCE_QUERIES.inc("complete");
                 entry.outcome = "completed".into();
                 entry.rows = checked.rows;
             }
             Err(e) => {
+                crate::metrics::COMPLIANCE_QUERIES.inc("failed");
                 entry.outcome = "failed".into();
                 entry.detail = format!("{}: {e}", e.code());
             }

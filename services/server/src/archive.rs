@@ -118,7 +118,13 @@ pub fn spawn_periodic(
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            match archiver.run_pass(&PassOptions::default(), &|_| {}).await {
+            let started = std::time::Instant::now();
+            let pass = archiver.run_pass(&PassOptions::default(), &|_| {}).await;
+            crate::metrics::archive_pass(
+                started.elapsed().as_secs_f64(),
+                pass.as_ref().ok().map(|s| s.events_archived),
+            );
+            match pass {
                 Ok(s)
                     if s.events_archived > 0
                         || s.orphans_removed > 0
