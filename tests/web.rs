@@ -2,7 +2,8 @@
 //! sign-in), then two headless Chromium browsers chatting through one `tidings serve` (real
 //! nats-server, real disk): each sees the other's messages; edits, recalls, reactions,
 //! typing, @-completion, unread counts, read cursors; a hostile body shown as text; history
-//! paged back across the archive boundary; a dropped connection caught up by Sync. Then the
+//! paged back across the archive boundary; a dropped connection caught up by Sync; the
+//! compliance console finding, exporting and holding, its audit log showing each. Then the
 //! timings of a 10,000-message conversation are printed (BENCHMARKS.md). Screenshots go to
 //! target/tmp/web-screenshots/ (the path is printed).
 
@@ -335,6 +336,79 @@ async fn two_browsers_chat_page_into_the_archive_and_stay_safe_from_hostile_text
             "return document.getElementById('status').dataset.state === 'connected'",
         )
         .await;
+
+    // The compliance console on the admin listener: an officer finds bob's hostile message
+    // (shown as text there too), exports it, places a hold, and the audit log shows each.
+    let admin = format!("http://127.0.0.1:{}", server.admin_port);
+    let console = get(&http, &format!("{admin}/console/")).await;
+    assert_eq!(console.status(), 200);
+    assert!(
+        console.headers()["content-security-policy"]
+            .to_str()
+            .expect("ascii")
+            .contains("script-src 'self'")
+    );
+    let officer = driver.browser().await;
+    officer.goto(&format!("{admin}/console/")).await;
+    let token = s.token_with_roles("acme", "officer", &["compliance"], 600);
+    officer.type_into("#token", &token).await;
+    officer.click("#signin-button").await;
+    officer.type_into("#q-text", "onerror").await;
+    officer.type_into("#q-conv", "team").await;
+    officer.click("#search").await;
+    officer
+        .wait(
+            "the hit",
+            &format!(
+                "return [...document.querySelectorAll('#hits tr.hit td')].some(td => td.textContent === {})",
+                json!(HOSTILE)
+            ),
+        )
+        .await;
+    assert_eq!(
+        officer
+            .exec("return [window.__xss === undefined, document.querySelectorAll('#hits img, #hits script').length]", json!([]))
+            .await,
+        json!([true, 0])
+    );
+    officer.click("#export").await;
+    officer
+        .wait(
+            "the export",
+            "return document.getElementById('search-status').textContent.startsWith('exported 1')",
+        )
+        .await;
+    officer.type_into("#h-conv", "team").await;
+    officer.type_into("#h-reason", "case 42").await;
+    officer.click("#hold").await;
+    officer
+        .wait(
+            "the hold listed",
+            "return [...document.querySelectorAll('#holds tr.hold td')].some(td => td.textContent === 'case 42')",
+        )
+        .await;
+    officer.click("#audit").await;
+    let actions = officer
+        .wait(
+            "the audit log",
+            "const a = [...document.querySelectorAll('#audit-log tr.record')].map(tr => tr.dataset.action); return a.includes('export') && a.includes('hold_create') && a",
+        )
+        .await;
+    assert!(
+        actions
+            .as_array()
+            .expect("actions")
+            .contains(&json!("search")),
+        "{actions}"
+    );
+    officer
+        .wait(
+            "the chain checked",
+            "return document.getElementById('audit-status').textContent.includes('chain intact')",
+        )
+        .await;
+    officer.screenshot(&dir, "compliance-console").await;
+    officer.quit().await;
 
     // Timings of a 10,000-message conversation, in a fresh browser (printed, not asserted):
     // `big` sorts first, so it is the conversation the client opens on signing in.

@@ -5,6 +5,13 @@
 //! - `GET /healthz`: `200 ok` (the process answers).
 //! - `GET /metrics`: Prometheus text format ([`crate::metrics`]), no token (like health:
 //!   counts and latencies only, never a tenant's or a user's id).
+//! - `GET /console/`: the compliance console (static files, [`crate::console`]); it calls
+//!   the routes below with the officer's token.
+//! - `GET /v1/compliance/export?..` (the search's filters): the hits as a JSON-lines
+//!   download (`Content-Disposition: attachment`), recorded as an export.
+//! - `GET /v1/compliance/holds?tenant=`, `POST /v1/compliance/holds`
+//!   `{"conv"|"user"?,"from"?,"to"?,"reason"}`, `POST /v1/compliance/holds/release`
+//!   `{"id"}`: legal holds, each change audited.
 //! - `GET /readyz`: `200 {"ready":true}` when every supervised task is up and NATS is
 //!   connected, else `503 {"ready":false,"down":{NAME:WHY,..}}` naming those down
 //!   ([`tidings_gateway::health`]; no secrets, no tenant data).
@@ -53,8 +60,8 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::{Map, Value, json};
 use tidings_archive::compliance::audit::{self, Entry};
 use tidings_archive::compliance::{
-    Action, Actor, Compliance, ComplianceError, Hit, Progress, Query, Sink, Via, hit_json,
-    parse_time,
+    Action, Actor, Compliance, ComplianceError, Hit, HoldSpec, Progress, Query, Scope, Sink, Via,
+    hit_json, hold, parse_time,
 };
 use tidings_auth::Verifier;
 use tidings_gateway::health::Health;
@@ -263,8 +270,12 @@ enum Route {
     Ready,
     Metrics,
     Search,
+    Export,
     Audit,
+    Holds,
+    HoldRelease,
     Revoke,
+    Console,
 }
 
 impl Route {
@@ -275,8 +286,12 @@ impl Route {
             Route::Ready => "readyz",
             Route::Metrics => "metrics",
             Route::Search => "search",
+            Route::Export => "export",
             Route::Audit => "audit_read",
+            Route::Holds => "holds",
+            Route::HoldRelease => "hold_release",
             Route::Revoke => "token_revoke",
+            Route::Console => "console",
         }
     }
 
@@ -284,9 +299,9 @@ impl Route {
     fn parameters(self) -> &'static [&'static str] {
         match self {
             Route::Health | Route::Ready | Route::Metrics => &[],
-            Route::Search => &["tenant", "conv", "sender", "from", "to", "text"],
-            Route::Audit => &["tenant"],
-            Route::Revoke => &[],
+            Route::Search | Route::Export => &["tenant", "conv", "sender", "from", "to", "text"],
+            Route::Audit | Route::Holds => &["tenant"],
+            Route::Revoke | Route::HoldRelease | Route::Console => &[],
         }
     }
 }
@@ -314,8 +329,12 @@ async fn route(state: &Arc<State>, peer: SocketAddr, req: Request<Incoming>) -> 
         "/readyz" => Route::Ready,
         "/metrics" => Route::Metrics,
         "/v1/compliance/search" => Route::Search,
+        "/v1/compliance/export" => Route::Export,
         "/v1/compliance/audit" => Route::Audit,
+        "/v1/compliance/holds" => Route::Holds,
+        "/v1/compliance/holds/release" => Route::HoldRelease,
         "/v1/admin/tokens/revoke" => Route::Revoke,
+        path if path == "/console" || path.starts_with("/console/") => Route::Console,
         _ => {
             crate::metrics::ADMIN_REQUESTS.inc("other");
             return error(StatusCode::NOT_FOUND, "not_found", "no such route");
@@ -328,6 +347,19 @@ async fn route(state: &Arc<State>, peer: SocketAddr, req: Request<Incoming>) -> 
         }
         let (parts, body) = req.into_parts();
         return revoke_request(state, peer, &parts.headers, body).await;
+    }
+    if route == Route::Console {
+        return match req.method() {
+            &Method::GET => crate::console::file(req.uri().path()),
+            _ => method_not_allowed("GET"),
+        };
+    }
+    if route == Route::HoldRelease || (route == Route::Holds && req.method() == Method::POST) {
+        if req.method() != Method::POST {
+            return method_not_allowed("POST");
+        }
+        let (parts, body) = req.into_parts();
+        return hold_request(state, peer, route, &parts.headers, body).await;
     }
     if req.method() != Method::GET {
         return method_not_allowed("GET");
@@ -355,10 +387,12 @@ async fn route(state: &Arc<State>, peer: SocketAddr, req: Request<Incoming>) -> 
             tidings_log::metrics::CONTENT_TYPE,
             tidings_log::metrics::render(),
         ),
-        Route::Search | Route::Audit => {
+        Route::Search | Route::Export | Route::Audit | Route::Holds => {
             compliance_request(state, peer, route, req.headers(), raw_query).await
         }
-        Route::Revoke => error(StatusCode::NOT_FOUND, "not_found", "no such route"),
+        Route::Revoke | Route::HoldRelease | Route::Console => {
+            error(StatusCode::NOT_FOUND, "not_found", "no such route")
+        }
     }
 }
 
@@ -560,6 +594,138 @@ async fn revoke_request(
     )
 }
 
+/// `GET /v1/compliance/holds?tenant=`: the tenant's holds, active and released, as JSON
+/// lines (hold records, no message content).
+async fn list_holds(state: &Arc<State>, tenant: &TenantId) -> Response<Body> {
+    match hold::list(
+        &**state.compliance.store(),
+        state.compliance.keyring(),
+        tenant,
+    )
+    .await
+    {
+        Ok(holds) => {
+            let mut text = String::new();
+            for h in &holds {
+                text.push_str(&hold::hold_json(tenant, h).to_string());
+                text.push('\n');
+            }
+            text.push_str(&format!(
+                "{}\n",
+                json!({ "complete": true, "rows": holds.len() })
+            ));
+            full(StatusCode::OK, "application/x-ndjson", text)
+        }
+        Err(e) => failure(&e),
+    }
+}
+
+/// `POST /v1/compliance/holds` `{"tenant"?, "conv"? | "user"?, "from"?, "to"?, "reason"}`
+/// places a hold; `POST /v1/compliance/holds/release` `{"tenant"?, "id"}` releases one. The
+/// compliance role, in the caller's own tenant; each recorded in the audit log (by
+/// [`Compliance::create_hold`] and [`Compliance::release_hold`]), refusals too.
+async fn hold_request(
+    state: &Arc<State>,
+    peer: SocketAddr,
+    route: Route,
+    headers: &HeaderMap,
+    body: Incoming,
+) -> Response<Body> {
+    let action = if route == Route::HoldRelease {
+        "hold_release"
+    } else {
+        "hold_create"
+    };
+    let caller = match authenticate(state, headers).await {
+        Ok(caller) => caller,
+        Err(reason) => return unauthenticated(peer, action, &reason),
+    };
+    let bytes = match read_body(body).await {
+        Ok(bytes) => bytes,
+        Err(response) => return response,
+    };
+    let filters: String = String::from_utf8_lossy(&bytes).chars().take(1024).collect();
+    let refusal = Refusal {
+        state,
+        actor: &caller.actor,
+        action,
+        filters: &filters,
+    };
+    if !caller.compliance {
+        let reason = format!("the token does not carry the {COMPLIANCE_ROLE} role");
+        return refusal.forbidden(&caller.tenant, &reason).await;
+    }
+    let fields: Map<String, Value> = match serde_json::from_slice(&bytes) {
+        Ok(Value::Object(fields)) => fields,
+        _ => {
+            return refusal
+                .invalid(&caller.tenant, "the body is not a JSON object")
+                .await;
+        }
+    };
+    let text = |name: &str| fields.get(name).and_then(Value::as_str);
+    let target = match text("tenant").map(TenantId::new).transpose() {
+        Ok(t) => t.unwrap_or_else(|| caller.tenant.clone()),
+        Err(e) => return refusal.invalid(&caller.tenant, &e.to_string()).await,
+    };
+    if target != caller.tenant {
+        let reason = format!(
+            "a token of tenant {} may not manage holds of tenant {target}",
+            caller.tenant
+        );
+        return refusal.forbidden(&target, &reason).await;
+    }
+    let done = if route == Route::HoldRelease {
+        let Some(id) = text("id") else {
+            return refusal.invalid(&target, "id is required").await;
+        };
+        state
+            .compliance
+            .release_hold(&target, id, &caller.actor)
+            .await
+    } else {
+        let spec = match hold_spec(&fields) {
+            Ok(spec) => spec,
+            Err(reason) => return refusal.invalid(&target, &reason).await,
+        };
+        state
+            .compliance
+            .create_hold(&target, &spec, &caller.actor)
+            .await
+    };
+    match done {
+        Ok(h) => full(
+            StatusCode::OK,
+            "application/json",
+            format!("{}\n", hold::hold_json(&target, &h)),
+        ),
+        Err(ComplianceError::Invalid(reason)) => refusal.invalid(&target, &reason).await,
+        Err(e) => failure(&e),
+    }
+}
+
+/// A hold's scope, time range and reason from a request body.
+fn hold_spec(fields: &Map<String, Value>) -> Result<HoldSpec, String> {
+    let text = |name: &str| fields.get(name).and_then(Value::as_str);
+    let time = |name: &str| {
+        text(name)
+            .map(|t| parse_time(t).map_err(|e| format!("{name}: {e}")))
+            .transpose()
+    };
+    let scope = match (text("conv"), text("user")) {
+        (Some(_), Some(_)) => return Err("a hold names a conv or a user, not both".into()),
+        (Some(c), None) => Scope::Conversation(ConvId::new(c).map_err(|e| e.to_string())?),
+        (None, Some(u)) => Scope::User(UserId::new(u).map_err(|e| e.to_string())?),
+        (None, None) => Scope::Tenant,
+    };
+    Ok(HoldSpec {
+        scope,
+        from_ms: time("from")?,
+        to_ms: time("to")?,
+        reason: text("reason").unwrap_or("").to_string(),
+    })
+}
+
 async fn compliance_request(
     state: &Arc<State>,
     peer: SocketAddr,
@@ -609,13 +775,36 @@ async fn compliance_request(
     }
     match route {
         Route::Search => match search_query(&params, target.clone()) {
-            Ok(query) => search(state, query, caller.actor.clone()),
+            Ok(query) => search(state, query, caller.actor.clone(), Action::Search),
+            Err(reason) => refusal.invalid(&target, &reason).await,
+        },
+        Route::Export => match search_query(&params, target.clone()) {
+            Ok(query) => {
+                // The download is the destination the audit log names.
+                let action = Action::Export {
+                    destination: "http download (jsonl)".into(),
+                };
+                let mut response = search(state, query, caller.actor.clone(), action);
+                if response.status() == StatusCode::OK {
+                    let disposition = format!("attachment; filename=\"tidings-{target}.jsonl\"");
+                    if let Ok(value) = HeaderValue::from_str(&disposition) {
+                        response
+                            .headers_mut()
+                            .insert(header::CONTENT_DISPOSITION, value);
+                    }
+                }
+                response
+            }
             Err(reason) => refusal.invalid(&target, &reason).await,
         },
         Route::Audit => read_audit(state, target, caller.actor.clone(), filters.clone()).await,
-        Route::Health | Route::Ready | Route::Metrics | Route::Revoke => {
-            error(StatusCode::NOT_FOUND, "not_found", "no such route")
-        }
+        Route::Holds => list_holds(state, &target).await,
+        Route::Health
+        | Route::Ready
+        | Route::Metrics
+        | Route::Revoke
+        | Route::HoldRelease
+        | Route::Console => error(StatusCode::NOT_FOUND, "not_found", "no such route"),
     }
 }
 
@@ -693,7 +882,7 @@ fn search_query(params: &Params, tenant: TenantId) -> Result<Query, String> {
 /// Starts the search beside the response: the response body reads the channel as the client
 /// takes bytes, and a full channel pauses the scan. The status is 200 from here on; the
 /// last line says how it ended.
-fn search(state: &Arc<State>, query: Query, actor: Actor) -> Response<Body> {
+fn search(state: &Arc<State>, query: Query, actor: Actor, action: Action) -> Response<Body> {
     let Ok(permit) = state.requests.clone().try_acquire_owned() else {
         return busy();
     };
@@ -704,7 +893,7 @@ fn search(state: &Arc<State>, query: Query, actor: Actor) -> Response<Body> {
         let progress = Progress::default();
         let last = match state
             .compliance
-            .search(&query, &actor, &Action::Search, &progress, &mut sink)
+            .search(&query, &actor, &action, &progress, &mut sink)
             .await
         {
             Ok(rows) => {
@@ -899,7 +1088,7 @@ fn percent_decode(text: &str) -> Result<String, String> {
 }
 
 /// A response body: all at once, or lines as a task produces them.
-enum Body {
+pub enum Body {
     Full(Option<Bytes>),
     Lines(mpsc::Receiver<Bytes>),
 }
@@ -967,6 +1156,15 @@ fn full(status: StatusCode, content_type: &'static str, text: String) -> Respons
     response(status, content_type, Body::Full(Some(Bytes::from(text))))
 }
 
+/// A whole answer (for the console's files).
+pub(crate) fn full_response(
+    status: StatusCode,
+    content_type: &'static str,
+    text: String,
+) -> Response<Body> {
+    full(status, content_type, text)
+}
+
 fn ndjson(rx: mpsc::Receiver<Bytes>) -> Response<Body> {
     response(StatusCode::OK, "application/x-ndjson", Body::Lines(rx))
 }
@@ -1006,6 +1204,27 @@ fn failure(e: &ComplianceError) -> Response<Body> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_route_is_a_value_of_the_request_counter() {
+        for route in [
+            Route::Health,
+            Route::Ready,
+            Route::Metrics,
+            Route::Search,
+            Route::Export,
+            Route::Audit,
+            Route::Holds,
+            Route::HoldRelease,
+            Route::Revoke,
+            Route::Console,
+        ] {
+            assert!(
+                crate::metrics::ADMIN_REQUESTS.knows(route.action()),
+                "{route:?}"
+            );
+        }
+    }
 
     #[test]
     fn query_values_are_percent_decoded_strictly() {

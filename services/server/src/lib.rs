@@ -9,6 +9,7 @@
 //! - [`admin`]: the admin HTTP listener of `serve`: health, compliance search, audit log.
 //! - [`metrics`]: `/metrics`: the archiver's and admin listener's metrics and the collectors
 //!   that read a running log, publisher and gateway.
+//! - [`console`]: the compliance console's files, served by the admin listener.
 //! - [`archive`]: `tidings archive run|inspect|verify` and the periodic archiver of `serve`.
 //! - [`chat`]: `tidings chat`, a terminal client.
 //! - [`nats_init`]: `tidings nats init`: a NATS identity per role and its permissions.
@@ -32,6 +33,7 @@ pub mod cli;
 pub mod commands;
 pub mod compliance;
 pub mod config;
+pub mod console;
 pub mod metrics;
 pub mod nats_init;
 pub mod output;

@@ -65,8 +65,12 @@ pub static ADMIN_REQUESTS: LabeledCounter = LabeledCounter::new(
         "readyz",
         "metrics",
         "search",
+        "export",
         "audit_read",
+        "holds",
+        "hold_release",
         "token_revoke",
+        "console",
         "other",
     ],
 );
