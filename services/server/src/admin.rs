@@ -72,6 +72,9 @@ use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::{JoinHandle, JoinSet};
 use tracing::{debug, error, info, warn};
 
+mod ops;
+pub use ops::Archive;
+
 /// The role a token needs for the compliance routes.
 pub const COMPLIANCE_ROLE: &str = "compliance";
 /// The role a token needs to revoke tokens.
@@ -118,6 +121,23 @@ struct State {
     nats: Option<async_nats::Client>,
     /// What `/readyz` reports.
     health: Health,
+    /// The archiver and object store the admin operations use (`None`: no archive here).
+    archive: Option<Archive>,
+}
+
+/// What the listener serves with.
+pub struct Services {
+    /// The admin plane's verifier (the compliance audience).
+    pub verifier: Verifier,
+    pub compliance: Compliance,
+    /// Revocation records (checked for every token, written by the revoke route).
+    pub log: tidings_log::Log,
+    /// Where revocation notices go; `None` when this process has no NATS connection.
+    pub nats: Option<async_nats::Client>,
+    /// What `/readyz` reports.
+    pub health: Health,
+    /// The archiver and object store the admin operations use.
+    pub archive: Option<Archive>,
 }
 
 impl Admin {
@@ -126,15 +146,19 @@ impl Admin {
     /// plane's (the compliance audience).
     pub async fn start(
         listen: SocketAddr,
-        verifier: Verifier,
-        compliance: Compliance,
         tls: Option<ReloadingAcceptor>,
-        log: tidings_log::Log,
-        nats: Option<async_nats::Client>,
-        health: Health,
+        services: Services,
     ) -> std::io::Result<Admin> {
         let listener = TcpListener::bind(listen).await?;
         let addr = listener.local_addr()?;
+        let Services {
+            verifier,
+            compliance,
+            log,
+            nats,
+            health,
+            archive,
+        } = services;
         let state = Arc::new(State {
             verifier,
             compliance,
@@ -142,6 +166,7 @@ impl Admin {
             log,
             nats,
             health,
+            archive,
         });
         let (stop, stopped) = watch::channel(false);
         let task = tokio::spawn(run(listener, state, tls, stopped));
@@ -276,6 +301,7 @@ enum Route {
     HoldRelease,
     Revoke,
     Console,
+    Admin(ops::Op),
 }
 
 impl Route {
@@ -292,6 +318,7 @@ impl Route {
             Route::HoldRelease => "hold_release",
             Route::Revoke => "token_revoke",
             Route::Console => "console",
+            Route::Admin(op) => op.action(),
         }
     }
 
@@ -301,7 +328,7 @@ impl Route {
             Route::Health | Route::Ready | Route::Metrics => &[],
             Route::Search | Route::Export => &["tenant", "conv", "sender", "from", "to", "text"],
             Route::Audit | Route::Holds => &["tenant"],
-            Route::Revoke | Route::HoldRelease | Route::Console => &[],
+            Route::Revoke | Route::HoldRelease | Route::Console | Route::Admin(_) => &[],
         }
     }
 }
@@ -335,10 +362,13 @@ async fn route(state: &Arc<State>, peer: SocketAddr, req: Request<Incoming>) -> 
         "/v1/compliance/holds/release" => Route::HoldRelease,
         "/v1/admin/tokens/revoke" => Route::Revoke,
         path if path == "/console" || path.starts_with("/console/") => Route::Console,
-        _ => {
-            crate::metrics::ADMIN_REQUESTS.inc("other");
-            return error(StatusCode::NOT_FOUND, "not_found", "no such route");
-        }
+        path => match ops::Op::from_path(path) {
+            Some(op) => Route::Admin(op),
+            None => {
+                crate::metrics::ADMIN_REQUESTS.inc("other");
+                return error(StatusCode::NOT_FOUND, "not_found", "no such route");
+            }
+        },
     };
     crate::metrics::ADMIN_REQUESTS.inc(route.action());
     if route == Route::Revoke {
@@ -347,6 +377,13 @@ async fn route(state: &Arc<State>, peer: SocketAddr, req: Request<Incoming>) -> 
         }
         let (parts, body) = req.into_parts();
         return revoke_request(state, peer, &parts.headers, body).await;
+    }
+    if let Route::Admin(op) = route {
+        if req.method() != Method::POST {
+            return method_not_allowed("POST");
+        }
+        let (parts, body) = req.into_parts();
+        return ops::request(state, peer, op, &parts.headers, body).await;
     }
     if route == Route::Console {
         return match req.method() {
@@ -390,7 +427,7 @@ async fn route(state: &Arc<State>, peer: SocketAddr, req: Request<Incoming>) -> 
         Route::Search | Route::Export | Route::Audit | Route::Holds => {
             compliance_request(state, peer, route, req.headers(), raw_query).await
         }
-        Route::Revoke | Route::HoldRelease | Route::Console => {
+        Route::Revoke | Route::HoldRelease | Route::Console | Route::Admin(_) => {
             error(StatusCode::NOT_FOUND, "not_found", "no such route")
         }
     }
@@ -528,6 +565,44 @@ async fn read_body(body: Incoming) -> Result<Vec<u8>, Response<Body>> {
     }
 }
 
+/// A POST from a verified caller holding `role`, with its body (bounded). Unauthenticated:
+/// 401, not recorded; without the role: 403, recorded in the caller's tenant.
+async fn authorized_post(
+    state: &Arc<State>,
+    peer: SocketAddr,
+    headers: &HeaderMap,
+    body: Incoming,
+    action: &'static str,
+    role: &'static str,
+) -> Result<(Caller, Vec<u8>), Response<Body>> {
+    let caller = authenticate(state, headers)
+        .await
+        .map_err(|reason| unauthenticated(peer, action, &reason))?;
+    let bytes = read_body(body).await?;
+    let holds_role = if role == ADMIN_ROLE {
+        caller.admin
+    } else {
+        caller.compliance
+    };
+    if !holds_role {
+        let filters = body_filters(&bytes);
+        let refusal = Refusal {
+            state,
+            actor: &caller.actor,
+            action,
+            filters: &filters,
+        };
+        let reason = format!("the token does not carry the {role} role");
+        return Err(refusal.forbidden(&caller.tenant, &reason).await);
+    }
+    Ok((caller, bytes))
+}
+
+/// A request body as the audit log records it with a refusal (bounded).
+fn body_filters(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).chars().take(1024).collect()
+}
+
 /// `POST /v1/admin/tokens/revoke`.
 async fn revoke_request(
     state: &Arc<State>,
@@ -536,25 +611,18 @@ async fn revoke_request(
     body: Incoming,
 ) -> Response<Body> {
     let action = Route::Revoke.action();
-    let caller = match authenticate(state, headers).await {
-        Ok(caller) => caller,
-        Err(reason) => return unauthenticated(peer, action, &reason),
-    };
-    let bytes = match read_body(body).await {
-        Ok(bytes) => bytes,
-        Err(response) => return response,
-    };
-    let filters: String = String::from_utf8_lossy(&bytes).chars().take(512).collect();
+    let (caller, bytes) =
+        match authorized_post(state, peer, headers, body, action, ADMIN_ROLE).await {
+            Ok(posted) => posted,
+            Err(response) => return response,
+        };
+    let filters = body_filters(&bytes);
     let refusal = Refusal {
         state,
         actor: &caller.actor,
         action,
         filters: &filters,
     };
-    if !caller.admin {
-        let reason = format!("the token does not carry the {ADMIN_ROLE} role");
-        return refusal.forbidden(&caller.tenant, &reason).await;
-    }
     let request = match crate::revoke::Request::from_json(&bytes, tidings_gateway::now_secs()) {
         Ok(request) => request,
         Err(reason) => return refusal.invalid(&caller.tenant, &reason).await,
@@ -636,25 +704,18 @@ async fn hold_request(
     } else {
         "hold_create"
     };
-    let caller = match authenticate(state, headers).await {
-        Ok(caller) => caller,
-        Err(reason) => return unauthenticated(peer, action, &reason),
-    };
-    let bytes = match read_body(body).await {
-        Ok(bytes) => bytes,
-        Err(response) => return response,
-    };
-    let filters: String = String::from_utf8_lossy(&bytes).chars().take(1024).collect();
+    let (caller, bytes) =
+        match authorized_post(state, peer, headers, body, action, COMPLIANCE_ROLE).await {
+            Ok(posted) => posted,
+            Err(response) => return response,
+        };
+    let filters = body_filters(&bytes);
     let refusal = Refusal {
         state,
         actor: &caller.actor,
         action,
         filters: &filters,
     };
-    if !caller.compliance {
-        let reason = format!("the token does not carry the {COMPLIANCE_ROLE} role");
-        return refusal.forbidden(&caller.tenant, &reason).await;
-    }
     let fields: Map<String, Value> = match serde_json::from_slice(&bytes) {
         Ok(Value::Object(fields)) => fields,
         _ => {
@@ -804,7 +865,8 @@ async fn compliance_request(
         | Route::Metrics
         | Route::Revoke
         | Route::HoldRelease
-        | Route::Console => error(StatusCode::NOT_FOUND, "not_found", "no such route"),
+        | Route::Console
+        | Route::Admin(_) => error(StatusCode::NOT_FOUND, "not_found", "no such route"),
     }
 }
 
@@ -1218,6 +1280,11 @@ mod tests {
             Route::HoldRelease,
             Route::Revoke,
             Route::Console,
+            Route::Admin(ops::Op::Rotate),
+            Route::Admin(ops::Op::Wrap),
+            Route::Admin(ops::Op::Shred),
+            Route::Admin(ops::Op::ArchiveRun),
+            Route::Admin(ops::Op::ArchiveVerify),
         ] {
             assert!(
                 crate::metrics::ADMIN_REQUESTS.knows(route.action()),

@@ -18,7 +18,8 @@ pub fn objects(config: &Config) -> anyhow::Result<Objects> {
     Objects::open(&storage).context("open the archive's object store")
 }
 
-fn archiver(config: &Config, log: &Log) -> anyhow::Result<Archiver> {
+/// The configured archiver over `log`'s store and keys.
+pub(crate) fn archiver(config: &Config, log: &Log) -> anyhow::Result<Archiver> {
     Ok(Archiver::new(
         log.store().clone(),
         log.keyring().clone(),

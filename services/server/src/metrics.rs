@@ -71,6 +71,11 @@ pub static ADMIN_REQUESTS: LabeledCounter = LabeledCounter::new(
         "hold_release",
         "token_revoke",
         "console",
+        "rotate",
+        "wrap",
+        "shred",
+        "archive_run",
+        "archive_verify",
         "other",
     ],
 );

@@ -160,7 +160,7 @@ async fn start_admin(
         log.store().clone(),
         log.keyring().clone(),
         Some(crate::archive::objects(config)?),
-        archive_gate,
+        archive_gate.clone(),
     );
     let tls = edge_tls(
         "admin",
@@ -169,14 +169,21 @@ async fn start_admin(
         ADMIN_ALPN,
     )?;
     let secure = tls.is_some();
+    let archive = crate::admin::Archive {
+        archiver: Arc::new(crate::archive::archiver(config, log)?.with_gate(archive_gate)),
+        objects: crate::archive::objects(config)?,
+    };
     let admin = crate::admin::Admin::start(
         addr,
-        verifier,
-        compliance,
         tls,
-        log.clone(),
-        Some(nats),
-        health,
+        crate::admin::Services {
+            verifier,
+            compliance,
+            log: log.clone(),
+            nats: Some(nats),
+            health,
+            archive: Some(archive),
+        },
     )
     .await
     .with_context(|| format!("admin listener on {addr}"))?;
