@@ -598,6 +598,40 @@ async fn authorized_post(
     Ok((caller, bytes))
 }
 
+/// A POST body's JSON object (an empty body is an empty object) and the tenant it names
+/// (`"tenant"`, by default the caller's), which must be the caller's own. Refusals are
+/// recorded: a malformed body in the caller's tenant, another tenant in that tenant's.
+async fn own_tenant_body(
+    refusal: &Refusal<'_>,
+    caller: &Caller,
+    bytes: &[u8],
+) -> Result<(Map<String, Value>, TenantId), Response<Body>> {
+    let fields = if bytes.is_empty() {
+        Map::new()
+    } else {
+        match serde_json::from_slice(bytes) {
+            Ok(Value::Object(fields)) => fields,
+            _ => {
+                let reason = "the body is not a JSON object";
+                return Err(refusal.invalid(&caller.tenant, reason).await);
+            }
+        }
+    };
+    let named = fields.get("tenant").and_then(Value::as_str);
+    let tenant = match named.map(TenantId::new).transpose() {
+        Ok(t) => t.unwrap_or_else(|| caller.tenant.clone()),
+        Err(e) => return Err(refusal.invalid(&caller.tenant, &e.to_string()).await),
+    };
+    if tenant != caller.tenant {
+        let reason = format!(
+            "a token of tenant {} may not {} for tenant {tenant}",
+            caller.tenant, refusal.action
+        );
+        return Err(refusal.forbidden(&tenant, &reason).await);
+    }
+    Ok((fields, tenant))
+}
+
 /// A request body as the audit log records it with a refusal (bounded).
 fn body_filters(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).chars().take(1024).collect()
@@ -716,26 +750,11 @@ async fn hold_request(
         action,
         filters: &filters,
     };
-    let fields: Map<String, Value> = match serde_json::from_slice(&bytes) {
-        Ok(Value::Object(fields)) => fields,
-        _ => {
-            return refusal
-                .invalid(&caller.tenant, "the body is not a JSON object")
-                .await;
-        }
+    let (fields, target) = match own_tenant_body(&refusal, &caller, &bytes).await {
+        Ok(parsed) => parsed,
+        Err(response) => return response,
     };
     let text = |name: &str| fields.get(name).and_then(Value::as_str);
-    let target = match text("tenant").map(TenantId::new).transpose() {
-        Ok(t) => t.unwrap_or_else(|| caller.tenant.clone()),
-        Err(e) => return refusal.invalid(&caller.tenant, &e.to_string()).await,
-    };
-    if target != caller.tenant {
-        let reason = format!(
-            "a token of tenant {} may not manage holds of tenant {target}",
-            caller.tenant
-        );
-        return refusal.forbidden(&target, &reason).await;
-    }
     let done = if route == Route::HoldRelease {
         let Some(id) = text("id") else {
             return refusal.invalid(&target, "id is required").await;

@@ -73,30 +73,11 @@ pub(super) async fn request(
         action,
         filters: &filters,
     };
-    let fields: Map<String, Value> = if bytes.is_empty() {
-        Map::new()
-    } else {
-        match serde_json::from_slice(&bytes) {
-            Ok(Value::Object(fields)) => fields,
-            _ => {
-                return refusal
-                    .invalid(&caller.tenant, "the body is not a JSON object")
-                    .await;
-            }
-        }
+    let (fields, tenant) = match own_tenant_body(&refusal, &caller, &bytes).await {
+        Ok(parsed) => parsed,
+        Err(response) => return response,
     };
     let text = |name: &str| fields.get(name).and_then(Value::as_str);
-    let tenant = match text("tenant").map(TenantId::new).transpose() {
-        Ok(t) => t.unwrap_or_else(|| caller.tenant.clone()),
-        Err(e) => return refusal.invalid(&caller.tenant, &e.to_string()).await,
-    };
-    if tenant != caller.tenant {
-        let reason = format!(
-            "a token of tenant {} may not {action} for tenant {tenant}",
-            caller.tenant
-        );
-        return refusal.forbidden(&tenant, &reason).await;
-    }
     let actor = &caller.actor;
     let answer = match op {
         Op::Rotate => match state.log.keyring().rotate(&tenant).await {
