@@ -3,7 +3,8 @@
 //! nats-server, real disk): each sees the other's messages; edits, recalls, reactions,
 //! typing, @-completion, unread counts, read cursors; a hostile body shown as text; history
 //! paged back across the archive boundary; a dropped connection caught up by Sync; the
-//! compliance console finding, exporting and holding, its audit log showing each. Then the
+//! compliance console finding, exporting, holding, rotating a key and refusing an unconfirmed
+//! shred, its audit log showing each. Then the
 //! timings of a 10,000-message conversation are printed (BENCHMARKS.md). Screenshots go to
 //! target/tmp/web-screenshots/ (the path is printed).
 
@@ -350,7 +351,7 @@ async fn two_browsers_chat_page_into_the_archive_and_stay_safe_from_hostile_text
     );
     let officer = driver.browser().await;
     officer.goto(&format!("{admin}/console/")).await;
-    let token = s.token_with_roles("acme", "officer", &["compliance"], 600);
+    let token = s.token_with_roles("acme", "officer", &["compliance", "admin"], 600);
     officer.type_into("#token", &token).await;
     officer.click("#signin-button").await;
     officer.type_into("#q-text", "onerror").await;
@@ -387,11 +388,35 @@ async fn two_browsers_chat_page_into_the_archive_and_stay_safe_from_hostile_text
             "return [...document.querySelectorAll('#holds tr.hold td')].some(td => td.textContent === 'case 42')",
         )
         .await;
+    // Operations with confirmation: a key rotation, an archive check, a shred refused for a
+    // confirmation that does not name the tenant.
+    officer.click("#op-rotate").await;
+    officer
+        .wait(
+            "the rotation",
+            "return document.getElementById('op-result').textContent.includes('key_id')",
+        )
+        .await;
+    officer.click("#op-archive-verify").await;
+    officer
+        .wait(
+            "the archive check",
+            "return document.getElementById('op-result').textContent.includes('\"ok\": true')",
+        )
+        .await;
+    officer.type_into("#shred-confirm", "acm").await;
+    officer.click("#op-shred").await;
+    officer
+        .wait(
+            "the shred refused",
+            "return document.getElementById('op-result').textContent.startsWith('400')",
+        )
+        .await;
     officer.click("#audit").await;
     let actions = officer
         .wait(
             "the audit log",
-            "const a = [...document.querySelectorAll('#audit-log tr.record')].map(tr => tr.dataset.action); return a.includes('export') && a.includes('hold_create') && a",
+            "const a = [...document.querySelectorAll('#audit-log tr.record')].map(tr => tr.dataset.action); return ['export', 'hold_create', 'rotate', 'archive_verify', 'shred'].every(x => a.includes(x)) && a",
         )
         .await;
     assert!(

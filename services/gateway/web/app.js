@@ -161,6 +161,7 @@ async function start(ws) {
   $("whoami").textContent = welcome.user + " @ " + welcome.tenant;
   $("signin").hidden = true;
   $("chat").hidden = false;
+  $("signout").hidden = false;
   status("connected", "connected");
   await sync();
   if (!app.timings.conversations) app.timings.conversations = performance.now();
@@ -619,6 +620,7 @@ function signOut(why) {
   app.convs.clear();
   app.selected = null;
   $("chat").hidden = true;
+  $("signout").hidden = true;
   $("signin").hidden = false;
   status("signed-out", "signed out");
   showSigninError(why);
@@ -653,6 +655,7 @@ document.addEventListener("DOMContentLoaded", () => {
   $("compose").addEventListener("input", onCompose);
   $("compose").addEventListener("keydown", onComposeKey);
   $("older").addEventListener("click", older);
+  $("signout").addEventListener("click", () => signOut(""));
   document.addEventListener("visibilitychange", () => {
     const c = app.convs.get(app.selected);
     if (c && document.visibilityState === "visible") { markRead(c); renderConvs(); }

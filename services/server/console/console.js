@@ -166,7 +166,36 @@ function placeHold(ev) {
   hold("/v1/compliance/holds", body);
 }
 
+// An admin operation: its JSON answer shown as text.
+async function operation(path, body) {
+  const out = $("op-result");
+  out.className = "";
+  out.textContent = "running…";
+  try {
+    const response = await fetch(path, {
+      method: "POST",
+      headers: Object.assign({ "Content-Type": "application/json" }, auth()),
+      body: JSON.stringify(body || {}),
+    });
+    const text = await response.text();
+    if (!response.ok) throw new Error(response.status + ": " + text);
+    out.textContent = JSON.stringify(JSON.parse(text), null, 2);
+  } catch (e) {
+    out.textContent = e.message;
+    out.className = "error";
+  }
+}
+
 document.addEventListener("DOMContentLoaded", () => {
+  $("op-rotate").addEventListener("click", () => operation("/v1/admin/keys/rotate"));
+  $("op-wrap").addEventListener("click", () => operation("/v1/admin/keys/wrap"));
+  $("op-archive-run").addEventListener("click", () => operation("/v1/admin/archive/run"));
+  $("op-archive-verify").addEventListener("click", () => operation("/v1/admin/archive/verify"));
+  $("shred-form").addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    // The server checks the confirmation too: the tenant named twice, or nothing happens.
+    operation("/v1/admin/keys/shred", { confirm: $("shred-confirm").value.trim() });
+  });
   $("token-form").addEventListener("submit", (ev) => {
     ev.preventDefault();
     token = $("token").value.trim();
