@@ -110,6 +110,8 @@ async fn metrics_parse_strictly_move_with_traffic_and_cover_the_alerts_on_log_an
     assert!(log_after.value("tidings_log_commit_seconds_count", &[]) >= 1.0);
     assert!(log_after.value("tidings_log_commit_group_size_count", &[]) >= 1.0);
     assert_eq!(log_after.value("tidings_log_send_buffer_events", &[]), 0.0);
+    assert_eq!(log_after.value("tidings_publisher_backlog", &[]), 0.0);
+    assert_eq!(log_after.value("tidings_publisher_dropped_total", &[]), 0.0);
     assert_eq!(
         log_after.families["tidings_log_append_seconds"].kind,
         "histogram"

@@ -168,9 +168,9 @@ pub fn register_log(log: &Log, feed: &tokio::sync::mpsc::Sender<FeedItem>) {
                 .upgrade()
                 .map_or(0, |tx| tx.max_capacity() - tx.capacity());
             out.gauge(
-                "tidings_publisher_backlog",
-                "Committed events and notices waiting for the publisher (the commit feed's \
-                 depth).",
+                "tidings_log_feed_queue",
+                "Committed events and notices waiting for the publisher to take them (the \
+                 commit feed's depth).",
                 backlog as f64,
             );
         }),
@@ -194,6 +194,12 @@ pub fn register_publisher(stats: &Arc<PublisherStats>) {
                 "JetStream publishes retried.",
                 &[],
                 stats.retried.load(Ordering::Relaxed),
+            );
+            out.gauge(
+                "tidings_publisher_backlog",
+                "Events the publisher holds for JetStream (NATS down or slow; bounded by \
+                 nats.publish_backlog).",
+                stats.backlog.load(Ordering::Relaxed) as f64,
             );
             out.counter(
                 "tidings_publisher_dropped_total",
