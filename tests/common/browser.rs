@@ -20,7 +20,15 @@ pub struct Driver {
 }
 
 impl Drop for Driver {
+    /// Ends chromedriver and every browser it started, even when the test panicked before
+    /// quitting them: they share chromedriver's own process group.
     fn drop(&mut self) {
+        let group = format!("-{}", self.child.id());
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &group])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -51,8 +59,11 @@ impl Driver {
             return None;
         }
         let port = free_port();
+        use std::os::unix::process::CommandExt as _;
         let child = Command::new(CHROMEDRIVER)
             .arg(format!("--port={port}"))
+            // A group of its own, so Drop can end the browsers with it.
+            .process_group(0)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
