@@ -1,5 +1,5 @@
-//! `/metrics` end to end: a log role and a gateway role (real nats-server, real processes),
-//! scraped before and after traffic, each page parsed by a strict text-format parser; and
+//! `/metrics` end to end: a log role and a gateway role (real nats-server, real processes;
+//! the gateway's `/healthz` and `/readyz` on its own port), scraped before and after traffic, each page parsed by a strict text-format parser; and
 //! the alert rules and dashboard in ops/ checked against what the pages expose.
 
 mod common;
@@ -58,6 +58,35 @@ async fn metrics_parse_strictly_move_with_traffic_and_cover_the_alerts_on_log_an
         .no_proxy()
         .build()
         .expect("client");
+
+    // The gateway role has no admin listener: its own port answers health and readiness.
+    let base = format!("http://127.0.0.1:{}", gateway.port);
+    let health = http
+        .get(format!("{base}/healthz"))
+        .send()
+        .await
+        .expect("healthz");
+    assert_eq!(health.status(), 200);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let ready = http
+            .get(format!("{base}/readyz"))
+            .send()
+            .await
+            .expect("readyz");
+        let status = ready.status();
+        let body = ready.text().await.expect("body");
+        if status == 200 {
+            assert_eq!(body, "{\"ready\":true}\n");
+            break;
+        }
+        assert_eq!(status, 503, "{body}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never ready: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     let (log_before, _) = scrape(&http, log.admin_port).await;
     let (gw_before, _) = scrape(&http, gateway.port).await;
