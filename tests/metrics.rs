@@ -1,6 +1,7 @@
 //! `/metrics` end to end: a log role and a gateway role (real nats-server, real processes;
-//! the gateway's `/healthz` and `/readyz` on its own port), scraped before and after traffic, each page parsed by a strict text-format parser; and
-//! the alert rules and dashboard in ops/ checked against what the pages expose.
+//! the gateway's `/healthz` and `/readyz` on its own port), scraped before and after
+//! traffic, each page parsed by a strict text-format parser; and the alert rules and
+//! dashboard in ops/ checked against what the pages expose.
 
 mod common;
 
