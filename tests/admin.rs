@@ -98,6 +98,17 @@ impl Admin {
     async fn get_as(&self, path: &str, token: &str) -> Reply {
         self.get(path, Some(&format!("Bearer {token}"))).await
     }
+
+    /// POST `body` (JSON) to `path` as `token`.
+    async fn post_as(&self, path: &str, token: &str, body: Value) -> Reply {
+        let req = self
+            .client
+            .post(format!("{}{path}", self.base))
+            .header("Authorization", format!("Bearer {token}"))
+            .header("Content-Type", "application/json")
+            .body(body.to_string());
+        self.send(req).await
+    }
 }
 
 /// (actor, action, outcome) of each audit line, the final line left out.
@@ -413,4 +424,120 @@ async fn the_log_role_serves_it_and_bad_requests_get_json_errors_without_audit()
     assert_eq!(trail(&lines), expected, "{lines:#?}");
 
     assert!(server.terminate(), "serve --role log exits cleanly");
+}
+
+/// Holds, key operations and archive runs over HTTP while `serve` holds the store (the CLI
+/// cannot open it then): each needs its role in its own tenant, shredding needs the tenant
+/// named twice and no hold, and the audit log records every step.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn holds_keys_and_archive_operations_run_while_serving_and_are_audited() {
+    let (s, _nats, server) = setup("all");
+    let admin = Admin::new(&server);
+    let root = s.token_with_roles("acme", "root", &["admin"], 3600);
+    let officer = s.token_with_roles("acme", "officer", &["compliance"], 3600);
+    let other_root = s.token_with_roles("other", "root", &["admin"], 3600);
+
+    let r = admin
+        .post_as("/v1/admin/keys/rotate", &root, json!({}))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(r.lines()[0]["key_id"].as_u64().is_some(), "{}", r.body);
+    let r = admin
+        .post_as("/v1/admin/keys/rotate", &officer, json!({}))
+        .await;
+    assert_eq!(
+        (r.status, r.code()),
+        (403, "forbidden".into()),
+        "the admin role is needed"
+    );
+    let r = admin
+        .post_as(
+            "/v1/admin/keys/rotate",
+            &other_root,
+            json!({"tenant": "acme"}),
+        )
+        .await;
+    assert_eq!(r.status, 403, "another tenant's admin");
+    assert_eq!(
+        admin.get_as("/v1/admin/keys/rotate", &root).await.status,
+        405
+    );
+
+    let r = admin
+        .post_as("/v1/admin/archive/run", &root, json!({}))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(r.lines()[0].get("events_archived").is_some(), "{}", r.body);
+    let r = admin
+        .post_as("/v1/admin/archive/verify", &root, json!({}))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.lines()[0]["ok"], true, "{}", r.body);
+
+    // A hold stops a shred; the hold's release lets it through; the export still worked.
+    let r = admin
+        .post_as(
+            "/v1/compliance/holds",
+            &officer,
+            json!({"conv": "team", "reason": "case 7"}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let hold = r.lines()[0]["id"].as_str().expect("hold id").to_string();
+    let r = admin.get_as("/v1/compliance/holds", &officer).await;
+    assert_eq!(r.lines().len(), 2, "{}", r.body);
+    let r = admin
+        .get_as("/v1/compliance/export?conv=team&text=quarterly", &officer)
+        .await;
+    assert_eq!(r.status, 200);
+    assert!(
+        r.headers["content-disposition"]
+            .to_str()
+            .expect("ascii")
+            .starts_with("attachment"),
+    );
+    assert_eq!(r.lines().len(), 2, "one hit and the end line: {}", r.body);
+    let r = admin
+        .post_as("/v1/admin/keys/shred", &root, json!({}))
+        .await;
+    assert_eq!(r.status, 400, "shredding without confirm: {}", r.body);
+    let r = admin
+        .post_as("/v1/admin/keys/shred", &root, json!({"confirm": "acme"}))
+        .await;
+    assert_eq!(r.status, 403, "held: {}", r.body);
+    let r = admin
+        .post_as(
+            "/v1/compliance/holds/release",
+            &officer,
+            json!({"id": hold}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = admin
+        .post_as("/v1/admin/keys/shred", &root, json!({"confirm": "acme"}))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.lines()[0]["shredded"], true);
+
+    let audit = admin.get_as("/v1/compliance/audit", &officer).await;
+    let actions: Vec<(String, String)> = trail(&audit.lines())
+        .into_iter()
+        .map(|(_, action, outcome)| (action, outcome))
+        .collect();
+    for expected in [
+        ("rotate", "completed"),
+        ("rotate", "denied"),
+        ("archive_run", "completed"),
+        ("archive_verify", "completed"),
+        ("hold_create", "completed"),
+        ("export", "completed"),
+        ("shred", "denied"),
+        ("hold_release", "completed"),
+        ("shred", "completed"),
+    ] {
+        assert!(
+            actions.contains(&(expected.0.into(), expected.1.into())),
+            "{expected:?} not in {actions:?}"
+        );
+    }
 }

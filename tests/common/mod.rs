@@ -4,7 +4,9 @@
 #![allow(dead_code)] // each test file uses its own subset
 #![allow(clippy::disallowed_methods)] // synchronous helpers around processes, off any runtime
 
+pub mod browser;
 pub mod identity;
+pub mod prom;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};

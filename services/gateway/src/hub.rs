@@ -621,6 +621,10 @@ impl Hub {
         for s in self.sessions.values() {
             s.push(frame.clone());
         }
+        let age_ms = tidings_log::now_ms()
+            .saturating_sub(event.server_time_ms)
+            .max(0);
+        crate::metrics::FANOUT_SECONDS.observe(age_ms as f64 / 1000.0);
         self.delivered = event.seq;
         // Membership follows the log: the leaver gets its own leave event, then no more.
         if let Some(Body::MemberLeft(left)) = &event.body

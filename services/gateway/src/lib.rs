@@ -3,6 +3,8 @@
 //! # Layout
 //! - [`server`]: the listener, [`GatewayConfig`](server::GatewayConfig), the shared state,
 //!   and the NATS connection with reconnect notifications.
+//! - [`http`]: the listener's plain HTTP beside `/v1/ws`: health, readiness, metrics and
+//!   the web client ([`web`]: its files compiled in, the development sign-in).
 //! - [`admission`]: the global, per-IP and per-user caps on connections and sessions, held
 //!   by RAII permits.
 //! - [`session`]: one connection — handshake, Hello, then requests in order; typed errors and
@@ -25,6 +27,8 @@
 //!   several hosts (the KV-outage path; the local-file medium is in `tidings_log`).
 //! - [`resubscribe`]: a core NATS subscription made again when the server removes it.
 //! - [`health`]: the named probes `/readyz` reports.
+//! - [`metrics`]: the gateway's Prometheus metrics (send and fan-out latency, sessions,
+//!   rate limiting, admission).
 //! - [`subjects`]: NATS subject names.
 //! - [`nats`]: connecting to NATS with a role's credential and TLS; URL redaction.
 //! - [`tls`]: TLS for the edge listeners (wss://, https://), reloaded from disk.
@@ -34,7 +38,9 @@
 pub mod admission;
 pub mod bus_crypto;
 pub mod health;
+pub mod http;
 pub mod hub;
+pub mod metrics;
 pub mod nats;
 pub mod publisher;
 pub mod resubscribe;
@@ -47,6 +53,7 @@ pub mod service;
 pub mod session;
 pub mod subjects;
 pub mod tls;
+pub mod web;
 
 pub use nats::{BusEvents, NatsAuth, NatsConnect, connect_nats, redact_url};
 pub use server::{GatewayConfig, Shared, run};

@@ -75,6 +75,9 @@ pub struct PublisherStats {
     pub published: AtomicU64,
     pub retried: AtomicU64,
     pub dropped: AtomicU64,
+    /// Events waiting in the backlog, not counting the window being published (NATS down
+    /// or slow; at most `backlog`).
+    pub backlog: AtomicU64,
     /// The [`Link::epoch`] the event stream was last made sure of in, plus one (0: never).
     pub stream_epoch: AtomicU64,
 }
@@ -308,6 +311,7 @@ pub async fn run(
             backlog.pop_front();
             stats.dropped.fetch_add(1, Ordering::Relaxed);
         }
+        stats.backlog.store(backlog.len() as u64, Ordering::Relaxed);
 
         let now = *link.borrow_and_update();
         if !now.connected {
@@ -345,6 +349,7 @@ pub async fn run(
         }
 
         let window: Vec<Outgoing> = backlog.drain(..backlog.len().min(cfg.in_flight)).collect();
+        stats.backlog.store(backlog.len() as u64, Ordering::Relaxed);
         let mut failed = Vec::new();
         let mut acks = Vec::with_capacity(window.len());
         for out in window {
@@ -400,6 +405,7 @@ pub async fn run(
             for out in failed.into_iter().rev() {
                 backlog.push_front(out);
             }
+            stats.backlog.store(backlog.len() as u64, Ordering::Relaxed);
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(2));
         }

@@ -100,6 +100,10 @@ pub struct Shared {
     pub admission: Admission,
     /// Revoked tokens: checked at Hello; notices end live sessions (`revocation.rs`).
     pub revocations: crate::revocation::Revocations,
+    /// What `/readyz` on this listener reports (set by the process that owns the probes).
+    pub health: std::sync::OnceLock<crate::health::Health>,
+    /// The web client's development sign-in; set only in HS256 development mode.
+    pub dev_tokens: std::sync::OnceLock<crate::web::DevTokens>,
     session_ids: AtomicU64,
 }
 
@@ -134,6 +138,8 @@ impl Shared {
             verifier,
             registry,
             revocations: crate::revocation::Revocations::default(),
+            health: std::sync::OnceLock::new(),
+            dev_tokens: std::sync::OnceLock::new(),
             session_ids: AtomicU64::new(1),
         })
     }

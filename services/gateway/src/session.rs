@@ -209,6 +209,7 @@ pub async fn serve<S>(stream: S, peer: SocketAddr, shared: Arc<Shared>)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let peer_addr = peer;
     let peer = Some(peer);
     let cfg = &shared.cfg;
     let allowed = cfg.allowed_origins.clone();
@@ -229,10 +230,18 @@ where
         if req.uri().path() != "/v1/ws" {
             return reject(404, "not found: the WebSocket endpoint is /v1/ws");
         }
-        // Browsers send Origin; other clients need not. A browser's origin must be allowed.
+        // Browsers send Origin; other clients need not. A browser's origin must be allowed,
+        // or be this listener's own (the web client served at /app/).
         if let Some(origin) = req.headers().get("origin") {
             let origin = origin.to_str().unwrap_or("");
-            if !allowed.iter().any(|a| a == origin || a == "*") {
+            let host = req.headers().get("host").and_then(|h| h.to_str().ok());
+            let same_origin = host.is_some_and(|host| {
+                origin
+                    .strip_prefix("http://")
+                    .or_else(|| origin.strip_prefix("https://"))
+                    == Some(host)
+            });
+            if !same_origin && !allowed.iter().any(|a| a == origin || a == "*") {
                 return reject(403, "origin not allowed");
             }
         }
@@ -240,14 +249,30 @@ where
     };
     // A deadline on the handshake: a client that connects and sends nothing (or a byte a
     // minute) must not hold a task, a socket and a place under the connection caps.
-    let handshake =
-        tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(ws_config));
+    // The head is read first: other paths are plain HTTP (crate::http), answered and done.
+    let handshake = async {
+        let stream = match crate::http::route(stream, peer_addr, &shared).await {
+            Ok(crate::http::Routed::WebSocket(stream)) => stream,
+            Ok(crate::http::Routed::Done) => return None,
+            Err(e) => {
+                debug!(?peer, error = %e, "http request failed");
+                return None;
+            }
+        };
+        Some(
+            tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(ws_config))
+                .await,
+        )
+    };
     let ws = match tokio::time::timeout(cfg.handshake_timeout, handshake).await {
-        Ok(Ok(ws)) => ws,
-        Ok(Err(e)) => {
-            debug!(?peer, error = %e, "websocket handshake failed");
-            return;
-        }
+        Ok(None) => return,
+        Ok(Some(ws)) => match ws {
+            Ok(ws) => ws,
+            Err(e) => {
+                debug!(?peer, error = %e, "websocket handshake failed");
+                return;
+            }
+        },
         Err(_) => {
             debug!(?peer, "websocket handshake timed out");
             return;
@@ -412,6 +437,7 @@ impl Session {
         let Err(wait) = self.bucket.take() else {
             return Ok(());
         };
+        crate::metrics::RATE_LIMITED.inc("frames");
         if self.bucket.refused > self.shared.cfg.frame_burst {
             return Err(close(
                 CloseReason::Flood,
@@ -540,11 +566,20 @@ impl Session {
                     );
                 }
                 (Some(_), op) => {
+                    let send = matches!(op, Op::Send(_)).then(Instant::now);
                     let msg = match self.op(op).await {
                         Ok(msg) => msg,
-                        Err(e) => log_error(&e, self.session_id, id),
+                        Err(e) => {
+                            if e.code() == "rate_limited" {
+                                crate::metrics::RATE_LIMITED.inc("log");
+                            }
+                            log_error(&e, self.session_id, id)
+                        }
                     };
                     self.reply(id, msg);
+                    if let Some(started) = send {
+                        crate::metrics::SEND_SECONDS.observe_duration(started.elapsed());
+                    }
                 }
             }
         }
@@ -651,6 +686,7 @@ impl Session {
             }),
         );
         self.claims = Some(claims);
+        crate::metrics::SESSIONS_OPENED.inc();
         None
     }
 

@@ -21,6 +21,8 @@
 //! - [`cold`]: the [`ColdTier`](cold::ColdTier) interface to archived events and the archive
 //!   index lookups the log makes itself.
 //! - [`error`]: the typed [`LogError`].
+//! - [`metrics`]: Prometheus counters and histograms, the text format, the process's
+//!   collectors; the log's own append and commit metrics.
 
 pub mod cold;
 pub mod crypto;
@@ -29,6 +31,7 @@ pub mod ids;
 pub mod keys;
 pub mod lease;
 pub mod log;
+pub mod metrics;
 mod outage;
 mod quota;
 pub mod revocation;
@@ -41,7 +44,7 @@ pub use error::LogError;
 pub use ids::{ClientMsgId, ConvId, TenantId, UserId};
 pub use log::{
     Append, Committed, ConversationInfo, ConversationSummary, CreateConversation, FeedItem, Log,
-    LogConfig, Member, PendingAppend, ReadRange, panic_text,
+    LogConfig, Member, PendingAppend, ReadRange, WeakLog, panic_text,
 };
 pub use tidings_schemas::v1::{ConversationKind, Event, MemberRole, event::Body};
 

@@ -279,12 +279,17 @@ pub enum FeedItem {
 }
 
 /// An append that has been queued in order; await [`PendingAppend::wait`] for its ack.
-pub struct PendingAppend(oneshot::Receiver<Result<Outcome, LogError>>);
+pub struct PendingAppend(
+    oneshot::Receiver<Result<Outcome, LogError>>,
+    std::time::Instant,
+);
 
 impl PendingAppend {
     /// Resolves once the event is durable (or was refused).
     pub async fn wait(self) -> Result<Committed, LogError> {
-        committed(self.0.await.map_err(|_| LogError::ShuttingDown)??)
+        let outcome = self.0.await;
+        crate::metrics::APPEND_SECONDS.observe_duration(self.1.elapsed());
+        committed(outcome.map_err(|_| LogError::ShuttingDown)??)
     }
 }
 
@@ -367,6 +372,18 @@ async fn ask(tx: &mpsc::Sender<Request>, cmd: Command) -> Result<Outcome, LogErr
 #[derive(Clone)]
 pub struct Log {
     inner: Arc<Inner>,
+}
+
+/// A handle that does not keep the log open: for observers (metrics) that must not delay
+/// its release at shutdown.
+#[derive(Clone)]
+pub struct WeakLog(std::sync::Weak<Inner>);
+
+impl WeakLog {
+    /// The log, while some [`Log`] still holds it.
+    pub fn upgrade(&self) -> Option<Log> {
+        self.0.upgrade().map(|inner| Log { inner })
+    }
 }
 
 /// The seqs a read covers and the hot floor it was planned with.
@@ -717,6 +734,11 @@ impl Log {
         self.inner.cold.set(cold).is_ok()
     }
 
+    /// A handle that does not keep the log open.
+    pub fn downgrade(&self) -> WeakLog {
+        WeakLog(Arc::downgrade(&self.inner))
+    }
+
     /// (store commits, requests answered) since open: requests / commits is the mean group
     /// size.
     pub fn stats(&self) -> (u64, u64) {
@@ -945,7 +967,11 @@ impl Log {
     /// that order.
     pub async fn enqueue(&self, req: Append) -> Result<PendingAppend, LogError> {
         self.check_append(&req)?;
-        Ok(PendingAppend(self.submit(Command::Append(req)).await?))
+        let queued = std::time::Instant::now();
+        Ok(PendingAppend(
+            self.submit(Command::Append(req)).await?,
+            queued,
+        ))
     }
 
     /// Appends and waits until the event is durable.

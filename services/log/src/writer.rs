@@ -708,6 +708,7 @@ impl Writer {
                 debug!("sequencer stopped: every handle to the log is gone");
                 return;
             }
+            crate::metrics::COMMIT_GROUP_SIZE.observe(batch.len() as f64);
             let Some(mut next) = self.prepare(std::mem::take(&mut batch)).await else {
                 continue;
             };
@@ -730,7 +731,18 @@ impl Writer {
             // The next batch reads these until the commit is done (moved back in `finish`).
             self.in_flight = std::mem::take(&mut next.state.pending);
             let store = self.store.clone();
-            committing = Some((tokio::spawn(async move { store.commit(txn).await }), next));
+            committing = Some((
+                tokio::spawn(async move {
+                    let started = std::time::Instant::now();
+                    let result = store.commit(txn).await;
+                    crate::metrics::COMMIT_SECONDS.observe_duration(started.elapsed());
+                    if result.is_err() {
+                        crate::metrics::COMMIT_FAILURES.inc();
+                    }
+                    result
+                }),
+                next,
+            ));
         }
     }
 

@@ -3,6 +3,15 @@
 //! officers, never for end users (they use the gateway).
 //!
 //! - `GET /healthz`: `200 ok` (the process answers).
+//! - `GET /metrics`: Prometheus text format ([`crate::metrics`]), no token (like health:
+//!   counts and latencies only, never a tenant's or a user's id).
+//! - `GET /console/`: the compliance console (static files, [`crate::console`]); it calls
+//!   the routes below with the officer's token.
+//! - `GET /v1/compliance/export?..` (the search's filters): the hits as a JSON-lines
+//!   download (`Content-Disposition: attachment`), recorded as an export.
+//! - `GET /v1/compliance/holds?tenant=`, `POST /v1/compliance/holds`
+//!   `{"conv"|"user"?,"from"?,"to"?,"reason"}`, `POST /v1/compliance/holds/release`
+//!   `{"id"}`: legal holds, each change audited.
 //! - `GET /readyz`: `200 {"ready":true}` when every supervised task is up and NATS is
 //!   connected, else `503 {"ready":false,"down":{NAME:WHY,..}}` naming those down
 //!   ([`tidings_gateway::health`]; no secrets, no tenant data).
@@ -51,8 +60,8 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::{Map, Value, json};
 use tidings_archive::compliance::audit::{self, Entry};
 use tidings_archive::compliance::{
-    Action, Actor, Compliance, ComplianceError, Hit, Progress, Query, Sink, Via, hit_json,
-    parse_time,
+    Action, Actor, Compliance, ComplianceError, Hit, HoldSpec, Progress, Query, Scope, Sink, Via,
+    hit_json, hold, parse_time,
 };
 use tidings_auth::Verifier;
 use tidings_gateway::health::Health;
@@ -62,6 +71,9 @@ use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::{JoinHandle, JoinSet};
 use tracing::{debug, error, info, warn};
+
+mod ops;
+pub use ops::Archive;
 
 /// The role a token needs for the compliance routes.
 pub const COMPLIANCE_ROLE: &str = "compliance";
@@ -109,6 +121,23 @@ struct State {
     nats: Option<async_nats::Client>,
     /// What `/readyz` reports.
     health: Health,
+    /// The archiver and object store the admin operations use (`None`: no archive here).
+    archive: Option<Archive>,
+}
+
+/// What the listener serves with.
+pub struct Services {
+    /// The admin plane's verifier (the compliance audience).
+    pub verifier: Verifier,
+    pub compliance: Compliance,
+    /// Revocation records (checked for every token, written by the revoke route).
+    pub log: tidings_log::Log,
+    /// Where revocation notices go; `None` when this process has no NATS connection.
+    pub nats: Option<async_nats::Client>,
+    /// What `/readyz` reports.
+    pub health: Health,
+    /// The archiver and object store the admin operations use.
+    pub archive: Option<Archive>,
 }
 
 impl Admin {
@@ -117,15 +146,19 @@ impl Admin {
     /// plane's (the compliance audience).
     pub async fn start(
         listen: SocketAddr,
-        verifier: Verifier,
-        compliance: Compliance,
         tls: Option<ReloadingAcceptor>,
-        log: tidings_log::Log,
-        nats: Option<async_nats::Client>,
-        health: Health,
+        services: Services,
     ) -> std::io::Result<Admin> {
         let listener = TcpListener::bind(listen).await?;
         let addr = listener.local_addr()?;
+        let Services {
+            verifier,
+            compliance,
+            log,
+            nats,
+            health,
+            archive,
+        } = services;
         let state = Arc::new(State {
             verifier,
             compliance,
@@ -133,6 +166,7 @@ impl Admin {
             log,
             nats,
             health,
+            archive,
         });
         let (stop, stopped) = watch::channel(false);
         let task = tokio::spawn(run(listener, state, tls, stopped));
@@ -259,9 +293,15 @@ async fn stopping(stopped: &mut watch::Receiver<bool>) {
 enum Route {
     Health,
     Ready,
+    Metrics,
     Search,
+    Export,
     Audit,
+    Holds,
+    HoldRelease,
     Revoke,
+    Console,
+    Admin(ops::Op),
 }
 
 impl Route {
@@ -270,38 +310,93 @@ impl Route {
         match self {
             Route::Health => "healthz",
             Route::Ready => "readyz",
+            Route::Metrics => "metrics",
             Route::Search => "search",
+            Route::Export => "export",
             Route::Audit => "audit_read",
+            Route::Holds => "holds",
+            Route::HoldRelease => "hold_release",
             Route::Revoke => "token_revoke",
+            Route::Console => "console",
+            Route::Admin(op) => op.action(),
         }
     }
 
     /// The query parameters the route takes.
     fn parameters(self) -> &'static [&'static str] {
         match self {
-            Route::Health | Route::Ready => &[],
-            Route::Search => &["tenant", "conv", "sender", "from", "to", "text"],
-            Route::Audit => &["tenant"],
-            Route::Revoke => &[],
+            Route::Health | Route::Ready | Route::Metrics => &[],
+            Route::Search | Route::Export => &["tenant", "conv", "sender", "from", "to", "text"],
+            Route::Audit | Route::Holds => &["tenant"],
+            Route::Revoke | Route::HoldRelease | Route::Console | Route::Admin(_) => &[],
         }
     }
 }
 
+/// Serves one request and counts it (`tidings_admin_*`).
 async fn handle(state: &Arc<State>, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
+    let response = route(state, peer, req).await;
+    let refused = match response.status().as_u16() {
+        200..=399 => None,
+        401 => Some("401"),
+        403 => Some("403"),
+        400 => Some("400"),
+        503 => Some("503"),
+        _ => Some("other"),
+    };
+    if let Some(status) = refused {
+        crate::metrics::ADMIN_REFUSED.inc(status);
+    }
+    response
+}
+
+async fn route(state: &Arc<State>, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
     let route = match req.uri().path() {
         "/healthz" => Route::Health,
         "/readyz" => Route::Ready,
+        "/metrics" => Route::Metrics,
         "/v1/compliance/search" => Route::Search,
+        "/v1/compliance/export" => Route::Export,
         "/v1/compliance/audit" => Route::Audit,
+        "/v1/compliance/holds" => Route::Holds,
+        "/v1/compliance/holds/release" => Route::HoldRelease,
         "/v1/admin/tokens/revoke" => Route::Revoke,
-        _ => return error(StatusCode::NOT_FOUND, "not_found", "no such route"),
+        path if path == "/console" || path.starts_with("/console/") => Route::Console,
+        path => match ops::Op::from_path(path) {
+            Some(op) => Route::Admin(op),
+            None => {
+                crate::metrics::ADMIN_REQUESTS.inc("other");
+                return error(StatusCode::NOT_FOUND, "not_found", "no such route");
+            }
+        },
     };
+    crate::metrics::ADMIN_REQUESTS.inc(route.action());
     if route == Route::Revoke {
         if req.method() != Method::POST {
             return method_not_allowed("POST");
         }
         let (parts, body) = req.into_parts();
         return revoke_request(state, peer, &parts.headers, body).await;
+    }
+    if let Route::Admin(op) = route {
+        if req.method() != Method::POST {
+            return method_not_allowed("POST");
+        }
+        let (parts, body) = req.into_parts();
+        return ops::request(state, peer, op, &parts.headers, body).await;
+    }
+    if route == Route::Console {
+        return match req.method() {
+            &Method::GET => crate::console::file(req.uri().path()),
+            _ => method_not_allowed("GET"),
+        };
+    }
+    if route == Route::HoldRelease || (route == Route::Holds && req.method() == Method::POST) {
+        if req.method() != Method::POST {
+            return method_not_allowed("POST");
+        }
+        let (parts, body) = req.into_parts();
+        return hold_request(state, peer, route, &parts.headers, body).await;
     }
     if req.method() != Method::GET {
         return method_not_allowed("GET");
@@ -324,10 +419,17 @@ async fn handle(state: &Arc<State>, peer: SocketAddr, req: Request<Incoming>) ->
     match route {
         Route::Health => full(StatusCode::OK, "text/plain; charset=utf-8", "ok".into()),
         Route::Ready => ready(&state.health),
-        Route::Search | Route::Audit => {
+        Route::Metrics => full(
+            StatusCode::OK,
+            tidings_log::metrics::CONTENT_TYPE,
+            tidings_log::metrics::render(),
+        ),
+        Route::Search | Route::Export | Route::Audit | Route::Holds => {
             compliance_request(state, peer, route, req.headers(), raw_query).await
         }
-        Route::Revoke => error(StatusCode::NOT_FOUND, "not_found", "no such route"),
+        Route::Revoke | Route::HoldRelease | Route::Console | Route::Admin(_) => {
+            error(StatusCode::NOT_FOUND, "not_found", "no such route")
+        }
     }
 }
 
@@ -463,6 +565,78 @@ async fn read_body(body: Incoming) -> Result<Vec<u8>, Response<Body>> {
     }
 }
 
+/// A POST from a verified caller holding `role`, with its body (bounded). Unauthenticated:
+/// 401, not recorded; without the role: 403, recorded in the caller's tenant.
+async fn authorized_post(
+    state: &Arc<State>,
+    peer: SocketAddr,
+    headers: &HeaderMap,
+    body: Incoming,
+    action: &'static str,
+    role: &'static str,
+) -> Result<(Caller, Vec<u8>), Response<Body>> {
+    let caller = authenticate(state, headers)
+        .await
+        .map_err(|reason| unauthenticated(peer, action, &reason))?;
+    let bytes = read_body(body).await?;
+    let holds_role = if role == ADMIN_ROLE {
+        caller.admin
+    } else {
+        caller.compliance
+    };
+    if !holds_role {
+        let filters = body_filters(&bytes);
+        let refusal = Refusal {
+            state,
+            actor: &caller.actor,
+            action,
+            filters: &filters,
+        };
+        let reason = format!("the token does not carry the {role} role");
+        return Err(refusal.forbidden(&caller.tenant, &reason).await);
+    }
+    Ok((caller, bytes))
+}
+
+/// A POST body's JSON object (an empty body is an empty object) and the tenant it names
+/// (`"tenant"`, by default the caller's), which must be the caller's own. Refusals are
+/// recorded: a malformed body in the caller's tenant, another tenant in that tenant's.
+async fn own_tenant_body(
+    refusal: &Refusal<'_>,
+    caller: &Caller,
+    bytes: &[u8],
+) -> Result<(Map<String, Value>, TenantId), Response<Body>> {
+    let fields = if bytes.is_empty() {
+        Map::new()
+    } else {
+        match serde_json::from_slice(bytes) {
+            Ok(Value::Object(fields)) => fields,
+            _ => {
+                let reason = "the body is not a JSON object";
+                return Err(refusal.invalid(&caller.tenant, reason).await);
+            }
+        }
+    };
+    let named = fields.get("tenant").and_then(Value::as_str);
+    let tenant = match named.map(TenantId::new).transpose() {
+        Ok(t) => t.unwrap_or_else(|| caller.tenant.clone()),
+        Err(e) => return Err(refusal.invalid(&caller.tenant, &e.to_string()).await),
+    };
+    if tenant != caller.tenant {
+        let reason = format!(
+            "a token of tenant {} may not {} for tenant {tenant}",
+            caller.tenant, refusal.action
+        );
+        return Err(refusal.forbidden(&tenant, &reason).await);
+    }
+    Ok((fields, tenant))
+}
+
+/// A request body as the audit log records it with a refusal (bounded).
+fn body_filters(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).chars().take(1024).collect()
+}
+
 /// `POST /v1/admin/tokens/revoke`.
 async fn revoke_request(
     state: &Arc<State>,
@@ -471,25 +645,18 @@ async fn revoke_request(
     body: Incoming,
 ) -> Response<Body> {
     let action = Route::Revoke.action();
-    let caller = match authenticate(state, headers).await {
-        Ok(caller) => caller,
-        Err(reason) => return unauthenticated(peer, action, &reason),
-    };
-    let bytes = match read_body(body).await {
-        Ok(bytes) => bytes,
-        Err(response) => return response,
-    };
-    let filters: String = String::from_utf8_lossy(&bytes).chars().take(512).collect();
+    let (caller, bytes) =
+        match authorized_post(state, peer, headers, body, action, ADMIN_ROLE).await {
+            Ok(posted) => posted,
+            Err(response) => return response,
+        };
+    let filters = body_filters(&bytes);
     let refusal = Refusal {
         state,
         actor: &caller.actor,
         action,
         filters: &filters,
     };
-    if !caller.admin {
-        let reason = format!("the token does not carry the {ADMIN_ROLE} role");
-        return refusal.forbidden(&caller.tenant, &reason).await;
-    }
     let request = match crate::revoke::Request::from_json(&bytes, tidings_gateway::now_secs()) {
         Ok(request) => request,
         Err(reason) => return refusal.invalid(&caller.tenant, &reason).await,
@@ -527,6 +694,116 @@ async fn revoke_request(
         "application/json",
         format!("{}\n", outcome.to_json()),
     )
+}
+
+/// `GET /v1/compliance/holds?tenant=`: the tenant's holds, active and released, as JSON
+/// lines (hold records, no message content).
+async fn list_holds(state: &Arc<State>, tenant: &TenantId) -> Response<Body> {
+    match hold::list(
+        &**state.compliance.store(),
+        state.compliance.keyring(),
+        tenant,
+    )
+    .await
+    {
+        Ok(holds) => {
+            let mut text = String::new();
+            for h in &holds {
+                text.push_str(&hold::hold_json(tenant, h).to_string());
+                text.push('\n');
+            }
+            text.push_str(&format!(
+                "{}\n",
+                json!({ "complete": true, "rows": holds.len() })
+            ));
+            full(StatusCode::OK, "application/x-ndjson", text)
+        }
+        Err(e) => failure(&e),
+    }
+}
+
+/// `POST /v1/compliance/holds` `{"tenant"?, "conv"? | "user"?, "from"?, "to"?, "reason"}`
+/// places a hold; `POST /v1/compliance/holds/release` `{"tenant"?, "id"}` releases one. The
+/// compliance role, in the caller's own tenant; each recorded in the audit log (by
+/// [`Compliance::create_hold`] and [`Compliance::release_hold`]), refusals too.
+async fn hold_request(
+    state: &Arc<State>,
+    peer: SocketAddr,
+    route: Route,
+    headers: &HeaderMap,
+    body: Incoming,
+) -> Response<Body> {
+    let action = if route == Route::HoldRelease {
+        "hold_release"
+    } else {
+        "hold_create"
+    };
+    let (caller, bytes) =
+        match authorized_post(state, peer, headers, body, action, COMPLIANCE_ROLE).await {
+            Ok(posted) => posted,
+            Err(response) => return response,
+        };
+    let filters = body_filters(&bytes);
+    let refusal = Refusal {
+        state,
+        actor: &caller.actor,
+        action,
+        filters: &filters,
+    };
+    let (fields, target) = match own_tenant_body(&refusal, &caller, &bytes).await {
+        Ok(parsed) => parsed,
+        Err(response) => return response,
+    };
+    let text = |name: &str| fields.get(name).and_then(Value::as_str);
+    let done = if route == Route::HoldRelease {
+        let Some(id) = text("id") else {
+            return refusal.invalid(&target, "id is required").await;
+        };
+        state
+            .compliance
+            .release_hold(&target, id, &caller.actor)
+            .await
+    } else {
+        let spec = match hold_spec(&fields) {
+            Ok(spec) => spec,
+            Err(reason) => return refusal.invalid(&target, &reason).await,
+        };
+        state
+            .compliance
+            .create_hold(&target, &spec, &caller.actor)
+            .await
+    };
+    match done {
+        Ok(h) => full(
+            StatusCode::OK,
+            "application/json",
+            format!("{}\n", hold::hold_json(&target, &h)),
+        ),
+        Err(ComplianceError::Invalid(reason)) => refusal.invalid(&target, &reason).await,
+        Err(e) => failure(&e),
+    }
+}
+
+/// A hold's scope, time range and reason from a request body.
+fn hold_spec(fields: &Map<String, Value>) -> Result<HoldSpec, String> {
+    let text = |name: &str| fields.get(name).and_then(Value::as_str);
+    let time = |name: &str| {
+        text(name)
+            .map(|t| parse_time(t).map_err(|e| format!("{name}: {e}")))
+            .transpose()
+    };
+    let scope = match (text("conv"), text("user")) {
+        (Some(_), Some(_)) => return Err("a hold names a conv or a user, not both".into()),
+        (Some(c), None) => Scope::Conversation(ConvId::new(c).map_err(|e| e.to_string())?),
+        (None, Some(u)) => Scope::User(UserId::new(u).map_err(|e| e.to_string())?),
+        (None, None) => Scope::Tenant,
+    };
+    Ok(HoldSpec {
+        scope,
+        from_ms: time("from")?,
+        to_ms: time("to")?,
+        reason: text("reason").unwrap_or("").to_string(),
+    })
 }
 
 async fn compliance_request(
@@ -578,13 +855,37 @@ async fn compliance_request(
     }
     match route {
         Route::Search => match search_query(&params, target.clone()) {
-            Ok(query) => search(state, query, caller.actor.clone()),
+            Ok(query) => search(state, query, caller.actor.clone(), Action::Search),
+            Err(reason) => refusal.invalid(&target, &reason).await,
+        },
+        Route::Export => match search_query(&params, target.clone()) {
+            Ok(query) => {
+                // The download is the destination the audit log names.
+                let action = Action::Export {
+                    destination: "http download (jsonl)".into(),
+                };
+                let mut response = search(state, query, caller.actor.clone(), action);
+                if response.status() == StatusCode::OK {
+                    let disposition = format!("attachment; filename=\"tidings-{target}.jsonl\"");
+                    if let Ok(value) = HeaderValue::from_str(&disposition) {
+                        response
+                            .headers_mut()
+                            .insert(header::CONTENT_DISPOSITION, value);
+                    }
+                }
+                response
+            }
             Err(reason) => refusal.invalid(&target, &reason).await,
         },
         Route::Audit => read_audit(state, target, caller.actor.clone(), filters.clone()).await,
-        Route::Health | Route::Ready | Route::Revoke => {
-            error(StatusCode::NOT_FOUND, "not_found", "no such route")
-        }
+        Route::Holds => list_holds(state, &target).await,
+        Route::Health
+        | Route::Ready
+        | Route::Metrics
+        | Route::Revoke
+        | Route::HoldRelease
+        | Route::Console
+        | Route::Admin(_) => error(StatusCode::NOT_FOUND, "not_found", "no such route"),
     }
 }
 
@@ -662,7 +963,7 @@ fn search_query(params: &Params, tenant: TenantId) -> Result<Query, String> {
 /// Starts the search beside the response: the response body reads the channel as the client
 /// takes bytes, and a full channel pauses the scan. The status is 200 from here on; the
 /// last line says how it ended.
-fn search(state: &Arc<State>, query: Query, actor: Actor) -> Response<Body> {
+fn search(state: &Arc<State>, query: Query, actor: Actor, action: Action) -> Response<Body> {
     let Ok(permit) = state.requests.clone().try_acquire_owned() else {
         return busy();
     };
@@ -673,11 +974,15 @@ fn search(state: &Arc<State>, query: Query, actor: Actor) -> Response<Body> {
         let progress = Progress::default();
         let last = match state
             .compliance
-            .search(&query, &actor, &Action::Search, &progress, &mut sink)
+            .search(&query, &actor, &action, &progress, &mut sink)
             .await
         {
-            Ok(rows) => json!({ "complete": true, "rows": rows }),
+            Ok(rows) => {
+                crate::metrics::COMPLIANCE_QUERIES.inc("complete");
+                json!({ "complete": true, "rows": rows })
+            }
             Err(e) => {
+                crate::metrics::COMPLIANCE_QUERIES.inc("failed");
                 warn!(actor = actor.name(), code = e.code(), error = %e, "compliance search failed");
                 error_json(e.code(), &e.to_string())
             }
@@ -742,10 +1047,12 @@ async fn read_audit(
         };
         match &result {
             Ok(checked) => {
+                crate::metrics::COMPLIANCE_QUERIES.inc("complete");
                 entry.outcome = "completed".into();
                 entry.rows = checked.rows;
             }
             Err(e) => {
+                crate::metrics::COMPLIANCE_QUERIES.inc("failed");
                 entry.outcome = "failed".into();
                 entry.detail = format!("{}: {e}", e.code());
             }
@@ -862,7 +1169,7 @@ fn percent_decode(text: &str) -> Result<String, String> {
 }
 
 /// A response body: all at once, or lines as a task produces them.
-enum Body {
+pub enum Body {
     Full(Option<Bytes>),
     Lines(mpsc::Receiver<Bytes>),
 }
@@ -930,6 +1237,15 @@ fn full(status: StatusCode, content_type: &'static str, text: String) -> Respons
     response(status, content_type, Body::Full(Some(Bytes::from(text))))
 }
 
+/// A whole answer (for the console's files).
+pub(crate) fn full_response(
+    status: StatusCode,
+    content_type: &'static str,
+    text: String,
+) -> Response<Body> {
+    full(status, content_type, text)
+}
+
 fn ndjson(rx: mpsc::Receiver<Bytes>) -> Response<Body> {
     response(StatusCode::OK, "application/x-ndjson", Body::Lines(rx))
 }
@@ -969,6 +1285,32 @@ fn failure(e: &ComplianceError) -> Response<Body> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_route_is_a_value_of_the_request_counter() {
+        for route in [
+            Route::Health,
+            Route::Ready,
+            Route::Metrics,
+            Route::Search,
+            Route::Export,
+            Route::Audit,
+            Route::Holds,
+            Route::HoldRelease,
+            Route::Revoke,
+            Route::Console,
+            Route::Admin(ops::Op::Rotate),
+            Route::Admin(ops::Op::Wrap),
+            Route::Admin(ops::Op::Shred),
+            Route::Admin(ops::Op::ArchiveRun),
+            Route::Admin(ops::Op::ArchiveVerify),
+        ] {
+            assert!(
+                crate::metrics::ADMIN_REQUESTS.knows(route.action()),
+                "{route:?}"
+            );
+        }
+    }
 
     #[test]
     fn query_values_are_percent_decoded_strictly() {

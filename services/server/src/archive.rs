@@ -18,7 +18,8 @@ pub fn objects(config: &Config) -> anyhow::Result<Objects> {
     Objects::open(&storage).context("open the archive's object store")
 }
 
-fn archiver(config: &Config, log: &Log) -> anyhow::Result<Archiver> {
+/// The configured archiver over `log`'s store and keys.
+pub(crate) fn archiver(config: &Config, log: &Log) -> anyhow::Result<Archiver> {
     Ok(Archiver::new(
         log.store().clone(),
         log.keyring().clone(),
@@ -118,7 +119,13 @@ pub fn spawn_periodic(
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            match archiver.run_pass(&PassOptions::default(), &|_| {}).await {
+            let started = std::time::Instant::now();
+            let pass = archiver.run_pass(&PassOptions::default(), &|_| {}).await;
+            crate::metrics::archive_pass(
+                started.elapsed().as_secs_f64(),
+                pass.as_ref().ok().map(|s| s.events_archived),
+            );
+            match pass {
                 Ok(s)
                     if s.events_archived > 0
                         || s.orphans_removed > 0

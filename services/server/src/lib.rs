@@ -7,6 +7,9 @@
 //! - [`serve`]: `tidings serve --role all|log|gateway|archiver`.
 //! - [`supervise`]: the tasks of `serve`, owned, restarted or fatal, and `/readyz`.
 //! - [`admin`]: the admin HTTP listener of `serve`: health, compliance search, audit log.
+//! - [`metrics`]: `/metrics`: the archiver's and admin listener's metrics and the collectors
+//!   that read a running log, publisher and gateway.
+//! - [`console`]: the compliance console's files, served by the admin listener.
 //! - [`archive`]: `tidings archive run|inspect|verify` and the periodic archiver of `serve`.
 //! - [`chat`]: `tidings chat`, a terminal client.
 //! - [`nats_init`]: `tidings nats init`: a NATS identity per role and its permissions.
@@ -30,6 +33,8 @@ pub mod cli;
 pub mod commands;
 pub mod compliance;
 pub mod config;
+pub mod console;
+pub mod metrics;
 pub mod nats_init;
 pub mod output;
 pub mod revoke;

@@ -160,7 +160,7 @@ async fn start_admin(
         log.store().clone(),
         log.keyring().clone(),
         Some(crate::archive::objects(config)?),
-        archive_gate,
+        archive_gate.clone(),
     );
     let tls = edge_tls(
         "admin",
@@ -169,14 +169,21 @@ async fn start_admin(
         ADMIN_ALPN,
     )?;
     let secure = tls.is_some();
+    let archive = crate::admin::Archive {
+        archiver: Arc::new(crate::archive::archiver(config, log)?.with_gate(archive_gate)),
+        objects: crate::archive::objects(config)?,
+    };
     let admin = crate::admin::Admin::start(
         addr,
-        verifier,
-        compliance,
         tls,
-        log.clone(),
-        Some(nats),
-        health,
+        crate::admin::Services {
+            verifier,
+            compliance,
+            log: log.clone(),
+            nats: Some(nats),
+            health,
+            archive: Some(archive),
+        },
     )
     .await
     .with_context(|| format!("admin listener on {addr}"))?;
@@ -264,6 +271,7 @@ async fn shutdown_signal() {
 }
 
 pub async fn serve(config: Config, role: Role) -> anyhow::Result<()> {
+    crate::metrics::register_process();
     let health = Health::default();
     let supervisor = Supervisor::new(health.clone());
     if role == Role::Archiver {
@@ -326,9 +334,14 @@ pub async fn serve(config: Config, role: Role) -> anyhow::Result<()> {
     let service: Option<Arc<dyn LogService>> = match role {
         Role::All | Role::Log => {
             let (feed_tx, feed_rx) = tokio::sync::mpsc::channel(64 * 1024);
-            let log =
-                crate::commands::open_log_with_feed(&config, Some(feed_tx), Some(nats.clone()))
-                    .await?;
+            let log = crate::commands::open_log_with_feed(
+                &config,
+                Some(feed_tx.clone()),
+                Some(nats.clone()),
+            )
+            .await?;
+            crate::metrics::register_log(&log, &feed_tx);
+            drop(feed_tx);
             // A panic in the sequencer is fatal: the log takes no writes after it.
             let mut failure = log.sequencer_failure();
             supervisor.essential("sequencer", async move {
@@ -346,6 +359,7 @@ pub async fn serve(config: Config, role: Role) -> anyhow::Result<()> {
             // holds, so it is not restarted; it runs until the feed closes at shutdown and
             // is awaited then, to hand over what is committed.
             let stats = Arc::new(publisher::PublisherStats::default());
+            crate::metrics::register_publisher(&stats);
             health.register(
                 "publisher",
                 publisher::probe(stats.clone(), bus.link.subscribe()),
@@ -439,6 +453,17 @@ pub async fn serve(config: Config, role: Role) -> anyhow::Result<()> {
             if let Some(log) = &log_handle {
                 shared.revocations.set_store(Arc::new(log.clone()));
             }
+            tidings_log::metrics::register("gateway", tidings_gateway::metrics::collector(&shared));
+            let _ = shared.health.set(health.clone());
+            if let Some(secret) = hs256_secret(&config)? {
+                // The web client's development sign-in (loopback clients only).
+                let _ = shared.dev_tokens.set(tidings_gateway::web::DevTokens {
+                    secret,
+                    issuer: config.auth.issuer.clone(),
+                    audience: config.auth.audience.clone(),
+                    ttl_secs: config.auth.max_token_lifetime_secs.min(12 * 3600),
+                });
+            }
             let registry = shared.registry.clone();
             health.register(
                 "subscriptions",
@@ -456,6 +481,8 @@ pub async fn serve(config: Config, role: Role) -> anyhow::Result<()> {
             );
             let local = listener.local_addr()?;
             announce("gateway", local, tls.is_some(), "wss://", "ws://", "/v1/ws");
+            let scheme = if tls.is_some() { "https" } else { "http" };
+            eprintln!("tidings: web client at {scheme}://{local}/app/, metrics at /metrics");
             tidings_gateway::run(listener, shared, tls, stop).await;
         }
         _ => {

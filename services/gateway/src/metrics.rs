@@ -1,0 +1,80 @@
+//! The gateway's metrics (Prometheus names, no tenant or conversation labels; see
+//! [`tidings_log::metrics`]). Figures the gateway's state already holds (sessions, hubs,
+//! admission refusals) are read at scrape time by [`collector`].
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use tidings_log::metrics::{Collector, Counter, Histogram, LATENCY_BUCKETS, LabeledCounter, Text};
+
+use crate::server::Shared;
+
+/// From a Send frame read to its ack (or refusal) queued: what a sender waits, less the
+/// network.
+pub static SEND_SECONDS: Histogram = Histogram::new(
+    "tidings_gateway_send_seconds",
+    "Time from reading a Send frame to queuing its SendAck or error (the ack latency).",
+    LATENCY_BUCKETS,
+);
+/// From an event's commit (its server time) to its frame queued to the sessions of a hub.
+pub static FANOUT_SECONDS: Histogram = Histogram::new(
+    "tidings_gateway_fanout_seconds",
+    "Time from an event's commit (server_time_ms) to its push queued to the conversation's \
+     sessions on this gateway.",
+    LATENCY_BUCKETS,
+);
+/// Requests refused as rate limited: by the session's frame bucket, or by the log's
+/// per-sender limits.
+pub static RATE_LIMITED: LabeledCounter = LabeledCounter::new(
+    "tidings_gateway_rate_limited_total",
+    "Requests answered RATE_LIMITED: `frames` by the session's frame bucket, `log` by the \
+     log's limits.",
+    "limit",
+    &["frames", "log"],
+);
+/// Sessions authenticated (Hello accepted) since start.
+pub static SESSIONS_OPENED: Counter = Counter::new(
+    "tidings_gateway_sessions_opened_total",
+    "Sessions whose Hello was accepted.",
+);
+
+/// The gateway's metrics, static and read from `shared` at scrape time.
+pub fn collector(shared: &Arc<Shared>) -> Collector {
+    let shared = Arc::downgrade(shared);
+    Arc::new(move |out: &mut Text| {
+        SEND_SECONDS.write(out);
+        FANOUT_SECONDS.write(out);
+        RATE_LIMITED.write(out);
+        SESSIONS_OPENED.write(out);
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        out.gauge(
+            "tidings_gateway_sessions",
+            "Sessions open on this gateway.",
+            shared.registry.session_count() as f64,
+        );
+        out.gauge(
+            "tidings_gateway_hubs",
+            "Conversation hubs (conversations with a session) on this gateway.",
+            shared.registry.hub_count() as f64,
+        );
+        let refused = shared.admission.refused();
+        out.header(
+            "tidings_gateway_admission_refused_total",
+            "Connections or sessions refused over a cap.",
+            "counter",
+        );
+        for (cap, n) in [
+            ("global", &refused.global),
+            ("per_ip", &refused.per_ip),
+            ("per_user", &refused.per_user),
+        ] {
+            out.sample(
+                "tidings_gateway_admission_refused_total",
+                &[("cap", cap)],
+                n.load(Ordering::Relaxed) as f64,
+            );
+        }
+    })
+}

@@ -1,0 +1,203 @@
+//! Operations over HTTP while serving, for tokens with the `admin` role in their own tenant
+//! (the CLI's `keys` and `archive` commands need the embedded store to themselves):
+//!
+//! - `POST /v1/admin/keys/rotate`, `/v1/admin/keys/wrap` `{"tenant"?}`: a new data key; the
+//!   tenant's data keys sealed under its own key too. Recorded in the tenant's audit log.
+//! - `POST /v1/admin/keys/shred` `{"tenant"?, "confirm": TENANT}`: destroys the tenant's data
+//!   keys (its history unreadable for good); refused without `confirm` naming the tenant,
+//!   and under a legal hold ([`Compliance::shred`] records it, refusals too).
+//! - `POST /v1/admin/archive/run` `{"tenant"?}`: one archive pass over the tenant, with the
+//!   same gate as the periodic archiver (so compliance reads never see a half-moved event);
+//!   `POST /v1/admin/archive/verify` `{"tenant"?}`: every segment checked against the index.
+//!   Both recorded in the tenant's audit log.
+
+use super::*;
+
+/// Which operation a route asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Op {
+    Rotate,
+    Wrap,
+    Shred,
+    ArchiveRun,
+    ArchiveVerify,
+}
+
+impl Op {
+    pub(super) fn from_path(path: &str) -> Option<Op> {
+        Some(match path {
+            "/v1/admin/keys/rotate" => Op::Rotate,
+            "/v1/admin/keys/wrap" => Op::Wrap,
+            "/v1/admin/keys/shred" => Op::Shred,
+            "/v1/admin/archive/run" => Op::ArchiveRun,
+            "/v1/admin/archive/verify" => Op::ArchiveVerify,
+            _ => return None,
+        })
+    }
+
+    /// The action as the audit log names it (the CLI's names for the key changes).
+    pub(super) fn action(self) -> &'static str {
+        match self {
+            Op::Rotate => "rotate",
+            Op::Wrap => "wrap",
+            Op::Shred => "shred",
+            Op::ArchiveRun => "archive_run",
+            Op::ArchiveVerify => "archive_verify",
+        }
+    }
+}
+
+/// What the admin operations need beside the compliance service.
+pub struct Archive {
+    pub archiver: Arc<tidings_archive::Archiver>,
+    pub objects: tidings_archive::Objects,
+}
+
+pub(super) async fn request(
+    state: &Arc<State>,
+    peer: SocketAddr,
+    op: Op,
+    headers: &HeaderMap,
+    body: Incoming,
+) -> Response<Body> {
+    let action = op.action();
+    let (caller, bytes) =
+        match authorized_post(state, peer, headers, body, action, ADMIN_ROLE).await {
+            Ok(posted) => posted,
+            Err(response) => return response,
+        };
+    let filters = body_filters(&bytes);
+    let refusal = Refusal {
+        state,
+        actor: &caller.actor,
+        action,
+        filters: &filters,
+    };
+    let (fields, tenant) = match own_tenant_body(&refusal, &caller, &bytes).await {
+        Ok(parsed) => parsed,
+        Err(response) => return response,
+    };
+    let text = |name: &str| fields.get(name).and_then(Value::as_str);
+    let actor = &caller.actor;
+    let answer = match op {
+        Op::Rotate => match state.log.keyring().rotate(&tenant).await {
+            Ok(key_id) => {
+                record(
+                    state,
+                    &tenant,
+                    actor,
+                    action,
+                    format!("new data key {key_id}"),
+                )
+                .await;
+                json!({"tenant": tenant.as_str(), "key_id": key_id})
+            }
+            Err(e) => return log_failure(&e),
+        },
+        Op::Wrap => match state.log.keyring().wrap_with_tenant_key(&tenant).await {
+            Ok(report) => {
+                let detail = format!("data keys {:?} sealed under the tenant key", report.wrapped);
+                record(state, &tenant, actor, action, detail).await;
+                json!({
+                    "tenant": tenant.as_str(),
+                    "wrapped_key_ids": report.wrapped,
+                    "already_wrapped_key_ids": report.already_wrapped,
+                    "purged": true,
+                })
+            }
+            Err(e) => return log_failure(&e),
+        },
+        Op::Shred => {
+            if text("confirm") != Some(tenant.as_str()) {
+                let reason = format!(
+                    "shredding destroys {tenant}'s data keys and its history can never be read \
+                     again; send \"confirm\": \"{tenant}\" to do it"
+                );
+                return refusal.invalid(&tenant, &reason).await;
+            }
+            match state.compliance.shred(&tenant, actor).await {
+                Ok(report) => crate::output::shred_report(&report),
+                Err(e) => return failure(&e),
+            }
+        }
+        Op::ArchiveRun | Op::ArchiveVerify => {
+            let Some(archive) = &state.archive else {
+                return error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    "this process has no archive configured",
+                );
+            };
+            match archive_op(state, archive, op, &tenant).await {
+                Ok((answer, detail)) => {
+                    record(state, &tenant, actor, action, detail).await;
+                    answer
+                }
+                Err(e) => {
+                    warn!(%tenant, code = e.code(), error = %e, "archive request failed");
+                    let status = if e.is_retryable() {
+                        StatusCode::SERVICE_UNAVAILABLE
+                    } else {
+                        StatusCode::INTERNAL_SERVER_ERROR
+                    };
+                    return error(status, e.code(), &e.to_string());
+                }
+            }
+        }
+    };
+    info!(%tenant, actor = actor.name(), action, "admin operation done");
+    full(StatusCode::OK, "application/json", format!("{answer}\n"))
+}
+
+async fn archive_op(
+    state: &State,
+    archive: &Archive,
+    op: Op,
+    tenant: &TenantId,
+) -> Result<(Value, String), tidings_archive::ArchiveError> {
+    if op == Op::ArchiveRun {
+        let opts = tidings_archive::PassOptions {
+            tenant: Some(tenant.clone()),
+            ..Default::default()
+        };
+        let summary = archive.archiver.run_pass(&opts, &|_| {}).await?;
+        let detail = format!(
+            "{} events archived in {} segments",
+            summary.events_archived, summary.segments
+        );
+        let value = serde_json::to_value(&summary).unwrap_or(Value::Null);
+        return Ok((value, detail));
+    }
+    let report = tidings_archive::tools::verify(
+        &**state.log.store(),
+        state.log.keyring(),
+        &archive.objects,
+        tenant,
+    )
+    .await?;
+    let mut value = serde_json::to_value(&report).unwrap_or(Value::Null);
+    value["tenant"] = json!(tenant.as_str());
+    value["ok"] = json!(report.ok());
+    Ok((value, format!("verified: ok={}", report.ok())))
+}
+
+/// Records a completed operation. The operation stands if recording fails (logged).
+async fn record(state: &State, tenant: &TenantId, actor: &Actor, action: &str, detail: String) {
+    let mut entry = Entry::new(actor, action, "completed");
+    entry.access_id = uuid::Uuid::now_v7().to_string();
+    entry.detail = detail;
+    if let Err(e) = state.compliance.record(tenant, &entry).await {
+        error!(%tenant, action, error = %e, "failed to record an admin operation");
+    }
+}
+
+fn log_failure(e: &tidings_log::LogError) -> Response<Body> {
+    warn!(code = e.code(), error = %e, "admin operation failed");
+    let status = match e.code() {
+        _ if e.is_retryable() => StatusCode::SERVICE_UNAVAILABLE,
+        "tenant_shredded" | "not_allowed" => StatusCode::FORBIDDEN,
+        "invalid_id" | "invalid_request" => StatusCode::BAD_REQUEST,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    error(status, e.code(), &e.to_string())
+}

@@ -1,0 +1,212 @@
+//! The metrics of `tidings serve` that belong to no library: the archiver's passes and the
+//! admin listener's requests, and the collectors that read a running log, publisher and
+//! gateway at scrape time. `/metrics` (admin listener, and the gateway's listener) answers
+//! [`tidings_log::metrics::render`]; names and rules are in [`tidings_log::metrics`] and
+//! docs/metrics.md.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use tidings_gateway::publisher::PublisherStats;
+use tidings_log::metrics::{self, Counter, Histogram, LabeledCounter, TASK_BUCKETS, Text};
+use tidings_log::{FeedItem, Log};
+
+/// Archive passes of `serve`'s archiver, by outcome.
+pub static ARCHIVE_PASSES: LabeledCounter = LabeledCounter::new(
+    "tidings_archive_passes_total",
+    "Archive passes run by the periodic archiver, by outcome.",
+    "outcome",
+    &["ok", "failed"],
+);
+pub static ARCHIVE_PASS_SECONDS: Histogram = Histogram::new(
+    "tidings_archive_pass_seconds",
+    "Time of one archive pass (successful or not).",
+    TASK_BUCKETS,
+);
+pub static ARCHIVED_EVENTS: Counter = Counter::new(
+    "tidings_archive_events_archived_total",
+    "Events moved from the hot log to archive segments.",
+);
+/// Unix time of the last successful pass (0: none yet): `time() - this` is how far behind
+/// the archive is, the figure the alert rules watch.
+static ARCHIVE_LAST_SUCCESS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Records one pass of the periodic archiver.
+pub fn archive_pass(seconds: f64, archived: Option<u64>) {
+    ARCHIVE_PASS_SECONDS.observe(seconds);
+    match archived {
+        Some(n) => {
+            ARCHIVE_PASSES.inc("ok");
+            ARCHIVED_EVENTS.add(n);
+            ARCHIVE_LAST_SUCCESS.store(tidings_gateway::now_secs(), Ordering::Relaxed);
+        }
+        None => ARCHIVE_PASSES.inc("failed"),
+    }
+}
+
+fn write_archive(out: &mut Text) {
+    ARCHIVE_PASSES.write(out);
+    ARCHIVE_PASS_SECONDS.write(out);
+    ARCHIVED_EVENTS.write(out);
+    out.gauge(
+        "tidings_archive_last_success_timestamp_seconds",
+        "Unix time of the last successful archive pass (0: none since start).",
+        ARCHIVE_LAST_SUCCESS.load(Ordering::Relaxed) as f64,
+    );
+}
+
+/// Requests to the admin listener, by route.
+pub static ADMIN_REQUESTS: LabeledCounter = LabeledCounter::new(
+    "tidings_admin_requests_total",
+    "Requests to the admin listener, by route.",
+    "route",
+    &[
+        "healthz",
+        "readyz",
+        "metrics",
+        "search",
+        "export",
+        "audit_read",
+        "holds",
+        "hold_release",
+        "token_revoke",
+        "console",
+        "rotate",
+        "wrap",
+        "shred",
+        "archive_run",
+        "archive_verify",
+        "other",
+    ],
+);
+/// Answers of the admin listener that refused or failed, by status class.
+pub static ADMIN_REFUSED: LabeledCounter = LabeledCounter::new(
+    "tidings_admin_refused_total",
+    "Admin requests not served: 401 unauthenticated, 403 forbidden, 400 invalid, 503 busy \
+     or unavailable, other.",
+    "status",
+    &["401", "403", "400", "503", "other"],
+);
+/// Compliance searches and audit reads that ran, by how they ended.
+pub static COMPLIANCE_QUERIES: LabeledCounter = LabeledCounter::new(
+    "tidings_compliance_queries_total",
+    "Compliance searches and audit reads run, by outcome (complete or failed midway).",
+    "outcome",
+    &["complete", "failed"],
+);
+
+fn write_admin(out: &mut Text) {
+    ADMIN_REQUESTS.write(out);
+    ADMIN_REFUSED.write(out);
+    COMPLIANCE_QUERIES.write(out);
+}
+
+/// Registers what every role has: the process-wide families of the libraries and of
+/// `serve` (each family appears whether or not the role moves it, so dashboards and
+/// alerts see a zero, not a gap).
+pub fn register_process() {
+    metrics::register("log", Arc::new(metrics::write_log_metrics));
+    metrics::register("archive", Arc::new(write_archive));
+    metrics::register("admin", Arc::new(write_admin));
+}
+
+/// The figures a running log holds: its sequencer queue, group commit counters, the commit
+/// feed and the send buffer. Holds the log weakly: scraping never keeps it open.
+pub fn register_log(log: &Log, feed: &tokio::sync::mpsc::Sender<FeedItem>) {
+    let log = log.downgrade();
+    let feed = feed.downgrade();
+    metrics::register(
+        "log instance",
+        Arc::new(move |out: &mut Text| {
+            let Some(log) = log.upgrade() else {
+                return;
+            };
+            let (commits, requests) = log.stats();
+            out.counter(
+                "tidings_log_commits_total",
+                "Store commits of the sequencer (each one fsync).",
+                &[],
+                commits,
+            );
+            out.counter(
+                "tidings_log_requests_total",
+                "Requests the sequencer answered.",
+                &[],
+                requests,
+            );
+            out.gauge(
+                "tidings_log_sequencer_queue",
+                "Requests waiting for the sequencer.",
+                log.queued() as f64,
+            );
+            out.counter(
+                "tidings_log_feed_dropped_total",
+                "Commit feed items dropped because the feed was full (delivery heals them \
+                 from the log).",
+                &[],
+                log.feed_dropped(),
+            );
+            let buffer = log.send_buffer_stats().unwrap_or_default();
+            out.gauge(
+                "tidings_log_send_buffer_events",
+                "Events acked from the send buffer and not yet in the store (a store outage).",
+                buffer.events as f64,
+            );
+            out.gauge(
+                "tidings_log_send_buffer_bytes",
+                "Bytes the send buffer holds.",
+                buffer.bytes as f64,
+            );
+            out.counter(
+                "tidings_log_send_buffer_replayed_total",
+                "Events replayed from the send buffer into the store.",
+                &[],
+                buffer.replayed,
+            );
+            // The feed's depth: committed events the publisher has not yet taken.
+            let backlog = feed
+                .upgrade()
+                .map_or(0, |tx| tx.max_capacity() - tx.capacity());
+            out.gauge(
+                "tidings_log_feed_queue",
+                "Committed events and notices waiting for the publisher to take them (the \
+                 commit feed's depth).",
+                backlog as f64,
+            );
+        }),
+    );
+}
+
+/// The publisher's counters.
+pub fn register_publisher(stats: &Arc<PublisherStats>) {
+    let stats = stats.clone();
+    metrics::register(
+        "publisher",
+        Arc::new(move |out: &mut Text| {
+            out.counter(
+                "tidings_publisher_published_total",
+                "Events published to JetStream (acknowledged by it).",
+                &[],
+                stats.published.load(Ordering::Relaxed),
+            );
+            out.counter(
+                "tidings_publisher_retries_total",
+                "JetStream publishes retried.",
+                &[],
+                stats.retried.load(Ordering::Relaxed),
+            );
+            out.gauge(
+                "tidings_publisher_backlog",
+                "Events the publisher holds for JetStream (NATS down or slow; bounded by \
+                 nats.publish_backlog).",
+                stats.backlog.load(Ordering::Relaxed) as f64,
+            );
+            out.counter(
+                "tidings_publisher_dropped_total",
+                "Events given up on by the publisher (delivery heals them from the log).",
+                &[],
+                stats.dropped.load(Ordering::Relaxed),
+            );
+        }),
+    );
+}
