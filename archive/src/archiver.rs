@@ -35,6 +35,7 @@ use tidings_schemas::storage::{ArchiveRun, ArchiveSegment, Head};
 use crate::codec::{self, Dictionary, Packer};
 use crate::error::ArchiveError;
 use crate::format::{self, Body, Fetched, Footer, WriteOptions, meta};
+use crate::search_index;
 use crate::storage::{self, Objects};
 
 const DAY_MS: u64 = 86_400_000;
@@ -503,9 +504,11 @@ impl Archiver {
         let cfg = self.cfg.clone();
         let tenant_owned = tenant.clone();
         let segment = segment_id.clone();
-        let (built, pending) = tokio::task::spawn_blocking(move || {
+        let (built, index, pending) = tokio::task::spawn_blocking(move || {
             let built = build_segment(&cfg, &tenant_owned, &key, &segment, &pending);
-            (built, pending)
+            let events: Vec<&Event> = pending.iter().map(|p| &p.event).collect();
+            let index = search_index::build(&key, &tenant_owned, &segment, &events);
+            (built, index, pending)
         })
         .await
         .map_err(|e| ArchiveError::Encode(format!("segment build task failed: {e}")))?;
@@ -534,6 +537,14 @@ impl Archiver {
             return Err(e);
         }
         failpoint::hit(failpoint::AFTER_VERIFY);
+        // The search index goes up before the commit, so every indexed segment has one; a
+        // crash before the commit leaves it to the orphan sweep with its segment.
+        let index_path = storage::search_index_path(&path)
+            .ok_or_else(|| ArchiveError::Encode(format!("no search index path for {path}")))?;
+        if let Err(e) = self.objects.put(&index_path, Bytes::from(index)).await {
+            let _ = self.objects.delete(&path).await;
+            return Err(e);
+        }
 
         let record = ArchiveSegment {
             path: path.clone(),
@@ -549,6 +560,7 @@ impl Archiver {
         };
         if let Err(e) = self.store.commit(txn).await {
             let _ = self.objects.delete(&path).await;
+            let _ = self.objects.delete(&index_path).await;
             return Err(match e {
                 StoreError::Conflict { .. } => ArchiveError::Conflict {
                     tenant: tenant.to_string(),

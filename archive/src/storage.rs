@@ -209,10 +209,22 @@ pub fn segment_path(tenant: &str, date: &str, segment: &str) -> String {
     format!("tenant={tenant}/date={date}/{segment}.parquet")
 }
 
-/// The segment id of a segment path, if it is one.
+/// The segment id of a segment path or of its search index's path, if it is one of them
+/// (the orphan sweep keeps both while the segment is indexed).
 pub fn segment_id_of(path: &str) -> Option<&str> {
     let name = path.rsplit('/').next()?;
-    name.strip_suffix(".parquet")
+    name.strip_suffix(".parquet").or_else(|| {
+        name.strip_prefix('_')
+            .and_then(|n| n.strip_suffix(".search"))
+    })
+}
+
+/// The path of a segment's search index: `_<segment>.search` beside it
+/// ([`crate::search_index`]).
+pub fn search_index_path(segment_path: &str) -> Option<String> {
+    let (dir, name) = segment_path.rsplit_once('/')?;
+    let id = name.strip_suffix(".parquet")?;
+    Some(format!("{dir}/_{id}.search"))
 }
 
 /// The UTC date (`yyyy-mm-dd`) of a time in ms since the epoch.
@@ -250,5 +262,9 @@ mod tests {
         assert_eq!(p, "tenant=acme/date=2026-11-30/0193.parquet");
         assert_eq!(segment_id_of(&p), Some("0193"));
         assert_eq!(segment_id_of("tenant=acme/date=x/0193.parquet#1"), None);
+        let index = search_index_path(&p).expect("a segment path");
+        assert_eq!(index, "tenant=acme/date=2026-11-30/_0193.search");
+        assert_eq!(segment_id_of(&index), Some("0193"));
+        assert_eq!(segment_id_of("tenant=acme/date=x/0193.search"), None);
     }
 }
