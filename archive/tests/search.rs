@@ -217,8 +217,31 @@ async fn the_index_gives_the_scans_results_opening_fewer_rows_and_holds_no_plain
         }
     }
 
-    // A segment without an index (written before indexes existed) is scanned instead.
+    // A changed byte is an error, never a silently shorter answer.
     let first = storage::search_index_path(&paths[0]).expect("path");
+    let original = objects.get(&first).await.expect("index");
+    let mut damaged = original.to_vec();
+    let last = damaged.len() - 1;
+    damaged[last] ^= 1;
+    objects.put(&first, damaged.into()).await.expect("put");
+    let query = Query {
+        text: Some("bluebird".into()),
+        ..Query::for_tenant(t("acme"))
+    };
+    let actor = Actor::new("officer-7", Via::Cli).expect("actor");
+    let err = indexed
+        .search(
+            &query,
+            &actor,
+            &Action::Search,
+            &Progress::default(),
+            &mut Collect::default(),
+        )
+        .await
+        .expect_err("a damaged index");
+    assert_eq!(err.code(), "segment_corrupt", "{err}");
+
+    // A segment without an index (written before indexes existed) is scanned instead.
     objects.delete(&first).await.expect("delete");
     assert_eq!(
         search(&indexed, "bluebird").await.0,

@@ -196,13 +196,12 @@ impl Compliance {
         // messages an edit of which matches.
         let indexed = match &needle {
             Some(needle) if self.use_index && !needle.terms().is_empty() => {
-                let edited = fates.0.iter().filter_map(|(message, fate)| {
-                    fate.edits
-                        .iter()
-                        .any(|e| needle.matches(&e.text))
-                        .then(|| message.clone())
-                });
-                let edited: Vec<(String, u64)> = edited.collect();
+                let edited: Vec<(String, u64)> = fates
+                    .0
+                    .iter()
+                    .filter(|(_, fate)| fate.edits.iter().any(|e| needle.matches(&e.text)))
+                    .map(|(message, _)| message.clone())
+                    .collect();
                 Some(IndexedText::new(&*self.store, tenant, needle.clone(), edited).await?)
             }
             _ => None,
