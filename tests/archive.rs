@@ -96,8 +96,7 @@ fn parquet_files(s: &Sandbox) -> Vec<std::path::PathBuf> {
             let path = entry.expect("entry").path();
             if path.is_dir() {
                 stack.push(path);
-            } else if path.extension().is_some_and(|e| e == "parquet") {
-                // Segments only: each has its search index (`_<id>.search`) beside it.
+            } else {
                 found.push(path);
             }
         }

@@ -300,16 +300,24 @@ impl Archiver {
         let indexed = indexed_segments(&*self.store, tenant).await?;
         let now = tidings_log::now_ms();
         let mut removed = 0;
-        for object in self
-            .objects
-            .list(&storage::tenant_prefix(tenant.as_str()))
-            .await?
-        {
+        let prefix = storage::tenant_prefix(tenant.as_str());
+        for object in self.objects.list(&prefix).await? {
             let known = storage::segment_id_of(&object.path).is_some_and(|id| indexed.contains(id));
             if !known && now - object.modified_ms >= grace {
                 tracing::info!(path = %object.path, "deleting unindexed archive object");
                 self.objects.delete(&object.path).await?;
                 removed += 1;
+            }
+        }
+        // Search indexes of segments no record names (a crash before the commit, or a
+        // retention delete that failed); not counted: the count is of segments.
+        let indexes = self.objects.search_indexes();
+        for object in indexes.list(&prefix).await? {
+            let known = storage::search_index_segment_id(&object.path)
+                .is_some_and(|id| indexed.contains(id));
+            if !known && now - object.modified_ms >= grace {
+                tracing::info!(path = %object.path, "deleting the search index of no segment");
+                indexes.delete(&object.path).await?;
             }
         }
         Ok(removed)
@@ -541,7 +549,8 @@ impl Archiver {
         // crash before the commit leaves it to the orphan sweep with its segment.
         let index_path = storage::search_index_path(&path)
             .ok_or_else(|| ArchiveError::Encode(format!("no search index path for {path}")))?;
-        if let Err(e) = self.objects.put(&index_path, Bytes::from(index)).await {
+        let indexes = self.objects.search_indexes();
+        if let Err(e) = indexes.put(&index_path, Bytes::from(index)).await {
             let _ = self.objects.delete(&path).await;
             return Err(e);
         }
@@ -560,7 +569,7 @@ impl Archiver {
         };
         if let Err(e) = self.store.commit(txn).await {
             let _ = self.objects.delete(&path).await;
-            let _ = self.objects.delete(&index_path).await;
+            let _ = indexes.delete(&index_path).await;
             return Err(match e {
                 StoreError::Conflict { .. } => ArchiveError::Conflict {
                     tenant: tenant.to_string(),

@@ -1,4 +1,5 @@
-//! The sealed search index of one segment, stored beside it as `_<segment>.search`.
+//! The sealed search index of one segment, stored at the segment's path with `.search` in
+//! [`Objects::search_indexes`](crate::Objects::search_indexes), a sibling of the archive.
 //!
 //! It maps each term of the segment's texts (posted messages, edits' new texts,
 //! conversation titles) to the rows that hold it. Terms are 8-byte HMAC tags under the
@@ -16,8 +17,7 @@
 //!          | postings: per term, `count` row numbers as LEB128 deltas, ascending
 //! ```
 //!
-//! The name starts with `_`, which Spark, pyarrow and Polars skip when reading the archive
-//! directory as a dataset, and does not end in `.parquet` (DuckDB's glob).
+//! Not inside the archive itself: Polars refuses a directory holding anything but Parquet.
 
 use std::collections::BTreeMap;
 

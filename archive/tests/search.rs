@@ -198,6 +198,7 @@ async fn the_index_gives_the_scans_results_opening_fewer_rows_and_holds_no_plain
     for path in &paths {
         let index = storage::search_index_path(path).expect("segment path");
         let bytes = objects
+            .search_indexes()
             .get(&index)
             .await
             .expect("every segment has an index");
@@ -217,13 +218,20 @@ async fn the_index_gives_the_scans_results_opening_fewer_rows_and_holds_no_plain
         }
     }
 
+    let report = tidings_archive::tools::verify(&*f.store, f.log.keyring(), &objects, &t("acme"))
+        .await
+        .expect("verify");
+    assert!(report.ok(), "{:?}", report.problems);
+    assert_eq!(report.search_indexes, paths.len() as u64);
+
     // A changed byte is an error, never a silently shorter answer.
     let first = storage::search_index_path(&paths[0]).expect("path");
-    let original = objects.get(&first).await.expect("index");
+    let indexes = objects.search_indexes();
+    let original = indexes.get(&first).await.expect("index");
     let mut damaged = original.to_vec();
     let last = damaged.len() - 1;
     damaged[last] ^= 1;
-    objects.put(&first, damaged.into()).await.expect("put");
+    indexes.put(&first, damaged.into()).await.expect("put");
     let query = Query {
         text: Some("bluebird".into()),
         ..Query::for_tenant(t("acme"))
@@ -240,9 +248,13 @@ async fn the_index_gives_the_scans_results_opening_fewer_rows_and_holds_no_plain
         .await
         .expect_err("a damaged index");
     assert_eq!(err.code(), "segment_corrupt", "{err}");
+    let report = tidings_archive::tools::verify(&*f.store, f.log.keyring(), &objects, &t("acme"))
+        .await
+        .expect("verify");
+    assert!(!report.ok(), "verify must see the damaged index");
 
     // A segment without an index (written before indexes existed) is scanned instead.
-    objects.delete(&first).await.expect("delete");
+    indexes.delete(&first).await.expect("delete");
     assert_eq!(
         search(&indexed, "bluebird").await.0,
         search(&scanning, "bluebird").await.0
@@ -279,6 +291,8 @@ async fn the_index_gives_the_scans_results_opening_fewer_rows_and_holds_no_plain
         .await
         .expect("retention pass");
     let left = objects.list("tenant=acme/").await.expect("list");
+    assert!(left.is_empty(), "{left:?}");
+    let left = indexes.list("tenant=acme/").await.expect("list");
     assert!(left.is_empty(), "{left:?}");
     assert_eq!(search(&indexed, "bluebird").await.0, Vec::new());
     // The other tenant's segments have their own indexes; after its keys are shredded,

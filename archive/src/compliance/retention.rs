@@ -223,7 +223,7 @@ impl Archiver {
                 tracing::warn!(%path, error = %e, "could not delete a segment retention replaced");
             }
             if let Some(index) = storage::search_index_path(path)
-                && let Err(e) = self.objects.delete(&index).await
+                && let Err(e) = self.objects.search_indexes().delete(&index).await
             {
                 tracing::warn!(path = %index, error = %e, "could not delete the search index of a segment retention replaced");
             }

@@ -288,7 +288,7 @@ impl Scanner<'_> {
         ) else {
             return Ok(None);
         };
-        let bytes = match objects.get(&index_path).await {
+        let bytes = match objects.search_indexes().get(&index_path).await {
             Ok(bytes) => bytes,
             Err(ArchiveError::Missing { .. }) => return Ok(None),
             Err(e) => return Err(e.into()),

@@ -327,7 +327,7 @@ async fn set_up(
     for seg in &segments {
         let path =
             tidings_archive::storage::search_index_path(&seg.path).context("a segment path")?;
-        index_bytes += objects.get(&path).await?.len() as u64;
+        index_bytes += objects.search_indexes().get(&path).await?.len() as u64;
     }
     let compliance = Compliance::new(
         store.clone(),
