@@ -35,6 +35,7 @@ use tidings_schemas::storage::{ArchiveRun, ArchiveSegment, Head};
 use crate::codec::{self, Dictionary, Packer};
 use crate::error::ArchiveError;
 use crate::format::{self, Body, Fetched, Footer, WriteOptions, meta};
+use crate::search_index;
 use crate::storage::{self, Objects};
 
 const DAY_MS: u64 = 86_400_000;
@@ -299,16 +300,24 @@ impl Archiver {
         let indexed = indexed_segments(&*self.store, tenant).await?;
         let now = tidings_log::now_ms();
         let mut removed = 0;
-        for object in self
-            .objects
-            .list(&storage::tenant_prefix(tenant.as_str()))
-            .await?
-        {
+        let prefix = storage::tenant_prefix(tenant.as_str());
+        for object in self.objects.list(&prefix).await? {
             let known = storage::segment_id_of(&object.path).is_some_and(|id| indexed.contains(id));
             if !known && now - object.modified_ms >= grace {
                 tracing::info!(path = %object.path, "deleting unindexed archive object");
                 self.objects.delete(&object.path).await?;
                 removed += 1;
+            }
+        }
+        // Search indexes of segments no record names (a crash before the commit, or a
+        // retention delete that failed); not counted: the count is of segments.
+        let indexes = self.objects.search_indexes();
+        for object in indexes.list(&prefix).await? {
+            let known = storage::search_index_segment_id(&object.path)
+                .is_some_and(|id| indexed.contains(id));
+            if !known && now - object.modified_ms >= grace {
+                tracing::info!(path = %object.path, "deleting the search index of no segment");
+                indexes.delete(&object.path).await?;
             }
         }
         Ok(removed)
@@ -503,9 +512,11 @@ impl Archiver {
         let cfg = self.cfg.clone();
         let tenant_owned = tenant.clone();
         let segment = segment_id.clone();
-        let (built, pending) = tokio::task::spawn_blocking(move || {
+        let (built, index, pending) = tokio::task::spawn_blocking(move || {
             let built = build_segment(&cfg, &tenant_owned, &key, &segment, &pending);
-            (built, pending)
+            let events: Vec<&Event> = pending.iter().map(|p| &p.event).collect();
+            let index = search_index::build(&key, &tenant_owned, &segment, &events);
+            (built, index, pending)
         })
         .await
         .map_err(|e| ArchiveError::Encode(format!("segment build task failed: {e}")))?;
@@ -534,6 +545,15 @@ impl Archiver {
             return Err(e);
         }
         failpoint::hit(failpoint::AFTER_VERIFY);
+        // The search index goes up before the commit, so every indexed segment has one; a
+        // crash before the commit leaves it to the orphan sweep with its segment.
+        let index_path = storage::search_index_path(&path)
+            .ok_or_else(|| ArchiveError::Encode(format!("no search index path for {path}")))?;
+        let indexes = self.objects.search_indexes();
+        if let Err(e) = indexes.put(&index_path, Bytes::from(index)).await {
+            let _ = self.objects.delete(&path).await;
+            return Err(e);
+        }
 
         let record = ArchiveSegment {
             path: path.clone(),
@@ -549,6 +569,7 @@ impl Archiver {
         };
         if let Err(e) = self.store.commit(txn).await {
             let _ = self.objects.delete(&path).await;
+            let _ = indexes.delete(&index_path).await;
             return Err(match e {
                 StoreError::Conflict { .. } => ArchiveError::Conflict {
                     tenant: tenant.to_string(),

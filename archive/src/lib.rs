@@ -6,6 +6,7 @@
 //! - [`storage`]: the object store (local directory or S3) and the Hive-style paths.
 //! - [`archiver`]: one archive pass: gather aged events, write, verify, index, delete hot.
 //! - [`reader`]: [`ColdReader`], the log's cold tier, with its caches.
+//! - [`search_index`]: the sealed search index written beside each segment.
 //! - [`tools`]: `inspect` and `verify`.
 //! - [`conformance`]: the suite every object store backend runs.
 //! - [`error`]: the typed [`ArchiveError`].
@@ -17,6 +18,7 @@ pub mod conformance;
 pub mod error;
 pub mod format;
 pub mod reader;
+pub mod search_index;
 pub mod storage;
 pub mod tools;
 

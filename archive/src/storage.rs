@@ -47,6 +47,11 @@ pub struct Objects {
     /// finished temp file into place but does not sync it).
     local_root: Option<PathBuf>,
     describe: String,
+    /// Where the segments' search indexes live: a sibling of the archive (`<root>.search`,
+    /// or the S3 prefix `<prefix>.search`), so that data tools reading the archive directory
+    /// see only Parquet (Polars refuses a directory holding other files). `None` for the
+    /// sibling itself.
+    search: Option<Arc<Objects>>,
 }
 
 /// One object found by [`Objects::list`].
@@ -57,8 +62,53 @@ pub struct Listed {
     pub modified_ms: i64,
 }
 
+impl StorageConfig {
+    /// The sibling location of the search indexes (see [`Objects::search_indexes`]).
+    pub fn search_sibling(&self) -> Result<StorageConfig, ArchiveError> {
+        match self {
+            StorageConfig::Local { root } => {
+                let name = root.file_name().ok_or_else(|| {
+                    ArchiveError::Config(format!(
+                        "archive directory {} has no name to put `.search` beside",
+                        root.display()
+                    ))
+                })?;
+                let mut sibling = name.to_os_string();
+                sibling.push(".search");
+                Ok(StorageConfig::Local {
+                    root: root.with_file_name(sibling),
+                })
+            }
+            StorageConfig::S3(s3) => {
+                let prefix = s3.prefix.trim_matches('/');
+                Ok(StorageConfig::S3(S3Config {
+                    prefix: if prefix.is_empty() {
+                        "_search".to_string()
+                    } else {
+                        format!("{prefix}.search")
+                    },
+                    ..s3.clone()
+                }))
+            }
+        }
+    }
+}
+
 impl Objects {
+    /// The archive at `cfg`, with its search indexes beside it.
     pub fn open(cfg: &StorageConfig) -> Result<Objects, ArchiveError> {
+        let mut objects = Objects::open_one(cfg)?;
+        objects.search = Some(Arc::new(Objects::open_one(&cfg.search_sibling()?)?));
+        Ok(objects)
+    }
+
+    /// Where the segments' search indexes are stored: a sibling of the archive, outside the
+    /// directory data tools read.
+    pub fn search_indexes(&self) -> &Objects {
+        self.search.as_deref().unwrap_or(self)
+    }
+
+    fn open_one(cfg: &StorageConfig) -> Result<Objects, ArchiveError> {
         match cfg {
             StorageConfig::Local { root } => {
                 std::fs::create_dir_all(root).map_err(|e| {
@@ -69,6 +119,7 @@ impl Objects {
                     store: Arc::new(store),
                     local_root: Some(root.clone()),
                     describe: format!("file://{}", root.display()),
+                    search: None,
                 })
             }
             StorageConfig::S3(s3) => {
@@ -110,6 +161,7 @@ impl Objects {
                     store,
                     local_root: None,
                     describe: format!("s3://{}/{}", s3.bucket, prefix),
+                    search: None,
                 })
             }
         }
@@ -215,6 +267,19 @@ pub fn segment_id_of(path: &str) -> Option<&str> {
     name.strip_suffix(".parquet")
 }
 
+/// The path of a segment's search index in [`Objects::search_indexes`]: the segment's path
+/// with `.search` for `.parquet` ([`crate::search_index`]).
+pub fn search_index_path(segment_path: &str) -> Option<String> {
+    let stem = segment_path.strip_suffix(".parquet")?;
+    Some(format!("{stem}.search"))
+}
+
+/// The segment id of a search index's path, if it is one.
+pub fn search_index_segment_id(path: &str) -> Option<&str> {
+    let name = path.rsplit('/').next()?;
+    name.strip_suffix(".search")
+}
+
 /// The UTC date (`yyyy-mm-dd`) of a time in ms since the epoch.
 pub fn utc_date(ms: i64) -> String {
     // Days since 1970-01-01 to a civil date (Howard Hinnant's algorithm).
@@ -250,5 +315,20 @@ mod tests {
         assert_eq!(p, "tenant=acme/date=2026-11-30/0193.parquet");
         assert_eq!(segment_id_of(&p), Some("0193"));
         assert_eq!(segment_id_of("tenant=acme/date=x/0193.parquet#1"), None);
+        let index = search_index_path(&p).expect("a segment path");
+        assert_eq!(index, "tenant=acme/date=2026-11-30/0193.search");
+        assert_eq!(search_index_segment_id(&index), Some("0193"));
+        assert_eq!(segment_id_of(&index), None);
+        let sibling = StorageConfig::Local {
+            root: PathBuf::from("data/archive"),
+        }
+        .search_sibling()
+        .expect("sibling");
+        assert_eq!(
+            sibling,
+            StorageConfig::Local {
+                root: PathBuf::from("data/archive.search")
+            }
+        );
     }
 }

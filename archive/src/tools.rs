@@ -15,6 +15,7 @@ use crate::archiver::{indexed_segments, scan_all};
 use crate::error::ArchiveError;
 use crate::format::{Fetched, Footer};
 use crate::reader::Segment;
+use crate::search_index::SegmentIndex;
 use crate::storage::{self, Objects};
 
 /// One indexed segment, as `inspect` prints it.
@@ -66,6 +67,9 @@ pub struct VerifyReport {
     pub segments: u64,
     pub rows: u64,
     pub bodies_opened: u64,
+    /// Segments whose sealed search index opened and covers their rows (segments archived
+    /// before there were indexes have none, which is not a problem).
+    pub search_indexes: u64,
     /// Objects under the tenant's prefix that no index record names.
     pub orphans: Vec<String>,
     pub problems: Vec<Problem>,
@@ -214,6 +218,29 @@ async fn verify_segment(
             "index runs cover {indexed_rows} rows of {}",
             record.rows
         ));
+    }
+    let (Some(index_path), Some(id)) = (
+        storage::search_index_path(path),
+        storage::segment_id_of(path),
+    ) else {
+        return Ok(());
+    };
+    match objects.search_indexes().get(&index_path).await {
+        Ok(bytes) => {
+            let index = SegmentIndex::open(keyring, tenant, id, &index_path, &bytes)
+                .await
+                .map_err(|e| format!("search index: {e}"))?;
+            if u64::from(index.rows()) != record.rows {
+                return Err(format!(
+                    "the search index covers {} rows of {}",
+                    index.rows(),
+                    record.rows
+                ));
+            }
+            report.search_indexes += 1;
+        }
+        Err(ArchiveError::Missing { .. }) => {}
+        Err(e) => return Err(format!("search index: {e}")),
     }
     Ok(())
 }

@@ -42,7 +42,8 @@ pub struct Query {
     pub sender: Option<UserId>,
     pub from_ms: Option<i64>,
     pub to_ms: Option<i64>,
-    /// Case-insensitive substring of a message's text (original or edited) or a title.
+    /// Words (case- and width-folded) or CJK characters of a message's text (original or
+    /// edited) or a title, as `tidings_log::search::Needle` matches them.
     pub text: Option<String>,
 }
 
@@ -76,6 +77,8 @@ impl Query {
                     "the text filter must be 1 to {MAX_TEXT_CHARS} characters, not {chars}"
                 )));
             }
+            tidings_log::search::Needle::new(text)
+                .map_err(|e| ComplianceError::invalid(format!("the text filter: {e}")))?;
         }
         Ok(tenant)
     }

@@ -29,6 +29,7 @@ use crate::archiver::{Archiver, Pending, Replace, Summary, scan_all};
 use crate::error::ArchiveError;
 use crate::format;
 use crate::reader::{Segment, fetch_footer};
+use crate::storage;
 
 fn into_archive(e: ComplianceError) -> ArchiveError {
     match e {
@@ -220,6 +221,11 @@ impl Archiver {
             // sweep of a later pass removes it.
             if let Err(e) = self.objects.delete(path).await {
                 tracing::warn!(%path, error = %e, "could not delete a segment retention replaced");
+            }
+            if let Some(index) = storage::search_index_path(path)
+                && let Err(e) = self.objects.search_indexes().delete(&index).await
+            {
+                tracing::warn!(path = %index, error = %e, "could not delete the search index of a segment retention replaced");
             }
             purged += deleting;
         }

@@ -8,10 +8,17 @@
 //! row by row; the whole row group is fetched and bodies opened only for the candidate
 //! rows that remain. Opening runs on the blocking pool, split over the cores.
 //!
+//! **Search index.** With a text filter, a segment's sealed search index
+//! ([`crate::search_index`]) names the rows whose text holds every term of the query; those,
+//! and the messages whose edits match (located through the `ax/` runs), are the only rows
+//! fetched and opened. The decrypted text confirms each one with the same rule a full scan
+//! applies, so the results are the same. A segment without an index (written before there
+//! were indexes) is scanned as above.
+//!
 //! **Hot log.** Hot events are sealed whole (no plain metadata), so each event of the
 //! tenant's conversations above the archive floor is opened and then filtered.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -21,6 +28,7 @@ use prost::Message;
 use tidings_log::cold::{archived_through, decode_run, is_purge_marker};
 use tidings_log::crypto::Keyring;
 use tidings_log::log::open_stored_event;
+use tidings_log::search::Needle;
 use tidings_log::store::{KeyRange, KvStore, Order};
 use tidings_log::{ConvId, Event, LogError, TenantId, UserId, keys};
 use tidings_schemas::storage::{ArchiveSegment, Head};
@@ -30,7 +38,8 @@ use crate::archiver::{Pages, scan_all};
 use crate::error::ArchiveError;
 use crate::format::{self, col};
 use crate::reader::{Segment, fetch_footer};
-use crate::storage::Objects;
+use crate::search_index::SegmentIndex;
+use crate::storage::{self, Objects};
 
 /// Which events a scan visits. Every filter is checked on every visited event; the archive
 /// also uses them to skip what cannot match.
@@ -42,6 +51,55 @@ pub(super) struct Selection<'a> {
     pub to_ms: Option<i64>,
     /// Only events of these kinds (`None`: all).
     pub kinds: Option<&'a [&'static str]>,
+    /// A text filter the archive may answer through the segments' search indexes; `None`:
+    /// every row the other filters allow is visited.
+    pub text: Option<&'a IndexedText>,
+}
+
+/// What the search indexes look for: rows holding every term of `needle`, plus the rows
+/// of `also` (messages an edit of which matches), by segment id, as (row group, row).
+#[derive(Debug)]
+pub(super) struct IndexedText {
+    pub needle: Needle,
+    pub also: HashMap<String, Vec<(usize, usize)>>,
+}
+
+impl IndexedText {
+    /// Locates `messages` ((conversation, seq) pairs) in the archive through the `ax/` runs;
+    /// those still hot are not in any segment and are left out.
+    pub async fn new(
+        store: &dyn KvStore,
+        tenant: &TenantId,
+        needle: Needle,
+        messages: impl IntoIterator<Item = (String, u64)>,
+    ) -> Result<IndexedText, ComplianceError> {
+        let mut by_conv: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+        for (conv, seq) in messages {
+            by_conv.entry(conv).or_default().push(seq);
+        }
+        let mut also: HashMap<String, Vec<(usize, usize)>> = HashMap::new();
+        for (conv, seqs) in by_conv {
+            let conv = ConvId::new(conv)?;
+            let dir = KeyRange::prefix(keys::archive_run_dir(tenant, &conv));
+            for (key, value) in scan_all(store, dir).await? {
+                let run = decode_run(&key, &value)?;
+                let first =
+                    keys::event_seq(&key).ok_or_else(|| LogError::corrupt(&key, "bad key"))?;
+                if is_purge_marker(&run) {
+                    continue;
+                }
+                for &seq in &seqs {
+                    if first <= seq && seq <= run.last_seq {
+                        also.entry(run.segment_id.clone()).or_default().push((
+                            run.row_group as usize,
+                            (run.row_offset + (seq - first)) as usize,
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(IndexedText { needle, also })
+    }
 }
 
 impl Selection<'_> {
@@ -159,6 +217,15 @@ impl Scanner<'_> {
         let footer = fetch_footer(objects, path).await?;
         let segment = Arc::new(Segment::open(path, footer, tenant, self.keyring).await?);
         let key = self.keyring.key(tenant, segment.key_id).await?;
+        if let Some(text) = sel.text
+            && let Some(rows) = self
+                .indexed_rows(objects, tenant, path, &segment, text)
+                .await?
+        {
+            return self
+                .visit_rows(objects, path, &segment, &key, rows, sel, visitor)
+                .await;
+        }
         let corrupt = |e: parquet::errors::ParquetError| ArchiveError::corrupt(path, e);
         for rg in 0..segment.footer.meta.num_row_groups() {
             let group = segment.footer.meta.row_group(rg);
@@ -201,6 +268,110 @@ impl Scanner<'_> {
                 .opened
                 .fetch_add(events.len() as u64, Ordering::Relaxed);
             visitor.visit(events, Tier::Archive).await?;
+        }
+        Ok(())
+    }
+
+    /// The rows of the segment that may match `text`, by row group, from its search index;
+    /// `None` if the segment has no index.
+    async fn indexed_rows(
+        &self,
+        objects: &Objects,
+        tenant: &TenantId,
+        path: &str,
+        segment: &Segment,
+        text: &IndexedText,
+    ) -> Result<Option<BTreeMap<usize, Vec<usize>>>, ComplianceError> {
+        let (Some(index_path), Some(segment_id)) = (
+            storage::search_index_path(path),
+            storage::segment_id_of(path),
+        ) else {
+            return Ok(None);
+        };
+        let bytes = match objects.search_indexes().get(&index_path).await {
+            Ok(bytes) => bytes,
+            Err(ArchiveError::Missing { .. }) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let index =
+            SegmentIndex::open(self.keyring, tenant, segment_id, &index_path, &bytes).await?;
+        let search_key = self
+            .keyring
+            .key(tenant, index.key_id)
+            .await?
+            .search_key(tenant);
+        let meta = &segment.footer.meta;
+        let total: i64 = (0..meta.num_row_groups())
+            .map(|rg| meta.row_group(rg).num_rows())
+            .sum();
+        if i64::from(index.rows()) != total {
+            return Err(ArchiveError::corrupt(
+                &index_path,
+                format!("indexes {} rows, the segment has {total}", index.rows()),
+            )
+            .into());
+        }
+        // Row numbers to (row group, row in group).
+        let starts: Vec<u32> = (0..meta.num_row_groups())
+            .scan(0u32, |at, rg| {
+                let start = *at;
+                *at += meta.row_group(rg).num_rows().max(0) as u32;
+                Some(start)
+            })
+            .collect();
+        let mut rows: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+        for row in index.candidates(&search_key, &text.needle, &index_path)? {
+            let rg = starts.partition_point(|&s| s <= row) - 1;
+            rows.entry(rg)
+                .or_default()
+                .push((row - starts[rg]) as usize);
+        }
+        for &(rg, row) in text.also.get(segment_id).into_iter().flatten() {
+            rows.entry(rg).or_default().push(row);
+        }
+        for list in rows.values_mut() {
+            list.sort_unstable();
+            list.dedup();
+        }
+        Ok(Some(rows))
+    }
+
+    /// Fetches and opens the given rows (by row group), and visits those `sel` selects.
+    #[allow(clippy::too_many_arguments)]
+    async fn visit_rows(
+        &self,
+        objects: &Objects,
+        path: &str,
+        segment: &Arc<Segment>,
+        key: &tidings_log::crypto::DataKey,
+        rows: BTreeMap<usize, Vec<usize>>,
+        sel: Selection<'_>,
+        visitor: &mut dyn Visitor,
+    ) -> Result<(), ComplianceError> {
+        let meta = &segment.footer.meta;
+        for rg in 0..meta.num_row_groups() {
+            self.progress.scanned.fetch_add(
+                meta.row_group(rg).num_rows().max(0) as u64,
+                Ordering::Relaxed,
+            );
+        }
+        for (rg, wanted) in rows {
+            if rg >= meta.num_row_groups() || !stats_may_match(meta.row_group(rg), sel) {
+                continue;
+            }
+            let data = segment
+                .fetch(objects, path, segment.footer.row_group_range(rg))
+                .await?;
+            let rows = format::read_rows_at(&segment.footer, &data, rg, &wanted)
+                .map_err(|e| ArchiveError::corrupt(path, e))?;
+            let mut events = open_parallel(segment, key, rows, path).await?;
+            self.progress
+                .opened
+                .fetch_add(events.len() as u64, Ordering::Relaxed);
+            events.retain(|e| sel.matches(e));
+            if !events.is_empty() {
+                visitor.visit(events, Tier::Archive).await?;
+            }
         }
         Ok(())
     }

@@ -6,13 +6,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use tidings_log::crypto::Keyring;
+use tidings_log::search::Needle;
 use tidings_log::store::KvStore;
 use tidings_log::{Body, Event, TenantId};
 use tokio::sync::RwLock;
 
 use super::audit::{self, Entry};
 use super::hit::event_text;
-use super::scan::{Scanner, Selection, Visitor};
+use super::scan::{IndexedText, Scanner, Selection, Visitor};
 use super::{Actor, ComplianceError, Edit, Fate, Hit, Query, Recall, Tier};
 use crate::storage::Objects;
 
@@ -57,6 +58,9 @@ pub struct Compliance {
     /// Held shared by compliance reads and exclusively by an archive pass in the same
     /// process, so a read never sees events halfway between the tiers.
     gate: Arc<RwLock<()>>,
+    /// Whether text filters use the segments' search indexes (the default); without, every
+    /// candidate row is opened. Both give the same results.
+    use_index: bool,
 }
 
 const FATE_KINDS: &[&str] = &["message_edited", "message_recalled"];
@@ -78,7 +82,15 @@ impl Compliance {
             keyring,
             objects,
             gate,
+            use_index: true,
         }
+    }
+
+    /// Text filters scan every candidate row instead of asking the search indexes (for
+    /// comparing the two and measuring the difference).
+    pub fn without_index(mut self) -> Self {
+        self.use_index = false;
+        self
     }
 
     pub fn store(&self) -> &Arc<dyn KvStore> {
@@ -174,13 +186,33 @@ impl Compliance {
             ..Selection::default()
         };
         scanner.scan(tenant, fate_sel, &mut fates).await?;
-        let needle = query.text.as_ref().map(|t| t.to_lowercase());
+        let needle = match &query.text {
+            None => None,
+            Some(text) => {
+                Some(Needle::new(text).map_err(|e| ComplianceError::invalid(e.to_string()))?)
+            }
+        };
+        // With an index, the archive opens only rows holding the query's terms and the
+        // messages an edit of which matches.
+        let indexed = match &needle {
+            Some(needle) if self.use_index && !needle.terms().is_empty() => {
+                let edited: Vec<(String, u64)> = fates
+                    .0
+                    .iter()
+                    .filter(|(_, fate)| fate.edits.iter().any(|e| needle.matches(&e.text)))
+                    .map(|(message, _)| message.clone())
+                    .collect();
+                Some(IndexedText::new(&*self.store, tenant, needle.clone(), edited).await?)
+            }
+            _ => None,
+        };
         let sel = Selection {
             conv: query.conv.as_ref(),
             sender: query.sender.as_ref(),
             from_ms: query.from_ms,
             to_ms: query.to_ms,
             kinds: needle.is_some().then_some(TEXT_KINDS),
+            text: indexed.as_ref(),
         };
         let mut emit = Emit {
             fates: fates.0,
@@ -230,8 +262,8 @@ impl Visitor for Fates {
 
 struct Emit<'a> {
     fates: HashMap<(String, u64), Fate>,
-    /// The text filter, lowercased.
-    needle: Option<String>,
+    /// The text filter.
+    needle: Option<Needle>,
     sink: &'a mut dyn Sink,
     progress: &'a Progress,
 }
@@ -249,11 +281,11 @@ impl Visitor for Emit<'_> {
             let matched = match &self.needle {
                 None => None,
                 Some(needle) => {
-                    if event_text(&event).is_some_and(|t| contains_ci(t, needle)) {
+                    if event_text(&event).is_some_and(|t| needle.matches(t)) {
                         Some("original")
                     } else if fate
                         .as_ref()
-                        .is_some_and(|f| f.edits.iter().any(|e| contains_ci(&e.text, needle)))
+                        .is_some_and(|f| f.edits.iter().any(|e| needle.matches(&e.text)))
                     {
                         Some("edit")
                     } else {
@@ -275,32 +307,21 @@ impl Visitor for Emit<'_> {
     }
 }
 
-/// Case-insensitive substring test against an already lowercased needle. ASCII text (most
-/// chat) is compared in place; anything else is lowercased first.
-pub(super) fn contains_ci(haystack: &str, needle_lower: &str) -> bool {
-    if haystack.is_ascii() && needle_lower.is_ascii() {
-        let (h, n) = (haystack.as_bytes(), needle_lower.as_bytes());
-        if n.len() > h.len() {
-            return false;
-        }
-        return h
-            .windows(n.len())
-            .any(|w| w.iter().zip(n).all(|(a, b)| a.to_ascii_lowercase() == *b));
-    }
-    haystack.to_lowercase().contains(needle_lower)
-}
-
 #[cfg(test)]
 mod tests {
-    use super::contains_ci;
+    use tidings_log::search::Needle;
+
+    fn matches(text: &str, query: &str) -> bool {
+        Needle::new(query).expect("query").matches(text)
+    }
 
     #[test]
     fn text_match_ignores_case_in_any_script() {
-        assert!(contains_ci("Quarterly FORECAST attached", "forecast"));
-        assert!(contains_ci("forecast", "forecast"));
-        assert!(!contains_ci("fore cast", "forecast"));
-        assert!(!contains_ci("", "x"));
-        assert!(contains_ci("STRASSE und Ärger", "ärger"));
-        assert!(contains_ci("ΣΟΦΙΑ", "σοφια"));
+        assert!(matches("Quarterly FORECAST attached", "forecast"));
+        assert!(matches("forecast", "forecast"));
+        assert!(!matches("fore cast", "forecast"));
+        assert!(!matches("", "x"));
+        assert!(matches("STRASSE und Ärger", "ärger"));
+        assert!(matches("ΣΟΦΙΑ", "σοφια"));
     }
 }

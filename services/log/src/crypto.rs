@@ -262,6 +262,24 @@ impl DataKey {
     }
 }
 
+/// The label every search key derivation starts with.
+const SEARCH_LABEL: &[u8] = b"tidings-search-v1";
+
+impl DataKey {
+    /// The tenant's key for search term tags of this id: the first 32 bytes of
+    /// `HMAC-SHA512(data key, "tidings-search-v1" || tenant || id)`. Derived, never stored:
+    /// shredding the data key leaves no way to compute a tag, and a search key opens nothing
+    /// (HMAC is one-way).
+    pub fn search_key(&self, tenant: &TenantId) -> crate::search::SearchKey {
+        let id = self.id.to_be_bytes();
+        let derived = hmac_sha512(
+            &self.secret.0,
+            &[SEARCH_LABEL, tenant.as_str().as_bytes(), &id],
+        );
+        crate::search::SearchKey::from_secret(self.id, &derived.0[..32])
+    }
+}
+
 /// The label every transport key derivation starts with.
 const TRANSPORT_LABEL: &[u8] = b"tidings-transport-v1";
 

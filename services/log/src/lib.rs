@@ -18,6 +18,8 @@
 //!   appends, reads, read cursors.
 //! - [`revocation`]: revoked tokens (by `jti`, and users' issued-before cutoffs), kept in
 //!   the store (`rv/`) behind a small bounded cache.
+//! - [`search`]: search terms: folding, words and CJK bigrams, the match rule, sealed
+//!   term tags.
 //! - [`cold`]: the [`ColdTier`](cold::ColdTier) interface to archived events and the archive
 //!   index lookups the log makes itself.
 //! - [`error`]: the typed [`LogError`].
@@ -35,6 +37,7 @@ pub mod metrics;
 mod outage;
 mod quota;
 pub mod revocation;
+pub mod search;
 pub mod send_buffer;
 pub mod store;
 pub mod tenant_keys;

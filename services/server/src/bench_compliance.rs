@@ -13,7 +13,9 @@
 //! Each run measures:
 //!
 //! - tidings: `Compliance::search` with the word as the text filter over the whole tenant,
-//!   audit records included, into a sink that timestamps the first and the last hit;
+//!   audit records included, into a sink that timestamps the first and the last hit; it
+//!   finds candidates through each segment's sealed search index;
+//! - tidings without the index (`Compliance::without_index`): every text row decrypted;
 //! - the baseline: read each plaintext file, decode every row group (split over the cores,
 //!   as tidings splits its opening of rows), decode every body as a protobuf `Event` and
 //!   test its text for the word, ignoring case;
@@ -97,6 +99,8 @@ struct Selective {
 
 struct Run {
     tidings: Timing,
+    /// The whole-tenant search without the search indexes.
+    unindexed: Selective,
     baseline: Timing,
     whole: Selective,
     by_conv: Selective,
@@ -108,6 +112,9 @@ struct Setup {
     log: Log,
     tenant: TenantId,
     compliance: Compliance,
+    unindexed: Compliance,
+    /// Bytes of the segments' search indexes.
+    index_bytes: u64,
     plain_files: Vec<PathBuf>,
     events: u64,
     segments: usize,
@@ -147,13 +154,16 @@ pub async fn run(args: ComplianceArgs) -> anyhow::Result<()> {
     let mut runs = Vec::new();
     for i in 0..args.runs {
         eprintln!("measuring run {}", i + 1);
-        let whole = search(&setup, None, None, &needle).await?;
+        let c = &setup.compliance;
+        let whole = search(c, &setup, None, None, &needle).await?;
         let baseline = scan_plain(&setup.plain_files, &needle, workers)?;
-        let by_conv = search(&setup, Some(&setup.conv.0), None, &needle).await?;
-        let by_sender = search(&setup, None, Some(&setup.sender.0), &needle).await?;
+        let unindexed = search(&setup.unindexed, &setup, None, None, &needle).await?;
+        let by_conv = search(c, &setup, Some(&setup.conv.0), None, &needle).await?;
+        let by_sender = search(c, &setup, None, Some(&setup.sender.0), &needle).await?;
         let planted = args.markers as u64;
         for (what, found, want) in [
             ("tidings", whole.timing.hits, planted),
+            ("tidings without the index", unindexed.timing.hits, planted),
             ("the baseline", baseline.hits, planted),
             ("tidings with --conv", by_conv.timing.hits, setup.conv.1),
             (
@@ -166,6 +176,7 @@ pub async fn run(args: ComplianceArgs) -> anyhow::Result<()> {
         }
         let run = Run {
             tidings: whole.timing,
+            unindexed,
             baseline,
             whole,
             by_conv,
@@ -312,16 +323,31 @@ async fn set_up(
     let (conv, sender) = markers[0].clone();
     let conv_hits = count(&|m| m.0 == conv) as u64;
     let sender_hits = count(&|m| m.1 == sender) as u64;
+    let mut index_bytes = 0;
+    for seg in &segments {
+        let path =
+            tidings_archive::storage::search_index_path(&seg.path).context("a segment path")?;
+        index_bytes += objects.search_indexes().get(&path).await?.len() as u64;
+    }
     let compliance = Compliance::new(
+        store.clone(),
+        log.keyring().clone(),
+        Some(objects.clone()),
+        Arc::default(),
+    );
+    let unindexed = Compliance::new(
         store.clone(),
         log.keyring().clone(),
         Some(objects),
         Arc::default(),
-    );
+    )
+    .without_index();
     Ok(Setup {
         log,
         tenant: corpus.tenant.clone(),
         compliance,
+        unindexed,
+        index_bytes,
         plain_files,
         events: args.events as u64,
         segments: segments.len(),
@@ -355,6 +381,7 @@ impl Sink for Timed {
 /// One audited search of the whole tenant for `needle`, optionally in one conversation or
 /// from one sender.
 async fn search(
+    compliance: &Compliance,
     setup: &Setup,
     conv: Option<&ConvId>,
     sender: Option<&UserId>,
@@ -374,8 +401,7 @@ async fn search(
         last: None,
         hits: 0,
     };
-    let hits = setup
-        .compliance
+    let hits = compliance
         .search(&query, &actor, &Action::Search, &progress, &mut sink)
         .await?;
     let done = sink.started.elapsed();
@@ -482,6 +508,14 @@ fn report(args: &ComplianceArgs, setup: &Setup, runs: &[Run]) {
     let m = |f: &dyn Fn(&Run) -> f64| median(runs.iter().map(f).collect());
     println!();
     println!(
+        "search indexes: {} bytes, {:.1} per event (the sealed segments: {} bytes, {:.1} per \
+         event)",
+        setup.index_bytes,
+        setup.index_bytes as f64 / events as f64,
+        setup.archive_bytes,
+        setup.archive_bytes as f64 / events as f64
+    );
+    println!(
         "| run | tidings events/s | baseline events/s | ratio | tidings first ms | baseline first \
          ms | ratio | tidings last ms | baseline last ms | ratio |"
     );
@@ -519,8 +553,9 @@ fn report(args: &ComplianceArgs, setup: &Setup, runs: &[Run]) {
     );
     println!("|---|---:|---:|---:|---:|");
     type Pick = fn(&Run) -> Selective;
-    let searches: [(String, Pick); 3] = [
+    let searches: [(String, Pick); 4] = [
         ("whole tenant".into(), |r| r.whole),
+        ("whole tenant, without the index".into(), |r| r.unindexed),
         (format!("--conv {}", setup.conv.0), |r| r.by_conv),
         (format!("--sender {}", setup.sender.0), |r| r.by_sender),
     ];
@@ -549,6 +584,8 @@ fn report(args: &ComplianceArgs, setup: &Setup, runs: &[Run]) {
             "segments": setup.segments,
             "archive_bytes": setup.archive_bytes,
             "plain_bytes": setup.plain_bytes,
+            "index_bytes": setup.index_bytes,
+            "index_bytes_per_event": setup.index_bytes as f64 / events as f64,
             "setup_s": {
                 "append": setup.setup_s[0],
                 "archive": setup.setup_s[1],

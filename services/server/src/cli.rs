@@ -147,7 +147,8 @@ pub struct QueryArgs {
     /// Events before this time.
     #[arg(long, value_name = "TIME")]
     pub to: Option<String>,
-    /// Case-insensitive substring of a message's text (original or any edit) or a title.
+    /// Whole words (case- and width-folded) or CJK characters of a message's text (original
+    /// or any edit) or a title.
     #[arg(long)]
     pub text: Option<String>,
 }
