@@ -14,6 +14,8 @@
 //!   `outage` (private): the sequencer while the store cannot commit.
 //! - [`send_buffer`]: the write-ahead buffer outside the KV that appends go to during an
 //!   outage, replayed in seq order when the store is back.
+//! - [`policy`]: conversation kinds and their role policies, as data: who may post, add,
+//!   rename, set names, ... (built-in kinds and configured ones).
 //! - [`log`]: [`Log`], the API the binary and the gateway use: conversations, membership,
 //!   appends, reads, read cursors.
 //! - [`revocation`]: revoked tokens (by `jti`, and users' issued-before cutoffs), kept in
@@ -30,6 +32,7 @@ pub mod keys;
 pub mod lease;
 pub mod log;
 mod outage;
+pub mod policy;
 mod quota;
 pub mod revocation;
 pub mod send_buffer;
@@ -40,8 +43,8 @@ mod writer;
 pub use error::LogError;
 pub use ids::{ClientMsgId, ConvId, TenantId, UserId};
 pub use log::{
-    Append, Committed, ConversationInfo, ConversationSummary, CreateConversation, FeedItem, Log,
-    LogConfig, Member, PendingAppend, ReadRange, panic_text,
+    Append, By, Committed, ConversationInfo, ConversationSummary, CreateConversation, FeedItem,
+    Log, LogConfig, Member, PendingAppend, ReadRange, panic_text,
 };
 pub use tidings_schemas::v1::{ConversationKind, Event, MemberRole, event::Body};
 
@@ -65,6 +68,8 @@ pub fn event_kind(body: Option<&Body>) -> &'static str {
         Some(Body::MemberLeft(_)) => "member_left",
         Some(Body::ConversationCreated(_)) => "conversation_created",
         Some(Body::ConversationRenamed(_)) => "conversation_renamed",
+        Some(Body::MemberRoleChanged(_)) => "member_role_changed",
+        Some(Body::DisplayNameSet(_)) => "display_name_set",
         None => "unknown",
     }
 }
