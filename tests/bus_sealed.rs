@@ -17,8 +17,7 @@ use tidings_gateway::{Caller, LogService, bus_crypto, publisher};
 use tidings_log::crypto::MasterKey;
 use tidings_log::store::{FjallStore, KvStore};
 use tidings_log::{
-    Append, ClientMsgId, ConvId, ConversationKind, CreateConversation, Log, LogConfig, ReadRange,
-    TenantId, UserId,
+    Append, ClientMsgId, ConvId, CreateConversation, Log, LogConfig, ReadRange, TenantId, UserId,
 };
 use tidings_schemas::internal as wire;
 
@@ -81,7 +80,7 @@ async fn log_on_nats_with(
     log.create_conversation(CreateConversation {
         tenant: t,
         conv: c,
-        kind: ConversationKind::Group,
+        kind: "group".into(),
         title: "General".into(),
         creator: user("alice"),
         members: vec![user("bob")],
@@ -182,7 +181,7 @@ async fn the_log_refuses_a_forged_sender_and_a_write_without_a_token() {
     assert_eq!(anonymous.code(), "not_allowed", "{anonymous}");
     let (t, c) = acme();
     let added = service
-        .add_member(&as_alice, &t, &c, &user("bob"), &user("mallory"))
+        .add_member(&as_alice, &t, &c, &user("bob"), &user("mallory"), None)
         .await
         .expect_err("alice cannot act as bob adding someone");
     assert_eq!(added.code(), "not_allowed", "{added}");
@@ -419,7 +418,7 @@ async fn a_gateway_alone_cannot_make_the_log_create_keys_for_a_made_up_tenant() 
             CreateConversation {
                 tenant: made_up.clone(),
                 conv: ConvId::new("first").expect("id"),
-                kind: ConversationKind::Group,
+                kind: "group".into(),
                 title: "First".into(),
                 creator: UserId::new("carol").expect("id"),
                 members: Vec::new(),
@@ -446,7 +445,7 @@ async fn a_rate_limit_keeps_its_retry_after_across_processes() {
     let create = |conv: &str| CreateConversation {
         tenant: t.clone(),
         conv: ConvId::new(conv).expect("id"),
-        kind: ConversationKind::Group,
+        kind: "group".into(),
         title: String::new(),
         creator: user("carol"),
         members: Vec::new(),

@@ -156,7 +156,7 @@ fn membership_and_read_cursors_through_the_cli() {
     ]);
     assert!(!refused.status.success());
     assert!(
-        stderr(&refused).contains("not an owner"),
+        stderr(&refused).contains("a member may not add members"),
         "{}",
         stderr(&refused)
     );

@@ -941,7 +941,7 @@ async fn appends_reaching_a_writer_that_does_not_own_them_are_routed_to_the_owne
         .create_conversation(CreateConversation {
             tenant: t.clone(),
             conv: c.clone(),
-            kind: tidings_log::ConversationKind::Group,
+            kind: "group".into(),
             title: "General".into(),
             creator: alice.clone(),
             members: vec![],

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use common::{Nats, Sandbox, Server};
 use futures_util::TryStreamExt;
 use tidings_client::client::ErrorCode;
-use tidings_client::{ClientError, Connection, Push};
+use tidings_client::{Connection, Push};
 use tidings_schemas::v1::{ConversationKind, Event};
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -54,20 +54,13 @@ async fn connect(server: &Server, s: &Sandbox, user: &str) -> Connection {
         .0
 }
 
-fn code(e: &ClientError) -> Option<ErrorCode> {
-    match e {
-        ClientError::Server { code, .. } => Some(*code),
-        _ => None,
-    }
-}
-
 /// Sends until acknowledged, retrying `unavailable` with the same client_msg_id (as a
 /// client does); other errors fail the test.
 async fn send(conn: &Connection, conv: &str, id: &str, text: &str) -> u64 {
     for _ in 0..50 {
         match conn.send_text(conv, id, text).await {
             Ok(ack) => return ack.seq,
-            Err(e) if code(&e) == Some(ErrorCode::Unavailable) => {
+            Err(e) if common::error_code(&e) == Some(ErrorCode::Unavailable) => {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
             Err(e) => panic!("send {id}: {e}"),
@@ -217,7 +210,11 @@ async fn a_kv_outage_while_clients_chat_keeps_sends_acked_and_live_then_replays_
         .create_conversation("new", ConversationKind::Group, "new", &["bob"])
         .await
         .expect_err("create during the outage");
-    assert_eq!(code(&err), Some(ErrorCode::Unavailable), "{err}");
+    assert_eq!(
+        common::error_code(&err),
+        Some(ErrorCode::Unavailable),
+        "{err}"
+    );
 
     set_fault(&s, "ok");
     until_replayed(&s);
@@ -357,9 +354,11 @@ async fn an_outage_past_the_buffer_limit_fails_unavailable_and_loses_nothing_ack
         match alice.send_text("general", &id, &big).await {
             Ok(ack) => acked.push((id, ack.seq)),
             // The send whose commit met the outage fails; the others are buffered or refused.
-            Err(e) if i == 0 => assert_eq!(code(&e), Some(ErrorCode::Unavailable), "{e}"),
+            Err(e) if i == 0 => {
+                assert_eq!(common::error_code(&e), Some(ErrorCode::Unavailable), "{e}")
+            }
             Err(e) => {
-                assert_eq!(code(&e), Some(ErrorCode::Unavailable), "{e}");
+                assert_eq!(common::error_code(&e), Some(ErrorCode::Unavailable), "{e}");
                 refused += 1;
             }
         }
@@ -400,7 +399,11 @@ async fn kv_and_nats_down_together_give_clear_errors_and_lose_nothing_acked() {
         .create_conversation("new", ConversationKind::Group, "new", &["bob"])
         .await
         .expect_err("create with the store down");
-    assert_eq!(code(&err), Some(ErrorCode::Unavailable), "{err}");
+    assert_eq!(
+        common::error_code(&err),
+        Some(ErrorCode::Unavailable),
+        "{err}"
+    );
 
     nats.restart();
     set_fault(&s, "ok");
@@ -438,7 +441,11 @@ async fn kv_and_nats_down_together_with_the_buffer_on_jetstream_refuse_sends_cle
             .send_text("general", &format!("refused-{i}"), "x")
             .await
             .expect_err("nowhere to keep it");
-        assert_eq!(code(&err), Some(ErrorCode::Unavailable), "{err}");
+        assert_eq!(
+            common::error_code(&err),
+            Some(ErrorCode::Unavailable),
+            "{err}"
+        );
     }
 
     nats.restart();

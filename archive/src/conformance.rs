@@ -11,8 +11,8 @@ use std::sync::Arc;
 use tidings_log::crypto::MasterKey;
 use tidings_log::store::{FjallStore, KeyRange, KvStore, Order};
 use tidings_log::{
-    Append, ConvId, ConversationKind, CreateConversation, Event, Log, LogConfig, LogError,
-    ReadRange, TenantId, UserId, keys,
+    Append, ConvId, CreateConversation, Event, Log, LogConfig, LogError, ReadRange, TenantId,
+    UserId, keys,
 };
 
 use crate::archiver::{ArchiveConfig, Archiver, PassOptions, Summary};
@@ -69,7 +69,7 @@ impl Fixture {
             .create_conversation(CreateConversation {
                 tenant: t(tenant),
                 conv: c(conv),
-                kind: ConversationKind::Group,
+                kind: "group".into(),
                 title: conv.into(),
                 creator: UserId::new("alice").expect("id"),
                 members: vec![UserId::new("bob").expect("id")],

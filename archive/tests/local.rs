@@ -67,7 +67,7 @@ async fn archived_reads_without_an_archive_are_refused() {
     log.create_conversation(tidings_log::CreateConversation {
         tenant: t("acme"),
         conv: tidings_archive::conformance::c("c"),
-        kind: tidings_log::ConversationKind::Group,
+        kind: "group".into(),
         title: "c".into(),
         creator: tidings_log::UserId::new("alice").expect("id"),
         members: vec![],

@@ -570,3 +570,11 @@ pub async fn closed(
         }
     }
 }
+
+/// The error code of a server's refusal (`None` for any other client error).
+pub fn error_code(e: &tidings_client::ClientError) -> Option<tidings_client::client::ErrorCode> {
+    match e {
+        tidings_client::ClientError::Server { code, .. } => Some(*code),
+        _ => None,
+    }
+}

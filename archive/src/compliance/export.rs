@@ -817,6 +817,7 @@ mod tests {
         let joined = Body::MemberJoined(v1::MemberJoined {
             user: "carol".into(),
             role: 0,
+            role_name: String::new(),
         });
         let mut formula = hit(
             event(6, "bob", "-m6", posted("=SUM(A1:A2)")),

@@ -59,13 +59,14 @@ pub struct Hit {
 }
 
 /// The text an event carries, if its kind has one: a message's text, an edit's new text, a
-/// conversation's title.
+/// conversation's title, a member's display name.
 pub fn event_text(e: &Event) -> Option<&str> {
     match &e.body {
         Some(Body::MessagePosted(p)) => Some(&p.text),
         Some(Body::MessageEdited(x)) => Some(&x.new_text),
         Some(Body::ConversationCreated(x)) => Some(&x.title),
         Some(Body::ConversationRenamed(x)) => Some(&x.title),
+        Some(Body::DisplayNameSet(x)) => Some(&x.display_name),
         _ => None,
     }
 }
@@ -120,6 +121,16 @@ pub fn event_json(e: &Event) -> Map<String, Value> {
         }
         Some(Body::MemberJoined(x)) => {
             o.insert("user".into(), x.user.clone().into());
+            if !x.role_name.is_empty() {
+                o.insert("role".into(), x.role_name.clone().into());
+            }
+        }
+        Some(Body::MemberRoleChanged(x)) => {
+            o.insert("user".into(), x.user.clone().into());
+            o.insert("role".into(), x.role_name.clone().into());
+        }
+        Some(Body::DisplayNameSet(x)) => {
+            o.insert("user".into(), x.user.clone().into());
         }
         Some(Body::MemberLeft(x)) => {
             o.insert("user".into(), x.user.clone().into());
@@ -127,7 +138,12 @@ pub fn event_json(e: &Event) -> Map<String, Value> {
         Some(Body::ConversationCreated(x)) => {
             o.insert("creator".into(), x.creator.clone().into());
             o.insert("members".into(), x.members.clone().into());
-            o.insert("conversation_kind".into(), conversation_kind(x.kind).into());
+            let kind = if x.kind_name.is_empty() {
+                conversation_kind(x.kind)
+            } else {
+                x.kind_name.as_str()
+            };
+            o.insert("conversation_kind".into(), kind.into());
         }
         Some(Body::ConversationRenamed(_)) | None => {}
     }

@@ -5,7 +5,7 @@ pub struct ClientFrame {
     pub request_id: u64,
     #[prost(
         oneof = "client_frame::Op",
-        tags = "10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22"
+        tags = "10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 40, 41"
     )]
     pub op: ::core::option::Option<client_frame::Op>,
 }
@@ -39,6 +39,10 @@ pub mod client_frame {
         ListMembers(super::ListMembers),
         #[prost(message, tag = "22")]
         Ping(super::Ping),
+        #[prost(message, tag = "40")]
+        SetRole(super::SetRole),
+        #[prost(message, tag = "41")]
+        SetDisplayName(super::SetDisplayName),
     }
 }
 /// Authenticate. `token` is a JWT (HS256 or EdDSA) whose claims name the tenant ("tenant"),
@@ -149,6 +153,7 @@ pub struct Typing {
 pub struct CreateConversation {
     #[prost(string, tag = "1")]
     pub conversation: ::prost::alloc::string::String,
+    /// The built-in kinds direct and group; unused when kind_name is set.
     #[prost(enumeration = "super::super::v1::ConversationKind", tag = "2")]
     pub kind: i32,
     #[prost(string, tag = "3")]
@@ -156,14 +161,44 @@ pub struct CreateConversation {
     /// Other members (the creator is always one). A direct conversation has exactly one other.
     #[prost(string, repeated, tag = "4")]
     pub members: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// The kind by name: direct, group, announcement, class, or one the server defines. The
+    /// creator takes the kind's creator role (owner, teacher), the others its member role.
+    #[prost(string, tag = "5")]
+    pub kind_name: ::prost::alloc::string::String,
 }
-/// Owners add members; owners remove anyone, members remove themselves (leave).
+/// Who may add and remove is the conversation kind's policy (a group's owners and admins, a
+/// class's teachers); anyone may remove themselves (leave).
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct AddMember {
     #[prost(string, tag = "1")]
     pub conversation: ::prost::alloc::string::String,
     #[prost(string, tag = "2")]
     pub user: ::prost::alloc::string::String,
+    /// One of the kind's roles (empty: its member role); another needs a role that may set
+    /// roles.
+    #[prost(string, tag = "3")]
+    pub role: ::prost::alloc::string::String,
+}
+/// Gives a member another of the kind's roles (a group's owner makes an admin).
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct SetRole {
+    #[prost(string, tag = "1")]
+    pub conversation: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub user: ::prost::alloc::string::String,
+    #[prost(string, tag = "3")]
+    pub role: ::prost::alloc::string::String,
+}
+/// Sets a member's display name in the conversation (empty clears it): one's own if the
+/// kind lets one's role (a class's parents may not), others' if one's role may set names.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct SetDisplayName {
+    #[prost(string, tag = "1")]
+    pub conversation: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub user: ::prost::alloc::string::String,
+    #[prost(string, tag = "3")]
+    pub display_name: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct RemoveMember {
@@ -366,10 +401,16 @@ pub struct ConversationList {
 pub struct Member {
     #[prost(string, tag = "1")]
     pub user: ::prost::alloc::string::String,
+    /// The built-in role (owner, member), for clients that predate role names.
     #[prost(enumeration = "super::super::v1::MemberRole", tag = "2")]
     pub role: i32,
     #[prost(uint64, tag = "3")]
     pub joined_seq: u64,
+    /// The role by name (owner, admin, teacher, parent, ...).
+    #[prost(string, tag = "4")]
+    pub role_name: ::prost::alloc::string::String,
+    #[prost(string, tag = "5")]
+    pub display_name: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct MemberList {

@@ -137,7 +137,7 @@ pub struct LogRequest {
     pub sent_ms: i64,
     #[prost(
         oneof = "log_request::Call",
-        tags = "10, 11, 12, 13, 14, 15, 16, 17, 18, 19"
+        tags = "10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21"
     )]
     pub call: ::core::option::Option<log_request::Call>,
 }
@@ -165,6 +165,10 @@ pub mod log_request {
         IsMember(super::IsMember),
         #[prost(message, tag = "19")]
         ConversationInfo(super::ConversationInfo),
+        #[prost(message, tag = "20")]
+        SetRole(super::MemberChange),
+        #[prost(message, tag = "21")]
+        SetDisplayName(super::SetDisplayName),
     }
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -210,6 +214,7 @@ pub struct Read {
 pub struct Create {
     #[prost(string, tag = "1")]
     pub conversation: ::prost::alloc::string::String,
+    /// Unused when kind_name is set.
     #[prost(enumeration = "super::super::v1::ConversationKind", tag = "2")]
     pub kind: i32,
     #[prost(string, tag = "3")]
@@ -218,6 +223,8 @@ pub struct Create {
     pub creator: ::prost::alloc::string::String,
     #[prost(string, repeated, tag = "5")]
     pub members: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    #[prost(string, tag = "6")]
+    pub kind_name: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct MemberChange {
@@ -227,6 +234,20 @@ pub struct MemberChange {
     pub by: ::prost::alloc::string::String,
     #[prost(string, tag = "3")]
     pub user: ::prost::alloc::string::String,
+    /// add_member: the role to add with (empty: the kind's member role); set_role: the role.
+    #[prost(string, tag = "4")]
+    pub role: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct SetDisplayName {
+    #[prost(string, tag = "1")]
+    pub conversation: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub by: ::prost::alloc::string::String,
+    #[prost(string, tag = "3")]
+    pub user: ::prost::alloc::string::String,
+    #[prost(string, tag = "4")]
+    pub display_name: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct MarkRead {
@@ -324,13 +345,17 @@ pub struct Member {
     pub role: i32,
     #[prost(uint64, tag = "3")]
     pub joined_seq: u64,
+    #[prost(string, tag = "4")]
+    pub role_name: ::prost::alloc::string::String,
+    #[prost(string, tag = "5")]
+    pub display_name: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct MemberList {
     #[prost(message, repeated, tag = "1")]
     pub members: ::prost::alloc::vec::Vec<Member>,
 }
-#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct Info {
     #[prost(enumeration = "super::super::v1::ConversationKind", tag = "1")]
     pub kind: i32,
@@ -340,6 +365,8 @@ pub struct Info {
     pub last_time_ms: i64,
     #[prost(uint64, tag = "4")]
     pub member_count: u64,
+    #[prost(string, tag = "5")]
+    pub kind_name: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct LogResponse {

@@ -10,7 +10,7 @@ pub struct SealedEvent {
 }
 /// hd/<tenant>/<conv>: the conversation's head. Written in the same transaction as the events
 /// it covers, so a reader that sees head N can read every seq in 1..=N.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct Head {
     #[prost(uint64, tag = "1")]
     pub last_seq: u64,
@@ -27,6 +27,9 @@ pub struct Head {
     /// Number of current members, kept so direct conversations stay at two.
     #[prost(uint64, tag = "6")]
     pub member_count: u64,
+    /// The kind by name, whose policy the writer enforces; empty: the built-in `kind`.
+    #[prost(string, tag = "7")]
+    pub kind_name: ::prost::alloc::string::String,
 }
 /// dd/<tenant>/<conv>/<sender>/<client_msg_id>: dedupe record of a client's append, with
 /// what the original ack said so a retry gets the same answer without opening the event.
@@ -40,13 +43,19 @@ pub struct Dedupe {
     pub server_time_ms: i64,
 }
 /// mb/<tenant>/<conv>/<user>: current membership.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct Membership {
-    /// tidings.v1.MemberRole
+    /// tidings.v1.MemberRole, for memberships that predate role names.
     #[prost(int32, tag = "1")]
     pub role: i32,
     #[prost(uint64, tag = "2")]
     pub joined_seq: u64,
+    /// The role by name; empty: the built-in `role`.
+    #[prost(string, tag = "3")]
+    pub role_name: ::prost::alloc::string::String,
+    /// The member's display name in this conversation; empty: none.
+    #[prost(string, tag = "4")]
+    pub display_name: ::prost::alloc::string::String,
 }
 /// uc/<tenant>/<user>/<conv>: the user's conversation list and read cursor.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]

@@ -23,7 +23,7 @@ pub struct Event {
     /// server creates on its own behalf.
     #[prost(string, tag = "7")]
     pub client_msg_id: ::prost::alloc::string::String,
-    #[prost(oneof = "event::Body", tags = "10, 11, 12, 13, 14, 15, 16, 17, 18")]
+    #[prost(oneof = "event::Body", tags = "10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20")]
     pub body: ::core::option::Option<event::Body>,
 }
 /// Nested message and enum types in `Event`.
@@ -48,6 +48,10 @@ pub mod event {
         ConversationCreated(super::ConversationCreated),
         #[prost(message, tag = "18")]
         ConversationRenamed(super::ConversationRenamed),
+        #[prost(message, tag = "19")]
+        MemberRoleChanged(super::MemberRoleChanged),
+        #[prost(message, tag = "20")]
+        DisplayNameSet(super::DisplayNameSet),
     }
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -92,8 +96,30 @@ pub struct ReactionRemoved {
 pub struct MemberJoined {
     #[prost(string, tag = "1")]
     pub user: ::prost::alloc::string::String,
+    /// Set for the built-in roles owner and member, for readers that predate role names.
     #[prost(enumeration = "MemberRole", tag = "2")]
     pub role: i32,
+    /// The role by name, one of the conversation kind's roles ("owner", "teacher", ...);
+    /// authoritative when set.
+    #[prost(string, tag = "3")]
+    pub role_name: ::prost::alloc::string::String,
+}
+/// A member's role in the conversation changed (see the kind's policy for who may).
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct MemberRoleChanged {
+    #[prost(string, tag = "1")]
+    pub user: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub role_name: ::prost::alloc::string::String,
+}
+/// A member's display name in this conversation ("Xiaoming's dad"); empty clears it. The
+/// event's sender is who set it: the member, a member allowed to, or "system".
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct DisplayNameSet {
+    #[prost(string, tag = "1")]
+    pub user: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub display_name: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct MemberLeft {
@@ -102,6 +128,7 @@ pub struct MemberLeft {
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ConversationCreated {
+    /// Set for the built-in kinds direct and group, for readers that predate kind names.
     #[prost(enumeration = "ConversationKind", tag = "1")]
     pub kind: i32,
     #[prost(string, tag = "2")]
@@ -111,6 +138,10 @@ pub struct ConversationCreated {
     /// The members at creation, creator included.
     #[prost(string, repeated, tag = "4")]
     pub members: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// The kind by name ("direct", "group", "announcement", "class", or one defined in the
+    /// log's configuration); authoritative when set.
+    #[prost(string, tag = "5")]
+    pub kind_name: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ConversationRenamed {

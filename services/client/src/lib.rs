@@ -522,6 +522,26 @@ impl Requester {
             kind: kind as i32,
             title: title.to_string(),
             members: members.iter().map(|m| m.to_string()).collect(),
+            kind_name: String::new(),
+        }))
+        .await
+    }
+
+    /// Creates a conversation of a kind by name (`announcement`, `class`, or one the server
+    /// defines); the creator takes the kind's creator role.
+    pub async fn create_conversation_of_kind(
+        &self,
+        conversation: &str,
+        kind: &str,
+        title: &str,
+        members: &[&str],
+    ) -> Result<proto::Committed, ClientError> {
+        self.committed(Op::CreateConversation(proto::CreateConversation {
+            conversation: conversation.to_string(),
+            kind: 0,
+            title: title.to_string(),
+            members: members.iter().map(|m| m.to_string()).collect(),
+            kind_name: kind.to_string(),
         }))
         .await
     }
@@ -531,9 +551,51 @@ impl Requester {
         conversation: &str,
         user: &str,
     ) -> Result<proto::Committed, ClientError> {
+        self.add_member_as(conversation, user, "").await
+    }
+
+    /// Adds `user` with one of the kind's roles (empty: its member role).
+    pub async fn add_member_as(
+        &self,
+        conversation: &str,
+        user: &str,
+        role: &str,
+    ) -> Result<proto::Committed, ClientError> {
         self.committed(Op::AddMember(proto::AddMember {
             conversation: conversation.to_string(),
             user: user.to_string(),
+            role: role.to_string(),
+        }))
+        .await
+    }
+
+    /// Gives a member another of the kind's roles.
+    pub async fn set_role(
+        &self,
+        conversation: &str,
+        user: &str,
+        role: &str,
+    ) -> Result<proto::Committed, ClientError> {
+        self.committed(Op::SetRole(proto::SetRole {
+            conversation: conversation.to_string(),
+            user: user.to_string(),
+            role: role.to_string(),
+        }))
+        .await
+    }
+
+    /// Sets a member's display name in the conversation (one's own, or another's where the
+    /// kind allows it); empty clears it.
+    pub async fn set_display_name(
+        &self,
+        conversation: &str,
+        user: &str,
+        name: &str,
+    ) -> Result<proto::Committed, ClientError> {
+        self.committed(Op::SetDisplayName(proto::SetDisplayName {
+            conversation: conversation.to_string(),
+            user: user.to_string(),
+            display_name: name.to_string(),
         }))
         .await
     }

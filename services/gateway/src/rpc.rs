@@ -383,7 +383,8 @@ impl LogService for NatsLogService {
     ) -> Result<Committed, LogError> {
         let call = Call::Create(wire::Create {
             conversation: req.conv.to_string(),
-            kind: req.kind as i32,
+            kind: tidings_log::policy::builtin_kind(&req.kind) as i32,
+            kind_name: req.kind,
             title: req.title,
             creator: req.creator.to_string(),
             members: req.members.iter().map(|m| m.to_string()).collect(),
@@ -398,8 +399,40 @@ impl LogService for NatsLogService {
         c: &ConvId,
         by: &UserId,
         user: &UserId,
+        role: Option<&str>,
     ) -> Result<Committed, LogError> {
-        let call = Call::AddMember(member_change(c, by, user));
+        let call = Call::AddMember(member_change(c, by, user, role.unwrap_or_default()));
+        committed_reply(self.call(caller, t, call).await?)
+    }
+
+    async fn set_role(
+        &self,
+        caller: &Caller,
+        t: &TenantId,
+        c: &ConvId,
+        by: &UserId,
+        user: &UserId,
+        role: &str,
+    ) -> Result<Committed, LogError> {
+        let call = Call::SetRole(member_change(c, by, user, role));
+        committed_reply(self.call(caller, t, call).await?)
+    }
+
+    async fn set_display_name(
+        &self,
+        caller: &Caller,
+        t: &TenantId,
+        c: &ConvId,
+        by: &UserId,
+        user: &UserId,
+        name: &str,
+    ) -> Result<Committed, LogError> {
+        let call = Call::SetDisplayName(wire::SetDisplayName {
+            conversation: c.to_string(),
+            by: by.to_string(),
+            user: user.to_string(),
+            display_name: name.to_string(),
+        });
         committed_reply(self.call(caller, t, call).await?)
     }
 
@@ -411,7 +444,7 @@ impl LogService for NatsLogService {
         by: &UserId,
         user: &UserId,
     ) -> Result<Committed, LogError> {
-        let call = Call::RemoveMember(member_change(c, by, user));
+        let call = Call::RemoveMember(member_change(c, by, user, ""));
         committed_reply(self.call(caller, t, call).await?)
     }
 
@@ -485,6 +518,8 @@ impl LogService for NatsLogService {
                     Ok(Member {
                         user: UserId::new(m.user)?,
                         role: MemberRole::try_from(m.role).unwrap_or(MemberRole::Unspecified),
+                        role_name: m.role_name,
+                        display_name: m.display_name,
                         joined_seq: m.joined_seq,
                     })
                 })
@@ -522,6 +557,7 @@ impl LogService for NatsLogService {
         match self.call(caller, t, call).await? {
             Reply::Info(i) => Ok(ConversationInfo {
                 kind: ConversationKind::try_from(i.kind).unwrap_or(ConversationKind::Unspecified),
+                kind_name: i.kind_name,
                 head_seq: i.head_seq,
                 last_time_ms: i.last_time_ms,
                 member_count: i.member_count,
@@ -541,11 +577,26 @@ impl LogService for NatsLogService {
     }
 }
 
-fn member_change(c: &ConvId, by: &UserId, user: &UserId) -> wire::MemberChange {
+/// A conversation kind from the wire: by name when given, else the built-in enum.
+pub fn kind_by_name(name: String, kind: i32) -> Result<String, LogError> {
+    if !name.is_empty() {
+        return Ok(name);
+    }
+    match ConversationKind::try_from(kind) {
+        Ok(ConversationKind::Direct) => Ok(tidings_log::policy::DIRECT.into()),
+        Ok(ConversationKind::Group) => Ok(tidings_log::policy::GROUP_KIND.into()),
+        _ => Err(LogError::InvalidRequest(
+            "say the conversation kind (kind_name, or kind direct or group)".into(),
+        )),
+    }
+}
+
+fn member_change(c: &ConvId, by: &UserId, user: &UserId, role: &str) -> wire::MemberChange {
     wire::MemberChange {
         conversation: c.to_string(),
         by: by.to_string(),
         user: user.to_string(),
+        role: role.to_string(),
     }
 }
 
@@ -603,7 +654,7 @@ async fn execute(log: &Log, t: TenantId, call: Call) -> Result<Reply, LogError> 
             let req = CreateConversation {
                 tenant: t,
                 conv: ConvId::new(c.conversation)?,
-                kind: ConversationKind::try_from(c.kind).unwrap_or(ConversationKind::Unspecified),
+                kind: kind_by_name(c.kind_name, c.kind)?,
                 title: c.title,
                 creator: UserId::new(c.creator)?,
                 members: c
@@ -620,7 +671,28 @@ async fn execute(log: &Log, t: TenantId, call: Call) -> Result<Reply, LogError> 
                 UserId::new(m.by)?,
                 UserId::new(m.user)?,
             );
-            to_wire_committed(log.add_member(&t, &c, &by, &user).await?)
+            let role = Some(m.role.as_str()).filter(|r| !r.is_empty());
+            to_wire_committed(log.add_member_as(&t, &c, &by, &user, role).await?)
+        }
+        Call::SetRole(m) => {
+            let (c, by, user) = (
+                ConvId::new(m.conversation)?,
+                UserId::new(m.by)?,
+                UserId::new(m.user)?,
+            );
+            to_wire_committed(log.set_role(&t, &c, &by, &user, &m.role).await?)
+        }
+        Call::SetDisplayName(m) => {
+            let (c, by, user) = (
+                ConvId::new(m.conversation)?,
+                UserId::new(m.by)?,
+                UserId::new(m.user)?,
+            );
+            let by = tidings_log::By::Member(by);
+            to_wire_committed(
+                log.set_display_name(&t, &c, by, &user, &m.display_name)
+                    .await?,
+            )
         }
         Call::RemoveMember(m) => {
             let (c, by, user) = (
@@ -665,6 +737,8 @@ async fn execute(log: &Log, t: TenantId, call: Call) -> Result<Reply, LogError> 
                         user: m.user.to_string(),
                         role: m.role as i32,
                         joined_seq: m.joined_seq,
+                        role_name: m.role_name,
+                        display_name: m.display_name,
                     })
                     .collect(),
             })
@@ -677,6 +751,7 @@ async fn execute(log: &Log, t: TenantId, call: Call) -> Result<Reply, LogError> 
             let info = log.conversation(&t, &ConvId::new(i.conversation)?).await?;
             Reply::Info(wire::Info {
                 kind: info.kind as i32,
+                kind_name: info.kind_name,
                 head_seq: info.head_seq,
                 last_time_ms: info.last_time_ms,
                 member_count: info.member_count,
@@ -933,7 +1008,10 @@ async fn run_call(
     {
         refuse_revoked(log, t, &claims).await?;
     }
-    let membership = matches!(call, Call::AddMember(_) | Call::RemoveMember(_));
+    let membership = matches!(
+        call,
+        Call::AddMember(_) | Call::RemoveMember(_) | Call::SetRole(_) | Call::SetDisplayName(_)
+    );
     if membership
         && !auth
             .replay

@@ -135,6 +135,8 @@ pub fn read_only(call: &Call) -> bool {
         | Call::Create(_)
         | Call::AddMember(_)
         | Call::RemoveMember(_)
+        | Call::SetRole(_)
+        | Call::SetDisplayName(_)
         | Call::MarkRead(_) => false,
     }
 }
@@ -144,7 +146,8 @@ fn acting_user(call: &Call) -> Option<&str> {
     match call {
         Call::Append(a) => Some(&a.sender),
         Call::Create(c) => Some(&c.creator),
-        Call::AddMember(m) | Call::RemoveMember(m) => Some(&m.by),
+        Call::AddMember(m) | Call::RemoveMember(m) | Call::SetRole(m) => Some(&m.by),
+        Call::SetDisplayName(m) => Some(&m.by),
         Call::MarkRead(m) => Some(&m.user),
         Call::ListConversations(l) => Some(&l.user),
         Call::IsMember(m) => Some(&m.user),

@@ -10,8 +10,8 @@ use async_trait::async_trait;
 use tidings_auth::Claims;
 use tidings_log::crypto::TransportKey;
 use tidings_log::{
-    Append, Committed, ConvId, ConversationInfo, ConversationSummary, CreateConversation, Event,
-    Log, LogError, Member, ReadRange, TenantId, UserId,
+    Append, By, Committed, ConvId, ConversationInfo, ConversationSummary, CreateConversation,
+    Event, Log, LogError, Member, ReadRange, TenantId, UserId,
 };
 
 /// Who a log call is made for.
@@ -72,6 +72,7 @@ pub trait LogService: Send + Sync + 'static {
         caller: &Caller,
         req: CreateConversation,
     ) -> Result<Committed, LogError>;
+    /// Adds `user` with `role` (`None`: the kind's member role).
     async fn add_member(
         &self,
         caller: &Caller,
@@ -79,6 +80,25 @@ pub trait LogService: Send + Sync + 'static {
         c: &ConvId,
         by: &UserId,
         user: &UserId,
+        role: Option<&str>,
+    ) -> Result<Committed, LogError>;
+    async fn set_role(
+        &self,
+        caller: &Caller,
+        t: &TenantId,
+        c: &ConvId,
+        by: &UserId,
+        user: &UserId,
+        role: &str,
+    ) -> Result<Committed, LogError>;
+    async fn set_display_name(
+        &self,
+        caller: &Caller,
+        t: &TenantId,
+        c: &ConvId,
+        by: &UserId,
+        user: &UserId,
+        name: &str,
     ) -> Result<Committed, LogError>;
     async fn remove_member(
         &self,
@@ -166,8 +186,31 @@ impl LogService for Log {
         c: &ConvId,
         by: &UserId,
         user: &UserId,
+        role: Option<&str>,
     ) -> Result<Committed, LogError> {
-        Log::add_member(self, t, c, by, user).await
+        Log::add_member_as(self, t, c, by, user, role).await
+    }
+    async fn set_role(
+        &self,
+        _caller: &Caller,
+        t: &TenantId,
+        c: &ConvId,
+        by: &UserId,
+        user: &UserId,
+        role: &str,
+    ) -> Result<Committed, LogError> {
+        Log::set_role(self, t, c, by, user, role).await
+    }
+    async fn set_display_name(
+        &self,
+        _caller: &Caller,
+        t: &TenantId,
+        c: &ConvId,
+        by: &UserId,
+        user: &UserId,
+        name: &str,
+    ) -> Result<Committed, LogError> {
+        Log::set_display_name(self, t, c, By::Member(by.clone()), user, name).await
     }
     async fn remove_member(
         &self,

@@ -23,8 +23,7 @@ use std::net::SocketAddr;
 use tidings_auth::Claims;
 use tidings_log::store::Order;
 use tidings_log::{
-    Append, ClientMsgId, ConvId, ConversationKind, CreateConversation, LogError, ReadRange,
-    TenantId, UserId,
+    Append, ClientMsgId, ConvId, CreateConversation, LogError, ReadRange, TenantId, UserId,
 };
 use tidings_schemas::client::{
     self as proto, ClientFrame, CloseReason, ErrorCode, client_frame::Op, server_frame::Msg,
@@ -902,8 +901,7 @@ impl Session {
                 Ok(Msg::Pong(proto::Pong {}))
             }
             Op::CreateConversation(c) => {
-                let kind =
-                    ConversationKind::try_from(c.kind).unwrap_or(ConversationKind::Unspecified);
+                let kind = crate::rpc::kind_by_name(c.kind_name, c.kind)?;
                 let conv = ConvId::new(c.conversation)?;
                 let members = c
                     .members
@@ -927,7 +925,20 @@ impl Session {
             }
             Op::AddMember(m) => {
                 let (conv, user) = (ConvId::new(m.conversation)?, UserId::new(m.user)?);
-                let done = log.add_member(caller, &t, &conv, &u, &user).await?;
+                let role = Some(m.role.as_str()).filter(|r| !r.is_empty());
+                let done = log.add_member(caller, &t, &conv, &u, &user, role).await?;
+                Ok(committed(&conv, done))
+            }
+            Op::SetRole(m) => {
+                let (conv, user) = (ConvId::new(m.conversation)?, UserId::new(m.user)?);
+                let done = log.set_role(caller, &t, &conv, &u, &user, &m.role).await?;
+                Ok(committed(&conv, done))
+            }
+            Op::SetDisplayName(m) => {
+                let (conv, user) = (ConvId::new(m.conversation)?, UserId::new(m.user)?);
+                let done = log
+                    .set_display_name(caller, &t, &conv, &u, &user, &m.display_name)
+                    .await?;
                 Ok(committed(&conv, done))
             }
             Op::RemoveMember(m) => {
@@ -976,6 +987,8 @@ impl Session {
                         user: m.user.to_string(),
                         role: m.role as i32,
                         joined_seq: m.joined_seq,
+                        role_name: m.role_name,
+                        display_name: m.display_name,
                     })
                     .collect();
                 let cut = fit(&mut members, self.reply_budget());

@@ -14,6 +14,8 @@
 //!   `outage` (private): the sequencer while the store cannot commit.
 //! - [`send_buffer`]: the write-ahead buffer outside the KV that appends go to during an
 //!   outage, replayed in seq order when the store is back.
+//! - [`policy`]: conversation kinds and their role policies, as data: who may post, add,
+//!   rename, set names, ... (built-in kinds and configured ones).
 //! - [`log`]: [`Log`], the API the binary and the gateway use: conversations, membership,
 //!   appends, reads, read cursors.
 //! - [`revocation`]: revoked tokens (by `jti`, and users' issued-before cutoffs), kept in
@@ -35,6 +37,7 @@ pub mod lease;
 pub mod log;
 pub mod metrics;
 mod outage;
+pub mod policy;
 mod quota;
 pub mod revocation;
 pub mod search;
@@ -46,8 +49,8 @@ mod writer;
 pub use error::LogError;
 pub use ids::{ClientMsgId, ConvId, TenantId, UserId};
 pub use log::{
-    Append, Committed, ConversationInfo, ConversationSummary, CreateConversation, FeedItem, Log,
-    LogConfig, Member, PendingAppend, ReadRange, WeakLog, panic_text,
+    Append, By, Committed, ConversationInfo, ConversationSummary, CreateConversation, FeedItem,
+    Log, LogConfig, Member, PendingAppend, ReadRange, WeakLog, panic_text,
 };
 pub use tidings_schemas::v1::{ConversationKind, Event, MemberRole, event::Body};
 
@@ -71,6 +74,8 @@ pub fn event_kind(body: Option<&Body>) -> &'static str {
         Some(Body::MemberLeft(_)) => "member_left",
         Some(Body::ConversationCreated(_)) => "conversation_created",
         Some(Body::ConversationRenamed(_)) => "conversation_renamed",
+        Some(Body::MemberRoleChanged(_)) => "member_role_changed",
+        Some(Body::DisplayNameSet(_)) => "display_name_set",
         None => "unknown",
     }
 }

@@ -64,6 +64,9 @@ pub struct LogConfig {
     /// Where appends go while the store cannot commit (`send_buffer`); `None`: they fail.
     /// Every writer of a store must use the same directory.
     pub send_buffer: Option<crate::send_buffer::SendBufferConfig>,
+    /// Conversation kinds and their role policies: the built-in ones and any configured
+    /// (`policy`). Every writer of a store must know the same kinds.
+    pub kinds: crate::policy::Kinds,
 }
 
 impl Default for LogConfig {
@@ -86,6 +89,7 @@ impl Default for LogConfig {
             lease_ttl: Duration::from_secs(10),
             own_partitions: true,
             send_buffer: None,
+            kinds: crate::policy::Kinds::default(),
         }
     }
 }
@@ -140,12 +144,25 @@ impl LogConfig {
     }
 }
 
-/// Create a conversation: the creator becomes its owner and first member.
+/// Longest display name, in bytes.
+pub const MAX_DISPLAY_NAME_BYTES: usize = 128;
+
+/// Who makes a change that members or the system may make.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum By {
+    Member(UserId),
+    /// The operator's tools (`tidings conv set-name`): the system, past the kind's policy.
+    System,
+}
+
+/// Create a conversation: the creator takes the kind's creator role (a group's owner, a
+/// class's teacher), the others its member role.
 #[derive(Clone, Debug)]
 pub struct CreateConversation {
     pub tenant: TenantId,
     pub conv: ConvId,
-    pub kind: ConversationKind,
+    /// The kind's name: `direct`, `group`, `announcement`, `class` or a configured one.
+    pub kind: String,
     pub title: String,
     pub creator: UserId,
     /// Other members; the creator is added whether listed or not, duplicates are ignored.
@@ -241,7 +258,12 @@ impl ReadRange {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Member {
     pub user: UserId,
+    /// The built-in role, for clients that predate role names (`Unspecified` for others).
     pub role: MemberRole,
+    /// The role by name, one of the conversation kind's roles.
+    pub role_name: String,
+    /// The member's display name in this conversation; empty: none.
+    pub display_name: String,
     pub joined_seq: u64,
 }
 
@@ -257,7 +279,10 @@ pub struct ConversationSummary {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ConversationInfo {
+    /// The built-in kind, for clients that predate kind names (`Unspecified` for others).
     pub kind: ConversationKind,
+    /// The kind by name.
+    pub kind_name: String,
     pub head_seq: u64,
     pub last_time_ms: i64,
     pub member_count: u64,
@@ -807,16 +832,13 @@ impl Log {
     ) -> Result<Committed, LogError> {
         self.check_title(&req.title)?;
         let count = req.all_members().len();
-        match req.kind {
-            ConversationKind::Direct if count != 2 => {
+        let kind = self.inner.cfg.kinds.get(&req.kind)?;
+        match kind {
+            k if k.fixed_members && count != 2 => {
                 return Err(LogError::InvalidRequest(format!(
-                    "a direct conversation has exactly 2 members, not {count}"
+                    "a {} conversation has exactly 2 members, not {count}",
+                    k.name
                 )));
-            }
-            ConversationKind::Unspecified => {
-                return Err(LogError::InvalidRequest(
-                    "conversation kind must be direct or group".into(),
-                ));
             }
             _ if count > self.inner.cfg.max_group_members => {
                 return Err(LogError::TooLarge {
@@ -864,6 +886,7 @@ impl Log {
         self.create_conversation(req).await
     }
 
+    /// Adds `user` with the kind's member role; `by` must hold a role that may add.
     pub async fn add_member(
         &self,
         tenant: &TenantId,
@@ -871,11 +894,71 @@ impl Log {
         by: &UserId,
         user: &UserId,
     ) -> Result<Committed, LogError> {
+        self.add_member_as(tenant, conv, by, user, None).await
+    }
+
+    /// Adds `user` with `role` (`None`: the kind's member role). Another role than the
+    /// member role needs a role of `by` that may also set roles.
+    pub async fn add_member_as(
+        &self,
+        tenant: &TenantId,
+        conv: &ConvId,
+        by: &UserId,
+        user: &UserId,
+        role: Option<&str>,
+    ) -> Result<Committed, LogError> {
         let cmd = Command::AddMember {
             tenant: tenant.clone(),
             conv: conv.clone(),
             by: by.clone(),
             user: user.clone(),
+            role: role.map(str::to_string),
+        };
+        committed(self.call(cmd).await?)
+    }
+
+    /// Gives `user` another of the kind's roles; `by` must hold a role that may set roles.
+    pub async fn set_role(
+        &self,
+        tenant: &TenantId,
+        conv: &ConvId,
+        by: &UserId,
+        user: &UserId,
+        role: &str,
+    ) -> Result<Committed, LogError> {
+        let cmd = Command::SetRole {
+            tenant: tenant.clone(),
+            conv: conv.clone(),
+            by: by.clone(),
+            user: user.clone(),
+            role: role.to_string(),
+        };
+        committed(self.call(cmd).await?)
+    }
+
+    /// Sets `user`'s display name in the conversation (empty clears it). `by`: the member
+    /// themselves (the kind must let their role set their own name), another member (whose
+    /// role must be allowed to set others' names), or [`By::System`] (the operator's tools;
+    /// no policy applies).
+    pub async fn set_display_name(
+        &self,
+        tenant: &TenantId,
+        conv: &ConvId,
+        by: By,
+        user: &UserId,
+        name: &str,
+    ) -> Result<Committed, LogError> {
+        if name.len() > MAX_DISPLAY_NAME_BYTES || name.chars().any(char::is_control) {
+            return Err(LogError::InvalidRequest(format!(
+                "a display name is at most {MAX_DISPLAY_NAME_BYTES} bytes, without control characters"
+            )));
+        }
+        let cmd = Command::SetDisplayName {
+            tenant: tenant.clone(),
+            conv: conv.clone(),
+            by,
+            user: user.clone(),
+            name: name.to_string(),
         };
         committed(self.call(cmd).await?)
     }
@@ -952,7 +1035,9 @@ impl Log {
             Body::MemberJoined(_)
             | Body::MemberLeft(_)
             | Body::ConversationCreated(_)
-            | Body::ConversationRenamed(_) => {
+            | Body::ConversationRenamed(_)
+            | Body::MemberRoleChanged(_)
+            | Body::DisplayNameSet(_) => {
                 return Err(LogError::InvalidRequest(
                     "membership and conversation events are made by their own operations, not appended"
                         .into(),
@@ -1027,6 +1112,7 @@ impl Log {
         let head = self.head(tenant, conv).await?;
         Ok(ConversationInfo {
             kind: ConversationKind::try_from(head.kind).unwrap_or(ConversationKind::Unspecified),
+            kind_name: crate::policy::kind_name(&head).to_string(),
             head_seq: head.last_seq,
             last_time_ms: head.last_time_ms,
             member_count: head.member_count,
@@ -1422,6 +1508,8 @@ impl Log {
                 Ok(Member {
                     user,
                     role: MemberRole::try_from(m.role).unwrap_or(MemberRole::Unspecified),
+                    role_name: crate::policy::role_name(&m).to_string(),
+                    display_name: m.display_name,
                     joined_seq: m.joined_seq,
                 })
             })

@@ -28,8 +28,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use prost::Message;
 use tidings_schemas::storage::{Dedupe, Head, Lease, Membership, SealedEvent, UserConversation};
 use tidings_schemas::v1::{
-    ConversationCreated, ConversationKind, ConversationRenamed, Event, MemberJoined, MemberLeft,
-    MemberRole, event::Body,
+    ConversationCreated, ConversationRenamed, DisplayNameSet, Event, MemberJoined, MemberLeft,
+    MemberRoleChanged, event::Body,
 };
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
@@ -39,8 +39,9 @@ use crate::error::LogError;
 use crate::ids::{ConvId, TenantId, UserId};
 use crate::keys;
 use crate::lease::{Held, Ownership, Registration, partition_of_part};
-use crate::log::{Append, Committed, CreateConversation, FeedItem, LogConfig};
+use crate::log::{Append, By, Committed, CreateConversation, FeedItem, LogConfig};
 use crate::outage::Outage;
+use crate::policy::{self, Action, KindPolicy};
 use crate::send_buffer::SendBuffer;
 use crate::store::{KvStore, StoreError, Transaction};
 
@@ -52,6 +53,22 @@ pub(crate) enum Command {
         conv: ConvId,
         by: UserId,
         user: UserId,
+        /// `None`: the kind's member role.
+        role: Option<String>,
+    },
+    SetRole {
+        tenant: TenantId,
+        conv: ConvId,
+        by: UserId,
+        user: UserId,
+        role: String,
+    },
+    SetDisplayName {
+        tenant: TenantId,
+        conv: ConvId,
+        by: By,
+        user: UserId,
+        name: String,
     },
     RemoveMember {
         tenant: TenantId,
@@ -91,6 +108,8 @@ impl Command {
             Command::Create(c) => Some((&c.tenant, &c.conv)),
             Command::Append(a) => Some((&a.tenant, &a.conv)),
             Command::AddMember { tenant, conv, .. }
+            | Command::SetRole { tenant, conv, .. }
+            | Command::SetDisplayName { tenant, conv, .. }
             | Command::RemoveMember { tenant, conv, .. }
             | Command::Rename { tenant, conv, .. }
             | Command::MarkRead { tenant, conv, .. } => Some((tenant, conv)),
@@ -113,8 +132,16 @@ impl Command {
                     out.push(keys::event(t, c, target));
                 }
             }
-            Command::AddMember { by, user, .. } | Command::RemoveMember { by, user, .. } => {
+            Command::AddMember { by, user, .. }
+            | Command::RemoveMember { by, user, .. }
+            | Command::SetRole { by, user, .. } => {
                 out.push(keys::member(t, c, by));
+                out.push(keys::member(t, c, user));
+            }
+            Command::SetDisplayName { by, user, .. } => {
+                if let By::Member(by) = by {
+                    out.push(keys::member(t, c, by));
+                }
                 out.push(keys::member(t, c, user));
             }
             Command::Rename { by, .. } => out.push(keys::member(t, c, by)),
@@ -126,7 +153,12 @@ impl Command {
     }
 }
 
-/// Edits and recalls may only be made by the target message's author.
+/// The sender of events the system makes (display names set by the operator's tools).
+fn system_user() -> UserId {
+    UserId::new("system").expect("a valid user id")
+}
+
+/// Edits and recalls point at a message (recalls of others' messages as the policy allows).
 fn author_only_target(body: &Body) -> Option<u64> {
     match body {
         Body::MessageEdited(e) => Some(e.target_seq),
@@ -396,26 +428,41 @@ impl Scratch<'_> {
 
     fn apply(&mut self, cmd: &Command, cfg: &LogConfig) -> Result<Outcome, LogError> {
         match cmd {
-            Command::Create(c) => self.create(c),
-            Command::Append(a) => self.append(a),
+            Command::Create(c) => self.create(c, cfg),
+            Command::Append(a) => self.append(a, cfg),
             Command::AddMember {
                 tenant,
                 conv,
                 by,
                 user,
-            } => self.add_member(tenant, conv, by, user, cfg),
+                role,
+            } => self.add_member(tenant, conv, by, user, role.as_deref(), cfg),
+            Command::SetRole {
+                tenant,
+                conv,
+                by,
+                user,
+                role,
+            } => self.set_role(tenant, conv, by, user, role, cfg),
+            Command::SetDisplayName {
+                tenant,
+                conv,
+                by,
+                user,
+                name,
+            } => self.set_display_name(tenant, conv, by, user, name, cfg),
             Command::RemoveMember {
                 tenant,
                 conv,
                 by,
                 user,
-            } => self.remove_member(tenant, conv, by, user),
+            } => self.remove_member(tenant, conv, by, user, cfg),
             Command::Rename {
                 tenant,
                 conv,
                 by,
                 title,
-            } => self.rename(tenant, conv, by, title),
+            } => self.rename(tenant, conv, by, title, cfg),
             Command::MarkRead {
                 tenant,
                 conv,
@@ -426,8 +473,9 @@ impl Scratch<'_> {
         }
     }
 
-    fn create(&mut self, req: &CreateConversation) -> Result<Outcome, LogError> {
+    fn create(&mut self, req: &CreateConversation, cfg: &LogConfig) -> Result<Outcome, LogError> {
         let (t, c) = (&req.tenant, &req.conv);
+        let kind = cfg.kinds.get(&req.kind)?;
         if self.get(&keys::head(t, c))?.is_some() {
             return Err(LogError::ConversationExists {
                 tenant: t.to_string(),
@@ -435,23 +483,26 @@ impl Scratch<'_> {
             });
         }
         let members = req.all_members();
+        let builtin = policy::builtin_kind(&kind.name);
         let mut head = Head {
-            kind: req.kind as i32,
+            kind: builtin as i32,
+            kind_name: kind.name.clone(),
             member_count: members.len() as u64,
             ..Head::default()
         };
         let body = Body::ConversationCreated(ConversationCreated {
-            kind: req.kind as i32,
+            kind: builtin as i32,
             title: req.title.clone(),
             creator: req.creator.to_string(),
             members: members.iter().map(|m| m.to_string()).collect(),
+            kind_name: kind.name.clone(),
         });
         let committed = self.push_event(&mut head, t, c, &req.creator, "", body)?;
         for m in &members {
             let role = if *m == req.creator {
-                MemberRole::Owner
+                &kind.creator_role
             } else {
-                MemberRole::Member
+                &kind.member_role
             };
             self.join(t, c, m, role, committed.seq);
         }
@@ -459,10 +510,12 @@ impl Scratch<'_> {
         Ok(Outcome::Committed(committed))
     }
 
-    fn join(&mut self, t: &TenantId, c: &ConvId, user: &UserId, role: MemberRole, seq: u64) {
+    fn join(&mut self, t: &TenantId, c: &ConvId, user: &UserId, role: &str, seq: u64) {
         let membership = Membership {
-            role: role as i32,
+            role: policy::builtin_role(role) as i32,
+            role_name: role.to_string(),
             joined_seq: seq,
+            display_name: String::new(),
         };
         self.put(keys::member(t, c, user), &membership);
         // The join event itself counts as read.
@@ -473,9 +526,26 @@ impl Scratch<'_> {
         self.put(keys::user_conv(t, user, c), &entry);
     }
 
-    fn append(&mut self, a: &Append) -> Result<Outcome, LogError> {
+    /// The conversation's head and the policy of its kind.
+    fn head_and_kind<'k>(
+        &self,
+        t: &TenantId,
+        c: &ConvId,
+        cfg: &'k LogConfig,
+    ) -> Result<(Head, &'k KindPolicy), LogError> {
+        let head = self.head(t, c)?;
+        let kind = cfg.kinds.get(policy::kind_name(&head)).map_err(|_| {
+            LogError::NotAllowed(format!(
+                "{c} is of kind {:?}, which this log no longer knows",
+                policy::kind_name(&head)
+            ))
+        })?;
+        Ok((head, kind))
+    }
+
+    fn append(&mut self, a: &Append, cfg: &LogConfig) -> Result<Outcome, LogError> {
         let (t, c) = (&a.tenant, &a.conv);
-        let mut head = self.head(t, c)?;
+        let (mut head, kind) = self.head_and_kind(t, c, cfg)?;
         // A retry answers with the original, even if the sender has left since.
         let dd_key = keys::dedupe(t, c, &a.sender, &a.client_msg_id);
         if let Some(original) = self.decode::<Dedupe>(&dd_key)? {
@@ -486,7 +556,21 @@ impl Scratch<'_> {
                 duplicate: true,
             }));
         }
-        self.membership(t, c, &a.sender)?;
+        let member = self.membership(t, c, &a.sender)?;
+        let role = policy::role_name(&member);
+        match &a.body {
+            Body::MessagePosted(_) => kind.check(Action::Post, role)?,
+            Body::MessageEdited(_) => kind.check(Action::Post, role)?,
+            Body::ReactionAdded(_) | Body::ReactionRemoved(_) => {
+                kind.check(Action::React, role)?;
+            }
+            Body::MessageRecalled(_) => {}
+            _ => {
+                return Err(LogError::InvalidRequest(
+                    "only messages, edits, recalls and reactions are appended".into(),
+                ));
+            }
+        }
         if let Some(target) = target_seq(&a.body)
             && (target == 0 || target > head.last_seq)
         {
@@ -498,13 +582,32 @@ impl Scratch<'_> {
         }
         if let Some(target) = author_only_target(&a.body) {
             let original = self.open_event(t, c, target)?;
-            let authored = original.is_some_and(|e| {
-                e.sender == a.sender.as_str() && matches!(e.body, Some(Body::MessagePosted(_)))
-            });
-            if !authored {
-                return Err(LogError::NotAllowed(format!(
-                    "only the author of message {target} may edit or recall it"
-                )));
+            let posted = original
+                .as_ref()
+                .filter(|e| matches!(e.body, Some(Body::MessagePosted(_))));
+            let own = posted.is_some_and(|e| e.sender == a.sender.as_str());
+            match &a.body {
+                Body::MessageRecalled(_) if own => {
+                    kind.check(Action::RecallOwn, role)?;
+                    let age = self.now_ms - posted.map_or(0, |e| e.server_time_ms);
+                    if kind.recall_window_ms > 0 && age > kind.recall_window_ms as i64 {
+                        return Err(LogError::NotAllowed(format!(
+                            "message {target} is older than the {} ms a {} conversation allows \
+                             for recalling it",
+                            kind.recall_window_ms, kind.name
+                        )));
+                    }
+                }
+                Body::MessageRecalled(_) if posted.is_some() => {
+                    kind.check(Action::RecallOthers, role)?;
+                }
+                _ if own => {}
+                _ => {
+                    return Err(LogError::NotAllowed(format!(
+                        "only the author of message {target} may edit it, and only messages \
+                         can be edited or recalled"
+                    )));
+                }
             }
         }
         let committed = self.push_event(
@@ -525,10 +628,11 @@ impl Scratch<'_> {
         Ok(Outcome::Committed(committed))
     }
 
-    fn require_group(head: &Head, what: &str) -> Result<(), LogError> {
-        if head.kind == ConversationKind::Direct as i32 {
+    fn require_changeable(kind: &KindPolicy, what: &str) -> Result<(), LogError> {
+        if kind.fixed_members {
             return Err(LogError::NotAllowed(format!(
-                "{what}: the members of a direct conversation are fixed"
+                "{what}: the members of a {} conversation are fixed",
+                kind.name
             )));
         }
         Ok(())
@@ -540,15 +644,24 @@ impl Scratch<'_> {
         c: &ConvId,
         by: &UserId,
         user: &UserId,
+        role: Option<&str>,
         cfg: &LogConfig,
     ) -> Result<Outcome, LogError> {
-        let mut head = self.head(t, c)?;
-        Self::require_group(&head, "cannot add a member")?;
+        let (mut head, kind) = self.head_and_kind(t, c, cfg)?;
+        Self::require_changeable(kind, "cannot add a member")?;
         let actor = self.membership(t, c, by)?;
-        if actor.role != MemberRole::Owner as i32 {
-            return Err(LogError::NotAllowed(format!(
-                "{by} is not an owner of {c} and cannot add members"
+        let actor_role = policy::role_name(&actor);
+        kind.check(Action::Add, actor_role)?;
+        let role = role.unwrap_or(&kind.member_role);
+        if !kind.has_role(role) {
+            return Err(LogError::InvalidRequest(format!(
+                "{role:?} is not a role of a {} conversation (roles: {})",
+                kind.name,
+                kind.roles.join(", ")
             )));
+        }
+        if role != kind.member_role {
+            kind.check(Action::SetRoles, actor_role)?;
         }
         if self.get(&keys::member(t, c, user))?.is_some() {
             return Err(LogError::AlreadyMember {
@@ -564,10 +677,11 @@ impl Scratch<'_> {
         }
         let body = Body::MemberJoined(MemberJoined {
             user: user.to_string(),
-            role: MemberRole::Member as i32,
+            role: policy::builtin_role(role) as i32,
+            role_name: role.to_string(),
         });
         let committed = self.push_event(&mut head, t, c, by, "", body)?;
-        self.join(t, c, user, MemberRole::Member, committed.seq);
+        self.join(t, c, user, role, committed.seq);
         head.member_count += 1;
         self.put(keys::head(t, c), &head);
         Ok(Outcome::Committed(committed))
@@ -579,14 +693,14 @@ impl Scratch<'_> {
         c: &ConvId,
         by: &UserId,
         user: &UserId,
+        cfg: &LogConfig,
     ) -> Result<Outcome, LogError> {
-        let mut head = self.head(t, c)?;
-        Self::require_group(&head, "cannot remove a member")?;
+        let (mut head, kind) = self.head_and_kind(t, c, cfg)?;
+        Self::require_changeable(kind, "cannot remove a member")?;
         let actor = self.membership(t, c, by)?;
-        if by != user && actor.role != MemberRole::Owner as i32 {
-            return Err(LogError::NotAllowed(format!(
-                "{by} is not an owner of {c} and can only remove themselves"
-            )));
+        // Leaving is always allowed; removing someone else is the policy's.
+        if by != user {
+            kind.check(Action::Remove, policy::role_name(&actor))?;
         }
         self.membership(t, c, user)?;
         let body = Body::MemberLeft(MemberLeft {
@@ -606,13 +720,82 @@ impl Scratch<'_> {
         c: &ConvId,
         by: &UserId,
         title: &str,
+        cfg: &LogConfig,
     ) -> Result<Outcome, LogError> {
-        let mut head = self.head(t, c)?;
-        self.membership(t, c, by)?;
+        let (mut head, kind) = self.head_and_kind(t, c, cfg)?;
+        let actor = self.membership(t, c, by)?;
+        kind.check(Action::Rename, policy::role_name(&actor))?;
         let body = Body::ConversationRenamed(ConversationRenamed {
             title: title.to_string(),
         });
         let committed = self.push_event(&mut head, t, c, by, "", body)?;
+        self.put(keys::head(t, c), &head);
+        Ok(Outcome::Committed(committed))
+    }
+
+    fn set_role(
+        &mut self,
+        t: &TenantId,
+        c: &ConvId,
+        by: &UserId,
+        user: &UserId,
+        role: &str,
+        cfg: &LogConfig,
+    ) -> Result<Outcome, LogError> {
+        let (mut head, kind) = self.head_and_kind(t, c, cfg)?;
+        let actor = self.membership(t, c, by)?;
+        kind.check(Action::SetRoles, policy::role_name(&actor))?;
+        if !kind.has_role(role) {
+            return Err(LogError::InvalidRequest(format!(
+                "{role:?} is not a role of a {} conversation (roles: {})",
+                kind.name,
+                kind.roles.join(", ")
+            )));
+        }
+        let mut member = self.membership(t, c, user)?;
+        let body = Body::MemberRoleChanged(MemberRoleChanged {
+            user: user.to_string(),
+            role_name: role.to_string(),
+        });
+        let committed = self.push_event(&mut head, t, c, by, "", body)?;
+        member.role = policy::builtin_role(role) as i32;
+        member.role_name = role.to_string();
+        self.put(keys::member(t, c, user), &member);
+        self.put(keys::head(t, c), &head);
+        Ok(Outcome::Committed(committed))
+    }
+
+    fn set_display_name(
+        &mut self,
+        t: &TenantId,
+        c: &ConvId,
+        by: &By,
+        user: &UserId,
+        name: &str,
+        cfg: &LogConfig,
+    ) -> Result<Outcome, LogError> {
+        let (mut head, kind) = self.head_and_kind(t, c, cfg)?;
+        let sender = match by {
+            By::Member(by) => {
+                let actor = self.membership(t, c, by)?;
+                let action = if by == user {
+                    Action::SetOwnName
+                } else {
+                    Action::SetNames
+                };
+                kind.check(action, policy::role_name(&actor))?;
+                by.clone()
+            }
+            By::System => system_user(),
+        };
+        let mut member = self.membership(t, c, user)?;
+        let body = Body::DisplayNameSet(DisplayNameSet {
+            user: user.to_string(),
+            display_name: name.to_string(),
+        });
+        let committed = self.push_event(&mut head, t, c, &sender, "", body)?;
+        member.display_name = name.to_string();
+        self.put(keys::member(t, c, user), &member);
         self.put(keys::head(t, c), &head);
         Ok(Outcome::Committed(committed))
     }

@@ -10,8 +10,8 @@ use prost::Message;
 use tidings_log::crypto::{Keyring, MasterKey, TenantKey, TenantKeySource, TenantKeys};
 use tidings_log::store::{FjallStore, KvStore};
 use tidings_log::{
-    Append, Body, ClientMsgId, ConvId, ConversationKind, CreateConversation, Log, LogConfig,
-    LogError, ReadRange, TenantId, UserId, keys,
+    Append, Body, ClientMsgId, ConvId, CreateConversation, Log, LogConfig, LogError, ReadRange,
+    TenantId, UserId, keys,
 };
 use tidings_schemas::storage::WrappedKey;
 
@@ -66,7 +66,7 @@ async fn create(log: &Log, tenant: &str, conv: &str) -> Result<(), LogError> {
     log.create_conversation(CreateConversation {
         tenant: t(tenant),
         conv: c(conv),
-        kind: ConversationKind::Group,
+        kind: "group".into(),
         title: format!("{conv} title"),
         creator: u("alice"),
         members: vec![u("bob")],

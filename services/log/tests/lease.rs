@@ -12,8 +12,8 @@ use prost::Message;
 use tidings_log::crypto::MasterKey;
 use tidings_log::store::{FjallStore, KeyRange, KvStore, Op, Order, StoreError, Transaction};
 use tidings_log::{
-    Append, ClientMsgId, Committed, ConvId, ConversationKind, CreateConversation, Log, LogConfig,
-    LogError, ReadRange, TenantId, UserId, keys,
+    Append, ClientMsgId, Committed, ConvId, CreateConversation, Log, LogConfig, LogError,
+    ReadRange, TenantId, UserId, keys,
 };
 use tidings_schemas::storage::{Head, Lease};
 
@@ -184,7 +184,7 @@ async fn create_group(log: &Log, conv: &str) -> Committed {
     log.create_conversation(CreateConversation {
         tenant: t("acme"),
         conv: c(conv),
-        kind: ConversationKind::Group,
+        kind: "group".into(),
         title: conv.into(),
         creator: u("alice"),
         members: vec![u("bob")],

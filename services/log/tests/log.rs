@@ -11,9 +11,7 @@ use std::sync::Arc;
 
 use tidings_log::crypto::MasterKey;
 use tidings_log::store::{FjallStore, KvStore, Order, StoreError, Transaction};
-use tidings_log::{
-    Body, ConversationKind, CreateConversation, Log, LogConfig, LogError, ReadRange, keys,
-};
+use tidings_log::{Body, CreateConversation, Log, LogConfig, LogError, ReadRange, keys};
 
 use log_suite::{assert_contiguous, c, group, read_all, t, text, text_of, u};
 
@@ -178,7 +176,7 @@ async fn no_plaintext_reaches_the_data_directory() {
         .create_conversation(CreateConversation {
             tenant: t("acme"),
             conv: c("general"),
-            kind: ConversationKind::Group,
+            kind: "group".into(),
             title: title_marker.into(),
             creator: u("alice"),
             members: vec![],

@@ -25,8 +25,7 @@ use fjall::{Database, KeyspaceCreateOptions, PersistMode};
 use tidings_log::crypto::MasterKey;
 use tidings_log::store::{FjallStore, KvStore, Transaction};
 use tidings_log::{
-    Append, ClientMsgId, ConvId, ConversationKind, CreateConversation, Log, LogConfig, TenantId,
-    UserId,
+    Append, ClientMsgId, ConvId, CreateConversation, Log, LogConfig, TenantId, UserId,
 };
 
 use crate::config::{Backend, Config};
@@ -217,7 +216,7 @@ async fn one_run(
             log.create_conversation(CreateConversation {
                 tenant,
                 conv,
-                kind: ConversationKind::Group,
+                kind: "group".into(),
                 title: String::new(),
                 creator: user,
                 members: vec![],

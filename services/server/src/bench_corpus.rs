@@ -22,8 +22,7 @@ use tidings_archive::{ArchiveConfig, Archiver, Objects, PassOptions, StorageConf
 use tidings_log::crypto::Keyring;
 use tidings_log::store::KvStore;
 use tidings_log::{
-    Append, ClientMsgId, Committed, ConvId, ConversationKind, CreateConversation, Log, TenantId,
-    UserId,
+    Append, ClientMsgId, Committed, ConvId, CreateConversation, Log, TenantId, UserId,
 };
 
 /// Appends in flight at once in [`append_pipelined`]: enough to fill the sequencer's groups.
@@ -226,7 +225,7 @@ impl Corpus {
             log.create_conversation(CreateConversation {
                 tenant: tenant.clone(),
                 conv: conv.clone(),
-                kind: ConversationKind::Group,
+                kind: "group".into(),
                 title: conv.to_string(),
                 creator: users[0].clone(),
                 members: users[1..].to_vec(),

@@ -22,7 +22,7 @@ use tidings_client::{ClientTls, Connection, Push};
 use tidings_gateway::bus_crypto;
 use tidings_log::crypto::{MasterKey, TransportKey};
 use tidings_log::store::{FjallStore, KvStore};
-use tidings_log::{ConvId, ConversationKind, CreateConversation, Log, TenantId, UserId};
+use tidings_log::{ConvId, CreateConversation, Log, TenantId, UserId};
 use tokio::sync::Semaphore;
 
 use crate::config::Config;
@@ -152,7 +152,7 @@ async fn seed_store(
             log.create_conversation(CreateConversation {
                 tenant,
                 conv: ConvId::new(format!("pair{p}"))?,
-                kind: ConversationKind::Direct,
+                kind: "direct".into(),
                 title: String::new(),
                 creator: UserId::new(format!("a{p}"))?,
                 members: vec![UserId::new(format!("b{p}"))?],
@@ -168,7 +168,7 @@ async fn seed_store(
         log.create_conversation(CreateConversation {
             tenant: tenant.clone(),
             conv: ConvId::new("fanout")?,
-            kind: ConversationKind::Group,
+            kind: "group".into(),
             title: String::new(),
             creator: UserId::new("f0")?,
             members: (1..args.fanout)

@@ -22,8 +22,7 @@ use tidings_log::crypto::MasterKey;
 use tidings_log::send_buffer::{BufferPlace, SendBufferConfig};
 use tidings_log::store::{Fault, FaultSwitch, FaultyStore, FjallStore, KvStore};
 use tidings_log::{
-    Append, ClientMsgId, ConvId, ConversationKind, CreateConversation, Log, LogConfig, TenantId,
-    UserId,
+    Append, ClientMsgId, ConvId, CreateConversation, Log, LogConfig, TenantId, UserId,
 };
 
 #[derive(Debug, clap::Args)]
@@ -115,7 +114,7 @@ pub async fn run(args: OutageArgs, log_config: LogConfig) -> anyhow::Result<()> 
         log.create_conversation(CreateConversation {
             tenant: tenant.clone(),
             conv: conv.clone(),
-            kind: ConversationKind::Group,
+            kind: "group".into(),
             title: String::new(),
             creator: sender.clone(),
             members: Vec::new(),

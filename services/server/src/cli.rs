@@ -320,12 +320,6 @@ pub enum KeysCommand {
     },
 }
 
-#[derive(Clone, Copy, Debug, ValueEnum)]
-pub enum Kind {
-    Group,
-    Direct,
-}
-
 #[derive(Debug, Args)]
 pub struct Target {
     #[arg(long)]
@@ -336,12 +330,14 @@ pub struct Target {
 
 #[derive(Debug, Subcommand)]
 pub enum ConvCommand {
-    /// Create a conversation; the creator (--by) becomes its owner.
+    /// Create a conversation; the creator (--by) takes the kind's creator role (a group's
+    /// owner, a class's teacher), the members its member role.
     Create {
         #[command(flatten)]
         target: Target,
-        #[arg(long, value_enum)]
-        kind: Kind,
+        /// direct, group, announcement, class, or a kind of `[[log.kinds]]`.
+        #[arg(long)]
+        kind: String,
         /// The creating user.
         #[arg(long)]
         by: UserId,
@@ -351,7 +347,7 @@ pub enum ConvCommand {
         #[arg(long, default_value = "")]
         title: String,
     },
-    /// Add a member to a group (--by must be an owner).
+    /// Add a member (--by must hold a role the kind lets add).
     AddMember {
         #[command(flatten)]
         target: Target,
@@ -359,8 +355,34 @@ pub enum ConvCommand {
         by: UserId,
         #[arg(long)]
         user: UserId,
+        /// One of the kind's roles (default: its member role).
+        #[arg(long)]
+        role: Option<String>,
     },
-    /// Remove a member from a group (--by must be an owner, or the member leaving).
+    /// Give a member another of the kind's roles (--by must hold a role that may).
+    SetRole {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long)]
+        by: UserId,
+        #[arg(long)]
+        user: UserId,
+        #[arg(long)]
+        role: String,
+    },
+    /// Set a member's display name in the conversation (empty clears it). Without --by the
+    /// system sets it, past the kind's policy ("Xiaoming's dad" in a class).
+    SetName {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long)]
+        by: Option<UserId>,
+        #[arg(long)]
+        user: UserId,
+        #[arg(long)]
+        name: String,
+    },
+    /// Remove a member (--by must hold a role the kind lets remove, or be the member leaving).
     RemoveMember {
         #[command(flatten)]
         target: Target,
@@ -369,7 +391,7 @@ pub enum ConvCommand {
         #[arg(long)]
         user: UserId,
     },
-    /// Rename a group.
+    /// Rename a conversation (--by must hold a role the kind lets rename).
     Rename {
         #[command(flatten)]
         target: Target,

@@ -15,14 +15,14 @@ use tidings_log::crypto::{Keyring, MasterKey};
 use tidings_log::send_buffer::BufferPlace;
 use tidings_log::store::{Fault, FaultSwitch, FaultyStore, FjallStore, KvStore, Order};
 use tidings_log::{
-    Append, Body, ClientMsgId, ConversationKind, CreateConversation, Log, LogError, PendingAppend,
-    ReadRange, TenantId,
+    Append, Body, By, ClientMsgId, CreateConversation, Log, LogError, PendingAppend, ReadRange,
+    TenantId,
 };
 use tokio::io::{AsyncBufRead, AsyncBufReadExt};
 use tokio::sync::mpsc;
 use tracing::warn;
 
-use crate::cli::{Command, ConvCommand, KeysCommand, Kind, LogCommand, Target};
+use crate::cli::{Command, ConvCommand, KeysCommand, LogCommand, Target};
 use crate::config::{Config, SendBufferMedium};
 use crate::output;
 
@@ -608,10 +608,6 @@ async fn conv(cmd: ConvCommand, log: &Log) -> anyhow::Result<()> {
             members,
             title,
         } => {
-            let kind = match kind {
-                Kind::Group => ConversationKind::Group,
-                Kind::Direct => ConversationKind::Direct,
-            };
             let req = CreateConversation {
                 tenant: target.tenant,
                 conv: target.conv,
@@ -622,9 +618,37 @@ async fn conv(cmd: ConvCommand, log: &Log) -> anyhow::Result<()> {
             };
             emit(&output::ack(&log.create_conversation(req).await?))?;
         }
-        ConvCommand::AddMember { target, by, user } => {
+        ConvCommand::AddMember {
+            target,
+            by,
+            user,
+            role,
+        } => {
             let c = log
-                .add_member(&target.tenant, &target.conv, &by, &user)
+                .add_member_as(&target.tenant, &target.conv, &by, &user, role.as_deref())
+                .await?;
+            emit(&output::ack(&c))?;
+        }
+        ConvCommand::SetRole {
+            target,
+            by,
+            user,
+            role,
+        } => {
+            let c = log
+                .set_role(&target.tenant, &target.conv, &by, &user, &role)
+                .await?;
+            emit(&output::ack(&c))?;
+        }
+        ConvCommand::SetName {
+            target,
+            by,
+            user,
+            name,
+        } => {
+            let by = by.map_or(By::System, By::Member);
+            let c = log
+                .set_display_name(&target.tenant, &target.conv, by, &user, &name)
                 .await?;
             emit(&output::ack(&c))?;
         }
@@ -645,7 +669,7 @@ async fn conv(cmd: ConvCommand, log: &Log) -> anyhow::Result<()> {
             emit(&json!({
                 "tenant": target.tenant.as_str(),
                 "conversation": target.conv.as_str(),
-                "kind": output::conversation_kind(info.kind as i32),
+                "kind": info.kind_name,
                 "head_seq": info.head_seq,
                 "member_count": info.member_count,
                 "last_time": output::rfc3339_ms(info.last_time_ms),
@@ -661,7 +685,7 @@ async fn conv(cmd: ConvCommand, log: &Log) -> anyhow::Result<()> {
                 .await?
             {
                 emit(
-                    &json!({"user": m.user.as_str(), "role": output::member_role(m.role), "joined_seq": m.joined_seq}),
+                    &json!({"user": m.user.as_str(), "role": m.role_name, "display_name": m.display_name, "joined_seq": m.joined_seq}),
                 )?;
             }
         }

@@ -643,6 +643,45 @@ pub struct LogSection {
     pub send_buffer_max_bytes: u64,
     /// Oldest a buffered event may wait for the store; past it sends fail `unavailable`.
     pub send_buffer_max_age_ms: u64,
+    /// Conversation kinds beyond the built-in ones (`[[log.kinds]]`).
+    pub kinds: Vec<KindSection>,
+}
+
+/// One configured conversation kind (docs/decisions/kinds-and-roles.md).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KindSection {
+    pub name: String,
+    pub roles: Vec<String>,
+    pub creator_role: String,
+    pub member_role: String,
+    #[serde(default)]
+    pub fixed_members: bool,
+    #[serde(default)]
+    pub recall_window_ms: u64,
+    /// Action name (post, react, recall_own, ...) to the roles that may.
+    #[serde(default)]
+    pub allow: std::collections::BTreeMap<String, Vec<String>>,
+}
+
+impl KindSection {
+    fn policy(&self) -> Result<tidings_log::policy::KindPolicy, String> {
+        let mut allow = std::collections::HashMap::new();
+        for (action, roles) in &self.allow {
+            let action = tidings_log::policy::Action::from_name(action)
+                .map_err(|e| format!("kind {}: {e}", self.name))?;
+            allow.insert(action, roles.clone());
+        }
+        Ok(tidings_log::policy::KindPolicy {
+            name: self.name.clone(),
+            roles: self.roles.clone(),
+            creator_role: self.creator_role.clone(),
+            member_role: self.member_role.clone(),
+            fixed_members: self.fixed_members,
+            allow,
+            recall_window_ms: self.recall_window_ms,
+        })
+    }
 }
 
 impl Default for Config {
@@ -686,6 +725,7 @@ impl Default for LogSection {
             send_buffer_replicas: 1,
             send_buffer_max_bytes: 256 << 20,
             send_buffer_max_age_ms: 300_000,
+            kinds: Vec::new(),
         }
     }
 }
@@ -1145,6 +1185,7 @@ impl Config {
             )));
         }
         self.validate_auth()?;
+        self.kinds()?;
         if self.send_buffer_medium()?.is_some() {
             let place = tidings_log::send_buffer::BufferPlace::Dir(PathBuf::from("-"));
             self.send_buffer_with(place)
@@ -1252,7 +1293,22 @@ impl Config {
             lease_ttl: std::time::Duration::from_millis(s.lease_ttl_ms),
             own_partitions: true,
             send_buffer: self.send_buffer(),
+            // Checked when the configuration was loaded (`validate`).
+            kinds: self.kinds().unwrap_or_default(),
         }
+    }
+
+    /// The conversation kinds: built in, and `[[log.kinds]]`.
+    pub fn kinds(&self) -> Result<tidings_log::policy::Kinds, ConfigError> {
+        let invalid = |e: String| ConfigError::Invalid(format!("log.kinds: {e}"));
+        let extra = self
+            .log
+            .kinds
+            .iter()
+            .map(KindSection::policy)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(invalid)?;
+        tidings_log::policy::Kinds::new(extra).map_err(invalid)
     }
 
     /// Where the send buffer lives; `None` when it is off.

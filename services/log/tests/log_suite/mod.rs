@@ -52,7 +52,7 @@ pub async fn group(log: &Log, tenant: &str, conv: &str, creator: &str, members: 
     log.create_conversation(CreateConversation {
         tenant: t(tenant),
         conv: c(conv),
-        kind: ConversationKind::Group,
+        kind: "group".into(),
         title: format!("{conv} title"),
         creator: u(creator),
         members: members.iter().map(|x| u(x)).collect(),
@@ -445,7 +445,7 @@ pub async fn direct_conversations_have_exactly_two_fixed_members(store: Arc<dyn 
     let create = |members: Vec<UserId>| CreateConversation {
         tenant: t("acme"),
         conv: c("dm"),
-        kind: ConversationKind::Direct,
+        kind: "direct".into(),
         title: String::new(),
         creator: u("alice"),
         members,

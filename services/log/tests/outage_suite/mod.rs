@@ -21,8 +21,8 @@ use tidings_log::send_buffer::local::LocalFiles;
 use tidings_log::send_buffer::{AppendRefused, BufferPlace, Medium, SendBufferConfig};
 use tidings_log::store::{Fault, FaultSwitch, FaultyStore, FjallStore, KvStore, Order};
 use tidings_log::{
-    Append, ClientMsgId, Committed, ConvId, ConversationKind, CreateConversation, Log, LogConfig,
-    LogError, ReadRange, TenantId, UserId, keys,
+    Append, ClientMsgId, Committed, ConvId, CreateConversation, Log, LogConfig, LogError,
+    ReadRange, TenantId, UserId, keys,
 };
 use tidings_schemas::storage::{Head, SealedEvent};
 
@@ -169,7 +169,7 @@ impl Rig {
         log.create_conversation(CreateConversation {
             tenant: t(),
             conv: c(conv),
-            kind: ConversationKind::Group,
+            kind: "group".into(),
             title: conv.into(),
             creator: u("alice"),
             members: vec![u("bob")],
