@@ -134,6 +134,38 @@ impl std::ops::Deref for Connection {
     }
 }
 
+/// How a send is retried when the server answers RATE_LIMITED (the log is overloaded and
+/// the conversation is among the hottest, or the session sends too many frames): after the
+/// `retry_after_ms` the server gave, stretched by a random jitter ([`retry_delay`]) so the
+/// many clients refused in one window do not all come back at the same instant. The retry
+/// carries the same `client_msg_id`, so a send that did land is never written twice.
+#[derive(Clone, Copy, Debug)]
+pub struct RetryPolicy {
+    /// Attempts in all, the first included.
+    pub max_attempts: u32,
+    /// Longest total wait; past it the last refusal is returned.
+    pub max_wait: std::time::Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            max_attempts: 8,
+            max_wait: std::time::Duration::from_secs(30),
+        }
+    }
+}
+
+/// Least wait before a retry, when the server said less (or nothing).
+pub const MIN_RETRY_DELAY: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// The wait before retrying a refusal that said `retry_after_ms`: from it to 1.5 times it,
+/// `unit` (in [0, 1)) choosing where; never under [`MIN_RETRY_DELAY`].
+pub fn retry_delay(retry_after_ms: u64, unit: f64) -> std::time::Duration {
+    let base = std::time::Duration::from_millis(retry_after_ms).max(MIN_RETRY_DELAY);
+    base + base.mul_f64(unit.clamp(0.0, 1.0) / 2.0)
+}
+
 /// Pushes buffered on the client before it stops reading the socket (and the server, seeing
 /// its queue fill, disconnects it as a slow consumer).
 const PUSH_BUFFER: usize = 4096;
@@ -392,6 +424,41 @@ impl Requester {
         }
     }
 
+    /// [`Requester::send_text`], retried after RATE_LIMITED as `policy` says (same
+    /// `client_msg_id`, waits from [`retry_delay`]). Other errors are returned at once.
+    pub async fn send_text_with_retry(
+        &self,
+        conversation: &str,
+        client_msg_id: &str,
+        text: &str,
+        policy: RetryPolicy,
+    ) -> Result<proto::SendAck, ClientError> {
+        let mut waited = std::time::Duration::ZERO;
+        let mut attempt = 1;
+        loop {
+            match self.send_text(conversation, client_msg_id, text).await {
+                Err(ClientError::Server {
+                    code: proto::ErrorCode::RateLimited,
+                    retry_after_ms,
+                    message,
+                }) => {
+                    let wait = retry_delay(retry_after_ms, fastrand::f64());
+                    if attempt >= policy.max_attempts || waited + wait > policy.max_wait {
+                        return Err(ClientError::Server {
+                            code: proto::ErrorCode::RateLimited,
+                            message,
+                            retry_after_ms,
+                        });
+                    }
+                    tokio::time::sleep(wait).await;
+                    waited += wait;
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
     /// Catches up on every conversation of the user: asks Sync page after page (the server
     /// answers a bounded number of conversations and bytes per page) and returns them all,
     /// in id order. Conversations the server could not read carry their `error`.
@@ -642,6 +709,20 @@ mod tests {
             seq,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn retries_wait_what_the_server_said_plus_up_to_half_again() {
+        use std::time::Duration;
+        assert_eq!(retry_delay(400, 0.0), Duration::from_millis(400));
+        assert_eq!(retry_delay(400, 0.5), Duration::from_millis(500));
+        assert!(retry_delay(400, 0.999) < Duration::from_millis(600));
+        assert_eq!(retry_delay(0, 0.0), MIN_RETRY_DELAY);
+        assert_eq!(
+            retry_delay(400, 7.0),
+            Duration::from_millis(600),
+            "unit clamped"
+        );
     }
 
     #[test]

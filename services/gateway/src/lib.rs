@@ -19,6 +19,8 @@
 //!   payloads, the X25519 key exchange) and the gateway's bounded key cache.
 //! - [`publisher`]: the log's commit feed, sealed, delivered to JetStream and to users'
 //!   notice subjects.
+//! - [`shed`]: sends to a conversation the log is limiting (overload) refused at the edge
+//!   until its window ends.
 //! - [`revocation`]: revoked tokens at the gateway: the Hello check, the notices on
 //!   `tidings.revoked.<tenant>` that end live sessions at once, and a periodic re-check.
 //! - [`resubscribe`]: a core NATS subscription made again when the server removes it.
@@ -42,6 +44,7 @@ pub mod rpc_identity;
 pub mod server;
 pub mod service;
 pub mod session;
+pub mod shed;
 pub mod subjects;
 pub mod tls;
 

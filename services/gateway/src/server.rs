@@ -100,6 +100,9 @@ pub struct Shared {
     pub admission: Admission,
     /// Revoked tokens: checked at Hello; notices end live sessions (`revocation.rs`).
     pub revocations: crate::revocation::Revocations,
+    /// Conversations the log is limiting: their sends are refused here until the window
+    /// ends (`shed.rs`).
+    pub shed: crate::shed::EdgeShed,
     session_ids: AtomicU64,
 }
 
@@ -134,6 +137,7 @@ impl Shared {
             verifier,
             registry,
             revocations: crate::revocation::Revocations::default(),
+            shed: crate::shed::EdgeShed::default(),
             session_ids: AtomicU64::new(1),
         })
     }

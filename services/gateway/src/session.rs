@@ -763,6 +763,9 @@ impl Session {
                 };
                 let conv = ConvId::new(send.conversation)?;
                 let client_msg_id = ClientMsgId::new(send.client_msg_id)?;
+                // A conversation the log is limiting is refused here until its window ends.
+                self.shared.shed.check(&t, &conv, Instant::now())?;
+                let shed_key = t.clone();
                 let c = log
                     .append(
                         caller,
@@ -774,7 +777,12 @@ impl Session {
                             body,
                         },
                     )
-                    .await?;
+                    .await
+                    .inspect_err(|e| {
+                        self.shared
+                            .shed
+                            .refused(&shed_key, &conv, e, Instant::now());
+                    })?;
                 Ok(Msg::SendAck(proto::SendAck {
                     client_msg_id: client_msg_id.to_string(),
                     conversation: conv.to_string(),

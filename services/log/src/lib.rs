@@ -16,6 +16,8 @@
 //!   outage, replayed in seq order when the store is back.
 //! - [`log`]: [`Log`], the API the binary and the gateway use: conversations, membership,
 //!   appends, reads, read cursors.
+//! - [`overload`]: admission control past the writer's capacity: the hottest conversations
+//!   (a space-saving sketch) are limited first, VIP tenants' last.
 //! - [`revocation`]: revoked tokens (by `jti`, and users' issued-before cutoffs), kept in
 //!   the store (`rv/`) behind a small bounded cache.
 //! - [`cold`]: the [`ColdTier`](cold::ColdTier) interface to archived events and the archive
@@ -30,6 +32,7 @@ pub mod keys;
 pub mod lease;
 pub mod log;
 mod outage;
+pub mod overload;
 mod quota;
 pub mod revocation;
 pub mod send_buffer;

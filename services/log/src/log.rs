@@ -64,6 +64,8 @@ pub struct LogConfig {
     /// Where appends go while the store cannot commit (`send_buffer`); `None`: they fail.
     /// Every writer of a store must use the same directory.
     pub send_buffer: Option<crate::send_buffer::SendBufferConfig>,
+    /// Admission control of appends past the writer's capacity (`overload`).
+    pub overload: crate::overload::OverloadConfig,
 }
 
 impl Default for LogConfig {
@@ -86,6 +88,7 @@ impl Default for LogConfig {
             lease_ttl: Duration::from_secs(10),
             own_partitions: true,
             send_buffer: None,
+            overload: crate::overload::OverloadConfig::default(),
         }
     }
 }
@@ -130,6 +133,7 @@ impl LogConfig {
         if let Some(b) = &self.send_buffer {
             b.validate()?;
         }
+        self.overload.validate()?;
         if self.max_read_limit > crate::store::FjallStore::MAX_SCAN_LIMIT {
             return Err(format!(
                 "max_read_limit must be at most {}",
@@ -393,6 +397,8 @@ struct Inner {
     keeper: Option<tokio::task::JoinHandle<()>>,
     /// Conversations created per user (a rate).
     creations: crate::quota::CreationQuota,
+    /// Appends past the writer's capacity: the hottest conversations are limited first.
+    overload: crate::overload::Overload,
     /// Revoked tokens, read through a small cache (`revocation.rs`).
     revocations: crate::revocation::Revocations,
     /// Appends made while the store could not commit, until replayed: reads see them too.
@@ -556,6 +562,8 @@ impl Log {
         ));
         let creations =
             crate::quota::CreationQuota::new(cfg.max_conversations_created_per_user_per_hour);
+        let overload =
+            crate::overload::Overload::new(cfg.overload.clone(), std::time::Instant::now());
         Ok(Log {
             inner: Arc::new(Inner {
                 store,
@@ -569,6 +577,7 @@ impl Log {
                 acquiring,
                 keeper: Some(keeper),
                 creations,
+                overload,
                 revocations: crate::revocation::Revocations::new(store_for_revocations),
                 buffer,
                 failure,
@@ -738,6 +747,11 @@ impl Log {
     /// Requests waiting for the sequencer to take them (its queue's depth now).
     pub fn queued(&self) -> usize {
         self.inner.tx.max_capacity() - self.inner.tx.capacity()
+    }
+
+    /// What the admission control let through and refused, and why, since open.
+    pub fn overload_stats(&self) -> &crate::overload::OverloadStats {
+        self.inner.overload.stats()
     }
 
     /// Feed items dropped because the feed was full.
@@ -947,8 +961,21 @@ impl Log {
     /// Queues an append behind every append queued before it and returns at once (or when
     /// the queue has room). Appends queued in order from one task get increasing seqs in
     /// that order.
+    ///
+    /// Past the writer's capacity, appends to the hottest conversations are refused with
+    /// `rate_limited` before they queue (`overload`).
     pub async fn enqueue(&self, req: Append) -> Result<PendingAppend, LogError> {
         self.check_append(&req)?;
+        // Counted where the append will run: a writer that does not own the partition
+        // refuses it (the caller retries at the owner) without counting it.
+        let own = &self.inner.own;
+        own.check(own.partition(&req.tenant, &req.conv))?;
+        self.inner.overload.admit(
+            &req.tenant,
+            &req.conv,
+            self.queued(),
+            std::time::Instant::now(),
+        )?;
         Ok(PendingAppend(self.submit(Command::Append(req)).await?))
     }
 

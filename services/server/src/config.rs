@@ -629,6 +629,15 @@ pub struct LogSection {
     pub send_buffer_max_bytes: u64,
     /// Oldest a buffered event may wait for the store; past it sends fail `unavailable`.
     pub send_buffer_max_age_ms: u64,
+    /// Appends a second this writer carries before it limits the hottest conversations;
+    /// 0: learned from the sequencer's queueing (docs/decisions/overload-admission.md).
+    pub capacity_per_sec: u32,
+    /// Conversations whose send rates the overload control tracks at once.
+    pub overload_tracked_conversations: usize,
+    /// Appends a second any conversation may make however overloaded the writer is.
+    pub overload_floor_per_sec: u32,
+    /// Tenants of the VIP tier: their conversations are limited last.
+    pub vip_tenants: Vec<String>,
 }
 
 impl Default for Config {
@@ -670,6 +679,10 @@ impl Default for LogSection {
             send_buffer_dir: PathBuf::new(),
             send_buffer_max_bytes: 256 << 20,
             send_buffer_max_age_ms: 300_000,
+            capacity_per_sec: d.overload.capacity_per_sec,
+            overload_tracked_conversations: d.overload.tracked_conversations,
+            overload_floor_per_sec: d.overload.floor_per_sec,
+            vip_tenants: d.overload.vip_tenants,
         }
     }
 }
@@ -999,6 +1012,24 @@ impl Config {
         if let Some(v) = env("TIDINGS_LOG_SEND_BUFFER_MAX_BYTES") {
             self.log.send_buffer_max_bytes = parse_env("TIDINGS_LOG_SEND_BUFFER_MAX_BYTES", &v)?;
         }
+        if let Some(v) = env("TIDINGS_LOG_CAPACITY_PER_SEC") {
+            self.log.capacity_per_sec = parse_env("TIDINGS_LOG_CAPACITY_PER_SEC", &v)?;
+        }
+        if let Some(v) = env("TIDINGS_LOG_OVERLOAD_TRACKED_CONVERSATIONS") {
+            self.log.overload_tracked_conversations =
+                parse_env("TIDINGS_LOG_OVERLOAD_TRACKED_CONVERSATIONS", &v)?;
+        }
+        if let Some(v) = env("TIDINGS_LOG_OVERLOAD_FLOOR_PER_SEC") {
+            self.log.overload_floor_per_sec = parse_env("TIDINGS_LOG_OVERLOAD_FLOOR_PER_SEC", &v)?;
+        }
+        if let Some(v) = env("TIDINGS_LOG_VIP_TENANTS") {
+            self.log.vip_tenants = v
+                .split(',')
+                .map(str::trim)
+                .filter(|t| !t.is_empty())
+                .map(String::from)
+                .collect();
+        }
         if let Some(v) = env("TIDINGS_LOG_SEND_BUFFER_MAX_AGE_MS") {
             self.log.send_buffer_max_age_ms = parse_env("TIDINGS_LOG_SEND_BUFFER_MAX_AGE_MS", &v)?;
         }
@@ -1228,6 +1259,12 @@ impl Config {
             lease_ttl: std::time::Duration::from_millis(s.lease_ttl_ms),
             own_partitions: true,
             send_buffer: self.send_buffer(),
+            overload: tidings_log::overload::OverloadConfig {
+                capacity_per_sec: s.capacity_per_sec,
+                tracked_conversations: s.overload_tracked_conversations,
+                floor_per_sec: s.overload_floor_per_sec,
+                vip_tenants: s.vip_tenants.clone(),
+            },
         }
     }
 
@@ -1686,6 +1723,30 @@ mod tests {
         std::fs::write(&file, "[keys.tenants.acme]\nkey_fiel = \"a\"\n").expect("write");
         let err = Config::load(Some(&file), env(&[])).expect_err("typo");
         assert!(err.to_string().contains("key_fiel"), "{err}");
+    }
+
+    #[test]
+    fn overload_settings_come_from_the_environment_and_are_validated() {
+        let cfg = Config::load(
+            None,
+            env(&[
+                ("TIDINGS_LOG_CAPACITY_PER_SEC", "5000"),
+                ("TIDINGS_LOG_VIP_TENANTS", "gold, silver,"),
+            ]),
+        )
+        .expect("load");
+        let o = cfg.log_config().overload;
+        assert_eq!(o.capacity_per_sec, 5000);
+        assert_eq!(o.vip_tenants, vec!["gold".to_string(), "silver".to_string()]);
+        assert_eq!(o.floor_per_sec, 5);
+        for bad in [
+            ("TIDINGS_LOG_VIP_TENANTS", "not a tenant"),
+            ("TIDINGS_LOG_OVERLOAD_TRACKED_CONVERSATIONS", "0"),
+            ("TIDINGS_LOG_OVERLOAD_FLOOR_PER_SEC", "0"),
+        ] {
+            let err = Config::load(None, env(&[bad])).expect_err(bad.0);
+            assert!(matches!(err, ConfigError::Invalid(_)), "{bad:?}: {err}");
+        }
     }
 
     #[test]
