@@ -1,6 +1,7 @@
 //! Overload (issue 13): past the log writer's capacity the hottest conversations get
 //! RATE_LIMITED, small conversations never do, a VIP tenant's hot group is limited after a
-//! standard one's, and nothing acknowledged is lost. One server, real sockets, real NATS.
+//! standard one's, and nothing acknowledged is lost; big groups get no typing notices and
+//! unread counts skip joins. One server, real sockets, real NATS.
 //!
 //! The capacity is configured small (20 appends a second) so the test's own sends are far
 //! past it on any machine; no claim depends on how fast they go: a conversation that sends
@@ -13,7 +14,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use common::{Nats, Sandbox, Server};
 use tidings_client::client::ErrorCode;
-use tidings_client::{ClientError, Connection, Requester, RetryPolicy};
+use tidings_client::{ClientError, Connection, Push, Requester, RetryPolicy};
 use tidings_schemas::v1::ConversationKind;
 use tidings_schemas::v1::event::Body;
 
@@ -80,6 +81,7 @@ async fn the_hottest_conversations_are_limited_past_capacity_and_no_one_else() {
             // The session's own frame bucket is not what is under test.
             ("TIDINGS_GATEWAY_FRAMES_PER_SECOND", "100000"),
             ("TIDINGS_GATEWAY_FRAME_BURST", "100000"),
+            ("TIDINGS_GATEWAY_TYPING_MAX_MEMBERS", "2"),
         ],
     );
     let (acme, _) = Connection::open(&server.url(), &s.token("acme", "alice", 3600), "t")
@@ -103,6 +105,9 @@ async fn the_hottest_conversations_are_limited_past_capacity_and_no_one_else() {
     gold.create_conversation("race", ConversationKind::Group, "race", &["bob"])
         .await
         .expect("create gold race");
+    acme.create_conversation("crowd", ConversationKind::Group, "crowd", &["bob", "carol"])
+        .await
+        .expect("create crowd");
 
     // Below capacity nobody is limited: 15 sends in all, fewer than one window's 20.
     let mut calm = BTreeMap::new();
@@ -240,4 +245,47 @@ async fn the_hottest_conversations_are_limited_past_capacity_and_no_one_else() {
     let ids: BTreeSet<_> = patient_acked.values().collect();
     assert_eq!(ids.len(), 60, "each message once");
     assert_exactly(&acme, "patient", &patient_acked).await;
+
+    // Above `gateway.typing_max_members` (2 here) typing notices are not relayed: bob sees
+    // the pair's notice and not the crowd's, sent just before it. Both hubs are live first
+    // (a message through each reached him).
+    let (mut bob, _) = Connection::open(&server.url(), &s.token("acme", "bob", 3600), "t")
+        .await
+        .expect("connect bob");
+    acme.send_text("crowd", "crowd-1", "hi all")
+        .await
+        .expect("send");
+    acme.send_text("calm", "calm-last", "hi bob")
+        .await
+        .expect("send");
+    let mut seen = BTreeSet::new();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    while seen.len() < 2 {
+        match tokio::time::timeout_at(deadline, bob.next_push()).await {
+            Ok(Some(Push::Event(e))) => {
+                seen.insert(e.conversation);
+            }
+            Ok(Some(_)) => {}
+            other => panic!("no events: {other:?}"),
+        }
+    }
+    acme.typing("crowd").await.expect("typing in the crowd");
+    acme.typing("calm").await.expect("typing in the pair");
+    loop {
+        match tokio::time::timeout_at(deadline, bob.next_push()).await {
+            Ok(Some(Push::Typing(t))) => {
+                assert_eq!(t.conversation, "calm", "the crowd's notice is not relayed");
+                break;
+            }
+            Ok(Some(_)) => {}
+            other => panic!("no typing notice: {other:?}"),
+        }
+    }
+    // Unread counts through the gateway: alice's message in the crowd, not the join events.
+    let list = bob.list_conversations().await.expect("list");
+    let crowd = list
+        .iter()
+        .find(|c| c.conversation == "crowd")
+        .expect("crowd");
+    assert_eq!(crowd.unread, 1);
 }

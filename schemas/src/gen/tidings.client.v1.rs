@@ -282,6 +282,7 @@ pub struct ConversationState {
     pub head_seq: u64,
     #[prost(uint64, tag = "3")]
     pub read_seq: u64,
+    /// As in ConversationSummary.
     #[prost(uint64, tag = "4")]
     pub unread: u64,
     /// Events after the client's last_seq, ascending, at most `latest` (the newest ones).
@@ -351,6 +352,9 @@ pub struct ConversationSummary {
     pub head_seq: u64,
     #[prost(uint64, tag = "3")]
     pub read_seq: u64,
+    /// Others' messages after read_seq: not one's own, not joins, leaves, renames, edits,
+    /// recalls or reactions (conversations created before tidings counted messages: head_seq
+    /// minus read_seq).
     #[prost(uint64, tag = "4")]
     pub unread: u64,
 }

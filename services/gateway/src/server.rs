@@ -52,6 +52,9 @@ pub struct GatewayConfig {
     pub allowed_origins: Vec<String>,
     /// Conversations one session follows at most.
     pub max_conversations_per_session: usize,
+    /// Typing notices are not relayed in conversations with more members than this: in a
+    /// big group they would be noise to everyone and a NATS message per keystroke burst.
+    pub typing_max_members: u64,
     /// How often an idle conversation hub checks the log for events NATS did not bring.
     pub heal_interval: Duration,
 }
@@ -85,6 +88,7 @@ impl Default for GatewayConfig {
             frame_burst: 400,
             allowed_origins: Vec::new(),
             max_conversations_per_session: 10_000,
+            typing_max_members: 100,
             heal_interval: Duration::from_secs(30),
         }
     }

@@ -858,6 +858,11 @@ impl Session {
             Op::Typing(ty) => {
                 let conv = ConvId::new(ty.conversation)?;
                 self.member_or_refuse(&t, &conv, &u).await?;
+                // Big groups get no typing notices (answered alike: nothing to tell).
+                let members = log.conversation(caller, &t, &conv).await?.member_count;
+                if members > self.shared.cfg.typing_max_members {
+                    return Ok(Msg::Pong(proto::Pong {}));
+                }
                 let notice = TypingNotice {
                     conversation: conv.to_string(),
                     user: u.to_string(),

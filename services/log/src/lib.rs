@@ -20,6 +20,8 @@
 //!   (a space-saving sketch) are limited first, VIP tenants' last.
 //! - [`revocation`]: revoked tokens (by `jti`, and users' issued-before cutoffs), kept in
 //!   the store (`rv/`) behind a small bounded cache.
+//! - [`unread`]: unread counts of others' messages only (joins, reactions and one's own
+//!   messages are not unread), from counts kept in heads, event rows and list entries.
 //! - [`cold`]: the [`ColdTier`](cold::ColdTier) interface to archived events and the archive
 //!   index lookups the log makes itself.
 //! - [`error`]: the typed [`LogError`].
@@ -38,6 +40,7 @@ pub mod revocation;
 pub mod send_buffer;
 pub mod store;
 pub mod tenant_keys;
+pub mod unread;
 mod writer;
 
 pub use error::LogError;

@@ -66,6 +66,8 @@ pub struct LogConfig {
     pub send_buffer: Option<crate::send_buffer::SendBufferConfig>,
     /// Admission control of appends past the writer's capacity (`overload`).
     pub overload: crate::overload::OverloadConfig,
+    /// Groups with at least this many members reserve @all (`mention_all`) to owners.
+    pub mention_all_owners_only_from: u64,
 }
 
 impl Default for LogConfig {
@@ -89,6 +91,7 @@ impl Default for LogConfig {
             own_partitions: true,
             send_buffer: None,
             overload: crate::overload::OverloadConfig::default(),
+            mention_all_owners_only_from: 500,
         }
     }
 }
@@ -1485,7 +1488,7 @@ impl Log {
                     conv,
                     head_seq: head.last_seq,
                     read_seq: entry.read_seq,
-                    unread: head.last_seq.saturating_sub(entry.read_seq),
+                    unread: crate::unread::unread(&head, &entry),
                 })
             })
             .collect()

@@ -109,6 +109,10 @@ impl Command {
             Command::Append(a) => {
                 out.push(keys::member(t, c, &a.sender));
                 out.push(keys::dedupe(t, c, &a.sender, &a.client_msg_id));
+                if crate::unread::is_message(&a.body) {
+                    // The sender's own messages are kept out of their unread count.
+                    out.push(keys::user_conv(t, &a.sender, c));
+                }
                 if let Some(target) = author_only_target(&a.body) {
                     out.push(keys::event(t, c, target));
                 }
@@ -118,9 +122,11 @@ impl Command {
                 out.push(keys::member(t, c, user));
             }
             Command::Rename { by, .. } => out.push(keys::member(t, c, by)),
-            Command::MarkRead { user, .. } => {
+            Command::MarkRead { user, seq, .. } => {
                 out.push(keys::member(t, c, user));
                 out.push(keys::user_conv(t, user, c));
+                // The message count as of the new cursor (when it is not the head).
+                out.push(keys::event(t, c, *seq));
             }
         }
     }
@@ -357,9 +363,13 @@ impl Scratch<'_> {
         let key = self
             .current
             .ok_or_else(|| LogError::corrupt(b"kr", "internal: no data key for the tenant"))?;
+        if head.counts_messages && event.body.as_ref().is_some_and(crate::unread::is_message) {
+            head.messages += 1;
+        }
         let sealed = SealedEvent {
             key_id: key.id,
             ciphertext: key.seal_event(t, c, seq, &event.encode_to_vec()),
+            messages: head.messages,
         };
         if let Some(announce) = self.announce.as_mut() {
             announce.push(FeedItem::Event(Arc::new(event)));
@@ -397,7 +407,7 @@ impl Scratch<'_> {
     fn apply(&mut self, cmd: &Command, cfg: &LogConfig) -> Result<Outcome, LogError> {
         match cmd {
             Command::Create(c) => self.create(c),
-            Command::Append(a) => self.append(a),
+            Command::Append(a) => self.append(a, cfg),
             Command::AddMember {
                 tenant,
                 conv,
@@ -438,6 +448,7 @@ impl Scratch<'_> {
         let mut head = Head {
             kind: req.kind as i32,
             member_count: members.len() as u64,
+            counts_messages: true,
             ..Head::default()
         };
         let body = Body::ConversationCreated(ConversationCreated {
@@ -453,27 +464,34 @@ impl Scratch<'_> {
             } else {
                 MemberRole::Member
             };
-            self.join(t, c, m, role, committed.seq);
+            self.join(t, c, m, role, committed.seq, &head);
         }
         self.put(keys::head(t, c), &head);
         Ok(Outcome::Committed(committed))
     }
 
-    fn join(&mut self, t: &TenantId, c: &ConvId, user: &UserId, role: MemberRole, seq: u64) {
+    fn join(
+        &mut self,
+        t: &TenantId,
+        c: &ConvId,
+        user: &UserId,
+        role: MemberRole,
+        seq: u64,
+        head: &Head,
+    ) {
         let membership = Membership {
             role: role as i32,
             joined_seq: seq,
         };
         self.put(keys::member(t, c, user), &membership);
         // The join event itself counts as read.
-        let entry = UserConversation {
-            joined_seq: seq,
-            read_seq: seq,
-        };
-        self.put(keys::user_conv(t, user, c), &entry);
+        self.put(
+            keys::user_conv(t, user, c),
+            &crate::unread::joined(seq, head),
+        );
     }
 
-    fn append(&mut self, a: &Append) -> Result<Outcome, LogError> {
+    fn append(&mut self, a: &Append, cfg: &LogConfig) -> Result<Outcome, LogError> {
         let (t, c) = (&a.tenant, &a.conv);
         let mut head = self.head(t, c)?;
         // A retry answers with the original, even if the sender has left since.
@@ -486,7 +504,18 @@ impl Scratch<'_> {
                 duplicate: true,
             }));
         }
-        self.membership(t, c, &a.sender)?;
+        let sender = self.membership(t, c, &a.sender)?;
+        if let Body::MessagePosted(p) = &a.body
+            && p.mention_all
+            && head.kind == ConversationKind::Group as i32
+            && head.member_count >= cfg.mention_all_owners_only_from
+            && sender.role != MemberRole::Owner as i32
+        {
+            return Err(LogError::NotAllowed(format!(
+                "only owners may mention everyone in a group of {} members or more",
+                cfg.mention_all_owners_only_from
+            )));
+        }
         if let Some(target) = target_seq(&a.body)
             && (target == 0 || target > head.last_seq)
         {
@@ -522,7 +551,38 @@ impl Scratch<'_> {
         };
         self.put(dd_key, &dedupe);
         self.put(keys::head(t, c), &head);
+        if crate::unread::is_message(&a.body) {
+            self.own_message(t, c, &a.sender, committed.seq, head.messages)?;
+        }
         Ok(Outcome::Committed(committed))
+    }
+
+    /// Keeps the sender's own message out of their unread count. A list entry that cannot be
+    /// read (a store outage with reads down: taken as absent) is left as it is; the count
+    /// then errs high by that message.
+    fn own_message(
+        &mut self,
+        t: &TenantId,
+        c: &ConvId,
+        sender: &UserId,
+        seq: u64,
+        messages: u64,
+    ) -> Result<(), LogError> {
+        let key = keys::user_conv(t, sender, c);
+        let Some(mut entry) = self.decode::<UserConversation>(&key)? else {
+            return Ok(());
+        };
+        let moved = crate::unread::own_posted(&mut entry, seq, messages);
+        self.put(key, &entry);
+        if let (Some(read_seq), Some(announce)) = (moved, self.announce.as_mut()) {
+            announce.push(FeedItem::ReadCursor {
+                tenant: t.clone(),
+                conv: c.clone(),
+                user: sender.clone(),
+                read_seq,
+            });
+        }
+        Ok(())
     }
 
     fn require_group(head: &Head, what: &str) -> Result<(), LogError> {
@@ -567,7 +627,7 @@ impl Scratch<'_> {
             role: MemberRole::Member as i32,
         });
         let committed = self.push_event(&mut head, t, c, by, "", body)?;
-        self.join(t, c, user, MemberRole::Member, committed.seq);
+        self.join(t, c, user, MemberRole::Member, committed.seq, &head);
         head.member_count += 1;
         self.put(keys::head(t, c), &head);
         Ok(Outcome::Committed(committed))
@@ -633,7 +693,13 @@ impl Scratch<'_> {
         // Cursors only move forward and never past the head.
         let target = seq.min(head.last_seq);
         if target > entry.read_seq {
-            entry.read_seq = target;
+            let messages_at = if target == head.last_seq {
+                Some(head.messages)
+            } else {
+                self.decode::<SealedEvent>(&keys::event(t, c, target))?
+                    .map(|e| e.messages)
+            };
+            crate::unread::read_to(&mut entry, target, messages_at);
             self.put(key, &entry);
             if let Some(announce) = self.announce.as_mut() {
                 announce.push(FeedItem::ReadCursor {

@@ -287,6 +287,8 @@ pub struct GatewaySection {
     pub frame_burst: u32,
     pub allowed_origins: Vec<String>,
     pub max_conversations_per_session: usize,
+    /// Typing notices are not relayed in conversations with more members than this.
+    pub typing_max_members: u64,
     pub heal_interval_ms: u64,
     /// Serve `wss://` with this certificate chain and key (PEM; both or neither). Reloaded
     /// when the files change. Without them the listener is plain `ws://`.
@@ -539,6 +541,7 @@ impl Default for GatewaySection {
             frame_burst: d.frame_burst,
             allowed_origins: d.allowed_origins,
             max_conversations_per_session: d.max_conversations_per_session,
+            typing_max_members: d.typing_max_members,
             heal_interval_ms: d.heal_interval.as_millis() as u64,
             tls_cert_file: None,
             tls_key_file: None,
@@ -638,6 +641,8 @@ pub struct LogSection {
     pub overload_floor_per_sec: u32,
     /// Tenants of the VIP tier: their conversations are limited last.
     pub vip_tenants: Vec<String>,
+    /// Groups with at least this many members reserve @all to owners.
+    pub mention_all_owners_only_from: u64,
 }
 
 impl Default for Config {
@@ -683,6 +688,7 @@ impl Default for LogSection {
             overload_tracked_conversations: d.overload.tracked_conversations,
             overload_floor_per_sec: d.overload.floor_per_sec,
             vip_tenants: d.overload.vip_tenants,
+            mention_all_owners_only_from: d.mention_all_owners_only_from,
         }
     }
 }
@@ -1022,6 +1028,13 @@ impl Config {
         if let Some(v) = env("TIDINGS_LOG_OVERLOAD_FLOOR_PER_SEC") {
             self.log.overload_floor_per_sec = parse_env("TIDINGS_LOG_OVERLOAD_FLOOR_PER_SEC", &v)?;
         }
+        if let Some(v) = env("TIDINGS_LOG_MENTION_ALL_OWNERS_ONLY_FROM") {
+            self.log.mention_all_owners_only_from =
+                parse_env("TIDINGS_LOG_MENTION_ALL_OWNERS_ONLY_FROM", &v)?;
+        }
+        if let Some(v) = env("TIDINGS_GATEWAY_TYPING_MAX_MEMBERS") {
+            self.gateway.typing_max_members = parse_env("TIDINGS_GATEWAY_TYPING_MAX_MEMBERS", &v)?;
+        }
         if let Some(v) = env("TIDINGS_LOG_VIP_TENANTS") {
             self.log.vip_tenants = v
                 .split(',')
@@ -1048,6 +1061,7 @@ impl Config {
             frame_burst: g.frame_burst,
             allowed_origins: g.allowed_origins.clone(),
             max_conversations_per_session: g.max_conversations_per_session,
+            typing_max_members: g.typing_max_members,
             heal_interval: std::time::Duration::from_millis(g.heal_interval_ms),
             handshake_timeout: std::time::Duration::from_millis(g.handshake_timeout_ms),
             ping_interval: std::time::Duration::from_millis(g.ping_interval_ms),
@@ -1265,6 +1279,7 @@ impl Config {
                 floor_per_sec: s.overload_floor_per_sec,
                 vip_tenants: s.vip_tenants.clone(),
             },
+            mention_all_owners_only_from: s.mention_all_owners_only_from,
         }
     }
 
@@ -1737,7 +1752,10 @@ mod tests {
         .expect("load");
         let o = cfg.log_config().overload;
         assert_eq!(o.capacity_per_sec, 5000);
-        assert_eq!(o.vip_tenants, vec!["gold".to_string(), "silver".to_string()]);
+        assert_eq!(
+            o.vip_tenants,
+            vec!["gold".to_string(), "silver".to_string()]
+        );
         assert_eq!(o.floor_per_sec, 5);
         for bad in [
             ("TIDINGS_LOG_VIP_TENANTS", "not a tenant"),
