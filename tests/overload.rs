@@ -1,7 +1,7 @@
 //! Overload (issue 13): past the log writer's capacity the hottest conversations get
 //! RATE_LIMITED, small conversations never do, a VIP tenant's hot group is limited after a
-//! standard one's, and nothing acknowledged is lost; big groups get no typing notices and
-//! unread counts skip joins. One server, real sockets, real NATS.
+//! standard one's, and nothing acknowledged is lost; big groups get no typing notices,
+//! unread counts skip joins, and a removed member is never let in by the gateway's cache. One server, real sockets, real NATS.
 //!
 //! The capacity is configured small (20 appends a second) so the test's own sends are far
 //! past it on any machine; no claim depends on how fast they go: a conversation that sends
@@ -288,4 +288,34 @@ async fn the_hottest_conversations_are_limited_past_capacity_and_no_one_else() {
         .find(|c| c.conversation == "crowd")
         .expect("crowd");
     assert_eq!(crowd.unread, 1);
+
+    // A removed member is never answered from the gateway's membership cache: bob's checks
+    // in the crowd are answered from memory (his hub keeps them true); once his gateway has
+    // delivered his removal to him, History refuses him.
+    bob.history("crowd", 0, 10).await.expect("a member reads");
+    bob.history("crowd", 0, 10)
+        .await
+        .expect("again, from the cache");
+    acme.remove_member("crowd", "bob")
+        .await
+        .expect("remove bob");
+    loop {
+        match tokio::time::timeout_at(deadline, bob.next_push()).await {
+            Ok(Some(Push::Event(e)))
+                if e.conversation == "crowd"
+                    && matches!(&e.body, Some(Body::MemberLeft(l)) if l.user == "bob") =>
+            {
+                break;
+            }
+            Ok(Some(_)) => {}
+            other => panic!("no removal: {other:?}"),
+        }
+    }
+    match bob.history("crowd", 0, 10).await {
+        Err(ClientError::Server {
+            code: ErrorCode::NotMember,
+            ..
+        }) => {}
+        other => panic!("a removed member read the crowd: {other:?}"),
+    }
 }

@@ -9,6 +9,8 @@
 //!   close codes for bad input.
 //! - [`hub`]: per-conversation fan-out: one NATS subscription per conversation per gateway,
 //!   reference counted; events delivered in seq order, once, gaps filled from the log.
+//! - [`members`]: the membership cache of the conversations followed here, kept true by
+//!   their hubs in seq order, bounded in bytes.
 //! - [`service`]: the [`LogService`](service::LogService) interface and its in-process
 //!   implementation over [`tidings_log::Log`].
 //! - [`rpc`]: the same interface over NATS request/reply, client and server sides; calls and
@@ -35,6 +37,7 @@ pub mod admission;
 pub mod bus_crypto;
 pub mod health;
 pub mod hub;
+pub mod members;
 pub mod nats;
 pub mod publisher;
 pub mod resubscribe;

@@ -55,6 +55,9 @@ pub struct GatewayConfig {
     /// Typing notices are not relayed in conversations with more members than this: in a
     /// big group they would be noise to everyone and a NATS message per keystroke burst.
     pub typing_max_members: u64,
+    /// Bytes of membership answers the gateway keeps (`members.rs`); past it they are
+    /// dropped and asked again.
+    pub member_cache_bytes: usize,
     /// How often an idle conversation hub checks the log for events NATS did not bring.
     pub heal_interval: Duration,
 }
@@ -89,6 +92,8 @@ impl Default for GatewayConfig {
             allowed_origins: Vec::new(),
             max_conversations_per_session: 10_000,
             typing_max_members: 100,
+            // 64 MiB: about a million answers.
+            member_cache_bytes: 64 << 20,
             heal_interval: Duration::from_secs(30),
         }
     }
@@ -125,6 +130,7 @@ impl Shared {
                 read_limit: cfg.read_limit,
                 max_pending: 10_000,
                 heal_interval: cfg.heal_interval,
+                member_cache_bytes: cfg.member_cache_bytes,
             },
             bus,
         );

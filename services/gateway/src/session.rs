@@ -724,7 +724,20 @@ impl Session {
     }
 
     async fn member_or_refuse(&self, t: &TenantId, c: &ConvId, u: &UserId) -> Result<(), LogError> {
-        if self.shared.log.is_member(&self.caller, t, c, u).await? {
+        // From memory for conversations a hub here keeps true (`members.rs`), else the log.
+        let cache = self.shared.registry.members();
+        let member = match cache.lookup(t, c, u) {
+            Some(member) => member,
+            None => {
+                let ticket = cache.ticket(t, c);
+                let member = self.shared.log.is_member(&self.caller, t, c, u).await?;
+                if let Some(ticket) = ticket {
+                    cache.remember(t, c, u, member, ticket);
+                }
+                member
+            }
+        };
+        if member {
             Ok(())
         } else {
             Err(LogError::NotMember {

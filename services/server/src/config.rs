@@ -289,6 +289,8 @@ pub struct GatewaySection {
     pub max_conversations_per_session: usize,
     /// Typing notices are not relayed in conversations with more members than this.
     pub typing_max_members: u64,
+    /// Bytes of membership answers the gateway keeps for the conversations it follows.
+    pub member_cache_bytes: usize,
     pub heal_interval_ms: u64,
     /// Serve `wss://` with this certificate chain and key (PEM; both or neither). Reloaded
     /// when the files change. Without them the listener is plain `ws://`.
@@ -542,6 +544,7 @@ impl Default for GatewaySection {
             allowed_origins: d.allowed_origins,
             max_conversations_per_session: d.max_conversations_per_session,
             typing_max_members: d.typing_max_members,
+            member_cache_bytes: d.member_cache_bytes,
             heal_interval_ms: d.heal_interval.as_millis() as u64,
             tls_cert_file: None,
             tls_key_file: None,
@@ -1032,6 +1035,9 @@ impl Config {
             self.log.mention_all_owners_only_from =
                 parse_env("TIDINGS_LOG_MENTION_ALL_OWNERS_ONLY_FROM", &v)?;
         }
+        if let Some(v) = env("TIDINGS_GATEWAY_MEMBER_CACHE_BYTES") {
+            self.gateway.member_cache_bytes = parse_env("TIDINGS_GATEWAY_MEMBER_CACHE_BYTES", &v)?;
+        }
         if let Some(v) = env("TIDINGS_GATEWAY_TYPING_MAX_MEMBERS") {
             self.gateway.typing_max_members = parse_env("TIDINGS_GATEWAY_TYPING_MAX_MEMBERS", &v)?;
         }
@@ -1062,6 +1068,7 @@ impl Config {
             allowed_origins: g.allowed_origins.clone(),
             max_conversations_per_session: g.max_conversations_per_session,
             typing_max_members: g.typing_max_members,
+            member_cache_bytes: g.member_cache_bytes,
             heal_interval: std::time::Duration::from_millis(g.heal_interval_ms),
             handshake_timeout: std::time::Duration::from_millis(g.handshake_timeout_ms),
             ping_interval: std::time::Duration::from_millis(g.ping_interval_ms),
