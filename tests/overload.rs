@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use common::{Nats, Sandbox, Server};
 use tidings_client::client::ErrorCode;
-use tidings_client::{ClientError, Connection, Push, Requester, RetryPolicy};
+use tidings_client::{ClientError, Connection, MemberCache, Push, Requester, RetryPolicy};
 use tidings_schemas::v1::ConversationKind;
 use tidings_schemas::v1::event::Body;
 
@@ -318,4 +318,34 @@ async fn the_hottest_conversations_are_limited_past_capacity_and_no_one_else() {
         }) => {}
         other => panic!("a removed member read the crowd: {other:?}"),
     }
+
+    // The client's versioned member cache: loaded once, then only the changes since its
+    // version; the @-list searched from memory and on the server by prefix.
+    let mut crowd = MemberCache::load(&acme, "crowd").await.expect("load");
+    assert_eq!(
+        (crowd.len(), crowd.version()),
+        (2, 3),
+        "alice and carol, after bob left"
+    );
+    acme.add_member("crowd", "dave").await.expect("add dave");
+    assert_eq!(crowd.refresh(&acme).await.expect("refresh"), 1);
+    assert_eq!(crowd.version(), 4);
+    assert!(crowd.contains("dave") && !crowd.contains("bob"));
+    let found: Vec<_> = crowd
+        .search("ca", 10)
+        .iter()
+        .map(|m| m.user.clone())
+        .collect();
+    assert_eq!(found, ["carol"]);
+    let page = acme
+        .member_page(tidings_client::client::ListMembers {
+            conversation: "crowd".into(),
+            prefix: "da".into(),
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .expect("prefix search");
+    assert_eq!((page.members.len(), page.version), (1, 4));
+    assert_eq!(page.members[0].user, "dave");
 }

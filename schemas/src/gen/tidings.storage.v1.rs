@@ -40,6 +40,20 @@ pub struct Head {
     pub messages: u64,
     #[prost(bool, tag = "8")]
     pub counts_messages: bool,
+    /// Seq of the last membership event (creation, join, leave): the member list's version.
+    /// 0 for conversations from before versions: they have no change feed (mc/).
+    #[prost(uint64, tag = "9")]
+    pub membership_seq: u64,
+}
+/// mc/<tenant>/<conv>/<seq>/<user>: a membership change made by event <seq>, so a client can
+/// ask for the changes since the version it holds instead of the whole member list.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct MembershipChange {
+    /// tidings.v1.MemberRole of a member who joined; unset when removed.
+    #[prost(int32, tag = "1")]
+    pub role: i32,
+    #[prost(bool, tag = "2")]
+    pub removed: bool,
 }
 /// dd/<tenant>/<conv>/<sender>/<client_msg_id>: dedupe record of a client's append, with
 /// what the original ack said so a retry gets the same answer without opening the event.

@@ -156,6 +156,125 @@ impl Default for RetryPolicy {
     }
 }
 
+/// A conversation's member list kept by the client (the @-list, member checks): loaded once,
+/// page after page, then kept current by asking only for the changes since its version.
+/// It holds the whole list of one conversation: at most the server's `log.max_group_members`.
+#[derive(Clone, Debug, Default)]
+pub struct MemberCache {
+    conversation: String,
+    version: u64,
+    members: std::collections::BTreeMap<String, proto::Member>,
+}
+
+/// Entries asked for per ListMembers request by [`MemberCache`].
+const MEMBER_PAGE: u32 = 1000;
+
+impl MemberCache {
+    /// Loads the whole list, page after page.
+    pub async fn load(r: &Requester, conversation: &str) -> Result<Self, ClientError> {
+        let mut cache = MemberCache {
+            conversation: conversation.to_string(),
+            ..MemberCache::default()
+        };
+        let mut after = String::new();
+        let mut first = true;
+        loop {
+            let page = r
+                .member_page(proto::ListMembers {
+                    conversation: conversation.to_string(),
+                    after: after.clone(),
+                    limit: MEMBER_PAGE,
+                    ..Default::default()
+                })
+                .await?;
+            if first {
+                // The oldest version the pages reflect: the changes since it cover the rest.
+                cache.version = page.version;
+                first = false;
+            }
+            let Some(last) = page.members.last() else {
+                break;
+            };
+            after = last.user.clone();
+            for m in page.members {
+                cache.members.insert(m.user.clone(), m);
+            }
+            if !page.more {
+                break;
+            }
+        }
+        Ok(cache)
+    }
+
+    /// Applies the changes since the version held (reloading the whole list for a
+    /// conversation without versions); returns how many changes were applied.
+    pub async fn refresh(&mut self, r: &Requester) -> Result<usize, ClientError> {
+        if self.version == 0 {
+            *self = MemberCache::load(r, &self.conversation).await?;
+            return Ok(self.members.len());
+        }
+        let mut applied = 0;
+        loop {
+            let page = r
+                .member_page(proto::ListMembers {
+                    conversation: self.conversation.clone(),
+                    limit: MEMBER_PAGE,
+                    since_version: self.version,
+                    ..Default::default()
+                })
+                .await?;
+            for ch in &page.changes {
+                if ch.removed {
+                    self.members.remove(&ch.user);
+                } else {
+                    self.members.insert(
+                        ch.user.clone(),
+                        proto::Member {
+                            user: ch.user.clone(),
+                            role: ch.role,
+                            joined_seq: ch.seq,
+                        },
+                    );
+                }
+                self.version = self.version.max(ch.seq);
+                applied += 1;
+            }
+            self.version = self.version.max(page.version);
+            if !page.more || page.changes.is_empty() {
+                return Ok(applied);
+            }
+        }
+    }
+
+    /// The version held: the seq of the last membership event applied.
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    pub fn len(&self) -> usize {
+        self.members.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty()
+    }
+
+    pub fn contains(&self, user: &str) -> bool {
+        self.members.contains_key(user)
+    }
+
+    /// Up to `limit` members whose id starts with `prefix`, in id order (the @-list), from
+    /// memory.
+    pub fn search(&self, prefix: &str, limit: usize) -> Vec<&proto::Member> {
+        self.members
+            .range(prefix.to_string()..)
+            .take_while(|(user, _)| user.starts_with(prefix))
+            .take(limit)
+            .map(|(_, m)| m)
+            .collect()
+    }
+}
+
 /// Least wait before a retry, when the server said less (or nothing).
 pub const MIN_RETRY_DELAY: std::time::Duration = std::time::Duration::from_millis(10);
 
@@ -633,13 +752,25 @@ impl Requester {
         after: &str,
         limit: u32,
     ) -> Result<Vec<proto::Member>, ClientError> {
-        let op = Op::ListMembers(proto::ListMembers {
-            conversation: conversation.to_string(),
-            after: after.to_string(),
-            limit,
-        });
-        match self.request(op).await? {
-            Msg::MemberList(l) => Ok(l.members),
+        Ok(self
+            .member_page(proto::ListMembers {
+                conversation: conversation.to_string(),
+                after: after.to_string(),
+                limit,
+                ..Default::default()
+            })
+            .await?
+            .members)
+    }
+
+    /// One ListMembers answer as the server gave it: members (after, prefix) or the changes
+    /// since a version, with the list's version and whether more follow.
+    pub async fn member_page(
+        &self,
+        request: proto::ListMembers,
+    ) -> Result<proto::MemberList, ClientError> {
+        match self.request(Op::ListMembers(request)).await? {
+            Msg::MemberList(l) => Ok(l),
             other => Err(ClientError::Unexpected(format!("{other:?}"))),
         }
     }

@@ -956,11 +956,16 @@ impl Session {
                     .then(|| UserId::new(l.after))
                     .transpose()?;
                 let limit = self.limit(l.limit, self.shared.cfg.read_limit);
-                let list = log
-                    .members(caller, &t, &conv, after.as_ref(), limit)
-                    .await?;
-                let full = list.len() == limit;
-                let mut members: Vec<_> = list
+                let q = tidings_log::MembersQuery {
+                    after,
+                    limit,
+                    prefix: l.prefix,
+                    since_version: (l.since_version > 0).then_some(l.since_version),
+                };
+                let page = log.members(caller, &t, &conv, &q).await?;
+                let full = page.members.len() == limit || page.changes.len() == limit;
+                let mut members: Vec<_> = page
+                    .members
                     .into_iter()
                     .map(|m| proto::Member {
                         user: m.user.to_string(),
@@ -968,10 +973,25 @@ impl Session {
                         joined_seq: m.joined_seq,
                     })
                     .collect();
-                let cut = fit(&mut members, self.reply_budget());
+                let mut changes: Vec<_> = page
+                    .changes
+                    .into_iter()
+                    .map(|m| proto::MemberUpdate {
+                        user: m.user.to_string(),
+                        role: m.role as i32,
+                        removed: m.removed,
+                        seq: m.seq,
+                    })
+                    .collect();
+                // One of the two is empty.
+                let cut_members = fit(&mut members, self.reply_budget());
+                let cut_changes = fit(&mut changes, self.reply_budget());
+                let cut = cut_members || cut_changes;
                 Ok(Msg::MemberList(proto::MemberList {
                     members,
                     more: full || cut,
+                    version: page.version,
+                    changes,
                 }))
             }
         }

@@ -47,7 +47,8 @@ pub use error::LogError;
 pub use ids::{ClientMsgId, ConvId, TenantId, UserId};
 pub use log::{
     Append, Committed, ConversationInfo, ConversationSummary, CreateConversation, FeedItem, Log,
-    LogConfig, Member, PendingAppend, ReadRange, panic_text,
+    LogConfig, Member, MemberChange, MemberPage, MembersQuery, PendingAppend, ReadRange,
+    panic_text,
 };
 pub use tidings_schemas::v1::{ConversationKind, Event, MemberRole, event::Body};
 

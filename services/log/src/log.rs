@@ -252,6 +252,37 @@ pub struct Member {
     pub joined_seq: u64,
 }
 
+/// What a member-list request asks for (see [`Log::member_page`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MembersQuery {
+    /// Members after this id (paging).
+    pub after: Option<UserId>,
+    pub limit: usize,
+    /// Only members whose id starts with this; empty: all.
+    pub prefix: String,
+    /// `Some(v)`: the changes after version `v` instead of members.
+    pub since_version: Option<u64>,
+}
+
+/// One membership change of the change feed: `user` joined with `role`, or was removed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MemberChange {
+    pub seq: u64,
+    pub user: UserId,
+    pub role: MemberRole,
+    pub removed: bool,
+}
+
+/// A page of members or of membership changes, and the member list's version.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MemberPage {
+    /// The seq of the last membership event, read before the page (0: the conversation
+    /// predates versions and has no change feed).
+    pub version: u64,
+    pub members: Vec<Member>,
+    pub changes: Vec<MemberChange>,
+}
+
 /// One entry of a user's conversation list.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ConversationSummary {
@@ -1421,19 +1452,82 @@ impl Log {
         let dir = keys::member_dir(tenant, conv);
         let rows = self.page(&dir, after.map(|u| u.as_str()), limit).await?;
         rows.into_iter()
-            .map(|(key, value)| {
-                let m =
-                    Membership::decode(value.as_slice()).map_err(|e| LogError::corrupt(&key, e))?;
-                let user = keys::last_part(&dir, &key)
-                    .and_then(|u| UserId::new(u).ok())
-                    .ok_or_else(|| LogError::corrupt(&key, "bad member key"))?;
-                Ok(Member {
-                    user,
-                    role: MemberRole::try_from(m.role).unwrap_or(MemberRole::Unspecified),
-                    joined_seq: m.joined_seq,
-                })
-            })
+            .map(|(key, value)| member_of(&dir, &key, &value))
             .collect()
+    }
+
+    /// A page of members (in id order, after `after`, starting with `prefix`), or of the
+    /// membership changes since a version, with the member list's version. Every read is a
+    /// bounded range of at most `limit` rows, whatever the group's size.
+    pub async fn member_page(
+        &self,
+        tenant: &TenantId,
+        conv: &ConvId,
+        q: &MembersQuery,
+    ) -> Result<MemberPage, LogError> {
+        self.check_limit(q.limit)?;
+        if q.prefix.len() > 64
+            || !q
+                .prefix
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        {
+            return Err(LogError::InvalidRequest(
+                "a member prefix is at most 64 characters of [A-Za-z0-9_-]".into(),
+            ));
+        }
+        // Read first: the page reflects this version or later.
+        let version = self.head(tenant, conv).await?.membership_seq;
+        let mut page = MemberPage {
+            version,
+            ..MemberPage::default()
+        };
+        if let Some(since) = q.since_version {
+            if version == 0 {
+                return Err(LogError::InvalidRequest(
+                    "this conversation predates member list versions: list its members".into(),
+                ));
+            }
+            let dir = keys::member_change_dir(tenant, conv);
+            let rows = self
+                .inner
+                .store
+                .scan(
+                    keys::member_changes_after(tenant, conv, since),
+                    q.limit,
+                    Order::Ascending,
+                )
+                .await?;
+            for (key, value) in rows {
+                let change = tidings_schemas::storage::MembershipChange::decode(value.as_slice())
+                    .map_err(|e| LogError::corrupt(&key, e))?;
+                let (seq, user) = keys::member_change_parts(&dir, &key)
+                    .ok_or_else(|| LogError::corrupt(&key, "bad membership change key"))?;
+                page.changes.push(MemberChange {
+                    seq,
+                    user: UserId::new(user).map_err(|e| LogError::corrupt(&key, e))?,
+                    role: MemberRole::try_from(change.role).unwrap_or(MemberRole::Unspecified),
+                    removed: change.removed,
+                });
+            }
+            return Ok(page);
+        }
+        let dir = keys::member_dir(tenant, conv);
+        let mut range = KeyRange::prefix([dir.as_slice(), q.prefix.as_bytes()].concat());
+        if let Some(after) = &q.after {
+            let start = [dir.as_slice(), after.as_str().as_bytes(), &[0]].concat();
+            range.start = range.start.max(start);
+        }
+        let rows = self
+            .inner
+            .store
+            .scan(range, q.limit, Order::Ascending)
+            .await?;
+        page.members = rows
+            .into_iter()
+            .map(|(key, value)| member_of(&dir, &key, &value))
+            .collect::<Result<_, _>>()?;
+        Ok(page)
     }
 
     /// One page of the user's conversations in id order, starting after `after`, with heads
@@ -1512,6 +1606,19 @@ impl Log {
             .scan(range, limit, Order::Ascending)
             .await?)
     }
+}
+
+/// The member a `mb/` row under `dir` holds.
+fn member_of(dir: &[u8], key: &[u8], value: &[u8]) -> Result<Member, LogError> {
+    let m = Membership::decode(value).map_err(|e| LogError::corrupt(key, e))?;
+    let user = keys::last_part(dir, key)
+        .and_then(|u| UserId::new(u).ok())
+        .ok_or_else(|| LogError::corrupt(key, "bad member key"))?;
+    Ok(Member {
+        user,
+        role: MemberRole::try_from(m.role).unwrap_or(MemberRole::Unspecified),
+        joined_seq: m.joined_seq,
+    })
 }
 
 /// Opens the value stored at `ev/<tenant>/<conv>/<seq>` (its key is `key`, for errors) and

@@ -26,7 +26,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use prost::Message;
-use tidings_schemas::storage::{Dedupe, Head, Lease, Membership, SealedEvent, UserConversation};
+use tidings_schemas::storage::{
+    Dedupe, Head, Lease, Membership, MembershipChange, SealedEvent, UserConversation,
+};
 use tidings_schemas::v1::{
     ConversationCreated, ConversationKind, ConversationRenamed, Event, MemberJoined, MemberLeft,
     MemberRole, event::Body,
@@ -466,6 +468,7 @@ impl Scratch<'_> {
             };
             self.join(t, c, m, role, committed.seq, &head);
         }
+        head.membership_seq = committed.seq;
         self.put(keys::head(t, c), &head);
         Ok(Outcome::Committed(committed))
     }
@@ -484,6 +487,11 @@ impl Scratch<'_> {
             joined_seq: seq,
         };
         self.put(keys::member(t, c, user), &membership);
+        let change = MembershipChange {
+            role: role as i32,
+            removed: false,
+        };
+        self.put(keys::member_change(t, c, seq, user), &change);
         // The join event itself counts as read.
         self.put(
             keys::user_conv(t, user, c),
@@ -629,6 +637,7 @@ impl Scratch<'_> {
         let committed = self.push_event(&mut head, t, c, by, "", body)?;
         self.join(t, c, user, MemberRole::Member, committed.seq, &head);
         head.member_count += 1;
+        head.membership_seq = committed.seq;
         self.put(keys::head(t, c), &head);
         Ok(Outcome::Committed(committed))
     }
@@ -655,7 +664,13 @@ impl Scratch<'_> {
         let committed = self.push_event(&mut head, t, c, by, "", body)?;
         self.write(keys::member(t, c, user), None);
         self.write(keys::user_conv(t, user, c), None);
+        let change = MembershipChange {
+            role: 0,
+            removed: true,
+        };
+        self.put(keys::member_change(t, c, committed.seq, user), &change);
         head.member_count = head.member_count.saturating_sub(1);
+        head.membership_seq = committed.seq;
         self.put(keys::head(t, c), &head);
         Ok(Outcome::Committed(committed))
     }

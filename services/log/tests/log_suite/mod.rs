@@ -15,7 +15,7 @@ use tidings_log::crypto::MasterKey;
 use tidings_log::store::{KvStore, Order, StoreError, Transaction};
 use tidings_log::{
     Append, Body, ClientMsgId, ConvId, ConversationKind, CreateConversation, Event, Log, LogConfig,
-    LogError, MemberRole, ReadRange, TenantId, UserId, keys,
+    LogError, MemberRole, MembersQuery, ReadRange, TenantId, UserId, keys,
 };
 use tidings_schemas::v1::{MessageEdited, MessagePosted, MessageRecalled, ReactionAdded};
 
@@ -648,6 +648,96 @@ pub async fn unread_counts_only_others_messages_and_at_all_is_for_owners(store: 
     assert_eq!(unread_of(&f.log, "acme", "alice", "pair").await, 71);
 }
 
+/// The member list has a version (the seq of its last membership event), the changes since
+/// a version, and a prefix search; each a bounded read.
+pub async fn member_lists_have_versions_changes_and_prefix_search(store: Arc<dyn KvStore>) {
+    let f = fixture(store).await;
+    let (acme, general) = (t("acme"), c("general"));
+    group(
+        &f.log,
+        "acme",
+        "general",
+        "alice",
+        &["bob", "bobby", "carol"],
+    )
+    .await; // seq 1
+    f.log
+        .append(text("acme", "general", "alice", "m1", "hi"))
+        .await
+        .expect("post"); // 2
+    let q = |prefix: &str, since: Option<u64>| MembersQuery {
+        after: None,
+        limit: 10,
+        prefix: prefix.into(),
+        since_version: since,
+    };
+    let page = f
+        .log
+        .member_page(&acme, &general, &q("", None))
+        .await
+        .expect("page");
+    assert_eq!(page.version, 1, "a message is not a membership change");
+    assert_eq!(page.members.len(), 4);
+    let bo = f
+        .log
+        .member_page(&acme, &general, &q("bo", None))
+        .await
+        .expect("prefix");
+    let names: Vec<_> = bo.members.iter().map(|m| m.user.as_str()).collect();
+    assert_eq!(names, ["bob", "bobby"]);
+    let after = MembersQuery {
+        after: Some(u("bob")),
+        ..q("bo", None)
+    };
+    let rest = f
+        .log
+        .member_page(&acme, &general, &after)
+        .await
+        .expect("after");
+    assert_eq!(rest.members.len(), 1);
+    assert_eq!(rest.members[0].user.as_str(), "bobby");
+
+    f.log
+        .add_member(&acme, &general, &u("alice"), &u("dave"))
+        .await
+        .expect("add"); // 3
+    f.log
+        .remove_member(&acme, &general, &u("alice"), &u("bob"))
+        .await
+        .expect("remove"); // 4
+    let since = f
+        .log
+        .member_page(&acme, &general, &q("", Some(1)))
+        .await
+        .expect("since");
+    assert_eq!(since.version, 4);
+    let changes: Vec<_> = since
+        .changes
+        .iter()
+        .map(|ch| (ch.seq, ch.user.as_str(), ch.removed))
+        .collect();
+    assert_eq!(changes, [(3, "dave", false), (4, "bob", true)]);
+    let none = f
+        .log
+        .member_page(&acme, &general, &q("", Some(4)))
+        .await
+        .expect("none");
+    assert!(none.changes.is_empty());
+    // The whole feed from the start rebuilds the list.
+    let all = f
+        .log
+        .member_page(&acme, &general, &q("", Some(0)))
+        .await
+        .expect("all");
+    assert_eq!(all.changes.len(), 6, "4 at creation, dave, bob");
+    let err = f
+        .log
+        .member_page(&acme, &general, &q("b*", None))
+        .await
+        .expect_err("bad prefix");
+    assert!(matches!(err, LogError::InvalidRequest(_)), "{err:?}");
+}
+
 pub async fn reads_go_forward_or_backward_with_a_limit(store: Arc<dyn KvStore>) {
     let f = fixture(store).await;
     let (acme, general) = (t("acme"), c("general"));
@@ -943,7 +1033,7 @@ pub async fn tenants_are_isolated(store: Arc<dyn KvStore>) {
 macro_rules! log_suite {
     ($make:expr) => {
         log_suite!(@cases $make; (flavor = "multi_thread", worker_threads = 2); seqs_are_exactly_one_to_head_under_concurrent_appends, reads_racing_appends_see_contiguous_committed_runs);
-        log_suite!(@cases $make; (flavor = "current_thread"); appends_queued_in_order_get_seqs_in_that_order, retry_with_same_client_msg_id_returns_original_and_writes_nothing, concurrent_appends_share_store_commits, only_members_may_post_and_refusals_write_nothing, membership_changes_are_events_and_keep_the_lists_current, direct_conversations_have_exactly_two_fixed_members, read_cursors_move_forward_only_and_give_unread_counts, unread_counts_only_others_messages_and_at_all_is_for_owners, reads_go_forward_or_backward_with_a_limit, edits_and_recalls_point_at_the_authors_own_messages, bad_input_gets_typed_errors, tenants_are_isolated);
+        log_suite!(@cases $make; (flavor = "current_thread"); appends_queued_in_order_get_seqs_in_that_order, retry_with_same_client_msg_id_returns_original_and_writes_nothing, concurrent_appends_share_store_commits, only_members_may_post_and_refusals_write_nothing, membership_changes_are_events_and_keep_the_lists_current, direct_conversations_have_exactly_two_fixed_members, read_cursors_move_forward_only_and_give_unread_counts, unread_counts_only_others_messages_and_at_all_is_for_owners, member_lists_have_versions_changes_and_prefix_search, reads_go_forward_or_backward_with_a_limit, edits_and_recalls_point_at_the_authors_own_messages, bad_input_gets_typed_errors, tenants_are_isolated);
     };
     (@cases $make:expr; $flavor:tt; $($case:ident),* $(,)?) => {
         $(
