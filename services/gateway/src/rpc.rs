@@ -604,7 +604,7 @@ async fn execute(log: &Log, t: TenantId, call: Call) -> Result<Reply, LogError> 
                 client_msg_id: ClientMsgId::new(a.client_msg_id)?,
                 body: body_from_wire(body),
             };
-            to_wire_committed(log.append(req).await?)
+            to_wire_committed(log.append_for_user(req).await?)
         }
         Call::Read(r) => {
             let range = ReadRange {

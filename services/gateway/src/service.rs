@@ -140,8 +140,9 @@ pub trait LogService: Send + Sync + 'static {
 /// own process.
 #[async_trait]
 impl LogService for Log {
+    /// A user's send: held to the writer's admission control (`Log::append_for_user`).
     async fn append(&self, _caller: &Caller, req: Append) -> Result<Committed, LogError> {
-        Log::append(self, req).await
+        Log::append_for_user(self, req).await
     }
     async fn read(
         &self,

@@ -995,10 +995,21 @@ impl Log {
     /// Queues an append behind every append queued before it and returns at once (or when
     /// the queue has room). Appends queued in order from one task get increasing seqs in
     /// that order.
-    ///
-    /// Past the writer's capacity, appends to the hottest conversations are refused with
-    /// `rate_limited` before they queue (`overload`).
     pub async fn enqueue(&self, req: Append) -> Result<PendingAppend, LogError> {
+        self.check_append(&req)?;
+        Ok(PendingAppend(self.submit(Command::Append(req)).await?))
+    }
+
+    /// Appends and waits until the event is durable.
+    pub async fn append(&self, req: Append) -> Result<Committed, LogError> {
+        self.enqueue(req).await?.wait().await
+    }
+
+    /// [`Log::append`] for a user's send (through a gateway), held also to the writer's
+    /// admission control: past its capacity, appends to the hottest conversations are
+    /// refused with `rate_limited` before they queue (`overload`). Operator tools (the CLI's
+    /// imports, benchmarks) call `append` and are not held to it.
+    pub async fn append_for_user(&self, req: Append) -> Result<Committed, LogError> {
         self.check_append(&req)?;
         // Counted where the append will run: a writer that does not own the partition
         // refuses it (the caller retries at the owner) without counting it.
@@ -1010,12 +1021,7 @@ impl Log {
             self.queued(),
             std::time::Instant::now(),
         )?;
-        Ok(PendingAppend(self.submit(Command::Append(req)).await?))
-    }
-
-    /// Appends and waits until the event is durable.
-    pub async fn append(&self, req: Append) -> Result<Committed, LogError> {
-        self.enqueue(req).await?.wait().await
+        self.append(req).await
     }
 
     /// Moves the user's read cursor forward (never back, never past the head); returns it.

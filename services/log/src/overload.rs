@@ -5,7 +5,7 @@
 //! nothing when it is not. This admission control limits nothing below capacity. Above it
 //! (docs/decisions/overload-admission.md):
 //!
-//! - **Capacity** is configured (`capacity_per_sec`), or learned: the sequencer's mean
+//! - **Capacity** is configured (`capacity_per_sec`), or learned (`learn`): the sequencer's mean
 //!   queueing delay, by Little's law (mean queue depth / appends admitted per second), above
 //!   20 ms means overload (WeChat's DAGOR). The learned capacity then steps down to 95% of
 //!   what was admitted, and back up 5% a window while the queueing stays low, until it
@@ -53,8 +53,11 @@ const REPLANS_PER_WINDOW: u64 = 8;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OverloadConfig {
     /// Appends a second this writer carries before it limits the hottest conversations;
-    /// 0: learn it from the sequencer's queueing delay.
+    /// 0: none configured (see `learn`).
     pub capacity_per_sec: u32,
+    /// Without a configured capacity, learn one from the sequencer's queueing delay. Off:
+    /// nothing is limited (and nothing counted) unless a capacity is configured.
+    pub learn: bool,
     /// Conversations whose send rates are tracked at once (slots of the sketch).
     pub tracked_conversations: usize,
     /// Appends a second any conversation may make however overloaded the writer is.
@@ -67,6 +70,7 @@ impl Default for OverloadConfig {
     fn default() -> Self {
         OverloadConfig {
             capacity_per_sec: 0,
+            learn: false,
             tracked_conversations: 1024,
             floor_per_sec: 5,
             vip_tenants: Vec::new(),
@@ -84,7 +88,7 @@ impl OverloadConfig {
         }
         if self.capacity_per_sec != 0 && self.capacity_per_sec < self.floor_per_sec {
             return Err(
-                "capacity_per_sec must be 0 (learned) or at least overload_floor_per_sec".into(),
+                "capacity_per_sec must be 0 (none) or at least overload_floor_per_sec".into(),
             );
         }
         for t in &self.vip_tenants {
@@ -225,6 +229,9 @@ impl Overload {
         queued: usize,
         now: Instant,
     ) -> Result<(), LogError> {
+        if self.cfg.capacity_per_sec == 0 && !self.cfg.learn {
+            return Ok(());
+        }
         let tier = self.tier(tenant);
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         if now.duration_since(s.window_start) >= WINDOW {
@@ -348,7 +355,7 @@ impl Overload {
                 "overload window ended"
             );
         }
-        if self.cfg.capacity_per_sec == 0 {
+        if self.cfg.capacity_per_sec == 0 && self.cfg.learn {
             self.learn(s);
         }
         s.prev_attempts = if idle { 0 } else { s.attempts };
@@ -471,6 +478,7 @@ mod tests {
     fn cfg(capacity: u32) -> OverloadConfig {
         OverloadConfig {
             capacity_per_sec: capacity,
+            learn: capacity == 0,
             tracked_conversations: 64,
             floor_per_sec: 3,
             vip_tenants: vec!["gold".into()],

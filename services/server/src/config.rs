@@ -635,9 +635,12 @@ pub struct LogSection {
     pub send_buffer_max_bytes: u64,
     /// Oldest a buffered event may wait for the store; past it sends fail `unavailable`.
     pub send_buffer_max_age_ms: u64,
-    /// Appends a second this writer carries before it limits the hottest conversations;
-    /// 0: learned from the sequencer's queueing (docs/decisions/overload-admission.md).
+    /// Appends a second this writer carries before it limits the hottest conversations
+    /// (docs/decisions/overload-admission.md); 0: none configured.
     pub capacity_per_sec: u32,
+    /// Without a configured capacity, learn one from the sequencer's queueing (> 20 ms mean
+    /// is overload).
+    pub overload_learn: bool,
     /// Conversations whose send rates the overload control tracks at once.
     pub overload_tracked_conversations: usize,
     /// Appends a second any conversation may make however overloaded the writer is.
@@ -688,6 +691,7 @@ impl Default for LogSection {
             send_buffer_max_bytes: 256 << 20,
             send_buffer_max_age_ms: 300_000,
             capacity_per_sec: d.overload.capacity_per_sec,
+            overload_learn: d.overload.learn,
             overload_tracked_conversations: d.overload.tracked_conversations,
             overload_floor_per_sec: d.overload.floor_per_sec,
             vip_tenants: d.overload.vip_tenants,
@@ -1024,6 +1028,9 @@ impl Config {
         if let Some(v) = env("TIDINGS_LOG_CAPACITY_PER_SEC") {
             self.log.capacity_per_sec = parse_env("TIDINGS_LOG_CAPACITY_PER_SEC", &v)?;
         }
+        if let Some(v) = env("TIDINGS_LOG_OVERLOAD_LEARN") {
+            self.log.overload_learn = parse_flag("TIDINGS_LOG_OVERLOAD_LEARN", &v)?;
+        }
         if let Some(v) = env("TIDINGS_LOG_OVERLOAD_TRACKED_CONVERSATIONS") {
             self.log.overload_tracked_conversations =
                 parse_env("TIDINGS_LOG_OVERLOAD_TRACKED_CONVERSATIONS", &v)?;
@@ -1282,6 +1289,7 @@ impl Config {
             send_buffer: self.send_buffer(),
             overload: tidings_log::overload::OverloadConfig {
                 capacity_per_sec: s.capacity_per_sec,
+                learn: s.overload_learn,
                 tracked_conversations: s.overload_tracked_conversations,
                 floor_per_sec: s.overload_floor_per_sec,
                 vip_tenants: s.vip_tenants.clone(),
