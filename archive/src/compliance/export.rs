@@ -790,6 +790,7 @@ mod tests {
                 text: text.into(),
                 mentions: vec!["bob".into()],
                 reply_to_seq: 0,
+                mention_all: false,
             })
         };
         let fate = Fate {

@@ -224,6 +224,13 @@ pub struct ListMembers {
     pub after: ::prost::alloc::string::String,
     #[prost(uint32, tag = "3")]
     pub limit: u32,
+    /// Only members whose id starts with this (the @-list's search); empty: all.
+    #[prost(string, tag = "4")]
+    pub prefix: ::prost::alloc::string::String,
+    /// > 0: instead of members, the changes after this version (MemberList.changes), in seq
+    /// order, at most `limit`; ask again from the last change's seq while `more`.
+    #[prost(uint64, tag = "5")]
+    pub since_version: u64,
 }
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct Ping {}
@@ -317,6 +324,7 @@ pub struct ConversationState {
     pub head_seq: u64,
     #[prost(uint64, tag = "3")]
     pub read_seq: u64,
+    /// As in ConversationSummary.
     #[prost(uint64, tag = "4")]
     pub unread: u64,
     /// Events after the client's last_seq, ascending, at most `latest` (the newest ones).
@@ -386,6 +394,9 @@ pub struct ConversationSummary {
     pub head_seq: u64,
     #[prost(uint64, tag = "3")]
     pub read_seq: u64,
+    /// Others' messages after read_seq: not one's own, not joins, leaves, renames, edits,
+    /// recalls or reactions (conversations created before tidings counted messages: head_seq
+    /// minus read_seq).
     #[prost(uint64, tag = "4")]
     pub unread: u64,
 }
@@ -416,9 +427,36 @@ pub struct Member {
 pub struct MemberList {
     #[prost(message, repeated, tag = "1")]
     pub members: ::prost::alloc::vec::Vec<Member>,
-    /// True when more members may follow: ask again with after = the last one returned.
+    /// True when more members (or changes) may follow: ask again with after = the last one
+    /// returned (or since_version = the last change's seq).
     #[prost(bool, tag = "2")]
     pub more: bool,
+    /// The member list's version: the seq of the conversation's last membership event as read
+    /// before this page (the page may already include later changes; applying the changes
+    /// since this version again is harmless). 0: the conversation predates versions, so ask
+    /// for the whole list instead of changes.
+    #[prost(uint64, tag = "3")]
+    pub version: u64,
+    #[prost(message, repeated, tag = "4")]
+    pub changes: ::prost::alloc::vec::Vec<MemberUpdate>,
+}
+/// One membership change: `user` joined with `role`, or was `removed`, at `seq`.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct MemberUpdate {
+    #[prost(string, tag = "1")]
+    pub user: ::prost::alloc::string::String,
+    #[prost(enumeration = "super::super::v1::MemberRole", tag = "2")]
+    pub role: i32,
+    #[prost(bool, tag = "3")]
+    pub removed: bool,
+    #[prost(uint64, tag = "4")]
+    pub seq: u64,
+    /// The role by name and the display name after the change (a join, a role or display
+    /// name change); empty when removed.
+    #[prost(string, tag = "5")]
+    pub role_name: ::prost::alloc::string::String,
+    #[prost(string, tag = "6")]
+    pub display_name: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct Error {

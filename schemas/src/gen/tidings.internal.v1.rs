@@ -275,6 +275,12 @@ pub struct ListMembers {
     pub after: ::prost::alloc::string::String,
     #[prost(uint32, tag = "3")]
     pub limit: u32,
+    /// Only members whose id starts with this (the @-list's search).
+    #[prost(string, tag = "4")]
+    pub prefix: ::prost::alloc::string::String,
+    /// > 0: the changes after this version instead of members.
+    #[prost(uint64, tag = "5")]
+    pub since_version: u64,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct IsMember {
@@ -354,6 +360,27 @@ pub struct Member {
 pub struct MemberList {
     #[prost(message, repeated, tag = "1")]
     pub members: ::prost::alloc::vec::Vec<Member>,
+    #[prost(uint64, tag = "2")]
+    pub version: u64,
+    #[prost(message, repeated, tag = "3")]
+    pub changes: ::prost::alloc::vec::Vec<MemberUpdate>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct MemberUpdate {
+    #[prost(string, tag = "1")]
+    pub user: ::prost::alloc::string::String,
+    #[prost(enumeration = "super::super::v1::MemberRole", tag = "2")]
+    pub role: i32,
+    #[prost(bool, tag = "3")]
+    pub removed: bool,
+    #[prost(uint64, tag = "4")]
+    pub seq: u64,
+    /// The role by name and the display name after the change (a join, a role or display
+    /// name change); empty when removed.
+    #[prost(string, tag = "5")]
+    pub role_name: ::prost::alloc::string::String,
+    #[prost(string, tag = "6")]
+    pub display_name: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct Info {

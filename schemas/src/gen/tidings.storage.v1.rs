@@ -7,6 +7,12 @@ pub struct SealedEvent {
     pub key_id: u32,
     #[prost(bytes = "vec", tag = "2")]
     pub ciphertext: ::prost::alloc::vec::Vec<u8>,
+    /// Messages (message_posted events) in 1..=this seq, when the conversation's head counts
+    /// them (Head.counts_messages): what a read cursor moved to this seq has read, for unread
+    /// counts that skip other events without opening any. Not secret: the archive's kind
+    /// column tells kinds apart too.
+    #[prost(uint64, tag = "3")]
+    pub messages: u64,
 }
 /// hd/<tenant>/<conv>: the conversation's head. Written in the same transaction as the events
 /// it covers, so a reader that sees head N can read every seq in 1..=N.
@@ -30,6 +36,33 @@ pub struct Head {
     /// The kind by name, whose policy the writer enforces; empty: the built-in `kind`.
     #[prost(string, tag = "7")]
     pub kind_name: ::prost::alloc::string::String,
+    /// Messages (message_posted events) in 1..=last_seq; valid when counts_messages is set
+    /// (conversations created before the count existed have it unset: their unread counts
+    /// are head minus read cursor, as before).
+    #[prost(uint64, tag = "8")]
+    pub messages: u64,
+    #[prost(bool, tag = "9")]
+    pub counts_messages: bool,
+    /// Seq of the last membership event (creation, join, leave, role or display name change):
+    /// the member list's version. 0 for conversations from before versions: they have no
+    /// change feed (mc/).
+    #[prost(uint64, tag = "10")]
+    pub membership_seq: u64,
+}
+/// mc/<tenant>/<conv>/<seq>/<user>: a membership change made by event <seq>, so a client can
+/// ask for the changes since the version it holds instead of the whole member list.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct MembershipChange {
+    /// tidings.v1.MemberRole of a member who joined or whose role changed; unset when removed.
+    #[prost(int32, tag = "1")]
+    pub role: i32,
+    #[prost(bool, tag = "2")]
+    pub removed: bool,
+    /// The member's role by name and display name after the change; empty when removed.
+    #[prost(string, tag = "3")]
+    pub role_name: ::prost::alloc::string::String,
+    #[prost(string, tag = "4")]
+    pub display_name: ::prost::alloc::string::String,
 }
 /// dd/<tenant>/<conv>/<sender>/<client_msg_id>: dedupe record of a client's append, with
 /// what the original ack said so a retry gets the same answer without opening the event.
@@ -58,12 +91,21 @@ pub struct Membership {
     pub display_name: ::prost::alloc::string::String,
 }
 /// uc/<tenant>/<user>/<conv>: the user's conversation list and read cursor.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct UserConversation {
     #[prost(uint64, tag = "1")]
     pub joined_seq: u64,
     #[prost(uint64, tag = "2")]
     pub read_seq: u64,
+    /// Head.messages as of read_seq (valid when counts_messages is set).
+    #[prost(uint64, tag = "3")]
+    pub read_messages: u64,
+    /// The user's own messages after read_seq (at most 64; past that, sending moves the read
+    /// cursor to the message sent): excluded from the user's unread count.
+    #[prost(uint64, repeated, tag = "4")]
+    pub own_after_read: ::prost::alloc::vec::Vec<u64>,
+    #[prost(bool, tag = "5")]
+    pub counts_messages: bool,
 }
 /// kr/<tenant>/<key_id>: a tenant data key, wrapped (AES-256-SIV) by the master key.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]

@@ -64,6 +64,10 @@ pub struct MessagePosted {
     /// The seq this message replies to; 0 when it is not a reply.
     #[prost(uint64, tag = "3")]
     pub reply_to_seq: u64,
+    /// The message mentions everyone (@all). In groups of at least
+    /// log.mention_all_owners_only_from members only owners may send it.
+    #[prost(bool, tag = "4")]
+    pub mention_all: bool,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct MessageEdited {

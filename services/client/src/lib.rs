@@ -134,6 +134,162 @@ impl std::ops::Deref for Connection {
     }
 }
 
+/// How a send is retried when the server answers RATE_LIMITED (the log is overloaded and
+/// the conversation is among the hottest, or the session sends too many frames): after the
+/// `retry_after_ms` the server gave, stretched by a random jitter ([`retry_delay`]) so the
+/// many clients refused in one window do not all come back at the same instant. The retry
+/// carries the same `client_msg_id`, so a send that did land is never written twice.
+#[derive(Clone, Copy, Debug)]
+pub struct RetryPolicy {
+    /// Attempts in all, the first included.
+    pub max_attempts: u32,
+    /// Longest total wait; past it the last refusal is returned.
+    pub max_wait: std::time::Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            max_attempts: 8,
+            max_wait: std::time::Duration::from_secs(30),
+        }
+    }
+}
+
+/// A conversation's member list kept by the client (the @-list, member checks): loaded once,
+/// page after page, then kept current by asking only for the changes since its version.
+/// It holds the whole list of one conversation: at most the server's `log.max_group_members`.
+#[derive(Clone, Debug, Default)]
+pub struct MemberCache {
+    conversation: String,
+    version: u64,
+    members: std::collections::BTreeMap<String, proto::Member>,
+}
+
+/// Entries asked for per ListMembers request by [`MemberCache`].
+const MEMBER_PAGE: u32 = 1000;
+
+impl MemberCache {
+    /// Loads the whole list, page after page.
+    pub async fn load(r: &Requester, conversation: &str) -> Result<Self, ClientError> {
+        let mut cache = MemberCache {
+            conversation: conversation.to_string(),
+            ..MemberCache::default()
+        };
+        let mut after = String::new();
+        let mut first = true;
+        loop {
+            let page = r
+                .member_page(proto::ListMembers {
+                    conversation: conversation.to_string(),
+                    after: after.clone(),
+                    limit: MEMBER_PAGE,
+                    ..Default::default()
+                })
+                .await?;
+            if first {
+                // The oldest version the pages reflect: the changes since it cover the rest.
+                cache.version = page.version;
+                first = false;
+            }
+            let Some(last) = page.members.last() else {
+                break;
+            };
+            after = last.user.clone();
+            for m in page.members {
+                cache.members.insert(m.user.clone(), m);
+            }
+            if !page.more {
+                break;
+            }
+        }
+        Ok(cache)
+    }
+
+    /// Applies the changes since the version held (reloading the whole list for a
+    /// conversation without versions); returns how many changes were applied.
+    pub async fn refresh(&mut self, r: &Requester) -> Result<usize, ClientError> {
+        if self.version == 0 {
+            *self = MemberCache::load(r, &self.conversation).await?;
+            return Ok(self.members.len());
+        }
+        let mut applied = 0;
+        loop {
+            let page = r
+                .member_page(proto::ListMembers {
+                    conversation: self.conversation.clone(),
+                    limit: MEMBER_PAGE,
+                    since_version: self.version,
+                    ..Default::default()
+                })
+                .await?;
+            for ch in &page.changes {
+                if ch.removed {
+                    self.members.remove(&ch.user);
+                } else {
+                    // A join, or a role or display name change of a member held (who keeps
+                    // the seq they joined at).
+                    let m = self
+                        .members
+                        .entry(ch.user.clone())
+                        .or_insert_with(|| proto::Member {
+                            user: ch.user.clone(),
+                            joined_seq: ch.seq,
+                            ..Default::default()
+                        });
+                    m.role = ch.role;
+                    m.role_name = ch.role_name.clone();
+                    m.display_name = ch.display_name.clone();
+                }
+                self.version = self.version.max(ch.seq);
+                applied += 1;
+            }
+            self.version = self.version.max(page.version);
+            if !page.more || page.changes.is_empty() {
+                return Ok(applied);
+            }
+        }
+    }
+
+    /// The version held: the seq of the last membership event applied.
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    pub fn len(&self) -> usize {
+        self.members.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty()
+    }
+
+    pub fn contains(&self, user: &str) -> bool {
+        self.members.contains_key(user)
+    }
+
+    /// Up to `limit` members whose id starts with `prefix`, in id order (the @-list), from
+    /// memory.
+    pub fn search(&self, prefix: &str, limit: usize) -> Vec<&proto::Member> {
+        self.members
+            .range(prefix.to_string()..)
+            .take_while(|(user, _)| user.starts_with(prefix))
+            .take(limit)
+            .map(|(_, m)| m)
+            .collect()
+    }
+}
+
+/// Least wait before a retry, when the server said less (or nothing).
+pub const MIN_RETRY_DELAY: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// The wait before retrying a refusal that said `retry_after_ms`: from it to 1.5 times it,
+/// `unit` (in [0, 1)) choosing where; never under [`MIN_RETRY_DELAY`].
+pub fn retry_delay(retry_after_ms: u64, unit: f64) -> std::time::Duration {
+    let base = std::time::Duration::from_millis(retry_after_ms).max(MIN_RETRY_DELAY);
+    base + base.mul_f64(unit.clamp(0.0, 1.0) / 2.0)
+}
+
 /// Pushes buffered on the client before it stops reading the socket (and the server, seeing
 /// its queue fill, disconnects it as a slow consumer).
 const PUSH_BUFFER: usize = 4096;
@@ -392,6 +548,41 @@ impl Requester {
         }
     }
 
+    /// [`Requester::send_text`], retried after RATE_LIMITED as `policy` says (same
+    /// `client_msg_id`, waits from [`retry_delay`]). Other errors are returned at once.
+    pub async fn send_text_with_retry(
+        &self,
+        conversation: &str,
+        client_msg_id: &str,
+        text: &str,
+        policy: RetryPolicy,
+    ) -> Result<proto::SendAck, ClientError> {
+        let mut waited = std::time::Duration::ZERO;
+        let mut attempt = 1;
+        loop {
+            match self.send_text(conversation, client_msg_id, text).await {
+                Err(ClientError::Server {
+                    code: proto::ErrorCode::RateLimited,
+                    retry_after_ms,
+                    message,
+                }) => {
+                    let wait = retry_delay(retry_after_ms, fastrand::f64());
+                    if attempt >= policy.max_attempts || waited + wait > policy.max_wait {
+                        return Err(ClientError::Server {
+                            code: proto::ErrorCode::RateLimited,
+                            message,
+                            retry_after_ms,
+                        });
+                    }
+                    tokio::time::sleep(wait).await;
+                    waited += wait;
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
     /// Catches up on every conversation of the user: asks Sync page after page (the server
     /// answers a bounded number of conversations and bytes per page) and returns them all,
     /// in id order. Conversations the server could not read carry their `error`.
@@ -628,13 +819,25 @@ impl Requester {
         after: &str,
         limit: u32,
     ) -> Result<Vec<proto::Member>, ClientError> {
-        let op = Op::ListMembers(proto::ListMembers {
-            conversation: conversation.to_string(),
-            after: after.to_string(),
-            limit,
-        });
-        match self.request(op).await? {
-            Msg::MemberList(l) => Ok(l.members),
+        Ok(self
+            .member_page(proto::ListMembers {
+                conversation: conversation.to_string(),
+                after: after.to_string(),
+                limit,
+                ..Default::default()
+            })
+            .await?
+            .members)
+    }
+
+    /// One ListMembers answer as the server gave it: members (after, prefix) or the changes
+    /// since a version, with the list's version and whether more follow.
+    pub async fn member_page(
+        &self,
+        request: proto::ListMembers,
+    ) -> Result<proto::MemberList, ClientError> {
+        match self.request(Op::ListMembers(request)).await? {
+            Msg::MemberList(l) => Ok(l),
             other => Err(ClientError::Unexpected(format!("{other:?}"))),
         }
     }
@@ -704,6 +907,20 @@ mod tests {
             seq,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn retries_wait_what_the_server_said_plus_up_to_half_again() {
+        use std::time::Duration;
+        assert_eq!(retry_delay(400, 0.0), Duration::from_millis(400));
+        assert_eq!(retry_delay(400, 0.5), Duration::from_millis(500));
+        assert!(retry_delay(400, 0.999) < Duration::from_millis(600));
+        assert_eq!(retry_delay(0, 0.0), MIN_RETRY_DELAY);
+        assert_eq!(
+            retry_delay(400, 7.0),
+            Duration::from_millis(600),
+            "unit clamped"
+        );
     }
 
     #[test]

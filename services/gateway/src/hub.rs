@@ -216,6 +216,8 @@ pub struct HubConfig {
     pub max_pending: usize,
     /// How often an idle hub checks the log's head, to heal losses nothing else revealed.
     pub heal_interval: Duration,
+    /// Bytes of membership answers kept for the conversations hubs run for (`members.rs`).
+    pub member_cache_bytes: usize,
 }
 
 /// Joins queued for one hub. A join beyond this waits (the joining session's request, or
@@ -288,6 +290,8 @@ struct RegistryInner {
     bus: BusEvents,
     /// Subscriptions of hubs and user watches that are missing now (being made again).
     missing: Arc<AtomicUsize>,
+    /// Membership answers for the conversations hubs run for (`members.rs`).
+    members: crate::members::MemberCache,
 }
 
 impl Registry {
@@ -297,6 +301,7 @@ impl Registry {
         cfg: HubConfig,
         bus: BusEvents,
     ) -> Self {
+        let members = crate::members::MemberCache::new(cfg.member_cache_bytes);
         Registry {
             inner: Arc::new(RegistryInner {
                 state: Mutex::new(State::default()),
@@ -306,8 +311,14 @@ impl Registry {
                 cfg,
                 bus,
                 missing: Arc::default(),
+                members,
             }),
         }
+    }
+
+    /// The membership cache the hubs keep true.
+    pub fn members(&self) -> &crate::members::MemberCache {
+        &self.inner.members
     }
 
     /// How many of the fan-out's subscriptions are missing now (being made again); 0 when
@@ -617,6 +628,11 @@ impl Hub {
     }
 
     fn fan_out(&mut self, event: &Event) {
+        // Before any session sees it: a leaver is no longer answered "member" from memory.
+        self.registry
+            .inner
+            .members
+            .apply(&self.tenant, &self.conv, event);
         let frame = push_frame(Msg::Event(event.clone()));
         for s in self.sessions.values() {
             s.push(frame.clone());
@@ -842,6 +858,34 @@ impl Hub {
     }
 }
 
+/// The hub's conversation tracked by the membership cache while the hub runs (dropped on
+/// every way out, a panic included).
+struct Tracked {
+    registry: Registry,
+    tenant: TenantId,
+    conv: ConvId,
+}
+
+impl Tracked {
+    fn new(hub: &Hub) -> Self {
+        hub.registry.inner.members.track(&hub.tenant, &hub.conv);
+        Tracked {
+            registry: hub.registry.clone(),
+            tenant: hub.tenant.clone(),
+            conv: hub.conv.clone(),
+        }
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        self.registry
+            .inner
+            .members
+            .untrack(&self.tenant, &self.conv);
+    }
+}
+
 async fn run_hub(
     registry: Registry,
     tenant: TenantId,
@@ -869,6 +913,8 @@ async fn run_hub(
         pending: BTreeMap::new(),
         sessions: HashMap::new(),
     };
+    // From here every membership change reaches the cache in seq order, until the hub stops.
+    let _tracked = Tracked::new(&hub);
     let mut heal_timer = tokio::time::interval(heal_every);
     heal_timer.tick().await;
     loop {

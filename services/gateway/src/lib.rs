@@ -11,6 +11,8 @@
 //!   close codes for bad input.
 //! - [`hub`]: per-conversation fan-out: one NATS subscription per conversation per gateway,
 //!   reference counted; events delivered in seq order, once, gaps filled from the log.
+//! - [`members`]: the membership cache of the conversations followed here, kept true by
+//!   their hubs in seq order, bounded in bytes.
 //! - [`service`]: the [`LogService`](service::LogService) interface and its in-process
 //!   implementation over [`tidings_log::Log`].
 //! - [`rpc`]: the same interface over NATS request/reply, client and server sides; calls and
@@ -21,6 +23,8 @@
 //!   payloads, the X25519 key exchange) and the gateway's bounded key cache.
 //! - [`publisher`]: the log's commit feed, sealed, delivered to JetStream and to users'
 //!   notice subjects.
+//! - [`shed`]: sends to a conversation the log is limiting (overload) refused at the edge
+//!   until its window ends.
 //! - [`revocation`]: revoked tokens at the gateway: the Hello check, the notices on
 //!   `tidings.revoked.<tenant>` that end live sessions at once, and a periodic re-check.
 //! - [`send_buffer_stream`]: the log's send buffer on a JetStream stream, for writers on
@@ -40,6 +44,7 @@ pub mod bus_crypto;
 pub mod health;
 pub mod http;
 pub mod hub;
+pub mod members;
 pub mod metrics;
 pub mod nats;
 pub mod publisher;
@@ -51,6 +56,7 @@ pub mod send_buffer_stream;
 pub mod server;
 pub mod service;
 pub mod session;
+pub mod shed;
 pub mod subjects;
 pub mod tls;
 pub mod web;

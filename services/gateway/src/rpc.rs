@@ -26,8 +26,8 @@ use tidings_log::crypto::TransportKey;
 use tidings_log::store::Order;
 use tidings_log::{
     Append, Body, ClientMsgId, Committed, ConvId, ConversationInfo, ConversationKind,
-    ConversationSummary, CreateConversation, Event, Log, LogError, Member, MemberRole, ReadRange,
-    TenantId, UserId,
+    ConversationSummary, CreateConversation, Event, Log, LogError, Member, MemberChange,
+    MemberPage, MemberRole, MembersQuery, ReadRange, TenantId, UserId,
 };
 use tidings_schemas::internal as wire;
 use tidings_schemas::internal::log_request::Call;
@@ -502,30 +502,52 @@ impl LogService for NatsLogService {
         caller: &Caller,
         t: &TenantId,
         c: &ConvId,
-        after: Option<&UserId>,
-        limit: usize,
-    ) -> Result<Vec<Member>, LogError> {
+        q: &MembersQuery,
+    ) -> Result<MemberPage, LogError> {
         let call = Call::ListMembers(wire::ListMembers {
             conversation: c.to_string(),
-            after: after.map(|a| a.to_string()).unwrap_or_default(),
-            limit: limit_u32(limit),
+            after: q.after.as_ref().map(|a| a.to_string()).unwrap_or_default(),
+            limit: limit_u32(q.limit),
+            prefix: q.prefix.clone(),
+            // The wire's 0 is "members": every version a list was served with is at least 1
+            // (the creation), so no one asks the changes since 0.
+            since_version: q.since_version.unwrap_or(0),
         });
-        match self.call(caller, t, call).await? {
-            Reply::Members(list) => list
-                .members
-                .into_iter()
-                .map(|m| {
-                    Ok(Member {
-                        user: UserId::new(m.user)?,
-                        role: MemberRole::try_from(m.role).unwrap_or(MemberRole::Unspecified),
-                        role_name: m.role_name,
-                        display_name: m.display_name,
-                        joined_seq: m.joined_seq,
-                    })
+        let Reply::Members(list) = self.call(caller, t, call).await? else {
+            return Err(unexpected());
+        };
+        let members = list
+            .members
+            .into_iter()
+            .map(|m| {
+                Ok(Member {
+                    user: UserId::new(m.user)?,
+                    role: MemberRole::try_from(m.role).unwrap_or(MemberRole::Unspecified),
+                    role_name: m.role_name,
+                    display_name: m.display_name,
+                    joined_seq: m.joined_seq,
                 })
-                .collect(),
-            _ => Err(unexpected()),
-        }
+            })
+            .collect::<Result<_, LogError>>()?;
+        let changes = list
+            .changes
+            .into_iter()
+            .map(|m| {
+                Ok(MemberChange {
+                    seq: m.seq,
+                    user: UserId::new(m.user)?,
+                    role: MemberRole::try_from(m.role).unwrap_or(MemberRole::Unspecified),
+                    role_name: m.role_name,
+                    display_name: m.display_name,
+                    removed: m.removed,
+                })
+            })
+            .collect::<Result<_, LogError>>()?;
+        Ok(MemberPage {
+            version: list.version,
+            members,
+            changes,
+        })
     }
 
     async fn is_member(
@@ -635,7 +657,7 @@ async fn execute(log: &Log, t: TenantId, call: Call) -> Result<Reply, LogError> 
                 client_msg_id: ClientMsgId::new(a.client_msg_id)?,
                 body: body_from_wire(body),
             };
-            to_wire_committed(log.append(req).await?)
+            to_wire_committed(log.append_for_user(req).await?)
         }
         Call::Read(r) => {
             let range = ReadRange {
@@ -726,17 +748,34 @@ async fn execute(log: &Log, t: TenantId, call: Call) -> Result<Reply, LogError> 
         }
         Call::ListMembers(l) => {
             let c = ConvId::new(l.conversation)?;
-            let after = opt(l.after, UserId::new)?;
-            let list = log
-                .members(&t, &c, after.as_ref(), l.limit as usize)
-                .await?;
+            let q = MembersQuery {
+                after: opt(l.after, UserId::new)?,
+                limit: l.limit as usize,
+                prefix: l.prefix,
+                since_version: (l.since_version > 0).then_some(l.since_version),
+            };
+            let page = log.member_page(&t, &c, &q).await?;
             Reply::Members(wire::MemberList {
-                members: list
+                members: page
+                    .members
                     .into_iter()
                     .map(|m| wire::Member {
                         user: m.user.to_string(),
                         role: m.role as i32,
                         joined_seq: m.joined_seq,
+                        role_name: m.role_name,
+                        display_name: m.display_name,
+                    })
+                    .collect(),
+                version: page.version,
+                changes: page
+                    .changes
+                    .into_iter()
+                    .map(|m| wire::MemberUpdate {
+                        user: m.user.to_string(),
+                        role: m.role as i32,
+                        removed: m.removed,
+                        seq: m.seq,
                         role_name: m.role_name,
                         display_name: m.display_name,
                     })

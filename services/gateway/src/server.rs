@@ -52,6 +52,12 @@ pub struct GatewayConfig {
     pub allowed_origins: Vec<String>,
     /// Conversations one session follows at most.
     pub max_conversations_per_session: usize,
+    /// Typing notices are not relayed in conversations with more members than this: in a
+    /// big group they would be noise to everyone and a NATS message per keystroke burst.
+    pub typing_max_members: u64,
+    /// Bytes of membership answers the gateway keeps (`members.rs`); past it they are
+    /// dropped and asked again.
+    pub member_cache_bytes: usize,
     /// How often an idle conversation hub checks the log for events NATS did not bring.
     pub heal_interval: Duration,
 }
@@ -85,6 +91,9 @@ impl Default for GatewayConfig {
             frame_burst: 400,
             allowed_origins: Vec::new(),
             max_conversations_per_session: 10_000,
+            typing_max_members: 100,
+            // 64 MiB: about a million answers.
+            member_cache_bytes: 64 << 20,
             heal_interval: Duration::from_secs(30),
         }
     }
@@ -104,6 +113,9 @@ pub struct Shared {
     pub health: std::sync::OnceLock<crate::health::Health>,
     /// The web client's development sign-in; set only in HS256 development mode.
     pub dev_tokens: std::sync::OnceLock<crate::web::DevTokens>,
+    /// Conversations the log is limiting: their sends are refused here until the window
+    /// ends (`shed.rs`).
+    pub shed: crate::shed::EdgeShed,
     session_ids: AtomicU64,
 }
 
@@ -122,6 +134,7 @@ impl Shared {
                 read_limit: cfg.read_limit,
                 max_pending: 10_000,
                 heal_interval: cfg.heal_interval,
+                member_cache_bytes: cfg.member_cache_bytes,
             },
             bus,
         );
@@ -140,6 +153,7 @@ impl Shared {
             revocations: crate::revocation::Revocations::default(),
             health: std::sync::OnceLock::new(),
             dev_tokens: std::sync::OnceLock::new(),
+            shed: crate::shed::EdgeShed::default(),
             session_ids: AtomicU64::new(1),
         })
     }

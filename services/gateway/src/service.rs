@@ -11,7 +11,7 @@ use tidings_auth::Claims;
 use tidings_log::crypto::TransportKey;
 use tidings_log::{
     Append, By, Committed, ConvId, ConversationInfo, ConversationSummary, CreateConversation,
-    Event, Log, LogError, Member, ReadRange, TenantId, UserId,
+    Event, Log, LogError, MemberPage, MembersQuery, ReadRange, TenantId, UserId,
 };
 
 /// Who a log call is made for.
@@ -124,14 +124,15 @@ pub trait LogService: Send + Sync + 'static {
         after: Option<&ConvId>,
         limit: usize,
     ) -> Result<Vec<ConversationSummary>, LogError>;
+    /// A page of members or of membership changes, with the list's version
+    /// ([`Log::member_page`]).
     async fn members(
         &self,
         caller: &Caller,
         t: &TenantId,
         c: &ConvId,
-        after: Option<&UserId>,
-        limit: usize,
-    ) -> Result<Vec<Member>, LogError>;
+        q: &MembersQuery,
+    ) -> Result<MemberPage, LogError>;
     async fn is_member(
         &self,
         caller: &Caller,
@@ -159,8 +160,9 @@ pub trait LogService: Send + Sync + 'static {
 /// own process.
 #[async_trait]
 impl LogService for Log {
+    /// A user's send: held to the writer's admission control (`Log::append_for_user`).
     async fn append(&self, _caller: &Caller, req: Append) -> Result<Committed, LogError> {
-        Log::append(self, req).await
+        Log::append_for_user(self, req).await
     }
     async fn read(
         &self,
@@ -247,10 +249,9 @@ impl LogService for Log {
         _caller: &Caller,
         t: &TenantId,
         c: &ConvId,
-        after: Option<&UserId>,
-        limit: usize,
-    ) -> Result<Vec<Member>, LogError> {
-        Log::members(self, t, c, after, limit).await
+        q: &MembersQuery,
+    ) -> Result<MemberPage, LogError> {
+        Log::member_page(self, t, c, q).await
     }
     async fn is_member(
         &self,

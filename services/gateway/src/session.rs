@@ -759,7 +759,20 @@ impl Session {
     }
 
     async fn member_or_refuse(&self, t: &TenantId, c: &ConvId, u: &UserId) -> Result<(), LogError> {
-        if self.shared.log.is_member(&self.caller, t, c, u).await? {
+        // From memory for conversations a hub here keeps true (`members.rs`), else the log.
+        let cache = self.shared.registry.members();
+        let member = match cache.lookup(t, c, u) {
+            Some(member) => member,
+            None => {
+                let ticket = cache.ticket(t, c);
+                let member = self.shared.log.is_member(&self.caller, t, c, u).await?;
+                if let Some(ticket) = ticket {
+                    cache.remember(t, c, u, member, ticket);
+                }
+                member
+            }
+        };
+        if member {
             Ok(())
         } else {
             Err(LogError::NotMember {
@@ -798,6 +811,9 @@ impl Session {
                 };
                 let conv = ConvId::new(send.conversation)?;
                 let client_msg_id = ClientMsgId::new(send.client_msg_id)?;
+                // A conversation the log is limiting is refused here until its window ends.
+                self.shared.shed.check(&t, &conv, Instant::now())?;
+                let shed_key = t.clone();
                 let c = log
                     .append(
                         caller,
@@ -809,7 +825,12 @@ impl Session {
                             body,
                         },
                     )
-                    .await?;
+                    .await
+                    .inspect_err(|e| {
+                        self.shared
+                            .shed
+                            .refused(&shed_key, &conv, e, Instant::now());
+                    })?;
                 Ok(Msg::SendAck(proto::SendAck {
                     client_msg_id: client_msg_id.to_string(),
                     conversation: conv.to_string(),
@@ -885,6 +906,11 @@ impl Session {
             Op::Typing(ty) => {
                 let conv = ConvId::new(ty.conversation)?;
                 self.member_or_refuse(&t, &conv, &u).await?;
+                // Big groups get no typing notices (answered alike: nothing to tell).
+                let members = log.conversation(caller, &t, &conv).await?.member_count;
+                if members > self.shared.cfg.typing_max_members {
+                    return Ok(Msg::Pong(proto::Pong {}));
+                }
                 let notice = TypingNotice {
                     conversation: conv.to_string(),
                     user: u.to_string(),
@@ -977,11 +1003,16 @@ impl Session {
                     .then(|| UserId::new(l.after))
                     .transpose()?;
                 let limit = self.limit(l.limit, self.shared.cfg.read_limit);
-                let list = log
-                    .members(caller, &t, &conv, after.as_ref(), limit)
-                    .await?;
-                let full = list.len() == limit;
-                let mut members: Vec<_> = list
+                let q = tidings_log::MembersQuery {
+                    after,
+                    limit,
+                    prefix: l.prefix,
+                    since_version: (l.since_version > 0).then_some(l.since_version),
+                };
+                let page = log.members(caller, &t, &conv, &q).await?;
+                let full = page.members.len() == limit || page.changes.len() == limit;
+                let mut members: Vec<_> = page
+                    .members
                     .into_iter()
                     .map(|m| proto::Member {
                         user: m.user.to_string(),
@@ -991,10 +1022,27 @@ impl Session {
                         display_name: m.display_name,
                     })
                     .collect();
-                let cut = fit(&mut members, self.reply_budget());
+                let mut changes: Vec<_> = page
+                    .changes
+                    .into_iter()
+                    .map(|m| proto::MemberUpdate {
+                        user: m.user.to_string(),
+                        role: m.role as i32,
+                        removed: m.removed,
+                        seq: m.seq,
+                        role_name: m.role_name,
+                        display_name: m.display_name,
+                    })
+                    .collect();
+                // One of the two is empty.
+                let cut_members = fit(&mut members, self.reply_budget());
+                let cut_changes = fit(&mut changes, self.reply_budget());
+                let cut = cut_members || cut_changes;
                 Ok(Msg::MemberList(proto::MemberList {
                     members,
                     more: full || cut,
+                    version: page.version,
+                    changes,
                 }))
             }
         }

@@ -5,6 +5,7 @@
 //! hd/tenant/conv                        Head
 //! dd/tenant/conv/sender/client_msg_id   Dedupe (seq, event id, time of the original)
 //! mb/tenant/conv/user                   Membership
+//! mc/tenant/conv/seq/user               MembershipChange (the member list's change feed)
 //! uc/tenant/user/conv                   UserConversation (the user's list, read cursor)
 //! kr/tenant/key_id                      WrappedKey
 //! ks/tenant                             Shredded (the tenant's data keys were destroyed)
@@ -103,6 +104,35 @@ pub fn member(t: &TenantId, c: &ConvId, u: &UserId) -> Vec<u8> {
 
 pub fn member_dir(t: &TenantId, c: &ConvId) -> Vec<u8> {
     dir(b"mb", &[t.as_str(), c.as_str()])
+}
+
+/// A membership change made by event `seq`.
+pub fn member_change(t: &TenantId, c: &ConvId, seq: u64, u: &UserId) -> Vec<u8> {
+    let mut k = member_change_dir(t, c);
+    k.extend_from_slice(&seq.to_be_bytes());
+    k.push(SEP);
+    k.extend_from_slice(u.as_str().as_bytes());
+    k
+}
+
+pub fn member_change_dir(t: &TenantId, c: &ConvId) -> Vec<u8> {
+    dir(b"mc", &[t.as_str(), c.as_str()])
+}
+
+/// The membership changes made after event `seq`.
+pub fn member_changes_after(t: &TenantId, c: &ConvId, seq: u64) -> KeyRange {
+    let dir = member_change_dir(t, c);
+    let mut range = KeyRange::prefix(dir.clone());
+    range.start = [dir.as_slice(), &seq.saturating_add(1).to_be_bytes()].concat();
+    range
+}
+
+/// The seq and user of a membership change's key.
+pub fn member_change_parts(dir: &[u8], key: &[u8]) -> Option<(u64, String)> {
+    let rest = key.strip_prefix(dir)?;
+    let seq = u64::from_be_bytes(rest.get(..8)?.try_into().ok()?);
+    let user = rest.get(9..)?;
+    Some((seq, String::from_utf8(user.to_vec()).ok()?))
 }
 
 pub fn user_conv(t: &TenantId, u: &UserId, c: &ConvId) -> Vec<u8> {
@@ -312,6 +342,34 @@ mod tests {
         let range = KeyRange::prefix(event_dir(&a, &c));
         assert!(range.contains(&event(&a, &c, 1)));
         assert!(!range.contains(&event(&ab, &c, 1)));
+    }
+
+    #[test]
+    fn member_changes_sort_by_seq_stay_in_their_conversation_and_parse_back() {
+        let (t, c) = ids();
+        let cx = ConvId::new("cx").expect("id");
+        let (bob, al) = (
+            UserId::new("bob").expect("id"),
+            UserId::new("al").expect("id"),
+        );
+        let mut keys = [
+            member_change(&t, &c, 300, &al),
+            member_change(&t, &c, 2, &bob),
+            member_change(&t, &c, 2, &al),
+        ];
+        keys.sort();
+        assert_eq!(keys[0], member_change(&t, &c, 2, &al));
+        assert_eq!(keys[2], member_change(&t, &c, 300, &al));
+        let after_2 = member_changes_after(&t, &c, 2);
+        assert!(!after_2.contains(&keys[1]));
+        assert!(after_2.contains(&keys[2]));
+        assert!(!after_2.contains(&member_change(&t, &cx, 300, &al)));
+        assert!(!after_2.contains(&member(&t, &c, &al)));
+        let dir = member_change_dir(&t, &c);
+        assert_eq!(
+            member_change_parts(&dir, &keys[2]),
+            Some((300, "al".to_string()))
+        );
     }
 
     #[test]

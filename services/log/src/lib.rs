@@ -18,10 +18,14 @@
 //!   rename, set names, ... (built-in kinds and configured ones).
 //! - [`log`]: [`Log`], the API the binary and the gateway use: conversations, membership,
 //!   appends, reads, read cursors.
+//! - [`overload`]: admission control past the writer's capacity: the hottest conversations
+//!   (a space-saving sketch) are limited first, VIP tenants' last.
 //! - [`revocation`]: revoked tokens (by `jti`, and users' issued-before cutoffs), kept in
 //!   the store (`rv/`) behind a small bounded cache.
 //! - [`search`]: search terms: folding, words and CJK bigrams, the match rule, sealed
 //!   term tags.
+//! - [`unread`]: unread counts of others' messages only (joins, reactions and one's own
+//!   messages are not unread), from counts kept in heads, event rows and list entries.
 //! - [`cold`]: the [`ColdTier`](cold::ColdTier) interface to archived events and the archive
 //!   index lookups the log makes itself.
 //! - [`error`]: the typed [`LogError`].
@@ -37,6 +41,7 @@ pub mod lease;
 pub mod log;
 pub mod metrics;
 mod outage;
+pub mod overload;
 pub mod policy;
 mod quota;
 pub mod revocation;
@@ -44,13 +49,15 @@ pub mod search;
 pub mod send_buffer;
 pub mod store;
 pub mod tenant_keys;
+pub mod unread;
 mod writer;
 
 pub use error::LogError;
 pub use ids::{ClientMsgId, ConvId, TenantId, UserId};
 pub use log::{
     Append, By, Committed, ConversationInfo, ConversationSummary, CreateConversation, FeedItem,
-    Log, LogConfig, Member, PendingAppend, ReadRange, WeakLog, panic_text,
+    Log, LogConfig, Member, MemberChange, MemberPage, MembersQuery, PendingAppend, ReadRange,
+    WeakLog, panic_text,
 };
 pub use tidings_schemas::v1::{ConversationKind, Event, MemberRole, event::Body};
 

@@ -67,6 +67,10 @@ pub struct LogConfig {
     /// Conversation kinds and their role policies: the built-in ones and any configured
     /// (`policy`). Every writer of a store must know the same kinds.
     pub kinds: crate::policy::Kinds,
+    /// Admission control of appends past the writer's capacity (`overload`).
+    pub overload: crate::overload::OverloadConfig,
+    /// Groups with at least this many members reserve @all (`mention_all`) to owners.
+    pub mention_all_owners_only_from: u64,
 }
 
 impl Default for LogConfig {
@@ -90,6 +94,8 @@ impl Default for LogConfig {
             own_partitions: true,
             send_buffer: None,
             kinds: crate::policy::Kinds::default(),
+            overload: crate::overload::OverloadConfig::default(),
+            mention_all_owners_only_from: 500,
         }
     }
 }
@@ -134,6 +140,7 @@ impl LogConfig {
         if let Some(b) = &self.send_buffer {
             b.validate()?;
         }
+        self.overload.validate()?;
         if self.max_read_limit > crate::store::FjallStore::MAX_SCAN_LIMIT {
             return Err(format!(
                 "max_read_limit must be at most {}",
@@ -265,6 +272,40 @@ pub struct Member {
     /// The member's display name in this conversation; empty: none.
     pub display_name: String,
     pub joined_seq: u64,
+}
+
+/// What a member-list request asks for (see [`Log::member_page`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MembersQuery {
+    /// Members after this id (paging).
+    pub after: Option<UserId>,
+    pub limit: usize,
+    /// Only members whose id starts with this; empty: all.
+    pub prefix: String,
+    /// `Some(v)`: the changes after version `v` instead of members.
+    pub since_version: Option<u64>,
+}
+
+/// One membership change of the change feed: `user` joined, had their role or display name
+/// changed (the fields hold the member as they are after it), or was removed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MemberChange {
+    pub seq: u64,
+    pub user: UserId,
+    pub role: MemberRole,
+    pub role_name: String,
+    pub display_name: String,
+    pub removed: bool,
+}
+
+/// A page of members or of membership changes, and the member list's version.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MemberPage {
+    /// The seq of the last membership event, read before the page (0: the conversation
+    /// predates versions and has no change feed).
+    pub version: u64,
+    pub members: Vec<Member>,
+    pub changes: Vec<MemberChange>,
 }
 
 /// One entry of a user's conversation list.
@@ -435,6 +476,8 @@ struct Inner {
     keeper: Option<tokio::task::JoinHandle<()>>,
     /// Conversations created per user (a rate).
     creations: crate::quota::CreationQuota,
+    /// Appends past the writer's capacity: the hottest conversations are limited first.
+    overload: crate::overload::Overload,
     /// Revoked tokens, read through a small cache (`revocation.rs`).
     revocations: crate::revocation::Revocations,
     /// Appends made while the store could not commit, until replayed: reads see them too.
@@ -594,6 +637,8 @@ impl Log {
         ));
         let creations =
             crate::quota::CreationQuota::new(cfg.max_conversations_created_per_user_per_hour);
+        let overload =
+            crate::overload::Overload::new(cfg.overload.clone(), std::time::Instant::now());
         Ok(Log {
             inner: Arc::new(Inner {
                 store,
@@ -607,6 +652,7 @@ impl Log {
                 acquiring,
                 keeper: Some(keeper),
                 creations,
+                overload,
                 revocations: crate::revocation::Revocations::new(store_for_revocations),
                 buffer,
                 failure,
@@ -781,6 +827,11 @@ impl Log {
     /// Requests waiting for the sequencer to take them (its queue's depth now).
     pub fn queued(&self) -> usize {
         self.inner.tx.max_capacity() - self.inner.tx.capacity()
+    }
+
+    /// What the admission control let through and refused, and why, since open.
+    pub fn overload_stats(&self) -> &crate::overload::OverloadStats {
+        self.inner.overload.stats()
     }
 
     /// Feed items dropped because the feed was full.
@@ -1062,6 +1113,25 @@ impl Log {
     /// Appends and waits until the event is durable.
     pub async fn append(&self, req: Append) -> Result<Committed, LogError> {
         self.enqueue(req).await?.wait().await
+    }
+
+    /// [`Log::append`] for a user's send (through a gateway), held also to the writer's
+    /// admission control: past its capacity, appends to the hottest conversations are
+    /// refused with `rate_limited` before they queue (`overload`). Operator tools (the CLI's
+    /// imports, benchmarks) call `append` and are not held to it.
+    pub async fn append_for_user(&self, req: Append) -> Result<Committed, LogError> {
+        self.check_append(&req)?;
+        // Counted where the append will run: a writer that does not own the partition
+        // refuses it (the caller retries at the owner) without counting it.
+        let own = &self.inner.own;
+        own.check(own.partition(&req.tenant, &req.conv))?;
+        self.inner.overload.admit(
+            &req.tenant,
+            &req.conv,
+            self.queued(),
+            std::time::Instant::now(),
+        )?;
+        self.append(req).await
     }
 
     /// Moves the user's read cursor forward (never back, never past the head); returns it.
@@ -1499,21 +1569,84 @@ impl Log {
         let dir = keys::member_dir(tenant, conv);
         let rows = self.page(&dir, after.map(|u| u.as_str()), limit).await?;
         rows.into_iter()
-            .map(|(key, value)| {
-                let m =
-                    Membership::decode(value.as_slice()).map_err(|e| LogError::corrupt(&key, e))?;
-                let user = keys::last_part(&dir, &key)
-                    .and_then(|u| UserId::new(u).ok())
-                    .ok_or_else(|| LogError::corrupt(&key, "bad member key"))?;
-                Ok(Member {
-                    user,
-                    role: MemberRole::try_from(m.role).unwrap_or(MemberRole::Unspecified),
-                    role_name: crate::policy::role_name(&m).to_string(),
-                    display_name: m.display_name,
-                    joined_seq: m.joined_seq,
-                })
-            })
+            .map(|(key, value)| member_of(&dir, &key, &value))
             .collect()
+    }
+
+    /// A page of members (in id order, after `after`, starting with `prefix`), or of the
+    /// membership changes since a version, with the member list's version. Every read is a
+    /// bounded range of at most `limit` rows, whatever the group's size.
+    pub async fn member_page(
+        &self,
+        tenant: &TenantId,
+        conv: &ConvId,
+        q: &MembersQuery,
+    ) -> Result<MemberPage, LogError> {
+        self.check_limit(q.limit)?;
+        if q.prefix.len() > 64
+            || !q
+                .prefix
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        {
+            return Err(LogError::InvalidRequest(
+                "a member prefix is at most 64 characters of [A-Za-z0-9_-]".into(),
+            ));
+        }
+        // Read first: the page reflects this version or later.
+        let version = self.head(tenant, conv).await?.membership_seq;
+        let mut page = MemberPage {
+            version,
+            ..MemberPage::default()
+        };
+        if let Some(since) = q.since_version {
+            if version == 0 {
+                return Err(LogError::InvalidRequest(
+                    "this conversation predates member list versions: list its members".into(),
+                ));
+            }
+            let dir = keys::member_change_dir(tenant, conv);
+            let rows = self
+                .inner
+                .store
+                .scan(
+                    keys::member_changes_after(tenant, conv, since),
+                    q.limit,
+                    Order::Ascending,
+                )
+                .await?;
+            for (key, value) in rows {
+                let change = tidings_schemas::storage::MembershipChange::decode(value.as_slice())
+                    .map_err(|e| LogError::corrupt(&key, e))?;
+                let (seq, user) = keys::member_change_parts(&dir, &key)
+                    .ok_or_else(|| LogError::corrupt(&key, "bad membership change key"))?;
+                page.changes.push(MemberChange {
+                    seq,
+                    user: UserId::new(user).map_err(|e| LogError::corrupt(&key, e))?,
+                    role: MemberRole::try_from(change.role).unwrap_or(MemberRole::Unspecified),
+                    role_name: change.role_name,
+                    display_name: change.display_name,
+                    removed: change.removed,
+                });
+            }
+            return Ok(page);
+        }
+        let dir = keys::member_dir(tenant, conv);
+        let mut range = KeyRange::prefix([dir.as_slice(), q.prefix.as_bytes()].concat());
+        if let Some(after) = &q.after {
+            let start = [dir.as_slice(), after.as_str().as_bytes(), &[0]].concat();
+            range.start = range.start.max(start);
+        }
+        let rows = self
+            .inner
+            .store
+            .scan(range, q.limit, Order::Ascending)
+            .await?;
+        page.members = rows
+            .into_iter()
+            .map(|(key, value)| member_of(&dir, &key, &value))
+            .collect::<Result<_, _>>()?;
+        Ok(page)
     }
 
     /// One page of the user's conversations in id order, starting after `after`, with heads
@@ -1568,7 +1701,7 @@ impl Log {
                     conv,
                     head_seq: head.last_seq,
                     read_seq: entry.read_seq,
-                    unread: head.last_seq.saturating_sub(entry.read_seq),
+                    unread: crate::unread::unread(&head, &entry),
                 })
             })
             .collect()
@@ -1592,6 +1725,21 @@ impl Log {
             .scan(range, limit, Order::Ascending)
             .await?)
     }
+}
+
+/// The member a `mb/` row under `dir` holds.
+fn member_of(dir: &[u8], key: &[u8], value: &[u8]) -> Result<Member, LogError> {
+    let m = Membership::decode(value).map_err(|e| LogError::corrupt(key, e))?;
+    let user = keys::last_part(dir, key)
+        .and_then(|u| UserId::new(u).ok())
+        .ok_or_else(|| LogError::corrupt(key, "bad member key"))?;
+    Ok(Member {
+        user,
+        role: MemberRole::try_from(m.role).unwrap_or(MemberRole::Unspecified),
+        role_name: crate::policy::role_name(&m).to_string(),
+        display_name: m.display_name,
+        joined_seq: m.joined_seq,
+    })
 }
 
 /// Opens the value stored at `ev/<tenant>/<conv>/<seq>` (its key is `key`, for errors) and

@@ -506,7 +506,8 @@ impl Writer {
                 Ok(values) => fetched.extend(missing.into_iter().zip(values)),
                 Err(_) => {
                     for key in missing {
-                        if key.starts_with(b"dd\0") {
+                        // List entries only keep own messages out of unread counts.
+                        if key.starts_with(b"dd\0") || key.starts_with(b"uc\0") {
                             fetched.insert(key, None);
                         } else {
                             unknown.insert(key);

@@ -26,10 +26,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use prost::Message;
-use tidings_schemas::storage::{Dedupe, Head, Lease, Membership, SealedEvent, UserConversation};
+use tidings_schemas::storage::{
+    Dedupe, Head, Lease, Membership, MembershipChange, SealedEvent, UserConversation,
+};
 use tidings_schemas::v1::{
-    ConversationCreated, ConversationRenamed, DisplayNameSet, Event, MemberJoined, MemberLeft,
-    MemberRoleChanged, event::Body,
+    ConversationCreated, ConversationKind, ConversationRenamed, DisplayNameSet, Event,
+    MemberJoined, MemberLeft, MemberRoleChanged, event::Body,
 };
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
@@ -128,6 +130,10 @@ impl Command {
             Command::Append(a) => {
                 out.push(keys::member(t, c, &a.sender));
                 out.push(keys::dedupe(t, c, &a.sender, &a.client_msg_id));
+                if crate::unread::is_message(&a.body) {
+                    // The sender's own messages are kept out of their unread count.
+                    out.push(keys::user_conv(t, &a.sender, c));
+                }
                 if let Some(target) = author_only_target(&a.body) {
                     out.push(keys::event(t, c, target));
                 }
@@ -145,9 +151,11 @@ impl Command {
                 out.push(keys::member(t, c, user));
             }
             Command::Rename { by, .. } => out.push(keys::member(t, c, by)),
-            Command::MarkRead { user, .. } => {
+            Command::MarkRead { user, seq, .. } => {
                 out.push(keys::member(t, c, user));
                 out.push(keys::user_conv(t, user, c));
+                // The message count as of the new cursor (when it is not the head).
+                out.push(keys::event(t, c, *seq));
             }
         }
     }
@@ -389,9 +397,13 @@ impl Scratch<'_> {
         let key = self
             .current
             .ok_or_else(|| LogError::corrupt(b"kr", "internal: no data key for the tenant"))?;
+        if head.counts_messages && event.body.as_ref().is_some_and(crate::unread::is_message) {
+            head.messages += 1;
+        }
         let sealed = SealedEvent {
             key_id: key.id,
             ciphertext: key.seal_event(t, c, seq, &event.encode_to_vec()),
+            messages: head.messages,
         };
         if let Some(announce) = self.announce.as_mut() {
             announce.push(FeedItem::Event(Arc::new(event)));
@@ -488,6 +500,7 @@ impl Scratch<'_> {
             kind: builtin as i32,
             kind_name: kind.name.clone(),
             member_count: members.len() as u64,
+            counts_messages: true,
             ..Head::default()
         };
         let body = Body::ConversationCreated(ConversationCreated {
@@ -504,13 +517,14 @@ impl Scratch<'_> {
             } else {
                 &kind.member_role
             };
-            self.join(t, c, m, role, committed.seq);
+            self.join(t, c, m, role, committed.seq, &head);
         }
+        head.membership_seq = committed.seq;
         self.put(keys::head(t, c), &head);
         Ok(Outcome::Committed(committed))
     }
 
-    fn join(&mut self, t: &TenantId, c: &ConvId, user: &UserId, role: &str, seq: u64) {
+    fn join(&mut self, t: &TenantId, c: &ConvId, user: &UserId, role: &str, seq: u64, head: &Head) {
         let membership = Membership {
             role: policy::builtin_role(role) as i32,
             role_name: role.to_string(),
@@ -518,12 +532,12 @@ impl Scratch<'_> {
             display_name: String::new(),
         };
         self.put(keys::member(t, c, user), &membership);
+        self.member_changed(t, c, seq, user, Some(&membership));
         // The join event itself counts as read.
-        let entry = UserConversation {
-            joined_seq: seq,
-            read_seq: seq,
-        };
-        self.put(keys::user_conv(t, user, c), &entry);
+        self.put(
+            keys::user_conv(t, user, c),
+            &crate::unread::joined(seq, head),
+        );
     }
 
     /// The conversation's head and the policy of its kind.
@@ -569,6 +583,22 @@ impl Scratch<'_> {
                 return Err(LogError::InvalidRequest(
                     "only messages, edits, recalls and reactions are appended".into(),
                 ));
+            }
+        }
+        if let Body::MessagePosted(p) = &a.body
+            && p.mention_all
+        {
+            kind.check(Action::MentionAll, role)?;
+            // Past the threshold, a group's @all is its owners' alone, whatever the
+            // configured policy allows (issue 13: @all in a 10,000-member group is a flood).
+            if head.kind == ConversationKind::Group as i32
+                && head.member_count >= cfg.mention_all_owners_only_from
+                && role != "owner"
+            {
+                return Err(LogError::NotAllowed(format!(
+                    "only owners may mention everyone in a group of {} members or more",
+                    cfg.mention_all_owners_only_from
+                )));
             }
         }
         if let Some(target) = target_seq(&a.body)
@@ -625,7 +655,38 @@ impl Scratch<'_> {
         };
         self.put(dd_key, &dedupe);
         self.put(keys::head(t, c), &head);
+        if crate::unread::is_message(&a.body) {
+            self.own_message(t, c, &a.sender, committed.seq, head.messages)?;
+        }
         Ok(Outcome::Committed(committed))
+    }
+
+    /// Keeps the sender's own message out of their unread count. A list entry that cannot be
+    /// read (a store outage with reads down: taken as absent) is left as it is; the count
+    /// then errs high by that message.
+    fn own_message(
+        &mut self,
+        t: &TenantId,
+        c: &ConvId,
+        sender: &UserId,
+        seq: u64,
+        messages: u64,
+    ) -> Result<(), LogError> {
+        let key = keys::user_conv(t, sender, c);
+        let Some(mut entry) = self.decode::<UserConversation>(&key)? else {
+            return Ok(());
+        };
+        let moved = crate::unread::own_posted(&mut entry, seq, messages);
+        self.put(key, &entry);
+        if let (Some(read_seq), Some(announce)) = (moved, self.announce.as_mut()) {
+            announce.push(FeedItem::ReadCursor {
+                tenant: t.clone(),
+                conv: c.clone(),
+                user: sender.clone(),
+                read_seq,
+            });
+        }
+        Ok(())
     }
 
     fn require_changeable(kind: &KindPolicy, what: &str) -> Result<(), LogError> {
@@ -681,8 +742,9 @@ impl Scratch<'_> {
             role_name: role.to_string(),
         });
         let committed = self.push_event(&mut head, t, c, by, "", body)?;
-        self.join(t, c, user, role, committed.seq);
+        self.join(t, c, user, role, committed.seq, &head);
         head.member_count += 1;
+        head.membership_seq = committed.seq;
         self.put(keys::head(t, c), &head);
         Ok(Outcome::Committed(committed))
     }
@@ -709,9 +771,36 @@ impl Scratch<'_> {
         let committed = self.push_event(&mut head, t, c, by, "", body)?;
         self.write(keys::member(t, c, user), None);
         self.write(keys::user_conv(t, user, c), None);
+        self.member_changed(t, c, committed.seq, user, None);
         head.member_count = head.member_count.saturating_sub(1);
+        head.membership_seq = committed.seq;
         self.put(keys::head(t, c), &head);
         Ok(Outcome::Committed(committed))
+    }
+
+    /// Records in the member list's change feed (mc/) what event `seq` made of `user`'s
+    /// membership: the member as they now are, or `None` when removed.
+    fn member_changed(
+        &mut self,
+        t: &TenantId,
+        c: &ConvId,
+        seq: u64,
+        user: &UserId,
+        now: Option<&Membership>,
+    ) {
+        let change = match now {
+            Some(m) => MembershipChange {
+                role: m.role,
+                removed: false,
+                role_name: policy::role_name(m).to_string(),
+                display_name: m.display_name.clone(),
+            },
+            None => MembershipChange {
+                removed: true,
+                ..MembershipChange::default()
+            },
+        };
+        self.put(keys::member_change(t, c, seq, user), &change);
     }
 
     fn rename(
@@ -761,6 +850,8 @@ impl Scratch<'_> {
         member.role = policy::builtin_role(role) as i32;
         member.role_name = role.to_string();
         self.put(keys::member(t, c, user), &member);
+        self.member_changed(t, c, committed.seq, user, Some(&member));
+        head.membership_seq = committed.seq;
         self.put(keys::head(t, c), &head);
         Ok(Outcome::Committed(committed))
     }
@@ -796,6 +887,8 @@ impl Scratch<'_> {
         let committed = self.push_event(&mut head, t, c, &sender, "", body)?;
         member.display_name = name.to_string();
         self.put(keys::member(t, c, user), &member);
+        self.member_changed(t, c, committed.seq, user, Some(&member));
+        head.membership_seq = committed.seq;
         self.put(keys::head(t, c), &head);
         Ok(Outcome::Committed(committed))
     }
@@ -816,7 +909,13 @@ impl Scratch<'_> {
         // Cursors only move forward and never past the head.
         let target = seq.min(head.last_seq);
         if target > entry.read_seq {
-            entry.read_seq = target;
+            let messages_at = if target == head.last_seq {
+                Some(head.messages)
+            } else {
+                self.decode::<SealedEvent>(&keys::event(t, c, target))?
+                    .map(|e| e.messages)
+            };
+            crate::unread::read_to(&mut entry, target, messages_at);
             self.put(key, &entry);
             if let Some(announce) = self.announce.as_mut() {
                 announce.push(FeedItem::ReadCursor {

@@ -347,3 +347,19 @@ fn raw_fjall(
     }
     Ok(messages as f64 / started.elapsed().as_secs_f64())
 }
+
+/// A fresh scratch directory `tidings-bench-<name>-…` under `dir` (default: the system temp
+/// directory), removed when dropped; and the directory it is under, for the report.
+pub fn scratch_dir(
+    dir: Option<&std::path::Path>,
+    name: &str,
+) -> anyhow::Result<(std::path::PathBuf, tempfile::TempDir)> {
+    use anyhow::Context as _;
+    let base = dir.map_or_else(std::env::temp_dir, std::path::Path::to_path_buf);
+    std::fs::create_dir_all(&base).with_context(|| format!("create {}", base.display()))?;
+    let scratch = tempfile::Builder::new()
+        .prefix(&format!("tidings-bench-{name}-"))
+        .tempdir_in(&base)
+        .context("create scratch dir")?;
+    Ok((base, scratch))
+}

@@ -68,12 +68,7 @@ pub async fn run(args: OutageArgs, log_config: LogConfig) -> anyhow::Result<()> 
         args.messages > 0 && args.concurrency > 0 && args.conversations > 0,
         "messages, concurrency and conversations must be positive"
     );
-    let base = args.dir.clone().unwrap_or_else(std::env::temp_dir);
-    std::fs::create_dir_all(&base).with_context(|| format!("create {}", base.display()))?;
-    let dir = tempfile::Builder::new()
-        .prefix("tidings-bench-outage-")
-        .tempdir_in(&base)
-        .context("create scratch dir")?;
+    let (base, dir) = crate::bench::scratch_dir(args.dir.as_deref(), "outage")?;
     let inner: Arc<dyn KvStore> = Arc::new(FjallStore::open(&dir.path().join("kv"))?);
     let switch = Arc::new(FaultSwitch::default());
     let store: Arc<dyn KvStore> = Arc::new(FaultyStore::new(inner, switch.clone()));

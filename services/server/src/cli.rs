@@ -498,4 +498,11 @@ pub enum BenchCommand {
     /// Sending through a KV outage: appends/s and ack latency with the store up and with it
     /// unavailable (acks from the send buffer), in one run; then the replay rate.
     Outage(crate::bench_outage::OutageArgs),
+    /// One hot group far past the log writer's capacity while small conversations send
+    /// steadily: their latency against the same load without the flood, in one run; goodput
+    /// against the capacity; peak RSS.
+    Overload(crate::bench_overload::OverloadArgs),
+    /// A big group's first member page, prefix search and membership check from the caches,
+    /// against reading the KV, in one run.
+    Members(crate::bench_members::MembersArgs),
 }

@@ -267,6 +267,14 @@ pub async fn run(command: Command, config: Config) -> anyhow::Result<bool> {
             crate::bench_outage::run(args, config.log_config()).await?;
             Ok(true)
         }
+        Command::Bench(crate::cli::BenchCommand::Members(args)) => {
+            crate::bench_members::run(args, config.log_config()).await?;
+            Ok(true)
+        }
+        Command::Bench(crate::cli::BenchCommand::Overload(args)) => {
+            crate::bench_overload::run(args, config.log_config()).await?;
+            Ok(true)
+        }
         Command::Bench(crate::cli::BenchCommand::Gateway(args)) => {
             crate::bench_gateway::run(args, &config).await?;
             Ok(true)

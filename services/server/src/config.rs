@@ -294,6 +294,10 @@ pub struct GatewaySection {
     pub frame_burst: u32,
     pub allowed_origins: Vec<String>,
     pub max_conversations_per_session: usize,
+    /// Typing notices are not relayed in conversations with more members than this.
+    pub typing_max_members: u64,
+    /// Bytes of membership answers the gateway keeps for the conversations it follows.
+    pub member_cache_bytes: usize,
     pub heal_interval_ms: u64,
     /// Serve `wss://` with this certificate chain and key (PEM; both or neither). Reloaded
     /// when the files change. Without them the listener is plain `ws://`.
@@ -546,6 +550,8 @@ impl Default for GatewaySection {
             frame_burst: d.frame_burst,
             allowed_origins: d.allowed_origins,
             max_conversations_per_session: d.max_conversations_per_session,
+            typing_max_members: d.typing_max_members,
+            member_cache_bytes: d.member_cache_bytes,
             heal_interval_ms: d.heal_interval.as_millis() as u64,
             tls_cert_file: None,
             tls_key_file: None,
@@ -643,6 +649,20 @@ pub struct LogSection {
     pub send_buffer_max_bytes: u64,
     /// Oldest a buffered event may wait for the store; past it sends fail `unavailable`.
     pub send_buffer_max_age_ms: u64,
+    /// Appends a second this writer carries before it limits the hottest conversations
+    /// (docs/decisions/overload-admission.md); 0: none configured.
+    pub capacity_per_sec: u32,
+    /// Without a configured capacity, learn one from the sequencer's queueing (> 20 ms mean
+    /// is overload).
+    pub overload_learn: bool,
+    /// Conversations whose send rates the overload control tracks at once.
+    pub overload_tracked_conversations: usize,
+    /// Appends a second any conversation may make however overloaded the writer is.
+    pub overload_floor_per_sec: u32,
+    /// Tenants of the VIP tier: their conversations are limited last.
+    pub vip_tenants: Vec<String>,
+    /// Groups with at least this many members reserve @all to owners.
+    pub mention_all_owners_only_from: u64,
     /// Conversation kinds beyond the built-in ones (`[[log.kinds]]`).
     pub kinds: Vec<KindSection>,
 }
@@ -725,6 +745,12 @@ impl Default for LogSection {
             send_buffer_replicas: 1,
             send_buffer_max_bytes: 256 << 20,
             send_buffer_max_age_ms: 300_000,
+            capacity_per_sec: d.overload.capacity_per_sec,
+            overload_learn: d.overload.learn,
+            overload_tracked_conversations: d.overload.tracked_conversations,
+            overload_floor_per_sec: d.overload.floor_per_sec,
+            vip_tenants: d.overload.vip_tenants,
+            mention_all_owners_only_from: d.mention_all_owners_only_from,
             kinds: Vec::new(),
         }
     }
@@ -1061,6 +1087,37 @@ impl Config {
         if let Some(v) = env("TIDINGS_LOG_SEND_BUFFER_MAX_BYTES") {
             self.log.send_buffer_max_bytes = parse_env("TIDINGS_LOG_SEND_BUFFER_MAX_BYTES", &v)?;
         }
+        if let Some(v) = env("TIDINGS_LOG_CAPACITY_PER_SEC") {
+            self.log.capacity_per_sec = parse_env("TIDINGS_LOG_CAPACITY_PER_SEC", &v)?;
+        }
+        if let Some(v) = env("TIDINGS_LOG_OVERLOAD_LEARN") {
+            self.log.overload_learn = parse_flag("TIDINGS_LOG_OVERLOAD_LEARN", &v)?;
+        }
+        if let Some(v) = env("TIDINGS_LOG_OVERLOAD_TRACKED_CONVERSATIONS") {
+            self.log.overload_tracked_conversations =
+                parse_env("TIDINGS_LOG_OVERLOAD_TRACKED_CONVERSATIONS", &v)?;
+        }
+        if let Some(v) = env("TIDINGS_LOG_OVERLOAD_FLOOR_PER_SEC") {
+            self.log.overload_floor_per_sec = parse_env("TIDINGS_LOG_OVERLOAD_FLOOR_PER_SEC", &v)?;
+        }
+        if let Some(v) = env("TIDINGS_LOG_MENTION_ALL_OWNERS_ONLY_FROM") {
+            self.log.mention_all_owners_only_from =
+                parse_env("TIDINGS_LOG_MENTION_ALL_OWNERS_ONLY_FROM", &v)?;
+        }
+        if let Some(v) = env("TIDINGS_GATEWAY_MEMBER_CACHE_BYTES") {
+            self.gateway.member_cache_bytes = parse_env("TIDINGS_GATEWAY_MEMBER_CACHE_BYTES", &v)?;
+        }
+        if let Some(v) = env("TIDINGS_GATEWAY_TYPING_MAX_MEMBERS") {
+            self.gateway.typing_max_members = parse_env("TIDINGS_GATEWAY_TYPING_MAX_MEMBERS", &v)?;
+        }
+        if let Some(v) = env("TIDINGS_LOG_VIP_TENANTS") {
+            self.log.vip_tenants = v
+                .split(',')
+                .map(str::trim)
+                .filter(|t| !t.is_empty())
+                .map(String::from)
+                .collect();
+        }
         if let Some(v) = env("TIDINGS_LOG_SEND_BUFFER_MAX_AGE_MS") {
             self.log.send_buffer_max_age_ms = parse_env("TIDINGS_LOG_SEND_BUFFER_MAX_AGE_MS", &v)?;
         }
@@ -1079,6 +1136,8 @@ impl Config {
             frame_burst: g.frame_burst,
             allowed_origins: g.allowed_origins.clone(),
             max_conversations_per_session: g.max_conversations_per_session,
+            typing_max_members: g.typing_max_members,
+            member_cache_bytes: g.member_cache_bytes,
             heal_interval: std::time::Duration::from_millis(g.heal_interval_ms),
             handshake_timeout: std::time::Duration::from_millis(g.handshake_timeout_ms),
             ping_interval: std::time::Duration::from_millis(g.ping_interval_ms),
@@ -1293,6 +1352,14 @@ impl Config {
             lease_ttl: std::time::Duration::from_millis(s.lease_ttl_ms),
             own_partitions: true,
             send_buffer: self.send_buffer(),
+            overload: tidings_log::overload::OverloadConfig {
+                capacity_per_sec: s.capacity_per_sec,
+                learn: s.overload_learn,
+                tracked_conversations: s.overload_tracked_conversations,
+                floor_per_sec: s.overload_floor_per_sec,
+                vip_tenants: s.vip_tenants.clone(),
+            },
+            mention_all_owners_only_from: s.mention_all_owners_only_from,
             // Checked when the configuration was loaded (`validate`).
             kinds: self.kinds().unwrap_or_default(),
         }
@@ -1812,6 +1879,33 @@ mod tests {
         std::fs::write(&file, "[keys.tenants.acme]\nkey_fiel = \"a\"\n").expect("write");
         let err = Config::load(Some(&file), env(&[])).expect_err("typo");
         assert!(err.to_string().contains("key_fiel"), "{err}");
+    }
+
+    #[test]
+    fn overload_settings_come_from_the_environment_and_are_validated() {
+        let cfg = Config::load(
+            None,
+            env(&[
+                ("TIDINGS_LOG_CAPACITY_PER_SEC", "5000"),
+                ("TIDINGS_LOG_VIP_TENANTS", "gold, silver,"),
+            ]),
+        )
+        .expect("load");
+        let o = cfg.log_config().overload;
+        assert_eq!(o.capacity_per_sec, 5000);
+        assert_eq!(
+            o.vip_tenants,
+            vec!["gold".to_string(), "silver".to_string()]
+        );
+        assert_eq!(o.floor_per_sec, 5);
+        for bad in [
+            ("TIDINGS_LOG_VIP_TENANTS", "not a tenant"),
+            ("TIDINGS_LOG_OVERLOAD_TRACKED_CONVERSATIONS", "0"),
+            ("TIDINGS_LOG_OVERLOAD_FLOOR_PER_SEC", "0"),
+        ] {
+            let err = Config::load(None, env(&[bad])).expect_err(bad.0);
+            assert!(matches!(err, ConfigError::Invalid(_)), "{bad:?}: {err}");
+        }
     }
 
     #[test]

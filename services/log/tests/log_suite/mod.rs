@@ -14,8 +14,8 @@ use std::sync::Arc;
 use tidings_log::crypto::MasterKey;
 use tidings_log::store::{KvStore, Order, StoreError, Transaction};
 use tidings_log::{
-    Append, Body, ClientMsgId, ConvId, ConversationKind, CreateConversation, Event, Log, LogConfig,
-    LogError, MemberRole, ReadRange, TenantId, UserId, keys,
+    Append, Body, By, ClientMsgId, ConvId, ConversationKind, CreateConversation, Event, Log,
+    LogConfig, LogError, MemberRole, MembersQuery, ReadRange, TenantId, UserId, keys,
 };
 use tidings_schemas::v1::{MessageEdited, MessagePosted, MessageRecalled, ReactionAdded};
 
@@ -539,6 +539,247 @@ pub async fn read_cursors_move_forward_only_and_give_unread_counts(store: Arc<dy
     assert!(matches!(err, LogError::NotMember { .. }), "{err:?}");
 }
 
+/// Unread counts count others' messages only: not one's own, not reactions, joins or edits;
+/// @all is reserved to owners from `mention_all_owners_only_from` members.
+/// The user's unread count in one conversation, from their conversation list.
+pub async fn unread_of(log: &Log, tenant: &str, user: &str, conv: &str) -> u64 {
+    let list = log
+        .conversations(&t(tenant), &u(user), None, 100)
+        .await
+        .expect("list");
+    list.iter()
+        .find(|s| s.conv.as_str() == conv)
+        .map(|s| s.unread)
+        .expect("listed")
+}
+
+pub async fn unread_counts_only_others_messages_and_at_all_is_for_owners(store: Arc<dyn KvStore>) {
+    let cfg = LogConfig {
+        mention_all_owners_only_from: 3,
+        ..LogConfig::default()
+    };
+    let f = fixture_with(store, cfg).await;
+    let (acme, general) = (t("acme"), c("general"));
+    group(&f.log, "acme", "general", "alice", &["bob"]).await;
+    let post = |sender: &str, id: &str| text("acme", "general", sender, id, "hi");
+    for i in 0..3 {
+        f.log
+            .append(post("alice", &format!("a{i}")))
+            .await
+            .expect("post"); // 2, 3, 4
+    }
+    let mut react = post("bob", "r1");
+    react.body = Body::ReactionAdded(ReactionAdded {
+        target_seq: 2,
+        reaction: "+1".into(),
+    });
+    assert_eq!(f.log.append(react).await.expect("react").seq, 5);
+    f.log.append(post("bob", "b1")).await.expect("post"); // 6
+    f.log.append(post("bob", "b2")).await.expect("post"); // 7
+    f.log
+        .add_member(&acme, &general, &u("alice"), &u("carol"))
+        .await
+        .expect("join"); // 8
+    let mut edit = post("alice", "e1");
+    edit.body = Body::MessageEdited(MessageEdited {
+        target_seq: 2,
+        new_text: "hello".into(),
+    });
+    f.log.append(edit).await.expect("edit"); // 9
+    assert_eq!(
+        f.log.append(post("alice", "a3")).await.expect("post").seq,
+        10
+    );
+
+    let unread = |user: &'static str| unread_of(&f.log, "acme", user, "general");
+    assert_eq!(unread("bob").await, 4, "alice's 2, 3, 4 and 10");
+    assert_eq!(unread("alice").await, 2, "bob's 6 and 7");
+    assert_eq!(unread("carol").await, 1, "alice's 10, after carol joined");
+    f.log
+        .mark_read(&acme, &general, &u("bob"), 4)
+        .await
+        .expect("mark");
+    assert_eq!(unread("bob").await, 1);
+    f.log
+        .mark_read(&acme, &general, &u("bob"), 6)
+        .await
+        .expect("mark");
+    assert_eq!(unread("bob").await, 1, "his own 7 is still not unread");
+    f.log
+        .mark_read(&acme, &general, &u("alice"), 7)
+        .await
+        .expect("mark");
+    assert_eq!(unread("alice").await, 0);
+
+    // @all: three members now, so owners only; a group of two lets anyone.
+    let all = |sender: &str, conv: &str, id: &str| Append {
+        body: Body::MessagePosted(MessagePosted {
+            text: "everyone".into(),
+            mention_all: true,
+            ..MessagePosted::default()
+        }),
+        ..text("acme", conv, sender, id, "")
+    };
+    let err = f
+        .log
+        .append(all("bob", "general", "all1"))
+        .await
+        .expect_err("member");
+    assert!(matches!(err, LogError::NotAllowed(_)), "{err:?}");
+    f.log
+        .append(all("alice", "general", "all2"))
+        .await
+        .expect("owner");
+    group(&f.log, "acme", "pair", "alice", &["bob"]).await;
+    f.log
+        .append(all("bob", "pair", "all3"))
+        .await
+        .expect("small group");
+
+    // Sending past 64 own messages after the cursor moves it: nothing unread for bob, every
+    // one of them for alice.
+    for i in 0..70 {
+        f.log
+            .append(text("acme", "pair", "bob", &format!("p{i}"), "hi"))
+            .await
+            .expect("post");
+    }
+    assert_eq!(unread_of(&f.log, "acme", "bob", "pair").await, 0);
+    assert_eq!(unread_of(&f.log, "acme", "alice", "pair").await, 71);
+}
+
+/// The member list has a version (the seq of its last membership event), the changes since
+/// a version, and a prefix search; each a bounded read.
+pub async fn member_lists_have_versions_changes_and_prefix_search(store: Arc<dyn KvStore>) {
+    let f = fixture(store).await;
+    let (acme, general) = (t("acme"), c("general"));
+    group(
+        &f.log,
+        "acme",
+        "general",
+        "alice",
+        &["bob", "bobby", "carol"],
+    )
+    .await; // seq 1
+    f.log
+        .append(text("acme", "general", "alice", "m1", "hi"))
+        .await
+        .expect("post"); // 2
+    let q = |prefix: &str, since: Option<u64>| MembersQuery {
+        after: None,
+        limit: 10,
+        prefix: prefix.into(),
+        since_version: since,
+    };
+    let page = f
+        .log
+        .member_page(&acme, &general, &q("", None))
+        .await
+        .expect("page");
+    assert_eq!(page.version, 1, "a message is not a membership change");
+    assert_eq!(page.members.len(), 4);
+    let bo = f
+        .log
+        .member_page(&acme, &general, &q("bo", None))
+        .await
+        .expect("prefix");
+    let names: Vec<_> = bo.members.iter().map(|m| m.user.as_str()).collect();
+    assert_eq!(names, ["bob", "bobby"]);
+    let after = MembersQuery {
+        after: Some(u("bob")),
+        ..q("bo", None)
+    };
+    let rest = f
+        .log
+        .member_page(&acme, &general, &after)
+        .await
+        .expect("after");
+    assert_eq!(rest.members.len(), 1);
+    assert_eq!(rest.members[0].user.as_str(), "bobby");
+
+    f.log
+        .add_member(&acme, &general, &u("alice"), &u("dave"))
+        .await
+        .expect("add"); // 3
+    f.log
+        .remove_member(&acme, &general, &u("alice"), &u("bob"))
+        .await
+        .expect("remove"); // 4
+    let since = f
+        .log
+        .member_page(&acme, &general, &q("", Some(1)))
+        .await
+        .expect("since");
+    assert_eq!(since.version, 4);
+    let changes: Vec<_> = since
+        .changes
+        .iter()
+        .map(|ch| (ch.seq, ch.user.as_str(), ch.removed))
+        .collect();
+    assert_eq!(changes, [(3, "dave", false), (4, "bob", true)]);
+    let none = f
+        .log
+        .member_page(&acme, &general, &q("", Some(4)))
+        .await
+        .expect("none");
+    assert!(none.changes.is_empty());
+    // The whole feed from the start rebuilds the list.
+    let all = f
+        .log
+        .member_page(&acme, &general, &q("", Some(0)))
+        .await
+        .expect("all");
+    assert_eq!(all.changes.len(), 6, "4 at creation, dave, bob");
+    // Role and display name changes are membership changes too: the feed carries the member
+    // as they are after each one.
+    f.log
+        .set_role(&acme, &general, &u("alice"), &u("carol"), "admin")
+        .await
+        .expect("set role"); // 5
+    f.log
+        .set_display_name(
+            &acme,
+            &general,
+            By::Member(u("carol")),
+            &u("carol"),
+            "Carol",
+        )
+        .await
+        .expect("set name"); // 6
+    let renamed = f
+        .log
+        .member_page(&acme, &general, &q("", Some(4)))
+        .await
+        .expect("since 4");
+    assert_eq!(renamed.version, 6);
+    let changes: Vec<_> = renamed
+        .changes
+        .iter()
+        .map(|ch| {
+            (
+                ch.seq,
+                ch.user.as_str(),
+                ch.role_name.as_str(),
+                ch.display_name.as_str(),
+                ch.removed,
+            )
+        })
+        .collect();
+    assert_eq!(
+        changes,
+        [
+            (5, "carol", "admin", "", false),
+            (6, "carol", "admin", "Carol", false)
+        ]
+    );
+    let err = f
+        .log
+        .member_page(&acme, &general, &q("b*", None))
+        .await
+        .expect_err("bad prefix");
+    assert!(matches!(err, LogError::InvalidRequest(_)), "{err:?}");
+}
+
 pub async fn reads_go_forward_or_backward_with_a_limit(store: Arc<dyn KvStore>) {
     let f = fixture(store).await;
     let (acme, general) = (t("acme"), c("general"));
@@ -756,6 +997,7 @@ pub async fn bad_input_gets_typed_errors(store: Arc<dyn KvStore>) {
             text: "hi".into(),
             mentions: vec!["bad id!".into()],
             reply_to_seq: 0,
+            mention_all: false,
         }),
         ..text("acme", "general", "alice", "mention", "")
     };
@@ -833,7 +1075,7 @@ pub async fn tenants_are_isolated(store: Arc<dyn KvStore>) {
 macro_rules! log_suite {
     ($make:expr) => {
         log_suite!(@cases $make; (flavor = "multi_thread", worker_threads = 2); seqs_are_exactly_one_to_head_under_concurrent_appends, reads_racing_appends_see_contiguous_committed_runs);
-        log_suite!(@cases $make; (flavor = "current_thread"); appends_queued_in_order_get_seqs_in_that_order, retry_with_same_client_msg_id_returns_original_and_writes_nothing, concurrent_appends_share_store_commits, only_members_may_post_and_refusals_write_nothing, membership_changes_are_events_and_keep_the_lists_current, direct_conversations_have_exactly_two_fixed_members, read_cursors_move_forward_only_and_give_unread_counts, reads_go_forward_or_backward_with_a_limit, edits_and_recalls_point_at_the_authors_own_messages, bad_input_gets_typed_errors, tenants_are_isolated);
+        log_suite!(@cases $make; (flavor = "current_thread"); appends_queued_in_order_get_seqs_in_that_order, retry_with_same_client_msg_id_returns_original_and_writes_nothing, concurrent_appends_share_store_commits, only_members_may_post_and_refusals_write_nothing, membership_changes_are_events_and_keep_the_lists_current, direct_conversations_have_exactly_two_fixed_members, read_cursors_move_forward_only_and_give_unread_counts, unread_counts_only_others_messages_and_at_all_is_for_owners, member_lists_have_versions_changes_and_prefix_search, reads_go_forward_or_backward_with_a_limit, edits_and_recalls_point_at_the_authors_own_messages, bad_input_gets_typed_errors, tenants_are_isolated);
     };
     (@cases $make:expr; $flavor:tt; $($case:ident),* $(,)?) => {
         $(

@@ -1,0 +1,255 @@
+//! `tidings bench members`: a big group's first member page, @-list prefix search and
+//! membership check, from the caches against reading the KV, in one run
+//! (docs/decisions/gateway-membership-cache.md, versioned-member-lists.md).
+//!
+//! One fresh fjall store on disk, one group of `--members` members (created, then grown by
+//! concurrent adds). Timed, `--samples` times each, p50 and p99:
+//! - membership check: the log's KV read (`Log::is_member`) against the gateway's
+//!   membership cache ([`MemberCache`](tidings_gateway::members::MemberCache)) once warm;
+//! - first page (`--page` members) and prefix search: the log's bounded range read
+//!   (`Log::member_page`) against the client library's versioned cache, loaded once;
+//! - the client cache's load (the whole list, 1,000 per read) and a refresh with no change.
+//!
+//! In process, without the gateway's socket and NATS hops: these are the costs the caches
+//! remove, not end-to-end latencies.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use tidings_gateway::members::MemberCache;
+use tidings_log::crypto::MasterKey;
+use tidings_log::store::{FjallStore, KvStore};
+use tidings_log::{ConvId, CreateConversation, Log, LogConfig, MembersQuery, TenantId, UserId};
+
+#[derive(Debug, clap::Args)]
+pub struct MembersArgs {
+    /// Members of the group.
+    #[arg(long, default_value_t = 50_000)]
+    pub members: usize,
+    /// Members per first page.
+    #[arg(long, default_value_t = 100)]
+    pub page: usize,
+    /// Timed repetitions of each operation.
+    #[arg(long, default_value_t = 2000)]
+    pub samples: usize,
+    /// Directory for the scratch store (default: the system temp directory).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+}
+
+pub async fn run(args: MembersArgs, log_config: LogConfig) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.members >= 2 && args.page > 0 && args.samples > 0,
+        "members must be at least 2; page and samples positive"
+    );
+    let (base, dir) = crate::bench::scratch_dir(args.dir.as_deref(), "members")?;
+    let store: Arc<dyn KvStore> = Arc::new(FjallStore::open(&dir.path().join("kv"))?);
+    let cfg = LogConfig {
+        max_group_members: log_config.max_group_members.max(args.members),
+        send_buffer: None,
+        ..log_config
+    };
+    let log = Log::open(store, MasterKey::generate(), cfg).await?;
+    let (tenant, conv) = (TenantId::new("bench")?, ConvId::new("big")?);
+    let owner = UserId::new("u0000000")?;
+    let users: Vec<UserId> = (0..args.members)
+        .map(|i| UserId::new(format!("u{i:07}")))
+        .collect::<Result<_, _>>()?;
+    let started = Instant::now();
+    log.create_conversation(CreateConversation {
+        tenant: tenant.clone(),
+        conv: conv.clone(),
+        kind: "group".into(),
+        title: String::new(),
+        creator: owner.clone(),
+        members: users[1..users.len().min(1000)].to_vec(),
+    })
+    .await?;
+    let mut adds = tokio::task::JoinSet::new();
+    for chunk in users[users.len().min(1000)..].chunks(users.len().div_ceil(64).max(1)) {
+        let (log, tenant, conv, owner) = (log.clone(), tenant.clone(), conv.clone(), owner.clone());
+        let chunk = chunk.to_vec();
+        adds.spawn(async move {
+            for u in &chunk {
+                log.add_member(&tenant, &conv, &owner, u).await?;
+            }
+            anyhow::Ok(())
+        });
+    }
+    while let Some(done) = adds.join_next().await {
+        done.context("an adder panicked")??;
+    }
+    println!(
+        "tidings bench members: a group of {} members (made in {:.1} s), pages of {}, {} samples \
+         each, {} cores; fjall under {}",
+        args.members,
+        started.elapsed().as_secs_f64(),
+        args.page,
+        args.samples,
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        base.display()
+    );
+
+    // Membership checks of members spread over the whole list.
+    let probe = |i: usize| &users[(i * 7919) % users.len()];
+    let kv_check = time(args.samples, |i| {
+        let (log, tenant, conv, u) = (&log, &tenant, &conv, probe(i));
+        async move {
+            anyhow::ensure!(log.is_member(tenant, conv, u).await?, "not a member");
+            Ok(())
+        }
+    })
+    .await?;
+    let cache = MemberCache::new(64 << 20);
+    cache.track(&tenant, &conv);
+    for i in 0..args.samples {
+        if let Some(ticket) = cache.ticket(&tenant, &conv) {
+            cache.remember(&tenant, &conv, probe(i), true, ticket);
+        }
+    }
+    let cached_check = time(args.samples, |i| {
+        let (cache, tenant, conv, u) = (&cache, &tenant, &conv, probe(i));
+        async move {
+            anyhow::ensure!(cache.lookup(tenant, conv, u) == Some(true), "not cached");
+            Ok(())
+        }
+    })
+    .await?;
+
+    // The first page and a prefix search (an @-list query matching 100 members of 50,000).
+    let prefix = format!("u{:05}", (args.members / 2) / 100);
+    let page_query = MembersQuery {
+        limit: args.page,
+        ..MembersQuery::default()
+    };
+    let prefix_query = MembersQuery {
+        limit: args.page,
+        prefix: prefix.clone(),
+        ..MembersQuery::default()
+    };
+    let kv_page = time(args.samples, |_| {
+        let (log, tenant, conv, q) = (&log, &tenant, &conv, &page_query);
+        async move {
+            anyhow::ensure!(log.member_page(tenant, conv, q).await?.members.len() == q.limit);
+            Ok(())
+        }
+    })
+    .await?;
+    let kv_prefix = time(args.samples, |_| {
+        let (log, tenant, conv, q) = (&log, &tenant, &conv, &prefix_query);
+        async move {
+            anyhow::ensure!(!log.member_page(tenant, conv, q).await?.members.is_empty());
+            Ok(())
+        }
+    })
+    .await?;
+    // The client's cache: the whole list, read 1,000 at a time, once.
+    let load_started = Instant::now();
+    let mut list: BTreeMap<String, ()> = BTreeMap::new();
+    let mut after = None;
+    loop {
+        let q = MembersQuery {
+            after: after.clone(),
+            limit: 1000,
+            ..MembersQuery::default()
+        };
+        let page = log.member_page(&tenant, &conv, &q).await?;
+        let Some(last) = page.members.last() else {
+            break;
+        };
+        after = Some(last.user.clone());
+        list.extend(page.members.iter().map(|m| (m.user.to_string(), ())));
+    }
+    let load = load_started.elapsed();
+    anyhow::ensure!(list.len() == args.members, "loaded {} members", list.len());
+    let version = log.member_page(&tenant, &conv, &page_query).await?.version;
+    let refresh = time(args.samples, |_| {
+        let (log, tenant, conv) = (&log, &tenant, &conv);
+        async move {
+            let q = MembersQuery {
+                limit: 1000,
+                since_version: Some(version),
+                ..MembersQuery::default()
+            };
+            anyhow::ensure!(log.member_page(tenant, conv, &q).await?.changes.is_empty());
+            Ok(())
+        }
+    })
+    .await?;
+    let mem_page = time(args.samples, |_| {
+        let (list, n) = (&list, args.page);
+        async move {
+            anyhow::ensure!(list.keys().take(n).count() == n);
+            Ok(())
+        }
+    })
+    .await?;
+    let mem_prefix = time(args.samples, |_| {
+        let (list, prefix, n) = (&list, &prefix, args.page);
+        async move {
+            let found = list
+                .range(prefix.clone()..)
+                .take_while(|(u, _)| u.starts_with(prefix.as_str()))
+                .take(n)
+                .count();
+            anyhow::ensure!(found > 0);
+            Ok(())
+        }
+    })
+    .await?;
+
+    println!();
+    println!("| operation | from the KV p50 / p99 | from memory p50 / p99 | p50 ratio |");
+    println!("|---|---:|---:|---:|");
+    for (name, kv, mem) in [
+        ("membership check (gateway cache)", &kv_check, &cached_check),
+        ("first page (client cache)", &kv_page, &mem_page),
+        ("prefix search (client cache)", &kv_prefix, &mem_prefix),
+    ] {
+        println!(
+            "| {name} | {} / {} | {} / {} | {:.0}x |",
+            us(kv.0),
+            us(kv.1),
+            us(mem.0),
+            us(mem.1),
+            kv.0.as_secs_f64() / mem.0.as_secs_f64().max(1e-9)
+        );
+    }
+    println!();
+    println!(
+        "client cache: load of {} members {:.0} ms (once); a refresh with no change p50 {} / \
+         p99 {}; gateway cache of {} answers: {} KiB",
+        list.len(),
+        load.as_secs_f64() * 1e3,
+        us(refresh.0),
+        us(refresh.1),
+        args.samples.min(args.members),
+        cache.bytes() / 1024
+    );
+    log.close().await;
+    Ok(())
+}
+
+/// p50 and p99 of `n` runs of `op(i)`, one after another.
+async fn time<F, Fut>(n: usize, mut op: F) -> anyhow::Result<(Duration, Duration)>
+where
+    F: FnMut(usize) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let mut all = Vec::with_capacity(n);
+    for i in 0..n {
+        let t0 = Instant::now();
+        op(i).await?;
+        all.push(t0.elapsed());
+    }
+    all.sort_unstable();
+    let at = |q: f64| all[((all.len() as f64 * q) as usize).min(all.len() - 1)];
+    Ok((at(0.50), at(0.99)))
+}
+
+fn us(d: Duration) -> String {
+    format!("{:.1} µs", d.as_secs_f64() * 1e6)
+}

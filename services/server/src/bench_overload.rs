@@ -1,0 +1,246 @@
+//! `tidings bench overload`: one hot group flooding far past the log writer's capacity
+//! while many small conversations send steadily, against the same small conversations alone
+//! in the same run (docs/decisions/overload-admission.md).
+//!
+//! One fresh fjall store on disk and one log with `capacity_per_sec` configured. Sends are
+//! open-loop (issued on a 10 ms clock whatever the acks do, as independent users would):
+//! phase 1, the small conversations alone at `--small-rate` messages/s in all; phase 2, the
+//! same plus one hot group at `--hot-factor` × the capacity. Reported: the small
+//! conversations' send→ack p50/p99 in both phases and their ratio, what the hot group got
+//! through and how much was refused, total goodput against the capacity, and the process's
+//! peak RSS. Scaled down from the issue's setup: the log in process, no gateway and no
+//! 10,000 online sessions (fan-out is measured by `bench gateway`), so latency is send→ack.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use tidings_log::crypto::MasterKey;
+use tidings_log::overload::OverloadConfig;
+use tidings_log::store::{FjallStore, KvStore};
+use tidings_log::{
+    Append, ClientMsgId, ConvId, CreateConversation, Log, LogConfig, LogError, TenantId, UserId,
+};
+
+#[derive(Debug, clap::Args)]
+pub struct OverloadArgs {
+    /// The writer's configured capacity, appends/s.
+    #[arg(long, default_value_t = 2000)]
+    pub capacity: u32,
+    /// The hot group's send rate, as a multiple of the capacity.
+    #[arg(long, default_value_t = 3.0)]
+    pub hot_factor: f64,
+    /// Small conversations.
+    #[arg(long, default_value_t = 1000)]
+    pub conversations: usize,
+    /// Messages a second of all the small conversations together.
+    #[arg(long, default_value_t = 500.0)]
+    pub small_rate: f64,
+    /// Seconds per phase.
+    #[arg(long, default_value_t = 10)]
+    pub seconds: u64,
+    /// Directory for the scratch store (default: the system temp directory).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+}
+
+#[derive(Default)]
+struct Phase {
+    small: Vec<Duration>,
+    small_limited: usize,
+    hot_acked: usize,
+    hot_limited: usize,
+    errors: usize,
+    elapsed: Duration,
+}
+
+enum Outcome {
+    Small(Result<Duration, LogError>),
+    Hot(Result<Duration, LogError>),
+}
+
+pub async fn run(args: OverloadArgs, log_config: LogConfig) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.capacity > 0 && args.conversations > 0 && args.seconds > 0,
+        "capacity, conversations and seconds must be positive"
+    );
+    let (base, dir) = crate::bench::scratch_dir(args.dir.as_deref(), "overload")?;
+    let store: Arc<dyn KvStore> = Arc::new(FjallStore::open(&dir.path().join("kv"))?);
+    let cfg = LogConfig {
+        overload: OverloadConfig {
+            capacity_per_sec: args.capacity,
+            ..log_config.overload.clone()
+        },
+        send_buffer: None,
+        ..log_config
+    };
+    let log = Log::open(store, MasterKey::generate(), cfg).await?;
+    let tenant = TenantId::new("bench")?;
+    let sender = UserId::new("alice")?;
+    let small: Vec<ConvId> = (0..args.conversations)
+        .map(|i| ConvId::new(format!("s{i}")))
+        .collect::<Result<_, _>>()?;
+    let hot = ConvId::new("hot")?;
+    for conv in small.iter().chain([&hot]) {
+        log.create_conversation(CreateConversation {
+            tenant: tenant.clone(),
+            conv: conv.clone(),
+            kind: "group".into(),
+            title: String::new(),
+            creator: sender.clone(),
+            members: Vec::new(),
+        })
+        .await?;
+    }
+    println!(
+        "tidings bench overload: capacity {}/s, hot group at {}x, {} small conversations at \
+         {}/s in all, {} s per phase, {} cores; fjall under {}",
+        args.capacity,
+        args.hot_factor,
+        args.conversations,
+        args.small_rate,
+        args.seconds,
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        base.display()
+    );
+    let ctx = Ctx {
+        log: log.clone(),
+        tenant,
+        sender,
+        small,
+        hot,
+    };
+    let baseline = drive(&ctx, &args, 0.0, "b").await?;
+    // Two idle windows: the flood starts from a writer that limits nothing.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let flood = drive(&ctx, &args, args.hot_factor * f64::from(args.capacity), "f").await?;
+    let stats = log.overload_stats();
+    use std::sync::atomic::Ordering::Relaxed;
+    println!();
+    println!(
+        "| phase | small sends | small limited | small p50 | small p99 | hot acked/s | hot \
+         limited/s | goodput/s | errors |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for (name, p) in [("small only", &baseline), ("small + hot flood", &flood)] {
+        let secs = p.elapsed.as_secs_f64();
+        println!(
+            "| {name} | {} | {} | {:.2} ms | {:.2} ms | {:.0} | {:.0} | {:.0} | {} |",
+            p.small.len(),
+            p.small_limited,
+            quantile(&p.small, 0.50).as_secs_f64() * 1e3,
+            quantile(&p.small, 0.99).as_secs_f64() * 1e3,
+            p.hot_acked as f64 / secs,
+            p.hot_limited as f64 / secs,
+            (p.small.len() + p.hot_acked) as f64 / secs,
+            p.errors
+        );
+    }
+    let ratio = quantile(&flood.small, 0.99).as_secs_f64()
+        / quantile(&baseline.small, 0.99).as_secs_f64().max(1e-9);
+    let goodput =
+        (flood.small.len() + flood.hot_acked) as f64 / flood.elapsed.as_secs_f64().max(1e-9);
+    println!();
+    println!(
+        "small p99 under the flood / without it: {ratio:.2}x (target <= 2x); goodput {:.0}/s = \
+         {:.0}% of the capacity (target >= 90%); limited: {} standard, {} vip, in {} windows; \
+         peak RSS {} MiB",
+        goodput,
+        100.0 * goodput / f64::from(args.capacity),
+        stats.limited_standard.load(Relaxed),
+        stats.limited_vip.load(Relaxed),
+        stats.limiting_windows.load(Relaxed),
+        peak_rss_kib() / 1024
+    );
+    log.close().await;
+    Ok(())
+}
+
+struct Ctx {
+    log: Log,
+    tenant: TenantId,
+    sender: UserId,
+    small: Vec<ConvId>,
+    hot: ConvId,
+}
+
+/// One phase: small sends at `args.small_rate`, hot sends at `hot_rate`, open-loop on a
+/// 10 ms clock, each send its own task; then every outstanding send is awaited.
+async fn drive(ctx: &Ctx, args: &OverloadArgs, hot_rate: f64, tag: &str) -> anyhow::Result<Phase> {
+    const TICK: Duration = Duration::from_millis(10);
+    let text = "x".repeat(100);
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let (mut small_owed, mut hot_owed) = (0.0f64, 0.0f64);
+    let (mut next_small, mut next_hot) = (0usize, 0usize);
+    let started = Instant::now();
+    let end = started + Duration::from_secs(args.seconds);
+    while Instant::now() < end {
+        tick.tick().await;
+        small_owed += args.small_rate * TICK.as_secs_f64();
+        hot_owed += hot_rate * TICK.as_secs_f64();
+        while small_owed >= 1.0 {
+            small_owed -= 1.0;
+            let conv = ctx.small[next_small % ctx.small.len()].clone();
+            let id = ClientMsgId::new(format!("{tag}s{next_small}"))?;
+            next_small += 1;
+            let req = Append::text(ctx.tenant.clone(), conv, ctx.sender.clone(), id, &text);
+            let log = ctx.log.clone();
+            tasks.spawn(async move { Outcome::Small(timed(&log, req).await) });
+        }
+        while hot_owed >= 1.0 {
+            hot_owed -= 1.0;
+            let id = ClientMsgId::new(format!("{tag}h{next_hot}"))?;
+            next_hot += 1;
+            let req = Append::text(
+                ctx.tenant.clone(),
+                ctx.hot.clone(),
+                ctx.sender.clone(),
+                id,
+                &text,
+            );
+            let log = ctx.log.clone();
+            tasks.spawn(async move { Outcome::Hot(timed(&log, req).await) });
+        }
+    }
+    let mut phase = Phase::default();
+    while let Some(done) = tasks.join_next().await {
+        match done.context("a sender panicked")? {
+            Outcome::Small(Ok(latency)) => phase.small.push(latency),
+            Outcome::Small(Err(e)) if e.code() == "rate_limited" => phase.small_limited += 1,
+            Outcome::Hot(Ok(_)) => phase.hot_acked += 1,
+            Outcome::Hot(Err(e)) if e.code() == "rate_limited" => phase.hot_limited += 1,
+            Outcome::Small(Err(_)) | Outcome::Hot(Err(_)) => phase.errors += 1,
+        }
+    }
+    phase.elapsed = started.elapsed();
+    phase.small.sort_unstable();
+    Ok(phase)
+}
+
+async fn timed(log: &Log, req: Append) -> Result<Duration, LogError> {
+    let t0 = Instant::now();
+    log.append_for_user(req).await.map(|_| t0.elapsed())
+}
+
+fn quantile(sorted: &[Duration], q: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() as f64 * q) as usize).min(sorted.len() - 1)]
+}
+
+/// The process's peak resident set (VmHWM), KiB; 0 where /proc is not there.
+fn peak_rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|n| n.parse().ok())
+        })
+        .unwrap_or(0)
+}
