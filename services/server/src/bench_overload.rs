@@ -153,6 +153,9 @@ pub async fn run(args: OverloadArgs, log_config: LogConfig) -> anyhow::Result<()
         stats.limiting_windows.load(Relaxed),
         peak_rss_kib() / 1024
     );
+    // The context holds a handle of the log: while it lives, the sequencer waits for more
+    // commands and `close` would wait for ever.
+    drop(ctx);
     log.close().await;
     Ok(())
 }
