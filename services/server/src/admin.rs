@@ -574,7 +574,7 @@ async fn authorized_post(
     body: Incoming,
     action: &'static str,
     role: &'static str,
-) -> Result<(Caller, Vec<u8>), Response<Body>> {
+) -> Result<Posted, Response<Body>> {
     let caller = authenticate(state, headers)
         .await
         .map_err(|reason| unauthenticated(peer, action, &reason))?;
@@ -584,18 +584,36 @@ async fn authorized_post(
     } else {
         caller.compliance
     };
+    let posted = Posted {
+        filters: body_filters(&bytes),
+        caller,
+        bytes,
+    };
     if !holds_role {
-        let filters = body_filters(&bytes);
-        let refusal = Refusal {
-            state,
-            actor: &caller.actor,
-            action,
-            filters: &filters,
-        };
         let reason = format!("the token does not carry the {role} role");
-        return Err(refusal.forbidden(&caller.tenant, &reason).await);
+        let refusal = posted.refusal(state, action);
+        return Err(refusal.forbidden(&posted.caller.tenant, &reason).await);
     }
-    Ok((caller, bytes))
+    Ok(posted)
+}
+
+/// A POST [`authorized_post`] let through: who sent it, its body, and the body as a refusal
+/// records it.
+struct Posted {
+    caller: Caller,
+    bytes: Vec<u8>,
+    filters: String,
+}
+
+impl Posted {
+    fn refusal<'a>(&'a self, state: &'a State, action: &'static str) -> Refusal<'a> {
+        Refusal {
+            state,
+            actor: &self.caller.actor,
+            action,
+            filters: &self.filters,
+        }
+    }
 }
 
 /// A POST body's JSON object (an empty body is an empty object) and the tenant it names
@@ -645,19 +663,13 @@ async fn revoke_request(
     body: Incoming,
 ) -> Response<Body> {
     let action = Route::Revoke.action();
-    let (caller, bytes) =
-        match authorized_post(state, peer, headers, body, action, ADMIN_ROLE).await {
-            Ok(posted) => posted,
-            Err(response) => return response,
-        };
-    let filters = body_filters(&bytes);
-    let refusal = Refusal {
-        state,
-        actor: &caller.actor,
-        action,
-        filters: &filters,
+    let posted = match authorized_post(state, peer, headers, body, action, ADMIN_ROLE).await {
+        Ok(posted) => posted,
+        Err(response) => return response,
     };
-    let request = match crate::revoke::Request::from_json(&bytes, tidings_gateway::now_secs()) {
+    let refusal = posted.refusal(state, action);
+    let (caller, bytes) = (&posted.caller, &posted.bytes);
+    let request = match crate::revoke::Request::from_json(bytes, tidings_gateway::now_secs()) {
         Ok(request) => request,
         Err(reason) => return refusal.invalid(&caller.tenant, &reason).await,
     };
@@ -682,7 +694,7 @@ async fn revoke_request(
     };
     let mut entry = Entry::new(&caller.actor, action, "completed");
     entry.access_id = uuid::Uuid::now_v7().to_string();
-    entry.filters = filters;
+    entry.filters = posted.filters.clone();
     entry.detail = outcome.describe();
     if let Err(e) = state.compliance.record(&request.tenant, &entry).await {
         // The revocation stands; only its record is missing.
@@ -738,19 +750,13 @@ async fn hold_request(
     } else {
         "hold_create"
     };
-    let (caller, bytes) =
-        match authorized_post(state, peer, headers, body, action, COMPLIANCE_ROLE).await {
-            Ok(posted) => posted,
-            Err(response) => return response,
-        };
-    let filters = body_filters(&bytes);
-    let refusal = Refusal {
-        state,
-        actor: &caller.actor,
-        action,
-        filters: &filters,
+    let posted = match authorized_post(state, peer, headers, body, action, COMPLIANCE_ROLE).await {
+        Ok(posted) => posted,
+        Err(response) => return response,
     };
-    let (fields, target) = match own_tenant_body(&refusal, &caller, &bytes).await {
+    let refusal = posted.refusal(state, action);
+    let (caller, bytes) = (&posted.caller, &posted.bytes);
+    let (fields, target) = match own_tenant_body(&refusal, caller, bytes).await {
         Ok(parsed) => parsed,
         Err(response) => return response,
     };

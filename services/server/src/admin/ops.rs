@@ -61,19 +61,13 @@ pub(super) async fn request(
     body: Incoming,
 ) -> Response<Body> {
     let action = op.action();
-    let (caller, bytes) =
-        match authorized_post(state, peer, headers, body, action, ADMIN_ROLE).await {
-            Ok(posted) => posted,
-            Err(response) => return response,
-        };
-    let filters = body_filters(&bytes);
-    let refusal = Refusal {
-        state,
-        actor: &caller.actor,
-        action,
-        filters: &filters,
+    let posted = match authorized_post(state, peer, headers, body, action, ADMIN_ROLE).await {
+        Ok(posted) => posted,
+        Err(response) => return response,
     };
-    let (fields, tenant) = match own_tenant_body(&refusal, &caller, &bytes).await {
+    let refusal = posted.refusal(state, action);
+    let (caller, bytes) = (&posted.caller, &posted.bytes);
+    let (fields, tenant) = match own_tenant_body(&refusal, caller, bytes).await {
         Ok(parsed) => parsed,
         Err(response) => return response,
     };
