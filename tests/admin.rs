@@ -36,6 +36,8 @@ struct Reply {
     content_type: String,
     headers: reqwest::header::HeaderMap,
     body: String,
+    /// The body as sent (`body` is its UTF-8 reading).
+    bytes: Vec<u8>,
 }
 
 impl Reply {
@@ -77,12 +79,13 @@ impl Admin {
             .and_then(|v| v.to_str().ok())
             .unwrap_or("")
             .to_string();
-        let body = resp.text().await.expect("body");
+        let bytes = resp.bytes().await.expect("body").to_vec();
         Reply {
             status,
             content_type,
             headers,
-            body,
+            body: String::from_utf8_lossy(&bytes).into_owned(),
+            bytes,
         }
     }
 
@@ -497,6 +500,77 @@ async fn holds_keys_and_archive_operations_run_while_serving_and_are_audited() {
             .starts_with("attachment"),
     );
     assert_eq!(r.lines().len(), 2, "one hit and the end line: {}", r.body);
+    // CSV and Parquet: written whole on the server, then sent with their length.
+    let r = admin
+        .get_as(
+            "/v1/compliance/export?conv=team&text=quarterly&format=csv",
+            &officer,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.content_type, "text/csv; charset=utf-8");
+    assert_eq!(r.headers["x-tidings-rows"], "1");
+    assert_eq!(
+        r.headers["content-length"],
+        r.bytes.len().to_string().as_str()
+    );
+    assert_eq!(
+        r.headers["content-disposition"],
+        "attachment; filename=\"tidings-acme.csv\""
+    );
+    let rows: Vec<&str> = r.body.lines().collect();
+    assert_eq!(rows.len(), 2, "a header and one row: {}", r.body);
+    assert!(rows[0].starts_with("tenant,conversation,seq,event_id,sender,time,kind,text,"));
+    assert!(
+        rows[1].starts_with("acme,team,") && rows[1].contains(MARKER),
+        "{}",
+        r.body
+    );
+    let r = admin
+        .get_as(
+            "/v1/compliance/export?conv=team&text=quarterly&format=parquet",
+            &officer,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.content_type, "application/vnd.apache.parquet");
+    assert_eq!(r.headers["x-tidings-rows"], "1");
+    assert_eq!(
+        r.headers["content-length"],
+        r.bytes.len().to_string().as_str()
+    );
+    {
+        use parquet::file::reader::{FileReader, SerializedFileReader};
+        let file = SerializedFileReader::new(hyper::body::Bytes::from(r.bytes.clone()))
+            .expect("a whole Parquet file");
+        let meta = file.metadata().file_metadata();
+        assert_eq!(meta.num_rows(), 1);
+        let columns: Vec<&str> = meta
+            .schema_descr()
+            .columns()
+            .iter()
+            .map(|c| c.name())
+            .collect();
+        assert!(
+            columns.starts_with(&["tenant", "conversation", "seq"]) && columns.contains(&"text"),
+            "{columns:?}"
+        );
+    }
+    // An unknown format is refused and recorded; the spool keeps nothing.
+    let r = admin
+        .get_as("/v1/compliance/export?conv=team&format=xlsx", &officer)
+        .await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(r.code(), "invalid_request");
+    assert!(r.body.contains("jsonl, csv and parquet"), "{}", r.body);
+    let spool = s.data_dir().join("export-spool");
+    assert_eq!(
+        std::fs::read_dir(&spool)
+            .unwrap_or_else(|e| panic!("{}: {e}", spool.display()))
+            .count(),
+        0,
+        "the spool is empty once the downloads are sent"
+    );
     let r = admin
         .post_as("/v1/admin/keys/shred", &root, json!({}))
         .await;
@@ -520,6 +594,18 @@ async fn holds_keys_and_archive_operations_run_while_serving_and_are_audited() {
     assert_eq!(r.lines()[0]["shredded"], true);
 
     let audit = admin.get_as("/v1/compliance/audit", &officer).await;
+    // Each download names its format as the destination, with the rows it held.
+    for format in ["jsonl", "csv", "parquet"] {
+        let destination = format!("http download ({format})");
+        assert!(
+            audit.lines().iter().any(|r| r["action"] == "export"
+                && r["outcome"] == "completed"
+                && r["destination"] == destination.as_str()
+                && r["rows"] == 1),
+            "no completed export to {destination}: {}",
+            audit.body
+        );
+    }
     let actions: Vec<(String, String)> = trail(&audit.lines())
         .into_iter()
         .map(|(_, action, outcome)| (action, outcome))
@@ -531,6 +617,7 @@ async fn holds_keys_and_archive_operations_run_while_serving_and_are_audited() {
         ("archive_verify", "completed"),
         ("hold_create", "completed"),
         ("export", "completed"),
+        ("export", "denied"),
         ("shred", "denied"),
         ("hold_release", "completed"),
         ("shred", "completed"),

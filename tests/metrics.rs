@@ -29,6 +29,31 @@ async fn scrape(client: &reqwest::Client, port: u16) -> (Page, String) {
     (page, text)
 }
 
+/// Polls `{base}/readyz` until it answers `200 {"ready":true}`; anything but that or a 503
+/// fails.
+async fn wait_ready(http: &reqwest::Client, base: &str) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let ready = http
+            .get(format!("{base}/readyz"))
+            .send()
+            .await
+            .expect("readyz");
+        let status = ready.status();
+        let body = ready.text().await.expect("body");
+        if status == 200 {
+            assert_eq!(body, "{\"ready\":true}\n");
+            break;
+        }
+        assert_eq!(status, 503, "{body}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never ready: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Every `tidings_*` name in the `expr` lines of a rule file or the `"expr"` fields of a
 /// dashboard.
 fn names_in_expressions(text: &str) -> BTreeSet<String> {
@@ -68,26 +93,7 @@ async fn metrics_parse_strictly_move_with_traffic_and_cover_the_alerts_on_log_an
         .await
         .expect("healthz");
     assert_eq!(health.status(), 200);
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let ready = http
-            .get(format!("{base}/readyz"))
-            .send()
-            .await
-            .expect("readyz");
-        let status = ready.status();
-        let body = ready.text().await.expect("body");
-        if status == 200 {
-            assert_eq!(body, "{\"ready\":true}\n");
-            break;
-        }
-        assert_eq!(status, 503, "{body}");
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never ready: {body}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_ready(&http, &base).await;
 
     let (log_before, _) = scrape(&http, log.admin_port).await;
     let (gw_before, _) = scrape(&http, gateway.port).await;
@@ -204,4 +210,68 @@ fn the_strict_parser_refuses_malformed_pages() {
     ] {
         assert!(prom::parse(bad).is_err(), "accepted {bad:?}");
     }
+}
+
+/// `--role archiver` has no compliance plane and verifies no tokens: its admin port answers
+/// health, readiness and metrics (its passes counted, as the alert rules expect) and
+/// nothing else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_archiver_role_serves_health_readiness_and_its_own_metrics_only() {
+    let s = Sandbox::new();
+    let nats = Nats::start();
+    let archiver = Server::start(&s, &nats, "archiver", &[("TIDINGS_ARCHIVE_INTERVAL", "1s")]);
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .expect("client");
+    let base = format!("http://127.0.0.1:{}", archiver.admin_port);
+
+    // Passes run and are counted; the last success is stamped for the lag alert.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let page = loop {
+        let (page, text) = scrape(&http, archiver.admin_port).await;
+        if page.value("tidings_archive_passes_total", &[("outcome", "ok")]) >= 2.0 {
+            break page;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no two archive passes counted:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        page.value("tidings_archive_passes_total", &[("outcome", "failed")]),
+        0.0
+    );
+    assert!(page.value("tidings_archive_pass_seconds_count", &[]) >= 2.0);
+    assert!(page.value("tidings_archive_last_success_timestamp_seconds", &[]) > 0.0);
+
+    wait_ready(&http, &base).await;
+    let health = http
+        .get(format!("{base}/healthz"))
+        .send()
+        .await
+        .expect("healthz");
+    assert_eq!(health.status(), 200);
+
+    // The compliance and admin routes are not there at all (not merely refused).
+    for path in ["/v1/compliance/search?text=x", "/console/"] {
+        let r = http.get(format!("{base}{path}")).send().await.expect("get");
+        assert_eq!(r.status(), 404, "{path}");
+        let body = r.text().await.expect("body");
+        assert!(body.contains("\"not_found\""), "{path}: {body}");
+    }
+    let r = http
+        .post(format!("{base}/v1/admin/tokens/revoke"))
+        .body("{}")
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(r.status(), 404);
+    let r = http
+        .post(format!("{base}/metrics"))
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(r.status(), 405, "metrics takes GET only");
 }

@@ -362,7 +362,8 @@ impl Drop for Nats {
 /// A `tidings serve` process, killed on drop.
 pub struct Server {
     pub port: u16,
-    /// The admin listener's port (roles all and log; 0 when it is off).
+    /// The admin listener's port (roles all and log; health, readiness and metrics only on
+    /// role archiver; 0 when it is off).
     pub admin_port: u16,
     child: Child,
 }
@@ -397,23 +398,23 @@ impl Server {
     /// when it says so.
     pub fn start(s: &Sandbox, nats: &Nats, role: &str, env: &[(&str, &str)]) -> Server {
         let mut cmd = Server::command(s, nats, role, env);
-        let admin = matches!(role, "all" | "log")
+        let admin = matches!(role, "all" | "log" | "archiver")
             && !env
                 .iter()
                 .any(|(k, v)| *k == "TIDINGS_ADMIN_LISTEN" && v.is_empty());
         let mut child = cmd.spawn().expect("spawn tidings serve");
         // "on ws" and "on http" match the TLS listeners (wss://, https://) too.
-        let ready = if role == "log" {
-            "log service on NATS"
-        } else {
-            "gateway on ws"
+        let ready = match role {
+            "log" => "log service on NATS",
+            "archiver" => "archiver every",
+            _ => "gateway on ws",
         };
         let mut markers = vec![ready];
         if admin {
             markers.push("admin on http");
         }
         let found = wait_for_lines(&mut child, &markers, "tidings serve");
-        let port = if role == "log" {
+        let port = if matches!(role, "log" | "archiver") {
             0
         } else {
             let port = port_in(found[0].trim_end_matches("/v1/ws"));

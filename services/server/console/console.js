@@ -76,17 +76,31 @@ async function search(ev) {
   }
 }
 
+// JSON lines stream and end with a line saying whether they are complete; CSV and Parquet
+// are written whole on the server first, so a 200 with the full Content-Length is complete.
 async function exportHits() {
   status("search-status", "exporting…");
+  const format = $("export-format").value;
   try {
-    const response = await fetch("/v1/compliance/export?" + filters(), { headers: auth() });
-    const { last, text } = await lines(response);
+    const query = filters();
+    query.set("format", format);
+    const response = await fetch("/v1/compliance/export?" + query, { headers: auth() });
+    let blob, rows;
+    if (format === "jsonl") {
+      const { last, text } = await lines(response);
+      blob = new Blob([text], { type: "application/x-ndjson" });
+      rows = last.rows;
+    } else {
+      if (!response.ok) await lines(response); // throws with the server's message
+      blob = await response.blob();
+      rows = response.headers.get("x-tidings-rows");
+    }
     const link = $("download");
     if (link.href) URL.revokeObjectURL(link.href);
-    link.href = URL.createObjectURL(new Blob([text], { type: "application/x-ndjson" }));
-    link.download = "tidings-export.jsonl";
+    link.href = URL.createObjectURL(blob);
+    link.download = "tidings-export." + format;
     link.hidden = false;
-    status("search-status", "exported " + last.rows + " (recorded in the audit log)");
+    status("search-status", "exported " + rows + " (recorded in the audit log)");
   } catch (e) {
     status("search-status", e.message, true);
   }

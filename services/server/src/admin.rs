@@ -46,6 +46,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -59,6 +60,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::{Map, Value, json};
 use tidings_archive::compliance::audit::{self, Entry};
+use tidings_archive::compliance::export::Format;
 use tidings_archive::compliance::{
     Action, Actor, Compliance, ComplianceError, Hit, HoldSpec, Progress, Query, Scope, Sink, Via,
     hit_json, hold, parse_time,
@@ -72,6 +74,7 @@ use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::{JoinHandle, JoinSet};
 use tracing::{debug, error, info, warn};
 
+mod download;
 mod ops;
 pub use ops::Archive;
 
@@ -111,7 +114,15 @@ pub struct Admin {
     task: JoinHandle<()>,
 }
 
+/// What the listener serves from: always health, readiness and metrics; the compliance and
+/// admin plane only where this process has one (not `--role archiver`).
 struct State {
+    health: Health,
+    plane: Option<Arc<Plane>>,
+}
+
+/// The compliance and admin routes' services.
+struct Plane {
     verifier: Verifier,
     compliance: Compliance,
     requests: Arc<Semaphore>,
@@ -119,10 +130,10 @@ struct State {
     log: tidings_log::Log,
     /// Where revocation notices go; `None` when this process has no NATS connection.
     nats: Option<async_nats::Client>,
-    /// What `/readyz` reports.
-    health: Health,
     /// The archiver and object store the admin operations use (`None`: no archive here).
     archive: Option<Archive>,
+    /// Where CSV and Parquet downloads are written whole before they are sent.
+    spool: PathBuf,
 }
 
 /// What the listener serves with.
@@ -134,40 +145,42 @@ pub struct Services {
     pub log: tidings_log::Log,
     /// Where revocation notices go; `None` when this process has no NATS connection.
     pub nats: Option<async_nats::Client>,
-    /// What `/readyz` reports.
-    pub health: Health,
     /// The archiver and object store the admin operations use.
     pub archive: Option<Archive>,
+    /// A directory of this listener's own for CSV and Parquet downloads, each written whole
+    /// there (then unlinked while it is sent); emptied at start.
+    pub spool: PathBuf,
 }
 
 impl Admin {
     /// Binds `listen` and serves until [`Admin::stop`]: HTTPS when `tls` is given
-    /// (certificate reloaded from disk), plain HTTP otherwise. `verifier` must be the admin
-    /// plane's (the compliance audience).
+    /// (certificate reloaded from disk), plain HTTP otherwise. Health, readiness and
+    /// metrics always; the compliance and admin routes with `services` (a process without
+    /// them, `--role archiver`, answers 404 there).
     pub async fn start(
         listen: SocketAddr,
         tls: Option<ReloadingAcceptor>,
-        services: Services,
+        health: Health,
+        services: Option<Services>,
     ) -> std::io::Result<Admin> {
+        let plane = match services {
+            None => None,
+            Some(services) => {
+                download::clear_spool(&services.spool)?;
+                Some(Arc::new(Plane {
+                    verifier: services.verifier,
+                    compliance: services.compliance,
+                    requests: Arc::new(Semaphore::new(MAX_REQUESTS)),
+                    log: services.log,
+                    nats: services.nats,
+                    archive: services.archive,
+                    spool: services.spool,
+                }))
+            }
+        };
         let listener = TcpListener::bind(listen).await?;
         let addr = listener.local_addr()?;
-        let Services {
-            verifier,
-            compliance,
-            log,
-            nats,
-            health,
-            archive,
-        } = services;
-        let state = Arc::new(State {
-            verifier,
-            compliance,
-            requests: Arc::new(Semaphore::new(MAX_REQUESTS)),
-            log,
-            nats,
-            health,
-            archive,
-        });
+        let state = Arc::new(State { health, plane });
         let (stop, stopped) = watch::channel(false);
         let task = tokio::spawn(run(listener, state, tls, stopped));
         Ok(Admin { addr, stop, task })
@@ -245,11 +258,13 @@ async fn run(
         );
         tasks.abort_all();
     }
-    let _ = tokio::time::timeout(
-        SEARCH_DRAIN,
-        state.requests.acquire_many(MAX_REQUESTS as u32),
-    )
-    .await;
+    if let Some(plane) = &state.plane {
+        let _ = tokio::time::timeout(
+            SEARCH_DRAIN,
+            plane.requests.acquire_many(MAX_REQUESTS as u32),
+        )
+        .await;
+    }
 }
 
 /// Serves HTTP/1.1 on one connection, plain or TLS, until it ends or stop is asked for.
@@ -326,7 +341,8 @@ impl Route {
     fn parameters(self) -> &'static [&'static str] {
         match self {
             Route::Health | Route::Ready | Route::Metrics => &[],
-            Route::Search | Route::Export => &["tenant", "conv", "sender", "from", "to", "text"],
+            Route::Search => &["tenant", "conv", "sender", "from", "to", "text"],
+            Route::Export => &["tenant", "conv", "sender", "from", "to", "text", "format"],
             Route::Audit | Route::Holds => &["tenant"],
             Route::Revoke | Route::HoldRelease | Route::Console | Route::Admin(_) => &[],
         }
@@ -334,7 +350,7 @@ impl Route {
 }
 
 /// Serves one request and counts it (`tidings_admin_*`).
-async fn handle(state: &Arc<State>, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
+async fn handle(state: &State, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
     let response = route(state, peer, req).await;
     let refused = match response.status().as_u16() {
         200..=399 => None,
@@ -350,7 +366,7 @@ async fn handle(state: &Arc<State>, peer: SocketAddr, req: Request<Incoming>) ->
     response
 }
 
-async fn route(state: &Arc<State>, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
+async fn route(state: &State, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
     let route = match req.uri().path() {
         "/healthz" => Route::Health,
         "/readyz" => Route::Ready,
@@ -371,6 +387,27 @@ async fn route(state: &Arc<State>, peer: SocketAddr, req: Request<Incoming>) -> 
         },
     };
     crate::metrics::ADMIN_REQUESTS.inc(route.action());
+    if matches!(route, Route::Health | Route::Ready | Route::Metrics) {
+        if req.method() != Method::GET {
+            return method_not_allowed("GET");
+        }
+        return match route {
+            Route::Ready => ready(&state.health),
+            Route::Metrics => full(
+                StatusCode::OK,
+                tidings_log::metrics::CONTENT_TYPE,
+                tidings_log::metrics::render(),
+            ),
+            _ => full(StatusCode::OK, "text/plain; charset=utf-8", "ok".into()),
+        };
+    }
+    let Some(state) = &state.plane else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "this process serves health, readiness and metrics only",
+        );
+    };
     if route == Route::Revoke {
         if req.method() != Method::POST {
             return method_not_allowed("POST");
@@ -417,19 +454,16 @@ async fn route(state: &Arc<State>, peer: SocketAddr, req: Request<Incoming>) -> 
         );
     }
     match route {
-        Route::Health => full(StatusCode::OK, "text/plain; charset=utf-8", "ok".into()),
-        Route::Ready => ready(&state.health),
-        Route::Metrics => full(
-            StatusCode::OK,
-            tidings_log::metrics::CONTENT_TYPE,
-            tidings_log::metrics::render(),
-        ),
         Route::Search | Route::Export | Route::Audit | Route::Holds => {
             compliance_request(state, peer, route, req.headers(), raw_query).await
         }
-        Route::Revoke | Route::HoldRelease | Route::Console | Route::Admin(_) => {
-            error(StatusCode::NOT_FOUND, "not_found", "no such route")
-        }
+        Route::Health
+        | Route::Ready
+        | Route::Metrics
+        | Route::Revoke
+        | Route::HoldRelease
+        | Route::Console
+        | Route::Admin(_) => error(StatusCode::NOT_FOUND, "not_found", "no such route"),
     }
 }
 
@@ -456,7 +490,7 @@ struct Caller {
 
 /// Checks the bearer token, then that it is not revoked. The error is for the process log
 /// and the 401 answer; it never contains the token.
-async fn authenticate(state: &State, headers: &HeaderMap) -> Result<Caller, String> {
+async fn authenticate(state: &Plane, headers: &HeaderMap) -> Result<Caller, String> {
     let (caller, claims) = verify_bearer(&state.verifier, headers)?;
     let user = UserId::new(claims.user.as_str()).map_err(|e| format!("token user: {e}"))?;
     let token = tidings_log::revocation::TokenRef {
@@ -568,7 +602,7 @@ async fn read_body(body: Incoming) -> Result<Vec<u8>, Response<Body>> {
 /// A POST from a verified caller holding `role`, with its body (bounded). Unauthenticated:
 /// 401, not recorded; without the role: 403, recorded in the caller's tenant.
 async fn authorized_post(
-    state: &Arc<State>,
+    state: &Arc<Plane>,
     peer: SocketAddr,
     headers: &HeaderMap,
     body: Incoming,
@@ -606,7 +640,7 @@ struct Posted {
 }
 
 impl Posted {
-    fn refusal<'a>(&'a self, state: &'a State, action: &'static str) -> Refusal<'a> {
+    fn refusal<'a>(&'a self, state: &'a Plane, action: &'static str) -> Refusal<'a> {
         Refusal {
             state,
             actor: &self.caller.actor,
@@ -657,7 +691,7 @@ fn body_filters(bytes: &[u8]) -> String {
 
 /// `POST /v1/admin/tokens/revoke`.
 async fn revoke_request(
-    state: &Arc<State>,
+    state: &Arc<Plane>,
     peer: SocketAddr,
     headers: &HeaderMap,
     body: Incoming,
@@ -710,7 +744,7 @@ async fn revoke_request(
 
 /// `GET /v1/compliance/holds?tenant=`: the tenant's holds, active and released, as JSON
 /// lines (hold records, no message content).
-async fn list_holds(state: &Arc<State>, tenant: &TenantId) -> Response<Body> {
+async fn list_holds(state: &Arc<Plane>, tenant: &TenantId) -> Response<Body> {
     match hold::list(
         &**state.compliance.store(),
         state.compliance.keyring(),
@@ -739,7 +773,7 @@ async fn list_holds(state: &Arc<State>, tenant: &TenantId) -> Response<Body> {
 /// compliance role, in the caller's own tenant; each recorded in the audit log (by
 /// [`Compliance::create_hold`] and [`Compliance::release_hold`]), refusals too.
 async fn hold_request(
-    state: &Arc<State>,
+    state: &Arc<Plane>,
     peer: SocketAddr,
     route: Route,
     headers: &HeaderMap,
@@ -813,7 +847,7 @@ fn hold_spec(fields: &Map<String, Value>) -> Result<HoldSpec, String> {
 }
 
 async fn compliance_request(
-    state: &Arc<State>,
+    state: &Arc<Plane>,
     peer: SocketAddr,
     route: Route,
     headers: &HeaderMap,
@@ -864,25 +898,32 @@ async fn compliance_request(
             Ok(query) => search(state, query, caller.actor.clone(), Action::Search),
             Err(reason) => refusal.invalid(&target, &reason).await,
         },
-        Route::Export => match search_query(&params, target.clone()) {
-            Ok(query) => {
-                // The download is the destination the audit log names.
-                let action = Action::Export {
-                    destination: "http download (jsonl)".into(),
-                };
-                let mut response = search(state, query, caller.actor.clone(), action);
-                if response.status() == StatusCode::OK {
-                    let disposition = format!("attachment; filename=\"tidings-{target}.jsonl\"");
-                    if let Ok(value) = HeaderValue::from_str(&disposition) {
-                        response
-                            .headers_mut()
-                            .insert(header::CONTENT_DISPOSITION, value);
+        Route::Export => {
+            let query = search_query(&params, target.clone());
+            match (query, download::format(&params)) {
+                (Ok(query), Ok(Format::Jsonl)) => {
+                    // The download is the destination the audit log names.
+                    let action = Action::Export {
+                        destination: "http download (jsonl)".into(),
+                    };
+                    let mut response = search(state, query, caller.actor.clone(), action);
+                    if response.status() == StatusCode::OK {
+                        let disposition =
+                            format!("attachment; filename=\"tidings-{target}.jsonl\"");
+                        if let Ok(value) = HeaderValue::from_str(&disposition) {
+                            response
+                                .headers_mut()
+                                .insert(header::CONTENT_DISPOSITION, value);
+                        }
                     }
+                    response
                 }
-                response
+                (Ok(query), Ok(format)) => {
+                    download::whole(state, query, caller.actor.clone(), format).await
+                }
+                (Err(reason), _) | (_, Err(reason)) => refusal.invalid(&target, &reason).await,
             }
-            Err(reason) => refusal.invalid(&target, &reason).await,
-        },
+        }
         Route::Audit => read_audit(state, target, caller.actor.clone(), filters.clone()).await,
         Route::Holds => list_holds(state, &target).await,
         Route::Health
@@ -898,7 +939,7 @@ async fn compliance_request(
 /// Refuses a verified caller's request and records it in a tenant's audit log. The refusal
 /// stands even if it cannot be recorded.
 struct Refusal<'a> {
-    state: &'a State,
+    state: &'a Plane,
     actor: &'a Actor,
     action: &'static str,
     filters: &'a str,
@@ -969,7 +1010,7 @@ fn search_query(params: &Params, tenant: TenantId) -> Result<Query, String> {
 /// Starts the search beside the response: the response body reads the channel as the client
 /// takes bytes, and a full channel pauses the scan. The status is 200 from here on; the
 /// last line says how it ended.
-fn search(state: &Arc<State>, query: Query, actor: Actor, action: Action) -> Response<Body> {
+fn search(state: &Arc<Plane>, query: Query, actor: Actor, action: Action) -> Response<Body> {
     let Ok(permit) = state.requests.clone().try_acquire_owned() else {
         return busy();
     };
@@ -1005,7 +1046,7 @@ fn search(state: &Arc<State>, query: Query, actor: Actor, action: Action) -> Res
 /// however long the log), then records the outcome. As for a search, the status is 200
 /// from the first record on and the last line says how it ended.
 async fn read_audit(
-    state: &Arc<State>,
+    state: &Arc<Plane>,
     tenant: TenantId,
     actor: Actor,
     filters: String,

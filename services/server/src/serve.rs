@@ -155,13 +155,39 @@ async fn start_admin(
     if config.admin.listen.is_empty() {
         return Ok(None);
     }
-    let addr: SocketAddr = config.admin.listen.parse()?;
     let compliance = tidings_archive::compliance::Compliance::new(
         log.store().clone(),
         log.keyring().clone(),
         Some(crate::archive::objects(config)?),
         archive_gate.clone(),
     );
+    let archive = crate::admin::Archive {
+        archiver: Arc::new(crate::archive::archiver(config, log)?.with_gate(archive_gate)),
+        objects: crate::archive::objects(config)?,
+    };
+    let services = crate::admin::Services {
+        verifier,
+        compliance,
+        log: log.clone(),
+        nats: Some(nats),
+        archive: Some(archive),
+        spool: config.data_dir.join("export-spool"),
+    };
+    admin_listener(config, health, Some(services)).await
+}
+
+/// The admin listener on `admin.listen` (unless empty), over TLS when `admin` names a
+/// certificate: with the compliance plane's `services`, or without (the archiver: health,
+/// readiness and metrics only, for it verifies no tokens).
+async fn admin_listener(
+    config: &Config,
+    health: Health,
+    services: Option<crate::admin::Services>,
+) -> anyhow::Result<Option<crate::admin::Admin>> {
+    if config.admin.listen.is_empty() {
+        return Ok(None);
+    }
+    let addr: SocketAddr = config.admin.listen.parse()?;
     let tls = edge_tls(
         "admin",
         &config.admin.tls_cert_file,
@@ -169,33 +195,23 @@ async fn start_admin(
         ADMIN_ALPN,
     )?;
     let secure = tls.is_some();
-    let archive = crate::admin::Archive {
-        archiver: Arc::new(crate::archive::archiver(config, log)?.with_gate(archive_gate)),
-        objects: crate::archive::objects(config)?,
+    let only = if services.is_none() {
+        " (health, readiness and metrics only)"
+    } else {
+        ""
     };
-    let admin = crate::admin::Admin::start(
-        addr,
-        tls,
-        crate::admin::Services {
-            verifier,
-            compliance,
-            log: log.clone(),
-            nats: Some(nats),
-            health,
-            archive: Some(archive),
-        },
-    )
-    .await
-    .with_context(|| format!("admin listener on {addr}"))?;
+    let admin = crate::admin::Admin::start(addr, tls, health, services)
+        .await
+        .with_context(|| format!("admin listener on {addr}"))?;
     announce(
         "admin",
         admin.local_addr(),
         secure,
         "https://",
         "http://",
-        "",
+        only,
     );
-    Ok(admin.into())
+    Ok(Some(admin))
 }
 
 /// The admin listener speaks HTTP/1.1 only; saying so in ALPN lets clients skip h2.
@@ -281,10 +297,14 @@ pub async fn serve(config: Config, role: Role) -> anyhow::Result<()> {
         let archiver = crate::archive::spawn_periodic(&config, log, Arc::default())?;
         supervisor.essential("archiver", supervise::owned(archiver));
         eprintln!("tidings: archiver every {}", config.archive.interval);
+        let operations = admin_listener(&config, health, None).await?;
         let fatal = tokio::select! {
             _ = shutdown_signal() => None,
             reason = supervisor.fatal() => Some(reason),
         };
+        if let Some(operations) = operations {
+            operations.stop().await;
+        }
         supervisor.shutdown().await;
         return fatal.map_or(Ok(()), |reason| Err(anyhow::anyhow!(reason)));
     }

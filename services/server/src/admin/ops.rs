@@ -54,7 +54,7 @@ pub struct Archive {
 }
 
 pub(super) async fn request(
-    state: &Arc<State>,
+    state: &Arc<Plane>,
     peer: SocketAddr,
     op: Op,
     headers: &HeaderMap,
@@ -144,7 +144,7 @@ pub(super) async fn request(
 }
 
 async fn archive_op(
-    state: &State,
+    state: &Plane,
     archive: &Archive,
     op: Op,
     tenant: &TenantId,
@@ -176,7 +176,7 @@ async fn archive_op(
 }
 
 /// Records a completed operation. The operation stands if recording fails (logged).
-async fn record(state: &State, tenant: &TenantId, actor: &Actor, action: &str, detail: String) {
+async fn record(state: &Plane, tenant: &TenantId, actor: &Actor, action: &str, detail: String) {
     let mut entry = Entry::new(actor, action, "completed");
     entry.access_id = uuid::Uuid::now_v7().to_string();
     entry.detail = detail;
