@@ -171,6 +171,29 @@ async fn roles_with_their_own_keys_work_and_an_outsider_gets_nothing() {
     let s = Sandbox::new();
     s.group("team");
     let bus = closed_bus(&s);
+    // acme's interceptor, connected with the `interceptor` key: it takes the log's requests
+    // and answers them, and may do nothing else.
+    std::fs::write(
+        s.path().join("tidings.toml"),
+        "[[log.interceptors]]\ntenant = \"acme\"\nsubject = \"tidings.intercept.acme\"\n",
+    )
+    .expect("config");
+    let (hook, mut hook_errors) =
+        raw_client(&bus, Some(bus.creds.join("interceptor.nk").as_path())).await;
+    let mut checks = hook.subscribe("tidings.intercept.acme").await.expect("sub");
+    hook.flush().await.expect("flush");
+    let checked = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = checked.clone();
+    let answering = hook.clone();
+    tokio::spawn(async move {
+        use futures_util::StreamExt;
+        while let Some(msg) = checks.next().await {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if let Some(reply) = msg.reply {
+                let _ = answering.publish(reply, r#"{"allow":true}"#.into()).await;
+            }
+        }
+    });
     // The log keeps its send buffer on JetStream (as with TiKV), which its permissions must
     // allow: it adopts every partition there at startup.
     let mut log_env = role_env(&bus, "log");
@@ -191,6 +214,18 @@ async fn roles_with_their_own_keys_work_and_an_outsider_gets_nothing() {
         .await
         .expect("send through gateway and log");
     receive(&mut bob, "over the closed bus").await;
+    assert_eq!(
+        checked.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "the interceptor checked the message"
+    );
+    // The interceptor's key reads no events and publishes nothing of its own.
+    let _events = hook.subscribe("tidings.ev.>").await.expect("sub");
+    violation(&mut hook_errors, "tidings.ev.>").await;
+    hook.publish("tidings.ev.acme.team", "forged".into())
+        .await
+        .expect("publish");
+    violation(&mut hook_errors, "tidings.ev.acme.team").await;
 
     // The outsider cannot read committed events, cannot answer for the log...
     let (outsider, mut errors) = raw_client(&bus, None).await;

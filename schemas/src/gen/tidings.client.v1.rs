@@ -504,6 +504,9 @@ pub enum ErrorCode {
     /// Temporarily unable (store or log service unreachable); retry later.
     Unavailable = 14,
     Internal = 15,
+    /// The tenant's interceptor (a DLP or moderation check) refused it; the message says why.
+    /// Nothing was committed. Sending the same again is refused again.
+    Rejected = 16,
 }
 impl ErrorCode {
     /// String value of the enum field names used in the ProtoBuf definition.
@@ -528,6 +531,7 @@ impl ErrorCode {
             Self::RateLimited => "ERROR_CODE_RATE_LIMITED",
             Self::Unavailable => "ERROR_CODE_UNAVAILABLE",
             Self::Internal => "ERROR_CODE_INTERNAL",
+            Self::Rejected => "ERROR_CODE_REJECTED",
         }
     }
     /// Creates an enum from field names used in the ProtoBuf definition.
@@ -549,6 +553,7 @@ impl ErrorCode {
             "ERROR_CODE_RATE_LIMITED" => Some(Self::RateLimited),
             "ERROR_CODE_UNAVAILABLE" => Some(Self::Unavailable),
             "ERROR_CODE_INTERNAL" => Some(Self::Internal),
+            "ERROR_CODE_REJECTED" => Some(Self::Rejected),
             _ => None,
         }
     }

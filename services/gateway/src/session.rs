@@ -115,6 +115,8 @@ pub fn log_error(e: &LogError, session: u64, request_id: u64) -> Msg {
         // Permission refusals say what rule refused (fixed text made by the log), never
         // whose data it was.
         "not_allowed" => (ErrorCode::NotAllowed, client_detail("not allowed"), false),
+        // The tenant's own check said why; its words are for the sender.
+        "rejected" => (ErrorCode::Rejected, client_detail("rejected"), false),
         // A shredded tenant's history is gone for good: refused, not an outage.
         "tenant_shredded" => (
             ErrorCode::NotAllowed,

@@ -44,6 +44,11 @@ pub enum LogError {
     #[error("not allowed: {0}")]
     NotAllowed(String),
 
+    /// The tenant's interceptor (a DLP or moderation hook) refused the append, with its
+    /// reason; nothing was committed.
+    #[error("rejected: {reason}")]
+    Rejected { reason: String },
+
     #[error("seq {seq} is not a message in conversation {conversation} (head is {head})")]
     NoSuchMessage {
         conversation: String,
@@ -141,6 +146,7 @@ pub const ERROR_CODES: &[&str] = &[
     "not_member",
     "already_member",
     "not_allowed",
+    "rejected",
     "no_such_message",
     "master_key_missing",
     "master_key_malformed",
@@ -172,6 +178,7 @@ impl LogError {
             LogError::NotMember { .. } => "not_member",
             LogError::AlreadyMember { .. } => "already_member",
             LogError::NotAllowed(_) => "not_allowed",
+            LogError::Rejected { .. } => "rejected",
             LogError::NoSuchMessage { .. } => "no_such_message",
             LogError::MasterKeyMissing { .. } => "master_key_missing",
             LogError::MasterKeyMalformed { .. } => "master_key_malformed",

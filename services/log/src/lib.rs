@@ -36,6 +36,7 @@ pub mod cold;
 pub mod crypto;
 pub mod error;
 pub mod ids;
+pub mod interceptor;
 pub mod keys;
 pub mod lease;
 pub mod log;

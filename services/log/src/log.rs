@@ -468,6 +468,8 @@ struct Inner {
     stats: Arc<WriterStats>,
     writer: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     cold: std::sync::OnceLock<Arc<dyn ColdTier>>,
+    /// Pre-commit hooks on users' appends (set once, after NATS is up).
+    interceptors: std::sync::OnceLock<crate::interceptor::Interceptors>,
     /// Which partitions this writer owns (the sequencer keeps it current).
     own: Arc<Ownership>,
     /// One acquisition at a time per writer (the lease keeper's and `take_over`).
@@ -648,6 +650,7 @@ impl Log {
                 stats,
                 writer: std::sync::Mutex::new(Some(writer)),
                 cold: std::sync::OnceLock::new(),
+                interceptors: std::sync::OnceLock::new(),
                 own,
                 acquiring,
                 keeper: Some(keeper),
@@ -801,6 +804,12 @@ impl Log {
 
     /// Serves reads below the hot floor from `cold`. Set once, before or after the log is
     /// shared; returns false if a cold tier was already set.
+    /// Installs the interceptors users' appends are checked by
+    /// ([`crate::interceptor`]); `false` if some already were.
+    pub fn set_interceptors(&self, interceptors: crate::interceptor::Interceptors) -> bool {
+        self.inner.interceptors.set(interceptors).is_ok()
+    }
+
     pub fn set_cold_tier(&self, cold: Arc<dyn ColdTier>) -> bool {
         self.inner.cold.set(cold).is_ok()
     }
@@ -1131,7 +1140,30 @@ impl Log {
             self.queued(),
             std::time::Instant::now(),
         )?;
+        self.intercept(&req).await?;
         self.append(req).await
+    }
+
+    /// Asks the tenant's interceptor, if a rule has one for this append
+    /// ([`crate::interceptor`]).
+    async fn intercept(&self, req: &Append) -> Result<(), LogError> {
+        let Some(interceptors) = self.inner.interceptors.get() else {
+            return Ok(());
+        };
+        if !interceptors.may_apply(&req.tenant, &req.body) {
+            return Ok(());
+        }
+        // The hook is told the kind, and a rule may name one.
+        let kind = self.conversation(&req.tenant, &req.conv).await?.kind_name;
+        let request = crate::interceptor::InterceptRequest {
+            tenant: req.tenant.clone(),
+            conv: req.conv.clone(),
+            kind,
+            sender: req.sender.clone(),
+            client_msg_id: req.client_msg_id.clone(),
+            body: req.body.clone(),
+        };
+        interceptors.check(&request).await
     }
 
     /// Moves the user's read cursor forward (never back, never past the head); returns it.

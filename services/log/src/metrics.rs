@@ -344,12 +344,28 @@ pub static COMMIT_FAILURES: Counter = Counter::new(
     "Sequencer store commits that failed (their requests were refused or buffered).",
 );
 
+/// Interceptor verdicts and failures ([`crate::interceptor`]).
+pub static INTERCEPTS: LabeledCounter = LabeledCounter::new(
+    "tidings_log_intercepts_total",
+    "Appends an interceptor was asked about, by outcome.",
+    "outcome",
+    &["allowed", "rejected", "failed_open", "failed_closed"],
+);
+/// Time an append waited for its interceptor.
+pub static INTERCEPT_SECONDS: Histogram = Histogram::new(
+    "tidings_log_intercept_seconds",
+    "Time an append waited for its interceptor's verdict (deadline included).",
+    LATENCY_BUCKETS,
+);
+
 /// Writes the log's process-wide metrics.
 pub fn write_log_metrics(out: &mut Text) {
     APPEND_SECONDS.write(out);
     COMMIT_SECONDS.write(out);
     COMMIT_GROUP_SIZE.write(out);
     COMMIT_FAILURES.write(out);
+    INTERCEPTS.write(out);
+    INTERCEPT_SECONDS.write(out);
 }
 
 #[cfg(test)]

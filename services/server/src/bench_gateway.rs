@@ -69,6 +69,40 @@ pub enum Edge {
     Tls,
     /// Plain, then TLS, in the same run: latency and throughput ratios (no fan-out).
     Compare,
+    /// Plain without, then with, an interceptor for the bench's tenant that allows every
+    /// message (a NATS responder in the bench, docs/decisions/interceptors.md): what the
+    /// pre-commit hook costs a send (no fan-out).
+    Intercept,
+}
+
+/// One deployment of a run: TLS or not, with an allow-all interceptor or not.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Variant {
+    secure: bool,
+    intercept: bool,
+}
+
+impl Variant {
+    const PLAIN: Variant = Variant {
+        secure: false,
+        intercept: false,
+    };
+    const TLS: Variant = Variant {
+        secure: true,
+        intercept: false,
+    };
+    const INTERCEPT: Variant = Variant {
+        secure: false,
+        intercept: true,
+    };
+
+    fn name(self) -> &'static str {
+        match (self.secure, self.intercept) {
+            (false, false) => "plain",
+            (true, _) => "tls",
+            (false, true) => "intercept",
+        }
+    }
 }
 
 fn pct(sorted: &[Duration], p: f64) -> Duration {
@@ -122,6 +156,8 @@ pub(crate) async fn wait_port(port: u16, log: &Path) -> anyhow::Result<()> {
 struct Deployment {
     nats: Child,
     server: Child,
+    /// The allow-all interceptor, when the variant has one.
+    hook: Option<tokio::task::JoinHandle<()>>,
     /// The gateway's WebSocket URL, and how clients verify it.
     url: String,
     client_tls: ClientTls,
@@ -335,9 +371,10 @@ pub(crate) async fn start_plain_nats(root: &Path) -> anyhow::Result<(String, Chi
 async fn deploy(
     root: &Path,
     data: &Path,
-    secure: bool,
+    variant: Variant,
     secrets: (&Path, &Path),
 ) -> anyhow::Result<Deployment> {
+    let secure = variant.secure;
     let (master_file, jwt_file) = secrets;
     let nats_port = free_port()?;
     let nats_dir = root.join("nats");
@@ -381,6 +418,20 @@ async fn deploy(
             .context("start nats-server (apt-get install nats-server)")?,
     );
     wait_port(nats_port, &nats_log).await?;
+    let hook = match (&open_nats_url, variant.intercept) {
+        (Some(url), true) => {
+            let config = root.join("intercept.toml");
+            std::fs::write(
+                &config,
+                format!(
+                    "[[log.interceptors]]\ntenant = \"bench\"\nsubject = \"{INTERCEPT_SUBJECT}\"\n"
+                ),
+            )?;
+            server.env("TIDINGS_CONFIG", &config);
+            Some(allow_all(url).await?)
+        }
+        _ => None,
+    };
     let server_log = root.join("server.log");
     let server = Child(
         server
@@ -402,10 +453,37 @@ async fn deploy(
     Ok(Deployment {
         nats,
         server,
+        hook,
         url: format!("{scheme}://127.0.0.1:{gw_port}/v1/ws"),
         client_tls,
         open_nats_url,
     })
+}
+
+/// Where the bench's interceptor answers.
+const INTERCEPT_SUBJECT: &str = "tidings.intercept.bench";
+
+/// An interceptor that allows every message, as a tenant's DLP service would when nothing
+/// is wrong: the hook's round trip is what is measured.
+async fn allow_all(url: &str) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let client = async_nats::connect(url).await?;
+    let mut requests = client.subscribe(INTERCEPT_SUBJECT).await?;
+    client.flush().await?;
+    Ok(tokio::spawn(async move {
+        while let Some(msg) = requests.next().await {
+            if let Some(reply) = msg.reply {
+                let _ = client.publish(reply, r#"{"allow":true}"#.into()).await;
+            }
+        }
+    }))
+}
+
+impl Drop for Deployment {
+    fn drop(&mut self) {
+        if let Some(hook) = self.hook.take() {
+            hook.abort();
+        }
+    }
 }
 
 /// Issues the bench's user tokens.
@@ -488,46 +566,56 @@ pub async fn run(args: GatewayArgs, _config: &Config) -> anyhow::Result<()> {
     );
     println!();
 
-    // Compare: plain and TLS in each round, alternating which goes first.
-    let rounds: Vec<Vec<bool>> = match args.edge {
-        Edge::Plain => vec![vec![false]],
-        Edge::Tls => vec![vec![true]],
-        Edge::Compare => (0..args.rounds.max(1))
+    // Compare: plain and the other variant in each round, alternating which goes first.
+    let other = match args.edge {
+        Edge::Intercept => Variant::INTERCEPT,
+        _ => Variant::TLS,
+    };
+    let rounds: Vec<Vec<Variant>> = match args.edge {
+        Edge::Plain => vec![vec![Variant::PLAIN]],
+        Edge::Tls => vec![vec![Variant::TLS]],
+        Edge::Compare | Edge::Intercept => (0..args.rounds.max(1))
             .map(|r| {
                 if r % 2 == 0 {
-                    vec![false, true]
+                    vec![Variant::PLAIN, other]
                 } else {
-                    vec![true, false]
+                    vec![other, Variant::PLAIN]
                 }
             })
             .collect(),
     };
+    let comparing = matches!(args.edge, Edge::Compare | Edge::Intercept);
     let mut ratios = Vec::new();
-    for (round, edges) in rounds.iter().enumerate() {
-        let (mut plain, mut tls, mut sealing) = (None, None, Vec::new());
-        for &secure in edges {
-            let name = if secure { "tls" } else { "plain" };
-            let here = root.join(format!("{name}-{round}"));
+    for (round, variants) in rounds.iter().enumerate() {
+        let (mut plain, mut measured, mut sealing) = (None, None, Vec::new());
+        for &variant in variants {
+            let here = root.join(format!("{}-{round}", variant.name()));
             let data = here.join("data");
             sealing = seed_store(&data, &master.to_hex(), &tenant, pairs, &args).await?;
             // Dropped at the end of this iteration: one deployment runs at a time.
-            let dep = deploy(&here, &data, secure, (&master_file, &jwt_file)).await?;
+            let dep = deploy(&here, &data, variant, (&master_file, &jwt_file)).await?;
             let baseline = match &dep.open_nats_url {
-                Some(url) if round == 0 => Some(baselines(url, &root.join("raw")).await?),
+                Some(url) if round == 0 && !variant.intercept => {
+                    Some(baselines(url, &root.join("raw")).await?)
+                }
                 _ => None,
             };
             let m = measure(&dep, &args, pairs, &tokens).await?;
-            if args.edge != Edge::Compare {
+            if !comparing {
                 print_single(&m, &args, pairs, baseline.as_ref());
                 if args.fanout > 1 {
                     fan_out(&dep, &args, &tokens).await?;
                 }
             }
-            *(if secure { &mut tls } else { &mut plain }) = Some(m);
+            *(if variant == Variant::PLAIN {
+                &mut plain
+            } else {
+                &mut measured
+            }) = Some(m);
         }
-        if let (Some(plain), Some(tls)) = (&plain, &tls) {
+        if let (Some(plain), Some(measured)) = (&plain, &measured) {
             println!("round {} of {}:", round + 1, rounds.len());
-            ratios.push(print_comparison(plain, tls, &sealing));
+            ratios.push(print_comparison(plain, measured, other, &sealing));
         }
     }
     if ratios.len() > 1 {
@@ -537,9 +625,10 @@ pub async fn run(args: GatewayArgs, _config: &Config) -> anyhow::Result<()> {
             v[v.len() / 2]
         };
         println!(
-            "median of {} rounds, secure / plain: p50 {:.2}x, p99 {:.2}x, acked sends/s {:.2}x, \
+            "median of {} rounds, {} / plain: p50 {:.2}x, p99 {:.2}x, acked sends/s {:.2}x, \
              server CPU per send {:.2}x",
             ratios.len(),
+            other.name(),
             median(0),
             median(1),
             median(2),
@@ -719,15 +808,25 @@ fn print_single(
 /// TLS on every link (wss, NATS TLS with NKeys) against the same run without it; the bus is
 /// sealed in both (there is no unsealed bus), so what sealing costs is measured in-process.
 /// Returns the ratios secure / plain: [p50, p99, acked sends/s, server CPU per send].
-fn print_comparison(plain: &Measured, tls: &Measured, sealing: &[Duration]) -> [f64; 4] {
+fn print_comparison(
+    plain: &Measured,
+    tls: &Measured,
+    other: Variant,
+    sealing: &[Duration],
+) -> [f64; 4] {
     let ratio = |a: Duration, b: Duration| a.as_secs_f64() / b.as_secs_f64().max(1e-9);
     println!(
-        "| edge | p50 | p99 | p99.9 | delivered | acked sends/s | CPU per send: tidings + nats-server |"
+        "| deployment | p50 | p99 | p99.9 | delivered | acked sends/s | CPU per send: tidings + nats-server |"
     );
     println!("|---|---:|---:|---:|---:|---:|---:|");
+    let other_name = if other.intercept {
+        "intercept: plain, every send checked by an allow-all interceptor over NATS"
+    } else {
+        "secure: wss://, NATS over TLS with the role's NKey"
+    };
     for (name, m) in [
         ("plain: ws://, NATS without TLS or credentials", plain),
-        ("secure: wss://, NATS over TLS with the role's NKey", tls),
+        (other_name, tls),
     ] {
         println!(
             "| {name} | {} | {} | {} | {} | {:.0} | {:.0} + {:.0} µs |",
@@ -750,7 +849,8 @@ fn print_comparison(plain: &Measured, tls: &Measured, sealing: &[Duration]) -> [
         ),
     ];
     println!(
-        "| **secure / plain** | **{:.2}x** | **{:.2}x** | {:.2}x | | **{:.2}x** | {:.2}x |",
+        "| **{} / plain** | **{:.2}x** | **{:.2}x** | {:.2}x | | **{:.2}x** | {:.2}x |",
+        other.name(),
         ratios[0],
         ratios[1],
         ratio(pct(&tls.latencies, 0.999), pct(&plain.latencies, 0.999)),

@@ -665,6 +665,9 @@ pub struct LogSection {
     pub mention_all_owners_only_from: u64,
     /// Conversation kinds beyond the built-in ones (`[[log.kinds]]`).
     pub kinds: Vec<KindSection>,
+    /// Pre-commit hooks on users' messages (`[[log.interceptors]]`,
+    /// docs/decisions/interceptors.md).
+    pub interceptors: Vec<crate::intercept::InterceptorSection>,
 }
 
 /// One configured conversation kind (docs/decisions/kinds-and-roles.md).
@@ -752,6 +755,7 @@ impl Default for LogSection {
             vip_tenants: d.overload.vip_tenants,
             mention_all_owners_only_from: d.mention_all_owners_only_from,
             kinds: Vec::new(),
+            interceptors: Vec::new(),
         }
     }
 }
@@ -1245,6 +1249,7 @@ impl Config {
         }
         self.validate_auth()?;
         self.kinds()?;
+        self.intercept_rules()?;
         if self.send_buffer_medium()?.is_some() {
             let place = tidings_log::send_buffer::BufferPlace::Dir(PathBuf::from("-"));
             self.send_buffer_with(place)
@@ -1363,6 +1368,24 @@ impl Config {
             // Checked when the configuration was loaded (`validate`).
             kinds: self.kinds().unwrap_or_default(),
         }
+    }
+
+    /// The interceptor rules (`[[log.interceptors]]`), checked: each names a known kind if
+    /// any, a subject under `tidings.intercept.`, a deadline in range.
+    pub fn intercept_rules(
+        &self,
+    ) -> Result<Vec<tidings_log::interceptor::InterceptRule>, ConfigError> {
+        let kinds = self.kinds()?;
+        self.log
+            .interceptors
+            .iter()
+            .enumerate()
+            .map(|(i, section)| {
+                section
+                    .rule(&kinds)
+                    .map_err(|e| ConfigError::Invalid(format!("log.interceptors[{i}]: {e}")))
+            })
+            .collect()
     }
 
     /// The conversation kinds: built in, and `[[log.kinds]]`.

@@ -36,6 +36,7 @@ pub mod commands;
 pub mod compliance;
 pub mod config;
 pub mod console;
+pub mod intercept;
 pub mod metrics;
 pub mod nats_init;
 pub mod output;

@@ -57,6 +57,8 @@ pub fn log_permissions() -> RolePermissions {
             "tidings.ev.>".into(),
             "tidings.user.>".into(),
             "tidings.revoked.>".into(),
+            // Requests to the tenants' interceptors (crate::intercept).
+            format!("{}.>", crate::intercept::SUBJECT_PREFIX),
             format!("$JS.API.STREAM.INFO.{}", subjects::STREAM),
             format!("$JS.API.STREAM.CREATE.{}", subjects::STREAM),
             // The send buffer on JetStream: appends, reads by subject, trims.
@@ -119,8 +121,24 @@ pub fn all_permissions() -> RolePermissions {
     }
 }
 
+/// A tenant's interceptor service (DLP, moderation): receives the log's requests and
+/// answers them, and nothing else.
+pub fn interceptor_permissions() -> RolePermissions {
+    RolePermissions {
+        role: "interceptor",
+        publish: vec![],
+        subscribe: vec![format!("{}.>", crate::intercept::SUBJECT_PREFIX)],
+        allow_responses: true,
+    }
+}
+
 pub fn roles() -> Vec<RolePermissions> {
-    vec![log_permissions(), gateway_permissions(), all_permissions()]
+    vec![
+        log_permissions(),
+        gateway_permissions(),
+        all_permissions(),
+        interceptor_permissions(),
+    ]
 }
 
 fn quoted(list: &[String]) -> String {

@@ -362,6 +362,17 @@ pub async fn serve(config: Config, role: Role) -> anyhow::Result<()> {
             .await?;
             crate::metrics::register_log(&log, &feed_tx);
             drop(feed_tx);
+            let rules = config.intercept_rules()?;
+            if !rules.is_empty() {
+                let count = rules.len();
+                let hooks = std::sync::Arc::new(crate::intercept::NatsHooks {
+                    client: nats.clone(),
+                });
+                let interceptors = tidings_log::interceptor::Interceptors::new(rules, hooks)
+                    .map_err(|e| anyhow::anyhow!("log.interceptors: {e}"))?;
+                log.set_interceptors(interceptors);
+                eprintln!("tidings: {count} interceptor rule(s) check users' messages");
+            }
             // A panic in the sequencer is fatal: the log takes no writes after it.
             let mut failure = log.sequencer_failure();
             supervisor.essential("sequencer", async move {
