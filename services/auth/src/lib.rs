@@ -227,6 +227,17 @@ struct Header {
     kid: Option<String>,
 }
 
+/// The issuer of bot tokens: tidings itself ([`Verifier::with_bot_key`]).
+pub const BOT_ISSUER: &str = "tidings-bots";
+/// The `kid` a bot token's header names.
+pub const BOT_KID: &str = "tidings-bots";
+/// Every bot's user id starts with this; no other token may claim such an id.
+pub const BOT_USER_PREFIX: &str = "bot-";
+/// The role every bot token carries.
+pub const BOT_ROLE: &str = "bot";
+/// The longest a bot token may live (bots do not sign in again every day).
+pub const MAX_BOT_TOKEN_LIFETIME_SECS: u64 = 366 * 24 * 3600;
+
 /// Verifies tokens against one [`AuthConfig`]. Cheap to share (`&self` only).
 pub struct Verifier {
     issuer: String,
@@ -237,6 +248,8 @@ pub struct Verifier {
     jwks: Option<Arc<Jwks>>,
     leeway_secs: u64,
     max_lifetime_secs: u64,
+    /// Tidings's own key for bot tokens, if this verifier takes them.
+    bot_key: Option<VerifyingKey>,
 }
 
 /// Hand-written so that logging a verifier never prints the HS256 secret.
@@ -252,6 +265,7 @@ impl fmt::Debug for Verifier {
             .field("jwks", &self.jwks)
             .field("leeway_secs", &self.leeway_secs)
             .field("max_lifetime_secs", &self.max_lifetime_secs)
+            .field("accepts_bots", &self.bot_key.is_some())
             .finish()
     }
 }
@@ -314,7 +328,33 @@ impl Verifier {
             jwks: config.jwks,
             leeway_secs: config.leeway_secs,
             max_lifetime_secs: config.max_lifetime_secs,
+            bot_key: None,
         })
+    }
+
+    /// Also accepts bot tokens: EdDSA under `public_key` (tidings's own bot key), header
+    /// `kid` [`BOT_KID`], issuer [`BOT_ISSUER`], this verifier's audience, a subject starting
+    /// with [`BOT_USER_PREFIX`], the [`BOT_ROLE`] role, living at most
+    /// [`MAX_BOT_TOKEN_LIFETIME_SECS`]. Tokens from the configured issuers may never claim
+    /// a bot's id, with or without this.
+    pub fn with_bot_key(mut self, public_key: &[u8; 32]) -> Result<Verifier, AuthError> {
+        let Ok(key) = VerifyingKey::from_bytes(public_key) else {
+            return Err(AuthError::InvalidConfig(
+                "the bot public key is not a valid Ed25519 point".to_owned(),
+            ));
+        };
+        if key.is_weak() {
+            return Err(AuthError::InvalidConfig(
+                "the bot public key is a weak (small-order) Ed25519 point".to_owned(),
+            ));
+        }
+        self.bot_key = Some(key);
+        Ok(self)
+    }
+
+    /// Whether bot tokens are accepted.
+    pub fn accepts_bots(&self) -> bool {
+        self.bot_key.is_some()
     }
 
     /// Whether HS256 tokens are accepted.
@@ -359,16 +399,44 @@ impl Verifier {
 
         let header = self.parse_header(&header_bytes)?;
         let signing_input = &token.as_bytes()[..header_b64.len() + 1 + payload_b64.len()];
-        match header.alg {
-            Algorithm::Hs256 => self.check_hs256(signing_input, &signature)?,
-            Algorithm::EdDsa => {
+        let bot_key = match (&header.alg, header.kid.as_deref(), &self.bot_key) {
+            (Algorithm::EdDsa, Some(BOT_KID), Some(key)) => Some(key),
+            _ => None,
+        };
+        match (header.alg, bot_key) {
+            (Algorithm::EdDsa, Some(key)) => {
+                let signature =
+                    Signature::from_slice(&signature).map_err(|_| AuthError::BadSignature)?;
+                key.verify_strict(signing_input, &signature)
+                    .map_err(|_| AuthError::BadSignature)?;
+            }
+            (Algorithm::Hs256, _) => self.check_hs256(signing_input, &signature)?,
+            (Algorithm::EdDsa, None) => {
                 self.check_eddsa(header.kid.as_deref(), signing_input, &signature)?;
             }
         }
 
         // Only now, with the signature verified, do we look at the claims.
         let payload = parse_object(&payload_bytes, "payload")?;
-        self.check_claims(&payload, now_secs)
+        if bot_key.is_some() {
+            let claims =
+                self.check_claims(&payload, now_secs, BOT_ISSUER, MAX_BOT_TOKEN_LIFETIME_SECS)?;
+            if !claims.user.starts_with(BOT_USER_PREFIX)
+                || !claims.roles.iter().any(|r| r == BOT_ROLE)
+            {
+                return Err(AuthError::Malformed(format!(
+                    "a bot token's subject starts with {BOT_USER_PREFIX:?} and it carries the {BOT_ROLE:?} role"
+                )));
+            }
+            return Ok(claims);
+        }
+        let claims = self.check_claims(&payload, now_secs, &self.issuer, self.max_lifetime_secs)?;
+        if claims.user.starts_with(BOT_USER_PREFIX) || claims.roles.iter().any(|r| r == BOT_ROLE) {
+            return Err(AuthError::Malformed(format!(
+                "user ids starting with {BOT_USER_PREFIX:?} and the {BOT_ROLE:?} role are tidings's bots' own"
+            )));
+        }
+        Ok(claims)
     }
 
     fn parse_header(&self, bytes: &[u8]) -> Result<Header, AuthError> {
@@ -429,7 +497,13 @@ impl Verifier {
             "HS256" => Err(AuthError::UnsupportedAlgorithm(
                 "HS256 is not enabled in this configuration (only EdDSA is)".to_owned(),
             )),
-            "EdDSA" if !self.ed25519_keys.is_empty() || self.jwks.is_some() => Ok(Algorithm::EdDsa),
+            "EdDSA"
+                if !self.ed25519_keys.is_empty()
+                    || self.jwks.is_some()
+                    || self.bot_key.is_some() =>
+            {
+                Ok(Algorithm::EdDsa)
+            }
             "EdDSA" => Err(AuthError::UnsupportedAlgorithm(
                 "EdDSA is not enabled in this configuration (only HS256 is)".to_owned(),
             )),
@@ -492,10 +566,14 @@ impl Verifier {
         }
     }
 
+    /// The claims, checked against `expected_issuer` and `max_lifetime_secs` (the
+    /// configured ones, or the bots').
     fn check_claims(
         &self,
         payload: &Map<String, Value>,
         now_secs: u64,
+        expected_issuer: &str,
+        max_lifetime_secs: u64,
     ) -> Result<Claims, AuthError> {
         // Shape first, so a malformed token is reported as such whatever its other claims say.
         let issuer = required_string(payload, "iss")?;
@@ -516,7 +594,7 @@ impl Verifier {
             ));
         }
 
-        if issuer != self.issuer {
+        if issuer != expected_issuer {
             return Err(AuthError::WrongIssuer(echo(issuer)));
         }
         if !audience.contains(&self.audience)
@@ -528,10 +606,10 @@ impl Verifier {
             return Err(AuthError::WrongAudience(audience.describe()));
         }
         let lifetime_secs = expires_at - issued_at;
-        if lifetime_secs > self.max_lifetime_secs {
+        if lifetime_secs > max_lifetime_secs {
             return Err(AuthError::LifetimeTooLong {
                 lifetime_secs,
-                max_secs: self.max_lifetime_secs,
+                max_secs: max_lifetime_secs,
             });
         }
         if now_secs.saturating_add(self.leeway_secs) < issued_at {
@@ -1052,6 +1130,29 @@ pub fn issue_ed25519(
         "{signing_input}.{}",
         URL_SAFE_NO_PAD.encode(signature.to_bytes())
     )
+}
+
+/// A bot token: `bot` (starting with [`BOT_USER_PREFIX`]) of `tenant`, for `audience`,
+/// signed with tidings's bot key `seed`, living `lifetime_secs` from `now_secs`, with `jti`
+/// so it can be revoked alone.
+pub fn issue_bot(
+    seed: &[u8; 32],
+    audience: &str,
+    tenant: &str,
+    bot: &str,
+    now_secs: u64,
+    lifetime_secs: u64,
+    jti: &str,
+) -> String {
+    let claims = Claims {
+        tenant: tenant.to_owned(),
+        user: bot.to_owned(),
+        roles: vec![BOT_ROLE.to_owned()],
+        expires_at: now_secs + lifetime_secs,
+        issued_at: now_secs,
+        jti: Some(jti.to_owned()),
+    };
+    issue_ed25519(seed, Some(BOT_KID), BOT_ISSUER, audience, &claims)
 }
 
 /// The Ed25519 public key of a seed (for configuring a [`Verifier`] in tests).

@@ -6,8 +6,9 @@ use ed25519_dalek::{Signer as _, SigningKey};
 use hmac::{Hmac, Mac as _};
 use sha2::Sha256;
 use tidings_auth::{
-    AuthConfig, AuthError, Claims, Ed25519Key, Jwks, MAX_JWKS_KEYS, MAX_TOKEN_BYTES, Verifier,
-    ed25519_public_key, issue_ed25519, issue_hs256, jwks_json, parse_jwks,
+    AuthConfig, AuthError, BOT_ISSUER, BOT_KID, Claims, Ed25519Key, Jwks,
+    MAX_BOT_TOKEN_LIFETIME_SECS, MAX_JWKS_KEYS, MAX_TOKEN_BYTES, Verifier, ed25519_public_key,
+    issue_bot, issue_ed25519, issue_hs256, jwks_json, parse_jwks,
 };
 
 const SECRET: &[u8] = b"tidings-dev-secret-0123456789-abcdefgh";
@@ -1427,4 +1428,116 @@ fn jwks_parsing_is_strict_about_ed25519_keys_and_skips_others() {
         vec![format!(r#"{{"kty":"OKP","crv":"Ed25519","x":"{x}"}}"#); MAX_JWKS_KEYS + 1].join(",")
     );
     assert!(parse_jwks(too_many.as_bytes()).is_err());
+}
+
+const BOT_SEED: [u8; 32] = [99; 32];
+
+fn bot_verifier() -> Verifier {
+    hs_verifier()
+        .with_bot_key(&ed25519_public_key(&BOT_SEED))
+        .expect("valid bot key")
+}
+
+fn bot_claims(user: &str, roles: &[&str], lifetime: u64) -> Claims {
+    Claims {
+        tenant: "acme".to_owned(),
+        user: user.to_owned(),
+        roles: roles.iter().map(|r| r.to_string()).collect(),
+        expires_at: NOW + lifetime,
+        issued_at: NOW,
+        jti: Some("b1".to_owned()),
+    }
+}
+
+#[test]
+fn bot_tokens_are_accepted_only_from_the_bot_key_and_for_bot_ids() {
+    let v = bot_verifier();
+    assert!(v.accepts_bots());
+    let token = issue_bot(&BOT_SEED, AUD, "acme", "bot-alerts", NOW, 90 * 86400, "b1");
+    let claims = v.verify(&token, NOW + 1).expect("a bot token");
+    assert_eq!(claims.user, "bot-alerts");
+    assert_eq!(claims.tenant, "acme");
+    assert_eq!(claims.roles, vec!["bot".to_owned()]);
+    assert_eq!(claims.jti.as_deref(), Some("b1"));
+
+    // Another key naming the bot kid: a bad signature, not a user token.
+    let forged = issue_bot(&SEED_A, AUD, "acme", "bot-alerts", NOW, 3600, "b2");
+    assert_eq!(v.verify(&forged, NOW + 1), Err(AuthError::BadSignature));
+    // A verifier without the bot key refuses it (no key for EdDSA at all here).
+    assert!(matches!(
+        hs_verifier().verify(&token, NOW + 1),
+        Err(AuthError::UnsupportedAlgorithm(_))
+    ));
+    // Signed by the bot key but not a bot: no bot- prefix, or no bot role.
+    for claims in [
+        bot_claims("alice", &["bot"], 3600),
+        bot_claims("bot-x", &[], 3600),
+    ] {
+        let t = issue_ed25519(&BOT_SEED, Some(BOT_KID), BOT_ISSUER, AUD, &claims);
+        assert!(
+            matches!(v.verify(&t, NOW + 1), Err(AuthError::Malformed(_))),
+            "{claims:?}"
+        );
+    }
+    // The bot issuer is required, and the bots' own lifetime bound.
+    let t = issue_ed25519(
+        &BOT_SEED,
+        Some(BOT_KID),
+        ISS,
+        AUD,
+        &bot_claims("bot-x", &["bot"], 60),
+    );
+    assert!(matches!(
+        v.verify(&t, NOW + 1),
+        Err(AuthError::WrongIssuer(_))
+    ));
+    let t = issue_bot(
+        &BOT_SEED,
+        AUD,
+        "acme",
+        "bot-x",
+        NOW,
+        MAX_BOT_TOKEN_LIFETIME_SECS + 1,
+        "b3",
+    );
+    assert!(matches!(
+        v.verify(&t, NOW + 1),
+        Err(AuthError::LifetimeTooLong { .. })
+    ));
+    // The compliance audience is refused for bots as for users.
+    let t = issue_bot(&BOT_SEED, COMPLIANCE_AUD, "acme", "bot-x", NOW, 60, "b4");
+    assert!(matches!(
+        v.verify(&t, NOW + 1),
+        Err(AuthError::WrongAudience(_))
+    ));
+}
+
+#[test]
+fn a_user_token_may_never_claim_a_bot_id_or_role() {
+    let v = bot_verifier();
+    for (user, roles) in [("bot-alerts", vec![]), ("alice", vec!["bot".to_owned()])] {
+        let claims = Claims {
+            user: user.to_owned(),
+            roles,
+            ..claims()
+        };
+        let t = issue_hs256(SECRET, ISS, AUD, &claims);
+        assert!(
+            matches!(v.verify(&t, NOW), Err(AuthError::Malformed(_))),
+            "{user}"
+        );
+        // Refused by a verifier without the bot key too: the ids are reserved everywhere.
+        assert!(
+            matches!(hs_verifier().verify(&t, NOW), Err(AuthError::Malformed(_))),
+            "{user}"
+        );
+    }
+}
+
+#[test]
+fn a_weak_or_invalid_bot_key_is_refused() {
+    assert!(matches!(
+        hs_verifier().with_bot_key(&[0; 32]),
+        Err(AuthError::InvalidConfig(_))
+    ));
 }

@@ -7,6 +7,8 @@
 //!   compiled into the binary, with a strict Content-Security-Policy.
 //! - `POST /app/dev-token?tenant=&user=`: a development token, only when the server accepts
 //!   HS256 development tokens (`auth.hs256_enabled`); 404 otherwise.
+//! - `POST /v1/bot/messages`: a bot posts a message with its token ([`crate::bot_http`]), the
+//!   one route with a request body.
 //!
 //! The request head is read here (at most [`MAX_HEAD_BYTES`], within the handshake
 //! deadline the caller sets); an upgrade to `/v1/ws` gets the bytes back through
@@ -75,10 +77,14 @@ pub enum Routed<S> {
 }
 
 /// The request line and the headers this side looks at.
-struct Head {
-    method: String,
-    path: String,
-    query: String,
+pub(crate) struct Head {
+    pub(crate) method: String,
+    pub(crate) path: String,
+    pub(crate) query: String,
+    /// `Authorization`, if given.
+    pub(crate) authorization: Option<String>,
+    /// `Content-Length`, if given (and a number).
+    pub(crate) content_length: Option<usize>,
 }
 
 /// Reads the request head and either answers it or hands it on to the WebSocket side.
@@ -118,7 +124,11 @@ where
             inner: stream,
         }));
     }
-    let answer = answer(&head, peer, shared);
+    let answer = if head.path == crate::bot_http::PATH {
+        crate::bot_http::post(&mut stream, &head, buf[end..].to_vec(), shared).await?
+    } else {
+        answer(&head, peer, shared)
+    };
     respond(&mut stream, &answer).await?;
     Ok(Routed::Done)
 }
@@ -136,14 +146,29 @@ fn parse_head(bytes: &[u8]) -> Option<Head> {
         return None;
     }
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let (mut authorization, mut content_length) = (None, None);
+    for header in text.lines().skip(1) {
+        let Some((name, value)) = header.split_once(':') else {
+            continue;
+        };
+        let value = value.trim();
+        if name.eq_ignore_ascii_case("authorization") {
+            authorization = Some(value.to_string());
+        } else if name.eq_ignore_ascii_case("content-length") {
+            content_length = Some(value.parse().ok()?);
+        }
+    }
     Some(Head {
         method: method.to_string(),
         path: path.to_string(),
         query: query.to_string(),
+        authorization,
+        content_length,
     })
 }
 
 /// An answer, written whole.
+#[derive(Debug)]
 pub struct Answer {
     pub status: u16,
     pub content_type: &'static str,
@@ -220,10 +245,16 @@ fn reason(status: u16) -> &'static str {
         200 => "OK",
         302 => "Found",
         400 => "Bad Request",
+        401 => "Unauthorized",
         403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        409 => "Conflict",
+        411 => "Length Required",
+        413 => "Content Too Large",
+        429 => "Too Many Requests",
         431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
         503 => "Service Unavailable",
         _ => "",
     }

@@ -40,6 +40,7 @@
 //! The protocol itself is documented in `schemas/proto/tidings/client/v1/client.proto`.
 
 pub mod admission;
+pub mod bot_http;
 pub mod bus_crypto;
 pub mod health;
 pub mod http;

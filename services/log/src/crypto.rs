@@ -139,6 +139,16 @@ impl MasterKey {
         out
     }
 
+    /// The Ed25519 seed of tidings's bot tokens (docs/decisions/bots.md), derived from the
+    /// master key like the log identity: every process with the master key signs and checks
+    /// the same bot tokens; gateways apart pin its public half (`tidings keys bot-identity`).
+    pub fn bot_signing_seed(&self) -> [u8; 32] {
+        let derived = hmac_sha512(&self.0.0, &[BOT_SIGNING_LABEL]);
+        let mut out = [0u8; 32];
+        out.copy_from_slice(&derived.0[..32]);
+        out
+    }
+
     pub fn generate() -> Self {
         MasterKey(random_secret())
     }
@@ -307,6 +317,7 @@ pub fn open_for_shared(
 
 /// Domain separation of the log identity derived from the master key.
 const LOG_IDENTITY_LABEL: &[u8] = b"tidings-log-identity-v1";
+const BOT_SIGNING_LABEL: &[u8] = b"tidings-bot-tokens-v1";
 
 fn hmac_sha512(key: &[u8], parts: &[&[u8]]) -> Secret {
     let mut mac =
@@ -520,6 +531,11 @@ impl Keyring {
     /// The log's long-term X25519 secret ([`MasterKey::log_identity_secret`]).
     pub fn log_identity_secret(&self) -> [u8; 32] {
         self.master.log_identity_secret()
+    }
+
+    /// The bot tokens' signing seed ([`MasterKey::bot_signing_seed`]).
+    pub fn bot_signing_seed(&self) -> [u8; 32] {
+        self.master.bot_signing_seed()
     }
 
     /// Where tenants with a tenant-held key get it. New data keys of those tenants are

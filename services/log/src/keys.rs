@@ -17,6 +17,7 @@
 //! lh/tenant/hold_id                     Hold (legal hold), sealed under the audit key
 //! rv/tenant/j/jti                       revoked token id: when it was revoked (8-byte BE secs)
 //! rv/tenant/u/user                      user cutoff: tokens issued at or before it are revoked
+//! bt/tenant/bot                         bot account (bots.rs): created, revoked, by whom
 //! ls/partition                          Lease (who owns a partition of conversations)
 //! sy/partitions                         Partitions (the count, fixed at the first open)
 //! sy/key_check                          proof that the master key opens this store
@@ -225,6 +226,16 @@ pub fn after_tenant_heads(t: &str) -> Vec<u8> {
     k
 }
 
+/// A bot account of a tenant.
+pub fn bot(t: &TenantId, bot: &UserId) -> Vec<u8> {
+    key(b"bt", &[t.as_str(), bot.as_str()])
+}
+
+/// Every bot account of a tenant.
+pub fn bots(t: &TenantId) -> KeyRange {
+    KeyRange::prefix(dir(b"bt", &[t.as_str()]))
+}
+
 /// The revocation record of one token id (`jti`) of a tenant.
 pub fn revoked_jti(t: &TenantId, jti: &str) -> Vec<u8> {
     key(b"rv", &[t.as_str(), "j", jti])
@@ -396,6 +407,16 @@ mod tests {
         // A jti that looks like a user key stays a jti key.
         assert_ne!(revoked_jti(&a, "u"), revoked_user(&a, &u));
         assert_ne!(revoked_jti(&a, "u\0u"), revoked_user(&a, &u));
+    }
+
+    #[test]
+    fn bot_accounts_stay_in_their_tenant() {
+        let a = TenantId::new("a").expect("id");
+        let ab = TenantId::new("ab").expect("id");
+        let b = UserId::new("bot-x").expect("id");
+        assert!(bots(&a).contains(&bot(&a, &b)));
+        assert!(!bots(&a).contains(&bot(&ab, &b)));
+        assert!(!bots(&ab).contains(&bot(&a, &b)));
     }
 
     #[test]

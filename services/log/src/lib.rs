@@ -32,6 +32,7 @@
 //! - [`metrics`]: Prometheus counters and histograms, the text format, the process's
 //!   collectors; the log's own append and commit metrics.
 
+pub mod bots;
 pub mod cold;
 pub mod crypto;
 pub mod error;

@@ -134,6 +134,8 @@ struct Plane {
     archive: Option<Archive>,
     /// Where CSV and Parquet downloads are written whole before they are sent.
     spool: PathBuf,
+    /// The chat audience, for the bot tokens this listener issues.
+    chat_audience: String,
 }
 
 /// What the listener serves with.
@@ -150,6 +152,8 @@ pub struct Services {
     /// A directory of this listener's own for CSV and Parquet downloads, each written whole
     /// there (then unlinked while it is sent); emptied at start.
     pub spool: PathBuf,
+    /// The chat audience (`auth.audience`), for bot tokens.
+    pub chat_audience: String,
 }
 
 impl Admin {
@@ -175,6 +179,7 @@ impl Admin {
                     nats: services.nats,
                     archive: services.archive,
                     spool: services.spool,
+                    chat_audience: services.chat_audience,
                 }))
             }
         };

@@ -60,6 +60,11 @@ pub enum Command {
     /// Issue development tokens; revoke tokens.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// A tenant's bot accounts: create (with a token), new tokens, revoke, list. Each change
+    /// is recorded in the tenant's audit log. Works on the store (while `tidings serve` holds
+    /// an embedded store, use the admin listener's `/v1/admin/bots/*`).
+    #[command(subcommand)]
+    Bot(BotCommand),
     /// Chat in a terminal: prints the conversation's latest events, then sends each stdin
     /// line and prints every new event of the conversation, all as JSON lines.
     Chat {
@@ -287,6 +292,9 @@ pub enum KeysCommand {
     /// apart from the log pin it (`gateway.log_public_key`), so only a log holding this
     /// master key can hand them transport keys.
     LogIdentity,
+    /// Print the public key of tidings's bot tokens (derived from the master key), for
+    /// gateways running without the master key (`auth.bot_public_key`).
+    BotIdentity,
     /// Add a new data key for a tenant; new events are sealed with it, old ones still open.
     Rotate {
         #[arg(long)]
@@ -505,4 +513,47 @@ pub enum BenchCommand {
     /// A big group's first member page, prefix search and membership check from the caches,
     /// against reading the KV, in one run.
     Members(crate::bench_members::MembersArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BotCommand {
+    /// Register bot NAME (its id is bot-NAME) and print its first token, shown once.
+    Create {
+        #[arg(long)]
+        tenant: TenantId,
+        #[arg(long)]
+        name: String,
+        /// The token's lifetime in days (1 to 366).
+        #[arg(long)]
+        days: Option<u64>,
+        /// Who does it, for the audit log.
+        #[arg(long)]
+        actor: String,
+    },
+    /// Print another token for a live bot (its older tokens stay valid).
+    Token {
+        #[arg(long)]
+        tenant: TenantId,
+        #[arg(long)]
+        bot: String,
+        #[arg(long)]
+        days: Option<u64>,
+        #[arg(long)]
+        actor: String,
+    },
+    /// Revoke a bot: every token it has is refused from now on, its live sessions end, and
+    /// its id is never given out again.
+    Revoke {
+        #[arg(long)]
+        tenant: TenantId,
+        #[arg(long)]
+        bot: String,
+        #[arg(long)]
+        actor: String,
+    },
+    /// The tenant's bots.
+    List {
+        #[arg(long)]
+        tenant: TenantId,
+    },
 }

@@ -190,6 +190,19 @@ pub async fn run(command: Command, config: Config) -> anyhow::Result<bool> {
             }))?;
             Ok(true)
         }
+        Command::Keys(KeysCommand::BotIdentity) => {
+            let master = config.master_key(env)?;
+            let public = tidings_auth::ed25519_public_key(&master.bot_signing_seed());
+            emit(&json!({
+                "bot_public_key": tidings_log::crypto::hex_encode(&public),
+                "setting": "auth.bot_public_key (TIDINGS_AUTH_BOT_PUBLIC_KEY)",
+            }))?;
+            Ok(true)
+        }
+        Command::Bot(cmd) => {
+            bot(&config, cmd).await?;
+            Ok(true)
+        }
         Command::Keys(KeysCommand::LogIdentity) => {
             let master = config.master_key(env)?;
             let public = LogPublicKey::of_secret(&master.log_identity_secret());
@@ -392,17 +405,7 @@ async fn revoke_tokens(
          --server http://ADMIN_ADDRESS --token ADMIN_TOKEN instead)",
     )?;
     // Gateways of other processes may be running: tell them, if NATS is there.
-    let nats = match tokio::time::timeout(
-        crate::revoke::NOTIFY_TIMEOUT,
-        async_nats::ConnectOptions::new()
-            .name("tidings-token-revoke")
-            .connect(&config.nats.url),
-    )
-    .await
-    {
-        Ok(Ok(client)) => Some(client),
-        _ => None,
-    };
+    let nats = nats_if_there(config).await;
     let result = async {
         let outcome = crate::revoke::revoke(&log, nats.as_ref(), &request).await?;
         record_key_change(
@@ -565,11 +568,14 @@ async fn run_on_log(command: Command, log: &Log) -> anyhow::Result<bool> {
             limit,
             reverse,
         }) => read(log, &target, from, limit, reverse).await?,
-        Command::Keys(KeysCommand::Init { .. } | KeysCommand::LogIdentity)
+        Command::Keys(
+            KeysCommand::Init { .. } | KeysCommand::LogIdentity | KeysCommand::BotIdentity,
+        )
         | Command::Archive(_)
         | Command::Compliance(_)
         | Command::Bench(_)
         | Command::Token(_)
+        | Command::Bot(_)
         | Command::Serve { .. }
         | Command::Nats(_)
         | Command::Chat { .. } => {
@@ -593,6 +599,74 @@ fn compliance(log: &Log) -> Compliance {
 }
 
 /// Records a key change in the tenant's audit log.
+/// `tidings bot ...` on the store; changes recorded in the tenant's audit log.
+async fn bot(config: &Config, cmd: crate::cli::BotCommand) -> anyhow::Result<()> {
+    use crate::cli::BotCommand;
+    let log = open_log(config).await.context(
+        "open the store for the bot registry (while `tidings serve` runs on an embedded \
+         store, use the admin listener's /v1/admin/bots/* instead)",
+    )?;
+    let audience = config.auth.audience.clone();
+    let result = async {
+        let (tenant, actor, action, done) = match cmd {
+            BotCommand::List { tenant } => {
+                for line in crate::bots::list(&log, &tenant).await? {
+                    emit(&line)?;
+                }
+                return anyhow::Ok(());
+            }
+            BotCommand::Create {
+                tenant,
+                name,
+                days,
+                actor,
+            } => {
+                let actor = Actor::new(&actor, Via::Cli)?;
+                let done =
+                    crate::bots::create(&log, &audience, &tenant, &name, actor.name(), days).await;
+                (tenant, actor, "bot_create", done)
+            }
+            BotCommand::Token {
+                tenant,
+                bot,
+                days,
+                actor,
+            } => {
+                let done = crate::bots::token(&log, &audience, &tenant, &bot, days).await;
+                (tenant, Actor::new(&actor, Via::Cli)?, "bot_token", done)
+            }
+            BotCommand::Revoke { tenant, bot, actor } => {
+                // Gateways of other processes may be running: tell them, if NATS is there.
+                let nats = nats_if_there(config).await;
+                let done = crate::bots::revoke(&log, nats.as_ref(), &tenant, &bot).await;
+                (tenant, Actor::new(&actor, Via::Cli)?, "bot_revoke", done)
+            }
+        };
+        let (answer, detail) = done?;
+        record_key_change(&log, &tenant, &actor, action, detail).await?;
+        emit(&answer)?;
+        Ok(())
+    }
+    .await;
+    log.close().await;
+    result
+}
+
+/// A NATS connection for announcing a revocation, if a server answers at `nats.url` soon.
+async fn nats_if_there(config: &Config) -> Option<async_nats::Client> {
+    match tokio::time::timeout(
+        crate::revoke::NOTIFY_TIMEOUT,
+        async_nats::ConnectOptions::new()
+            .name("tidings-revoke")
+            .connect(&config.nats.url),
+    )
+    .await
+    {
+        Ok(Ok(client)) => Some(client),
+        _ => None,
+    }
+}
+
 async fn record_key_change(
     log: &Log,
     tenant: &TenantId,

@@ -535,6 +535,10 @@ pub struct AuthSection {
     /// How often a gateway with the log in-process re-checks its live sessions' tokens
     /// against the revocation records (a missed NATS notice costs at most this long).
     pub revocation_recheck_secs: u64,
+    /// The public key of tidings's bot tokens (64 hex digits; `tidings keys bot-identity`
+    /// prints it), for a gateway without the master key. Empty: derived from the master key
+    /// where there is one; a gateway with neither refuses bot tokens.
+    pub bot_public_key: String,
 }
 
 impl Default for GatewaySection {
@@ -609,6 +613,7 @@ impl Default for AuthSection {
             leeway_secs: 30,
             max_token_lifetime_secs: 24 * 3600,
             revocation_recheck_secs: 30,
+            bot_public_key: String::new(),
         }
     }
 }
@@ -933,6 +938,9 @@ impl Config {
         }
         if let Some(v) = env("TIDINGS_AUTH_JWKS_FILE") {
             self.auth.jwks_file = PathBuf::from(v);
+        }
+        if let Some(v) = env("TIDINGS_AUTH_BOT_PUBLIC_KEY") {
+            self.auth.bot_public_key = v;
         }
         let auth_numbers: [(&'static str, &mut u64); 4] = [
             ("TIDINGS_AUTH_JWKS_POLL_MS", &mut self.auth.jwks_poll_ms),
@@ -1618,6 +1626,28 @@ impl Config {
     }
 
     /// The master key: `TIDINGS_MASTER_KEY` if set, else the key file.
+    /// The public key bot tokens are checked with: `auth.bot_public_key`, else the one the
+    /// master key derives (if this process has the master key), else none.
+    pub fn bot_public_key(&self) -> Result<Option<[u8; 32]>, ConfigError> {
+        let text = self.auth.bot_public_key.trim();
+        if !text.is_empty() {
+            let bytes = tidings_log::crypto::hex_decode(text)
+                .ok()
+                .and_then(|b| <[u8; 32]>::try_from(b).ok())
+                .ok_or_else(|| {
+                    ConfigError::Invalid(
+                        "auth.bot_public_key is 64 hex digits (`tidings keys bot-identity`)".into(),
+                    )
+                })?;
+            return Ok(Some(bytes));
+        }
+        let env = |name: &str| std::env::var(name).ok();
+        Ok(self
+            .master_key(env)
+            .ok()
+            .map(|master| tidings_auth::ed25519_public_key(&master.bot_signing_seed())))
+    }
+
     pub fn master_key(
         &self,
         env: impl Fn(&str) -> Option<String>,

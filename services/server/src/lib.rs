@@ -30,6 +30,7 @@ pub mod bench_gateway;
 pub mod bench_members;
 pub mod bench_outage;
 pub mod bench_overload;
+pub mod bots;
 pub mod chat;
 pub mod cli;
 pub mod commands;

@@ -106,10 +106,16 @@ pub fn verifiers(config: &Config) -> anyhow::Result<Verifiers> {
             max_lifetime_secs: a.max_token_lifetime_secs,
         })
     };
+    // Bots chat (gateway and log RPC) but never reach the admin plane.
+    let bot_key = config.bot_public_key()?;
+    let with_bots = |verifier: Verifier| match &bot_key {
+        Some(key) => verifier.with_bot_key(key),
+        None => Ok(verifier),
+    };
     Ok(Verifiers {
-        chat: build(&a.audience, &a.compliance_audience)?,
+        chat: with_bots(build(&a.audience, &a.compliance_audience)?)?,
         admin: build(&a.compliance_audience, &a.audience)?,
-        rpc: build(&a.audience, &a.compliance_audience)?,
+        rpc: with_bots(build(&a.audience, &a.compliance_audience)?)?,
         jwks,
     })
 }
@@ -172,6 +178,7 @@ async fn start_admin(
         nats: Some(nats),
         archive: Some(archive),
         spool: config.data_dir.join("export-spool"),
+        chat_audience: config.auth.audience.clone(),
     };
     admin_listener(config, health, Some(services)).await
 }

@@ -10,6 +10,10 @@
 //!   same gate as the periodic archiver (so compliance reads never see a half-moved event);
 //!   `POST /v1/admin/archive/verify` `{"tenant"?}`: every segment checked against the index.
 //!   Both recorded in the tenant's audit log.
+//! - `POST /v1/admin/bots/create` `{"tenant"?, "name", "days"?}`, `/v1/admin/bots/token`
+//!   `{"tenant"?, "bot", "days"?}`, `/v1/admin/bots/revoke` `{"tenant"?, "bot"}`,
+//!   `/v1/admin/bots/list` `{"tenant"?}`: the tenant's bot accounts ([`crate::bots`]); a
+//!   token is in the answer only, never in the audit log (its `jti` is).
 
 use super::*;
 
@@ -21,6 +25,10 @@ pub(super) enum Op {
     Shred,
     ArchiveRun,
     ArchiveVerify,
+    BotCreate,
+    BotToken,
+    BotRevoke,
+    BotList,
 }
 
 impl Op {
@@ -31,6 +39,10 @@ impl Op {
             "/v1/admin/keys/shred" => Op::Shred,
             "/v1/admin/archive/run" => Op::ArchiveRun,
             "/v1/admin/archive/verify" => Op::ArchiveVerify,
+            "/v1/admin/bots/create" => Op::BotCreate,
+            "/v1/admin/bots/token" => Op::BotToken,
+            "/v1/admin/bots/revoke" => Op::BotRevoke,
+            "/v1/admin/bots/list" => Op::BotList,
             _ => return None,
         })
     }
@@ -43,6 +55,10 @@ impl Op {
             Op::Shred => "shred",
             Op::ArchiveRun => "archive_run",
             Op::ArchiveVerify => "archive_verify",
+            Op::BotCreate => "bot_create",
+            Op::BotToken => "bot_token",
+            Op::BotRevoke => "bot_revoke",
+            Op::BotList => "bot_list",
         }
     }
 }
@@ -112,6 +128,44 @@ pub(super) async fn request(
             match state.compliance.shred(&tenant, actor).await {
                 Ok(report) => crate::output::shred_report(&report),
                 Err(e) => return failure(&e),
+            }
+        }
+        Op::BotCreate | Op::BotToken | Op::BotRevoke | Op::BotList => {
+            let days = fields.get("days").and_then(Value::as_u64);
+            let audience = state.chat_audience.as_str();
+            let done = match op {
+                Op::BotCreate => {
+                    let name = text("name").unwrap_or_default();
+                    crate::bots::create(&state.log, audience, &tenant, name, actor.name(), days)
+                        .await
+                }
+                Op::BotToken => {
+                    let bot = text("bot").unwrap_or_default();
+                    crate::bots::token(&state.log, audience, &tenant, bot, days).await
+                }
+                Op::BotRevoke => {
+                    let bot = text("bot").unwrap_or_default();
+                    crate::bots::revoke(&state.log, state.nats.as_ref(), &tenant, bot).await
+                }
+                _ => match crate::bots::list(&state.log, &tenant).await {
+                    Ok(bots) => Ok((
+                        json!({"tenant": tenant.as_str(), "bots": bots}),
+                        String::new(),
+                    )),
+                    Err(e) => Err(e),
+                },
+            };
+            match done {
+                // Listing changes nothing: not an operation to record.
+                Ok((answer, _)) if op == Op::BotList => answer,
+                Ok((answer, detail)) => {
+                    record(state, &tenant, actor, action, detail).await;
+                    answer
+                }
+                Err(e) if e.code() == "invalid_request" || e.code() == "invalid_id" => {
+                    return refusal.invalid(&tenant, &e.to_string()).await;
+                }
+                Err(e) => return log_failure(&e),
             }
         }
         Op::ArchiveRun | Op::ArchiveVerify => {
