@@ -226,6 +226,10 @@ pub struct HubConfig {
 /// turn, never held in memory without bound.
 const HUB_COMMANDS: usize = 256;
 
+/// Members read per log call while filling a conversation's member list (at most the read
+/// limit): a 50,000-member list is 50 bounded reads.
+const FILL_PAGE: usize = 1000;
+
 /// Add sessions. With `from`, first send them the events from that seq up to what the hub
 /// has delivered (a member added while online). Acked once they are in. (Leaves need no
 /// message: the registry's set is the truth, see [`HubHandle::left`].)
@@ -319,6 +323,55 @@ impl Registry {
     /// The membership cache the hubs keep true.
     pub fn members(&self) -> &crate::members::MemberCache {
         &self.inner.members
+    }
+
+    /// A page of the conversation's members (or a prefix search) from memory, when its list
+    /// is complete here; else `None` (ask the log), and the list starts filling if it can.
+    pub fn member_page(
+        &self,
+        t: &TenantId,
+        c: &ConvId,
+        q: &tidings_log::MembersQuery,
+    ) -> Option<tidings_log::MemberPage> {
+        let cache = &self.inner.members;
+        let page = cache.page(t, c, q.after.as_ref(), &q.prefix, q.limit);
+        if page.is_none()
+            && let Some(fill) = cache.begin_fill(t, c)
+        {
+            let (registry, tenant, conv) = (self.clone(), t.clone(), c.clone());
+            // Owned by the list's slot: aborted when the list goes (hub stopped, evicted).
+            let task =
+                tokio::spawn(async move { registry.fill_members(&tenant, &conv, fill).await });
+            cache.attach(t, c, fill, task.abort_handle());
+        }
+        page
+    }
+
+    /// Reads the conversation's whole member list into the cache, a page at a time.
+    async fn fill_members(&self, t: &TenantId, c: &ConvId, fill: crate::members::Fill) {
+        let cache = &self.inner.members;
+        let limit = self.inner.cfg.read_limit.clamp(1, FILL_PAGE);
+        while let Some(after) = cache.next_after(t, c, fill) {
+            let q = tidings_log::MembersQuery {
+                after,
+                limit,
+                prefix: String::new(),
+                since_version: None,
+            };
+            match self.inner.log.members(&Caller::Gateway, t, c, &q).await {
+                Ok(page) => {
+                    let last = page.members.len() < limit;
+                    if !cache.add_page(t, c, fill, page.version, page.members, last) {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    warn!(error = %e, tenant = %t, conv = %c, "failed to fill a member list");
+                    cache.abandon(t, c, fill);
+                    return;
+                }
+            }
+        }
     }
 
     /// How many of the fan-out's subscriptions are missing now (being made again); 0 when

@@ -1009,7 +1009,17 @@ impl Session {
                     prefix: l.prefix,
                     since_version: (l.since_version > 0).then_some(l.since_version),
                 };
-                let page = log.members(caller, &t, &conv, &q).await?;
+                // Pages and prefix searches of a list kept here come from memory.
+                let cached = if q.since_version.is_none() {
+                    tidings_log::log::check_member_prefix(&q.prefix)?;
+                    self.shared.registry.member_page(&t, &conv, &q)
+                } else {
+                    None
+                };
+                let page = match cached {
+                    Some(page) => page,
+                    None => log.members(caller, &t, &conv, &q).await?,
+                };
                 let full = page.members.len() == limit || page.changes.len() == limit;
                 let mut members: Vec<_> = page
                     .members

@@ -350,6 +350,7 @@ pub fn write_log_metrics(out: &mut Text) {
     COMMIT_SECONDS.write(out);
     COMMIT_GROUP_SIZE.write(out);
     COMMIT_FAILURES.write(out);
+    crate::store::metered::READS.write(out);
 }
 
 #[cfg(test)]
