@@ -216,8 +216,12 @@ pub struct HubConfig {
     pub max_pending: usize,
     /// How often an idle hub checks the log's head, to heal losses nothing else revealed.
     pub heal_interval: Duration,
-    /// Bytes of membership answers kept for the conversations hubs run for (`members.rs`).
+    /// Bytes of membership answers and member lists kept for the conversations hubs run for
+    /// (`members.rs`).
     pub member_cache_bytes: usize,
+    /// Members read per log call while filling a member list (at most `read_limit`): a
+    /// 50,000-member list is 50 bounded reads at 1,000.
+    pub member_fill_page: usize,
 }
 
 /// Joins queued for one hub. A join beyond this waits (the joining session's request, or
@@ -225,10 +229,6 @@ pub struct HubConfig {
 /// the log, so a burst of a large group's members coming online at once is served in
 /// turn, never held in memory without bound.
 const HUB_COMMANDS: usize = 256;
-
-/// Members read per log call while filling a conversation's member list (at most the read
-/// limit): a 50,000-member list is 50 bounded reads.
-const FILL_PAGE: usize = 1000;
 
 /// Add sessions. With `from`, first send them the events from that seq up to what the hub
 /// has delivered (a member added while online). Acked once they are in. (Leaves need no
@@ -350,7 +350,8 @@ impl Registry {
     /// Reads the conversation's whole member list into the cache, a page at a time.
     async fn fill_members(&self, t: &TenantId, c: &ConvId, fill: crate::members::Fill) {
         let cache = &self.inner.members;
-        let limit = self.inner.cfg.read_limit.clamp(1, FILL_PAGE);
+        let cfg = &self.inner.cfg;
+        let limit = cfg.member_fill_page.min(cfg.read_limit).max(1);
         while let Some(after) = cache.next_after(t, c, fill) {
             let q = tidings_log::MembersQuery {
                 after,

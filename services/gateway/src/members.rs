@@ -432,9 +432,24 @@ impl Inner {
             .filter(|slot| slot.fill == fill.0)
     }
 
-    /// Back within `max` bytes: least recently used lists first (`growing`'s last), then
-    /// every answer.
+    /// Back within `max` bytes: a growing list larger than the whole bound goes first (it
+    /// would flush everything else and still not fit), then the least recently used lists
+    /// (`growing`'s last), then every answer.
     fn enforce(&mut self, max: usize, growing: Option<&(TenantId, ConvId)>, counters: &Counters) {
+        if self.bytes <= max {
+            return;
+        }
+        if let Some(key) = growing
+            && let Some(conv) = self.convs.get(key)
+            && conv
+                .list
+                .as_ref()
+                .is_some_and(|slot| slot.list.bytes() > max)
+        {
+            // Not kept, and not filled again in this period.
+            self.drop_list(key, true);
+            counters.list_evictions.fetch_add(1, Ordering::Relaxed);
+        }
         while self.bytes > max {
             let victim = self
                 .convs
@@ -458,8 +473,8 @@ impl Inner {
         if self.bytes > max
             && let Some(key) = growing
         {
-            // Larger than the whole bound: not kept, and not filled again in this period.
-            self.drop_list(key, true);
+            // Fits alone, but not beside the answers: dropped, filled again later.
+            self.drop_list(key, false);
             counters.list_evictions.fetch_add(1, Ordering::Relaxed);
         }
     }
