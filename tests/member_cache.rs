@@ -67,11 +67,7 @@ async fn scrape(http: &reqwest::Client, port: u16) -> Page {
 }
 
 fn http() -> reqwest::Client {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    reqwest::Client::builder()
-        .no_proxy()
-        .build()
-        .expect("http client")
+    common::http_client()
 }
 
 /// Store reads of the members (`mb`) and change-feed (`mc`) keyspaces so far.
@@ -151,40 +147,25 @@ async fn passes_check(r: &Requester, conv: &str) -> bool {
     }
 }
 
-/// Waits on `conn` for the event of `conv` that removed `user`.
-async fn wait_for_removal(conn: &mut Connection, user: &str) {
+/// Waits on `conn` for the first pushed event `wanted` accepts.
+async fn wait_for_event(conn: &mut Connection, what: &str, wanted: impl Fn(&Body) -> bool) {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
         match tokio::time::timeout_at(deadline, conn.next_push()).await {
-            Ok(Some(Push::Event(e))) => {
-                if let Some(Body::MemberLeft(l)) = &e.body
-                    && l.user == user
-                {
-                    return;
-                }
-            }
+            Ok(Some(Push::Event(e))) if e.body.as_ref().is_some_and(&wanted) => return,
             Ok(Some(_)) => {}
-            other => panic!("no removal of {user}: {other:?}"),
+            other => panic!("no {what}: {other:?}"),
         }
     }
 }
 
-/// Waits on `conn` for a display name event of `user`.
-async fn wait_for_display_name(conn: &mut Connection, user: &str) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        match tokio::time::timeout_at(deadline, conn.next_push()).await {
-            Ok(Some(Push::Event(e))) => {
-                if let Some(Body::DisplayNameSet(d)) = &e.body
-                    && d.user == user
-                {
-                    return;
-                }
-            }
-            Ok(Some(_)) => {}
-            other => panic!("no display name of {user}: {other:?}"),
-        }
-    }
+async fn wait_for_removal(conn: &mut Connection, user: &str) {
+    wait_for_event(
+        conn,
+        "removal",
+        |b| matches!(b, Body::MemberLeft(l) if l.user == user),
+    )
+    .await;
 }
 
 /// The log's and the gateway's servers: one `all` process, or a `log` and a `gateway`.
@@ -441,7 +422,12 @@ async fn a_removed_member_is_never_answered_from_the_cache() {
     r.set_display_name("big", &id(2), "Two")
         .await
         .expect("set display name");
-    wait_for_display_name(&mut owner, &id(2)).await;
+    wait_for_event(
+        &mut owner,
+        "display name",
+        |b| matches!(b, Body::DisplayNameSet(d) if d.user == id(2)),
+    )
+    .await;
     let before = reads().await;
     let two = members(&r, "big", "", &id(2), 1).await;
     assert_eq!(two[0].display_name, "Two");

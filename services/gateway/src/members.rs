@@ -225,12 +225,7 @@ impl MemberCache {
                 None => conv.answers.get(u).copied(),
             }
         });
-        let counter = if answer.is_some() {
-            &self.counters.hits
-        } else {
-            &self.counters.misses
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
+        count(answer.is_some(), &self.counters.hits, &self.counters.misses);
         answer
     }
 
@@ -288,12 +283,11 @@ impl MemberCache {
                     changes: Vec::new(),
                 })
             });
-        let counter = if answer.is_some() {
-            &self.counters.page_hits
-        } else {
-            &self.counters.page_misses
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
+        count(
+            answer.is_some(),
+            &self.counters.page_hits,
+            &self.counters.page_misses,
+        );
         answer
     }
 
@@ -486,6 +480,11 @@ impl Inner {
             self.bytes -= freed;
         }
     }
+}
+
+fn count(hit: bool, hits: &AtomicU64, misses: &AtomicU64) {
+    let counter = if hit { hits } else { misses };
+    counter.fetch_add(1, Ordering::Relaxed);
 }
 
 fn answer_bytes(u: &UserId) -> usize {
