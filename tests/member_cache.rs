@@ -239,9 +239,10 @@ async fn first_page_prefix_and_check_read_nothing_once_warm(apart: bool) {
     for conn in others.iter().chain([&owner]) {
         assert!(passes_check(&conn.requester(), "big").await);
     }
-    assert!(!passes_check(&outsider.requester(), "big").await);
     let after = member_reads(&scrape(&http, d.log.admin_port).await);
     assert_eq!(after, before, "(mb, mc) store reads once warm");
+    // Someone the list does not hold is asked of the log (a join may not be here yet).
+    assert!(!passes_check(&outsider.requester(), "big").await);
 
     let page = scrape(&http, gw.port).await;
     let from = |kind, from| {
@@ -252,7 +253,7 @@ async fn first_page_prefix_and_check_read_nothing_once_warm(apart: bool) {
     };
     assert_eq!(from("page", "memory"), 6.0);
     assert_eq!(from("page", "log"), 1.0, "only the cold first page");
-    assert!(from("check", "memory") >= 5.0);
+    assert!(from("check", "memory") >= 4.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -382,17 +383,24 @@ async fn a_removed_member_is_never_answered_from_the_cache() {
     );
     wait_for(&http, gw.port, "the list filled", |f| f.0 == 1.0).await;
 
-    // Removals and renames read members in the sequencer; the answers read nothing.
+    // Removals and renames read members in the sequencer; pages, prefix searches and
+    // members' checks read nothing. A user the list does not hold is asked of the log (they
+    // may have joined at a seq not delivered here yet), so the removed are refused by the
+    // log, never answered "member" from memory.
     let reads = || async { member_reads(&scrape(&http, d.log.admin_port).await) };
     let check_all = |victims: &[(usize, Connection)], gone: &[usize]| {
         let victims: Vec<(usize, Requester)> =
             victims.iter().map(|(i, c)| (*i, c.requester())).collect();
         let gone = gone.to_vec();
         let r = r.clone();
+        let reads = &reads;
         async move {
+            let before = reads().await;
             for (i, v) in &victims {
                 let member = !gone.contains(i);
-                assert_eq!(passes_check(v, "big").await, member, "check of {}", id(*i));
+                if member {
+                    assert!(passes_check(v, "big").await, "check of {}", id(*i));
+                }
                 // Its neighbourhood by prefix, and the page that starts before it.
                 let prefix = &id(*i)[..5];
                 let expected: Vec<String> = (0..10)
@@ -403,11 +411,15 @@ async fn a_removed_member_is_never_answered_from_the_cache() {
                 let page = ids(&members(&r, "big", &id(*i - 1), "", 1).await);
                 assert_eq!(page.contains(&id(*i)), member, "page after {}", id(*i - 1));
             }
+            assert_eq!(reads().await, before, "(mb, mc) store reads once warm");
+            for (i, v) in &victims {
+                if gone.contains(i) {
+                    assert!(!passes_check(v, "big").await, "check of {}", id(*i));
+                }
+            }
         }
     };
-    let before = reads().await;
     check_all(&victims, &removed_while_filling).await;
-    assert_eq!(reads().await, before, "(mb, mc) store reads once warm");
 
     // Removed once the list is complete; and a display name changed.
     r.remove_member("big", &id(removed_after))
@@ -416,9 +428,7 @@ async fn a_removed_member_is_never_answered_from_the_cache() {
     wait_for_removal(&mut owner, &id(removed_after)).await;
     let mut gone = removed_while_filling.to_vec();
     gone.push(removed_after);
-    let before = reads().await;
     check_all(&victims, &gone).await;
-    assert_eq!(reads().await, before, "(mb, mc) store reads once warm");
     r.set_display_name("big", &id(2), "Two")
         .await
         .expect("set display name");

@@ -128,6 +128,33 @@ impl ListSlot {
     }
 }
 
+/// Conversations one session remembers its membership changes of ([`MemberWrites`]).
+pub const MAX_MEMBER_WRITES: usize = 64;
+
+/// The seq of the last membership change a session made, per conversation: its pages from
+/// memory must include it (read your own writes). At most [`MAX_MEMBER_WRITES`]
+/// conversations; past it the record starts over, and a page may then lag the session's own
+/// older changes by the delivery delay (as anyone else's do).
+#[derive(Default)]
+pub struct MemberWrites {
+    seqs: HashMap<ConvId, u64>,
+}
+
+impl MemberWrites {
+    pub fn record(&mut self, c: &ConvId, seq: u64) {
+        if self.seqs.len() >= MAX_MEMBER_WRITES && !self.seqs.contains_key(c) {
+            self.seqs.clear();
+        }
+        let at = self.seqs.entry(c.clone()).or_default();
+        *at = (*at).max(seq);
+    }
+
+    /// The version a page of `c` from memory must have reached (0: any).
+    pub fn floor(&self, c: &ConvId) -> u64 {
+        self.seqs.get(c).copied().unwrap_or(0)
+    }
+}
+
 /// Taken before asking the log; the answer is remembered only if it is still current.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Ticket {
@@ -219,10 +246,13 @@ impl MemberCache {
     /// The answer, if this gateway keeps one.
     pub fn lookup(&self, t: &TenantId, c: &ConvId, u: &UserId) -> Option<bool> {
         let inner = self.lock();
+        // Only "member" is taken from a list: a user it does not hold may have joined at a
+        // seq not delivered here yet (a newcomer told by its user notice acts at once), so
+        // they are asked of the log (or of a remembered answer, kept true the same way).
         let answer = inner.convs.get(&(t.clone(), c.clone())).and_then(|conv| {
             match conv.list.as_ref().filter(|slot| !slot.filling()) {
-                Some(slot) => Some(slot.list.contains(u)),
-                None => conv.answers.get(u).copied(),
+                Some(slot) if slot.list.contains(u) => Some(true),
+                _ => conv.answers.get(u).copied(),
             }
         });
         count(answer.is_some(), &self.counters.hits, &self.counters.misses);
@@ -257,8 +287,9 @@ impl MemberCache {
 
     /// A page of the member list from memory (members after `after` starting with
     /// `prefix`, at most `limit`), with the list's version; `None` when the conversation's
-    /// list is not complete here (ask the log; [`begin_fill`](Self::begin_fill) may start
-    /// filling it).
+    /// list is not complete here, or older than `floor` (a change the asker made that has
+    /// not reached this gateway yet): ask the log ([`begin_fill`](Self::begin_fill) may
+    /// start filling it).
     pub fn page(
         &self,
         t: &TenantId,
@@ -266,6 +297,7 @@ impl MemberCache {
         after: Option<&UserId>,
         prefix: &str,
         limit: usize,
+        floor: u64,
     ) -> Option<MemberPage> {
         let mut inner = self.lock();
         inner.clock += 1;
@@ -276,6 +308,9 @@ impl MemberCache {
             .and_then(|conv| {
                 let slot = conv.list.as_ref().filter(|slot| !slot.filling())?;
                 conv.used = now;
+                if slot.list.version() < floor {
+                    return None;
+                }
                 let (members, _more) = slot.list.page(after, prefix, limit);
                 Some(MemberPage {
                     version: slot.list.version(),
@@ -606,7 +641,7 @@ mod tests {
     fn a_filled_list_answers_pages_and_checks_and_follows_removals() {
         let cache = MemberCache::new(1 << 20);
         let (t, c) = ids();
-        assert!(cache.page(&t, &c, None, "", 10).is_none(), "untracked");
+        assert!(cache.page(&t, &c, None, "", 10, 0).is_none(), "untracked");
         assert!(
             cache.begin_fill(&t, &c).is_none(),
             "untracked: nothing filled"
@@ -617,21 +652,44 @@ mod tests {
             cache.begin_fill(&t, &c).is_none(),
             "one list per conversation"
         );
-        let page = cache.page(&t, &c, None, "", 10).expect("from memory");
+        let page = cache.page(&t, &c, None, "", 10, 0).expect("from memory");
         assert_eq!(page.members.len(), 3);
         assert_eq!(cache.lookup(&t, &c, &user("m0001")), Some(true));
         let mut gone = left("m0001");
         gone.seq = 2;
         cache.apply(&t, &c, &gone);
-        assert_eq!(cache.lookup(&t, &c, &user("m0001")), Some(false));
-        let page = cache.page(&t, &c, None, "m000", 10).expect("from memory");
+        assert_eq!(
+            cache.lookup(&t, &c, &user("m0001")),
+            None,
+            "not in the list: asked of the log, never answered member"
+        );
+        let page = cache
+            .page(&t, &c, None, "m000", 10, 0)
+            .expect("from memory");
         let ids: Vec<&str> = page.members.iter().map(|m| m.user.as_str()).collect();
         assert_eq!(ids, vec!["m0000", "m0002"]);
         assert_eq!(page.version, 2);
+        // The asker's own change at 3 is not here yet: the log answers.
+        assert!(cache.page(&t, &c, None, "", 10, 3).is_none());
+        assert!(cache.page(&t, &c, None, "", 10, 2).is_some());
         let stats = cache.stats();
-        assert_eq!((stats.page_hits, stats.page_misses, stats.lists), (2, 1, 1));
+        assert_eq!((stats.page_hits, stats.page_misses, stats.lists), (3, 2, 1));
         cache.untrack(&t, &c);
         assert_eq!(cache.bytes(), 0);
+    }
+
+    #[test]
+    fn a_session_remembers_its_own_membership_changes_within_a_bound() {
+        let mut writes = MemberWrites::default();
+        let c = conv("c");
+        assert_eq!(writes.floor(&c), 0);
+        writes.record(&c, 7);
+        writes.record(&c, 5);
+        assert_eq!(writes.floor(&c), 7);
+        for i in 0..MAX_MEMBER_WRITES {
+            writes.record(&conv(&format!("x{i}")), 1);
+        }
+        assert!(writes.seqs.len() <= MAX_MEMBER_WRITES);
     }
 
     #[test]
@@ -649,23 +707,23 @@ mod tests {
         }
         fill(&cache, &t, &a, 10);
         fill(&cache, &t, &b, 10);
-        assert!(cache.page(&t, &a, None, "", 1).is_some(), "a used last");
+        assert!(cache.page(&t, &a, None, "", 1, 0).is_some(), "a used last");
         fill(&cache, &t, &big, 10);
         let stats = cache.stats();
         assert!(stats.bytes <= stats.max_bytes, "{stats:?}");
         assert_eq!((stats.list_evictions, stats.lists), (1, 2));
         assert!(
-            cache.page(&t, &b, None, "", 1).is_none(),
+            cache.page(&t, &b, None, "", 1, 0).is_none(),
             "b was least recently used"
         );
-        assert!(cache.page(&t, &a, None, "", 1).is_some());
+        assert!(cache.page(&t, &a, None, "", 1, 0).is_some());
         // A list larger than the whole bound is not kept, nor filled again.
         cache.untrack(&t, &b);
         cache.track(&t, &b);
         let fill_b = cache.begin_fill(&t, &b).expect("starts");
         let rows = (0..40).map(|i| member(&format!("m{i:04}"))).collect();
         assert!(!cache.add_page(&t, &b, fill_b, 1, rows, true));
-        assert!(cache.page(&t, &b, None, "", 1).is_none());
+        assert!(cache.page(&t, &b, None, "", 1, 0).is_none());
         assert!(
             cache.begin_fill(&t, &b).is_none(),
             "refused for this period"
@@ -690,6 +748,6 @@ mod tests {
         cache.track(&t, c0);
         assert_eq!(cache.next_after(&t, c0, f0), None, "void: stop");
         assert!(!cache.add_page(&t, c0, f0, 1, vec![member("x")], false));
-        assert!(cache.page(&t, c0, None, "", 1).is_none());
+        assert!(cache.page(&t, c0, None, "", 1, 0).is_none());
     }
 }

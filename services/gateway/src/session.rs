@@ -363,6 +363,7 @@ where
         permit: None,
         session_id: 0,
         bucket: Bucket::new(cfg.frames_per_second, cfg.frame_burst),
+        member_writes: crate::members::MemberWrites::default(),
     };
     let order = session.run(&mut source).await;
     if let Some(handle) = &session.handle {
@@ -409,6 +410,9 @@ struct Session {
     /// 0 until Hello.
     session_id: u64,
     bucket: Bucket,
+    /// The membership changes this session made: its member pages from the gateway's memory
+    /// include them (read your writes), else they are asked of the log.
+    member_writes: crate::members::MemberWrites,
 }
 
 fn close(reason: CloseReason, message: impl Into<String>) -> Option<CloseOrder> {
@@ -953,11 +957,13 @@ impl Session {
                 let (conv, user) = (ConvId::new(m.conversation)?, UserId::new(m.user)?);
                 let role = Some(m.role.as_str()).filter(|r| !r.is_empty());
                 let done = log.add_member(caller, &t, &conv, &u, &user, role).await?;
+                self.member_writes.record(&conv, done.seq);
                 Ok(committed(&conv, done))
             }
             Op::SetRole(m) => {
                 let (conv, user) = (ConvId::new(m.conversation)?, UserId::new(m.user)?);
                 let done = log.set_role(caller, &t, &conv, &u, &user, &m.role).await?;
+                self.member_writes.record(&conv, done.seq);
                 Ok(committed(&conv, done))
             }
             Op::SetDisplayName(m) => {
@@ -965,11 +971,13 @@ impl Session {
                 let done = log
                     .set_display_name(caller, &t, &conv, &u, &user, &m.display_name)
                     .await?;
+                self.member_writes.record(&conv, done.seq);
                 Ok(committed(&conv, done))
             }
             Op::RemoveMember(m) => {
                 let (conv, user) = (ConvId::new(m.conversation)?, UserId::new(m.user)?);
                 let done = log.remove_member(caller, &t, &conv, &u, &user).await?;
+                self.member_writes.record(&conv, done.seq);
                 Ok(committed(&conv, done))
             }
             Op::ListConversations(l) => {
@@ -1012,7 +1020,8 @@ impl Session {
                 // Pages and prefix searches of a list kept here come from memory.
                 let cached = if q.since_version.is_none() {
                     tidings_log::log::check_member_prefix(&q.prefix)?;
-                    self.shared.registry.member_page(&t, &conv, &q)
+                    let floor = self.member_writes.floor(&conv);
+                    self.shared.registry.member_page(&t, &conv, &q, floor)
                 } else {
                     None
                 };

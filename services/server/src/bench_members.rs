@@ -241,7 +241,7 @@ pub async fn run(args: MembersArgs, log_config: LogConfig) -> anyhow::Result<()>
         let (lists, tenant, conv, n) = (&lists, &tenant, &conv, args.page);
         async move {
             let page = lists
-                .page(tenant, conv, None, "", n)
+                .page(tenant, conv, None, "", n, 0)
                 .context("not cached")?;
             anyhow::ensure!(page.members.len() == n);
             Ok(())
@@ -252,7 +252,7 @@ pub async fn run(args: MembersArgs, log_config: LogConfig) -> anyhow::Result<()>
         let (lists, tenant, conv, prefix, n) = (&lists, &tenant, &conv, &prefix, args.page);
         async move {
             let page = lists
-                .page(tenant, conv, None, prefix, n)
+                .page(tenant, conv, None, prefix, n, 0)
                 .context("not cached")?;
             anyhow::ensure!(!page.members.is_empty());
             Ok(())
