@@ -126,6 +126,11 @@ impl ListSlot {
     fn filling(&self) -> bool {
         !self.list.is_complete()
     }
+
+    /// Being filled by a live task (or one about to be attached).
+    fn running(&self) -> bool {
+        self.filling() && !self.task.as_ref().is_some_and(|task| task.is_finished())
+    }
 }
 
 /// Conversations one session remembers its membership changes of ([`MemberWrites`]).
@@ -332,10 +337,11 @@ impl MemberCache {
     /// it hands over with [`attach`](Self::attach).
     pub fn begin_fill(&self, t: &TenantId, c: &ConvId) -> Option<Fill> {
         let mut inner = self.lock();
+        // Fills running: a slot whose task died (it should not) holds no place.
         let filling = inner
             .convs
             .values()
-            .filter(|conv| conv.list.as_ref().is_some_and(ListSlot::filling))
+            .filter(|conv| conv.list.as_ref().is_some_and(ListSlot::running))
             .count();
         inner.fills += 1;
         let (id, now) = (inner.fills, inner.clock);
@@ -343,12 +349,9 @@ impl MemberCache {
         if conv.list_refused {
             return None;
         }
-        let dead = |slot: &ListSlot| {
-            slot.filling() && slot.task.as_ref().is_some_and(|task| task.is_finished())
-        };
         let freed = match &conv.list {
             None => 0,
-            Some(slot) if dead(slot) => slot.list.bytes(),
+            Some(slot) if slot.filling() && !slot.running() => slot.list.bytes(),
             Some(_) => return None,
         };
         if filling >= MAX_FILLS {
