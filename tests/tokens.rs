@@ -38,11 +38,7 @@ async fn open(url: &str, token: &str) -> Connection {
 }
 
 fn http() -> reqwest::Client {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    reqwest::Client::builder()
-        .no_proxy()
-        .build()
-        .expect("http client")
+    common::http_client()
 }
 
 /// POST /v1/admin/tokens/revoke: status and JSON answer.

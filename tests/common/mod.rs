@@ -572,6 +572,16 @@ pub async fn closed(
     }
 }
 
+/// An HTTP client for the servers' listeners (loopback, never through a proxy), with the
+/// process's TLS provider installed.
+pub fn http_client() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .expect("http client")
+}
+
 /// The error code of a server's refusal (`None` for any other client error).
 pub fn error_code(e: &tidings_client::ClientError) -> Option<tidings_client::client::ErrorCode> {
     match e {

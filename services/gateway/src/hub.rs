@@ -216,8 +216,12 @@ pub struct HubConfig {
     pub max_pending: usize,
     /// How often an idle hub checks the log's head, to heal losses nothing else revealed.
     pub heal_interval: Duration,
-    /// Bytes of membership answers kept for the conversations hubs run for (`members.rs`).
+    /// Bytes of membership answers and member lists kept for the conversations hubs run for
+    /// (`members.rs`).
     pub member_cache_bytes: usize,
+    /// Members read per log call while filling a member list (at most `read_limit`): a
+    /// 50,000-member list is 50 bounded reads at 1,000.
+    pub member_fill_page: usize,
 }
 
 /// Joins queued for one hub. A join beyond this waits (the joining session's request, or
@@ -233,6 +237,9 @@ struct HubCommand {
     sessions: Vec<SessionHandle>,
     from: Option<u64>,
     done: Option<oneshot::Sender<()>>,
+    /// Catch up with the log now (a member left: deliver their leave event, which also takes
+    /// their sessions out).
+    heal: bool,
 }
 
 struct HubHandle {
@@ -319,6 +326,58 @@ impl Registry {
     /// The membership cache the hubs keep true.
     pub fn members(&self) -> &crate::members::MemberCache {
         &self.inner.members
+    }
+
+    /// A page of the conversation's members (or a prefix search) from memory, when its list
+    /// is complete here and at least at version `floor`; else `None` (ask the log), and the
+    /// list starts filling if it can.
+    pub fn member_page(
+        &self,
+        t: &TenantId,
+        c: &ConvId,
+        q: &tidings_log::MembersQuery,
+        floor: u64,
+    ) -> Option<tidings_log::MemberPage> {
+        let cache = &self.inner.members;
+        let page = cache.page(t, c, q.after.as_ref(), &q.prefix, q.limit, floor);
+        if page.is_none()
+            && let Some(fill) = cache.begin_fill(t, c)
+        {
+            let (registry, tenant, conv) = (self.clone(), t.clone(), c.clone());
+            // Owned by the list's slot: aborted when the list goes (hub stopped, evicted).
+            let task =
+                tokio::spawn(async move { registry.fill_members(&tenant, &conv, fill).await });
+            cache.attach(t, c, fill, task.abort_handle());
+        }
+        page
+    }
+
+    /// Reads the conversation's whole member list into the cache, a page at a time.
+    async fn fill_members(&self, t: &TenantId, c: &ConvId, fill: crate::members::Fill) {
+        let cache = &self.inner.members;
+        let cfg = &self.inner.cfg;
+        let limit = cfg.member_fill_page.min(cfg.read_limit).max(1);
+        while let Some(after) = cache.next_after(t, c, fill) {
+            let q = tidings_log::MembersQuery {
+                after,
+                limit,
+                prefix: String::new(),
+                since_version: None,
+            };
+            match self.inner.log.members(&Caller::Gateway, t, c, &q).await {
+                Ok(page) => {
+                    let last = page.members.len() < limit;
+                    if !cache.add_page(t, c, fill, page.version, page.members, last) {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    warn!(error = %e, tenant = %t, conv = %c, "failed to fill a member list");
+                    cache.abandon(t, c, fill);
+                    return;
+                }
+            }
+        }
     }
 
     /// How many of the fan-out's subscriptions are missing now (being made again); 0 when
@@ -502,6 +561,7 @@ impl Registry {
                 sessions,
                 from,
                 done: Some(done),
+                heal: false,
             };
             (hub.commands.clone(), join)
         };
@@ -509,6 +569,23 @@ impl Registry {
         // hub stops meanwhile (everyone left), `wait` resolves at once.
         let _ = commands.send(join).await;
         let _ = wait.await;
+    }
+
+    /// Asks the conversation's hub to catch up with the log now; `false` when there is no
+    /// hub or its command queue is full.
+    fn heal_hub(&self, tenant: &TenantId, conv: &ConvId) -> bool {
+        let state = self.state();
+        let Some(hub) = state.hubs.get(&(tenant.clone(), conv.clone())) else {
+            return false;
+        };
+        hub.commands
+            .try_send(HubCommand {
+                sessions: Vec::new(),
+                from: None,
+                done: None,
+                heal: true,
+            })
+            .is_ok()
     }
 
     /// Takes sessions out of a conversation; stops its hub when none are left.
@@ -588,7 +665,11 @@ async fn watch_user(registry: Registry, tenant: TenantId, user: UserId) {
                 let sessions = registry.user_sessions(&tenant, &user);
                 registry.join(&tenant, &conv, sessions, Some(seq)).await;
             }
-            Some(Change::LeftSeq(_)) => {
+            // The hub delivers the leave event to the leaver, then drops their sessions
+            // (`fan_out`): ask it to catch up now rather than drop them here, which could
+            // overtake the event on the conversation's subject and leave the leaver without
+            // it. Only if the hub cannot take the request are they dropped here at once.
+            Some(Change::LeftSeq(_)) if !registry.heal_hub(&tenant, &conv) => {
                 let ids: Vec<u64> = registry
                     .user_sessions(&tenant, &user)
                     .iter()
@@ -596,6 +677,7 @@ async fn watch_user(registry: Registry, tenant: TenantId, user: UserId) {
                     .collect();
                 registry.leave(&tenant, &conv, &ids);
             }
+            Some(Change::LeftSeq(_)) => {}
             Some(Change::ReadSeq(read_seq)) => {
                 let frame = push_frame(Msg::ReadCursor(proto::ReadCursor {
                     conversation: conv.to_string(),
@@ -769,6 +851,7 @@ impl Hub {
             mut sessions,
             from,
             done,
+            heal,
         } = cmd;
         // A session that left before its join arrived is not added.
         let registered = self.registered();
@@ -797,8 +880,8 @@ impl Hub {
         if let Some(done) = done {
             let _ = done.send(());
         }
-        if from.is_some() {
-            // A member was added: deliver whatever the hub has not seen yet, now.
+        if from.is_some() || heal {
+            // A member was added or left: deliver whatever the hub has not seen yet, now.
             self.heal().await;
         }
     }

@@ -11,8 +11,9 @@
 //!   close codes for bad input.
 //! - [`hub`]: per-conversation fan-out: one NATS subscription per conversation per gateway,
 //!   reference counted; events delivered in seq order, once, gaps filled from the log.
-//! - [`members`]: the membership cache of the conversations followed here, kept true by
-//!   their hubs in seq order, bounded in bytes.
+//! - [`members`]: the member cache of the conversations followed here (membership answers
+//!   and [`member_list`]s: pages and @-list search from memory), kept true by their hubs in
+//!   seq order, bounded in bytes.
 //! - [`service`]: the [`LogService`](service::LogService) interface and its in-process
 //!   implementation over [`tidings_log::Log`].
 //! - [`rpc`]: the same interface over NATS request/reply, client and server sides; calls and
@@ -45,6 +46,7 @@ pub mod bus_crypto;
 pub mod health;
 pub mod http;
 pub mod hub;
+pub mod member_list;
 pub mod members;
 pub mod metrics;
 pub mod nats;

@@ -59,6 +59,7 @@ pub fn collector(shared: &Arc<Shared>) -> Collector {
             "Conversation hubs (conversations with a session) on this gateway.",
             shared.registry.hub_count() as f64,
         );
+        write_member_cache(out, &shared.registry.members().stats());
         let refused = shared.admission.refused();
         out.header(
             "tidings_gateway_admission_refused_total",
@@ -77,4 +78,54 @@ pub fn collector(shared: &Arc<Shared>) -> Collector {
             );
         }
     })
+}
+
+/// The member cache's size, bound and what it answered (`members.rs`).
+fn write_member_cache(out: &mut Text, m: &crate::members::MemberCacheStats) {
+    out.gauge(
+        "tidings_gateway_member_cache_bytes",
+        "Bytes of membership answers and member lists the gateway holds.",
+        m.bytes as f64,
+    );
+    out.gauge(
+        "tidings_gateway_member_cache_max_bytes",
+        "The member cache's bound (gateway.member_cache_bytes).",
+        m.max_bytes as f64,
+    );
+    out.gauge(
+        "tidings_gateway_member_lists",
+        "Complete member lists held (pages and prefix searches answered from memory).",
+        m.lists as f64,
+    );
+    out.header(
+        "tidings_gateway_member_cache_evictions_total",
+        "Dropped to stay within the bound: `list` a conversation's member list, `answers` \
+         every remembered membership answer.",
+        "counter",
+    );
+    for (what, n) in [("list", m.list_evictions), ("answers", m.answer_clears)] {
+        out.sample(
+            "tidings_gateway_member_cache_evictions_total",
+            &[("what", what)],
+            n as f64,
+        );
+    }
+    out.header(
+        "tidings_gateway_member_cache_requests_total",
+        "Membership checks (`check`) and member pages or prefix searches (`page`), answered \
+         from memory or asked of the log.",
+        "counter",
+    );
+    for (kind, from, n) in [
+        ("check", "memory", m.hits),
+        ("check", "log", m.misses),
+        ("page", "memory", m.page_hits),
+        ("page", "log", m.page_misses),
+    ] {
+        out.sample(
+            "tidings_gateway_member_cache_requests_total",
+            &[("kind", kind), ("from", from)],
+            n as f64,
+        );
+    }
 }

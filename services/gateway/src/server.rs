@@ -55,9 +55,11 @@ pub struct GatewayConfig {
     /// Typing notices are not relayed in conversations with more members than this: in a
     /// big group they would be noise to everyone and a NATS message per keystroke burst.
     pub typing_max_members: u64,
-    /// Bytes of membership answers the gateway keeps (`members.rs`); past it they are
-    /// dropped and asked again.
+    /// Bytes of membership answers and member lists the gateway keeps (`members.rs`); past
+    /// it the least recently used lists, then the answers, are dropped and asked again.
     pub member_cache_bytes: usize,
+    /// Members read per log call while filling a conversation's member list.
+    pub member_fill_page: usize,
     /// How often an idle conversation hub checks the log for events NATS did not bring.
     pub heal_interval: Duration,
 }
@@ -94,6 +96,7 @@ impl Default for GatewayConfig {
             typing_max_members: 100,
             // 64 MiB: about a million answers.
             member_cache_bytes: 64 << 20,
+            member_fill_page: 1000,
             heal_interval: Duration::from_secs(30),
         }
     }
@@ -135,6 +138,7 @@ impl Shared {
                 max_pending: 10_000,
                 heal_interval: cfg.heal_interval,
                 member_cache_bytes: cfg.member_cache_bytes,
+                member_fill_page: cfg.member_fill_page,
             },
             bus,
         );

@@ -365,6 +365,7 @@ where
         permit: None,
         session_id: 0,
         bucket: Bucket::new(cfg.frames_per_second, cfg.frame_burst),
+        member_writes: crate::members::MemberWrites::default(),
     };
     let order = session.run(&mut source).await;
     if let Some(handle) = &session.handle {
@@ -411,6 +412,9 @@ struct Session {
     /// 0 until Hello.
     session_id: u64,
     bucket: Bucket,
+    /// The membership changes this session made: its member pages from the gateway's memory
+    /// include them (read your writes), else they are asked of the log.
+    member_writes: crate::members::MemberWrites,
 }
 
 fn close(reason: CloseReason, message: impl Into<String>) -> Option<CloseOrder> {
@@ -955,11 +959,13 @@ impl Session {
                 let (conv, user) = (ConvId::new(m.conversation)?, UserId::new(m.user)?);
                 let role = Some(m.role.as_str()).filter(|r| !r.is_empty());
                 let done = log.add_member(caller, &t, &conv, &u, &user, role).await?;
+                self.member_writes.record(&conv, done.seq);
                 Ok(committed(&conv, done))
             }
             Op::SetRole(m) => {
                 let (conv, user) = (ConvId::new(m.conversation)?, UserId::new(m.user)?);
                 let done = log.set_role(caller, &t, &conv, &u, &user, &m.role).await?;
+                self.member_writes.record(&conv, done.seq);
                 Ok(committed(&conv, done))
             }
             Op::SetDisplayName(m) => {
@@ -967,11 +973,13 @@ impl Session {
                 let done = log
                     .set_display_name(caller, &t, &conv, &u, &user, &m.display_name)
                     .await?;
+                self.member_writes.record(&conv, done.seq);
                 Ok(committed(&conv, done))
             }
             Op::RemoveMember(m) => {
                 let (conv, user) = (ConvId::new(m.conversation)?, UserId::new(m.user)?);
                 let done = log.remove_member(caller, &t, &conv, &u, &user).await?;
+                self.member_writes.record(&conv, done.seq);
                 Ok(committed(&conv, done))
             }
             Op::ListConversations(l) => {
@@ -1011,7 +1019,18 @@ impl Session {
                     prefix: l.prefix,
                     since_version: (l.since_version > 0).then_some(l.since_version),
                 };
-                let page = log.members(caller, &t, &conv, &q).await?;
+                // Pages and prefix searches of a list kept here come from memory.
+                let cached = if q.since_version.is_none() {
+                    tidings_log::log::check_member_prefix(&q.prefix)?;
+                    let floor = self.member_writes.floor(&conv);
+                    self.shared.registry.member_page(&t, &conv, &q, floor)
+                } else {
+                    None
+                };
+                let page = match cached {
+                    Some(page) => page,
+                    None => log.members(caller, &t, &conv, &q).await?,
+                };
                 let full = page.members.len() == limit || page.changes.len() == limit;
                 let mut members: Vec<_> = page
                     .members

@@ -76,6 +76,13 @@ macro_rules! id_type {
             }
         }
 
+        /// Maps keyed by an id can be searched by a `&str` (ranges of ids by prefix).
+        impl std::borrow::Borrow<str> for $name {
+            fn borrow(&self) -> &str {
+                &self.0
+            }
+        }
+
         impl std::str::FromStr for $name {
             type Err = LogError;
             fn from_str(s: &str) -> Result<Self, LogError> {

@@ -1615,16 +1615,7 @@ impl Log {
         q: &MembersQuery,
     ) -> Result<MemberPage, LogError> {
         self.check_limit(q.limit)?;
-        if q.prefix.len() > 64
-            || !q
-                .prefix
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-        {
-            return Err(LogError::InvalidRequest(
-                "a member prefix is at most 64 characters of [A-Za-z0-9_-]".into(),
-            ));
-        }
+        check_member_prefix(&q.prefix)?;
         // Read first: the page reflects this version or later.
         let version = self.head(tenant, conv).await?.membership_seq;
         let mut page = MemberPage {
@@ -1757,6 +1748,21 @@ impl Log {
             .scan(range, limit, Order::Ascending)
             .await?)
     }
+}
+
+/// A member-list prefix search's prefix is at most 64 characters of the id alphabet (a
+/// gateway answering from memory checks it as the log does).
+pub fn check_member_prefix(prefix: &str) -> Result<(), LogError> {
+    if prefix.len() > 64
+        || !prefix
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
+        return Err(LogError::InvalidRequest(
+            "a member prefix is at most 64 characters of [A-Za-z0-9_-]".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// The member a `mb/` row under `dir` holds.

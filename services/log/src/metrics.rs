@@ -366,6 +366,7 @@ pub fn write_log_metrics(out: &mut Text) {
     COMMIT_FAILURES.write(out);
     INTERCEPTS.write(out);
     INTERCEPT_SECONDS.write(out);
+    crate::store::metered::READS.write(out);
 }
 
 #[cfg(test)]

@@ -77,13 +77,13 @@ pub enum Edge {
 
 /// One deployment of a run: TLS or not, with an allow-all interceptor or not.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Variant {
+pub(crate) struct Variant {
     secure: bool,
     intercept: bool,
 }
 
 impl Variant {
-    const PLAIN: Variant = Variant {
+    pub(crate) const PLAIN: Variant = Variant {
         secure: false,
         intercept: false,
     };
@@ -153,14 +153,16 @@ pub(crate) async fn wait_port(port: u16, log: &Path) -> anyhow::Result<()> {
 }
 
 /// One `tidings serve --role all` and its nats-server, set up as `secure` says.
-struct Deployment {
+pub(crate) struct Deployment {
     nats: Child,
     server: Child,
     /// The allow-all interceptor, when the variant has one.
     hook: Option<tokio::task::JoinHandle<()>>,
     /// The gateway's WebSocket URL, and how clients verify it.
-    url: String,
-    client_tls: ClientTls,
+    pub(crate) url: String,
+    pub(crate) client_tls: ClientTls,
+    /// The gateway listener's port (`/metrics` beside `/v1/ws`).
+    pub(crate) gateway_port: u16,
     /// NATS without credentials (the plain deployment only): for the raw baseline.
     open_nats_url: Option<String>,
 }
@@ -365,14 +367,16 @@ pub(crate) async fn start_plain_nats(root: &Path) -> anyhow::Result<(String, Chi
     Ok((format!("nats://127.0.0.1:{port}"), child))
 }
 
-/// Starts nats-server and `tidings serve --role all` (this same binary) on `data`.
-/// `secure`: wss:// with a private CA, NATS over TLS and closed to all but the NKey
-/// identities `tidings nats init` writes; else ws:// and NATS without credentials.
-async fn deploy(
+/// Starts nats-server and `tidings serve --role all` (this same binary) on `data`, with
+/// `env` set for the server. `secure`: wss:// with a private CA, NATS over TLS and closed
+/// to all but the NKey identities `tidings nats init` writes; else ws:// and NATS without
+/// credentials.
+pub(crate) async fn deploy(
     root: &Path,
     data: &Path,
     variant: Variant,
     secrets: (&Path, &Path),
+    env: &[(&str, &str)],
 ) -> anyhow::Result<Deployment> {
     let secure = variant.secure;
     let (master_file, jwt_file) = secrets;
@@ -445,6 +449,7 @@ async fn deploy(
             .env("TIDINGS_ADMIN_LISTEN", "")
             .env("TIDINGS_GATEWAY_FRAMES_PER_SECOND", "100000")
             .env("TIDINGS_GATEWAY_FRAME_BURST", "100000")
+            .envs(env.iter().copied())
             .stdout(std::process::Stdio::null())
             .stderr(std::fs::File::create(&server_log)?)
             .spawn()?,
@@ -456,6 +461,7 @@ async fn deploy(
         hook,
         url: format!("{scheme}://127.0.0.1:{gw_port}/v1/ws"),
         client_tls,
+        gateway_port: gw_port,
         open_nats_url,
     })
 }
@@ -486,13 +492,13 @@ impl Drop for Deployment {
     }
 }
 
-/// Issues the bench's user tokens.
-struct Tokens {
-    secret: [u8; 32],
+/// Issues the bench's user tokens (tenant `bench`).
+pub(crate) struct Tokens {
+    pub(crate) secret: [u8; 32],
 }
 
 impl Tokens {
-    fn of(&self, user: &str) -> String {
+    pub(crate) fn of(&self, user: &str) -> String {
         let now = tidings_gateway::now_secs();
         tidings_auth::issue_hs256(
             &self.secret,
@@ -593,7 +599,7 @@ pub async fn run(args: GatewayArgs, _config: &Config) -> anyhow::Result<()> {
             let data = here.join("data");
             sealing = seed_store(&data, &master.to_hex(), &tenant, pairs, &args).await?;
             // Dropped at the end of this iteration: one deployment runs at a time.
-            let dep = deploy(&here, &data, variant, (&master_file, &jwt_file)).await?;
+            let dep = deploy(&here, &data, variant, (&master_file, &jwt_file), &[]).await?;
             let baseline = match &dep.open_nats_url {
                 Some(url) if round == 0 && !variant.intercept => {
                     Some(baselines(url, &root.join("raw")).await?)

@@ -8,18 +8,29 @@
 //!   membership cache ([`MemberCache`](tidings_gateway::members::MemberCache)) once warm;
 //! - first page (`--page` members) and prefix search: the log's bounded range read
 //!   (`Log::member_page`) against the client library's versioned cache, loaded once;
-//! - the client cache's load (the whole list, 1,000 per read) and a refresh with no change.
+//! - the client cache's load (the whole list, 1,000 per read) and a refresh with no change;
+//! - the gateway's member list ([`MemberCache`] filled as a gateway fills it, 1,000 per
+//!   read): first page, prefix search and check from it.
 //!
-//! In process, without the gateway's socket and NATS hops: these are the costs the caches
-//! remove, not end-to-end latencies.
+//! Those are in process, without the gateway's socket and NATS hops: the costs the caches
+//! remove. Then, unless `--in-process-only`, the same store is served by `tidings serve
+//! --role all` three times, one after the other: with `gateway.member_cache_bytes = 0`
+//! (every answer from the KV, through the log), with the default cache (warm), and without
+//! it again (so the order of the servers shows); a client asks
+//! through the WebSocket: first page, prefix search, and a membership check (a History of
+//! one event: the check plus one event read, the same on both sides).
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use tidings_client::Connection;
+use tidings_client::client::ListMembers;
 use tidings_gateway::members::MemberCache;
+
+use crate::bench_gateway::{Tokens, deploy};
 use tidings_log::crypto::MasterKey;
 use tidings_log::store::{FjallStore, KvStore};
 use tidings_log::{ConvId, CreateConversation, Log, LogConfig, MembersQuery, TenantId, UserId};
@@ -38,6 +49,9 @@ pub struct MembersArgs {
     /// Directory for the scratch store (default: the system temp directory).
     #[arg(long)]
     pub dir: Option<PathBuf>,
+    /// Skip the runs through the gateway (no nats-server or server process).
+    #[arg(long)]
+    pub in_process_only: bool,
 }
 
 pub async fn run(args: MembersArgs, log_config: LogConfig) -> anyhow::Result<()> {
@@ -46,13 +60,16 @@ pub async fn run(args: MembersArgs, log_config: LogConfig) -> anyhow::Result<()>
         "members must be at least 2; page and samples positive"
     );
     let (base, dir) = crate::bench::scratch_dir(args.dir.as_deref(), "members")?;
-    let store: Arc<dyn KvStore> = Arc::new(FjallStore::open(&dir.path().join("kv"))?);
+    let data = dir.path().join("kv");
+    let store: Arc<dyn KvStore> = Arc::new(FjallStore::open(&data)?);
+    let master = MasterKey::generate();
+    let master_hex = master.to_hex();
     let cfg = LogConfig {
         max_group_members: log_config.max_group_members.max(args.members),
         send_buffer: None,
         ..log_config
     };
-    let log = Log::open(store, MasterKey::generate(), cfg).await?;
+    let log = Log::open(store, master, cfg).await?;
     let (tenant, conv) = (TenantId::new("bench")?, ConvId::new("big")?);
     let owner = UserId::new("u0000000")?;
     let users: Vec<UserId> = (0..args.members)
@@ -201,24 +218,76 @@ pub async fn run(args: MembersArgs, log_config: LogConfig) -> anyhow::Result<()>
     })
     .await?;
 
-    println!();
-    println!("| operation | from the KV p50 / p99 | from memory p50 / p99 | p50 ratio |");
-    println!("|---|---:|---:|---:|");
-    for (name, kv, mem) in [
-        ("membership check (gateway cache)", &kv_check, &cached_check),
-        ("first page (client cache)", &kv_page, &mem_page),
-        ("prefix search (client cache)", &kv_prefix, &mem_prefix),
-    ] {
-        println!(
-            "| {name} | {} / {} | {} / {} | {:.0}x |",
-            us(kv.0),
-            us(kv.1),
-            us(mem.0),
-            us(mem.1),
-            kv.0.as_secs_f64() / mem.0.as_secs_f64().max(1e-9)
-        );
+    // The gateway's member list, filled as a gateway fills it.
+    let lists = MemberCache::new(64 << 20);
+    lists.track(&tenant, &conv);
+    let fill_started = Instant::now();
+    let fill = lists
+        .begin_fill(&tenant, &conv)
+        .context("start a member list fill")?;
+    while let Some(after) = lists.next_after(&tenant, &conv, fill) {
+        let q = MembersQuery {
+            after,
+            limit: 1000,
+            ..MembersQuery::default()
+        };
+        let page = log.member_page(&tenant, &conv, &q).await?;
+        let last = page.members.len() < q.limit;
+        if !lists.add_page(&tenant, &conv, fill, page.version, page.members, last) {
+            break;
+        }
     }
+    let fill_time = fill_started.elapsed();
+    let gw_page = time(args.samples, |_| {
+        let (lists, tenant, conv, n) = (&lists, &tenant, &conv, args.page);
+        async move {
+            let page = lists
+                .page(tenant, conv, None, "", n, 0)
+                .context("not cached")?;
+            anyhow::ensure!(page.members.len() == n);
+            Ok(())
+        }
+    })
+    .await?;
+    let gw_prefix = time(args.samples, |_| {
+        let (lists, tenant, conv, prefix, n) = (&lists, &tenant, &conv, &prefix, args.page);
+        async move {
+            let page = lists
+                .page(tenant, conv, None, prefix, n, 0)
+                .context("not cached")?;
+            anyhow::ensure!(!page.members.is_empty());
+            Ok(())
+        }
+    })
+    .await?;
+    let gw_check = time(args.samples, |i| {
+        let (lists, tenant, conv, u) = (&lists, &tenant, &conv, probe(i));
+        async move {
+            anyhow::ensure!(lists.lookup(tenant, conv, u) == Some(true), "not cached");
+            Ok(())
+        }
+    })
+    .await?;
+
     println!();
+    println!("In process:");
+    println!();
+    print_table(&[
+        ("membership check (gateway answers)", kv_check, cached_check),
+        ("membership check (gateway list)", kv_check, gw_check),
+        ("first page (gateway list)", kv_page, gw_page),
+        ("prefix search (gateway list)", kv_prefix, gw_prefix),
+        ("first page (client cache)", kv_page, mem_page),
+        ("prefix search (client cache)", kv_prefix, mem_prefix),
+    ]);
+    println!();
+    println!(
+        "gateway list: filled in {:.0} ms ({} reads of 1,000), {} KiB for {} members",
+        fill_time.as_secs_f64() * 1e3,
+        args.members.div_ceil(1000),
+        lists.bytes() / 1024,
+        args.members
+    );
     println!(
         "client cache: load of {} members {:.0} ms (once); a refresh with no change p50 {} / \
          p99 {}; gateway cache of {} answers: {} KiB",
@@ -230,7 +299,155 @@ pub async fn run(args: MembersArgs, log_config: LogConfig) -> anyhow::Result<()>
         cache.bytes() / 1024
     );
     log.close().await;
+    if !args.in_process_only {
+        through_gateway(&args, dir.path(), &data, &master_hex, &prefix).await?;
+    }
     Ok(())
+}
+
+/// The same store served by `tidings serve --role all`, with the gateway's cache off (every
+/// answer from the KV through the log) and on (warm), asked through a WebSocket.
+async fn through_gateway(
+    args: &MembersArgs,
+    root: &Path,
+    data: &Path,
+    master_hex: &str,
+    prefix: &str,
+) -> anyhow::Result<()> {
+    let master_file = root.join("master.key");
+    std::fs::write(&master_file, master_hex)?;
+    let mut secret = [0u8; 32];
+    getrandom::fill(&mut secret).map_err(|e| anyhow::anyhow!("randomness: {e}"))?;
+    let jwt_file = root.join("jwt.secret");
+    std::fs::write(&jwt_file, tidings_log::crypto::hex_encode(&secret))?;
+    let tokens = Tokens { secret };
+    let owner = "u0000000";
+    let samples = args.samples;
+    let mut rows = Vec::new();
+    // The KV side runs again last: the order of the two servers is not what is measured.
+    for (n, cache_bytes) in ["0", "67108864", "0"].into_iter().enumerate() {
+        let here = root.join(format!("serve-{n}"));
+        std::fs::create_dir_all(&here)?;
+        let dep = deploy(
+            &here,
+            data,
+            crate::bench_gateway::Variant::PLAIN,
+            (&master_file, &jwt_file),
+            &[("TIDINGS_GATEWAY_MEMBER_CACHE_BYTES", cache_bytes)],
+        )
+        .await?;
+        let (conn, _) =
+            Connection::open_with(&dep.url, &dep.client_tls, &tokens.of(owner), "bench")
+                .await
+                .context("connect to the gateway")?;
+        let r = conn.requester();
+        let ask = |prefix: &str, limit: u32| ListMembers {
+            conversation: "big".into(),
+            limit,
+            prefix: prefix.into(),
+            ..ListMembers::default()
+        };
+        // The first page starts the gateway's fill; wait for the list (cache on).
+        r.member_page(ask("", 1)).await?;
+        if cache_bytes != "0" {
+            wait_for_list(dep.gateway_port).await?;
+        }
+        let page = time(samples, |_| {
+            let (r, q) = (&r, ask("", args.page as u32));
+            async move {
+                anyhow::ensure!(r.member_page(q).await?.members.len() == args.page);
+                Ok(())
+            }
+        })
+        .await?;
+        let search = time(samples, |_| {
+            let (r, q) = (&r, ask(prefix, args.page as u32));
+            async move {
+                anyhow::ensure!(!r.member_page(q).await?.members.is_empty());
+                Ok(())
+            }
+        })
+        .await?;
+        let check = time(samples, |_| {
+            let r = &r;
+            async move {
+                anyhow::ensure!(r.history("big", 0, 1).await?.events.len() == 1);
+                Ok(())
+            }
+        })
+        .await?;
+        rows.push((page, search, check));
+    }
+    let (kv, mem, kv_again) = (rows[0], rows[1], rows[2]);
+    println!();
+    println!(
+        "Through the gateway (`serve --role all`, a WebSocket client on loopback), the cache \
+         off (KV) and on (warm), one after the other on the same store:"
+    );
+    println!();
+    print_table(&[
+        ("first page", kv.0, mem.0),
+        ("prefix search", kv.1, mem.1),
+        ("membership check + one event (History)", kv.2, mem.2),
+    ]);
+    println!();
+    println!(
+        "the KV side again, after the memory run: first page p50 {} / p99 {}, prefix search \
+         {} / {}, History {} / {}",
+        us(kv_again.0.0),
+        us(kv_again.0.1),
+        us(kv_again.1.0),
+        us(kv_again.1.1),
+        us(kv_again.2.0),
+        us(kv_again.2.1)
+    );
+    Ok(())
+}
+
+/// Waits until the gateway on `port` holds a complete member list (its `/metrics`).
+async fn wait_for_list(port: u16) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        // A plain HTTP/1.0 GET: the page ends with the connection.
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+        stream
+            .write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+            .await?;
+        let mut text = String::new();
+        stream.read_to_string(&mut text).await?;
+        let lists = text
+            .lines()
+            .find_map(|l| l.strip_prefix("tidings_gateway_member_lists "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0);
+        if lists >= 1.0 {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the gateway never filled the list"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+type Timed = (Duration, Duration);
+
+/// One row per operation: KV against memory, p50 / p99, and the p50 ratio.
+fn print_table(rows: &[(&str, Timed, Timed)]) {
+    println!("| operation | from the KV p50 / p99 | from memory p50 / p99 | p50 ratio |");
+    println!("|---|---:|---:|---:|");
+    for (name, kv, mem) in rows {
+        println!(
+            "| {name} | {} / {} | {} / {} | {:.0}x |",
+            us(kv.0),
+            us(kv.1),
+            us(mem.0),
+            us(mem.1),
+            kv.0.as_secs_f64() / mem.0.as_secs_f64().max(1e-9)
+        );
+    }
 }
 
 /// p50 and p99 of `n` runs of `op(i)`, one after another.

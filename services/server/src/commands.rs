@@ -13,7 +13,9 @@ use tidings_gateway::bus_crypto::LogPublicKey;
 use tidings_gateway::send_buffer_stream::{StreamBuffer, StreamBufferConfig};
 use tidings_log::crypto::{Keyring, MasterKey};
 use tidings_log::send_buffer::BufferPlace;
-use tidings_log::store::{Fault, FaultSwitch, FaultyStore, FjallStore, KvStore, Order};
+use tidings_log::store::{
+    Fault, FaultSwitch, FaultyStore, FjallStore, KvStore, MeteredStore, Order,
+};
 use tidings_log::{
     Append, Body, By, ClientMsgId, CreateConversation, Log, LogError, PendingAppend, ReadRange,
     TenantId,
@@ -110,7 +112,8 @@ pub async fn open_log_owning(
 /// Opens the configured store: fjall in the data directory, or the TiKV cluster; wrapped in
 /// a [`FaultyStore`] when the debug setting `store.faults_file` names a control file.
 pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn KvStore>> {
-    let store = open_backend(config).await?;
+    // Reads counted by keyspace (tidings_store_reads_total), whichever backend.
+    let store: Arc<dyn KvStore> = Arc::new(MeteredStore::new(open_backend(config).await?));
     if config.store.faults_file.as_os_str().is_empty() {
         return Ok(store);
     }

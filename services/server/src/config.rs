@@ -296,8 +296,11 @@ pub struct GatewaySection {
     pub max_conversations_per_session: usize,
     /// Typing notices are not relayed in conversations with more members than this.
     pub typing_max_members: u64,
-    /// Bytes of membership answers the gateway keeps for the conversations it follows.
+    /// Bytes of membership answers and member lists the gateway keeps for the conversations
+    /// it follows.
     pub member_cache_bytes: usize,
+    /// Members read per log call while filling a conversation's member list.
+    pub member_fill_page: usize,
     pub heal_interval_ms: u64,
     /// Serve `wss://` with this certificate chain and key (PEM; both or neither). Reloaded
     /// when the files change. Without them the listener is plain `ws://`.
@@ -556,6 +559,7 @@ impl Default for GatewaySection {
             max_conversations_per_session: d.max_conversations_per_session,
             typing_max_members: d.typing_max_members,
             member_cache_bytes: d.member_cache_bytes,
+            member_fill_page: d.member_fill_page,
             heal_interval_ms: d.heal_interval.as_millis() as u64,
             tls_cert_file: None,
             tls_key_file: None,
@@ -1119,6 +1123,9 @@ impl Config {
         if let Some(v) = env("TIDINGS_GATEWAY_MEMBER_CACHE_BYTES") {
             self.gateway.member_cache_bytes = parse_env("TIDINGS_GATEWAY_MEMBER_CACHE_BYTES", &v)?;
         }
+        if let Some(v) = env("TIDINGS_GATEWAY_MEMBER_FILL_PAGE") {
+            self.gateway.member_fill_page = parse_env("TIDINGS_GATEWAY_MEMBER_FILL_PAGE", &v)?;
+        }
         if let Some(v) = env("TIDINGS_GATEWAY_TYPING_MAX_MEMBERS") {
             self.gateway.typing_max_members = parse_env("TIDINGS_GATEWAY_TYPING_MAX_MEMBERS", &v)?;
         }
@@ -1150,6 +1157,7 @@ impl Config {
             max_conversations_per_session: g.max_conversations_per_session,
             typing_max_members: g.typing_max_members,
             member_cache_bytes: g.member_cache_bytes,
+            member_fill_page: g.member_fill_page,
             heal_interval: std::time::Duration::from_millis(g.heal_interval_ms),
             handshake_timeout: std::time::Duration::from_millis(g.handshake_timeout_ms),
             ping_interval: std::time::Duration::from_millis(g.ping_interval_ms),
@@ -1247,6 +1255,12 @@ impl Config {
             return Err(ConfigError::Invalid(format!(
                 "gateway.sync_page_conversations ({}) must be below log.max_read_limit ({})",
                 g.sync_page_conversations, self.log.max_read_limit
+            )));
+        }
+        if g.member_fill_page == 0 || g.member_fill_page > self.log.max_read_limit {
+            return Err(ConfigError::Invalid(format!(
+                "gateway.member_fill_page ({}) must be 1 to log.max_read_limit ({})",
+                g.member_fill_page, self.log.max_read_limit
             )));
         }
         if g.idle_timeout_ms <= g.ping_interval_ms {

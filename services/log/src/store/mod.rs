@@ -9,12 +9,14 @@
 pub mod conformance;
 mod embedded;
 pub mod faults;
+pub mod metered;
 #[cfg(feature = "tikv")]
 mod tikv;
 pub mod tikv_config;
 
 pub use embedded::FjallStore;
 pub use faults::{Fault, FaultSwitch, FaultyStore};
+pub use metered::MeteredStore;
 #[cfg(feature = "tikv")]
 pub use tikv::TikvStore;
 pub use tikv_config::{TikvConfig, TlsPaths};
