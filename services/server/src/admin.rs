@@ -76,6 +76,7 @@ use tracing::{debug, error, info, warn};
 
 mod download;
 mod ops;
+mod webhooks;
 pub use ops::Archive;
 
 /// The role a token needs for the compliance routes.
@@ -134,6 +135,8 @@ struct Plane {
     archive: Option<Archive>,
     /// Where CSV and Parquet downloads are written whole before they are sent.
     spool: PathBuf,
+    /// The webhook routes' bounds and defaults.
+    webhooks: crate::webhooks::WebhooksConfig,
 }
 
 /// What the listener serves with.
@@ -150,6 +153,8 @@ pub struct Services {
     /// A directory of this listener's own for CSV and Parquet downloads, each written whole
     /// there (then unlinked while it is sent); emptied at start.
     pub spool: PathBuf,
+    /// The webhook routes' bounds and defaults (`[webhooks]`).
+    pub webhooks: crate::webhooks::WebhooksConfig,
 }
 
 impl Admin {
@@ -175,6 +180,7 @@ impl Admin {
                     nats: services.nats,
                     archive: services.archive,
                     spool: services.spool,
+                    webhooks: services.webhooks,
                 }))
             }
         };
@@ -317,6 +323,7 @@ enum Route {
     Revoke,
     Console,
     Admin(ops::Op),
+    Webhooks(webhooks::Op),
 }
 
 impl Route {
@@ -334,6 +341,7 @@ impl Route {
             Route::Revoke => "token_revoke",
             Route::Console => "console",
             Route::Admin(op) => op.action(),
+            Route::Webhooks(_) => "webhooks",
         }
     }
 
@@ -344,6 +352,7 @@ impl Route {
             Route::Search => &["tenant", "conv", "sender", "from", "to", "text"],
             Route::Export => &["tenant", "conv", "sender", "from", "to", "text", "format"],
             Route::Audit | Route::Holds => &["tenant"],
+            Route::Webhooks(op) => op.parameters(),
             Route::Revoke | Route::HoldRelease | Route::Console | Route::Admin(_) => &[],
         }
     }
@@ -378,9 +387,10 @@ async fn route(state: &State, peer: SocketAddr, req: Request<Incoming>) -> Respo
         "/v1/compliance/holds/release" => Route::HoldRelease,
         "/v1/admin/tokens/revoke" => Route::Revoke,
         path if path == "/console" || path.starts_with("/console/") => Route::Console,
-        path => match ops::Op::from_path(path) {
-            Some(op) => Route::Admin(op),
-            None => {
+        path => match (ops::Op::from_path(path), webhooks::Op::from_path(path)) {
+            (Some(op), _) => Route::Admin(op),
+            (None, Some(op)) => Route::Webhooks(op),
+            (None, None) => {
                 crate::metrics::ADMIN_REQUESTS.inc("other");
                 return error(StatusCode::NOT_FOUND, "not_found", "no such route");
             }
@@ -421,6 +431,9 @@ async fn route(state: &State, peer: SocketAddr, req: Request<Incoming>) -> Respo
         }
         let (parts, body) = req.into_parts();
         return ops::request(state, peer, op, &parts.headers, body).await;
+    }
+    if let Route::Webhooks(op) = route {
+        return webhooks::request(state, peer, op, req).await;
     }
     if route == Route::Console {
         return match req.method() {
@@ -463,7 +476,8 @@ async fn route(state: &State, peer: SocketAddr, req: Request<Incoming>) -> Respo
         | Route::Revoke
         | Route::HoldRelease
         | Route::Console
-        | Route::Admin(_) => error(StatusCode::NOT_FOUND, "not_found", "no such route"),
+        | Route::Admin(_)
+        | Route::Webhooks(_) => error(StatusCode::NOT_FOUND, "not_found", "no such route"),
     }
 }
 
@@ -825,16 +839,8 @@ async fn list_holds(state: &Arc<Plane>, tenant: &TenantId) -> Response<Body> {
     .await
     {
         Ok(holds) => {
-            let mut text = String::new();
-            for h in &holds {
-                text.push_str(&hold::hold_json(tenant, h).to_string());
-                text.push('\n');
-            }
-            text.push_str(&format!(
-                "{}\n",
-                json!({ "complete": true, "rows": holds.len() })
-            ));
-            full(StatusCode::OK, "application/x-ndjson", text)
+            let lines: Vec<Value> = holds.iter().map(|h| hold::hold_json(tenant, h)).collect();
+            json_lines(&lines)
         }
         Err(e) => failure(&e),
     }
@@ -991,7 +997,8 @@ async fn compliance_request(
         | Route::Revoke
         | Route::HoldRelease
         | Route::Console
-        | Route::Admin(_) => error(StatusCode::NOT_FOUND, "not_found", "no such route"),
+        | Route::Admin(_)
+        | Route::Webhooks(_) => error(StatusCode::NOT_FOUND, "not_found", "no such route"),
     }
 }
 
@@ -1356,6 +1363,20 @@ fn ndjson(rx: mpsc::Receiver<Bytes>) -> Response<Body> {
     response(StatusCode::OK, "application/x-ndjson", Body::Lines(rx))
 }
 
+/// JSON lines, then `{"complete":true,"rows":N}` (a whole, small answer).
+fn json_lines(lines: &[Value]) -> Response<Body> {
+    let mut text = String::new();
+    for line in lines {
+        text.push_str(&line.to_string());
+        text.push('\n');
+    }
+    text.push_str(&format!(
+        "{}\n",
+        json!({ "complete": true, "rows": lines.len() })
+    ));
+    full(StatusCode::OK, "application/x-ndjson", text)
+}
+
 fn error_json(code: &str, message: &str) -> Value {
     json!({ "error": { "code": code, "message": message } })
 }
@@ -1410,6 +1431,8 @@ mod tests {
             Route::Admin(ops::Op::Shred),
             Route::Admin(ops::Op::ArchiveRun),
             Route::Admin(ops::Op::ArchiveVerify),
+            Route::Webhooks(webhooks::Op::Subscriptions),
+            Route::Webhooks(webhooks::Op::Dead),
         ] {
             assert!(
                 crate::metrics::ADMIN_REQUESTS.knows(route.action()),

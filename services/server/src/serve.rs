@@ -172,6 +172,7 @@ async fn start_admin(
         nats: Some(nats),
         archive: Some(archive),
         spool: config.data_dir.join("export-spool"),
+        webhooks: config.webhooks.clone(),
     };
     admin_listener(config, health, Some(services)).await
 }
