@@ -1,1 +1,601 @@
+//! Outgoing webhooks end to end (issue 16, part 3): a real nats-server, a real `tidings
+//! serve`, messages sent through the gateway, and a real HTTP receiver in this test that
+//! checks every signature with the subscription's secret (and with a wrong one, which must
+//! fail), answers 500 when told to, and is stopped and started again.
 
+mod common;
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{Nats, Sandbox, Server};
+use hmac::{Hmac, Mac as _};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+use sha2::Sha256;
+use tidings_client::Connection;
+
+/// How long a test waits for an outcome before failing (never a timed assertion).
+const WAIT: Duration = Duration::from_secs(30);
+
+/// Fast retries, so failures and recoveries take milliseconds.
+const FAST: &[(&str, &str)] = &[
+    ("TIDINGS_WEBHOOKS_BACKOFF_FIRST_MS", "20"),
+    ("TIDINGS_WEBHOOKS_BACKOFF_MAX_MS", "200"),
+    ("TIDINGS_WEBHOOKS_REFRESH_MS", "100"),
+    ("TIDINGS_WEBHOOKS_REQUEST_TIMEOUT_MS", "2000"),
+    ("TIDINGS_WEBHOOKS_ACK_WAIT_MS", "5000"),
+];
+
+/// A request the receiver answered 2xx.
+#[derive(Clone, Debug)]
+struct Delivery {
+    conversation: String,
+    seq: u64,
+    kind: String,
+    text: String,
+    event_id: String,
+    attempt: u64,
+    /// The signature checked with the subscription's secret.
+    signed: bool,
+    /// The same signature checked with another secret: a receiver holding the wrong secret
+    /// must see a mismatch.
+    signed_with_wrong_secret: bool,
+    /// `X-Tidings-Event-Id` equals the body's event id.
+    event_id_header_matches: bool,
+}
+
+#[derive(Default)]
+struct Seen {
+    secret: Vec<u8>,
+    delivered: Vec<Delivery>,
+    /// Requests answered 500 on purpose.
+    refused: usize,
+    /// Answer 500 to this many more requests.
+    refuse_next: usize,
+}
+
+/// The test's webhook receiver: a hyper HTTP/1.1 server on a fixed port.
+struct Receiver {
+    port: u16,
+    seen: Arc<Mutex<Seen>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+fn hmac_hex(secret: &[u8], message: &[u8]) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("any key length");
+    mac.update(message);
+    mac.finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Verifies `t=<unix>,v1=<hex>` over `"<t>.<body>"`, as the README tells receivers to.
+fn verify(secret: &[u8], header: &str, body: &[u8]) -> bool {
+    let (mut t, mut v1) = (None, None);
+    for part in header.split(',') {
+        match part.split_once('=') {
+            Some(("t", v)) => t = Some(v.to_string()),
+            Some(("v1", v)) => v1 = Some(v.to_string()),
+            _ => {}
+        }
+    }
+    let (Some(t), Some(v1)) = (t, v1) else {
+        return false;
+    };
+    let mut signed = t.into_bytes();
+    signed.push(b'.');
+    signed.extend_from_slice(body);
+    hmac_hex(secret, &signed) == v1
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Receiver {
+    async fn start() -> Receiver {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let mut r = Receiver {
+            port,
+            seen: Arc::default(),
+            task: None,
+        };
+        r.task = Some(tokio::spawn(serve(listener, r.seen.clone())));
+        r
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/hook", self.port)
+    }
+
+    fn set_secret(&self, secret: &str) {
+        lock(&self.seen).secret = secret.as_bytes().to_vec();
+    }
+
+    fn refuse_next(&self, n: usize) {
+        lock(&self.seen).refuse_next = n;
+    }
+
+    fn delivered(&self) -> Vec<Delivery> {
+        lock(&self.seen).delivered.clone()
+    }
+
+    fn refused(&self) -> usize {
+        lock(&self.seen).refused
+    }
+
+    /// Stops listening and drops every open connection.
+    fn stop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+
+    /// Listens again on the same port, keeping what it saw.
+    async fn restart(&mut self) {
+        self.stop();
+        let deadline = tokio::time::Instant::now() + WAIT;
+        let listener = loop {
+            match tokio::net::TcpListener::bind(("127.0.0.1", self.port)).await {
+                Ok(l) => break l,
+                Err(e) if tokio::time::Instant::now() < deadline => {
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("rebind the receiver's port: {e}"),
+            }
+        };
+        self.task = Some(tokio::spawn(serve(listener, self.seen.clone())));
+    }
+
+    /// Waits until `n` deliveries have arrived; fails after WAIT.
+    async fn wait_for(&self, n: usize) -> Vec<Delivery> {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let got = self.delivered();
+            if got.len() >= n {
+                return got;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "only {} of {n} deliveries arrived: {got:?}",
+                got.len()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+async fn serve(listener: tokio::net::TcpListener, seen: Arc<Mutex<Seen>>) {
+    let mut connections = tokio::task::JoinSet::new();
+    while let Ok((stream, _)) = listener.accept().await {
+        let seen = seen.clone();
+        connections.spawn(async move {
+            let service = service_fn(move |req: Request<Incoming>| {
+                let seen = seen.clone();
+                async move {
+                    let status = receive(req, &seen).await;
+                    Ok::<_, std::convert::Infallible>(
+                        Response::builder()
+                            .status(status)
+                            .body(String::from("thanks"))
+                            .expect("response"),
+                    )
+                }
+            });
+            let _ = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+async fn receive(req: Request<Incoming>, seen: &Mutex<Seen>) -> StatusCode {
+    let header = |name: &str| {
+        req.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string()
+    };
+    let (signature, event_id) = (header("x-tidings-signature"), header("x-tidings-event-id"));
+    let mut incoming = std::pin::pin!(req.into_body());
+    let mut body = Vec::new();
+    while let Some(frame) =
+        std::future::poll_fn(|cx| hyper::body::Body::poll_frame(incoming.as_mut(), cx)).await
+    {
+        if let Ok(data) = frame.expect("body frame").into_data() {
+            body.extend_from_slice(&data);
+        }
+    }
+    let mut s = lock(seen);
+    if s.refuse_next > 0 {
+        s.refuse_next -= 1;
+        s.refused += 1;
+        return StatusCode::INTERNAL_SERVER_ERROR;
+    }
+    let v: Value = serde_json::from_slice(&body).expect("a JSON body");
+    let delivery = Delivery {
+        conversation: v["conversation"].as_str().unwrap_or("").into(),
+        seq: v["seq"].as_u64().expect("seq"),
+        kind: v["kind"].as_str().unwrap_or("").into(),
+        text: v["text"].as_str().unwrap_or("").into(),
+        event_id: v["event_id"].as_str().unwrap_or("").into(),
+        attempt: v["attempt"].as_u64().expect("attempt"),
+        signed: verify(&s.secret, &signature, &body),
+        signed_with_wrong_secret: verify(b"whsec_not_the_secret", &signature, &body),
+        event_id_header_matches: v["event_id"].as_str() == Some(event_id.as_str()),
+    };
+    s.delivered.push(delivery);
+    StatusCode::OK
+}
+
+async fn connect(server: &Server, s: &Sandbox, user: &str) -> Connection {
+    let token = s.token("acme", user, 3600);
+    Connection::open(&server.url(), &token, "test")
+        .await
+        .expect("connect and hello")
+        .0
+}
+
+/// Sends `text` to `conv`; its seq.
+async fn send(conn: &Connection, conv: &str, id: &str, text: &str) -> u64 {
+    conn.requester()
+        .send_text(conv, id, text)
+        .await
+        .expect("send")
+        .seq
+}
+
+/// Every delivery once (no seq twice), in seq order per conversation, each signed.
+fn assert_once_in_order_signed(got: &[Delivery]) {
+    let mut seen = HashSet::new();
+    let mut ids = HashSet::new();
+    let mut last: std::collections::HashMap<&str, u64> = Default::default();
+    for d in got {
+        assert!(
+            seen.insert((d.conversation.clone(), d.seq)),
+            "delivered twice: {d:?}"
+        );
+        let before = last.insert(&d.conversation, d.seq).unwrap_or(0);
+        assert!(d.seq > before, "out of order: {d:?} after seq {before}");
+        assert!(d.signed, "signature does not verify: {d:?}");
+        assert!(
+            !d.signed_with_wrong_secret,
+            "a wrong secret must not verify: {d:?}"
+        );
+        assert!(d.event_id_header_matches, "{d:?}");
+        assert!(ids.insert(d.event_id.clone()), "event id twice: {d:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_event_once_in_order_signed_through_500s_and_a_receiver_restart() {
+    let s = Sandbox::new();
+    s.group("team");
+    s.group("other");
+    let mut receiver = Receiver::start().await;
+    // Made with the CLI on the store before the server runs; only messages of `team`.
+    let created = s.ok(&[
+        "webhook",
+        "create",
+        "--tenant",
+        "acme",
+        "--url",
+        &receiver.url(),
+        "--conv",
+        "team",
+        "--event-kind",
+        "message_posted",
+        "--actor",
+        "ops-1",
+    ]);
+    let secret = created[0]["secret"].as_str().expect("secret shown once");
+    assert!(secret.starts_with("whsec_"), "{secret}");
+    receiver.set_secret(secret);
+    let listed = s.ok(&["webhook", "list", "--tenant", "acme"]);
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0]["id"], created[0]["id"]);
+    assert!(listed[0].get("secret").is_none());
+    assert!(!listed[0].to_string().contains(secret));
+
+    let nats = Nats::start();
+    let server = Server::start(&s, &nats, "all", FAST);
+    let alice = connect(&server, &s, "alice").await;
+
+    // Five messages, one in a conversation not subscribed, one event of a kind not
+    // subscribed in between.
+    let mut seqs = Vec::new();
+    for i in 0..3 {
+        seqs.push(send(&alice, "team", &format!("a{i}"), &format!("hello {i}")).await);
+    }
+    send(&alice, "other", "o1", "not for the hook").await;
+    alice
+        .requester()
+        .add_member("team", "carol")
+        .await
+        .expect("add carol");
+    for i in 3..5 {
+        seqs.push(send(&alice, "team", &format!("a{i}"), &format!("hello {i}")).await);
+    }
+    let got = receiver.wait_for(5).await;
+    assert_eq!(
+        got.iter().map(|d| d.seq).collect::<Vec<_>>(),
+        seqs,
+        "exactly the subscribed events, in order"
+    );
+    assert!(got.iter().all(|d| d.conversation == "team"));
+    assert!(got.iter().all(|d| d.kind == "message_posted"));
+    assert_eq!(
+        got.iter().map(|d| d.text.as_str()).collect::<Vec<_>>(),
+        ["hello 0", "hello 1", "hello 2", "hello 3", "hello 4"]
+    );
+    assert!(got.iter().all(|d| d.attempt == 1));
+    assert_once_in_order_signed(&got);
+
+    // The receiver answers 500 twice, then recovers: the event comes on the third try.
+    receiver.refuse_next(2);
+    seqs.push(send(&alice, "team", "a5", "after two refusals").await);
+    let got = receiver.wait_for(6).await;
+    assert_eq!(receiver.refused(), 2);
+    assert_eq!((got[5].seq, got[5].attempt), (seqs[5], 3));
+
+    // The receiver goes away; events sent meanwhile arrive once it is back, once each.
+    receiver.stop();
+    for i in 6..9 {
+        seqs.push(send(&alice, "team", &format!("a{i}"), &format!("while down {i}")).await);
+    }
+    // Let the dispatcher fail against the closed port a few times.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    receiver.restart().await;
+    let got = receiver.wait_for(9).await;
+    assert_eq!(got.iter().map(|d| d.seq).collect::<Vec<_>>(), seqs);
+    assert_once_in_order_signed(&got);
+
+    // Nothing more comes: one more event, and exactly it follows.
+    seqs.push(send(&alice, "team", "a9", "last").await);
+    let got = receiver.wait_for(10).await;
+    assert_eq!(got.iter().map(|d| d.seq).collect::<Vec<_>>(), seqs);
+    assert_once_in_order_signed(&got);
+
+    let metrics = reqwest::get(format!("http://127.0.0.1:{}/metrics", server.admin_port))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    let value = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{name} in /metrics"))
+    };
+    assert_eq!(value("tidings_webhook_delivered_total"), 10.0);
+    assert!(value("tidings_webhook_retries_total") >= 2.0);
+    assert_eq!(value("tidings_webhook_dead_letters_total"), 0.0);
+    assert_eq!(value("tidings_webhook_subscriptions"), 1.0);
+}
+
+/// The admin listener, plain HTTP.
+struct Admin {
+    base: String,
+    client: reqwest::Client,
+}
+
+impl Admin {
+    fn new(server: &Server) -> Admin {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        Admin {
+            base: format!("http://127.0.0.1:{}", server.admin_port),
+            client: reqwest::Client::builder()
+                .no_proxy()
+                .build()
+                .expect("http client"),
+        }
+    }
+
+    async fn get(&self, path: &str, token: &str) -> (u16, String) {
+        let r = self
+            .client
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("get");
+        (r.status().as_u16(), r.text().await.expect("body"))
+    }
+
+    async fn post(&self, path: &str, token: &str, body: Value) -> (u16, Value) {
+        let r = self
+            .client
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(token)
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .expect("post");
+        let status = r.status().as_u16();
+        let text = r.text().await.expect("body");
+        (
+            status,
+            serde_json::from_str(text.trim()).unwrap_or(json!({ "text": text })),
+        )
+    }
+}
+
+fn lines(text: &str) -> Vec<Value> {
+    common::json_lines(text.as_bytes())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_replay_isolation_and_audit_over_http() {
+    let s = Sandbox::new();
+    s.group("team");
+    let receiver = Receiver::start().await;
+    let nats = Nats::start();
+    let server = Server::start(&s, &nats, "all", FAST);
+    let admin = Admin::new(&server);
+    let acme = s.token_with_roles("acme", "ops", &["admin", "compliance"], 3600);
+
+    let (status, created) = admin
+        .post(
+            "/v1/admin/webhooks",
+            &acme,
+            json!({"url": receiver.url(), "conversations": ["team"], "max_attempts": 2}),
+        )
+        .await;
+    assert_eq!(status, 200, "{created}");
+    let id = created["id"].as_str().expect("id").to_string();
+    let secret = created["secret"].as_str().expect("secret").to_string();
+    receiver.set_secret(&secret);
+    let (status, listed) = admin.get("/v1/admin/webhooks", &acme).await;
+    assert_eq!(status, 200);
+    let listed = lines(&listed);
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    assert_eq!(listed[0]["id"], json!(id));
+    assert_eq!(listed[0]["max_attempts"], json!(2));
+    assert!(listed[0].get("secret").is_none() && !listed[0].to_string().contains(&secret));
+    assert_eq!(listed[1], json!({"complete": true, "rows": 1}));
+
+    // Refused twice each (max_attempts 2): both events dead-lettered, in order.
+    receiver.refuse_next(4);
+    let alice = connect(&server, &s, "alice").await;
+    let first = send(&alice, "team", "d1", "doomed 1").await;
+    let second = send(&alice, "team", "d2", "doomed 2").await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let dead = loop {
+        let (status, text) = admin
+            .get(&format!("/v1/admin/webhooks/dead?id={id}"), &acme)
+            .await;
+        assert_eq!(status, 200, "{text}");
+        let dead = lines(&text);
+        if dead.len() == 3 {
+            break dead;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{dead:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(receiver.refused(), 4);
+    assert!(receiver.delivered().is_empty());
+    assert_eq!(
+        dead[..2]
+            .iter()
+            .map(|d| (d["seq"].as_u64(), d["attempts"].as_u64()))
+            .collect::<Vec<_>>(),
+        [(Some(first), Some(2)), (Some(second), Some(2))]
+    );
+    assert_eq!(dead[0]["last_error"], json!("HTTP 500"));
+
+    // A replay from the first dead seq delivers both, in order, once the receiver is well.
+    let (status, replay) = admin
+        .post(
+            "/v1/admin/webhooks/replay",
+            &acme,
+            json!({"id": id, "conv": "team", "from_seq": first}),
+        )
+        .await;
+    assert_eq!(status, 200, "{replay}");
+    let got = receiver.wait_for(2).await;
+    assert_eq!(
+        got.iter().map(|d| d.seq).collect::<Vec<_>>(),
+        [first, second]
+    );
+    assert_once_in_order_signed(&got);
+    // Live delivery goes on after the replay.
+    let third = send(&alice, "team", "d3", "alive").await;
+    let got = receiver.wait_for(3).await;
+    assert_eq!(
+        got.iter().map(|d| d.seq).collect::<Vec<_>>(),
+        [first, second, third]
+    );
+
+    // Tenant isolation: beta's admin sees and touches none of acme's subscriptions.
+    let beta = s.token_with_roles("beta", "intruder", &["admin"], 3600);
+    let (status, _) = admin.get("/v1/admin/webhooks?tenant=acme", &beta).await;
+    assert_eq!(status, 403);
+    let (status, _) = admin
+        .post(
+            "/v1/admin/webhooks/delete",
+            &beta,
+            json!({"tenant": "acme", "id": id}),
+        )
+        .await;
+    assert_eq!(status, 403);
+    let (status, answer) = admin
+        .post("/v1/admin/webhooks/delete", &beta, json!({"id": id}))
+        .await;
+    assert_eq!(status, 404, "{answer}");
+    let (status, text) = admin
+        .get(&format!("/v1/admin/webhooks/dead?id={id}"), &beta)
+        .await;
+    assert_eq!(status, 404, "{text}");
+    let (status, listed) = admin.get("/v1/admin/webhooks", &beta).await;
+    assert_eq!((status, lines(&listed).len()), (200, 1));
+    // Without the admin role: refused.
+    let officer = s.token_with_roles("acme", "officer", &["compliance"], 3600);
+    let (status, _) = admin.get("/v1/admin/webhooks", &officer).await;
+    assert_eq!(status, 403);
+    // Malformed: refused with the reason.
+    let (status, answer) = admin
+        .post(
+            "/v1/admin/webhooks",
+            &acme,
+            json!({"url": "ftp://example.com/"}),
+        )
+        .await;
+    assert_eq!(status, 400, "{answer}");
+
+    let (status, deleted) = admin
+        .post("/v1/admin/webhooks/delete", &acme, json!({"id": id}))
+        .await;
+    assert_eq!((status, &deleted["deleted"]), (200, &json!(true)));
+    let (_, listed) = admin.get("/v1/admin/webhooks", &acme).await;
+    assert_eq!(lines(&listed), [json!({"complete": true, "rows": 0})]);
+
+    // The audit log: each change, and the refusals, where they were aimed.
+    let (status, audit) = admin.get("/v1/compliance/audit", &acme).await;
+    assert_eq!(status, 200);
+    let trail: Vec<(String, String, String)> = lines(&audit)
+        .iter()
+        .filter(|l| {
+            l["action"]
+                .as_str()
+                .is_some_and(|a| a.starts_with("webhook"))
+        })
+        .map(|l| {
+            (
+                l["actor"].as_str().unwrap_or("").to_string(),
+                l["action"].as_str().unwrap_or("").to_string(),
+                l["outcome"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    let row = |actor: &str, action: &str, outcome: &str| {
+        (actor.to_string(), action.to_string(), outcome.to_string())
+    };
+    assert_eq!(
+        trail,
+        [
+            row("acme/ops", "webhook_create", "completed"),
+            row("acme/ops", "webhook_replay", "completed"),
+            row("beta/intruder", "webhook_list", "denied"),
+            row("beta/intruder", "webhook_delete", "denied"),
+            row("acme/officer", "webhook_list", "denied"),
+            row("acme/ops", "webhook_create", "denied"),
+            row("acme/ops", "webhook_delete", "completed"),
+        ]
+    );
+}

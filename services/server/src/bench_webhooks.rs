@@ -134,7 +134,7 @@ pub async fn run(args: WebhooksArgs, config: &crate::config::Config) -> anyhow::
                     conv.clone(),
                     owner.clone(),
                     ClientMsgId::new(format!("m{i}"))?,
-                    &format!("bench message {i} of {conv}"),
+                    format!("bench message {i} of {conv}"),
                 ))
                 .await?;
             }
