@@ -34,7 +34,7 @@ use tidings_log::webhooks::Webhooks;
 use tidings_log::{ConvId, Event, Log, ReadRange, TenantId};
 use tidings_schemas::storage::{WebhookDeadLetter, WebhookSubscription};
 use tokio::task::{AbortHandle, JoinSet};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::WebhooksConfig;
 use super::sign;
@@ -42,8 +42,11 @@ use crate::metrics as m;
 
 /// Most subscriptions one dispatcher runs (all tenants); beyond, the rest wait (warned).
 pub const MAX_DISPATCHED: usize = 10_000;
-/// Events read from the log per page while delivering a gap or a replay.
+/// Events read from the log per page while delivering (and per cursor commit).
 const READ_PAGE: usize = 100;
+/// Pages one notice delivers past its own seq while the conversation has more (then the
+/// worker takes the next notice, so one busy conversation cannot hold the others for long).
+const DRAIN_PAGES: usize = 10;
 /// Most events a first notice in a conversation walks back over to find where the
 /// subscription began; past it only the newest are delivered (warned).
 pub const MAX_FIRST_WALK: usize = 10_000;
@@ -59,6 +62,9 @@ const SESSION_BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// A durable consumer nobody pulls from for this long is removed by NATS (a subscription
 /// deleted while no dispatcher ran); the cursors make a re-made one lose nothing.
 const CONSUMER_INACTIVE: Duration = Duration::from_secs(3600);
+
+/// How long past its expiry a pull is waited for before it is taken as lost.
+const PULL_SLACK: Duration = Duration::from_secs(2);
 
 /// The durable consumer's name of a subscription.
 pub fn consumer_name(id: &str) -> String {
@@ -93,6 +99,7 @@ impl Dispatcher {
             .redirect(reqwest::redirect::Policy::none())
             .no_proxy()
             .pool_max_idle_per_host(4)
+            .tcp_nodelay(true)
             .build()
             .context("make the webhook HTTP client")?;
         let hooks = Webhooks::new(log.store().clone(), log.keyring().clone());
@@ -249,7 +256,7 @@ impl Worker {
             .await
             .context("find the event stream")?;
         let name = consumer_name(&self.sub.id);
-        let consumer: jetstream::consumer::PullConsumer = stream
+        let mut consumer: jetstream::consumer::PullConsumer = stream
             .get_or_create_consumer(
                 &name,
                 pull::Config {
@@ -265,29 +272,53 @@ impl Worker {
             )
             .await
             .context("make the webhook consumer")?;
-        let mut messages = consumer
-            .stream()
-            .max_messages_per_batch(1)
-            .heartbeat(Duration::from_secs(5))
-            .messages()
-            .await
-            .context("pull from the webhook consumer")?;
-        let mut tick = tokio::time::interval(Duration::from_millis(self.shared.cfg.refresh_ms));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // One pull request per notice, each waiting at most `refresh_ms`: a pull that is
+        // never dropped midway (a message handed to a dropped pull would wait out the ack
+        // wait), and a regular turn for the replays asked for.
+        let every = Duration::from_millis(self.shared.cfg.refresh_ms);
+        let mut replays_seen = tokio::time::Instant::now();
         loop {
-            tokio::select! {
-                _ = tick.tick() => {
-                    self.replays().await?;
+            let pulled = tokio::time::Instant::now();
+            let mut batch = consumer
+                .batch()
+                .max_messages(1)
+                .expires(every)
+                .messages()
+                .await
+                .map_err(|e| anyhow::anyhow!(e).context("pull from the webhook consumer"))?;
+            let mut taken = 0;
+            // The server ends a pull at its expiry; one it never answers was lost (NATS
+            // restarted with it).
+            let lost = loop {
+                match tokio::time::timeout(every + PULL_SLACK, batch.next()).await {
+                    Err(_) => break true,
+                    Ok(None) => break false,
+                    Ok(Some(next)) => {
+                        let msg = next.map_err(|e| anyhow::anyhow!(e).context("pull a notice"))?;
+                        self.notice(&msg).await?;
+                        msg.ack()
+                            .await
+                            .map_err(|e| anyhow::anyhow!(e).context("ack a notice"))?;
+                        taken += 1;
+                    }
                 }
-                next = messages.next() => {
-                    let msg = match next {
-                        None => anyhow::bail!("the consumer's messages ended"),
-                        Some(Err(e)) => return Err(anyhow::anyhow!(e).context("pull a notice")),
-                        Some(Ok(msg)) => msg,
-                    };
-                    self.notice(&msg).await?;
-                    msg.ack().await.map_err(|e| anyhow::anyhow!(e).context("ack a notice"))?;
-                }
+            };
+            // A lost pull, or an empty one that ended long before its expiry, was not served
+            // by the consumer: it may be gone (a NATS restart loses the memory stream and its
+            // consumers). Ask; if it is, the session ends and the next makes it again.
+            let early = taken == 0 && pulled.elapsed() < every / 2;
+            if lost || early {
+                consumer
+                    .info()
+                    .await
+                    .map_err(|e| anyhow::anyhow!(e).context("find the webhook consumer"))?;
+            }
+            if early {
+                tokio::time::sleep(every / 2).await;
+            }
+            if replays_seen.elapsed() >= every {
+                self.replays().await?;
+                replays_seen = tokio::time::Instant::now();
             }
         }
     }
@@ -348,11 +379,14 @@ impl Worker {
         Ok(self.sub.conversation_kinds.contains(&kind))
     }
 
-    /// Delivers the conversation's undelivered events up to `upto`, in seq order.
+    /// Delivers the conversation's undelivered events in seq order: up to `seq` (the
+    /// notice's), and on while the log has more, up to [`DRAIN_PAGES`] pages. A busy
+    /// conversation is so delivered a page per cursor commit, not an event per notice: the
+    /// notices that follow find their seqs delivered and are acked at once.
     async fn deliver_through(
         &mut self,
         conv: &ConvId,
-        upto: u64,
+        seq: u64,
         notice: Option<&jetstream::Message>,
     ) -> anyhow::Result<()> {
         if !self.selects(conv).await? {
@@ -361,23 +395,37 @@ impl Worker {
         let hooks = &self.shared.hooks;
         let cursor = match hooks.cursor(&self.tenant, &self.sub.id, conv).await? {
             Some(cursor) => cursor,
-            None => self.first_cursor(conv, upto).await?,
+            None => self.first_cursor(conv, seq).await?,
         };
+        if seq <= cursor {
+            return Ok(()); // delivered already (a redelivered or drained notice)
+        }
+        debug!(conversation = %conv, seq, cursor, "webhook delivery");
         let mut next = cursor + 1;
-        while next <= upto {
-            let limit = READ_PAGE.min((upto - next + 1) as usize);
+        let mut pages = 0;
+        while next <= seq || pages < DRAIN_PAGES {
             let events = self
                 .shared
                 .log
-                .read(&self.tenant, conv, ReadRange::forward(next, limit))
+                .read(&self.tenant, conv, ReadRange::forward(next, READ_PAGE))
                 .await?;
             let Some(last) = events.last().map(|e| e.seq) else {
-                break; // retention took them: nothing left to deliver
+                break; // the head, or retention took them: nothing left to deliver
             };
-            for event in events.iter().filter(|e| e.seq <= upto) {
+            for event in &events {
                 self.deliver(conv, event, notice).await?;
             }
+            // One cursor commit per page, not per event: a crash delivers at most a page
+            // again (at least once), and a busy subscription is not held to one fsync per
+            // event.
+            hooks
+                .set_cursor(&self.tenant, &self.sub.id, conv, last)
+                .await?;
             next = last + 1;
+            pages += 1;
+            if events.len() < READ_PAGE && next > seq {
+                break; // the head
+            }
         }
         Ok(())
     }
@@ -419,9 +467,10 @@ impl Worker {
         Ok(0)
     }
 
-    /// Delivers one event (or skips it by the event-kind filter), then moves the cursor.
+    /// Delivers one event (or skips it by the event-kind filter); the caller moves the
+    /// cursor (a dead letter moves it at once, with its record).
     async fn deliver(
-        &mut self,
+        &self,
         conv: &ConvId,
         event: &Event,
         notice: Option<&jetstream::Message>,
@@ -429,9 +478,6 @@ impl Worker {
         let kind = tidings_log::event_kind(event.body.as_ref());
         let hooks = &self.shared.hooks;
         if !self.sub.event_kinds.is_empty() && !self.sub.event_kinds.iter().any(|k| k == kind) {
-            hooks
-                .set_cursor(&self.tenant, &self.sub.id, conv, event.seq)
-                .await?;
             return Ok(());
         }
         self.pending
@@ -446,9 +492,6 @@ impl Worker {
             }
             match self.post(event, attempt).await {
                 Ok(()) => {
-                    hooks
-                        .set_cursor(&self.tenant, &self.sub.id, conv, event.seq)
-                        .await?;
                     m::WEBHOOK_DELIVERED.inc();
                     let lag_ms = (tidings_log::now_ms() - event.server_time_ms).max(0);
                     m::WEBHOOK_DELIVERY_SECONDS.observe(lag_ms as f64 / 1000.0);
