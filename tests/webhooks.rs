@@ -301,6 +301,23 @@ async fn dead_letters_replay_isolation_and_audit_over_http() {
         got.iter().map(|d| d.seq).collect::<Vec<_>>(),
         [first, second, third]
     );
+    // A replay from past the head delivers nothing again and skips nothing after.
+    let (status, _) = admin
+        .post(
+            "/v1/admin/webhooks/replay",
+            &acme,
+            json!({"id": id, "conv": "team", "from_seq": 1000}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    // Taken up within a refresh (100 ms); a later event must still come, and alone.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let fourth = send(&alice, "team", "d4", "still alive").await;
+    let got = receiver.wait_for(4).await;
+    assert_eq!(
+        got.iter().map(|d| d.seq).collect::<Vec<_>>(),
+        [first, second, third, fourth]
+    );
 
     // Tenant isolation: beta's admin sees and touches none of acme's subscriptions.
     let beta = s.token_with_roles("beta", "intruder", &["admin"], 3600);
@@ -370,6 +387,7 @@ async fn dead_letters_replay_isolation_and_audit_over_http() {
         trail,
         [
             row("acme/ops", "webhook_create", "completed"),
+            row("acme/ops", "webhook_replay", "completed"),
             row("acme/ops", "webhook_replay", "completed"),
             row("beta/intruder", "webhook_list", "denied"),
             row("beta/intruder", "webhook_delete", "denied"),

@@ -294,7 +294,8 @@ impl Webhooks {
         .await
     }
 
-    /// Takes a replay up: the cursor goes to `from_seq - 1` and the request is gone, in one
+    /// Takes a replay up: the cursor goes down to `from_seq - 1` (never up: a replay from
+    /// past what was delivered has nothing to deliver again) and the request is gone, in one
     /// transaction, unless the request changed meanwhile (then it stays for the next look).
     pub async fn start_replay(
         &self,
@@ -303,13 +304,18 @@ impl Webhooks {
         conv: &ConvId,
         from_seq: u64,
     ) -> Result<(), LogError> {
+        let below = from_seq.saturating_sub(1);
+        let cursor = self
+            .cursor(tenant, id, conv)
+            .await?
+            .map_or(below, |c| c.min(below));
         let key = keys::webhook_replay(tenant, id, conv);
         let mut txn = Transaction::new();
         txn.expect(key.clone(), Some(from_seq.to_be_bytes().to_vec()));
         txn.delete(key);
         txn.put(
             keys::webhook_cursor(tenant, id, conv),
-            from_seq.saturating_sub(1).to_be_bytes().to_vec(),
+            cursor.to_be_bytes().to_vec(),
         );
         Ok(self.store.commit(txn).await?)
     }

@@ -395,7 +395,17 @@ impl Worker {
         let hooks = &self.shared.hooks;
         let cursor = match hooks.cursor(&self.tenant, &self.sub.id, conv).await? {
             Some(cursor) => cursor,
-            None => self.first_cursor(conv, seq).await?,
+            None => {
+                let start = self.first_cursor(conv, seq).await?;
+                if seq <= start {
+                    // From before the subscription: remembered, so the stream window's older
+                    // notices of this conversation cost a key read, not a log read.
+                    hooks
+                        .set_cursor(&self.tenant, &self.sub.id, conv, start)
+                        .await?;
+                }
+                start
+            }
         };
         if seq <= cursor {
             return Ok(()); // delivered already (a redelivered or drained notice)
@@ -433,6 +443,19 @@ impl Worker {
     /// The cursor of a conversation this subscription has not delivered in yet: the seq
     /// before the first event committed since the subscription was created.
     async fn first_cursor(&self, conv: &ConvId, upto: u64) -> anyhow::Result<u64> {
+        // Most often the notice's own event tells (a new subscription's consumer starts with
+        // the stream window, all of it older): one event read, not a page.
+        let own = self
+            .shared
+            .log
+            .read(&self.tenant, conv, ReadRange::forward(upto, 1))
+            .await?;
+        if own
+            .first()
+            .is_some_and(|e| e.seq == upto && e.server_time_ms < self.sub.created_ms)
+        {
+            return Ok(upto);
+        }
         let mut from = upto;
         let mut walked = 0;
         while from > 0 {
