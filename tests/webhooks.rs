@@ -420,3 +420,77 @@ async fn a_nats_restart_loses_the_memory_stream_but_no_event() {
     assert_eq!(got.iter().map(|d| d.seq).collect::<Vec<_>>(), seqs);
     assert_once_in_order_signed(&got);
 }
+
+#[test]
+fn the_cli_manages_subscriptions_on_the_store_and_audits_each_change() {
+    let s = Sandbox::new();
+    let created = s.ok(&[
+        "webhook",
+        "create",
+        "--tenant",
+        "acme",
+        "--url",
+        "https://hooks.example.com/t",
+        "--conv-kind",
+        "class",
+        "--event-kind",
+        "member_joined",
+        "--actor",
+        "ops-1",
+    ]);
+    let id = created[0]["id"].as_str().expect("id");
+    assert_eq!(created[0]["conversation_kinds"], json!(["class"]));
+    assert_eq!(created[0]["max_attempts"], json!(8));
+    s.ok(&[
+        "webhook", "replay", "--tenant", "acme", "--id", id, "--conv", "team", "--from", "3",
+        "--actor", "ops-1",
+    ]);
+    assert!(
+        s.ok(&["webhook", "dead-letters", "--tenant", "acme", "--id", id])
+            .is_empty()
+    );
+    // Another tenant does not have it; bad input is refused before anything is written.
+    let out = s.run(&["webhook", "delete", "--tenant", "beta", "--id", id]);
+    assert!(!out.status.success());
+    assert!(
+        common::stderr(&out).contains("not_found"),
+        "{}",
+        common::stderr(&out)
+    );
+    for bad in [
+        vec!["--url", "ftp://example.com/"],
+        vec!["--url", "https://example.com/", "--event-kind", "typing"],
+        vec!["--url", "https://example.com/", "--max-attempts", "0"],
+    ] {
+        let mut args = vec!["webhook", "create", "--tenant", "acme"];
+        args.extend(bad);
+        assert!(!s.run(&args).status.success(), "{args:?}");
+    }
+    s.ok(&[
+        "webhook", "delete", "--tenant", "acme", "--id", id, "--actor", "ops-2",
+    ]);
+    assert!(s.ok(&["webhook", "list", "--tenant", "acme"]).is_empty());
+    let audit = s.ok(&["compliance", "audit", "--tenant", "acme"]);
+    let changes: Vec<(String, String)> = audit
+        .iter()
+        .filter(|l| {
+            l["action"]
+                .as_str()
+                .is_some_and(|a| a.starts_with("webhook"))
+        })
+        .map(|l| {
+            (
+                l["actor"].as_str().unwrap_or("").to_string(),
+                l["action"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        changes,
+        [
+            ("ops-1".to_string(), "webhook_create".to_string()),
+            ("ops-1".to_string(), "webhook_replay".to_string()),
+            ("ops-2".to_string(), "webhook_delete".to_string()),
+        ]
+    );
+}

@@ -183,11 +183,10 @@ fn failed(e: &WebhookError) -> Response<Body> {
     let status = match e {
         WebhookError::Invalid(_) => StatusCode::BAD_REQUEST,
         WebhookError::NotFound { .. } => StatusCode::NOT_FOUND,
-        WebhookError::Log(e) if e.is_retryable() => StatusCode::SERVICE_UNAVAILABLE,
+        _ if e.is_retryable() => StatusCode::SERVICE_UNAVAILABLE,
         WebhookError::Log(e) if matches!(e.code(), "not_allowed" | "tenant_shredded") => {
             StatusCode::FORBIDDEN
         }
-        WebhookError::Audit(e) if e.is_retryable() => StatusCode::SERVICE_UNAVAILABLE,
         WebhookError::Log(_) | WebhookError::Audit(_) => StatusCode::INTERNAL_SERVER_ERROR,
     };
     warn!(code = e.code(), error = %e, "webhook request failed");

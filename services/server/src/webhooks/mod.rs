@@ -182,6 +182,15 @@ impl WebhookError {
             WebhookError::Audit(e) => e.code(),
         }
     }
+
+    /// Whether the same request may succeed later (the store was unavailable).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            WebhookError::Invalid(_) | WebhookError::NotFound { .. } => false,
+            WebhookError::Log(e) => e.is_retryable(),
+            WebhookError::Audit(e) => e.is_retryable(),
+        }
+    }
 }
 
 /// What a new subscription asks for, checked.
