@@ -216,6 +216,20 @@ impl Admin {
     }
 }
 
+/// (actor, action, outcome) of each webhook record of an audit log's lines.
+fn webhook_trail(audit: &[Value]) -> Vec<(String, String, String)> {
+    let text = |l: &Value, field: &str| l[field].as_str().unwrap_or("").to_string();
+    audit
+        .iter()
+        .filter(|l| text(l, "action").starts_with("webhook"))
+        .map(|l| (text(l, "actor"), text(l, "action"), text(l, "outcome")))
+        .collect()
+}
+
+fn row(actor: &str, action: &str, outcome: &str) -> (String, String, String) {
+    (actor.to_string(), action.to_string(), outcome.to_string())
+}
+
 fn lines(text: &str) -> Vec<Value> {
     common::json_lines(text.as_bytes())
 }
@@ -365,24 +379,7 @@ async fn dead_letters_replay_isolation_and_audit_over_http() {
     // The audit log: each change, and the refusals, where they were aimed.
     let (status, audit) = admin.get("/v1/compliance/audit", &acme).await;
     assert_eq!(status, 200);
-    let trail: Vec<(String, String, String)> = lines(&audit)
-        .iter()
-        .filter(|l| {
-            l["action"]
-                .as_str()
-                .is_some_and(|a| a.starts_with("webhook"))
-        })
-        .map(|l| {
-            (
-                l["actor"].as_str().unwrap_or("").to_string(),
-                l["action"].as_str().unwrap_or("").to_string(),
-                l["outcome"].as_str().unwrap_or("").to_string(),
-            )
-        })
-        .collect();
-    let row = |actor: &str, action: &str, outcome: &str| {
-        (actor.to_string(), action.to_string(), outcome.to_string())
-    };
+    let trail = webhook_trail(&lines(&audit));
     assert_eq!(
         trail,
         [
@@ -471,26 +468,13 @@ fn the_cli_manages_subscriptions_on_the_store_and_audits_each_change() {
     ]);
     assert!(s.ok(&["webhook", "list", "--tenant", "acme"]).is_empty());
     let audit = s.ok(&["compliance", "audit", "--tenant", "acme"]);
-    let changes: Vec<(String, String)> = audit
-        .iter()
-        .filter(|l| {
-            l["action"]
-                .as_str()
-                .is_some_and(|a| a.starts_with("webhook"))
-        })
-        .map(|l| {
-            (
-                l["actor"].as_str().unwrap_or("").to_string(),
-                l["action"].as_str().unwrap_or("").to_string(),
-            )
-        })
-        .collect();
+    let changes = webhook_trail(&audit);
     assert_eq!(
         changes,
         [
-            ("ops-1".to_string(), "webhook_create".to_string()),
-            ("ops-1".to_string(), "webhook_replay".to_string()),
-            ("ops-2".to_string(), "webhook_delete".to_string()),
+            row("ops-1", "webhook_create", "completed"),
+            row("ops-1", "webhook_replay", "completed"),
+            row("ops-2", "webhook_delete", "completed"),
         ]
     );
 }
