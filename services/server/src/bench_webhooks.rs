@@ -6,7 +6,9 @@
 //! `--events` messages are appended round-robin (one sender task per conversation). Reported:
 //! - delivery throughput: events received / (last receipt − first append);
 //! - lag: receipt time − the event's commit time (`time_ms` in the body), p50 / p99 / max;
-//! - the append rate in the same run (what the dispatcher had to keep up with).
+//! - the append rate in the same run (what the dispatcher had to keep up with); `--rate`
+//!   paces the appends, so the lag of a subscription that keeps up can be told from a
+//!   backlog's.
 //!
 //! Delivery is serial per subscription (`max_ack_pending = 1`, in seq order per
 //! conversation), each event a request and a cursor commit: the throughput is one
@@ -38,6 +40,10 @@ pub struct WebhooksArgs {
     /// Conversations they are spread over.
     #[arg(long, default_value_t = 10)]
     pub conversations: usize,
+    /// Appends per second in all (0: as fast as the log takes them). Below the delivery
+    /// rate the lag is a single event's; above it, a backlog's.
+    #[arg(long, default_value_t = 0)]
+    pub rate: u64,
     /// Directory for the scratch store (default: the system temp directory).
     #[arg(long)]
     pub dir: Option<std::path::PathBuf>,
@@ -127,8 +133,15 @@ pub async fn run(args: WebhooksArgs, config: &crate::config::Config) -> anyhow::
         let n =
             args.events / args.conversations + usize::from(c < args.events % args.conversations);
         let (log, tenant, conv, owner) = (log.clone(), tenant.clone(), conv.clone(), owner.clone());
+        // Each conversation's sender paces itself to its share of --rate.
+        let every = (args.rate > 0)
+            .then(|| Duration::from_secs_f64(args.conversations as f64 / args.rate as f64));
         senders.spawn(async move {
+            let mut pace = every.map(tokio::time::interval);
             for i in 0..n {
+                if let Some(pace) = &mut pace {
+                    pace.tick().await;
+                }
                 log.append(Append::text(
                     tenant.clone(),
                     conv.clone(),
@@ -174,6 +187,7 @@ pub async fn run(args: WebhooksArgs, config: &crate::config::Config) -> anyhow::
         "dir": base.display().to_string(),
         "events": args.events,
         "conversations": args.conversations,
+        "rate": args.rate,
         "received": r.times.len(),
         "bad_signatures": r.bad_signatures,
         "append_events_per_sec": (args.events as f64 / appended.as_secs_f64()).round(),
