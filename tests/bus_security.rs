@@ -198,6 +198,9 @@ async fn roles_with_their_own_keys_work_and_an_outsider_gets_nothing() {
     // allow: it adopts every partition there at startup.
     let mut log_env = role_env(&bus, "log");
     log_env.push(("TIDINGS_LOG_SEND_BUFFER_MEDIUM".into(), "jetstream".into()));
+    // A webhook: the log's permissions must let its dispatcher make, pull from and ack a
+    // consumer of the event stream.
+    let (receiver, _) = common::receiver::Receiver::subscribed(&s, &[]).await;
     let log = Server::start(&s, &bus.nats, "log", &as_refs(&log_env));
     let gateway = Server::start(
         &s,
@@ -226,6 +229,11 @@ async fn roles_with_their_own_keys_work_and_an_outsider_gets_nothing() {
         .await
         .expect("publish");
     violation(&mut hook_errors, "tidings.ev.acme.team").await;
+    let hooked = receiver.wait_for(1).await;
+    assert_eq!(
+        (hooked[0].text.as_str(), hooked[0].signed),
+        ("over the closed bus", true)
+    );
 
     // The outsider cannot read committed events, cannot answer for the log...
     let (outsider, mut errors) = raw_client(&bus, None).await;

@@ -7,6 +7,7 @@
 pub mod browser;
 pub mod identity;
 pub mod prom;
+pub mod receiver;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};

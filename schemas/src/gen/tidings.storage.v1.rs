@@ -276,3 +276,47 @@ pub struct Partitions {
     #[prost(uint32, tag = "1")]
     pub count: u32,
 }
+/// wh/<tenant>/<id>: an outgoing webhook subscription (docs/decisions/webhooks.md). The signing
+/// secret is sealed under the tenant's data key `secret_key_id` (AD: "tidings-wh-v1", tenant,
+/// id, key id), so the store never holds it in clear and shredding the tenant ends delivery.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct WebhookSubscription {
+    #[prost(string, tag = "1")]
+    pub id: ::prost::alloc::string::String,
+    /// http:// or <https://,> at most `webhooks::MAX_URL_BYTES`.
+    #[prost(string, tag = "2")]
+    pub url: ::prost::alloc::string::String,
+    #[prost(uint32, tag = "3")]
+    pub secret_key_id: u32,
+    #[prost(bytes = "vec", tag = "4")]
+    pub sealed_secret: ::prost::alloc::vec::Vec<u8>,
+    /// Only these conversations (empty: every conversation of the tenant).
+    #[prost(string, repeated, tag = "5")]
+    pub conversations: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// Only conversations of these kinds, by name (empty: every kind).
+    #[prost(string, repeated, tag = "6")]
+    pub conversation_kinds: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// Only these event kinds (`tidings_log::event_kind` names; empty: every kind).
+    #[prost(string, repeated, tag = "7")]
+    pub event_kinds: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// Tries of one event before it is dead-lettered.
+    #[prost(uint32, tag = "8")]
+    pub max_attempts: u32,
+    #[prost(int64, tag = "9")]
+    pub created_ms: i64,
+    #[prost(string, tag = "10")]
+    pub created_by: ::prost::alloc::string::String,
+}
+/// wd/<tenant>/<id>/<conv>/<seq>: an event given up on after `max_attempts` tries.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct WebhookDeadLetter {
+    #[prost(string, tag = "1")]
+    pub event_id: ::prost::alloc::string::String,
+    #[prost(uint32, tag = "2")]
+    pub attempts: u32,
+    /// The last try's outcome: an HTTP status or a transport error, bounded.
+    #[prost(string, tag = "3")]
+    pub last_error: ::prost::alloc::string::String,
+    #[prost(int64, tag = "4")]
+    pub time_ms: i64,
+}

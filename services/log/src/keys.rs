@@ -18,6 +18,10 @@
 //! rv/tenant/j/jti                       revoked token id: when it was revoked (8-byte BE secs)
 //! rv/tenant/u/user                      user cutoff: tokens issued at or before it are revoked
 //! bt/tenant/bot                         bot account (bots.rs): created, revoked, by whom
+//! wh/tenant/id                          WebhookSubscription (secret sealed under the tenant's key)
+//! wc/tenant/id/conv                     webhook cursor: last seq delivered or dead-lettered (8-byte BE)
+//! wr/tenant/id/conv                     webhook replay asked for: deliver again from this seq (8-byte BE)
+//! wd/tenant/id/conv/seq                 WebhookDeadLetter (an event given up on)
 //! ls/partition                          Lease (who owns a partition of conversations)
 //! sy/partitions                         Partitions (the count, fixed at the first open)
 //! sy/key_check                          proof that the master key opens this store
@@ -306,6 +310,61 @@ pub fn hold_dir(t: &TenantId) -> Vec<u8> {
     dir(b"lh", &[t.as_str()])
 }
 
+/// A webhook subscription of a tenant.
+pub fn webhook(t: &TenantId, id: &str) -> Vec<u8> {
+    key(b"wh", &[t.as_str(), id])
+}
+
+/// The subscriptions of one tenant, or of every tenant (the dispatcher's list).
+pub fn webhook_dir(t: Option<&TenantId>) -> Vec<u8> {
+    match t {
+        Some(t) => dir(b"wh", &[t.as_str()]),
+        None => b"wh\0".to_vec(),
+    }
+}
+
+/// The `(tenant, id)` of a `wh/` key.
+pub fn webhook_ids(key: &[u8]) -> Option<(String, String)> {
+    let rest = key.strip_prefix(b"wh\0")?;
+    let sep = rest.iter().position(|&b| b == SEP)?;
+    let tenant = std::str::from_utf8(&rest[..sep]).ok()?;
+    let id = std::str::from_utf8(&rest[sep + 1..]).ok()?;
+    Some((tenant.to_string(), id.to_string()))
+}
+
+/// The delivery cursor of a subscription in one conversation.
+pub fn webhook_cursor(t: &TenantId, id: &str, c: &ConvId) -> Vec<u8> {
+    key(b"wc", &[t.as_str(), id, c.as_str()])
+}
+
+/// A replay asked for in one conversation of a subscription.
+pub fn webhook_replay(t: &TenantId, id: &str, c: &ConvId) -> Vec<u8> {
+    key(b"wr", &[t.as_str(), id, c.as_str()])
+}
+
+/// A dead-lettered event of a subscription.
+pub fn webhook_dead(t: &TenantId, id: &str, c: &ConvId, seq: u64) -> Vec<u8> {
+    let mut k = dir(b"wd", &[t.as_str(), id, c.as_str()]);
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+/// Every row of one kind (`wc`, `wr`, `wd`) that belongs to a subscription.
+pub fn webhook_rows(kind: &[u8; 2], t: &TenantId, id: &str) -> Vec<u8> {
+    dir(kind, &[t.as_str(), id])
+}
+
+/// The `(conversation, seq)` of a `wd/` key under [`webhook_rows`]`(b"wd", ..)`.
+pub fn webhook_dead_parts(dir: &[u8], key: &[u8]) -> Option<(String, u64)> {
+    let rest = key.strip_prefix(dir)?;
+    let conv_end = rest.len().checked_sub(9)?;
+    if rest.get(conv_end) != Some(&SEP) {
+        return None;
+    }
+    let conv = std::str::from_utf8(&rest[..conv_end]).ok()?;
+    Some((conv.to_string(), event_seq(key)?))
+}
+
 /// The last part of a key under `dir` (a member's user id, a user's conversation id).
 pub fn last_part(dir: &[u8], key: &[u8]) -> Option<String> {
     let rest = key.strip_prefix(dir)?;
@@ -417,6 +476,32 @@ mod tests {
         assert!(bots(&a).contains(&bot(&a, &b)));
         assert!(!bots(&a).contains(&bot(&ab, &b)));
         assert!(!bots(&ab).contains(&bot(&a, &b)));
+    }
+
+    #[test]
+    fn webhook_rows_never_cross_tenants_or_subscriptions_and_parse_back() {
+        let (a, c) = ids();
+        let ab = TenantId::new("tb").expect("id");
+        let all = KeyRange::prefix(webhook_dir(None));
+        let of_a = KeyRange::prefix(webhook_dir(Some(&a)));
+        assert!(all.contains(&webhook(&a, "s1")) && all.contains(&webhook(&ab, "s1")));
+        assert!(of_a.contains(&webhook(&a, "s1")));
+        assert!(!of_a.contains(&webhook(&ab, "s1")));
+        assert_eq!(
+            webhook_ids(&webhook(&a, "s1")),
+            Some(("t".to_string(), "s1".to_string()))
+        );
+        let cursors = KeyRange::prefix(webhook_rows(b"wc", &a, "s"));
+        assert!(cursors.contains(&webhook_cursor(&a, "s", &c)));
+        assert!(!cursors.contains(&webhook_cursor(&a, "s1", &c)));
+        let dead = webhook_rows(b"wd", &a, "s");
+        let key = webhook_dead(&a, "s", &c, 300);
+        assert!(KeyRange::prefix(dead.clone()).contains(&key));
+        assert_eq!(
+            webhook_dead_parts(&dead, &key),
+            Some(("c".to_string(), 300))
+        );
+        assert!(!KeyRange::prefix(webhook_rows(b"wr", &a, "s")).contains(&key));
     }
 
     #[test]

@@ -28,6 +28,8 @@
 //!   messages are not unread), from counts kept in heads, event rows and list entries.
 //! - [`cold`]: the [`ColdTier`](cold::ColdTier) interface to archived events and the archive
 //!   index lookups the log makes itself.
+//! - [`webhooks`]: outgoing webhook subscriptions as stored: sealed secrets, delivery
+//!   cursors, replays asked for, dead letters (delivery itself is the server's).
 //! - [`error`]: the typed [`LogError`].
 //! - [`metrics`]: Prometheus counters and histograms, the text format, the process's
 //!   collectors; the log's own append and commit metrics.
@@ -52,6 +54,7 @@ pub mod send_buffer;
 pub mod store;
 pub mod tenant_keys;
 pub mod unread;
+pub mod webhooks;
 mod writer;
 
 pub use error::LogError;

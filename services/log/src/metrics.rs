@@ -71,17 +71,17 @@ impl Counter {
     }
 }
 
-/// Counts by one label whose values are fixed in the code (at most 16 of them).
+/// Counts by one label whose values are fixed in the code (at most 24 of them).
 pub struct LabeledCounter {
     name: &'static str,
     help: &'static str,
     label: &'static str,
     values: &'static [&'static str],
-    counts: [AtomicU64; 16],
+    counts: [AtomicU64; 24],
 }
 
 impl LabeledCounter {
-    /// `values` lists every value the label takes (at most 16); [`LabeledCounter::inc`] with
+    /// `values` lists every value the label takes (at most 24); [`LabeledCounter::inc`] with
     /// another value counts under the last one, so a mistake cannot grow the series (and
     /// [`LabeledCounter::knows`] lets a test check its callers).
     pub const fn new(
@@ -90,13 +90,13 @@ impl LabeledCounter {
         label: &'static str,
         values: &'static [&'static str],
     ) -> LabeledCounter {
-        assert!(!values.is_empty() && values.len() <= 16);
+        assert!(!values.is_empty() && values.len() <= 24);
         LabeledCounter {
             name,
             help,
             label,
             values,
-            counts: [const { AtomicU64::new(0) }; 16],
+            counts: [const { AtomicU64::new(0) }; 24],
         }
     }
 

@@ -76,6 +76,7 @@ use tracing::{debug, error, info, warn};
 
 mod download;
 mod ops;
+mod webhooks;
 pub use ops::Archive;
 
 /// The role a token needs for the compliance routes.
@@ -136,6 +137,8 @@ struct Plane {
     spool: PathBuf,
     /// The chat audience, for the bot tokens this listener issues.
     chat_audience: String,
+    /// The webhook routes' bounds and defaults.
+    webhooks: crate::webhooks::WebhooksConfig,
 }
 
 /// What the listener serves with.
@@ -154,6 +157,8 @@ pub struct Services {
     pub spool: PathBuf,
     /// The chat audience (`auth.audience`), for bot tokens.
     pub chat_audience: String,
+    /// The webhook routes' bounds and defaults (`[webhooks]`).
+    pub webhooks: crate::webhooks::WebhooksConfig,
 }
 
 impl Admin {
@@ -180,6 +185,7 @@ impl Admin {
                     archive: services.archive,
                     spool: services.spool,
                     chat_audience: services.chat_audience,
+                    webhooks: services.webhooks,
                 }))
             }
         };
@@ -322,6 +328,7 @@ enum Route {
     Revoke,
     Console,
     Admin(ops::Op),
+    Webhooks(webhooks::Op),
 }
 
 impl Route {
@@ -339,6 +346,16 @@ impl Route {
             Route::Revoke => "token_revoke",
             Route::Console => "console",
             Route::Admin(op) => op.action(),
+            Route::Webhooks(_) => "webhooks",
+        }
+    }
+
+    /// The route as `tidings_admin_requests_total` counts it: its action, the bot
+    /// operations as one (the label has a bounded set of values).
+    fn metric_label(self) -> &'static str {
+        match self {
+            Route::Admin(op) if op.is_bots() => "bots",
+            route => route.action(),
         }
     }
 
@@ -349,6 +366,7 @@ impl Route {
             Route::Search => &["tenant", "conv", "sender", "from", "to", "text"],
             Route::Export => &["tenant", "conv", "sender", "from", "to", "text", "format"],
             Route::Audit | Route::Holds => &["tenant"],
+            Route::Webhooks(op) => op.parameters(),
             Route::Revoke | Route::HoldRelease | Route::Console | Route::Admin(_) => &[],
         }
     }
@@ -383,15 +401,16 @@ async fn route(state: &State, peer: SocketAddr, req: Request<Incoming>) -> Respo
         "/v1/compliance/holds/release" => Route::HoldRelease,
         "/v1/admin/tokens/revoke" => Route::Revoke,
         path if path == "/console" || path.starts_with("/console/") => Route::Console,
-        path => match ops::Op::from_path(path) {
-            Some(op) => Route::Admin(op),
-            None => {
+        path => match (ops::Op::from_path(path), webhooks::Op::from_path(path)) {
+            (Some(op), _) => Route::Admin(op),
+            (None, Some(op)) => Route::Webhooks(op),
+            (None, None) => {
                 crate::metrics::ADMIN_REQUESTS.inc("other");
                 return error(StatusCode::NOT_FOUND, "not_found", "no such route");
             }
         },
     };
-    crate::metrics::ADMIN_REQUESTS.inc(route.action());
+    crate::metrics::ADMIN_REQUESTS.inc(route.metric_label());
     if matches!(route, Route::Health | Route::Ready | Route::Metrics) {
         if req.method() != Method::GET {
             return method_not_allowed("GET");
@@ -426,6 +445,9 @@ async fn route(state: &State, peer: SocketAddr, req: Request<Incoming>) -> Respo
         }
         let (parts, body) = req.into_parts();
         return ops::request(state, peer, op, &parts.headers, body).await;
+    }
+    if let Route::Webhooks(op) = route {
+        return webhooks::request(state, peer, op, req).await;
     }
     if route == Route::Console {
         return match req.method() {
@@ -468,7 +490,8 @@ async fn route(state: &State, peer: SocketAddr, req: Request<Incoming>) -> Respo
         | Route::Revoke
         | Route::HoldRelease
         | Route::Console
-        | Route::Admin(_) => error(StatusCode::NOT_FOUND, "not_found", "no such route"),
+        | Route::Admin(_)
+        | Route::Webhooks(_) => error(StatusCode::NOT_FOUND, "not_found", "no such route"),
     }
 }
 
@@ -689,6 +712,78 @@ async fn own_tenant_body(
     Ok((fields, tenant))
 }
 
+/// A GET [`authorized_get`] let through: who asked, the query, the tenant it is about (the
+/// caller's own) and the query as a refusal records it.
+struct Got {
+    caller: Caller,
+    params: Params,
+    tenant: TenantId,
+    filters: String,
+}
+
+/// A GET from a verified caller holding `role`, its query parameters (only `allowed`) and
+/// its `tenant` (by default the caller's), which must be the caller's own. Unauthenticated:
+/// 401, not recorded; without the role: 403 in the caller's tenant; malformed: 400; another
+/// tenant: 403 recorded where it was aimed (that tenant is the one that needs to know).
+async fn authorized_get(
+    state: &Arc<Plane>,
+    peer: SocketAddr,
+    headers: &HeaderMap,
+    raw_query: &str,
+    action: &'static str,
+    allowed: &[&str],
+    role: &'static str,
+) -> Result<Got, Response<Body>> {
+    let caller = authenticate(state, headers)
+        .await
+        .map_err(|reason| unauthenticated(peer, action, &reason))?;
+    let params = parse_query(raw_query, allowed);
+    let filters = match &params {
+        Ok(params) => params_json(params),
+        Err(_) => json!({ "query": raw_query }),
+    }
+    .to_string();
+    let refusal = Refusal {
+        state,
+        actor: &caller.actor,
+        action,
+        filters: &filters,
+    };
+    let holds_role = if role == ADMIN_ROLE {
+        caller.admin
+    } else {
+        caller.compliance
+    };
+    if !holds_role {
+        let reason = format!("the token does not carry the {role} role");
+        return Err(refusal.forbidden(&caller.tenant, &reason).await);
+    }
+    let params = match params {
+        Ok(params) => params,
+        Err(reason) => return Err(refusal.invalid(&caller.tenant, &reason).await),
+    };
+    let tenant = match params.get("tenant") {
+        None => caller.tenant.clone(),
+        Some(t) => match TenantId::new(t.as_str()) {
+            Ok(t) => t,
+            Err(e) => return Err(refusal.invalid(&caller.tenant, &e.to_string()).await),
+        },
+    };
+    if tenant != caller.tenant {
+        let reason = format!(
+            "a token of tenant {} may not read tenant {tenant}",
+            caller.tenant
+        );
+        return Err(refusal.forbidden(&tenant, &reason).await);
+    }
+    Ok(Got {
+        caller,
+        params,
+        tenant,
+        filters,
+    })
+}
+
 /// A request body as the audit log records it with a refusal (bounded).
 fn body_filters(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).chars().take(1024).collect()
@@ -758,16 +853,8 @@ async fn list_holds(state: &Arc<Plane>, tenant: &TenantId) -> Response<Body> {
     .await
     {
         Ok(holds) => {
-            let mut text = String::new();
-            for h in &holds {
-                text.push_str(&hold::hold_json(tenant, h).to_string());
-                text.push('\n');
-            }
-            text.push_str(&format!(
-                "{}\n",
-                json!({ "complete": true, "rows": holds.len() })
-            ));
-            full(StatusCode::OK, "application/x-ndjson", text)
+            let lines: Vec<Value> = holds.iter().map(|h| hold::hold_json(tenant, h)).collect();
+            json_lines(&lines)
         }
         Err(e) => failure(&e),
     }
@@ -859,45 +946,32 @@ async fn compliance_request(
     raw_query: &str,
 ) -> Response<Body> {
     let action = route.action();
-    let caller = match authenticate(state, headers).await {
-        Ok(caller) => caller,
-        Err(reason) => return unauthenticated(peer, action, &reason),
+    let got = match authorized_get(
+        state,
+        peer,
+        headers,
+        raw_query,
+        action,
+        route.parameters(),
+        COMPLIANCE_ROLE,
+    )
+    .await
+    {
+        Ok(got) => got,
+        Err(response) => return response,
     };
-    let params = parse_query(raw_query, route.parameters());
-    let filters = match &params {
-        Ok(params) => params_json(params),
-        Err(_) => json!({ "query": raw_query }),
-    }
-    .to_string();
+    let Got {
+        caller,
+        params,
+        tenant: target,
+        filters,
+    } = got;
     let refusal = Refusal {
         state,
         actor: &caller.actor,
         action,
         filters: &filters,
     };
-    if !caller.compliance {
-        let reason = format!("the token does not carry the {COMPLIANCE_ROLE} role");
-        return refusal.forbidden(&caller.tenant, &reason).await;
-    }
-    let params = match params {
-        Ok(params) => params,
-        Err(reason) => return refusal.invalid(&caller.tenant, &reason).await,
-    };
-    let target = match params.get("tenant") {
-        None => caller.tenant.clone(),
-        Some(t) => match TenantId::new(t.as_str()) {
-            Ok(t) => t,
-            Err(e) => return refusal.invalid(&caller.tenant, &e.to_string()).await,
-        },
-    };
-    if target != caller.tenant {
-        // Recorded where it was aimed: the target tenant is the one that needs to know.
-        let reason = format!(
-            "a token of tenant {} may not read tenant {target}",
-            caller.tenant
-        );
-        return refusal.forbidden(&target, &reason).await;
-    }
     match route {
         Route::Search => match search_query(&params, target.clone()) {
             Ok(query) => search(state, query, caller.actor.clone(), Action::Search),
@@ -937,7 +1011,8 @@ async fn compliance_request(
         | Route::Revoke
         | Route::HoldRelease
         | Route::Console
-        | Route::Admin(_) => error(StatusCode::NOT_FOUND, "not_found", "no such route"),
+        | Route::Admin(_)
+        | Route::Webhooks(_) => error(StatusCode::NOT_FOUND, "not_found", "no such route"),
     }
 }
 
@@ -1302,6 +1377,20 @@ fn ndjson(rx: mpsc::Receiver<Bytes>) -> Response<Body> {
     response(StatusCode::OK, "application/x-ndjson", Body::Lines(rx))
 }
 
+/// JSON lines, then `{"complete":true,"rows":N}` (a whole, small answer).
+fn json_lines(lines: &[Value]) -> Response<Body> {
+    let mut text = String::new();
+    for line in lines {
+        text.push_str(&line.to_string());
+        text.push('\n');
+    }
+    text.push_str(&format!(
+        "{}\n",
+        json!({ "complete": true, "rows": lines.len() })
+    ));
+    full(StatusCode::OK, "application/x-ndjson", text)
+}
+
 fn error_json(code: &str, message: &str) -> Value {
     json!({ "error": { "code": code, "message": message } })
 }
@@ -1356,6 +1445,8 @@ mod tests {
             Route::Admin(ops::Op::Shred),
             Route::Admin(ops::Op::ArchiveRun),
             Route::Admin(ops::Op::ArchiveVerify),
+            Route::Webhooks(webhooks::Op::Subscriptions),
+            Route::Webhooks(webhooks::Op::Dead),
         ] {
             assert!(
                 crate::metrics::ADMIN_REQUESTS.knows(route.action()),

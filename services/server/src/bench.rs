@@ -348,6 +348,30 @@ fn raw_fjall(
     Ok(messages as f64 / started.elapsed().as_secs_f64())
 }
 
+/// `count` groups `c0`, `c1`, ... of `tenant`, created by `creator` alone.
+pub async fn groups(
+    log: &tidings_log::Log,
+    tenant: &tidings_log::TenantId,
+    creator: &tidings_log::UserId,
+    count: usize,
+) -> anyhow::Result<Vec<tidings_log::ConvId>> {
+    let mut convs = Vec::with_capacity(count);
+    for i in 0..count {
+        let conv = tidings_log::ConvId::new(format!("c{i}"))?;
+        log.create_conversation(tidings_log::CreateConversation {
+            tenant: tenant.clone(),
+            conv: conv.clone(),
+            kind: "group".into(),
+            title: String::new(),
+            creator: creator.clone(),
+            members: Vec::new(),
+        })
+        .await?;
+        convs.push(conv);
+    }
+    Ok(convs)
+}
+
 /// A fresh scratch directory `tidings-bench-<name>-…` under `dir` (default: the system temp
 /// directory), removed when dropped; and the directory it is under, for the report.
 pub fn scratch_dir(

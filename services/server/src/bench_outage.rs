@@ -21,9 +21,7 @@ use tidings_gateway::send_buffer_stream::{StreamBuffer, StreamBufferConfig};
 use tidings_log::crypto::MasterKey;
 use tidings_log::send_buffer::{BufferPlace, SendBufferConfig};
 use tidings_log::store::{Fault, FaultSwitch, FaultyStore, FjallStore, KvStore};
-use tidings_log::{
-    Append, ClientMsgId, ConvId, CreateConversation, Log, LogConfig, TenantId, UserId,
-};
+use tidings_log::{Append, ClientMsgId, ConvId, Log, LogConfig, TenantId, UserId};
 
 #[derive(Debug, clap::Args)]
 pub struct OutageArgs {
@@ -102,19 +100,8 @@ pub async fn run(args: OutageArgs, log_config: LogConfig) -> anyhow::Result<()> 
     let log = Log::open(store, MasterKey::generate(), cfg).await?;
     let tenant = TenantId::new("bench")?;
     let sender = UserId::new("alice")?;
-    let convs: Vec<ConvId> = (0..args.conversations)
-        .map(|i| ConvId::new(format!("c{i}")))
-        .collect::<Result<_, _>>()?;
+    let convs = crate::bench::groups(&log, &tenant, &sender, args.conversations).await?;
     for conv in &convs {
-        log.create_conversation(CreateConversation {
-            tenant: tenant.clone(),
-            conv: conv.clone(),
-            kind: "group".into(),
-            title: String::new(),
-            creator: sender.clone(),
-            members: Vec::new(),
-        })
-        .await?;
         log.append(Append::text(
             tenant.clone(),
             conv.clone(),

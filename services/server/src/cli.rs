@@ -88,6 +88,75 @@ pub enum Command {
     /// NATS credentials for the roles.
     #[command(subcommand)]
     Nats(NatsCommand),
+    /// Outgoing webhook subscriptions (on the store; while `tidings serve` runs, use the
+    /// admin listener's /v1/admin/webhooks routes). Every change is recorded in the tenant's
+    /// audit log.
+    #[command(subcommand)]
+    Webhook(WebhookCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum WebhookCommand {
+    /// Subscribe a URL to a tenant's events; prints the subscription with its signing
+    /// secret, shown this once.
+    Create {
+        #[arg(long)]
+        tenant: TenantId,
+        /// http:// or https:// (no user or password in it).
+        #[arg(long)]
+        url: String,
+        /// Only these conversations (repeatable; default: all).
+        #[arg(long = "conv")]
+        conversations: Vec<ConvId>,
+        /// Only conversations of these kinds (repeatable; default: all).
+        #[arg(long = "conv-kind")]
+        conversation_kinds: Vec<String>,
+        /// Only these event kinds, e.g. message_posted (repeatable; default: all).
+        #[arg(long = "event-kind")]
+        event_kinds: Vec<String>,
+        /// Tries of one event before it is dead-lettered (default:
+        /// webhooks.default_max_attempts).
+        #[arg(long)]
+        max_attempts: Option<u32>,
+        /// Who does it (recorded in the tenant's audit log).
+        #[arg(long, default_value = "operator")]
+        actor: String,
+    },
+    /// The tenant's subscriptions, one JSON line each (never their secrets).
+    List {
+        #[arg(long)]
+        tenant: TenantId,
+    },
+    /// Delete a subscription with its cursors and dead letters.
+    Delete {
+        #[arg(long)]
+        tenant: TenantId,
+        #[arg(long)]
+        id: String,
+        #[arg(long, default_value = "operator")]
+        actor: String,
+    },
+    /// Deliver a conversation's events again from a seq (taken up by the running
+    /// dispatcher, in order, before later events of the conversation).
+    Replay {
+        #[arg(long)]
+        tenant: TenantId,
+        #[arg(long)]
+        id: String,
+        #[arg(long)]
+        conv: ConvId,
+        #[arg(long, value_name = "SEQ")]
+        from: u64,
+        #[arg(long, default_value = "operator")]
+        actor: String,
+    },
+    /// The events a subscription gave up on, one JSON line each.
+    DeadLetters {
+        #[arg(long)]
+        tenant: TenantId,
+        #[arg(long)]
+        id: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -513,6 +582,9 @@ pub enum BenchCommand {
     /// A big group's first member page, prefix search and membership check from the caches,
     /// against reading the KV, in one run.
     Members(crate::bench_members::MembersArgs),
+    /// Webhook delivery to a local receiver through a real nats-server: events/s and lag
+    /// (commit to receipt). Needs `nats-server` on the PATH.
+    Webhooks(crate::bench_webhooks::WebhooksArgs),
 }
 
 #[derive(Debug, Subcommand)]

@@ -307,6 +307,16 @@ pub async fn run(command: Command, config: Config) -> anyhow::Result<bool> {
             log.close().await;
             result
         }
+        Command::Bench(crate::cli::BenchCommand::Webhooks(args)) => {
+            crate::bench_webhooks::run(args, &config).await?;
+            Ok(true)
+        }
+        Command::Webhook(cmd) => {
+            let log = open_log(&config).await?;
+            let result = webhook(cmd, &log, &config).await;
+            log.close().await;
+            result
+        }
         other => {
             let log = open_log(&config).await?;
             let result = run_on_log(other, &log).await;
@@ -581,6 +591,7 @@ async fn run_on_log(command: Command, log: &Log) -> anyhow::Result<bool> {
         | Command::Bot(_)
         | Command::Serve { .. }
         | Command::Nats(_)
+        | Command::Webhook(_)
         | Command::Chat { .. } => {
             unreachable!("handled before the log is opened")
         }
@@ -599,6 +610,62 @@ fn compliance(log: &Log) -> Compliance {
         None,
         Arc::default(),
     )
+}
+
+/// `tidings webhook ...`: the same functions as the admin listener's routes.
+async fn webhook(
+    cmd: crate::cli::WebhookCommand,
+    log: &Log,
+    config: &Config,
+) -> anyhow::Result<bool> {
+    use crate::cli::WebhookCommand as W;
+    let compliance = compliance(log);
+    let manage = crate::webhooks::Manage {
+        compliance: &compliance,
+        max_per_tenant: config.webhooks.max_per_tenant,
+        default_max_attempts: config.webhooks.default_max_attempts,
+    };
+    let lines = match cmd {
+        W::Create {
+            tenant,
+            url,
+            conversations,
+            conversation_kinds,
+            event_kinds,
+            max_attempts,
+            actor,
+        } => {
+            let new = crate::webhooks::NewSubscription {
+                url,
+                conversations,
+                conversation_kinds,
+                event_kinds,
+                max_attempts,
+            };
+            let actor = Actor::new(&actor, Via::Cli)?;
+            vec![manage.create(&tenant, new, &actor).await?]
+        }
+        W::List { tenant } => manage.list(&tenant).await?,
+        W::Delete { tenant, id, actor } => {
+            let actor = Actor::new(&actor, Via::Cli)?;
+            vec![manage.delete(&tenant, &id, &actor).await?]
+        }
+        W::Replay {
+            tenant,
+            id,
+            conv,
+            from,
+            actor,
+        } => {
+            let actor = Actor::new(&actor, Via::Cli)?;
+            vec![manage.replay(&tenant, &id, &conv, from, &actor).await?]
+        }
+        W::DeadLetters { tenant, id } => manage.dead_letters(&tenant, &id).await?,
+    };
+    for line in &lines {
+        emit(line)?;
+    }
+    Ok(true)
 }
 
 /// Records a key change in the tenant's audit log.

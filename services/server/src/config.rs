@@ -27,6 +27,8 @@ pub struct Config {
     pub archive: ArchiveSection,
     pub admin: AdminSection,
     pub store: StoreSection,
+    /// Outgoing webhooks' delivery (the library's own settings type).
+    pub webhooks: crate::webhooks::WebhooksConfig,
 }
 
 /// Which `KvStore` holds the log: the embedded fjall store under `data_dir`, or a TiKV
@@ -729,6 +731,7 @@ impl Default for Config {
             archive: ArchiveSection::default(),
             admin: AdminSection::default(),
             store: StoreSection::default(),
+            webhooks: crate::webhooks::WebhooksConfig::default(),
         }
     }
 }
@@ -821,6 +824,9 @@ impl Config {
     }
 
     fn apply_env(&mut self, env: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        self.webhooks
+            .apply_env(&env)
+            .map_err(ConfigError::Invalid)?;
         if let Some(v) = env("TIDINGS_DATA_DIR") {
             self.data_dir = PathBuf::from(v);
         }
@@ -1182,6 +1188,7 @@ impl Config {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.log_config().validate().map_err(ConfigError::Invalid)?;
+        self.webhooks.validate().map_err(ConfigError::Invalid)?;
         let g = &self.gateway;
         let positive = [
             ("gateway.max_frame_bytes", g.max_frame_bytes as u64),

@@ -14,11 +14,13 @@
 //! - [`chat`]: `tidings chat`, a terminal client.
 //! - [`nats_init`]: `tidings nats init`: a NATS identity per role and its permissions.
 //! - [`bench`], [`bench_gateway`], [`bench_archive`], [`bench_compliance`],
-//!   [`bench_outage`], [`bench_overload`], [`bench_members`]: `tidings bench`,
+//!   [`bench_outage`], [`bench_overload`], [`bench_members`], [`bench_webhooks`]: `tidings bench`,
 //!   tidings against its baselines in one run; [`bench_corpus`]: the chat corpus and
 //!   plaintext Parquet baseline they share.
 //! - [`output`]: the JSON lines the tools print.
 //! - [`revoke`]: token revocation, shared by `tidings token revoke` and the admin listener.
+//! - [`webhooks`]: outgoing webhooks: managing subscriptions (CLI and admin listener), the
+//!   signed request, and the dispatcher of `serve`.
 
 pub mod admin;
 pub mod archive;
@@ -30,6 +32,7 @@ pub mod bench_gateway;
 pub mod bench_members;
 pub mod bench_outage;
 pub mod bench_overload;
+pub mod bench_webhooks;
 pub mod bots;
 pub mod chat;
 pub mod cli;
@@ -44,3 +47,4 @@ pub mod output;
 pub mod revoke;
 pub mod serve;
 pub mod supervise;
+pub mod webhooks;

@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use tidings_gateway::publisher::PublisherStats;
-use tidings_log::metrics::{self, Counter, Histogram, LabeledCounter, TASK_BUCKETS, Text};
+use tidings_log::metrics::{
+    self, Counter, Histogram, LATENCY_BUCKETS, LabeledCounter, TASK_BUCKETS, Text,
+};
 use tidings_log::{FeedItem, Log};
 
 /// Archive passes of `serve`'s archiver, by outcome.
@@ -76,6 +78,8 @@ pub static ADMIN_REQUESTS: LabeledCounter = LabeledCounter::new(
         "shred",
         "archive_run",
         "archive_verify",
+        "webhooks",
+        "bots",
         "other",
     ],
 );
@@ -101,6 +105,68 @@ fn write_admin(out: &mut Text) {
     COMPLIANCE_QUERIES.write(out);
 }
 
+/// Webhook events answered 2xx by their receiver.
+pub static WEBHOOK_DELIVERED: Counter = Counter::new(
+    "tidings_webhook_delivered_total",
+    "Webhook events delivered (answered 2xx).",
+);
+/// Webhook tries that failed and were tried again.
+pub static WEBHOOK_RETRIES: Counter = Counter::new(
+    "tidings_webhook_retries_total",
+    "Webhook requests retried after a failure (non-2xx, timeout, unreachable).",
+);
+/// Webhook events given up on after their subscription's max attempts.
+pub static WEBHOOK_DEAD_LETTERS: Counter = Counter::new(
+    "tidings_webhook_dead_letters_total",
+    "Webhook events dead-lettered after the subscription's max attempts.",
+);
+/// Webhook workers that panicked (each made again).
+pub static WEBHOOK_WORKER_PANICS: Counter = Counter::new(
+    "tidings_webhook_worker_panics_total",
+    "Webhook delivery workers that panicked (each is made again).",
+);
+/// Event commit to the receiver's 2xx, retries included.
+pub static WEBHOOK_DELIVERY_SECONDS: Histogram = Histogram::new(
+    "tidings_webhook_delivery_seconds",
+    "Event commit (server_time_ms) to the webhook receiver's 2xx answer, retries included.",
+    LATENCY_BUCKETS,
+);
+
+/// What a running dispatcher reports at scrape time: workers running, and the commit time
+/// (ms) of the oldest event being delivered, if any.
+pub type WebhookProbe = Arc<dyn Fn() -> (usize, Option<i64>) + Send + Sync>;
+
+fn write_webhook_counters(out: &mut Text) {
+    WEBHOOK_DELIVERED.write(out);
+    WEBHOOK_RETRIES.write(out);
+    WEBHOOK_DEAD_LETTERS.write(out);
+    WEBHOOK_WORKER_PANICS.write(out);
+    WEBHOOK_DELIVERY_SECONDS.write(out);
+}
+
+/// The dispatcher's gauges: subscriptions delivering here, and the lag (now − commit time
+/// of the oldest event being delivered; 0 when idle).
+pub fn register_webhooks(probe: WebhookProbe) {
+    metrics::register(
+        "webhooks dispatcher",
+        Arc::new(move |out: &mut Text| {
+            let (workers, oldest) = probe();
+            out.gauge(
+                "tidings_webhook_subscriptions",
+                "Webhook subscriptions this process delivers.",
+                workers as f64,
+            );
+            let lag = oldest.map_or(0.0, |t| (tidings_log::now_ms() - t).max(0) as f64 / 1000.0);
+            out.gauge(
+                "tidings_webhook_lag_seconds",
+                "Now minus the commit time of the oldest webhook event being delivered (0: \
+                 none in flight).",
+                lag,
+            );
+        }),
+    );
+}
+
 /// Registers what every role has: the process-wide families of the libraries and of
 /// `serve` (each family appears whether or not the role moves it, so dashboards and
 /// alerts see a zero, not a gap).
@@ -108,6 +174,7 @@ pub fn register_process() {
     metrics::register("log", Arc::new(metrics::write_log_metrics));
     metrics::register("archive", Arc::new(write_archive));
     metrics::register("admin", Arc::new(write_admin));
+    metrics::register("webhooks", Arc::new(write_webhook_counters));
 }
 
 /// The figures a running log holds: its sequencer queue, group commit counters, the commit

@@ -67,6 +67,14 @@ pub fn log_permissions() -> RolePermissions {
             format!("$JS.API.STREAM.CREATE.{}", send_buffer_stream::STREAM),
             format!("$JS.API.STREAM.MSG.GET.{}", send_buffer_stream::STREAM),
             format!("$JS.API.STREAM.PURGE.{}", send_buffer_stream::STREAM),
+            // Webhook delivery: a durable pull consumer per subscription on the event
+            // stream (made, pulled from, acked, deleted with its subscription).
+            format!("$JS.API.CONSUMER.CREATE.{}.>", subjects::STREAM),
+            format!("$JS.API.CONSUMER.DURABLE.CREATE.{}.>", subjects::STREAM),
+            format!("$JS.API.CONSUMER.INFO.{}.>", subjects::STREAM),
+            format!("$JS.API.CONSUMER.MSG.NEXT.{}.>", subjects::STREAM),
+            format!("$JS.API.CONSUMER.DELETE.{}.>", subjects::STREAM),
+            format!("$JS.ACK.{}.>", subjects::STREAM),
         ],
         subscribe: vec![
             subjects::LOG_RPC.into(),

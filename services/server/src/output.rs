@@ -37,6 +37,8 @@ pub fn failure(e: &anyhow::Error) -> String {
             Some((x.code(), x.is_retryable()))
         } else if let Some(x) = c.downcast_ref::<ComplianceError>() {
             Some((x.code(), x.is_retryable()))
+        } else if let Some(x) = c.downcast_ref::<crate::webhooks::WebhookError>() {
+            Some((x.code(), x.is_retryable()))
         } else {
             c.downcast_ref::<ArchiveError>()
                 .map(|x| (x.code(), x.is_retryable()))

@@ -179,6 +179,7 @@ async fn start_admin(
         archive: Some(archive),
         spool: config.data_dir.join("export-spool"),
         chat_audience: config.auth.audience.clone(),
+        webhooks: config.webhooks.clone(),
     };
     admin_listener(config, health, Some(services)).await
 }
@@ -429,6 +430,16 @@ pub async fn serve(config: Config, role: Role) -> anyhow::Result<()> {
                 )
                 .map_err(anyhow::Error::from)
             });
+            if config.webhooks.enabled {
+                // Restarted on failure like the log service: its state is in the KV (cursors)
+                // and in JetStream (the consumers), so a new run resumes where the last left.
+                let dispatcher = crate::webhooks::dispatch::Dispatcher::new(
+                    log.clone(),
+                    nats.clone(),
+                    config.webhooks.clone(),
+                )?;
+                supervisor.restarting("webhooks", move || dispatcher.clone().run());
+            }
             if config.archive.enabled {
                 let archiver =
                     crate::archive::spawn_periodic(&config, log.clone(), archive_gate.clone())?;

@@ -47,6 +47,14 @@ impl Op {
         })
     }
 
+    /// One of the bot accounts' operations.
+    pub(super) fn is_bots(self) -> bool {
+        matches!(
+            self,
+            Op::BotCreate | Op::BotToken | Op::BotRevoke | Op::BotList
+        )
+    }
+
     /// The action as the audit log names it (the CLI's names for the key changes).
     pub(super) fn action(self) -> &'static str {
         match self {
