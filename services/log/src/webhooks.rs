@@ -26,6 +26,12 @@ const SECRET_LABEL: &[u8] = b"tidings-wh-v1";
 /// letters): bounded transactions whatever the subscription accumulated.
 const DELETE_PAGE: usize = 1000;
 
+/// Most dead letters a subscription keeps. Past it, nothing more is dead-lettered: the event
+/// that would be stays undelivered (its cursor does not move), so the subscription stops
+/// there, retrying, its lag growing (the lag alert fires) until its receiver works again or
+/// it is deleted. Nothing is dropped and the rows stay bounded.
+pub const MAX_DEAD_LETTERS: usize = 10_000;
+
 /// The store side of webhooks.
 #[derive(Clone)]
 pub struct Webhooks {
@@ -226,7 +232,8 @@ impl Webhooks {
         Ok(self.store.commit(txn).await?)
     }
 
-    /// Records a dead letter and moves the cursor past it, in one transaction.
+    /// Records a dead letter and moves the cursor past it, in one transaction; refused
+    /// (`unavailable`, the cursor unmoved) once the subscription holds [`MAX_DEAD_LETTERS`].
     pub async fn dead_letter(
         &self,
         tenant: &TenantId,
@@ -235,6 +242,23 @@ impl Webhooks {
         seq: u64,
         letter: &WebhookDeadLetter,
     ) -> Result<(), LogError> {
+        let held = self
+            .store
+            .scan(
+                KeyRange::prefix(keys::webhook_rows(b"wd", tenant, id)),
+                MAX_DEAD_LETTERS,
+                Order::Ascending,
+            )
+            .await?
+            .len();
+        if held >= MAX_DEAD_LETTERS {
+            return Err(LogError::Unavailable {
+                reason: format!(
+                    "subscription {id} holds {MAX_DEAD_LETTERS} dead letters; it waits at seq \
+                     {seq} of {conv} until its receiver answers or it is deleted"
+                ),
+            });
+        }
         let mut txn = Transaction::new();
         txn.put(
             keys::webhook_dead(tenant, id, conv, seq),
@@ -318,5 +342,63 @@ impl Webhooks {
             cursor.to_be_bytes().to_vec(),
         );
         Ok(self.store.commit(txn).await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::MasterKey;
+    use crate::store::FjallStore;
+
+    #[tokio::test]
+    async fn dead_letters_stop_at_their_bound_without_moving_the_cursor() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store: Arc<dyn KvStore> = Arc::new(FjallStore::open(dir.path()).expect("store"));
+        let keyring = Keyring::open(store.clone(), MasterKey::generate())
+            .await
+            .expect("keyring");
+        let hooks = Webhooks::new(store.clone(), Arc::new(keyring));
+        let tenant = TenantId::new("acme").expect("id");
+        let conv = ConvId::new("c").expect("id");
+        let letter = WebhookDeadLetter {
+            event_id: "e".into(),
+            attempts: 1,
+            last_error: "500".into(),
+            time_ms: 1,
+        };
+        let mut txn = Transaction::new();
+        for seq in 1..MAX_DEAD_LETTERS as u64 {
+            txn.put(
+                keys::webhook_dead(&tenant, "s", &conv, seq),
+                letter.encode_to_vec(),
+            );
+        }
+        store.commit(txn).await.expect("fill");
+        // One place left: taken, and the cursor moves with it.
+        let last = MAX_DEAD_LETTERS as u64;
+        hooks
+            .dead_letter(&tenant, "s", &conv, last, &letter)
+            .await
+            .expect("the last place");
+        assert_eq!(
+            hooks.cursor(&tenant, "s", &conv).await.expect("cursor"),
+            Some(last)
+        );
+        // Full: refused, retryable, and the cursor stays where it was.
+        let refused = hooks
+            .dead_letter(&tenant, "s", &conv, last + 1, &letter)
+            .await
+            .expect_err("full");
+        assert_eq!(refused.code(), "unavailable");
+        assert_eq!(
+            hooks.cursor(&tenant, "s", &conv).await.expect("cursor"),
+            Some(last)
+        );
+        // Another subscription's bound is its own.
+        hooks
+            .dead_letter(&tenant, "t", &conv, 1, &letter)
+            .await
+            .expect("another subscription");
     }
 }
