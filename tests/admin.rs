@@ -3,6 +3,7 @@
 
 mod common;
 
+use common::admin::Admin;
 use common::{Nats, Sandbox, Server};
 use serde_json::{Value, json};
 
@@ -29,89 +30,6 @@ fn setup(role: &str) -> (Sandbox, Nats, Server) {
     let nats = Nats::start();
     let server = Server::start(&s, &nats, role, &[]);
     (s, nats, server)
-}
-
-struct Reply {
-    status: u16,
-    content_type: String,
-    headers: reqwest::header::HeaderMap,
-    body: String,
-    /// The body as sent (`body` is its UTF-8 reading).
-    bytes: Vec<u8>,
-}
-
-impl Reply {
-    fn lines(&self) -> Vec<Value> {
-        common::json_lines(self.body.as_bytes())
-    }
-
-    /// The `{"error":{"code":..}}` body's code.
-    fn code(&self) -> String {
-        let v: Value = serde_json::from_str(&self.body)
-            .unwrap_or_else(|e| panic!("error body {:?} is not JSON: {e}", self.body));
-        v["error"]["code"].as_str().unwrap_or("").to_string()
-    }
-}
-
-struct Admin {
-    base: String,
-    client: reqwest::Client,
-}
-
-impl Admin {
-    fn new(server: &Server) -> Admin {
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        Admin {
-            base: format!("http://127.0.0.1:{}", server.admin_port),
-            client: reqwest::Client::builder()
-                .no_proxy()
-                .build()
-                .expect("http client"),
-        }
-    }
-
-    async fn send(&self, req: reqwest::RequestBuilder) -> Reply {
-        let resp = req.send().await.expect("request");
-        let status = resp.status().as_u16();
-        let headers = resp.headers().clone();
-        let content_type = headers
-            .get(reqwest::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_string();
-        let bytes = resp.bytes().await.expect("body").to_vec();
-        Reply {
-            status,
-            content_type,
-            headers,
-            body: String::from_utf8_lossy(&bytes).into_owned(),
-            bytes,
-        }
-    }
-
-    /// GET `path` with `Authorization: <authorization>` if given.
-    async fn get(&self, path: &str, authorization: Option<&str>) -> Reply {
-        let mut req = self.client.get(format!("{}{path}", self.base));
-        if let Some(a) = authorization {
-            req = req.header("Authorization", a);
-        }
-        self.send(req).await
-    }
-
-    async fn get_as(&self, path: &str, token: &str) -> Reply {
-        self.get(path, Some(&format!("Bearer {token}"))).await
-    }
-
-    /// POST `body` (JSON) to `path` as `token`.
-    async fn post_as(&self, path: &str, token: &str, body: Value) -> Reply {
-        let req = self
-            .client
-            .post(format!("{}{path}", self.base))
-            .header("Authorization", format!("Bearer {token}"))
-            .header("Content-Type", "application/json")
-            .body(body.to_string());
-        self.send(req).await
-    }
 }
 
 /// (actor, action, outcome) of each audit line, the final line left out.

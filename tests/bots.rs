@@ -8,6 +8,7 @@ mod common;
 
 use std::time::Duration;
 
+use common::admin::Admin;
 use common::{Nats, Sandbox, Server};
 use serde_json::{Value, json};
 use tidings_client::client::ErrorCode;
@@ -119,10 +120,7 @@ async fn a_bot_posts_through_both_paths_and_is_refused_once_revoked() {
     );
 
     // Path 2: HTTP, with its answer; a retry is the same event.
-    let http = reqwest::Client::builder()
-        .no_proxy()
-        .build()
-        .expect("client");
+    let http = common::http_client();
     let url = format!("http://127.0.0.1:{}/v1/bot/messages", server.port);
     let body = r#"{"conversation":"team","client_msg_id":"http-1","text":"db-3 restarted"}"#;
     let first = post(&http, &url, Some(&token), body).await;
@@ -195,33 +193,26 @@ async fn a_bot_posts_through_both_paths_and_is_refused_once_revoked() {
     assert_eq!(post(&http, &url, Some(&posing), body).await.status, 401);
 
     // While serving, over the admin listener: another bot, then the first one revoked.
-    let admin = format!("http://127.0.0.1:{}", server.admin_port);
+    let admin = Admin::new(&server);
     let root = s.token_with_roles("acme", "root", &["admin"], 600);
-    let call = |path: &str, body: Value| {
-        http.post(format!("{admin}{path}"))
-            .header("Authorization", format!("Bearer {root}"))
-            .header("Content-Type", "application/json")
-            .body(body.to_string())
-            .send()
-    };
-    let r = call("/v1/admin/bots/create", json!({"name": "reminders"}))
-        .await
-        .expect("create");
-    assert_eq!(r.status(), 200);
-    let reminders: Value = serde_json::from_str(&r.text().await.expect("body")).expect("json");
+    let (status, reminders) = admin
+        .post_json("/v1/admin/bots/create", &root, json!({"name": "reminders"}))
+        .await;
+    assert_eq!(status, 200);
     assert_eq!(reminders["bot"], "bot-reminders");
     assert!(reminders["token"].as_str().is_some_and(|t| t.len() > 100));
-    let r = call("/v1/admin/bots/create", json!({"name": "reminders"}))
-        .await
-        .expect("create again");
-    assert_eq!(r.status(), 400, "a bot id is never made twice");
-    let r = call("/v1/admin/bots/list", json!({})).await.expect("list");
-    let bots: Value = serde_json::from_str(&r.text().await.expect("body")).expect("json");
+    let (status, _) = admin
+        .post_json("/v1/admin/bots/create", &root, json!({"name": "reminders"}))
+        .await;
+    assert_eq!(status, 400, "a bot id is never made twice");
+    let (_, bots) = admin
+        .post_json("/v1/admin/bots/list", &root, json!({}))
+        .await;
     assert_eq!(bots["bots"].as_array().map(Vec::len), Some(2), "{bots}");
-    let r = call("/v1/admin/bots/revoke", json!({"bot": "alerts"}))
-        .await
-        .expect("revoke");
-    assert_eq!(r.status(), 200);
+    let (status, _) = admin
+        .post_json("/v1/admin/bots/revoke", &root, json!({"bot": "alerts"}))
+        .await;
+    assert_eq!(status, 200);
     let r = post(
         &http,
         &url,
@@ -230,32 +221,20 @@ async fn a_bot_posts_through_both_paths_and_is_refused_once_revoked() {
     )
     .await;
     assert_eq!(r.status, 401, "{}", r.body);
-    let r = call("/v1/admin/bots/token", json!({"bot": "alerts"}))
-        .await
-        .expect("token");
-    assert_eq!(r.status(), 403, "a revoked bot gets no new token");
+    let (status, _) = admin
+        .post_json("/v1/admin/bots/token", &root, json!({"bot": "alerts"}))
+        .await;
+    assert_eq!(status, 403, "a revoked bot gets no new token");
     // Another tenant's admin cannot touch acme's bots.
     let other = s.token_with_roles("other", "root", &["admin"], 600);
-    let r = http
-        .post(format!("{admin}/v1/admin/bots/list"))
-        .header("Authorization", format!("Bearer {other}"))
-        .body(json!({"tenant": "acme"}).to_string())
-        .send()
-        .await
-        .expect("list");
-    assert_eq!(r.status(), 403);
+    let (status, _) = admin
+        .post_json("/v1/admin/bots/list", &other, json!({"tenant": "acme"}))
+        .await;
+    assert_eq!(status, 403);
 
     // The audit log has each change, by whom.
     let officer = s.token_with_roles("acme", "officer", &["compliance"], 600);
-    let audit = http
-        .get(format!("{admin}/v1/compliance/audit"))
-        .header("Authorization", format!("Bearer {officer}"))
-        .send()
-        .await
-        .expect("audit")
-        .text()
-        .await
-        .expect("body");
+    let (_, audit) = admin.get_text("/v1/compliance/audit", &officer).await;
     let records = common::json_lines(audit.as_bytes());
     let has = |actor: &str, action: &str| {
         records

@@ -8,6 +8,7 @@ mod common;
 use std::collections::HashSet;
 use std::time::Duration;
 
+use common::admin::Admin;
 use common::receiver::{Delivery, Receiver, WAIT};
 use common::{Nats, Sandbox, Server};
 use serde_json::{Value, json};
@@ -168,54 +169,6 @@ async fn every_event_once_in_order_signed_through_500s_and_a_receiver_restart() 
     assert_eq!(value("tidings_webhook_subscriptions"), 1.0);
 }
 
-/// The admin listener, plain HTTP.
-struct Admin {
-    base: String,
-    client: reqwest::Client,
-}
-
-impl Admin {
-    fn new(server: &Server) -> Admin {
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        Admin {
-            base: format!("http://127.0.0.1:{}", server.admin_port),
-            client: reqwest::Client::builder()
-                .no_proxy()
-                .build()
-                .expect("http client"),
-        }
-    }
-
-    async fn get(&self, path: &str, token: &str) -> (u16, String) {
-        let r = self
-            .client
-            .get(format!("{}{path}", self.base))
-            .bearer_auth(token)
-            .send()
-            .await
-            .expect("get");
-        (r.status().as_u16(), r.text().await.expect("body"))
-    }
-
-    async fn post(&self, path: &str, token: &str, body: Value) -> (u16, Value) {
-        let r = self
-            .client
-            .post(format!("{}{path}", self.base))
-            .bearer_auth(token)
-            .header("content-type", "application/json")
-            .body(body.to_string())
-            .send()
-            .await
-            .expect("post");
-        let status = r.status().as_u16();
-        let text = r.text().await.expect("body");
-        (
-            status,
-            serde_json::from_str(text.trim()).unwrap_or(json!({ "text": text })),
-        )
-    }
-}
-
 /// (actor, action, outcome) of each webhook record of an audit log's lines.
 fn webhook_trail(audit: &[Value]) -> Vec<(String, String, String)> {
     let text = |l: &Value, field: &str| l[field].as_str().unwrap_or("").to_string();
@@ -245,7 +198,7 @@ async fn dead_letters_replay_isolation_and_audit_over_http() {
     let acme = s.token_with_roles("acme", "ops", &["admin", "compliance"], 3600);
 
     let (status, created) = admin
-        .post(
+        .post_json(
             "/v1/admin/webhooks",
             &acme,
             json!({"url": receiver.url(), "conversations": ["team"], "max_attempts": 2}),
@@ -255,7 +208,7 @@ async fn dead_letters_replay_isolation_and_audit_over_http() {
     let id = created["id"].as_str().expect("id").to_string();
     let secret = created["secret"].as_str().expect("secret").to_string();
     receiver.set_secret(&secret);
-    let (status, listed) = admin.get("/v1/admin/webhooks", &acme).await;
+    let (status, listed) = admin.get_text("/v1/admin/webhooks", &acme).await;
     assert_eq!(status, 200);
     let listed = lines(&listed);
     assert_eq!(listed.len(), 2, "{listed:?}");
@@ -272,7 +225,7 @@ async fn dead_letters_replay_isolation_and_audit_over_http() {
     let deadline = tokio::time::Instant::now() + WAIT;
     let dead = loop {
         let (status, text) = admin
-            .get(&format!("/v1/admin/webhooks/dead?id={id}"), &acme)
+            .get_text(&format!("/v1/admin/webhooks/dead?id={id}"), &acme)
             .await;
         assert_eq!(status, 200, "{text}");
         let dead = lines(&text);
@@ -295,7 +248,7 @@ async fn dead_letters_replay_isolation_and_audit_over_http() {
 
     // A replay from the first dead seq delivers both, in order, once the receiver is well.
     let (status, replay) = admin
-        .post(
+        .post_json(
             "/v1/admin/webhooks/replay",
             &acme,
             json!({"id": id, "conv": "team", "from_seq": first}),
@@ -317,7 +270,7 @@ async fn dead_letters_replay_isolation_and_audit_over_http() {
     );
     // A replay from past the head delivers nothing again and skips nothing after.
     let (status, _) = admin
-        .post(
+        .post_json(
             "/v1/admin/webhooks/replay",
             &acme,
             json!({"id": id, "conv": "team", "from_seq": 1000}),
@@ -335,10 +288,12 @@ async fn dead_letters_replay_isolation_and_audit_over_http() {
 
     // Tenant isolation: beta's admin sees and touches none of acme's subscriptions.
     let beta = s.token_with_roles("beta", "intruder", &["admin"], 3600);
-    let (status, _) = admin.get("/v1/admin/webhooks?tenant=acme", &beta).await;
+    let (status, _) = admin
+        .get_text("/v1/admin/webhooks?tenant=acme", &beta)
+        .await;
     assert_eq!(status, 403);
     let (status, _) = admin
-        .post(
+        .post_json(
             "/v1/admin/webhooks/delete",
             &beta,
             json!({"tenant": "acme", "id": id}),
@@ -346,22 +301,22 @@ async fn dead_letters_replay_isolation_and_audit_over_http() {
         .await;
     assert_eq!(status, 403);
     let (status, answer) = admin
-        .post("/v1/admin/webhooks/delete", &beta, json!({"id": id}))
+        .post_json("/v1/admin/webhooks/delete", &beta, json!({"id": id}))
         .await;
     assert_eq!(status, 404, "{answer}");
     let (status, text) = admin
-        .get(&format!("/v1/admin/webhooks/dead?id={id}"), &beta)
+        .get_text(&format!("/v1/admin/webhooks/dead?id={id}"), &beta)
         .await;
     assert_eq!(status, 404, "{text}");
-    let (status, listed) = admin.get("/v1/admin/webhooks", &beta).await;
+    let (status, listed) = admin.get_text("/v1/admin/webhooks", &beta).await;
     assert_eq!((status, lines(&listed).len()), (200, 1));
     // Without the admin role: refused.
     let officer = s.token_with_roles("acme", "officer", &["compliance"], 3600);
-    let (status, _) = admin.get("/v1/admin/webhooks", &officer).await;
+    let (status, _) = admin.get_text("/v1/admin/webhooks", &officer).await;
     assert_eq!(status, 403);
     // Malformed: refused with the reason.
     let (status, answer) = admin
-        .post(
+        .post_json(
             "/v1/admin/webhooks",
             &acme,
             json!({"url": "ftp://example.com/"}),
@@ -370,14 +325,14 @@ async fn dead_letters_replay_isolation_and_audit_over_http() {
     assert_eq!(status, 400, "{answer}");
 
     let (status, deleted) = admin
-        .post("/v1/admin/webhooks/delete", &acme, json!({"id": id}))
+        .post_json("/v1/admin/webhooks/delete", &acme, json!({"id": id}))
         .await;
     assert_eq!((status, &deleted["deleted"]), (200, &json!(true)));
-    let (_, listed) = admin.get("/v1/admin/webhooks", &acme).await;
+    let (_, listed) = admin.get_text("/v1/admin/webhooks", &acme).await;
     assert_eq!(lines(&listed), [json!({"complete": true, "rows": 0})]);
 
     // The audit log: each change, and the refusals, where they were aimed.
-    let (status, audit) = admin.get("/v1/compliance/audit", &acme).await;
+    let (status, audit) = admin.get_text("/v1/compliance/audit", &acme).await;
     assert_eq!(status, 200);
     let trail = webhook_trail(&lines(&audit));
     assert_eq!(

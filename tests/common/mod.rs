@@ -4,6 +4,7 @@
 #![allow(dead_code)] // each test file uses its own subset
 #![allow(clippy::disallowed_methods)] // synchronous helpers around processes, off any runtime
 
+pub mod admin;
 pub mod browser;
 pub mod identity;
 pub mod prom;
