@@ -37,6 +37,7 @@ use crate::error::ArchiveError;
 use crate::format::{self, Body, Fetched, Footer, WriteOptions, meta};
 use crate::search_index;
 use crate::storage::{self, Objects};
+use tidings_log::hot_index;
 
 const DAY_MS: u64 = 86_400_000;
 
@@ -578,6 +579,17 @@ impl Archiver {
             });
         }
         failpoint::hit(failpoint::AFTER_COMMIT);
+        // The archived events' hot postings are superseded by the segment's index (search
+        // never reads postings below the archived seq); delete them. A failure leaves them
+        // unused until the next pass.
+        for (conv, _, run) in &runs {
+            let conv = ConvId::new(conv.as_str())?;
+            if let Err(e) =
+                hot_index::forget_postings_through(&*self.store, tenant, &conv, run.last_seq).await
+            {
+                tracing::warn!(conversation = %conv, "failed to delete archived search postings: {e:#}");
+            }
+        }
         Ok(bytes.len() as u64)
     }
 
