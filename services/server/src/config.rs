@@ -1433,7 +1433,9 @@ impl Config {
                 indexer_batch: s.search_indexer_batch,
                 budget_bytes: s.search_budget_bytes,
                 max_page_hits: s.search_max_page_hits,
-                use_index: true,
+                // Without the hot index, search opens every hot event (same results): the
+                // postings a past run left are not trusted to be current.
+                use_index: s.search_hot_index,
             },
             // Checked when the configuration was loaded (`validate`).
             kinds: self.kinds().unwrap_or_default(),
