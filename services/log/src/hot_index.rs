@@ -43,7 +43,7 @@ use crate::ids::{ConvId, TenantId};
 use crate::keys;
 use crate::log::{Log, WeakLog, open_stored_event};
 use crate::search::terms;
-use crate::store::{KeyRange, KvStore, Order, Transaction};
+use crate::store::{KeyRange, KvStore, Order, Pages, Transaction};
 use tidings_schemas::v1::event::Body;
 
 /// Search settings of the log (`[log]` in the server's config, docs/limits.md).
@@ -355,30 +355,21 @@ pub async fn forget_postings_through(
     c: &ConvId,
     through: u64,
 ) -> Result<u64, LogError> {
-    const PAGE: usize = 1000;
-    let dir = keys::search_posting_dir(t, c);
-    let mut range = KeyRange::prefix(dir);
+    let mut pages = Pages::new(KeyRange::prefix(keys::search_posting_dir(t, c)));
     let mut deleted = 0;
-    loop {
-        let rows = store.scan(range.clone(), PAGE, Order::Ascending).await?;
-        let Some((last, _)) = rows.last() else {
-            return Ok(deleted);
-        };
+    while let Some(rows) = pages.next(store).await? {
         let mut txn = Transaction::new();
-        for (k, _) in &rows {
-            if keys::event_seq(k).is_some_and(|s| s <= through) {
-                txn.delete(k.clone());
+        for (k, _) in rows {
+            if keys::event_seq(&k).is_some_and(|s| s <= through) {
+                txn.delete(k);
                 deleted += 1;
             }
         }
-        range.start = [last.as_slice(), &[0]].concat();
         if !txn.is_empty() {
             store.commit(txn).await?;
         }
-        if rows.len() < PAGE {
-            return Ok(deleted);
-        }
     }
+    Ok(deleted)
 }
 
 /// Retention purged `conv` through its purge marker: its postings and fates there go too.

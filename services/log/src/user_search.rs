@@ -32,7 +32,7 @@ use crate::ids::{ConvId, TenantId, UserId};
 use crate::keys;
 use crate::log::{Log, ReadRange};
 use crate::search::Needle;
-use crate::store::{KeyRange, Order};
+use crate::store::{KeyRange, Order, Pages};
 use tidings_schemas::v1::Event;
 
 /// Bytes of text around the first match a hit shows.
@@ -125,15 +125,8 @@ impl Log {
         };
         let mut streams = Vec::new();
         let dir = keys::user_conv_dir(t, user);
-        let mut range = KeyRange::prefix(dir.clone());
-        'list: loop {
-            let rows = self
-                .store()
-                .scan(range.clone(), 1000, Order::Ascending)
-                .await?;
-            let Some((last, _)) = rows.last() else { break };
-            range.start = [last.as_slice(), &[0]].concat();
-            let full = rows.len() == 1000;
+        let mut pages = Pages::new(KeyRange::prefix(dir.clone()));
+        'list: while let Some(rows) = pages.next(&**self.store()).await? {
             for (key, value) in rows {
                 if !budget.charge(CONVERSATION_COST) {
                     break 'list;
@@ -149,9 +142,6 @@ impl Log {
                 {
                     streams.push(s);
                 }
-            }
-            if !full {
-                break;
             }
         }
         let mut hits = Vec::new();
@@ -338,15 +328,8 @@ impl Log {
             for term in needle.terms() {
                 let tag = search.tag(term);
                 let mut list = BTreeMap::new();
-                let mut range = keys::search_postings(t, conv, key_id, &tag, from, to);
-                loop {
-                    let rows = self
-                        .store()
-                        .scan(range.clone(), 1000, Order::Ascending)
-                        .await?;
-                    let Some((last, _)) = rows.last() else { break };
-                    range.start = [last.as_slice(), &[0]].concat();
-                    let full = rows.len() == 1000;
+                let mut pages = Pages::new(keys::search_postings(t, conv, key_id, &tag, from, to));
+                while let Some(rows) = pages.next(&**self.store()).await? {
                     for (k, v) in rows {
                         if !budget.charge(k.len() + v.len()) {
                             return Err(too_broad(self.config().search.budget_bytes));
@@ -354,9 +337,6 @@ impl Log {
                         let seq = keys::event_seq(&k)
                             .ok_or_else(|| LogError::corrupt(&k, "bad posting key"))?;
                         list.insert(seq, posting_time(&k, &v)?);
-                    }
-                    if !full {
-                        break;
                     }
                 }
                 if list.is_empty() {

@@ -505,4 +505,7 @@ pub enum BenchCommand {
     /// A big group's first member page, prefix search and membership check from the caches,
     /// against reading the KV, in one run.
     Members(crate::bench_members::MembersArgs),
+    /// End-user search over the hot index: p50/p99, the index's size per event, and the
+    /// indexer's cost to append throughput (with and without it), in one run.
+    Search(crate::bench_search::SearchArgs),
 }

@@ -14,7 +14,7 @@
 //! - [`chat`]: `tidings chat`, a terminal client.
 //! - [`nats_init`]: `tidings nats init`: a NATS identity per role and its permissions.
 //! - [`bench`], [`bench_gateway`], [`bench_archive`], [`bench_compliance`],
-//!   [`bench_outage`], [`bench_overload`], [`bench_members`]: `tidings bench`,
+//!   [`bench_outage`], [`bench_overload`], [`bench_members`], [`bench_search`]: `tidings bench`,
 //!   tidings against its baselines in one run; [`bench_corpus`]: the chat corpus and
 //!   plaintext Parquet baseline they share.
 //! - [`output`]: the JSON lines the tools print.
@@ -30,6 +30,7 @@ pub mod bench_gateway;
 pub mod bench_members;
 pub mod bench_outage;
 pub mod bench_overload;
+pub mod bench_search;
 pub mod chat;
 pub mod cli;
 pub mod commands;
