@@ -390,3 +390,36 @@ async fn after_retention_and_after_shredding_nothing_is_found() {
         .expect_err("nothing to search after shredding");
     assert_eq!(error_code(&e), Some(ErrorCode::NotAllowed));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_matches_page_through_the_index_newest_first() {
+    let (s, nats) = (Sandbox::new(), Nats::start());
+    let server = Server::start(&s, &nats, "all", &[]);
+    let alice = connect(&server, &s, "acme", "alice").await;
+    let a = alice.requester();
+    a.create_conversation("busy", ConversationKind::Group, "", &[])
+        .await
+        .expect("busy");
+    let (mut all, mut rare) = (Vec::new(), Vec::new());
+    for i in 0..150 {
+        let text = if i % 10 == 0 {
+            format!("rare pager number {i}")
+        } else {
+            format!("pager number {i}")
+        };
+        let seq = post(&a, "busy", &format!("m{i}"), &text).await;
+        all.push(("busy".to_string(), seq, text.clone()));
+        if i % 10 == 0 {
+            rare.push(("busy".to_string(), seq, text));
+        }
+    }
+    all.reverse();
+    rare.reverse();
+    // Before and after the indexer caught up: the same pages.
+    assert_eq!(find(&a, "pager", 50).await, all);
+    indexed(&server, 151).await;
+    assert_eq!(find(&a, "pager", 50).await, all);
+    assert_eq!(find(&a, "pager", 7).await, all);
+    assert_eq!(find(&a, "rare pager", 0).await, rare);
+    assert_eq!(find(&a, "number 42", 0).await.len(), 1);
+}

@@ -30,7 +30,7 @@ use crate::error::LogError;
 use crate::hot_index::{Fate, posting_time, watermark};
 use crate::ids::{ConvId, TenantId, UserId};
 use crate::keys;
-use crate::log::{Log, ReadRange};
+use crate::log::{Log, ReadRange, open_stored_event};
 use crate::search::Needle;
 use crate::store::{KeyRange, Order, Pages};
 use tidings_schemas::v1::Event;
@@ -49,6 +49,22 @@ struct Pos {
     time: i64,
     conv: String,
     seq: u64,
+}
+
+/// Postings read per term per step of a conversation's candidates.
+const POSTING_PAGE: usize = 64;
+
+/// (seq, time) of postings, newest first.
+type Listing = Vec<(u64, i64)>;
+
+/// Where a conversation's postings are paged from, newest first.
+struct PostingCursor {
+    /// The query's term tags under each search key id the tenant has had.
+    tags: Vec<(u32, Vec<crate::search::Tag>)>,
+    /// The lowest seq postings are read for (the window's or the hot floor).
+    lo: u64,
+    /// The highest seq not yet listed; below `lo`: done.
+    next_hi: u64,
 }
 
 /// A candidate: known by its posting (time only) or already opened.
@@ -79,8 +95,11 @@ struct Stream {
     conv: ConvId,
     /// The user's window starts here.
     lo: u64,
-    /// Hot candidates, descending by seq (and so by time).
+    /// Hot candidates ready, descending by seq (and so by time): first the events opened
+    /// above the index's watermark, then pages of postings.
     hot: VecDeque<Cand>,
+    /// The postings still to page through, newest first.
+    postings: Option<PostingCursor>,
     /// Opened archived events waiting, descending.
     archived: VecDeque<Event>,
     /// The next archived seq to read (descending); 0: none left.
@@ -152,8 +171,23 @@ impl Log {
                 exhausted = false;
                 break;
             }
-            // Refill archived candidates where the hot ones are used up.
+            // Refill where the ready candidates are used up: postings, then the archive.
             for s in streams.iter_mut() {
+                while s.hot.is_empty()
+                    && let Some(p) = s.postings.as_mut()
+                {
+                    if p.next_hi < p.lo {
+                        s.postings = None;
+                        break;
+                    }
+                    let page = self.posting_page(t, &s.conv, p, &mut budget).await?;
+                    let conv = s.conv.to_string();
+                    s.hot.extend(
+                        page.into_iter()
+                            .map(|(seq, time)| Cand::Posting { seq, time })
+                            .filter(|c| after.as_ref().is_none_or(|a| c.pos(&conv) < *a)),
+                    );
+                }
                 if s.hot.is_empty() && s.archived.is_empty() && s.archive_next >= s.lo {
                     self.read_archived(t, s, &after, &mut budget).await?;
                 }
@@ -181,15 +215,13 @@ impl Log {
             let event = match cand {
                 Cand::Event(e) => *e,
                 Cand::Posting { seq, .. } => {
-                    let mut got = self.read(t, &s.conv, ReadRange::forward(seq, 1)).await?;
-                    match got.pop() {
-                        Some(e) if e.seq == seq => {
-                            budget.charge(e.encoded_len());
-                            e
-                        }
-                        // Archived or purged meanwhile: the next search finds it there.
-                        _ => continue,
-                    }
+                    let key = keys::event(t, &s.conv, seq);
+                    // Archived or purged meanwhile: the next search finds it there.
+                    let Some(value) = self.store().get(&key).await? else {
+                        continue;
+                    };
+                    budget.charge(value.len());
+                    open_stored_event(self.keyring(), t, &s.conv, seq, &key, &value).await?
                 }
             };
             last_examined = Some(pos);
@@ -199,9 +231,12 @@ impl Log {
         }
         let more = !exhausted
             || hits.len() == limit
-                && streams
-                    .iter()
-                    .any(|s| !s.hot.is_empty() || !s.archived.is_empty() || s.archive_next >= s.lo);
+                && streams.iter().any(|s| {
+                    !s.hot.is_empty()
+                        || s.postings.is_some()
+                        || !s.archived.is_empty()
+                        || s.archive_next >= s.lo
+                });
         let next_cursor = match (&last_examined, more) {
             (Some(pos), true) => cursor_text(qhash, pos),
             (None, true) => {
@@ -248,13 +283,26 @@ impl Log {
         let indexed_to = if cfg.use_index { wm } else { 0 };
         let hot_from = lo.max(archived + 1);
         let mut hot: BTreeMap<u64, Cand> = BTreeMap::new();
+        let mut postings = None;
         if indexed_to >= hot_from && !needle.terms().is_empty() {
-            for (seq, time) in self
-                .postings(t, &conv, needle, hot_from, indexed_to, budget)
-                .await?
-            {
-                hot.insert(seq, Cand::Posting { seq, time });
+            let mut tags = Vec::new();
+            for key in self.keyring().all_keys(t).await? {
+                let search = key.search_key(t);
+                tags.push((
+                    key.id,
+                    needle.terms().iter().map(|t| search.tag(t)).collect(),
+                ));
             }
+            // The cursor's own conversation resumes below its seq (times grow with seqs).
+            let next_hi = match after {
+                Some(a) if a.conv == conv.as_str() => indexed_to.min(a.seq.saturating_sub(1)),
+                _ => indexed_to,
+            };
+            postings = Some(PostingCursor {
+                tags,
+                lo: hot_from,
+                next_hi,
+            });
         } else if indexed_to >= hot_from {
             // A query without terms (punctuation only): every indexed event is a candidate.
             self.open_range(t, &conv, hot_from, indexed_to, budget, |e| {
@@ -292,6 +340,7 @@ impl Log {
             conv,
             lo,
             hot: hot.into_values().rev().collect(),
+            postings,
             archived: VecDeque::new(),
             archive_next: archived.min(head),
             fates,
@@ -309,52 +358,75 @@ impl Log {
         Ok(Some(stream))
     }
 
-    /// Seqs in `from..=to` whose text has every term of `needle`, with their times, from the
-    /// hot postings under every search key id the tenant has had.
-    async fn postings(
+    /// The next page of `p`'s candidates, descending: seqs whose text has every term, with
+    /// their times. Per search key id the sparsest term (the one whose page of postings
+    /// reaches furthest down) drives, and the others are checked by point reads, so a rare
+    /// word next to a common one costs the rare one's postings; then the page ends where
+    /// every key id's listing is complete.
+    async fn posting_page(
         &self,
         t: &TenantId,
         conv: &ConvId,
-        needle: &Needle,
-        from: u64,
-        to: u64,
+        p: &mut PostingCursor,
         budget: &mut Budget,
     ) -> Result<Vec<(u64, i64)>, LogError> {
-        let mut out: BTreeMap<u64, i64> = BTreeMap::new();
-        for key in self.keyring().all_keys(t).await? {
-            let key_id = key.id;
-            let search = key.search_key(t);
-            let mut lists: Vec<BTreeMap<u64, i64>> = Vec::new();
-            for term in needle.terms() {
-                let tag = search.tag(term);
-                let mut list = BTreeMap::new();
-                let mut pages = Pages::new(keys::search_postings(t, conv, key_id, &tag, from, to));
-                while let Some(rows) = pages.next(&**self.store()).await? {
-                    for (k, v) in rows {
-                        if !budget.charge(k.len() + v.len()) {
-                            return Err(too_broad(self.config().search.budget_bytes));
-                        }
-                        let seq = keys::event_seq(&k)
-                            .ok_or_else(|| LogError::corrupt(&k, "bad posting key"))?;
-                        list.insert(seq, posting_time(&k, &v)?);
+        let store = self.store().clone();
+        let mut found: BTreeMap<u64, i64> = BTreeMap::new();
+        let mut floor = p.lo;
+        for (key_id, tags) in &p.tags {
+            // Probe each term: a page of its postings, newest first.
+            // (complete down to, its postings, which term)
+            let mut best: Option<(u64, Listing, usize)> = None;
+            for (i, tag) in tags.iter().enumerate() {
+                let range = keys::search_postings(t, conv, *key_id, tag, p.lo, p.next_hi);
+                let rows = store.scan(range, POSTING_PAGE, Order::Descending).await?;
+                let mut list = Vec::with_capacity(rows.len());
+                for (k, v) in rows {
+                    if !budget.charge(k.len() + v.len()) {
+                        return Err(too_broad(self.config().search.budget_bytes));
                     }
+                    let seq = keys::event_seq(&k)
+                        .ok_or_else(|| LogError::corrupt(&k, "bad posting key"))?;
+                    list.push((seq, posting_time(&k, &v)?));
                 }
-                if list.is_empty() {
-                    lists.clear();
-                    break;
+                // Where this term's listing is complete down to.
+                let reach = if list.len() < POSTING_PAGE {
+                    p.lo
+                } else {
+                    list.last().map_or(p.lo, |l| l.0)
+                };
+                if best.as_ref().is_none_or(|b| reach < b.0) {
+                    best = Some((reach, list, i));
                 }
-                lists.push(list);
             }
-            lists.sort_by_key(BTreeMap::len);
-            let mut lists = lists.into_iter();
-            if let Some(mut seqs) = lists.next() {
-                for other in lists {
-                    seqs.retain(|s, _| other.contains_key(s));
+            let Some((reach, driver, at)) = best else {
+                continue;
+            };
+            floor = floor.max(reach);
+            // The other terms, by point reads of the driver's seqs.
+            let mut keep = driver;
+            for (i, tag) in tags.iter().enumerate() {
+                if i == at || keep.is_empty() {
+                    continue;
                 }
-                out.extend(seqs);
+                let wanted: Vec<Vec<u8>> = keep
+                    .iter()
+                    .map(|(seq, _)| keys::search_posting(t, conv, *key_id, tag, *seq))
+                    .collect();
+                budget.charge(wanted.iter().map(Vec::len).sum());
+                let got = store.batch_get(wanted).await?;
+                keep = keep
+                    .into_iter()
+                    .zip(got)
+                    .filter_map(|(c, v)| v.map(|_| c))
+                    .collect();
             }
+            found.extend(keep);
         }
-        Ok(out.into_iter().collect())
+        // Everything in floor..=next_hi is listed for every key id; below it, next time.
+        let page: Vec<(u64, i64)> = found.range(floor..).rev().map(|(s, t)| (*s, *t)).collect();
+        p.next_hi = floor.saturating_sub(1);
+        Ok(page)
     }
 
     /// Opens events `from..=to` (hot or archived), charging each, and gives each to `each`.
