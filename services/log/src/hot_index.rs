@@ -298,9 +298,7 @@ impl Log {
                 }
             }
             txn.put(keys::search_watermark(t, c), last.to_be_bytes().to_vec());
-            // Postings and watermark in one atomic batch, not synced: a crash loses at most
-            // whole batches, and the watermark then says where to index from again.
-            store.commit_unsynced(txn).await?;
+            store.commit(txn).await?;
             if latest_time > 0 {
                 let stats = &self.indexer().map(|i| &i.stats);
                 if let Some(stats) = stats {

@@ -204,36 +204,6 @@ pub async fn expect_guards_the_whole_transaction(store: Arc<dyn KvStore>) {
     assert_eq!(got, vec![Some(b"2".to_vec()), Some(b"e".to_vec())]);
 }
 
-/// `commit_unsynced` checks and applies like `commit`, all or nothing, visible at once.
-pub async fn unsynced_commit_is_checked_atomic_and_visible(store: Arc<dyn KvStore>) {
-    let ns = namespace();
-    put(&*store, k(&ns, b"mark"), b"1").await;
-
-    let mut stale = Transaction::new();
-    stale
-        .expect(k(&ns, b"mark"), Some(b"0".to_vec()))
-        .put(k(&ns, b"mark"), b"2".to_vec())
-        .put(k(&ns, b"posting"), b"p".to_vec());
-    assert_conflict(store.commit_unsynced(stale).await);
-    assert_eq!(store.get(&k(&ns, b"posting")).await.expect("get"), None);
-
-    let mut fresh = Transaction::new();
-    fresh
-        .put(k(&ns, b"mark"), b"2".to_vec())
-        .put(k(&ns, b"posting"), b"p".to_vec())
-        .delete(k(&ns, b"absent"));
-    store.commit_unsynced(fresh).await.expect("unsynced commit");
-    let got = store
-        .batch_get(vec![k(&ns, b"mark"), k(&ns, b"posting")])
-        .await
-        .expect("batch_get");
-    assert_eq!(got, vec![Some(b"2".to_vec()), Some(b"p".to_vec())]);
-    store
-        .commit_unsynced(Transaction::new())
-        .await
-        .expect("empty unsynced commit");
-}
-
 pub async fn empty_transaction_commits(store: Arc<dyn KvStore>) {
     store
         .commit(Transaction::new())
@@ -341,7 +311,6 @@ macro_rules! kv_conformance_suite {
             scan_never_leaves_its_prefix,
             put_if_absent_conflict_writes_nothing,
             expect_guards_the_whole_transaction,
-            unsynced_commit_is_checked_atomic_and_visible,
             empty_transaction_commits,
             concurrent_checked_increments_lose_nothing,
             purge_deleted_keeps_what_is_live,

@@ -2,8 +2,7 @@
 //!
 //! Transactions take one process-wide commit lock, evaluate their checks against the
 //! current state and write one fjall batch with `PersistMode::SyncAll`: the journal is
-//! fsync'd before `commit` returns (`commit_unsynced`: `PersistMode::Buffer`, written to the
-//! journal but not synced). The lock serialises check-then-write (fjall's own batches
+//! fsync'd before `commit` returns. The lock serialises check-then-write (fjall's own batches
 //! do no checks); the log already funnels writes through its group-committing sequencer, so
 //! the lock is taken once per group, not per message. fjall's batches publish all their
 //! writes at one sequence number once all are applied; every read here goes through a
@@ -132,7 +131,7 @@ impl Inner {
             .map(|v| v.to_vec()))
     }
 
-    fn commit(&self, txn: Transaction, mode: PersistMode) -> Result<(), StoreError> {
+    fn commit(&self, txn: Transaction) -> Result<(), StoreError> {
         // A poisoned lock only means another commit panicked; the store itself is intact
         // because that commit's batch was never written.
         let _guard = self
@@ -162,7 +161,7 @@ impl Inner {
                 Op::Put { .. } | Op::Delete { .. } => {}
             }
         }
-        let mut batch = self.db.batch().durability(Some(mode));
+        let mut batch = self.db.batch().durability(Some(PersistMode::SyncAll));
         for op in txn.ops {
             match op {
                 Op::Put { key, value } | Op::PutIfAbsent { key, value } => {
@@ -338,19 +337,7 @@ impl KvStore for FjallStore {
         if txn.is_empty() {
             return Ok(());
         }
-        self.blocking(move |s| s.commit(txn, PersistMode::SyncAll))
-            .await
-    }
-
-    /// The batch goes to the journal through the OS's buffers (`PersistMode::Buffer`), not
-    /// synced: the next durable commit's fsync of the shared journal covers it. fjall
-    /// replays a batch from the journal only whole.
-    async fn commit_unsynced(&self, txn: Transaction) -> Result<(), StoreError> {
-        if txn.is_empty() {
-            return Ok(());
-        }
-        self.blocking(move |s| s.commit(txn, PersistMode::Buffer))
-            .await
+        self.blocking(move |s| s.commit(txn)).await
     }
 
     async fn purge_deleted(&self) -> Result<(), StoreError> {
@@ -395,24 +382,6 @@ mod tests {
         }
         let store = FjallStore::open(dir.path()).expect("reopen");
         assert_eq!(store.get(b"k").await.expect("get"), Some(b"v".to_vec()));
-    }
-
-    #[tokio::test]
-    async fn unsynced_commits_survive_a_clean_reopen() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        {
-            let store = FjallStore::open(dir.path()).expect("open");
-            let mut txn = Transaction::new();
-            txn.put(b"k".to_vec(), b"v".to_vec())
-                .put(b"w".to_vec(), b"x".to_vec());
-            store.commit_unsynced(txn).await.expect("commit");
-        }
-        let store = FjallStore::open(dir.path()).expect("reopen");
-        let got = store
-            .batch_get(vec![b"k".to_vec(), b"w".to_vec()])
-            .await
-            .expect("batch_get");
-        assert_eq!(got, vec![Some(b"v".to_vec()), Some(b"x".to_vec())]);
     }
 
     /// Files under `dir` whose bytes contain `needle`.

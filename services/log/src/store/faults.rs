@@ -167,11 +167,6 @@ impl KvStore for FaultyStore {
         self.inner.commit(txn).await
     }
 
-    async fn commit_unsynced(&self, txn: Transaction) -> Result<(), StoreError> {
-        self.check_commit()?;
-        self.inner.commit_unsynced(txn).await
-    }
-
     async fn purge_deleted(&self) -> Result<(), StoreError> {
         self.check_commit()?;
         self.inner.purge_deleted().await

@@ -184,21 +184,6 @@ pub trait KvStore: Send + Sync + 'static {
     /// process (or, for the embedded store, of the machine) right after keeps it.
     async fn commit(&self, txn: Transaction) -> Result<(), StoreError>;
 
-    /// Applies the transaction atomically, with the same checks as [`commit`](Self::commit),
-    /// but may return before it is durable: for data that can be rebuilt (the hot search
-    /// index), where an fsync per write would only compete with the durable commits.
-    ///
-    /// Promised: all or nothing (a crash may lose the whole transaction, never apply part
-    /// of it); every read that starts after it returns sees it; and it is kept across a
-    /// clean close and reopen of the store. Not promised: that it survives a crash. The
-    /// default is the durable [`commit`](Self::commit) (TiKV); the embedded store writes
-    /// the batch to its journal without syncing it, so a crash of the process keeps it
-    /// (the OS has it) and a crash of the machine may lose it, until the next durable
-    /// commit syncs the journal.
-    async fn commit_unsynced(&self, txn: Transaction) -> Result<(), StoreError> {
-        self.commit(txn).await
-    }
-
     /// Makes deleted values unrecoverable from the store's files: flush and compact, so that
     /// no file of the store still holds a value that was deleted or overwritten before the
     /// call. Live values are untouched. Slow (it may rewrite everything the store holds):
