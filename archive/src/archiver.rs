@@ -37,6 +37,7 @@ use crate::error::ArchiveError;
 use crate::format::{self, Body, Fetched, Footer, WriteOptions, meta};
 use crate::search_index;
 use crate::storage::{self, Objects};
+use tidings_log::hot_index;
 
 const DAY_MS: u64 = 86_400_000;
 
@@ -578,6 +579,17 @@ impl Archiver {
             });
         }
         failpoint::hit(failpoint::AFTER_COMMIT);
+        // The archived events' hot postings are superseded by the segment's index (search
+        // never reads postings below the archived seq); delete them. A failure leaves them
+        // unused until the next pass.
+        for (conv, _, run) in &runs {
+            let conv = ConvId::new(conv.as_str())?;
+            if let Err(e) =
+                hot_index::forget_postings_through(&*self.store, tenant, &conv, run.last_seq).await
+            {
+                tracing::warn!(conversation = %conv, "failed to delete archived search postings: {e:#}");
+            }
+        }
         Ok(bytes.len() as u64)
     }
 
@@ -818,45 +830,8 @@ pub async fn indexed_segments(
     Ok(ids)
 }
 
-/// Rows read per page by [`Pages`]: what one step of a streaming read holds in memory.
-pub const PAGE_ROWS: usize = 1000;
-
-/// A key range read page by page: a reader holds one page at a time, however many rows the
-/// range has (a tenant's heads, its audit log).
-pub struct Pages {
-    next: Option<KeyRange>,
-}
-
-impl Pages {
-    pub fn new(range: KeyRange) -> Self {
-        Pages { next: Some(range) }
-    }
-
-    /// The next page (at most [`PAGE_ROWS`] pairs, in key order); `None` once done.
-    pub async fn next(
-        &mut self,
-        store: &dyn KvStore,
-    ) -> Result<Option<Vec<(Vec<u8>, Vec<u8>)>>, ArchiveError> {
-        let Some(range) = self.next.take() else {
-            return Ok(None);
-        };
-        let page = store
-            .scan(range.clone(), PAGE_ROWS, Order::Ascending)
-            .await
-            .map_err(LogError::from)?;
-        if page.len() == PAGE_ROWS
-            && let Some((last, _)) = page.last()
-        {
-            let mut start = last.clone();
-            start.push(0);
-            self.next = Some(KeyRange {
-                start,
-                end: range.end,
-            });
-        }
-        Ok((!page.is_empty()).then_some(page))
-    }
-}
+/// A key range read page by page (it lives with the store it reads).
+pub use tidings_log::store::{PAGE_ROWS, Pages};
 
 /// Runs CPU work (hashing, decoding a segment) on the blocking pool, so the runtime's few
 /// workers keep serving sessions meanwhile.

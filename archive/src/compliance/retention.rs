@@ -229,6 +229,15 @@ impl Archiver {
             }
             purged += deleting;
         }
+        // What retention purged leaves nothing findable: hot postings and fates go too.
+        for conv in frontier.next.keys() {
+            tidings_log::hot_index::forget_purged(
+                &*self.store,
+                tenant,
+                &ConvId::new(conv.as_str())?,
+            )
+            .await?;
+        }
         summary.events_purged += purged;
         summary.events_held += held;
         if purged > 0 || held > 0 {

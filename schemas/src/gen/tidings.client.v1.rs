@@ -5,7 +5,7 @@ pub struct ClientFrame {
     pub request_id: u64,
     #[prost(
         oneof = "client_frame::Op",
-        tags = "10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 40, 41"
+        tags = "10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 40, 41, 42"
     )]
     pub op: ::core::option::Option<client_frame::Op>,
 }
@@ -43,6 +43,8 @@ pub mod client_frame {
         SetRole(super::SetRole),
         #[prost(message, tag = "41")]
         SetDisplayName(super::SetDisplayName),
+        #[prost(message, tag = "42")]
+        Search(super::Search),
     }
 }
 /// Authenticate. `token` is a JWT (HS256 or EdDSA) whose claims name the tenant ("tenant"),
@@ -232,6 +234,62 @@ pub struct ListMembers {
     #[prost(uint64, tag = "5")]
     pub since_version: u64,
 }
+/// Search the user's own history: messages (their current text: an edited message by its
+/// latest edit, a recalled one never) of the conversations the user is a member of, from
+/// the seq they joined at, newest first. Matching (search.rs): case- and width-folded; a
+/// word matches whole words only; CJK text matches any substring. Limits (docs/limits.md):
+/// gateway.search_max_query_bytes (TOO_LARGE), gateway.search_max_terms and an empty query
+/// (INVALID_REQUEST), gateway.search_per_minute per session (RATE_LIMITED), and the log's
+/// budget of bytes examined per request (log.search_budget_bytes): a page may come back
+/// short, with next_cursor set, when the budget runs out.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Search {
+    #[prost(string, tag = "1")]
+    pub query: ::prost::alloc::string::String,
+    /// Empty for the first page; else the next_cursor of the previous page of the same query
+    /// (a cursor of another query or a changed one is INVALID_REQUEST).
+    #[prost(string, tag = "2")]
+    pub cursor: ::prost::alloc::string::String,
+    /// Hits per page (0: gateway.search_page_hits, which is also the most).
+    #[prost(uint32, tag = "3")]
+    pub limit: u32,
+}
+/// Byte offsets [start, end) into a hit's snippet.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Highlight {
+    #[prost(uint32, tag = "1")]
+    pub start: u32,
+    #[prost(uint32, tag = "2")]
+    pub end: u32,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct SearchHit {
+    #[prost(string, tag = "1")]
+    pub conversation: ::prost::alloc::string::String,
+    /// The message found.
+    #[prost(uint64, tag = "2")]
+    pub seq: u64,
+    /// The event that holds the text found: seq itself, or the message's latest edit.
+    #[prost(uint64, tag = "3")]
+    pub text_seq: u64,
+    #[prost(int64, tag = "4")]
+    pub server_time_ms: i64,
+    #[prost(string, tag = "5")]
+    pub sender: ::prost::alloc::string::String,
+    /// Up to about 200 bytes of the text around the first match, decrypted on the server.
+    #[prost(string, tag = "6")]
+    pub snippet: ::prost::alloc::string::String,
+    #[prost(message, repeated, tag = "7")]
+    pub highlights: ::prost::alloc::vec::Vec<Highlight>,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct SearchResult {
+    #[prost(message, repeated, tag = "1")]
+    pub hits: ::prost::alloc::vec::Vec<SearchHit>,
+    /// Non-empty when more hits may follow: send Search again with this cursor.
+    #[prost(string, tag = "2")]
+    pub next_cursor: ::prost::alloc::string::String,
+}
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct Ping {}
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
@@ -243,7 +301,7 @@ pub struct ServerFrame {
     pub request_id: u64,
     #[prost(
         oneof = "server_frame::Msg",
-        tags = "10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22"
+        tags = "10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23"
     )]
     pub msg: ::core::option::Option<server_frame::Msg>,
 }
@@ -283,6 +341,9 @@ pub mod server_frame {
         /// The server is about to close the connection, and why.
         #[prost(message, tag = "22")]
         Goodbye(super::Goodbye),
+        /// The answer to Search.
+        #[prost(message, tag = "23")]
+        SearchResult(super::SearchResult),
     }
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]

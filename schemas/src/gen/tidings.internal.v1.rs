@@ -137,7 +137,7 @@ pub struct LogRequest {
     pub sent_ms: i64,
     #[prost(
         oneof = "log_request::Call",
-        tags = "10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21"
+        tags = "10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22"
     )]
     pub call: ::core::option::Option<log_request::Call>,
 }
@@ -169,6 +169,8 @@ pub mod log_request {
         SetRole(super::MemberChange),
         #[prost(message, tag = "21")]
         SetDisplayName(super::SetDisplayName),
+        #[prost(message, tag = "22")]
+        Search(super::Search),
     }
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -281,6 +283,17 @@ pub struct ListMembers {
     /// > 0: the changes after this version instead of members.
     #[prost(uint64, tag = "5")]
     pub since_version: u64,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Search {
+    #[prost(string, tag = "1")]
+    pub user: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub query: ::prost::alloc::string::String,
+    #[prost(string, tag = "3")]
+    pub cursor: ::prost::alloc::string::String,
+    #[prost(uint32, tag = "4")]
+    pub limit: u32,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct IsMember {
@@ -397,7 +410,7 @@ pub struct Info {
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct LogResponse {
-    #[prost(oneof = "log_response::Result", tags = "1, 2, 3, 4, 5, 6, 7, 8")]
+    #[prost(oneof = "log_response::Result", tags = "1, 2, 3, 4, 5, 6, 7, 8, 9")]
     pub result: ::core::option::Option<log_response::Result>,
 }
 /// Nested message and enum types in `LogResponse`.
@@ -420,5 +433,7 @@ pub mod log_response {
         Info(super::Info),
         #[prost(uint64, tag = "8")]
         ReadSeq(u64),
+        #[prost(message, tag = "9")]
+        Search(super::super::super::client::v1::SearchResult),
     }
 }

@@ -842,6 +842,26 @@ impl Requester {
         }
     }
 
+    /// One page of a search of the user's own conversations: `cursor` empty for the first
+    /// page, else the previous page's `next_cursor` (empty when there is no more); `limit`
+    /// 0 for the server's page size.
+    pub async fn search(
+        &self,
+        query: &str,
+        cursor: &str,
+        limit: u32,
+    ) -> Result<proto::SearchResult, ClientError> {
+        let op = Op::Search(proto::Search {
+            query: query.to_string(),
+            cursor: cursor.to_string(),
+            limit,
+        });
+        match self.request(op).await? {
+            Msg::SearchResult(r) => Ok(r),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
     pub async fn ping(&self) -> Result<(), ClientError> {
         self.request(Op::Ping(proto::Ping {})).await.map(|_| ())
     }

@@ -27,10 +27,16 @@ pub static FANOUT_SECONDS: Histogram = Histogram::new(
 /// per-sender limits.
 pub static RATE_LIMITED: LabeledCounter = LabeledCounter::new(
     "tidings_gateway_rate_limited_total",
-    "Requests answered RATE_LIMITED: `frames` by the session's frame bucket, `log` by the \
-     log's limits.",
+    "Requests answered RATE_LIMITED: `frames` by the session's frame bucket, `search` by \
+     its search bucket, `log` by the log's limits.",
     "limit",
-    &["frames", "log"],
+    &["frames", "search", "log"],
+);
+/// A Search op, from its frame to its page (the log's work included).
+pub static SEARCH_SECONDS: Histogram = Histogram::new(
+    "tidings_gateway_search_seconds",
+    "Time of one Search op: limits checked, the log's page searched (through NATS or not).",
+    LATENCY_BUCKETS,
 );
 /// Sessions authenticated (Hello accepted) since start.
 pub static SESSIONS_OPENED: Counter = Counter::new(
@@ -45,6 +51,7 @@ pub fn collector(shared: &Arc<Shared>) -> Collector {
         SEND_SECONDS.write(out);
         FANOUT_SECONDS.write(out);
         RATE_LIMITED.write(out);
+        SEARCH_SECONDS.write(out);
         SESSIONS_OPENED.write(out);
         let Some(shared) = shared.upgrade() else {
             return;

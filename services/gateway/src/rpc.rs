@@ -29,6 +29,7 @@ use tidings_log::{
     ConversationSummary, CreateConversation, Event, Log, LogError, Member, MemberChange,
     MemberPage, MemberRole, MembersQuery, ReadRange, TenantId, UserId,
 };
+use tidings_schemas::client::{Search as SearchRequest, SearchResult};
 use tidings_schemas::internal as wire;
 use tidings_schemas::internal::log_request::Call;
 use tidings_schemas::internal::log_response::Result as Reply;
@@ -588,6 +589,25 @@ impl LogService for NatsLogService {
         }
     }
 
+    async fn search(
+        &self,
+        caller: &Caller,
+        t: &TenantId,
+        user: &UserId,
+        req: &SearchRequest,
+    ) -> Result<SearchResult, LogError> {
+        let call = Call::Search(wire::Search {
+            user: user.to_string(),
+            query: req.query.clone(),
+            cursor: req.cursor.clone(),
+            limit: req.limit,
+        });
+        match self.call(caller, t, call).await? {
+            Reply::Search(page) => Ok(page),
+            _ => Err(unexpected()),
+        }
+    }
+
     async fn transport_key(
         &self,
         t: &TenantId,
@@ -785,6 +805,13 @@ async fn execute(log: &Log, t: TenantId, call: Call) -> Result<Reply, LogError> 
         Call::IsMember(m) => {
             let (c, user) = (ConvId::new(m.conversation)?, UserId::new(m.user)?);
             Reply::IsMember(log.is_member(&t, &c, &user).await?)
+        }
+        Call::Search(q) => {
+            let user = UserId::new(q.user)?;
+            let page = log
+                .search(&t, &user, &q.query, &q.cursor, q.limit as usize)
+                .await?;
+            Reply::Search(page)
         }
         Call::ConversationInfo(i) => {
             let info = log.conversation(&t, &ConvId::new(i.conversation)?).await?;

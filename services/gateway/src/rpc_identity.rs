@@ -131,7 +131,9 @@ pub fn read_only(call: &Call) -> bool {
         | Call::ListMembers(_)
         | Call::IsMember(_)
         | Call::ConversationInfo(_) => true,
-        Call::Append(_)
+        // A search reads only the acting user's conversations: it needs their token.
+        Call::Search(_)
+        | Call::Append(_)
         | Call::Create(_)
         | Call::AddMember(_)
         | Call::RemoveMember(_)
@@ -151,6 +153,7 @@ fn acting_user(call: &Call) -> Option<&str> {
         Call::MarkRead(m) => Some(&m.user),
         Call::ListConversations(l) => Some(&l.user),
         Call::IsMember(m) => Some(&m.user),
+        Call::Search(q) => Some(&q.user),
         Call::Read(_) | Call::ListMembers(_) | Call::ConversationInfo(_) => None,
     }
 }

@@ -62,6 +62,12 @@ pub struct GatewayConfig {
     pub member_fill_page: usize,
     /// How often an idle conversation hub checks the log for events NATS did not bring.
     pub heal_interval: Duration,
+    /// Search (docs/limits.md): the longest query in bytes, its most terms (words and CJK
+    /// bigrams), hits per page (the default and the most), searches per session a minute.
+    pub search_max_query_bytes: usize,
+    pub search_max_terms: usize,
+    pub search_page_hits: usize,
+    pub search_per_minute: u32,
 }
 
 impl Default for GatewayConfig {
@@ -98,6 +104,12 @@ impl Default for GatewayConfig {
             member_cache_bytes: 64 << 20,
             member_fill_page: 1000,
             heal_interval: Duration::from_secs(30),
+            // 256 bytes: a sentence, or 85 CJK characters.
+            search_max_query_bytes: 256,
+            search_max_terms: 16,
+            search_page_hits: 20,
+            // A search can open thousands of events: a person types a few a minute.
+            search_per_minute: 60,
         }
     }
 }

@@ -13,6 +13,7 @@ use tidings_log::{
     Append, By, Committed, ConvId, ConversationInfo, ConversationSummary, CreateConversation,
     Event, Log, LogError, MemberPage, MembersQuery, ReadRange, TenantId, UserId,
 };
+use tidings_schemas::client::{Search as SearchRequest, SearchResult};
 
 /// Who a log call is made for.
 #[derive(Clone)]
@@ -146,6 +147,14 @@ pub trait LogService: Send + Sync + 'static {
         t: &TenantId,
         c: &ConvId,
     ) -> Result<ConversationInfo, LogError>;
+    /// One page of `user`'s search of their own conversations ([`Log::search`]).
+    async fn search(
+        &self,
+        caller: &Caller,
+        t: &TenantId,
+        user: &UserId,
+        req: &SearchRequest,
+    ) -> Result<SearchResult, LogError>;
     /// The tenant's transport key `key_id` (or its current one): what seals the tenant's
     /// traffic on NATS. Always the gateway's own call.
     async fn transport_key(
@@ -269,6 +278,15 @@ impl LogService for Log {
         c: &ConvId,
     ) -> Result<ConversationInfo, LogError> {
         Log::conversation(self, t, c).await
+    }
+    async fn search(
+        &self,
+        _caller: &Caller,
+        t: &TenantId,
+        user: &UserId,
+        req: &SearchRequest,
+    ) -> Result<SearchResult, LogError> {
+        Log::search(self, t, user, &req.query, &req.cursor, req.limit as usize).await
     }
     async fn transport_key(
         &self,

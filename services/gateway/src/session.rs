@@ -180,6 +180,13 @@ impl Bucket {
         }
     }
 
+    /// `per_minute` a minute, bursts of as many.
+    fn per_minute(per_minute: u32) -> Self {
+        let mut b = Bucket::new(1, per_minute.max(1));
+        b.rate = f64::from(per_minute.max(1)) / 60.0;
+        b
+    }
+
     /// `Ok` to go on, or how long to wait.
     fn take(&mut self) -> Result<(), Duration> {
         let now = Instant::now();
@@ -366,6 +373,7 @@ where
         session_id: 0,
         bucket: Bucket::new(cfg.frames_per_second, cfg.frame_burst),
         member_writes: crate::members::MemberWrites::default(),
+        searches: Bucket::per_minute(cfg.search_per_minute),
     };
     let order = session.run(&mut source).await;
     if let Some(handle) = &session.handle {
@@ -415,6 +423,8 @@ struct Session {
     /// The membership changes this session made: its member pages from the gateway's memory
     /// include them (read your writes), else they are asked of the log.
     member_writes: crate::members::MemberWrites,
+    /// Searches (each may open many events): gateway.search_per_minute.
+    searches: Bucket,
 }
 
 fn close(reason: CloseReason, message: impl Into<String>) -> Option<CloseOrder> {
@@ -847,6 +857,7 @@ impl Session {
                 }))
             }
             Op::Sync(sync) => self.sync(&t, &u, sync).await,
+            Op::Search(q) => self.search(&t, &u, q).await,
             Op::History(h) => {
                 let conv = ConvId::new(h.conversation)?;
                 self.member_or_refuse(&t, &conv, &u).await?;
@@ -1067,6 +1078,53 @@ impl Session {
                 }))
             }
         }
+    }
+
+    /// A search of the user's own conversations: the query checked against the gateway's
+    /// limits here (so a hostile one costs the log nothing), then one page from the log.
+    async fn search(
+        &mut self,
+        t: &TenantId,
+        u: &UserId,
+        mut q: proto::Search,
+    ) -> Result<Msg, LogError> {
+        let cfg = &self.shared.cfg;
+        if let Err(wait) = self.searches.take() {
+            crate::metrics::RATE_LIMITED.inc("search");
+            return Err(LogError::RateLimited {
+                what: "searches",
+                retry_after_ms: wait.as_millis().max(1) as u64,
+            });
+        }
+        if q.query.len() > cfg.search_max_query_bytes {
+            return Err(LogError::TooLarge {
+                what: "search query",
+                size: q.query.len(),
+                limit: cfg.search_max_query_bytes,
+            });
+        }
+        let needle = tidings_log::search::Needle::new(&q.query)
+            .map_err(|e| LogError::InvalidRequest(e.to_string()))?;
+        if needle.terms().len() > cfg.search_max_terms {
+            return Err(LogError::InvalidRequest(format!(
+                "the search query has {} terms; the most is {}",
+                needle.terms().len(),
+                cfg.search_max_terms
+            )));
+        }
+        if q.cursor.len() > 512 {
+            return Err(LogError::InvalidRequest(
+                "the search cursor is not valid for this query".into(),
+            ));
+        }
+        q.limit = match q.limit {
+            0 => cfg.search_page_hits,
+            n => (n as usize).min(cfg.search_page_hits),
+        } as u32;
+        let started = Instant::now();
+        let page = self.shared.log.search(&self.caller, t, u, &q).await?;
+        crate::metrics::SEARCH_SECONDS.observe_duration(started.elapsed());
+        Ok(Msg::SearchResult(page))
     }
 
     /// Bytes the entries of one reply may take.

@@ -620,6 +620,12 @@ impl Keyring {
             .cloned()
     }
 
+    /// Every data key the tenant has (none created), oldest first: what a search computes
+    /// term tags under, since postings made under older keys remain.
+    pub async fn all_keys(&self, tenant: &TenantId) -> Result<Vec<DataKey>, LogError> {
+        Ok(self.keys_of(tenant).await?.into_values().collect())
+    }
+
     /// The tenant's data keys, from the cache or the store.
     async fn keys_of(&self, tenant: &TenantId) -> Result<BTreeMap<u32, DataKey>, LogError> {
         match self.cached(tenant) {

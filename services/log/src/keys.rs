@@ -22,6 +22,9 @@
 //! wc/tenant/id/conv                     webhook cursor: last seq delivered or dead-lettered (8-byte BE)
 //! wr/tenant/id/conv                     webhook replay asked for: deliver again from this seq (8-byte BE)
 //! wd/tenant/id/conv/seq                 WebhookDeadLetter (an event given up on)
+//! sx/tenant/conv/key_id/tag/seq          hot search posting: 8-byte BE server time (hot_index)
+//! si/tenant/conv                        hot search index: indexed through seq (8-byte BE)
+//! sf/tenant/conv/seq                    a message's fate: latest text seq (8) + recalled (1)
 //! ls/partition                          Lease (who owns a partition of conversations)
 //! sy/partitions                         Partitions (the count, fixed at the first open)
 //! sy/key_check                          proof that the master key opens this store
@@ -272,6 +275,52 @@ pub fn conversation_part(key: &[u8]) -> Option<&[u8]> {
         .position(|&b| b == SEP)
         .map_or(rest.len(), |i| tenant_end + 1 + i);
     Some(&rest[..conv_end])
+}
+
+/// Every hot search posting of a conversation (`hot_index`).
+pub fn search_posting_dir(t: &TenantId, c: &ConvId) -> Vec<u8> {
+    dir(b"sx", &[t.as_str(), c.as_str()])
+}
+
+/// Postings of term `tag` under search key `key_id`, for seqs `from..=to`.
+pub fn search_postings(
+    t: &TenantId,
+    c: &ConvId,
+    key_id: u32,
+    tag: &[u8],
+    from: u64,
+    to: u64,
+) -> KeyRange {
+    let mut d = search_posting_dir(t, c);
+    d.extend_from_slice(&key_id.to_be_bytes());
+    d.extend_from_slice(tag);
+    event_range_with(d, from, to)
+}
+
+/// One posting: term `tag` (under search key `key_id`) occurs in the text of event `seq`.
+pub fn search_posting(t: &TenantId, c: &ConvId, key_id: u32, tag: &[u8], seq: u64) -> Vec<u8> {
+    search_postings(t, c, key_id, tag, seq, seq).start
+}
+
+/// How far the hot search index of a conversation is built.
+pub fn search_watermark(t: &TenantId, c: &ConvId) -> Vec<u8> {
+    key(b"si", &[t.as_str(), c.as_str()])
+}
+
+/// The fate (latest edit, recall) of message `seq`.
+pub fn search_fate(t: &TenantId, c: &ConvId, seq: u64) -> Vec<u8> {
+    let mut k = search_fate_dir(t, c);
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+pub fn search_fate_dir(t: &TenantId, c: &ConvId) -> Vec<u8> {
+    dir(b"sf", &[t.as_str(), c.as_str()])
+}
+
+/// Fates of messages `from..=to`.
+pub fn search_fates(t: &TenantId, c: &ConvId, from: u64, to: u64) -> KeyRange {
+    event_range_with(search_fate_dir(t, c), from, to)
 }
 
 /// The store-wide key that seals audit records and holds, wrapped by the master key.

@@ -24,6 +24,9 @@
 //!   the store (`rv/`) behind a small bounded cache.
 //! - [`search`]: search terms: folding, words and CJK bigrams, the match rule, sealed
 //!   term tags.
+//! - [`hot_index`]: the hot events' search index (sealed postings in the KV, built after
+//!   commit by a supervised indexer); `user_search`: [`Log::search`], a user's search of
+//!   their own conversations.
 //! - [`unread`]: unread counts of others' messages only (joins, reactions and one's own
 //!   messages are not unread), from counts kept in heads, event rows and list entries.
 //! - [`cold`]: the [`ColdTier`](cold::ColdTier) interface to archived events and the archive
@@ -38,6 +41,7 @@ pub mod bots;
 pub mod cold;
 pub mod crypto;
 pub mod error;
+pub mod hot_index;
 pub mod ids;
 pub mod interceptor;
 pub mod keys;
@@ -54,6 +58,7 @@ pub mod send_buffer;
 pub mod store;
 pub mod tenant_keys;
 pub mod unread;
+mod user_search;
 pub mod webhooks;
 mod writer;
 

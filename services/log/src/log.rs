@@ -71,6 +71,8 @@ pub struct LogConfig {
     pub overload: crate::overload::OverloadConfig,
     /// Groups with at least this many members reserve @all (`mention_all`) to owners.
     pub mention_all_owners_only_from: u64,
+    /// Search: the hot index and the limits of a user's search (`hot_index`, `user_search`).
+    pub search: crate::hot_index::SearchConfig,
 }
 
 impl Default for LogConfig {
@@ -96,6 +98,7 @@ impl Default for LogConfig {
             kinds: crate::policy::Kinds::default(),
             overload: crate::overload::OverloadConfig::default(),
             mention_all_owners_only_from: 500,
+            search: crate::hot_index::SearchConfig::default(),
         }
     }
 }
@@ -141,6 +144,7 @@ impl LogConfig {
             b.validate()?;
         }
         self.overload.validate()?;
+        self.search.validate()?;
         if self.max_read_limit > crate::store::FjallStore::MAX_SCAN_LIMIT {
             return Err(format!(
                 "max_read_limit must be at most {}",
@@ -486,6 +490,8 @@ struct Inner {
     buffer: Option<Arc<SendBuffer>>,
     /// Why the sequencer died, once it has (see [`Log::sequencer_failure`]).
     failure: watch::Receiver<Option<Arc<str>>>,
+    /// The hot search index's queue (`hot_index`), when this log indexes.
+    indexer: Option<Arc<crate::hot_index::Indexer>>,
 }
 
 /// The message a panic was raised with (for a supervisor's report).
@@ -586,6 +592,8 @@ impl Log {
             "log writer opened"
         );
         let keyring = Arc::new(keyring);
+        let indexer = (cfg.search.hot_index && cfg.own_partitions)
+            .then(|| Arc::new(crate::hot_index::Indexer::new(cfg.search.indexer_queue)));
         let (tx, rx) = mpsc::channel(cfg.queue_depth);
         let stats = Arc::new(WriterStats::default());
         let mut writer = Writer {
@@ -595,6 +603,7 @@ impl Log {
             stats: stats.clone(),
             cache: crate::writer::Cache::new(cfg.writer_cache_entries),
             feed,
+            indexer: indexer.clone(),
             rng: fastrand::Rng::with_seed(u64::from_le_bytes(seed)),
             in_flight: std::collections::HashMap::new(),
             own: own.clone(),
@@ -659,6 +668,7 @@ impl Log {
                 revocations: crate::revocation::Revocations::new(store_for_revocations),
                 buffer,
                 failure,
+                indexer,
             }),
         })
     }
@@ -793,6 +803,11 @@ impl Log {
     }
 
     /// The store the log writes to (the archiver shares it).
+    /// The hot search index's queue, when this log indexes (`hot_index`).
+    pub fn indexer(&self) -> Option<&Arc<crate::hot_index::Indexer>> {
+        self.inner.indexer.as_ref()
+    }
+
     pub fn store(&self) -> &Arc<dyn KvStore> {
         &self.inner.store
     }

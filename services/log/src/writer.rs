@@ -199,6 +199,20 @@ pub(crate) struct Request {
     pub reply: oneshot::Sender<Result<Outcome, LogError>>,
 }
 
+/// The conversations a batch moved the heads of, with their new last seq: what the hot
+/// search index is told (one notice per conversation per commit, not per event).
+fn committed_heads(pending: &HashMap<Vec<u8>, Option<Vec<u8>>>) -> Vec<crate::hot_index::Notice> {
+    pending
+        .iter()
+        .filter(|(k, _)| k.starts_with(b"hd\0"))
+        .filter_map(|(k, v)| {
+            let head = Head::decode(v.as_deref()?).ok()?;
+            let (t, c) = keys::head_ids(k)?;
+            Some((TenantId::new(t).ok()?, ConvId::new(c).ok()?, head.last_seq))
+        })
+        .collect()
+}
+
 /// Counters that show group commit at work (and feed the benchmark).
 #[derive(Default)]
 pub struct WriterStats {
@@ -221,6 +235,8 @@ pub(crate) struct Writer {
     pub rng: fastrand::Rng,
     /// Where committed events and cursor moves are announced, if anyone listens.
     pub feed: Option<mpsc::Sender<FeedItem>>,
+    /// Told which conversations committed, for the hot search index (`hot_index`).
+    pub indexer: Option<Arc<crate::hot_index::Indexer>>,
     /// The writes of the batch whose commit is running (empty when none is).
     pub in_flight: HashMap<Vec<u8>, Option<Vec<u8>>>,
     /// Which partitions this writer owns, as every handle of the log sees it.
@@ -1515,6 +1531,10 @@ impl Writer {
         for (r, result) in reqs.into_iter().zip(results) {
             // The caller may have given up waiting; the write stands either way.
             let _ = r.reply.send(result);
+        }
+        // After the replies: the index is never what an append waits for.
+        if let Some(indexer) = &self.indexer {
+            indexer.offer(committed_heads(&state.pending));
         }
     }
 

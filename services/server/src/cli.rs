@@ -585,6 +585,9 @@ pub enum BenchCommand {
     /// Webhook delivery to a local receiver through a real nats-server: events/s and lag
     /// (commit to receipt). Needs `nats-server` on the PATH.
     Webhooks(crate::bench_webhooks::WebhooksArgs),
+    /// End-user search over the hot index: p50/p99, the index's size per event, and the
+    /// indexer's cost to append throughput (with and without it), in one run.
+    Search(crate::bench_search::SearchArgs),
 }
 
 #[derive(Debug, Subcommand)]

@@ -287,6 +287,10 @@ pub async fn run(command: Command, config: Config) -> anyhow::Result<bool> {
             crate::bench_members::run(args, config.log_config()).await?;
             Ok(true)
         }
+        Command::Bench(crate::cli::BenchCommand::Search(args)) => {
+            crate::bench_search::run(args, config.log_config()).await?;
+            Ok(true)
+        }
         Command::Bench(crate::cli::BenchCommand::Overload(args)) => {
             crate::bench_overload::run(args, config.log_config()).await?;
             Ok(true)

@@ -304,6 +304,11 @@ pub struct GatewaySection {
     /// Members read per log call while filling a conversation's member list.
     pub member_fill_page: usize,
     pub heal_interval_ms: u64,
+    /// Search limits (docs/limits.md): query bytes, terms, hits per page, per-session rate.
+    pub search_max_query_bytes: usize,
+    pub search_max_terms: usize,
+    pub search_page_hits: usize,
+    pub search_per_minute: u32,
     /// Serve `wss://` with this certificate chain and key (PEM; both or neither). Reloaded
     /// when the files change. Without them the listener is plain `ws://`.
     pub tls_cert_file: Option<PathBuf>,
@@ -563,6 +568,10 @@ impl Default for GatewaySection {
             member_cache_bytes: d.member_cache_bytes,
             member_fill_page: d.member_fill_page,
             heal_interval_ms: d.heal_interval.as_millis() as u64,
+            search_max_query_bytes: d.search_max_query_bytes,
+            search_max_terms: d.search_max_terms,
+            search_page_hits: d.search_page_hits,
+            search_per_minute: d.search_per_minute,
             tls_cert_file: None,
             tls_key_file: None,
             handshake_timeout_ms: d.handshake_timeout.as_millis() as u64,
@@ -674,6 +683,14 @@ pub struct LogSection {
     pub vip_tenants: Vec<String>,
     /// Groups with at least this many members reserve @all to owners.
     pub mention_all_owners_only_from: u64,
+    /// Search (docs/limits.md): index events as they commit (the hot index); the indexer's
+    /// queue of notices and its batch of events; bytes one search may examine; most hits
+    /// in a page.
+    pub search_hot_index: bool,
+    pub search_indexer_queue: usize,
+    pub search_indexer_batch: usize,
+    pub search_budget_bytes: usize,
+    pub search_max_page_hits: usize,
     /// Conversation kinds beyond the built-in ones (`[[log.kinds]]`).
     pub kinds: Vec<KindSection>,
     /// Pre-commit hooks on users' messages (`[[log.interceptors]]`,
@@ -766,6 +783,11 @@ impl Default for LogSection {
             overload_floor_per_sec: d.overload.floor_per_sec,
             vip_tenants: d.overload.vip_tenants,
             mention_all_owners_only_from: d.mention_all_owners_only_from,
+            search_hot_index: d.search.hot_index,
+            search_indexer_queue: d.search.indexer_queue,
+            search_indexer_batch: d.search.indexer_batch,
+            search_budget_bytes: d.search.budget_bytes,
+            search_max_page_hits: d.search.max_page_hits,
             kinds: Vec::new(),
             interceptors: Vec::new(),
         }
@@ -969,7 +991,7 @@ impl Config {
                 *slot = parse_env(name, &value)?;
             }
         }
-        let gateway_numbers: [(&'static str, &mut usize); 12] = [
+        let gateway_numbers: [(&'static str, &mut usize); 19] = [
             (
                 "TIDINGS_GATEWAY_MAX_CONNECTIONS",
                 &mut self.gateway.max_connections,
@@ -995,6 +1017,34 @@ impl Config {
                 &mut self.gateway.sync_page_conversations,
             ),
             ("TIDINGS_LOG_MAX_READ_BYTES", &mut self.log.max_read_bytes),
+            (
+                "TIDINGS_GATEWAY_SEARCH_MAX_QUERY_BYTES",
+                &mut self.gateway.search_max_query_bytes,
+            ),
+            (
+                "TIDINGS_GATEWAY_SEARCH_MAX_TERMS",
+                &mut self.gateway.search_max_terms,
+            ),
+            (
+                "TIDINGS_GATEWAY_SEARCH_PAGE_HITS",
+                &mut self.gateway.search_page_hits,
+            ),
+            (
+                "TIDINGS_LOG_SEARCH_INDEXER_QUEUE",
+                &mut self.log.search_indexer_queue,
+            ),
+            (
+                "TIDINGS_LOG_SEARCH_INDEXER_BATCH",
+                &mut self.log.search_indexer_batch,
+            ),
+            (
+                "TIDINGS_LOG_SEARCH_BUDGET_BYTES",
+                &mut self.log.search_budget_bytes,
+            ),
+            (
+                "TIDINGS_LOG_SEARCH_MAX_PAGE_HITS",
+                &mut self.log.search_max_page_hits,
+            ),
             (
                 "TIDINGS_LOG_MAX_MEMBERS_PER_REQUEST",
                 &mut self.log.max_members_per_request,
@@ -1122,6 +1172,12 @@ impl Config {
         if let Some(v) = env("TIDINGS_LOG_OVERLOAD_FLOOR_PER_SEC") {
             self.log.overload_floor_per_sec = parse_env("TIDINGS_LOG_OVERLOAD_FLOOR_PER_SEC", &v)?;
         }
+        if let Some(v) = env("TIDINGS_LOG_SEARCH_HOT_INDEX") {
+            self.log.search_hot_index = parse_flag("TIDINGS_LOG_SEARCH_HOT_INDEX", &v)?;
+        }
+        if let Some(v) = env("TIDINGS_GATEWAY_SEARCH_PER_MINUTE") {
+            self.gateway.search_per_minute = parse_env("TIDINGS_GATEWAY_SEARCH_PER_MINUTE", &v)?;
+        }
         if let Some(v) = env("TIDINGS_LOG_MENTION_ALL_OWNERS_ONLY_FROM") {
             self.log.mention_all_owners_only_from =
                 parse_env("TIDINGS_LOG_MENTION_ALL_OWNERS_ONLY_FROM", &v)?;
@@ -1165,6 +1221,10 @@ impl Config {
             member_cache_bytes: g.member_cache_bytes,
             member_fill_page: g.member_fill_page,
             heal_interval: std::time::Duration::from_millis(g.heal_interval_ms),
+            search_max_query_bytes: g.search_max_query_bytes,
+            search_max_terms: g.search_max_terms,
+            search_page_hits: g.search_page_hits,
+            search_per_minute: g.search_per_minute,
             handshake_timeout: std::time::Duration::from_millis(g.handshake_timeout_ms),
             ping_interval: std::time::Duration::from_millis(g.ping_interval_ms),
             idle_timeout: std::time::Duration::from_millis(g.idle_timeout_ms),
@@ -1202,6 +1262,13 @@ impl Config {
                 g.max_conversations_per_session as u64,
             ),
             ("gateway.heal_interval_ms", g.heal_interval_ms),
+            (
+                "gateway.search_max_query_bytes",
+                g.search_max_query_bytes as u64,
+            ),
+            ("gateway.search_max_terms", g.search_max_terms as u64),
+            ("gateway.search_page_hits", g.search_page_hits as u64),
+            ("gateway.search_per_minute", u64::from(g.search_per_minute)),
             ("gateway.handshake_timeout_ms", g.handshake_timeout_ms),
             ("gateway.ping_interval_ms", g.ping_interval_ms),
             ("gateway.idle_timeout_ms", g.idle_timeout_ms),
@@ -1394,6 +1461,16 @@ impl Config {
                 vip_tenants: s.vip_tenants.clone(),
             },
             mention_all_owners_only_from: s.mention_all_owners_only_from,
+            search: tidings_log::hot_index::SearchConfig {
+                hot_index: s.search_hot_index,
+                indexer_queue: s.search_indexer_queue,
+                indexer_batch: s.search_indexer_batch,
+                budget_bytes: s.search_budget_bytes,
+                max_page_hits: s.search_max_page_hits,
+                // Without the hot index, search opens every hot event (same results): the
+                // postings a past run left are not trusted to be current.
+                use_index: s.search_hot_index,
+            },
             // Checked when the configuration was loaded (`validate`).
             kinds: self.kinds().unwrap_or_default(),
         }

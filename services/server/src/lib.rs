@@ -14,7 +14,7 @@
 //! - [`chat`]: `tidings chat`, a terminal client.
 //! - [`nats_init`]: `tidings nats init`: a NATS identity per role and its permissions.
 //! - [`bench`], [`bench_gateway`], [`bench_archive`], [`bench_compliance`],
-//!   [`bench_outage`], [`bench_overload`], [`bench_members`], [`bench_webhooks`]: `tidings bench`,
+//!   [`bench_outage`], [`bench_overload`], [`bench_members`], [`bench_search`], [`bench_webhooks`]: `tidings bench`,
 //!   tidings against its baselines in one run; [`bench_corpus`]: the chat corpus and
 //!   plaintext Parquet baseline they share.
 //! - [`output`]: the JSON lines the tools print.
@@ -32,6 +32,7 @@ pub mod bench_gateway;
 pub mod bench_members;
 pub mod bench_outage;
 pub mod bench_overload;
+pub mod bench_search;
 pub mod bench_webhooks;
 pub mod bots;
 pub mod chat;

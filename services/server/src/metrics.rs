@@ -230,6 +230,38 @@ pub fn register_log(log: &Log, feed: &tokio::sync::mpsc::Sender<FeedItem>) {
                 &[],
                 buffer.replayed,
             );
+            if let Some(indexer) = log.indexer() {
+                let s = &indexer.stats;
+                out.gauge(
+                    "tidings_log_search_index_queue",
+                    "Commit notices waiting for the hot search indexer.",
+                    indexer.queued() as f64,
+                );
+                out.gauge(
+                    "tidings_log_search_index_lag_seconds",
+                    "Commit-to-index lag of the last event the hot search indexer indexed.",
+                    s.lag_ms.load(Ordering::Relaxed).max(0) as f64 / 1000.0,
+                );
+                out.counter(
+                    "tidings_log_search_indexed_total",
+                    "Events the hot search indexer indexed.",
+                    &[],
+                    s.indexed_events.load(Ordering::Relaxed),
+                );
+                out.counter(
+                    "tidings_log_search_index_dropped_total",
+                    "Notices dropped because the indexer's queue was full (the next commit \
+                     of the conversation heals them; search opens unindexed events itself).",
+                    &[],
+                    s.dropped.load(Ordering::Relaxed),
+                );
+                out.counter(
+                    "tidings_log_search_index_failures_total",
+                    "Index passes that failed (retried on the conversation's next notice).",
+                    &[],
+                    s.failures.load(Ordering::Relaxed),
+                );
+            }
             // The feed's depth: committed events the publisher has not yet taken.
             let backlog = feed
                 .upgrade()

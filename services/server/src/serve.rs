@@ -411,6 +411,15 @@ pub async fn serve(config: Config, role: Role) -> anyhow::Result<()> {
                 bus.link.subscribe(),
                 stats,
             )));
+            // The hot search index's indexer: restartable (its queue outlives it), and
+            // holding the log weakly so shutdown is not held up.
+            if log.indexer().is_some() {
+                let index_log = log.downgrade();
+                supervisor.restarting("search indexer", move || {
+                    tidings_log::hot_index::run_indexer(index_log.clone())
+                        .map_err(anyhow::Error::from)
+                });
+            }
             let auth = rpc_auth
                 .clone()
                 .context("the log service has its token check")?;

@@ -200,3 +200,42 @@ pub trait KvStore: Send + Sync + 'static {
         false
     }
 }
+
+/// Rows read per page by [`Pages`]: what one step of a streaming read holds in memory.
+pub const PAGE_ROWS: usize = 1000;
+
+/// A key range read page by page: a reader holds one page at a time, however many rows the
+/// range has (a tenant's heads, its audit log, a conversation's search postings).
+pub struct Pages {
+    next: Option<KeyRange>,
+}
+
+impl Pages {
+    pub fn new(range: KeyRange) -> Self {
+        Pages { next: Some(range) }
+    }
+
+    /// The next page (at most [`PAGE_ROWS`] pairs, in key order); `None` once done.
+    pub async fn next(
+        &mut self,
+        store: &dyn KvStore,
+    ) -> Result<Option<Vec<(Vec<u8>, Vec<u8>)>>, crate::LogError> {
+        let Some(range) = self.next.take() else {
+            return Ok(None);
+        };
+        let page = store
+            .scan(range.clone(), PAGE_ROWS, Order::Ascending)
+            .await?;
+        if page.len() == PAGE_ROWS
+            && let Some((last, _)) = page.last()
+        {
+            let mut start = last.clone();
+            start.push(0);
+            self.next = Some(KeyRange {
+                start,
+                end: range.end,
+            });
+        }
+        Ok((!page.is_empty()).then_some(page))
+    }
+}

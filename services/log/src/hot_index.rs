@@ -1,0 +1,407 @@
+//! The hot events' search index: sealed postings in the KV, built after commit, off the
+//! append's path (docs/decisions/hot-search-index.md).
+//!
+//! ```text
+//! sx/tenant/conv/key_id(4)/tag(8)/seq(8) -> server time (8, BE)   a term of event seq's text
+//! si/tenant/conv                         -> seq (8, BE)          indexed through this seq
+//! sf/tenant/conv/seq(8)                  -> latest(8, BE) | recalled(1)   a message's fate
+//! ```
+//!
+//! - **Feed.** After each commit the sequencer offers `(tenant, conv, last seq)` per touched
+//!   conversation to a bounded queue ([`SearchConfig::indexer_queue`]) with `try_send`: a
+//!   full queue drops the notice (counted), never holds the append. The next notice of the
+//!   conversation heals it, because the indexer always indexes from the conversation's
+//!   watermark (`si/`) up; and search opens every event above the watermark itself, so a
+//!   lagging or dropped index never changes results, only their cost.
+//! - **Indexer** ([`Log::run_search_indexer`]): one task, supervised by `serve` (restarted on
+//!   failure; the queue's receiver survives restarts). It reads the new events, folds and
+//!   splits their texts ([`crate::search`]) and writes one posting per (term, event): the
+//!   term as an 8-byte HMAC tag under the tenant's search key of the current data key, so the
+//!   KV shows tags, never words. Posted messages and edits' new texts are indexed; an edit
+//!   or a recall also updates the target message's fate (`sf/`), which search uses to keep
+//!   only a message's current text and never a recalled one.
+//! - **Archive and retention.** Postings at or below a conversation's archived seq are never
+//!   used (the archived events are searched through the archive); the archiver deletes them
+//!   ([`forget_postings_through`]), and retention also deletes the fates of what it purges.
+//!   Shredding destroys the keys the tags and the texts need.
+//!
+//! What the postings show to whoever reads the KV: per conversation, how many events hold
+//! each (unknown) tag, and when. The archive's indexes are sealed whole and show less; the
+//! hot tier trades that for updates in place (see the decision file).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tracing::warn;
+
+use crate::cold::{archived_through, purged_through};
+use crate::error::LogError;
+use crate::ids::{ConvId, TenantId};
+use crate::keys;
+use crate::log::{Log, WeakLog, open_stored_event};
+use crate::search::terms;
+use crate::store::{KeyRange, KvStore, Order, Pages, Transaction};
+use tidings_schemas::v1::event::Body;
+
+/// Search settings of the log (`[log]` in the server's config, docs/limits.md).
+#[derive(Clone, Debug)]
+pub struct SearchConfig {
+    /// Whether committed events are indexed as they commit. Off: search opens every hot
+    /// event of the user's conversations (same results, more work).
+    pub hot_index: bool,
+    /// Notices (one per conversation per commit) waiting for the indexer; past it they are
+    /// dropped and counted (the next notice of the conversation heals the gap).
+    pub indexer_queue: usize,
+    /// Events the indexer reads and indexes in one store transaction.
+    pub indexer_batch: usize,
+    /// Bytes one search may examine (events opened, postings read, conversations listed):
+    /// what bounds its memory and time. A page may come back short, with a cursor.
+    pub budget_bytes: usize,
+    /// Most hits in one page.
+    pub max_page_hits: usize,
+    /// Whether search asks the postings (the default); without, every hot event of the
+    /// user's conversations is opened. Both give the same results (for comparing them).
+    pub use_index: bool,
+}
+
+impl Default for SearchConfig {
+    fn default() -> Self {
+        SearchConfig {
+            hot_index: true,
+            indexer_queue: 16 * 1024,
+            indexer_batch: 512,
+            // 8 MiB: thousands of candidate messages, a few tens of ms of opening.
+            budget_bytes: 8 << 20,
+            max_page_hits: 100,
+            use_index: true,
+        }
+    }
+}
+
+impl SearchConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        for (name, v) in [
+            ("search_indexer_queue", self.indexer_queue),
+            ("search_indexer_batch", self.indexer_batch),
+            ("search_budget_bytes", self.budget_bytes),
+            ("search_max_page_hits", self.max_page_hits),
+        ] {
+            if v == 0 {
+                return Err(format!("{name} must be greater than 0"));
+            }
+        }
+        if self.indexer_batch > crate::store::FjallStore::MAX_SCAN_LIMIT {
+            return Err(format!(
+                "search_indexer_batch must be at most {}",
+                crate::store::FjallStore::MAX_SCAN_LIMIT
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Longest the indexer waits for the sequencer's queue to empty before a pass (see
+/// `indexer_loop`): bounds how far the index can fall behind under sustained full load to
+/// one pass per this long.
+pub const MAX_YIELD: Duration = Duration::from_millis(50);
+
+/// What the sequencer tells the indexer: this conversation committed up to this seq.
+pub(crate) type Notice = (TenantId, ConvId, u64);
+
+/// The indexer's queue and counters, shared by the sequencer (sender) and the task.
+pub struct Indexer {
+    pub(crate) tx: mpsc::Sender<Notice>,
+    rx: tokio::sync::Mutex<mpsc::Receiver<Notice>>,
+    pub stats: IndexerStats,
+}
+
+/// What `/metrics` shows of the indexer.
+#[derive(Debug, Default)]
+pub struct IndexerStats {
+    /// Events indexed since the log opened.
+    pub indexed_events: AtomicU64,
+    /// Notices dropped because the queue was full.
+    pub dropped: AtomicU64,
+    /// Index passes that failed (store errors); the conversation is retried on its next
+    /// notice.
+    pub failures: AtomicU64,
+    /// Commit-to-index lag of the last event indexed, ms.
+    pub lag_ms: AtomicI64,
+}
+
+impl Indexer {
+    pub(crate) fn new(queue: usize) -> Indexer {
+        let (tx, rx) = mpsc::channel(queue);
+        Indexer {
+            tx,
+            rx: tokio::sync::Mutex::new(rx),
+            stats: IndexerStats::default(),
+        }
+    }
+
+    /// Offers notices without waiting (the sequencer's side).
+    pub(crate) fn offer(&self, notices: impl IntoIterator<Item = Notice>) {
+        for n in notices {
+            if self.tx.try_send(n).is_err() {
+                self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Notices waiting.
+    pub fn queued(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity()
+    }
+}
+
+/// The fate of a message: its latest edit's seq (0: never edited) and whether recalled.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Fate {
+    pub latest_edit: u64,
+    pub recalled: bool,
+}
+
+impl Fate {
+    fn encode(self) -> Vec<u8> {
+        let mut v = self.latest_edit.to_be_bytes().to_vec();
+        v.push(u8::from(self.recalled));
+        v
+    }
+
+    pub(crate) fn decode(key: &[u8], v: &[u8]) -> Result<Fate, LogError> {
+        if v.len() != 9 {
+            return Err(LogError::corrupt(key, "search fate is not 9 bytes"));
+        }
+        Ok(Fate {
+            latest_edit: u64::from_be_bytes(v[..8].try_into().expect("8 bytes")),
+            recalled: v[8] != 0,
+        })
+    }
+
+    pub(crate) fn merge(&mut self, other: Fate) {
+        self.latest_edit = self.latest_edit.max(other.latest_edit);
+        self.recalled |= other.recalled;
+    }
+}
+
+/// How far a conversation's hot index is built (0: not at all).
+pub(crate) async fn watermark(
+    store: &dyn KvStore,
+    t: &TenantId,
+    c: &ConvId,
+) -> Result<u64, LogError> {
+    let key = keys::search_watermark(t, c);
+    match store.get(&key).await? {
+        None => Ok(0),
+        Some(v) => Ok(u64::from_be_bytes(v.as_slice().try_into().map_err(
+            |_| LogError::corrupt(&key, "search watermark is not 8 bytes"),
+        )?)),
+    }
+}
+
+/// The posting's event time as stored.
+pub(crate) fn posting_time(key: &[u8], v: &[u8]) -> Result<i64, LogError> {
+    Ok(i64::from_be_bytes(v.try_into().map_err(|_| {
+        LogError::corrupt(key, "search posting is not 8 bytes")
+    })?))
+}
+
+/// Runs the hot index's indexer until the log closes (see the module doc); holds the log
+/// only weakly, so closing it is not held up. Restartable: a second call waits for the
+/// first to end, then takes over its queue.
+pub async fn run_indexer(weak: WeakLog) -> Result<(), LogError> {
+    let Some(indexer) = weak.upgrade().and_then(|l| l.indexer().cloned()) else {
+        return Ok(()); // off, or closed
+    };
+    indexer_loop(weak, indexer).await
+}
+
+impl Log {
+    /// Indexes `conv` from its watermark through `through` (at most its head): what the
+    /// indexer does for each notice. Public for tests and the bench.
+    pub async fn index_conversation(
+        &self,
+        t: &TenantId,
+        c: &ConvId,
+        through: u64,
+    ) -> Result<u64, LogError> {
+        let store = self.store().clone();
+        let batch = self.config().search.indexer_batch;
+        let mut done = 0u64;
+        let mut from = watermark(&*store, t, c)
+            .await?
+            .max(archived_through(&*store, t, c).await?)
+            + 1;
+        if from > through {
+            return Ok(0);
+        }
+        let key = self.keyring().current(t).await?;
+        let search = key.search_key(t);
+        while from <= through {
+            let rows = store
+                .scan(
+                    keys::event_range(t, c, from, through),
+                    batch,
+                    Order::Ascending,
+                )
+                .await?;
+            // Rows may be missing below the hot floor (archived meanwhile): skip to the end.
+            let last = match rows.last() {
+                Some((k, _)) => {
+                    keys::event_seq(k).ok_or_else(|| LogError::corrupt(k, "bad event key"))?
+                }
+                None => through,
+            };
+            let mut txn = Transaction::new();
+            let mut fates: BTreeMap<u64, Fate> = BTreeMap::new();
+            let mut latest_time = 0i64;
+            for (k, v) in &rows {
+                let seq =
+                    keys::event_seq(k).ok_or_else(|| LogError::corrupt(k, "bad event key"))?;
+                let event = open_stored_event(self.keyring(), t, c, seq, k, v).await?;
+                latest_time = event.server_time_ms;
+                let time = event.server_time_ms.to_be_bytes().to_vec();
+                let text = match &event.body {
+                    Some(Body::MessagePosted(p)) => Some(p.text.as_str()),
+                    Some(Body::MessageEdited(e)) => {
+                        fates.entry(e.target_seq).or_default().merge(Fate {
+                            latest_edit: seq,
+                            recalled: false,
+                        });
+                        Some(e.new_text.as_str())
+                    }
+                    Some(Body::MessageRecalled(r)) => {
+                        fates.entry(r.target_seq).or_default().recalled = true;
+                        None
+                    }
+                    _ => None,
+                };
+                for term in text.map(terms).unwrap_or_default() {
+                    let tag = search.tag(&term);
+                    txn.put(keys::search_posting(t, c, key.id, &tag, seq), time.clone());
+                }
+                done += 1;
+            }
+            if !fates.is_empty() {
+                let fate_keys: Vec<Vec<u8>> =
+                    fates.keys().map(|&s| keys::search_fate(t, c, s)).collect();
+                let stored = store.batch_get(fate_keys.clone()).await?;
+                for ((key, value), (_, fate)) in fate_keys.into_iter().zip(stored).zip(fates) {
+                    let mut fate = fate;
+                    if let Some(v) = value {
+                        fate.merge(Fate::decode(&key, &v)?);
+                    }
+                    txn.put(key, fate.encode());
+                }
+            }
+            txn.put(keys::search_watermark(t, c), last.to_be_bytes().to_vec());
+            store.commit(txn).await?;
+            if latest_time > 0 {
+                let stats = &self.indexer().map(|i| &i.stats);
+                if let Some(stats) = stats {
+                    stats
+                        .lag_ms
+                        .store(crate::now_ms() - latest_time, Ordering::Relaxed);
+                }
+            }
+            from = last + 1;
+        }
+        if let Some(i) = self.indexer() {
+            i.stats.indexed_events.fetch_add(done, Ordering::Relaxed);
+        }
+        Ok(done)
+    }
+}
+
+async fn indexer_loop(weak: WeakLog, indexer: Arc<Indexer>) -> Result<(), LogError> {
+    let mut rx = indexer.rx.lock().await;
+    // Notices coalesce per conversation: the highest seq wins. Bounded by the queue.
+    let mut pending: HashMap<(TenantId, ConvId), u64> = HashMap::new();
+    loop {
+        // Woken now and then to notice that the log closed (the queue's sender lives as
+        // long as the indexer itself).
+        let (t, c, seq) = match tokio::time::timeout(Duration::from_secs(1), rx.recv()).await {
+            Ok(Some(notice)) => notice,
+            Ok(None) => return Ok(()),
+            Err(_) if weak.upgrade().is_none() => return Ok(()),
+            Err(_) => continue,
+        };
+        pending.insert((t, c), seq);
+        while pending.len() < 1024
+            && let Ok((t, c, seq)) = rx.try_recv()
+        {
+            let at = pending.entry((t, c)).or_insert(seq);
+            *at = (*at).max(seq);
+        }
+        let Some(log) = weak.upgrade() else {
+            return Ok(());
+        };
+        // Appends first: while the sequencer has requests waiting, the index waits (at most
+        // MAX_YIELD a pass), so at full load it takes the idle moments and its lag grows
+        // rather than the appends' latency. Search opens whatever is not indexed yet.
+        let deadline = tokio::time::Instant::now() + MAX_YIELD;
+        while log.queued() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        for ((t, c), through) in pending.drain() {
+            if let Err(e) = log.index_conversation(&t, &c, through).await {
+                indexer.stats.failures.fetch_add(1, Ordering::Relaxed);
+                warn!(tenant = %t, conversation = %c, "failed to index for search: {e:#}");
+                if e.is_retryable() {
+                    // The store is struggling: give it a moment rather than a busy loop.
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+    }
+}
+
+/// Deletes the hot postings of `conv` for seqs at or below `through` (archived or purged
+/// events: the archive answers for them). Returns how many were deleted.
+pub async fn forget_postings_through(
+    store: &dyn KvStore,
+    t: &TenantId,
+    c: &ConvId,
+    through: u64,
+) -> Result<u64, LogError> {
+    let mut pages = Pages::new(KeyRange::prefix(keys::search_posting_dir(t, c)));
+    let mut deleted = 0;
+    while let Some(rows) = pages.next(store).await? {
+        let mut txn = Transaction::new();
+        for (k, _) in rows {
+            if keys::event_seq(&k).is_some_and(|s| s <= through) {
+                txn.delete(k);
+                deleted += 1;
+            }
+        }
+        if !txn.is_empty() {
+            store.commit(txn).await?;
+        }
+    }
+    Ok(deleted)
+}
+
+/// Retention purged `conv` through its purge marker: its postings and fates there go too.
+pub async fn forget_purged(store: &dyn KvStore, t: &TenantId, c: &ConvId) -> Result<(), LogError> {
+    let through = purged_through(store, t, c).await?;
+    if through == 0 {
+        return Ok(());
+    }
+    forget_postings_through(store, t, c, through).await?;
+    loop {
+        let rows = store
+            .scan(keys::search_fates(t, c, 0, through), 1000, Order::Ascending)
+            .await?;
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let mut txn = Transaction::new();
+        for (k, _) in rows {
+            txn.delete(k);
+        }
+        store.commit(txn).await?;
+    }
+}

@@ -1,0 +1,224 @@
+//! `tidings bench search`: end-user search latency over the hot index, the index's size per
+//! event, and what the hot indexer costs appends, in one run
+//! (docs/decisions/hot-search-index.md).
+//!
+//! Two fresh fjall stores on disk get the same chat corpus ([`crate::bench_corpus`]): one
+//! with the hot indexer off, one with it running beside the appends (as `serve` runs it).
+//! Appends are pipelined as in `bench append`; the ratio of the two rates is the indexer's
+//! cost on this machine (its CPU competes with the sequencer's). Then, once the indexer has
+//! caught up, `--samples` searches by random users over all their conversations (every
+//! user is in every conversation): one rare word, one common word, two words; p50 and p99
+//! of `Log::search` (in process: the gateway and NATS hops are not included). The index's
+//! size: the bytes of the `sx/` postings against the sealed events' bytes (`ev/`).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use tidings_log::crypto::MasterKey;
+use tidings_log::store::{FjallStore, KeyRange, KvStore, Pages};
+use tidings_log::{Log, LogConfig};
+
+use crate::bench_corpus::{Corpus, append_pipelined, chat_text, ms, vocabulary};
+
+#[derive(Debug, clap::Args)]
+pub struct SearchArgs {
+    /// Messages appended (to each of the two stores).
+    #[arg(long, default_value_t = 100_000)]
+    pub events: usize,
+    /// Group conversations the messages go to (each user is in all of them).
+    #[arg(long, default_value_t = 50)]
+    pub conversations: usize,
+    #[arg(long, default_value_t = 20)]
+    pub users: usize,
+    /// Timed searches.
+    #[arg(long, default_value_t = 1000)]
+    pub samples: usize,
+    /// Directory for the scratch stores (default: the system temp directory).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+}
+
+struct Loaded {
+    log: Log,
+    store: Arc<dyn KvStore>,
+    rate: f64,
+    corpus: Corpus,
+}
+
+async fn load(
+    path: &std::path::Path,
+    args: &SearchArgs,
+    cfg: &LogConfig,
+    indexer: bool,
+) -> anyhow::Result<Loaded> {
+    let store: Arc<dyn KvStore> = Arc::new(FjallStore::open(path)?);
+    let mut cfg = cfg.clone();
+    cfg.search.hot_index = indexer;
+    cfg.send_buffer = None;
+    let log = Log::open(store.clone(), MasterKey::generate(), cfg).await?;
+    if indexer {
+        tokio::spawn(tidings_log::hot_index::run_indexer(log.downgrade()));
+    }
+    let corpus = Corpus::create(&log, args.conversations, args.users).await?;
+    let vocab = vocabulary();
+    let mut rng = fastrand::Rng::with_seed(7);
+    let requests: Vec<anyhow::Result<_>> = (0..args.events)
+        .map(|_| corpus.message(&mut rng, |r| chat_text(r, &vocab)))
+        .collect();
+    let started = Instant::now();
+    let n = append_pipelined(&log, requests, |_, _| {}).await?;
+    let rate = n as f64 / started.elapsed().as_secs_f64();
+    Ok(Loaded {
+        log,
+        store,
+        rate,
+        corpus,
+    })
+}
+
+/// Bytes (keys and values) under `prefix`.
+async fn bytes_under(store: &dyn KvStore, prefix: Vec<u8>) -> anyhow::Result<(u64, u64)> {
+    let mut pages = Pages::new(KeyRange::prefix(prefix));
+    let (mut rows, mut bytes) = (0u64, 0u64);
+    while let Some(page) = pages.next(store).await? {
+        rows += page.len() as u64;
+        bytes += page
+            .iter()
+            .map(|(k, v)| (k.len() + v.len()) as u64)
+            .sum::<u64>();
+    }
+    Ok((rows, bytes))
+}
+
+pub async fn run(args: SearchArgs, log_config: LogConfig) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.events > 0 && args.conversations > 0 && args.users > 0 && args.samples > 0,
+        "events, conversations, users and samples must be positive"
+    );
+    let (base, dir) = crate::bench::scratch_dir(args.dir.as_deref(), "search")?;
+    println!(
+        "tidings bench search: {} messages in {} conversations of {} users, {} searches, {} \
+         cores; fjall under {}",
+        args.events,
+        args.conversations,
+        args.users,
+        args.samples,
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        base.display()
+    );
+    let plain = load(&dir.path().join("without"), &args, &log_config, false).await?;
+    let rate_without = plain.rate;
+    plain.log.close().await;
+    drop(plain.store);
+    let indexed = load(&dir.path().join("with"), &args, &log_config, true).await?;
+    let rate_with = indexed.rate;
+    // Let the indexer catch up (not timed against anything).
+    let caught_up = Instant::now();
+    let stats = &indexed.log.indexer().expect("indexer on").stats;
+    let total = (args.events + args.conversations) as u64;
+    while stats.indexed_events.load(Ordering::Relaxed) < total {
+        anyhow::ensure!(
+            caught_up.elapsed() < Duration::from_secs(600),
+            "the indexer did not catch up"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let catch_up = caught_up.elapsed();
+    println!();
+    println!(
+        "| appends/s without the indexer | with it | ratio | indexer caught up after the last append |"
+    );
+    println!("|---:|---:|---:|---:|");
+    println!(
+        "| {:.0} | {:.0} | {:.3} | {:.0} ms |",
+        rate_without,
+        rate_with,
+        rate_with / rate_without,
+        ms(catch_up)
+    );
+
+    let (log, store, corpus) = (&indexed.log, &indexed.store, &indexed.corpus);
+    let tenant = &corpus.tenant;
+    let (posting_rows, posting_bytes) = bytes_under(&**store, b"sx\0".to_vec()).await?;
+    let (fate_rows, fate_bytes) = bytes_under(&**store, b"sf\0".to_vec()).await?;
+    let events_dir = [b"ev\0".as_slice(), tenant.as_str().as_bytes(), b"\0"].concat();
+    let (event_rows, event_bytes) = bytes_under(&**store, events_dir).await?;
+    println!();
+    println!("| index | rows | bytes | bytes per event | against the sealed events |");
+    println!("|---|---:|---:|---:|---:|");
+    println!(
+        "| postings (sx/) | {posting_rows} | {posting_bytes} | {:.0} | {:.2}x |",
+        posting_bytes as f64 / event_rows.max(1) as f64,
+        posting_bytes as f64 / event_bytes.max(1) as f64
+    );
+    println!(
+        "| fates (sf/) | {fate_rows} | {fate_bytes} | {:.1} | {:.3}x |",
+        fate_bytes as f64 / event_rows.max(1) as f64,
+        fate_bytes as f64 / event_bytes.max(1) as f64
+    );
+    println!(
+        "| sealed events (ev/) | {event_rows} | {event_bytes} | {:.0} | 1x |",
+        event_bytes as f64 / event_rows.max(1) as f64
+    );
+
+    // Queries: a rare word, a common one, two words of a real message.
+    let vocab = vocabulary();
+    let mut rng = fastrand::Rng::with_seed(11);
+    let mut kinds: Vec<(&str, Vec<Duration>, usize)> = vec![
+        ("rare word", Vec::new(), 0),
+        ("common word", Vec::new(), 0),
+        ("two words", Vec::new(), 0),
+    ];
+    for i in 0..args.samples {
+        let kind = i % 3;
+        let query = match kind {
+            0 => vocab[vocab.len() - 1 - rng.usize(..2000)].clone(),
+            1 => vocab[rng.usize(..20)].clone(),
+            _ => {
+                let text = chat_text(&mut rng, &vocab);
+                let words: Vec<&str> = text.split(' ').collect();
+                let at = rng.usize(..words.len().saturating_sub(1).max(1));
+                words[at..(at + 2).min(words.len())].join(" ")
+            }
+        };
+        let user = &corpus.users[rng.usize(..corpus.users.len())];
+        let t0 = Instant::now();
+        let page = log.search(tenant, user, &query, "", 20).await?;
+        kinds[kind].1.push(t0.elapsed());
+        kinds[kind].2 += page.hits.len();
+    }
+    println!();
+    println!("| query | searches | mean hits per page | p50 | p99 |");
+    println!("|---|---:|---:|---:|---:|");
+    let mut all = Vec::new();
+    for (name, mut times, hits) in kinds {
+        times.sort_unstable();
+        let n = times.len().max(1);
+        println!(
+            "| {name} | {} | {:.1} | {:.2} ms | {:.2} ms |",
+            times.len(),
+            hits as f64 / n as f64,
+            ms(at(&times, 0.5)),
+            ms(at(&times, 0.99))
+        );
+        all.extend(times);
+    }
+    all.sort_unstable();
+    println!(
+        "| all | {} | | {:.2} ms | {:.2} ms |",
+        all.len(),
+        ms(at(&all, 0.5)),
+        ms(at(&all, 0.99))
+    );
+    indexed.log.close().await;
+    Ok(())
+}
+
+fn at(sorted: &[Duration], q: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() as f64 * q) as usize).min(sorted.len() - 1)]
+}
