@@ -120,7 +120,8 @@ impl Dispatcher {
     }
 
     /// Runs until aborted (the supervisor's shutdown) or a failure to read the
-    /// subscriptions, which the supervisor reports and restarts.
+    /// subscriptions that waiting will not cure (a corrupt row), which the supervisor reports
+    /// and restarts; a store that cannot be reached now is looked at again at the next tick.
     pub async fn run(self) -> anyhow::Result<()> {
         let shared = self.0;
         let mut workers: JoinSet<()> = JoinSet::new();
@@ -138,11 +139,24 @@ impl Dispatcher {
                     continue;
                 }
             }
-            let subs = shared
+            let subs = match shared
                 .hooks
                 .list_with_tenants(None, MAX_DISPATCHED + 1)
                 .await
-                .context("read the webhook subscriptions")?;
+            {
+                Ok(subs) => subs,
+                // The store is out (an outage the send buffer rides through): the workers
+                // that run keep waiting on it themselves, and the list is read again at the
+                // next tick. Failing here would restart the dispatcher until the supervisor
+                // gave up, taking the whole process down with the KV.
+                Err(e) if e.is_retryable() => {
+                    warn!(error = %e, "cannot read the webhook subscriptions now; looking again at the next tick");
+                    continue;
+                }
+                Err(e) => {
+                    return Err(anyhow::Error::new(e).context("read the webhook subscriptions"));
+                }
+            };
             if subs.len() > MAX_DISPATCHED {
                 warn!(
                     max = MAX_DISPATCHED,
