@@ -31,14 +31,8 @@ fn account_json(tenant: &TenantId, a: &BotAccount) -> Value {
     })
 }
 
-/// Signs a token for `bot` (which must be registered and live), for the chat `audience`.
-async fn issue(
-    log: &Log,
-    audience: &str,
-    tenant: &TenantId,
-    bot: &UserId,
-    days: u64,
-) -> Result<(Value, String), LogError> {
+/// The tenant's bot `bot`, if it is registered and live.
+async fn live(log: &Log, tenant: &TenantId, bot: &UserId) -> Result<BotAccount, LogError> {
     let account = bots::get(&**log.store(), tenant, bot)
         .await?
         .ok_or_else(|| LogError::InvalidRequest(format!("tenant {tenant} has no bot {bot}")))?;
@@ -47,6 +41,18 @@ async fn issue(
             "bot {bot} was revoked; create another"
         )));
     }
+    Ok(account)
+}
+
+/// Signs a token for the live bot `account`, for the chat `audience`.
+fn issue(
+    log: &Log,
+    audience: &str,
+    tenant: &TenantId,
+    account: &BotAccount,
+    days: u64,
+) -> (Value, String) {
+    let bot = &account.id;
     let now = tidings_gateway::now_secs();
     let jti = uuid::Uuid::now_v7().to_string();
     let token = tidings_auth::issue_bot(
@@ -60,11 +66,11 @@ async fn issue(
     );
     let expires = crate::output::rfc3339_ms(((now + days * 86_400) * 1000) as i64);
     let detail = format!("token {jti} issued to {bot}, valid until {expires}");
-    let mut answer = account_json(tenant, &account);
+    let mut answer = account_json(tenant, account);
     answer["token"] = json!(token);
     answer["jti"] = json!(jti);
     answer["expires"] = json!(expires);
-    Ok((answer, detail))
+    (answer, detail)
 }
 
 /// Registers bot `name` (`bot-<name>`) and issues its first token.
@@ -78,7 +84,7 @@ pub async fn create(
 ) -> Result<(Value, String), LogError> {
     let days = token_days(days)?;
     let bot = bots::bot_id(name)?;
-    bots::create(
+    let account = bots::create(
         &**log.store(),
         tenant,
         &bot,
@@ -86,7 +92,7 @@ pub async fn create(
         tidings_log::now_ms(),
     )
     .await?;
-    let (answer, issued) = issue(log, audience, tenant, &bot, days).await?;
+    let (answer, issued) = issue(log, audience, tenant, &account, days);
     Ok((answer, format!("bot {bot} created; {issued}")))
 }
 
@@ -99,7 +105,8 @@ pub async fn token(
     days: Option<u64>,
 ) -> Result<(Value, String), LogError> {
     let days = token_days(days)?;
-    issue(log, audience, tenant, &bots::bot_id(bot)?, days).await
+    let account = live(log, tenant, &bots::bot_id(bot)?).await?;
+    Ok(issue(log, audience, tenant, &account, days))
 }
 
 /// Marks the bot revoked and revokes every token it was issued (announced on `nats`).

@@ -138,7 +138,12 @@ pub(super) async fn request(
                 Err(e) => return failure(&e),
             }
         }
-        Op::BotCreate | Op::BotToken | Op::BotRevoke | Op::BotList => {
+        // Listing changes nothing: not an operation to record.
+        Op::BotList => match crate::bots::list(&state.log, &tenant).await {
+            Ok(bots) => json!({"tenant": tenant.as_str(), "bots": bots}),
+            Err(e) => return log_failure(&e),
+        },
+        Op::BotCreate | Op::BotToken | Op::BotRevoke => {
             let days = fields.get("days").and_then(Value::as_u64);
             let audience = state.chat_audience.as_str();
             let done = match op {
@@ -151,21 +156,12 @@ pub(super) async fn request(
                     let bot = text("bot").unwrap_or_default();
                     crate::bots::token(&state.log, audience, &tenant, bot, days).await
                 }
-                Op::BotRevoke => {
+                _ => {
                     let bot = text("bot").unwrap_or_default();
                     crate::bots::revoke(&state.log, state.nats.as_ref(), &tenant, bot).await
                 }
-                _ => match crate::bots::list(&state.log, &tenant).await {
-                    Ok(bots) => Ok((
-                        json!({"tenant": tenant.as_str(), "bots": bots}),
-                        String::new(),
-                    )),
-                    Err(e) => Err(e),
-                },
             };
             match done {
-                // Listing changes nothing: not an operation to record.
-                Ok((answer, _)) if op == Op::BotList => answer,
                 Ok((answer, detail)) => {
                     record(state, &tenant, actor, action, detail).await;
                     answer
