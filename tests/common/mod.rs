@@ -6,6 +6,7 @@
 
 pub mod admin;
 pub mod browser;
+pub mod cells;
 pub mod identity;
 pub mod prom;
 pub mod receiver;

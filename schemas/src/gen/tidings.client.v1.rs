@@ -534,6 +534,10 @@ pub struct Error {
     /// logged the cause. Quote it to an operator; it means nothing else.
     #[prost(string, tag = "5")]
     pub trace_id: ::prost::alloc::string::String,
+    /// For WRONG_CELL: the WebSocket URL of the cell that serves the tenant (empty if this
+    /// cell does not know it).
+    #[prost(string, tag = "6")]
+    pub redirect_url: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct Goodbye {
@@ -568,6 +572,9 @@ pub enum ErrorCode {
     /// The tenant's interceptor (a DLP or moderation check) refused it; the message says why.
     /// Nothing was committed. Sending the same again is refused again.
     Rejected = 16,
+    /// The tenant is served by another cell (docs/decisions/cells.md): connect to
+    /// `redirect_url` instead (the client library does). Nothing was done here.
+    WrongCell = 17,
 }
 impl ErrorCode {
     /// String value of the enum field names used in the ProtoBuf definition.
@@ -593,6 +600,7 @@ impl ErrorCode {
             Self::Unavailable => "ERROR_CODE_UNAVAILABLE",
             Self::Internal => "ERROR_CODE_INTERNAL",
             Self::Rejected => "ERROR_CODE_REJECTED",
+            Self::WrongCell => "ERROR_CODE_WRONG_CELL",
         }
     }
     /// Creates an enum from field names used in the ProtoBuf definition.
@@ -615,6 +623,7 @@ impl ErrorCode {
             "ERROR_CODE_UNAVAILABLE" => Some(Self::Unavailable),
             "ERROR_CODE_INTERNAL" => Some(Self::Internal),
             "ERROR_CODE_REJECTED" => Some(Self::Rejected),
+            "ERROR_CODE_WRONG_CELL" => Some(Self::WrongCell),
             _ => None,
         }
     }
@@ -644,6 +653,8 @@ pub enum CloseReason {
     /// The user already has gateway.max_sessions_per_user sessions on this gateway.
     TooManySessions = 4014,
     Flood = 4029,
+    /// The tenant is served by another cell; the Error frame before the close says where.
+    WrongCell = 4030,
     ShuttingDown = 4050,
 }
 impl CloseReason {
@@ -664,6 +675,7 @@ impl CloseReason {
             Self::Unavailable => "CLOSE_REASON_UNAVAILABLE",
             Self::TooManySessions => "CLOSE_REASON_TOO_MANY_SESSIONS",
             Self::Flood => "CLOSE_REASON_FLOOD",
+            Self::WrongCell => "CLOSE_REASON_WRONG_CELL",
             Self::ShuttingDown => "CLOSE_REASON_SHUTTING_DOWN",
         }
     }
@@ -681,6 +693,7 @@ impl CloseReason {
             "CLOSE_REASON_UNAVAILABLE" => Some(Self::Unavailable),
             "CLOSE_REASON_TOO_MANY_SESSIONS" => Some(Self::TooManySessions),
             "CLOSE_REASON_FLOOD" => Some(Self::Flood),
+            "CLOSE_REASON_WRONG_CELL" => Some(Self::WrongCell),
             "CLOSE_REASON_SHUTTING_DOWN" => Some(Self::ShuttingDown),
             _ => None,
         }

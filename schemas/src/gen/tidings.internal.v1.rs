@@ -323,6 +323,9 @@ pub struct LogError {
     /// For rate_limited: when trying again may succeed, in ms (0: not said).
     #[prost(uint64, tag = "5")]
     pub retry_after_ms: u64,
+    /// For wrong_cell: the cell that serves the tenant.
+    #[prost(string, tag = "6")]
+    pub cell: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct Committed {

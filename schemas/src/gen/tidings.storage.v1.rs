@@ -320,3 +320,78 @@ pub struct WebhookDeadLetter {
     #[prost(int64, tag = "4")]
     pub time_ms: i64,
 }
+/// `cd/<tenant>`: where the tenant lives (docs/decisions/cells.md). Every cell holds the whole
+/// directory; the highest version wins.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct CellPlacement {
+    /// The cell that serves the tenant's clients and sequences its conversations.
+    #[prost(string, tag = "1")]
+    pub home: ::prost::alloc::string::String,
+    /// The disaster-recovery cell its committed writes are replicated to; empty: none.
+    #[prost(string, tag = "2")]
+    pub dr: ::prost::alloc::string::String,
+    /// "vip" or "standard": who moves first, and who may be synchronous.
+    #[prost(string, tag = "3")]
+    pub tier: ::prost::alloc::string::String,
+    /// A send is acknowledged only once the DR cell has it (RPO 0).
+    #[prost(bool, tag = "4")]
+    pub sync: bool,
+    /// Raised by one at every change; the highest version wins everywhere.
+    #[prost(uint64, tag = "5")]
+    pub version: u64,
+    #[prost(int64, tag = "6")]
+    pub changed_ms: i64,
+    #[prost(string, tag = "7")]
+    pub changed_by: ::prost::alloc::string::String,
+    /// The home cell refuses the tenant's writes while it drains them to the DR cell
+    /// (a planned move is under way).
+    #[prost(bool, tag = "8")]
+    pub draining: bool,
+}
+/// One key the home cell's writer wrote for a replicated tenant (`value` absent: deleted).
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ReplicaWrite {
+    #[prost(bytes = "vec", tag = "1")]
+    pub key: ::prost::alloc::vec::Vec<u8>,
+    #[prost(bytes = "vec", optional, tag = "2")]
+    pub value: ::core::option::Option<::prost::alloc::vec::Vec<u8>>,
+}
+/// `ro/<partition>/<epoch>/<n>`: one commit's writes of one tenant, waiting in the home cell's
+/// outbox for the relay to hand them to the tenant's DR cell (the same message is what
+/// crosses). Written in the same transaction as the writes themselves.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct ReplicaBatch {
+    #[prost(string, tag = "1")]
+    pub source: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub tenant: ::prost::alloc::string::String,
+    /// A conversation the writes are about (they all hash to `partition`).
+    #[prost(string, tag = "3")]
+    pub conversation: ::prost::alloc::string::String,
+    #[prost(uint32, tag = "4")]
+    pub partition: u32,
+    #[prost(uint32, tag = "5")]
+    pub partitions: u32,
+    #[prost(uint64, tag = "6")]
+    pub epoch: u64,
+    #[prost(uint64, tag = "7")]
+    pub n: u64,
+    #[prost(message, repeated, tag = "8")]
+    pub writes: ::prost::alloc::vec::Vec<ReplicaWrite>,
+    /// Data keys the writes were sealed with, sealed under the pair's link key for the DR cell
+    /// (filled by the relay, not stored).
+    #[prost(message, repeated, tag = "9")]
+    pub keys: ::prost::alloc::vec::Vec<LinkedKey>,
+    /// The DR cell the batch is for, and when it was committed (for the lag metric).
+    #[prost(string, tag = "10")]
+    pub dr: ::prost::alloc::string::String,
+    #[prost(int64, tag = "11")]
+    pub time_ms: i64,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct LinkedKey {
+    #[prost(uint32, tag = "1")]
+    pub key_id: u32,
+    #[prost(bytes = "vec", tag = "2")]
+    pub sealed: ::prost::alloc::vec::Vec<u8>,
+}

@@ -40,7 +40,15 @@ pub enum ClientError {
     },
     #[error("unexpected reply: {0}")]
     Unexpected(String),
+    /// The tenant is served by another cell: connect to `url` (empty: the server does not
+    /// know it). [`Connection::open`] follows it.
+    #[error("the tenant is served by another cell{}", if .url.is_empty() { String::new() } else { format!(": {}", .url) })]
+    WrongCell { url: String },
 }
+
+/// How many cells [`Connection::open`] follows before it gives up (a loop of redirects
+/// between cells that disagree).
+pub const MAX_CELL_REDIRECTS: usize = 3;
 
 /// How a `wss://` server's certificate is verified.
 #[derive(Clone, Debug, Default)]
@@ -436,16 +444,28 @@ impl Connection {
         Connection::open_with(url, &ClientTls::default(), token, device).await
     }
 
-    /// Connects with `tls` for `wss://`, and authenticates.
+    /// Connects with `tls` for `wss://`, and authenticates, following the server to the
+    /// tenant's cell when it answers `WRONG_CELL` (at most [`MAX_CELL_REDIRECTS`] times): a
+    /// client's first connect can go to any cell.
     pub async fn open_with(
         url: &str,
         tls: &ClientTls,
         token: &str,
         device: &str,
     ) -> Result<(Connection, proto::Welcome), ClientError> {
-        let conn = Connection::connect_with(url, tls).await?;
-        let welcome = conn.hello(token, device).await?;
-        Ok((conn, welcome))
+        let mut url = url.to_string();
+        for _ in 0..=MAX_CELL_REDIRECTS {
+            let conn = Connection::connect_with(&url, tls).await?;
+            match conn.hello(token, device).await {
+                Ok(welcome) => return Ok((conn, welcome)),
+                Err(ClientError::WrongCell { url: next }) if !next.is_empty() => url = next,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(ClientError::Connect {
+            url,
+            message: format!("more than {MAX_CELL_REDIRECTS} cell redirects"),
+        })
     }
 
     /// A handle for sending requests from another task.
@@ -502,6 +522,11 @@ impl Requester {
             return Err(self.closed());
         }
         match rx.await {
+            Ok(Msg::Error(e)) if e.code == proto::ErrorCode::WrongCell as i32 => {
+                Err(ClientError::WrongCell {
+                    url: e.redirect_url,
+                })
+            }
             Ok(Msg::Error(e)) => Err(ClientError::Server {
                 code: proto::ErrorCode::try_from(e.code).unwrap_or(proto::ErrorCode::Unspecified),
                 message: e.message,

@@ -44,6 +44,12 @@ pub static SESSIONS_OPENED: Counter = Counter::new(
     "Sessions whose Hello was accepted.",
 );
 
+/// Hellos sent to another cell: the tenant is homed there (cells).
+pub static CELL_REDIRECTS: Counter = Counter::new(
+    "tidings_gateway_cell_redirects_total",
+    "Sessions refused at Hello with WRONG_CELL and the URL of the tenant's home cell.",
+);
+
 /// The gateway's metrics, static and read from `shared` at scrape time.
 pub fn collector(shared: &Arc<Shared>) -> Collector {
     let shared = Arc::downgrade(shared);
@@ -53,6 +59,7 @@ pub fn collector(shared: &Arc<Shared>) -> Collector {
         RATE_LIMITED.write(out);
         SEARCH_SECONDS.write(out);
         SESSIONS_OPENED.write(out);
+        CELL_REDIRECTS.write(out);
         let Some(shared) = shared.upgrade() else {
             return;
         };

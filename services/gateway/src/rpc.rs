@@ -95,12 +95,7 @@ impl NatsLogService {
             .map_err(|r| r.error)?;
         match reply.body {
             Some(rpc_reply::Body::TransportKey(k)) => exchange.finish(tenant, &k),
-            Some(rpc_reply::Body::Refused(e)) => Err(LogError::remote_after(
-                &e.code,
-                e.message,
-                e.retryable,
-                e.retry_after_ms,
-            )),
+            Some(rpc_reply::Body::Refused(e)) => Err(from_wire(e).0),
             _ => Err(unexpected()),
         }
     }
@@ -216,15 +211,8 @@ impl NatsLogService {
                 if e.code == "tenant_shredded" {
                     self.keys.forget(key.tenant());
                 }
-                return Err(Refused {
-                    error: LogError::remote_after(
-                        &e.code,
-                        e.message,
-                        e.retryable,
-                        e.retry_after_ms,
-                    ),
-                    owner: e.owner,
-                });
+                let (error, owner) = from_wire(e);
+                return Err(Refused { error, owner });
             }
             _ => return Err(unexpected().into()),
         };
@@ -250,10 +238,10 @@ impl NatsLogService {
             ))
         })?;
         match resp.result {
-            Some(Reply::Error(e)) => Err(Refused {
-                error: LogError::remote_after(&e.code, e.message, e.retryable, e.retry_after_ms),
-                owner: e.owner,
-            }),
+            Some(Reply::Error(e)) => {
+                let (error, owner) = from_wire(e);
+                Err(Refused { error, owner })
+            }
             Some(other) => Ok(other),
             None => Err(unexpected().into()),
         }
@@ -915,8 +903,27 @@ fn refused(e: &LogError) -> wire::RpcReply {
             retryable: e.is_retryable(),
             owner: String::new(),
             retry_after_ms: e.retry_after_ms(),
+            cell: wrong_cell(e),
         })),
     }
+}
+
+/// The cell a `wrong_cell` error names (empty for every other error).
+fn wrong_cell(e: &LogError) -> String {
+    match e {
+        LogError::WrongCell { cell } => cell.clone(),
+        _ => String::new(),
+    }
+}
+
+/// A log error as the remote log service reported it, and the owner it named (not_owner).
+fn from_wire(e: wire::LogError) -> (LogError, String) {
+    let error = if e.code == "wrong_cell" {
+        LogError::WrongCell { cell: e.cell }
+    } else {
+        LogError::remote_after(&e.code, e.message, e.retryable, e.retry_after_ms)
+    };
+    (error, e.owner)
 }
 
 fn error_reply(e: &LogError) -> Reply {
@@ -929,6 +936,7 @@ fn error_reply(e: &LogError) -> Reply {
             _ => String::new(),
         },
         retry_after_ms: e.retry_after_ms(),
+        cell: wrong_cell(e),
     })
 }
 
@@ -942,6 +950,10 @@ async fn answer(log: &Log, auth: &RpcAuth, payload: &[u8]) -> wire::RpcReply {
         Ok(t) => t,
         Err(e) => return refused(&e),
     };
+    // A tenant homed in another cell is not served here at all (cells).
+    if let Err(e) = log.serves(&t) {
+        return refused(&e);
+    }
     match req.body {
         Some(rpc_request::Body::TransportKey(k)) => {
             let identity = auth.identity(log);

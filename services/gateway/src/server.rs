@@ -68,6 +68,9 @@ pub struct GatewayConfig {
     pub search_max_terms: usize,
     pub search_page_hits: usize,
     pub search_per_minute: u32,
+    /// Where each cell's clients connect (`[[cell.peers]]` and this cell): the URL a
+    /// `wrong_cell` error sends a client to.
+    pub cell_urls: std::collections::HashMap<String, String>,
 }
 
 impl Default for GatewayConfig {
@@ -110,6 +113,7 @@ impl Default for GatewayConfig {
             search_page_hits: 20,
             // A search can open thousands of events: a person types a few a minute.
             search_per_minute: 60,
+            cell_urls: std::collections::HashMap::new(),
         }
     }
 }

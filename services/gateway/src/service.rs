@@ -251,6 +251,9 @@ impl LogService for Log {
         after: Option<&ConvId>,
         limit: usize,
     ) -> Result<Vec<ConversationSummary>, LogError> {
+        // Every session lists its conversations at Hello: a tenant of another cell is sent
+        // there (cells).
+        self.serves(t)?;
         Log::conversations(self, t, user, after, limit).await
     }
     async fn members(

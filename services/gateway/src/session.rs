@@ -58,7 +58,7 @@ fn error(code: ErrorCode, message: impl Into<String>) -> Msg {
         message: message.into(),
         retry_after_ms: 0,
         retryable: false,
-        trace_id: String::new(),
+        ..Default::default()
     })
 }
 
@@ -128,6 +128,12 @@ pub fn log_error(e: &LogError, session: u64, request_id: u64) -> Msg {
             client_detail("too many requests; slow down"),
             false,
         ),
+        // The session adds where to go (`redirect_url`) from the gateway's cell list.
+        "wrong_cell" => (
+            ErrorCode::WrongCell,
+            "this tenant is served by another cell".into(),
+            false,
+        ),
         "conflict"
         | "store_locked"
         | "store_error"
@@ -156,7 +162,20 @@ pub fn log_error(e: &LogError, session: u64, request_id: u64) -> Msg {
         retry_after_ms: e.retry_after_ms(),
         retryable: e.is_retryable(),
         trace_id,
+        redirect_url: String::new(),
     })
+}
+
+/// `msg` with the URL of the cell a `wrong_cell` error names, from `cell_urls`.
+pub fn with_redirect(
+    mut msg: Msg,
+    e: &LogError,
+    cell_urls: &std::collections::HashMap<String, String>,
+) -> Msg {
+    if let (Msg::Error(err), LogError::WrongCell { cell }) = (&mut msg, e) {
+        err.redirect_url = cell_urls.get(cell).cloned().unwrap_or_default();
+    }
+    msg
 }
 
 /// A token bucket per session: `rate` frames a second, bursts of `burst`.
@@ -435,6 +454,15 @@ fn close(reason: CloseReason, message: impl Into<String>) -> Option<CloseOrder> 
 }
 
 impl Session {
+    /// [`log_error`] for this session, with a redirect where the error is `wrong_cell`.
+    fn log_error(&self, e: &LogError, request_id: u64) -> Msg {
+        with_redirect(
+            log_error(e, self.session_id, request_id),
+            e,
+            &self.shared.cfg.cell_urls,
+        )
+    }
+
     /// Queues a reply, charged to the session's byte budget like a push; a full queue ends
     /// the session as a slow consumer.
     fn reply(&self, request_id: u64, msg: Msg) {
@@ -466,7 +494,7 @@ impl Session {
                 message: "too many frames; slow down".into(),
                 retry_after_ms: wait.as_millis() as u64 + 1,
                 retryable: true,
-                trace_id: String::new(),
+                ..Default::default()
             }),
         );
         Err(None)
@@ -588,7 +616,7 @@ impl Session {
                             if e.code() == "rate_limited" {
                                 crate::metrics::RATE_LIMITED.inc("log");
                             }
-                            log_error(&e, self.session_id, id)
+                            self.log_error(&e, id)
                         }
                     };
                     self.reply(id, msg);
@@ -675,8 +703,16 @@ impl Session {
         // delivered here reaches this session, and the client's Sync covers the rest.
         let convs = match self.all_conversations(&tenant, &user).await {
             Ok(convs) => convs,
+            Err(e) if e.code() == "wrong_cell" => {
+                crate::metrics::CELL_REDIRECTS.inc();
+                self.reply(id, self.log_error(&e, id));
+                return close(
+                    CloseReason::WrongCell,
+                    "this tenant is served by another cell",
+                );
+            }
             Err(e) => {
-                self.reply(id, log_error(&e, session_id, id));
+                self.reply(id, self.log_error(&e, id));
                 return close(
                     CloseReason::Unavailable,
                     "cannot list the user's conversations; try again later",
@@ -730,7 +766,7 @@ impl Session {
             }
             Err(e) => {
                 info!(error = %e, "failed to check a token's revocation");
-                self.reply(id, log_error(&e, self.session_id, id));
+                self.reply(id, self.log_error(&e, id));
                 close(
                     CloseReason::Unavailable,
                     "cannot check the token right now; try again later",
@@ -1174,7 +1210,7 @@ impl Session {
             let state = match self.sync_one(t, &s, &known, latest, budget).await {
                 Ok(state) => state,
                 Err(e) => {
-                    let Msg::Error(error) = log_error(&e, self.session_id, 0) else {
+                    let Msg::Error(error) = self.log_error(&e, 0) else {
                         unreachable!("log_error makes errors")
                     };
                     proto::ConversationState {

@@ -185,6 +185,32 @@ impl MasterKey {
     }
 }
 
+/// The key two cells share to hand each other the data keys of the tenants one replicates to
+/// the other (`[cell] link_key_file`; same format as the master key). Data keys cross only
+/// sealed under it, bound to tenant and key id; each cell wraps them under its own master key.
+pub struct LinkKey(Secret);
+
+impl LinkKey {
+    pub fn from_hex(text: &str) -> Result<Self, String> {
+        secret_from_hex(text).map(LinkKey)
+    }
+
+    /// Reads a key file (128 hex digits; `tidings keys init --file` writes one).
+    pub fn from_file(path: &Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read the cell link key {}: {e}", path.display()))?;
+        Self::from_hex(&text).map_err(|e| format!("cell link key {}: {e}", path.display()))
+    }
+
+    fn ad(tenant: &TenantId, key_id: u32) -> [Vec<u8>; 3] {
+        [
+            b"tidings-cell-key-v1".to_vec(),
+            tenant.as_str().as_bytes().to_vec(),
+            key_id.to_be_bytes().to_vec(),
+        ]
+    }
+}
+
 /// A key the tenant holds (from a file or a command of its own): the inner layer of its data
 /// keys' wrap. Kept in memory only; never written to the KV, never logged.
 pub struct TenantKey(Secret);
@@ -803,6 +829,61 @@ impl Keyring {
             .unwrap_or_else(|p| p.into_inner())
             .insert(tenant.clone(), key.clone());
         Ok(key)
+    }
+
+    /// Data key `key_id` of the tenant sealed under the cells' link key, for its DR cell.
+    pub async fn export_linked(
+        &self,
+        tenant: &TenantId,
+        key_id: u32,
+        link: &LinkKey,
+    ) -> Result<Vec<u8>, LogError> {
+        let key = self.key(tenant, key_id).await?;
+        Ok(siv(&link.0)
+            .encrypt(LinkKey::ad(tenant, key_id), &key.secret.0)
+            .expect("sealing in memory cannot fail"))
+    }
+
+    /// Stores a data key a home cell sent sealed under the link key, wrapped under this
+    /// cell's master key (and the tenant's own key, if one is configured here), unless the
+    /// tenant has it already.
+    pub async fn import_linked(
+        &self,
+        tenant: &TenantId,
+        key_id: u32,
+        sealed: &[u8],
+        link: &LinkKey,
+    ) -> Result<(), LogError> {
+        if self
+            .keys_of(tenant)
+            .await
+            .is_ok_and(|k| k.contains_key(&key_id))
+        {
+            return Ok(());
+        }
+        let raw = siv(&link.0)
+            .decrypt(LinkKey::ad(tenant, key_id), sealed)
+            .map_err(|_| {
+                LogError::NotAllowed("a data key that the cell link key does not open".into())
+            })?;
+        let bytes: [u8; KEY_LEN] = raw
+            .as_slice()
+            .try_into()
+            .map_err(|_| LogError::InvalidRequest("a linked data key is not 64 bytes".into()))?;
+        let record = self.wrap_key(tenant, key_id, &Secret(bytes)).await?;
+        let mut txn = Transaction::new();
+        txn.expect(keys::shredded(tenant), None)
+            .put_if_absent(keys::data_key(tenant, key_id), record.encode_to_vec());
+        match self.store.commit(txn).await {
+            Ok(()) | Err(StoreError::Conflict { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+        // Read again next time, with the new key.
+        self.tenants
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(tenant);
+        Ok(())
     }
 
     /// The key an event sealed with `key_id` opens with.

@@ -122,6 +122,11 @@ pub enum LogError {
     )]
     PartitionsMismatch { stored: u32, configured: u32 },
 
+    /// The tenant is served by another cell (cells.rs): nothing was done here; its clients
+    /// belong to `cell`.
+    #[error("the tenant is served by cell {cell}")]
+    WrongCell { cell: String },
+
     #[error(transparent)]
     Store(#[from] StoreError),
 
@@ -164,6 +169,7 @@ pub const ERROR_CODES: &[&str] = &[
     "store_locked",
     "store_error",
     "unavailable",
+    "wrong_cell",
 ];
 
 impl LogError {
@@ -192,6 +198,7 @@ impl LogError {
             LogError::RateLimited { .. } => "rate_limited",
             LogError::NotOwner { .. } => "not_owner",
             LogError::PartitionsMismatch { .. } => "partitions_mismatch",
+            LogError::WrongCell { .. } => "wrong_cell",
             LogError::Archive { .. } => "archive_unavailable",
             LogError::Store(StoreError::Conflict { .. }) => "conflict",
             LogError::Store(StoreError::Locked { .. }) => "store_locked",

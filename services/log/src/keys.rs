@@ -25,6 +25,11 @@
 //! sx/tenant/conv/key_id/tag/seq          hot search posting: 8-byte BE server time (hot_index)
 //! si/tenant/conv                        hot search index: indexed through seq (8-byte BE)
 //! sf/tenant/conv/seq                    a message's fate: latest text seq (8) + recalled (1)
+//! cd/tenant                             CellPlacement (cells.rs: home cell, DR cell, tier)
+//! ro/partition/epoch/n                  ReplicaBatch waiting for the relay (replicated tenants)
+//! ri/source_cell/partition              replica applied through (epoch 8, n 8) from a home cell
+//! rl/tenant/conv/seq                    an event this cell acknowledged that its DR cell never
+//!                                       got, kept when the DR cell's history replaced it
 //! ls/partition                          Lease (who owns a partition of conversations)
 //! sy/partitions                         Partitions (the count, fixed at the first open)
 //! sy/key_check                          proof that the master key opens this store
@@ -93,6 +98,18 @@ fn event_range_with(dir: Vec<u8>, from: u64, to: u64) -> KeyRange {
 pub fn event_seq(key: &[u8]) -> Option<u64> {
     let tail: [u8; 8] = key.get(key.len().checked_sub(8)?..)?.try_into().ok()?;
     Some(u64::from_be_bytes(tail))
+}
+
+/// (conversation, seq) of an `ev/` key.
+pub fn event_ids(key: &[u8]) -> Option<(ConvId, u64)> {
+    let rest = key.strip_prefix(b"ev\0".as_slice())?;
+    let seq = event_seq(rest)?;
+    let ids = &rest[..rest.len() - 8];
+    let mut parts = ids.split(|&b| b == SEP);
+    let (_tenant, conv) = (parts.next()?, parts.next()?);
+    ConvId::new(std::str::from_utf8(conv).ok()?)
+        .ok()
+        .map(|c| (c, seq))
 }
 
 pub fn head(t: &TenantId, c: &ConvId) -> Vec<u8> {
@@ -251,6 +268,63 @@ pub fn revoked_jti(t: &TenantId, jti: &str) -> Vec<u8> {
 /// The revocation cutoff of one user of a tenant.
 pub fn revoked_user(t: &TenantId, u: &UserId) -> Vec<u8> {
     key(b"rv", &[t.as_str(), "u", u.as_str()])
+}
+
+/// Where a tenant lives (cells.rs).
+pub fn cell_placement(t: &TenantId) -> Vec<u8> {
+    key(b"cd", &[t.as_str()])
+}
+
+/// Every placement of the directory.
+pub fn cell_directory() -> KeyRange {
+    KeyRange::prefix(b"cd\0".to_vec())
+}
+
+/// The outbox of a partition (`ro/partition`); rows below it are ordered by (epoch, n).
+pub fn outbox_dir(partition: u32) -> Vec<u8> {
+    let mut k = b"ro\0".to_vec();
+    k.extend_from_slice(&partition.to_be_bytes());
+    k
+}
+
+/// One outbox row: a commit's writes of one replicated tenant.
+pub fn outbox(partition: u32, epoch: u64, n: u64) -> Vec<u8> {
+    let mut k = outbox_dir(partition);
+    k.extend_from_slice(&epoch.to_be_bytes());
+    k.extend_from_slice(&n.to_be_bytes());
+    k
+}
+
+/// How far the replicas of one home cell's partition have been applied here.
+pub fn replica_mark(source: &str, partition: u32) -> Vec<u8> {
+    let mut k = key(b"ri", &[source]);
+    k.push(SEP);
+    k.extend_from_slice(&partition.to_be_bytes());
+    k
+}
+
+/// An acknowledged event of this cell that the DR cell's history replaced (failback after an
+/// unplanned failover): kept for the report, never served.
+pub fn replica_lost(t: &TenantId, c: &ConvId, seq: u64) -> Vec<u8> {
+    let mut k = dir(b"rl", &[t.as_str(), c.as_str()]);
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+/// Every kept lost event of a tenant.
+pub fn replica_lost_dir(t: &TenantId) -> KeyRange {
+    KeyRange::prefix(dir(b"rl", &[t.as_str()]))
+}
+
+/// The tenant a key of the tenant-scoped prefixes belongs to (`ev`, `hd`, `dd`, `mb`, `mc`,
+/// `uc`, ...: `xx\0tenant\0...`).
+pub fn tenant_of(key: &[u8]) -> Option<&str> {
+    let rest = key.get(3..)?;
+    if key.get(2) != Some(&SEP) {
+        return None;
+    }
+    let end = rest.iter().position(|&b| b == SEP).unwrap_or(rest.len());
+    std::str::from_utf8(&rest[..end]).ok()
 }
 
 pub const KEY_CHECK: &[u8] = b"sy\0key_check";

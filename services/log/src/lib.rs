@@ -38,6 +38,7 @@
 //!   collectors; the log's own append and commit metrics.
 
 pub mod bots;
+pub mod cells;
 pub mod cold;
 pub mod crypto;
 pub mod error;

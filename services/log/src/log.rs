@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use prost::Message;
-use tidings_schemas::storage::{Head, Membership, SealedEvent, UserConversation};
+use tidings_schemas::storage::{Head, Membership, ReplicaBatch, SealedEvent, UserConversation};
 use tidings_schemas::v1::{ConversationKind, Event, MemberRole, event::Body};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{error, info, warn};
@@ -73,6 +73,8 @@ pub struct LogConfig {
     pub mention_all_owners_only_from: u64,
     /// Search: the hot index and the limits of a user's search (`hot_index`, `user_search`).
     pub search: crate::hot_index::SearchConfig,
+    /// This cell (`cells`): the directory fence, the outbox, replicas. `None`: cells off.
+    pub cell: Option<crate::cells::CellConfig>,
 }
 
 impl Default for LogConfig {
@@ -99,6 +101,7 @@ impl Default for LogConfig {
             overload: crate::overload::OverloadConfig::default(),
             mention_all_owners_only_from: 500,
             search: crate::hot_index::SearchConfig::default(),
+            cell: None,
         }
     }
 }
@@ -366,7 +369,7 @@ impl PendingAppend {
 fn committed(outcome: Outcome) -> Result<Committed, LogError> {
     match outcome {
         Outcome::Committed(c) => Ok(c),
-        Outcome::Cursor(_) | Outcome::Leases { .. } => {
+        Outcome::Cursor(_) | Outcome::Leases { .. } | Outcome::Replica { .. } => {
             Err(LogError::corrupt(b"", "internal: unexpected outcome"))
         }
     }
@@ -492,6 +495,8 @@ struct Inner {
     failure: watch::Receiver<Option<Arc<str>>>,
     /// The hot search index's queue (`hot_index`), when this log indexes.
     indexer: Option<Arc<crate::hot_index::Indexer>>,
+    /// This cell and its directory (`cells`), when cells are on.
+    cells: Option<Arc<crate::cells::Cells>>,
 }
 
 /// The message a panic was raised with (for a supervisor's report).
@@ -594,6 +599,12 @@ impl Log {
         let keyring = Arc::new(keyring);
         let indexer = (cfg.search.hot_index && cfg.own_partitions)
             .then(|| Arc::new(crate::hot_index::Indexer::new(cfg.search.indexer_queue)));
+        let cells = match &cfg.cell {
+            Some(c) => Some(Arc::new(
+                crate::cells::Cells::open(&*store, c.clone()).await?,
+            )),
+            None => None,
+        };
         let (tx, rx) = mpsc::channel(cfg.queue_depth);
         let stats = Arc::new(WriterStats::default());
         let mut writer = Writer {
@@ -611,6 +622,8 @@ impl Log {
             _registration: registration,
             buffer: buffer.clone(),
             outage: None,
+            cells: cells.clone(),
+            outbox_last: std::collections::HashMap::new(),
         };
         if let Some(b) = &buffer
             && !b.is_empty()
@@ -669,6 +682,7 @@ impl Log {
                 buffer,
                 failure,
                 indexer,
+                cells,
             }),
         })
     }
@@ -880,6 +894,73 @@ impl Log {
             .await
             .map_err(|_| LogError::ShuttingDown)?;
         Ok(rx)
+    }
+
+    /// This cell and its directory, when cells are on.
+    pub fn cells(&self) -> Option<&Arc<crate::cells::Cells>> {
+        self.inner.cells.as_ref()
+    }
+
+    /// `Err(wrong_cell)` if the directory homes the tenant in another cell: what the log's
+    /// service edges check before serving a tenant's client at all (writes are fenced in the
+    /// sequencer besides).
+    pub fn serves(&self, tenant: &TenantId) -> Result<(), LogError> {
+        if let Some(cells) = self.cells()
+            && let Some(p) = cells.placement(tenant)
+            && p.home != cells.name()
+        {
+            return Err(LogError::WrongCell { cell: p.home });
+        }
+        Ok(())
+    }
+
+    /// Applies a home cell's replica batch through the sequencer (`cells`): `Ok(false)` if
+    /// it was applied before. Refused unless the directory names its source as the tenant's
+    /// home and this cell as its DR cell.
+    pub async fn apply_replica(
+        &self,
+        batch: ReplicaBatch,
+        link: &crate::crypto::LinkKey,
+    ) -> Result<bool, LogError> {
+        let Some(cells) = self.cells() else {
+            return Err(LogError::NotAllowed("cells are off in this process".into()));
+        };
+        let tenant = crate::cells::check_batch(&batch)?;
+        cells.admit_replica(&tenant, &batch.source)?;
+        if batch.partitions != self.inner.cfg.partitions {
+            return Err(LogError::PartitionsMismatch {
+                stored: batch.partitions,
+                configured: self.inner.cfg.partitions,
+            });
+        }
+        let conv = ConvId::new(&batch.conversation)?;
+        if self.partition_of(&tenant, &conv) != batch.partition {
+            return Err(LogError::InvalidRequest(format!(
+                "a replica of partition {} names a conversation of another partition",
+                batch.partition
+            )));
+        }
+        for k in &batch.keys {
+            self.inner
+                .keyring
+                .import_linked(&tenant, k.key_id, &k.sealed, link)
+                .await?;
+        }
+        let cmd = Command::Replica {
+            tenant,
+            conv,
+            batch: Box::new(batch),
+        };
+        match self.call(cmd).await? {
+            Outcome::Replica { applied } => Ok(applied),
+            _ => Err(LogError::corrupt(b"ri", "internal: unexpected outcome")),
+        }
+    }
+
+    /// Waits until every write queued before this call has been committed or refused (a
+    /// lease renewal through the sequencer's queue).
+    pub async fn barrier(&self) -> Result<(), LogError> {
+        self.renew_leases().await.map(|_| ())
     }
 
     async fn call(&self, cmd: Command) -> Result<Outcome, LogError> {
@@ -1197,7 +1278,7 @@ impl Log {
         };
         match self.call(cmd).await? {
             Outcome::Cursor(c) => Ok(c),
-            Outcome::Committed(_) | Outcome::Leases { .. } => {
+            Outcome::Committed(_) | Outcome::Leases { .. } | Outcome::Replica { .. } => {
                 Err(LogError::corrupt(b"", "internal: unexpected outcome"))
             }
         }

@@ -27,7 +27,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use prost::Message;
 use tidings_schemas::storage::{
-    Dedupe, Head, Lease, Membership, MembershipChange, SealedEvent, UserConversation,
+    Dedupe, Head, Lease, Membership, MembershipChange, ReplicaBatch, ReplicaWrite, SealedEvent,
+    UserConversation,
 };
 use tidings_schemas::v1::{
     ConversationCreated, ConversationKind, ConversationRenamed, DisplayNameSet, Event,
@@ -90,6 +91,13 @@ pub(crate) enum Command {
         user: UserId,
         seq: u64,
     },
+    /// A home cell's commit of a replicated tenant, applied here (the DR cell) as it was
+    /// written there (`cells`).
+    Replica {
+        tenant: TenantId,
+        conv: ConvId,
+        batch: Box<ReplicaBatch>,
+    },
     /// Lease upkeep, queued like any write so it is ordered with the batches.
     Lease(LeaseOp),
 }
@@ -114,7 +122,8 @@ impl Command {
             | Command::SetDisplayName { tenant, conv, .. }
             | Command::RemoveMember { tenant, conv, .. }
             | Command::Rename { tenant, conv, .. }
-            | Command::MarkRead { tenant, conv, .. } => Some((tenant, conv)),
+            | Command::MarkRead { tenant, conv, .. }
+            | Command::Replica { tenant, conv, .. } => Some((tenant, conv)),
             Command::Lease(_) => None,
         }
     }
@@ -157,6 +166,17 @@ impl Command {
                 // The message count as of the new cursor (when it is not the head).
                 out.push(keys::event(t, c, *seq));
             }
+            Command::Replica { batch, .. } => {
+                out.push(keys::replica_mark(&batch.source, batch.partition));
+                // Heads are checked in the transaction; events it would replace are kept.
+                out.extend(
+                    batch
+                        .writes
+                        .iter()
+                        .filter(|w| w.key.starts_with(b"hd\0") || w.key.starts_with(b"ev\0"))
+                        .map(|w| w.key.clone()),
+                );
+            }
         }
     }
 }
@@ -191,6 +211,10 @@ pub(crate) enum Outcome {
     /// Lease upkeep done; the partitions found lost on the way.
     Leases {
         lost: Vec<u32>,
+    },
+    /// A replica batch: applied now, or skipped (at or below the mark: applied before).
+    Replica {
+        applied: bool,
     },
 }
 
@@ -250,6 +274,10 @@ pub(crate) struct Writer {
     pub buffer: Option<Arc<SendBuffer>>,
     /// Set while the store cannot commit or buffered records wait for replay.
     pub outage: Option<Outage>,
+    /// This cell and the directory (`cells`); `None`: cells are off.
+    pub cells: Option<Arc<crate::cells::Cells>>,
+    /// Per partition, the last outbox position written (under the lease's epoch).
+    pub outbox_last: HashMap<u32, crate::cells::Position>,
 }
 
 /// The committed values of the keys only this writer writes (heads and memberships),
@@ -497,8 +525,38 @@ impl Scratch<'_> {
                 user,
                 seq,
             } => self.mark_read(tenant, conv, user, *seq),
+            Command::Replica { tenant, batch, .. } => self.replica(tenant, batch),
             Command::Lease(_) => Err(LogError::corrupt(b"ls", "internal: lease op applied")),
         }
+    }
+
+    /// Applies a home cell's batch: every write as it was made there, and the mark, unless
+    /// the mark says it was applied already. An event it replaces with different bytes (this
+    /// cell acknowledged it as home, and the cell that took over never got it) is kept under
+    /// `rl/` for `tidings cell lost`.
+    fn replica(&mut self, t: &TenantId, batch: &ReplicaBatch) -> Result<Outcome, LogError> {
+        let mark_key = keys::replica_mark(&batch.source, batch.partition);
+        let at = (batch.epoch, batch.n);
+        if let Some(bytes) = self.get(&mark_key)?
+            && crate::cells::decode_mark(bytes)
+                .ok_or_else(|| LogError::corrupt(&mark_key, "not 16 bytes"))?
+                >= at
+        {
+            return Ok(Outcome::Replica { applied: false });
+        }
+        for w in &batch.writes {
+            if w.key.starts_with(b"ev\0")
+                && let Some(old) = self.get(&w.key)?
+                && Some(old) != w.value.as_deref()
+                && let Some((c, seq)) = keys::event_ids(&w.key)
+            {
+                let old = old.to_vec();
+                self.write(keys::replica_lost(t, &c, seq), Some(old));
+            }
+            self.write(w.key.clone(), w.value.clone());
+        }
+        self.write(mark_key, Some(crate::cells::encode_mark(at)));
+        Ok(Outcome::Replica { applied: true })
     }
 
     fn create(&mut self, req: &CreateConversation, cfg: &LogConfig) -> Result<Outcome, LogError> {
@@ -1205,9 +1263,27 @@ impl Writer {
             let Some((t, _)) = r.cmd.tenant_conv() else {
                 continue;
             };
-            if keys.refused.contains_key(t) || !matches!(self.owned_partition(&r.cmd), Some(Ok(_)))
+            if keys.refused.contains_key(t)
+                || !matches!(self.owned_partition(&r.cmd), Some(Ok(_)))
+                || matches!(r.cmd, Command::Replica { .. })
             {
                 continue;
+            }
+            if let Some(cells) = &self.cells
+                && !keys.replicate.contains_key(t)
+            {
+                // Before any key is made: a cell that is not the tenant's home must never
+                // create a data key of its own for it.
+                match cells.admit(t) {
+                    Ok(Some(replication)) => {
+                        keys.replicate.insert(t.clone(), replication);
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        keys.refused.insert(t.clone(), e);
+                        continue;
+                    }
+                }
             }
             if let Err(e) = self.resolve_request_keys(r, t, fetched, &mut keys).await {
                 keys.refused.insert(t.clone(), e);
@@ -1359,7 +1435,10 @@ impl Writer {
             current,
             all: data_keys,
             refused,
+            replicate,
         } = self.resolve_keys(&reqs, &fetched).await;
+        // Each replicated tenant's writes of this batch, per partition: one outbox row each.
+        let mut outbox = Outbox::new();
 
         let mut state = State {
             fetched,
@@ -1432,6 +1511,16 @@ impl Writer {
                 if !order.is_empty() {
                     touched.insert(partition);
                 }
+                if replicate.contains_key(t)
+                    && !order.is_empty()
+                    && let Some((_, c)) = r.cmd.tenant_conv()
+                {
+                    outbox
+                        .entry((partition, t.clone()))
+                        .or_insert_with(|| (c.clone(), Vec::new()))
+                        .1
+                        .extend(order.iter().cloned());
+                }
                 for key in order {
                     let value = writes.remove(&key).flatten();
                     if state.pending.insert(key.clone(), value).is_none() {
@@ -1441,6 +1530,7 @@ impl Writer {
             }
             results.push(result);
         }
+        let positions = self.write_outbox(&mut state, outbox, &replicate, now_ms);
         // The fence: each touched partition's lease exactly as this writer holds it.
         fence.extend(
             touched
@@ -1448,13 +1538,88 @@ impl Writer {
                 .filter_map(|p| Some((keys::lease(*p), self.expected_lease(*p)?))),
         );
         let txn = transaction(&state, fence);
+        // What a synchronous tenant's answer waits for: its partition's newest outbox row,
+        // the one this batch wrote or (a duplicate) the last one written before.
+        let sync_waits = reqs
+            .iter()
+            .zip(&partitions)
+            .map(|(r, p)| {
+                let (t, _) = r.cmd.tenant_conv()?;
+                let p = (*p)?;
+                if !replicate.get(t)?.sync {
+                    return None;
+                }
+                positions
+                    .get(&(p, t.clone()))
+                    .copied()
+                    .or_else(|| self.outbox_last.get(&p).copied())
+                    .map(|at| (p, at))
+            })
+            .collect();
         Prepared {
             reqs,
             results,
             partitions,
             state,
             txn: Some(txn),
+            sync_waits,
         }
+    }
+
+    /// Writes one outbox row per (partition, replicated tenant) of the batch, holding that
+    /// tenant's writes as the batch made them; returns where each went.
+    fn write_outbox(
+        &mut self,
+        state: &mut State,
+        outbox: Outbox,
+        replicate: &HashMap<TenantId, crate::cells::Replication>,
+        now_ms: i64,
+    ) -> HashMap<(u32, TenantId), crate::cells::Position> {
+        let mut positions = HashMap::new();
+        let Some(cells) = &self.cells else {
+            return positions;
+        };
+        for ((p, t), (c, keys_written)) in outbox {
+            let (Some(epoch), Some(replication)) =
+                (self.held.get(&p).map(|h| h.lease.epoch), replicate.get(&t))
+            else {
+                continue;
+            };
+            let n = match self.outbox_last.get(&p) {
+                Some((e, n)) if *e == epoch => n + 1,
+                _ => 1,
+            };
+            let batch = ReplicaBatch {
+                source: cells.name().to_string(),
+                tenant: t.to_string(),
+                conversation: c.to_string(),
+                partition: p,
+                partitions: self.own.partitions,
+                epoch,
+                n,
+                writes: keys_written
+                    .into_iter()
+                    .map(|key| {
+                        let value = state.pending.get(&key).cloned().flatten();
+                        ReplicaWrite { key, value }
+                    })
+                    .collect(),
+                keys: Vec::new(),
+                dr: replication.dr.clone(),
+                time_ms: now_ms,
+            };
+            let key = keys::outbox(p, epoch, n);
+            if state
+                .pending
+                .insert(key.clone(), Some(batch.encode_to_vec()))
+                .is_none()
+            {
+                state.order.push(key);
+            }
+            self.outbox_last.insert(p, (epoch, n));
+            positions.insert((p, t), (epoch, n));
+        }
+        positions
     }
 
     /// Answers a batch after its commit: on success updates the cache and the leases held,
@@ -1466,6 +1631,7 @@ impl Writer {
             results,
             partitions,
             state,
+            sync_waits,
             ..
         } = batch;
         if let Err(e) = committed {
@@ -1528,9 +1694,29 @@ impl Writer {
         self.stats
             .requests
             .fetch_add(reqs.len() as u64, Ordering::Relaxed);
-        for (r, result) in reqs.into_iter().zip(results) {
-            // The caller may have given up waiting; the write stands either way.
-            let _ = r.reply.send(result);
+        if let Some(cells) = &self.cells
+            && state.pending.keys().any(|k| k.starts_with(b"ro\0"))
+        {
+            cells.outbox_written.notify_one();
+        }
+        for ((r, result), wait) in reqs.into_iter().zip(results).zip(sync_waits) {
+            match (wait, &self.cells) {
+                // A synchronous tenant's commit is answered once its DR cell has it.
+                (Some((p, at)), Some(cells)) if matches!(result, Ok(Outcome::Committed(_))) => {
+                    let cells = cells.clone();
+                    tokio::spawn(async move {
+                        let answer = match cells.await_acknowledged(p, at).await {
+                            Ok(()) => result,
+                            Err(e) => Err(e),
+                        };
+                        let _ = r.reply.send(answer);
+                    });
+                }
+                // The caller may have given up waiting; the write stands either way.
+                _ => {
+                    let _ = r.reply.send(result);
+                }
+            }
         }
         // After the replies: the index is never what an append waits for.
         if let Some(indexer) = &self.indexer {
@@ -1558,6 +1744,10 @@ impl Writer {
     }
 }
 
+/// A batch's writes of replicated tenants, per (partition, tenant): a conversation they
+/// are about, and the keys written (`write_outbox` makes one outbox row of each).
+type Outbox = std::collections::BTreeMap<(u32, TenantId), (ConvId, Vec<Vec<u8>>)>;
+
 /// The data keys a batch uses, and the tenants whose keys could not be had.
 #[derive(Default)]
 struct BatchKeys {
@@ -1567,6 +1757,8 @@ struct BatchKeys {
     all: HashMap<(TenantId, u32), DataKey>,
     /// Tenants whose requests are refused with this error.
     refused: HashMap<TenantId, LogError>,
+    /// Tenants whose writes are replicated to a DR cell (`cells`).
+    replicate: HashMap<TenantId, crate::cells::Replication>,
 }
 
 /// A batch applied and sealed, waiting for (or in) its commit.
@@ -1577,6 +1769,8 @@ pub(crate) struct Prepared {
     pub partitions: Vec<Option<u32>>,
     pub state: State,
     pub txn: Option<Transaction>,
+    /// Per request: the outbox position a synchronous tenant's answer waits for.
+    pub sync_waits: Vec<Option<(u32, crate::cells::Position)>>,
 }
 
 /// The batch as one transaction: first the fence (each touched partition's lease as this

@@ -139,6 +139,8 @@ struct Plane {
     chat_audience: String,
     /// The webhook routes' bounds and defaults.
     webhooks: crate::webhooks::WebhooksConfig,
+    /// The link to the other cells (`None`: cells are off).
+    cells: Option<Arc<crate::cells::Link>>,
 }
 
 /// What the listener serves with.
@@ -159,6 +161,8 @@ pub struct Services {
     pub chat_audience: String,
     /// The webhook routes' bounds and defaults (`[webhooks]`).
     pub webhooks: crate::webhooks::WebhooksConfig,
+    /// The link to the other cells, for `/v1/admin/cells/*` (`None`: cells are off).
+    pub cells: Option<Arc<crate::cells::Link>>,
 }
 
 impl Admin {
@@ -186,6 +190,7 @@ impl Admin {
                     spool: services.spool,
                     chat_audience: services.chat_audience,
                     webhooks: services.webhooks,
+                    cells: services.cells,
                 }))
             }
         };
@@ -355,6 +360,7 @@ impl Route {
     fn metric_label(self) -> &'static str {
         match self {
             Route::Admin(op) if op.is_bots() => "bots",
+            Route::Admin(op) if op.is_cells() => "cells",
             route => route.action(),
         }
     }

@@ -93,6 +93,60 @@ pub enum Command {
     /// audit log.
     #[command(subcommand)]
     Webhook(WebhookCommand),
+    /// Cells (docs/decisions/cells.md): where a tenant lives, moving it to its DR cell, and
+    /// what a move lost. Acts on a running cell through its admin listener.
+    Cell {
+        #[command(subcommand)]
+        op: CellOp,
+        /// The cell's admin listener, e.g. https://admin-a:7180 or http://127.0.0.1:7180.
+        #[arg(long, global = true, value_name = "URL")]
+        server: Option<String>,
+        /// An admin-role token of the tenant (compliance audience).
+        #[arg(long, global = true)]
+        token: Option<String>,
+        /// Trust only the CA certificates in this PEM file for an https:// --server.
+        #[arg(long, global = true, value_name = "PEM")]
+        ca_file: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CellOp {
+    /// Sets the tenant's home cell, DR cell and tier (a new version, announced to every cell).
+    Place {
+        #[arg(long)]
+        tenant: TenantId,
+        #[arg(long)]
+        home: String,
+        /// The disaster-recovery cell its writes are replicated to (none if absent).
+        #[arg(long, default_value = "")]
+        dr: String,
+        /// vip or standard.
+        #[arg(long, default_value = "standard")]
+        tier: String,
+        /// Acknowledge a send only once the DR cell has it (RPO 0).
+        #[arg(long)]
+        sync: bool,
+    },
+    /// Run on the tenant's DR cell: makes it the tenant's home. Planned (the default) drains
+    /// the home first; --unplanned does not ask it (it is gone) and reports what arrived.
+    Failover {
+        #[arg(long)]
+        tenant: TenantId,
+        #[arg(long)]
+        unplanned: bool,
+    },
+    /// The tenant's placement as this cell knows it.
+    Show {
+        #[arg(long)]
+        tenant: TenantId,
+    },
+    /// Events this cell acknowledged as the tenant's home that never reached the cell that
+    /// took it over.
+    Lost {
+        #[arg(long)]
+        tenant: TenantId,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -206,6 +206,15 @@ pub async fn run(command: Command, config: Config) -> anyhow::Result<bool> {
             bot(&config, cmd).await?;
             Ok(true)
         }
+        Command::Cell {
+            op,
+            server,
+            token,
+            ca_file,
+        } => {
+            cell(op, server, token, tidings_client::ClientTls { ca_file }).await?;
+            Ok(true)
+        }
         Command::Keys(KeysCommand::LogIdentity) => {
             let master = config.master_key(env)?;
             let public = LogPublicKey::of_secret(&master.log_identity_secret());
@@ -593,6 +602,7 @@ async fn run_on_log(command: Command, log: &Log) -> anyhow::Result<bool> {
         | Command::Bench(_)
         | Command::Token(_)
         | Command::Bot(_)
+        | Command::Cell { .. }
         | Command::Serve { .. }
         | Command::Nats(_)
         | Command::Webhook(_)
@@ -674,6 +684,45 @@ async fn webhook(
 
 /// Records a key change in the tenant's audit log.
 /// `tidings bot ...` on the store; changes recorded in the tenant's audit log.
+/// `tidings cell ...`: one call to the cell's admin listener, its answer printed.
+async fn cell(
+    op: crate::cli::CellOp,
+    server: Option<String>,
+    token: Option<String>,
+    tls: tidings_client::ClientTls,
+) -> anyhow::Result<()> {
+    use crate::cli::CellOp;
+    let (Some(server), Some(token)) = (server, token) else {
+        bail!(
+            "tidings cell acts on a running cell: give --server (its admin listener) and --token"
+        );
+    };
+    let (path, body) = match op {
+        CellOp::Place {
+            tenant,
+            home,
+            dr,
+            tier,
+            sync,
+        } => (
+            "/v1/admin/cells/place",
+            json!({"tenant": tenant.as_str(), "home": home, "dr": dr, "tier": tier, "sync": sync}),
+        ),
+        CellOp::Failover { tenant, unplanned } => (
+            "/v1/admin/cells/failover",
+            json!({"tenant": tenant.as_str(), "planned": !unplanned}),
+        ),
+        CellOp::Show { tenant } => ("/v1/admin/cells/show", json!({"tenant": tenant.as_str()})),
+        CellOp::Lost { tenant } => ("/v1/admin/cells/lost", json!({"tenant": tenant.as_str()})),
+    };
+    let (status, answer) = crate::revoke::post_admin(&server, path, &token, &tls, body).await?;
+    if status != 200 {
+        let message = answer["error"]["message"].as_str().unwrap_or("");
+        bail!("the cell refused ({status}): {message}");
+    }
+    emit(&answer)
+}
+
 async fn bot(config: &Config, cmd: crate::cli::BotCommand) -> anyhow::Result<()> {
     use crate::cli::BotCommand;
     let log = open_log(config).await.context(

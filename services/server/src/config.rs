@@ -29,6 +29,8 @@ pub struct Config {
     pub store: StoreSection,
     /// Outgoing webhooks' delivery (the library's own settings type).
     pub webhooks: crate::webhooks::WebhooksConfig,
+    /// This cell and its peers (`crate::cells`); off while `cell.name` is empty.
+    pub cell: crate::cells::CellsConfig,
 }
 
 /// Which `KvStore` holds the log: the embedded fjall store under `data_dir`, or a TiKV
@@ -749,6 +751,7 @@ impl Default for Config {
             admin: AdminSection::default(),
             store: StoreSection::default(),
             webhooks: crate::webhooks::WebhooksConfig::default(),
+            cell: crate::cells::CellsConfig::default(),
         }
     }
 }
@@ -849,6 +852,7 @@ impl Config {
         self.webhooks
             .apply_env(&env)
             .map_err(ConfigError::Invalid)?;
+        self.cell.apply_env(&env).map_err(ConfigError::Invalid)?;
         if let Some(v) = env("TIDINGS_DATA_DIR") {
             self.data_dir = PathBuf::from(v);
         }
@@ -1225,6 +1229,7 @@ impl Config {
             search_max_terms: g.search_max_terms,
             search_page_hits: g.search_page_hits,
             search_per_minute: g.search_per_minute,
+            cell_urls: self.cell.urls(),
             handshake_timeout: std::time::Duration::from_millis(g.handshake_timeout_ms),
             ping_interval: std::time::Duration::from_millis(g.ping_interval_ms),
             idle_timeout: std::time::Duration::from_millis(g.idle_timeout_ms),
@@ -1249,6 +1254,7 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.log_config().validate().map_err(ConfigError::Invalid)?;
         self.webhooks.validate().map_err(ConfigError::Invalid)?;
+        self.cell.validate().map_err(ConfigError::Invalid)?;
         let g = &self.gateway;
         let positive = [
             ("gateway.max_frame_bytes", g.max_frame_bytes as u64),
@@ -1473,6 +1479,7 @@ impl Config {
             },
             // Checked when the configuration was loaded (`validate`).
             kinds: self.kinds().unwrap_or_default(),
+            cell: self.cell.log_config(),
         }
     }
 

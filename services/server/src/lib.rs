@@ -35,6 +35,7 @@ pub mod bench_overload;
 pub mod bench_search;
 pub mod bench_webhooks;
 pub mod bots;
+pub mod cells;
 pub mod chat;
 pub mod cli;
 pub mod commands;

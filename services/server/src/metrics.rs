@@ -57,6 +57,43 @@ fn write_archive(out: &mut Text) {
     );
 }
 
+/// Cells (`crate::cells`): replication between a tenant's home and DR cells.
+pub static CELL_REPLICATED: Counter = Counter::new(
+    "tidings_cell_replicas_sent_total",
+    "Replica batches (one commit's writes of one replicated tenant) the DR cell acknowledged.",
+);
+pub static CELL_PUBLISH_FAILURES: Counter = Counter::new(
+    "tidings_cell_replica_send_failures_total",
+    "Replica batches the DR cell did not take (unreachable, no answer in time); retried.",
+);
+pub static CELL_APPLIED: Counter = Counter::new(
+    "tidings_cell_replicas_applied_total",
+    "Replica batches applied here as a DR cell.",
+);
+pub static CELL_REFUSED: Counter = Counter::new(
+    "tidings_cell_replicas_refused_total",
+    "Replica batches this cell refused to apply (not its tenant to replicate, undecodable).",
+);
+pub static CELL_LOST: Counter = Counter::new(
+    "tidings_cell_lost_events_total",
+    "Events acknowledged here as the tenant's home that never reached the cell that took it \
+     over (an unplanned failover); kept for `tidings cell lost`.",
+);
+pub static CELL_LAG_SECONDS: Histogram = Histogram::new(
+    "tidings_cell_replication_lag_seconds",
+    "From a replicated commit in the home cell to its replica applied here.",
+    LATENCY_BUCKETS,
+);
+
+fn write_cells(out: &mut Text) {
+    CELL_REPLICATED.write(out);
+    CELL_PUBLISH_FAILURES.write(out);
+    CELL_APPLIED.write(out);
+    CELL_REFUSED.write(out);
+    CELL_LOST.write(out);
+    CELL_LAG_SECONDS.write(out);
+}
+
 /// Requests to the admin listener, by route.
 pub static ADMIN_REQUESTS: LabeledCounter = LabeledCounter::new(
     "tidings_admin_requests_total",
@@ -80,6 +117,7 @@ pub static ADMIN_REQUESTS: LabeledCounter = LabeledCounter::new(
         "archive_verify",
         "webhooks",
         "bots",
+        "cells",
         "other",
     ],
 );
@@ -175,6 +213,7 @@ pub fn register_process() {
     metrics::register("archive", Arc::new(write_archive));
     metrics::register("admin", Arc::new(write_admin));
     metrics::register("webhooks", Arc::new(write_webhook_counters));
+    metrics::register("cells", Arc::new(write_cells));
 }
 
 /// The figures a running log holds: its sequencer queue, group commit counters, the commit

@@ -191,8 +191,8 @@ pub async fn revoke(
 
 /// The longest answer read from an admin listener.
 const MAX_RESPONSE_BYTES: usize = 64 * 1024;
-/// How long a call to an admin listener may take.
-const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a call to an admin listener may take (a planned cell move drains first).
+const CALL_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// `POST /v1/admin/tokens/revoke` on a running server's admin listener (`https://host:port`,
 /// or `http://` on loopback), verifying an https server as `tls` says: the answer's status and
@@ -202,6 +202,25 @@ pub async fn call_server(
     token: &str,
     tls: &tidings_client::ClientTls,
     request: &Request,
+) -> anyhow::Result<(u16, Value)> {
+    post_admin(
+        server,
+        "/v1/admin/tokens/revoke",
+        token,
+        tls,
+        request.to_json(),
+    )
+    .await
+}
+
+/// POSTs `body` to `path` on the admin listener at `server` with the admin token: the CLI's
+/// way to act on a running process (whose embedded store it cannot open).
+pub async fn post_admin(
+    server: &str,
+    path: &str,
+    token: &str,
+    tls: &tidings_client::ClientTls,
+    body: Value,
 ) -> anyhow::Result<(u16, Value)> {
     use anyhow::Context as _;
     let base = server.trim_end_matches('/');
@@ -225,10 +244,10 @@ pub async fn call_server(
         .build()
         .context("make the HTTP client")?;
     let mut answer = client
-        .post(format!("{base}/v1/admin/tokens/revoke"))
+        .post(format!("{base}{path}"))
         .bearer_auth(token)
         .header("content-type", "application/json")
-        .body(request.to_json().to_string())
+        .body(body.to_string())
         .send()
         .await
         .with_context(|| format!("call {base}"))?;

@@ -157,6 +157,7 @@ async fn start_admin(
     verifier: Verifier,
     nats: async_nats::Client,
     health: Health,
+    cells: Option<Arc<crate::cells::Link>>,
 ) -> anyhow::Result<Option<crate::admin::Admin>> {
     if config.admin.listen.is_empty() {
         return Ok(None);
@@ -180,6 +181,7 @@ async fn start_admin(
         spool: config.data_dir.join("export-spool"),
         chat_audience: config.auth.audience.clone(),
         webhooks: config.webhooks.clone(),
+        cells,
     };
     admin_listener(config, health, Some(services)).await
 }
@@ -454,6 +456,29 @@ pub async fn serve(config: Config, role: Role) -> anyhow::Result<()> {
                     crate::archive::spawn_periodic(&config, log.clone(), archive_gate.clone())?;
                 supervisor.essential("archiver", supervise::owned(archiver));
             }
+            let cells = if config.cell.enabled() {
+                let link = crate::cells::Link::connect(&config.cell, log.clone()).await?;
+                // Each restarted on failure: their state is in the KV (outbox, marks,
+                // directory) and in JetStream (the replica stream and its consumer).
+                for task in crate::cells::Task::ALL {
+                    let link = link.clone();
+                    supervisor.restarting(task.name(), move || link.clone().run(task));
+                }
+                eprintln!(
+                    "tidings: cell {} with peers [{}]",
+                    config.cell.name,
+                    config
+                        .cell
+                        .peers
+                        .iter()
+                        .map(|p| p.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+                Some(link)
+            } else {
+                None
+            };
             admin = start_admin(
                 &config,
                 &log,
@@ -461,6 +486,7 @@ pub async fn serve(config: Config, role: Role) -> anyhow::Result<()> {
                 admin_verifier,
                 nats.clone(),
                 health.clone(),
+                cells,
             )
             .await?;
             info!(

@@ -14,6 +14,10 @@
 //!   `{"tenant"?, "bot", "days"?}`, `/v1/admin/bots/revoke` `{"tenant"?, "bot"}`,
 //!   `/v1/admin/bots/list` `{"tenant"?}`: the tenant's bot accounts ([`crate::bots`]); a
 //!   token is in the answer only, never in the audit log (its `jti` is).
+//! - `POST /v1/admin/cells/place` `{"tenant"?, "home", "dr"?, "tier"?, "sync"?}`: where the
+//!   tenant lives; `/v1/admin/cells/failover` `{"tenant"?, "planned"?}` (on the tenant's DR
+//!   cell): makes this cell its home; `/v1/admin/cells/show`, `/v1/admin/cells/lost`
+//!   `{"tenant"?}` ([`crate::cells`]). Changes recorded in the tenant's audit log.
 
 use super::*;
 
@@ -29,6 +33,10 @@ pub(super) enum Op {
     BotToken,
     BotRevoke,
     BotList,
+    CellPlace,
+    CellFailover,
+    CellShow,
+    CellLost,
 }
 
 impl Op {
@@ -43,6 +51,10 @@ impl Op {
             "/v1/admin/bots/token" => Op::BotToken,
             "/v1/admin/bots/revoke" => Op::BotRevoke,
             "/v1/admin/bots/list" => Op::BotList,
+            "/v1/admin/cells/place" => Op::CellPlace,
+            "/v1/admin/cells/failover" => Op::CellFailover,
+            "/v1/admin/cells/show" => Op::CellShow,
+            "/v1/admin/cells/lost" => Op::CellLost,
             _ => return None,
         })
     }
@@ -52,6 +64,14 @@ impl Op {
         matches!(
             self,
             Op::BotCreate | Op::BotToken | Op::BotRevoke | Op::BotList
+        )
+    }
+
+    /// One of the cell operations.
+    pub(super) fn is_cells(self) -> bool {
+        matches!(
+            self,
+            Op::CellPlace | Op::CellFailover | Op::CellShow | Op::CellLost
         )
     }
 
@@ -67,6 +87,10 @@ impl Op {
             Op::BotToken => "bot_token",
             Op::BotRevoke => "bot_revoke",
             Op::BotList => "bot_list",
+            Op::CellPlace => "cell_place",
+            Op::CellFailover => "cell_failover",
+            Op::CellShow => "cell_show",
+            Op::CellLost => "cell_lost",
         }
     }
 }
@@ -170,6 +194,49 @@ pub(super) async fn request(
                     return refusal.invalid(&tenant, &e.to_string()).await;
                 }
                 Err(e) => return log_failure(&e),
+            }
+        }
+        Op::CellPlace | Op::CellFailover | Op::CellShow | Op::CellLost => {
+            let Some(link) = &state.cells else {
+                return error(
+                    StatusCode::NOT_FOUND,
+                    "not_found",
+                    "cells are off in this process ([cell] name)",
+                );
+            };
+            let done = match op {
+                Op::CellShow => Ok(link.show(&tenant)),
+                Op::CellLost => link.lost(&tenant).await,
+                Op::CellPlace => link
+                    .place(
+                        &tenant,
+                        text("home").unwrap_or_default(),
+                        text("dr").unwrap_or_default(),
+                        text("tier").unwrap_or("standard"),
+                        fields.get("sync").and_then(Value::as_bool).unwrap_or(false),
+                        actor.name(),
+                    )
+                    .await
+                    .map(|p| json!({"tenant": tenant.as_str(), "home": p.home, "dr": p.dr, "tier": p.tier, "sync": p.sync, "version": p.version})),
+                _ => {
+                    let planned = fields.get("planned").and_then(Value::as_bool).unwrap_or(true);
+                    link.failover(&tenant, planned, actor.name()).await
+                }
+            };
+            match done {
+                Ok(answer) => {
+                    if matches!(op, Op::CellPlace | Op::CellFailover) {
+                        record(state, &tenant, actor, action, answer.to_string()).await;
+                    }
+                    answer
+                }
+                Err(crate::cells::CellError::Invalid(reason)) => {
+                    return refusal.invalid(&tenant, &reason).await;
+                }
+                Err(crate::cells::CellError::Unavailable(reason)) => {
+                    return error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", &reason);
+                }
+                Err(crate::cells::CellError::Log(e)) => return log_failure(&e),
             }
         }
         Op::ArchiveRun | Op::ArchiveVerify => {

@@ -1,0 +1,837 @@
+//! Cells (issue 15; docs/decisions/cells.md): the `[cell]` settings and the link between
+//! cells, over NATS.
+//!
+//! Each cell's nats-server has an account of its own for the link (`CELL` in
+//! `ops/nats/cell-*.conf`), joined to the other cells' by a leaf-node connection, each server
+//! with its own JetStream domain. Nothing of the application's account crosses: only what
+//! this module publishes in the link account does.
+//!
+//! - **Replication** ([`Link::relay`], [`Link::applier`]): the relay reads the outbox rows
+//!   the sequencer wrote with each commit of a replicated tenant and publishes each to its DR
+//!   cell's stream `TIDINGS_CELL_IN` (subject `tidings.cell.<dr>.in.<source>.<partition>`,
+//!   `Nats-Msg-Id` the row's position), deleting the row once that stream acknowledged it;
+//!   the DR cell's applier pulls the stream in order and applies each batch through its own
+//!   sequencer (once: the `ri/` mark). The tenant's data keys travel sealed under the
+//!   pair's link key.
+//! - **The directory** ([`Link::directory`]): changes are published on
+//!   `tidings.cell.dir.changed`; each cell answers `tidings.cell.<name>.dir` with its whole
+//!   directory and asks every peer for theirs at start (and until it has), keeping the
+//!   highest version of each placement. A tenant with a DR cell is served only once its home
+//!   has compared directories with that cell since it started.
+//! - **Moves** ([`Link::failover`]): planned (the home drains the tenant, the DR cell applies
+//!   everything, then flips the placement) or not (the home is gone: the DR cell applies what
+//!   reached it and flips; what the old home acknowledged and never sent is kept there as
+//!   lost when it comes back, for `tidings cell lost`).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use async_nats::jetstream::{self, consumer::pull};
+use futures_util::StreamExt;
+use prost::Message;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tidings_log::cells::{Cells, OUTBOX_PAGE};
+use tidings_log::crypto::LinkKey;
+use tidings_log::{Log, LogError, TenantId};
+use tidings_schemas::storage::{CellPlacement, LinkedKey, ReplicaBatch, SealedEvent};
+use tracing::{info, warn};
+
+/// The stream a cell's replicas arrive in (in the link account, in its own JetStream domain).
+pub const STREAM: &str = "TIDINGS_CELL_IN";
+const CONSUMER: &str = "applier";
+/// Where placement changes are announced to every cell.
+const DIR_CHANGED: &str = "tidings.cell.dir.changed";
+/// How long the relay waits for a DR cell's stream to acknowledge one batch.
+const PUBLISH_TIMEOUT: Duration = Duration::from_secs(5);
+/// Between rounds of asking peers for their directory, until each has answered.
+const DIRECTORY_RETRY: Duration = Duration::from_secs(2);
+/// How long a planned move waits for the home to drain, and a move for the applier to
+/// catch up.
+const MOVE_WAIT: Duration = Duration::from_secs(60);
+/// Most heads and lost events a report lists.
+const REPORT_LIMIT: usize = 10_000;
+/// Replicas pulled from the stream at a time (applied one by one, in order).
+const APPLY_PULL: usize = 64;
+
+/// A peer cell: its name and where its clients connect.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Peer {
+    pub name: String,
+    pub url: String,
+}
+
+/// `[cell]`: this cell and its peers. Off while `name` is empty.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CellsConfig {
+    /// This cell's name (`a-z`, `0-9`, `-`).
+    pub name: String,
+    /// Where this cell's clients connect (`wss://host/v1/ws`): the redirect other cells give.
+    pub url: String,
+    /// The key this cell shares with its peers to hand over tenants' data keys (a key file
+    /// as `tidings keys init --file` writes).
+    pub link_key_file: std::path::PathBuf,
+    /// How long a synchronous tenant's send waits for its DR cell.
+    pub sync_timeout_ms: u64,
+    /// The link account's NATS connection (its URL and credential), leaf-joined to the peers.
+    pub nats: crate::config::NatsSection,
+    /// Largest the incoming replica stream may grow, in bytes (unapplied batches).
+    pub stream_max_bytes: i64,
+    pub peers: Vec<Peer>,
+}
+
+impl Default for CellsConfig {
+    fn default() -> Self {
+        CellsConfig {
+            name: String::new(),
+            url: String::new(),
+            link_key_file: "cell-link.key".into(),
+            sync_timeout_ms: 5000,
+            nats: crate::config::NatsSection::default(),
+            stream_max_bytes: 1 << 30,
+            peers: Vec::new(),
+        }
+    }
+}
+
+impl CellsConfig {
+    pub fn enabled(&self) -> bool {
+        !self.name.is_empty()
+    }
+
+    /// `TIDINGS_CELL_NAME`, `_URL`, `_LINK_KEY_FILE`, `_NATS_URL`, `_NATS_USER`,
+    /// `_NATS_PASSWORD`, `_SYNC_TIMEOUT_MS`, and `TIDINGS_CELL_PEERS` as `name=url,name=url`.
+    pub fn apply_env(&mut self, env: &impl Fn(&str) -> Option<String>) -> Result<(), String> {
+        if let Some(v) = env("TIDINGS_CELL_NAME") {
+            self.name = v;
+        }
+        if let Some(v) = env("TIDINGS_CELL_URL") {
+            self.url = v;
+        }
+        if let Some(v) = env("TIDINGS_CELL_LINK_KEY_FILE") {
+            self.link_key_file = v.into();
+        }
+        if let Some(v) = env("TIDINGS_CELL_NATS_URL") {
+            self.nats.url = v;
+        }
+        if let Some(v) = env("TIDINGS_CELL_NATS_USER") {
+            self.nats.user = v;
+        }
+        if let Some(v) = env("TIDINGS_CELL_NATS_PASSWORD").filter(|v| !v.is_empty()) {
+            self.nats.password_env = Some(v);
+        }
+        if let Some(v) = env("TIDINGS_CELL_SYNC_TIMEOUT_MS") {
+            self.sync_timeout_ms = v
+                .parse()
+                .map_err(|_| format!("TIDINGS_CELL_SYNC_TIMEOUT_MS={v:?} is not a number"))?;
+        }
+        if let Some(v) = env("TIDINGS_CELL_PEERS") {
+            self.peers = v
+                .split(',')
+                .filter(|p| !p.trim().is_empty())
+                .map(|p| {
+                    let (name, url) = p
+                        .split_once('=')
+                        .ok_or_else(|| format!("TIDINGS_CELL_PEERS: {p:?} is not name=url"))?;
+                    Ok(Peer {
+                        name: name.trim().into(),
+                        url: url.trim().into(),
+                    })
+                })
+                .collect::<Result<_, String>>()?;
+        }
+        Ok(())
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if !self.enabled() {
+            return Ok(());
+        }
+        tidings_log::cells::valid_cell_name(&self.name).map_err(|e| format!("cell.name: {e}"))?;
+        for p in &self.peers {
+            tidings_log::cells::valid_cell_name(&p.name).map_err(|e| format!("cell.peers: {e}"))?;
+            if p.name == self.name {
+                return Err(format!("cell.peers names this cell ({}) itself", p.name));
+            }
+        }
+        if self.sync_timeout_ms == 0 {
+            return Err("cell.sync_timeout_ms must be above 0".into());
+        }
+        Ok(())
+    }
+
+    /// The log's part of it.
+    pub fn log_config(&self) -> Option<tidings_log::cells::CellConfig> {
+        self.enabled().then(|| tidings_log::cells::CellConfig {
+            name: self.name.clone(),
+            sync_timeout: Duration::from_millis(self.sync_timeout_ms),
+        })
+    }
+
+    /// Each cell's client URL, this one's included: where `wrong_cell` sends a client.
+    pub fn urls(&self) -> std::collections::HashMap<String, String> {
+        let mut urls: std::collections::HashMap<String, String> = self
+            .peers
+            .iter()
+            .map(|p| (p.name.clone(), p.url.clone()))
+            .collect();
+        if self.enabled() {
+            urls.insert(self.name.clone(), self.url.clone());
+        }
+        urls
+    }
+
+    fn knows(&self, cell: &str) -> bool {
+        cell == self.name || self.peers.iter().any(|p| p.name == cell)
+    }
+}
+
+/// What a cell operation failed with: the caller's mistake, or the world's.
+#[derive(Debug, thiserror::Error)]
+pub enum CellError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error(transparent)]
+    Log(#[from] LogError),
+}
+
+/// The link's long-lived tasks, each supervised on its own.
+#[derive(Clone, Copy, Debug)]
+pub enum Task {
+    Relay,
+    Applier,
+    Directory,
+}
+
+impl Task {
+    pub const ALL: [Task; 3] = [Task::Relay, Task::Applier, Task::Directory];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Task::Relay => "cell relay",
+            Task::Applier => "cell applier",
+            Task::Directory => "cell directory",
+        }
+    }
+}
+
+/// The link: this cell's end of replication, the directory and moves.
+pub struct Link {
+    log: Log,
+    cells: Arc<Cells>,
+    nats: async_nats::Client,
+    js: jetstream::Context,
+    key: LinkKey,
+    cfg: CellsConfig,
+}
+
+impl Link {
+    /// Connects to the link account and reads the link key.
+    pub async fn connect(cfg: &CellsConfig, log: Log) -> anyhow::Result<Arc<Link>> {
+        let cells = log
+            .cells()
+            .cloned()
+            .context("cells are on in the config but not in the log")?;
+        let key = LinkKey::from_file(&cfg.link_key_file).map_err(anyhow::Error::msg)?;
+        let opts = cfg.nats.connect()?;
+        let (nats, _bus) =
+            tidings_gateway::connect_nats(&opts, &format!("tidings-cell-{}", cfg.name))
+                .await
+                .context("connect to the cell link's NATS account ([cell.nats])")?;
+        let js = jetstream::new(nats.clone());
+        js.get_or_create_stream(jetstream::stream::Config {
+            name: STREAM.into(),
+            subjects: vec![format!("tidings.cell.{}.in.>", cfg.name)],
+            storage: jetstream::stream::StorageType::File,
+            max_bytes: cfg.stream_max_bytes,
+            duplicate_window: Duration::from_secs(120),
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!(e).context("make the incoming replica stream"))?;
+        Ok(Arc::new(Link {
+            log,
+            cells,
+            nats,
+            js,
+            key,
+            cfg: cfg.clone(),
+        }))
+    }
+
+    fn name(&self) -> &str {
+        &self.cfg.name
+    }
+
+    /// Runs one of the link's tasks until it fails (its supervisor restarts it).
+    pub async fn run(self: Arc<Self>, task: Task) -> anyhow::Result<()> {
+        match task {
+            Task::Relay => self.relay().await,
+            Task::Applier => self.applier().await,
+            Task::Directory => self.directory().await,
+        }
+    }
+
+    /// Hands outbox rows to their DR cells, oldest first per partition, until stopped.
+    async fn relay(self: Arc<Self>) -> anyhow::Result<()> {
+        loop {
+            let mut more = false;
+            for p in self.log.owned_partitions() {
+                more |= self.relay_partition(p).await?;
+            }
+            if !more {
+                tokio::select! {
+                    () = self.cells.outbox_written.notified() => {}
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        }
+    }
+
+    /// One page of a partition's outbox; `Ok(true)` if it may hold more now.
+    async fn relay_partition(&self, p: u32) -> anyhow::Result<bool> {
+        let rows = self.log.outbox_page(p, OUTBOX_PAGE).await?;
+        let full = rows.len() == OUTBOX_PAGE;
+        let mut done = Vec::new();
+        for (row, mut batch) in rows {
+            let tenant = TenantId::new(&batch.tenant)?;
+            let placement = self.cells.placement(&tenant);
+            if placement.as_ref().is_some_and(|pl| pl.home != self.name()) {
+                // The tenant moved home while this waited: its DR cell went on without it.
+                let kept = self.log.outbox_keep_lost(row, &batch).await?;
+                warn!(%tenant, kept, "events acknowledged here never reached the cell that took over; kept as lost (`tidings cell lost`)");
+                crate::metrics::CELL_LOST.add(kept as u64);
+                continue;
+            }
+            // Not before the DR cell has compared directories with us since we started: it
+            // may have taken the tenant over meanwhile.
+            if !self.cells.is_confirmed(&batch.dr) {
+                break;
+            }
+            batch.keys = self.linked_keys(&tenant, &batch).await?;
+            let position = (batch.epoch, batch.n);
+            let mut headers = async_nats::HeaderMap::new();
+            let id = format!("{}/{}/{}/{}", batch.source, p, batch.epoch, batch.n);
+            headers.insert("Nats-Msg-Id", id.as_str());
+            let subject = format!("tidings.cell.{}.in.{}.{}", batch.dr, batch.source, p);
+            let published = async {
+                self.js
+                    .publish_with_headers(subject, headers, batch.encode_to_vec().into())
+                    .await?
+                    .await
+            };
+            match tokio::time::timeout(PUBLISH_TIMEOUT, published).await {
+                Ok(Ok(_)) => {
+                    self.cells.acknowledge(p, position);
+                    done.push(row);
+                    crate::metrics::CELL_REPLICATED.inc();
+                }
+                Ok(Err(e)) => {
+                    crate::metrics::CELL_PUBLISH_FAILURES.inc();
+                    info!(dr = %batch.dr, error = %e, "the DR cell did not take a replica; trying again");
+                    break;
+                }
+                Err(_) => {
+                    crate::metrics::CELL_PUBLISH_FAILURES.inc();
+                    info!(dr = %batch.dr, "the DR cell did not acknowledge a replica in time; trying again");
+                    break;
+                }
+            }
+        }
+        let progressed = !done.is_empty();
+        self.log.outbox_remove(done).await?;
+        if !progressed && !full {
+            return Ok(false);
+        }
+        if !progressed {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        Ok(full && progressed)
+    }
+
+    /// The data keys the batch's events are sealed with, sealed for the DR cell.
+    async fn linked_keys(
+        &self,
+        tenant: &TenantId,
+        batch: &ReplicaBatch,
+    ) -> Result<Vec<LinkedKey>, LogError> {
+        let mut ids: Vec<u32> = batch
+            .writes
+            .iter()
+            .filter(|w| w.key.starts_with(b"ev\0"))
+            .filter_map(|w| SealedEvent::decode(w.value.as_deref()?).ok())
+            .map(|s| s.key_id)
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let mut keys = Vec::with_capacity(ids.len());
+        for key_id in ids {
+            let sealed = self
+                .log
+                .keyring()
+                .export_linked(tenant, key_id, &self.key)
+                .await?;
+            keys.push(LinkedKey { key_id, sealed });
+        }
+        Ok(keys)
+    }
+
+    /// Applies the replicas that arrive, in order, each once, until stopped.
+    async fn applier(self: Arc<Self>) -> anyhow::Result<()> {
+        let stream = self
+            .js
+            .get_stream(STREAM)
+            .await
+            .map_err(|e| anyhow::anyhow!(e).context("find the incoming replica stream"))?;
+        let consumer: jetstream::consumer::PullConsumer = stream
+            .get_or_create_consumer(
+                CONSUMER,
+                pull::Config {
+                    durable_name: Some(CONSUMER.into()),
+                    ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                    ack_wait: Duration::from_secs(60),
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!(e).context("make the replica applier's consumer"))?;
+        loop {
+            let mut batch = consumer
+                .batch()
+                .max_messages(APPLY_PULL)
+                .expires(Duration::from_secs(1))
+                .messages()
+                .await
+                .map_err(|e| anyhow::anyhow!(e).context("pull replicas"))?;
+            while let Some(msg) = batch.next().await {
+                let msg = msg.map_err(|e| anyhow::anyhow!(e).context("pull a replica"))?;
+                self.apply_one(&msg.payload).await;
+                msg.ack()
+                    .await
+                    .map_err(|e| anyhow::anyhow!(e).context("ack a replica"))?;
+            }
+        }
+    }
+
+    /// Applies one replica, retrying what may succeed later (in place, so order holds);
+    /// one that never can (not this cell's to apply, undecodable) is counted and skipped.
+    async fn apply_one(&self, payload: &[u8]) {
+        let batch = match ReplicaBatch::decode(payload) {
+            Ok(b) => b,
+            Err(e) => {
+                warn!(error = %e, "an undecodable replica; skipped");
+                crate::metrics::CELL_REFUSED.inc();
+                return;
+            }
+        };
+        let lag = tidings_log::now_ms() - batch.time_ms;
+        let mut wait = Duration::from_millis(50);
+        loop {
+            match self.log.apply_replica(batch.clone(), &self.key).await {
+                Ok(applied) => {
+                    if applied {
+                        crate::metrics::CELL_APPLIED.inc();
+                        crate::metrics::CELL_LAG_SECONDS.observe(lag.max(0) as f64 / 1000.0);
+                    }
+                    return;
+                }
+                Err(e) if e.is_retryable() => {
+                    info!(error = %e, "a replica could not be applied yet; trying again");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(2));
+                }
+                Err(e) => {
+                    warn!(source = %batch.source, tenant = %batch.tenant, code = e.code(), error = %e, "a replica refused; skipped");
+                    crate::metrics::CELL_REFUSED.inc();
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Unapplied replicas in the stream (pending plus handed out, not yet acknowledged).
+    async fn unapplied(&self) -> anyhow::Result<u64> {
+        let stream = self
+            .js
+            .get_stream(STREAM)
+            .await
+            .map_err(|e| anyhow::anyhow!(e).context("find the incoming replica stream"))?;
+        let mut consumer: jetstream::consumer::PullConsumer =
+            stream
+                .get_consumer(CONSUMER)
+                .await
+                .map_err(|e| anyhow::anyhow!(e).context("find the applier's consumer"))?;
+        let info = consumer
+            .info()
+            .await
+            .map_err(|e| anyhow::anyhow!(e).context("ask the applier's consumer"))?;
+        Ok(info.num_pending + info.num_ack_pending as u64)
+    }
+
+    /// Answers peers' directory and drain requests, merges announced changes, and asks each
+    /// peer for its directory until it has answered once.
+    async fn directory(self: Arc<Self>) -> anyhow::Result<()> {
+        let mut asked = self
+            .nats
+            .subscribe(format!("tidings.cell.{}.dir", self.name()))
+            .await?;
+        let mut drains = self
+            .nats
+            .subscribe(format!("tidings.cell.{}.drain", self.name()))
+            .await?;
+        let mut changes = self.nats.subscribe(DIR_CHANGED).await?;
+        let mut retry = tokio::time::interval(DIRECTORY_RETRY);
+        loop {
+            tokio::select! {
+                Some(msg) = asked.next() => {
+                    if let Some(reply) = msg.reply {
+                        let body = directory_json(&self.cells.directory());
+                        self.nats.publish(reply, body.to_string().into()).await?;
+                    }
+                }
+                Some(msg) = drains.next() => {
+                    let answer = match self.drain(&msg.payload).await {
+                        Ok(v) => v,
+                        Err(e) => json!({"error": e.to_string()}),
+                    };
+                    if let Some(reply) = msg.reply {
+                        self.nats.publish(reply, answer.to_string().into()).await?;
+                    }
+                }
+                Some(msg) = changes.next() => {
+                    self.merge(&msg.payload).await?;
+                }
+                _ = retry.tick() => {
+                    for peer in &self.cfg.peers {
+                        if !self.cells.is_confirmed(&peer.name) {
+                            self.ask_directory(&peer.name).await;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    async fn ask_directory(&self, peer: &str) {
+        let asked = self
+            .nats
+            .request(format!("tidings.cell.{peer}.dir"), "".into());
+        match tokio::time::timeout(Duration::from_secs(2), asked).await {
+            Ok(Ok(reply)) => match self.merge(&reply.payload).await {
+                Ok(()) => {
+                    self.cells.confirm(peer);
+                    info!(peer, "directory compared with the peer cell");
+                }
+                Err(e) => warn!(peer, error = %e, "a peer's directory could not be merged"),
+            },
+            _ => info!(peer, "the peer cell does not answer for its directory yet"),
+        }
+    }
+
+    /// Merges placements (a JSON list): each kept where its version is newer.
+    async fn merge(&self, payload: &[u8]) -> anyhow::Result<()> {
+        let entries: Vec<Value> =
+            serde_json::from_slice(payload).context("a directory message is not a JSON list")?;
+        for entry in entries {
+            let Some((tenant, placement)) = placement_from_json(&entry) else {
+                warn!("a directory entry that does not parse; skipped");
+                continue;
+            };
+            if self
+                .cells
+                .store_placement(&**self.log.store(), &tenant, placement.clone())
+                .await?
+            {
+                info!(%tenant, home = %placement.home, dr = %placement.dr, version = placement.version, "placement changed");
+            }
+        }
+        Ok(())
+    }
+
+    /// Stores and announces a new placement.
+    async fn publish_placement(
+        &self,
+        tenant: &TenantId,
+        placement: CellPlacement,
+    ) -> Result<(), CellError> {
+        if !self
+            .cells
+            .store_placement(&**self.log.store(), tenant, placement.clone())
+            .await?
+        {
+            return Err(CellError::Unavailable(
+                "the placement changed meanwhile; try again".into(),
+            ));
+        }
+        let body = directory_json(&[(tenant.clone(), placement)]);
+        if let Err(e) = self
+            .nats
+            .publish(DIR_CHANGED, body.to_string().into())
+            .await
+        {
+            // Peers compare directories again when they start; a change is not lost.
+            warn!(error = %e, "could not announce a placement change");
+        }
+        Ok(())
+    }
+
+    /// `tidings cell place`: sets where a tenant lives (a new version).
+    pub async fn place(
+        &self,
+        tenant: &TenantId,
+        home: &str,
+        dr: &str,
+        tier: &str,
+        sync: bool,
+        actor: &str,
+    ) -> Result<CellPlacement, CellError> {
+        for cell in [home].into_iter().chain((!dr.is_empty()).then_some(dr)) {
+            if !self.cfg.knows(cell) {
+                return Err(CellError::Invalid(format!(
+                    "no cell named {cell:?} is configured"
+                )));
+            }
+        }
+        if dr == home {
+            return Err(CellError::Invalid(
+                "the DR cell must differ from the home cell".into(),
+            ));
+        }
+        if sync && dr.is_empty() {
+            return Err(CellError::Invalid(
+                "synchronous replication needs a DR cell".into(),
+            ));
+        }
+        if !matches!(tier, "vip" | "standard") {
+            return Err(CellError::Invalid("tier must be vip or standard".into()));
+        }
+        let current = self.cells.placement(tenant);
+        if let Some(c) = &current
+            && c.home != home
+        {
+            return Err(CellError::Invalid(format!(
+                "the tenant's home is {}; move it with `tidings cell failover`, not place",
+                c.home
+            )));
+        }
+        let placement = CellPlacement {
+            home: home.into(),
+            dr: dr.into(),
+            tier: tier.into(),
+            sync,
+            version: current.map_or(1, |c| c.version + 1),
+            changed_ms: tidings_log::now_ms(),
+            changed_by: actor.into(),
+            draining: false,
+        };
+        self.publish_placement(tenant, placement.clone()).await?;
+        Ok(placement)
+    }
+
+    /// Asked by the tenant's DR cell before a planned move: stop taking the tenant's writes
+    /// (draining), let every commit already made reach the DR cell, answer when none waits.
+    async fn drain(&self, payload: &[u8]) -> Result<Value, CellError> {
+        let asked: Value = serde_json::from_slice(payload)
+            .map_err(|_| CellError::Invalid("a drain request is not JSON".into()))?;
+        let tenant = TenantId::new(asked["tenant"].as_str().unwrap_or_default())?;
+        let Some(mut placement) = self.cells.placement(&tenant) else {
+            return Err(CellError::Invalid(
+                "the tenant is not in the directory".into(),
+            ));
+        };
+        if placement.home != self.name() {
+            return Err(CellError::Invalid(format!(
+                "this cell is not the tenant's home ({} is)",
+                placement.home
+            )));
+        }
+        if !placement.draining {
+            placement.draining = true;
+            placement.version += 1;
+            placement.changed_ms = tidings_log::now_ms();
+            self.publish_placement(&tenant, placement).await?;
+        }
+        // Every write admitted before the flag is committed (or refused) after this.
+        self.log.barrier().await?;
+        let started = Instant::now();
+        while self.outbox_holds(&tenant).await? {
+            if started.elapsed() > MOVE_WAIT {
+                return Err(CellError::Unavailable(
+                    "the tenant's outbox did not empty in time".into(),
+                ));
+            }
+            self.cells.outbox_written.notify_one();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(json!({"drained": true}))
+    }
+
+    async fn outbox_holds(&self, tenant: &TenantId) -> Result<bool, LogError> {
+        for p in self.log.owned_partitions() {
+            let rows = self.log.outbox_page(p, OUTBOX_PAGE).await?;
+            if rows.iter().any(|(_, b)| b.tenant == tenant.as_str()) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// `tidings cell failover`, run on the tenant's DR cell: makes it the tenant's home. A
+    /// planned move drains the home first (nothing lost); an unplanned one does not ask it.
+    pub async fn failover(
+        &self,
+        tenant: &TenantId,
+        planned: bool,
+        actor: &str,
+    ) -> Result<Value, CellError> {
+        let started = Instant::now();
+        let Some(current) = self.cells.placement(tenant) else {
+            return Err(CellError::Invalid(
+                "the tenant is not in the directory".into(),
+            ));
+        };
+        if current.dr != self.name() {
+            return Err(CellError::Invalid(format!(
+                "this cell ({}) is not the tenant's DR cell ({:?})",
+                self.name(),
+                current.dr
+            )));
+        }
+        let old_home = current.home.clone();
+        if planned {
+            let asked = self.nats.request(
+                format!("tidings.cell.{old_home}.drain"),
+                json!({"tenant": tenant.as_str()}).to_string().into(),
+            );
+            let reply = tokio::time::timeout(MOVE_WAIT, asked)
+                .await
+                .map_err(|_| {
+                    CellError::Unavailable(format!("cell {old_home} did not drain in time"))
+                })?
+                .map_err(|e| {
+                    CellError::Unavailable(format!("cell {old_home} cannot be asked to drain: {e}"))
+                })?;
+            let answer: Value = serde_json::from_slice(&reply.payload).unwrap_or_default();
+            if answer["drained"] != json!(true) {
+                return Err(CellError::Unavailable(format!(
+                    "cell {old_home} did not drain: {}",
+                    answer["error"].as_str().unwrap_or("no reason given")
+                )));
+            }
+        }
+        // Everything that reached this cell is applied before it takes the tenant.
+        let waited = Instant::now();
+        loop {
+            match self.unapplied().await {
+                Ok(0) => break,
+                Ok(_) if waited.elapsed() < MOVE_WAIT => {}
+                Ok(n) => {
+                    return Err(CellError::Unavailable(format!(
+                        "{n} replicas are still unapplied; try again"
+                    )));
+                }
+                Err(e) => return Err(CellError::Unavailable(e.to_string())),
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let latest = self.cells.placement(tenant).unwrap_or(current);
+        let placement = CellPlacement {
+            home: self.name().into(),
+            dr: old_home.clone(),
+            // The old home is gone: a synchronous tenant would wait for it on every send.
+            // Replication to it goes on asynchronously once it is back; `tidings cell place
+            // --sync` makes it synchronous again.
+            sync: latest.sync && planned,
+            draining: false,
+            version: latest.version + 1,
+            changed_ms: tidings_log::now_ms(),
+            changed_by: actor.into(),
+            ..latest
+        };
+        // The operator's word stands for the old home, which may be gone.
+        self.cells.confirm(&old_home);
+        self.publish_placement(tenant, placement.clone()).await?;
+        let heads = self.log.tenant_heads(tenant, REPORT_LIMIT).await?;
+        let heads: Vec<Value> = heads
+            .into_iter()
+            .map(|(c, seq)| json!({"conversation": c, "last_seq": seq}))
+            .collect();
+        Ok(json!({
+            "tenant": tenant.as_str(),
+            "home": self.name(),
+            "dr": old_home,
+            "planned": planned,
+            "version": placement.version,
+            "sync": placement.sync,
+            "took_ms": started.elapsed().as_millis() as u64,
+            // Unplanned: what the old home acknowledged after these seqs never arrived; it
+            // keeps those events as lost when it is back (`tidings cell lost` there).
+            "conversations": heads,
+        }))
+    }
+
+    /// `tidings cell lost`: events this cell acknowledged as the tenant's home that never
+    /// reached the cell that took over.
+    pub async fn lost(&self, tenant: &TenantId) -> Result<Value, CellError> {
+        let lost = self.log.lost_events(tenant, REPORT_LIMIT).await?;
+        Ok(json!({
+            "tenant": tenant.as_str(),
+            "lost": lost.iter().map(|l| json!({"conversation": l.conversation, "seq": l.seq})).collect::<Vec<_>>(),
+        }))
+    }
+
+    /// `tidings cell show`: the tenant's placement here.
+    pub fn show(&self, tenant: &TenantId) -> Value {
+        match self.cells.placement(tenant) {
+            Some(p) => {
+                let mut shown = placement_json(tenant, &p);
+                // Whether this cell has compared directories with the tenant's DR cell since
+                // it started (the home serves a replicated tenant only then).
+                shown["dr_confirmed"] = json!(!p.dr.is_empty() && self.cells.is_confirmed(&p.dr));
+                shown
+            }
+            None => json!({"tenant": tenant.as_str(), "placement": null}),
+        }
+    }
+}
+
+fn placement_json(tenant: &TenantId, p: &CellPlacement) -> Value {
+    json!({
+        "tenant": tenant.as_str(),
+        "home": p.home,
+        "dr": p.dr,
+        "tier": p.tier,
+        "sync": p.sync,
+        "version": p.version,
+        "changed_ms": p.changed_ms,
+        "changed_by": p.changed_by,
+        "draining": p.draining,
+    })
+}
+
+fn directory_json(entries: &[(TenantId, CellPlacement)]) -> Value {
+    Value::Array(entries.iter().map(|(t, p)| placement_json(t, p)).collect())
+}
+
+fn placement_from_json(v: &Value) -> Option<(TenantId, CellPlacement)> {
+    let tenant = TenantId::new(v["tenant"].as_str()?).ok()?;
+    let text = |k: &str| v[k].as_str().map(str::to_string);
+    Some((
+        tenant,
+        CellPlacement {
+            home: text("home")?,
+            dr: text("dr")?,
+            tier: text("tier")?,
+            sync: v["sync"].as_bool()?,
+            version: v["version"].as_u64()?,
+            changed_ms: v["changed_ms"].as_i64()?,
+            changed_by: text("changed_by")?,
+            draining: v["draining"].as_bool()?,
+        },
+    ))
+}

@@ -1,0 +1,407 @@
+//! Cells (issue 15): two or three cells on loopback, each with its own nats-server (joined
+//! by leaf nodes in the link account only), `tidings serve`, data directory and archive.
+//!
+//! - The drill: a VIP tenant's users chat in cell a; a's processes are SIGKILLed; the
+//!   tenant fails over to cell b (unplanned); the users go on in b, seqs continuing with no
+//!   gap and no reuse of what b holds, retried sends deduplicated; the acknowledged events b
+//!   lacks are counted, and when a is back it lists exactly those as lost and sends clients
+//!   to b.
+//! - A planned move with chat running, with synchronous replication, and the move back:
+//!   nothing lost, nothing twice, every acknowledged send in the new home.
+//! - Residency: a tenant without a DR cell stays in its home; nothing reaches a third cell.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use common::cells::{Cell, cells};
+use serde_json::Value;
+use tidings_client::{ClientError, ClientTls, Connection};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn answer(out: std::process::Output) -> Value {
+    assert!(
+        out.status.success(),
+        "tidings cell failed: {}",
+        common::stderr(&out)
+    );
+    common::json_lines(&out.stdout)
+        .into_iter()
+        .next()
+        .expect("one JSON line")
+}
+
+/// Polls `check` every 50 ms until it holds, for at most [`WAIT`].
+async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The placement of `tenant` as `cell` knows it.
+fn show(cell: &Cell, tenant: &str) -> Value {
+    answer(cell.cell_cli(tenant, &["show"]))
+}
+
+/// The value of an unlabelled series at `url` (a /metrics page), if it is there.
+async fn metric(url: &str, name: &str) -> Option<f64> {
+    let text = common::http_client()
+        .get(url)
+        .send()
+        .await
+        .expect("scrape")
+        .text()
+        .await
+        .expect("metrics text");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .map(|v| v.trim().parse().expect("a number"))
+}
+
+/// The value of an unlabelled counter on `cell`'s admin listener.
+async fn counter(cell: &Cell, name: &str) -> f64 {
+    let url = format!("http://127.0.0.1:{}/metrics", cell.server().admin_port);
+    metric(&url, name)
+        .await
+        .unwrap_or_else(|| panic!("no {name} in /metrics"))
+}
+
+/// The seqs `tidings cell lost` lists on `cell`, sorted, once each.
+fn lost_seqs(cell: &Cell, tenant: &str) -> Vec<u64> {
+    let lost = answer(cell.cell_cli(tenant, &["lost"]));
+    let mut seqs: Vec<u64> = lost["lost"]
+        .as_array()
+        .expect("lost")
+        .iter()
+        .map(|l| l["seq"].as_u64().expect("seq"))
+        .collect();
+    seqs.sort_unstable();
+    seqs.dedup();
+    seqs
+}
+
+async fn open(url: &str, token: &str) -> Connection {
+    Connection::open_with(url, &ClientTls::default(), token, "cells-test")
+        .await
+        .map(|(conn, _)| conn)
+        .unwrap_or_else(|e| panic!("connect to {url}: {e}"))
+}
+
+/// Every event of `conv` as (seq, event id), read through `conn`.
+async fn events(conn: &Connection, conv: &str) -> BTreeMap<u64, String> {
+    let mut all = BTreeMap::new();
+    let mut from = 1;
+    loop {
+        let page = conn.pull(conv, from, from + 499).await.expect("pull");
+        if page.events.is_empty() {
+            return all;
+        }
+        for e in &page.events {
+            all.insert(e.seq, e.event_id.clone());
+            from = e.seq + 1;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vip_tenant_survives_losing_its_home_cell() {
+    drill(false).await;
+}
+
+/// With synchronous replication nothing acknowledged is lost (RPO 0).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_synchronous_vip_tenant_loses_nothing_with_its_home_cell() {
+    let missing = drill(true).await;
+    assert_eq!(missing, Vec::<u64>::new(), "RPO 0");
+}
+
+/// The drill: chat in a, SIGKILL a, unplanned failover to b, chat on; a comes back. Returns
+/// the acknowledged seqs b lacked.
+async fn drill(sync: bool) -> Vec<u64> {
+    let mut cs = cells(&["a", "b"], &[]);
+    for c in &mut cs {
+        c.start();
+    }
+    let (a, b) = cs.split_at_mut(1);
+    let (a, b) = (&mut a[0], &mut b[0]);
+
+    let mut place = vec!["place", "--home", "a", "--dr", "b", "--tier", "vip"];
+    if sync {
+        place.push("--sync");
+    }
+    let placed = answer(a.cell_cli("vip", &place));
+    assert_eq!(
+        (placed["home"].as_str(), placed["dr"].as_str()),
+        (Some("a"), Some("b"))
+    );
+    eventually("b learns the placement", || show(b, "vip")["version"] == 1).await;
+    eventually("a has compared directories with b", || {
+        show(a, "vip")["dr_confirmed"] == true
+    })
+    .await;
+
+    // A client's first connect may go to any cell: b sends alice to a.
+    let alice_token = a.sandbox.token("vip", "alice", 3600);
+    let alice = open(&b.url(), &alice_token).await;
+    alice
+        .create_conversation(
+            "team",
+            tidings_schemas::v1::ConversationKind::Group,
+            "team",
+            &["bob"],
+        )
+        .await
+        .expect("create the conversation in a");
+    let gateway_metrics = format!("http://127.0.0.1:{}/metrics", b.gateway_port);
+    let redirects = metric(&gateway_metrics, "tidings_gateway_cell_redirects_total").await;
+    assert_eq!(redirects, Some(1.0), "b sent the first connect to a");
+
+    let mut acked = BTreeMap::new();
+    for i in 0..40 {
+        let ack = alice
+            .send_text("team", &format!("m{i}"), &format!("before the storm {i}"))
+            .await
+            .expect("send in a");
+        acked.insert(ack.seq, (format!("m{i}"), ack.event_id.clone()));
+    }
+    let before_kill = events(&alice, "team").await;
+    drop(alice);
+
+    // Cell a is lost: its tidings process and its nats-server, SIGKILLed.
+    a.kill();
+    let lost_at = Instant::now();
+    let report = answer(b.cell_cli("vip", &["failover", "--unplanned"]));
+    assert_eq!(report["home"], "b");
+    assert_eq!(report["planned"], false);
+    // Synchronous replication waits for nobody once the old home is gone.
+    assert_eq!(report["sync"], false);
+    let b_head = report["conversations"]
+        .as_array()
+        .expect("conversations")
+        .iter()
+        .find(|c| c["conversation"] == "team")
+        .and_then(|c| c["last_seq"].as_u64())
+        .expect("b holds the conversation");
+
+    // Alice goes on in b.
+    let alice = open(&b.url(), &alice_token).await;
+    let first = alice
+        .send_text("team", "after-0", "after the storm")
+        .await
+        .expect("send in b");
+    let time_to_first_send = lost_at.elapsed();
+    assert_eq!(first.seq, b_head + 1, "seqs continue after what b holds");
+    assert!(!first.duplicate);
+
+    // What b holds is exactly a's history up to its head: same seqs, same event ids.
+    let in_b = events(&alice, "team").await;
+    for (seq, id) in &before_kill {
+        if *seq <= b_head {
+            assert_eq!(in_b.get(seq), Some(id), "seq {seq} in b is a's event");
+        }
+    }
+    let missing: Vec<u64> = acked.keys().copied().filter(|s| *s > b_head).collect();
+    println!(
+        "drill ({}): time to first send in b {:.2} s; acknowledged in a and missing in b: {} of {}",
+        if sync { "synchronous" } else { "asynchronous" },
+        time_to_first_send.as_secs_f64(),
+        missing.len(),
+        acked.len()
+    );
+    // A send retried across the move is deduplicated, when b has it.
+    let (seq, (client_msg_id, event_id)) = acked
+        .iter()
+        .find(|(s, _)| **s <= b_head)
+        .expect("b holds some of a's sends");
+    let again = alice
+        .send_text("team", client_msg_id, "retried")
+        .await
+        .expect("retry in b");
+    assert!(again.duplicate);
+    assert_eq!((&again.seq, &again.event_id), (seq, event_id));
+
+    // Cell a comes back: it learns it is home no more, sends clients to b, and lists exactly
+    // what it acknowledged that b never got.
+    a.nats.restart();
+    a.start();
+    eventually("a learns the failover", || show(a, "vip")["home"] == "b").await;
+    let via_a = open(&a.url(), &alice_token).await;
+    let ack = via_a
+        .send_text("team", "after-1", "through a, to b")
+        .await
+        .expect("a sends alice to b");
+    assert_eq!(ack.seq, first.seq + 1);
+    // The old home's relay keeps them once it has compared directories with b.
+    eventually("a lists exactly what b never got", || {
+        lost_seqs(a, "vip") == missing
+    })
+    .await;
+    missing
+}
+
+/// Sends `count` messages through a client that follows the tenant wherever it moves: an
+/// `unavailable` (draining) is retried with the same id, a `wrong_cell` reconnects. Returns
+/// every ack as client_msg_id -> seq.
+async fn chat_through_moves(
+    start_url: String,
+    token: String,
+    prefix: &'static str,
+    count: usize,
+) -> BTreeMap<String, u64> {
+    let mut conn = open(&start_url, &token).await;
+    let mut acks = BTreeMap::new();
+    for i in 0..count {
+        let id = format!("{prefix}{i}");
+        let deadline = Instant::now() + WAIT;
+        loop {
+            assert!(Instant::now() < deadline, "send {id} never went through");
+            match conn.send_text("team", &id, "moving").await {
+                Ok(ack) => {
+                    acks.insert(id, ack.seq);
+                    break;
+                }
+                Err(ClientError::WrongCell { url }) => conn = open(&url, &token).await,
+                Err(ClientError::Server { .. }) | Err(ClientError::Closed { .. }) => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    if conn.ping().await.is_err() {
+                        conn = open(&start_url, &token).await;
+                    }
+                }
+                Err(e) => panic!("send {id}: {e}"),
+            }
+        }
+    }
+    acks
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_planned_move_and_back_loses_nothing_and_nothing_reaches_a_third_cell() {
+    let mut cs = cells(&["a", "b", "c"], &[]);
+    for c in &mut cs {
+        c.start();
+    }
+    let (a, rest) = cs.split_at_mut(1);
+    let (b, c) = rest.split_at_mut(1);
+    let (a, b, c) = (&mut a[0], &mut b[0], &mut c[0]);
+
+    answer(a.cell_cli(
+        "vip",
+        &[
+            "place", "--home", "a", "--dr", "b", "--tier", "vip", "--sync",
+        ],
+    ));
+    answer(a.cell_cli("local", &["place", "--home", "a"]));
+    for cell in [&*b, &*c] {
+        eventually("every cell learns the placements", || {
+            show(cell, "vip")["version"] == 1 && show(cell, "local")["version"] == 1
+        })
+        .await;
+    }
+    eventually("a has compared directories with b", || {
+        show(a, "vip")["dr_confirmed"] == true
+    })
+    .await;
+
+    let token = a.sandbox.token("vip", "alice", 3600);
+    let alice = open(&a.url(), &token).await;
+    alice
+        .create_conversation(
+            "team",
+            tidings_schemas::v1::ConversationKind::Group,
+            "team",
+            &["bob"],
+        )
+        .await
+        .expect("create");
+    drop(alice);
+    let local_token = a.sandbox.token("local", "carol", 3600);
+    let carol = open(&a.url(), &local_token).await;
+    carol
+        .create_conversation(
+            "desk",
+            tidings_schemas::v1::ConversationKind::Group,
+            "desk",
+            &["dave"],
+        )
+        .await
+        .expect("create local");
+    for i in 0..10 {
+        carol
+            .send_text("desk", &format!("l{i}"), "stays home")
+            .await
+            .expect("local send");
+    }
+    // A tenant homed in a is refused by b, which sends its clients back to a.
+    let via_b = open(&b.url(), &local_token).await;
+    via_b.ping().await.expect("redirected to a");
+
+    // Chat runs while the tenant moves to b, synchronously replicated.
+    let chatting = tokio::spawn(chat_through_moves(a.url(), token.clone(), "p", 150));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let moved = answer(b.cell_cli("vip", &["failover"]));
+    assert_eq!(
+        (moved["home"].as_str(), moved["planned"].as_bool()),
+        (Some("b"), Some(true))
+    );
+    let acks = chatting.await.expect("chat task");
+    let conn = open(&b.url(), &token).await;
+    let in_b = events(&conn, "team").await;
+    let seqs: Vec<u64> = in_b.keys().copied().collect();
+    assert_eq!(
+        seqs,
+        (1..=seqs.len() as u64).collect::<Vec<_>>(),
+        "no gap in b"
+    );
+    for (id, seq) in &acks {
+        assert!(in_b.contains_key(seq), "acknowledged {id} at {seq} is in b");
+    }
+    let distinct: std::collections::BTreeSet<u64> = acks.values().copied().collect();
+    assert_eq!(distinct.len(), acks.len(), "every send committed once");
+
+    // And back to a, chat running again.
+    let chatting = tokio::spawn(chat_through_moves(b.url(), token.clone(), "q", 150));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let back = answer(a.cell_cli("vip", &["failover"]));
+    assert_eq!(back["home"], "a");
+    let acks_back = chatting.await.expect("chat task");
+    let conn = open(&a.url(), &token).await;
+    let in_a = events(&conn, "team").await;
+    let seqs: Vec<u64> = in_a.keys().copied().collect();
+    assert_eq!(
+        seqs,
+        (1..=seqs.len() as u64).collect::<Vec<_>>(),
+        "no gap in a"
+    );
+    for (seq, id) in &in_b {
+        assert_eq!(in_a.get(seq), Some(id), "a holds b's event {seq}");
+    }
+    for seq in acks_back.values() {
+        assert!(in_a.contains_key(seq));
+    }
+    assert_eq!(
+        in_a.len(),
+        1 + acks.len() + acks_back.len(),
+        "the conversation's creation and every send, each once"
+    );
+
+    // Residency: the third cell never got anything; b never got the local tenant.
+    assert_eq!(counter(c, "tidings_cell_replicas_applied_total").await, 0.0);
+    assert_eq!(counter(c, "tidings_cell_replicas_refused_total").await, 0.0);
+    assert!(counter(b, "tidings_cell_replicas_applied_total").await > 0.0);
+    b.server = None;
+    let read = b
+        .sandbox
+        .run(&["log", "read", "--tenant", "local", "--conv", "desk"]);
+    assert!(
+        !read.status.success(),
+        "b has no conversation of the local tenant"
+    );
+    assert_eq!(
+        common::error_line(&read)["error"]["code"],
+        "conversation_not_found"
+    );
+}
