@@ -529,10 +529,27 @@ fn records_of(state: &State, now_ms: i64, partitions: u32) -> (BTreeMap<u32, Vec
     let mut convs: Vec<(Vec<u8>, Writes)> = Vec::new();
     let mut conv_at: HashMap<Vec<u8>, usize> = HashMap::new();
     for key in &state.order {
-        let (Some(part), Some(Some(value))) =
-            (keys::conversation_part(key), state.pending.get(key))
-        else {
+        let Some(Some(value)) = state.pending.get(key) else {
             continue;
+        };
+        // An outbox row (cells) goes with the conversation whose writes it holds.
+        let outbox_part;
+        let part = if key.starts_with(b"ro\0") {
+            let Ok(batch) = tidings_schemas::storage::ReplicaBatch::decode(value.as_slice()) else {
+                continue;
+            };
+            outbox_part = [
+                batch.tenant.as_bytes(),
+                b"\0",
+                batch.conversation.as_bytes(),
+            ]
+            .concat();
+            outbox_part.as_slice()
+        } else {
+            match keys::conversation_part(key) {
+                Some(part) => part,
+                None => continue,
+            }
         };
         let i = *conv_at.entry(part.to_vec()).or_insert_with(|| {
             convs.push((part.to_vec(), Vec::new()));

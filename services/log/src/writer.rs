@@ -1516,9 +1516,8 @@ impl Writer {
                     && let Some((_, c)) = r.cmd.tenant_conv()
                 {
                     outbox
-                        .entry((partition, t.clone()))
-                        .or_insert_with(|| (c.clone(), Vec::new()))
-                        .1
+                        .entry((partition, t.clone(), c.clone()))
+                        .or_default()
                         .extend(order.iter().cloned());
                 }
                 for key in order {
@@ -1579,7 +1578,7 @@ impl Writer {
         let Some(cells) = &self.cells else {
             return positions;
         };
-        for ((p, t), (c, keys_written)) in outbox {
+        for ((p, t, c), keys_written) in outbox {
             let (Some(epoch), Some(replication)) =
                 (self.held.get(&p).map(|h| h.lease.epoch), replicate.get(&t))
             else {
@@ -1744,9 +1743,10 @@ impl Writer {
     }
 }
 
-/// A batch's writes of replicated tenants, per (partition, tenant): a conversation they
-/// are about, and the keys written (`write_outbox` makes one outbox row of each).
-type Outbox = std::collections::BTreeMap<(u32, TenantId), (ConvId, Vec<Vec<u8>>)>;
+/// A batch's writes of replicated tenants, per (partition, tenant, conversation): the keys
+/// written (`write_outbox` makes one outbox row of each, so a send buffered during a store
+/// outage carries its own row, `outage::records_of`).
+type Outbox = std::collections::BTreeMap<(u32, TenantId, ConvId), Vec<Vec<u8>>>;
 
 /// The data keys a batch uses, and the tenants whose keys could not be had.
 #[derive(Default)]

@@ -72,6 +72,7 @@ macro_rules! outage_suite {
             past_the_byte_limit_sends_fail_unavailable_and_nothing_acked_is_lost,
             two_writers_around_a_takeover_never_hand_out_one_seq_twice,
             a_writer_reopened_after_a_crash_replays_what_its_predecessor_buffered,
+            a_replicated_tenants_sends_during_an_outage_reach_its_outbox,
         );
     };
     (@cases $places:expr; $($case:ident,)*) => {
@@ -527,4 +528,62 @@ pub async fn a_writer_reopened_after_a_crash_replays_what_its_predecessor_buffer
     let (head, stored) = rig.stored("g", &log).await;
     assert_eq!(head, 9);
     assert_complete(&acked, head, &stored);
+}
+
+/// Cells: a tenant with a DR cell keeps a replica of every commit in the outbox, sends
+/// buffered during the outage included (each carries its outbox row into the buffer and the
+/// replay lands it): the outbox holds every event of the conversation, each once.
+pub async fn a_replicated_tenants_sends_during_an_outage_reach_its_outbox(rig: Rig) {
+    let mut cfg = rig.cfg("a").await;
+    cfg.cell = Some(tidings_log::cells::CellConfig {
+        name: "home".into(),
+        sync_timeout: Duration::from_secs(5),
+    });
+    let log = rig.open(cfg).await;
+    let cells = log.cells().expect("cells on").clone();
+    let placement = tidings_schemas::storage::CellPlacement {
+        home: "home".into(),
+        dr: "dr".into(),
+        tier: "vip".into(),
+        version: 1,
+        ..Default::default()
+    };
+    assert!(
+        cells
+            .store_placement(&*rig.store, &t(), placement)
+            .await
+            .expect("place")
+    );
+    cells.confirm("dr");
+    rig.group(&log, "g").await;
+    for i in 0..3 {
+        log.append(text("g", &format!("before-{i}")))
+            .await
+            .expect("append");
+    }
+    rig.switch.set(Fault::Unavailable);
+    for i in 0..10 {
+        send(&log, &format!("during-{i}"))
+            .await
+            .expect("acked during the outage");
+    }
+    rig.switch.set(Fault::Ok);
+    until_replayed(&log).await;
+    let (head, _) = rig.stored("g", &log).await;
+    assert_eq!(head, 14);
+    let mut replicated = Vec::new();
+    for p in 0..4 {
+        for (_, batch) in log.outbox_page(p, 1000).await.expect("outbox") {
+            assert_eq!((batch.tenant.as_str(), batch.dr.as_str()), ("acme", "dr"));
+            replicated.extend(
+                batch
+                    .writes
+                    .iter()
+                    .filter(|w| w.key.starts_with(b"ev\0"))
+                    .filter_map(|w| keys::event_seq(&w.key)),
+            );
+        }
+    }
+    replicated.sort_unstable();
+    assert_eq!(replicated, (1..=14).collect::<Vec<_>>(), "every event once");
 }
