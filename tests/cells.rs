@@ -392,6 +392,57 @@ async fn a_planned_move_and_back_loses_nothing_and_nothing_reaches_a_third_cell(
     assert_eq!(counter(c, "tidings_cell_replicas_applied_total").await, 0.0);
     assert_eq!(counter(c, "tidings_cell_replicas_refused_total").await, 0.0);
     assert!(counter(b, "tidings_cell_replicas_applied_total").await > 0.0);
+
+    // Operators' mistakes are refused: placing from a cell that is not the home, and a DR
+    // cell for a tenant that already has history (copying it over is not built).
+    let elsewhere = b.cell_cli("newcomer", &["place", "--home", "a"]);
+    assert!(!elsewhere.status.success());
+    assert!(common::stderr(&elsewhere).contains("home cell"));
+    let late = a.cell_cli("local", &["place", "--home", "a", "--dr", "b"]);
+    assert!(!late.status.success());
+    assert!(common::stderr(&late).contains("already has conversations"));
+
+    // A hostile peer on the link: a batch for a tenant c does not replicate, one writing
+    // another tenant's keys, and bytes that are no batch at all are refused and counted;
+    // nothing is applied.
+    let link = async_nats::ConnectOptions::with_user_and_password("cell".into(), "cell".into())
+        .connect(format!("nats://127.0.0.1:{}", c.nats.port))
+        .await
+        .expect("connect to c's link account");
+    let js = async_nats::jetstream::new(link);
+    let forged = tidings_schemas::storage::ReplicaBatch {
+        source: "a".into(),
+        tenant: "vip".into(),
+        conversation: "team".into(),
+        partitions: 16,
+        epoch: 99,
+        n: 1,
+        dr: "c".into(),
+        writes: vec![tidings_schemas::storage::ReplicaWrite {
+            key: b"hd\0local\0desk".to_vec(),
+            value: Some(vec![1, 2, 3]),
+        }],
+        ..Default::default()
+    };
+    for payload in [
+        prost::Message::encode_to_vec(&forged),
+        b"not a batch".to_vec(),
+    ] {
+        js.publish("tidings.cell.c.in.a.0", payload.into())
+            .await
+            .expect("publish")
+            .await
+            .expect("c's stream takes it");
+    }
+    let deadline = Instant::now() + WAIT;
+    while counter(c, "tidings_cell_replicas_refused_total").await < 2.0 {
+        assert!(
+            Instant::now() < deadline,
+            "c never refused the forged batches"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(counter(c, "tidings_cell_replicas_applied_total").await, 0.0);
     b.server = None;
     let read = b
         .sandbox

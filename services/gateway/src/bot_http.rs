@@ -211,6 +211,8 @@ fn log_failure(e: &tidings_log::LogError) -> Answer {
         ErrorCode::AlreadyExists => 409,
         ErrorCode::RateLimited => 429,
         ErrorCode::Unavailable => 503,
+        // The tenant is served by another cell: the bot posts there.
+        ErrorCode::WrongCell => 421,
         _ => 500,
     };
     let name = code

@@ -220,7 +220,13 @@ impl Cells {
             ),
             None => None,
         };
-        if current.as_ref().is_some_and(|c| c.version >= next.version) {
+        // The highest version wins; two cells that changed a placement at once (the same
+        // version) settle on the later change, then on the names, so every cell agrees.
+        let newer = |c: &CellPlacement| {
+            (next.version, next.changed_ms, &next.home, &next.dr)
+                > (c.version, c.changed_ms, &c.home, &c.dr)
+        };
+        if current.as_ref().is_some_and(|c| !newer(c)) {
             // What is stored may be newer than what memory says (another process).
             if let Some(c) = current {
                 self.remember(tenant, c);

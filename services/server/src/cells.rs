@@ -610,6 +610,11 @@ impl Link {
         if !matches!(tier, "vip" | "standard") {
             return Err(CellError::Invalid("tier must be vip or standard".into()));
         }
+        if home != self.name() {
+            return Err(CellError::Invalid(format!(
+                "place a tenant on its home cell ({home}): it checks what it holds of the tenant"
+            )));
+        }
         let current = self.cells.placement(tenant);
         if let Some(c) = &current
             && c.home != home
@@ -618,6 +623,16 @@ impl Link {
                 "the tenant's home is {}; move it with `tidings cell failover`, not place",
                 c.home
             )));
+        }
+        let new_dr = !dr.is_empty() && current.as_ref().is_none_or(|c| c.dr != dr);
+        if new_dr && !self.log.tenant_heads(tenant, 1).await?.is_empty() {
+            // Only commits from now on would reach the new DR cell, which would then hold
+            // conversations with holes: refused until history can be copied first.
+            return Err(CellError::Invalid(
+                "the tenant already has conversations here, and copying its history to a new \
+                 DR cell is not built yet; a DR cell is set before the tenant's first message"
+                    .into(),
+            ));
         }
         let placement = CellPlacement {
             home: home.into(),
