@@ -116,7 +116,8 @@ fn ms(d: Duration) -> String {
     format!("{:.2} ms", d.as_secs_f64() * 1e3)
 }
 
-pub(crate) struct Child(std::process::Child);
+/// A child process killed (SIGKILL) and reaped on drop.
+pub(crate) struct Child(pub(crate) std::process::Child);
 impl Drop for Child {
     fn drop(&mut self) {
         let _ = self.0.kill();

@@ -619,6 +619,11 @@ pub enum BenchCommand {
     /// End-to-end latency and throughput through the gateway, against raw NATS and the raw
     /// store; and the 10,000-member fan-out. Needs `nats-server` on the PATH.
     Gateway(crate::bench_gateway::GatewayArgs),
+    /// Two cells on loopback: send latency with synchronous against asynchronous
+    /// replication, replication lag, and a drill (home cell killed, unplanned failover):
+    /// time to the first send in the DR cell and the acknowledged events lost. Needs
+    /// `nats-server` on the PATH.
+    Cells(crate::bench_cells::CellsArgs),
     /// Archive throughput, bytes per event (hot, archive, plaintext Parquet), history page
     /// latency hot vs cold, and point lookups with and without the indexes.
     Archive(crate::bench_archive::ArchiveArgs),

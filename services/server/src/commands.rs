@@ -304,6 +304,10 @@ pub async fn run(command: Command, config: Config) -> anyhow::Result<bool> {
             crate::bench_overload::run(args, config.log_config()).await?;
             Ok(true)
         }
+        Command::Bench(crate::cli::BenchCommand::Cells(args)) => {
+            crate::bench_cells::run(args).await?;
+            Ok(true)
+        }
         Command::Bench(crate::cli::BenchCommand::Gateway(args)) => {
             crate::bench_gateway::run(args, &config).await?;
             Ok(true)

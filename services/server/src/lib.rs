@@ -26,6 +26,7 @@ pub mod admin;
 pub mod archive;
 pub mod bench;
 pub mod bench_archive;
+pub mod bench_cells;
 pub mod bench_compliance;
 pub mod bench_corpus;
 pub mod bench_gateway;

@@ -213,6 +213,19 @@ pub async fn call_server(
     .await
 }
 
+/// The HTTP client the CLI calls admin listeners with: `tls` verification (ring), no
+/// redirects, [`CALL_TIMEOUT`].
+pub fn http_client(tls: &tidings_client::ClientTls) -> anyhow::Result<reqwest::Client> {
+    use anyhow::Context as _;
+    let config = tls.rustls_config().map_err(anyhow::Error::msg)?;
+    reqwest::Client::builder()
+        .use_preconfigured_tls(config)
+        .timeout(CALL_TIMEOUT)
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .context("make the HTTP client")
+}
+
 /// POSTs `body` to `path` on the admin listener at `server` with the admin token: the CLI's
 /// way to act on a running process (whose embedded store it cannot open).
 pub async fn post_admin(
@@ -236,13 +249,7 @@ pub async fn post_admin(
         !authority.is_empty() && !authority.contains('/'),
         "--server must be https://host:port or http://host:port, without a path"
     );
-    let config = tls.rustls_config().map_err(anyhow::Error::msg)?;
-    let client = reqwest::Client::builder()
-        .use_preconfigured_tls(config)
-        .timeout(CALL_TIMEOUT)
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .context("make the HTTP client")?;
+    let client = http_client(tls)?;
     let mut answer = client
         .post(format!("{base}{path}"))
         .bearer_auth(token)
