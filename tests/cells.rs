@@ -335,9 +335,16 @@ async fn a_planned_move_and_back_loses_nothing_and_nothing_reaches_a_third_cell(
             .await
             .expect("local send");
     }
-    // A tenant homed in a is refused by b, which sends its clients back to a.
+    // A tenant homed in a is refused by b, which sends its clients back to a: by b's
+    // `--role all` process and by a gateway of b's apart from its log.
     let via_b = open(&b.url(), &local_token).await;
     via_b.ping().await.expect("redirected to a");
+    let gateway = b.start_gateway();
+    let via_b_gateway = open(&gateway.url(), &local_token).await;
+    via_b_gateway
+        .send_text("desk", "l-via-gateway", "through b's gateway, to a")
+        .await
+        .expect("redirected to a");
 
     // Chat runs while the tenant moves to b, synchronously replicated.
     let chatting = tokio::spawn(chat_through_moves(a.url(), token.clone(), "p", 150));
@@ -455,4 +462,40 @@ async fn a_planned_move_and_back_loses_nothing_and_nothing_reaches_a_third_cell(
         common::error_line(&read)["error"]["code"],
         "conversation_not_found"
     );
+}
+
+/// The browser client, signed in at a cell that does not serve the tenant, opens the web
+/// client of the cell that does (it may only talk to its own origin).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_browser_client_opens_the_tenants_own_cell() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let Some(driver) = common::browser::Driver::start("cells::browser_redirect").await else {
+        return;
+    };
+    let mut cs = cells(&["a", "b"], &[]);
+    for c in &mut cs {
+        c.start();
+    }
+    let (a, b) = (&cs[0], &cs[1]);
+    answer(a.cell_cli("acme", &["place", "--home", "a"]));
+    eventually("b learns the placement", || show(b, "acme")["version"] == 1).await;
+    let page = driver.browser().await;
+    page.goto(&format!("http://127.0.0.1:{}/app/", b.gateway_port))
+        .await;
+    page.wait(
+        "the development form",
+        "return !document.getElementById('dev-form').hidden",
+    )
+    .await;
+    page.clear("#dev-tenant").await;
+    page.type_into("#dev-tenant", "acme").await;
+    page.type_into("#dev-user", "alice").await;
+    page.click("#dev-signin").await;
+    let home = format!("http://127.0.0.1:{}", a.gateway_port);
+    page.wait(
+        "the page to move to cell a",
+        &format!("return location.origin === '{home}' && location.pathname === '/app/'"),
+    )
+    .await;
+    page.quit().await;
 }

@@ -47,6 +47,18 @@ impl Cell {
         self.server = Some(Server::start(&self.sandbox, &self.nats, "all", &env));
     }
 
+    /// A `tidings serve --role gateway` of the cell beside its `--role all` process, on a
+    /// port of its own (it reaches the log over NATS).
+    pub fn start_gateway(&self) -> Server {
+        let mut env: Vec<(&str, &str)> = self
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        env.push(("TIDINGS_GATEWAY_LISTEN", "127.0.0.1:0"));
+        Server::start(&self.sandbox, &self.nats, "gateway", &env)
+    }
+
     /// SIGKILLs the cell's tidings process and its nats-server: the cell is gone.
     pub fn kill(&mut self) {
         self.server = None;

@@ -108,10 +108,19 @@ function connect() {
   app.ws = ws;
   status("connecting", "connecting…");
   ws.onopen = () => start(ws).catch((e) => {
-    if (app.ws === ws) {
-      showSigninError(e.message);
+    if (app.ws !== ws) return;
+    if (e.code === "WRONG_CELL" && e.redirect) {
+      // The tenant is served by another cell: its own web client, where one signs in there
+      // (this page may only talk to its own origin).
+      const there = new URL("/app/", e.redirect.replace(/^ws/, "http"));
+      app.signedOut = true;
       ws.close();
+      showSigninError("your organisation is served at " + there.origin + "; opening it…");
+      location.assign(there.href);
+      return;
     }
+    showSigninError(e.message);
+    ws.close();
   });
   ws.onmessage = (m) => {
     let frame;
@@ -129,6 +138,7 @@ function connect() {
       if (kind === "error") {
         const err = new Error(frame.error.message || P.ERROR_CODES[frame.error.code]);
         err.code = P.ERROR_CODES[frame.error.code];
+        err.redirect = frame.error.redirect_url || "";
         waiting.reject(err);
       } else {
         waiting.resolve(frame[kind]);

@@ -78,7 +78,7 @@ const SCHEMA = {
   MemberList: { 1: ["members", "*Member"], 2: ["more", "bool"] },
   Error: {
     1: ["code", "enum"], 2: ["message", "str"], 3: ["retry_after_ms", "u64"],
-    4: ["retryable", "bool"], 5: ["trace_id", "str"],
+    4: ["retryable", "bool"], 5: ["trace_id", "str"], 6: ["redirect_url", "str"],
   },
   Goodbye: { 1: ["reason", "enum"], 2: ["message", "str"] },
   Event: {
@@ -107,6 +107,7 @@ const ERROR_CODES = [
   "UNSPECIFIED", "BAD_FRAME", "UNKNOWN_OP", "NOT_AUTHENTICATED", "AUTH_FAILED",
   "TOKEN_EXPIRED", "INVALID_ID", "TOO_LARGE", "INVALID_REQUEST", "NOT_MEMBER", "NOT_ALLOWED",
   "NOT_FOUND", "ALREADY_EXISTS", "RATE_LIMITED", "UNAVAILABLE", "INTERNAL", "REJECTED",
+  "WRONG_CELL",
 ];
 
 const SCALAR = new Set(["str", "u64", "u32", "i64", "bool", "enum"]);

@@ -1824,6 +1824,40 @@ mod tests {
         assert_eq!(format!("{:?}", cfg.admin), format!("{:?}", d.admin));
         assert_eq!(format!("{:?}", cfg.keys), format!("{:?}", d.keys));
         assert_eq!(format!("{:?}", cfg.store), format!("{:?}", d.store));
+        assert_eq!(format!("{:?}", cfg.cell), format!("{:?}", d.cell));
+    }
+
+    #[test]
+    fn cells_come_from_env_and_refuse_bad_names() {
+        let cfg = Config::load(
+            None,
+            env(&[
+                ("TIDINGS_CELL_NAME", "a"),
+                ("TIDINGS_CELL_URL", "wss://a/v1/ws"),
+                ("TIDINGS_CELL_PEERS", "b=wss://b/v1/ws, c=wss://c/v1/ws"),
+            ]),
+        )
+        .expect("cells");
+        assert_eq!(cfg.cell.urls().len(), 3);
+        assert_eq!(cfg.cell.urls()["c"], "wss://c/v1/ws");
+        assert_eq!(cfg.log_config().cell.map(|c| c.name), Some("a".into()));
+        for bad in [
+            vec![("TIDINGS_CELL_NAME", "A.1")],
+            vec![
+                ("TIDINGS_CELL_NAME", "a"),
+                ("TIDINGS_CELL_PEERS", "a=wss://x"),
+            ],
+            vec![("TIDINGS_CELL_NAME", "a"), ("TIDINGS_CELL_PEERS", "b")],
+        ] {
+            assert!(Config::load(None, env(&bad)).is_err(), "{bad:?}");
+        }
+        assert!(
+            Config::load(None, env(&[]))
+                .expect("default")
+                .log_config()
+                .cell
+                .is_none()
+        );
     }
 
     #[test]
