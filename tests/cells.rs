@@ -84,6 +84,18 @@ fn lost_seqs(cell: &Cell, tenant: &str) -> Vec<u64> {
     seqs
 }
 
+/// Creates group `conv` with `member`, through `conn`.
+async fn group(conn: &Connection, conv: &str, member: &str) {
+    conn.create_conversation(
+        conv,
+        tidings_schemas::v1::ConversationKind::Group,
+        conv,
+        &[member],
+    )
+    .await
+    .unwrap_or_else(|e| panic!("create {conv}: {e}"));
+}
+
 async fn open(url: &str, token: &str) -> Connection {
     Connection::open_with(url, &ClientTls::default(), token, "cells-test")
         .await
@@ -147,15 +159,7 @@ async fn drill(sync: bool) -> Vec<u64> {
     // A client's first connect may go to any cell: b sends alice to a.
     let alice_token = a.sandbox.token("vip", "alice", 3600);
     let alice = open(&b.url(), &alice_token).await;
-    alice
-        .create_conversation(
-            "team",
-            tidings_schemas::v1::ConversationKind::Group,
-            "team",
-            &["bob"],
-        )
-        .await
-        .expect("create the conversation in a");
+    group(&alice, "team", "bob").await;
     let gateway_metrics = format!("http://127.0.0.1:{}/metrics", b.gateway_port);
     let redirects = metric(&gateway_metrics, "tidings_gateway_cell_redirects_total").await;
     assert_eq!(redirects, Some(1.0), "b sent the first connect to a");
@@ -175,6 +179,7 @@ async fn drill(sync: bool) -> Vec<u64> {
     a.kill();
     let lost_at = Instant::now();
     let report = answer(b.cell_cli("vip", &["failover", "--unplanned"]));
+    let failover_took = lost_at.elapsed();
     assert_eq!(report["home"], "b");
     assert_eq!(report["planned"], false);
     // Synchronous replication waits for nobody once the old home is gone.
@@ -206,12 +211,20 @@ async fn drill(sync: bool) -> Vec<u64> {
     }
     let missing: Vec<u64> = acked.keys().copied().filter(|s| *s > b_head).collect();
     println!(
-        "drill ({}): time to first send in b {:.2} s; acknowledged in a and missing in b: {} of {}",
+        "drill ({}): time to first send in b {:.2} s (failover command {:.2} s); acknowledged in a and missing in b: {} of {}",
         if sync { "synchronous" } else { "asynchronous" },
         time_to_first_send.as_secs_f64(),
+        failover_took.as_secs_f64(),
         missing.len(),
         acked.len()
     );
+    // What b commits now waits for a in b's outbox (a is gone): the gauge says so.
+    let deadline = Instant::now() + WAIT;
+    while counter(b, "tidings_cell_outbox_age_seconds").await == 0.0 {
+        assert!(Instant::now() < deadline, "b's outbox age never grew");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
     // A send retried across the move is deduplicated, when b has it.
     let (seq, (client_msg_id, event_id)) = acked
         .iter()
@@ -240,6 +253,21 @@ async fn drill(sync: bool) -> Vec<u64> {
         lost_seqs(a, "vip") == missing
     })
     .await;
+    // And b's waiting replicas reach a, now its DR cell.
+    let deadline = Instant::now() + WAIT;
+    while counter(b, "tidings_cell_outbox_age_seconds").await > 0.0 {
+        assert!(Instant::now() < deadline, "b's outbox never emptied into a");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // (after-0 and after-1, each its own commit in b.)
+    while counter(a, "tidings_cell_replicas_applied_total").await < 2.0 {
+        assert!(
+            Instant::now() < deadline,
+            "a never applied b's replicas (refused {})",
+            counter(a, "tidings_cell_replicas_refused_total").await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     missing
 }
 
@@ -308,27 +336,11 @@ async fn a_planned_move_and_back_loses_nothing_and_nothing_reaches_a_third_cell(
 
     let token = a.sandbox.token("vip", "alice", 3600);
     let alice = open(&a.url(), &token).await;
-    alice
-        .create_conversation(
-            "team",
-            tidings_schemas::v1::ConversationKind::Group,
-            "team",
-            &["bob"],
-        )
-        .await
-        .expect("create");
+    group(&alice, "team", "bob").await;
     drop(alice);
     let local_token = a.sandbox.token("local", "carol", 3600);
     let carol = open(&a.url(), &local_token).await;
-    carol
-        .create_conversation(
-            "desk",
-            tidings_schemas::v1::ConversationKind::Group,
-            "desk",
-            &["dave"],
-        )
-        .await
-        .expect("create local");
+    group(&carol, "desk", "dave").await;
     for i in 0..10 {
         carol
             .send_text("desk", &format!("l{i}"), "stays home")

@@ -387,6 +387,10 @@ pub struct ReplicaBatch {
     pub dr: ::prost::alloc::string::String,
     #[prost(int64, tag = "11")]
     pub time_ms: i64,
+    /// The version of the tenant's placement it was written under: a DR cell whose directory
+    /// is older waits for it (and asks the source) instead of judging the batch by a stale one.
+    #[prost(uint64, tag = "12")]
+    pub placement_version: u64,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct LinkedKey {

@@ -71,6 +71,8 @@ pub fn valid_cell_name(name: &str) -> Result<(), String> {
 pub struct Replication {
     pub dr: String,
     pub sync: bool,
+    /// The placement's version (carried by each batch).
+    pub version: u64,
 }
 
 /// A position in a partition's outbox: rows are ordered by it.
@@ -185,13 +187,29 @@ impl Cells {
         Ok(Some(Replication {
             dr: p.dr,
             sync: p.sync,
+            version: p.version,
         }))
     }
 
-    /// Whether a replica from `source` of the tenant may be applied here: `source` must be
-    /// the tenant's home and this cell its DR cell.
-    pub fn admit_replica(&self, tenant: &TenantId, source: &str) -> Result<(), LogError> {
-        match self.placement(tenant) {
+    /// Whether a replica from `source` of the tenant, written under placement `version`,
+    /// may be applied here: `source` must be the tenant's home and this cell its DR cell.
+    /// A directory older than the batch's is `directory_behind` (retryable: wait for it).
+    pub fn admit_replica(
+        &self,
+        tenant: &TenantId,
+        source: &str,
+        version: u64,
+    ) -> Result<(), LogError> {
+        let placement = self.placement(tenant);
+        if placement.as_ref().map_or(0, |p| p.version) < version {
+            return Err(LogError::Unavailable {
+                reason: format!(
+                    "{DIRECTORY_BEHIND}: placement version {version} of tenant {tenant} is not \
+                     here yet"
+                ),
+            });
+        }
+        match placement {
             Some(p) if p.home == source && p.dr == self.config.name => Ok(()),
             Some(p) => Err(LogError::NotAllowed(format!(
                 "a replica of tenant {tenant} from cell {source}, whose home is {} and DR cell \
@@ -411,6 +429,10 @@ impl crate::Log {
         Ok(heads)
     }
 }
+
+/// How an `unavailable` replica refusal starts when this cell's directory is older than the
+/// batch's (the applier then asks the source for its directory).
+pub const DIRECTORY_BEHIND: &str = "the directory is behind";
 
 /// Splits an outbox key into (partition, epoch, n).
 pub fn outbox_position(key: &[u8]) -> Option<(u32, Position)> {

@@ -926,7 +926,7 @@ impl Log {
             return Err(LogError::NotAllowed("cells are off in this process".into()));
         };
         let tenant = crate::cells::check_batch(&batch)?;
-        cells.admit_replica(&tenant, &batch.source)?;
+        cells.admit_replica(&tenant, &batch.source, batch.placement_version)?;
         if batch.partitions != self.inner.cfg.partitions {
             return Err(LogError::PartitionsMismatch {
                 stored: batch.partitions,

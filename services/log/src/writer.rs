@@ -1606,6 +1606,7 @@ impl Writer {
                 keys: Vec::new(),
                 dr: replication.dr.clone(),
                 time_ms: now_ms,
+                placement_version: replication.version,
             };
             let key = keys::outbox(p, epoch, n);
             if state

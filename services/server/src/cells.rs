@@ -281,9 +281,18 @@ impl Link {
     async fn relay(self: Arc<Self>) -> anyhow::Result<()> {
         loop {
             let mut more = false;
+            let mut oldest: Option<i64> = None;
             for p in self.log.owned_partitions() {
-                more |= self.relay_partition(p).await?;
+                let (again, waiting_since) = self.relay_partition(p).await?;
+                more |= again;
+                oldest = match (oldest, waiting_since) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
             }
+            let age_ms = oldest.map_or(0, |t| (tidings_log::now_ms() - t).max(0));
+            crate::metrics::CELL_OUTBOX_AGE_MS
+                .store(age_ms as u64, std::sync::atomic::Ordering::Relaxed);
             if !more {
                 tokio::select! {
                     () = self.cells.outbox_written.notified() => {}
@@ -293,10 +302,12 @@ impl Link {
         }
     }
 
-    /// One page of a partition's outbox; `Ok(true)` if it may hold more now.
-    async fn relay_partition(&self, p: u32) -> anyhow::Result<bool> {
+    /// One page of a partition's outbox: whether it may hold more now, and the commit time
+    /// of the oldest row still waiting after it.
+    async fn relay_partition(&self, p: u32) -> anyhow::Result<(bool, Option<i64>)> {
         let rows = self.log.outbox_page(p, OUTBOX_PAGE).await?;
         let full = rows.len() == OUTBOX_PAGE;
+        let mut waiting_since = None;
         let mut done = Vec::new();
         for (row, mut batch) in rows {
             let tenant = TenantId::new(&batch.tenant)?;
@@ -311,6 +322,7 @@ impl Link {
             // Not before the DR cell has compared directories with us since we started: it
             // may have taken the tenant over meanwhile.
             if !self.cells.is_confirmed(&batch.dr) {
+                waiting_since = Some(batch.time_ms);
                 break;
             }
             batch.keys = self.linked_keys(&tenant, &batch).await?;
@@ -332,11 +344,13 @@ impl Link {
                     crate::metrics::CELL_REPLICATED.inc();
                 }
                 Ok(Err(e)) => {
+                    waiting_since = Some(batch.time_ms);
                     crate::metrics::CELL_PUBLISH_FAILURES.inc();
                     info!(dr = %batch.dr, error = %e, "the DR cell did not take a replica; trying again");
                     break;
                 }
                 Err(_) => {
+                    waiting_since = Some(batch.time_ms);
                     crate::metrics::CELL_PUBLISH_FAILURES.inc();
                     info!(dr = %batch.dr, "the DR cell did not acknowledge a replica in time; trying again");
                     break;
@@ -346,12 +360,12 @@ impl Link {
         let progressed = !done.is_empty();
         self.log.outbox_remove(done).await?;
         if !progressed && !full {
-            return Ok(false);
+            return Ok((false, waiting_since));
         }
         if !progressed {
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
-        Ok(full && progressed)
+        Ok((full && progressed, waiting_since))
     }
 
     /// The data keys the batch's events are sealed with, sealed for the DR cell.
@@ -431,6 +445,7 @@ impl Link {
         };
         let lag = tidings_log::now_ms() - batch.time_ms;
         let mut wait = Duration::from_millis(50);
+        let started = Instant::now();
         loop {
             match self.log.apply_replica(batch.clone(), &self.key).await {
                 Ok(applied) => {
@@ -442,6 +457,16 @@ impl Link {
                 }
                 Err(e) if e.is_retryable() => {
                     info!(error = %e, "a replica could not be applied yet; trying again");
+                    if e.to_string().contains(tidings_log::cells::DIRECTORY_BEHIND) {
+                        // A placement no peer ever announces (a forged version) must not
+                        // hold every later replica back.
+                        if started.elapsed() > MOVE_WAIT {
+                            warn!(source = %batch.source, tenant = %batch.tenant, "a replica names a placement version this cell never learned; skipped");
+                            crate::metrics::CELL_REFUSED.inc();
+                            return;
+                        }
+                        self.ask_directory(&batch.source).await;
+                    }
                     tokio::time::sleep(wait).await;
                     wait = (wait * 2).min(Duration::from_secs(2));
                 }

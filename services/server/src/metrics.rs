@@ -85,6 +85,9 @@ pub static CELL_LAG_SECONDS: Histogram = Histogram::new(
     LATENCY_BUCKETS,
 );
 
+/// How long the oldest outbox row has waited for its DR cell, as of the relay's last pass.
+pub static CELL_OUTBOX_AGE_MS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 fn write_cells(out: &mut Text) {
     CELL_REPLICATED.write(out);
     CELL_PUBLISH_FAILURES.write(out);
@@ -92,6 +95,12 @@ fn write_cells(out: &mut Text) {
     CELL_REFUSED.write(out);
     CELL_LOST.write(out);
     CELL_LAG_SECONDS.write(out);
+    out.gauge(
+        "tidings_cell_outbox_age_seconds",
+        "How long the oldest replica waiting for its DR cell has waited (0: none); it grows \
+         while the DR cell or the link is down.",
+        CELL_OUTBOX_AGE_MS.load(Ordering::Relaxed) as f64 / 1000.0,
+    );
 }
 
 /// Requests to the admin listener, by route.
