@@ -337,7 +337,15 @@ async fn a_planned_move_and_back_loses_nothing_and_nothing_reaches_a_third_cell(
     let token = a.sandbox.token("vip", "alice", 3600);
     let alice = open(&a.url(), &token).await;
     group(&alice, "team", "bob").await;
-    drop(alice);
+    // Memberships and read cursors replicate too: a member joins and leaves, bob reads.
+    alice.add_member("team", "erin").await.expect("add erin");
+    alice
+        .remove_member("team", "erin")
+        .await
+        .expect("remove erin");
+    let bob = open(&a.url(), &a.sandbox.token("vip", "bob", 3600)).await;
+    assert_eq!(bob.mark_read("team", 2).await.expect("bob reads"), 2);
+    drop((alice, bob));
     let local_token = a.sandbox.token("local", "carol", 3600);
     let carol = open(&a.url(), &local_token).await;
     group(&carol, "desk", "dave").await;
@@ -369,6 +377,14 @@ async fn a_planned_move_and_back_loses_nothing_and_nothing_reaches_a_third_cell(
     let acks = chatting.await.expect("chat task");
     let conn = open(&b.url(), &token).await;
     let in_b = events(&conn, "team").await;
+    // Bob's cursor came along to b: his unread count there counts from it.
+    let bob_in_b = open(&b.url(), &a.sandbox.token("vip", "bob", 3600)).await;
+    let list = bob_in_b.list_conversations().await.expect("bob's list");
+    let team = list
+        .iter()
+        .find(|c| c.conversation == "team")
+        .expect("team");
+    assert_eq!(team.read_seq, 2);
     let seqs: Vec<u64> = in_b.keys().copied().collect();
     assert_eq!(
         seqs,
@@ -403,9 +419,12 @@ async fn a_planned_move_and_back_loses_nothing_and_nothing_reaches_a_third_cell(
     }
     assert_eq!(
         in_a.len(),
-        1 + acks.len() + acks_back.len(),
-        "the conversation's creation and every send, each once"
+        3 + acks.len() + acks_back.len(),
+        "the conversation's creation, erin's join and leave, and every send, each once"
     );
+    // Every replica was the DR cell's to apply: nothing refused either way.
+    assert_eq!(counter(b, "tidings_cell_replicas_refused_total").await, 0.0);
+    assert_eq!(counter(a, "tidings_cell_replicas_refused_total").await, 0.0);
 
     // Residency: the third cell never got anything; b never got the local tenant.
     assert_eq!(counter(c, "tidings_cell_replicas_applied_total").await, 0.0);

@@ -1437,7 +1437,7 @@ impl Writer {
             refused,
             replicate,
         } = self.resolve_keys(&reqs, &fetched).await;
-        // Each replicated tenant's writes of this batch, per partition: one outbox row each.
+        // Each replicated tenant's writes of this batch, per conversation: one outbox row each.
         let mut outbox = Outbox::new();
 
         let mut state = State {
@@ -1565,8 +1565,8 @@ impl Writer {
         }
     }
 
-    /// Writes one outbox row per (partition, replicated tenant) of the batch, holding that
-    /// tenant's writes as the batch made them; returns where each went.
+    /// Writes one outbox row per conversation of a replicated tenant the batch wrote, holding
+    /// those writes as the batch made them; returns each (partition, tenant)'s newest row.
     fn write_outbox(
         &mut self,
         state: &mut State,
