@@ -395,8 +395,19 @@ impl Link {
         Ok(keys)
     }
 
-    /// Applies the replicas that arrive, in order, each once, until stopped.
+    /// Applies the replicas that arrive, in order, each once, until stopped. Only a log that
+    /// owns every partition applies (it applies through its own sequencer, and two appliers
+    /// sharing the consumer could apply one partition's batches out of order): a cell runs
+    /// one log writer; several per cell are not built.
     async fn applier(self: Arc<Self>) -> anyhow::Result<()> {
+        let mut warned = false;
+        while self.log.owned_partitions().len() as u32 != self.log.config().partitions {
+            if !warned {
+                warn!("this log does not own every partition: it applies no replicas (one log writer per cell)");
+                warned = true;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
         let stream = self
             .js
             .get_stream(STREAM)
