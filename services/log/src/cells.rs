@@ -469,9 +469,10 @@ pub fn decode_mark(bytes: &[u8]) -> Option<Position> {
 /// users' lists), never another tenant's or any other prefix.
 pub fn check_batch(batch: &ReplicaBatch) -> Result<TenantId, LogError> {
     let tenant = TenantId::new(&batch.tenant)?;
-    const ALLOWED: [&[u8]; 6] = [b"ev\0", b"hd\0", b"dd\0", b"mb\0", b"mc\0", b"uc\0"];
     for w in &batch.writes {
-        let allowed = ALLOWED.iter().any(|p| w.key.starts_with(p))
+        let allowed = keys::SEQUENCED_PREFIXES
+            .iter()
+            .any(|p| w.key.starts_with(p))
             && keys::tenant_of(&w.key) == Some(tenant.as_str());
         if !allowed {
             return Err(LogError::NotAllowed(format!(

@@ -270,6 +270,10 @@ pub fn revoked_user(t: &TenantId, u: &UserId) -> Vec<u8> {
     key(b"rv", &[t.as_str(), "u", u.as_str()])
 }
 
+/// The tenant-scoped prefixes the sequencer writes (what a replica batch may carry, cells.rs):
+/// a new one the sequencer writes must be added here, or DR cells refuse its batches.
+pub const SEQUENCED_PREFIXES: [&[u8]; 6] = [b"ev\0", b"hd\0", b"dd\0", b"mb\0", b"mc\0", b"uc\0"];
+
 /// Where a tenant lives (cells.rs).
 pub fn cell_placement(t: &TenantId) -> Vec<u8> {
     key(b"cd", &[t.as_str()])

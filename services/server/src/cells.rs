@@ -403,7 +403,9 @@ impl Link {
         let mut warned = false;
         while self.log.owned_partitions().len() as u32 != self.log.config().partitions {
             if !warned {
-                warn!("this log does not own every partition: it applies no replicas (one log writer per cell)");
+                warn!(
+                    "this log does not own every partition: it applies no replicas (one log writer per cell)"
+                );
                 warned = true;
             }
             tokio::time::sleep(Duration::from_secs(1)).await;
