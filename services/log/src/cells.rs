@@ -327,14 +327,31 @@ impl crate::Log {
         partition: u32,
         limit: usize,
     ) -> Result<Vec<(Vec<u8>, ReplicaBatch)>, LogError> {
-        let rows = self
-            .store()
-            .scan(
-                crate::store::KeyRange::prefix(keys::outbox_dir(partition)),
-                limit,
-                Order::Ascending,
-            )
-            .await?;
+        let range = crate::store::KeyRange::prefix(keys::outbox_dir(partition));
+        self.outbox_rows(range, limit).await
+    }
+
+    /// Up to `limit` outbox rows of every partition at or after key `from` (ordered by
+    /// partition, then oldest first), decoded.
+    pub async fn outbox_page_from(
+        &self,
+        from: Vec<u8>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, ReplicaBatch)>, LogError> {
+        let all = crate::store::KeyRange::prefix(keys::outbox_all());
+        let range = crate::store::KeyRange {
+            start: from.max(all.start),
+            end: all.end,
+        };
+        self.outbox_rows(range, limit).await
+    }
+
+    async fn outbox_rows(
+        &self,
+        range: crate::store::KeyRange,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, ReplicaBatch)>, LogError> {
+        let rows = self.store().scan(range, limit, Order::Ascending).await?;
         rows.into_iter()
             .map(|(key, value)| {
                 let batch = ReplicaBatch::decode(value.as_slice())

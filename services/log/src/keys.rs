@@ -291,6 +291,11 @@ pub fn outbox_dir(partition: u32) -> Vec<u8> {
     k
 }
 
+/// Every outbox row, of every partition.
+pub fn outbox_all() -> Vec<u8> {
+    b"ro\0".to_vec()
+}
+
 /// One outbox row: a commit's writes of one replicated tenant.
 pub fn outbox(partition: u32, epoch: u64, n: u64) -> Vec<u8> {
     let mut k = outbox_dir(partition);

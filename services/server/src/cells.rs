@@ -200,6 +200,19 @@ pub enum CellError {
     Log(#[from] LogError),
 }
 
+/// What one pass of the relay did.
+#[derive(Default)]
+struct Pass {
+    /// Rows handed over, deleted at the end of the pass.
+    done: Vec<Vec<u8>>,
+    /// Commit time of the oldest row still waiting.
+    oldest_waiting: Option<i64>,
+    /// A partition may hold more rows now.
+    more: bool,
+    /// A partition's DR cell took none of its rows.
+    stalled: bool,
+}
+
 /// The link's long-lived tasks, each supervised on its own.
 #[derive(Clone, Copy, Debug)]
 pub enum Task {
@@ -277,39 +290,64 @@ impl Link {
         }
     }
 
-    /// Hands outbox rows to their DR cells, oldest first per partition, until stopped.
+    /// Hands outbox rows to their DR cells, oldest first per partition, until stopped. The
+    /// rows a pass handed over are deleted together at its end (one commit, off the path of
+    /// the next synchronous send); a row handed over twice after a crash is dropped by the
+    /// stream's duplicate window or the DR cell's mark.
     async fn relay(self: Arc<Self>) -> anyhow::Result<()> {
         loop {
-            let mut more = false;
-            let mut oldest: Option<i64> = None;
-            for p in self.log.owned_partitions() {
-                let (again, waiting_since) = self.relay_partition(p).await?;
-                more |= again;
-                oldest = match (oldest, waiting_since) {
-                    (Some(a), Some(b)) => Some(a.min(b)),
-                    (a, b) => a.or(b),
-                };
+            let mut pass = Pass::default();
+            let mut from = Vec::new();
+            // Page after page to the end of the outbox, skipping past the rest of a
+            // partition whose DR cell does not take its rows (a long backlog of one stalled
+            // partition is then one read a pass, not a wall in front of the others).
+            while let Some(next) = self.relay_page(from, &mut pass).await? {
+                from = next;
             }
-            let age_ms = oldest.map_or(0, |t| (tidings_log::now_ms() - t).max(0));
+            self.log
+                .outbox_remove(std::mem::take(&mut pass.done))
+                .await?;
+            let age_ms = pass
+                .oldest_waiting
+                .map_or(0, |t| (tidings_log::now_ms() - t).max(0));
             crate::metrics::CELL_OUTBOX_AGE_MS
                 .store(age_ms as u64, std::sync::atomic::Ordering::Relaxed);
-            if !more {
-                tokio::select! {
-                    () = self.cells.outbox_written.notified() => {}
-                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
-                }
+            if pass.more {
+                continue;
+            }
+            // A DR cell that does not take its rows is tried again a little later.
+            let idle = if pass.stalled {
+                Duration::from_millis(500)
+            } else {
+                Duration::from_secs(1)
+            };
+            tokio::select! {
+                () = self.cells.outbox_written.notified() => {}
+                () = tokio::time::sleep(idle) => {}
             }
         }
     }
 
-    /// One page of a partition's outbox: whether it may hold more now, and the commit time
-    /// of the oldest row still waiting after it.
-    async fn relay_partition(&self, p: u32) -> anyhow::Result<(bool, Option<i64>)> {
-        let rows = self.log.outbox_page(p, OUTBOX_PAGE).await?;
+    /// One page of the outbox (one read, every partition), each owned partition's rows
+    /// handed over in order as far as its DR cells take them: a row that is not taken holds
+    /// back the rest of its partition, not the others.
+    /// Returns where the next page starts, `None` at the end of the outbox.
+    async fn relay_page(&self, from: Vec<u8>, pass: &mut Pass) -> anyhow::Result<Option<Vec<u8>>> {
+        let rows = self.log.outbox_page_from(from, OUTBOX_PAGE).await?;
         let full = rows.len() == OUTBOX_PAGE;
+        let next = rows
+            .last()
+            .map(|(row, batch)| (row.clone(), batch.partition));
+        let owned: std::collections::HashSet<u32> =
+            self.log.owned_partitions().into_iter().collect();
+        let mut held_back: std::collections::HashSet<u32> = std::collections::HashSet::new();
         let mut waiting_since = None;
-        let mut done = Vec::new();
+        let mut handed = 0;
         for (row, mut batch) in rows {
+            let p = batch.partition;
+            if !owned.contains(&p) || held_back.contains(&p) {
+                continue;
+            }
             let tenant = TenantId::new(&batch.tenant)?;
             let placement = self.cells.placement(&tenant);
             if placement.as_ref().is_some_and(|pl| pl.home != self.name()) {
@@ -317,13 +355,15 @@ impl Link {
                 let kept = self.log.outbox_keep_lost(row, &batch).await?;
                 warn!(%tenant, kept, "events acknowledged here never reached the cell that took over; kept as lost (`tidings cell lost`)");
                 crate::metrics::CELL_LOST.add(kept as u64);
+                handed += 1;
                 continue;
             }
             // Not before the DR cell has compared directories with us since we started: it
             // may have taken the tenant over meanwhile.
             if !self.cells.is_confirmed(&batch.dr) {
-                waiting_since = Some(batch.time_ms);
-                break;
+                waiting_since = waiting_since.or(Some(batch.time_ms));
+                held_back.insert(p);
+                continue;
             }
             batch.keys = self.linked_keys(&tenant, &batch).await?;
             let position = (batch.epoch, batch.n);
@@ -340,32 +380,41 @@ impl Link {
             match tokio::time::timeout(PUBLISH_TIMEOUT, published).await {
                 Ok(Ok(_)) => {
                     self.cells.acknowledge(p, position);
-                    done.push(row);
+                    pass.done.push(row);
+                    handed += 1;
                     crate::metrics::CELL_REPLICATED.inc();
                 }
                 Ok(Err(e)) => {
-                    waiting_since = Some(batch.time_ms);
+                    waiting_since = waiting_since.or(Some(batch.time_ms));
+                    held_back.insert(p);
                     crate::metrics::CELL_PUBLISH_FAILURES.inc();
                     info!(dr = %batch.dr, error = %e, "the DR cell did not take a replica; trying again");
-                    break;
                 }
                 Err(_) => {
-                    waiting_since = Some(batch.time_ms);
+                    waiting_since = waiting_since.or(Some(batch.time_ms));
+                    held_back.insert(p);
                     crate::metrics::CELL_PUBLISH_FAILURES.inc();
                     info!(dr = %batch.dr, "the DR cell did not acknowledge a replica in time; trying again");
-                    break;
                 }
             }
         }
-        let progressed = !done.is_empty();
-        self.log.outbox_remove(done).await?;
-        if !progressed && !full {
-            return Ok((false, waiting_since));
+        if let Some(t) = waiting_since {
+            pass.oldest_waiting = Some(pass.oldest_waiting.map_or(t, |o: i64| o.min(t)));
+            pass.stalled |= handed == 0;
         }
-        if !progressed {
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-        Ok((full && progressed, waiting_since))
+        pass.more |= full && handed > 0;
+        Ok(match next {
+            Some(_) if !full => None,
+            // Past the rest of a partition held back, else just past the last row.
+            Some((_, p)) if held_back.contains(&p) => {
+                p.checked_add(1).map(tidings_log::keys::outbox_dir)
+            }
+            Some((mut row, _)) => {
+                row.push(0);
+                Some(row)
+            }
+            None => None,
+        })
     }
 
     /// The data keys the batch's events are sealed with, sealed for the DR cell.
