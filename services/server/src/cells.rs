@@ -303,6 +303,12 @@ impl Link {
             // partition is then one read a pass, not a wall in front of the others).
             while let Some(next) = self.relay_page(from, &mut pass).await? {
                 from = next;
+                // A long backlog is deleted page by page: memory stays one page's keys.
+                if pass.done.len() >= OUTBOX_PAGE {
+                    self.log
+                        .outbox_remove(std::mem::take(&mut pass.done))
+                        .await?;
+                }
             }
             self.log
                 .outbox_remove(std::mem::take(&mut pass.done))
