@@ -40,6 +40,11 @@ use crate::store::{KvStore, Order, Transaction};
 /// per tenant, about 100 bytes each (10 MB at the bound).
 pub const MAX_TENANTS: usize = 100_000;
 
+/// How long a drain holds a tenant's writes back (from the placement's change time): a
+/// planned move that did not finish in it leaves the tenant served by its home again, and
+/// the DR cell never takes a tenant whose drain is older than half of it.
+pub const DRAIN_LEASE_MS: i64 = 120_000;
+
 /// This cell, as the log sees it.
 #[derive(Clone, Debug)]
 pub struct CellConfig {
@@ -167,7 +172,7 @@ impl Cells {
         if p.home != self.config.name {
             return Err(LogError::WrongCell { cell: p.home });
         }
-        if p.draining {
+        if p.draining && crate::now_ms() - p.changed_ms < DRAIN_LEASE_MS {
             return Err(LogError::Unavailable {
                 reason: format!("the tenant is moving to cell {}; try again shortly", p.dr),
             });

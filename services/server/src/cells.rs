@@ -811,6 +811,7 @@ impl Link {
             )));
         }
         let old_home = current.home.clone();
+        let drained_at = Instant::now();
         if planned {
             let asked = self.nats.request(
                 format!("tidings.cell.{old_home}.drain"),
@@ -846,6 +847,13 @@ impl Link {
                 Err(e) => return Err(CellError::Unavailable(e.to_string())),
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // The old home serves the tenant again once its drain lease is over: too late now.
+        let lease = Duration::from_millis(tidings_log::cells::DRAIN_LEASE_MS as u64 / 2);
+        if planned && drained_at.elapsed() > lease {
+            return Err(CellError::Unavailable(
+                "the move took longer than the drain holds the tenant; try again".into(),
+            ));
         }
         let latest = self.cells.placement(tenant).unwrap_or(current);
         let placement = CellPlacement {
