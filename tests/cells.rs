@@ -426,6 +426,24 @@ async fn a_planned_move_and_back_loses_nothing_and_nothing_reaches_a_third_cell(
     assert_eq!(counter(b, "tidings_cell_replicas_refused_total").await, 0.0);
     assert_eq!(counter(a, "tidings_cell_replicas_refused_total").await, 0.0);
 
+    // The tenant is shredded in its home: its copy in the DR cell is shredded too.
+    let admin_a = common::admin::Admin::new(a.server());
+    let (status, shred) = admin_a
+        .post_json(
+            "/v1/admin/keys/shred",
+            &a.admin_token("vip"),
+            serde_json::json!({"tenant": "vip", "confirm": "vip"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{shred}");
+    assert_eq!(shred["other_cells_told"], true);
+    for cell in [&*b, &*c] {
+        eventually("every cell learns of the shred", || {
+            show(cell, "vip")["shredded"] == true
+        })
+        .await;
+    }
+
     // Residency: the third cell never got anything; b never got the local tenant.
     assert_eq!(counter(c, "tidings_cell_replicas_applied_total").await, 0.0);
     assert_eq!(counter(c, "tidings_cell_replicas_refused_total").await, 0.0);
@@ -493,6 +511,31 @@ async fn a_planned_move_and_back_loses_nothing_and_nothing_reaches_a_third_cell(
         common::error_line(&read)["error"]["code"],
         "conversation_not_found"
     );
+    // b's copy of the shredded tenant opens no more, as b's audit log records.
+    let read = b
+        .sandbox
+        .run(&["log", "read", "--tenant", "vip", "--conv", "team"]);
+    assert!(!read.status.success(), "b's copy of vip is shredded");
+    assert_eq!(
+        common::error_line(&read)["error"]["code"],
+        "tenant_shredded"
+    );
+    let shreds = |cell: &Cell| -> Vec<Value> {
+        let out = cell
+            .sandbox
+            .run(&["compliance", "audit", "--tenant", "vip"]);
+        assert!(out.status.success(), "audit: {}", common::stderr(&out));
+        common::json_lines(&out.stdout)
+            .into_iter()
+            .filter(|r| r["action"] == "shred" && r["outcome"] == "completed")
+            .collect()
+    };
+    let in_b = shreds(b);
+    assert_eq!(in_b.len(), 1, "{in_b:?}");
+    assert_eq!(in_b[0]["via"], "cell");
+    // The third cell held no copy: it shredded nothing.
+    c.server = None;
+    assert_eq!(shreds(c), Vec::<Value>::new());
 }
 
 /// The browser client, signed in at a cell that does not serve the tenant, opens the web

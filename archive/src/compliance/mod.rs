@@ -105,6 +105,8 @@ pub enum Via {
     Http,
     /// The archiver's own retention pass.
     Archiver,
+    /// Another cell's word, over the cell link (a tenant shredded in its home cell).
+    Cell,
 }
 
 impl Via {
@@ -113,6 +115,7 @@ impl Via {
             Via::Cli => "cli",
             Via::Http => "http",
             Via::Archiver => "archiver",
+            Via::Cell => "cell",
         }
     }
 }

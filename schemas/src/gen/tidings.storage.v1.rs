@@ -347,6 +347,10 @@ pub struct CellPlacement {
     /// (a planned move is under way).
     #[prost(bool, tag = "8")]
     pub draining: bool,
+    /// The tenant was crypto-shredded in one of its cells: every cell holding a copy shreds
+    /// it too when it learns this version.
+    #[prost(bool, tag = "9")]
+    pub shredded: bool,
 }
 /// One key the home cell's writer wrote for a replicated tenant (`value` absent: deleted).
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]

@@ -32,11 +32,12 @@ use futures_util::StreamExt;
 use prost::Message;
 use serde::Deserialize;
 use serde_json::{Value, json};
+use tidings_archive::compliance::{Actor, Compliance, Via};
 use tidings_log::cells::{Cells, OUTBOX_PAGE};
 use tidings_log::crypto::LinkKey;
 use tidings_log::{Log, LogError, TenantId};
 use tidings_schemas::storage::{CellPlacement, LinkedKey, ReplicaBatch, SealedEvent};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 /// The stream a cell's replicas arrive in (in the link account, in its own JetStream domain).
 pub const STREAM: &str = "TIDINGS_CELL_IN";
@@ -241,6 +242,8 @@ pub struct Link {
     js: jetstream::Context,
     key: LinkKey,
     cfg: CellsConfig,
+    /// Audit log and holds, for a shred that comes from another cell.
+    compliance: Compliance,
 }
 
 impl Link {
@@ -267,7 +270,14 @@ impl Link {
         })
         .await
         .map_err(|e| anyhow::anyhow!(e).context("make the incoming replica stream"))?;
+        let compliance = Compliance::new(
+            log.store().clone(),
+            log.keyring().clone(),
+            None,
+            Arc::new(tokio::sync::RwLock::new(())),
+        );
         Ok(Arc::new(Link {
+            compliance,
             log,
             cells,
             nats,
@@ -641,9 +651,66 @@ impl Link {
                 .await?
             {
                 info!(%tenant, home = %placement.home, dr = %placement.dr, version = placement.version, "placement changed");
+                if placement.shredded {
+                    self.shred_copy(&tenant, &placement).await;
+                }
             }
         }
         Ok(())
+    }
+
+    /// The tenant was shredded in one of its cells: shred the copy here too, as the audit
+    /// log records (refused under a legal hold here, like any shred).
+    async fn shred_copy(&self, tenant: &TenantId, placement: &CellPlacement) {
+        let holds_a_copy = placement.home == self.name() || placement.dr == self.name();
+        if !holds_a_copy
+            || self
+                .log
+                .keyring()
+                .is_shredded(tenant)
+                .await
+                .unwrap_or(false)
+        {
+            return;
+        }
+        let by = format!("cell {}", placement.changed_by);
+        let actor = match Actor::new(&by, Via::Cell) {
+            Ok(actor) => actor,
+            Err(e) => {
+                warn!(%tenant, error = %e, "a shred from another cell names no valid actor");
+                return;
+            }
+        };
+        match self.compliance.shred(tenant, &actor).await {
+            Ok(report) => {
+                warn!(%tenant, keys = ?report.key_ids, "the tenant was shredded in another cell: its copy here is shredded too");
+            }
+            Err(e) => {
+                error!(%tenant, error = %e, "the tenant was shredded in another cell, and its copy here could not be");
+            }
+        }
+    }
+
+    /// `keys shred` of a tenant placed in other cells too: marks the placement (a new
+    /// version) so every cell holding a copy shreds it when it learns it. `Ok(false)`: the
+    /// tenant has no placement, or none naming another cell.
+    pub async fn shredded(&self, tenant: &TenantId, actor: &str) -> Result<bool, CellError> {
+        let Some(current) = self.cells.placement(tenant) else {
+            return Ok(false);
+        };
+        let elsewhere = current.home != self.name() || !current.dr.is_empty();
+        if !elsewhere || current.shredded {
+            return Ok(elsewhere);
+        }
+        let placement = CellPlacement {
+            shredded: true,
+            version: current.version + 1,
+            changed_ms: tidings_log::now_ms(),
+            changed_by: format!("{} in {}", actor, self.name()),
+            ..current
+        };
+        self.publish_placement(tenant, placement).await?;
+        Ok(true)
     }
 
     /// Stores and announces a new placement.
@@ -732,10 +799,12 @@ impl Link {
             dr: dr.into(),
             tier: tier.into(),
             sync,
-            version: current.map_or(1, |c| c.version + 1),
+            version: current.as_ref().map_or(1, |c| c.version + 1),
             changed_ms: tidings_log::now_ms(),
             changed_by: actor.into(),
             draining: false,
+            // A shred is for good: placing the tenant again does not undo it anywhere.
+            shredded: current.is_some_and(|c| c.shredded),
         };
         self.publish_placement(tenant, placement.clone()).await?;
         Ok(placement)
@@ -927,6 +996,7 @@ fn placement_json(tenant: &TenantId, p: &CellPlacement) -> Value {
         "changed_ms": p.changed_ms,
         "changed_by": p.changed_by,
         "draining": p.draining,
+        "shredded": p.shredded,
     })
 }
 
@@ -948,6 +1018,7 @@ fn placement_from_json(v: &Value) -> Option<(TenantId, CellPlacement)> {
             changed_ms: v["changed_ms"].as_i64()?,
             changed_by: text("changed_by")?,
             draining: v["draining"].as_bool()?,
+            shredded: v["shredded"].as_bool().unwrap_or(false),
         },
     ))
 }

@@ -158,7 +158,20 @@ pub(super) async fn request(
                 return refusal.invalid(&tenant, &reason).await;
             }
             match state.compliance.shred(&tenant, actor).await {
-                Ok(report) => crate::output::shred_report(&report),
+                Ok(report) => {
+                    let mut answer = crate::output::shred_report(&report);
+                    // The tenant's copies in other cells are shredded when they learn it.
+                    if let Some(link) = &state.cells {
+                        match link.shredded(&tenant, actor.name()).await {
+                            Ok(told) => answer["other_cells_told"] = json!(told),
+                            Err(e) => {
+                                warn!(%tenant, error = %e, "could not tell the other cells of a shred");
+                                answer["other_cells_told"] = json!(false);
+                            }
+                        }
+                    }
+                    answer
+                }
                 Err(e) => return failure(&e),
             }
         }
