@@ -465,7 +465,7 @@ async fn a_planned_move_and_back_loses_nothing_and_nothing_reaches_a_third_cell(
         .connect(format!("nats://127.0.0.1:{}", c.nats.port))
         .await
         .expect("connect to c's link account");
-    let js = async_nats::jetstream::new(link);
+    let js = async_nats::jetstream::new(link.clone());
     let forged = tidings_schemas::storage::ReplicaBatch {
         source: "a".into(),
         tenant: "vip".into(),
@@ -499,6 +499,43 @@ async fn a_planned_move_and_back_loses_nothing_and_nothing_reaches_a_third_cell(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(counter(c, "tidings_cell_replicas_applied_total").await, 0.0);
+
+    // Without the cells' link key nobody can pass for a cell: a batch b would take from a
+    // (the right tenant, source and DR cell, but no MAC), and a directory entry moving the
+    // local tenant to c, are refused; b's directory is unchanged.
+    let unsigned = tidings_schemas::storage::ReplicaBatch {
+        dr: "b".into(),
+        writes: Vec::new(),
+        ..forged
+    };
+    js.publish(
+        "tidings.cell.b.in.a.0",
+        prost::Message::encode_to_vec(&unsigned).into(),
+    )
+    .await
+    .expect("publish")
+    .await
+    .expect("b's stream takes it");
+    let moved = tidings_schemas::storage::CellPlacement {
+        home: "c".into(),
+        version: 99,
+        ..Default::default()
+    };
+    let entry = serde_json::json!([{
+        "tenant": "local",
+        "placement": tidings_log::crypto::hex_encode(&prost::Message::encode_to_vec(&moved)),
+        "mac": "00".repeat(32),
+    }]);
+    link.publish("tidings.cell.dir.changed", entry.to_string().into())
+        .await
+        .expect("publish");
+    link.flush().await.expect("flush");
+    while counter(b, "tidings_cell_replicas_refused_total").await < 2.0 {
+        assert!(Instant::now() < deadline, "b never refused the forgeries");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(show(b, "local")["home"], "a");
+    assert_eq!(show(b, "local")["version"], 1);
     b.server = None;
     let read = b
         .sandbox

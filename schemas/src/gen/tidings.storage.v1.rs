@@ -395,6 +395,10 @@ pub struct ReplicaBatch {
     /// is older waits for it (and asks the source) instead of judging the batch by a stale one.
     #[prost(uint64, tag = "12")]
     pub placement_version: u64,
+    /// HMAC-SHA256 under the cells' link key of the batch encoded with this field empty (set
+    /// by the relay): a DR cell applies only batches a cell holding the key sent.
+    #[prost(bytes = "vec", tag = "13")]
+    pub mac: ::prost::alloc::vec::Vec<u8>,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct LinkedKey {

@@ -452,6 +452,11 @@ impl crate::Log {
     }
 }
 
+/// The label of a replica batch's MAC under the link key.
+pub const BATCH_MAC: &[u8] = b"tidings-cell-batch-v1";
+/// The label of a directory entry's MAC under the link key.
+pub const PLACEMENT_MAC: &[u8] = b"tidings-cell-placement-v1";
+
 /// How an `unavailable` replica refusal starts when this cell's directory is older than the
 /// batch's (the applier then asks the source for its directory).
 pub const DIRECTORY_BEHIND: &str = "the directory is behind";

@@ -202,6 +202,28 @@ impl LinkKey {
         Self::from_hex(&text).map_err(|e| format!("cell link key {}: {e}", path.display()))
     }
 
+    /// HMAC-SHA256 of `data` under the link key, bound to `label`: what proves a replica
+    /// batch or a directory entry comes from a cell that holds the key, not merely from
+    /// someone who can publish on the link account.
+    pub fn mac(&self, label: &[u8], data: &[u8]) -> Vec<u8> {
+        let mut mac = <Hmac<sha2::Sha256> as Mac>::new_from_slice(&self.0.0)
+            .expect("HMAC takes keys of any length");
+        mac.update(&(label.len() as u32).to_be_bytes());
+        mac.update(label);
+        mac.update(data);
+        mac.finalize().into_bytes().to_vec()
+    }
+
+    /// Checks a [`LinkKey::mac`] in constant time.
+    pub fn verify(&self, label: &[u8], data: &[u8], tag: &[u8]) -> bool {
+        let mut mac = <Hmac<sha2::Sha256> as Mac>::new_from_slice(&self.0.0)
+            .expect("HMAC takes keys of any length");
+        mac.update(&(label.len() as u32).to_be_bytes());
+        mac.update(label);
+        mac.update(data);
+        mac.verify_slice(tag).is_ok()
+    }
+
     fn ad(tenant: &TenantId, key_id: u32) -> [Vec<u8>; 3] {
         [
             b"tidings-cell-key-v1".to_vec(),

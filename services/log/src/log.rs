@@ -925,6 +925,13 @@ impl Log {
         let Some(cells) = self.cells() else {
             return Err(LogError::NotAllowed("cells are off in this process".into()));
         };
+        let mut unsigned = batch.clone();
+        let tag = std::mem::take(&mut unsigned.mac);
+        if !link.verify(crate::cells::BATCH_MAC, &unsigned.encode_to_vec(), &tag) {
+            return Err(LogError::NotAllowed(
+                "a replica batch not signed with the cells' link key".into(),
+            ));
+        }
         let tenant = crate::cells::check_batch(&batch)?;
         cells.admit_replica(&tenant, &batch.source, batch.placement_version)?;
         if batch.partitions != self.inner.cfg.partitions {

@@ -1607,6 +1607,7 @@ impl Writer {
                 dr: replication.dr.clone(),
                 time_ms: now_ms,
                 placement_version: replication.version,
+                mac: Vec::new(),
             };
             let key = keys::outbox(p, epoch, n);
             if state

@@ -33,7 +33,7 @@ use prost::Message;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tidings_archive::compliance::{Actor, Compliance, Via};
-use tidings_log::cells::{Cells, OUTBOX_PAGE};
+use tidings_log::cells::{Cells, OUTBOX_PAGE, PLACEMENT_MAC};
 use tidings_log::crypto::LinkKey;
 use tidings_log::{Log, LogError, TenantId};
 use tidings_schemas::storage::{CellPlacement, LinkedKey, ReplicaBatch, SealedEvent};
@@ -51,6 +51,9 @@ const DIRECTORY_RETRY: Duration = Duration::from_secs(2);
 /// How long a planned move waits for the home to drain, and a move for the applier to
 /// catch up.
 const MOVE_WAIT: Duration = Duration::from_secs(60);
+/// Directory entries in one answer to a peer (each about 200 bytes of JSON: a page stays far
+/// below NATS's 1 MiB message limit).
+const DIRECTORY_PAGE: usize = 1000;
 /// Most heads and lost events a report lists.
 const REPORT_LIMIT: usize = 10_000;
 /// Replicas pulled from the stream at a time (applied one by one, in order).
@@ -382,6 +385,10 @@ impl Link {
                 continue;
             }
             batch.keys = self.linked_keys(&tenant, &batch).await?;
+            batch.mac = Vec::new();
+            batch.mac = self
+                .key
+                .mac(tidings_log::cells::BATCH_MAC, &batch.encode_to_vec());
             let position = (batch.epoch, batch.n);
             let mut headers = async_nats::HeaderMap::new();
             let id = format!("{}/{}/{}/{}", batch.source, p, batch.epoch, batch.n);
@@ -593,7 +600,7 @@ impl Link {
             tokio::select! {
                 Some(msg) = asked.next() => {
                     if let Some(reply) = msg.reply {
-                        let body = directory_json(&self.cells.directory());
+                        let body = self.directory_page(&msg.payload);
                         self.nats.publish(reply, body.to_string().into()).await?;
                     }
                 }
@@ -607,7 +614,12 @@ impl Link {
                     }
                 }
                 Some(msg) = changes.next() => {
-                    self.merge(&msg.payload).await?;
+                    // What a peer sends never takes this task down: a bad message is
+                    // skipped; a change the store could not take comes again when the
+                    // directories are next compared.
+                    if let Err(e) = self.merge(&msg.payload).await {
+                        warn!(error = %e, "a directory change was not merged");
+                    }
                 }
                 _ = retry.tick() => {
                     for peer in &self.cfg.peers {
@@ -620,29 +632,102 @@ impl Link {
         }
     }
 
-    async fn ask_directory(&self, peer: &str) {
-        let asked = self
-            .nats
-            .request(format!("tidings.cell.{peer}.dir"), "".into());
-        match tokio::time::timeout(Duration::from_secs(2), asked).await {
-            Ok(Ok(reply)) => match self.merge(&reply.payload).await {
-                Ok(()) => {
-                    self.cells.confirm(peer);
-                    info!(peer, "directory compared with the peer cell");
-                }
-                Err(e) => warn!(peer, error = %e, "a peer's directory could not be merged"),
-            },
-            _ => info!(peer, "the peer cell does not answer for its directory yet"),
-        }
+    /// One page of this cell's directory for a peer that asked (`{"after": tenant}`): at
+    /// most [`DIRECTORY_PAGE`] entries, so a page fits in one NATS message.
+    fn directory_page(&self, asked: &[u8]) -> Value {
+        let after: Value = serde_json::from_slice(asked).unwrap_or_default();
+        let after = after["after"].as_str().unwrap_or("");
+        let entries: Vec<(TenantId, CellPlacement)> = self
+            .cells
+            .directory()
+            .into_iter()
+            .filter(|(t, _)| t.as_str() > after)
+            .take(DIRECTORY_PAGE + 1)
+            .collect();
+        let more = entries.len() > DIRECTORY_PAGE;
+        let page = &entries[..entries.len().min(DIRECTORY_PAGE)];
+        json!({"entries": self.signed(page), "more": more})
     }
 
-    /// Merges placements (a JSON list): each kept where its version is newer.
+    /// Merges a peer's whole directory, page by page; confirms the peer once it has.
+    async fn ask_directory(&self, peer: &str) {
+        let mut after = String::new();
+        loop {
+            let asked = self.nats.request(
+                format!("tidings.cell.{peer}.dir"),
+                json!({"after": after}).to_string().into(),
+            );
+            let page: Value = match tokio::time::timeout(Duration::from_secs(2), asked).await {
+                Ok(Ok(reply)) => serde_json::from_slice(&reply.payload).unwrap_or_default(),
+                _ => {
+                    info!(peer, "the peer cell does not answer for its directory yet");
+                    return;
+                }
+            };
+            let entries = page["entries"].to_string();
+            if let Err(e) = self.merge(entries.as_bytes()).await {
+                warn!(peer, error = %e, "a peer's directory could not be merged");
+                return;
+            }
+            let last = page["entries"]
+                .as_array()
+                .and_then(|e| e.last())
+                .and_then(|e| e["tenant"].as_str())
+                .map(str::to_string);
+            match (page["more"].as_bool(), last) {
+                (Some(true), Some(last)) if last > after => after = last,
+                _ => break,
+            }
+        }
+        self.cells.confirm(peer);
+        info!(peer, "directory compared with the peer cell");
+    }
+
+    /// Placements as the link carries them: each encoded, with its MAC under the link key
+    /// (bound to the tenant), so only a cell holding the key can change a directory.
+    fn signed(&self, entries: &[(TenantId, CellPlacement)]) -> Value {
+        Value::Array(
+            entries
+                .iter()
+                .map(|(t, p)| {
+                    let bytes = p.encode_to_vec();
+                    let mac = self
+                        .key
+                        .mac(PLACEMENT_MAC, &placement_signed_bytes(t, &bytes));
+                    json!({
+                        "tenant": t.as_str(),
+                        "placement": tidings_log::crypto::hex_encode(&bytes),
+                        "mac": tidings_log::crypto::hex_encode(&mac),
+                    })
+                })
+                .collect(),
+        )
+    }
+
+    /// One signed entry read back; `None` if it does not parse or its MAC is wrong.
+    fn verified(&self, v: &Value) -> Option<(TenantId, CellPlacement)> {
+        let tenant = TenantId::new(v["tenant"].as_str()?).ok()?;
+        let bytes = tidings_log::crypto::hex_decode(v["placement"].as_str()?).ok()?;
+        let mac = tidings_log::crypto::hex_decode(v["mac"].as_str()?).ok()?;
+        if !self.key.verify(
+            PLACEMENT_MAC,
+            &placement_signed_bytes(&tenant, &bytes),
+            &mac,
+        ) {
+            return None;
+        }
+        Some((tenant, CellPlacement::decode(bytes.as_slice()).ok()?))
+    }
+
+    /// Merges placements (a JSON list of signed entries): each kept where its version is
+    /// newer; an entry that does not verify is skipped and counted.
     async fn merge(&self, payload: &[u8]) -> anyhow::Result<()> {
         let entries: Vec<Value> =
             serde_json::from_slice(payload).context("a directory message is not a JSON list")?;
         for entry in entries {
-            let Some((tenant, placement)) = placement_from_json(&entry) else {
-                warn!("a directory entry that does not parse; skipped");
+            let Some((tenant, placement)) = self.verified(&entry) else {
+                warn!("a directory entry that does not verify under the link key; skipped");
+                crate::metrics::CELL_REFUSED.inc();
                 continue;
             };
             if self
@@ -728,7 +813,7 @@ impl Link {
                 "the placement changed meanwhile; try again".into(),
             ));
         }
-        let body = directory_json(&[(tenant.clone(), placement)]);
+        let body = self.signed(&[(tenant.clone(), placement)]);
         if let Err(e) = self
             .nats
             .publish(DIR_CHANGED, body.to_string().into())
@@ -1000,25 +1085,12 @@ fn placement_json(tenant: &TenantId, p: &CellPlacement) -> Value {
     })
 }
 
-fn directory_json(entries: &[(TenantId, CellPlacement)]) -> Value {
-    Value::Array(entries.iter().map(|(t, p)| placement_json(t, p)).collect())
-}
-
-fn placement_from_json(v: &Value) -> Option<(TenantId, CellPlacement)> {
-    let tenant = TenantId::new(v["tenant"].as_str()?).ok()?;
-    let text = |k: &str| v[k].as_str().map(str::to_string);
-    Some((
-        tenant,
-        CellPlacement {
-            home: text("home")?,
-            dr: text("dr")?,
-            tier: text("tier")?,
-            sync: v["sync"].as_bool()?,
-            version: v["version"].as_u64()?,
-            changed_ms: v["changed_ms"].as_i64()?,
-            changed_by: text("changed_by")?,
-            draining: v["draining"].as_bool()?,
-            shredded: v["shredded"].as_bool().unwrap_or(false),
-        },
-    ))
+/// What a directory entry's MAC covers: the tenant (length-prefixed) and the encoding.
+fn placement_signed_bytes(tenant: &TenantId, placement: &[u8]) -> Vec<u8> {
+    let t = tenant.as_str().as_bytes();
+    let mut out = Vec::with_capacity(4 + t.len() + placement.len());
+    out.extend_from_slice(&(t.len() as u32).to_be_bytes());
+    out.extend_from_slice(t);
+    out.extend_from_slice(placement);
+    out
 }
