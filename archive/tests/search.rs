@@ -14,6 +14,8 @@ use tidings_archive::compliance::{
 };
 use tidings_archive::conformance::{Fixture, c, t};
 use tidings_archive::{Objects, StorageConfig, storage};
+use tidings_log::cold::ColdTier;
+use tidings_log::search::Needle;
 use tidings_log::{Append, Body, ClientMsgId, UserId};
 
 #[derive(Default)]
@@ -97,8 +99,8 @@ async fn the_index_gives_the_scans_results_opening_fewer_rows_and_holds_no_plain
     f.conversation("acme", "general", 240).await;
     f.conversation("acme", "random", 120).await;
     f.conversation("globex", "general", 60).await;
-    post(&f, "general", "en-1", "The Bluebird FORECAST is final").await;
-    post(&f, "general", "en-2", "a forecaster is not a forecast").await;
+    let en1 = post(&f, "general", "en-1", "The Bluebird FORECAST is final").await;
+    let en2 = post(&f, "general", "en-2", "a forecaster is not a forecast").await;
     post(&f, "random", "zh-1", "新品发布会在三点").await;
     post(&f, "random", "ja-1", "明日の会議は３時から").await;
     post(&f, "random", "ko-1", "회의 시작합니다").await;
@@ -125,6 +127,25 @@ async fn the_index_gives_the_scans_results_opening_fewer_rows_and_holds_no_plain
     )
     .await;
     f.archive_all().await;
+    // A user's search asks the cold reader: the segments' indexes name exactly the seqs
+    // whose text holds every term, within the range asked.
+    let candidates = |query: &str, from: u64, to: u64| {
+        let needle = Needle::new(query).expect("query");
+        let reader = f.reader.clone();
+        async move {
+            reader
+                .search_candidates(&t("acme"), &c("general"), from, to, &needle)
+                .await
+                .expect("candidates")
+        }
+    };
+    assert_eq!(
+        candidates("bluebird", 1, recalled).await,
+        [en1..=en1, recalled..=recalled]
+    );
+    assert_eq!(candidates("forecast", 1, recalled).await, [en1..=en2]);
+    assert_eq!(candidates("forecast", en2, recalled).await, [en2..=en2]);
+    assert_eq!(candidates("kingfisher", 1, recalled).await, []);
     // A hot tail the index does not cover yet, with an edit.
     let hot = post(&f, "general", "hot-1", "hot bluebird forecast").await;
     send(

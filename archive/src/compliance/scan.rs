@@ -38,7 +38,7 @@ use crate::archiver::{Pages, scan_all};
 use crate::error::ArchiveError;
 use crate::format::{self, col};
 use crate::reader::{Segment, fetch_footer};
-use crate::search_index::SegmentIndex;
+use crate::search_index;
 use crate::storage::{self, Objects};
 
 /// Which events a scan visits. Every filter is checked on every visited event; the archive
@@ -282,50 +282,24 @@ impl Scanner<'_> {
         segment: &Segment,
         text: &IndexedText,
     ) -> Result<Option<BTreeMap<usize, Vec<usize>>>, ComplianceError> {
-        let (Some(index_path), Some(segment_id)) = (
-            storage::search_index_path(path),
-            storage::segment_id_of(path),
-        ) else {
+        let Some(index) = search_index::load(objects, self.keyring, tenant, path).await? else {
             return Ok(None);
         };
-        let bytes = match objects.search_indexes().get(&index_path).await {
-            Ok(bytes) => bytes,
-            Err(ArchiveError::Missing { .. }) => return Ok(None),
-            Err(e) => return Err(e.into()),
-        };
-        let index =
-            SegmentIndex::open(self.keyring, tenant, segment_id, &index_path, &bytes).await?;
         let search_key = self
             .keyring
             .key(tenant, index.key_id)
             .await?
             .search_key(tenant);
-        let meta = &segment.footer.meta;
-        let total: i64 = (0..meta.num_row_groups())
-            .map(|rg| meta.row_group(rg).num_rows())
-            .sum();
-        if i64::from(index.rows()) != total {
-            return Err(ArchiveError::corrupt(
-                &index_path,
-                format!("indexes {} rows, the segment has {total}", index.rows()),
-            )
-            .into());
-        }
         // Row numbers to (row group, row in group).
-        let starts: Vec<u32> = (0..meta.num_row_groups())
-            .scan(0u32, |at, rg| {
-                let start = *at;
-                *at += meta.row_group(rg).num_rows().max(0) as u32;
-                Some(start)
-            })
-            .collect();
+        let starts = index.row_group_starts(&segment.footer.meta)?;
         let mut rows: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
-        for row in index.candidates(&search_key, &text.needle, &index_path)? {
+        for row in index.candidates(&search_key, &text.needle)? {
             let rg = starts.partition_point(|&s| s <= row) - 1;
             rows.entry(rg)
                 .or_default()
                 .push((row - starts[rg]) as usize);
         }
+        let segment_id = storage::segment_id_of(path).unwrap_or_default();
         for &(rg, row) in text.also.get(segment_id).into_iter().flatten() {
             rows.entry(rg).or_default().push(row);
         }

@@ -829,6 +829,11 @@ impl Log {
         self.inner.cold.set(cold).is_ok()
     }
 
+    /// The archive's reader, if one is set.
+    pub(crate) fn cold_tier(&self) -> Option<&Arc<dyn ColdTier>> {
+        self.inner.cold.get()
+    }
+
     /// A handle that does not keep the log open.
     pub fn downgrade(&self) -> WeakLog {
         WeakLog(Arc::downgrade(&self.inner))
@@ -1550,7 +1555,8 @@ impl Log {
         Ok(Some(events))
     }
 
-    async fn read_cold(
+    /// Events `from..=to` of the archive, checked to be exactly those.
+    pub(crate) async fn read_cold(
         &self,
         tenant: &TenantId,
         conv: &ConvId,

@@ -1,22 +1,27 @@
 //! A user's search of their own history ([`Log::search`]): the gateway's Search op.
 //!
 //! **What a user may find.** Messages of the conversations in the user's list (`uc/`: those
-//! they are a member of now), at or after the seq they joined at and above what retention
-//! purged; by their current text only (an edited message by its latest edit, a recalled one
-//! never). Earlier membership windows of a user who left and rejoined are not searched
-//! (the list keeps the current window only), nor conversations they left.
+//! they are a member of now), within the windows they were a member in: from the seq they
+//! (last) joined at, and each earlier window that ended with their leave or removal
+//! (`uw/`), never between windows; above what retention purged; by their current text only
+//! (an edited message by its latest edit, if that edit too falls in a window; a recalled one
+//! never). Conversations they left and did not rejoin are not searched (they cannot read
+//! them either).
 //!
 //! **How.** Per conversation, newest first: the hot postings (`hot_index`) name candidate
 //! events up to the index's watermark, every event above it is opened (so a lagging index
-//! changes the cost, never the result), and archived events are read newest first, only
-//! as deep as the page needs. The conversations' candidates are merged by (time,
-//! conversation, seq), descending; each is opened and confirmed with [`Needle::matches`] and
-//! its message's fate. Every byte examined is charged to `log.search_budget_bytes`.
+//! changes the cost, never the result), and archived candidates come from the archive's
+//! sealed per-segment indexes ([`ColdTier::search_candidates`](crate::cold::ColdTier)),
+//! opened newest first, only as deep as the page needs. The conversations' candidates are
+//! merged by (time, conversation, seq), descending; each is opened and confirmed with
+//! [`Needle::matches`] and its message's fate. Every byte examined is charged to
+//! `log.search_budget_bytes`.
 //!
 //! **Cursor.** `(query hash, time, seq, conversation)` of the last candidate examined, hex:
 //! the next page continues strictly below it. A cursor of another query is refused.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::ops::RangeInclusive;
 
 use prost::Message;
 use sha2::{Digest, Sha256};
@@ -37,8 +42,10 @@ use tidings_schemas::v1::Event;
 
 /// Bytes of text around the first match a hit shows.
 pub const SNIPPET_BYTES: usize = 200;
-/// Events read per archive page while merging.
+/// Archived candidates opened per step while merging.
 const ARCHIVE_PAGE: usize = 64;
+/// Charged per range of archived candidates held (and per membership window).
+const RANGE_COST: usize = 16;
 /// Charged per conversation listed (its list entry and head).
 const CONVERSATION_COST: usize = 128;
 const CURSOR_VERSION: u8 = 1;
@@ -90,10 +97,21 @@ impl Cand {
     }
 }
 
+/// The archived part of a conversation's candidates.
+enum ArchivePart {
+    /// Not asked of the archive yet: seqs up to this one are archived (below the stream's
+    /// `lo`: none).
+    Unasked { through: u64 },
+    /// Candidate seqs still to open, ascending ranges, taken from the top.
+    Candidates(Vec<RangeInclusive<u64>>),
+}
+
 /// One conversation's candidates, newest first.
 struct Stream {
     conv: ConvId,
-    /// The user's window starts here.
+    /// The seqs the user may find here, ascending, disjoint, never empty.
+    windows: Vec<RangeInclusive<u64>>,
+    /// The first of them.
     lo: u64,
     /// Hot candidates ready, descending by seq (and so by time): first the events opened
     /// above the index's watermark, then pages of postings.
@@ -102,10 +120,23 @@ struct Stream {
     postings: Option<PostingCursor>,
     /// Opened archived events waiting, descending.
     archived: VecDeque<Event>,
-    /// The next archived seq to read (descending); 0: none left.
-    archive_next: u64,
+    /// Archived candidates not opened yet.
+    archive: ArchivePart,
     /// Fates seen in the events opened above the index's watermark.
     fates: HashMap<u64, Fate>,
+}
+
+impl Stream {
+    fn in_window(&self, seq: u64) -> bool {
+        self.windows.iter().any(|w| w.contains(&seq))
+    }
+
+    fn archive_left(&self) -> bool {
+        match &self.archive {
+            ArchivePart::Unasked { through } => *through >= self.lo,
+            ArchivePart::Candidates(ranges) => !ranges.is_empty(),
+        }
+    }
 }
 
 struct Budget {
@@ -143,6 +174,7 @@ impl Log {
             left: cfg.budget_bytes,
         };
         let mut streams = Vec::new();
+        let mut ended = self.ended_windows(t, user, &mut budget).await?;
         let dir = keys::user_conv_dir(t, user);
         let mut pages = Pages::new(KeyRange::prefix(dir.clone()));
         'list: while let Some(rows) = pages.next(&**self.store()).await? {
@@ -155,8 +187,10 @@ impl Log {
                 let conv = keys::last_part(&dir, &key)
                     .and_then(|c| ConvId::new(c).ok())
                     .ok_or_else(|| LogError::corrupt(&key, "bad conversation key"))?;
+                let mut windows = ended.remove(conv.as_str()).unwrap_or_default();
+                windows.push(entry.joined_seq..=u64::MAX);
                 if let Some(s) = self
-                    .open_stream(t, conv, entry.joined_seq, &needle, &after, &mut budget)
+                    .open_stream(t, conv, windows, &needle, &after, &mut budget)
                     .await?
                 {
                     streams.push(s);
@@ -182,14 +216,21 @@ impl Log {
                     }
                     let page = self.posting_page(t, &s.conv, p, &mut budget).await?;
                     let conv = s.conv.to_string();
-                    s.hot.extend(
-                        page.into_iter()
-                            .map(|(seq, time)| Cand::Posting { seq, time })
-                            .filter(|c| after.as_ref().is_none_or(|a| c.pos(&conv) < *a)),
-                    );
+                    let page: Vec<Cand> = page
+                        .into_iter()
+                        .filter(|(seq, _)| s.in_window(*seq))
+                        .map(|(seq, time)| Cand::Posting { seq, time })
+                        .filter(|c| after.as_ref().is_none_or(|a| c.pos(&conv) < *a))
+                        .collect();
+                    s.hot.extend(page);
                 }
-                if s.hot.is_empty() && s.archived.is_empty() && s.archive_next >= s.lo {
-                    self.read_archived(t, s, &after, &mut budget).await?;
+                while s.hot.is_empty()
+                    && s.archived.is_empty()
+                    && s.archive_left()
+                    && budget.left > 0
+                {
+                    self.read_archived(t, s, &needle, &after, &mut budget)
+                        .await?;
                 }
             }
             let best = streams
@@ -235,7 +276,7 @@ impl Log {
                     !s.hot.is_empty()
                         || s.postings.is_some()
                         || !s.archived.is_empty()
-                        || s.archive_next >= s.lo
+                        || s.archive_left()
                 });
         let next_cursor = match (&last_examined, more) {
             (Some(pos), true) => cursor_text(qhash, pos),
@@ -251,13 +292,42 @@ impl Log {
         Ok(SearchResult { hits, next_cursor })
     }
 
-    /// The candidates of one conversation of the user's, or `None` if the user's window
-    /// there is empty.
+    /// The membership windows of `user` that ended, by conversation, ascending.
+    async fn ended_windows(
+        &self,
+        t: &TenantId,
+        user: &UserId,
+        budget: &mut Budget,
+    ) -> Result<HashMap<String, Vec<RangeInclusive<u64>>>, LogError> {
+        let dir = keys::user_window_dir(t, user);
+        let mut pages = Pages::new(KeyRange::prefix(dir.clone()));
+        let mut out: HashMap<String, Vec<RangeInclusive<u64>>> = HashMap::new();
+        while let Some(rows) = pages.next(&**self.store()).await? {
+            for (key, value) in rows {
+                if !budget.charge(key.len() + value.len() + RANGE_COST) {
+                    return Err(too_broad(self.config().search.budget_bytes));
+                }
+                let (conv, joined) = keys::user_window_parts(&dir, &key)
+                    .ok_or_else(|| LogError::corrupt(&key, "bad membership window key"))?;
+                let ended = u64::from_be_bytes(value.as_slice().try_into().map_err(|_| {
+                    LogError::corrupt(&key, "membership window end is not 8 bytes")
+                })?);
+                // Member from the join event up to the event that ended it, exclusive.
+                out.entry(conv)
+                    .or_default()
+                    .push(joined..=ended.saturating_sub(1));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The candidates of one conversation of the user's, or `None` if the user's windows
+    /// there (ascending, the current one last) hold nothing to find.
     async fn open_stream(
         &self,
         t: &TenantId,
         conv: ConvId,
-        joined_seq: u64,
+        windows: Vec<RangeInclusive<u64>>,
         needle: &Needle,
         after: &Option<Pos>,
         budget: &mut Budget,
@@ -269,12 +339,15 @@ impl Log {
         let head = Head::decode(head.as_slice())
             .map_err(|e| LogError::corrupt(&keys::head(t, &conv), e))?
             .last_seq;
-        let lo = joined_seq
-            .max(1)
-            .max(purged_through(&*store, t, &conv).await? + 1);
-        if lo > head {
+        let floor = purged_through(&*store, t, &conv).await? + 1;
+        let windows: Vec<RangeInclusive<u64>> = windows
+            .into_iter()
+            .map(|w| (*w.start()).max(floor)..=(*w.end()).min(head))
+            .filter(|w| !w.is_empty())
+            .collect();
+        let Some(lo) = windows.first().map(|w| *w.start()) else {
             return Ok(None);
-        }
+        };
         let archived = archived_through(&*store, t, &conv).await?;
         let cfg = &self.config().search;
         let wm = watermark(&*store, t, &conv).await?.min(head);
@@ -282,6 +355,7 @@ impl Log {
         // watermark (or all hot events, without the index) is opened.
         let indexed_to = if cfg.use_index { wm } else { 0 };
         let hot_from = lo.max(archived + 1);
+        let in_window = |seq: u64| windows.iter().any(|w| w.contains(&seq));
         let mut hot: BTreeMap<u64, Cand> = BTreeMap::new();
         let mut postings = None;
         if indexed_to >= hot_from && !needle.terms().is_empty() {
@@ -306,7 +380,9 @@ impl Log {
         } else if indexed_to >= hot_from {
             // A query without terms (punctuation only): every indexed event is a candidate.
             self.open_range(t, &conv, hot_from, indexed_to, budget, |e| {
-                hot.insert(e.seq, Cand::Event(Box::new(e)));
+                if in_window(e.seq) {
+                    hot.insert(e.seq, Cand::Event(Box::new(e)));
+                }
             })
             .await?;
         }
@@ -328,21 +404,31 @@ impl Log {
                 }
                 _ => {}
             }
-            if matches!(
-                e.body,
-                Some(Body::MessagePosted(_)) | Some(Body::MessageEdited(_))
-            ) {
+            if in_window(e.seq)
+                && matches!(
+                    e.body,
+                    Some(Body::MessagePosted(_)) | Some(Body::MessageEdited(_))
+                )
+            {
                 hot.insert(e.seq, Cand::Event(Box::new(e)));
             }
         })
         .await?;
+        // The cursor's own conversation resumes below its seq in the archive too.
+        let archived = match after {
+            Some(a) if a.conv == conv.as_str() => archived.min(a.seq.saturating_sub(1)),
+            _ => archived,
+        };
         let mut stream = Stream {
             conv,
+            windows,
             lo,
             hot: hot.into_values().rev().collect(),
             postings,
             archived: VecDeque::new(),
-            archive_next: archived.min(head),
+            archive: ArchivePart::Unasked {
+                through: archived.min(head),
+            },
             fates,
         };
         // Skip what the cursor has passed.
@@ -350,9 +436,6 @@ impl Log {
             let conv = stream.conv.to_string();
             while stream.hot.front().is_some_and(|c| c.pos(&conv) >= *after) {
                 stream.hot.pop_front();
-            }
-            if after.conv == conv && stream.archive_next >= after.seq {
-                stream.archive_next = after.seq.saturating_sub(1);
             }
         }
         Ok(Some(stream))
@@ -460,52 +543,75 @@ impl Log {
         Ok(())
     }
 
-    /// Reads the next page of a stream's archived events, newest first.
+    /// Opens the next archived candidates of a stream, newest first: asks the archive's
+    /// search indexes for them the first time (every archived seq in the windows, without
+    /// the index), then opens up to [`ARCHIVE_PAGE`] of them.
     async fn read_archived(
         &self,
         t: &TenantId,
         s: &mut Stream,
+        needle: &Needle,
         after: &Option<Pos>,
         budget: &mut Budget,
     ) -> Result<(), LogError> {
-        let limit = ARCHIVE_PAGE.min(self.config().max_read_limit);
-        let events = self
-            .read(
-                t,
-                &s.conv,
-                ReadRange {
-                    from: Some(s.archive_next),
-                    limit,
-                    order: Order::Descending,
-                },
-            )
-            .await?;
-        let lowest = events.last().map_or(0, |e| e.seq);
-        s.archive_next = lowest.saturating_sub(1);
-        let conv = s.conv.to_string();
-        for e in events {
-            if e.seq < s.lo {
-                s.archive_next = 0;
-                break;
+        if let ArchivePart::Unasked { through } = s.archive {
+            let mut ranges = Vec::new();
+            for w in &s.windows {
+                let (from, to) = (*w.start(), (*w.end()).min(through));
+                if from > to {
+                    continue;
+                }
+                match self.cold_tier() {
+                    Some(cold) if self.config().search.use_index => {
+                        ranges.extend(cold.search_candidates(t, &s.conv, from, to, needle).await?)
+                    }
+                    // Without the index (or an archive, which reading reports): every seq.
+                    _ => ranges.push(from..=to),
+                }
             }
-            budget.charge(e.encoded_len());
-            let pos = Pos {
-                time: e.server_time_ms,
-                conv: conv.clone(),
-                seq: e.seq,
-            };
-            if after.as_ref().is_some_and(|a| pos >= *a) {
-                continue;
-            }
-            if matches!(
-                e.body,
-                Some(Body::MessagePosted(_)) | Some(Body::MessageEdited(_))
-            ) {
-                s.archived.push_back(e);
+            budget.charge(ranges.len() * RANGE_COST);
+            s.archive = ArchivePart::Candidates(ranges);
+        }
+        let ArchivePart::Candidates(ranges) = &mut s.archive else {
+            return Ok(());
+        };
+        // The top ARCHIVE_PAGE candidates, as ranges, descending.
+        let mut left = ARCHIVE_PAGE.min(self.config().max_read_limit) as u64;
+        let mut pieces = Vec::new();
+        while left > 0
+            && let Some(r) = ranges.last_mut()
+        {
+            let (lo, hi) = (*r.start(), *r.end());
+            let from = hi - (hi - lo).min(left - 1);
+            pieces.push((from, hi));
+            left -= hi - from + 1;
+            if from == lo {
+                ranges.pop();
+            } else {
+                *r = lo..=from - 1;
             }
         }
-        if lowest == 0 {
-            s.archive_next = 0;
+        let conv = s.conv.to_string();
+        for (from, to) in pieces {
+            let events = self.read_cold(t, &s.conv, from, to).await?;
+            for e in events.into_iter().rev() {
+                // Past the budget the merge stops with a cursor (see `search`).
+                budget.charge(e.encoded_len());
+                let pos = Pos {
+                    time: e.server_time_ms,
+                    conv: conv.clone(),
+                    seq: e.seq,
+                };
+                if after.as_ref().is_some_and(|a| pos >= *a) {
+                    continue;
+                }
+                if matches!(
+                    e.body,
+                    Some(Body::MessagePosted(_)) | Some(Body::MessageEdited(_))
+                ) {
+                    s.archived.push_back(e);
+                }
+            }
         }
         Ok(())
     }
@@ -523,7 +629,12 @@ impl Log {
             Some(Body::MessageEdited(e)) => (e.target_seq, e.new_text.as_str()),
             _ => return Ok(None),
         };
-        if message < s.lo || message > event.seq || !needle.matches(text) {
+        // The message and its text (an edit) both in a window: nothing from outside them.
+        if !s.in_window(message)
+            || !s.in_window(event.seq)
+            || message > event.seq
+            || !needle.matches(text)
+        {
             return Ok(None);
         }
         let mut fate = s.fates.get(&message).copied().unwrap_or_default();

@@ -780,13 +780,18 @@ impl Scratch<'_> {
         if by != user {
             kind.check(Action::Remove, policy::role_name(&actor))?;
         }
-        self.membership(t, c, user)?;
+        let leaving = self.membership(t, c, user)?;
         let body = Body::MemberLeft(MemberLeft {
             user: user.to_string(),
         });
         let committed = self.push_event(&mut head, t, c, by, "", body)?;
         self.write(keys::member(t, c, user), None);
         self.write(keys::user_conv(t, user, c), None);
+        // The window ends; search still finds its messages if the user rejoins.
+        self.write(
+            keys::user_window(t, user, c, leaving.joined_seq),
+            Some(committed.seq.to_be_bytes().to_vec()),
+        );
         self.member_changed(t, c, committed.seq, user, None);
         head.member_count = head.member_count.saturating_sub(1);
         head.membership_seq = committed.seq;
