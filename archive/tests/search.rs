@@ -146,7 +146,10 @@ async fn the_index_gives_the_scans_results_opening_fewer_rows_and_holds_no_plain
     assert_eq!(candidates("forecast", 1, recalled).await, [en1..=en2]);
     assert_eq!(candidates("forecast", en2, recalled).await, [en2..=en2]);
     assert_eq!(candidates("kingfisher", 1, recalled).await, []);
-    // A hot tail the index does not cover yet, with an edit.
+    // A hot tail: a new conversation (its title is text too), an edit, a recall, all
+    // covered by the hot index; then events above its watermark, one an edit of a message
+    // below it.
+    f.conversation("acme", "hotline", 200).await;
     let hot = post(&f, "general", "hot-1", "hot bluebird forecast").await;
     send(
         &f,
@@ -155,6 +158,34 @@ async fn the_index_gives_the_scans_results_opening_fewer_rows_and_holds_no_plain
         Body::MessageEdited(tidings_schemas::v1::MessageEdited {
             target_seq: hot,
             new_text: "hot bluebird forecast, revised: kingfisher".into(),
+        }),
+    )
+    .await;
+    let rumour = post(&f, "general", "hot-3", "hot bluebird rumour").await;
+    let recall = send(
+        &f,
+        "general",
+        "hot-4",
+        Body::MessageRecalled(tidings_schemas::v1::MessageRecalled { target_seq: rumour }),
+    )
+    .await;
+    // Their heads: general's recall, hotline's creation and 200 messages.
+    for (conv, head) in [("general", recall), ("hotline", 201)] {
+        let n = f
+            .log
+            .index_conversation(&t("acme"), &c(conv), head)
+            .await
+            .expect("index");
+        assert!(n > 0, "{conv}");
+    }
+    let tail = post(&f, "general", "tail-1", "tail bluebird").await;
+    send(
+        &f,
+        "general",
+        "tail-2",
+        Body::MessageEdited(tidings_schemas::v1::MessageEdited {
+            target_seq: hot,
+            new_text: "hot bluebird forecast, revised again: osprey".into(),
         }),
     )
     .await;
@@ -174,12 +205,14 @@ async fn the_index_gives_the_scans_results_opening_fewer_rows_and_holds_no_plain
     .without_index();
 
     let expected: BTreeMap<&str, usize> = [
-        ("bluebird", 3),   // en-1, the recalled one, hot-1
-        ("kingfisher", 1), // hot-1 by its edit
+        ("bluebird", 5),   // en-1, the recalled one, hot-1, hot-3 (recalled), tail-1
+        ("kingfisher", 1), // hot-1 by its edit below the watermark
+        ("osprey", 1),     // hot-1 by its edit above it
         ("FORECAST", 3),   // en-1, en-2 (its last word) and hot-1
         ("cast", 0),       // part of a word
         ("seven", 1),      // the edit, full-width in the text
-        ("quarterly numbers", 360),
+        ("quarterly numbers", 560),
+        ("hotline", 201), // its title and its messages, all hot
         ("发布", 2),
         ("布", 2),
         ("iphone 发布会", 1),
@@ -205,6 +238,17 @@ async fn the_index_gives_the_scans_results_opening_fewer_rows_and_holds_no_plain
     assert!(
         bluebird.iter().any(|h| h.1 == recalled && h.4),
         "recall travels"
+    );
+    assert!(
+        bluebird.iter().any(|h| h.1 == rumour && h.4),
+        "a hot recall travels through the hot index"
+    );
+    assert!(bluebird.iter().any(|h| h.1 == tail));
+    let (osprey, _) = search(&indexed, "osprey").await;
+    assert_eq!(
+        osprey,
+        [("general".to_string(), hot, Some("edit"), 2, false)],
+        "both edits travel with the message"
     );
     let (seven, _) = search(&indexed, "seven").await;
     assert_eq!(

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! sx/tenant/conv/key_id(4)/tag(8)/seq(8) -> server time (8, BE)   a term of event seq's text
-//! si/tenant/conv                         -> seq (8, BE)          indexed through this seq
+//! si/tenant/conv                         -> seq (8, BE) | version (1)   indexed through seq
 //! sf/tenant/conv/seq(8)                  -> latest(8, BE) | recalled(1)   a message's fate
 //! ```
 //!
@@ -17,9 +17,17 @@
 //!   failure; the queue's receiver survives restarts). It reads the new events, folds and
 //!   splits their texts ([`crate::search`]) and writes one posting per (term, event): the
 //!   term as an 8-byte HMAC tag under the tenant's search key of the current data key, so the
-//!   KV shows tags, never words. Posted messages and edits' new texts are indexed; an edit
-//!   or a recall also updates the target message's fate (`sf/`), which search uses to keep
-//!   only a message's current text and never a recalled one.
+//!   KV shows tags, never words. Posted messages, edits' new texts and conversation titles
+//!   are indexed, and every edit and recall under its kind's term
+//!   ([`kind_term`](crate::search::kind_term)), so compliance lists them without opening the
+//!   rest; an edit or a recall also updates the target message's fate (`sf/`), which search
+//!   uses to keep only a message's current text and never a recalled one.
+//! - **Version.** The watermark carries the index's format ([`INDEX_VERSION`]); a watermark
+//!   of an older format counts as nothing indexed, so the indexer builds the conversation
+//!   again (postings are idempotent) and nobody trusts postings that lack what they now
+//!   promise.
+//! - **Readers.** [`Postings`] pages through the seqs holding every term of a query, for a
+//!   user's search (newest first) and for compliance (oldest first).
 //! - **Archive and retention.** Postings at or below a conversation's archived seq are never
 //!   used (the archived events are searched through the archive); the archiver deletes them
 //!   ([`forget_postings_through`]), and retention also deletes the fates of what it purges.
@@ -42,7 +50,7 @@ use crate::error::LogError;
 use crate::ids::{ConvId, TenantId};
 use crate::keys;
 use crate::log::{Log, WeakLog, open_stored_event};
-use crate::search::terms;
+use crate::search::{Tag, Term, kind_term, terms};
 use crate::store::{KeyRange, KvStore, Order, Pages, Transaction};
 use tidings_schemas::v1::event::Body;
 
@@ -187,18 +195,164 @@ impl Fate {
     }
 }
 
-/// How far a conversation's hot index is built (0: not at all).
-pub(crate) async fn watermark(
-    store: &dyn KvStore,
-    t: &TenantId,
-    c: &ConvId,
-) -> Result<u64, LogError> {
+/// The format of the postings: 2 added titles and the kinds of edits and recalls.
+pub const INDEX_VERSION: u8 = 2;
+
+/// How far a conversation's hot index is built (0: not at all, or in an older format).
+pub async fn watermark(store: &dyn KvStore, t: &TenantId, c: &ConvId) -> Result<u64, LogError> {
     let key = keys::search_watermark(t, c);
     match store.get(&key).await? {
         None => Ok(0),
-        Some(v) => Ok(u64::from_be_bytes(v.as_slice().try_into().map_err(
-            |_| LogError::corrupt(&key, "search watermark is not 8 bytes"),
-        )?)),
+        Some(v) => match (v.len(), v.last().copied()) {
+            // Version 1 stored the seq alone.
+            (8, _) => Ok(0),
+            (9, Some(INDEX_VERSION)) => Ok(u64::from_be_bytes(v[..8].try_into().expect("8 bytes"))),
+            (9, Some(older)) if older < INDEX_VERSION => Ok(0),
+            _ => Err(LogError::corrupt(
+                &key,
+                "search watermark is not a seq and a known version",
+            )),
+        },
+    }
+}
+
+fn watermark_value(seq: u64) -> Vec<u8> {
+    let mut v = seq.to_be_bytes().to_vec();
+    v.push(INDEX_VERSION);
+    v
+}
+
+/// (seq, time) of postings, in the order listed.
+type Listing = Vec<(u64, i64)>;
+
+/// The seqs of one conversation whose text holds every term of a query, under each search
+/// key id the tenant has had, with their times, a page at a time in either order. Within a
+/// page, the sparsest term (the one whose postings reach furthest) drives and the others are
+/// checked by point reads, so a rare word next to a common one costs the rare one's
+/// postings.
+pub struct Postings {
+    /// The query's term tags under each search key id.
+    tags: Vec<(u32, Vec<Tag>)>,
+    /// What is left to list: `lo..=hi`; empty when `lo > hi`.
+    lo: u64,
+    hi: u64,
+    order: Order,
+}
+
+impl Postings {
+    /// Postings of `terms` (at least one) for seqs `lo..=hi`.
+    pub async fn new(
+        keyring: &crate::crypto::Keyring,
+        t: &TenantId,
+        terms: &[&Term],
+        lo: u64,
+        hi: u64,
+        order: Order,
+    ) -> Result<Postings, LogError> {
+        debug_assert!(!terms.is_empty());
+        let mut tags = Vec::new();
+        for key in keyring.all_keys(t).await? {
+            let search = key.search_key(t);
+            tags.push((key.id, terms.iter().map(|t| search.tag(t)).collect()));
+        }
+        Ok(Postings {
+            tags,
+            lo,
+            hi,
+            order,
+        })
+    }
+
+    /// Whether every page has been listed.
+    pub fn done(&self) -> bool {
+        self.lo > self.hi
+    }
+
+    /// The next page, in order, and the bytes read for it; reads at most `page` postings per
+    /// term and key id, plus point reads.
+    pub async fn next(
+        &mut self,
+        store: &dyn KvStore,
+        t: &TenantId,
+        c: &ConvId,
+        page: usize,
+    ) -> Result<(Vec<(u64, i64)>, usize), LogError> {
+        let (lo, hi) = (self.lo, self.hi);
+        if lo > hi {
+            return Ok((Vec::new(), 0));
+        }
+        let descending = self.order == Order::Descending;
+        let mut bytes = 0;
+        let mut found: BTreeMap<u64, i64> = BTreeMap::new();
+        // Where every key id's listing is complete to (the far end of this page).
+        let mut bound = if descending { lo } else { hi };
+        for (key_id, tags) in &self.tags {
+            // (complete to, its postings, which term)
+            let mut best: Option<(u64, Listing, usize)> = None;
+            for (i, tag) in tags.iter().enumerate() {
+                let range = keys::search_postings(t, c, *key_id, tag, lo, hi);
+                let rows = store.scan(range, page, self.order).await?;
+                let mut list = Vec::with_capacity(rows.len());
+                for (k, v) in rows {
+                    bytes += k.len() + v.len();
+                    let seq = keys::event_seq(&k)
+                        .ok_or_else(|| LogError::corrupt(&k, "bad posting key"))?;
+                    list.push((seq, posting_time(&k, &v)?));
+                }
+                let reach = match list.last() {
+                    Some(l) if list.len() >= page => l.0,
+                    _ if descending => lo,
+                    _ => hi,
+                };
+                let further = |b: &(u64, _, _)| {
+                    if descending { reach < b.0 } else { reach > b.0 }
+                };
+                if best.as_ref().is_none_or(further) {
+                    best = Some((reach, list, i));
+                }
+            }
+            let Some((reach, driver, at)) = best else {
+                continue;
+            };
+            bound = if descending {
+                bound.max(reach)
+            } else {
+                bound.min(reach)
+            };
+            let mut keep = driver;
+            for (i, tag) in tags.iter().enumerate() {
+                if i == at || keep.is_empty() {
+                    continue;
+                }
+                let wanted: Vec<Vec<u8>> = keep
+                    .iter()
+                    .map(|(seq, _)| keys::search_posting(t, c, *key_id, tag, *seq))
+                    .collect();
+                bytes += wanted.iter().map(Vec::len).sum::<usize>();
+                let got = store.batch_get(wanted).await?;
+                keep = keep
+                    .into_iter()
+                    .zip(got)
+                    .filter_map(|(c, v)| v.map(|_| c))
+                    .collect();
+            }
+            found.extend(keep);
+        }
+        // Everything between here and `bound` is listed for every key id; beyond it, next.
+        let page: Vec<(u64, i64)> = if descending {
+            found.range(bound..).rev().map(|(s, t)| (*s, *t)).collect()
+        } else {
+            found.range(..=bound).map(|(s, t)| (*s, *t)).collect()
+        };
+        let finished = if descending { bound <= lo } else { bound >= hi };
+        if finished {
+            (self.lo, self.hi) = (1, 0);
+        } else if descending {
+            self.hi = bound - 1;
+        } else {
+            self.lo = bound + 1;
+        }
+        Ok((page, bytes))
     }
 }
 
@@ -264,22 +418,26 @@ impl Log {
                 let event = open_stored_event(self.keyring(), t, c, seq, k, v).await?;
                 latest_time = event.server_time_ms;
                 let time = event.server_time_ms.to_be_bytes().to_vec();
-                let text = match &event.body {
-                    Some(Body::MessagePosted(p)) => Some(p.text.as_str()),
+                let (text, kind) = match &event.body {
+                    Some(Body::MessagePosted(p)) => (Some(p.text.as_str()), None),
+                    Some(Body::ConversationCreated(x)) => (Some(x.title.as_str()), None),
+                    Some(Body::ConversationRenamed(x)) => (Some(x.title.as_str()), None),
                     Some(Body::MessageEdited(e)) => {
                         fates.entry(e.target_seq).or_default().merge(Fate {
                             latest_edit: seq,
                             recalled: false,
                         });
-                        Some(e.new_text.as_str())
+                        (Some(e.new_text.as_str()), Some("message_edited"))
                     }
                     Some(Body::MessageRecalled(r)) => {
                         fates.entry(r.target_seq).or_default().recalled = true;
-                        None
+                        (None, Some("message_recalled"))
                     }
-                    _ => None,
+                    _ => (None, None),
                 };
-                for term in text.map(terms).unwrap_or_default() {
+                let mut terms = text.map(terms).unwrap_or_default();
+                terms.extend(kind.map(kind_term));
+                for term in terms {
                     let tag = search.tag(&term);
                     txn.put(keys::search_posting(t, c, key.id, &tag, seq), time.clone());
                 }
@@ -297,7 +455,7 @@ impl Log {
                     txn.put(key, fate.encode());
                 }
             }
-            txn.put(keys::search_watermark(t, c), last.to_be_bytes().to_vec());
+            txn.put(keys::search_watermark(t, c), watermark_value(last));
             store.commit(txn).await?;
             if latest_time > 0 {
                 let stats = &self.indexer().map(|i| &i.stats);

@@ -32,11 +32,11 @@ use tidings_schemas::v1::event::Body;
 use crate::cold::{archived_through, purged_through};
 use crate::crypto::hex_encode;
 use crate::error::LogError;
-use crate::hot_index::{Fate, posting_time, watermark};
+use crate::hot_index::{Fate, Postings, watermark};
 use crate::ids::{ConvId, TenantId, UserId};
 use crate::keys;
 use crate::log::{Log, ReadRange, open_stored_event};
-use crate::search::Needle;
+use crate::search::{Needle, Term};
 use crate::store::{KeyRange, Order, Pages};
 use tidings_schemas::v1::Event;
 
@@ -60,19 +60,6 @@ struct Pos {
 
 /// Postings read per term per step of a conversation's candidates.
 const POSTING_PAGE: usize = 64;
-
-/// (seq, time) of postings, newest first.
-type Listing = Vec<(u64, i64)>;
-
-/// Where a conversation's postings are paged from, newest first.
-struct PostingCursor {
-    /// The query's term tags under each search key id the tenant has had.
-    tags: Vec<(u32, Vec<crate::search::Tag>)>,
-    /// The lowest seq postings are read for (the window's or the hot floor).
-    lo: u64,
-    /// The highest seq not yet listed; below `lo`: done.
-    next_hi: u64,
-}
 
 /// A candidate: known by its posting (time only) or already opened.
 enum Cand {
@@ -117,7 +104,7 @@ struct Stream {
     /// above the index's watermark, then pages of postings.
     hot: VecDeque<Cand>,
     /// The postings still to page through, newest first.
-    postings: Option<PostingCursor>,
+    postings: Option<Postings>,
     /// Opened archived events waiting, descending.
     archived: VecDeque<Event>,
     /// Archived candidates not opened yet.
@@ -210,11 +197,14 @@ impl Log {
                 while s.hot.is_empty()
                     && let Some(p) = s.postings.as_mut()
                 {
-                    if p.next_hi < p.lo {
+                    if p.done() {
                         s.postings = None;
                         break;
                     }
-                    let page = self.posting_page(t, &s.conv, p, &mut budget).await?;
+                    let (page, bytes) = p.next(&**self.store(), t, &s.conv, POSTING_PAGE).await?;
+                    if !budget.charge(bytes) {
+                        return Err(too_broad(cfg.budget_bytes));
+                    }
                     let conv = s.conv.to_string();
                     let page: Vec<Cand> = page
                         .into_iter()
@@ -359,24 +349,23 @@ impl Log {
         let mut hot: BTreeMap<u64, Cand> = BTreeMap::new();
         let mut postings = None;
         if indexed_to >= hot_from && !needle.terms().is_empty() {
-            let mut tags = Vec::new();
-            for key in self.keyring().all_keys(t).await? {
-                let search = key.search_key(t);
-                tags.push((
-                    key.id,
-                    needle.terms().iter().map(|t| search.tag(t)).collect(),
-                ));
-            }
             // The cursor's own conversation resumes below its seq (times grow with seqs).
             let next_hi = match after {
                 Some(a) if a.conv == conv.as_str() => indexed_to.min(a.seq.saturating_sub(1)),
                 _ => indexed_to,
             };
-            postings = Some(PostingCursor {
-                tags,
-                lo: hot_from,
-                next_hi,
-            });
+            let terms: Vec<&Term> = needle.terms().iter().collect();
+            postings = Some(
+                Postings::new(
+                    self.keyring(),
+                    t,
+                    &terms,
+                    hot_from,
+                    next_hi,
+                    Order::Descending,
+                )
+                .await?,
+            );
         } else if indexed_to >= hot_from {
             // A query without terms (punctuation only): every indexed event is a candidate.
             self.open_range(t, &conv, hot_from, indexed_to, budget, |e| {
@@ -439,77 +428,6 @@ impl Log {
             }
         }
         Ok(Some(stream))
-    }
-
-    /// The next page of `p`'s candidates, descending: seqs whose text has every term, with
-    /// their times. Per search key id the sparsest term (the one whose page of postings
-    /// reaches furthest down) drives, and the others are checked by point reads, so a rare
-    /// word next to a common one costs the rare one's postings; then the page ends where
-    /// every key id's listing is complete.
-    async fn posting_page(
-        &self,
-        t: &TenantId,
-        conv: &ConvId,
-        p: &mut PostingCursor,
-        budget: &mut Budget,
-    ) -> Result<Vec<(u64, i64)>, LogError> {
-        let store = self.store().clone();
-        let mut found: BTreeMap<u64, i64> = BTreeMap::new();
-        let mut floor = p.lo;
-        for (key_id, tags) in &p.tags {
-            // Probe each term: a page of its postings, newest first.
-            // (complete down to, its postings, which term)
-            let mut best: Option<(u64, Listing, usize)> = None;
-            for (i, tag) in tags.iter().enumerate() {
-                let range = keys::search_postings(t, conv, *key_id, tag, p.lo, p.next_hi);
-                let rows = store.scan(range, POSTING_PAGE, Order::Descending).await?;
-                let mut list = Vec::with_capacity(rows.len());
-                for (k, v) in rows {
-                    if !budget.charge(k.len() + v.len()) {
-                        return Err(too_broad(self.config().search.budget_bytes));
-                    }
-                    let seq = keys::event_seq(&k)
-                        .ok_or_else(|| LogError::corrupt(&k, "bad posting key"))?;
-                    list.push((seq, posting_time(&k, &v)?));
-                }
-                // Where this term's listing is complete down to.
-                let reach = if list.len() < POSTING_PAGE {
-                    p.lo
-                } else {
-                    list.last().map_or(p.lo, |l| l.0)
-                };
-                if best.as_ref().is_none_or(|b| reach < b.0) {
-                    best = Some((reach, list, i));
-                }
-            }
-            let Some((reach, driver, at)) = best else {
-                continue;
-            };
-            floor = floor.max(reach);
-            // The other terms, by point reads of the driver's seqs.
-            let mut keep = driver;
-            for (i, tag) in tags.iter().enumerate() {
-                if i == at || keep.is_empty() {
-                    continue;
-                }
-                let wanted: Vec<Vec<u8>> = keep
-                    .iter()
-                    .map(|(seq, _)| keys::search_posting(t, conv, *key_id, tag, *seq))
-                    .collect();
-                budget.charge(wanted.iter().map(Vec::len).sum());
-                let got = store.batch_get(wanted).await?;
-                keep = keep
-                    .into_iter()
-                    .zip(got)
-                    .filter_map(|(c, v)| v.map(|_| c))
-                    .collect();
-            }
-            found.extend(keep);
-        }
-        // Everything in floor..=next_hi is listed for every key id; below it, next time.
-        let page: Vec<(u64, i64)> = found.range(floor..).rev().map(|(s, t)| (*s, *t)).collect();
-        p.next_hi = floor.saturating_sub(1);
-        Ok(page)
     }
 
     /// Opens events `from..=to` (hot or archived), charging each, and gives each to `each`.

@@ -457,3 +457,107 @@ async fn a_failed_commit_fails_its_batch_and_the_batch_built_on_it_and_retries_h
         .collect();
     assert_eq!(ids.len(), 400);
 }
+
+/// The hot index's postings page in either order, exactly the seqs holding every term, and
+/// a watermark of an older index format counts as nothing indexed (it is built again).
+#[tokio::test]
+async fn hot_postings_page_both_ways_and_an_older_index_format_is_rebuilt() {
+    use tidings_log::hot_index::{INDEX_VERSION, Postings, watermark};
+    use tidings_log::search::{Needle, kind_term};
+    let f = fixture().await;
+    let (acme, general) = (t("acme"), c("general"));
+    group(&f.log, "acme", "general", "alice", &[]).await;
+    let mut rare = Vec::new();
+    for i in 0..40 {
+        let body = if i % 3 == 0 {
+            "rare heron"
+        } else {
+            "common heron"
+        };
+        let seq = f
+            .log
+            .append(text("acme", "general", "alice", &format!("m{i}"), body))
+            .await
+            .expect("append")
+            .seq;
+        if i % 3 == 0 {
+            rare.push(seq);
+        }
+    }
+    let head = rare.last().copied().expect("seqs").max(41);
+    assert_eq!(
+        f.log
+            .index_conversation(&acme, &general, head)
+            .await
+            .expect("index"),
+        head
+    );
+    assert_eq!(
+        watermark(&*f.store, &acme, &general).await.expect("wm"),
+        head
+    );
+    let needle = Needle::new("heron rare").expect("query");
+    let terms: Vec<_> = needle.terms().iter().collect();
+    for order in [Order::Ascending, Order::Descending] {
+        let mut postings = Postings::new(f.log.keyring(), &acme, &terms, 1, head, order)
+            .await
+            .expect("postings");
+        let mut got = Vec::new();
+        while !postings.done() {
+            let (page, bytes) = postings
+                .next(&*f.store, &acme, &general, 4)
+                .await
+                .expect("page");
+            assert!(bytes > 0);
+            got.extend(page.into_iter().map(|(seq, _)| seq));
+        }
+        let mut want = rare.clone();
+        if order == Order::Descending {
+            want.reverse();
+        }
+        assert_eq!(got, want, "{order:?}");
+    }
+    // No text has a kind's term.
+    let edited = kind_term("message_edited");
+    let mut none = Postings::new(
+        f.log.keyring(),
+        &acme,
+        &[&edited],
+        1,
+        head,
+        Order::Ascending,
+    )
+    .await
+    .expect("postings");
+    assert_eq!(
+        none.next(&*f.store, &acme, &general, 4)
+            .await
+            .expect("page")
+            .0,
+        []
+    );
+    // Version 1 stored the seq alone; an unknown version is corrupt.
+    let key = keys::search_watermark(&acme, &general);
+    let mut txn = Transaction::new();
+    txn.put(key.clone(), head.to_be_bytes().to_vec());
+    f.store.commit(txn).await.expect("commit");
+    assert_eq!(watermark(&*f.store, &acme, &general).await.expect("wm"), 0);
+    assert_eq!(
+        f.log
+            .index_conversation(&acme, &general, head)
+            .await
+            .expect("index again"),
+        head,
+        "every hot event indexed again"
+    );
+    assert_eq!(
+        watermark(&*f.store, &acme, &general).await.expect("wm"),
+        head
+    );
+    let mut txn = Transaction::new();
+    let mut future = head.to_be_bytes().to_vec();
+    future.push(INDEX_VERSION + 1);
+    txn.put(key, future);
+    f.store.commit(txn).await.expect("commit");
+    assert!(watermark(&*f.store, &acme, &general).await.is_err());
+}
