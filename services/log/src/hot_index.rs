@@ -13,8 +13,13 @@
 //!   conversation heals it, because the indexer always indexes from the conversation's
 //!   watermark (`si/`) up; and search opens every event above the watermark itself, so a
 //!   lagging or dropped index never changes results, only their cost.
+//! - **Plaintext.** Beside each notice the sequencer hands over the committed events it
+//!   still holds in the clear, through a queue bounded in bytes
+//!   ([`SearchConfig::indexer_queue_bytes`]); what does not fit is not handed over
+//!   (counted) and the indexer reads and opens those events from the store instead. So the
+//!   indexer neither reads nor decrypts again what the sequencer just sealed.
 //! - **Indexer** ([`Log::run_search_indexer`]): one task, supervised by `serve` (restarted on
-//!   failure; the queue's receiver survives restarts). It reads the new events, folds and
+//!   failure; the queue's receiver survives restarts). It takes the new events, folds and
 //!   splits their texts ([`crate::search`]) and writes one posting per (term, event): the
 //!   term as an 8-byte HMAC tag under the tenant's search key of the current data key, so the
 //!   KV shows tags, never words. Posted messages, edits' new texts and conversation titles
@@ -52,6 +57,8 @@ use crate::keys;
 use crate::log::{Log, WeakLog, open_stored_event};
 use crate::search::{Tag, Term, kind_term, terms};
 use crate::store::{KeyRange, KvStore, Order, Pages, Transaction};
+use prost::Message;
+use tidings_schemas::v1::Event;
 use tidings_schemas::v1::event::Body;
 
 /// Search settings of the log (`[log]` in the server's config, docs/limits.md).
@@ -65,6 +72,10 @@ pub struct SearchConfig {
     pub indexer_queue: usize,
     /// Events the indexer reads and indexes in one store transaction.
     pub indexer_batch: usize,
+    /// Bytes of committed events (in the clear) the sequencer may hand to the indexer and
+    /// the indexer may hold; past it events are not handed over and the indexer reads them
+    /// from the store.
+    pub indexer_queue_bytes: usize,
     /// Bytes one search may examine (events opened, postings read, conversations listed):
     /// what bounds its memory and time. A page may come back short, with a cursor.
     pub budget_bytes: usize,
@@ -81,6 +92,7 @@ impl Default for SearchConfig {
             hot_index: true,
             indexer_queue: 16 * 1024,
             indexer_batch: 512,
+            indexer_queue_bytes: 8 << 20,
             // 8 MiB: thousands of candidate messages, a few tens of ms of opening.
             budget_bytes: 8 << 20,
             max_page_hits: 100,
@@ -94,6 +106,7 @@ impl SearchConfig {
         for (name, v) in [
             ("search_indexer_queue", self.indexer_queue),
             ("search_indexer_batch", self.indexer_batch),
+            ("search_indexer_queue_bytes", self.indexer_queue_bytes),
             ("search_budget_bytes", self.budget_bytes),
             ("search_max_page_hits", self.max_page_hits),
         ] {
@@ -123,7 +136,33 @@ pub(crate) type Notice = (TenantId, ConvId, u64);
 pub struct Indexer {
     pub(crate) tx: mpsc::Sender<Notice>,
     rx: tokio::sync::Mutex<mpsc::Receiver<Notice>>,
+    /// Committed events in the clear, handed over by the sequencer before their notices.
+    plain: std::sync::Mutex<Plain>,
+    plain_budget: usize,
     pub stats: IndexerStats,
+}
+
+/// The plaintext queue: events and their bytes (`Event::encoded_len`), counted from the
+/// moment they are queued until the indexer has indexed or dropped them.
+#[derive(Default)]
+struct Plain {
+    events: Vec<Arc<Event>>,
+    bytes: usize,
+}
+
+/// The events an indexer pass took from the plaintext queue, by conversation and seq; gives
+/// their bytes back to the queue's budget when dropped (at the end of the pass).
+struct Taken<'a> {
+    by_conv: HashMap<(String, String), BTreeMap<u64, Arc<Event>>>,
+    bytes: usize,
+    indexer: &'a Indexer,
+}
+
+impl Drop for Taken<'_> {
+    fn drop(&mut self) {
+        let mut plain = self.indexer.plain.lock().unwrap_or_else(|p| p.into_inner());
+        plain.bytes = plain.bytes.saturating_sub(self.bytes);
+    }
 }
 
 /// What `/metrics` shows of the indexer.
@@ -133,6 +172,9 @@ pub struct IndexerStats {
     pub indexed_events: AtomicU64,
     /// Notices dropped because the queue was full.
     pub dropped: AtomicU64,
+    /// Committed events not handed to the indexer in the clear (the plaintext queue was
+    /// full): it read and opened them from the store.
+    pub plain_dropped: AtomicU64,
     /// Index passes that failed (store errors); the conversation is retried on its next
     /// notice.
     pub failures: AtomicU64,
@@ -141,17 +183,36 @@ pub struct IndexerStats {
 }
 
 impl Indexer {
-    pub(crate) fn new(queue: usize) -> Indexer {
+    pub(crate) fn new(queue: usize, plain_bytes: usize) -> Indexer {
         let (tx, rx) = mpsc::channel(queue);
         Indexer {
             tx,
             rx: tokio::sync::Mutex::new(rx),
+            plain: std::sync::Mutex::new(Plain::default()),
+            plain_budget: plain_bytes,
             stats: IndexerStats::default(),
         }
     }
 
-    /// Offers notices without waiting (the sequencer's side).
-    pub(crate) fn offer(&self, notices: impl IntoIterator<Item = Notice>) {
+    /// Offers a commit's events in the clear, then its notices, without waiting (the
+    /// sequencer's side). Events go first, so a notice's events are queued when it arrives.
+    pub(crate) fn offer(
+        &self,
+        events: impl IntoIterator<Item = Arc<Event>>,
+        notices: impl IntoIterator<Item = Notice>,
+    ) {
+        {
+            let mut plain = self.plain.lock().unwrap_or_else(|p| p.into_inner());
+            for e in events {
+                let size = e.encoded_len();
+                if plain.bytes + size > self.plain_budget {
+                    self.stats.plain_dropped.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                plain.bytes += size;
+                plain.events.push(e);
+            }
+        }
         for n in notices {
             if self.tx.try_send(n).is_err() {
                 self.stats.dropped.fetch_add(1, Ordering::Relaxed);
@@ -162,6 +223,29 @@ impl Indexer {
     /// Notices waiting.
     pub fn queued(&self) -> usize {
         self.tx.max_capacity() - self.tx.capacity()
+    }
+
+    /// Takes the queued plaintext events; their bytes count against the queue until the
+    /// [`Taken`] is dropped.
+    fn take(&self) -> Taken<'_> {
+        let (events, bytes) = {
+            let mut plain = self.plain.lock().unwrap_or_else(|p| p.into_inner());
+            let events = std::mem::take(&mut plain.events);
+            let bytes = events.iter().map(|e| e.encoded_len()).sum();
+            (events, bytes)
+        };
+        let mut by_conv: HashMap<(String, String), BTreeMap<u64, Arc<Event>>> = HashMap::new();
+        for e in events {
+            by_conv
+                .entry((e.tenant.clone(), e.conversation.clone()))
+                .or_default()
+                .insert(e.seq, e);
+        }
+        Taken {
+            by_conv,
+            bytes,
+            indexer: self,
+        }
     }
 }
 
@@ -382,6 +466,19 @@ impl Log {
         c: &ConvId,
         through: u64,
     ) -> Result<u64, LogError> {
+        self.index_with(t, c, through, BTreeMap::new()).await
+    }
+
+    /// [`Log::index_conversation`], taking the events from `given` (the sequencer's
+    /// plaintext, by seq) where it holds the next seqs, and reading and opening them from
+    /// the store where it does not.
+    async fn index_with(
+        &self,
+        t: &TenantId,
+        c: &ConvId,
+        through: u64,
+        mut given: BTreeMap<u64, Arc<Event>>,
+    ) -> Result<u64, LogError> {
         let store = self.store().clone();
         let batch = self.config().search.indexer_batch;
         let mut done = 0u64;
@@ -395,27 +492,45 @@ impl Log {
         let key = self.keyring().current(t).await?;
         let search = key.search_key(t);
         while from <= through {
-            let rows = store
-                .scan(
-                    keys::event_range(t, c, from, through),
-                    batch,
-                    Order::Ascending,
-                )
-                .await?;
-            // Rows may be missing below the hot floor (archived meanwhile): skip to the end.
-            let last = match rows.last() {
-                Some((k, _)) => {
-                    keys::event_seq(k).ok_or_else(|| LogError::corrupt(k, "bad event key"))?
+            // The sequencer's plaintext if it holds `from` on, a run of it; else the store.
+            given = given.split_off(&from);
+            let mut events: Vec<Arc<Event>> = Vec::new();
+            for (seq, e) in given.range(from..=through) {
+                if *seq != from + events.len() as u64 || events.len() == batch {
+                    break;
                 }
-                None => through,
+                events.push(e.clone());
+            }
+            let last = match events.last() {
+                Some(e) => e.seq,
+                None => {
+                    let rows = store
+                        .scan(
+                            keys::event_range(t, c, from, through),
+                            batch,
+                            Order::Ascending,
+                        )
+                        .await?;
+                    for (k, v) in &rows {
+                        let seq = keys::event_seq(k)
+                            .ok_or_else(|| LogError::corrupt(k, "bad event key"))?;
+                        let event = open_stored_event(self.keyring(), t, c, seq, k, v).await?;
+                        events.push(Arc::new(event));
+                    }
+                    // Rows may be missing below the hot floor (archived meanwhile): skip to
+                    // the end.
+                    match rows.last() {
+                        Some((k, _)) => keys::event_seq(k)
+                            .ok_or_else(|| LogError::corrupt(k, "bad event key"))?,
+                        None => through,
+                    }
+                }
             };
             let mut txn = Transaction::new();
             let mut fates: BTreeMap<u64, Fate> = BTreeMap::new();
             let mut latest_time = 0i64;
-            for (k, v) in &rows {
-                let seq =
-                    keys::event_seq(k).ok_or_else(|| LogError::corrupt(k, "bad event key"))?;
-                let event = open_stored_event(self.keyring(), t, c, seq, k, v).await?;
+            for event in &events {
+                let seq = event.seq;
                 latest_time = event.server_time_ms;
                 let time = event.server_time_ms.to_be_bytes().to_vec();
                 let (text, kind) = match &event.body {
@@ -504,8 +619,13 @@ async fn indexer_loop(weak: WeakLog, indexer: Arc<Indexer>) -> Result<(), LogErr
         while log.queued() > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
+        let mut taken = indexer.take();
         for ((t, c), through) in pending.drain() {
-            if let Err(e) = log.index_conversation(&t, &c, through).await {
+            let given = taken
+                .by_conv
+                .remove(&(t.to_string(), c.to_string()))
+                .unwrap_or_default();
+            if let Err(e) = log.index_with(&t, &c, through, given).await {
                 indexer.stats.failures.fetch_add(1, Ordering::Relaxed);
                 warn!(tenant = %t, conversation = %c, "failed to index for search: {e:#}");
                 if e.is_retryable() {

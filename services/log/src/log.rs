@@ -592,8 +592,12 @@ impl Log {
             "log writer opened"
         );
         let keyring = Arc::new(keyring);
-        let indexer = (cfg.search.hot_index && cfg.own_partitions)
-            .then(|| Arc::new(crate::hot_index::Indexer::new(cfg.search.indexer_queue)));
+        let indexer = (cfg.search.hot_index && cfg.own_partitions).then(|| {
+            Arc::new(crate::hot_index::Indexer::new(
+                cfg.search.indexer_queue,
+                cfg.search.indexer_queue_bytes,
+            ))
+        });
         let (tx, rx) = mpsc::channel(cfg.queue_depth);
         let stats = Arc::new(WriterStats::default());
         let mut writer = Writer {

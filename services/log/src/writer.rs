@@ -1422,7 +1422,8 @@ impl Writer {
                 current: current.get(t),
                 now_ms,
                 rng: &mut self.rng,
-                announce: self.feed.as_ref().map(|_| Vec::new()),
+                // Committed events in the clear: for the feed, and for the hot indexer.
+                announce: (self.feed.is_some() || self.indexer.is_some()).then(Vec::new),
                 epoch,
             };
             let result = scratch.apply(&r.cmd, &self.cfg);
@@ -1523,6 +1524,18 @@ impl Writer {
         if !state.pending.is_empty() {
             self.stats.commits.fetch_add(1, Ordering::Relaxed);
         }
+        // The indexer's copy of the batch's events (shared, not copied).
+        let plain: Vec<Arc<Event>> = match &self.indexer {
+            None => Vec::new(),
+            Some(_) => state
+                .announce
+                .iter()
+                .filter_map(|item| match item {
+                    FeedItem::Event(e) => Some(e.clone()),
+                    FeedItem::ReadCursor { .. } => None,
+                })
+                .collect(),
+        };
         if let Some(feed) = &self.feed {
             for item in state.announce {
                 if feed.try_send(item).is_err() {
@@ -1539,7 +1552,7 @@ impl Writer {
         }
         // After the replies: the index is never what an append waits for.
         if let Some(indexer) = &self.indexer {
-            indexer.offer(committed_heads(&state.pending));
+            indexer.offer(plain, committed_heads(&state.pending));
         }
     }
 

@@ -2,10 +2,12 @@
 //! event, and what the hot indexer costs appends, in one run
 //! (docs/decisions/hot-search-index.md).
 //!
-//! Two fresh fjall stores on disk get the same chat corpus ([`crate::bench_corpus`]): one
-//! with the hot indexer off, one with it running beside the appends (as `serve` runs it).
-//! Appends are pipelined as in `bench append`; the ratio of the two rates is the indexer's
-//! cost on this machine (its CPU competes with the sequencer's). Then, once the indexer has
+//! Fresh fjall stores on disk get the same chat corpus ([`crate::bench_corpus`]), in
+//! `--rounds` pairs: one with the hot indexer off, then one with it running beside the
+//! appends (as `serve` runs it), alternating so that a drift in the machine's load falls on
+//! both sides. Appends are pipelined as in `bench append`; the ratio of the median rates is
+//! the indexer's cost on this machine (its CPU competes with the sequencer's). Then, once the
+//! indexer has
 //! caught up, `--samples` searches by random users over all their conversations (every
 //! user is in every conversation): one rare word, one common word, two words; p50 and p99
 //! of `Log::search` (in process: the gateway and NATS hops are not included). The index's
@@ -15,6 +17,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
+
+use anyhow::Context;
 
 use tidings_log::crypto::MasterKey;
 use tidings_log::store::{FjallStore, KeyRange, KvStore, Pages};
@@ -35,6 +39,9 @@ pub struct SearchArgs {
     /// Timed searches.
     #[arg(long, default_value_t = 1000)]
     pub samples: usize,
+    /// Pairs of loads (without the indexer, then with it) whose rates are compared.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
     /// Directory for the scratch stores (default: the system temp directory).
     #[arg(long)]
     pub dir: Option<PathBuf>,
@@ -94,8 +101,12 @@ async fn bytes_under(store: &dyn KvStore, prefix: Vec<u8>) -> anyhow::Result<(u6
 
 pub async fn run(args: SearchArgs, log_config: LogConfig) -> anyhow::Result<()> {
     anyhow::ensure!(
-        args.events > 0 && args.conversations > 0 && args.users > 0 && args.samples > 0,
-        "events, conversations, users and samples must be positive"
+        args.events > 0
+            && args.conversations > 0
+            && args.users > 0
+            && args.samples > 0
+            && args.rounds > 0,
+        "events, conversations, users, samples and rounds must be positive"
     );
     let (base, dir) = crate::bench::scratch_dir(args.dir.as_deref(), "search")?;
     println!(
@@ -108,36 +119,64 @@ pub async fn run(args: SearchArgs, log_config: LogConfig) -> anyhow::Result<()> 
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         base.display()
     );
-    let plain = load(&dir.path().join("without"), &args, &log_config, false).await?;
-    let rate_without = plain.rate;
-    plain.log.close().await;
-    drop(plain.store);
-    let indexed = load(&dir.path().join("with"), &args, &log_config, true).await?;
-    let rate_with = indexed.rate;
-    // Let the indexer catch up (not timed against anything).
-    let caught_up = Instant::now();
-    let stats = &indexed.log.indexer().expect("indexer on").stats;
-    let total = (args.events + args.conversations) as u64;
-    while stats.indexed_events.load(Ordering::Relaxed) < total {
-        anyhow::ensure!(
-            caught_up.elapsed() < Duration::from_secs(600),
-            "the indexer did not catch up"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let catch_up = caught_up.elapsed();
     println!();
     println!(
-        "| appends/s without the indexer | with it | ratio | indexer caught up after the last append |"
+        "| round | appends/s without the indexer | with it | ratio | indexer caught up after the last append | events it read from the store |"
     );
-    println!("|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|");
+    let (mut without, mut with) = (Vec::new(), Vec::new());
+    let mut last = None;
+    for round in 1..=args.rounds {
+        let plain = load(
+            &dir.path().join(format!("without-{round}")),
+            &args,
+            &log_config,
+            false,
+        )
+        .await?;
+        without.push(plain.rate);
+        plain.log.close().await;
+        drop(plain.store);
+        if let Some(done) = last.take() {
+            let Loaded { log, store, .. } = done;
+            log.close().await;
+            drop(store);
+        }
+        let indexed = load(
+            &dir.path().join(format!("with-{round}")),
+            &args,
+            &log_config,
+            true,
+        )
+        .await?;
+        with.push(indexed.rate);
+        // Let the indexer catch up (not timed against anything).
+        let caught_up = Instant::now();
+        let stats = &indexed.log.indexer().expect("indexer on").stats;
+        let total = (args.events + args.conversations) as u64;
+        while stats.indexed_events.load(Ordering::Relaxed) < total {
+            anyhow::ensure!(
+                caught_up.elapsed() < Duration::from_secs(600),
+                "the indexer did not catch up"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        println!(
+            "| {round} | {:.0} | {:.0} | {:.3} | {:.0} ms | {} |",
+            without[round - 1],
+            with[round - 1],
+            with[round - 1] / without[round - 1],
+            ms(caught_up.elapsed()),
+            stats.plain_dropped.load(Ordering::Relaxed)
+        );
+        last = Some(indexed);
+    }
+    let (m_without, m_with) = (median(&mut without), median(&mut with));
     println!(
-        "| {:.0} | {:.0} | {:.3} | {:.0} ms |",
-        rate_without,
-        rate_with,
-        rate_with / rate_without,
-        ms(catch_up)
+        "| median | {m_without:.0} | {m_with:.0} | **{:.3}** | | |",
+        m_with / m_without
     );
+    let indexed = last.context("at least one round")?;
 
     let (log, store, corpus) = (&indexed.log, &indexed.store, &indexed.corpus);
     let tenant = &corpus.tenant;
@@ -214,6 +253,11 @@ pub async fn run(args: SearchArgs, log_config: LogConfig) -> anyhow::Result<()> 
     );
     indexed.log.close().await;
     Ok(())
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(0.0)
 }
 
 fn at(sorted: &[Duration], q: f64) -> Duration {
