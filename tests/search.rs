@@ -191,6 +191,17 @@ async fn check_story(server: &Server, s: &Sandbox, story: &Story) {
     );
 }
 
+/// Archives every event (`tidings archive run --older-than 0s`, the server stopped) and
+/// starts the server again.
+fn archive_everything(s: &Sandbox, nats: &Nats) -> Server {
+    let out = s
+        .command(&["archive", "run", "--older-than", "0s"])
+        .output()
+        .expect("archive");
+    assert!(out.status.success(), "archive run: {}", stderr(&out));
+    Server::start(s, nats, "all", &[])
+}
+
 /// Waits (without asserting on time) until the hot index has indexed `n` events.
 async fn indexed(server: &Server, n: u64) {
     let url = format!("http://127.0.0.1:{}/metrics", server.admin_port);
@@ -246,12 +257,7 @@ async fn users_find_their_own_messages_exactly_with_and_without_the_index_and_ar
     drop(server);
     // Archived: read back through the archive, the same results; the hot postings of the
     // archived events are gone.
-    let out = s
-        .command(&["archive", "run", "--older-than", "0s"])
-        .output()
-        .expect("archive");
-    assert!(out.status.success(), "archive run: {}", stderr(&out));
-    let server = Server::start(&s, &nats, "all", &[]);
+    let server = archive_everything(&s, &nats);
     check_story(&server, &s, &story).await;
 }
 
@@ -422,6 +428,16 @@ async fn many_matches_page_through_the_index_newest_first() {
     assert_eq!(find(&a, "pager", 7).await, all);
     assert_eq!(find(&a, "rare pager", 0).await, rare);
     assert_eq!(find(&a, "number 42", 0).await.len(), 1);
+    // Archived: the same pages, the candidates now from the segment's sealed index.
+    drop(alice);
+    let mut server = server;
+    assert!(server.terminate());
+    let server = archive_everything(&s, &nats);
+    let alice = connect(&server, &s, "acme", "alice").await;
+    let a = alice.requester();
+    assert_eq!(find(&a, "pager", 7).await, all);
+    assert_eq!(find(&a, "rare pager", 3).await, rare);
+    assert_eq!(find(&a, "number 42", 0).await.len(), 1);
 }
 
 /// What erin finds for "heron" in `windows`, newest first.
@@ -488,11 +504,6 @@ async fn a_member_who_left_and_rejoined_finds_each_window_and_nothing_between() 
     // Archived: the segments' indexes name the candidates; the windows are the same.
     drop(alice);
     assert!(server.terminate());
-    let out = s
-        .command(&["archive", "run", "--older-than", "0s"])
-        .output()
-        .expect("archive");
-    assert!(out.status.success(), "archive run: {}", stderr(&out));
-    let server = Server::start(&s, &nats, "all", &[]);
+    let server = archive_everything(&s, &nats);
     assert_eq!(herons(&server, &s).await, expected, "from the archive");
 }

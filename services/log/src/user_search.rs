@@ -42,8 +42,11 @@ use tidings_schemas::v1::Event;
 
 /// Bytes of text around the first match a hit shows.
 pub const SNIPPET_BYTES: usize = 200;
-/// Archived candidates opened per step while merging.
+/// Archived candidates opened per step while merging: the first step of a conversation
+/// opens [`ARCHIVE_FIRST`] (the merge may need only its newest), each next one twice as many,
+/// up to this.
 const ARCHIVE_PAGE: usize = 64;
+const ARCHIVE_FIRST: usize = 4;
 /// Charged per range of archived candidates held (and per membership window).
 const RANGE_COST: usize = 16;
 /// Charged per conversation listed (its list entry and head).
@@ -109,6 +112,8 @@ struct Stream {
     archived: VecDeque<Event>,
     /// Archived candidates not opened yet.
     archive: ArchivePart,
+    /// How many of them the next step opens.
+    archive_step: usize,
     /// Fates seen in the events opened above the index's watermark.
     fates: HashMap<u64, Fate>,
 }
@@ -418,6 +423,7 @@ impl Log {
             archive: ArchivePart::Unasked {
                 through: archived.min(head),
             },
+            archive_step: ARCHIVE_FIRST,
             fates,
         };
         // Skip what the cursor has passed.
@@ -463,7 +469,7 @@ impl Log {
 
     /// Opens the next archived candidates of a stream, newest first: asks the archive's
     /// search indexes for them the first time (every archived seq in the windows, without
-    /// the index), then opens up to [`ARCHIVE_PAGE`] of them.
+    /// the index), then opens the next step's worth of them.
     async fn read_archived(
         &self,
         t: &TenantId,
@@ -493,8 +499,9 @@ impl Log {
         let ArchivePart::Candidates(ranges) = &mut s.archive else {
             return Ok(());
         };
-        // The top ARCHIVE_PAGE candidates, as ranges, descending.
-        let mut left = ARCHIVE_PAGE.min(self.config().max_read_limit) as u64;
+        // The top candidates, as ranges, descending.
+        let mut left = s.archive_step.min(self.config().max_read_limit) as u64;
+        s.archive_step = (s.archive_step * 2).min(ARCHIVE_PAGE);
         let mut pieces = Vec::new();
         while left > 0
             && let Some(r) = ranges.last_mut()

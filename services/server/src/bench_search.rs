@@ -11,7 +11,10 @@
 //! caught up, `--samples` searches by random users over all their conversations (every
 //! user is in every conversation): one rare word, one common word, two words; p50 and p99
 //! of `Log::search` (in process: the gateway and NATS hops are not included). The index's
-//! size: the bytes of the `sx/` postings against the sealed events' bytes (`ev/`).
+//! size: the bytes of the `sx/` postings against the sealed events' bytes (`ev/`). Then the
+//! whole corpus is archived (one pass, as `tidings archive run --older-than 0s`), the log
+//! reads it through the archive's cold reader, and the same searches run again, now
+//! answered through the segments' sealed search indexes; their size per event too.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -24,7 +27,7 @@ use tidings_log::crypto::MasterKey;
 use tidings_log::store::{FjallStore, KeyRange, KvStore, Pages};
 use tidings_log::{Log, LogConfig};
 
-use crate::bench_corpus::{Corpus, append_pipelined, chat_text, ms, vocabulary};
+use crate::bench_corpus::{Corpus, append_pipelined, archive_all, chat_text, ms, vocabulary};
 
 #[derive(Debug, clap::Args)]
 pub struct SearchArgs {
@@ -202,7 +205,46 @@ pub async fn run(args: SearchArgs, log_config: LogConfig) -> anyhow::Result<()> 
         event_bytes as f64 / event_rows.max(1) as f64
     );
 
-    // Queries: a rare word, a common one, two words of a real message.
+    println!();
+    println!("Hot (every event in the hot log, found through the postings):");
+    sample(log, corpus, args.samples).await?;
+
+    // Everything archived: the same searches through the segments' sealed indexes.
+    let cfg = tidings_archive::ArchiveConfig::default();
+    let total = (args.events + args.conversations) as u64;
+    let (objects, took) = archive_all(store, log, &dir.path().join("archive"), &cfg, total).await?;
+    let reader = tidings_archive::ColdReader::new(
+        store.clone(),
+        log.keyring().clone(),
+        objects.clone(),
+        64 << 20,
+    );
+    anyhow::ensure!(log.set_cold_tier(Arc::new(reader)), "a cold tier was set");
+    let mut index_bytes = 0u64;
+    let mut segments = 0;
+    for seg in tidings_archive::tools::inspect(&**store, tenant).await? {
+        let path =
+            tidings_archive::storage::search_index_path(&seg.path).context("a segment path")?;
+        index_bytes += objects.search_indexes().get(&path).await?.len() as u64;
+        segments += 1;
+    }
+    println!();
+    println!(
+        "Archived in {:.1} s into {segments} segments; their sealed search indexes: {index_bytes} \
+         bytes, {:.1} per event",
+        took.as_secs_f64(),
+        index_bytes as f64 / total as f64
+    );
+    println!("Archived (found through the segments' sealed indexes):");
+    sample(log, corpus, args.samples).await?;
+    indexed.log.close().await;
+    Ok(())
+}
+
+/// `samples` searches by random users: a rare word, a common one, two words of a real
+/// message; prints p50 and p99 per kind and over all.
+async fn sample(log: &Log, corpus: &Corpus, samples: usize) -> anyhow::Result<()> {
+    let tenant = &corpus.tenant;
     let vocab = vocabulary();
     let mut rng = fastrand::Rng::with_seed(11);
     let mut kinds: Vec<(&str, Vec<Duration>, usize)> = vec![
@@ -210,7 +252,7 @@ pub async fn run(args: SearchArgs, log_config: LogConfig) -> anyhow::Result<()> 
         ("common word", Vec::new(), 0),
         ("two words", Vec::new(), 0),
     ];
-    for i in 0..args.samples {
+    for i in 0..samples {
         let kind = i % 3;
         let query = match kind {
             0 => vocab[vocab.len() - 1 - rng.usize(..2000)].clone(),
@@ -251,7 +293,6 @@ pub async fn run(args: SearchArgs, log_config: LogConfig) -> anyhow::Result<()> 
         ms(at(&all, 0.5)),
         ms(at(&all, 0.99))
     );
-    indexed.log.close().await;
     Ok(())
 }
 
