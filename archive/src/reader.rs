@@ -385,21 +385,40 @@ impl ColdReader {
         Ok(Some(IndexedRows { rows, starts }))
     }
 
+    /// The candidates of each of `wanted` (see [`ColdTier::search_candidates`]).
     async fn search_archived(
+        &self,
+        tenant: &TenantId,
+        wanted: &[(ConvId, RangeInclusive<u64>)],
+        needle: &Needle,
+    ) -> Result<Vec<Vec<RangeInclusive<u64>>>, ArchiveError> {
+        // A segment holds many conversations' runs: its rows are looked up once.
+        let mut segments: HashMap<String, Option<IndexedRows>> = HashMap::new();
+        let mut found = Vec::with_capacity(wanted.len());
+        for (conv, range) in wanted {
+            let (from, to) = (*range.start(), *range.end());
+            found.push(
+                self.conversation_candidates(tenant, conv, from, to, needle, &mut segments)
+                    .await?,
+            );
+        }
+        Ok(found)
+    }
+
+    async fn conversation_candidates(
         &self,
         tenant: &TenantId,
         conv: &ConvId,
         from: u64,
         to: u64,
         needle: &Needle,
+        segments: &mut HashMap<String, Option<IndexedRows>>,
     ) -> Result<Vec<RangeInclusive<u64>>, ArchiveError> {
         let mut out: Vec<RangeInclusive<u64>> = Vec::new();
         let mut add = |lo: u64, hi: u64| match out.last_mut() {
             Some(last) if *last.end() + 1 == lo => *last = *last.start()..=hi,
             _ => out.push(lo..=hi),
         };
-        // A conversation has several runs in one segment: its rows are looked up once.
-        let mut segments: HashMap<String, Option<IndexedRows>> = HashMap::new();
         for (first_seq, run) in self.runs(tenant, conv, from, to).await? {
             let (lo, hi) = (first_seq.max(from), run.last_seq.min(to));
             // Retention's marker: nothing below it is searched (the caller starts above it).
@@ -548,11 +567,9 @@ impl ColdTier for ColdReader {
     async fn search_candidates(
         &self,
         tenant: &TenantId,
-        conv: &ConvId,
-        from: u64,
-        to: u64,
+        wanted: &[(ConvId, RangeInclusive<u64>)],
         needle: &Needle,
-    ) -> Result<Vec<RangeInclusive<u64>>, LogError> {
-        Ok(self.search_archived(tenant, conv, from, to, needle).await?)
+    ) -> Result<Vec<Vec<RangeInclusive<u64>>>, LogError> {
+        Ok(self.search_archived(tenant, wanted, needle).await?)
     }
 }

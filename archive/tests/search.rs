@@ -133,10 +133,11 @@ async fn the_index_gives_the_scans_results_opening_fewer_rows_and_holds_no_plain
         let needle = Needle::new(query).expect("query");
         let reader = f.reader.clone();
         async move {
-            reader
-                .search_candidates(&t("acme"), &c("general"), from, to, &needle)
+            let mut found = reader
+                .search_candidates(&t("acme"), &[(c("general"), from..=to)], &needle)
                 .await
-                .expect("candidates")
+                .expect("candidates");
+            found.pop().expect("one answer per range asked")
         }
     };
     assert_eq!(

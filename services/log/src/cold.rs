@@ -31,21 +31,19 @@ pub trait ColdTier: Send + Sync + 'static {
         to: u64,
     ) -> Result<Vec<Event>, LogError>;
 
-    /// The archived seqs `from..=to` of a conversation whose text may hold every term of
-    /// `needle`, as ascending, disjoint ranges: a superset of the matches (the caller opens
-    /// each and confirms it on its decrypted text). The archive names only the rows its
-    /// segments' search indexes list; this default, like a segment without an index, names
-    /// every seq.
+    /// For each (conversation, archived seqs) of `wanted`, the seqs whose text may hold every
+    /// term of `needle`, as ascending, disjoint ranges: a superset of the matches (the caller
+    /// opens each and confirms it on its decrypted text). The archive names only the rows its
+    /// segments' search indexes list, asking each segment's index once for all of `wanted`;
+    /// this default, like a segment without an index, names every seq.
     async fn search_candidates(
         &self,
         tenant: &TenantId,
-        conv: &ConvId,
-        from: u64,
-        to: u64,
+        wanted: &[(ConvId, RangeInclusive<u64>)],
         needle: &Needle,
-    ) -> Result<Vec<RangeInclusive<u64>>, LogError> {
-        let _ = (tenant, conv, needle);
-        Ok(vec![from..=to])
+    ) -> Result<Vec<Vec<RangeInclusive<u64>>>, LogError> {
+        let _ = (tenant, needle);
+        Ok(wanted.iter().map(|(_, r)| vec![r.clone()]).collect())
     }
 }
 

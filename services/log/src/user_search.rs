@@ -197,6 +197,16 @@ impl Log {
                 exhausted = false;
                 break;
             }
+            // The archive is asked once for every conversation that has not asked yet, as
+            // soon as one needs it: a segment's index serves them all at once.
+            if streams.iter().any(|s| {
+                s.hot.is_empty()
+                    && s.postings.is_none()
+                    && matches!(s.archive, ArchivePart::Unasked { through } if through >= s.lo)
+            }) {
+                self.ask_archive(t, &mut streams, &needle, &mut budget)
+                    .await?;
+            }
             // Refill where the ready candidates are used up: postings, then the archive.
             for s in streams.iter_mut() {
                 while s.hot.is_empty()
@@ -467,6 +477,51 @@ impl Log {
         Ok(())
     }
 
+    /// Asks the archive for the candidates of every stream that has not asked yet, at once:
+    /// through the segments' sealed indexes, or every archived seq in the windows without
+    /// the index.
+    async fn ask_archive(
+        &self,
+        t: &TenantId,
+        streams: &mut [Stream],
+        needle: &Needle,
+        budget: &mut Budget,
+    ) -> Result<(), LogError> {
+        let mut wanted: Vec<(ConvId, RangeInclusive<u64>)> = Vec::new();
+        let mut owner = Vec::new();
+        for (i, s) in streams.iter().enumerate() {
+            let ArchivePart::Unasked { through } = s.archive else {
+                continue;
+            };
+            for w in &s.windows {
+                let (from, to) = (*w.start(), (*w.end()).min(through));
+                if from <= to {
+                    wanted.push((s.conv.clone(), from..=to));
+                    owner.push(i);
+                }
+            }
+        }
+        let found = match self.cold_tier() {
+            Some(cold) if self.config().search.use_index && !wanted.is_empty() => {
+                cold.search_candidates(t, &wanted, needle).await?
+            }
+            // Without the index (or an archive, which reading reports): every seq.
+            _ => wanted.into_iter().map(|(_, r)| vec![r]).collect(),
+        };
+        for s in streams.iter_mut() {
+            if matches!(s.archive, ArchivePart::Unasked { .. }) {
+                s.archive = ArchivePart::Candidates(Vec::new());
+            }
+        }
+        for (i, ranges) in owner.into_iter().zip(found) {
+            budget.charge(ranges.len() * RANGE_COST);
+            if let ArchivePart::Candidates(mine) = &mut streams[i].archive {
+                mine.extend(ranges);
+            }
+        }
+        Ok(())
+    }
+
     /// Opens the next archived candidates of a stream, newest first: asks the archive's
     /// search indexes for them the first time (every archived seq in the windows, without
     /// the index), then opens the next step's worth of them.
@@ -478,23 +533,9 @@ impl Log {
         after: &Option<Pos>,
         budget: &mut Budget,
     ) -> Result<(), LogError> {
-        if let ArchivePart::Unasked { through } = s.archive {
-            let mut ranges = Vec::new();
-            for w in &s.windows {
-                let (from, to) = (*w.start(), (*w.end()).min(through));
-                if from > to {
-                    continue;
-                }
-                match self.cold_tier() {
-                    Some(cold) if self.config().search.use_index => {
-                        ranges.extend(cold.search_candidates(t, &s.conv, from, to, needle).await?)
-                    }
-                    // Without the index (or an archive, which reading reports): every seq.
-                    _ => ranges.push(from..=to),
-                }
-            }
-            budget.charge(ranges.len() * RANGE_COST);
-            s.archive = ArchivePart::Candidates(ranges);
+        if matches!(s.archive, ArchivePart::Unasked { .. }) {
+            self.ask_archive(t, std::slice::from_mut(s), needle, budget)
+                .await?;
         }
         let ArchivePart::Candidates(ranges) = &mut s.archive else {
             return Ok(());
