@@ -124,10 +124,15 @@ impl SearchConfig {
     }
 }
 
-/// Longest the indexer waits for the sequencer's queue to empty before a pass (see
-/// `indexer_loop`): bounds how far the index can fall behind under sustained full load to
-/// one pass per this long.
+/// Longest the indexer waits for the sequencer's queue to empty before a transaction (see
+/// `indexer_loop`): with [`BUSY_SLICE`], what it still indexes under sustained full load.
 pub const MAX_YIELD: Duration = Duration::from_millis(50);
+
+/// Events the indexer indexes in one transaction while the sequencer still has requests
+/// waiting after [`MAX_YIELD`] (idle, it takes `log.search_indexer_batch`): at full load it
+/// indexes at least this many per `MAX_YIELD` (1,280 events/s), a small share of the cores,
+/// and catches up once the load falls.
+pub const BUSY_SLICE: usize = 64;
 
 /// What the sequencer tells the indexer: this conversation committed up to this seq.
 pub(crate) type Notice = (TenantId, ConvId, u64);
@@ -466,21 +471,37 @@ impl Log {
         c: &ConvId,
         through: u64,
     ) -> Result<u64, LogError> {
-        self.index_with(t, c, through, BTreeMap::new()).await
+        self.index_with(t, c, through, BTreeMap::new(), false).await
+    }
+
+    /// Waits while the sequencer has requests waiting, at most [`MAX_YIELD`]; whether it
+    /// still has.
+    async fn yield_to_appends(&self) -> bool {
+        let deadline = tokio::time::Instant::now() + MAX_YIELD;
+        while self.queued() > 0 {
+            if tokio::time::Instant::now() >= deadline {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        false
     }
 
     /// [`Log::index_conversation`], taking the events from `given` (the sequencer's
     /// plaintext, by seq) where it holds the next seqs, and reading and opening them from
-    /// the store where it does not.
+    /// the store where it does not. `polite`: appends first (the indexer's way): before each
+    /// transaction it waits for the sequencer ([`Log::yield_to_appends`]) and, if that is
+    /// still busy, indexes only [`BUSY_SLICE`] events.
     async fn index_with(
         &self,
         t: &TenantId,
         c: &ConvId,
         through: u64,
         mut given: BTreeMap<u64, Arc<Event>>,
+        polite: bool,
     ) -> Result<u64, LogError> {
         let store = self.store().clone();
-        let batch = self.config().search.indexer_batch;
+        let full_batch = self.config().search.indexer_batch;
         let mut done = 0u64;
         let mut from = watermark(&*store, t, c)
             .await?
@@ -492,6 +513,11 @@ impl Log {
         let key = self.keyring().current(t).await?;
         let search = key.search_key(t);
         while from <= through {
+            let batch = if polite && self.yield_to_appends().await {
+                BUSY_SLICE.min(full_batch)
+            } else {
+                full_batch
+            };
             // The sequencer's plaintext if it holds `from` on, a run of it; else the store.
             given = given.split_off(&from);
             let mut events: Vec<Arc<Event>> = Vec::new();
@@ -612,20 +638,17 @@ async fn indexer_loop(weak: WeakLog, indexer: Arc<Indexer>) -> Result<(), LogErr
         let Some(log) = weak.upgrade() else {
             return Ok(());
         };
-        // Appends first: while the sequencer has requests waiting, the index waits (at most
-        // MAX_YIELD a pass), so at full load it takes the idle moments and its lag grows
-        // rather than the appends' latency. Search opens whatever is not indexed yet.
-        let deadline = tokio::time::Instant::now() + MAX_YIELD;
-        while log.queued() > 0 && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
+        // Appends first (`polite`): while the sequencer has requests waiting, each index
+        // transaction waits (at most MAX_YIELD) and then takes a small slice, so at full load
+        // indexing takes the idle moments and its lag grows rather than the appends' latency
+        // or their rate. Search opens whatever is not indexed yet.
         let mut taken = indexer.take();
         for ((t, c), through) in pending.drain() {
             let given = taken
                 .by_conv
                 .remove(&(t.to_string(), c.to_string()))
                 .unwrap_or_default();
-            if let Err(e) = log.index_with(&t, &c, through, given).await {
+            if let Err(e) = log.index_with(&t, &c, through, given, true).await {
                 indexer.stats.failures.fetch_add(1, Ordering::Relaxed);
                 warn!(tenant = %t, conversation = %c, "failed to index for search: {e:#}");
                 if e.is_retryable() {
