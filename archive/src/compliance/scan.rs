@@ -77,6 +77,10 @@ pub(super) struct HotQuery {
 const HOT_CHUNK: u64 = 4096;
 /// Postings read per term per page.
 const POSTING_PAGE: usize = 1000;
+/// Indexed hot events of a conversation at or below which they are all opened rather than
+/// asked of the postings: a few events cost less to open than the posting scans and point
+/// reads that would name them (a tenant's thin hot tail over thousands of conversations).
+const HOT_OPEN_ALL: u64 = 256;
 
 /// What the search indexes look for: rows holding every term of `needle`, plus the rows
 /// of `also` (messages an edit of which matches), by segment id, as (row group, row).
@@ -449,7 +453,7 @@ impl Scanner<'_> {
             let mut next = archived_through(self.store, tenant, &conv).await? + 1;
             if let Some(hot) = sel.hot {
                 let indexed = watermark(self.store, tenant, &conv).await?.min(last);
-                if indexed >= next {
+                if indexed >= next && indexed - next + 1 > HOT_OPEN_ALL {
                     self.scan_indexed(tenant, &conv, next, indexed, hot, sel, visitor)
                         .await?;
                     next = indexed + 1;
