@@ -191,6 +191,17 @@ async fn check_story(server: &Server, s: &Sandbox, story: &Story) {
     );
 }
 
+/// Archives every event (`tidings archive run --older-than 0s`, the server stopped) and
+/// starts the server again.
+fn archive_everything(s: &Sandbox, nats: &Nats) -> Server {
+    let out = s
+        .command(&["archive", "run", "--older-than", "0s"])
+        .output()
+        .expect("archive");
+    assert!(out.status.success(), "archive run: {}", stderr(&out));
+    Server::start(s, nats, "all", &[])
+}
+
 /// Waits (without asserting on time) until the hot index has indexed `n` events.
 async fn indexed(server: &Server, n: u64) {
     let url = format!("http://127.0.0.1:{}/metrics", server.admin_port);
@@ -246,12 +257,7 @@ async fn users_find_their_own_messages_exactly_with_and_without_the_index_and_ar
     drop(server);
     // Archived: read back through the archive, the same results; the hot postings of the
     // archived events are gone.
-    let out = s
-        .command(&["archive", "run", "--older-than", "0s"])
-        .output()
-        .expect("archive");
-    assert!(out.status.success(), "archive run: {}", stderr(&out));
-    let server = Server::start(&s, &nats, "all", &[]);
+    let server = archive_everything(&s, &nats);
     check_story(&server, &s, &story).await;
 }
 
@@ -422,4 +428,82 @@ async fn many_matches_page_through_the_index_newest_first() {
     assert_eq!(find(&a, "pager", 7).await, all);
     assert_eq!(find(&a, "rare pager", 0).await, rare);
     assert_eq!(find(&a, "number 42", 0).await.len(), 1);
+    // Archived: the same pages, the candidates now from the segment's sealed index.
+    drop(alice);
+    let mut server = server;
+    assert!(server.terminate());
+    let server = archive_everything(&s, &nats);
+    let alice = connect(&server, &s, "acme", "alice").await;
+    let a = alice.requester();
+    assert_eq!(find(&a, "pager", 7).await, all);
+    assert_eq!(find(&a, "rare pager", 3).await, rare);
+    assert_eq!(find(&a, "number 42", 0).await.len(), 1);
+}
+
+/// What erin finds for "heron" in `windows`, newest first.
+async fn herons(server: &Server, s: &Sandbox) -> Vec<(String, u64, String)> {
+    let erin = connect(server, s, "acme", "erin").await;
+    find(&erin.requester(), "heron", 0).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_who_left_and_rejoined_finds_each_window_and_nothing_between() {
+    let (s, nats) = (Sandbox::new(), Nats::start());
+    let mut server = Server::start(&s, &nats, "all", &[]);
+    let alice = connect(&server, &s, "acme", "alice").await;
+    let a = alice.requester();
+    a.create_conversation("windows", ConversationKind::Group, "", &[])
+        .await
+        .expect("windows");
+    post(&a, "windows", "w0", "heron before erin joined").await;
+    a.add_member("windows", "erin").await.expect("erin joins");
+    let first = post(&a, "windows", "w1", "heron in the first window").await;
+    {
+        let erin = connect(&server, &s, "acme", "erin").await;
+        erin.requester()
+            .remove_member("windows", "erin")
+            .await
+            .expect("erin leaves");
+    }
+    post(&a, "windows", "w2", "heron while erin was away").await;
+    assert_eq!(
+        herons(&server, &s).await,
+        [],
+        "a conversation one left is not searched"
+    );
+    a.add_member("windows", "erin").await.expect("erin rejoins");
+    let second = post(&a, "windows", "w3", "heron in the second window").await;
+    // Removed by someone else: the second window ends there.
+    a.remove_member("windows", "erin")
+        .await
+        .expect("erin removed");
+    post(&a, "windows", "w4", "heron after erin was removed").await;
+    a.add_member("windows", "erin").await.expect("erin back");
+    let third = post(&a, "windows", "w5", "heron in the third window").await;
+    let expected = vec![
+        (
+            "windows".to_string(),
+            third,
+            "heron in the third window".to_string(),
+        ),
+        (
+            "windows".to_string(),
+            second,
+            "heron in the second window".to_string(),
+        ),
+        (
+            "windows".to_string(),
+            first,
+            "heron in the first window".to_string(),
+        ),
+    ];
+    assert_eq!(herons(&server, &s).await, expected, "before indexing");
+    // create, w0, join, w1, leave, w2, join, w3, remove, w4, join, w5
+    indexed(&server, 12).await;
+    assert_eq!(herons(&server, &s).await, expected, "through the hot index");
+    // Archived: the segments' indexes name the candidates; the windows are the same.
+    drop(alice);
+    assert!(server.terminate());
+    let server = archive_everything(&s, &nats);
+    assert_eq!(herons(&server, &s).await, expected, "from the archive");
 }

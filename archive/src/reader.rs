@@ -1,17 +1,26 @@
 //! [`ColdReader`]: the log's cold tier. Finds archived events through the index, fetches
 //! only the row groups it needs and decodes only the pages it needs.
 //!
-//! Two bounded caches keep repeated paging cheap: segment footers (Parquet metadata with the
-//! page index, and the opened body dictionary) and fetched row-group bytes. Both evict the
-//! oldest entry first once over their byte budget.
+//! Three bounded caches keep repeated paging and searching cheap: segment footers (Parquet
+//! metadata with the page index, and the opened body dictionary), fetched row-group bytes,
+//! and opened search indexes (a user's search asks the same segments again and again; each
+//! index is sealed whole, so opening it is the cost). All evict the oldest entry first once
+//! over their byte budget.
+//!
+//! A user's search ([`ColdTier::search_candidates`]) gets a conversation's candidate seqs
+//! from the search indexes of the segments its runs are in: the index's rows that hold
+//! every term, within the run's rows, turned back into seqs. A segment without an index
+//! names all of its seqs.
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::Hash;
+use std::ops::RangeInclusive;
 use std::sync::{Arc, Mutex};
 
 use base64::Engine;
 use tidings_log::cold::{ColdTier, decode_run};
 use tidings_log::crypto::Keyring;
+use tidings_log::search::Needle;
 use tidings_log::store::{KeyRange, KvStore, Order};
 use tidings_log::{ConvId, Event, LogError, TenantId, keys};
 use tidings_schemas::storage::ArchiveRun;
@@ -19,6 +28,7 @@ use tidings_schemas::storage::ArchiveRun;
 use crate::codec::{self, Dictionary};
 use crate::error::ArchiveError;
 use crate::format::{self, Fetched, Footer, meta};
+use crate::search_index::{self, SegmentIndex};
 use crate::storage::Objects;
 
 /// A segment's footer with what it takes to open its rows.
@@ -217,6 +227,27 @@ impl<K: Clone + Eq + Hash, V: Clone> Cache<K, V> {
     }
 }
 
+/// A [`Cache`] shared between tasks (a std mutex: it is held for a map operation only,
+/// never across an await).
+struct Shared<K, V>(Mutex<Cache<K, V>>);
+
+impl<K: Clone + Eq + Hash, V: Clone> Shared<K, V> {
+    fn new(budget: usize) -> Self {
+        Shared(Mutex::new(Cache::new(budget)))
+    }
+
+    fn get(&self, key: &K) -> Option<V> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).get(key)
+    }
+
+    fn insert(&self, key: K, value: V, size: usize) {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key, value, size);
+    }
+}
+
 /// Counters of what reads cost, for the benchmark and tests.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ReadStats {
@@ -229,13 +260,22 @@ pub struct ColdReader {
     store: Arc<dyn KvStore>,
     keyring: Arc<Keyring>,
     objects: Objects,
-    segments: Mutex<Cache<String, Arc<Segment>>>,
-    groups: Mutex<Cache<(String, usize), Fetched>>,
+    segments: Shared<String, Arc<Segment>>,
+    groups: Shared<(String, usize), Fetched>,
+    /// Opened search indexes by segment path (`None`: the segment has none).
+    indexes: Shared<String, Option<Arc<SegmentIndex>>>,
     stats: Mutex<ReadStats>,
 }
 
+/// A segment's rows that hold every term of a query, with where its row groups start.
+struct IndexedRows {
+    rows: Vec<u32>,
+    starts: Vec<u32>,
+}
+
 impl ColdReader {
-    /// `cache_bytes` bounds the row-group cache; footers get an eighth of it on top.
+    /// `cache_bytes` bounds the row-group cache; footers get an eighth of it on top, opened
+    /// search indexes a quarter.
     pub fn new(
         store: Arc<dyn KvStore>,
         keyring: Arc<Keyring>,
@@ -246,8 +286,9 @@ impl ColdReader {
             store,
             keyring,
             objects,
-            segments: Mutex::new(Cache::new(cache_bytes / 8)),
-            groups: Mutex::new(Cache::new(cache_bytes)),
+            segments: Shared::new(cache_bytes / 8),
+            groups: Shared::new(cache_bytes),
+            indexes: Shared::new(cache_bytes / 4),
             stats: Mutex::new(ReadStats::default()),
         }
     }
@@ -261,11 +302,7 @@ impl ColdReader {
     }
 
     async fn segment(&self, tenant: &TenantId, path: &str) -> Result<Arc<Segment>, ArchiveError> {
-        let cached = self
-            .segments
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&path.to_string());
+        let cached = self.segments.get(&path.to_string());
         if let Some(segment) = cached {
             return Ok(segment);
         }
@@ -274,8 +311,6 @@ impl ColdReader {
         self.count(|s| s.footer_fetches += 1);
         let segment = Arc::new(Segment::open(path, footer, tenant, &self.keyring).await?);
         self.segments
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
             .insert(path.to_string(), segment.clone(), size);
         Ok(segment)
     }
@@ -287,11 +322,7 @@ impl ColdReader {
         rg: usize,
     ) -> Result<Fetched, ArchiveError> {
         let key = (path.to_string(), rg);
-        let cached = self
-            .groups
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&key);
+        let cached = self.groups.get(&key);
         if let Some(data) = cached {
             return Ok(data);
         }
@@ -310,11 +341,115 @@ impl ColdReader {
             bytes,
         };
         let size = data.bytes.len();
-        self.groups
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(key, data.clone(), size);
+        self.groups.insert(key, data.clone(), size);
         Ok(data)
+    }
+
+    /// The opened search index of the segment at `path`, cached.
+    async fn search_index(
+        &self,
+        tenant: &TenantId,
+        path: &str,
+    ) -> Result<Option<Arc<SegmentIndex>>, ArchiveError> {
+        let cached = self.indexes.get(&path.to_string());
+        if let Some(index) = cached {
+            return Ok(index);
+        }
+        let index = search_index::load(&self.objects, &self.keyring, tenant, path)
+            .await?
+            .map(Arc::new);
+        let size = index.as_ref().map_or(64, |i| i.memory_size());
+        self.indexes.insert(path.to_string(), index.clone(), size);
+        Ok(index)
+    }
+
+    /// The rows of the segment at `path` that hold every term of `needle`; `None` if it has
+    /// no search index.
+    async fn indexed_rows(
+        &self,
+        tenant: &TenantId,
+        path: &str,
+        needle: &Needle,
+    ) -> Result<Option<IndexedRows>, ArchiveError> {
+        let Some(index) = self.search_index(tenant, path).await? else {
+            return Ok(None);
+        };
+        let segment = self.segment(tenant, path).await?;
+        let starts = index.row_group_starts(&segment.footer.meta)?;
+        let key = self
+            .keyring
+            .key(tenant, index.key_id)
+            .await?
+            .search_key(tenant);
+        let rows = index.candidates(&key, needle)?;
+        Ok(Some(IndexedRows { rows, starts }))
+    }
+
+    /// The candidates of each of `wanted` (see [`ColdTier::search_candidates`]).
+    async fn search_archived(
+        &self,
+        tenant: &TenantId,
+        wanted: &[(ConvId, RangeInclusive<u64>)],
+        needle: &Needle,
+    ) -> Result<Vec<Vec<RangeInclusive<u64>>>, ArchiveError> {
+        // A segment holds many conversations' runs: its rows are looked up once.
+        let mut segments: HashMap<String, Option<IndexedRows>> = HashMap::new();
+        let mut found = Vec::with_capacity(wanted.len());
+        for (conv, range) in wanted {
+            let (from, to) = (*range.start(), *range.end());
+            found.push(
+                self.conversation_candidates(tenant, conv, from, to, needle, &mut segments)
+                    .await?,
+            );
+        }
+        Ok(found)
+    }
+
+    async fn conversation_candidates(
+        &self,
+        tenant: &TenantId,
+        conv: &ConvId,
+        from: u64,
+        to: u64,
+        needle: &Needle,
+        segments: &mut HashMap<String, Option<IndexedRows>>,
+    ) -> Result<Vec<RangeInclusive<u64>>, ArchiveError> {
+        let mut out: Vec<RangeInclusive<u64>> = Vec::new();
+        let mut add = |lo: u64, hi: u64| match out.last_mut() {
+            Some(last) if *last.end() + 1 == lo => *last = *last.start()..=hi,
+            _ => out.push(lo..=hi),
+        };
+        for (first_seq, run) in self.runs(tenant, conv, from, to).await? {
+            let (lo, hi) = (first_seq.max(from), run.last_seq.min(to));
+            // Retention's marker: nothing below it is searched (the caller starts above it).
+            if tidings_log::cold::is_purge_marker(&run) || lo > hi {
+                continue;
+            }
+            if !segments.contains_key(&run.path) {
+                let rows = self.indexed_rows(tenant, &run.path, needle).await?;
+                segments.insert(run.path.clone(), rows);
+            }
+            let Some(Some(indexed)) = segments.get(&run.path) else {
+                add(lo, hi);
+                continue;
+            };
+            let start = indexed
+                .starts
+                .get(run.row_group as usize)
+                .ok_or_else(|| ArchiveError::corrupt(&run.path, "no such row group"))?;
+            // The row of the run's first seq, and the rows of lo..=hi.
+            let base = u64::from(*start) + run.row_offset;
+            let (a, b) = (base + (lo - first_seq), base + (hi - first_seq));
+            let at = indexed.rows.partition_point(|&r| u64::from(r) < a);
+            for &row in indexed.rows[at..]
+                .iter()
+                .take_while(|&&r| u64::from(r) <= b)
+            {
+                let seq = first_seq + (u64::from(row) - base);
+                add(seq, seq);
+            }
+        }
+        Ok(out)
     }
 
     /// The index runs covering `from..=to`, in order.
@@ -427,5 +562,14 @@ impl ColdTier for ColdReader {
         to: u64,
     ) -> Result<Vec<Event>, LogError> {
         Ok(self.read_archived(tenant, conv, from, to).await?)
+    }
+
+    async fn search_candidates(
+        &self,
+        tenant: &TenantId,
+        wanted: &[(ConvId, RangeInclusive<u64>)],
+        needle: &Needle,
+    ) -> Result<Vec<Vec<RangeInclusive<u64>>>, LogError> {
+        Ok(self.search_archived(tenant, wanted, needle).await?)
     }
 }

@@ -18,15 +18,20 @@
 //! ```
 //!
 //! Not inside the archive itself: Polars refuses a directory holding anything but Parquet.
+//!
+//! Read by compliance's scan (which rows of a segment to open) and by the cold reader for a
+//! user's search (which seqs of a conversation to open), both through [`load`].
 
 use std::collections::BTreeMap;
 
+use parquet::file::metadata::ParquetMetaData;
 use tidings_log::crypto::{DataKey, Keyring};
 use tidings_log::search::{Needle, SearchKey, TAG_LEN, Tag, terms};
 use tidings_log::{Event, TenantId};
 
 use crate::compliance::hit::event_text;
 use crate::error::ArchiveError;
+use crate::storage::{self, Objects};
 
 const MAGIC: &[u8; 4] = b"TSIX";
 const AD_LABEL: &[u8] = b"tidings-six-v1";
@@ -101,9 +106,35 @@ fn get_varint(bytes: &[u8], at: &mut usize) -> Option<u32> {
     None
 }
 
+/// The search index of the segment at `segment_path`, read and opened; `None` if the
+/// segment has none (it was written before there were indexes, and is scanned instead).
+pub async fn load(
+    objects: &Objects,
+    keyring: &Keyring,
+    tenant: &TenantId,
+    segment_path: &str,
+) -> Result<Option<SegmentIndex>, ArchiveError> {
+    let (Some(index_path), Some(segment_id)) = (
+        storage::search_index_path(segment_path),
+        storage::segment_id_of(segment_path),
+    ) else {
+        return Ok(None);
+    };
+    let bytes = match objects.search_indexes().get(&index_path).await {
+        Ok(bytes) => bytes,
+        Err(ArchiveError::Missing { .. }) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    SegmentIndex::open(keyring, tenant, segment_id, &index_path, &bytes)
+        .await
+        .map(Some)
+}
+
 /// One segment's index, opened.
 pub struct SegmentIndex {
     pub key_id: u32,
+    /// Where the index is stored, for errors.
+    path: String,
     rows: u32,
     plain: Vec<u8>,
     terms: usize,
@@ -144,6 +175,7 @@ impl SegmentIndex {
         }
         Ok(SegmentIndex {
             key_id,
+            path: path.to_string(),
             rows,
             plain,
             terms,
@@ -153,6 +185,29 @@ impl SegmentIndex {
     /// How many rows the indexed segment has.
     pub fn rows(&self) -> u32 {
         self.rows
+    }
+
+    /// The bytes it holds in memory (for caches).
+    pub fn memory_size(&self) -> usize {
+        self.plain.len() + self.path.len() + 64
+    }
+
+    /// The row number of the first row of each of the segment's row groups (`meta`, its
+    /// footer), checked to add up to the rows the index covers.
+    pub fn row_group_starts(&self, meta: &ParquetMetaData) -> Result<Vec<u32>, ArchiveError> {
+        let mut starts = Vec::with_capacity(meta.num_row_groups());
+        let mut at = 0i64;
+        for rg in 0..meta.num_row_groups() {
+            starts.push(u32::try_from(at).unwrap_or(u32::MAX));
+            at += meta.row_group(rg).num_rows().max(0);
+        }
+        if i64::from(self.rows) != at {
+            return Err(ArchiveError::corrupt(
+                &self.path,
+                format!("indexes {} rows, the segment has {at}", self.rows),
+            ));
+        }
+        Ok(starts)
     }
 
     fn entry(&self, i: usize) -> (&[u8], usize, usize) {
@@ -190,21 +245,16 @@ impl SegmentIndex {
     }
 
     /// The rows that hold every term of `needle` (all rows if it has none), ascending.
-    pub fn candidates(
-        &self,
-        key: &SearchKey,
-        needle: &Needle,
-        path: &str,
-    ) -> Result<Vec<u32>, ArchiveError> {
+    pub fn candidates(&self, key: &SearchKey, needle: &Needle) -> Result<Vec<u32>, ArchiveError> {
         debug_assert_eq!(key.id, self.key_id);
         if needle.terms().is_empty() {
             return Ok((0..self.rows).collect());
         }
         let mut lists = Vec::with_capacity(needle.terms().len());
         for term in needle.terms() {
-            let list = self
-                .postings(&key.tag(term))
-                .ok_or_else(|| ArchiveError::corrupt(path, "search index postings damaged"))?;
+            let list = self.postings(&key.tag(term)).ok_or_else(|| {
+                ArchiveError::corrupt(&self.path, "search index postings damaged")
+            })?;
             if list.is_empty() {
                 return Ok(Vec::new());
             }

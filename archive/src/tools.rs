@@ -15,7 +15,7 @@ use crate::archiver::{indexed_segments, scan_all};
 use crate::error::ArchiveError;
 use crate::format::{Fetched, Footer};
 use crate::reader::Segment;
-use crate::search_index::SegmentIndex;
+use crate::search_index;
 use crate::storage::{self, Objects};
 
 /// One indexed segment, as `inspect` prints it.
@@ -219,28 +219,18 @@ async fn verify_segment(
             record.rows
         ));
     }
-    let (Some(index_path), Some(id)) = (
-        storage::search_index_path(path),
-        storage::segment_id_of(path),
-    ) else {
-        return Ok(());
-    };
-    match objects.search_indexes().get(&index_path).await {
-        Ok(bytes) => {
-            let index = SegmentIndex::open(keyring, tenant, id, &index_path, &bytes)
-                .await
-                .map_err(|e| format!("search index: {e}"))?;
-            if u64::from(index.rows()) != record.rows {
-                return Err(format!(
-                    "the search index covers {} rows of {}",
-                    index.rows(),
-                    record.rows
-                ));
-            }
-            report.search_indexes += 1;
+    let index = search_index::load(objects, keyring, tenant, path)
+        .await
+        .map_err(|e| format!("search index: {e}"))?;
+    if let Some(index) = index {
+        if u64::from(index.rows()) != record.rows {
+            return Err(format!(
+                "the search index covers {} rows of {}",
+                index.rows(),
+                record.rows
+            ));
         }
-        Err(ArchiveError::Missing { .. }) => {}
-        Err(e) => return Err(format!("search index: {e}")),
+        report.search_indexes += 1;
     }
     Ok(())
 }

@@ -14,6 +14,8 @@ use tidings_archive::compliance::{
 };
 use tidings_archive::conformance::{Fixture, c, t};
 use tidings_archive::{Objects, StorageConfig, storage};
+use tidings_log::cold::ColdTier;
+use tidings_log::search::Needle;
 use tidings_log::{Append, Body, ClientMsgId, UserId};
 
 #[derive(Default)]
@@ -97,8 +99,8 @@ async fn the_index_gives_the_scans_results_opening_fewer_rows_and_holds_no_plain
     f.conversation("acme", "general", 240).await;
     f.conversation("acme", "random", 120).await;
     f.conversation("globex", "general", 60).await;
-    post(&f, "general", "en-1", "The Bluebird FORECAST is final").await;
-    post(&f, "general", "en-2", "a forecaster is not a forecast").await;
+    let en1 = post(&f, "general", "en-1", "The Bluebird FORECAST is final").await;
+    let en2 = post(&f, "general", "en-2", "a forecaster is not a forecast").await;
     post(&f, "random", "zh-1", "新品发布会在三点").await;
     post(&f, "random", "ja-1", "明日の会議は３時から").await;
     post(&f, "random", "ko-1", "회의 시작합니다").await;
@@ -125,7 +127,31 @@ async fn the_index_gives_the_scans_results_opening_fewer_rows_and_holds_no_plain
     )
     .await;
     f.archive_all().await;
-    // A hot tail the index does not cover yet, with an edit.
+    // A user's search asks the cold reader: the segments' indexes name exactly the seqs
+    // whose text holds every term, within the range asked.
+    let candidates = |query: &str, from: u64, to: u64| {
+        let needle = Needle::new(query).expect("query");
+        let reader = f.reader.clone();
+        async move {
+            let mut found = reader
+                .search_candidates(&t("acme"), &[(c("general"), from..=to)], &needle)
+                .await
+                .expect("candidates");
+            found.pop().expect("one answer per range asked")
+        }
+    };
+    assert_eq!(
+        candidates("bluebird", 1, recalled).await,
+        [en1..=en1, recalled..=recalled]
+    );
+    assert_eq!(candidates("forecast", 1, recalled).await, [en1..=en2]);
+    assert_eq!(candidates("forecast", en2, recalled).await, [en2..=en2]);
+    assert_eq!(candidates("kingfisher", 1, recalled).await, []);
+    // A hot tail: a new conversation (its title is text too), an edit, a recall, all
+    // covered by the hot index; then events above its watermark, one an edit of a message
+    // below it.
+    // More hot events than compliance opens without asking the postings (256).
+    f.conversation("acme", "hotline", 300).await;
     let hot = post(&f, "general", "hot-1", "hot bluebird forecast").await;
     send(
         &f,
@@ -134,6 +160,34 @@ async fn the_index_gives_the_scans_results_opening_fewer_rows_and_holds_no_plain
         Body::MessageEdited(tidings_schemas::v1::MessageEdited {
             target_seq: hot,
             new_text: "hot bluebird forecast, revised: kingfisher".into(),
+        }),
+    )
+    .await;
+    let rumour = post(&f, "general", "hot-3", "hot bluebird rumour").await;
+    let recall = send(
+        &f,
+        "general",
+        "hot-4",
+        Body::MessageRecalled(tidings_schemas::v1::MessageRecalled { target_seq: rumour }),
+    )
+    .await;
+    // Their heads: general's recall, hotline's creation and 300 messages.
+    for (conv, head) in [("general", recall), ("hotline", 301)] {
+        let n = f
+            .log
+            .index_conversation(&t("acme"), &c(conv), head)
+            .await
+            .expect("index");
+        assert!(n > 0, "{conv}");
+    }
+    let tail = post(&f, "general", "tail-1", "tail bluebird").await;
+    send(
+        &f,
+        "general",
+        "tail-2",
+        Body::MessageEdited(tidings_schemas::v1::MessageEdited {
+            target_seq: hot,
+            new_text: "hot bluebird forecast, revised again: osprey".into(),
         }),
     )
     .await;
@@ -153,12 +207,14 @@ async fn the_index_gives_the_scans_results_opening_fewer_rows_and_holds_no_plain
     .without_index();
 
     let expected: BTreeMap<&str, usize> = [
-        ("bluebird", 3),   // en-1, the recalled one, hot-1
-        ("kingfisher", 1), // hot-1 by its edit
+        ("bluebird", 5),   // en-1, the recalled one, hot-1, hot-3 (recalled), tail-1
+        ("kingfisher", 1), // hot-1 by its edit below the watermark
+        ("osprey", 1),     // hot-1 by its edit above it
         ("FORECAST", 3),   // en-1, en-2 (its last word) and hot-1
         ("cast", 0),       // part of a word
         ("seven", 1),      // the edit, full-width in the text
-        ("quarterly numbers", 360),
+        ("quarterly numbers", 660),
+        ("hotline", 301), // its title and its messages, all hot
         ("发布", 2),
         ("布", 2),
         ("iphone 发布会", 1),
@@ -184,6 +240,17 @@ async fn the_index_gives_the_scans_results_opening_fewer_rows_and_holds_no_plain
     assert!(
         bluebird.iter().any(|h| h.1 == recalled && h.4),
         "recall travels"
+    );
+    assert!(
+        bluebird.iter().any(|h| h.1 == rumour && h.4),
+        "a hot recall travels through the hot index"
+    );
+    assert!(bluebird.iter().any(|h| h.1 == tail));
+    let (osprey, _) = search(&indexed, "osprey").await;
+    assert_eq!(
+        osprey,
+        [("general".to_string(), hot, Some("edit"), 2, false)],
+        "both edits travel with the message"
     );
     let (seven, _) = search(&indexed, "seven").await;
     assert_eq!(

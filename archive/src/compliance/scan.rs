@@ -15,10 +15,14 @@
 //! applies, so the results are the same. A segment without an index (written before there
 //! were indexes) is scanned as above.
 //!
-//! **Hot log.** Hot events are sealed whole (no plain metadata), so each event of the
-//! tenant's conversations above the archive floor is opened and then filtered.
+//! **Hot log.** Hot events are sealed whole (no plain metadata). Up to each conversation's
+//! hot index watermark, a selection with a [`HotQuery`] opens only the events the hot
+//! postings name (`tidings_log::hot_index::Postings`: a text's terms, or the kind term of
+//! edits and recalls) and the messages it names itself; every event above the watermark,
+//! and every hot event of a selection without one, is opened and then filtered. Either way
+//! the filters decide on the opened event, so the results are those of opening everything.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -27,8 +31,9 @@ use parquet::file::statistics::Statistics;
 use prost::Message;
 use tidings_log::cold::{archived_through, decode_run, is_purge_marker};
 use tidings_log::crypto::Keyring;
+use tidings_log::hot_index::{Postings, watermark};
 use tidings_log::log::open_stored_event;
-use tidings_log::search::Needle;
+use tidings_log::search::{Needle, Term};
 use tidings_log::store::{KeyRange, KvStore, Order};
 use tidings_log::{ConvId, Event, LogError, TenantId, UserId, keys};
 use tidings_schemas::storage::{ArchiveSegment, Head};
@@ -38,7 +43,7 @@ use crate::archiver::{Pages, scan_all};
 use crate::error::ArchiveError;
 use crate::format::{self, col};
 use crate::reader::{Segment, fetch_footer};
-use crate::search_index::SegmentIndex;
+use crate::search_index;
 use crate::storage::{self, Objects};
 
 /// Which events a scan visits. Every filter is checked on every visited event; the archive
@@ -54,7 +59,28 @@ pub(super) struct Selection<'a> {
     /// A text filter the archive may answer through the segments' search indexes; `None`:
     /// every row the other filters allow is visited.
     pub text: Option<&'a IndexedText>,
+    /// What the hot index may answer for the hot log; `None`: every hot event is opened.
+    pub hot: Option<&'a HotQuery>,
 }
+
+/// What the hot index looks for: the events whose postings hold every term of any one of
+/// `any_of`, and the messages `also` names (by conversation: seqs). The events the index
+/// names are a superset of what the selection's other filters (kinds, text) accept.
+#[derive(Debug, Default)]
+pub(super) struct HotQuery {
+    pub any_of: Vec<Vec<Term>>,
+    pub also: HashMap<String, Vec<u64>>,
+}
+
+/// Seqs of a conversation's indexed hot events whose candidates are gathered and opened at a
+/// time: bounds the candidates held to this many.
+const HOT_CHUNK: u64 = 4096;
+/// Postings read per term per page.
+const POSTING_PAGE: usize = 1000;
+/// Indexed hot events of a conversation at or below which they are all opened rather than
+/// asked of the postings: a few events cost less to open than the posting scans and point
+/// reads that would name them (a tenant's thin hot tail over thousands of conversations).
+const HOT_OPEN_ALL: u64 = 256;
 
 /// What the search indexes look for: rows holding every term of `needle`, plus the rows
 /// of `also` (messages an edit of which matches), by segment id, as (row group, row).
@@ -282,50 +308,24 @@ impl Scanner<'_> {
         segment: &Segment,
         text: &IndexedText,
     ) -> Result<Option<BTreeMap<usize, Vec<usize>>>, ComplianceError> {
-        let (Some(index_path), Some(segment_id)) = (
-            storage::search_index_path(path),
-            storage::segment_id_of(path),
-        ) else {
+        let Some(index) = search_index::load(objects, self.keyring, tenant, path).await? else {
             return Ok(None);
         };
-        let bytes = match objects.search_indexes().get(&index_path).await {
-            Ok(bytes) => bytes,
-            Err(ArchiveError::Missing { .. }) => return Ok(None),
-            Err(e) => return Err(e.into()),
-        };
-        let index =
-            SegmentIndex::open(self.keyring, tenant, segment_id, &index_path, &bytes).await?;
         let search_key = self
             .keyring
             .key(tenant, index.key_id)
             .await?
             .search_key(tenant);
-        let meta = &segment.footer.meta;
-        let total: i64 = (0..meta.num_row_groups())
-            .map(|rg| meta.row_group(rg).num_rows())
-            .sum();
-        if i64::from(index.rows()) != total {
-            return Err(ArchiveError::corrupt(
-                &index_path,
-                format!("indexes {} rows, the segment has {total}", index.rows()),
-            )
-            .into());
-        }
         // Row numbers to (row group, row in group).
-        let starts: Vec<u32> = (0..meta.num_row_groups())
-            .scan(0u32, |at, rg| {
-                let start = *at;
-                *at += meta.row_group(rg).num_rows().max(0) as u32;
-                Some(start)
-            })
-            .collect();
+        let starts = index.row_group_starts(&segment.footer.meta)?;
         let mut rows: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
-        for row in index.candidates(&search_key, &text.needle, &index_path)? {
+        for row in index.candidates(&search_key, &text.needle)? {
             let rg = starts.partition_point(|&s| s <= row) - 1;
             rows.entry(rg)
                 .or_default()
                 .push((row - starts[rg]) as usize);
         }
+        let segment_id = storage::segment_id_of(path).unwrap_or_default();
         for &(rg, row) in text.also.get(segment_id).into_iter().flatten() {
             rows.entry(rg).or_default().push(row);
         }
@@ -451,6 +451,14 @@ impl Scanner<'_> {
                 .map_err(|e| LogError::corrupt(&head_key, e))?
                 .last_seq;
             let mut next = archived_through(self.store, tenant, &conv).await? + 1;
+            if let Some(hot) = sel.hot {
+                let indexed = watermark(self.store, tenant, &conv).await?.min(last);
+                if indexed >= next && indexed - next + 1 > HOT_OPEN_ALL {
+                    self.scan_indexed(tenant, &conv, next, indexed, hot, sel, visitor)
+                        .await?;
+                    next = indexed + 1;
+                }
+            }
             while next <= last {
                 let page = self
                     .store
@@ -487,6 +495,75 @@ impl Scanner<'_> {
                     visitor.visit(events, Tier::Hot).await?;
                 }
             }
+        }
+        Ok(())
+    }
+}
+
+impl Scanner<'_> {
+    /// Visits the events of `from..=to` of a conversation (all covered by its hot index)
+    /// that `hot` names and `sel` selects, a chunk of seqs at a time.
+    #[allow(clippy::too_many_arguments)]
+    async fn scan_indexed(
+        &self,
+        tenant: &TenantId,
+        conv: &ConvId,
+        from: u64,
+        to: u64,
+        hot: &HotQuery,
+        sel: Selection<'_>,
+        visitor: &mut dyn Visitor,
+    ) -> Result<(), ComplianceError> {
+        let also = hot.also.get(conv.as_str());
+        let mut lo = from;
+        while lo <= to {
+            let hi = to.min(lo.saturating_add(HOT_CHUNK - 1));
+            let mut seqs: BTreeSet<u64> = BTreeSet::new();
+            for terms in &hot.any_of {
+                let terms: Vec<&Term> = terms.iter().collect();
+                let mut postings =
+                    Postings::new(self.keyring, tenant, &terms, lo, hi, Order::Ascending).await?;
+                while !postings.done() {
+                    let (page, _) = postings
+                        .next(self.store, tenant, conv, POSTING_PAGE)
+                        .await?;
+                    seqs.extend(
+                        page.into_iter()
+                            .filter(|(_, time)| sel.time_overlaps(*time, *time))
+                            .map(|(seq, _)| seq),
+                    );
+                }
+            }
+            seqs.extend(
+                also.into_iter()
+                    .flatten()
+                    .filter(|s| (lo..=hi).contains(*s)),
+            );
+            self.progress
+                .scanned
+                .fetch_add(hi - lo + 1, Ordering::Relaxed);
+            let wanted: Vec<Vec<u8>> = seqs.iter().map(|s| keys::event(tenant, conv, *s)).collect();
+            let values = self
+                .store
+                .batch_get(wanted.clone())
+                .await
+                .map_err(LogError::from)?;
+            let mut events = Vec::new();
+            for ((key, value), seq) in wanted.iter().zip(values).zip(&seqs) {
+                // Gone meanwhile (archived by another process): the full scan would not see it
+                // either.
+                let Some(value) = value else { continue };
+                let event =
+                    open_stored_event(self.keyring, tenant, conv, *seq, key, &value).await?;
+                self.progress.opened.fetch_add(1, Ordering::Relaxed);
+                if sel.matches(&event) {
+                    events.push(event);
+                }
+            }
+            if !events.is_empty() {
+                visitor.visit(events, Tier::Hot).await?;
+            }
+            lo = hi + 1;
         }
         Ok(())
     }

@@ -6,14 +6,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use tidings_log::crypto::Keyring;
-use tidings_log::search::Needle;
+use tidings_log::search::{Needle, kind_term};
 use tidings_log::store::KvStore;
 use tidings_log::{Body, Event, TenantId};
 use tokio::sync::RwLock;
 
 use super::audit::{self, Entry};
 use super::hit::event_text;
-use super::scan::{IndexedText, Scanner, Selection, Visitor};
+use super::scan::{HotQuery, IndexedText, Scanner, Selection, Visitor};
 use super::{Actor, ComplianceError, Edit, Fate, Hit, Query, Recall, Tier};
 use crate::storage::Objects;
 
@@ -179,10 +179,16 @@ impl Compliance {
         // What happened to messages later: every edit and recall from the start of the range
         // on (an edit is never older than its message).
         let mut fates = Fates::default();
+        // In the hot log, the index lists edits and recalls under their kinds' terms.
+        let fate_hot = HotQuery {
+            any_of: FATE_KINDS.iter().map(|k| vec![kind_term(k)]).collect(),
+            also: HashMap::new(),
+        };
         let fate_sel = Selection {
             conv: query.conv.as_ref(),
             from_ms: query.from_ms,
             kinds: Some(FATE_KINDS),
+            hot: self.use_index.then_some(&fate_hot),
             ..Selection::default()
         };
         scanner.scan(tenant, fate_sel, &mut fates).await?;
@@ -192,9 +198,9 @@ impl Compliance {
                 Some(Needle::new(text).map_err(|e| ComplianceError::invalid(e.to_string()))?)
             }
         };
-        // With an index, the archive opens only rows holding the query's terms and the
-        // messages an edit of which matches.
-        let indexed = match &needle {
+        // With an index, the archive and the hot log open only events holding the query's
+        // terms and the messages an edit of which matches.
+        let (indexed, hot) = match &needle {
             Some(needle) if self.use_index && !needle.terms().is_empty() => {
                 let edited: Vec<(String, u64)> = fates
                     .0
@@ -202,9 +208,18 @@ impl Compliance {
                     .filter(|(_, fate)| fate.edits.iter().any(|e| needle.matches(&e.text)))
                     .map(|(message, _)| message.clone())
                     .collect();
-                Some(IndexedText::new(&*self.store, tenant, needle.clone(), edited).await?)
+                let mut hot = HotQuery {
+                    any_of: vec![needle.terms().iter().cloned().collect()],
+                    also: HashMap::new(),
+                };
+                for (conv, seq) in &edited {
+                    hot.also.entry(conv.clone()).or_default().push(*seq);
+                }
+                let indexed =
+                    IndexedText::new(&*self.store, tenant, needle.clone(), edited).await?;
+                (Some(indexed), Some(hot))
             }
-            _ => None,
+            _ => (None, None),
         };
         let sel = Selection {
             conv: query.conv.as_ref(),
@@ -213,6 +228,7 @@ impl Compliance {
             to_ms: query.to_ms,
             kinds: needle.is_some().then_some(TEXT_KINDS),
             text: indexed.as_ref(),
+            hot: hot.as_ref(),
         };
         let mut emit = Emit {
             fates: fates.0,

@@ -2,7 +2,11 @@
 //!
 //! The log only knows the archive index (`ax/`): which seqs of a conversation are archived.
 //! Reading them is the [`ColdTier`]'s job (the `tidings-archive` crate implements it), so
-//! this crate needs no object store or Parquet code.
+//! this crate needs no object store or Parquet code. A user's search asks it too
+//! ([`ColdTier::search_candidates`]): the archive answers from its segments' sealed search
+//! indexes, which only it can read.
+
+use std::ops::RangeInclusive;
 
 use prost::Message;
 use tidings_schemas::storage::ArchiveRun;
@@ -11,6 +15,7 @@ use tidings_schemas::v1::Event;
 use crate::error::LogError;
 use crate::ids::{ConvId, TenantId};
 use crate::keys;
+use crate::search::Needle;
 use crate::store::{KeyRange, KvStore, Order};
 
 /// Reads archived events.
@@ -25,6 +30,21 @@ pub trait ColdTier: Send + Sync + 'static {
         from: u64,
         to: u64,
     ) -> Result<Vec<Event>, LogError>;
+
+    /// For each (conversation, archived seqs) of `wanted`, the seqs whose text may hold every
+    /// term of `needle`, as ascending, disjoint ranges: a superset of the matches (the caller
+    /// opens each and confirms it on its decrypted text). The archive names only the rows its
+    /// segments' search indexes list, asking each segment's index once for all of `wanted`;
+    /// this default, like a segment without an index, names every seq.
+    async fn search_candidates(
+        &self,
+        tenant: &TenantId,
+        wanted: &[(ConvId, RangeInclusive<u64>)],
+        needle: &Needle,
+    ) -> Result<Vec<Vec<RangeInclusive<u64>>>, LogError> {
+        let _ = (tenant, needle);
+        Ok(wanted.iter().map(|(_, r)| vec![r.clone()]).collect())
+    }
 }
 
 /// The last archived seq of a conversation, 0 when nothing is archived: seqs up to it are in

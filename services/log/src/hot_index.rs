@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! sx/tenant/conv/key_id(4)/tag(8)/seq(8) -> server time (8, BE)   a term of event seq's text
-//! si/tenant/conv                         -> seq (8, BE)          indexed through this seq
+//! si/tenant/conv                         -> seq (8, BE) | version (1)   indexed through seq
 //! sf/tenant/conv/seq(8)                  -> latest(8, BE) | recalled(1)   a message's fate
 //! ```
 //!
@@ -13,13 +13,26 @@
 //!   conversation heals it, because the indexer always indexes from the conversation's
 //!   watermark (`si/`) up; and search opens every event above the watermark itself, so a
 //!   lagging or dropped index never changes results, only their cost.
+//! - **Plaintext.** Beside each notice the sequencer hands over the committed events it
+//!   still holds in the clear, through a queue bounded in bytes
+//!   ([`SearchConfig::indexer_queue_bytes`]); what does not fit is not handed over
+//!   (counted) and the indexer reads and opens those events from the store instead. So the
+//!   indexer neither reads nor decrypts again what the sequencer just sealed.
 //! - **Indexer** ([`Log::run_search_indexer`]): one task, supervised by `serve` (restarted on
-//!   failure; the queue's receiver survives restarts). It reads the new events, folds and
+//!   failure; the queue's receiver survives restarts). It takes the new events, folds and
 //!   splits their texts ([`crate::search`]) and writes one posting per (term, event): the
 //!   term as an 8-byte HMAC tag under the tenant's search key of the current data key, so the
-//!   KV shows tags, never words. Posted messages and edits' new texts are indexed; an edit
-//!   or a recall also updates the target message's fate (`sf/`), which search uses to keep
-//!   only a message's current text and never a recalled one.
+//!   KV shows tags, never words. Posted messages, edits' new texts and conversation titles
+//!   are indexed, and every edit and recall under its kind's term
+//!   ([`kind_term`](crate::search::kind_term)), so compliance lists them without opening the
+//!   rest; an edit or a recall also updates the target message's fate (`sf/`), which search
+//!   uses to keep only a message's current text and never a recalled one.
+//! - **Version.** The watermark carries the index's format ([`INDEX_VERSION`]); a watermark
+//!   of an older format counts as nothing indexed, so the indexer builds the conversation
+//!   again (postings are idempotent) and nobody trusts postings that lack what they now
+//!   promise.
+//! - **Readers.** [`Postings`] pages through the seqs holding every term of a query, for a
+//!   user's search (newest first) and for compliance (oldest first).
 //! - **Archive and retention.** Postings at or below a conversation's archived seq are never
 //!   used (the archived events are searched through the archive); the archiver deletes them
 //!   ([`forget_postings_through`]), and retention also deletes the fates of what it purges.
@@ -42,8 +55,10 @@ use crate::error::LogError;
 use crate::ids::{ConvId, TenantId};
 use crate::keys;
 use crate::log::{Log, WeakLog, open_stored_event};
-use crate::search::terms;
+use crate::search::{Tag, Term, kind_term, terms};
 use crate::store::{KeyRange, KvStore, Order, Pages, Transaction};
+use prost::Message;
+use tidings_schemas::v1::Event;
 use tidings_schemas::v1::event::Body;
 
 /// Search settings of the log (`[log]` in the server's config, docs/limits.md).
@@ -57,6 +72,10 @@ pub struct SearchConfig {
     pub indexer_queue: usize,
     /// Events the indexer reads and indexes in one store transaction.
     pub indexer_batch: usize,
+    /// Bytes of committed events (in the clear) the sequencer may hand to the indexer and
+    /// the indexer may hold; past it events are not handed over and the indexer reads them
+    /// from the store.
+    pub indexer_queue_bytes: usize,
     /// Bytes one search may examine (events opened, postings read, conversations listed):
     /// what bounds its memory and time. A page may come back short, with a cursor.
     pub budget_bytes: usize,
@@ -73,6 +92,7 @@ impl Default for SearchConfig {
             hot_index: true,
             indexer_queue: 16 * 1024,
             indexer_batch: 512,
+            indexer_queue_bytes: 8 << 20,
             // 8 MiB: thousands of candidate messages, a few tens of ms of opening.
             budget_bytes: 8 << 20,
             max_page_hits: 100,
@@ -86,6 +106,7 @@ impl SearchConfig {
         for (name, v) in [
             ("search_indexer_queue", self.indexer_queue),
             ("search_indexer_batch", self.indexer_batch),
+            ("search_indexer_queue_bytes", self.indexer_queue_bytes),
             ("search_budget_bytes", self.budget_bytes),
             ("search_max_page_hits", self.max_page_hits),
         ] {
@@ -103,10 +124,15 @@ impl SearchConfig {
     }
 }
 
-/// Longest the indexer waits for the sequencer's queue to empty before a pass (see
-/// `indexer_loop`): bounds how far the index can fall behind under sustained full load to
-/// one pass per this long.
+/// Longest the indexer waits for the sequencer's queue to empty before a transaction (see
+/// `indexer_loop`): with [`BUSY_SLICE`], what it still indexes under sustained full load.
 pub const MAX_YIELD: Duration = Duration::from_millis(50);
+
+/// Events the indexer indexes in one transaction while the sequencer still has requests
+/// waiting after [`MAX_YIELD`] (idle, it takes `log.search_indexer_batch`): at full load it
+/// indexes at least this many per `MAX_YIELD` (1,280 events/s), a small share of the cores,
+/// and catches up once the load falls.
+pub const BUSY_SLICE: usize = 64;
 
 /// What the sequencer tells the indexer: this conversation committed up to this seq.
 pub(crate) type Notice = (TenantId, ConvId, u64);
@@ -115,7 +141,33 @@ pub(crate) type Notice = (TenantId, ConvId, u64);
 pub struct Indexer {
     pub(crate) tx: mpsc::Sender<Notice>,
     rx: tokio::sync::Mutex<mpsc::Receiver<Notice>>,
+    /// Committed events in the clear, handed over by the sequencer before their notices.
+    plain: std::sync::Mutex<Plain>,
+    plain_budget: usize,
     pub stats: IndexerStats,
+}
+
+/// The plaintext queue: events and their bytes (`Event::encoded_len`), counted from the
+/// moment they are queued until the indexer has indexed or dropped them.
+#[derive(Default)]
+struct Plain {
+    events: Vec<Arc<Event>>,
+    bytes: usize,
+}
+
+/// The events an indexer pass took from the plaintext queue, by conversation and seq; gives
+/// their bytes back to the queue's budget when dropped (at the end of the pass).
+struct Taken<'a> {
+    by_conv: HashMap<(String, String), BTreeMap<u64, Arc<Event>>>,
+    bytes: usize,
+    indexer: &'a Indexer,
+}
+
+impl Drop for Taken<'_> {
+    fn drop(&mut self) {
+        let mut plain = self.indexer.plain.lock().unwrap_or_else(|p| p.into_inner());
+        plain.bytes = plain.bytes.saturating_sub(self.bytes);
+    }
 }
 
 /// What `/metrics` shows of the indexer.
@@ -125,6 +177,9 @@ pub struct IndexerStats {
     pub indexed_events: AtomicU64,
     /// Notices dropped because the queue was full.
     pub dropped: AtomicU64,
+    /// Committed events not handed to the indexer in the clear (the plaintext queue was
+    /// full): it read and opened them from the store.
+    pub plain_dropped: AtomicU64,
     /// Index passes that failed (store errors); the conversation is retried on its next
     /// notice.
     pub failures: AtomicU64,
@@ -133,17 +188,36 @@ pub struct IndexerStats {
 }
 
 impl Indexer {
-    pub(crate) fn new(queue: usize) -> Indexer {
+    pub(crate) fn new(queue: usize, plain_bytes: usize) -> Indexer {
         let (tx, rx) = mpsc::channel(queue);
         Indexer {
             tx,
             rx: tokio::sync::Mutex::new(rx),
+            plain: std::sync::Mutex::new(Plain::default()),
+            plain_budget: plain_bytes,
             stats: IndexerStats::default(),
         }
     }
 
-    /// Offers notices without waiting (the sequencer's side).
-    pub(crate) fn offer(&self, notices: impl IntoIterator<Item = Notice>) {
+    /// Offers a commit's events in the clear, then its notices, without waiting (the
+    /// sequencer's side). Events go first, so a notice's events are queued when it arrives.
+    pub(crate) fn offer(
+        &self,
+        events: impl IntoIterator<Item = Arc<Event>>,
+        notices: impl IntoIterator<Item = Notice>,
+    ) {
+        {
+            let mut plain = self.plain.lock().unwrap_or_else(|p| p.into_inner());
+            for e in events {
+                let size = e.encoded_len();
+                if plain.bytes + size > self.plain_budget {
+                    self.stats.plain_dropped.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                plain.bytes += size;
+                plain.events.push(e);
+            }
+        }
         for n in notices {
             if self.tx.try_send(n).is_err() {
                 self.stats.dropped.fetch_add(1, Ordering::Relaxed);
@@ -154,6 +228,29 @@ impl Indexer {
     /// Notices waiting.
     pub fn queued(&self) -> usize {
         self.tx.max_capacity() - self.tx.capacity()
+    }
+
+    /// Takes the queued plaintext events; their bytes count against the queue until the
+    /// [`Taken`] is dropped.
+    fn take(&self) -> Taken<'_> {
+        let (events, bytes) = {
+            let mut plain = self.plain.lock().unwrap_or_else(|p| p.into_inner());
+            let events = std::mem::take(&mut plain.events);
+            let bytes = events.iter().map(|e| e.encoded_len()).sum();
+            (events, bytes)
+        };
+        let mut by_conv: HashMap<(String, String), BTreeMap<u64, Arc<Event>>> = HashMap::new();
+        for e in events {
+            by_conv
+                .entry((e.tenant.clone(), e.conversation.clone()))
+                .or_default()
+                .insert(e.seq, e);
+        }
+        Taken {
+            by_conv,
+            bytes,
+            indexer: self,
+        }
     }
 }
 
@@ -187,18 +284,164 @@ impl Fate {
     }
 }
 
-/// How far a conversation's hot index is built (0: not at all).
-pub(crate) async fn watermark(
-    store: &dyn KvStore,
-    t: &TenantId,
-    c: &ConvId,
-) -> Result<u64, LogError> {
+/// The format of the postings: 2 added titles and the kinds of edits and recalls.
+pub const INDEX_VERSION: u8 = 2;
+
+/// How far a conversation's hot index is built (0: not at all, or in an older format).
+pub async fn watermark(store: &dyn KvStore, t: &TenantId, c: &ConvId) -> Result<u64, LogError> {
     let key = keys::search_watermark(t, c);
     match store.get(&key).await? {
         None => Ok(0),
-        Some(v) => Ok(u64::from_be_bytes(v.as_slice().try_into().map_err(
-            |_| LogError::corrupt(&key, "search watermark is not 8 bytes"),
-        )?)),
+        Some(v) => match (v.len(), v.last().copied()) {
+            // Version 1 stored the seq alone.
+            (8, _) => Ok(0),
+            (9, Some(INDEX_VERSION)) => Ok(u64::from_be_bytes(v[..8].try_into().expect("8 bytes"))),
+            (9, Some(older)) if older < INDEX_VERSION => Ok(0),
+            _ => Err(LogError::corrupt(
+                &key,
+                "search watermark is not a seq and a known version",
+            )),
+        },
+    }
+}
+
+fn watermark_value(seq: u64) -> Vec<u8> {
+    let mut v = seq.to_be_bytes().to_vec();
+    v.push(INDEX_VERSION);
+    v
+}
+
+/// (seq, time) of postings, in the order listed.
+type Listing = Vec<(u64, i64)>;
+
+/// The seqs of one conversation whose text holds every term of a query, under each search
+/// key id the tenant has had, with their times, a page at a time in either order. Within a
+/// page, the sparsest term (the one whose postings reach furthest) drives and the others are
+/// checked by point reads, so a rare word next to a common one costs the rare one's
+/// postings.
+pub struct Postings {
+    /// The query's term tags under each search key id.
+    tags: Vec<(u32, Vec<Tag>)>,
+    /// What is left to list: `lo..=hi`; empty when `lo > hi`.
+    lo: u64,
+    hi: u64,
+    order: Order,
+}
+
+impl Postings {
+    /// Postings of `terms` (at least one) for seqs `lo..=hi`.
+    pub async fn new(
+        keyring: &crate::crypto::Keyring,
+        t: &TenantId,
+        terms: &[&Term],
+        lo: u64,
+        hi: u64,
+        order: Order,
+    ) -> Result<Postings, LogError> {
+        debug_assert!(!terms.is_empty());
+        let mut tags = Vec::new();
+        for key in keyring.all_keys(t).await? {
+            let search = key.search_key(t);
+            tags.push((key.id, terms.iter().map(|t| search.tag(t)).collect()));
+        }
+        Ok(Postings {
+            tags,
+            lo,
+            hi,
+            order,
+        })
+    }
+
+    /// Whether every page has been listed.
+    pub fn done(&self) -> bool {
+        self.lo > self.hi
+    }
+
+    /// The next page, in order, and the bytes read for it; reads at most `page` postings per
+    /// term and key id, plus point reads.
+    pub async fn next(
+        &mut self,
+        store: &dyn KvStore,
+        t: &TenantId,
+        c: &ConvId,
+        page: usize,
+    ) -> Result<(Vec<(u64, i64)>, usize), LogError> {
+        let (lo, hi) = (self.lo, self.hi);
+        if lo > hi {
+            return Ok((Vec::new(), 0));
+        }
+        let descending = self.order == Order::Descending;
+        let mut bytes = 0;
+        let mut found: BTreeMap<u64, i64> = BTreeMap::new();
+        // Where every key id's listing is complete to (the far end of this page).
+        let mut bound = if descending { lo } else { hi };
+        for (key_id, tags) in &self.tags {
+            // (complete to, its postings, which term)
+            let mut best: Option<(u64, Listing, usize)> = None;
+            for (i, tag) in tags.iter().enumerate() {
+                let range = keys::search_postings(t, c, *key_id, tag, lo, hi);
+                let rows = store.scan(range, page, self.order).await?;
+                let mut list = Vec::with_capacity(rows.len());
+                for (k, v) in rows {
+                    bytes += k.len() + v.len();
+                    let seq = keys::event_seq(&k)
+                        .ok_or_else(|| LogError::corrupt(&k, "bad posting key"))?;
+                    list.push((seq, posting_time(&k, &v)?));
+                }
+                let reach = match list.last() {
+                    Some(l) if list.len() >= page => l.0,
+                    _ if descending => lo,
+                    _ => hi,
+                };
+                let further = |b: &(u64, _, _)| {
+                    if descending { reach < b.0 } else { reach > b.0 }
+                };
+                if best.as_ref().is_none_or(further) {
+                    best = Some((reach, list, i));
+                }
+            }
+            let Some((reach, driver, at)) = best else {
+                continue;
+            };
+            bound = if descending {
+                bound.max(reach)
+            } else {
+                bound.min(reach)
+            };
+            let mut keep = driver;
+            for (i, tag) in tags.iter().enumerate() {
+                if i == at || keep.is_empty() {
+                    continue;
+                }
+                let wanted: Vec<Vec<u8>> = keep
+                    .iter()
+                    .map(|(seq, _)| keys::search_posting(t, c, *key_id, tag, *seq))
+                    .collect();
+                bytes += wanted.iter().map(Vec::len).sum::<usize>();
+                let got = store.batch_get(wanted).await?;
+                keep = keep
+                    .into_iter()
+                    .zip(got)
+                    .filter_map(|(c, v)| v.map(|_| c))
+                    .collect();
+            }
+            found.extend(keep);
+        }
+        // Everything between here and `bound` is listed for every key id; beyond it, next.
+        let page: Vec<(u64, i64)> = if descending {
+            found.range(bound..).rev().map(|(s, t)| (*s, *t)).collect()
+        } else {
+            found.range(..=bound).map(|(s, t)| (*s, *t)).collect()
+        };
+        let finished = if descending { bound <= lo } else { bound >= hi };
+        if finished {
+            (self.lo, self.hi) = (1, 0);
+        } else if descending {
+            self.hi = bound - 1;
+        } else {
+            self.lo = bound + 1;
+        }
+        Ok((page, bytes))
     }
 }
 
@@ -228,8 +471,37 @@ impl Log {
         c: &ConvId,
         through: u64,
     ) -> Result<u64, LogError> {
+        self.index_with(t, c, through, BTreeMap::new(), false).await
+    }
+
+    /// Waits while the sequencer has requests waiting, at most [`MAX_YIELD`]; whether it
+    /// still has.
+    async fn yield_to_appends(&self) -> bool {
+        let deadline = tokio::time::Instant::now() + MAX_YIELD;
+        while self.queued() > 0 {
+            if tokio::time::Instant::now() >= deadline {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        false
+    }
+
+    /// [`Log::index_conversation`], taking the events from `given` (the sequencer's
+    /// plaintext, by seq) where it holds the next seqs, and reading and opening them from
+    /// the store where it does not. `polite`: appends first (the indexer's way): before each
+    /// transaction it waits for the sequencer ([`Log::yield_to_appends`]) and, if that is
+    /// still busy, indexes only [`BUSY_SLICE`] events.
+    async fn index_with(
+        &self,
+        t: &TenantId,
+        c: &ConvId,
+        through: u64,
+        mut given: BTreeMap<u64, Arc<Event>>,
+        polite: bool,
+    ) -> Result<u64, LogError> {
         let store = self.store().clone();
-        let batch = self.config().search.indexer_batch;
+        let full_batch = self.config().search.indexer_batch;
         let mut done = 0u64;
         let mut from = watermark(&*store, t, c)
             .await?
@@ -241,45 +513,72 @@ impl Log {
         let key = self.keyring().current(t).await?;
         let search = key.search_key(t);
         while from <= through {
-            let rows = store
-                .scan(
-                    keys::event_range(t, c, from, through),
-                    batch,
-                    Order::Ascending,
-                )
-                .await?;
-            // Rows may be missing below the hot floor (archived meanwhile): skip to the end.
-            let last = match rows.last() {
-                Some((k, _)) => {
-                    keys::event_seq(k).ok_or_else(|| LogError::corrupt(k, "bad event key"))?
+            let batch = if polite && self.yield_to_appends().await {
+                BUSY_SLICE.min(full_batch)
+            } else {
+                full_batch
+            };
+            // The sequencer's plaintext if it holds `from` on, a run of it; else the store.
+            given = given.split_off(&from);
+            let mut events: Vec<Arc<Event>> = Vec::new();
+            for (seq, e) in given.range(from..=through) {
+                if *seq != from + events.len() as u64 || events.len() == batch {
+                    break;
                 }
-                None => through,
+                events.push(e.clone());
+            }
+            let last = match events.last() {
+                Some(e) => e.seq,
+                None => {
+                    let rows = store
+                        .scan(
+                            keys::event_range(t, c, from, through),
+                            batch,
+                            Order::Ascending,
+                        )
+                        .await?;
+                    for (k, v) in &rows {
+                        let seq = keys::event_seq(k)
+                            .ok_or_else(|| LogError::corrupt(k, "bad event key"))?;
+                        let event = open_stored_event(self.keyring(), t, c, seq, k, v).await?;
+                        events.push(Arc::new(event));
+                    }
+                    // Rows may be missing below the hot floor (archived meanwhile): skip to
+                    // the end.
+                    match rows.last() {
+                        Some((k, _)) => keys::event_seq(k)
+                            .ok_or_else(|| LogError::corrupt(k, "bad event key"))?,
+                        None => through,
+                    }
+                }
             };
             let mut txn = Transaction::new();
             let mut fates: BTreeMap<u64, Fate> = BTreeMap::new();
             let mut latest_time = 0i64;
-            for (k, v) in &rows {
-                let seq =
-                    keys::event_seq(k).ok_or_else(|| LogError::corrupt(k, "bad event key"))?;
-                let event = open_stored_event(self.keyring(), t, c, seq, k, v).await?;
+            for event in &events {
+                let seq = event.seq;
                 latest_time = event.server_time_ms;
                 let time = event.server_time_ms.to_be_bytes().to_vec();
-                let text = match &event.body {
-                    Some(Body::MessagePosted(p)) => Some(p.text.as_str()),
+                let (text, kind) = match &event.body {
+                    Some(Body::MessagePosted(p)) => (Some(p.text.as_str()), None),
+                    Some(Body::ConversationCreated(x)) => (Some(x.title.as_str()), None),
+                    Some(Body::ConversationRenamed(x)) => (Some(x.title.as_str()), None),
                     Some(Body::MessageEdited(e)) => {
                         fates.entry(e.target_seq).or_default().merge(Fate {
                             latest_edit: seq,
                             recalled: false,
                         });
-                        Some(e.new_text.as_str())
+                        (Some(e.new_text.as_str()), Some("message_edited"))
                     }
                     Some(Body::MessageRecalled(r)) => {
                         fates.entry(r.target_seq).or_default().recalled = true;
-                        None
+                        (None, Some("message_recalled"))
                     }
-                    _ => None,
+                    _ => (None, None),
                 };
-                for term in text.map(terms).unwrap_or_default() {
+                let mut terms = text.map(terms).unwrap_or_default();
+                terms.extend(kind.map(kind_term));
+                for term in terms {
                     let tag = search.tag(&term);
                     txn.put(keys::search_posting(t, c, key.id, &tag, seq), time.clone());
                 }
@@ -297,7 +596,7 @@ impl Log {
                     txn.put(key, fate.encode());
                 }
             }
-            txn.put(keys::search_watermark(t, c), last.to_be_bytes().to_vec());
+            txn.put(keys::search_watermark(t, c), watermark_value(last));
             store.commit(txn).await?;
             if latest_time > 0 {
                 let stats = &self.indexer().map(|i| &i.stats);
@@ -339,15 +638,17 @@ async fn indexer_loop(weak: WeakLog, indexer: Arc<Indexer>) -> Result<(), LogErr
         let Some(log) = weak.upgrade() else {
             return Ok(());
         };
-        // Appends first: while the sequencer has requests waiting, the index waits (at most
-        // MAX_YIELD a pass), so at full load it takes the idle moments and its lag grows
-        // rather than the appends' latency. Search opens whatever is not indexed yet.
-        let deadline = tokio::time::Instant::now() + MAX_YIELD;
-        while log.queued() > 0 && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
+        // Appends first (`polite`): while the sequencer has requests waiting, each index
+        // transaction waits (at most MAX_YIELD) and then takes a small slice, so at full load
+        // indexing takes the idle moments and its lag grows rather than the appends' latency
+        // or their rate. Search opens whatever is not indexed yet.
+        let mut taken = indexer.take();
         for ((t, c), through) in pending.drain() {
-            if let Err(e) = log.index_conversation(&t, &c, through).await {
+            let given = taken
+                .by_conv
+                .remove(&(t.to_string(), c.to_string()))
+                .unwrap_or_default();
+            if let Err(e) = log.index_with(&t, &c, through, given, true).await {
                 indexer.stats.failures.fetch_add(1, Ordering::Relaxed);
                 warn!(tenant = %t, conversation = %c, "failed to index for search: {e:#}");
                 if e.is_retryable() {

@@ -7,6 +7,7 @@
 //! mb/tenant/conv/user                   Membership
 //! mc/tenant/conv/seq/user               MembershipChange (the member list's change feed)
 //! uc/tenant/user/conv                   UserConversation (the user's list, read cursor)
+//! uw/tenant/user/conv/joined_seq        a membership window that ended: the seq it ended at (8-byte BE)
 //! kr/tenant/key_id                      WrappedKey
 //! ks/tenant                             Shredded (the tenant's data keys were destroyed)
 //! ax/tenant/conv/first_seq              ArchiveRun (archive index: seq range -> segment, row group)
@@ -168,6 +169,30 @@ pub fn user_conv_dir(t: &TenantId, u: &UserId) -> Vec<u8> {
     dir(b"uc", &[t.as_str(), u.as_str()])
 }
 
+/// A membership window of `u` in `c` that ended: `u` joined at event `joined`; the value is
+/// the seq of the event that ended it (their leave or removal).
+pub fn user_window(t: &TenantId, u: &UserId, c: &ConvId, joined: u64) -> Vec<u8> {
+    let mut k = dir(b"uw", &[t.as_str(), u.as_str(), c.as_str()]);
+    k.extend_from_slice(&joined.to_be_bytes());
+    k
+}
+
+/// Every ended membership window of `u`, by conversation and then join seq.
+pub fn user_window_dir(t: &TenantId, u: &UserId) -> Vec<u8> {
+    dir(b"uw", &[t.as_str(), u.as_str()])
+}
+
+/// The conversation and join seq of a [`user_window`] key under `dir`.
+pub fn user_window_parts(dir: &[u8], key: &[u8]) -> Option<(String, u64)> {
+    let rest = key.strip_prefix(dir)?;
+    let split = rest.len().checked_sub(9)?;
+    if rest[split] != SEP {
+        return None;
+    }
+    let joined = u64::from_be_bytes(rest[split + 1..].try_into().ok()?);
+    Some((String::from_utf8(rest[..split].to_vec()).ok()?, joined))
+}
+
 pub fn data_key(t: &TenantId, key_id: u32) -> Vec<u8> {
     let mut k = data_key_dir(t);
     k.extend_from_slice(&key_id.to_be_bytes());
@@ -272,7 +297,9 @@ pub fn revoked_user(t: &TenantId, u: &UserId) -> Vec<u8> {
 
 /// The tenant-scoped prefixes the sequencer writes (what a replica batch may carry, cells.rs):
 /// a new one the sequencer writes must be added here, or DR cells refuse its batches.
-pub const SEQUENCED_PREFIXES: [&[u8]; 6] = [b"ev\0", b"hd\0", b"dd\0", b"mb\0", b"mc\0", b"uc\0"];
+pub const SEQUENCED_PREFIXES: [&[u8]; 7] = [
+    b"ev\0", b"hd\0", b"dd\0", b"mb\0", b"mc\0", b"uc\0", b"uw\0",
+];
 
 /// Where a tenant lives (cells.rs).
 pub fn cell_placement(t: &TenantId) -> Vec<u8> {
@@ -572,6 +599,20 @@ mod tests {
             member_change_parts(&dir, &keys[2]),
             Some((300, "al".to_string()))
         );
+    }
+
+    #[test]
+    fn user_windows_stay_with_their_user_and_parse_back() {
+        let (t, c) = ids();
+        let al = UserId::new("al").expect("id");
+        let alx = UserId::new("alx").expect("id");
+        let dir = user_window_dir(&t, &al);
+        let k = user_window(&t, &al, &c, u64::MAX);
+        assert!(KeyRange::prefix(dir.clone()).contains(&k));
+        assert!(!KeyRange::prefix(dir.clone()).contains(&user_window(&t, &alx, &c, 1)));
+        assert_eq!(user_window_parts(&dir, &k), Some(("c".into(), u64::MAX)));
+        assert!(user_window(&t, &al, &c, 2) < user_window(&t, &al, &c, 300));
+        assert_eq!(user_window_parts(&dir, &dir), None);
     }
 
     #[test]

@@ -597,8 +597,12 @@ impl Log {
             "log writer opened"
         );
         let keyring = Arc::new(keyring);
-        let indexer = (cfg.search.hot_index && cfg.own_partitions)
-            .then(|| Arc::new(crate::hot_index::Indexer::new(cfg.search.indexer_queue)));
+        let indexer = (cfg.search.hot_index && cfg.own_partitions).then(|| {
+            Arc::new(crate::hot_index::Indexer::new(
+                cfg.search.indexer_queue,
+                cfg.search.indexer_queue_bytes,
+            ))
+        });
         let cells = match &cfg.cell {
             Some(c) => Some(Arc::new(
                 crate::cells::Cells::open(&*store, c.clone()).await?,
@@ -841,6 +845,11 @@ impl Log {
 
     pub fn set_cold_tier(&self, cold: Arc<dyn ColdTier>) -> bool {
         self.inner.cold.set(cold).is_ok()
+    }
+
+    /// The archive's reader, if one is set.
+    pub(crate) fn cold_tier(&self) -> Option<&Arc<dyn ColdTier>> {
+        self.inner.cold.get()
     }
 
     /// A handle that does not keep the log open.
@@ -1638,7 +1647,8 @@ impl Log {
         Ok(Some(events))
     }
 
-    async fn read_cold(
+    /// Events `from..=to` of the archive, checked to be exactly those.
+    pub(crate) async fn read_cold(
         &self,
         tenant: &TenantId,
         conv: &ConvId,

@@ -172,6 +172,13 @@ fn terms_of_folded(folded: &str) -> BTreeSet<Term> {
     out
 }
 
+/// A term no text can have (texts' terms hold no control character), posted by the hot index
+/// for every event of a kind (`message_edited`, `message_recalled`), so compliance lists a
+/// conversation's edits and recalls without opening its other events.
+pub fn kind_term(kind: &str) -> Term {
+    Term(format!("\u{1}{kind}"))
+}
+
 /// The terms a query must find: its words, and for each CJK run its bigrams (its one
 /// character if the run is one character long).
 fn query_terms(folded: &str) -> BTreeSet<Term> {
@@ -379,6 +386,14 @@ mod tests {
         assert!(n("σοφια").matches("ΣΟΦΙΑ"));
         assert!(n("!!!").matches("wow!!!"), "punctuation only: substring");
         assert!(n("!!!").terms().is_empty());
+        let kind = kind_term("message_edited");
+        for text in [
+            "\u{1}message_edited",
+            "message_edited",
+            "\u{1}message edited",
+        ] {
+            assert!(!terms(text).contains(&kind), "{text:?}");
+        }
     }
 
     #[test]

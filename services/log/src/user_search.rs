@@ -1,22 +1,27 @@
 //! A user's search of their own history ([`Log::search`]): the gateway's Search op.
 //!
 //! **What a user may find.** Messages of the conversations in the user's list (`uc/`: those
-//! they are a member of now), at or after the seq they joined at and above what retention
-//! purged; by their current text only (an edited message by its latest edit, a recalled one
-//! never). Earlier membership windows of a user who left and rejoined are not searched
-//! (the list keeps the current window only), nor conversations they left.
+//! they are a member of now), within the windows they were a member in: from the seq they
+//! (last) joined at, and each earlier window that ended with their leave or removal
+//! (`uw/`), never between windows; above what retention purged; by their current text only
+//! (an edited message by its latest edit, if that edit too falls in a window; a recalled one
+//! never). Conversations they left and did not rejoin are not searched (they cannot read
+//! them either).
 //!
 //! **How.** Per conversation, newest first: the hot postings (`hot_index`) name candidate
 //! events up to the index's watermark, every event above it is opened (so a lagging index
-//! changes the cost, never the result), and archived events are read newest first, only
-//! as deep as the page needs. The conversations' candidates are merged by (time,
-//! conversation, seq), descending; each is opened and confirmed with [`Needle::matches`] and
-//! its message's fate. Every byte examined is charged to `log.search_budget_bytes`.
+//! changes the cost, never the result), and archived candidates come from the archive's
+//! sealed per-segment indexes ([`ColdTier::search_candidates`](crate::cold::ColdTier)),
+//! opened newest first, only as deep as the page needs. The conversations' candidates are
+//! merged by (time, conversation, seq), descending; each is opened and confirmed with
+//! [`Needle::matches`] and its message's fate. Every byte examined is charged to
+//! `log.search_budget_bytes`.
 //!
 //! **Cursor.** `(query hash, time, seq, conversation)` of the last candidate examined, hex:
 //! the next page continues strictly below it. A cursor of another query is refused.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::ops::RangeInclusive;
 
 use prost::Message;
 use sha2::{Digest, Sha256};
@@ -27,18 +32,23 @@ use tidings_schemas::v1::event::Body;
 use crate::cold::{archived_through, purged_through};
 use crate::crypto::hex_encode;
 use crate::error::LogError;
-use crate::hot_index::{Fate, posting_time, watermark};
+use crate::hot_index::{Fate, Postings, watermark};
 use crate::ids::{ConvId, TenantId, UserId};
 use crate::keys;
 use crate::log::{Log, ReadRange, open_stored_event};
-use crate::search::Needle;
+use crate::search::{Needle, Term};
 use crate::store::{KeyRange, Order, Pages};
 use tidings_schemas::v1::Event;
 
 /// Bytes of text around the first match a hit shows.
 pub const SNIPPET_BYTES: usize = 200;
-/// Events read per archive page while merging.
+/// Archived candidates opened per step while merging: the first step of a conversation
+/// opens [`ARCHIVE_FIRST`] (the merge may need only its newest), each next one twice as many,
+/// up to this.
 const ARCHIVE_PAGE: usize = 64;
+const ARCHIVE_FIRST: usize = 4;
+/// Charged per range of archived candidates held (and per membership window).
+const RANGE_COST: usize = 16;
 /// Charged per conversation listed (its list entry and head).
 const CONVERSATION_COST: usize = 128;
 const CURSOR_VERSION: u8 = 1;
@@ -53,19 +63,6 @@ struct Pos {
 
 /// Postings read per term per step of a conversation's candidates.
 const POSTING_PAGE: usize = 64;
-
-/// (seq, time) of postings, newest first.
-type Listing = Vec<(u64, i64)>;
-
-/// Where a conversation's postings are paged from, newest first.
-struct PostingCursor {
-    /// The query's term tags under each search key id the tenant has had.
-    tags: Vec<(u32, Vec<crate::search::Tag>)>,
-    /// The lowest seq postings are read for (the window's or the hot floor).
-    lo: u64,
-    /// The highest seq not yet listed; below `lo`: done.
-    next_hi: u64,
-}
 
 /// A candidate: known by its posting (time only) or already opened.
 enum Cand {
@@ -90,22 +87,48 @@ impl Cand {
     }
 }
 
+/// The archived part of a conversation's candidates.
+enum ArchivePart {
+    /// Not asked of the archive yet: seqs up to this one are archived (below the stream's
+    /// `lo`: none).
+    Unasked { through: u64 },
+    /// Candidate seqs still to open, ascending ranges, taken from the top.
+    Candidates(Vec<RangeInclusive<u64>>),
+}
+
 /// One conversation's candidates, newest first.
 struct Stream {
     conv: ConvId,
-    /// The user's window starts here.
+    /// The seqs the user may find here, ascending, disjoint, never empty.
+    windows: Vec<RangeInclusive<u64>>,
+    /// The first of them.
     lo: u64,
     /// Hot candidates ready, descending by seq (and so by time): first the events opened
     /// above the index's watermark, then pages of postings.
     hot: VecDeque<Cand>,
     /// The postings still to page through, newest first.
-    postings: Option<PostingCursor>,
+    postings: Option<Postings>,
     /// Opened archived events waiting, descending.
     archived: VecDeque<Event>,
-    /// The next archived seq to read (descending); 0: none left.
-    archive_next: u64,
+    /// Archived candidates not opened yet.
+    archive: ArchivePart,
+    /// How many of them the next step opens.
+    archive_step: usize,
     /// Fates seen in the events opened above the index's watermark.
     fates: HashMap<u64, Fate>,
+}
+
+impl Stream {
+    fn in_window(&self, seq: u64) -> bool {
+        self.windows.iter().any(|w| w.contains(&seq))
+    }
+
+    fn archive_left(&self) -> bool {
+        match &self.archive {
+            ArchivePart::Unasked { through } => *through >= self.lo,
+            ArchivePart::Candidates(ranges) => !ranges.is_empty(),
+        }
+    }
 }
 
 struct Budget {
@@ -143,6 +166,7 @@ impl Log {
             left: cfg.budget_bytes,
         };
         let mut streams = Vec::new();
+        let mut ended = self.ended_windows(t, user, &mut budget).await?;
         let dir = keys::user_conv_dir(t, user);
         let mut pages = Pages::new(KeyRange::prefix(dir.clone()));
         'list: while let Some(rows) = pages.next(&**self.store()).await? {
@@ -155,8 +179,10 @@ impl Log {
                 let conv = keys::last_part(&dir, &key)
                     .and_then(|c| ConvId::new(c).ok())
                     .ok_or_else(|| LogError::corrupt(&key, "bad conversation key"))?;
+                let mut windows = ended.remove(conv.as_str()).unwrap_or_default();
+                windows.push(entry.joined_seq..=u64::MAX);
                 if let Some(s) = self
-                    .open_stream(t, conv, entry.joined_seq, &needle, &after, &mut budget)
+                    .open_stream(t, conv, windows, &needle, &after, &mut budget)
                     .await?
                 {
                     streams.push(s);
@@ -171,25 +197,45 @@ impl Log {
                 exhausted = false;
                 break;
             }
+            // The archive is asked once for every conversation that has not asked yet, as
+            // soon as one needs it: a segment's index serves them all at once.
+            if streams.iter().any(|s| {
+                s.hot.is_empty()
+                    && s.postings.is_none()
+                    && matches!(s.archive, ArchivePart::Unasked { through } if through >= s.lo)
+            }) {
+                self.ask_archive(t, &mut streams, &needle, &mut budget)
+                    .await?;
+            }
             // Refill where the ready candidates are used up: postings, then the archive.
             for s in streams.iter_mut() {
                 while s.hot.is_empty()
                     && let Some(p) = s.postings.as_mut()
                 {
-                    if p.next_hi < p.lo {
+                    if p.done() {
                         s.postings = None;
                         break;
                     }
-                    let page = self.posting_page(t, &s.conv, p, &mut budget).await?;
+                    let (page, bytes) = p.next(&**self.store(), t, &s.conv, POSTING_PAGE).await?;
+                    if !budget.charge(bytes) {
+                        return Err(too_broad(cfg.budget_bytes));
+                    }
                     let conv = s.conv.to_string();
-                    s.hot.extend(
-                        page.into_iter()
-                            .map(|(seq, time)| Cand::Posting { seq, time })
-                            .filter(|c| after.as_ref().is_none_or(|a| c.pos(&conv) < *a)),
-                    );
+                    let page: Vec<Cand> = page
+                        .into_iter()
+                        .filter(|(seq, _)| s.in_window(*seq))
+                        .map(|(seq, time)| Cand::Posting { seq, time })
+                        .filter(|c| after.as_ref().is_none_or(|a| c.pos(&conv) < *a))
+                        .collect();
+                    s.hot.extend(page);
                 }
-                if s.hot.is_empty() && s.archived.is_empty() && s.archive_next >= s.lo {
-                    self.read_archived(t, s, &after, &mut budget).await?;
+                while s.hot.is_empty()
+                    && s.archived.is_empty()
+                    && s.archive_left()
+                    && budget.left > 0
+                {
+                    self.read_archived(t, s, &needle, &after, &mut budget)
+                        .await?;
                 }
             }
             let best = streams
@@ -235,7 +281,7 @@ impl Log {
                     !s.hot.is_empty()
                         || s.postings.is_some()
                         || !s.archived.is_empty()
-                        || s.archive_next >= s.lo
+                        || s.archive_left()
                 });
         let next_cursor = match (&last_examined, more) {
             (Some(pos), true) => cursor_text(qhash, pos),
@@ -251,13 +297,42 @@ impl Log {
         Ok(SearchResult { hits, next_cursor })
     }
 
-    /// The candidates of one conversation of the user's, or `None` if the user's window
-    /// there is empty.
+    /// The membership windows of `user` that ended, by conversation, ascending.
+    async fn ended_windows(
+        &self,
+        t: &TenantId,
+        user: &UserId,
+        budget: &mut Budget,
+    ) -> Result<HashMap<String, Vec<RangeInclusive<u64>>>, LogError> {
+        let dir = keys::user_window_dir(t, user);
+        let mut pages = Pages::new(KeyRange::prefix(dir.clone()));
+        let mut out: HashMap<String, Vec<RangeInclusive<u64>>> = HashMap::new();
+        while let Some(rows) = pages.next(&**self.store()).await? {
+            for (key, value) in rows {
+                if !budget.charge(key.len() + value.len() + RANGE_COST) {
+                    return Err(too_broad(self.config().search.budget_bytes));
+                }
+                let (conv, joined) = keys::user_window_parts(&dir, &key)
+                    .ok_or_else(|| LogError::corrupt(&key, "bad membership window key"))?;
+                let ended = u64::from_be_bytes(value.as_slice().try_into().map_err(|_| {
+                    LogError::corrupt(&key, "membership window end is not 8 bytes")
+                })?);
+                // Member from the join event up to the event that ended it, exclusive.
+                out.entry(conv)
+                    .or_default()
+                    .push(joined..=ended.saturating_sub(1));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The candidates of one conversation of the user's, or `None` if the user's windows
+    /// there (ascending, the current one last) hold nothing to find.
     async fn open_stream(
         &self,
         t: &TenantId,
         conv: ConvId,
-        joined_seq: u64,
+        windows: Vec<RangeInclusive<u64>>,
         needle: &Needle,
         after: &Option<Pos>,
         budget: &mut Budget,
@@ -269,12 +344,15 @@ impl Log {
         let head = Head::decode(head.as_slice())
             .map_err(|e| LogError::corrupt(&keys::head(t, &conv), e))?
             .last_seq;
-        let lo = joined_seq
-            .max(1)
-            .max(purged_through(&*store, t, &conv).await? + 1);
-        if lo > head {
+        let floor = purged_through(&*store, t, &conv).await? + 1;
+        let windows: Vec<RangeInclusive<u64>> = windows
+            .into_iter()
+            .map(|w| (*w.start()).max(floor)..=(*w.end()).min(head))
+            .filter(|w| !w.is_empty())
+            .collect();
+        let Some(lo) = windows.first().map(|w| *w.start()) else {
             return Ok(None);
-        }
+        };
         let archived = archived_through(&*store, t, &conv).await?;
         let cfg = &self.config().search;
         let wm = watermark(&*store, t, &conv).await?.min(head);
@@ -282,31 +360,33 @@ impl Log {
         // watermark (or all hot events, without the index) is opened.
         let indexed_to = if cfg.use_index { wm } else { 0 };
         let hot_from = lo.max(archived + 1);
+        let in_window = |seq: u64| windows.iter().any(|w| w.contains(&seq));
         let mut hot: BTreeMap<u64, Cand> = BTreeMap::new();
         let mut postings = None;
         if indexed_to >= hot_from && !needle.terms().is_empty() {
-            let mut tags = Vec::new();
-            for key in self.keyring().all_keys(t).await? {
-                let search = key.search_key(t);
-                tags.push((
-                    key.id,
-                    needle.terms().iter().map(|t| search.tag(t)).collect(),
-                ));
-            }
             // The cursor's own conversation resumes below its seq (times grow with seqs).
             let next_hi = match after {
                 Some(a) if a.conv == conv.as_str() => indexed_to.min(a.seq.saturating_sub(1)),
                 _ => indexed_to,
             };
-            postings = Some(PostingCursor {
-                tags,
-                lo: hot_from,
-                next_hi,
-            });
+            let terms: Vec<&Term> = needle.terms().iter().collect();
+            postings = Some(
+                Postings::new(
+                    self.keyring(),
+                    t,
+                    &terms,
+                    hot_from,
+                    next_hi,
+                    Order::Descending,
+                )
+                .await?,
+            );
         } else if indexed_to >= hot_from {
             // A query without terms (punctuation only): every indexed event is a candidate.
             self.open_range(t, &conv, hot_from, indexed_to, budget, |e| {
-                hot.insert(e.seq, Cand::Event(Box::new(e)));
+                if in_window(e.seq) {
+                    hot.insert(e.seq, Cand::Event(Box::new(e)));
+                }
             })
             .await?;
         }
@@ -328,21 +408,32 @@ impl Log {
                 }
                 _ => {}
             }
-            if matches!(
-                e.body,
-                Some(Body::MessagePosted(_)) | Some(Body::MessageEdited(_))
-            ) {
+            if in_window(e.seq)
+                && matches!(
+                    e.body,
+                    Some(Body::MessagePosted(_)) | Some(Body::MessageEdited(_))
+                )
+            {
                 hot.insert(e.seq, Cand::Event(Box::new(e)));
             }
         })
         .await?;
+        // The cursor's own conversation resumes below its seq in the archive too.
+        let archived = match after {
+            Some(a) if a.conv == conv.as_str() => archived.min(a.seq.saturating_sub(1)),
+            _ => archived,
+        };
         let mut stream = Stream {
             conv,
+            windows,
             lo,
             hot: hot.into_values().rev().collect(),
             postings,
             archived: VecDeque::new(),
-            archive_next: archived.min(head),
+            archive: ArchivePart::Unasked {
+                through: archived.min(head),
+            },
+            archive_step: ARCHIVE_FIRST,
             fates,
         };
         // Skip what the cursor has passed.
@@ -351,82 +442,8 @@ impl Log {
             while stream.hot.front().is_some_and(|c| c.pos(&conv) >= *after) {
                 stream.hot.pop_front();
             }
-            if after.conv == conv && stream.archive_next >= after.seq {
-                stream.archive_next = after.seq.saturating_sub(1);
-            }
         }
         Ok(Some(stream))
-    }
-
-    /// The next page of `p`'s candidates, descending: seqs whose text has every term, with
-    /// their times. Per search key id the sparsest term (the one whose page of postings
-    /// reaches furthest down) drives, and the others are checked by point reads, so a rare
-    /// word next to a common one costs the rare one's postings; then the page ends where
-    /// every key id's listing is complete.
-    async fn posting_page(
-        &self,
-        t: &TenantId,
-        conv: &ConvId,
-        p: &mut PostingCursor,
-        budget: &mut Budget,
-    ) -> Result<Vec<(u64, i64)>, LogError> {
-        let store = self.store().clone();
-        let mut found: BTreeMap<u64, i64> = BTreeMap::new();
-        let mut floor = p.lo;
-        for (key_id, tags) in &p.tags {
-            // Probe each term: a page of its postings, newest first.
-            // (complete down to, its postings, which term)
-            let mut best: Option<(u64, Listing, usize)> = None;
-            for (i, tag) in tags.iter().enumerate() {
-                let range = keys::search_postings(t, conv, *key_id, tag, p.lo, p.next_hi);
-                let rows = store.scan(range, POSTING_PAGE, Order::Descending).await?;
-                let mut list = Vec::with_capacity(rows.len());
-                for (k, v) in rows {
-                    if !budget.charge(k.len() + v.len()) {
-                        return Err(too_broad(self.config().search.budget_bytes));
-                    }
-                    let seq = keys::event_seq(&k)
-                        .ok_or_else(|| LogError::corrupt(&k, "bad posting key"))?;
-                    list.push((seq, posting_time(&k, &v)?));
-                }
-                // Where this term's listing is complete down to.
-                let reach = if list.len() < POSTING_PAGE {
-                    p.lo
-                } else {
-                    list.last().map_or(p.lo, |l| l.0)
-                };
-                if best.as_ref().is_none_or(|b| reach < b.0) {
-                    best = Some((reach, list, i));
-                }
-            }
-            let Some((reach, driver, at)) = best else {
-                continue;
-            };
-            floor = floor.max(reach);
-            // The other terms, by point reads of the driver's seqs.
-            let mut keep = driver;
-            for (i, tag) in tags.iter().enumerate() {
-                if i == at || keep.is_empty() {
-                    continue;
-                }
-                let wanted: Vec<Vec<u8>> = keep
-                    .iter()
-                    .map(|(seq, _)| keys::search_posting(t, conv, *key_id, tag, *seq))
-                    .collect();
-                budget.charge(wanted.iter().map(Vec::len).sum());
-                let got = store.batch_get(wanted).await?;
-                keep = keep
-                    .into_iter()
-                    .zip(got)
-                    .filter_map(|(c, v)| v.map(|_| c))
-                    .collect();
-            }
-            found.extend(keep);
-        }
-        // Everything in floor..=next_hi is listed for every key id; below it, next time.
-        let page: Vec<(u64, i64)> = found.range(floor..).rev().map(|(s, t)| (*s, *t)).collect();
-        p.next_hi = floor.saturating_sub(1);
-        Ok(page)
     }
 
     /// Opens events `from..=to` (hot or archived), charging each, and gives each to `each`.
@@ -460,52 +477,107 @@ impl Log {
         Ok(())
     }
 
-    /// Reads the next page of a stream's archived events, newest first.
+    /// Asks the archive for the candidates of every stream that has not asked yet, at once:
+    /// through the segments' sealed indexes, or every archived seq in the windows without
+    /// the index.
+    async fn ask_archive(
+        &self,
+        t: &TenantId,
+        streams: &mut [Stream],
+        needle: &Needle,
+        budget: &mut Budget,
+    ) -> Result<(), LogError> {
+        let mut wanted: Vec<(ConvId, RangeInclusive<u64>)> = Vec::new();
+        let mut owner = Vec::new();
+        for (i, s) in streams.iter().enumerate() {
+            let ArchivePart::Unasked { through } = s.archive else {
+                continue;
+            };
+            for w in &s.windows {
+                let (from, to) = (*w.start(), (*w.end()).min(through));
+                if from <= to {
+                    wanted.push((s.conv.clone(), from..=to));
+                    owner.push(i);
+                }
+            }
+        }
+        let found = match self.cold_tier() {
+            Some(cold) if self.config().search.use_index && !wanted.is_empty() => {
+                cold.search_candidates(t, &wanted, needle).await?
+            }
+            // Without the index (or an archive, which reading reports): every seq.
+            _ => wanted.into_iter().map(|(_, r)| vec![r]).collect(),
+        };
+        for s in streams.iter_mut() {
+            if matches!(s.archive, ArchivePart::Unasked { .. }) {
+                s.archive = ArchivePart::Candidates(Vec::new());
+            }
+        }
+        for (i, ranges) in owner.into_iter().zip(found) {
+            budget.charge(ranges.len() * RANGE_COST);
+            if let ArchivePart::Candidates(mine) = &mut streams[i].archive {
+                mine.extend(ranges);
+            }
+        }
+        Ok(())
+    }
+
+    /// Opens the next archived candidates of a stream, newest first: asks the archive's
+    /// search indexes for them the first time (every archived seq in the windows, without
+    /// the index), then opens the next step's worth of them.
     async fn read_archived(
         &self,
         t: &TenantId,
         s: &mut Stream,
+        needle: &Needle,
         after: &Option<Pos>,
         budget: &mut Budget,
     ) -> Result<(), LogError> {
-        let limit = ARCHIVE_PAGE.min(self.config().max_read_limit);
-        let events = self
-            .read(
-                t,
-                &s.conv,
-                ReadRange {
-                    from: Some(s.archive_next),
-                    limit,
-                    order: Order::Descending,
-                },
-            )
-            .await?;
-        let lowest = events.last().map_or(0, |e| e.seq);
-        s.archive_next = lowest.saturating_sub(1);
-        let conv = s.conv.to_string();
-        for e in events {
-            if e.seq < s.lo {
-                s.archive_next = 0;
-                break;
-            }
-            budget.charge(e.encoded_len());
-            let pos = Pos {
-                time: e.server_time_ms,
-                conv: conv.clone(),
-                seq: e.seq,
-            };
-            if after.as_ref().is_some_and(|a| pos >= *a) {
-                continue;
-            }
-            if matches!(
-                e.body,
-                Some(Body::MessagePosted(_)) | Some(Body::MessageEdited(_))
-            ) {
-                s.archived.push_back(e);
+        if matches!(s.archive, ArchivePart::Unasked { .. }) {
+            self.ask_archive(t, std::slice::from_mut(s), needle, budget)
+                .await?;
+        }
+        let ArchivePart::Candidates(ranges) = &mut s.archive else {
+            return Ok(());
+        };
+        // The top candidates, as ranges, descending.
+        let mut left = s.archive_step.min(self.config().max_read_limit) as u64;
+        s.archive_step = (s.archive_step * 2).min(ARCHIVE_PAGE);
+        let mut pieces = Vec::new();
+        while left > 0
+            && let Some(r) = ranges.last_mut()
+        {
+            let (lo, hi) = (*r.start(), *r.end());
+            let from = hi - (hi - lo).min(left - 1);
+            pieces.push((from, hi));
+            left -= hi - from + 1;
+            if from == lo {
+                ranges.pop();
+            } else {
+                *r = lo..=from - 1;
             }
         }
-        if lowest == 0 {
-            s.archive_next = 0;
+        let conv = s.conv.to_string();
+        for (from, to) in pieces {
+            let events = self.read_cold(t, &s.conv, from, to).await?;
+            for e in events.into_iter().rev() {
+                // Past the budget the merge stops with a cursor (see `search`).
+                budget.charge(e.encoded_len());
+                let pos = Pos {
+                    time: e.server_time_ms,
+                    conv: conv.clone(),
+                    seq: e.seq,
+                };
+                if after.as_ref().is_some_and(|a| pos >= *a) {
+                    continue;
+                }
+                if matches!(
+                    e.body,
+                    Some(Body::MessagePosted(_)) | Some(Body::MessageEdited(_))
+                ) {
+                    s.archived.push_back(e);
+                }
+            }
         }
         Ok(())
     }
@@ -523,7 +595,12 @@ impl Log {
             Some(Body::MessageEdited(e)) => (e.target_seq, e.new_text.as_str()),
             _ => return Ok(None),
         };
-        if message < s.lo || message > event.seq || !needle.matches(text) {
+        // The message and its text (an edit) both in a window: nothing from outside them.
+        if !s.in_window(message)
+            || !s.in_window(event.seq)
+            || message > event.seq
+            || !needle.matches(text)
+        {
             return Ok(None);
         }
         let mut fate = s.fates.get(&message).copied().unwrap_or_default();

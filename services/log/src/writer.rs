@@ -838,13 +838,18 @@ impl Scratch<'_> {
         if by != user {
             kind.check(Action::Remove, policy::role_name(&actor))?;
         }
-        self.membership(t, c, user)?;
+        let leaving = self.membership(t, c, user)?;
         let body = Body::MemberLeft(MemberLeft {
             user: user.to_string(),
         });
         let committed = self.push_event(&mut head, t, c, by, "", body)?;
         self.write(keys::member(t, c, user), None);
         self.write(keys::user_conv(t, user, c), None);
+        // The window ends; search still finds its messages if the user rejoins.
+        self.write(
+            keys::user_window(t, user, c, leaving.joined_seq),
+            Some(committed.seq.to_be_bytes().to_vec()),
+        );
         self.member_changed(t, c, committed.seq, user, None);
         head.member_count = head.member_count.saturating_sub(1);
         head.membership_seq = committed.seq;
@@ -1496,7 +1501,8 @@ impl Writer {
                 current: current.get(t),
                 now_ms,
                 rng: &mut self.rng,
-                announce: self.feed.as_ref().map(|_| Vec::new()),
+                // Committed events in the clear: for the feed, and for the hot indexer.
+                announce: (self.feed.is_some() || self.indexer.is_some()).then(Vec::new),
                 epoch,
             };
             let result = scratch.apply(&r.cmd, &self.cfg);
@@ -1685,6 +1691,18 @@ impl Writer {
         if !state.pending.is_empty() {
             self.stats.commits.fetch_add(1, Ordering::Relaxed);
         }
+        // The indexer's copy of the batch's events (shared, not copied).
+        let plain: Vec<Arc<Event>> = match &self.indexer {
+            None => Vec::new(),
+            Some(_) => state
+                .announce
+                .iter()
+                .filter_map(|item| match item {
+                    FeedItem::Event(e) => Some(e.clone()),
+                    FeedItem::ReadCursor { .. } => None,
+                })
+                .collect(),
+        };
         if let Some(feed) = &self.feed {
             for item in state.announce {
                 if feed.try_send(item).is_err() {
@@ -1721,7 +1739,7 @@ impl Writer {
         }
         // After the replies: the index is never what an append waits for.
         if let Some(indexer) = &self.indexer {
-            indexer.offer(committed_heads(&state.pending));
+            indexer.offer(plain, committed_heads(&state.pending));
         }
     }
 

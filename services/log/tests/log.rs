@@ -457,3 +457,163 @@ async fn a_failed_commit_fails_its_batch_and_the_batch_built_on_it_and_retries_h
         .collect();
     assert_eq!(ids.len(), 400);
 }
+
+/// Every seq of acme/general the hot postings list for `query` in `1..=head`, in `order`,
+/// `page` postings per term at a time.
+async fn listed(f: &Fixture, query: &str, head: u64, order: Order, page: usize) -> Vec<u64> {
+    use tidings_log::hot_index::Postings;
+    let needle = tidings_log::search::Needle::new(query).expect("query");
+    let terms: Vec<_> = needle.terms().iter().collect();
+    let (acme, general) = (t("acme"), c("general"));
+    let mut postings = Postings::new(f.log.keyring(), &acme, &terms, 1, head, order)
+        .await
+        .expect("postings");
+    let mut seqs = Vec::new();
+    while !postings.done() {
+        let (page, bytes) = postings
+            .next(&*f.store, &acme, &general, page)
+            .await
+            .expect("page");
+        assert!(bytes > 0);
+        seqs.extend(page.into_iter().map(|(seq, _)| seq));
+    }
+    seqs
+}
+
+/// The hot index's postings page in either order, exactly the seqs holding every term, and
+/// a watermark of an older index format counts as nothing indexed (it is built again).
+#[tokio::test]
+async fn hot_postings_page_both_ways_and_an_older_index_format_is_rebuilt() {
+    use tidings_log::hot_index::{INDEX_VERSION, Postings, watermark};
+    use tidings_log::search::kind_term;
+    let f = fixture().await;
+    let (acme, general) = (t("acme"), c("general"));
+    group(&f.log, "acme", "general", "alice", &[]).await;
+    let mut rare = Vec::new();
+    for i in 0..40 {
+        let body = if i % 3 == 0 {
+            "rare heron"
+        } else {
+            "common heron"
+        };
+        let seq = f
+            .log
+            .append(text("acme", "general", "alice", &format!("m{i}"), body))
+            .await
+            .expect("append")
+            .seq;
+        if i % 3 == 0 {
+            rare.push(seq);
+        }
+    }
+    let head = rare.last().copied().expect("seqs").max(41);
+    assert_eq!(
+        f.log
+            .index_conversation(&acme, &general, head)
+            .await
+            .expect("index"),
+        head
+    );
+    assert_eq!(
+        watermark(&*f.store, &acme, &general).await.expect("wm"),
+        head
+    );
+    for order in [Order::Ascending, Order::Descending] {
+        let got = listed(&f, "heron rare", head, order, 4).await;
+        let mut want = rare.clone();
+        if order == Order::Descending {
+            want.reverse();
+        }
+        assert_eq!(got, want, "{order:?}");
+    }
+    // No text has a kind's term.
+    let edited = kind_term("message_edited");
+    let mut none = Postings::new(
+        f.log.keyring(),
+        &acme,
+        &[&edited],
+        1,
+        head,
+        Order::Ascending,
+    )
+    .await
+    .expect("postings");
+    assert_eq!(
+        none.next(&*f.store, &acme, &general, 4)
+            .await
+            .expect("page")
+            .0,
+        []
+    );
+    // Version 1 stored the seq alone; an unknown version is corrupt.
+    let key = keys::search_watermark(&acme, &general);
+    let mut txn = Transaction::new();
+    txn.put(key.clone(), head.to_be_bytes().to_vec());
+    f.store.commit(txn).await.expect("commit");
+    assert_eq!(watermark(&*f.store, &acme, &general).await.expect("wm"), 0);
+    assert_eq!(
+        f.log
+            .index_conversation(&acme, &general, head)
+            .await
+            .expect("index again"),
+        head,
+        "every hot event indexed again"
+    );
+    assert_eq!(
+        watermark(&*f.store, &acme, &general).await.expect("wm"),
+        head
+    );
+    let mut txn = Transaction::new();
+    let mut future = head.to_be_bytes().to_vec();
+    future.push(INDEX_VERSION + 1);
+    txn.put(key, future);
+    f.store.commit(txn).await.expect("commit");
+    assert!(watermark(&*f.store, &acme, &general).await.is_err());
+}
+
+/// The indexer takes the sequencer's plaintext where its byte-bounded queue holds it and
+/// reads the store where it does not: the same postings either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_indexer_gives_the_same_postings_from_the_sequencers_plaintext_or_the_store() {
+    use std::sync::atomic::Ordering;
+    use tidings_log::hot_index::{run_indexer, watermark};
+    let mut found = Vec::new();
+    for queue_bytes in [8 << 20, 1] {
+        let mut cfg = LogConfig::default();
+        cfg.search.indexer_queue_bytes = queue_bytes;
+        let f = fixture_with(cfg).await;
+        let indexer = tokio::spawn(run_indexer(f.log.downgrade()));
+        let (acme, general) = (t("acme"), c("general"));
+        group(&f.log, "acme", "general", "alice", &[]).await;
+        let mut head = 0;
+        for i in 0..30 {
+            let body = if i % 4 == 0 {
+                "rare egret"
+            } else {
+                "common egret"
+            };
+            head = f
+                .log
+                .append(text("acme", "general", "alice", &format!("m{i}"), body))
+                .await
+                .expect("append")
+                .seq;
+        }
+        // Waits for the indexer without asserting on time.
+        while watermark(&*f.store, &acme, &general).await.expect("wm") < head {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        let stats = &f.log.indexer().expect("indexer").stats;
+        let dropped = stats.plain_dropped.load(Ordering::Relaxed);
+        if queue_bytes == 1 {
+            assert_eq!(dropped, 31, "every event read from the store");
+        } else {
+            assert_eq!(dropped, 0, "every event handed over in the clear");
+        }
+        found.push(listed(&f, "rare egret", head, Order::Ascending, 100).await);
+        f.log.close().await;
+        indexer.await.expect("indexer task").expect("indexer");
+    }
+    assert_eq!(found[0], [2, 6, 10, 14, 18, 22, 26, 30]);
+    assert_eq!(found[0], found[1]);
+}

@@ -6,9 +6,11 @@
 //! users), a rare word planted in `--markers` messages spread evenly over the corpus, one
 //! edit per 200 events and one recall per 500 (so the search's pass over edits and recalls
 //! has work), all appended through the log, then all archived by one `--older-than 0s`
-//! pass into the local object store: nothing stays hot. Each segment is then written again
-//! as plaintext Parquet (same writer, schema and row groups; body column in the clear) on
-//! the same disk.
+//! pass into the local object store. Each segment is then written again as plaintext
+//! Parquet (same writer, schema and row groups; body column in the clear) on the same disk.
+//! Then a hot tail: `--hot` more events of the same corpus (`--hot-markers` planted, edits
+//! and recalls at the same rates), left hot and indexed by the hot index, which tidings
+//! searches too and the baseline does not (so the comparison leans against tidings).
 //!
 //! Each run measures:
 //!
@@ -61,6 +63,12 @@ pub struct ComplianceArgs {
     pub markers: usize,
     #[arg(long, default_value_t = 3)]
     pub runs: usize,
+    /// Events appended after the archive pass and left hot (indexed by the hot index).
+    #[arg(long, default_value_t = 20_000)]
+    pub hot: usize,
+    /// Messages of the hot tail carrying the searched word.
+    #[arg(long, default_value_t = 10)]
+    pub hot_markers: usize,
     /// Directory for the scratch store and files (default: the system temp directory).
     #[arg(long)]
     pub dir: Option<PathBuf>,
@@ -123,8 +131,8 @@ struct Setup {
     /// A conversation and a sender holding planted messages, with how many each holds.
     conv: (ConvId, u64),
     sender: (UserId, u64),
-    /// Seconds spent appending, archiving and writing the plaintext files.
-    setup_s: [f64; 3],
+    /// Seconds spent appending, archiving, writing the plaintext files, and on the hot tail.
+    setup_s: [f64; 4],
 }
 
 pub async fn run(args: ComplianceArgs) -> anyhow::Result<()> {
@@ -138,6 +146,10 @@ pub async fn run(args: ComplianceArgs) -> anyhow::Result<()> {
         args.events >= args.conversations + edits + recalls + 2 * args.markers,
         "--events must leave room for the conversations, their edits and recalls, and \
          twice --markers messages"
+    );
+    anyhow::ensure!(
+        args.hot >= args.hot / EDIT_EVERY + args.hot / RECALL_EVERY + 2 * args.hot_markers,
+        "--hot must leave room for its edits and recalls and twice --hot-markers messages"
     );
     let base = args.dir.clone().unwrap_or_else(std::env::temp_dir);
     std::fs::create_dir_all(&base).with_context(|| format!("create {}", base.display()))?;
@@ -160,11 +172,12 @@ pub async fn run(args: ComplianceArgs) -> anyhow::Result<()> {
         let unindexed = search(&setup.unindexed, &setup, None, None, &needle).await?;
         let by_conv = search(c, &setup, Some(&setup.conv.0), None, &needle).await?;
         let by_sender = search(c, &setup, None, Some(&setup.sender.0), &needle).await?;
-        let planted = args.markers as u64;
+        let planted = (args.markers + args.hot_markers) as u64;
         for (what, found, want) in [
             ("tidings", whole.timing.hits, planted),
             ("tidings without the index", unindexed.timing.hits, planted),
-            ("the baseline", baseline.hits, planted),
+            // The plaintext copy is of the archive only.
+            ("the baseline", baseline.hits, args.markers as u64),
             ("tidings with --conv", by_conv.timing.hits, setup.conv.1),
             (
                 "tidings with --sender",
@@ -210,74 +223,17 @@ async fn set_up(
     let store: Arc<dyn KvStore> = Arc::new(FjallStore::open(&dir.join("kv"))?);
     let log = Log::open(store.clone(), MasterKey::generate(), LogConfig::default()).await?;
     let corpus = Corpus::create(&log, args.conversations, USERS).await?;
-    let messages = args.events - args.conversations - edits - recalls;
-    let fates = edits + recalls;
-    // Message i is planted if it is the middle of its marker stride, and becomes the target
-    // of an edit or a recall if it is a third into its fate stride.
-    let (marker_stride, fate_stride) = (messages / args.markers, messages / fates.max(1));
-    let planted =
-        |i: usize| i % marker_stride == marker_stride / 2 && i / marker_stride < args.markers;
-    let targeted =
-        |i: usize| fates > 0 && i % fate_stride == fate_stride / 3 && i / fate_stride < fates;
-
     let mut rng = fastrand::Rng::with_seed(7);
     let vocabulary = vocabulary();
-    let mut markers: Vec<(ConvId, UserId)> = Vec::with_capacity(args.markers);
-    let mut targets: Vec<(ConvId, UserId)> = Vec::with_capacity(fates);
-    let mut target_seqs: Vec<u64> = Vec::with_capacity(fates);
-    let requests = (0..messages).map(|i| {
-        let req = corpus.message(&mut rng, |rng| {
-            let text = chat_text(rng, &vocabulary);
-            if !planted(i) {
-                return text;
-            }
-            let mut words: Vec<&str> = text.split(' ').collect();
-            words.insert(rng.usize(..=words.len()), MARKER);
-            words.join(" ")
-        })?;
-        if planted(i) {
-            markers.push((req.conv.clone(), req.sender.clone()));
-        }
-        if targeted(i) {
-            targets.push((req.conv.clone(), req.sender.clone()));
-        }
-        Ok(req)
-    });
-    append_pipelined(&log, requests, |i, committed| {
-        if targeted(i) {
-            target_seqs.push(committed.seq);
-        }
-    })
+    let messages = args.events - args.conversations - edits - recalls;
+    let mut markers = append_corpus(
+        &log,
+        &corpus,
+        [messages, args.markers, edits, recalls],
+        &mut rng,
+        &vocabulary,
+    )
     .await?;
-    anyhow::ensure!(
-        markers.len() == args.markers && targets.len() == fates,
-        "planted {} of {} markers and {} of {fates} targets",
-        markers.len(),
-        args.markers,
-        targets.len()
-    );
-    // Later edits and recalls by the authors, recalls spread evenly among them.
-    let later = targets.into_iter().zip(target_seqs).enumerate().map(
-        |(j, ((conv, sender), target_seq))| {
-            let recall = (j + 1) * recalls / fates != j * recalls / fates;
-            let body = if recall {
-                Body::MessageRecalled(MessageRecalled { target_seq })
-            } else {
-                Body::MessageEdited(MessageEdited {
-                    target_seq,
-                    new_text: chat_text(&mut rng, &vocabulary),
-                })
-            };
-            Ok(Append {
-                tenant: corpus.tenant.clone(),
-                conv,
-                sender,
-                client_msg_id: client_msg_id()?,
-                body,
-            })
-        },
-    );
-    append_pipelined(&log, later, |_, _| {}).await?;
     let appended = started.elapsed();
 
     let cfg = ArchiveConfig::default();
@@ -300,11 +256,31 @@ async fn set_up(
         plain_files.push(path);
     }
     let written = started.elapsed();
-    let setup_s = [appended, archived, written].map(|d| d.as_secs_f64());
+
+    // The hot tail, indexed by the hot index as the indexer would.
+    let started = Instant::now();
+    let (hot_edits, hot_recalls) = (args.hot / EDIT_EVERY, args.hot / RECALL_EVERY);
+    let hot_messages = args.hot - hot_edits - hot_recalls;
+    markers.extend(
+        append_corpus(
+            &log,
+            &corpus,
+            [hot_messages, args.hot_markers, hot_edits, hot_recalls],
+            &mut rng,
+            &vocabulary,
+        )
+        .await?,
+    );
+    for conv in &corpus.convs {
+        let head = log.conversation(&corpus.tenant, conv).await?.head_seq;
+        log.index_conversation(&corpus.tenant, conv, head).await?;
+    }
+    let hot_s = started.elapsed();
+    let setup_s = [appended, archived, written, hot_s].map(|d| d.as_secs_f64());
     println!(
         "set up (not measured) in {:.1} s: appended {} events through the log in {:.1} s, \
          archived them into {} segments ({} rows) in {:.1} s, wrote them as plaintext Parquet \
-         in {:.1} s",
+         in {:.1} s; appended and indexed a hot tail of {} events in {:.1} s",
         setup_s.iter().sum::<f64>(),
         args.events,
         setup_s[0],
@@ -315,7 +291,9 @@ async fn set_up(
             .collect::<Vec<_>>()
             .join("+"),
         setup_s[1],
-        setup_s[2]
+        setup_s[2],
+        args.hot,
+        setup_s[3]
     );
 
     let count =
@@ -357,6 +335,85 @@ async fn set_up(
         sender: (sender, sender_hits),
         setup_s,
     })
+}
+
+/// Appends `messages` messages of the corpus (`markers_n` of them with the planted word,
+/// spread evenly), then `edits` edits and `recalls` recalls of earlier ones by their authors.
+/// Returns where the planted word went.
+async fn append_corpus(
+    log: &Log,
+    corpus: &Corpus,
+    [messages, markers_n, edits, recalls]: [usize; 4],
+    rng: &mut fastrand::Rng,
+    vocabulary: &[String],
+) -> anyhow::Result<Vec<(ConvId, UserId)>> {
+    let fates = edits + recalls;
+    // Message i is planted if it is the middle of its marker stride, and becomes the target
+    // of an edit or a recall if it is a third into its fate stride.
+    let (marker_stride, fate_stride) = (messages / markers_n.max(1), messages / fates.max(1));
+    let planted =
+        |i: usize| i % marker_stride == marker_stride / 2 && i / marker_stride < markers_n;
+    let targeted =
+        |i: usize| fates > 0 && i % fate_stride == fate_stride / 3 && i / fate_stride < fates;
+
+    let mut markers: Vec<(ConvId, UserId)> = Vec::with_capacity(markers_n);
+    let mut targets: Vec<(ConvId, UserId)> = Vec::with_capacity(fates);
+    let mut target_seqs: Vec<u64> = Vec::with_capacity(fates);
+    let requests = (0..messages).map(|i| {
+        let req = corpus.message(rng, |rng| {
+            let text = chat_text(rng, vocabulary);
+            if !planted(i) {
+                return text;
+            }
+            let mut words: Vec<&str> = text.split(' ').collect();
+            words.insert(rng.usize(..=words.len()), MARKER);
+            words.join(" ")
+        })?;
+        if planted(i) {
+            markers.push((req.conv.clone(), req.sender.clone()));
+        }
+        if targeted(i) {
+            targets.push((req.conv.clone(), req.sender.clone()));
+        }
+        Ok(req)
+    });
+    append_pipelined(log, requests, |i, committed| {
+        if targeted(i) {
+            target_seqs.push(committed.seq);
+        }
+    })
+    .await?;
+    anyhow::ensure!(
+        markers.len() == markers_n && targets.len() == fates,
+        "planted {} of {} markers and {} of {fates} targets",
+        markers.len(),
+        markers_n,
+        targets.len()
+    );
+    // Later edits and recalls by the authors, recalls spread evenly among them.
+    let later = targets.into_iter().zip(target_seqs).enumerate().map(
+        |(j, ((conv, sender), target_seq))| {
+            let recall = (j + 1) * recalls / fates != j * recalls / fates;
+            let body = if recall {
+                Body::MessageRecalled(MessageRecalled { target_seq })
+            } else {
+                Body::MessageEdited(MessageEdited {
+                    target_seq,
+                    new_text: chat_text(rng, vocabulary),
+                })
+            };
+            Ok(Append {
+                tenant: corpus.tenant.clone(),
+                conv,
+                sender,
+                client_msg_id: client_msg_id()?,
+                body,
+            })
+        },
+    );
+    append_pipelined(log, later, |_, _| {}).await?;
+
+    Ok(markers)
 }
 
 /// A sink that keeps only when the first and the last hit arrived.
@@ -580,6 +637,8 @@ fn report(args: &ComplianceArgs, setup: &Setup, runs: &[Run]) {
             "events": events,
             "conversations": args.conversations,
             "planted": args.markers,
+            "hot": args.hot,
+            "hot_planted": args.hot_markers,
             "runs": runs.len(),
             "segments": setup.segments,
             "archive_bytes": setup.archive_bytes,
@@ -590,6 +649,7 @@ fn report(args: &ComplianceArgs, setup: &Setup, runs: &[Run]) {
                 "append": setup.setup_s[0],
                 "archive": setup.setup_s[1],
                 "plaintext": setup.setup_s[2],
+                "hot": setup.setup_s[3],
             },
             "tidings": {
                 "events_per_s": medians[0],

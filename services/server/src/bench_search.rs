@@ -2,25 +2,32 @@
 //! event, and what the hot indexer costs appends, in one run
 //! (docs/decisions/hot-search-index.md).
 //!
-//! Two fresh fjall stores on disk get the same chat corpus ([`crate::bench_corpus`]): one
-//! with the hot indexer off, one with it running beside the appends (as `serve` runs it).
-//! Appends are pipelined as in `bench append`; the ratio of the two rates is the indexer's
-//! cost on this machine (its CPU competes with the sequencer's). Then, once the indexer has
+//! Fresh fjall stores on disk get the same chat corpus ([`crate::bench_corpus`]), in
+//! `--rounds` pairs: one with the hot indexer off, then one with it running beside the
+//! appends (as `serve` runs it), alternating so that a drift in the machine's load falls on
+//! both sides. Appends are pipelined as in `bench append`; the ratio of the median rates is
+//! the indexer's cost on this machine (its CPU competes with the sequencer's). Then, once the
+//! indexer has
 //! caught up, `--samples` searches by random users over all their conversations (every
 //! user is in every conversation): one rare word, one common word, two words; p50 and p99
 //! of `Log::search` (in process: the gateway and NATS hops are not included). The index's
-//! size: the bytes of the `sx/` postings against the sealed events' bytes (`ev/`).
+//! size: the bytes of the `sx/` postings against the sealed events' bytes (`ev/`). Then the
+//! whole corpus is archived (one pass, as `tidings archive run --older-than 0s`), the log
+//! reads it through the archive's cold reader, and the same searches run again, now
+//! answered through the segments' sealed search indexes; their size per event too.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
+
 use tidings_log::crypto::MasterKey;
 use tidings_log::store::{FjallStore, KeyRange, KvStore, Pages};
 use tidings_log::{Log, LogConfig};
 
-use crate::bench_corpus::{Corpus, append_pipelined, chat_text, ms, vocabulary};
+use crate::bench_corpus::{Corpus, append_pipelined, archive_all, chat_text, ms, vocabulary};
 
 #[derive(Debug, clap::Args)]
 pub struct SearchArgs {
@@ -35,6 +42,9 @@ pub struct SearchArgs {
     /// Timed searches.
     #[arg(long, default_value_t = 1000)]
     pub samples: usize,
+    /// Pairs of loads (without the indexer, then with it) whose rates are compared.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
     /// Directory for the scratch stores (default: the system temp directory).
     #[arg(long)]
     pub dir: Option<PathBuf>,
@@ -94,8 +104,12 @@ async fn bytes_under(store: &dyn KvStore, prefix: Vec<u8>) -> anyhow::Result<(u6
 
 pub async fn run(args: SearchArgs, log_config: LogConfig) -> anyhow::Result<()> {
     anyhow::ensure!(
-        args.events > 0 && args.conversations > 0 && args.users > 0 && args.samples > 0,
-        "events, conversations, users and samples must be positive"
+        args.events > 0
+            && args.conversations > 0
+            && args.users > 0
+            && args.samples > 0
+            && args.rounds > 0,
+        "events, conversations, users, samples and rounds must be positive"
     );
     let (base, dir) = crate::bench::scratch_dir(args.dir.as_deref(), "search")?;
     println!(
@@ -108,36 +122,64 @@ pub async fn run(args: SearchArgs, log_config: LogConfig) -> anyhow::Result<()> 
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         base.display()
     );
-    let plain = load(&dir.path().join("without"), &args, &log_config, false).await?;
-    let rate_without = plain.rate;
-    plain.log.close().await;
-    drop(plain.store);
-    let indexed = load(&dir.path().join("with"), &args, &log_config, true).await?;
-    let rate_with = indexed.rate;
-    // Let the indexer catch up (not timed against anything).
-    let caught_up = Instant::now();
-    let stats = &indexed.log.indexer().expect("indexer on").stats;
-    let total = (args.events + args.conversations) as u64;
-    while stats.indexed_events.load(Ordering::Relaxed) < total {
-        anyhow::ensure!(
-            caught_up.elapsed() < Duration::from_secs(600),
-            "the indexer did not catch up"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let catch_up = caught_up.elapsed();
     println!();
     println!(
-        "| appends/s without the indexer | with it | ratio | indexer caught up after the last append |"
+        "| round | appends/s without the indexer | with it | ratio | indexer caught up after the last append | events it read from the store |"
     );
-    println!("|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|");
+    let (mut without, mut with) = (Vec::new(), Vec::new());
+    let mut last = None;
+    for round in 1..=args.rounds {
+        let plain = load(
+            &dir.path().join(format!("without-{round}")),
+            &args,
+            &log_config,
+            false,
+        )
+        .await?;
+        without.push(plain.rate);
+        plain.log.close().await;
+        drop(plain.store);
+        if let Some(done) = last.take() {
+            let Loaded { log, store, .. } = done;
+            log.close().await;
+            drop(store);
+        }
+        let indexed = load(
+            &dir.path().join(format!("with-{round}")),
+            &args,
+            &log_config,
+            true,
+        )
+        .await?;
+        with.push(indexed.rate);
+        // Let the indexer catch up (not timed against anything).
+        let caught_up = Instant::now();
+        let stats = &indexed.log.indexer().expect("indexer on").stats;
+        let total = (args.events + args.conversations) as u64;
+        while stats.indexed_events.load(Ordering::Relaxed) < total {
+            anyhow::ensure!(
+                caught_up.elapsed() < Duration::from_secs(600),
+                "the indexer did not catch up"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        println!(
+            "| {round} | {:.0} | {:.0} | {:.3} | {:.0} ms | {} |",
+            without[round - 1],
+            with[round - 1],
+            with[round - 1] / without[round - 1],
+            ms(caught_up.elapsed()),
+            stats.plain_dropped.load(Ordering::Relaxed)
+        );
+        last = Some(indexed);
+    }
+    let (m_without, m_with) = (median(&mut without), median(&mut with));
     println!(
-        "| {:.0} | {:.0} | {:.3} | {:.0} ms |",
-        rate_without,
-        rate_with,
-        rate_with / rate_without,
-        ms(catch_up)
+        "| median | {m_without:.0} | {m_with:.0} | **{:.3}** | | |",
+        m_with / m_without
     );
+    let indexed = last.context("at least one round")?;
 
     let (log, store, corpus) = (&indexed.log, &indexed.store, &indexed.corpus);
     let tenant = &corpus.tenant;
@@ -163,7 +205,46 @@ pub async fn run(args: SearchArgs, log_config: LogConfig) -> anyhow::Result<()> 
         event_bytes as f64 / event_rows.max(1) as f64
     );
 
-    // Queries: a rare word, a common one, two words of a real message.
+    println!();
+    println!("Hot (every event in the hot log, found through the postings):");
+    sample(log, corpus, args.samples).await?;
+
+    // Everything archived: the same searches through the segments' sealed indexes.
+    let cfg = tidings_archive::ArchiveConfig::default();
+    let total = (args.events + args.conversations) as u64;
+    let (objects, took) = archive_all(store, log, &dir.path().join("archive"), &cfg, total).await?;
+    let reader = tidings_archive::ColdReader::new(
+        store.clone(),
+        log.keyring().clone(),
+        objects.clone(),
+        64 << 20,
+    );
+    anyhow::ensure!(log.set_cold_tier(Arc::new(reader)), "a cold tier was set");
+    let mut index_bytes = 0u64;
+    let mut segments = 0;
+    for seg in tidings_archive::tools::inspect(&**store, tenant).await? {
+        let path =
+            tidings_archive::storage::search_index_path(&seg.path).context("a segment path")?;
+        index_bytes += objects.search_indexes().get(&path).await?.len() as u64;
+        segments += 1;
+    }
+    println!();
+    println!(
+        "Archived in {:.1} s into {segments} segments; their sealed search indexes: {index_bytes} \
+         bytes, {:.1} per event",
+        took.as_secs_f64(),
+        index_bytes as f64 / total as f64
+    );
+    println!("Archived (found through the segments' sealed indexes):");
+    sample(log, corpus, args.samples).await?;
+    indexed.log.close().await;
+    Ok(())
+}
+
+/// `samples` searches by random users: a rare word, a common one, two words of a real
+/// message; prints p50 and p99 per kind and over all.
+async fn sample(log: &Log, corpus: &Corpus, samples: usize) -> anyhow::Result<()> {
+    let tenant = &corpus.tenant;
     let vocab = vocabulary();
     let mut rng = fastrand::Rng::with_seed(11);
     let mut kinds: Vec<(&str, Vec<Duration>, usize)> = vec![
@@ -171,7 +252,7 @@ pub async fn run(args: SearchArgs, log_config: LogConfig) -> anyhow::Result<()> 
         ("common word", Vec::new(), 0),
         ("two words", Vec::new(), 0),
     ];
-    for i in 0..args.samples {
+    for i in 0..samples {
         let kind = i % 3;
         let query = match kind {
             0 => vocab[vocab.len() - 1 - rng.usize(..2000)].clone(),
@@ -212,8 +293,12 @@ pub async fn run(args: SearchArgs, log_config: LogConfig) -> anyhow::Result<()> 
         ms(at(&all, 0.5)),
         ms(at(&all, 0.99))
     );
-    indexed.log.close().await;
     Ok(())
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(0.0)
 }
 
 fn at(sorted: &[Duration], q: f64) -> Duration {

@@ -686,11 +686,12 @@ pub struct LogSection {
     /// Groups with at least this many members reserve @all to owners.
     pub mention_all_owners_only_from: u64,
     /// Search (docs/limits.md): index events as they commit (the hot index); the indexer's
-    /// queue of notices and its batch of events; bytes one search may examine; most hits
-    /// in a page.
+    /// queue of notices and its batch of events; bytes of committed events handed to it in
+    /// the clear; bytes one search may examine; most hits in a page.
     pub search_hot_index: bool,
     pub search_indexer_queue: usize,
     pub search_indexer_batch: usize,
+    pub search_indexer_queue_bytes: usize,
     pub search_budget_bytes: usize,
     pub search_max_page_hits: usize,
     /// Conversation kinds beyond the built-in ones (`[[log.kinds]]`).
@@ -789,6 +790,7 @@ impl Default for LogSection {
             search_hot_index: d.search.hot_index,
             search_indexer_queue: d.search.indexer_queue,
             search_indexer_batch: d.search.indexer_batch,
+            search_indexer_queue_bytes: d.search.indexer_queue_bytes,
             search_budget_bytes: d.search.budget_bytes,
             search_max_page_hits: d.search.max_page_hits,
             kinds: Vec::new(),
@@ -995,7 +997,7 @@ impl Config {
                 *slot = parse_env(name, &value)?;
             }
         }
-        let gateway_numbers: [(&'static str, &mut usize); 19] = [
+        let gateway_numbers: [(&'static str, &mut usize); 20] = [
             (
                 "TIDINGS_GATEWAY_MAX_CONNECTIONS",
                 &mut self.gateway.max_connections,
@@ -1040,6 +1042,10 @@ impl Config {
             (
                 "TIDINGS_LOG_SEARCH_INDEXER_BATCH",
                 &mut self.log.search_indexer_batch,
+            ),
+            (
+                "TIDINGS_LOG_SEARCH_INDEXER_QUEUE_BYTES",
+                &mut self.log.search_indexer_queue_bytes,
             ),
             (
                 "TIDINGS_LOG_SEARCH_BUDGET_BYTES",
@@ -1471,6 +1477,7 @@ impl Config {
                 hot_index: s.search_hot_index,
                 indexer_queue: s.search_indexer_queue,
                 indexer_batch: s.search_indexer_batch,
+                indexer_queue_bytes: s.search_indexer_queue_bytes,
                 budget_bytes: s.search_budget_bytes,
                 max_page_hits: s.search_max_page_hits,
                 // Without the hot index, search opens every hot event (same results): the

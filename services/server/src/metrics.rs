@@ -304,6 +304,13 @@ pub fn register_log(log: &Log, feed: &tokio::sync::mpsc::Sender<FeedItem>) {
                     s.dropped.load(Ordering::Relaxed),
                 );
                 out.counter(
+                    "tidings_log_search_index_plain_dropped_total",
+                    "Committed events not handed to the hot search indexer in the clear (its \
+                     byte-bounded queue was full): it read and opened them from the store.",
+                    &[],
+                    s.plain_dropped.load(Ordering::Relaxed),
+                );
+                out.counter(
                     "tidings_log_search_index_failures_total",
                     "Index passes that failed (retried on the conversation's next notice).",
                     &[],
