@@ -150,7 +150,18 @@ async fn drill(sync: bool) -> Vec<u64> {
         (placed["home"].as_str(), placed["dr"].as_str()),
         (Some("a"), Some("b"))
     );
-    eventually("b learns the placement", || show(b, "vip")["version"] == 1).await;
+    // Two more tenants with b as DR cell: another VIP one, and a standard one.
+    answer(a.cell_cli(
+        "vip2",
+        &["place", "--home", "a", "--dr", "b", "--tier", "vip"],
+    ));
+    answer(a.cell_cli("std", &["place", "--home", "a", "--dr", "b"]));
+    eventually("b learns the placements", || {
+        ["vip", "vip2", "std"]
+            .iter()
+            .all(|t| show(b, t)["version"] == 1)
+    })
+    .await;
     eventually("a has compared directories with b", || {
         show(a, "vip")["dr_confirmed"] == true
     })
@@ -178,7 +189,13 @@ async fn drill(sync: bool) -> Vec<u64> {
     // Cell a is lost: its tidings process and its nats-server, SIGKILLed.
     a.kill();
     let lost_at = Instant::now();
-    let report = answer(b.cell_cli("vip", &["failover", "--unplanned"]));
+    // The synchronous drill moves the tenant alone; the asynchronous one moves every VIP
+    // tenant of b's in one action, as a deployment operator (the standard tenant stays).
+    let report = if sync {
+        answer(b.cell_cli("vip", &["failover", "--unplanned"]))
+    } else {
+        tier_failover(b)
+    };
     let failover_took = lost_at.elapsed();
     assert_eq!(report["home"], "b");
     assert_eq!(report["planned"], false);
@@ -269,6 +286,56 @@ async fn drill(sync: bool) -> Vec<u64> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     missing
+}
+
+/// `tidings cell failover --tier vip --unplanned` on `cell` as a deployment operator: refused
+/// for a tenant's admin token, done for a `cell_operator` one. Returns the report of tenant
+/// `vip`, after checking that `vip2` moved too and `std` did not.
+fn tier_failover(cell: &Cell) -> Value {
+    let admin = format!("http://127.0.0.1:{}", cell.server().admin_port);
+    let run = |token: &str| {
+        cell.sandbox.run(&[
+            "cell",
+            "failover",
+            "--tier",
+            "vip",
+            "--unplanned",
+            "--server",
+            &admin,
+            "--token",
+            token,
+        ])
+    };
+    let refused = run(&cell.admin_token("vip"));
+    assert!(!refused.status.success());
+    assert!(
+        common::stderr(&refused).contains("(403)"),
+        "{}",
+        common::stderr(&refused)
+    );
+    let operator = cell.sandbox.token_for(
+        common::COMPLIANCE_AUDIENCE,
+        "ops",
+        "oncall",
+        &["cell_operator"],
+        3600,
+        None,
+    );
+    let moved = answer(run(&operator));
+    let tenants = moved["tenants"].as_array().expect("tenants");
+    let mut names: Vec<&str> = tenants
+        .iter()
+        .filter_map(|t| t["tenant"].as_str())
+        .collect();
+    names.sort_unstable();
+    assert_eq!(names, ["vip", "vip2"]);
+    assert_eq!(show(cell, "std")["home"], "a");
+    assert_eq!(show(cell, "vip2")["home"], cell.name.as_str());
+    tenants
+        .iter()
+        .find(|t| t["tenant"] == "vip")
+        .cloned()
+        .expect("vip moved")
 }
 
 /// Sends `count` messages through a client that follows the tenant wherever it moves: an

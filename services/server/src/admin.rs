@@ -83,6 +83,9 @@ pub use ops::Archive;
 pub const COMPLIANCE_ROLE: &str = "compliance";
 /// The role a token needs to revoke tokens.
 pub const ADMIN_ROLE: &str = "admin";
+/// The role a token needs to move every tenant of a tier to this cell at once
+/// (`/v1/admin/cells/failover-tier`): a deployment operator's, across tenants.
+pub const CELL_OPERATOR_ROLE: &str = "cell_operator";
 /// The largest request body accepted (a revocation: a tenant, and a jti or a user and time).
 const MAX_BODY_BYTES: usize = 4 * 1024;
 /// Longest query string accepted (414 beyond).
@@ -520,6 +523,19 @@ struct Caller {
     actor: Actor,
     compliance: bool,
     admin: bool,
+    /// May move every tenant of a tier to this cell (`CELL_OPERATOR_ROLE`).
+    cell_operator: bool,
+}
+
+impl Caller {
+    /// Whether the token carries `role` (one of the roles above).
+    fn holds(&self, role: &str) -> bool {
+        match role {
+            ADMIN_ROLE => self.admin,
+            CELL_OPERATOR_ROLE => self.cell_operator,
+            _ => self.compliance,
+        }
+    }
 }
 
 /// Checks the bearer token, then that it is not revoked. The error is for the process log
@@ -575,6 +591,7 @@ fn verify_bearer(
         actor,
         compliance: claims.roles.iter().any(|r| r == COMPLIANCE_ROLE),
         admin: claims.roles.iter().any(|r| r == ADMIN_ROLE),
+        cell_operator: claims.roles.iter().any(|r| r == CELL_OPERATOR_ROLE),
     };
     Ok((caller, claims))
 }
@@ -647,11 +664,7 @@ async fn authorized_post(
         .await
         .map_err(|reason| unauthenticated(peer, action, &reason))?;
     let bytes = read_body(body).await?;
-    let holds_role = if role == ADMIN_ROLE {
-        caller.admin
-    } else {
-        caller.compliance
-    };
+    let holds_role = caller.holds(role);
     let posted = Posted {
         filters: body_filters(&bytes),
         caller,
@@ -755,11 +768,7 @@ async fn authorized_get(
         action,
         filters: &filters,
     };
-    let holds_role = if role == ADMIN_ROLE {
-        caller.admin
-    } else {
-        caller.compliance
-    };
+    let holds_role = caller.holds(role);
     if !holds_role {
         let reason = format!("the token does not carry the {role} role");
         return Err(refusal.forbidden(&caller.tenant, &reason).await);

@@ -1045,6 +1045,30 @@ impl Link {
         }))
     }
 
+    /// `tidings cell failover --tier`: every tenant of `tier` whose DR cell this is, moved
+    /// here one after another (their moves are independent: one that fails does not stop
+    /// the others).
+    pub async fn failover_tier(
+        &self,
+        tier: &str,
+        planned: bool,
+        actor: &str,
+    ) -> Vec<(TenantId, Result<Value, CellError>)> {
+        let tenants: Vec<TenantId> = self
+            .cells
+            .directory()
+            .into_iter()
+            .filter(|(_, p)| p.tier == tier && p.dr == self.name())
+            .map(|(t, _)| t)
+            .collect();
+        let mut outcomes = Vec::with_capacity(tenants.len());
+        for tenant in tenants {
+            let outcome = self.failover(&tenant, planned, actor).await;
+            outcomes.push((tenant, outcome));
+        }
+        outcomes
+    }
+
     /// `tidings cell lost`: events this cell acknowledged as the tenant's home that never
     /// reached the cell that took over.
     pub async fn lost(&self, tenant: &TenantId) -> Result<Value, CellError> {

@@ -130,9 +130,13 @@ pub enum CellOp {
     },
     /// Run on the tenant's DR cell: makes it the tenant's home. Planned (the default) drains
     /// the home first; --unplanned does not ask it (it is gone) and reports what arrived.
+    /// With --tier instead of --tenant: every tenant of the tier whose DR cell this is, in
+    /// one action (a token with the `cell_operator` role).
     Failover {
+        #[arg(long, required_unless_present = "tier", conflicts_with = "tier")]
+        tenant: Option<TenantId>,
         #[arg(long)]
-        tenant: TenantId,
+        tier: Option<String>,
         #[arg(long)]
         unplanned: bool,
     },

@@ -712,9 +712,19 @@ async fn cell(
             "/v1/admin/cells/place",
             json!({"tenant": tenant.as_str(), "home": home, "dr": dr, "tier": tier, "sync": sync}),
         ),
-        CellOp::Failover { tenant, unplanned } => (
+        CellOp::Failover {
+            tenant: Some(tenant),
+            unplanned,
+            ..
+        } => (
             "/v1/admin/cells/failover",
             json!({"tenant": tenant.as_str(), "planned": !unplanned}),
+        ),
+        CellOp::Failover {
+            tier, unplanned, ..
+        } => (
+            "/v1/admin/cells/failover-tier",
+            json!({"tier": tier.unwrap_or_default(), "planned": !unplanned}),
         ),
         CellOp::Show { tenant } => ("/v1/admin/cells/show", json!({"tenant": tenant.as_str()})),
         CellOp::Lost { tenant } => ("/v1/admin/cells/lost", json!({"tenant": tenant.as_str()})),

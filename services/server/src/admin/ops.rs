@@ -18,6 +18,9 @@
 //!   tenant lives; `/v1/admin/cells/failover` `{"tenant"?, "planned"?}` (on the tenant's DR
 //!   cell): makes this cell its home; `/v1/admin/cells/show`, `/v1/admin/cells/lost`
 //!   `{"tenant"?}` ([`crate::cells`]). Changes recorded in the tenant's audit log.
+//! - `POST /v1/admin/cells/failover-tier` `{"tier", "planned"?}`, for a token with the
+//!   `cell_operator` role (any tenant's: a deployment operator's): every tenant of the tier
+//!   whose DR cell this is moves here, each recorded in its own audit log.
 
 use super::*;
 
@@ -37,6 +40,7 @@ pub(super) enum Op {
     CellFailover,
     CellShow,
     CellLost,
+    CellFailoverTier,
 }
 
 impl Op {
@@ -55,6 +59,7 @@ impl Op {
             "/v1/admin/cells/failover" => Op::CellFailover,
             "/v1/admin/cells/show" => Op::CellShow,
             "/v1/admin/cells/lost" => Op::CellLost,
+            "/v1/admin/cells/failover-tier" => Op::CellFailoverTier,
             _ => return None,
         })
     }
@@ -71,7 +76,7 @@ impl Op {
     pub(super) fn is_cells(self) -> bool {
         matches!(
             self,
-            Op::CellPlace | Op::CellFailover | Op::CellShow | Op::CellLost
+            Op::CellPlace | Op::CellFailover | Op::CellShow | Op::CellLost | Op::CellFailoverTier
         )
     }
 
@@ -88,7 +93,7 @@ impl Op {
             Op::BotRevoke => "bot_revoke",
             Op::BotList => "bot_list",
             Op::CellPlace => "cell_place",
-            Op::CellFailover => "cell_failover",
+            Op::CellFailover | Op::CellFailoverTier => "cell_failover",
             Op::CellShow => "cell_show",
             Op::CellLost => "cell_lost",
         }
@@ -109,6 +114,9 @@ pub(super) async fn request(
     body: Incoming,
 ) -> Response<Body> {
     let action = op.action();
+    if op == Op::CellFailoverTier {
+        return failover_tier(state, peer, headers, body).await;
+    }
     let posted = match authorized_post(state, peer, headers, body, action, ADMIN_ROLE).await {
         Ok(posted) => posted,
         Err(response) => return response,
@@ -209,6 +217,10 @@ pub(super) async fn request(
                 Err(e) => return log_failure(&e),
             }
         }
+        // Served above, before a tenant's body is read (`failover_tier`).
+        Op::CellFailoverTier => {
+            return error(StatusCode::NOT_FOUND, "not_found", "no such route");
+        }
         Op::CellPlace | Op::CellFailover | Op::CellShow | Op::CellLost => {
             let Some(link) = &state.cells else {
                 return error(
@@ -279,6 +291,71 @@ pub(super) async fn request(
     };
     info!(%tenant, actor = actor.name(), action, "admin operation done");
     full(StatusCode::OK, "application/json", format!("{answer}\n"))
+}
+
+/// `failover-tier`: every tenant of a tier whose DR cell this is, moved here, each recorded
+/// in its own tenant's audit log under the operator's name.
+async fn failover_tier(
+    state: &Arc<Plane>,
+    peer: SocketAddr,
+    headers: &HeaderMap,
+    body: Incoming,
+) -> Response<Body> {
+    let action = "cell_failover";
+    let posted = match authorized_post(state, peer, headers, body, action, CELL_OPERATOR_ROLE).await
+    {
+        Ok(posted) => posted,
+        Err(response) => return response,
+    };
+    let refusal = posted.refusal(state, action);
+    let caller = &posted.caller;
+    let fields: Map<String, Value> = match serde_json::from_slice(&posted.bytes) {
+        Ok(Value::Object(fields)) => fields,
+        _ => {
+            return refusal
+                .invalid(&caller.tenant, "the body is not a JSON object")
+                .await;
+        }
+    };
+    let Some(tier) = fields.get("tier").and_then(Value::as_str) else {
+        return refusal.invalid(&caller.tenant, "tier is required").await;
+    };
+    let planned = fields
+        .get("planned")
+        .and_then(Value::as_bool)
+        .unwrap_or(true);
+    let Some(link) = &state.cells else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "cells are off in this process ([cell] name)",
+        );
+    };
+    let actor = &caller.actor;
+    let mut moved = Vec::new();
+    for (tenant, outcome) in link.failover_tier(tier, planned, actor.name()).await {
+        match outcome {
+            Ok(report) => {
+                record(state, &tenant, actor, action, report.to_string()).await;
+                moved.push(report);
+            }
+            Err(e) => moved.push(json!({"tenant": tenant.as_str(), "error": e.to_string()})),
+        }
+    }
+    info!(
+        tier,
+        actor = actor.name(),
+        tenants = moved.len(),
+        "tier failover done"
+    );
+    full(
+        StatusCode::OK,
+        "application/json",
+        format!(
+            "{}\n",
+            json!({"tier": tier, "planned": planned, "tenants": moved})
+        ),
+    )
 }
 
 async fn archive_op(
