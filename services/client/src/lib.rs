@@ -50,6 +50,13 @@ pub enum ClientError {
 /// between cells that disagree).
 pub const MAX_CELL_REDIRECTS: usize = 3;
 
+/// Whether the client follows a cell redirect from `from` to `to`: never from `wss://` to
+/// anything but `wss://` (a redirect must not make the token cross in clear).
+pub fn redirect_allowed(from: &str, to: &str) -> bool {
+    let secure = |u: &str| u.get(..6).is_some_and(|s| s.eq_ignore_ascii_case("wss://"));
+    !secure(from) || secure(to)
+}
+
 /// How a `wss://` server's certificate is verified.
 #[derive(Clone, Debug, Default)]
 pub struct ClientTls {
@@ -458,7 +465,18 @@ impl Connection {
             let conn = Connection::connect_with(&url, tls).await?;
             match conn.hello(token, device).await {
                 Ok(welcome) => return Ok((conn, welcome)),
-                Err(ClientError::WrongCell { url: next }) if !next.is_empty() => url = next,
+                Err(ClientError::WrongCell { url: next }) if !next.is_empty() => {
+                    if !redirect_allowed(&url, &next) {
+                        return Err(ClientError::Connect {
+                            url: next,
+                            message: format!(
+                                "refused a cell redirect from {url} that drops TLS (the token \
+                                 would cross in clear)"
+                            ),
+                        });
+                    }
+                    url = next;
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -952,6 +970,16 @@ mod tests {
             seq,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn cell_redirects_never_drop_tls() {
+        assert!(redirect_allowed("wss://a/v1/ws", "wss://b/v1/ws"));
+        assert!(redirect_allowed("WSS://a/v1/ws", "wss://b/v1/ws"));
+        assert!(redirect_allowed("ws://a/v1/ws", "ws://b/v1/ws"));
+        assert!(redirect_allowed("ws://a/v1/ws", "wss://b/v1/ws"));
+        assert!(!redirect_allowed("wss://a/v1/ws", "ws://b/v1/ws"));
+        assert!(!redirect_allowed("wss://a/v1/ws", "http://b/"));
     }
 
     #[test]
