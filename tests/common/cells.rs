@@ -5,6 +5,8 @@
 
 use std::path::{Path, PathBuf};
 
+use tidings_server::bench_cells::{Leaf, loopback_nats_conf};
+
 use super::{Nats, Sandbox, Server};
 
 /// A port free now (bound and released): for listeners whose address must be known before
@@ -82,33 +84,12 @@ impl Cell {
     }
 }
 
+/// Writes cell `name`'s nats-server config into `dir` (port and store come from the
+/// command line [`Nats`] runs).
 fn nats_conf(dir: &Path, name: &str, leaf: Leaf) -> PathBuf {
-    let leafnodes = match leaf {
-        Leaf::Hub(port) => format!(
-            "leafnodes {{\n  listen: \"127.0.0.1:{port}\"\n  authorization {{ users: [ {{user: leaf, password: leaf, account: CELL}} ] }}\n}}\n"
-        ),
-        Leaf::Spoke(port) => format!(
-            "leafnodes {{\n  remotes: [ {{ url: \"nats-leaf://leaf:leaf@127.0.0.1:{port}\", account: CELL }} ]\n  reconnect: 1\n}}\n"
-        ),
-    };
-    let conf = format!(
-        "jetstream {{ domain: \"{name}\" }}\n\
-         accounts {{\n\
-           APP: {{ jetstream: enabled, users: [ {{user: app, password: app}} ] }}\n\
-           CELL: {{ jetstream: enabled, users: [ {{user: cell, password: cell}} ] }}\n\
-         }}\n\
-         no_auth_user: app\n\
-         {leafnodes}"
-    );
     let path = dir.join(format!("nats-{name}.conf"));
-    std::fs::write(&path, conf).expect("write nats config");
+    std::fs::write(&path, loopback_nats_conf(name, leaf, None, None)).expect("write nats config");
     path
-}
-
-#[derive(Clone, Copy)]
-enum Leaf {
-    Hub(u16),
-    Spoke(u16),
 }
 
 /// Cells named `names` (the first the leaf hub), configured as each other's peers, sharing

@@ -43,16 +43,42 @@ struct Cell {
     admin: String,
 }
 
-fn nats_conf(name: &str, port: u16, store: &Path, leaf: &str) -> String {
+/// A cell's place in the loopback leaf-node link: the hub listens on the port, the others
+/// join it.
+#[derive(Clone, Copy, Debug)]
+pub enum Leaf {
+    Hub(u16),
+    Spoke(u16),
+}
+
+/// A loopback cell's nats-server config, for this bench and `tests/cells.rs`: JetStream in
+/// domain `name`, the application's account `APP` (user `app`, and the default for clients
+/// without a credential) and the link account `CELL` (user `cell`, password `cell`), which
+/// alone the leaf node joins. `listen` and `store` when the command line does not give them.
+pub fn loopback_nats_conf(
+    name: &str,
+    leaf: Leaf,
+    listen: Option<u16>,
+    store: Option<&Path>,
+) -> String {
+    let listen = listen.map_or(String::new(), |p| format!("listen: 127.0.0.1:{p}\n"));
+    let store = store.map_or(String::new(), |s| format!(", store_dir: {s:?}"));
+    let leafnodes = match leaf {
+        Leaf::Hub(port) => format!(
+            "leafnodes {{ listen: \"127.0.0.1:{port}\", authorization {{ users: [ {{user: leaf, password: leaf, account: CELL}} ] }} }}\n"
+        ),
+        Leaf::Spoke(port) => format!(
+            "leafnodes {{ remotes: [ {{ url: \"nats-leaf://leaf:leaf@127.0.0.1:{port}\", account: CELL }} ], reconnect: 1 }}\n"
+        ),
+    };
     format!(
-        "listen: 127.0.0.1:{port}\n\
-         jetstream {{ domain: \"{name}\", store_dir: {store:?} }}\n\
+        "{listen}jetstream {{ domain: \"{name}\"{store} }}\n\
          accounts {{\n\
            APP: {{ jetstream: enabled, users: [ {{user: app, password: app}} ] }}\n\
            CELL: {{ jetstream: enabled, users: [ {{user: cell, password: cell}} ] }}\n\
          }}\n\
          no_auth_user: app\n\
-         {leaf}"
+         {leafnodes}"
     )
 }
 
@@ -70,16 +96,13 @@ async fn start(root: &Path, jwt_file: &Path, link_file: &Path) -> anyhow::Result
         std::fs::create_dir_all(&dir)?;
         let nats_port = free_port()?;
         let leaf = if i == 0 {
-            format!(
-                "leafnodes {{ listen: \"127.0.0.1:{leaf_port}\", authorization {{ users: [ {{user: leaf, password: leaf, account: CELL}} ] }} }}\n"
-            )
+            Leaf::Hub(leaf_port)
         } else {
-            format!(
-                "leafnodes {{ remotes: [ {{ url: \"nats-leaf://leaf:leaf@127.0.0.1:{leaf_port}\", account: CELL }} ], reconnect: 1 }}\n"
-            )
+            Leaf::Spoke(leaf_port)
         };
         let conf = dir.join("nats.conf");
-        std::fs::write(&conf, nats_conf(name, nats_port, &dir.join("js"), &leaf))?;
+        let text = loopback_nats_conf(name, leaf, Some(nats_port), Some(&dir.join("js")));
+        std::fs::write(&conf, text)?;
         let nats_log = dir.join("nats.log");
         let nats = Child(
             std::process::Command::new("nats-server")
