@@ -166,12 +166,10 @@ impl Cells {
 
     /// Whether this cell may take the tenant's writes now, and what they need if so.
     pub fn admit(&self, tenant: &TenantId) -> Result<Option<Replication>, LogError> {
+        self.serves(tenant)?;
         let Some(p) = self.placement(tenant) else {
             return Ok(None);
         };
-        if p.home != self.config.name {
-            return Err(LogError::WrongCell { cell: p.home });
-        }
         if p.draining && crate::now_ms() - p.changed_ms < DRAIN_LEASE_MS {
             return Err(LogError::Unavailable {
                 reason: format!("the tenant is moving to cell {}; try again shortly", p.dr),
@@ -196,6 +194,20 @@ impl Cells {
         }))
     }
 
+    /// `Err(wrong_cell)` if the directory homes the tenant in another cell.
+    pub fn serves(&self, tenant: &TenantId) -> Result<(), LogError> {
+        match self.placement(tenant) {
+            Some(p) if p.home != self.config.name => Err(LogError::WrongCell { cell: p.home }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether this cell's directory is older than placement `version` of the tenant (a
+    /// replica written under it waits for it to arrive).
+    pub fn behind(&self, tenant: &TenantId, version: u64) -> bool {
+        self.placement(tenant).map_or(0, |p| p.version) < version
+    }
+
     /// Whether a replica from `source` of the tenant, written under placement `version`,
     /// may be applied here: `source` must be the tenant's home and this cell its DR cell.
     /// A directory older than the batch's is `directory_behind` (retryable: wait for it).
@@ -205,16 +217,15 @@ impl Cells {
         source: &str,
         version: u64,
     ) -> Result<(), LogError> {
-        let placement = self.placement(tenant);
-        if placement.as_ref().map_or(0, |p| p.version) < version {
+        if self.behind(tenant, version) {
             return Err(LogError::Unavailable {
                 reason: format!(
-                    "{DIRECTORY_BEHIND}: placement version {version} of tenant {tenant} is not \
-                     here yet"
+                    "the directory is behind: placement version {version} of tenant {tenant} \
+                     is not here yet"
                 ),
             });
         }
-        match placement {
+        match self.placement(tenant) {
             Some(p) if p.home == source && p.dr == self.config.name => Ok(()),
             Some(p) => Err(LogError::NotAllowed(format!(
                 "a replica of tenant {tenant} from cell {source}, whose home is {} and DR cell \
@@ -456,10 +467,6 @@ impl crate::Log {
 pub const BATCH_MAC: &[u8] = b"tidings-cell-batch-v1";
 /// The label of a directory entry's MAC under the link key.
 pub const PLACEMENT_MAC: &[u8] = b"tidings-cell-placement-v1";
-
-/// How an `unavailable` replica refusal starts when this cell's directory is older than the
-/// batch's (the applier then asks the source for its directory).
-pub const DIRECTORY_BEHIND: &str = "the directory is behind";
 
 /// Splits an outbox key into (partition, epoch, n).
 pub fn outbox_position(key: &[u8]) -> Option<(u32, Position)> {

@@ -914,13 +914,7 @@ impl Log {
     /// service edges check before serving a tenant's client at all (writes are fenced in the
     /// sequencer besides).
     pub fn serves(&self, tenant: &TenantId) -> Result<(), LogError> {
-        if let Some(cells) = self.cells()
-            && let Some(p) = cells.placement(tenant)
-            && p.home != cells.name()
-        {
-            return Err(LogError::WrongCell { cell: p.home });
-        }
-        Ok(())
+        self.cells().map_or(Ok(()), |cells| cells.serves(tenant))
     }
 
     /// Applies a home cell's replica batch through the sequencer (`cells`): `Ok(false)` if

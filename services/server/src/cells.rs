@@ -542,7 +542,9 @@ impl Link {
                 }
                 Err(e) if e.is_retryable() => {
                     info!(error = %e, "a replica could not be applied yet; trying again");
-                    if e.to_string().contains(tidings_log::cells::DIRECTORY_BEHIND) {
+                    let behind = TenantId::new(&batch.tenant)
+                        .is_ok_and(|t| self.cells.behind(&t, batch.placement_version));
+                    if behind {
                         // A placement no peer ever announces (a forged version) must not
                         // hold every later replica back.
                         if started.elapsed() > MOVE_WAIT {
