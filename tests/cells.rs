@@ -285,6 +285,8 @@ async fn drill(sync: bool) -> Vec<u64> {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // Still exactly those, now that a has been running a while as b's DR cell.
+    assert_eq!(lost_seqs(a, "vip"), missing);
     missing
 }
 
