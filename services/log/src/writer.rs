@@ -1568,6 +1568,7 @@ impl Writer {
             state,
             txn: Some(txn),
             sync_waits,
+            wrote_outbox: !positions.is_empty(),
         }
     }
 
@@ -1639,6 +1640,7 @@ impl Writer {
             partitions,
             state,
             sync_waits,
+            wrote_outbox,
             ..
         } = batch;
         if let Err(e) = committed {
@@ -1714,7 +1716,7 @@ impl Writer {
             .requests
             .fetch_add(reqs.len() as u64, Ordering::Relaxed);
         if let Some(cells) = &self.cells
-            && state.pending.keys().any(|k| k.starts_with(b"ro\0"))
+            && wrote_outbox
         {
             cells.outbox_written.notify_one();
         }
@@ -1791,6 +1793,8 @@ pub(crate) struct Prepared {
     pub txn: Option<Transaction>,
     /// Per request: the outbox position a synchronous tenant's answer waits for.
     pub sync_waits: Vec<Option<(u32, crate::cells::Position)>>,
+    /// The batch wrote outbox rows (the relay is woken once it commits).
+    pub wrote_outbox: bool,
 }
 
 /// The batch as one transaction: first the fence (each touched partition's lease as this
