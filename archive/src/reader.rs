@@ -12,7 +12,7 @@
 //! every term, within the run's rows, turned back into seqs. A segment without an index
 //! names all of its seqs.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::hash::Hash;
 use std::ops::RangeInclusive;
 use std::sync::{Arc, Mutex};
@@ -110,17 +110,7 @@ impl Segment {
         let rows = format::read_rows(&self.footer, data, rg, offset, n, true)
             .map_err(|e| ArchiveError::corrupt(path, e))?;
         for (i, (row, seq)) in rows.iter().zip(first_seq..).enumerate() {
-            if row.conversation != conv || row.seq != seq {
-                return Err(ArchiveError::corrupt(
-                    path,
-                    format!(
-                        "row {} of row group {rg} holds ({}, {}) where the index says ({conv}, {seq})",
-                        offset + i,
-                        row.conversation,
-                        row.seq
-                    ),
-                ));
-            }
+            check_row(path, rg, offset + i, row, conv, seq)?;
         }
         Ok(rows)
     }
@@ -163,6 +153,27 @@ impl Segment {
             })
             .collect()
     }
+}
+
+/// Checks that row `index` of row group `rg` is seq `seq` of `conv`, as the index says.
+fn check_row(
+    path: &str,
+    rg: usize,
+    index: usize,
+    row: &format::Row,
+    conv: &str,
+    seq: u64,
+) -> Result<(), ArchiveError> {
+    if row.conversation == conv && row.seq == seq {
+        return Ok(());
+    }
+    Err(ArchiveError::corrupt(
+        path,
+        format!(
+            "row {index} of row group {rg} holds ({}, {}) where the index says ({conv}, {seq})",
+            row.conversation, row.seq
+        ),
+    ))
 }
 
 /// Fetches a segment's footer: the object's tail, fetched again larger until the footer and
@@ -266,6 +277,14 @@ pub struct ColdReader {
     indexes: Shared<String, Option<Arc<SegmentIndex>>>,
     stats: Mutex<ReadStats>,
 }
+
+/// A row a scattered read wants: (row in its row group, which conversation asked, seq).
+type Wanted = (usize, usize, u64);
+
+/// Conversations whose archive runs are looked up together.
+const RUNS_AT_ONCE: usize = 64;
+/// Runs read per conversation per round trip.
+const RUN_PAGE: usize = 256;
 
 /// A segment's rows that hold every term of a query, with where its row groups start.
 struct IndexedRows {
@@ -395,20 +414,22 @@ impl ColdReader {
         // A segment holds many conversations' runs: its rows are looked up once.
         let mut segments: HashMap<String, Option<IndexedRows>> = HashMap::new();
         let mut found = Vec::with_capacity(wanted.len());
-        for (conv, range) in wanted {
+        let runs = self.runs_each(tenant, wanted).await?;
+        for ((_, range), runs) in wanted.iter().zip(runs) {
             let (from, to) = (*range.start(), *range.end());
             found.push(
-                self.conversation_candidates(tenant, conv, from, to, needle, &mut segments)
+                self.conversation_candidates(tenant, runs, from, to, needle, &mut segments)
                     .await?,
             );
         }
         Ok(found)
     }
 
+    /// The candidates among `runs` (a conversation's, covering `from..=to`).
     async fn conversation_candidates(
         &self,
         tenant: &TenantId,
-        conv: &ConvId,
+        runs: Vec<(u64, ArchiveRun)>,
         from: u64,
         to: u64,
         needle: &Needle,
@@ -419,7 +440,7 @@ impl ColdReader {
             Some(last) if *last.end() + 1 == lo => *last = *last.start()..=hi,
             _ => out.push(lo..=hi),
         };
-        for (first_seq, run) in self.runs(tenant, conv, from, to).await? {
+        for (first_seq, run) in runs {
             let (lo, hi) = (first_seq.max(from), run.last_seq.min(to));
             // Retention's marker: nothing below it is searched (the caller starts above it).
             if tidings_log::cold::is_purge_marker(&run) || lo > hi {
@@ -460,46 +481,80 @@ impl ColdReader {
         from: u64,
         to: u64,
     ) -> Result<Vec<(u64, ArchiveRun)>, ArchiveError> {
-        let mut runs = Vec::new();
-        let first = self
-            .store
-            .scan(
-                keys::archive_runs_through(tenant, conv, from),
-                1,
-                Order::Descending,
-            )
-            .await
-            .map_err(LogError::from)?;
-        let mut next = from;
-        if let Some((key, value)) = first.first() {
-            let run = decode_run(key, value)?;
-            let first_seq = keys::event_seq(key).unwrap_or(0);
-            next = run.last_seq + 1;
-            runs.push((first_seq, run));
-        }
-        while next <= to {
-            let more = self
+        let mut runs = self.runs_each(tenant, &[(conv.clone(), from..=to)]).await?;
+        Ok(runs.pop().unwrap_or_default())
+    }
+
+    /// [`Self::runs`] of each of `wanted`, a few round trips for [`RUNS_AT_ONCE`]
+    /// conversations at a time rather than a few for each.
+    async fn runs_each(
+        &self,
+        tenant: &TenantId,
+        wanted: &[(ConvId, RangeInclusive<u64>)],
+    ) -> Result<Vec<Vec<(u64, ArchiveRun)>>, ArchiveError> {
+        let mut out = Vec::with_capacity(wanted.len());
+        for chunk in wanted.chunks(RUNS_AT_ONCE) {
+            // The run holding each `from` (the last one starting at or below it).
+            let firsts = self
                 .store
-                .scan(
-                    KeyRange {
-                        start: keys::archive_run(tenant, conv, next),
-                        end: keys::archive_run(tenant, conv, to.saturating_add(1)),
-                    },
-                    256,
-                    Order::Ascending,
+                .scan_each(
+                    chunk
+                        .iter()
+                        .map(|(c, r)| keys::archive_runs_through(tenant, c, *r.start()))
+                        .collect(),
+                    1,
+                    Order::Descending,
                 )
                 .await
                 .map_err(LogError::from)?;
-            if more.is_empty() {
-                break;
+            let mut runs: Vec<Vec<(u64, ArchiveRun)>> = Vec::with_capacity(chunk.len());
+            let mut next: Vec<Option<u64>> = Vec::with_capacity(chunk.len());
+            for ((_, range), first) in chunk.iter().zip(firsts) {
+                let mut found = Vec::new();
+                let mut at = *range.start();
+                if let Some((key, value)) = first.first() {
+                    let run = decode_run(key, value)?;
+                    at = run.last_seq + 1;
+                    found.push((keys::event_seq(key).unwrap_or(0), run));
+                }
+                runs.push(found);
+                next.push((at <= *range.end()).then_some(at));
             }
-            for (key, value) in more {
-                let run = decode_run(&key, &value)?;
-                next = run.last_seq + 1;
-                runs.push((keys::event_seq(&key).unwrap_or(0), run));
+            // Then the runs above it, a page of each conversation at a time.
+            loop {
+                let open: Vec<usize> = (0..chunk.len()).filter(|&i| next[i].is_some()).collect();
+                if open.is_empty() {
+                    break;
+                }
+                let ranges = open
+                    .iter()
+                    .map(|&i| {
+                        let (conv, range) = &chunk[i];
+                        KeyRange {
+                            start: keys::archive_run(tenant, conv, next[i].unwrap_or(0)),
+                            end: keys::archive_run(tenant, conv, range.end().saturating_add(1)),
+                        }
+                    })
+                    .collect();
+                let pages = self
+                    .store
+                    .scan_each(ranges, RUN_PAGE, Order::Ascending)
+                    .await
+                    .map_err(LogError::from)?;
+                for (&i, page) in open.iter().zip(pages) {
+                    let full = page.len() == RUN_PAGE;
+                    let mut at = None;
+                    for (key, value) in page {
+                        let run = decode_run(&key, &value)?;
+                        at = Some(run.last_seq + 1);
+                        runs[i].push((keys::event_seq(&key).unwrap_or(0), run));
+                    }
+                    next[i] = at.filter(|&at| full && at <= *chunk[i].1.end());
+                }
             }
+            out.extend(runs);
         }
-        Ok(runs)
+        Ok(out)
     }
 
     async fn read_archived(
@@ -516,10 +571,7 @@ impl ColdReader {
                 break;
             }
             if tidings_log::cold::is_purge_marker(&run) {
-                return Err(ArchiveError::Log(LogError::InvalidRequest(format!(
-                    "seqs up to {} of conversation {conv} were deleted by the retention policy",
-                    run.last_seq
-                ))));
+                return Err(purged(conv, run.last_seq));
             }
             if first_seq > expected || run.last_seq < expected {
                 break;
@@ -552,8 +604,117 @@ impl ColdReader {
     }
 }
 
+impl ColdReader {
+    /// The events at `wanted`'s ranges (see [`ColdTier::read_ranges`]): every seq located
+    /// through the conversation's runs, then each row group they fall in fetched, decoded
+    /// (only the pages holding them) and opened once, on the blocking pool.
+    async fn read_scattered(
+        &self,
+        tenant: &TenantId,
+        wanted: &[(ConvId, Vec<RangeInclusive<u64>>)],
+    ) -> Result<Vec<Vec<Event>>, ArchiveError> {
+        let mut groups: BTreeMap<(String, usize), Vec<Wanted>> = BTreeMap::new();
+        let spans: Vec<(ConvId, RangeInclusive<u64>)> = wanted
+            .iter()
+            .filter_map(|(conv, ranges)| {
+                Some((
+                    conv.clone(),
+                    *ranges.first()?.start()..=*ranges.last()?.end(),
+                ))
+            })
+            .collect();
+        let mut runs_each = self.runs_each(tenant, &spans).await?.into_iter();
+        for (i, (conv, ranges)) in wanted.iter().enumerate() {
+            if ranges.is_empty() {
+                continue;
+            }
+            let runs = runs_each.next().unwrap_or_default();
+            for seq in ranges.iter().flat_map(|r| r.clone()) {
+                let at = runs.partition_point(|(first_seq, _)| *first_seq <= seq);
+                let run = at
+                    .checked_sub(1)
+                    .map(|at| &runs[at])
+                    .filter(|(_, run)| seq <= run.last_seq);
+                let Some((first_seq, run)) = run else {
+                    return Err(ArchiveError::Log(LogError::corrupt(
+                        &keys::archive_run(tenant, conv, seq),
+                        "archive index has no run for this seq",
+                    )));
+                };
+                if tidings_log::cold::is_purge_marker(run) {
+                    return Err(purged(conv, run.last_seq));
+                }
+                let row = run.row_offset + (seq - first_seq);
+                groups
+                    .entry((run.path.clone(), run.row_group as usize))
+                    .or_default()
+                    .push((row as usize, i, seq));
+            }
+        }
+        let mut out: Vec<Vec<Event>> = vec![Vec::new(); wanted.len()];
+        for ((path, rg), mut rows) in groups {
+            rows.sort_unstable();
+            let segment = self.segment(tenant, &path).await?;
+            let data = self.row_group(&path, &segment, rg).await?;
+            let key = self.keyring.key(&segment.tenant, segment.key_id).await?;
+            let convs: Vec<String> = rows
+                .iter()
+                .map(|&(_, i, _)| wanted[i].0.to_string())
+                .collect();
+            let (seg, at, object) = (segment.clone(), rows.clone(), path.clone());
+            let task = tokio::task::spawn_blocking(move || -> Result<Vec<Event>, ArchiveError> {
+                let path = object;
+                let indices: Vec<usize> = at.iter().map(|r| r.0).collect();
+                let read = format::read_rows_at(&seg.footer, &data, rg, &indices)
+                    .map_err(|e| ArchiveError::corrupt(&path, e))?;
+                if read.len() != at.len() {
+                    return Err(ArchiveError::corrupt(
+                        &path,
+                        "rows missing from a row group",
+                    ));
+                }
+                let mut opener = seg.opener();
+                read.iter()
+                    .zip(at.iter().zip(&convs))
+                    .map(|(row, (&(index, _, seq), conv))| {
+                        check_row(&path, rg, index, row, conv, seq)?;
+                        opener
+                            .open(&key, &seg.tenant, row)
+                            .map_err(|e| ArchiveError::corrupt(&path, e))
+                    })
+                    .collect()
+            });
+            let events = task
+                .await
+                .map_err(|e| ArchiveError::corrupt(&path, format!("opening rows failed: {e}")))??;
+            for (event, (_, i, _)) in events.into_iter().zip(rows) {
+                out[i].push(event);
+            }
+        }
+        for events in &mut out {
+            events.sort_unstable_by_key(|e| e.seq);
+        }
+        Ok(out)
+    }
+}
+
+/// Reading below retention's marker.
+fn purged(conv: &ConvId, through: u64) -> ArchiveError {
+    ArchiveError::Log(LogError::InvalidRequest(format!(
+        "seqs up to {through} of conversation {conv} were deleted by the retention policy"
+    )))
+}
+
 #[async_trait::async_trait]
 impl ColdTier for ColdReader {
+    async fn read_ranges(
+        &self,
+        tenant: &TenantId,
+        wanted: &[(ConvId, Vec<RangeInclusive<u64>>)],
+    ) -> Result<Vec<Vec<Event>>, LogError> {
+        Ok(self.read_scattered(tenant, wanted).await?)
+    }
+
     async fn read(
         &self,
         tenant: &TenantId,

@@ -422,19 +422,88 @@ impl Scanner<'_> {
                 .scan_hot_conversations(tenant, heads, sel, visitor)
                 .await;
         }
-        let dir = keys::head_dir(Some(tenant));
-        let mut pages = Pages::new(KeyRange::prefix(dir.clone()));
-        while let Some(page) = pages.next(self.store).await? {
-            let mut heads = Vec::with_capacity(page.len());
-            for (key, value) in page {
-                let conv = keys::last_part(&dir, &key)
-                    .ok_or_else(|| LogError::corrupt(&key, "bad head key"))?;
-                heads.push((ConvId::new(conv)?, value));
+        // The whole tenant: its hot events are exactly its `ev/` rows (the archiver deletes
+        // what it archives in the transaction that indexes it), read a page at a time in key
+        // order, conversation by conversation, so a thin hot tail over thousands of
+        // conversations costs a few scans rather than a few reads per conversation. A
+        // conversation whose run fills [`HOT_OPEN_ALL`] rows is asked of its postings up to
+        // its watermark, if that is further, and the pages go on above it.
+        let mut pages = Pages::new(KeyRange::prefix(keys::event_tenant_dir(tenant)));
+        'pages: while let Some(page) = pages.next(self.store).await? {
+            let mut events = Vec::new();
+            let mut i = 0;
+            while i < page.len() {
+                let key = &page[i].0;
+                let (conv, seq) =
+                    keys::event_ids(key).ok_or_else(|| LogError::corrupt(key, "bad event key"))?;
+                // This conversation's rows in the page: the keys that differ only in the seq.
+                let dir = &key[..key.len() - 8];
+                let run = page[i..]
+                    .iter()
+                    .take_while(|(k, _)| k.len() == key.len() && k.starts_with(dir))
+                    .count();
+                if let Some(hot) = sel.hot
+                    && run as u64 >= HOT_OPEN_ALL
+                {
+                    let indexed = self.indexed_through(tenant, &conv).await?;
+                    if indexed >= seq && indexed - seq + 1 > HOT_OPEN_ALL {
+                        // Visited in order: what this page opened first.
+                        if !events.is_empty() {
+                            visitor
+                                .visit(std::mem::take(&mut events), Tier::Hot)
+                                .await?;
+                        }
+                        self.scan_indexed(tenant, &conv, seq, indexed, hot, sel, visitor)
+                            .await?;
+                        pages.resume_at(keys::event(tenant, &conv, indexed.saturating_add(1)));
+                        continue 'pages;
+                    }
+                }
+                self.open_hot(tenant, &conv, &page[i..i + run], sel, &mut events)
+                    .await?;
+                i += run;
             }
-            self.scan_hot_conversations(tenant, heads, sel, visitor)
-                .await?;
+            if !events.is_empty() {
+                visitor.visit(events, Tier::Hot).await?;
+            }
         }
         Ok(())
+    }
+
+    /// Opens the stored events `rows` of `conv`, counted as scanned and opened; keeps those
+    /// `sel` selects.
+    async fn open_hot(
+        &self,
+        tenant: &TenantId,
+        conv: &ConvId,
+        rows: &[(Vec<u8>, Vec<u8>)],
+        sel: Selection<'_>,
+        events: &mut Vec<Event>,
+    ) -> Result<(), ComplianceError> {
+        for (key, value) in rows {
+            let seq = keys::event_seq(key).ok_or_else(|| LogError::corrupt(key, "bad key"))?;
+            let event = open_stored_event(self.keyring, tenant, conv, seq, key, value).await?;
+            if sel.matches(&event) {
+                events.push(event);
+            }
+        }
+        let n = rows.len() as u64;
+        self.progress.scanned.fetch_add(n, Ordering::Relaxed);
+        self.progress.opened.fetch_add(n, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// How far a conversation's hot index is built, within its head.
+    async fn indexed_through(&self, tenant: &TenantId, conv: &ConvId) -> Result<u64, LogError> {
+        let head = match self.store.get(&keys::head(tenant, conv)).await? {
+            Some(v) => {
+                Head::decode(v.as_slice())
+                    .map_err(|e| LogError::corrupt(&keys::head(tenant, conv), e))?
+                    .last_seq
+            }
+            None => 0,
+        };
+        Ok(watermark(self.store, tenant, conv).await?.min(head))
     }
 
     /// Visits the hot events of the conversations whose heads are given.
@@ -475,22 +544,9 @@ impl Scanner<'_> {
                 next = keys::event_seq(last_key)
                     .ok_or_else(|| LogError::corrupt(last_key, "bad key"))?
                     + 1;
-                self.progress
-                    .scanned
-                    .fetch_add(page.len() as u64, Ordering::Relaxed);
                 let mut events = Vec::new();
-                for (key, value) in &page {
-                    let seq =
-                        keys::event_seq(key).ok_or_else(|| LogError::corrupt(key, "bad key"))?;
-                    let event =
-                        open_stored_event(self.keyring, tenant, &conv, seq, key, value).await?;
-                    if sel.matches(&event) {
-                        events.push(event);
-                    }
-                }
-                self.progress
-                    .opened
-                    .fetch_add(page.len() as u64, Ordering::Relaxed);
+                self.open_hot(tenant, &conv, &page, sel, &mut events)
+                    .await?;
                 if !events.is_empty() {
                     visitor.visit(events, Tier::Hot).await?;
                 }

@@ -31,6 +31,27 @@ pub trait ColdTier: Send + Sync + 'static {
         to: u64,
     ) -> Result<Vec<Event>, LogError>;
 
+    /// The events of each of `wanted`: a conversation and ascending, disjoint ranges of its
+    /// archived seqs; each answer ascending by seq, exactly those seqs. What a search opens of
+    /// many conversations' candidates at once: the archive decodes each row group they fall in
+    /// once for all of them. The caller bounds how many seqs it asks for; this default reads
+    /// each range on its own.
+    async fn read_ranges(
+        &self,
+        tenant: &TenantId,
+        wanted: &[(ConvId, Vec<RangeInclusive<u64>>)],
+    ) -> Result<Vec<Vec<Event>>, LogError> {
+        let mut out = Vec::with_capacity(wanted.len());
+        for (conv, ranges) in wanted {
+            let mut events = Vec::new();
+            for r in ranges {
+                events.extend(self.read(tenant, conv, *r.start(), *r.end()).await?);
+            }
+            out.push(events);
+        }
+        Ok(out)
+    }
+
     /// For each (conversation, archived seqs) of `wanted`, the seqs whose text may hold every
     /// term of `needle`, as ascending, disjoint ranges: a superset of the matches (the caller
     /// opens each and confirms it on its decrypted text). The archive names only the rows its
@@ -54,17 +75,28 @@ pub async fn archived_through(
     tenant: &TenantId,
     conv: &ConvId,
 ) -> Result<u64, LogError> {
-    let last = store
-        .scan(
-            KeyRange::prefix(keys::archive_run_dir(tenant, conv)),
-            1,
-            Order::Descending,
-        )
-        .await?;
-    match last.first() {
-        None => Ok(0),
-        Some((key, value)) => Ok(decode_run(key, value)?.last_seq),
-    }
+    let mut through = archived_through_each(store, tenant, std::slice::from_ref(conv)).await?;
+    Ok(through.pop().unwrap_or(0))
+}
+
+/// [`archived_through`] of each of `convs`, in one round trip.
+pub async fn archived_through_each(
+    store: &dyn KvStore,
+    tenant: &TenantId,
+    convs: &[ConvId],
+) -> Result<Vec<u64>, LogError> {
+    let ranges = convs
+        .iter()
+        .map(|c| KeyRange::prefix(keys::archive_run_dir(tenant, c)))
+        .collect();
+    let lasts = store.scan_each(ranges, 1, Order::Descending).await?;
+    lasts
+        .iter()
+        .map(|last| match last.first() {
+            None => Ok(0),
+            Some((key, value)) => Ok(decode_run(key, value)?.last_seq),
+        })
+        .collect()
 }
 
 /// The last seq of a conversation that the retention policy deleted, 0 when none: history
@@ -75,9 +107,14 @@ pub async fn purged_through(
     conv: &ConvId,
 ) -> Result<u64, LogError> {
     let key = keys::purge_marker(tenant, conv);
-    match store.get(&key).await? {
+    decode_purge_marker(&key, store.get(&key).await?)
+}
+
+/// [`purged_through`] from the stored value of its key.
+pub fn decode_purge_marker(key: &[u8], value: Option<Vec<u8>>) -> Result<u64, LogError> {
+    match value {
         None => Ok(0),
-        Some(value) => Ok(decode_run(&key, &value)?.last_seq),
+        Some(value) => Ok(decode_run(key, &value)?.last_seq),
     }
 }
 

@@ -290,7 +290,12 @@ pub const INDEX_VERSION: u8 = 2;
 /// How far a conversation's hot index is built (0: not at all, or in an older format).
 pub async fn watermark(store: &dyn KvStore, t: &TenantId, c: &ConvId) -> Result<u64, LogError> {
     let key = keys::search_watermark(t, c);
-    match store.get(&key).await? {
+    decode_watermark(&key, store.get(&key).await?)
+}
+
+/// [`watermark`] from the stored value of its key.
+pub fn decode_watermark(key: &[u8], value: Option<Vec<u8>>) -> Result<u64, LogError> {
+    match value {
         None => Ok(0),
         Some(v) => match (v.len(), v.last().copied()) {
             // Version 1 stored the seq alone.
@@ -298,7 +303,7 @@ pub async fn watermark(store: &dyn KvStore, t: &TenantId, c: &ConvId) -> Result<
             (9, Some(INDEX_VERSION)) => Ok(u64::from_be_bytes(v[..8].try_into().expect("8 bytes"))),
             (9, Some(older)) if older < INDEX_VERSION => Ok(0),
             _ => Err(LogError::corrupt(
-                &key,
+                key,
                 "search watermark is not a seq and a known version",
             )),
         },

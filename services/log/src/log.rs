@@ -1649,25 +1649,54 @@ impl Log {
         from: u64,
         to: u64,
     ) -> Result<Vec<Event>, LogError> {
-        let Some(cold) = self.inner.cold.get() else {
-            return Err(LogError::Archive {
-                reason: format!(
-                    "seqs {from}..={to} of conversation {conv} are archived and this log has no \
-                     archive configured"
-                ),
-                retryable: false,
-            });
+        let events = self
+            .cold_or_refuse(conv, from, to)?
+            .read(tenant, conv, from, to)
+            .await?;
+        check_cold(tenant, conv, std::slice::from_ref(&(from..=to)), &events)?;
+        Ok(events)
+    }
+
+    /// The archived events at each of `wanted`'s ranges (see [`ColdTier::read_ranges`]),
+    /// checked to be exactly those.
+    pub(crate) async fn read_cold_ranges(
+        &self,
+        tenant: &TenantId,
+        wanted: &[(ConvId, Vec<std::ops::RangeInclusive<u64>>)],
+    ) -> Result<Vec<Vec<Event>>, LogError> {
+        let Some((conv, ranges)) = wanted.first() else {
+            return Ok(Vec::new());
         };
-        let events = cold.read(tenant, conv, from, to).await?;
-        let contiguous = events.len() as u64 == to - from + 1
-            && events.iter().zip(from..).all(|(e, seq)| e.seq == seq);
-        if !contiguous {
+        let (from, to) = ranges.first().map_or((0, 0), |r| (*r.start(), *r.end()));
+        let found = self
+            .cold_or_refuse(conv, from, to)?
+            .read_ranges(tenant, wanted)
+            .await?;
+        if found.len() != wanted.len() {
             return Err(LogError::corrupt(
                 &keys::archive_run(tenant, conv, from),
-                "the archive returned other events than the index promised",
+                "the archive answered for other conversations than asked",
             ));
         }
-        Ok(events)
+        for ((conv, ranges), events) in wanted.iter().zip(&found) {
+            check_cold(tenant, conv, ranges, events)?;
+        }
+        Ok(found)
+    }
+
+    fn cold_or_refuse(
+        &self,
+        conv: &ConvId,
+        from: u64,
+        to: u64,
+    ) -> Result<&Arc<dyn ColdTier>, LogError> {
+        self.inner.cold.get().ok_or_else(|| LogError::Archive {
+            reason: format!(
+                "seqs {from}..={to} of conversation {conv} are archived and this log has no \
+                 archive configured"
+            ),
+            retryable: false,
+        })
     }
 
     async fn open_event(
@@ -1907,4 +1936,28 @@ pub async fn open_stored_event(
         return Err(LogError::corrupt(key, "event does not belong to its row"));
     }
     Ok(event)
+}
+
+/// Checks that `events` are exactly the seqs of `ranges` (ascending, disjoint), in order: the
+/// archive must return what its index promised.
+fn check_cold(
+    tenant: &TenantId,
+    conv: &ConvId,
+    ranges: &[std::ops::RangeInclusive<u64>],
+    events: &[Event],
+) -> Result<(), LogError> {
+    let mut got = events.iter().map(|e| e.seq);
+    let exact = ranges
+        .iter()
+        .flat_map(|r| r.clone())
+        .all(|seq| got.next() == Some(seq))
+        && got.next().is_none();
+    if exact {
+        return Ok(());
+    }
+    let from = ranges.first().map_or(0, |r| *r.start());
+    Err(LogError::corrupt(
+        &keys::archive_run(tenant, conv, from),
+        "the archive returned other events than the index promised",
+    ))
 }

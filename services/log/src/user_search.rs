@@ -29,10 +29,10 @@ use tidings_schemas::client::{Highlight, SearchHit, SearchResult};
 use tidings_schemas::storage::{Head, UserConversation};
 use tidings_schemas::v1::event::Body;
 
-use crate::cold::{archived_through, purged_through};
+use crate::cold::{archived_through_each, decode_purge_marker};
 use crate::crypto::hex_encode;
 use crate::error::LogError;
-use crate::hot_index::{Fate, Postings, watermark};
+use crate::hot_index::{Fate, Postings, decode_watermark};
 use crate::ids::{ConvId, TenantId, UserId};
 use crate::keys;
 use crate::log::{Log, ReadRange, open_stored_event};
@@ -131,6 +131,15 @@ impl Stream {
     }
 }
 
+/// Where a conversation stands: its head (`None`: no such conversation), the last seq
+/// retention purged, the last archived, and the hot index's watermark (0: none).
+struct ConvState {
+    head: Option<u64>,
+    purged: u64,
+    archived: u64,
+    watermark: u64,
+}
+
 struct Budget {
     left: usize,
 }
@@ -169,10 +178,13 @@ impl Log {
         let mut ended = self.ended_windows(t, user, &mut budget).await?;
         let dir = keys::user_conv_dir(t, user);
         let mut pages = Pages::new(KeyRange::prefix(dir.clone()));
-        'list: while let Some(rows) = pages.next(&**self.store()).await? {
+        let mut listed = true;
+        while listed && let Some(rows) = pages.next(&**self.store()).await? {
+            let mut page = Vec::with_capacity(rows.len());
             for (key, value) in rows {
                 if !budget.charge(CONVERSATION_COST) {
-                    break 'list;
+                    listed = false;
+                    break;
                 }
                 let entry = UserConversation::decode(value.as_slice())
                     .map_err(|e| LogError::corrupt(&key, e))?;
@@ -181,8 +193,13 @@ impl Log {
                     .ok_or_else(|| LogError::corrupt(&key, "bad conversation key"))?;
                 let mut windows = ended.remove(conv.as_str()).unwrap_or_default();
                 windows.push(entry.joined_seq..=u64::MAX);
+                page.push((conv, windows));
+            }
+            let convs: Vec<ConvId> = page.iter().map(|(c, _)| c.clone()).collect();
+            let states = self.conversation_states(t, &convs).await?;
+            for ((conv, windows), state) in page.into_iter().zip(states) {
                 if let Some(s) = self
-                    .open_stream(t, conv, windows, &needle, &after, &mut budget)
+                    .open_stream(t, conv, windows, state, &needle, &after, &mut budget)
                     .await?
                 {
                     streams.push(s);
@@ -197,17 +214,9 @@ impl Log {
                 exhausted = false;
                 break;
             }
-            // The archive is asked once for every conversation that has not asked yet, as
-            // soon as one needs it: a segment's index serves them all at once.
-            if streams.iter().any(|s| {
-                s.hot.is_empty()
-                    && s.postings.is_none()
-                    && matches!(s.archive, ArchivePart::Unasked { through } if through >= s.lo)
-            }) {
-                self.ask_archive(t, &mut streams, &needle, &mut budget)
-                    .await?;
-            }
-            // Refill where the ready candidates are used up: postings, then the archive.
+            // Refill where the ready candidates are used up: postings, then the archive (asked
+            // once for every conversation that has not asked yet, as soon as one needs it: a
+            // segment's index serves them all at once).
             for s in streams.iter_mut() {
                 while s.hot.is_empty()
                     && let Some(p) = s.postings.as_mut()
@@ -229,15 +238,9 @@ impl Log {
                         .collect();
                     s.hot.extend(page);
                 }
-                while s.hot.is_empty()
-                    && s.archived.is_empty()
-                    && s.archive_left()
-                    && budget.left > 0
-                {
-                    self.read_archived(t, s, &needle, &after, &mut budget)
-                        .await?;
-                }
             }
+            self.read_archived(t, &mut streams, &needle, &after, &mut budget)
+                .await?;
             let best = streams
                 .iter()
                 .enumerate()
@@ -258,20 +261,27 @@ impl Log {
                 Some(c) => c,
                 None => Cand::Event(Box::new(s.archived.pop_front().expect("peeked"))),
             };
-            let event = match cand {
-                Cand::Event(e) => *e,
+            // The event, and its message's fate (`sf/`) if it is a posted message: an edit's
+            // fate is its target's, read in `confirm`.
+            let (event, fate) = match cand {
+                Cand::Event(e) => (*e, None),
                 Cand::Posting { seq, .. } => {
                     let key = keys::event(t, &s.conv, seq);
+                    let fate_key = keys::search_fate(t, &s.conv, seq);
+                    let mut got = self.store().batch_get(vec![key.clone(), fate_key]).await?;
+                    let fate = got.pop().flatten();
                     // Archived or purged meanwhile: the next search finds it there.
-                    let Some(value) = self.store().get(&key).await? else {
+                    let Some(value) = got.pop().flatten() else {
                         continue;
                     };
                     budget.charge(value.len());
-                    open_stored_event(self.keyring(), t, &s.conv, seq, &key, &value).await?
+                    let event =
+                        open_stored_event(self.keyring(), t, &s.conv, seq, &key, &value).await?;
+                    (event, Some(fate))
                 }
             };
             last_examined = Some(pos);
-            if let Some(hit) = self.confirm(t, s, &needle, &event).await? {
+            if let Some(hit) = self.confirm(t, s, &needle, &event, fate).await? {
                 hits.push(hit);
             }
         }
@@ -326,25 +336,72 @@ impl Log {
         Ok(out)
     }
 
+    /// Where each of `convs` stands, in two round trips for all of them.
+    async fn conversation_states(
+        &self,
+        t: &TenantId,
+        convs: &[ConvId],
+    ) -> Result<Vec<ConvState>, LogError> {
+        let store = self.store();
+        let wanted = convs
+            .iter()
+            .flat_map(|c| {
+                [
+                    keys::head(t, c),
+                    keys::purge_marker(t, c),
+                    keys::search_watermark(t, c),
+                ]
+            })
+            .collect::<Vec<_>>();
+        let mut values = store.batch_get(wanted.clone()).await?.into_iter();
+        let archived = archived_through_each(&**store, t, convs).await?;
+        let mut keys = wanted.iter();
+        let mut next = || {
+            (
+                keys.next().expect("3 per conversation"),
+                values.next().flatten(),
+            )
+        };
+        let mut states = Vec::with_capacity(convs.len());
+        for archived in archived {
+            let (head_key, head) = next();
+            let (purge_key, purge) = next();
+            let (watermark_key, watermark) = next();
+            let head = match head {
+                Some(v) => Some(
+                    Head::decode(v.as_slice())
+                        .map_err(|e| LogError::corrupt(head_key, e))?
+                        .last_seq,
+                ),
+                None => None,
+            };
+            states.push(ConvState {
+                head,
+                purged: decode_purge_marker(purge_key, purge)?,
+                archived,
+                watermark: decode_watermark(watermark_key, watermark)?,
+            });
+        }
+        Ok(states)
+    }
+
     /// The candidates of one conversation of the user's, or `None` if the user's windows
     /// there (ascending, the current one last) hold nothing to find.
+    #[allow(clippy::too_many_arguments)]
     async fn open_stream(
         &self,
         t: &TenantId,
         conv: ConvId,
         windows: Vec<RangeInclusive<u64>>,
+        state: ConvState,
         needle: &Needle,
         after: &Option<Pos>,
         budget: &mut Budget,
     ) -> Result<Option<Stream>, LogError> {
-        let store = self.store().clone();
-        let Some(head) = store.get(&keys::head(t, &conv)).await? else {
+        let Some(head) = state.head else {
             return Ok(None);
         };
-        let head = Head::decode(head.as_slice())
-            .map_err(|e| LogError::corrupt(&keys::head(t, &conv), e))?
-            .last_seq;
-        let floor = purged_through(&*store, t, &conv).await? + 1;
+        let floor = state.purged + 1;
         let windows: Vec<RangeInclusive<u64>> = windows
             .into_iter()
             .map(|w| (*w.start()).max(floor)..=(*w.end()).min(head))
@@ -353,9 +410,9 @@ impl Log {
         let Some(lo) = windows.first().map(|w| *w.start()) else {
             return Ok(None);
         };
-        let archived = archived_through(&*store, t, &conv).await?;
+        let archived = state.archived;
         let cfg = &self.config().search;
-        let wm = watermark(&*store, t, &conv).await?.min(head);
+        let wm = state.watermark.min(head);
         // Postings are used from the hot floor up to the watermark; everything above the
         // watermark (or all hot events, without the index) is opened.
         let indexed_to = if cfg.use_index { wm } else { 0 };
@@ -522,60 +579,66 @@ impl Log {
         Ok(())
     }
 
-    /// Opens the next archived candidates of a stream, newest first: asks the archive's
-    /// search indexes for them the first time (every archived seq in the windows, without
-    /// the index), then opens the next step's worth of them.
+    /// Opens the next archived candidates of every stream that has run dry, newest first,
+    /// until each has one or its archive is used up: asks the archive's search indexes for
+    /// them the first time (every archived seq in the windows, without the index), then
+    /// opens the next step's worth of each in one read of the archive, so a row group the
+    /// conversations share is decoded once.
     async fn read_archived(
         &self,
         t: &TenantId,
-        s: &mut Stream,
+        streams: &mut [Stream],
         needle: &Needle,
         after: &Option<Pos>,
         budget: &mut Budget,
     ) -> Result<(), LogError> {
-        if matches!(s.archive, ArchivePart::Unasked { .. }) {
-            self.ask_archive(t, std::slice::from_mut(s), needle, budget)
-                .await?;
-        }
-        let ArchivePart::Candidates(ranges) = &mut s.archive else {
-            return Ok(());
-        };
-        // The top candidates, as ranges, descending.
-        let mut left = s.archive_step.min(self.config().max_read_limit) as u64;
-        s.archive_step = (s.archive_step * 2).min(ARCHIVE_PAGE);
-        let mut pieces = Vec::new();
-        while left > 0
-            && let Some(r) = ranges.last_mut()
-        {
-            let (lo, hi) = (*r.start(), *r.end());
-            let from = hi - (hi - lo).min(left - 1);
-            pieces.push((from, hi));
-            left -= hi - from + 1;
-            if from == lo {
-                ranges.pop();
-            } else {
-                *r = lo..=from - 1;
+        let dry = |s: &Stream| s.hot.is_empty() && s.archived.is_empty() && s.archive_left();
+        while budget.left > 0 && streams.iter().any(dry) {
+            if streams
+                .iter()
+                .any(|s| dry(s) && matches!(s.archive, ArchivePart::Unasked { .. }))
+            {
+                self.ask_archive(t, streams, needle, budget).await?;
+                continue;
             }
-        }
-        let conv = s.conv.to_string();
-        for (from, to) in pieces {
-            let events = self.read_cold(t, &s.conv, from, to).await?;
-            for e in events.into_iter().rev() {
-                // Past the budget the merge stops with a cursor (see `search`).
-                budget.charge(e.encoded_len());
-                let pos = Pos {
-                    time: e.server_time_ms,
-                    conv: conv.clone(),
-                    seq: e.seq,
-                };
-                if after.as_ref().is_some_and(|a| pos >= *a) {
+            let mut wanted = Vec::new();
+            let mut owner = Vec::new();
+            for (i, s) in streams.iter_mut().enumerate() {
+                if !dry(s) {
                     continue;
                 }
-                if matches!(
-                    e.body,
-                    Some(Body::MessagePosted(_)) | Some(Body::MessageEdited(_))
-                ) {
-                    s.archived.push_back(e);
+                let step = s.archive_step.min(self.config().max_read_limit) as u64;
+                s.archive_step = (s.archive_step * 2).min(ARCHIVE_PAGE);
+                let ArchivePart::Candidates(ranges) = &mut s.archive else {
+                    continue;
+                };
+                let pieces = take_newest(ranges, step);
+                if !pieces.is_empty() {
+                    wanted.push((s.conv.clone(), pieces));
+                    owner.push(i);
+                }
+            }
+            let found = self.read_cold_ranges(t, &wanted).await?;
+            for (i, events) in owner.into_iter().zip(found) {
+                let s = &mut streams[i];
+                let conv = s.conv.to_string();
+                for e in events.into_iter().rev() {
+                    // Past the budget the merge stops with a cursor (see `search`).
+                    budget.charge(e.encoded_len());
+                    let pos = Pos {
+                        time: e.server_time_ms,
+                        conv: conv.clone(),
+                        seq: e.seq,
+                    };
+                    if after.as_ref().is_some_and(|a| pos >= *a) {
+                        continue;
+                    }
+                    if matches!(
+                        e.body,
+                        Some(Body::MessagePosted(_)) | Some(Body::MessageEdited(_))
+                    ) {
+                        s.archived.push_back(e);
+                    }
                 }
             }
         }
@@ -583,12 +646,14 @@ impl Log {
     }
 
     /// The hit `event` makes, if its text matches and is its message's current text.
+    /// `stored_fate`: the event's own `sf/` value, if already read (for a posted message).
     async fn confirm(
         &self,
         t: &TenantId,
         s: &Stream,
         needle: &Needle,
         event: &Event,
+        stored_fate: Option<Option<Vec<u8>>>,
     ) -> Result<Option<SearchHit>, LogError> {
         let (message, text) = match &event.body {
             Some(Body::MessagePosted(p)) => (event.seq, p.text.as_str()),
@@ -605,7 +670,11 @@ impl Log {
         }
         let mut fate = s.fates.get(&message).copied().unwrap_or_default();
         let key = keys::search_fate(t, &s.conv, message);
-        if let Some(v) = self.store().get(&key).await? {
+        let stored = match stored_fate {
+            Some(v) if message == event.seq => v,
+            _ => self.store().get(&key).await?,
+        };
+        if let Some(v) = stored {
             fate.merge(Fate::decode(&key, &v)?);
         }
         let current = if fate.latest_edit == 0 {
@@ -627,6 +696,28 @@ impl Log {
             highlights,
         }))
     }
+}
+
+/// Takes up to `n` of the highest seqs of `ranges` (ascending, disjoint) off its top; returns
+/// them as ascending ranges.
+fn take_newest(ranges: &mut Vec<RangeInclusive<u64>>, n: u64) -> Vec<RangeInclusive<u64>> {
+    let mut left = n;
+    let mut pieces = Vec::new();
+    while left > 0
+        && let Some(r) = ranges.last_mut()
+    {
+        let (lo, hi) = (*r.start(), *r.end());
+        let from = hi - (hi - lo).min(left - 1);
+        pieces.push(from..=hi);
+        left -= hi - from + 1;
+        if from == lo {
+            ranges.pop();
+        } else {
+            *r = lo..=from - 1;
+        }
+    }
+    pieces.reverse();
+    pieces
 }
 
 fn too_broad(budget: usize) -> LogError {

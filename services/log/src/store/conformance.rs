@@ -70,6 +70,36 @@ pub async fn batch_get_answers_in_key_order_given(store: Arc<dyn KvStore>) {
     assert_eq!(got, vec![Some(b"Z".to_vec()), None, Some(b"X".to_vec())]);
 }
 
+pub async fn scan_each_answers_each_range_in_the_order_given(store: Arc<dyn KvStore>) {
+    let ns = namespace();
+    let mut txn = Transaction::new();
+    for s in [b"a1", b"a2", b"a3", b"c1"] {
+        txn.put(k(&ns, s), s.to_vec());
+    }
+    store.commit(txn).await.expect("commit");
+    let range = |p: &[u8]| KeyRange::prefix(k(&ns, p));
+    let got = store
+        .scan_each(
+            vec![range(b"c"), range(b"b"), range(b"a")],
+            2,
+            Order::Descending,
+        )
+        .await
+        .expect("scan_each");
+    let keys: Vec<Vec<Vec<u8>>> = got
+        .into_iter()
+        .map(|pairs| pairs.into_iter().map(|(key, _)| key).collect())
+        .collect();
+    assert_eq!(
+        keys,
+        vec![
+            vec![k(&ns, b"c1")],
+            vec![],
+            vec![k(&ns, b"a3"), k(&ns, b"a2")]
+        ]
+    );
+}
+
 pub async fn scan_is_ordered_bounded_and_limited_both_ways(store: Arc<dyn KvStore>) {
     let ns = namespace();
     // Binary suffixes, including 0x00 and 0xff, must sort bytewise.
@@ -307,6 +337,7 @@ macro_rules! kv_conformance_suite {
             get_of_a_missing_key_is_none,
             put_overwrites_and_delete_removes,
             batch_get_answers_in_key_order_given,
+            scan_each_answers_each_range_in_the_order_given,
             scan_is_ordered_bounded_and_limited_both_ways,
             scan_never_leaves_its_prefix,
             put_if_absent_conflict_writes_nothing,

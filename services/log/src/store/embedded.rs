@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode, Readable, Snapshot};
 
-use super::{KeyRange, KvStore, Op, Order, StoreError, Transaction};
+use super::{KeyRange, KvStore, Op, Order, Pairs, StoreError, Transaction};
 
 #[derive(Clone)]
 pub struct FjallStore {
@@ -129,6 +129,32 @@ impl Inner {
             .get(&self.data, key)
             .map_err(backend("read a key"))?
             .map(|v| v.to_vec()))
+    }
+
+    /// Up to `limit` pairs of `range` in `order`, as of `snapshot`.
+    fn scan(
+        &self,
+        snapshot: &Snapshot,
+        range: KeyRange,
+        limit: usize,
+        order: Order,
+    ) -> Result<Pairs, StoreError> {
+        let KeyRange { start, end } = range;
+        let iter = if end.is_empty() {
+            snapshot.range(&self.data, start..)
+        } else {
+            snapshot.range(&self.data, start..end)
+        };
+        let collect = |guard: fjall::Guard| {
+            guard
+                .into_inner()
+                .map(|(k, v)| (k.to_vec(), v.to_vec()))
+                .map_err(backend("scan a range"))
+        };
+        match order {
+            Order::Ascending => iter.take(limit).map(collect).collect(),
+            Order::Descending => iter.rev().take(limit).map(collect).collect(),
+        }
     }
 
     fn commit(&self, txn: Transaction) -> Result<(), StoreError> {
@@ -311,24 +337,33 @@ impl KvStore for FjallStore {
             )));
         }
         self.blocking(move |s| {
-            let KeyRange { start, end } = range;
+            let _reading = s.reading();
+            s.scan(&s.db.snapshot(), range, limit, order)
+        })
+        .await
+    }
+
+    async fn scan_each(
+        &self,
+        ranges: Vec<KeyRange>,
+        limit: usize,
+        order: Order,
+    ) -> Result<Vec<Pairs>, StoreError> {
+        if limit.saturating_mul(ranges.len()) > Self::MAX_SCAN_LIMIT {
+            return Err(StoreError::InvalidRequest(format!(
+                "{} scans of {limit} are over the maximum of {} pairs",
+                ranges.len(),
+                Self::MAX_SCAN_LIMIT
+            )));
+        }
+        // One snapshot for all ranges: the answers are consistent with each other.
+        self.blocking(move |s| {
             let _reading = s.reading();
             let snapshot = s.db.snapshot();
-            let iter = if end.is_empty() {
-                snapshot.range(&s.data, start..)
-            } else {
-                snapshot.range(&s.data, start..end)
-            };
-            let collect = |guard: fjall::Guard| {
-                guard
-                    .into_inner()
-                    .map(|(k, v)| (k.to_vec(), v.to_vec()))
-                    .map_err(backend("scan a range"))
-            };
-            match order {
-                Order::Ascending => iter.take(limit).map(collect).collect(),
-                Order::Descending => iter.rev().take(limit).map(collect).collect(),
-            }
+            ranges
+                .into_iter()
+                .map(|range| s.scan(&snapshot, range, limit, order))
+                .collect()
         })
         .await
     }

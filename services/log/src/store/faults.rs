@@ -16,7 +16,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tracing::warn;
 
-use super::{KeyRange, KvStore, Order, StoreError, Transaction};
+use super::{KeyRange, KvStore, Order, Pairs, StoreError, Transaction};
 
 /// How often the control file is read.
 pub const POLL: Duration = Duration::from_millis(50);
@@ -160,6 +160,16 @@ impl KvStore for FaultyStore {
     ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
         self.check_read()?;
         self.inner.scan(range, limit, order).await
+    }
+
+    async fn scan_each(
+        &self,
+        ranges: Vec<KeyRange>,
+        limit: usize,
+        order: Order,
+    ) -> Result<Vec<Pairs>, StoreError> {
+        self.check_read()?;
+        self.inner.scan_each(ranges, limit, order).await
     }
 
     async fn commit(&self, txn: Transaction) -> Result<(), StoreError> {

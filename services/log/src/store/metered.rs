@@ -9,10 +9,11 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use super::{KeyRange, KvStore, Order, StoreError, Transaction};
+use super::{KeyRange, KvStore, Order, Pairs, StoreError, Transaction};
 use crate::metrics::LabeledCounter;
 
-/// Reads by keyspace: a `get` or a `scan` counts one, a `batch_get` one per key.
+/// Reads by keyspace: a `get` or a `scan` counts one, a `batch_get` one per key, a
+/// `scan_each` one per range.
 pub static READS: LabeledCounter = LabeledCounter::new(
     "tidings_store_reads_total",
     "Store reads by keyspace (the key's two-letter prefix): a get or a range scan counts one, \
@@ -64,6 +65,18 @@ impl KvStore for MeteredStore {
     ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
         READS.inc(space(&range.start));
         self.inner.scan(range, limit, order).await
+    }
+
+    async fn scan_each(
+        &self,
+        ranges: Vec<KeyRange>,
+        limit: usize,
+        order: Order,
+    ) -> Result<Vec<Pairs>, StoreError> {
+        for range in &ranges {
+            READS.inc(space(&range.start));
+        }
+        self.inner.scan_each(ranges, limit, order).await
     }
 
     async fn commit(&self, txn: Transaction) -> Result<(), StoreError> {

@@ -166,6 +166,9 @@ impl StoreError {
     }
 }
 
+/// Key-value pairs as a scan returns them.
+pub type Pairs = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// An ordered, transactional key-value store.
 #[async_trait]
 pub trait KvStore: Send + Sync + 'static {
@@ -181,6 +184,23 @@ pub trait KvStore: Send + Sync + 'static {
         limit: usize,
         order: Order,
     ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError>;
+
+    /// Up to `limit` pairs of each of `ranges`, in the order of `ranges`: one round trip where
+    /// a reader needs a few rows of many key ranges (each of a user's conversations' archive
+    /// floor). The default scans each range in turn; `limit` times the number of ranges is
+    /// bounded like one scan's limit.
+    async fn scan_each(
+        &self,
+        ranges: Vec<KeyRange>,
+        limit: usize,
+        order: Order,
+    ) -> Result<Vec<Pairs>, StoreError> {
+        let mut out = Vec::with_capacity(ranges.len());
+        for range in ranges {
+            out.push(self.scan(range, limit, order).await?);
+        }
+        Ok(out)
+    }
 
     /// Applies the transaction atomically. Returns only once it is durable: a crash of the
     /// process (or, for the embedded store, of the machine) right after keeps it.
@@ -208,11 +228,24 @@ pub const PAGE_ROWS: usize = 1000;
 /// range has (a tenant's heads, its audit log, a conversation's search postings).
 pub struct Pages {
     next: Option<KeyRange>,
+    end: Vec<u8>,
 }
 
 impl Pages {
     pub fn new(range: KeyRange) -> Self {
-        Pages { next: Some(range) }
+        Pages {
+            end: range.end.clone(),
+            next: Some(range),
+        }
+    }
+
+    /// Goes on from `key` (inclusive) instead of after the last page: a reader that consumed
+    /// only part of a page, or skipped ahead of it. Past the range's end, nothing is left.
+    pub fn resume_at(&mut self, key: Vec<u8>) {
+        self.next = (self.end.is_empty() || key < self.end).then(|| KeyRange {
+            start: key,
+            end: self.end.clone(),
+        });
     }
 
     /// The next page (at most [`PAGE_ROWS`] pairs, in key order); `None` once done.
