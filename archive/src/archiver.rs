@@ -530,6 +530,24 @@ impl Archiver {
         })
         .await?;
 
+        // The fates of the edits and recalls archived, for a user's search: the hot indexer
+        // may never have seen them (archived before it caught up). Read before the upload,
+        // committed with the index (on the condition that they did not change meanwhile).
+        let mut fates = Transaction::new();
+        if replaces.is_none() {
+            let mut changes = BTreeMap::new();
+            for p in pending {
+                if let Some((target, fate)) = hot_index::fate_change(&p.event) {
+                    let conv = ConvId::new(p.event.conversation.as_str())?;
+                    changes
+                        .entry((conv, target))
+                        .or_insert_with(hot_index::Fate::default)
+                        .merge(fate);
+                }
+            }
+            hot_index::merge_fates(&*self.store, tenant, changes, &mut fates).await?;
+        }
+
         failpoint::hit(failpoint::BEFORE_UPLOAD);
         if failpoint::armed(failpoint::PARTIAL_UPLOAD) {
             self.objects
@@ -565,7 +583,12 @@ impl Archiver {
             ..record
         };
         let txn = match replaces {
-            None => self.index_transaction(tenant, &segment_id, &path, &record, &runs, pending)?,
+            None => {
+                let mut txn =
+                    self.index_transaction(tenant, &segment_id, &path, &record, &runs, pending)?;
+                txn.ops.extend(fates.ops);
+                txn
+            }
             Some(old) => replace_transaction(tenant, &segment_id, &path, &record, &runs, old)?,
         };
         if let Err(e) = self.store.commit(txn).await {

@@ -72,6 +72,19 @@ async fn send(f: &Fixture, conv: &str, id: &str, body: Body) -> u64 {
     f.log.append(req).await.expect("append").seq
 }
 
+async fn edit(f: &Fixture, conv: &str, id: &str, target_seq: u64, text: &str) -> u64 {
+    let body = Body::MessageEdited(tidings_schemas::v1::MessageEdited {
+        target_seq,
+        new_text: text.into(),
+    });
+    send(f, conv, id, body).await
+}
+
+async fn recall(f: &Fixture, conv: &str, id: &str, target_seq: u64) -> u64 {
+    let body = Body::MessageRecalled(tidings_schemas::v1::MessageRecalled { target_seq });
+    send(f, conv, id, body).await
+}
+
 async fn post(f: &Fixture, conv: &str, id: &str, text: &str) -> u64 {
     let req = Append::text(
         t("acme"),
@@ -106,26 +119,9 @@ async fn the_index_gives_the_scans_results_opening_fewer_rows_and_holds_no_plain
     post(&f, "random", "ko-1", "회의 시작합니다").await;
     post(&f, "random", "mix-1", "新 iPhone 发布会 tomorrow").await;
     let edited = post(&f, "general", "ed-1", "draft numbers").await;
-    send(
-        &f,
-        "general",
-        "ed-2",
-        Body::MessageEdited(tidings_schemas::v1::MessageEdited {
-            target_seq: edited,
-            new_text: "final numbers: ＳＥＶＥＮ".into(),
-        }),
-    )
-    .await;
+    edit(&f, "general", "ed-2", edited, "final numbers: ＳＥＶＥＮ").await;
     let recalled = post(&f, "general", "rc-1", "bluebird leak, please ignore").await;
-    send(
-        &f,
-        "general",
-        "rc-2",
-        Body::MessageRecalled(tidings_schemas::v1::MessageRecalled {
-            target_seq: recalled,
-        }),
-    )
-    .await;
+    recall(&f, "general", "rc-2", recalled).await;
     f.archive_all().await;
     // A user's search asks the cold reader: the segments' indexes name exactly the seqs
     // whose text holds every term, within the range asked.
@@ -153,24 +149,16 @@ async fn the_index_gives_the_scans_results_opening_fewer_rows_and_holds_no_plain
     // More hot events than compliance opens without asking the postings (256).
     f.conversation("acme", "hotline", 300).await;
     let hot = post(&f, "general", "hot-1", "hot bluebird forecast").await;
-    send(
+    edit(
         &f,
         "general",
         "hot-2",
-        Body::MessageEdited(tidings_schemas::v1::MessageEdited {
-            target_seq: hot,
-            new_text: "hot bluebird forecast, revised: kingfisher".into(),
-        }),
+        hot,
+        "hot bluebird forecast, revised: kingfisher",
     )
     .await;
     let rumour = post(&f, "general", "hot-3", "hot bluebird rumour").await;
-    let recall = send(
-        &f,
-        "general",
-        "hot-4",
-        Body::MessageRecalled(tidings_schemas::v1::MessageRecalled { target_seq: rumour }),
-    )
-    .await;
+    let recall = recall(&f, "general", "hot-4", rumour).await;
     // Their heads: general's recall, hotline's creation and 300 messages.
     for (conv, head) in [("general", recall), ("hotline", 301)] {
         let n = f
@@ -181,14 +169,12 @@ async fn the_index_gives_the_scans_results_opening_fewer_rows_and_holds_no_plain
         assert!(n > 0, "{conv}");
     }
     let tail = post(&f, "general", "tail-1", "tail bluebird").await;
-    send(
+    edit(
         &f,
         "general",
         "tail-2",
-        Body::MessageEdited(tidings_schemas::v1::MessageEdited {
-            target_seq: hot,
-            new_text: "hot bluebird forecast, revised again: osprey".into(),
-        }),
+        hot,
+        "hot bluebird forecast, revised again: osprey",
     )
     .await;
 
@@ -394,4 +380,46 @@ async fn the_index_gives_the_scans_results_opening_fewer_rows_and_holds_no_plain
         .await;
     assert!(sink.0.is_empty());
     assert!(outcome.is_err(), "{outcome:?}");
+}
+
+/// An edit or a recall archived before the hot indexer saw it (here it never runs) still
+/// decides what a user's search finds: the archiver records the message's fate with the
+/// segment, so the old text of an edited message and a recalled message are not found.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edits_and_recalls_archived_before_indexing_still_hide_the_old_text() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let objects = Objects::open(&StorageConfig::Local {
+        root: dir.path().join("archive"),
+    })
+    .expect("objects");
+    let f = Fixture::new(objects, ArchiveConfig::default()).await;
+    f.conversation("acme", "general", 3).await;
+    let edited = post(&f, "general", "ed-1", "kestrel sighting at noon").await;
+    let edit = edit(&f, "general", "ed-2", edited, "osprey sighting at noon").await;
+    let recalled = post(&f, "general", "rc-1", "kestrel rumour, osprey too").await;
+    recall(&f, "general", "rc-2", recalled).await;
+    let kept = post(&f, "general", "ok-1", "a kestrel, for real").await;
+    f.archive_all().await;
+    assert_eq!(f.hot_events("acme", "general").await, 0, "all archived");
+
+    let alice = UserId::new("alice").expect("id");
+    let found = |query: &'static str| {
+        let (log, alice) = (&f.log, &alice);
+        async move {
+            let page = log
+                .search(&t("acme"), alice, query, "", 20)
+                .await
+                .expect("search");
+            page.hits
+                .iter()
+                .map(|h| (h.seq, h.text_seq))
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(
+        found("kestrel").await,
+        [(kept, kept)],
+        "old text and recalled"
+    );
+    assert_eq!(found("osprey").await, [(edited, edit)], "by its edit only");
 }

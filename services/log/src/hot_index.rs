@@ -278,10 +278,61 @@ impl Fate {
         })
     }
 
-    pub(crate) fn merge(&mut self, other: Fate) {
+    pub fn merge(&mut self, other: Fate) {
         self.latest_edit = self.latest_edit.max(other.latest_edit);
         self.recalled |= other.recalled;
     }
+}
+
+/// What `event` does to its target message's fate: (target seq, fate) for an edit or a
+/// recall.
+pub fn fate_change(event: &Event) -> Option<(u64, Fate)> {
+    match &event.body {
+        Some(Body::MessageEdited(e)) => Some((
+            e.target_seq,
+            Fate {
+                latest_edit: event.seq,
+                recalled: false,
+            },
+        )),
+        Some(Body::MessageRecalled(r)) => Some((
+            r.target_seq,
+            Fate {
+                latest_edit: 0,
+                recalled: true,
+            },
+        )),
+        _ => None,
+    }
+}
+
+/// Adds `fates` (by conversation and message), merged with what `sf/` holds, to `txn`, each
+/// on the condition that `sf/` still holds what was read: the indexer and the archiver
+/// (which records the fates of the edits and recalls it archives, in case the indexer never
+/// saw them) may write the same message's fate, and neither may undo the other's.
+pub async fn merge_fates(
+    store: &dyn KvStore,
+    t: &TenantId,
+    fates: BTreeMap<(ConvId, u64), Fate>,
+    txn: &mut Transaction,
+) -> Result<(), LogError> {
+    if fates.is_empty() {
+        return Ok(());
+    }
+    let fate_keys: Vec<Vec<u8>> = fates
+        .keys()
+        .map(|(c, seq)| keys::search_fate(t, c, *seq))
+        .collect();
+    let stored = store.batch_get(fate_keys.clone()).await?;
+    for ((key, value), (_, mut fate)) in fate_keys.into_iter().zip(stored).zip(fates) {
+        if let Some(v) = &value {
+            fate.merge(Fate::decode(&key, v)?);
+        }
+        if value.as_ref() != Some(&fate.encode()) {
+            txn.expect(key.clone(), value).put(key, fate.encode());
+        }
+    }
+    Ok(())
 }
 
 /// The format of the postings: 2 added titles and the kinds of edits and recalls.
@@ -558,27 +609,23 @@ impl Log {
                 }
             };
             let mut txn = Transaction::new();
-            let mut fates: BTreeMap<u64, Fate> = BTreeMap::new();
+            let mut fates: BTreeMap<(ConvId, u64), Fate> = BTreeMap::new();
             let mut latest_time = 0i64;
             for event in &events {
                 let seq = event.seq;
                 latest_time = event.server_time_ms;
                 let time = event.server_time_ms.to_be_bytes().to_vec();
+                if let Some((target, fate)) = fate_change(event) {
+                    fates.entry((c.clone(), target)).or_default().merge(fate);
+                }
                 let (text, kind) = match &event.body {
                     Some(Body::MessagePosted(p)) => (Some(p.text.as_str()), None),
                     Some(Body::ConversationCreated(x)) => (Some(x.title.as_str()), None),
                     Some(Body::ConversationRenamed(x)) => (Some(x.title.as_str()), None),
                     Some(Body::MessageEdited(e)) => {
-                        fates.entry(e.target_seq).or_default().merge(Fate {
-                            latest_edit: seq,
-                            recalled: false,
-                        });
                         (Some(e.new_text.as_str()), Some("message_edited"))
                     }
-                    Some(Body::MessageRecalled(r)) => {
-                        fates.entry(r.target_seq).or_default().recalled = true;
-                        (None, Some("message_recalled"))
-                    }
+                    Some(Body::MessageRecalled(_)) => (None, Some("message_recalled")),
                     _ => (None, None),
                 };
                 let mut terms = text.map(terms).unwrap_or_default();
@@ -589,18 +636,7 @@ impl Log {
                 }
                 done += 1;
             }
-            if !fates.is_empty() {
-                let fate_keys: Vec<Vec<u8>> =
-                    fates.keys().map(|&s| keys::search_fate(t, c, s)).collect();
-                let stored = store.batch_get(fate_keys.clone()).await?;
-                for ((key, value), (_, fate)) in fate_keys.into_iter().zip(stored).zip(fates) {
-                    let mut fate = fate;
-                    if let Some(v) = value {
-                        fate.merge(Fate::decode(&key, &v)?);
-                    }
-                    txn.put(key, fate.encode());
-                }
-            }
+            merge_fates(&*store, t, fates, &mut txn).await?;
             txn.put(keys::search_watermark(t, c), watermark_value(last));
             store.commit(txn).await?;
             if latest_time > 0 {
