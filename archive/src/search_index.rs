@@ -11,8 +11,14 @@
 //! silently missed result. Shredding the tenant's data keys makes it unreadable like the
 //! segment.
 //!
+//! Version 2 (magic `TSI2`, AD label `tidings-six-v2`) also posts every edit and recall under
+//! its kind's term ([`kind_term`]), so compliance lists a segment's edits and recalls
+//! without reading its metadata columns; a version 1 index (`TSIX`) lacks them and such a
+//! listing scans that segment instead. The version is in the AD: a changed magic does not
+//! open.
+//!
 //! ```text
-//! object:  "TSIX" | key_id: u32 BE | sealed( plain )
+//! object:  "TSI2" | key_id: u32 BE | sealed( plain )
 //! plain:   rows: u32 LE | terms: u32 LE | terms x (tag: 8 | first: u32 LE | count: u32 LE)
 //!          | postings: per term, `count` row numbers as LEB128 deltas, ascending
 //! ```
@@ -25,23 +31,38 @@
 use std::collections::BTreeMap;
 
 use parquet::file::metadata::ParquetMetaData;
+use tidings_log::Body;
 use tidings_log::crypto::{DataKey, Keyring};
-use tidings_log::search::{Needle, SearchKey, TAG_LEN, Tag, terms};
+use tidings_log::search::{Needle, SearchKey, TAG_LEN, Tag, Term, kind_term, terms};
 use tidings_log::{Event, TenantId};
 
 use crate::compliance::hit::event_text;
 use crate::error::ArchiveError;
 use crate::storage::{self, Objects};
 
-const MAGIC: &[u8; 4] = b"TSIX";
-const AD_LABEL: &[u8] = b"tidings-six-v1";
+/// Magic and AD label of each version, the oldest first.
+const MAGIC_V1: &[u8; 4] = b"TSIX";
+const AD_LABEL_V1: &[u8] = b"tidings-six-v1";
+const MAGIC: &[u8; 4] = b"TSI2";
+const AD_LABEL: &[u8] = b"tidings-six-v2";
+/// The kinds whose events version 2 posts under [`kind_term`].
+pub const INDEXED_KINDS: [&str; 2] = ["message_edited", "message_recalled"];
 const ENTRY_LEN: usize = TAG_LEN + 8;
 
 /// The sealed index of `events` (the segment's rows, in order) as stored.
 pub fn build(key: &DataKey, tenant: &TenantId, segment_id: &str, events: &[&Event]) -> Vec<u8> {
     let search = key.search_key(tenant);
     let mut postings: BTreeMap<Tag, Vec<u32>> = BTreeMap::new();
+    let kind_tags = INDEXED_KINDS.map(|k| search.tag(&kind_term(k)));
     for (row, event) in events.iter().enumerate() {
+        let kind = match &event.body {
+            Some(Body::MessageEdited(_)) => Some(&kind_tags[0]),
+            Some(Body::MessageRecalled(_)) => Some(&kind_tags[1]),
+            _ => None,
+        };
+        if let Some(tag) = kind {
+            postings.entry(*tag).or_default().push(row as u32);
+        }
         let Some(text) = event_text(event) else {
             continue;
         };
@@ -68,7 +89,7 @@ pub fn build(key: &DataKey, tenant: &TenantId, segment_id: &str, events: &[&Even
     }
     plain.extend_from_slice(&blob);
     let id = key.id.to_be_bytes();
-    let sealed = key.seal(&ad(tenant, segment_id, &id), &plain);
+    let sealed = key.seal(&ad(AD_LABEL, tenant, segment_id, &id), &plain);
     let mut out = Vec::with_capacity(8 + sealed.len());
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&id);
@@ -76,13 +97,13 @@ pub fn build(key: &DataKey, tenant: &TenantId, segment_id: &str, events: &[&Even
     out
 }
 
-fn ad<'a>(tenant: &'a TenantId, segment_id: &'a str, id: &'a [u8; 4]) -> [&'a [u8]; 4] {
-    [
-        AD_LABEL,
-        tenant.as_str().as_bytes(),
-        segment_id.as_bytes(),
-        id,
-    ]
+fn ad<'a>(
+    label: &'a [u8],
+    tenant: &'a TenantId,
+    segment_id: &'a str,
+    id: &'a [u8; 4],
+) -> [&'a [u8]; 4] {
+    [label, tenant.as_str().as_bytes(), segment_id.as_bytes(), id]
 }
 
 fn put_varint(out: &mut Vec<u8>, mut v: u32) {
@@ -138,6 +159,8 @@ pub struct SegmentIndex {
     rows: u32,
     plain: Vec<u8>,
     terms: usize,
+    /// Whether edits and recalls are posted under their kinds' terms (version 2).
+    pub kinds: bool,
 }
 
 impl SegmentIndex {
@@ -150,7 +173,12 @@ impl SegmentIndex {
         bytes: &[u8],
     ) -> Result<SegmentIndex, ArchiveError> {
         let corrupt = |why: &str| ArchiveError::corrupt(path, why);
-        if bytes.len() < 8 || &bytes[..4] != MAGIC {
+        let (label, kinds) = match bytes.get(..4) {
+            Some(m) if m == MAGIC => (AD_LABEL, true),
+            Some(m) if m == MAGIC_V1 => (AD_LABEL_V1, false),
+            _ => return Err(corrupt("not a search index")),
+        };
+        if bytes.len() < 8 {
             return Err(corrupt("not a search index"));
         }
         let id_bytes: [u8; 4] = bytes[4..8].try_into().expect("4 bytes");
@@ -160,7 +188,7 @@ impl SegmentIndex {
         let (tenant_owned, segment) = (tenant.clone(), segment_id.to_string());
         // Opening a few MB is CPU work: off the runtime.
         let plain = tokio::task::spawn_blocking(move || {
-            key.open(&ad(&tenant_owned, &segment, &id_bytes), &sealed)
+            key.open(&ad(label, &tenant_owned, &segment, &id_bytes), &sealed)
         })
         .await
         .map_err(|e| ArchiveError::corrupt(path, format!("opening the index failed: {e}")))?
@@ -179,6 +207,7 @@ impl SegmentIndex {
             rows,
             plain,
             terms,
+            kinds,
         })
     }
 
@@ -246,12 +275,34 @@ impl SegmentIndex {
 
     /// The rows that hold every term of `needle` (all rows if it has none), ascending.
     pub fn candidates(&self, key: &SearchKey, needle: &Needle) -> Result<Vec<u32>, ArchiveError> {
+        let terms: Vec<&Term> = needle.terms().iter().collect();
+        self.holding_all(key, &terms)
+    }
+
+    /// The rows that hold every term of any one of `any_of`, ascending.
+    pub fn holding_any(
+        &self,
+        key: &SearchKey,
+        any_of: &[Vec<Term>],
+    ) -> Result<Vec<u32>, ArchiveError> {
+        let mut rows = Vec::new();
+        for terms in any_of {
+            let terms: Vec<&Term> = terms.iter().collect();
+            rows.extend(self.holding_all(key, &terms)?);
+        }
+        rows.sort_unstable();
+        rows.dedup();
+        Ok(rows)
+    }
+
+    /// The rows that hold every one of `terms` (all rows if none), ascending.
+    fn holding_all(&self, key: &SearchKey, terms: &[&Term]) -> Result<Vec<u32>, ArchiveError> {
         debug_assert_eq!(key.id, self.key_id);
-        if needle.terms().is_empty() {
+        if terms.is_empty() {
             return Ok((0..self.rows).collect());
         }
-        let mut lists = Vec::with_capacity(needle.terms().len());
-        for term in needle.terms() {
+        let mut lists = Vec::with_capacity(terms.len());
+        for term in terms {
             let list = self.postings(&key.tag(term)).ok_or_else(|| {
                 ArchiveError::corrupt(&self.path, "search index postings damaged")
             })?;

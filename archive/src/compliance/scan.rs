@@ -22,18 +22,18 @@
 //! and every hot event of a selection without one, is opened and then filtered. Either way
 //! the filters decide on the opened event, so the results are those of opening everything.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use parquet::data_type::ByteArray;
 use parquet::file::statistics::Statistics;
 use prost::Message;
-use tidings_log::cold::{archived_through, decode_run, is_purge_marker};
+use tidings_log::cold::{archived_through_each, decode_run, is_purge_marker};
 use tidings_log::crypto::Keyring;
 use tidings_log::hot_index::{Postings, watermark};
 use tidings_log::log::open_stored_event;
-use tidings_log::search::{Needle, Term};
+use tidings_log::search::{Needle, Term, kind_term};
 use tidings_log::store::{KeyRange, KvStore, Order};
 use tidings_log::{ConvId, Event, LogError, TenantId, UserId, keys};
 use tidings_schemas::storage::{ArchiveSegment, Head};
@@ -75,6 +75,9 @@ pub(super) struct HotQuery {
 /// Seqs of a conversation's indexed hot events whose candidates are gathered and opened at a
 /// time: bounds the candidates held to this many.
 const HOT_CHUNK: u64 = 4096;
+/// Conversations whose hot tails are read together (their archive floors, then up to
+/// [`HOT_OPEN_ALL`] events of each, in one round trip each).
+const HOT_CONVS_AT_ONCE: usize = 256;
 /// Postings read per term per page.
 const POSTING_PAGE: usize = 1000;
 /// Indexed hot events of a conversation at or below which they are all opened rather than
@@ -82,15 +85,27 @@ const POSTING_PAGE: usize = 1000;
 /// reads that would name them (a tenant's thin hot tail over thousands of conversations).
 const HOT_OPEN_ALL: u64 = 256;
 
-/// What the search indexes look for: rows holding every term of `needle`, plus the rows
-/// of `also` (messages an edit of which matches), by segment id, as (row group, row).
+/// What the search indexes look for: rows holding every term of any one of `any_of`, plus
+/// the rows of `also` (messages an edit of which matches), by segment id, as (row group,
+/// row). `kinds`: `any_of` holds kind terms, which only version 2 indexes post (a segment
+/// with an older index is scanned).
 #[derive(Debug)]
 pub(super) struct IndexedText {
-    pub needle: Needle,
+    pub any_of: Vec<Vec<Term>>,
     pub also: HashMap<String, Vec<(usize, usize)>>,
+    pub kinds: bool,
 }
 
 impl IndexedText {
+    /// The rows of events of `kinds` (indexed kinds: edits and recalls).
+    pub fn of_kinds(kinds: &[&str]) -> IndexedText {
+        IndexedText {
+            any_of: kinds.iter().map(|k| vec![kind_term(k)]).collect(),
+            also: HashMap::new(),
+            kinds: true,
+        }
+    }
+
     /// Locates `messages` ((conversation, seq) pairs) in the archive through the `ax/` runs;
     /// those still hot are not in any segment and are left out.
     pub async fn new(
@@ -124,7 +139,11 @@ impl IndexedText {
                 }
             }
         }
-        Ok(IndexedText { needle, also })
+        Ok(IndexedText {
+            any_of: vec![needle.terms().iter().cloned().collect()],
+            also,
+            kinds: false,
+        })
     }
 }
 
@@ -311,6 +330,9 @@ impl Scanner<'_> {
         let Some(index) = search_index::load(objects, self.keyring, tenant, path).await? else {
             return Ok(None);
         };
+        if text.kinds && !index.kinds {
+            return Ok(None);
+        }
         let search_key = self
             .keyring
             .key(tenant, index.key_id)
@@ -319,7 +341,7 @@ impl Scanner<'_> {
         // Row numbers to (row group, row in group).
         let starts = index.row_group_starts(&segment.footer.meta)?;
         let mut rows: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
-        for row in index.candidates(&search_key, &text.needle)? {
+        for row in index.holding_any(&search_key, &text.any_of)? {
             let rg = starts.partition_point(|&s| s <= row) - 1;
             rows.entry(rg)
                 .or_default()
@@ -355,6 +377,12 @@ impl Scanner<'_> {
                 Ordering::Relaxed,
             );
         }
+        // Each row group's rows are decoded and opened on the blocking pool, up to one row
+        // group per core at a time (the next one fetched meanwhile), visited in order.
+        let workers = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(8);
+        let mut decoding = VecDeque::new();
         for (rg, wanted) in rows {
             if rg >= meta.num_row_groups() || !stats_may_match(meta.row_group(rg), sel) {
                 continue;
@@ -362,16 +390,48 @@ impl Scanner<'_> {
             let data = segment
                 .fetch(objects, path, segment.footer.row_group_range(rg))
                 .await?;
-            let rows = format::read_rows_at(&segment.footer, &data, rg, &wanted)
-                .map_err(|e| ArchiveError::corrupt(path, e))?;
-            let mut events = open_parallel(segment, key, rows, path).await?;
-            self.progress
-                .opened
-                .fetch_add(events.len() as u64, Ordering::Relaxed);
-            events.retain(|e| sel.matches(e));
-            if !events.is_empty() {
-                visitor.visit(events, Tier::Archive).await?;
+            let (segment, key, object) = (segment.clone(), key.clone(), path.to_string());
+            decoding.push_back(tokio::task::spawn_blocking(move || {
+                let rows = format::read_rows_at(&segment.footer, &data, rg, &wanted)
+                    .map_err(|e| ArchiveError::corrupt(&object, e))?;
+                let mut opener = segment.opener();
+                rows.iter()
+                    .map(|row| opener.open(&key, &segment.tenant, row))
+                    .collect::<Result<Vec<Event>, String>>()
+                    .map_err(|e| ArchiveError::corrupt(&object, e))
+            }));
+            if decoding.len() >= workers {
+                self.visit_decoded(&mut decoding, path, sel, visitor)
+                    .await?;
             }
+        }
+        while !decoding.is_empty() {
+            self.visit_decoded(&mut decoding, path, sel, visitor)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Waits for the oldest row group being decoded and visits what `sel` selects of it.
+    async fn visit_decoded(
+        &self,
+        decoding: &mut VecDeque<tokio::task::JoinHandle<Result<Vec<Event>, ArchiveError>>>,
+        path: &str,
+        sel: Selection<'_>,
+        visitor: &mut dyn Visitor,
+    ) -> Result<(), ComplianceError> {
+        let Some(task) = decoding.pop_front() else {
+            return Ok(());
+        };
+        let mut events = task
+            .await
+            .map_err(|e| ArchiveError::corrupt(path, format!("opening rows failed: {e}")))??;
+        self.progress
+            .opened
+            .fetch_add(events.len() as u64, Ordering::Relaxed);
+        events.retain(|e| sel.matches(e));
+        if !events.is_empty() {
+            visitor.visit(events, Tier::Archive).await?;
         }
         Ok(())
     }
@@ -422,50 +482,17 @@ impl Scanner<'_> {
                 .scan_hot_conversations(tenant, heads, sel, visitor)
                 .await;
         }
-        // The whole tenant: its hot events are exactly its `ev/` rows (the archiver deletes
-        // what it archives in the transaction that indexes it), read a page at a time in key
-        // order, conversation by conversation, so a thin hot tail over thousands of
-        // conversations costs a few scans rather than a few reads per conversation. A
-        // conversation whose run fills [`HOT_OPEN_ALL`] rows is asked of its postings up to
-        // its watermark, if that is further, and the pages go on above it.
-        let mut pages = Pages::new(KeyRange::prefix(keys::event_tenant_dir(tenant)));
-        'pages: while let Some(page) = pages.next(self.store).await? {
-            let mut events = Vec::new();
-            let mut i = 0;
-            while i < page.len() {
-                let key = &page[i].0;
-                let (conv, seq) =
-                    keys::event_ids(key).ok_or_else(|| LogError::corrupt(key, "bad event key"))?;
-                // This conversation's rows in the page: the keys that differ only in the seq.
-                let dir = &key[..key.len() - 8];
-                let run = page[i..]
-                    .iter()
-                    .take_while(|(k, _)| k.len() == key.len() && k.starts_with(dir))
-                    .count();
-                if let Some(hot) = sel.hot
-                    && run as u64 >= HOT_OPEN_ALL
-                {
-                    let indexed = self.indexed_through(tenant, &conv).await?;
-                    if indexed >= seq && indexed - seq + 1 > HOT_OPEN_ALL {
-                        // Visited in order: what this page opened first.
-                        if !events.is_empty() {
-                            visitor
-                                .visit(std::mem::take(&mut events), Tier::Hot)
-                                .await?;
-                        }
-                        self.scan_indexed(tenant, &conv, seq, indexed, hot, sel, visitor)
-                            .await?;
-                        pages.resume_at(keys::event(tenant, &conv, indexed.saturating_add(1)));
-                        continue 'pages;
-                    }
-                }
-                self.open_hot(tenant, &conv, &page[i..i + run], sel, &mut events)
-                    .await?;
-                i += run;
+        let dir = keys::head_dir(Some(tenant));
+        let mut pages = Pages::new(KeyRange::prefix(dir.clone()));
+        while let Some(page) = pages.next(self.store).await? {
+            let mut heads = Vec::with_capacity(page.len());
+            for (key, value) in page {
+                let conv = keys::last_part(&dir, &key)
+                    .ok_or_else(|| LogError::corrupt(&key, "bad head key"))?;
+                heads.push((ConvId::new(conv)?, value));
             }
-            if !events.is_empty() {
-                visitor.visit(events, Tier::Hot).await?;
-            }
+            self.scan_hot_conversations(tenant, heads, sel, visitor)
+                .await?;
         }
         Ok(())
     }
@@ -493,19 +520,6 @@ impl Scanner<'_> {
         Ok(())
     }
 
-    /// How far a conversation's hot index is built, within its head.
-    async fn indexed_through(&self, tenant: &TenantId, conv: &ConvId) -> Result<u64, LogError> {
-        let head = match self.store.get(&keys::head(tenant, conv)).await? {
-            Some(v) => {
-                Head::decode(v.as_slice())
-                    .map_err(|e| LogError::corrupt(&keys::head(tenant, conv), e))?
-                    .last_seq
-            }
-            None => 0,
-        };
-        Ok(watermark(self.store, tenant, conv).await?.min(head))
-    }
-
     /// Visits the hot events of the conversations whose heads are given.
     async fn scan_hot_conversations(
         &self,
@@ -514,42 +528,99 @@ impl Scanner<'_> {
         sel: Selection<'_>,
         visitor: &mut dyn Visitor,
     ) -> Result<(), ComplianceError> {
-        for (conv, head) in heads {
-            let head_key = keys::head(tenant, &conv);
-            let last = Head::decode(head.as_slice())
-                .map_err(|e| LogError::corrupt(&head_key, e))?
-                .last_seq;
-            let mut next = archived_through(self.store, tenant, &conv).await? + 1;
-            if let Some(hot) = sel.hot {
-                let indexed = watermark(self.store, tenant, &conv).await?.min(last);
-                if indexed >= next && indexed - next + 1 > HOT_OPEN_ALL {
-                    self.scan_indexed(tenant, &conv, next, indexed, hot, sel, visitor)
-                        .await?;
-                    next = indexed + 1;
-                }
+        // A tenant's hot tail is often thin over many conversations: each chunk's archive
+        // floors, then up to HOT_OPEN_ALL hot events of each, are read in one round trip
+        // for all of them (each range read from its floor on: the archived events' deletes
+        // are never walked through).
+        for chunk in heads.chunks(HOT_CONVS_AT_ONCE) {
+            let mut lasts = Vec::with_capacity(chunk.len());
+            for (conv, head) in chunk {
+                let head = Head::decode(head.as_slice())
+                    .map_err(|e| LogError::corrupt(&keys::head(tenant, conv), e))?;
+                lasts.push(head.last_seq);
             }
-            while next <= last {
-                let page = self
-                    .store
-                    .scan(
-                        keys::event_range(tenant, &conv, next, last),
-                        1000,
-                        Order::Ascending,
-                    )
-                    .await
-                    .map_err(LogError::from)?;
-                let Some((last_key, _)) = page.last() else {
-                    break;
-                };
-                next = keys::event_seq(last_key)
-                    .ok_or_else(|| LogError::corrupt(last_key, "bad key"))?
-                    + 1;
+            let convs: Vec<ConvId> = chunk.iter().map(|(c, _)| c.clone()).collect();
+            let floors = archived_through_each(self.store, tenant, &convs).await?;
+            let ranges = convs
+                .iter()
+                .zip(floors.iter().zip(&lasts))
+                // Nothing hot: an empty range (from 1 to 0).
+                .map(|(conv, (&floor, &last))| match floor.checked_add(1) {
+                    Some(from) if from <= last => keys::event_range(tenant, conv, from, last),
+                    _ => keys::event_range(tenant, conv, 1, 0),
+                })
+                .collect();
+            let firsts = self
+                .store
+                .scan_each(ranges, HOT_OPEN_ALL as usize, Order::Ascending)
+                .await
+                .map_err(LogError::from)?;
+            for (((conv, &last), floor), first) in convs.iter().zip(&lasts).zip(floors).zip(firsts)
+            {
+                let mut next = floor + 1;
+                let long = first.len() as u64 >= HOT_OPEN_ALL;
+                if let Some(hot) = sel.hot
+                    && long
+                {
+                    let indexed = watermark(self.store, tenant, conv).await?.min(last);
+                    if indexed >= next && indexed - next + 1 > HOT_OPEN_ALL {
+                        self.scan_indexed(tenant, conv, next, indexed, hot, sel, visitor)
+                            .await?;
+                        self.scan_hot_range(tenant, conv, indexed + 1, last, sel, visitor)
+                            .await?;
+                        continue;
+                    }
+                }
+                if let Some((last_key, _)) = first.last() {
+                    next = keys::event_seq(last_key)
+                        .ok_or_else(|| LogError::corrupt(last_key, "bad key"))?
+                        + 1;
+                }
                 let mut events = Vec::new();
-                self.open_hot(tenant, &conv, &page, sel, &mut events)
+                self.open_hot(tenant, conv, &first, sel, &mut events)
                     .await?;
                 if !events.is_empty() {
                     visitor.visit(events, Tier::Hot).await?;
                 }
+                if long {
+                    self.scan_hot_range(tenant, conv, next, last, sel, visitor)
+                        .await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Visits the hot events `next..=last` of `conv` that `sel` selects, a page at a time.
+    async fn scan_hot_range(
+        &self,
+        tenant: &TenantId,
+        conv: &ConvId,
+        mut next: u64,
+        last: u64,
+        sel: Selection<'_>,
+        visitor: &mut dyn Visitor,
+    ) -> Result<(), ComplianceError> {
+        while next <= last {
+            let page = self
+                .store
+                .scan(
+                    keys::event_range(tenant, conv, next, last),
+                    1000,
+                    Order::Ascending,
+                )
+                .await
+                .map_err(LogError::from)?;
+            let Some((last_key, _)) = page.last() else {
+                break;
+            };
+            next = keys::event_seq(last_key)
+                .ok_or_else(|| LogError::corrupt(last_key, "bad key"))?
+                + 1;
+            let mut events = Vec::new();
+            self.open_hot(tenant, conv, &page, sel, &mut events).await?;
+            if !events.is_empty() {
+                visitor.visit(events, Tier::Hot).await?;
             }
         }
         Ok(())

@@ -63,7 +63,7 @@ pub struct Compliance {
     use_index: bool,
 }
 
-const FATE_KINDS: &[&str] = &["message_edited", "message_recalled"];
+const FATE_KINDS: &[&str] = &crate::search_index::INDEXED_KINDS;
 const TEXT_KINDS: &[&str] = &[
     "message_posted",
     "conversation_created",
@@ -184,10 +184,13 @@ impl Compliance {
             any_of: FATE_KINDS.iter().map(|k| vec![kind_term(k)]).collect(),
             also: HashMap::new(),
         };
+        // In the archive, version 2 segment indexes list them too.
+        let fate_rows = IndexedText::of_kinds(FATE_KINDS);
         let fate_sel = Selection {
             conv: query.conv.as_ref(),
             from_ms: query.from_ms,
             kinds: Some(FATE_KINDS),
+            text: self.use_index.then_some(&fate_rows),
             hot: self.use_index.then_some(&fate_hot),
             ..Selection::default()
         };

@@ -73,11 +73,6 @@ pub fn event_dir(t: &TenantId, c: &ConvId) -> Vec<u8> {
     dir(b"ev", &[t.as_str(), c.as_str()])
 }
 
-/// Every hot event of a tenant, conversation by conversation.
-pub fn event_tenant_dir(t: &TenantId) -> Vec<u8> {
-    dir(b"ev", &[t.as_str()])
-}
-
 /// Events `from..=to` of one conversation.
 pub fn event_range(t: &TenantId, c: &ConvId, from: u64, to: u64) -> KeyRange {
     event_range_with(event_dir(t, c), from, to)

@@ -5,8 +5,9 @@
 //! Fresh fjall stores on disk get the same chat corpus ([`crate::bench_corpus`]), in
 //! `--rounds` pairs: one with the hot indexer off, then one with it running beside the
 //! appends (as `serve` runs it), alternating so that a drift in the machine's load falls on
-//! both sides. Appends are pipelined as in `bench append`; the ratio of the median rates is
-//! the indexer's cost on this machine (its CPU competes with the sequencer's). Then, once the
+//! both sides. Appends are pipelined as in `bench append`, each log with the commit feed
+//! `serve` gives it (drained here, on both sides); the ratio of the median rates is the
+//! indexer's cost on this machine (its CPU competes with the sequencer's). Then, once the
 //! indexer has
 //! caught up, `--samples` searches by random users over all their conversations (every
 //! user is in every conversation): one rare word, one common word, two words; p50 and p99
@@ -67,7 +68,12 @@ async fn load(
     let mut cfg = cfg.clone();
     cfg.search.hot_index = indexer;
     cfg.send_buffer = None;
-    let log = Log::open(store.clone(), MasterKey::generate(), cfg).await?;
+    // The commit feed the publisher reads, as `serve` runs the log (on both sides: the
+    // sequencer keeps a commit's events in the clear for it, and the indexer takes its copy
+    // from the same list, so that work is not the indexer's). Drained as it fills.
+    let (feed_tx, mut feed_rx) = tokio::sync::mpsc::channel(64 * 1024);
+    tokio::spawn(async move { while feed_rx.recv().await.is_some() {} });
+    let log = Log::open_with_feed(store.clone(), MasterKey::generate(), cfg, Some(feed_tx)).await?;
     if indexer {
         tokio::spawn(tidings_log::hot_index::run_indexer(log.downgrade()));
     }

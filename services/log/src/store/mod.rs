@@ -228,24 +228,11 @@ pub const PAGE_ROWS: usize = 1000;
 /// range has (a tenant's heads, its audit log, a conversation's search postings).
 pub struct Pages {
     next: Option<KeyRange>,
-    end: Vec<u8>,
 }
 
 impl Pages {
     pub fn new(range: KeyRange) -> Self {
-        Pages {
-            end: range.end.clone(),
-            next: Some(range),
-        }
-    }
-
-    /// Goes on from `key` (inclusive) instead of after the last page: a reader that consumed
-    /// only part of a page, or skipped ahead of it. Past the range's end, nothing is left.
-    pub fn resume_at(&mut self, key: Vec<u8>) {
-        self.next = (self.end.is_empty() || key < self.end).then(|| KeyRange {
-            start: key,
-            end: self.end.clone(),
-        });
+        Pages { next: Some(range) }
     }
 
     /// The next page (at most [`PAGE_ROWS`] pairs, in key order); `None` once done.
