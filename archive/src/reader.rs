@@ -652,6 +652,11 @@ impl ColdReader {
             }
         }
         let mut out: Vec<Vec<Event>> = vec![Vec::new(); wanted.len()];
+        // Row groups are decoded and opened on the blocking pool, one per core at a time.
+        let workers = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(8);
+        let mut decoding = VecDeque::new();
         for ((path, rg), mut rows) in groups {
             rows.sort_unstable();
             let segment = self.segment(tenant, &path).await?;
@@ -684,18 +689,43 @@ impl ColdReader {
                     })
                     .collect()
             });
-            let events = task
-                .await
-                .map_err(|e| ArchiveError::corrupt(&path, format!("opening rows failed: {e}")))??;
-            for (event, (_, i, _)) in events.into_iter().zip(rows) {
-                out[i].push(event);
+            decoding.push_back((task, rows, path));
+            if decoding.len() >= workers {
+                place(&mut decoding, &mut out).await?;
             }
+        }
+        while !decoding.is_empty() {
+            place(&mut decoding, &mut out).await?;
         }
         for events in &mut out {
             events.sort_unstable_by_key(|e| e.seq);
         }
         Ok(out)
     }
+}
+
+/// A row group being decoded on the blocking pool, with the rows it was asked for.
+type Decoding = (
+    tokio::task::JoinHandle<Result<Vec<Event>, ArchiveError>>,
+    Vec<Wanted>,
+    String,
+);
+
+/// Waits for the oldest row group being decoded and puts its events where they were asked.
+async fn place(
+    decoding: &mut VecDeque<Decoding>,
+    out: &mut [Vec<Event>],
+) -> Result<(), ArchiveError> {
+    let Some((task, rows, path)) = decoding.pop_front() else {
+        return Ok(());
+    };
+    let events = task
+        .await
+        .map_err(|e| ArchiveError::corrupt(&path, format!("opening rows failed: {e}")))??;
+    for (event, (_, i, _)) in events.into_iter().zip(rows) {
+        out[i].push(event);
+    }
+    Ok(())
 }
 
 /// Reading below retention's marker.
