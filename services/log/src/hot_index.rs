@@ -128,6 +128,10 @@ impl SearchConfig {
 /// `indexer_loop`): with [`BUSY_SLICE`], what it still indexes under sustained full load.
 pub const MAX_YIELD: Duration = Duration::from_millis(50);
 
+/// How long the sequencer must go without requests waiting or commits for the indexer to
+/// take a full batch (see `Log::yield_to_appends`).
+pub const QUIET: Duration = Duration::from_millis(2);
+
 /// Events the indexer indexes in one transaction while the sequencer still has requests
 /// waiting after [`MAX_YIELD`] (idle, it takes `log.search_indexer_batch`): at full load it
 /// indexes at least this many per `MAX_YIELD` (1,280 events/s), a small share of the cores,
@@ -434,9 +438,12 @@ impl Postings {
         for (key_id, tags) in &self.tags {
             // (complete to, its postings, which term)
             let mut best: Option<(u64, Listing, usize)> = None;
-            for (i, tag) in tags.iter().enumerate() {
-                let range = keys::search_postings(t, c, *key_id, tag, lo, hi);
-                let rows = store.scan(range, page, self.order).await?;
+            let ranges = tags
+                .iter()
+                .map(|tag| keys::search_postings(t, c, *key_id, tag, lo, hi))
+                .collect();
+            let listed = store.scan_each(ranges, page, self.order).await?;
+            for (i, rows) in listed.into_iter().enumerate() {
                 let mut list = Vec::with_capacity(rows.len());
                 for (k, v) in rows {
                     bytes += k.len() + v.len();
@@ -530,17 +537,25 @@ impl Log {
         self.index_with(t, c, through, BTreeMap::new(), false).await
     }
 
-    /// Waits while the sequencer has requests waiting, at most [`MAX_YIELD`]; whether it
-    /// still has.
+    /// Waits while the sequencer is busy, at most [`MAX_YIELD`]; whether it still is. Busy:
+    /// requests waiting, or a commit within the last [`QUIET`] (pipelined appends leave the
+    /// queue empty for an instant between batches, which is not a pause).
     async fn yield_to_appends(&self) -> bool {
         let deadline = tokio::time::Instant::now() + MAX_YIELD;
-        while self.queued() > 0 {
+        loop {
+            let commits = self.stats().0;
+            if self.queued() == 0 {
+                tokio::time::sleep(QUIET).await;
+                if self.queued() == 0 && self.stats().0 == commits {
+                    return false;
+                }
+            } else {
+                tokio::time::sleep(QUIET).await;
+            }
             if tokio::time::Instant::now() >= deadline {
                 return true;
             }
-            tokio::time::sleep(Duration::from_millis(2)).await;
         }
-        false
     }
 
     /// [`Log::index_conversation`], taking the events from `given` (the sequencer's

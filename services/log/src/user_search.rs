@@ -64,10 +64,16 @@ struct Pos {
 /// Postings read per term per step of a conversation's candidates.
 const POSTING_PAGE: usize = 64;
 
-/// A candidate: known by its posting (time only) or already opened.
+/// Hot candidates known by their postings opened in one read when the merge reaches the
+/// first of them: the next ones of a conversation are usually wanted next.
+const OPEN_AHEAD: usize = 16;
+
+/// A candidate: known by its posting (time only), already opened, or opened with its
+/// message's stored fate (`sf/`, for a posted message).
 enum Cand {
     Posting { seq: u64, time: i64 },
     Event(Box<Event>),
+    Opened(Box<(Event, Option<Vec<u8>>)>),
 }
 
 impl Cand {
@@ -82,6 +88,11 @@ impl Cand {
                 time: e.server_time_ms,
                 conv: conv.to_string(),
                 seq: e.seq,
+            },
+            Cand::Opened(o) => Pos {
+                time: o.0.server_time_ms,
+                conv: conv.to_string(),
+                seq: o.0.seq,
             },
         }
     }
@@ -265,18 +276,28 @@ impl Log {
             // fate is its target's, read in `confirm`.
             let (event, fate) = match cand {
                 Cand::Event(e) => (*e, None),
+                Cand::Opened(o) => (o.0, Some(o.1)),
                 Cand::Posting { seq, .. } => {
-                    let key = keys::event(t, &s.conv, seq);
-                    let fate_key = keys::search_fate(t, &s.conv, seq);
-                    let mut got = self.store().batch_get(vec![key.clone(), fate_key]).await?;
-                    let fate = got.pop().flatten();
+                    // This one and the postings right behind it, in one read.
+                    let mut seqs = vec![seq];
+                    while seqs.len() < OPEN_AHEAD
+                        && let Some(Cand::Posting { seq, .. }) = s.hot.front()
+                    {
+                        seqs.push(*seq);
+                        s.hot.pop_front();
+                    }
+                    let mut opened = self.open_postings(t, &s.conv, &seqs, &mut budget).await?;
+                    let first = match opened.first() {
+                        Some((event, _)) if event.seq == seq => Some(opened.remove(0)),
+                        _ => None,
+                    };
+                    for o in opened.into_iter().rev() {
+                        s.hot.push_front(Cand::Opened(Box::new(o)));
+                    }
                     // Archived or purged meanwhile: the next search finds it there.
-                    let Some(value) = got.pop().flatten() else {
+                    let Some((event, fate)) = first else {
                         continue;
                     };
-                    budget.charge(value.len());
-                    let event =
-                        open_stored_event(self.keyring(), t, &s.conv, seq, &key, &value).await?;
                     (event, Some(fate))
                 }
             };
@@ -334,6 +355,31 @@ impl Log {
             }
         }
         Ok(out)
+    }
+
+    /// Opens the hot events `seqs` of `conv` with their stored fates, in one read, charging
+    /// each; those gone meanwhile (archived or purged) are left out.
+    async fn open_postings(
+        &self,
+        t: &TenantId,
+        conv: &ConvId,
+        seqs: &[u64],
+        budget: &mut Budget,
+    ) -> Result<Vec<(Event, Option<Vec<u8>>)>, LogError> {
+        let wanted = seqs
+            .iter()
+            .flat_map(|&seq| [keys::event(t, conv, seq), keys::search_fate(t, conv, seq)])
+            .collect::<Vec<_>>();
+        let mut got = self.store().batch_get(wanted.clone()).await?.into_iter();
+        let mut opened = Vec::with_capacity(seqs.len());
+        for (&seq, key) in seqs.iter().zip(wanted.iter().step_by(2)) {
+            let (value, fate) = (got.next().flatten(), got.next().flatten());
+            let Some(value) = value else { continue };
+            budget.charge(value.len());
+            let event = open_stored_event(self.keyring(), t, conv, seq, key, &value).await?;
+            opened.push((event, fate));
+        }
+        Ok(opened)
     }
 
     /// Where each of `convs` stands, in two round trips for all of them.
@@ -607,11 +653,18 @@ impl Log {
                 if !dry(s) {
                     continue;
                 }
-                let step = s.archive_step.min(self.config().max_read_limit) as u64;
+                let mut step = s.archive_step.min(self.config().max_read_limit) as u64;
                 s.archive_step = (s.archive_step * 2).min(ARCHIVE_PAGE);
                 let ArchivePart::Candidates(ranges) = &mut s.archive else {
                     continue;
                 };
+                // A conversation with few candidates left has them all opened at once: a
+                // query whose candidates are mostly rejected (two words, not adjacent) would
+                // otherwise take several rounds to get through them.
+                let left: u64 = ranges.iter().map(|r| r.end() - r.start() + 1).sum();
+                if left <= ARCHIVE_PAGE as u64 {
+                    step = step.max(left).min(self.config().max_read_limit as u64);
+                }
                 let pieces = take_newest(ranges, step);
                 if !pieces.is_empty() {
                     wanted.push((s.conv.clone(), pieces));
