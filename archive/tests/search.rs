@@ -222,6 +222,13 @@ async fn the_index_gives_the_scans_results_opening_fewer_rows_and_holds_no_plain
             );
         }
     }
+    // As many terms as a query may have, here CJK bigrams (each of the hotline's posting
+    // pages asks them all): read in as few round trips as one scan's limit allows, never
+    // refused.
+    let most: String = (0..=tidings_log::search::MAX_QUERY_TERMS as u32)
+        .filter_map(|i| char::from_u32(0x4E00 + i))
+        .collect();
+    assert_eq!(search(&indexed, &most).await.0, Vec::new());
     let (bluebird, _) = search(&indexed, "bluebird").await;
     assert!(
         bluebird.iter().any(|h| h.1 == recalled && h.4),

@@ -438,11 +438,18 @@ impl Postings {
         for (key_id, tags) in &self.tags {
             // (complete to, its postings, which term)
             let mut best: Option<(u64, Listing, usize)> = None;
-            let ranges = tags
-                .iter()
-                .map(|tag| keys::search_postings(t, c, *key_id, tag, lo, hi))
-                .collect();
-            let listed = store.scan_each(ranges, page, self.order).await?;
+            // Every term's page in one round trip (as many terms at a time as one scan's
+            // limit allows: a long CJK query has hundreds of bigrams).
+            let mut listed = Vec::with_capacity(tags.len());
+            for chunk in
+                tags.chunks((crate::store::FjallStore::MAX_SCAN_LIMIT / page.max(1)).max(1))
+            {
+                let ranges = chunk
+                    .iter()
+                    .map(|tag| keys::search_postings(t, c, *key_id, tag, lo, hi))
+                    .collect();
+                listed.extend(store.scan_each(ranges, page, self.order).await?);
+            }
             for (i, rows) in listed.into_iter().enumerate() {
                 let mut list = Vec::with_capacity(rows.len());
                 for (k, v) in rows {
