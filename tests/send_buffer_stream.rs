@@ -169,22 +169,13 @@ async fn records_over_max_payload_are_split_and_a_torn_one_is_left_out() {
     );
 }
 
-/// A free loopback port (bound, then released for the server to take).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
 /// With three replicas on a three-server cluster, the buffer outlives a server, even the one
 /// leading the stream: the writer appends again once the other two elect a leader, and a
 /// writer on another server adopts every record, once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn at_three_replicas_the_buffer_outlives_a_nats_server() {
     let dir = tempfile::tempdir().expect("dir");
-    let routes: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let routes: Vec<u16> = (0..3).map(|_| common::free_port()).collect();
     let mut nodes: Vec<common::Nats> = (0..3)
         .map(|i| {
             let others: Vec<String> = (0..3)

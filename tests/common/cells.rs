@@ -7,17 +7,7 @@ use std::path::{Path, PathBuf};
 
 use tidings_server::bench_cells::{Leaf, loopback_nats_conf};
 
-use super::{Nats, Sandbox, Server};
-
-/// A port free now (bound and released): for listeners whose address must be known before
-/// they start (a cell's URL is in its peers' config).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind a free port")
-        .local_addr()
-        .expect("local addr")
-        .port()
-}
+use super::{Nats, Sandbox, Server, free_port};
 
 /// One cell: its sandbox (data, keys), nats-server and, while running, `tidings serve`.
 pub struct Cell {

@@ -225,11 +225,20 @@ fn wait_for_lines(child: &mut Child, markers: &[&'static str], what: &str) -> Ve
     let (tx, rx) = std::sync::mpsc::channel();
     let tag = what.to_string();
     let wanted = markers.to_vec();
+    // The last lines, for the panic message if the process never gets ready.
+    let tail = std::sync::Arc::new(std::sync::Mutex::new(std::collections::VecDeque::new()));
+    let lines_seen = tail.clone();
     std::thread::spawn(move || {
         for line in std::io::BufReader::new(stderr)
             .lines()
             .map_while(Result::ok)
         {
+            if let Ok(mut t) = lines_seen.lock() {
+                if t.len() == 20 {
+                    t.pop_front();
+                }
+                t.push_back(line.clone());
+            }
             for (n, marker) in wanted.iter().enumerate() {
                 if let Some(i) = line.find(marker) {
                     let _ = tx.send((n, line[i + marker.len()..].to_string()));
@@ -246,10 +255,37 @@ fn wait_for_lines(child: &mut Child, markers: &[&'static str], what: &str) -> Ve
         let left = deadline.saturating_duration_since(std::time::Instant::now());
         match rx.recv_timeout(left) {
             Ok((n, rest)) => found[n] = Some(rest),
-            Err(_) => panic!("{what} did not become ready"),
+            Err(_) => {
+                let last: Vec<String> = tail
+                    .lock()
+                    .map(|t| t.iter().cloned().collect())
+                    .unwrap_or_default();
+                panic!(
+                    "{what} did not become ready ({}); its last lines:\n{}",
+                    match child.try_wait() {
+                        Ok(Some(status)) => format!("it exited: {status}"),
+                        _ => "still running".to_string(),
+                    },
+                    last.join("\n")
+                )
+            }
         }
     }
     found.into_iter().flatten().collect()
+}
+
+/// A port free now (bound and released): for listeners whose address must be known before
+/// they start (a cell's URL is in its peers' config, chromedriver's port, a NATS cluster's
+/// routes). Taken below the kernel's ephemeral range (32768 on), so no listener on port 0
+/// and no outgoing connection of the tests running beside this one can take it before the
+/// server binds it (a port from `bind(0)` could, and a cells test once failed so in CI).
+pub fn free_port() -> u16 {
+    loop {
+        let port = fastrand::u16(20_000..32_000);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// The port at the end of `host:port...`.
