@@ -380,29 +380,35 @@ async fn a_failed_commit_fails_its_batch_and_the_batch_built_on_it_and_retries_h
     .expect("open");
     group(&log, "acme", "general", "alice", &[]).await;
     // Hold commits: the first batch's commit waits at the gate while the sequencer prepares
-    // the next batch (50 more) on top of it. Then that first commit fails.
+    // the next batch on top of it. Then that first commit fails.
     let hold = store.gate.write().await;
     store.armed.store(true, std::sync::atomic::Ordering::SeqCst);
-    let mut pending = Vec::new();
-    for i in 0..400 {
-        pending.push(
-            log.enqueue(text(
-                "acme",
-                "general",
-                "alice",
-                &format!("m{i}"),
-                &format!("t{i}"),
-            ))
-            .await
-            .expect("enqueue"),
-        );
-    }
-    // Wait until the sequencer has taken a second batch while the first waits at the gate:
-    // once taken, it is built on the first (prepare runs before the first commit is awaited).
-    // The first batch takes 1 to 50, leaving 350 to 399 queued; the second takes 50 more,
-    // leaving fewer than 350.
+    let append = |i: usize| {
+        text(
+            "acme",
+            "general",
+            "alice",
+            &format!("m{i}"),
+            &format!("t{i}"),
+        )
+    };
+    // The first batch is exactly one append: enqueued alone, taken before the others exist.
+    let mut pending = vec![log.enqueue(append(0)).await.expect("enqueue")];
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
-    while log.queued() >= 400 - 50 {
+    while log.queued() > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the sequencer never took the first batch"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    for i in 1..400 {
+        pending.push(log.enqueue(append(i)).await.expect("enqueue"));
+    }
+    // Wait until the sequencer has taken a second batch (of any size, however fast the
+    // appends arrived) while the first waits at the gate: once taken, it is built on the
+    // first (prepare runs before the first commit is awaited), and nothing more is taken.
+    while log.queued() >= 399 {
         assert!(
             tokio::time::Instant::now() < deadline,
             "the sequencer never took a second batch"
@@ -421,9 +427,10 @@ async fn a_failed_commit_fails_its_batch_and_the_batch_built_on_it_and_retries_h
             }
         }
     }
-    // One commit failed; with batches of at most 50, more than 50 failures means the batch
-    // prepared on top of it (while it was committing) was failed too, as it must be.
-    assert!(failed.len() > 50, "only {} appends failed", failed.len());
+    // One commit failed, of one append; more failures mean the batch prepared on top of it
+    // (while it was committing) was failed too, as it must be: the first appends, in order.
+    assert!(failed.len() > 1, "only {} appends failed", failed.len());
+    assert_eq!(failed, (0..failed.len()).collect::<Vec<_>>());
     // Acked appends hold seqs 2.. contiguously, in queue order; nothing failed was written.
     for (n, (_, seq)) in acked.iter().enumerate() {
         assert_eq!(*seq, n as u64 + 2);
