@@ -414,13 +414,17 @@ impl ColdReader {
         // A segment holds many conversations' runs: its rows are looked up once.
         let mut segments: HashMap<String, Option<IndexedRows>> = HashMap::new();
         let mut found = Vec::with_capacity(wanted.len());
-        let runs = self.runs_each(tenant, wanted).await?;
-        for ((_, range), runs) in wanted.iter().zip(runs) {
-            let (from, to) = (*range.start(), *range.end());
-            found.push(
-                self.conversation_candidates(tenant, runs, from, to, needle, &mut segments)
-                    .await?,
-            );
+        // A chunk's runs at a time: a user may have thousands of conversations, each
+        // archived in many passes.
+        for chunk in wanted.chunks(RUNS_AT_ONCE) {
+            let runs = self.runs_each(tenant, chunk).await?;
+            for ((_, range), runs) in chunk.iter().zip(runs) {
+                let (from, to) = (*range.start(), *range.end());
+                found.push(
+                    self.conversation_candidates(tenant, runs, from, to, needle, &mut segments)
+                        .await?,
+                );
+            }
         }
         Ok(found)
     }
@@ -614,21 +618,27 @@ impl ColdReader {
         wanted: &[(ConvId, Vec<RangeInclusive<u64>>)],
     ) -> Result<Vec<Vec<Event>>, ArchiveError> {
         let mut groups: BTreeMap<(String, usize), Vec<Wanted>> = BTreeMap::new();
-        let spans: Vec<(ConvId, RangeInclusive<u64>)> = wanted
-            .iter()
-            .filter_map(|(conv, ranges)| {
-                Some((
-                    conv.clone(),
-                    *ranges.first()?.start()..=*ranges.last()?.end(),
-                ))
-            })
-            .collect();
-        let mut runs_each = self.runs_each(tenant, &spans).await?.into_iter();
+        // A chunk of conversations' runs at a time (each may have been archived in many
+        // passes).
+        let mut runs_of: Vec<Vec<(u64, ArchiveRun)>> = Vec::new();
         for (i, (conv, ranges)) in wanted.iter().enumerate() {
+            if i % RUNS_AT_ONCE == 0 {
+                let spans: Vec<(ConvId, RangeInclusive<u64>)> = wanted[i..]
+                    .iter()
+                    .take(RUNS_AT_ONCE)
+                    .map(|(conv, ranges)| match (ranges.first(), ranges.last()) {
+                        (Some(first), Some(last)) => (conv.clone(), *first.start()..=*last.end()),
+                        // Nothing asked: an empty span (its runs are never looked at).
+                        _ => (conv.clone(), 0..=0),
+                    })
+                    .collect();
+                runs_of = self.runs_each(tenant, &spans).await?;
+                runs_of.reverse();
+            }
+            let runs = runs_of.pop().unwrap_or_default();
             if ranges.is_empty() {
                 continue;
             }
-            let runs = runs_each.next().unwrap_or_default();
             for seq in ranges.iter().flat_map(|r| r.clone()) {
                 let at = runs.partition_point(|(first_seq, _)| *first_seq <= seq);
                 let run = at
