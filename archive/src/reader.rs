@@ -144,13 +144,20 @@ impl Segment {
         rows: &[format::Row],
     ) -> Result<Vec<Event>, ArchiveError> {
         let key = keyring.key(&self.tenant, self.key_id).await?;
+        self.open_all(&key, rows)
+            .map_err(|e| ArchiveError::corrupt(path, e))
+    }
+
+    /// Opens rows read from this segment into events with `key`, its data key; CPU work,
+    /// for the blocking pool when there are many.
+    pub fn open_all(
+        &self,
+        key: &tidings_log::crypto::DataKey,
+        rows: &[format::Row],
+    ) -> Result<Vec<Event>, String> {
         let mut opener = self.opener();
         rows.iter()
-            .map(|row| {
-                opener
-                    .open(&key, &self.tenant, row)
-                    .map_err(|e| ArchiveError::corrupt(path, e))
-            })
+            .map(|row| opener.open(key, &self.tenant, row))
             .collect()
     }
 }

@@ -394,10 +394,8 @@ impl Scanner<'_> {
             decoding.push_back(tokio::task::spawn_blocking(move || {
                 let rows = format::read_rows_at(&segment.footer, &data, rg, &wanted)
                     .map_err(|e| ArchiveError::corrupt(&object, e))?;
-                let mut opener = segment.opener();
-                rows.iter()
-                    .map(|row| opener.open(&key, &segment.tenant, row))
-                    .collect::<Result<Vec<Event>, String>>()
+                segment
+                    .open_all(&key, &rows)
                     .map_err(|e| ArchiveError::corrupt(&object, e))
             }));
             if decoding.len() >= workers {
@@ -739,10 +737,7 @@ async fn open_parallel(
         let part: Vec<format::Row> = rows.drain(..chunk.min(rows.len())).collect();
         let (segment, key) = (segment.clone(), key.clone());
         tasks.push(tokio::task::spawn_blocking(move || {
-            let mut opener = segment.opener();
-            part.iter()
-                .map(|row| opener.open(&key, &segment.tenant, row))
-                .collect::<Result<Vec<Event>, String>>()
+            segment.open_all(&key, &part)
         }));
     }
     let mut events = Vec::new();

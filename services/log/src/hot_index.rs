@@ -550,14 +550,10 @@ impl Log {
     async fn yield_to_appends(&self) -> bool {
         let deadline = tokio::time::Instant::now() + MAX_YIELD;
         loop {
-            let commits = self.stats().0;
-            if self.queued() == 0 {
-                tokio::time::sleep(QUIET).await;
-                if self.queued() == 0 && self.stats().0 == commits {
-                    return false;
-                }
-            } else {
-                tokio::time::sleep(QUIET).await;
+            let (idle, commits) = (self.queued() == 0, self.stats().0);
+            tokio::time::sleep(QUIET).await;
+            if idle && self.queued() == 0 && self.stats().0 == commits {
+                return false;
             }
             if tokio::time::Instant::now() >= deadline {
                 return true;
