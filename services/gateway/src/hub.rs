@@ -39,6 +39,12 @@ use crate::resubscribe::{Delivery, Resubscribing};
 use crate::service::{Caller, LogService};
 use crate::subjects;
 
+/// Sessions a hub pushes an event to between yields to the runtime: a 10,000-member group's
+/// event is handed out in slices, each a fraction of a millisecond of work, so the pushes of
+/// small conversations on the same gateway are not queued behind the whole fan-out
+/// (docs/decisions/fan-out-in-slices.md).
+const FAN_OUT_SLICE: usize = 64;
+
 /// Why a session is being closed by the server.
 #[derive(Clone, Debug)]
 pub struct CloseOrder {
@@ -709,14 +715,21 @@ impl Hub {
         &*self.registry.inner.log
     }
 
-    fn fan_out(&mut self, event: &Event) {
+    async fn fan_out(&mut self, event: &Event) {
         // Before any session sees it: a leaver is no longer answered "member" from memory.
         self.registry
             .inner
             .members
             .apply(&self.tenant, &self.conv, event);
         let frame = push_frame(Msg::Event(event.clone()));
-        for s in self.sessions.values() {
+        for (i, s) in self.sessions.values().enumerate() {
+            if i > 0 && i % FAN_OUT_SLICE == 0 {
+                // The sessions woken so far, and every other conversation's pushes, go
+                // first: a small conversation waits behind one slice of a big group's
+                // fan-out, not all of it. Nothing else of this hub runs meanwhile, so its
+                // events still reach each session in order.
+                tokio::task::yield_now().await;
+            }
             s.push(frame.clone());
         }
         let age_ms = tidings_log::now_ms()
@@ -747,7 +760,7 @@ impl Hub {
             return; // duplicate
         }
         if event.seq == self.delivered + 1 {
-            self.fan_out(&event);
+            self.fan_out(&event).await;
         } else {
             self.pending.insert(event.seq, event);
             if self.pending.len() > self.registry.inner.cfg.max_pending {
@@ -760,16 +773,16 @@ impl Hub {
                 .map_or(self.delivered, |first| first - 1);
             self.fill(upto).await;
         }
-        self.drain_pending();
+        self.drain_pending().await;
     }
 
-    fn drain_pending(&mut self) {
+    async fn drain_pending(&mut self) {
         while let Some(entry) = self.pending.first_entry() {
             if *entry.key() <= self.delivered {
                 entry.remove();
             } else if *entry.key() == self.delivered + 1 {
                 let event = entry.remove();
-                self.fan_out(&event);
+                self.fan_out(&event).await;
             } else {
                 break;
             }
@@ -797,7 +810,7 @@ impl Hub {
                 Ok(events) => {
                     for e in &events {
                         if e.seq == self.delivered + 1 {
-                            self.fan_out(e);
+                            self.fan_out(e).await;
                         }
                     }
                     if self.delivered == before {
@@ -822,7 +835,7 @@ impl Hub {
             Ok(info) if info.head_seq > self.delivered => {
                 debug!(tenant = %self.tenant, conv = %self.conv, from = self.delivered, to = info.head_seq, "healing a gap from the log");
                 self.fill(info.head_seq).await;
-                self.drain_pending();
+                self.drain_pending().await;
             }
             Ok(_) => {}
             Err(e) => warn!(error = %e, "failed to read a head while healing"),
