@@ -593,16 +593,19 @@ impl ColdReader {
             let segment = self.segment(tenant, &run.path).await?;
             let rg = run.row_group as usize;
             let data = self.row_group(&run.path, &segment, rg).await?;
-            let rows = segment.read_indexed(
-                &run.path,
-                &data,
-                rg,
-                offset as usize,
-                n,
-                conv.as_str(),
-                expected,
-            )?;
-            events.extend(segment.open_rows(&run.path, &self.keyring, &rows).await?);
+            let key = self.keyring.key(&segment.tenant, segment.key_id).await?;
+            let (seg, path, conv) = (segment.clone(), run.path.clone(), conv.to_string());
+            // Decoding pages and opening up to a page of events is CPU work: on the blocking
+            // pool, off the async workers that carry every session's frames.
+            let opened = tokio::task::spawn_blocking(move || {
+                let rows =
+                    seg.read_indexed(&path, &data, rg, offset as usize, n, &conv, expected)?;
+                seg.open_all(&key, &rows)
+                    .map_err(|e| ArchiveError::corrupt(&path, e))
+            })
+            .await
+            .map_err(|e| ArchiveError::corrupt(&run.path, format!("opening rows failed: {e}")))??;
+            events.extend(opened);
             expected = last + 1;
         }
         if expected <= to {
