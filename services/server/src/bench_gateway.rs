@@ -204,21 +204,31 @@ async fn seed_store(
         r??;
     }
     if args.fanout > 1 {
-        log.create_conversation(CreateConversation {
-            tenant: tenant.clone(),
-            conv: ConvId::new("fanout")?,
-            kind: "group".into(),
-            title: String::new(),
-            creator: UserId::new("f0")?,
-            members: (1..args.fanout)
-                .map(|i| UserId::new(format!("f{i}")))
-                .collect::<Result<_, _>>()?,
-        })
-        .await?;
+        log.create_conversation(group(tenant, "fanout", "f", args.fanout)?)
+            .await?;
     }
     let key = log.transport_key(tenant, None).await?;
     log.close().await;
     Ok(sealing_costs(&key, tenant, 2000))
+}
+
+/// A group `conv` of `n` members named `{prefix}0` (its creator) to `{prefix}{n - 1}`.
+pub(crate) fn group(
+    tenant: &TenantId,
+    conv: &str,
+    prefix: &str,
+    n: usize,
+) -> anyhow::Result<CreateConversation> {
+    Ok(CreateConversation {
+        tenant: tenant.clone(),
+        conv: ConvId::new(conv)?,
+        kind: "group".into(),
+        title: String::new(),
+        creator: UserId::new(format!("{prefix}0"))?,
+        members: (1..n)
+            .map(|i| UserId::new(format!("{prefix}{i}")))
+            .collect::<Result<_, _>>()?,
+    })
 }
 
 /// What sealing costs per event on the bus: the log seals each committed event once and
@@ -485,6 +495,13 @@ async fn allow_all(url: &str) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     }))
 }
 
+impl Deployment {
+    /// The server process's peak resident set so far, KiB.
+    pub(crate) fn server_peak_rss_kib(&self) -> u64 {
+        crate::bench_overload::peak_rss_kib_of(&self.server.0.id().to_string())
+    }
+}
+
 impl Drop for Deployment {
     fn drop(&mut self) {
         if let Some(hook) = self.hook.take() {
@@ -496,6 +513,30 @@ impl Drop for Deployment {
 /// Issues the bench's user tokens (tenant `bench`).
 pub(crate) struct Tokens {
     pub(crate) secret: [u8; 32],
+}
+
+/// What a benched server is started with: the master key's file and a fresh HS256 secret's.
+pub(crate) struct Secrets {
+    pub(crate) master_file: PathBuf,
+    pub(crate) jwt_file: PathBuf,
+    pub(crate) tokens: Tokens,
+}
+
+impl Secrets {
+    /// Writes `master_hex` and a new random token secret under `root`.
+    pub(crate) fn write(root: &Path, master_hex: &str) -> anyhow::Result<Secrets> {
+        let master_file = root.join("master.key");
+        std::fs::write(&master_file, master_hex)?;
+        let mut secret = [0u8; 32];
+        getrandom::fill(&mut secret).map_err(|e| anyhow::anyhow!("randomness: {e}"))?;
+        let jwt_file = root.join("jwt.secret");
+        std::fs::write(&jwt_file, tidings_log::crypto::hex_encode(&secret))?;
+        Ok(Secrets {
+            master_file,
+            jwt_file,
+            tokens: Tokens { secret },
+        })
+    }
 }
 
 impl Tokens {
@@ -556,13 +597,11 @@ pub async fn run(args: GatewayArgs, _config: &Config) -> anyhow::Result<()> {
     let root = dir.path();
 
     let master = MasterKey::generate();
-    let master_file = root.join("master.key");
-    std::fs::write(&master_file, master.to_hex())?;
-    let mut secret = [0u8; 32];
-    getrandom::fill(&mut secret).map_err(|e| anyhow::anyhow!("randomness: {e}"))?;
-    let jwt_file = root.join("jwt.secret");
-    std::fs::write(&jwt_file, tidings_log::crypto::hex_encode(&secret))?;
-    let tokens = Tokens { secret };
+    let Secrets {
+        master_file,
+        jwt_file,
+        tokens,
+    } = Secrets::write(root, &master.to_hex())?;
     let tenant = TenantId::new("bench")?;
     let pairs = args.users / 2;
 

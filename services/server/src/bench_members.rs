@@ -30,7 +30,7 @@ use tidings_client::Connection;
 use tidings_client::client::ListMembers;
 use tidings_gateway::members::MemberCache;
 
-use crate::bench_gateway::{Tokens, deploy};
+use crate::bench_gateway::{Secrets, deploy};
 use tidings_log::crypto::MasterKey;
 use tidings_log::store::{FjallStore, KvStore};
 use tidings_log::{ConvId, CreateConversation, Log, LogConfig, MembersQuery, TenantId, UserId};
@@ -314,13 +314,11 @@ async fn through_gateway(
     master_hex: &str,
     prefix: &str,
 ) -> anyhow::Result<()> {
-    let master_file = root.join("master.key");
-    std::fs::write(&master_file, master_hex)?;
-    let mut secret = [0u8; 32];
-    getrandom::fill(&mut secret).map_err(|e| anyhow::anyhow!("randomness: {e}"))?;
-    let jwt_file = root.join("jwt.secret");
-    std::fs::write(&jwt_file, tidings_log::crypto::hex_encode(&secret))?;
-    let tokens = Tokens { secret };
+    let Secrets {
+        master_file,
+        jwt_file,
+        tokens,
+    } = Secrets::write(root, master_hex)?;
     let owner = "u0000000";
     let samples = args.samples;
     let mut rows = Vec::new();

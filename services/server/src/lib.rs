@@ -33,6 +33,7 @@ pub mod bench_gateway;
 pub mod bench_members;
 pub mod bench_outage;
 pub mod bench_overload;
+pub mod bench_overload_gateway;
 pub mod bench_search;
 pub mod bench_webhooks;
 pub mod bots;
