@@ -1,10 +1,9 @@
 //! The admin listener end to end: a real nats-server and `tidings serve`, plain HTTP from
 //! reqwest. Who may search, what each refusal looks like, and what the audit log keeps.
 
-mod common;
-
-use common::admin::Admin;
-use common::{Nats, Sandbox, Server};
+use crate::common;
+use crate::common::admin::Admin;
+use crate::common::{Nats, Sandbox, Server};
 use serde_json::{Value, json};
 
 const MARKER: &str = "the quarterly marker 7f3a";

@@ -5,12 +5,10 @@
 
 #![allow(clippy::disallowed_methods)] // tests wait on processes synchronously, off any runtime's workers
 
-mod common;
-
 use std::collections::HashSet;
 use std::process::Command;
 
-use common::{Sandbox, grep_dir, input_lines, stderr};
+use crate::common::{Sandbox, grep_dir, input_lines, stderr};
 use serde_json::Value;
 
 /// Fills `convs` conversations of tenant acme with `per` messages each.

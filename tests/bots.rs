@@ -4,12 +4,11 @@
 //! with typed JSON errors; a user token can never pose as a bot; a bot made and revoked over
 //! the admin listener while serving is refused at once; every change is in the audit log.
 
-mod common;
-
 use std::time::Duration;
 
-use common::admin::Admin;
-use common::{Nats, Sandbox, Server};
+use crate::common;
+use crate::common::admin::Admin;
+use crate::common::{Nats, Sandbox, Server};
 use serde_json::{Value, json};
 use tidings_client::client::ErrorCode;
 use tidings_client::{ClientError, Connection, Push};

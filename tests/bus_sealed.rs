@@ -2,12 +2,11 @@
 //! (docs/decisions/sealed-bus.md, docs/decisions/rpc-identity.md). Real nats-server, real log,
 //! real `tidings serve` processes; a raw NATS client plays the observer and the attacker.
 
-mod common;
-
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{Nats, Sandbox, Server};
+use crate::common;
+use crate::common::{Nats, Sandbox, Server};
 use futures_util::StreamExt;
 use prost::Message;
 use tidings_client::{Connection, Push};

@@ -4,14 +4,12 @@
 //! role's credential allows, and how startup fails on a wrong credential or an untrusted
 //! server certificate.
 
-mod common;
-#[path = "common/tls.rs"]
-mod tls;
-
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::{Nats, Sandbox, Server};
+use crate::common;
+use crate::common::tls;
+use crate::common::{Nats, Sandbox, Server};
 use tidings_client::{Connection, Push};
 
 const WAIT: Duration = Duration::from_secs(20);

@@ -10,12 +10,11 @@
 //!   nothing lost, nothing twice, every acknowledged send in the new home.
 //! - Residency: a tenant without a DR cell stays in its home; nothing reaches a third cell.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use common::cells::{Cell, cells};
+use crate::common;
+use crate::common::cells::{Cell, cells};
 use serde_json::Value;
 use tidings_client::{ClientError, ClientTls, Connection};
 

@@ -1,13 +1,11 @@
 //! Two `tidings chat` processes, as two people in two terminals would run them.
 
-mod common;
-
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, Stdio};
 use std::sync::mpsc::Receiver;
 use std::time::Duration;
 
-use common::{Nats, Sandbox, Server, input_lines, stderr};
+use crate::common::{Nats, Sandbox, Server, input_lines, stderr};
 use serde_json::Value;
 
 fn token(s: &Sandbox, user: &str) -> String {

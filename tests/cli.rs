@@ -1,11 +1,9 @@
 //! The `tidings` binary as a user drives it: keys, conversations, appends and reads on a
 //! real data directory.
 
-mod common;
-
 use std::io::{BufRead, BufReader, Write};
 
-use common::{Sandbox, error_line, grep_dir, input_lines, json_lines, stderr};
+use crate::common::{Sandbox, error_line, grep_dir, input_lines, json_lines, stderr};
 
 #[test]
 fn keys_init_writes_a_private_key_and_never_overwrites_it() {

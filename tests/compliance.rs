@@ -3,11 +3,9 @@
 
 #![allow(clippy::disallowed_methods)] // tests wait on processes synchronously, off any runtime's workers
 
-mod common;
-
 use std::process::{Command, Output};
 
-use common::{Sandbox, error_line, json_lines, stderr};
+use crate::common::{Sandbox, error_line, json_lines, stderr};
 use serde_json::Value;
 
 fn post(s: &Sandbox, conv: &str, sender: &str, id: &str, text: &str) -> u64 {

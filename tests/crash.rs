@@ -10,15 +10,13 @@
 
 #![allow(clippy::disallowed_methods)] // tests wait on processes synchronously, off any runtime's workers
 
-mod common;
-
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Sandbox, input_lines, json_lines, stderr};
+use crate::common::{Sandbox, input_lines, json_lines, stderr};
 
 /// When to send SIGKILL.
 #[derive(Clone, Copy, Debug)]

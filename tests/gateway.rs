@@ -1,11 +1,10 @@
 //! End to end through the gateway: real nats-server (started here, on a free port), real
 //! `tidings serve` processes, real WebSockets, the client library.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{Nats, Sandbox, Server, closed};
+use crate::common;
+use crate::common::{Nats, Sandbox, Server, closed};
 use tidings_client::client::{CloseReason, ErrorCode};
 use tidings_client::{ClientError, Connection, Push};
 use tidings_schemas::v1::{ConversationKind, Event};

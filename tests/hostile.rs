@@ -5,13 +5,12 @@
 
 #![allow(clippy::disallowed_methods)] // tests wait on processes synchronously, off any runtime's workers
 
-mod common;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Nats, Sandbox, Server};
+use crate::common;
+use crate::common::{Nats, Sandbox, Server};
 use futures_util::{SinkExt, StreamExt};
 use prost::Message as _;
 use tidings_client::client::{
@@ -301,6 +300,8 @@ async fn sessions_that_never_read_their_history_pages_are_cut_off_and_memory_sta
 /// its normal time, and the stalled connections are shed at the handshake deadline.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn idle_connections_and_a_handshake_flood_leave_existing_sessions_working() {
+    // 10,000 idle, 500 stalled, the flood's one at a time and the sessions.
+    let _sockets = common::hold_sockets(10_600).await;
     let (s, _nats, server) = serve(
         "general",
         &[

@@ -4,11 +4,10 @@
 //! request), and hooks that never answer, fail-closed (the send is refused UNAVAILABLE,
 //! retryable, nothing committed) and fail-open (the send goes through).
 
-mod common;
-
 use std::time::Duration;
 
-use common::{Nats, Sandbox, Server};
+use crate::common;
+use crate::common::{Nats, Sandbox, Server};
 use futures_util::StreamExt;
 use serde_json::Value;
 use tidings_client::client::{self as proto, client_frame::Op};

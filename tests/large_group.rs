@@ -2,12 +2,11 @@
 //! NATS message for the gateway, however many receive it. Real sockets, one per session
 //! (the test process holds 10,000 client ends, the server process the other 10,000).
 
-mod common;
-
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{Nats, Sandbox, Server};
+use crate::common;
+use crate::common::{Nats, Sandbox, Server};
 use futures_util::StreamExt;
 use tidings_client::{Connection, Push};
 use tokio::sync::Semaphore;
@@ -45,6 +44,8 @@ fn create_group(s: &Sandbox, conv: &str, n: usize) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_message_to_a_10000_member_group_is_one_write_and_one_nats_message() {
     let n = members();
+    // One client socket per member, and a few for NATS.
+    let _sockets = common::hold_sockets(n as u32 + 100).await;
     let s = Sandbox::new();
     let nats = Nats::start();
     let users = create_group(&s, "big", n);

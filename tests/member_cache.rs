@@ -9,13 +9,12 @@
 //! list's change feed). Other keyspaces move for other reasons (hubs read heads to heal,
 //! History reads events).
 
-mod common;
-
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::prom::{self, Page};
-use common::{Nats, Sandbox, Server};
+use crate::common;
+use crate::common::prom::{self, Page};
+use crate::common::{Nats, Sandbox, Server};
 use tidings_client::client::{ErrorCode, ListMembers, Member};
 use tidings_client::{Connection, Push, Requester};
 use tidings_log::crypto::MasterKey;

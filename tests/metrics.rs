@@ -3,13 +3,11 @@
 //! traffic, each page parsed by a strict text-format parser; and the alert rules and
 //! dashboard in ops/ checked against what the pages expose.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use common::prom::{self, Page};
-use common::{Nats, Sandbox, Server};
+use crate::common::prom::{self, Page};
+use crate::common::{Nats, Sandbox, Server};
 use tidings_client::{Connection, Push};
 
 const WAIT: Duration = Duration::from_secs(20);

@@ -8,11 +8,9 @@
 //! at most the floor (3) in total can never be limited, whatever windows its sends fall in,
 //! and which of two alternating senders is refused first follows from the tiers alone.
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet};
 
-use common::{Nats, Sandbox, Server};
+use crate::common::{Nats, Sandbox, Server};
 use tidings_client::client::ErrorCode;
 use tidings_client::{ClientError, Connection, MemberCache, Push, Requester, RetryPolicy};
 use tidings_schemas::v1::ConversationKind;

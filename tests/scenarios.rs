@@ -4,9 +4,8 @@
 //! the member list carries roles and names. (Every rule of every kind, and the rename fix,
 //! are proven in process: services/log/tests/kinds.rs.)
 
-mod common;
-
-use common::{Nats, Sandbox, Server};
+use crate::common;
+use crate::common::{Nats, Sandbox, Server};
 use tidings_client::Connection;
 use tidings_client::client::ErrorCode;
 

@@ -1,9 +1,8 @@
 //! End-user search through the gateway: real nats-server, real `tidings serve` (one process
 //! and split roles), the embedded store on disk, the client library.
 
-mod common;
-
-use common::{Nats, Sandbox, Server, error_code, stderr};
+use crate::common;
+use crate::common::{Nats, Sandbox, Server, error_code, stderr};
 use tidings_client::client::{ErrorCode, SearchHit, SearchResult};
 use tidings_client::{Connection, Requester};
 use tidings_schemas::client::Send;

@@ -6,7 +6,6 @@
 //! owner's records, records larger than the server's `max_payload` split and joined, and a
 //! record whose append stopped halfway left out.
 
-mod common;
 #[macro_use]
 #[path = "../services/log/tests/outage_suite/mod.rs"]
 mod outage_suite;
@@ -14,6 +13,7 @@ mod outage_suite;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::common;
 use tidings_gateway::send_buffer_stream::{StreamBuffer, StreamBufferConfig};
 use tidings_log::send_buffer::{AppendRefused, BufferPlace, Medium};
 

@@ -11,15 +11,13 @@
 
 #![allow(clippy::disallowed_methods)] // tests wait on processes synchronously, off any runtime's workers
 
-mod common;
-
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::process::Child;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{Nats, Sandbox, Server};
+use crate::common::{Nats, Sandbox, Server};
 use serde_json::Value;
 use tidings_client::{Connection, Push};
 

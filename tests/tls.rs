@@ -2,14 +2,12 @@
 //! gateway with the client library, `https://` on the admin listener, and a certificate
 //! replaced on disk served to new connections without a restart.
 
-mod common;
-#[path = "common/tls.rs"]
-mod tls;
-
 use std::path::Path;
 use std::time::Duration;
 
-use common::{Nats, Sandbox, Server};
+use crate::common;
+use crate::common::tls;
+use crate::common::{Nats, Sandbox, Server};
 use tidings_client::{ClientTls, Connection, Push};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

@@ -4,11 +4,10 @@
 //! enabled, the maximum lifetime, separate chat and compliance audiences, and Ed25519 keys
 //! rotated by replacing the JWKS file.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::{COMPLIANCE_AUDIENCE, Nats, Sandbox, Server, closed};
+use crate::common;
+use crate::common::{COMPLIANCE_AUDIENCE, Nats, Sandbox, Server, closed};
 use serde_json::{Value, json};
 use tidings_client::client::{CloseReason, ErrorCode};
 use tidings_client::{ClientError, Connection};

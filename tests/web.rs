@@ -8,13 +8,11 @@
 //! timings of a 10,000-message conversation are printed (BENCHMARKS.md). Screenshots go to
 //! target/tmp/web-screenshots/ (the path is printed).
 
-mod common;
-
 use std::path::PathBuf;
 use std::time::Instant;
 
-use common::browser::{Browser, Driver};
-use common::{Nats, Sandbox, Server, input_lines, stderr};
+use crate::common::browser::{Browser, Driver};
+use crate::common::{Nats, Sandbox, Server, input_lines, stderr};
 use serde_json::json;
 
 /// Events of `team` moved to the archive before the server starts, and appended after.

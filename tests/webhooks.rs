@@ -3,14 +3,13 @@
 //! checks every signature with the subscription's secret (and with a wrong one, which must
 //! fail), answers 500 when told to, and is stopped and started again.
 
-mod common;
-
 use std::collections::HashSet;
 use std::time::Duration;
 
-use common::admin::Admin;
-use common::receiver::{Delivery, Receiver, WAIT};
-use common::{Nats, Sandbox, Server};
+use crate::common;
+use crate::common::admin::Admin;
+use crate::common::receiver::{Delivery, Receiver, WAIT};
+use crate::common::{Nats, Sandbox, Server};
 use serde_json::{Value, json};
 use tidings_client::Connection;
 

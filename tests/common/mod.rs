@@ -1,7 +1,6 @@
 //! Helpers shared by the end-to-end tests: run the real `tidings` binary in a scratch
 //! directory of its own (data directory and master key file included).
 
-#![allow(dead_code)] // each test file uses its own subset
 #![allow(clippy::disallowed_methods)] // synchronous helpers around processes, off any runtime
 
 pub mod admin;
@@ -10,6 +9,7 @@ pub mod cells;
 pub mod identity;
 pub mod prom;
 pub mod receiver;
+pub mod tls;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -286,6 +286,45 @@ pub fn free_port() -> u16 {
             return port;
         }
     }
+}
+
+/// File descriptors kept for everything else a test process opens (its servers' pipes, NATS
+/// clients, files): what [`hold_sockets`] never hands out.
+const FDS_KEPT: u32 = 1_000;
+
+/// Reserves `n` of this process's file descriptors for client sockets, until the permit is
+/// dropped. Tests that hold thousands of sockets at once (10,000 idle connections, a
+/// 10,000-member group online) take them from here first: all the tests run in one process
+/// and share its open-file limit (RLIMIT_NOFILE, 20,000 on the CI machine), which two such
+/// tests at once would pass. Where the limit is high enough they run side by side; where not,
+/// one waits for the other. A test asking for more than there is gets all of it.
+pub async fn hold_sockets(n: u32) -> tokio::sync::SemaphorePermit<'static> {
+    static BUDGET: std::sync::OnceLock<(tokio::sync::Semaphore, u32)> = std::sync::OnceLock::new();
+    let (budget, size) = BUDGET.get_or_init(|| {
+        let size = open_files_limit().saturating_sub(FDS_KEPT).max(1);
+        (tokio::sync::Semaphore::new(size as usize), size)
+    });
+    budget
+        .acquire_many(n.min(*size))
+        .await
+        .expect("the socket budget is never closed")
+}
+
+/// This process's soft limit on open files ("Max open files" in /proc/self/limits); 1,024,
+/// the usual default, where it cannot be read.
+fn open_files_limit() -> u32 {
+    std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|limits| {
+            let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+            let soft = line
+                .trim_start_matches("Max open files")
+                .split_whitespace()
+                .next()?;
+            // "unlimited" does not parse: far more than any test asks for.
+            Some(soft.parse().unwrap_or(u32::MAX))
+        })
+        .unwrap_or(1_024)
 }
 
 /// The port at the end of `host:port...`.
