@@ -37,7 +37,8 @@ fn text(conv: &str, id: &str) -> Append {
 struct Shared {
     store: Arc<FjallStore>,
     master_hex: String,
-    /// Writer ids are unique per process, and the tests of this file share one.
+    /// Writer ids are unique per process, and the tests of this file share one with the
+    /// other suites of the test binary: ids here are `lease-<name>-t<tag>`.
     tag: u64,
     _dir: tempfile::TempDir,
 }
@@ -56,7 +57,7 @@ impl Shared {
 
     /// This test's writer id for `name`.
     fn id(&self, name: &str) -> String {
-        format!("{name}-t{}", self.tag)
+        format!("lease-{name}-t{}", self.tag)
     }
 
     fn cfg(&self, name: &str) -> LogConfig {

@@ -2,9 +2,6 @@
 //! the backend-independent suite (`log_suite/`, also run on TiKV by `tests/tikv.rs`) and the
 //! cases that need fjall's files (reopening, grepping the directory, a failing wrapper).
 
-#[macro_use]
-mod log_suite;
-
 use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Arc;
@@ -13,7 +10,7 @@ use tidings_log::crypto::MasterKey;
 use tidings_log::store::{FjallStore, KvStore, Order, StoreError, Transaction};
 use tidings_log::{Body, CreateConversation, Log, LogConfig, LogError, ReadRange, keys};
 
-use log_suite::{assert_contiguous, c, group, read_all, t, text, text_of, u};
+use crate::log_suite::{assert_contiguous, c, group, read_all, t, text, text_of, u};
 
 /// The suite on a fresh fjall store in a temporary directory per case.
 mod suite {

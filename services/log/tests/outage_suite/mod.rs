@@ -148,7 +148,8 @@ impl Rig {
 
     async fn cfg(&self, name: &str) -> LogConfig {
         LogConfig {
-            writer_id: format!("{name}-t{}", self.tag),
+            // Unique in the process, which other suites' writers share: `outage-<name>-t<tag>`.
+            writer_id: format!("outage-{name}-t{}", self.tag),
             partitions: 4,
             send_buffer: Some(SendBufferConfig {
                 place: (self.places)(self.dir.path()).await,
