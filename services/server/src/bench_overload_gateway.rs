@@ -51,18 +51,15 @@ struct Small {
     /// send→push latencies, sorted.
     latencies: Vec<Vec<Duration>>,
     sent: Vec<u64>,
-    acked: Vec<u64>,
-    limited: Vec<u64>,
-    errors: Vec<u64>,
+    /// What became of the sends.
+    counts: Arc<Vec<Counts>>,
     elapsed: Vec<Duration>,
 }
 
 /// What one round's flood got.
 #[derive(Default)]
 struct Hot {
-    acked: AtomicU64,
-    limited: AtomicU64,
-    errors: AtomicU64,
+    sends: Counts,
     time: Duration,
     /// Group pushes received while it ran.
     pushes: u64,
@@ -336,15 +333,8 @@ async fn flood(senders: &[Requester], rate: f64, phase: &mut watch::Receiver<Opt
             let id = format!("hot{}", fastrand::u64(..));
             next += 1;
             tasks.spawn(async move {
-                let counter = match r.send_text("hot", &id, "the flood").await {
-                    Ok(_) => &hot.acked,
-                    Err(ClientError::Server {
-                        code: ErrorCode::RateLimited,
-                        ..
-                    }) => &hot.limited,
-                    Err(_) => &hot.errors,
-                };
-                counter.fetch_add(1, Relaxed);
+                hot.sends
+                    .record(&r.send_text("hot", &id, "the flood").await);
             });
         }
     }
@@ -447,17 +437,31 @@ async fn small_conversations(
     for v in &mut out.latencies {
         v.sort_unstable();
     }
-    out.acked = counts.iter().map(|c| c.acked.load(Relaxed)).collect();
-    out.limited = counts.iter().map(|c| c.limited.load(Relaxed)).collect();
-    out.errors = counts.iter().map(|c| c.errors.load(Relaxed)).collect();
+    out.counts = counts;
     Ok(out)
 }
 
+/// What became of a set of sends: acknowledged, refused as rate limited, or failed
+/// otherwise.
 #[derive(Default)]
 struct Counts {
     acked: AtomicU64,
     limited: AtomicU64,
     errors: AtomicU64,
+}
+
+impl Counts {
+    fn record<T>(&self, sent: &Result<T, ClientError>) {
+        let counter = match sent {
+            Ok(_) => &self.acked,
+            Err(ClientError::Server {
+                code: ErrorCode::RateLimited,
+                ..
+            }) => &self.limited,
+            Err(_) => &self.errors,
+        };
+        counter.fetch_add(1, Relaxed);
+    }
 }
 
 /// One phase of small sends: `plan.rate` a second over the conversations, open-loop.
@@ -488,16 +492,7 @@ async fn send_small(
             tasks.spawn(async move {
                 let at = clock.elapsed().as_nanos() as u64;
                 let text = format!("{slot}:{at}");
-                let c = &counts[slot];
-                let counter = match r.send_text(&format!("s{i}"), &id, &text).await {
-                    Ok(_) => &c.acked,
-                    Err(ClientError::Server {
-                        code: ErrorCode::RateLimited,
-                        ..
-                    }) => &c.limited,
-                    Err(_) => &c.errors,
-                };
-                counter.fetch_add(1, Relaxed);
+                counts[slot].record(&r.send_text(&format!("s{i}"), &id, &text).await);
             });
         }
     }
@@ -527,13 +522,15 @@ fn report(
     for slot in 0..small.latencies.len() {
         let round = slot / 2;
         let lat = &small.latencies[slot];
-        let small_per_s = small.acked[slot] as f64 / small.elapsed[slot].as_secs_f64().max(1e-9);
+        let c = &small.counts[slot];
+        let small_per_s =
+            c.acked.load(Relaxed) as f64 / small.elapsed[slot].as_secs_f64().max(1e-9);
         let (hot_acked_s, hot_limited_s) = match floods.get(round).filter(|_| is_flood(slot)) {
             Some(h) => {
                 let secs = h.time.as_secs_f64().max(1e-9);
                 (
-                    h.acked.load(Relaxed) as f64 / secs,
-                    h.limited.load(Relaxed) as f64 / secs,
+                    h.sends.acked.load(Relaxed) as f64 / secs,
+                    h.sends.limited.load(Relaxed) as f64 / secs,
                 )
             }
             None => (0.0, 0.0),
@@ -552,8 +549,8 @@ fn report(
                 "small only"
             },
             small.sent[slot],
-            small.acked[slot],
-            small.limited[slot],
+            c.acked.load(Relaxed),
+            c.limited.load(Relaxed),
             ms(quantile(lat, 0.50)),
             ms(quantile(lat, 0.99)),
             lat.len(),
@@ -574,7 +571,7 @@ fn report(
         v.sort_by(f64::total_cmp);
         v.get(v.len() / 2).copied().unwrap_or(0.0)
     };
-    let hot_acked: u64 = floods.iter().map(|h| h.acked.load(Relaxed)).sum();
+    let hot_acked: u64 = floods.iter().map(|h| h.sends.acked.load(Relaxed)).sum();
     let flood_secs: f64 = floods.iter().map(|h| h.time.as_secs_f64()).sum();
     let flood_pushes: u64 = floods.iter().map(|h| h.pushes).sum();
     let expected = hot_acked * args.members as u64;
@@ -599,8 +596,15 @@ fn report(
         100.0 * goodput / f64::from(capacity),
         flood_pushes as f64 / flood_secs.max(1e-9),
         args.members,
-        small.errors.iter().sum::<u64>(),
-        floods.iter().map(|h| h.errors.load(Relaxed)).sum::<u64>(),
+        small
+            .counts
+            .iter()
+            .map(|c| c.errors.load(Relaxed))
+            .sum::<u64>(),
+        floods
+            .iter()
+            .map(|h| h.sends.errors.load(Relaxed))
+            .sum::<u64>(),
         dep.server_peak_rss_kib() / 1024,
         peak_rss_kib() / 1024,
     );
