@@ -8,8 +8,8 @@
 //! same plus one hot group at `--hot-factor` × the capacity. Reported: the small
 //! conversations' send→ack p50/p99 in both phases and their ratio, what the hot group got
 //! through and how much was refused, total goodput against the capacity, and the process's
-//! peak RSS. Scaled down from the setup: the log in process, no gateway and no
-//! 10,000 online sessions (fan-out is measured by `bench gateway`), so latency is send→ack.
+//! peak RSS. The log in process, no gateway and no online sessions, so latency is send→ack;
+//! `--through-gateway` runs the setup end to end instead (`bench_overload_gateway`).
 
 use std::path::PathBuf;
 use std::sync::Arc;
