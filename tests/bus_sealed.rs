@@ -319,7 +319,7 @@ async fn events_on_the_stream_are_sealed_and_bound_to_their_place() {
         .transport_key(&t, Some(env.key_id))
         .await
         .expect("key");
-    let event = bus_crypto::open_event(&key, &c, &env).expect("opens with the tenant's key");
+    let (event, _) = bus_crypto::open_event(&key, &c, &env).expect("opens with the tenant's key");
     assert_eq!(event.seq, 2);
     assert!(matches!(
         event.body,

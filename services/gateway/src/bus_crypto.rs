@@ -38,23 +38,7 @@ const RPC_LABEL: &[u8] = b"tidings-rpc-v1";
 /// Bytes of an RPC nonce: random, so two calls never share one (2^-64 after 2^32 calls).
 pub const NONCE_LEN: usize = 16;
 
-/// Payloads larger than this are sealed or opened on the blocking pool rather than on an
-/// async worker: at AES-SIV's ~1 GB/s, 64 KiB is ~60 µs, about where a task should yield.
-pub const INLINE_CRYPTO_BYTES: usize = 64 * 1024;
-
-/// Runs `f` inline for small payloads and on the blocking pool for large ones.
-pub async fn off_runtime_if_large<T: Send + 'static>(
-    bytes: usize,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> T {
-    if bytes < INLINE_CRYPTO_BYTES {
-        return f();
-    }
-    match tokio::task::spawn_blocking(f).await {
-        Ok(v) => v,
-        Err(e) => std::panic::resume_unwind(e.into_panic()),
-    }
-}
+pub use tidings_log::crypto::{INLINE_CRYPTO_BYTES, off_runtime_if_large};
 
 /// Seals an encoded Event for `tidings.ev.<tenant>.<conv>` and returns the envelope's bytes.
 pub fn seal_event(key: &TransportKey, conv: &ConvId, seq: u64, event: &[u8]) -> Vec<u8> {
@@ -100,12 +84,14 @@ pub fn envelope(payload: &[u8]) -> Result<SealedEvent, OpenError> {
 }
 
 /// Opens an envelope that arrived on `tidings.ev.<tenant>.<conv>` with `key` (the tenant's
-/// key of the envelope's id); the event inside must be the one the envelope names.
+/// key of the envelope's id); the event inside must be the one the envelope names. Returns
+/// it with its bytes as the sequencer encoded them (what a push frame carries, not encoded
+/// again: [`crate::hub::event_frame`]).
 pub fn open_event(
     key: &TransportKey,
     conv: &ConvId,
     env: &SealedEvent,
-) -> Result<Event, OpenError> {
+) -> Result<(Event, Vec<u8>), OpenError> {
     let (seq_be, id_be) = (env.seq.to_be_bytes(), env.key_id.to_be_bytes());
     if key.id != env.key_id {
         return Err(OpenError::Seal { key_id: env.key_id });
@@ -120,7 +106,7 @@ pub fn open_event(
     {
         return Err(OpenError::Mismatch);
     }
-    Ok(event)
+    Ok((event, plain))
 }
 
 /// Which way an RPC payload travels: part of its AD.
@@ -520,7 +506,9 @@ mod tests {
         let payload = seal_event(&key, &c, 7, &bytes);
         let env = envelope(&payload).expect("envelope");
         assert_eq!((env.key_id, env.seq), (key.id, 7));
-        assert_eq!(open_event(&key, &c, &env).expect("opens"), event(&t, &c, 7));
+        let (opened, plain) = open_event(&key, &c, &env).expect("opens");
+        assert_eq!(opened, event(&t, &c, 7));
+        assert_eq!(plain, bytes, "the sealed bytes, as they were");
 
         let other_conv = ConvId::new("random").expect("id");
         assert!(open_event(&key, &other_conv, &env).is_err(), "other conv");

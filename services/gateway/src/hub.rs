@@ -203,6 +203,20 @@ impl SessionHandle {
     }
 }
 
+/// The push frame of an event from its encoded bytes, without decoding and encoding it
+/// again: a `ServerFrame` with request id 0 (not on the wire) and `msg` the event, which is
+/// the event field's key, its length and the bytes (`event_frame_is_the_encoded_push`).
+pub fn event_frame(event: &[u8]) -> Bytes {
+    use prost::encoding::{WireType, encode_key, encode_varint};
+    /// `ServerFrame.event` in client.proto.
+    const EVENT_FIELD: u32 = 12;
+    let mut frame = Vec::with_capacity(event.len() + 8);
+    encode_key(EVENT_FIELD, WireType::LengthDelimited, &mut frame);
+    encode_varint(event.len() as u64, &mut frame);
+    frame.extend_from_slice(event);
+    Bytes::from(frame)
+}
+
 pub fn push_frame(msg: Msg) -> Bytes {
     Bytes::from(
         proto::ServerFrame {
@@ -705,8 +719,8 @@ struct Hub {
     conv: ConvId,
     /// The last seq delivered to the sessions.
     delivered: u64,
-    /// Events that arrived ahead of `delivered + 1`.
-    pending: BTreeMap<u64, Event>,
+    /// Events that arrived ahead of `delivered + 1`, with their push frames.
+    pending: BTreeMap<u64, (Event, Bytes)>,
     sessions: HashMap<u64, SessionHandle>,
 }
 
@@ -715,13 +729,12 @@ impl Hub {
         &*self.registry.inner.log
     }
 
-    async fn fan_out(&mut self, event: &Event) {
+    async fn fan_out(&mut self, event: &Event, frame: Bytes) {
         // Before any session sees it: a leaver is no longer answered "member" from memory.
         self.registry
             .inner
             .members
             .apply(&self.tenant, &self.conv, event);
-        let frame = push_frame(Msg::Event(event.clone()));
         for (i, s) in self.sessions.values().enumerate() {
             if i > 0 && i % FAN_OUT_SLICE == 0 {
                 // The sessions woken so far, and every other conversation's pushes, go
@@ -755,14 +768,14 @@ impl Hub {
     }
 
     /// Delivers an event from NATS: in order, once, gaps filled from the log.
-    async fn accept(&mut self, event: Event) {
+    async fn accept(&mut self, event: Event, frame: Bytes) {
         if event.seq <= self.delivered || self.pending.contains_key(&event.seq) {
             return; // duplicate
         }
         if event.seq == self.delivered + 1 {
-            self.fan_out(&event).await;
+            self.fan_out(&event, frame).await;
         } else {
-            self.pending.insert(event.seq, event);
+            self.pending.insert(event.seq, (event, frame));
             if self.pending.len() > self.registry.inner.cfg.max_pending {
                 self.pending.clear();
             }
@@ -781,8 +794,8 @@ impl Hub {
             if *entry.key() <= self.delivered {
                 entry.remove();
             } else if *entry.key() == self.delivered + 1 {
-                let event = entry.remove();
-                self.fan_out(&event).await;
+                let (event, frame) = entry.remove();
+                self.fan_out(&event, frame).await;
             } else {
                 break;
             }
@@ -810,7 +823,7 @@ impl Hub {
                 Ok(events) => {
                     for e in &events {
                         if e.seq == self.delivered + 1 {
-                            self.fan_out(e).await;
+                            self.fan_out(e, push_frame(Msg::Event(e.clone()))).await;
                         }
                     }
                     if self.delivered == before {
@@ -902,7 +915,7 @@ impl Hub {
     /// Opens an envelope from the stream. One that does not open (forged, damaged, or of a
     /// tenant whose keys are gone) is never delivered: `None`, and the caller heals from the
     /// log, which has the real event if there is one.
-    async fn open(&self, payload: &[u8]) -> Option<Event> {
+    async fn open(&self, payload: &[u8]) -> Option<(Event, Bytes)> {
         let env = match bus_crypto::envelope(payload) {
             Ok(env) => env,
             Err(e) => {
@@ -931,7 +944,7 @@ impl Hub {
             }
         };
         match opened {
-            Ok(event) => Some(event),
+            Ok((event, plain)) => Some((event, event_frame(&plain))),
             Err(e) => {
                 warn!(error = %e, tenant = %self.tenant, conv = %self.conv, "an event envelope did not open; treated as lost");
                 None
@@ -1022,7 +1035,7 @@ async fn run_hub(
             _ = left.notified() => hub.reconcile(),
             delivery = events.next() => match delivery {
                 Delivery::Message(msg) => match hub.open(&msg.payload).await {
-                    Some(event) => hub.accept(event).await,
+                    Some((event, frame)) => hub.accept(event, frame).await,
                     None => hub.heal().await,
                 },
                 // Subscribed again: what was published meanwhile is in the log.
@@ -1037,6 +1050,41 @@ async fn run_hub(
             }
             _ = reconnected.recv() => hub.heal().await,
             _ = heal_timer.tick() => hub.heal().await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tidings_schemas::v1::MessagePosted;
+
+    #[test]
+    fn event_frame_is_the_encoded_push() {
+        for text in ["", "hi", &"x".repeat(300), &"y".repeat(70_000)] {
+            let event = Event {
+                tenant: "acme".into(),
+                conversation: "general".into(),
+                seq: 300,
+                event_id: "0190".into(),
+                sender: "alice".into(),
+                server_time_ms: 1_700_000_000_000,
+                client_msg_id: "m1".into(),
+                body: Some(Body::MessagePosted(MessagePosted {
+                    text: text.to_string(),
+                    ..Default::default()
+                })),
+            };
+            let frame = event_frame(&event.encode_to_vec());
+            assert_eq!(
+                frame,
+                push_frame(Msg::Event(event.clone())),
+                "{}",
+                text.len()
+            );
+            let decoded = proto::ServerFrame::decode(frame).expect("a client decodes it");
+            assert_eq!(decoded.request_id, 0);
+            assert_eq!(decoded.msg, Some(Msg::Event(event)));
         }
     }
 }

@@ -157,8 +157,8 @@ async fn outgoing_batch(keyring: &Keyring, items: Vec<FeedItem>) -> Vec<Outgoing
     let mut keys: HashMap<String, Option<TransportKey>> = HashMap::new();
     let mut bytes = 0;
     for item in &items {
-        if let FeedItem::Event(event) = item {
-            bytes += event.encoded_len();
+        if let FeedItem::Event { event, encoded } = item {
+            bytes += encoded.len();
             if !keys.contains_key(&event.tenant) {
                 let key = match TenantId::new(event.tenant.clone()) {
                     Ok(t) => match keyring.transport_key(&t, None).await {
@@ -199,7 +199,7 @@ fn outgoing(item: FeedItem, keys: &HashMap<String, Option<TransportKey>>) -> Vec
         )
         .into_iter()
         .collect(),
-        FeedItem::Event(event) => {
+        FeedItem::Event { event, encoded } => {
             let (Ok(t), Ok(c)) = (
                 TenantId::new(event.tenant.clone()),
                 ConvId::new(event.conversation.clone()),
@@ -213,7 +213,8 @@ fn outgoing(item: FeedItem, keys: &HashMap<String, Option<TransportKey>>) -> Vec
             let mut out = vec![Outgoing {
                 subject: subjects::events(&t, &c),
                 msg_id: Some(subjects::msg_id(t.as_str(), c.as_str(), seq)),
-                payload: Bytes::from(bus_crypto::seal_event(key, &c, seq, &event.encode_to_vec())),
+                // The sequencer's bytes, not encoded again.
+                payload: Bytes::from(bus_crypto::seal_event(key, &c, seq, &encoded)),
             }];
             match &event.body {
                 Some(Body::ConversationCreated(created)) => out.extend(

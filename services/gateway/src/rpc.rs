@@ -293,6 +293,7 @@ fn committed_from(c: wire::Committed) -> Committed {
         event_id: c.event_id,
         time_ms: c.time_ms,
         duplicate: c.duplicate,
+        members: 0,
     }
 }
 

@@ -235,6 +235,9 @@ pub struct Committed {
     pub event_id: String,
     pub time_ms: i64,
     pub duplicate: bool,
+    /// The conversation's members when it committed (the pushes it makes); 0 when not
+    /// known here (a retry answered with the original, an answer from another process).
+    pub members: u64,
 }
 
 /// Events in the first chunk of a read, before their size is known: 8 events of the largest
@@ -340,8 +343,12 @@ pub struct ConversationInfo {
 /// (the NATS publisher).
 #[derive(Clone, Debug, PartialEq)]
 pub enum FeedItem {
-    /// A newly committed event, in the clear.
-    Event(Arc<Event>),
+    /// A newly committed event, in the clear, and its bytes as encoded once by the
+    /// sequencer (what it sealed; what the publisher seals for the bus).
+    Event {
+        event: Arc<Event>,
+        encoded: Arc<[u8]>,
+    },
     /// A user's read cursor moved.
     ReadCursor {
         tenant: TenantId,
@@ -859,6 +866,11 @@ impl Log {
 
     /// (store commits, requests answered) since open: requests / commits is the mean group
     /// size.
+    /// Batches whose new events were sealed on the blocking pool (they were large).
+    pub fn batches_sealed_off_runtime(&self) -> u64 {
+        self.inner.stats.sealed_off_runtime.load(Ordering::Relaxed)
+    }
+
     pub fn stats(&self) -> (u64, u64) {
         (
             self.inner.stats.commits.load(Ordering::Relaxed),
@@ -1247,7 +1259,12 @@ impl Log {
             std::time::Instant::now(),
         )?;
         self.intercept(&req).await?;
-        self.append(req).await
+        let (tenant, conv) = (req.tenant.clone(), req.conv.clone());
+        let committed = self.append(req).await?;
+        self.inner
+            .overload
+            .note_members(&tenant, &conv, committed.members);
+        Ok(committed)
     }
 
     /// Asks the tenant's interceptor, if a rule has one for this append

@@ -454,7 +454,7 @@ impl Writer {
         }
         if let Some(feed) = &self.feed {
             for item in state.announce {
-                if let FeedItem::Event(e) = &item
+                if let FeedItem::Event { event: e, .. } = &item
                     && !failed.is_empty()
                 {
                     let part = [e.tenant.as_bytes(), b"\0", e.conversation.as_bytes()].concat();

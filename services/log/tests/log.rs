@@ -10,7 +10,7 @@ use tidings_log::crypto::MasterKey;
 use tidings_log::store::{FjallStore, KvStore, Order, StoreError, Transaction};
 use tidings_log::{Body, CreateConversation, Log, LogConfig, LogError, ReadRange, keys};
 
-use crate::log_suite::{assert_contiguous, c, group, read_all, t, text, text_of, u};
+use crate::log_suite::{assert_contiguous, c, group, read_all, t, text, text_of, u, unread_of};
 
 /// The suite on a fresh fjall store in a temporary directory per case.
 mod suite {
@@ -292,13 +292,17 @@ async fn the_feed_announces_commits_in_order_and_never_holds_appends_back() {
         got.push(rx.recv().await.expect("feed item"));
     }
     match &got[0] {
-        tidings_log::FeedItem::Event(e) => {
-            assert!(matches!(e.body, Some(Body::ConversationCreated(_))) && e.seq == 1)
+        tidings_log::FeedItem::Event { event: e, encoded } => {
+            assert!(matches!(e.body, Some(Body::ConversationCreated(_))) && e.seq == 1);
+            // The bytes the feed carries are the event's, encoded once.
+            assert_eq!(&encoded[..], &prost::Message::encode_to_vec(&**e)[..]);
         }
         other => panic!("{other:?}"),
     }
     match &got[1] {
-        tidings_log::FeedItem::Event(e) => assert_eq!((e.seq, text_of(e)), (2, "one")),
+        tidings_log::FeedItem::Event { event: e, .. } => {
+            assert_eq!((e.seq, text_of(e)), (2, "one"))
+        }
         other => panic!("{other:?}"),
     }
     assert_eq!(
@@ -357,8 +361,8 @@ impl KvStore for FailOnce {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failed_commit_fails_its_batch_and_the_batch_built_on_it_and_retries_heal() {
+/// A log on a fjall store whose commits wait at `gate` (and fail once when `armed`).
+async fn gated_log(cfg: LogConfig) -> (tempfile::TempDir, Arc<FailOnce>, Log) {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = Arc::new(FailOnce {
         inner: FjallStore::open(dir.path()).expect("open"),
@@ -368,13 +372,20 @@ async fn a_failed_commit_fails_its_batch_and_the_batch_built_on_it_and_retries_h
     let log = Log::open(
         store.clone() as Arc<dyn KvStore>,
         MasterKey::generate(),
-        LogConfig {
-            max_batch: 50,
-            ..LogConfig::default()
-        },
+        cfg,
     )
     .await
     .expect("open");
+    (dir, store, log)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_commit_fails_its_batch_and_the_batch_built_on_it_and_retries_heal() {
+    let (_dir, store, log) = gated_log(LogConfig {
+        max_batch: 50,
+        ..LogConfig::default()
+    })
+    .await;
     group(&log, "acme", "general", "alice", &[]).await;
     // Hold commits: the first batch's commit waits at the gate while the sequencer prepares
     // the next batch on top of it. Then that first commit fails.
@@ -620,4 +631,102 @@ async fn the_indexer_gives_the_same_postings_from_the_sequencers_plaintext_or_th
     }
     assert_eq!(found[0], [2, 6, 10, 14, 18, 22, 26, 30]);
     assert_eq!(found[0], found[1]);
+}
+
+/// Sealing is done once per batch, after its commands are applied (on the blocking pool when
+/// the batch is large): commands later in the same batch still read its new events — an edit
+/// checks the author of a message sent just before it, a read cursor counts its messages —
+/// and what is stored opens as what was sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_is_sealed_at_once_and_its_later_commands_read_its_new_events() {
+    use tidings_schemas::v1::MessageEdited;
+    let (_dir, store, log) = gated_log(LogConfig::default()).await;
+    group(&log, "acme", "general", "alice", &["bob"]).await;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    let taken = |log: &Log| {
+        let log = log.clone();
+        async move {
+            while log.queued() > 0 {
+                assert!(tokio::time::Instant::now() < deadline, "never taken");
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+        }
+    };
+    // Commits wait at the gate: batch 1 commits (held), batch 2 is prepared on it and the
+    // sequencer waits for batch 1; everything queued after that is one batch.
+    let hold = store.gate.write().await;
+    let first = log
+        .enqueue(text("acme", "general", "alice", "f1", "first"))
+        .await
+        .expect("enqueue");
+    taken(&log).await;
+    let second = log
+        .enqueue(text("acme", "general", "alice", "f2", "second"))
+        .await
+        .expect("enqueue");
+    taken(&log).await;
+    let edit = |sender: &str, id: &str| {
+        let mut a = text("acme", "general", sender, id, "");
+        a.body = Body::MessageEdited(MessageEdited {
+            target_seq: 4,
+            new_text: "edited".into(),
+        });
+        a
+    };
+    // 48 KiB each: the batch's 20 messages are 960 KiB to seal, past the inline bound.
+    let big = "x".repeat(48 * 1024);
+    let mut batch = vec![
+        log.enqueue(text("acme", "general", "alice", "m", "sent"))
+            .await
+            .expect("enqueue"), // seq 4
+        log.enqueue(edit("bob", "not-his")).await.expect("enqueue"),
+        log.enqueue(edit("alice", "hers")).await.expect("enqueue"), // seq 5
+    ];
+    for i in 0..20 {
+        batch.push(
+            log.enqueue(text("acme", "general", "alice", &format!("big{i}"), &big))
+                .await
+                .expect("enqueue"),
+        );
+    }
+    // Bob's read cursor to alice's edit, in the same batch: it reads the edit's row (still
+    // unsealed) for the conversation's message count there.
+    let cursor = {
+        let log = log.clone();
+        tokio::spawn(async move { log.mark_read(&t("acme"), &c("general"), &u("bob"), 5).await })
+    };
+    while log.queued() < 24 {
+        assert!(tokio::time::Instant::now() < deadline, "never queued");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    let off_runtime_before = log.batches_sealed_off_runtime();
+    drop(hold);
+    assert_eq!(first.wait().await.expect("first").seq, 2);
+    assert_eq!(second.wait().await.expect("second").seq, 3);
+    let mut outcomes = Vec::new();
+    for p in batch {
+        outcomes.push(p.wait().await.map(|c| c.seq));
+    }
+    assert_eq!(outcomes[0].as_ref().expect("sent"), &4);
+    assert!(
+        matches!(&outcomes[1], Err(LogError::NotAllowed(_))),
+        "bob may not edit alice's message sent in the same batch: {:?}",
+        outcomes[1]
+    );
+    assert_eq!(outcomes[2].as_ref().expect("alice's edit"), &5);
+    for (i, o) in outcomes[3..].iter().enumerate() {
+        assert_eq!(o.as_ref().expect("big"), &(6 + i as u64));
+    }
+    assert_eq!(log.batches_sealed_off_runtime(), off_runtime_before + 1);
+    assert_eq!(cursor.await.expect("task").expect("mark read"), 5);
+    // Messages: alice's 2, 3, 4 and the 20 big ones (the edit is not one); bob has read to
+    // 5, so the 20 are unread.
+    assert_eq!(unread_of(&log, "acme", "bob", "general").await, 20);
+    let events = read_all(&log, "acme", "general").await;
+    assert_contiguous(&events);
+    assert_eq!(events.len(), 25);
+    assert_eq!(text_of(&events[3]), "sent");
+    for e in &events[5..] {
+        assert_eq!(text_of(e), big);
+    }
 }
