@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::common;
-use crate::common::prom::{self, Page};
+use crate::common::prom::{Page, scrape};
 use crate::common::{Nats, Sandbox, Server};
 use tidings_client::client::{ErrorCode, ListMembers, Member};
 use tidings_client::{Connection, Push, Requester};
@@ -51,18 +51,6 @@ async fn seed(s: &Sandbox, groups: &[(&str, usize)]) {
         .expect("create");
     }
     log.close().await;
-}
-
-async fn scrape(http: &reqwest::Client, port: u16) -> Page {
-    let text = http
-        .get(format!("http://127.0.0.1:{port}/metrics"))
-        .send()
-        .await
-        .expect("GET /metrics")
-        .text()
-        .await
-        .expect("body");
-    prom::parse(&text).unwrap_or_else(|e| panic!("{e}\n--- page ---\n{text}"))
 }
 
 fn http() -> reqwest::Client {

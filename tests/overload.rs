@@ -10,7 +10,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::common::{Nats, Sandbox, Server};
+use crate::common::prom;
+use crate::common::{self, Nats, Sandbox, Server};
 use tidings_client::client::ErrorCode;
 use tidings_client::{ClientError, Connection, MemberCache, Push, Requester, RetryPolicy};
 use tidings_schemas::v1::ConversationKind;
@@ -35,6 +36,40 @@ async fn send_once(r: &Requester, conv: &str, id: &str) -> Result<Option<u64>, C
         }
         Err(e) => Err(e),
     }
+}
+
+/// `senders` tasks each sending `each` messages to `conv` at once, as fast as answered:
+/// what was acked (seq → client_msg_id) and how many were refused RATE_LIMITED.
+fn flood(
+    r: &Requester,
+    conv: &'static str,
+    senders: usize,
+    each: usize,
+) -> tokio::task::JoinHandle<(BTreeMap<u64, String>, usize)> {
+    let mut tasks = tokio::task::JoinSet::new();
+    for sender in 0..senders {
+        let r = r.clone();
+        tasks.spawn(async move {
+            let (mut acked, mut limited) = (Vec::new(), 0);
+            for i in 0..each {
+                let id = format!("{conv}-{sender}-{i}");
+                match send_once(&r, conv, &id).await.expect("flood send") {
+                    Some(seq) => acked.push((seq, id)),
+                    None => limited += 1,
+                }
+            }
+            (acked, limited)
+        });
+    }
+    tokio::spawn(async move {
+        let (mut acked, mut limited) = (BTreeMap::new(), 0);
+        while let Some(done) = tasks.join_next().await {
+            let (a, l) = done.expect("flood task");
+            acked.extend(a);
+            limited += l;
+        }
+        (acked, limited)
+    })
 }
 
 /// Every message of the conversation, seq → client_msg_id, read back through the gateway.
@@ -64,27 +99,32 @@ async fn assert_exactly(r: &Requester, conv: &str, acked: &BTreeMap<u64, String>
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_hottest_conversations_are_limited_past_capacity_and_no_one_else() {
+/// A server with the overload settings `env` (floor 3) and alice of acme connected.
+async fn start(env: &[(&str, &str)]) -> (Sandbox, Nats, Server, Connection) {
     let s = Sandbox::new();
     let nats = Nats::start();
-    let server = Server::start(
-        &s,
-        &nats,
-        "all",
-        &[
-            ("TIDINGS_LOG_CAPACITY_PER_SEC", "20"),
-            ("TIDINGS_LOG_OVERLOAD_FLOOR_PER_SEC", "3"),
-            ("TIDINGS_LOG_VIP_TENANTS", "gold"),
-            // The session's own frame bucket is not what is under test.
-            ("TIDINGS_GATEWAY_FRAMES_PER_SECOND", "100000"),
-            ("TIDINGS_GATEWAY_FRAME_BURST", "100000"),
-            ("TIDINGS_GATEWAY_TYPING_MAX_MEMBERS", "2"),
-        ],
-    );
+    let mut env = env.to_vec();
+    env.extend([
+        ("TIDINGS_LOG_OVERLOAD_FLOOR_PER_SEC", "3"),
+        // The session's own frame bucket is not what is under test.
+        ("TIDINGS_GATEWAY_FRAMES_PER_SECOND", "100000"),
+        ("TIDINGS_GATEWAY_FRAME_BURST", "100000"),
+    ]);
+    let server = Server::start(&s, &nats, "all", &env);
     let (acme, _) = Connection::open(&server.url(), &s.token("acme", "alice", 3600), "t")
         .await
         .expect("connect acme");
+    (s, nats, server, acme)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_hottest_conversations_are_limited_past_capacity_and_no_one_else() {
+    let (s, _nats, server, acme) = start(&[
+        ("TIDINGS_LOG_CAPACITY_PER_SEC", "20"),
+        ("TIDINGS_LOG_VIP_TENANTS", "gold"),
+        ("TIDINGS_GATEWAY_TYPING_MAX_MEMBERS", "2"),
+    ])
+    .await;
     let (gold, _) = Connection::open(&server.url(), &s.token("gold", "alice", 3600), "t")
         .await
         .expect("connect gold");
@@ -158,21 +198,7 @@ async fn the_hottest_conversations_are_limited_past_capacity_and_no_one_else() {
 
     // One hot group far past capacity (8 senders, 100 sends each) while 100 small
     // conversations send 2 messages each (under the floor of 3).
-    let mut flood = tokio::task::JoinSet::new();
-    for sender in 0..8 {
-        let r = acme.clone();
-        flood.spawn(async move {
-            let (mut acked, mut limited) = (Vec::new(), 0);
-            for i in 0..100 {
-                let id = format!("hot-{sender}-{i}");
-                match send_once(&r, "hot", &id).await.expect("hot send") {
-                    Some(seq) => acked.push((seq, id)),
-                    None => limited += 1,
-                }
-            }
-            (acked, limited)
-        });
-    }
+    let hot = flood(&acme, "hot", 8, 100);
     let mut smalls = tokio::task::JoinSet::new();
     for chunk in 0..4 {
         let r = acme.clone();
@@ -190,13 +216,7 @@ async fn the_hottest_conversations_are_limited_past_capacity_and_no_one_else() {
             acked
         });
     }
-    let mut hot = BTreeMap::new();
-    let mut hot_limited = 0;
-    while let Some(done) = flood.join_next().await {
-        let (acked, limited) = done.expect("flood task");
-        hot.extend(acked);
-        hot_limited += limited;
-    }
+    let (hot, hot_limited) = hot.await.expect("flood");
     let mut small: BTreeMap<String, BTreeMap<u64, String>> = BTreeMap::new();
     while let Some(done) = smalls.join_next().await {
         for (conv, seq, id) in done.expect("small task") {
@@ -346,4 +366,110 @@ async fn the_hottest_conversations_are_limited_past_capacity_and_no_one_else() {
         .expect("prefix search");
     assert_eq!((page.members.len(), page.version), (1, 4));
     assert_eq!(page.members[0].user, "dave");
+}
+
+/// The fan-out budget (`log.overload_fanout_per_sec`): a send to a group of 100 members is
+/// 100 pushes, so the group is limited by the pushes it causes while a two-member
+/// conversation sending as often is not, and small conversations never are.
+///
+/// Why no claim depends on speed: the budget is 1,000 pushes a second and nothing else is
+/// configured. The pair sends 150 messages in all (at most 300 pushes in any window), the
+/// small conversations 2 each (200 pushes in all); with the group held to at least its
+/// floor (3 × 100 pushes), what is left for it is 500 pushes, more than either ever asks,
+/// so the water-fill can never cut them. The group's 400 sends are 40,000 pushes: past the
+/// budget unless they took 40 seconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_big_group_is_limited_by_its_fan_out_and_a_busy_pair_is_not() {
+    const BIG: usize = 100;
+    const PAIR_SENDS: usize = 150;
+    const FEW: usize = 50;
+    let (_s, _nats, server, acme) = start(&[("TIDINGS_LOG_OVERLOAD_FANOUT_PER_SEC", "1000")]).await;
+    let acme = acme.requester();
+    let members: Vec<String> = (1..BIG).map(|i| format!("m{i}")).collect();
+    let members: Vec<&str> = members.iter().map(String::as_str).collect();
+    acme.create_conversation("big", ConversationKind::Group, "big", &members)
+        .await
+        .expect("create big");
+    acme.create_conversation("pair", ConversationKind::Group, "pair", &["bob"])
+        .await
+        .expect("create pair");
+    for i in 0..FEW {
+        let c = format!("few{i}");
+        acme.create_conversation(&c, ConversationKind::Group, &c, &["bob"])
+            .await
+            .expect("create");
+    }
+
+    let big = flood(&acme, "big", 8, 50);
+    let pair = {
+        let r = acme.clone();
+        tokio::spawn(async move {
+            let mut acked = BTreeMap::new();
+            for i in 0..PAIR_SENDS {
+                let id = format!("pair-{i}");
+                let seq = send_once(&r, "pair", &id).await.expect("pair send");
+                acked.insert(
+                    seq.unwrap_or_else(|| panic!("the pair was limited at {i}")),
+                    id,
+                );
+            }
+            acked
+        })
+    };
+    let few = {
+        let r = acme.clone();
+        tokio::spawn(async move {
+            let mut acked: BTreeMap<String, BTreeMap<u64, String>> = BTreeMap::new();
+            for round in 0..2 {
+                for i in 0..FEW {
+                    let conv = format!("few{i}");
+                    let id = format!("{conv}-{round}");
+                    let seq = send_once(&r, &conv, &id).await.expect("small send");
+                    let seq = seq.unwrap_or_else(|| panic!("{conv} was limited"));
+                    acked.entry(conv).or_default().insert(seq, id);
+                }
+            }
+            acked
+        })
+    };
+    let (big, big_limited) = big.await.expect("flood");
+    let pair = pair.await.expect("pair task");
+    let few = few.await.expect("few task");
+    println!("big: {} acked, {big_limited} limited", big.len());
+    assert!(big_limited > 0, "the big group is limited");
+    assert_eq!(big.len() + big_limited, 400);
+    assert_exactly(&acme, "big", &big).await;
+    assert_eq!(pair.len(), PAIR_SENDS);
+    assert_exactly(&acme, "pair", &pair).await;
+    assert_eq!(few.len(), FEW);
+    for (conv, acked) in &few {
+        assert_eq!(acked.len(), 2, "{conv}");
+        assert_exactly(&acme, conv, acked).await;
+    }
+
+    // What was limited and why is counted where an operator looks: the gateway answered
+    // every refusal (some itself, shedding the group's sends until the window ended); every
+    // one the log made was the fan-out budget's, of a standard tenant's conversation.
+    let page = prom::scrape(&common::http_client(), server.admin_port).await;
+    assert_eq!(
+        page.value("tidings_gateway_rate_limited_total", &[("limit", "log")]),
+        big_limited as f64
+    );
+    let by_log = page.value(
+        "tidings_log_overload_limited_total",
+        &[("tier", "standard")],
+    );
+    assert!(by_log >= 1.0 && by_log <= big_limited as f64, "{by_log}");
+    assert_eq!(
+        page.value("tidings_log_overload_limited_by_fanout_total", &[]),
+        by_log
+    );
+    assert_eq!(
+        page.value("tidings_log_overload_limited_total", &[("tier", "vip")]),
+        0.0
+    );
+    assert_eq!(
+        page.value("tidings_log_overload_admitted_total", &[]),
+        (big.len() + PAIR_SENDS + 2 * FEW) as f64
+    );
 }

@@ -258,3 +258,16 @@ fn check_histogram(name: &str, family: &Family) -> Result<(), String> {
         _ => Err(format!("{name}: no +Inf bucket, or it differs from _count")),
     }
 }
+
+/// GETs `/metrics` from a listener on this host and parses it strictly.
+pub async fn scrape(http: &reqwest::Client, port: u16) -> Page {
+    let text = http
+        .get(format!("http://127.0.0.1:{port}/metrics"))
+        .send()
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("body");
+    parse(&text).unwrap_or_else(|e| panic!("{e}\n--- page ---\n{text}"))
+}

@@ -5,18 +5,24 @@
 //! nothing when it is not. This admission control limits nothing below capacity. Above it
 //! (docs/decisions/overload-admission.md):
 //!
-//! - **Capacity** is configured (`capacity_per_sec`), or learned (`learn`): the sequencer's mean
+//! - **Capacity** is two budgets. Appends: configured (`capacity_per_sec`), or learned
+//!   (`learn`): the sequencer's mean
 //!   queueing delay, by Little's law (mean queue depth / appends admitted per second), above
 //!   20 ms means overload (WeChat's DAGOR). The learned capacity then steps down to 95% of
 //!   what was admitted, and back up 5% a window while the queueing stays low, until it
-//!   covers the demand again and limiting stops.
+//!   covers the demand again and limiting stops. Pushes (`fanout_per_sec`, configured): an
+//!   append to a conversation of m members makes up to m pushes to online sessions, so a
+//!   flood in a 10,000-member group overloads the gateways' fan-out long before the
+//!   sequencer; a conversation's member count is learned from its commits.
 //! - **Who is limited**: time is cut into one-second windows. Every append attempt is
 //!   counted per conversation in a space-saving sketch of `tracked_conversations` slots
 //!   (bounded memory, whatever the number of conversations; a count is over-estimated by at
 //!   most its `error`, and only the guaranteed part, count − error, is ever held against a
 //!   conversation). When the window's attempts pass the budget, allowances are computed by
 //!   water-filling: every conversation keeps what it sends up to a threshold T, and T is
-//!   the largest value whose total fits the budget. Tiers are strict: VIP conversations are
+//!   the largest value whose total fits the budget, for each budget crossed (in pushes a
+//!   conversation's demand is its sends × its members); a conversation's allowance is the
+//!   smaller of the two. Tiers are strict: VIP conversations are
 //!   given their demand first (standard ones keep their floor), standard conversations
 //!   share what remains, so a VIP tenant's hot group is limited only after every standard
 //!   hot group is down to its floor. No conversation is ever held below
@@ -64,6 +70,9 @@ pub struct OverloadConfig {
     pub floor_per_sec: u32,
     /// Tenants of the VIP tier: their conversations are limited last.
     pub vip_tenants: Vec<String>,
+    /// Pushes a second (appends × their conversations' members) the gateways carry before
+    /// the conversations causing the most are limited; 0: fan-out is not weighed.
+    pub fanout_per_sec: u64,
 }
 
 impl Default for OverloadConfig {
@@ -74,6 +83,7 @@ impl Default for OverloadConfig {
             tracked_conversations: 1024,
             floor_per_sec: 5,
             vip_tenants: Vec::new(),
+            fanout_per_sec: 0,
         }
     }
 }
@@ -93,6 +103,12 @@ impl OverloadConfig {
         }
         for t in &self.vip_tenants {
             TenantId::new(t.clone()).map_err(|e| format!("vip_tenants: {e}"))?;
+        }
+        if self.fanout_per_sec != 0 && self.fanout_per_sec < u64::from(self.floor_per_sec) {
+            return Err(
+                "overload_fanout_per_sec must be 0 (none) or at least overload_floor_per_sec"
+                    .into(),
+            );
         }
         Ok(())
     }
@@ -117,6 +133,9 @@ pub struct OverloadStats {
     pub limited_vip: AtomicU64,
     /// Windows in which something was limited.
     pub limiting_windows: AtomicU64,
+    /// Of the refused appends, those whose allowance was set by the fan-out budget
+    /// (`fanout_per_sec`) rather than the appends budget.
+    pub limited_by_fanout: AtomicU64,
     /// Windows the learned capacity was stepped down because the sequencer's queueing
     /// delay was past [`OVERLOADED_QUEUEING`].
     pub queueing_overloads: AtomicU64,
@@ -135,6 +154,8 @@ struct Slot {
     prev: u64,
     /// Whether its limiting this window was logged.
     logged: bool,
+    /// Members at its last commit (1 until one is seen): the pushes one append makes.
+    members: u64,
 }
 
 impl Slot {
@@ -143,20 +164,55 @@ impl Slot {
     }
 }
 
-/// The allowances in force: admitted appends per window per conversation, by tier
-/// (`None`: that tier is not limited).
+/// Per tier, the most a conversation may use this window of one budget (`None`: not
+/// limited), in that budget's unit.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-struct Plan {
+struct Thresholds {
     standard: Option<u64>,
     vip: Option<u64>,
 }
 
-impl Plan {
-    fn threshold(&self, tier: Tier) -> Option<u64> {
+impl Thresholds {
+    fn of(&self, tier: Tier) -> Option<u64> {
         match tier {
             Tier::Standard => self.standard,
             Tier::Vip => self.vip,
         }
+    }
+}
+
+/// The allowances in force: per budget, per tier, what a conversation may use this window.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Plan {
+    /// In appends.
+    appends: Thresholds,
+    /// In pushes (appends × members).
+    pushes: Thresholds,
+}
+
+/// Which budget set an allowance.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Bound {
+    Appends,
+    Fanout,
+}
+
+impl Plan {
+    /// Appends the conversation may make this window, never below `floor`, and which
+    /// budget set it; `None`: not limited. In pushes, appends are let through while those
+    /// made stay below the threshold, so the last may pass it by one append's pushes: a
+    /// group whose share is 1.99 appends' worth makes 2, not 1.
+    fn allowance(&self, tier: Tier, members: u64, floor: u64) -> Option<(u64, Bound)> {
+        let appends = self.appends.of(tier).map(|t| (t, Bound::Appends));
+        let fanout = self
+            .pushes
+            .of(tier)
+            .map(|t| (t.div_ceil(members.max(1)), Bound::Fanout));
+        let tightest = match (appends, fanout) {
+            (Some(a), Some(f)) => Some(if f.0 < a.0 { f } else { a }),
+            (a, f) => a.or(f),
+        };
+        tightest.map(|(t, bound)| (t.max(floor), bound))
     }
 }
 
@@ -169,6 +225,12 @@ struct State {
     slots: HashMap<(TenantId, ConvId), Slot>,
     plan: Option<Plan>,
     prev_attempts: u64,
+    /// Pushes the attempts this window would make (an untracked conversation's as 1), and
+    /// the previous window's.
+    pushes: u64,
+    prev_pushes: u64,
+    /// Pushes when allowances were last computed this window.
+    planned_at_pushes: u64,
     /// The learned budget per window (`None`: not limiting); only without a configured
     /// capacity.
     learned: Option<u64>,
@@ -198,6 +260,9 @@ impl Overload {
                 slots: HashMap::with_capacity(cfg.tracked_conversations.min(4096)),
                 plan: None,
                 prev_attempts: 0,
+                pushes: 0,
+                prev_pushes: 0,
+                planned_at_pushes: 0,
                 learned: None,
                 depth_sum: 0,
                 depth_samples: 0,
@@ -229,7 +294,7 @@ impl Overload {
         queued: usize,
         now: Instant,
     ) -> Result<(), LogError> {
-        if self.cfg.capacity_per_sec == 0 && !self.cfg.learn {
+        if !self.enabled() {
             return Ok(());
         }
         let tier = self.tier(tenant);
@@ -240,21 +305,19 @@ impl Overload {
         s.attempts += 1;
         s.depth_sum += queued as u64;
         s.depth_samples += 1;
-        self.count(&mut s, tenant, conv, tier);
-        if let Some(budget) = self.budget(&s) {
-            let due = s.attempts > budget
-                && (s.plan.is_none()
-                    || s.attempts - s.planned_at >= (budget / REPLANS_PER_WINDOW).max(1));
-            if due {
-                let plan = plan(&s, budget, self.floor());
-                if plan.is_some() && s.plan.is_none() {
-                    self.stats.limiting_windows.fetch_add(1, Ordering::Relaxed);
-                }
-                s.plan = plan;
-                s.planned_at = s.attempts;
+        let members = self.count(&mut s, tenant, conv, tier);
+        s.pushes += members;
+        if self.replan_due(&s) {
+            let plan = self.plan(&s);
+            if plan.is_some() && s.plan.is_none() {
+                self.stats.limiting_windows.fetch_add(1, Ordering::Relaxed);
             }
+            s.plan = plan;
+            s.planned_at = s.attempts;
+            s.planned_at_pushes = s.pushes;
         }
         let plan = s.plan;
+        let floor = self.floor();
         let window_end = s.window_start + WINDOW;
         let key = (tenant.clone(), conv.clone());
         let Some(slot) = s.slots.get_mut(&key) else {
@@ -263,20 +326,25 @@ impl Overload {
                 "internal: an attempt was not counted",
             ));
         };
-        match plan.and_then(|p| p.threshold(tier)) {
-            Some(threshold) if slot.admitted >= threshold => {
+        match plan.and_then(|p| p.allowance(tier, slot.members, floor)) {
+            Some((allowance, bound)) if slot.admitted >= allowance => {
                 let counter = match tier {
                     Tier::Standard => &self.stats.limited_standard,
                     Tier::Vip => &self.stats.limited_vip,
                 };
                 counter.fetch_add(1, Ordering::Relaxed);
+                if bound == Bound::Fanout {
+                    self.stats.limited_by_fanout.fetch_add(1, Ordering::Relaxed);
+                }
                 if !slot.logged {
                     slot.logged = true;
                     info!(
                         tenant = %tenant,
                         conversation = %conv,
                         ?tier,
-                        allowance_per_window = threshold,
+                        members = slot.members,
+                        ?bound,
+                        allowance_per_window = allowance,
                         "overloaded: limiting the conversation until the window ends"
                     );
                 }
@@ -295,11 +363,28 @@ impl Overload {
         }
     }
 
+    /// Tells the control how many members the conversation had at an append's commit:
+    /// the pushes each of its appends makes, for the fan-out budget. Only tracked
+    /// conversations are remembered (the sketch's bound); without a fan-out budget, nothing.
+    pub fn note_members(&self, tenant: &TenantId, conv: &ConvId, members: u64) {
+        if self.cfg.fanout_per_sec == 0 || members == 0 {
+            return;
+        }
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(slot) = s.slots.get_mut(&(tenant.clone(), conv.clone())) {
+            slot.members = members;
+        }
+    }
+
+    fn enabled(&self) -> bool {
+        self.cfg.capacity_per_sec != 0 || self.cfg.learn || self.cfg.fanout_per_sec != 0
+    }
+
     fn floor(&self) -> u64 {
         u64::from(self.cfg.floor_per_sec)
     }
 
-    /// Appends allowed per window, if any bound is in force now.
+    /// Appends allowed per window, if that bound is in force now.
     fn budget(&self, s: &State) -> Option<u64> {
         match self.cfg.capacity_per_sec {
             0 => s.learned,
@@ -307,13 +392,50 @@ impl Overload {
         }
     }
 
+    /// Pushes allowed per window, if that bound is configured.
+    fn fanout_budget(&self) -> Option<u64> {
+        (self.cfg.fanout_per_sec != 0).then_some(self.cfg.fanout_per_sec)
+    }
+
+    /// Whether allowances must be (re)computed now: a budget is crossed this window, and
+    /// either none is in force or an eighth of that budget was attempted since the last.
+    fn replan_due(&self, s: &State) -> bool {
+        let crossed = |used: u64, since: u64, budget: Option<u64>| {
+            budget.is_some_and(|b| {
+                used > b && (s.plan.is_none() || used - since >= (b / REPLANS_PER_WINDOW).max(1))
+            })
+        };
+        crossed(s.attempts, s.planned_at, self.budget(s))
+            || crossed(s.pushes, s.planned_at_pushes, self.fanout_budget())
+    }
+
+    /// Allowances for the demand seen (the larger of this window's and the last one's, per
+    /// conversation) under each budget; `None` when everything fits.
+    fn plan(&self, s: &State) -> Option<Plan> {
+        let floor = self.floor();
+        let appends = self.budget(s).map(|budget| {
+            let basis = s.attempts.max(s.prev_attempts);
+            thresholds(s.slots.values().map(|slot| (slot, 1)), basis, budget, floor)
+        });
+        let pushes = self.fanout_budget().map(|budget| {
+            let basis = s.pushes.max(s.prev_pushes);
+            let slots = s.slots.values().map(|slot| (slot, slot.members));
+            thresholds(slots, basis, budget, floor)
+        });
+        let plan = Plan {
+            appends: appends.unwrap_or_default(),
+            pushes: pushes.unwrap_or_default(),
+        };
+        (plan != Plan::default()).then_some(plan)
+    }
+
     /// Counts the attempt in the sketch: a tracked conversation's count grows; a new one
     /// takes a free slot, or the slot of the least counted (space-saving: it inherits that
-    /// count as its error).
-    fn count(&self, s: &mut State, tenant: &TenantId, conv: &ConvId, tier: Tier) {
+    /// count as its error). Returns the pushes the attempt would make.
+    fn count(&self, s: &mut State, tenant: &TenantId, conv: &ConvId, tier: Tier) -> u64 {
         if let Some(slot) = s.slots.get_mut(&(tenant.clone(), conv.clone())) {
             slot.count += 1;
-            return;
+            return slot.members;
         }
         let mut error = 0;
         if s.slots.len() >= self.cfg.tracked_conversations {
@@ -336,8 +458,10 @@ impl Overload {
                 admitted: 0,
                 prev: 0,
                 logged: false,
+                members: 1,
             },
         );
+        1
     }
 
     /// Starts a new window: this one's counts become the previous ones, the learned
@@ -359,6 +483,7 @@ impl Overload {
             self.learn(s);
         }
         s.prev_attempts = if idle { 0 } else { s.attempts };
+        s.prev_pushes = if idle { 0 } else { s.pushes };
         for slot in s.slots.values_mut() {
             slot.prev = if idle { 0 } else { slot.count - slot.error };
             slot.count = 0;
@@ -372,17 +497,21 @@ impl Overload {
         s.attempts = 0;
         s.admitted = 0;
         s.planned_at = 0;
+        s.pushes = 0;
+        s.planned_at_pushes = 0;
         s.depth_sum = 0;
         s.depth_samples = 0;
-        s.plan = match self.budget(s) {
-            Some(budget) if s.prev_attempts > budget => {
-                let plan = plan(s, budget, self.floor());
-                if plan.is_some() {
-                    self.stats.limiting_windows.fetch_add(1, Ordering::Relaxed);
-                }
-                plan
+        let over = |used: u64, budget: Option<u64>| budget.is_some_and(|b| used > b);
+        let crossed =
+            over(s.prev_attempts, self.budget(s)) || over(s.prev_pushes, self.fanout_budget());
+        s.plan = if crossed {
+            let plan = self.plan(s);
+            if plan.is_some() {
+                self.stats.limiting_windows.fetch_add(1, Ordering::Relaxed);
             }
-            _ => None,
+            plan
+        } else {
+            None
         };
     }
 
@@ -416,33 +545,46 @@ impl Overload {
     }
 }
 
-/// Allowances for the demand seen (the larger of this window's and the last one's, per
-/// conversation) under `budget`; `None` when everything fits.
-fn plan(s: &State, budget: u64, floor: u64) -> Option<Plan> {
-    let basis = s.attempts.max(s.prev_attempts);
+/// Per tier, the threshold of one budget: `slots` with the units one append of each uses
+/// (1 for appends, its members for pushes), `basis` the units attempted, `floor` in
+/// appends. Water-filled in units, VIP tier first (standard conversations keep their floor).
+fn thresholds<'a>(
+    slots: impl Iterator<Item = (&'a Slot, u64)>,
+    basis: u64,
+    budget: u64,
+    floor: u64,
+) -> Thresholds {
     let mut standard = Vec::new();
     let mut vip = Vec::new();
-    for slot in s.slots.values() {
+    let mut standard_floor = 0u64;
+    // (demand, floor) in units, per VIP conversation.
+    let mut vip_floors = Vec::new();
+    for (slot, units) in slots {
+        let demand = slot.demand().saturating_mul(units);
+        let slot_floor = floor.saturating_mul(units);
         match slot.tier {
-            Tier::Standard => standard.push(slot.demand()),
-            Tier::Vip => vip.push(slot.demand()),
+            Tier::Standard => {
+                standard.push(demand);
+                standard_floor = standard_floor.saturating_add(demand.min(slot_floor));
+            }
+            Tier::Vip => {
+                vip.push(demand);
+                vip_floors.push((demand, slot_floor));
+            }
         }
     }
     let tracked: u64 = standard.iter().chain(&vip).sum();
     // What the sketch does not hold is small conversations: never limited, so reserved.
     let available = budget.saturating_sub(basis.saturating_sub(tracked));
-    let standard_floor: u64 = standard.iter().map(|d| (*d).min(floor)).sum();
     let vip_threshold = water_fill(&mut vip, available.saturating_sub(standard_floor));
-    let vip_used: u64 = vip
+    let vip_used: u64 = vip_floors
         .iter()
-        .map(|d| vip_threshold.map_or(*d, |t| (*d).min(t.max(floor))))
+        .map(|(d, f)| vip_threshold.map_or(*d, |t| (*d).min(t.max(*f))))
         .sum();
-    let standard_threshold = water_fill(&mut standard, available.saturating_sub(vip_used));
-    let plan = Plan {
-        standard: standard_threshold.map(|t| t.max(floor)),
-        vip: vip_threshold.map(|t| t.max(floor)),
-    };
-    (plan != Plan::default()).then_some(plan)
+    Thresholds {
+        standard: water_fill(&mut standard, available.saturating_sub(vip_used)),
+        vip: vip_threshold,
+    }
 }
 
 /// The largest per-conversation threshold T with Σ min(demand, T) ≤ `cap`; `None` when
@@ -482,7 +624,113 @@ mod tests {
             tracked_conversations: 64,
             floor_per_sec: 3,
             vip_tenants: vec!["gold".into()],
+            fanout_per_sec: 0,
         }
+    }
+
+    /// Only a fan-out budget: `pushes` a second, floor 1.
+    fn fanout(pushes: u64) -> OverloadConfig {
+        OverloadConfig {
+            capacity_per_sec: 0,
+            learn: false,
+            floor_per_sec: 1,
+            fanout_per_sec: pushes,
+            ..cfg(0)
+        }
+    }
+
+    #[test]
+    fn a_big_group_is_limited_by_the_pushes_it_causes_and_small_ones_never() {
+        let o = Overload::new(fanout(10_000), Instant::now());
+        let start = Instant::now();
+        let (t, big) = ids("acme", "big");
+        let small: Vec<_> = (0..30).map(|i| ids("acme", &format!("s{i}")).1).collect();
+        // Its first commit says it has 1,000 members: 100 sends a second are 100,000 pushes.
+        o.admit(&t, &big, 0, start).expect("first");
+        o.note_members(&t, &big, 1_000);
+        let mut admitted = Vec::new();
+        for w in 0..4u32 {
+            let now = start + WINDOW * w;
+            let mut big_admitted = 0;
+            for i in 0..100 {
+                if o.admit(&t, &big, 0, now).is_ok() {
+                    big_admitted += 1;
+                }
+                if i % 40 == 0 {
+                    for s in &small {
+                        o.admit(&t, s, 0, now)
+                            .expect("a small conversation is never limited");
+                        o.note_members(&t, s, 2);
+                    }
+                }
+            }
+            admitted.push(big_admitted);
+        }
+        // The window the flood starts in plans once an eighth of the budget has passed it;
+        // from the next one on, what fits beside the small conversations' 180 pushes:
+        // 9,820 pushes, 9.82 sends, so 10 (the last one may pass the share).
+        assert!(admitted[0] < 100, "{admitted:?}");
+        assert_eq!(&admitted[1..], &[10, 10, 10], "{admitted:?}");
+        let stats = o.stats();
+        assert_eq!(
+            stats.limited_by_fanout.load(Ordering::Relaxed),
+            stats.limited_standard.load(Ordering::Relaxed)
+        );
+        // The same group at 5 sends a second (5,000 pushes) is not limited.
+        let later = start + WINDOW * 10;
+        for _ in 0..5 {
+            o.admit(&t, &big, 0, later)
+                .expect("within the fan-out budget");
+        }
+    }
+
+    #[test]
+    fn without_a_fan_out_budget_members_change_nothing() {
+        let o = Overload::new(cfg(100), Instant::now());
+        let now = Instant::now();
+        let (t, big) = ids("acme", "big");
+        o.admit(&t, &big, 0, now).expect("first");
+        o.note_members(&t, &big, 10_000);
+        for i in 1..99 {
+            o.admit(&t, &big, 0, now)
+                .unwrap_or_else(|e| panic!("{i}: {e}"));
+        }
+        assert_eq!(o.stats().limited_by_fanout.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn the_tighter_budget_sets_the_allowance() {
+        let plan = Plan {
+            appends: Thresholds {
+                standard: Some(50),
+                vip: None,
+            },
+            pushes: Thresholds {
+                standard: Some(20_000),
+                vip: Some(90_000),
+            },
+        };
+        assert_eq!(
+            plan.allowance(Tier::Standard, 10_000, 1),
+            Some((2, Bound::Fanout))
+        );
+        assert_eq!(
+            plan.allowance(Tier::Standard, 2, 1),
+            Some((50, Bound::Appends))
+        );
+        assert_eq!(
+            plan.allowance(Tier::Vip, 10_000, 1),
+            Some((9, Bound::Fanout))
+        );
+        assert_eq!(
+            plan.allowance(Tier::Vip, 9_999, 1),
+            Some((10, Bound::Fanout))
+        );
+        assert_eq!(
+            plan.allowance(Tier::Vip, 100_000, 3),
+            Some((3, Bound::Fanout))
+        );
+        assert_eq!(Plan::default().allowance(Tier::Vip, 5, 3), None);
     }
 
     #[test]

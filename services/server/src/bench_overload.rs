@@ -59,6 +59,11 @@ pub struct OverloadArgs {
     /// writer is (`log.overload_floor_per_sec`; in process the config's).
     #[arg(long, default_value_t = 1)]
     pub floor: u32,
+    /// Through the gateway: pushes a second the deployment carries
+    /// (`log.overload_fanout_per_sec`: an append to the group is `--members` pushes); 0: the
+    /// fan-out is not weighed, only appends count.
+    #[arg(long, default_value_t = 20_000)]
+    pub fanout: u64,
     /// Through the gateway: rounds of the two phases on the same deployment; the summary is
     /// the median of the rounds' ratios.
     #[arg(long, default_value_t = 3)]

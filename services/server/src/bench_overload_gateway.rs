@@ -87,6 +87,7 @@ pub async fn run(args: &OverloadArgs) -> anyhow::Result<()> {
 
     let capacity_env = capacity.to_string();
     let floor_env = args.floor.to_string();
+    let fanout_env = args.fanout.to_string();
     let sessions_env = (args.members + 2 * args.conversations + 16).to_string();
     let dep = deploy(
         root,
@@ -96,16 +97,18 @@ pub async fn run(args: &OverloadArgs) -> anyhow::Result<()> {
         &[
             ("TIDINGS_LOG_CAPACITY_PER_SEC", &capacity_env),
             ("TIDINGS_LOG_OVERLOAD_FLOOR_PER_SEC", &floor_env),
+            ("TIDINGS_LOG_OVERLOAD_FANOUT_PER_SEC", &fanout_env),
             ("TIDINGS_GATEWAY_MAX_CONNECTIONS_PER_IP", &sessions_env),
         ],
     )
     .await?;
     println!(
-        "tidings bench overload --through-gateway: capacity {capacity}/s (floor {}/s), a group \
-         of {} members all online, {} of them flooding it at {}x, {} small conversations at \
+        "tidings bench overload --through-gateway: capacity {capacity}/s (floor {}/s), fan-out \
+         budget {} pushes/s, a group of {} members all online, {} of them flooding it at {}x, {} small conversations at \
          {small_rate}/s in all, {} rounds of {} s without and {} s with the flood, {} cores; \
          data under {}",
         args.floor,
+        args.fanout,
         args.members,
         args.hot_senders,
         args.hot_factor,
@@ -519,6 +522,8 @@ fn report(
     println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let mut ratios = Vec::new();
     let mut goodputs = Vec::new();
+    // Pushes a second the admitted sends make: a small conversation's 2 members, the group's.
+    let mut push_goodputs = Vec::new();
     for slot in 0..small.latencies.len() {
         let round = slot / 2;
         let lat = &small.latencies[slot];
@@ -539,6 +544,7 @@ fn report(
             let alone = ms(quantile(&small.latencies[slot - 1], 0.99));
             ratios.push(ms(quantile(lat, 0.99)) / alone.max(1e-9));
             goodputs.push(small_per_s + hot_acked_s);
+            push_goodputs.push(2.0 * small_per_s + args.members as f64 * hot_acked_s);
         }
         println!(
             "| {} | {} | {} | {} | {} | {:.2} ms | {:.2} ms | {} | {:.1} | {:.1} | {:.1} |",
@@ -577,11 +583,21 @@ fn report(
     let expected = hot_acked * args.members as u64;
     let ratio = median(ratios.clone());
     let goodput = median(goodputs);
+    let push_goodput = median(push_goodputs);
+    let fanout_share = if args.fanout == 0 {
+        "no fan-out budget".to_string()
+    } else {
+        format!(
+            "{:.0}% of the fan-out budget",
+            100.0 * push_goodput / args.fanout as f64
+        )
+    };
     println!();
     println!(
         "small send->push p99 under the flood / without it: median of the rounds {ratio:.2}x \
          (rounds: {}), pooled {:.2} / {:.2} ms = {:.2}x (target <= 2x); goodput median \
-         {goodput:.1}/s = {:.0}% of the capacity (target >= 90%); group pushes during the \
+         {goodput:.1}/s = {:.0}% of the capacity (target >= 90%), making {push_goodput:.0} \
+         pushes/s = {fanout_share}; group pushes during the \
          floods {:.0}/s, received in all {delivered} of {expected} ({hot_acked} acked x {} \
          members, the sender's own session included); errors: small {}, hot {}; peak RSS: \
          server {} MiB, bench {} MiB",

@@ -278,6 +278,39 @@ pub fn register_log(log: &Log, feed: &tokio::sync::mpsc::Sender<FeedItem>) {
                 &[],
                 buffer.replayed,
             );
+            let o = log.overload_stats();
+            let get = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+            out.counter(
+                "tidings_log_overload_admitted_total",
+                "Users' appends the admission control let through while it was on.",
+                &[],
+                get(&o.admitted),
+            );
+            out.header(
+                "tidings_log_overload_limited_total",
+                "Users' appends refused RATE_LIMITED past the writer's capacity, by tenant tier.",
+                "counter",
+            );
+            for (tier, c) in [("standard", &o.limited_standard), ("vip", &o.limited_vip)] {
+                out.sample(
+                    "tidings_log_overload_limited_total",
+                    &[("tier", tier)],
+                    get(c) as f64,
+                );
+            }
+            out.counter(
+                "tidings_log_overload_limited_by_fanout_total",
+                "Of the refused appends, those whose allowance the fan-out budget set \
+                 (log.overload_fanout_per_sec: pushes a second).",
+                &[],
+                get(&o.limited_by_fanout),
+            );
+            out.counter(
+                "tidings_log_overload_limiting_windows_total",
+                "One-second windows in which the admission control limited something.",
+                &[],
+                get(&o.limiting_windows),
+            );
             if let Some(indexer) = log.indexer() {
                 let s = &indexer.stats;
                 out.gauge(
