@@ -30,7 +30,7 @@ use anyhow::Context;
 use async_nats::jetstream::{self, consumer::pull};
 use futures_util::StreamExt;
 use prost::Message;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tidings_archive::compliance::{Actor, Compliance, Via};
 use tidings_log::cells::{Cells, OUTBOX_PAGE, PLACEMENT_MAC};
@@ -60,15 +60,33 @@ const REPORT_LIMIT: usize = 10_000;
 const APPLY_PULL: usize = 64;
 
 /// A peer cell: its name and where its clients connect.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Peer {
     pub name: String,
     pub url: String,
 }
 
+impl Peer {
+    /// Peers as the environment gives them (`TIDINGS_CELL_PEERS`): `name=url,name=url`.
+    pub fn list_from_env(text: &str) -> Result<Vec<Peer>, String> {
+        text.split(',')
+            .filter(|p| !p.trim().is_empty())
+            .map(|p| {
+                let (name, url) = p
+                    .split_once('=')
+                    .ok_or_else(|| format!("{p:?} is not name=url"))?;
+                Ok(Peer {
+                    name: name.trim().into(),
+                    url: url.trim().into(),
+                })
+            })
+            .collect()
+    }
+}
+
 /// `[cell]`: this cell and its peers. Off while `name` is empty.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CellsConfig {
     /// This cell's name (`a-z`, `0-9`, `-`).
@@ -104,50 +122,6 @@ impl Default for CellsConfig {
 impl CellsConfig {
     pub fn enabled(&self) -> bool {
         !self.name.is_empty()
-    }
-
-    /// `TIDINGS_CELL_NAME`, `_URL`, `_LINK_KEY_FILE`, `_NATS_URL`, `_NATS_USER`,
-    /// `_NATS_PASSWORD`, `_SYNC_TIMEOUT_MS`, and `TIDINGS_CELL_PEERS` as `name=url,name=url`.
-    pub fn apply_env(&mut self, env: &impl Fn(&str) -> Option<String>) -> Result<(), String> {
-        if let Some(v) = env("TIDINGS_CELL_NAME") {
-            self.name = v;
-        }
-        if let Some(v) = env("TIDINGS_CELL_URL") {
-            self.url = v;
-        }
-        if let Some(v) = env("TIDINGS_CELL_LINK_KEY_FILE") {
-            self.link_key_file = v.into();
-        }
-        if let Some(v) = env("TIDINGS_CELL_NATS_URL") {
-            self.nats.url = v;
-        }
-        if let Some(v) = env("TIDINGS_CELL_NATS_USER") {
-            self.nats.user = v;
-        }
-        if let Some(v) = env("TIDINGS_CELL_NATS_PASSWORD").filter(|v| !v.is_empty()) {
-            self.nats.password_env = Some(v);
-        }
-        if let Some(v) = env("TIDINGS_CELL_SYNC_TIMEOUT_MS") {
-            self.sync_timeout_ms = v
-                .parse()
-                .map_err(|_| format!("TIDINGS_CELL_SYNC_TIMEOUT_MS={v:?} is not a number"))?;
-        }
-        if let Some(v) = env("TIDINGS_CELL_PEERS") {
-            self.peers = v
-                .split(',')
-                .filter(|p| !p.trim().is_empty())
-                .map(|p| {
-                    let (name, url) = p
-                        .split_once('=')
-                        .ok_or_else(|| format!("TIDINGS_CELL_PEERS: {p:?} is not name=url"))?;
-                    Ok(Peer {
-                        name: name.trim().into(),
-                        url: url.trim().into(),
-                    })
-                })
-                .collect::<Result<_, String>>()?;
-        }
-        Ok(())
     }
 
     pub fn validate(&self) -> Result<(), String> {

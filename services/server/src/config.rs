@@ -3,15 +3,18 @@
 //! Precedence, lowest first: built-in defaults (everything on one machine, under the working
 //! directory), the TOML file (`--config`, `TIDINGS_CONFIG`, or `./tidings.toml` if present),
 //! environment variables, command-line flags. `ops/tidings.example.toml` documents every
-//! field.
+//! field. Each setting is declared once, as a field of a section below: its variable
+//! (`TIDINGS_SECTION_FIELD`) is derived from its path ([`env`]).
+
+mod env;
 
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tidings_log::crypto::{MasterKey, TenantKeySource, TenantKeys};
 use tidings_log::{LogConfig, TenantId};
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// Where the embedded store keeps its files.
@@ -35,7 +38,7 @@ pub struct Config {
 
 /// Which `KvStore` holds the log: the embedded fjall store under `data_dir`, or a TiKV
 /// cluster (the binary must be built with `--features tikv`).
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreSection {
     /// "embedded" or "tikv".
@@ -57,7 +60,7 @@ impl Default for StoreSection {
     }
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TikvSection {
     /// PD endpoints, host:port.
@@ -100,7 +103,7 @@ pub enum Backend {
     Tikv,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminSection {
     /// Where the admin HTTP listener (health, compliance search, audit log) listens, in
@@ -143,7 +146,7 @@ pub fn edge_tls(
 
 /// Tenant-held keys: a tenant listed here has its data keys sealed under a key of its own
 /// before the master key wraps them (ARCHITECTURE.md, "Sealing at rest").
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct KeysSection {
     /// Longest a key_command may run: 10s, 1m.
@@ -161,7 +164,7 @@ impl Default for KeysSection {
 }
 
 /// Where one tenant's key comes from: exactly one of the two.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TenantKeySection {
     /// A file of 128 hex digits, like the master key file.
@@ -177,7 +180,7 @@ const MAX_TOKEN_LIFETIME_SECS: u64 = 30 * 86_400;
 /// The longest `keys.command_timeout` may be: a key fetch holds up the first read of a tenant.
 const MAX_KEY_COMMAND_TIMEOUT_SECS: u64 = 300;
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ArchiveSection {
     /// Run the archiver in `tidings serve` (roles all and archiver).
@@ -207,7 +210,7 @@ pub struct ArchiveSection {
     pub tenants: std::collections::BTreeMap<String, TenantArchiveSection>,
 }
 
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TenantArchiveSection {
     pub hot_window: Option<String>,
@@ -216,7 +219,7 @@ pub struct TenantArchiveSection {
     pub retention: Option<String>,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct S3Section {
     /// Endpoint of an S3-compatible server; AWS when empty.
@@ -285,7 +288,7 @@ pub fn parse_duration_secs(text: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("{text:?} is longer than a century"))
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GatewaySection {
     /// Where the WebSocket endpoint (`/v1/ws`) listens.
@@ -341,7 +344,7 @@ pub struct GatewaySection {
 /// set. Secrets are never in this file itself: they come from files (mode 0600) or from
 /// `TIDINGS_NATS_PASSWORD` / `TIDINGS_NATS_TOKEN`; `Debug` redacts them and the URL's
 /// userinfo.
-#[derive(Clone, Deserialize)]
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NatsSection {
     pub url: String,
@@ -517,7 +520,7 @@ impl NatsSection {
     }
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthSection {
     pub issuer: String,
@@ -635,7 +638,7 @@ impl Default for AuthSection {
     }
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogSection {
     pub max_body_bytes: usize,
@@ -681,6 +684,9 @@ pub struct LogSection {
     pub overload_tracked_conversations: usize,
     /// Appends a second any conversation may make however overloaded the writer is.
     pub overload_floor_per_sec: u32,
+    /// Pushes a second (appends × members) the gateways carry before the conversations
+    /// causing the most are limited; 0: fan-out is not weighed.
+    pub overload_fanout_per_sec: u64,
     /// Tenants of the VIP tier: their conversations are limited last.
     pub vip_tenants: Vec<String>,
     /// Groups with at least this many members reserve @all to owners.
@@ -702,7 +708,7 @@ pub struct LogSection {
 }
 
 /// One configured conversation kind (docs/decisions/kinds-and-roles.md).
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct KindSection {
     pub name: String,
@@ -785,6 +791,7 @@ impl Default for LogSection {
             overload_learn: d.overload.learn,
             overload_tracked_conversations: d.overload.tracked_conversations,
             overload_floor_per_sec: d.overload.floor_per_sec,
+            overload_fanout_per_sec: d.overload.fanout_per_sec,
             vip_tenants: d.overload.vip_tenants,
             mention_all_owners_only_from: d.mention_all_owners_only_from,
             search_hot_index: d.search.hot_index,
@@ -810,7 +817,7 @@ pub enum ConfigError {
     Parse { path: String, message: String },
     #[error("environment variable {name}={value:?} is invalid: {reason}")]
     Env {
-        name: &'static str,
+        name: String,
         value: String,
         reason: String,
     },
@@ -832,7 +839,7 @@ impl Config {
                 let local = PathBuf::from("tidings.toml");
                 local.is_file().then_some(local)
             });
-        let mut config = match path {
+        let config = match path {
             Some(path) => {
                 let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
                     path: path.display().to_string(),
@@ -845,374 +852,21 @@ impl Config {
             }
             None => Config::default(),
         };
-        config.apply_env(env)?;
+        let config = env::apply(&config, env)?;
         config.validate()?;
         Ok(config)
     }
 
-    fn apply_env(&mut self, env: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
-        self.webhooks
-            .apply_env(&env)
-            .map_err(ConfigError::Invalid)?;
-        self.cell.apply_env(&env).map_err(ConfigError::Invalid)?;
-        if let Some(v) = env("TIDINGS_DATA_DIR") {
-            self.data_dir = PathBuf::from(v);
+    /// Warns about each variable of this process that looks like a setting
+    /// (`TIDINGS_<SECTION>_...`) but names none: a typo is otherwise ignored without a word.
+    /// Not an error: scripts and tests set other `TIDINGS_*` variables of their own.
+    pub fn warn_unknown_env() {
+        let present: Vec<String> = std::env::vars_os()
+            .filter_map(|(name, _)| name.into_string().ok())
+            .collect();
+        for name in env::unknown(present.iter().map(String::as_str)) {
+            tracing::warn!(name, "environment variable names no setting; ignored");
         }
-        if let Some(v) = env("TIDINGS_MASTER_KEY_FILE") {
-            self.master_key_file = PathBuf::from(v);
-        }
-        if let Some(v) = env("TIDINGS_KEYS_COMMAND_TIMEOUT") {
-            self.keys.command_timeout = v;
-        }
-        if let Some(v) = env("TIDINGS_GATEWAY_LISTEN") {
-            self.gateway.listen = v;
-        }
-        if let Some(v) = env("TIDINGS_NATS_URL") {
-            self.nats.url = v;
-        }
-        self.nats.password_env = env("TIDINGS_NATS_PASSWORD").filter(|v| !v.is_empty());
-        self.nats.token_env = env("TIDINGS_NATS_TOKEN").filter(|v| !v.is_empty());
-        if let Some(v) = env("TIDINGS_NATS_USER") {
-            self.nats.user = v;
-        }
-        let nats_files: [(&'static str, &mut Option<PathBuf>); 7] = [
-            ("TIDINGS_NATS_PASSWORD_FILE", &mut self.nats.password_file),
-            ("TIDINGS_NATS_TOKEN_FILE", &mut self.nats.token_file),
-            ("TIDINGS_NATS_NKEY_SEED_FILE", &mut self.nats.nkey_seed_file),
-            ("TIDINGS_NATS_CREDS_FILE", &mut self.nats.creds_file),
-            ("TIDINGS_NATS_TLS_CA_FILE", &mut self.nats.tls_ca_file),
-            ("TIDINGS_NATS_TLS_CERT_FILE", &mut self.nats.tls_cert_file),
-            ("TIDINGS_NATS_TLS_KEY_FILE", &mut self.nats.tls_key_file),
-        ];
-        for (name, slot) in nats_files {
-            if let Some(v) = env(name) {
-                *slot = (!v.is_empty()).then(|| PathBuf::from(v));
-            }
-        }
-        let edge_files: [(&'static str, &mut Option<PathBuf>); 4] = [
-            (
-                "TIDINGS_GATEWAY_TLS_CERT_FILE",
-                &mut self.gateway.tls_cert_file,
-            ),
-            (
-                "TIDINGS_GATEWAY_TLS_KEY_FILE",
-                &mut self.gateway.tls_key_file,
-            ),
-            ("TIDINGS_ADMIN_TLS_CERT_FILE", &mut self.admin.tls_cert_file),
-            ("TIDINGS_ADMIN_TLS_KEY_FILE", &mut self.admin.tls_key_file),
-        ];
-        for (name, slot) in edge_files {
-            if let Some(v) = env(name) {
-                *slot = (!v.is_empty()).then(|| PathBuf::from(v));
-            }
-        }
-        if let Some(v) = env("TIDINGS_GATEWAY_LOG_PUBLIC_KEY") {
-            self.gateway.log_public_key = v;
-        }
-        if let Some(v) = env("TIDINGS_NATS_TLS_REQUIRED") {
-            self.nats.tls_required = parse_flag("TIDINGS_NATS_TLS_REQUIRED", &v)?;
-        }
-        if let Some(v) = env("TIDINGS_NATS_CONNECT_WAIT") {
-            self.nats.connect_wait = v;
-        }
-        if let Some(v) = env("TIDINGS_STORE_BACKEND") {
-            self.store.backend = v;
-        }
-        if let Some(v) = env("TIDINGS_STORE_FAULTS_FILE") {
-            self.store.faults_file = PathBuf::from(v);
-        }
-        if let Some(v) = env("TIDINGS_TIKV_PD") {
-            self.store.tikv.pd_endpoints = v
-                .split(',')
-                .map(str::trim)
-                .filter(|e| !e.is_empty())
-                .map(String::from)
-                .collect();
-        }
-        if let Some(v) = env("TIDINGS_TIKV_KEY_PREFIX") {
-            self.store.tikv.key_prefix = v;
-        }
-        if let Some(v) = env("TIDINGS_ADMIN_LISTEN") {
-            self.admin.listen = v;
-        }
-        let archive_strings: [(&'static str, &mut String); 9] = [
-            ("TIDINGS_ARCHIVE_STORAGE", &mut self.archive.storage),
-            ("TIDINGS_ARCHIVE_HOT_WINDOW", &mut self.archive.hot_window),
-            ("TIDINGS_ARCHIVE_RETENTION", &mut self.archive.retention),
-            ("TIDINGS_ARCHIVE_INTERVAL", &mut self.archive.interval),
-            (
-                "TIDINGS_ARCHIVE_ORPHAN_GRACE",
-                &mut self.archive.orphan_grace,
-            ),
-            ("TIDINGS_ARCHIVE_S3_ENDPOINT", &mut self.archive.s3.endpoint),
-            ("TIDINGS_ARCHIVE_S3_BUCKET", &mut self.archive.s3.bucket),
-            ("TIDINGS_ARCHIVE_S3_REGION", &mut self.archive.s3.region),
-            ("TIDINGS_ARCHIVE_S3_PREFIX", &mut self.archive.s3.prefix),
-        ];
-        for (name, slot) in archive_strings {
-            if let Some(v) = env(name) {
-                *slot = v;
-            }
-        }
-        if let Some(v) = env("TIDINGS_ARCHIVE_PATH") {
-            self.archive.path = Some(PathBuf::from(v));
-        }
-        for (name, slot) in [
-            ("TIDINGS_ARCHIVE_ENABLED", &mut self.archive.enabled),
-            (
-                "TIDINGS_ARCHIVE_S3_ALLOW_HTTP",
-                &mut self.archive.s3.allow_http,
-            ),
-        ] {
-            if let Some(v) = env(name) {
-                *slot = parse_env(name, &v)?;
-            }
-        }
-        if let Some(v) = env("TIDINGS_AUTH_HS256_SECRET_FILE") {
-            self.auth.hs256_secret_file = PathBuf::from(v);
-        }
-        if let Some(v) = env("TIDINGS_AUTH_HS256_ENABLED") {
-            self.auth.hs256_enabled = parse_flag("TIDINGS_AUTH_HS256_ENABLED", &v)?;
-        }
-        if let Some(v) = env("TIDINGS_AUTH_JWKS_FILE") {
-            self.auth.jwks_file = PathBuf::from(v);
-        }
-        if let Some(v) = env("TIDINGS_AUTH_BOT_PUBLIC_KEY") {
-            self.auth.bot_public_key = v;
-        }
-        let auth_numbers: [(&'static str, &mut u64); 4] = [
-            ("TIDINGS_AUTH_JWKS_POLL_MS", &mut self.auth.jwks_poll_ms),
-            (
-                "TIDINGS_AUTH_MAX_TOKEN_LIFETIME_SECS",
-                &mut self.auth.max_token_lifetime_secs,
-            ),
-            (
-                "TIDINGS_AUTH_REVOCATION_RECHECK_SECS",
-                &mut self.auth.revocation_recheck_secs,
-            ),
-            ("TIDINGS_AUTH_LEEWAY_SECS", &mut self.auth.leeway_secs),
-        ];
-        for (name, slot) in auth_numbers {
-            if let Some(value) = env(name) {
-                *slot = parse_env(name, &value)?;
-            }
-        }
-        let gateway_numbers: [(&'static str, &mut usize); 20] = [
-            (
-                "TIDINGS_GATEWAY_MAX_CONNECTIONS",
-                &mut self.gateway.max_connections,
-            ),
-            (
-                "TIDINGS_GATEWAY_MAX_CONNECTIONS_PER_IP",
-                &mut self.gateway.max_connections_per_ip,
-            ),
-            (
-                "TIDINGS_GATEWAY_MAX_SESSIONS_PER_USER",
-                &mut self.gateway.max_sessions_per_user,
-            ),
-            (
-                "TIDINGS_GATEWAY_OUTBOUND_QUEUE_BYTES",
-                &mut self.gateway.outbound_queue_bytes,
-            ),
-            (
-                "TIDINGS_GATEWAY_MAX_REPLY_BYTES",
-                &mut self.gateway.max_reply_bytes,
-            ),
-            (
-                "TIDINGS_GATEWAY_SYNC_PAGE_CONVERSATIONS",
-                &mut self.gateway.sync_page_conversations,
-            ),
-            ("TIDINGS_LOG_MAX_READ_BYTES", &mut self.log.max_read_bytes),
-            (
-                "TIDINGS_GATEWAY_SEARCH_MAX_QUERY_BYTES",
-                &mut self.gateway.search_max_query_bytes,
-            ),
-            (
-                "TIDINGS_GATEWAY_SEARCH_MAX_TERMS",
-                &mut self.gateway.search_max_terms,
-            ),
-            (
-                "TIDINGS_GATEWAY_SEARCH_PAGE_HITS",
-                &mut self.gateway.search_page_hits,
-            ),
-            (
-                "TIDINGS_LOG_SEARCH_INDEXER_QUEUE",
-                &mut self.log.search_indexer_queue,
-            ),
-            (
-                "TIDINGS_LOG_SEARCH_INDEXER_BATCH",
-                &mut self.log.search_indexer_batch,
-            ),
-            (
-                "TIDINGS_LOG_SEARCH_INDEXER_QUEUE_BYTES",
-                &mut self.log.search_indexer_queue_bytes,
-            ),
-            (
-                "TIDINGS_LOG_SEARCH_BUDGET_BYTES",
-                &mut self.log.search_budget_bytes,
-            ),
-            (
-                "TIDINGS_LOG_SEARCH_MAX_PAGE_HITS",
-                &mut self.log.search_max_page_hits,
-            ),
-            (
-                "TIDINGS_LOG_MAX_MEMBERS_PER_REQUEST",
-                &mut self.log.max_members_per_request,
-            ),
-            (
-                "TIDINGS_GATEWAY_MAX_FRAME_BYTES",
-                &mut self.gateway.max_frame_bytes,
-            ),
-            (
-                "TIDINGS_GATEWAY_OUTBOUND_QUEUE",
-                &mut self.gateway.outbound_queue,
-            ),
-            ("TIDINGS_GATEWAY_SYNC_LATEST", &mut self.gateway.sync_latest),
-            (
-                "TIDINGS_NATS_PUBLISH_BACKLOG",
-                &mut self.nats.publish_backlog,
-            ),
-        ];
-        for (name, slot) in gateway_numbers {
-            if let Some(value) = env(name) {
-                *slot = parse_env(name, &value)?;
-            }
-        }
-        let small_numbers: [(&'static str, &mut u32); 3] = [
-            (
-                "TIDINGS_LOG_MAX_CONVERSATIONS_CREATED_PER_USER_PER_HOUR",
-                &mut self.log.max_conversations_created_per_user_per_hour,
-            ),
-            (
-                "TIDINGS_GATEWAY_FRAMES_PER_SECOND",
-                &mut self.gateway.frames_per_second,
-            ),
-            ("TIDINGS_GATEWAY_FRAME_BURST", &mut self.gateway.frame_burst),
-        ];
-        for (name, slot) in small_numbers {
-            if let Some(value) = env(name) {
-                *slot = parse_env(name, &value)?;
-            }
-        }
-        let millis: [(&'static str, &mut u64); 6] = [
-            (
-                "TIDINGS_GATEWAY_HANDSHAKE_TIMEOUT_MS",
-                &mut self.gateway.handshake_timeout_ms,
-            ),
-            (
-                "TIDINGS_GATEWAY_PING_INTERVAL_MS",
-                &mut self.gateway.ping_interval_ms,
-            ),
-            (
-                "TIDINGS_GATEWAY_IDLE_TIMEOUT_MS",
-                &mut self.gateway.idle_timeout_ms,
-            ),
-            (
-                "TIDINGS_GATEWAY_HELLO_TIMEOUT_MS",
-                &mut self.gateway.hello_timeout_ms,
-            ),
-            (
-                "TIDINGS_GATEWAY_HEAL_INTERVAL_MS",
-                &mut self.gateway.heal_interval_ms,
-            ),
-            (
-                "TIDINGS_NATS_REQUEST_TIMEOUT_MS",
-                &mut self.nats.request_timeout_ms,
-            ),
-        ];
-        for (name, slot) in millis {
-            if let Some(value) = env(name) {
-                *slot = parse_env(name, &value)?;
-            }
-        }
-        let numbers: [(&'static str, &mut usize); 7] = [
-            ("TIDINGS_LOG_MAX_BODY_BYTES", &mut self.log.max_body_bytes),
-            ("TIDINGS_LOG_MAX_TITLE_BYTES", &mut self.log.max_title_bytes),
-            ("TIDINGS_LOG_MAX_BATCH", &mut self.log.max_batch),
-            ("TIDINGS_LOG_QUEUE_DEPTH", &mut self.log.queue_depth),
-            ("TIDINGS_LOG_MAX_READ_LIMIT", &mut self.log.max_read_limit),
-            (
-                "TIDINGS_LOG_MAX_GROUP_MEMBERS",
-                &mut self.log.max_group_members,
-            ),
-            (
-                "TIDINGS_LOG_WRITER_CACHE_ENTRIES",
-                &mut self.log.writer_cache_entries,
-            ),
-        ];
-        for (name, slot) in numbers {
-            if let Some(value) = env(name) {
-                *slot = parse_env(name, &value)?;
-            }
-        }
-        if let Some(v) = env("TIDINGS_LOG_PARTITIONS") {
-            self.log.partitions = parse_env("TIDINGS_LOG_PARTITIONS", &v)?;
-        }
-        if let Some(v) = env("TIDINGS_LOG_LEASE_TTL_MS") {
-            self.log.lease_ttl_ms = parse_env("TIDINGS_LOG_LEASE_TTL_MS", &v)?;
-        }
-        if let Some(v) = env("TIDINGS_LOG_WRITER_ID") {
-            self.log.writer_id = v;
-        }
-        if let Some(v) = env("TIDINGS_LOG_SEND_BUFFER") {
-            self.log.send_buffer = parse_env("TIDINGS_LOG_SEND_BUFFER", &v)?;
-        }
-        if let Some(v) = env("TIDINGS_LOG_SEND_BUFFER_MEDIUM") {
-            self.log.send_buffer_medium = v;
-        }
-        if let Some(v) = env("TIDINGS_LOG_SEND_BUFFER_DIR") {
-            self.log.send_buffer_dir = PathBuf::from(v);
-        }
-        if let Some(v) = env("TIDINGS_LOG_SEND_BUFFER_REPLICAS") {
-            self.log.send_buffer_replicas = parse_env("TIDINGS_LOG_SEND_BUFFER_REPLICAS", &v)?;
-        }
-        if let Some(v) = env("TIDINGS_LOG_SEND_BUFFER_MAX_BYTES") {
-            self.log.send_buffer_max_bytes = parse_env("TIDINGS_LOG_SEND_BUFFER_MAX_BYTES", &v)?;
-        }
-        if let Some(v) = env("TIDINGS_LOG_CAPACITY_PER_SEC") {
-            self.log.capacity_per_sec = parse_env("TIDINGS_LOG_CAPACITY_PER_SEC", &v)?;
-        }
-        if let Some(v) = env("TIDINGS_LOG_OVERLOAD_LEARN") {
-            self.log.overload_learn = parse_flag("TIDINGS_LOG_OVERLOAD_LEARN", &v)?;
-        }
-        if let Some(v) = env("TIDINGS_LOG_OVERLOAD_TRACKED_CONVERSATIONS") {
-            self.log.overload_tracked_conversations =
-                parse_env("TIDINGS_LOG_OVERLOAD_TRACKED_CONVERSATIONS", &v)?;
-        }
-        if let Some(v) = env("TIDINGS_LOG_OVERLOAD_FLOOR_PER_SEC") {
-            self.log.overload_floor_per_sec = parse_env("TIDINGS_LOG_OVERLOAD_FLOOR_PER_SEC", &v)?;
-        }
-        if let Some(v) = env("TIDINGS_LOG_SEARCH_HOT_INDEX") {
-            self.log.search_hot_index = parse_flag("TIDINGS_LOG_SEARCH_HOT_INDEX", &v)?;
-        }
-        if let Some(v) = env("TIDINGS_GATEWAY_SEARCH_PER_MINUTE") {
-            self.gateway.search_per_minute = parse_env("TIDINGS_GATEWAY_SEARCH_PER_MINUTE", &v)?;
-        }
-        if let Some(v) = env("TIDINGS_LOG_MENTION_ALL_OWNERS_ONLY_FROM") {
-            self.log.mention_all_owners_only_from =
-                parse_env("TIDINGS_LOG_MENTION_ALL_OWNERS_ONLY_FROM", &v)?;
-        }
-        if let Some(v) = env("TIDINGS_GATEWAY_MEMBER_CACHE_BYTES") {
-            self.gateway.member_cache_bytes = parse_env("TIDINGS_GATEWAY_MEMBER_CACHE_BYTES", &v)?;
-        }
-        if let Some(v) = env("TIDINGS_GATEWAY_MEMBER_FILL_PAGE") {
-            self.gateway.member_fill_page = parse_env("TIDINGS_GATEWAY_MEMBER_FILL_PAGE", &v)?;
-        }
-        if let Some(v) = env("TIDINGS_GATEWAY_TYPING_MAX_MEMBERS") {
-            self.gateway.typing_max_members = parse_env("TIDINGS_GATEWAY_TYPING_MAX_MEMBERS", &v)?;
-        }
-        if let Some(v) = env("TIDINGS_LOG_VIP_TENANTS") {
-            self.log.vip_tenants = v
-                .split(',')
-                .map(str::trim)
-                .filter(|t| !t.is_empty())
-                .map(String::from)
-                .collect();
-        }
-        if let Some(v) = env("TIDINGS_LOG_SEND_BUFFER_MAX_AGE_MS") {
-            self.log.send_buffer_max_age_ms = parse_env("TIDINGS_LOG_SEND_BUFFER_MAX_AGE_MS", &v)?;
-        }
-        Ok(())
     }
 
     pub fn gateway_config(&self) -> tidings_gateway::GatewayConfig {
@@ -1471,6 +1125,7 @@ impl Config {
                 tracked_conversations: s.overload_tracked_conversations,
                 floor_per_sec: s.overload_floor_per_sec,
                 vip_tenants: s.vip_tenants.clone(),
+                fanout_per_sec: s.overload_fanout_per_sec,
             },
             mention_all_owners_only_from: s.mention_all_owners_only_from,
             search: tidings_log::hot_index::SearchConfig {
@@ -1776,30 +1431,6 @@ impl Config {
     }
 }
 
-/// A boolean from the environment: 1/0, true/false, yes/no, on/off.
-fn parse_flag(name: &'static str, value: &str) -> Result<bool, ConfigError> {
-    match value.trim().to_ascii_lowercase().as_str() {
-        "1" | "true" | "yes" | "on" => Ok(true),
-        "0" | "false" | "no" | "off" | "" => Ok(false),
-        _ => Err(ConfigError::Env {
-            name,
-            value: value.to_string(),
-            reason: "expected 1/0, true/false, yes/no or on/off".into(),
-        }),
-    }
-}
-
-fn parse_env<T: std::str::FromStr>(name: &'static str, value: &str) -> Result<T, ConfigError>
-where
-    T::Err: std::fmt::Display,
-{
-    value.trim().parse().map_err(|e: T::Err| ConfigError::Env {
-        name,
-        value: value.to_string(),
-        reason: e.to_string(),
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1811,6 +1442,288 @@ mod tests {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         move |k| map.get(k).cloned()
+    }
+
+    /// Every `TIDINGS_*` name the configuration answered to before the overrides were derived
+    /// from the config tree (the old `apply_env` tables), a valid value for each (all valid
+    /// together), the setting it lands in and what it reads there (JSON), one per line. A
+    /// name that stops working, or lands elsewhere, fails here.
+    const NAMES_THAT_WORKED_BEFORE_DERIVATION: &str = r#"
+TIDINGS_DATA_DIR | /srv/t | data_dir | "/srv/t"
+TIDINGS_MASTER_KEY_FILE | /k/master.key | master_key_file | "/k/master.key"
+TIDINGS_KEYS_COMMAND_TIMEOUT | 20s | keys.command_timeout | "20s"
+TIDINGS_GATEWAY_LISTEN | 127.0.0.1:7301 | gateway.listen | "127.0.0.1:7301"
+TIDINGS_NATS_URL | nats://nats-1:4222 | nats.url | "nats://nats-1:4222"
+TIDINGS_NATS_USER | gw | nats.user | "gw"
+TIDINGS_NATS_PASSWORD_FILE | /s/nats.password | nats.password_file | "/s/nats.password"
+TIDINGS_NATS_TOKEN_FILE | /s/nats.token | nats.token_file | "/s/nats.token"
+TIDINGS_NATS_NKEY_SEED_FILE | /s/log.nk | nats.nkey_seed_file | "/s/log.nk"
+TIDINGS_NATS_CREDS_FILE | /s/log.creds | nats.creds_file | "/s/log.creds"
+TIDINGS_NATS_TLS_CA_FILE | /s/ca.pem | nats.tls_ca_file | "/s/ca.pem"
+TIDINGS_NATS_TLS_CERT_FILE | /s/nats.crt | nats.tls_cert_file | "/s/nats.crt"
+TIDINGS_NATS_TLS_KEY_FILE | /s/nats.key | nats.tls_key_file | "/s/nats.key"
+TIDINGS_NATS_TLS_REQUIRED | yes | nats.tls_required | true
+TIDINGS_NATS_CONNECT_WAIT | 2m | nats.connect_wait | "2m"
+TIDINGS_NATS_PUBLISH_BACKLOG | 9000 | nats.publish_backlog | 9000
+TIDINGS_NATS_REQUEST_TIMEOUT_MS | 3000 | nats.request_timeout_ms | 3000
+TIDINGS_GATEWAY_TLS_CERT_FILE | /s/gw.crt | gateway.tls_cert_file | "/s/gw.crt"
+TIDINGS_GATEWAY_TLS_KEY_FILE | /s/gw.key | gateway.tls_key_file | "/s/gw.key"
+TIDINGS_ADMIN_TLS_CERT_FILE | /s/admin.crt | admin.tls_cert_file | "/s/admin.crt"
+TIDINGS_ADMIN_TLS_KEY_FILE | /s/admin.key | admin.tls_key_file | "/s/admin.key"
+TIDINGS_ADMIN_LISTEN | 127.0.0.1:7181 | admin.listen | "127.0.0.1:7181"
+TIDINGS_GATEWAY_LOG_PUBLIC_KEY | abababababababababababababababababababababababababababababababab | gateway.log_public_key | "abababababababababababababababababababababababababababababababab"
+TIDINGS_STORE_BACKEND | tikv | store.backend | "tikv"
+TIDINGS_STORE_FAULTS_FILE | /run/faults | store.faults_file | "/run/faults"
+TIDINGS_TIKV_PD | pd-0:2379, pd-1:2379, | store.tikv.pd_endpoints | ["pd-0:2379","pd-1:2379"]
+TIDINGS_TIKV_KEY_PREFIX | tidings/test/ | store.tikv.key_prefix | "tidings/test/"
+TIDINGS_ARCHIVE_ENABLED | false | archive.enabled | false
+TIDINGS_ARCHIVE_STORAGE | s3 | archive.storage | "s3"
+TIDINGS_ARCHIVE_HOT_WINDOW | 7d | archive.hot_window | "7d"
+TIDINGS_ARCHIVE_RETENTION | 365d | archive.retention | "365d"
+TIDINGS_ARCHIVE_INTERVAL | 5m | archive.interval | "5m"
+TIDINGS_ARCHIVE_ORPHAN_GRACE | 2h | archive.orphan_grace | "2h"
+TIDINGS_ARCHIVE_PATH | /srv/archive | archive.path | "/srv/archive"
+TIDINGS_ARCHIVE_S3_ENDPOINT | http://garage:3900 | archive.s3.endpoint | "http://garage:3900"
+TIDINGS_ARCHIVE_S3_BUCKET | chat | archive.s3.bucket | "chat"
+TIDINGS_ARCHIVE_S3_REGION | garage | archive.s3.region | "garage"
+TIDINGS_ARCHIVE_S3_PREFIX | prod/ | archive.s3.prefix | "prod/"
+TIDINGS_ARCHIVE_S3_ALLOW_HTTP | true | archive.s3.allow_http | true
+TIDINGS_AUTH_HS256_ENABLED | on | auth.hs256_enabled | true
+TIDINGS_AUTH_HS256_SECRET_FILE | /s/jwt.secret | auth.hs256_secret_file | "/s/jwt.secret"
+TIDINGS_AUTH_JWKS_FILE | /s/jwks.json | auth.jwks_file | "/s/jwks.json"
+TIDINGS_AUTH_JWKS_POLL_MS | 7000 | auth.jwks_poll_ms | 7000
+TIDINGS_AUTH_BOT_PUBLIC_KEY | cdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcd | auth.bot_public_key | "cdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcd"
+TIDINGS_AUTH_LEEWAY_SECS | 5 | auth.leeway_secs | 5
+TIDINGS_AUTH_MAX_TOKEN_LIFETIME_SECS | 3600 | auth.max_token_lifetime_secs | 3600
+TIDINGS_AUTH_REVOCATION_RECHECK_SECS | 15 | auth.revocation_recheck_secs | 15
+TIDINGS_GATEWAY_MAX_FRAME_BYTES | 65536 | gateway.max_frame_bytes | 65536
+TIDINGS_GATEWAY_OUTBOUND_QUEUE | 512 | gateway.outbound_queue | 512
+TIDINGS_GATEWAY_SYNC_LATEST | 60 | gateway.sync_latest | 60
+TIDINGS_GATEWAY_HELLO_TIMEOUT_MS | 8000 | gateway.hello_timeout_ms | 8000
+TIDINGS_GATEWAY_FRAMES_PER_SECOND | 150 | gateway.frames_per_second | 150
+TIDINGS_GATEWAY_FRAME_BURST | 300 | gateway.frame_burst | 300
+TIDINGS_GATEWAY_TYPING_MAX_MEMBERS | 50 | gateway.typing_max_members | 50
+TIDINGS_GATEWAY_MEMBER_CACHE_BYTES | 1048576 | gateway.member_cache_bytes | 1048576
+TIDINGS_GATEWAY_MEMBER_FILL_PAGE | 700 | gateway.member_fill_page | 700
+TIDINGS_GATEWAY_HEAL_INTERVAL_MS | 25000 | gateway.heal_interval_ms | 25000
+TIDINGS_GATEWAY_SEARCH_MAX_QUERY_BYTES | 300 | gateway.search_max_query_bytes | 300
+TIDINGS_GATEWAY_SEARCH_MAX_TERMS | 12 | gateway.search_max_terms | 12
+TIDINGS_GATEWAY_SEARCH_PAGE_HITS | 25 | gateway.search_page_hits | 25
+TIDINGS_GATEWAY_SEARCH_PER_MINUTE | 30 | gateway.search_per_minute | 30
+TIDINGS_GATEWAY_HANDSHAKE_TIMEOUT_MS | 4000 | gateway.handshake_timeout_ms | 4000
+TIDINGS_GATEWAY_PING_INTERVAL_MS | 15000 | gateway.ping_interval_ms | 15000
+TIDINGS_GATEWAY_IDLE_TIMEOUT_MS | 45000 | gateway.idle_timeout_ms | 45000
+TIDINGS_GATEWAY_MAX_CONNECTIONS | 5000 | gateway.max_connections | 5000
+TIDINGS_GATEWAY_MAX_CONNECTIONS_PER_IP | 500 | gateway.max_connections_per_ip | 500
+TIDINGS_GATEWAY_MAX_SESSIONS_PER_USER | 8 | gateway.max_sessions_per_user | 8
+TIDINGS_GATEWAY_OUTBOUND_QUEUE_BYTES | 8388608 | gateway.outbound_queue_bytes | 8388608
+TIDINGS_GATEWAY_MAX_REPLY_BYTES | 1048576 | gateway.max_reply_bytes | 1048576
+TIDINGS_GATEWAY_SYNC_PAGE_CONVERSATIONS | 50 | gateway.sync_page_conversations | 50
+TIDINGS_LOG_MAX_BODY_BYTES | 32768 | log.max_body_bytes | 32768
+TIDINGS_LOG_MAX_TITLE_BYTES | 512 | log.max_title_bytes | 512
+TIDINGS_LOG_MAX_BATCH | 1024 | log.max_batch | 1024
+TIDINGS_LOG_QUEUE_DEPTH | 8192 | log.queue_depth | 8192
+TIDINGS_LOG_MAX_READ_LIMIT | 800 | log.max_read_limit | 800
+TIDINGS_LOG_MAX_READ_BYTES | 600000 | log.max_read_bytes | 600000
+TIDINGS_LOG_MAX_GROUP_MEMBERS | 50000 | log.max_group_members | 50000
+TIDINGS_LOG_MAX_MEMBERS_PER_REQUEST | 500 | log.max_members_per_request | 500
+TIDINGS_LOG_MAX_CONVERSATIONS_CREATED_PER_USER_PER_HOUR | 77 | log.max_conversations_created_per_user_per_hour | 77
+TIDINGS_LOG_WRITER_CACHE_ENTRIES | 200000 | log.writer_cache_entries | 200000
+TIDINGS_LOG_PARTITIONS | 32 | log.partitions | 32
+TIDINGS_LOG_WRITER_ID | w-1 | log.writer_id | "w-1"
+TIDINGS_LOG_LEASE_TTL_MS | 5000 | log.lease_ttl_ms | 5000
+TIDINGS_LOG_SEND_BUFFER | false | log.send_buffer | false
+TIDINGS_LOG_SEND_BUFFER_MEDIUM | jetstream | log.send_buffer_medium | "jetstream"
+TIDINGS_LOG_SEND_BUFFER_DIR | /shared/buf | log.send_buffer_dir | "/shared/buf"
+TIDINGS_LOG_SEND_BUFFER_REPLICAS | 3 | log.send_buffer_replicas | 3
+TIDINGS_LOG_SEND_BUFFER_MAX_BYTES | 2097152 | log.send_buffer_max_bytes | 2097152
+TIDINGS_LOG_SEND_BUFFER_MAX_AGE_MS | 60000 | log.send_buffer_max_age_ms | 60000
+TIDINGS_LOG_CAPACITY_PER_SEC | 5000 | log.capacity_per_sec | 5000
+TIDINGS_LOG_OVERLOAD_LEARN | 1 | log.overload_learn | true
+TIDINGS_LOG_OVERLOAD_TRACKED_CONVERSATIONS | 2048 | log.overload_tracked_conversations | 2048
+TIDINGS_LOG_OVERLOAD_FLOOR_PER_SEC | 7 | log.overload_floor_per_sec | 7
+TIDINGS_LOG_OVERLOAD_FANOUT_PER_SEC | 40000 | log.overload_fanout_per_sec | 40000
+TIDINGS_LOG_VIP_TENANTS | gold, silver, | log.vip_tenants | ["gold","silver"]
+TIDINGS_LOG_MENTION_ALL_OWNERS_ONLY_FROM | 250 | log.mention_all_owners_only_from | 250
+TIDINGS_LOG_SEARCH_HOT_INDEX | off | log.search_hot_index | false
+TIDINGS_LOG_SEARCH_INDEXER_QUEUE | 4000 | log.search_indexer_queue | 4000
+TIDINGS_LOG_SEARCH_INDEXER_BATCH | 300 | log.search_indexer_batch | 300
+TIDINGS_LOG_SEARCH_INDEXER_QUEUE_BYTES | 9000000 | log.search_indexer_queue_bytes | 9000000
+TIDINGS_LOG_SEARCH_BUDGET_BYTES | 7000000 | log.search_budget_bytes | 7000000
+TIDINGS_LOG_SEARCH_MAX_PAGE_HITS | 40 | log.search_max_page_hits | 40
+TIDINGS_WEBHOOKS_ENABLED | 0 | webhooks.enabled | false
+TIDINGS_WEBHOOKS_MAX_PER_TENANT | 10 | webhooks.max_per_tenant | 10
+TIDINGS_WEBHOOKS_DEFAULT_MAX_ATTEMPTS | 5 | webhooks.default_max_attempts | 5
+TIDINGS_WEBHOOKS_REQUEST_TIMEOUT_MS | 5000 | webhooks.request_timeout_ms | 5000
+TIDINGS_WEBHOOKS_BACKOFF_FIRST_MS | 250 | webhooks.backoff_first_ms | 250
+TIDINGS_WEBHOOKS_BACKOFF_MAX_MS | 30000 | webhooks.backoff_max_ms | 30000
+TIDINGS_WEBHOOKS_REFRESH_MS | 2000 | webhooks.refresh_ms | 2000
+TIDINGS_WEBHOOKS_ACK_WAIT_MS | 20000 | webhooks.ack_wait_ms | 20000
+TIDINGS_CELL_NAME | a | cell.name | "a"
+TIDINGS_CELL_URL | wss://a/v1/ws | cell.url | "wss://a/v1/ws"
+TIDINGS_CELL_LINK_KEY_FILE | /s/link.key | cell.link_key_file | "/s/link.key"
+TIDINGS_CELL_NATS_URL | nats://link:4222 | cell.nats.url | "nats://link:4222"
+TIDINGS_CELL_NATS_USER | link | cell.nats.user | "link"
+TIDINGS_CELL_SYNC_TIMEOUT_MS | 3000 | cell.sync_timeout_ms | 3000
+TIDINGS_CELL_PEERS | b=wss://b/v1/ws, c=wss://c/v1/ws | cell.peers | [{"name":"b","url":"wss://b/v1/ws"},{"name":"c","url":"wss://c/v1/ws"}]
+"#;
+
+    fn names_that_worked_before_derivation()
+    -> Vec<(&'static str, &'static str, &'static str, serde_json::Value)> {
+        NAMES_THAT_WORKED_BEFORE_DERIVATION
+            .lines()
+            .filter(|line| !line.is_empty())
+            .map(|line| {
+                let fields: Vec<&str> = line.split(" | ").collect();
+                let [name, value, path, expected] = fields[..] else {
+                    panic!("{line:?} is not name | value | path | expected");
+                };
+                let expected = serde_json::from_str(expected).expect("expected is JSON");
+                (name, value, path, expected)
+            })
+            .collect()
+    }
+
+    /// The setting at `path` (`section.field`) as the config tree shows it.
+    fn setting(cfg: &Config, path: &str) -> serde_json::Value {
+        let tree = serde_json::to_value(cfg).expect("a config serialises");
+        path.split('.')
+            .try_fold(&tree, |node, key| node.get(key))
+            .unwrap_or_else(|| panic!("no setting {path}"))
+            .clone()
+    }
+
+    #[test]
+    fn every_name_that_worked_before_derivation_still_lands_in_its_setting() {
+        let cases = names_that_worked_before_derivation();
+        let secrets = [
+            ("TIDINGS_NATS_PASSWORD", "hunter2"),
+            ("TIDINGS_NATS_TOKEN", "t0k"),
+            ("TIDINGS_CELL_NATS_PASSWORD", "link-pw"),
+        ];
+        let vars: Vec<(&str, &str)> = cases
+            .iter()
+            .map(|(name, value, _, _)| (*name, *value))
+            .chain(secrets)
+            .collect();
+        let cfg = Config::load(None, env(&vars)).expect("every name with a valid value");
+        let defaults = Config::default();
+        for (name, _, path, expected) in &cases {
+            assert_ne!(
+                &setting(&defaults, path),
+                expected,
+                "{name}: pick a value that is not the default"
+            );
+            assert_eq!(&setting(&cfg, path), expected, "{name} lands in {path}");
+        }
+        assert_eq!(cfg.nats.password_env.as_deref(), Some("hunter2"));
+        assert_eq!(cfg.nats.token_env.as_deref(), Some("t0k"));
+        assert_eq!(cfg.cell.nats.password_env.as_deref(), Some("link-pw"));
+        // Each name on its own, too: no name leans on another to be read.
+        for (name, value, path, expected) in &cases {
+            if let Ok(cfg) = Config::load(None, env(&[(*name, *value)])) {
+                assert_eq!(
+                    &setting(&cfg, path),
+                    expected,
+                    "{name} alone lands in {path}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn every_variable_the_example_file_names_is_read() {
+        let example = include_str!("../../../ops/tidings.example.toml");
+        // Stream names the comments mention, not variables.
+        let streams = ["TIDINGS_SEND_BUFFER", "TIDINGS_EVENTS"];
+        let known = env::names();
+        let mut named = 0;
+        for word in example.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+            if word.starts_with("TIDINGS_") && !streams.contains(&word) {
+                assert!(known.iter().any(|k| k == word), "{word} is read by nothing");
+                named += 1;
+            }
+        }
+        assert!(named > 100, "only {named} variables found in the example");
+    }
+
+    #[test]
+    fn a_field_has_its_variable_without_code_and_bad_values_name_it() {
+        let cfg = Config::load(
+            None,
+            env(&[
+                ("TIDINGS_NATS_RPC_IN_FLIGHT", "64"),
+                (
+                    "TIDINGS_GATEWAY_ALLOWED_ORIGINS",
+                    "https://a.example, https://b.example",
+                ),
+                ("TIDINGS_STORE_TIKV_CONNECT_TIMEOUT", "3s"),
+                ("TIDINGS_ARCHIVE_S3_RETRY_TIMEOUT", "90s"),
+                ("TIDINGS_CELL_NATS_TLS_CA_FILE", "/s/link-ca.pem"),
+                ("TIDINGS_STORE_TIKV_PD_ENDPOINTS", "pd-9:2379"),
+            ]),
+        )
+        .expect("load");
+        assert_eq!(cfg.nats.rpc_in_flight, 64);
+        assert_eq!(
+            cfg.gateway.allowed_origins,
+            vec!["https://a.example".to_string(), "https://b.example".into()]
+        );
+        assert_eq!(cfg.store.tikv.connect_timeout, "3s");
+        assert_eq!(cfg.archive.s3.retry_timeout, "90s");
+        assert_eq!(
+            cfg.cell.nats.tls_ca_file,
+            Some(PathBuf::from("/s/link-ca.pem"))
+        );
+        assert_eq!(cfg.store.tikv.pd_endpoints, vec!["pd-9:2379".to_string()]);
+        let both = Config::load(
+            None,
+            env(&[
+                ("TIDINGS_STORE_TIKV_PD_ENDPOINTS", "pd-9:2379"),
+                ("TIDINGS_TIKV_PD", "pd-0:2379"),
+            ]),
+        )
+        .expect("load");
+        assert_eq!(
+            both.store.tikv.pd_endpoints,
+            vec!["pd-0:2379".to_string()],
+            "the alias wins"
+        );
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("t.toml");
+        std::fs::write(
+            &file,
+            "[gateway]\ntls_cert_file = \"/a\"\ntls_key_file = \"/b\"\n",
+        )
+        .expect("write");
+        let cfg = Config::load(
+            Some(&file),
+            env(&[
+                ("TIDINGS_GATEWAY_TLS_CERT_FILE", ""),
+                ("TIDINGS_GATEWAY_TLS_KEY_FILE", ""),
+            ]),
+        )
+        .expect("an empty path unsets it");
+        assert_eq!(
+            (cfg.gateway.tls_cert_file, cfg.gateway.tls_key_file),
+            (None, None)
+        );
+
+        for (name, value) in [
+            ("TIDINGS_LOG_PARTITIONS", "-1"),
+            ("TIDINGS_GATEWAY_FRAMES_PER_SECOND", "5000000000"),
+            ("TIDINGS_LOG_MAX_BATCH", "lots"),
+            ("TIDINGS_ARCHIVE_ENABLED", "maybe"),
+            ("TIDINGS_WEBHOOKS_DEFAULT_MAX_ATTEMPTS", "-5"),
+            ("TIDINGS_CELL_PEERS", "b"),
+        ] {
+            let err = Config::load(None, env(&[(name, value)])).expect_err(name);
+            assert!(
+                matches!(&err, ConfigError::Env { name: n, .. } if n == name),
+                "{name}={value}: {err}"
+            );
+        }
     }
 
     #[test]
@@ -1997,13 +1910,7 @@ mod tests {
         let err = Config::load(None, env(&[("TIDINGS_AUTH_HS256_ENABLED", "maybe")]))
             .expect_err("not a flag");
         assert!(
-            matches!(
-                err,
-                ConfigError::Env {
-                    name: "TIDINGS_AUTH_HS256_ENABLED",
-                    ..
-                }
-            ),
+            matches!(&err, ConfigError::Env { name, .. } if name == "TIDINGS_AUTH_HS256_ENABLED"),
             "{err}"
         );
         let dir = tempfile::tempdir().expect("tempdir");
@@ -2087,6 +1994,7 @@ mod tests {
             env(&[
                 ("TIDINGS_LOG_CAPACITY_PER_SEC", "5000"),
                 ("TIDINGS_LOG_VIP_TENANTS", "gold, silver,"),
+                ("TIDINGS_LOG_OVERLOAD_FANOUT_PER_SEC", "40000"),
             ]),
         )
         .expect("load");
@@ -2097,10 +2005,12 @@ mod tests {
             vec!["gold".to_string(), "silver".to_string()]
         );
         assert_eq!(o.floor_per_sec, 5);
+        assert_eq!(o.fanout_per_sec, 40_000);
         for bad in [
             ("TIDINGS_LOG_VIP_TENANTS", "not a tenant"),
             ("TIDINGS_LOG_OVERLOAD_TRACKED_CONVERSATIONS", "0"),
             ("TIDINGS_LOG_OVERLOAD_FLOOR_PER_SEC", "0"),
+            ("TIDINGS_LOG_OVERLOAD_FANOUT_PER_SEC", "2"),
         ] {
             let err = Config::load(None, env(&[bad])).expect_err(bad.0);
             assert!(matches!(err, ConfigError::Invalid(_)), "{bad:?}: {err}");
@@ -2186,13 +2096,7 @@ mod tests {
 
         let err = Config::load(None, env(&[("TIDINGS_LOG_MAX_BATCH", "lots")])).expect_err("nan");
         assert!(
-            matches!(
-                err,
-                ConfigError::Env {
-                    name: "TIDINGS_LOG_MAX_BATCH",
-                    ..
-                }
-            ),
+            matches!(&err, ConfigError::Env { name, .. } if name == "TIDINGS_LOG_MAX_BATCH"),
             "{err}"
         );
 

@@ -22,7 +22,7 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tidings_log::interceptor::{InterceptRequest, InterceptRule, Interceptor, Verdict};
 use tidings_log::policy::Kinds;
@@ -34,7 +34,7 @@ pub const SUBJECT_PREFIX: &str = "tidings.intercept";
 pub const MAX_REPLY_BYTES: usize = 4096;
 
 /// One `[[log.interceptors]]` entry.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct InterceptorSection {
     /// Only this tenant's messages (absent: every tenant's).

@@ -21,6 +21,7 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    Config::warn_unknown_env();
     let result = Config::load(cli.config.as_deref(), |k| std::env::var(k).ok())
         .map_err(anyhow::Error::from)
         .and_then(|mut config| {

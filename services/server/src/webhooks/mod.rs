@@ -14,7 +14,7 @@
 pub mod dispatch;
 pub mod sign;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 use tidings_archive::compliance::audit::Entry;
 use tidings_archive::compliance::{Actor, Compliance, ComplianceError};
@@ -48,7 +48,7 @@ pub const EVENT_KINDS: &[&str] = &[
 
 /// `[webhooks]`: delivery settings (roles all and log). Every bound is here or a named const
 /// above; docs/limits.md lists them.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WebhooksConfig {
     /// Run the dispatcher in this process. With several log processes on one store, keep it
@@ -87,44 +87,6 @@ impl Default for WebhooksConfig {
 }
 
 impl WebhooksConfig {
-    /// The `TIDINGS_WEBHOOKS_*` overrides, each named after its field.
-    pub fn apply_env(&mut self, env: impl Fn(&str) -> Option<String>) -> Result<(), String> {
-        let parse = |name: &str, text: &str| -> Result<u64, String> {
-            text.trim()
-                .parse()
-                .map_err(|_| format!("{name}={text:?} is not a whole number"))
-        };
-        if let Some(v) = env("TIDINGS_WEBHOOKS_ENABLED") {
-            self.enabled = matches!(v.trim(), "1" | "true" | "yes" | "on");
-        }
-        let numbers: [(&str, &mut u64); 5] = [
-            (
-                "TIDINGS_WEBHOOKS_REQUEST_TIMEOUT_MS",
-                &mut self.request_timeout_ms,
-            ),
-            (
-                "TIDINGS_WEBHOOKS_BACKOFF_FIRST_MS",
-                &mut self.backoff_first_ms,
-            ),
-            ("TIDINGS_WEBHOOKS_BACKOFF_MAX_MS", &mut self.backoff_max_ms),
-            ("TIDINGS_WEBHOOKS_REFRESH_MS", &mut self.refresh_ms),
-            ("TIDINGS_WEBHOOKS_ACK_WAIT_MS", &mut self.ack_wait_ms),
-        ];
-        for (name, slot) in numbers {
-            if let Some(v) = env(name) {
-                *slot = parse(name, &v)?;
-            }
-        }
-        if let Some(v) = env("TIDINGS_WEBHOOKS_MAX_PER_TENANT") {
-            self.max_per_tenant = parse("TIDINGS_WEBHOOKS_MAX_PER_TENANT", &v)? as usize;
-        }
-        if let Some(v) = env("TIDINGS_WEBHOOKS_DEFAULT_MAX_ATTEMPTS") {
-            let n = parse("TIDINGS_WEBHOOKS_DEFAULT_MAX_ATTEMPTS", &v)?;
-            self.default_max_attempts = u32::try_from(n).unwrap_or(u32::MAX);
-        }
-        Ok(())
-    }
-
     pub fn validate(&self) -> Result<(), String> {
         let positive = [
             ("webhooks.max_per_tenant", self.max_per_tenant as u64),
