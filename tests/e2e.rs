@@ -31,6 +31,7 @@ mod member_cache;
 mod metrics;
 mod outage;
 mod overload;
+mod scale;
 mod scenarios;
 mod search;
 mod send_buffer_stream;

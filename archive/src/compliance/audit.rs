@@ -58,42 +58,60 @@ pub async fn append(
     tenant: &TenantId,
     entry: &Entry,
 ) -> Result<u64, LogError> {
+    append_all(store, keyring, tenant, std::slice::from_ref(entry)).await
+}
+
+/// Appends `entries` in order in one transaction (one commit, one fsync) and returns the
+/// seq of the last; of none, the head's. Retries when another writer took a seq first. For
+/// tools and tests that write many records at once; keep a batch to a few thousand records,
+/// as a transaction is held in memory whole.
+pub async fn append_all(
+    store: &dyn KvStore,
+    keyring: &Keyring,
+    tenant: &TenantId,
+    entries: &[Entry],
+) -> Result<u64, LogError> {
     let key = keyring.audit_key().await?;
     let head_key = keys::audit_head(tenant);
     for _ in 0..64 {
         let old = store.get(&head_key).await?;
-        let head = match &old {
+        let mut head = match &old {
             Some(bytes) => {
                 AuditHead::decode(bytes.as_slice()).map_err(|e| LogError::corrupt(&head_key, e))?
             }
             None => AuditHead::default(),
         };
-        let seq = head.last_seq + 1;
-        let record = AuditRecord {
-            seq,
-            time_ms: tidings_log::now_ms(),
-            access_id: entry.access_id.clone(),
-            actor: entry.actor.clone(),
-            via: entry.via.clone(),
-            action: entry.action.clone(),
-            outcome: entry.outcome.clone(),
-            filters: entry.filters.clone(),
-            rows: entry.rows,
-            destination: entry.destination.clone(),
-            detail: entry.detail.clone(),
-            prev_hash: head.last_hash.clone(),
-        };
-        let sealed = key.seal(&ad(tenant, &seq.to_be_bytes()), &record.encode_to_vec());
-        let new_head = AuditHead {
-            last_seq: seq,
-            last_hash: Sha256::digest(&sealed).to_vec(),
-        };
+        if entries.is_empty() {
+            return Ok(head.last_seq);
+        }
         let mut txn = Transaction::new();
-        txn.expect(head_key.clone(), old)
-            .put_if_absent(keys::audit(tenant, seq), sealed)
-            .put(head_key.clone(), new_head.encode_to_vec());
+        txn.expect(head_key.clone(), old);
+        for entry in entries {
+            let seq = head.last_seq + 1;
+            let record = AuditRecord {
+                seq,
+                time_ms: tidings_log::now_ms(),
+                access_id: entry.access_id.clone(),
+                actor: entry.actor.clone(),
+                via: entry.via.clone(),
+                action: entry.action.clone(),
+                outcome: entry.outcome.clone(),
+                filters: entry.filters.clone(),
+                rows: entry.rows,
+                destination: entry.destination.clone(),
+                detail: entry.detail.clone(),
+                prev_hash: head.last_hash,
+            };
+            let sealed = key.seal(&ad(tenant, &seq.to_be_bytes()), &record.encode_to_vec());
+            head = AuditHead {
+                last_seq: seq,
+                last_hash: Sha256::digest(&sealed).to_vec(),
+            };
+            txn.put_if_absent(keys::audit(tenant, seq), sealed);
+        }
+        txn.put(head_key.clone(), head.encode_to_vec());
         match store.commit(txn).await {
-            Ok(()) => return Ok(seq),
+            Ok(()) => return Ok(head.last_seq),
             Err(StoreError::Conflict { .. }) => continue,
             Err(e) => return Err(e.into()),
         }

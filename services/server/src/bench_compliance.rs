@@ -75,8 +75,9 @@ pub struct ComplianceArgs {
 }
 
 /// The planted word, in mixed case; searched for in lowercase. No generated word contains
-/// it (the count check would catch one that did).
-const MARKER: &str = "WyvernFjord";
+/// it (the count check would catch one that did). Public, with [`append_corpus`], for the
+/// end-to-end scale tests (tests/scale.rs), which seed a tenant the same way.
+pub const MARKER: &str = "WyvernFjord";
 const USERS: usize = 8;
 /// One edit per this many events, one recall per [`RECALL_EVERY`].
 const EDIT_EVERY: usize = 200;
@@ -151,9 +152,7 @@ pub async fn run(args: ComplianceArgs) -> anyhow::Result<()> {
         args.hot >= args.hot / EDIT_EVERY + args.hot / RECALL_EVERY + 2 * args.hot_markers,
         "--hot must leave room for its edits and recalls and twice --hot-markers messages"
     );
-    let base = args.dir.clone().unwrap_or_else(std::env::temp_dir);
-    std::fs::create_dir_all(&base).with_context(|| format!("create {}", base.display()))?;
-    let dir = tempfile::tempdir_in(&base)?;
+    let (_, dir) = crate::bench::scratch_dir(args.dir.as_deref(), "compliance")?;
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!(
         "tidings bench compliance: {} events over {} conversations ({} planted, {edits} edits, \
@@ -340,7 +339,7 @@ async fn set_up(
 /// Appends `messages` messages of the corpus (`markers_n` of them with the planted word,
 /// spread evenly), then `edits` edits and `recalls` recalls of earlier ones by their authors.
 /// Returns where the planted word went.
-async fn append_corpus(
+pub async fn append_corpus(
     log: &Log,
     corpus: &Corpus,
     [messages, markers_n, edits, recalls]: [usize; 4],

@@ -590,10 +590,7 @@ pub async fn run(args: GatewayArgs, _config: &Config) -> anyhow::Result<()> {
         args.users >= 2 && args.rate > 0 && args.senders > 0,
         "users >= 2, rate and senders > 0"
     );
-    let base = args.dir.clone().unwrap_or_else(std::env::temp_dir);
-    let dir = tempfile::Builder::new()
-        .prefix("tidings-bench-gw-")
-        .tempdir_in(&base)?;
+    let (_, dir) = crate::bench::scratch_dir(args.dir.as_deref(), "gw")?;
     let root = dir.path();
 
     let master = MasterKey::generate();
