@@ -864,13 +864,13 @@ impl Log {
         WeakLog(Arc::downgrade(&self.inner))
     }
 
-    /// (store commits, requests answered) since open: requests / commits is the mean group
-    /// size.
     /// Batches whose new events were sealed on the blocking pool (they were large).
     pub fn batches_sealed_off_runtime(&self) -> u64 {
         self.inner.stats.sealed_off_runtime.load(Ordering::Relaxed)
     }
 
+    /// (store commits, requests answered) since open: requests / commits is the mean group
+    /// size.
     pub fn stats(&self) -> (u64, u64) {
         (
             self.inner.stats.commits.load(Ordering::Relaxed),
