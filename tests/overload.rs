@@ -473,3 +473,95 @@ async fn a_big_group_is_limited_by_its_fan_out_and_a_busy_pair_is_not() {
         (big.len() + PAIR_SENDS + 2 * FEW) as f64
     );
 }
+
+/// The seqs of `conv`'s messages pushed to `conn`, in the order they came, until the last
+/// of `sent` (20 s at most).
+async fn messages(conn: &mut Connection, conv: &str, sent: &[u64]) -> Vec<u64> {
+    let last = *sent.last().expect("something sent");
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    let mut got = Vec::new();
+    while got.last() != Some(&last) {
+        match tokio::time::timeout_at(deadline, conn.next_push()).await {
+            Ok(Some(Push::Event(e))) if e.conversation == conv => {
+                if let Some(Body::MessagePosted(_)) = e.body {
+                    got.push(e.seq);
+                }
+            }
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("the session ended after {got:?}"),
+            Err(_) => panic!("{conv}: only {got:?} of {sent:?} arrived in time"),
+        }
+    }
+    got
+}
+
+/// A big group's fan-out is paced (`gateway.fan_out_pushes_per_core`), a small
+/// conversation's never is, and pacing loses and reorders nothing.
+///
+/// Why no claim depends on speed: the budget is 20 pushes a second per core with a burst
+/// of a tenth of a second of it (2 pushes per core), and a group is big from 3 sessions
+/// here. The pair (alice and bob, 2 sessions) is below that, so whatever its rate, it never
+/// waits: the pacing counter stays exactly 0 through its 40 messages. The group's 20
+/// messages are 60 pushes, past the burst on any machine of fewer than 30 cores, so at
+/// least one of its slices must wait, however the sends fall in time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_big_groups_fan_out_is_paced_and_a_small_conversations_is_not() {
+    const PAIR: usize = 40;
+    const GROUP: usize = 20;
+    let (s, _nats, server, mut alice) = start(&[
+        ("TIDINGS_GATEWAY_FAN_OUT_PUSHES_PER_CORE", "20"),
+        ("TIDINGS_GATEWAY_FAN_OUT_PACED_SESSIONS", "3"),
+    ])
+    .await;
+    let r = alice.requester();
+    r.create_conversation("pair", ConversationKind::Group, "pair", &["bob"])
+        .await
+        .expect("create pair");
+    r.create_conversation("big", ConversationKind::Group, "big", &["bob", "carol"])
+        .await
+        .expect("create big");
+    let open = |user: &'static str| {
+        let (url, token) = (server.url(), s.token("acme", user, 3600));
+        async move {
+            Connection::open(&url, &token, "t")
+                .await
+                .unwrap_or_else(|e| panic!("connect {user}: {e}"))
+                .0
+        }
+    };
+    let (mut bob, mut carol) = (open("bob").await, open("carol").await);
+    let paced = || async {
+        prom::scrape(&common::http_client(), server.admin_port)
+            .await
+            .value("tidings_gateway_fanout_paced_seconds_total", &[])
+    };
+
+    let mut sent = Vec::new();
+    for i in 0..PAIR {
+        let id = format!("pair-{i}");
+        sent.push(r.send_text("pair", &id, &id).await.expect("pair send").seq);
+    }
+    assert_eq!(messages(&mut bob, "pair", &sent).await, sent);
+    assert_eq!(paced().await, 0.0, "two sessions are never paced");
+
+    let mut sent = Vec::new();
+    for i in 0..GROUP {
+        let id = format!("big-{i}");
+        sent.push(r.send_text("big", &id, &id).await.expect("group send").seq);
+    }
+    for (who, conn) in [
+        ("alice", &mut alice),
+        ("bob", &mut bob),
+        ("carol", &mut carol),
+    ] {
+        assert_eq!(
+            messages(conn, "big", &sent).await,
+            sent,
+            "{who} gets every message of the group once, in order"
+        );
+    }
+    assert!(
+        paced().await > 0.0,
+        "the group's fan-out waited for the budget"
+    );
+}

@@ -35,6 +35,7 @@ use tracing::{debug, warn};
 
 use crate::bus_crypto::{self, KeyCache};
 use crate::nats::BusEvents;
+use crate::pacing::Pacer;
 use crate::resubscribe::{Delivery, Resubscribing};
 use crate::service::{Caller, LogService};
 use crate::subjects;
@@ -44,6 +45,9 @@ use crate::subjects;
 /// small conversations on the same gateway are not queued behind the whole fan-out
 /// (docs/decisions/fan-out-in-slices.md).
 const FAN_OUT_SLICE: usize = 64;
+/// The slice of a paced fan-out (docs/decisions/paced-fan-out.md): smaller, so the writes
+/// between two waits are a quarter of a millisecond, not a whole one.
+const PACED_SLICE: usize = 16;
 
 /// Why a session is being closed by the server.
 #[derive(Clone, Debug)]
@@ -242,6 +246,11 @@ pub struct HubConfig {
     /// Members read per log call while filling a member list (at most `read_limit`): a
     /// 50,000-member list is 50 bounded reads at 1,000.
     pub member_fill_page: usize,
+    /// Pushes a second this gateway spends on big groups' fan-outs, all of them together
+    /// (0: not paced), and how many sessions here make a group big
+    /// (docs/decisions/paced-fan-out.md).
+    pub fan_out_pushes_per_sec: u64,
+    pub fan_out_paced_sessions: usize,
 }
 
 /// Joins queued for one hub. A join beyond this waits (the joining session's request, or
@@ -319,6 +328,8 @@ struct RegistryInner {
     missing: Arc<AtomicUsize>,
     /// Membership answers for the conversations hubs run for (`members.rs`).
     members: crate::members::MemberCache,
+    /// The budget big groups' fan-outs share.
+    pacer: Pacer,
 }
 
 impl Registry {
@@ -329,8 +340,10 @@ impl Registry {
         bus: BusEvents,
     ) -> Self {
         let members = crate::members::MemberCache::new(cfg.member_cache_bytes);
+        let pacer = Pacer::new(cfg.fan_out_pushes_per_sec);
         Registry {
             inner: Arc::new(RegistryInner {
+                pacer,
                 state: Mutex::new(State::default()),
                 log,
                 keys: KeyCache::default(),
@@ -341,6 +354,11 @@ impl Registry {
                 members,
             }),
         }
+    }
+
+    /// Seconds big groups' fan-outs have waited for the pacing budget since start.
+    pub fn fan_out_paced_seconds(&self) -> f64 {
+        self.inner.pacer.waited_seconds()
     }
 
     /// The membership cache the hubs keep true.
@@ -735,13 +753,31 @@ impl Hub {
             .inner
             .members
             .apply(&self.tenant, &self.conv, event);
+        let inner = &self.registry.inner;
+        let paced = self.sessions.len() >= inner.cfg.fan_out_paced_sessions;
+        let slice = if paced && inner.pacer.enabled() {
+            PACED_SLICE
+        } else {
+            FAN_OUT_SLICE
+        };
         for (i, s) in self.sessions.values().enumerate() {
-            if i > 0 && i % FAN_OUT_SLICE == 0 {
-                // The sessions woken so far, and every other conversation's pushes, go
-                // first: a small conversation waits behind one slice of a big group's
-                // fan-out, not all of it. Nothing else of this hub runs meanwhile, so its
-                // events still reach each session in order.
-                tokio::task::yield_now().await;
+            if i % slice == 0 {
+                // A big group's slice waits for the gateway's pacing budget, if it must.
+                let wait = paced
+                    .then(|| {
+                        let n = slice.min(self.sessions.len() - i);
+                        inner.pacer.reserve(n, std::time::Instant::now())
+                    })
+                    .flatten();
+                if let Some(wait) = wait {
+                    tokio::time::sleep(wait).await;
+                } else if i > 0 {
+                    // The sessions woken so far, and every other conversation's pushes, go
+                    // first: a small conversation waits behind one slice of a big group's
+                    // fan-out, not all of it. Nothing else of this hub runs meanwhile, so
+                    // its events still reach each session in order.
+                    tokio::task::yield_now().await;
+                }
             }
             s.push(frame.clone());
         }

@@ -50,6 +50,7 @@ pub mod member_list;
 pub mod members;
 pub mod metrics;
 pub mod nats;
+pub mod pacing;
 pub mod publisher;
 pub mod resubscribe;
 pub mod revocation;

@@ -73,6 +73,17 @@ pub fn collector(shared: &Arc<Shared>) -> Collector {
             "Conversation hubs (conversations with a session) on this gateway.",
             shared.registry.hub_count() as f64,
         );
+        out.header(
+            "tidings_gateway_fanout_paced_seconds_total",
+            "Time big groups' fan-outs waited for the gateway's pacing budget \
+             (gateway.fan_out_pushes_per_sec), summed over their slices.",
+            "counter",
+        );
+        out.sample(
+            "tidings_gateway_fanout_paced_seconds_total",
+            &[],
+            shared.registry.fan_out_paced_seconds(),
+        );
         write_member_cache(out, &shared.registry.members().stats());
         let refused = shared.admission.refused();
         out.header(

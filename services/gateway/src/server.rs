@@ -60,6 +60,10 @@ pub struct GatewayConfig {
     pub member_cache_bytes: usize,
     /// Members read per log call while filling a conversation's member list.
     pub member_fill_page: usize,
+    /// Pushes a second per core this gateway spends on big groups' fan-outs, all together
+    /// (0: not paced), and how many sessions here make a group big (`pacing.rs`).
+    pub fan_out_pushes_per_core: u64,
+    pub fan_out_paced_sessions: usize,
     /// How often an idle conversation hub checks the log for events NATS did not bring.
     pub heal_interval: Duration,
     /// Search (docs/limits.md): the longest query in bytes, its most terms (words and CJK
@@ -106,6 +110,12 @@ impl Default for GatewayConfig {
             // 64 MiB: about a million answers.
             member_cache_bytes: 64 << 20,
             member_fill_page: 1000,
+            // Measured on 2 cores (BENCHMARKS.md, "Floods in big groups"): the gateway and
+            // its clients there carry about 33,000 pushes a second per core; half of that
+            // for big groups leaves the rest of the traffic its latency.
+            fan_out_pushes_per_core: 15_000,
+            // A group this big online here is a burst of a few milliseconds of writes.
+            fan_out_paced_sessions: 1000,
             heal_interval: Duration::from_secs(30),
             // 256 bytes: a sentence, or 85 CJK characters.
             search_max_query_bytes: 256,
@@ -155,6 +165,10 @@ impl Shared {
                 heal_interval: cfg.heal_interval,
                 member_cache_bytes: cfg.member_cache_bytes,
                 member_fill_page: cfg.member_fill_page,
+                fan_out_pushes_per_sec: cfg.fan_out_pushes_per_core.saturating_mul(
+                    std::thread::available_parallelism().map_or(1, |n| n.get()) as u64,
+                ),
+                fan_out_paced_sessions: cfg.fan_out_paced_sessions,
             },
             bus,
         );

@@ -64,6 +64,10 @@ pub struct OverloadArgs {
     /// fan-out is not weighed, only appends count.
     #[arg(long, default_value_t = 20_000)]
     pub fanout: u64,
+    /// Through the gateway: pushes a second per core the gateway spends on big groups'
+    /// fan-outs (`gateway.fan_out_pushes_per_core`; 0: not paced) [default: the gateway's].
+    #[arg(long)]
+    pub pace: Option<u64>,
     /// Through the gateway: rounds of the two phases on the same deployment; the summary is
     /// the median of the rounds' ratios.
     #[arg(long, default_value_t = 3)]

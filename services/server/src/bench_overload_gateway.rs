@@ -56,6 +56,35 @@ struct Small {
     elapsed: Vec<Duration>,
 }
 
+/// The flood's send→push latency, as the senders' own sessions see it: the 100 senders are
+/// members too, at places in the fan-out's order that nothing chose, so their pushes sample
+/// how long the group's members wait for a message (what pacing costs the big group).
+#[derive(Clone, Default)]
+struct GroupClock {
+    clock: Arc<std::sync::OnceLock<Instant>>,
+    latencies: Arc<std::sync::Mutex<Vec<Duration>>>,
+}
+
+impl GroupClock {
+    fn now_ns(&self) -> u64 {
+        self.clock.get_or_init(Instant::now).elapsed().as_nanos() as u64
+    }
+
+    /// A push of a flood message: `hot:{ns}` on the clock.
+    fn arrived(&self, text: &str) {
+        if let Some(at) = text
+            .strip_prefix("hot:")
+            .and_then(|t| t.parse::<u64>().ok())
+        {
+            let latency = Duration::from_nanos(self.now_ns().saturating_sub(at));
+            self.latencies
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(latency);
+        }
+    }
+}
+
 /// What one round's flood got.
 #[derive(Default)]
 struct Hot {
@@ -89,6 +118,10 @@ pub async fn run(args: &OverloadArgs) -> anyhow::Result<()> {
     let floor_env = args.floor.to_string();
     let fanout_env = args.fanout.to_string();
     let sessions_env = (args.members + 2 * args.conversations + 16).to_string();
+    let pace = args
+        .pace
+        .unwrap_or(tidings_gateway::server::GatewayConfig::default().fan_out_pushes_per_core);
+    let pace_env = pace.to_string();
     let dep = deploy(
         root,
         &data,
@@ -98,13 +131,14 @@ pub async fn run(args: &OverloadArgs) -> anyhow::Result<()> {
             ("TIDINGS_LOG_CAPACITY_PER_SEC", &capacity_env),
             ("TIDINGS_LOG_OVERLOAD_FLOOR_PER_SEC", &floor_env),
             ("TIDINGS_LOG_OVERLOAD_FANOUT_PER_SEC", &fanout_env),
+            ("TIDINGS_GATEWAY_FAN_OUT_PUSHES_PER_CORE", &pace_env),
             ("TIDINGS_GATEWAY_MAX_CONNECTIONS_PER_IP", &sessions_env),
         ],
     )
     .await?;
     println!(
         "tidings bench overload --through-gateway: capacity {capacity}/s (floor {}/s), fan-out \
-         budget {} pushes/s, a group of {} members all online, {} of them flooding it at {}x, {} small conversations at \
+         budget {} pushes/s, big groups' fan-outs paced at {pace} pushes/s per core, a group of {} members all online, {} of them flooding it at {}x, {} small conversations at \
          {small_rate}/s in all, {} rounds of {} s without and {} s with the flood, {} cores; \
          data under {}",
         args.floor,
@@ -122,7 +156,8 @@ pub async fn run(args: &OverloadArgs) -> anyhow::Result<()> {
 
     let started = Instant::now();
     let pushes = Arc::new(AtomicU64::new(0));
-    let senders = connect_group(&dep, args, &tokens, &pushes).await?;
+    let group = GroupClock::default();
+    let senders = connect_group(&dep, args, &tokens, &pushes, &group).await?;
     println!(
         "{} group members online in {:.1} s",
         args.members,
@@ -160,7 +195,7 @@ pub async fn run(args: &OverloadArgs) -> anyhow::Result<()> {
         if now.is_some_and(is_flood) {
             let before = pushes.load(Relaxed);
             let began = Instant::now();
-            let mut hot = flood(&senders, hot_rate, &mut phase_rx).await;
+            let mut hot = flood(&senders, hot_rate, &mut phase_rx, &group).await;
             hot.time = began.elapsed();
             hot.pushes = pushes.load(Relaxed) - before;
             floods.push(hot);
@@ -180,7 +215,8 @@ pub async fn run(args: &OverloadArgs) -> anyhow::Result<()> {
         }
         delivered = now;
     }
-    report(args, capacity, &small, &floods, delivered, &dep);
+    let group = std::mem::take(&mut *group.latencies.lock().unwrap_or_else(|e| e.into_inner()));
+    report(args, capacity, &small, &floods, delivered, &dep, group);
     Ok(())
 }
 
@@ -219,6 +255,7 @@ async fn connect_group(
     args: &OverloadArgs,
     tokens: &Arc<Tokens>,
     pushes: &Arc<AtomicU64>,
+    group: &GroupClock,
 ) -> anyhow::Result<Vec<Requester>> {
     let permits = Arc::new(Semaphore::new(CONNECTING_AT_ONCE));
     let mut connecting = tokio::task::JoinSet::new();
@@ -247,12 +284,15 @@ async fn connect_group(
             continue; // a listener only: it counts on its own
         };
         senders.push(conn.requester());
-        let pushes = pushes.clone();
+        let (pushes, group) = (pushes.clone(), group.clone());
         // Detached: the sessions live until the process ends.
         tokio::spawn(async move {
             while let Some(push) = conn.next_push().await {
-                if let Push::Event(_) = push {
+                if let Push::Event(e) = push {
                     pushes.fetch_add(1, Relaxed);
+                    if let Some(tidings_schemas::v1::event::Body::MessagePosted(m)) = &e.body {
+                        group.arrived(&m.text);
+                    }
                 }
             }
         });
@@ -316,7 +356,12 @@ async fn listen(url: &str, token: &str, pushes: Arc<AtomicU64>) -> anyhow::Resul
 /// The flood: `rate` sends a second spread over the group's senders, open-loop, until the
 /// small thread says the phase is over. A refusal is counted and not retried: the flood is
 /// many people, each sending once.
-async fn flood(senders: &[Requester], rate: f64, phase: &mut watch::Receiver<Option<Slot>>) -> Hot {
+async fn flood(
+    senders: &[Requester],
+    rate: f64,
+    phase: &mut watch::Receiver<Option<Slot>>,
+    group: &GroupClock,
+) -> Hot {
     let hot = Arc::new(Hot::default());
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
@@ -335,9 +380,9 @@ async fn flood(senders: &[Requester], rate: f64, phase: &mut watch::Receiver<Opt
             let hot = hot.clone();
             let id = format!("hot{}", fastrand::u64(..));
             next += 1;
+            let text = format!("hot:{}", group.now_ns());
             tasks.spawn(async move {
-                hot.sends
-                    .record(&r.send_text("hot", &id, "the flood").await);
+                hot.sends.record(&r.send_text("hot", &id, &text).await);
             });
         }
     }
@@ -512,6 +557,7 @@ fn report(
     floods: &[Hot],
     delivered: u64,
     dep: &Deployment,
+    mut group: Vec<Duration>,
 ) {
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     println!();
@@ -623,5 +669,15 @@ fn report(
             .sum::<u64>(),
         dep.server_peak_rss_kib() / 1024,
         peak_rss_kib() / 1024,
+    );
+    group.sort_unstable();
+    println!(
+        "the group's own send->push, sampled at its {} senders' sessions ({} pushes): p50 \
+         {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        args.hot_senders,
+        group.len(),
+        ms(quantile(&group, 0.50)),
+        ms(quantile(&group, 0.99)),
+        ms(group.last().copied().unwrap_or_default()),
     );
 }

@@ -308,6 +308,10 @@ pub struct GatewaySection {
     pub member_cache_bytes: usize,
     /// Members read per log call while filling a conversation's member list.
     pub member_fill_page: usize,
+    /// Pushes a second per core this gateway spends on big groups' fan-outs (0: not paced),
+    /// and the sessions here that make a group big (docs/decisions/paced-fan-out.md).
+    pub fan_out_pushes_per_core: u64,
+    pub fan_out_paced_sessions: usize,
     pub heal_interval_ms: u64,
     /// Search limits (docs/limits.md): query bytes, terms, hits per page, per-session rate.
     pub search_max_query_bytes: usize,
@@ -572,6 +576,8 @@ impl Default for GatewaySection {
             typing_max_members: d.typing_max_members,
             member_cache_bytes: d.member_cache_bytes,
             member_fill_page: d.member_fill_page,
+            fan_out_pushes_per_core: d.fan_out_pushes_per_core,
+            fan_out_paced_sessions: d.fan_out_paced_sessions,
             heal_interval_ms: d.heal_interval.as_millis() as u64,
             search_max_query_bytes: d.search_max_query_bytes,
             search_max_terms: d.search_max_terms,
@@ -884,6 +890,8 @@ impl Config {
             typing_max_members: g.typing_max_members,
             member_cache_bytes: g.member_cache_bytes,
             member_fill_page: g.member_fill_page,
+            fan_out_pushes_per_core: g.fan_out_pushes_per_core,
+            fan_out_paced_sessions: g.fan_out_paced_sessions,
             heal_interval: std::time::Duration::from_millis(g.heal_interval_ms),
             search_max_query_bytes: g.search_max_query_bytes,
             search_max_terms: g.search_max_terms,
@@ -1505,6 +1513,8 @@ TIDINGS_GATEWAY_FRAME_BURST | 300 | gateway.frame_burst | 300
 TIDINGS_GATEWAY_TYPING_MAX_MEMBERS | 50 | gateway.typing_max_members | 50
 TIDINGS_GATEWAY_MEMBER_CACHE_BYTES | 1048576 | gateway.member_cache_bytes | 1048576
 TIDINGS_GATEWAY_MEMBER_FILL_PAGE | 700 | gateway.member_fill_page | 700
+TIDINGS_GATEWAY_FAN_OUT_PUSHES_PER_CORE | 30000 | gateway.fan_out_pushes_per_core | 30000
+TIDINGS_GATEWAY_FAN_OUT_PACED_SESSIONS | 500 | gateway.fan_out_paced_sessions | 500
 TIDINGS_GATEWAY_HEAL_INTERVAL_MS | 25000 | gateway.heal_interval_ms | 25000
 TIDINGS_GATEWAY_SEARCH_MAX_QUERY_BYTES | 300 | gateway.search_max_query_bytes | 300
 TIDINGS_GATEWAY_SEARCH_MAX_TERMS | 12 | gateway.search_max_terms | 12
