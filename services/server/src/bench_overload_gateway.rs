@@ -5,7 +5,8 @@
 //! online members each, sending steadily. Phase 1: the small conversations alone (the group's
 //! members online and idle); phase 2, same run: plus the flood.
 //!
-//! Measured per small message: from the send call to the other member's push (send→push).
+//! Measured per small message: from the send call to the other member's push (send→push);
+//! and the flood's own send→push at its senders' sessions (what pacing costs the group).
 //! The small conversations' clients run on a runtime thread of their own, as people on other
 //! devices would: otherwise the measurement would wait behind the bench's own 10,000 group
 //! clients reading their pushes, which is the client machine's cost, not the server's.
