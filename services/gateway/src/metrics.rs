@@ -76,7 +76,7 @@ pub fn collector(shared: &Arc<Shared>) -> Collector {
         out.header(
             "tidings_gateway_fanout_paced_seconds_total",
             "Time big groups' fan-outs waited for the gateway's pacing budget \
-             (gateway.fan_out_pushes_per_sec), summed over their slices.",
+             (gateway.fan_out_pushes_per_core), summed over their slices.",
             "counter",
         );
         out.sample(
