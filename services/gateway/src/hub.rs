@@ -754,21 +754,18 @@ impl Hub {
             .members
             .apply(&self.tenant, &self.conv, event);
         let inner = &self.registry.inner;
-        let paced = self.sessions.len() >= inner.cfg.fan_out_paced_sessions;
-        let slice = if paced && inner.pacer.enabled() {
-            PACED_SLICE
-        } else {
-            FAN_OUT_SLICE
-        };
+        let paced =
+            inner.pacer.enabled() && self.sessions.len() >= inner.cfg.fan_out_paced_sessions;
+        let slice = if paced { PACED_SLICE } else { FAN_OUT_SLICE };
         for (i, s) in self.sessions.values().enumerate() {
             if i % slice == 0 {
                 // A big group's slice waits for the gateway's pacing budget, if it must.
-                let wait = paced
-                    .then(|| {
-                        let n = slice.min(self.sessions.len() - i);
-                        inner.pacer.reserve(n, std::time::Instant::now())
-                    })
-                    .flatten();
+                let wait = if paced {
+                    let n = slice.min(self.sessions.len() - i);
+                    inner.pacer.reserve(n, std::time::Instant::now())
+                } else {
+                    None
+                };
                 if let Some(wait) = wait {
                     tokio::time::sleep(wait).await;
                 } else if i > 0 {
