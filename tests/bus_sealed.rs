@@ -10,14 +10,15 @@ use crate::common::{Nats, Sandbox, Server};
 use futures_util::StreamExt;
 use prost::Message;
 use tidings_client::{Connection, Push};
-use tidings_gateway::bus_crypto::LogPublicKey;
-use tidings_gateway::rpc::{self, NatsLogService};
-use tidings_gateway::{Caller, LogService, bus_crypto, publisher};
 use tidings_log::crypto::MasterKey;
 use tidings_log::store::{FjallStore, KvStore};
 use tidings_log::{
     Append, ClientMsgId, ConvId, CreateConversation, Log, LogConfig, ReadRange, TenantId, UserId,
 };
+use tidings_log_api::bus_crypto::LogPublicKey;
+use tidings_log_api::rpc::NatsLogService;
+use tidings_log_api::{Caller, LogService, bus_crypto};
+use tidings_log_role::{publisher, rpc_server as rpc};
 use tidings_schemas::internal as wire;
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -27,7 +28,7 @@ const WAIT: Duration = Duration::from_secs(20);
 struct LogOnNats {
     log: Log,
     _dir: tempfile::TempDir,
-    serving: tokio::task::JoinHandle<Result<(), tidings_gateway::rpc::ServeError>>,
+    serving: tokio::task::JoinHandle<Result<(), tidings_log_role::rpc_server::ServeError>>,
 }
 
 impl LogOnNats {
@@ -228,7 +229,7 @@ async fn the_log_refuses_a_forged_sender_and_a_write_without_a_token() {
     };
     let reply = raw
         .request(
-            tidings_gateway::subjects::LOG_RPC,
+            tidings_log_api::subjects::LOG_RPC,
             plain.encode_to_vec().into(),
         )
         .await

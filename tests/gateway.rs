@@ -917,13 +917,14 @@ async fn history_pull_and_sync_span_the_archive() {
 async fn appends_reaching_a_writer_that_does_not_own_them_are_routed_to_the_owner() {
     use std::sync::Arc;
     use tidings_gateway::LogService;
-    use tidings_gateway::rpc::{self, NatsLogService};
     use tidings_log::crypto::MasterKey;
     use tidings_log::store::{FjallStore, KvStore};
     use tidings_log::{
         Append, ClientMsgId, ConvId, CreateConversation, Log, LogConfig, ReadRange, TenantId,
         UserId,
     };
+    use tidings_log_api::rpc::NatsLogService;
+    use tidings_log_role::rpc_server as rpc;
 
     let nats = Nats::start();
     let dir = tempfile::tempdir().expect("tempdir");
@@ -975,7 +976,7 @@ async fn appends_reaching_a_writer_that_does_not_own_them_are_routed_to_the_owne
     let service = NatsLogService::new(
         client.clone(),
         Duration::from_secs(5),
-        tidings_gateway::bus_crypto::LogPublicKey::of_secret(&owner.log_identity_secret()),
+        tidings_log_api::bus_crypto::LogPublicKey::of_secret(&owner.log_identity_secret()),
     );
     let append = |i: usize| {
         Append::text(

@@ -253,13 +253,13 @@ async fn stream_records(nats: &Nats) -> u64 {
     let client = async_nats::connect(nats.url()).await.expect("connect");
     let js = async_nats::jetstream::new(client);
     let stream = js
-        .get_stream(tidings_gateway::send_buffer_stream::STREAM)
+        .get_stream(tidings_log_role::send_buffer_stream::STREAM)
         .await
         .expect("the send buffer stream exists");
     let mut subjects = stream
         .info_with_subjects(format!(
             "{}.>",
-            tidings_gateway::send_buffer_stream::SUBJECT_PREFIX
+            tidings_log_role::send_buffer_stream::SUBJECT_PREFIX
         ))
         .await
         .expect("stream info");

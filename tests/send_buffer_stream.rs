@@ -14,8 +14,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::common;
-use tidings_gateway::send_buffer_stream::{StreamBuffer, StreamBufferConfig};
 use tidings_log::send_buffer::{AppendRefused, BufferPlace, Medium};
+use tidings_log_role::send_buffer_stream::{StreamBuffer, StreamBufferConfig};
 
 fn stream_config() -> StreamBufferConfig {
     StreamBufferConfig {

@@ -21,7 +21,7 @@ use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use tidings_log::{TenantId, UserId};
+use tidings_log_api::{TenantId, UserId};
 use tracing::warn;
 
 /// The caps.

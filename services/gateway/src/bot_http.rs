@@ -25,7 +25,7 @@
 
 use serde::Deserialize;
 use serde_json::json;
-use tidings_log::{Append, Body, ClientMsgId, ConvId, TenantId, UserId};
+use tidings_log_api::{Append, Body, ClientMsgId, ConvId, TenantId, UserId};
 use tidings_schemas::client::ErrorCode;
 use tidings_schemas::client::server_frame::Msg;
 use tokio::io::{AsyncRead, AsyncReadExt};
@@ -33,7 +33,7 @@ use tokio::sync::Semaphore;
 
 use crate::http::{Answer, Head};
 use crate::server::Shared;
-use crate::service::Caller;
+use tidings_log_api::service::Caller;
 
 /// The route.
 pub const PATH: &str = "/v1/bot/messages";
@@ -120,7 +120,7 @@ async fn answer(shared: &Shared, head: &Head, body: &[u8]) -> Answer {
     };
     let revoked = shared
         .revocations
-        .is_revoked(tidings_log::revocation::TokenRef {
+        .is_revoked(tidings_log_api::TokenRef {
             tenant: &tenant,
             user: &bot,
             jti: claims.jti.as_deref(),
@@ -198,7 +198,7 @@ async fn answer(shared: &Shared, head: &Head, body: &[u8]) -> Answer {
 }
 
 /// A log error as the sessions would word it (no internals), with its HTTP status.
-fn log_failure(e: &tidings_log::LogError) -> Answer {
+fn log_failure(e: &tidings_log_api::LogError) -> Answer {
     let Msg::Error(err) = crate::session::log_error(e, 0, 0) else {
         return failure(500, "internal", "internal error");
     };

@@ -1,8 +1,8 @@
 //! The gateway listener's plain HTTP: the one port answers WebSocket upgrades at `/v1/ws`
 //! and a few GETs beside them, so a browser needs one origin and an operator one port.
 //!
-//! - `GET /healthz`, `GET /readyz` (the process's probes, [`crate::health`]), `GET /metrics`
-//!   (Prometheus text, [`tidings_log::metrics`]: counts and latencies, never an id).
+//! - `GET /healthz`, `GET /readyz` (the process's probes, [`tidings_log_api::health`]), `GET /metrics`
+//!   (Prometheus text, [`tidings_log_api::metrics`]: counts and latencies, never an id).
 //! - `GET /` redirects to `/app/`; `GET /app/...` the web client ([`crate::web`]), files
 //!   compiled into the binary, with a strict Content-Security-Policy.
 //! - `POST /app/dev-token?tenant=&user=`: a development token, only when the server accepts
@@ -203,8 +203,8 @@ fn answer(head: &Head, peer: std::net::SocketAddr, shared: &Shared) -> Answer {
         (_, "/healthz") if get => Answer::ok("text/plain; charset=utf-8", "ok"),
         (_, "/readyz") if get => ready(shared),
         (_, "/metrics") if get => Answer::ok(
-            tidings_log::metrics::CONTENT_TYPE,
-            tidings_log::metrics::render(),
+            tidings_log_api::metrics::CONTENT_TYPE,
+            tidings_log_api::metrics::render(),
         ),
         (_, "/") if get => {
             let mut a = Answer::error(302, "the web client is at /app/");

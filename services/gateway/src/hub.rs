@@ -9,7 +9,7 @@
 //!   from NATS is dropped, an event ahead of the next expected one waits while the gap is read
 //!   from the log. Membership changes are applied by the hub in event order, so a member
 //!   added to a group gets the join event and everything after it.
-//! - Events arrive sealed ([`crate::bus_crypto`]); a hub opens each with its tenant's
+//! - Events arrive sealed ([`tidings_log_api::bus_crypto`]); a hub opens each with its tenant's
 //!   transport key (fetched from the log once per key id, cached in the registry). An
 //!   envelope that does not open is treated as lost, never delivered: the hub heals from the
 //!   log, as for any gap.
@@ -27,18 +27,18 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use prost::Message;
-use tidings_log::{Body, ConvId, Event, ReadRange, TenantId, UserId};
+use tidings_log_api::{Body, ConvId, Event, ReadRange, TenantId, UserId};
 use tidings_schemas::client::{self as proto, server_frame::Msg};
 use tidings_schemas::internal::{TypingNotice, UserNotice, user_notice::Change};
 use tokio::sync::{Notify, broadcast, mpsc, oneshot};
 use tracing::{debug, warn};
 
-use crate::bus_crypto::{self, KeyCache};
 use crate::nats::BusEvents;
 use crate::pacing::Pacer;
 use crate::resubscribe::{Delivery, Resubscribing};
-use crate::service::{Caller, LogService};
-use crate::subjects;
+use tidings_log_api::bus_crypto::{self, KeyCache};
+use tidings_log_api::service::{Caller, LogService};
+use tidings_log_api::subjects;
 
 /// Sessions a hub pushes an event to between yields to the runtime: a 10,000-member group's
 /// event is handed out in slices, each a fraction of a millisecond of work, so the pushes of
@@ -373,9 +373,9 @@ impl Registry {
         &self,
         t: &TenantId,
         c: &ConvId,
-        q: &tidings_log::MembersQuery,
+        q: &tidings_log_api::MembersQuery,
         floor: u64,
-    ) -> Option<tidings_log::MemberPage> {
+    ) -> Option<tidings_log_api::MemberPage> {
         let cache = &self.inner.members;
         let page = cache.page(t, c, q.after.as_ref(), &q.prefix, q.limit, floor);
         if page.is_none()
@@ -396,7 +396,7 @@ impl Registry {
         let cfg = &self.inner.cfg;
         let limit = cfg.member_fill_page.min(cfg.read_limit).max(1);
         while let Some(after) = cache.next_after(t, c, fill) {
-            let q = tidings_log::MembersQuery {
+            let q = tidings_log_api::MembersQuery {
                 after,
                 limit,
                 prefix: String::new(),
@@ -778,7 +778,7 @@ impl Hub {
             }
             s.push(frame.clone());
         }
-        let age_ms = tidings_log::now_ms()
+        let age_ms = tidings_log_api::now_ms()
             .saturating_sub(event.server_time_ms)
             .max(0);
         crate::metrics::FANOUT_SECONDS.observe(age_ms as f64 / 1000.0);
@@ -836,7 +836,7 @@ impl Hub {
     }
 
     /// One page of events `from..=upto` from the log (at most the read limit).
-    async fn page(&self, from: u64, upto: u64) -> Result<Vec<Event>, tidings_log::LogError> {
+    async fn page(&self, from: u64, upto: u64) -> Result<Vec<Event>, tidings_log_api::LogError> {
         let limit = ((upto - from + 1) as usize).min(self.registry.inner.cfg.read_limit);
         self.log()
             .read(

@@ -17,7 +17,7 @@
 use std::collections::BTreeMap;
 use std::ops::Bound;
 
-use tidings_log::{Body, Event, Member, MemberRole, UserId};
+use tidings_log_api::{Body, Event, Member, MemberRole, UserId};
 
 /// Bytes counted per entry beyond its strings (tree node share, the entry's fields).
 const ENTRY_OVERHEAD: usize = 96;
@@ -189,7 +189,7 @@ impl MemberList {
                 let Some(mut m) = self.live(user).cloned() else {
                     return Applied::Unusable; // a member the list holds no row of
                 };
-                m.role = tidings_log::policy::builtin_role(role_name);
+                m.role = tidings_log_api::policy::builtin_role(role_name);
                 m.role_name = role_name.clone();
                 Some(m)
             }

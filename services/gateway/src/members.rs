@@ -32,7 +32,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use tidings_log::{ConvId, Event, Member, MemberPage, TenantId, UserId};
+use tidings_log_api::{ConvId, Event, Member, MemberPage, TenantId, UserId};
 
 use crate::member_list::{Applied, Change, MemberList};
 
@@ -532,7 +532,7 @@ fn answer_bytes(u: &UserId) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tidings_log::{Body, MemberRole};
+    use tidings_log_api::{Body, MemberRole};
     use tidings_schemas::v1::{MemberJoined, MemberLeft};
 
     fn ids() -> (TenantId, ConvId) {

@@ -1,11 +1,13 @@
 //! The gateway's metrics (Prometheus names, no tenant or conversation labels; see
-//! [`tidings_log::metrics`]). Figures the gateway's state already holds (sessions, hubs,
+//! [`tidings_log_api::metrics`]). Figures the gateway's state already holds (sessions, hubs,
 //! admission refusals) are read at scrape time by [`collector`].
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use tidings_log::metrics::{Collector, Counter, Histogram, LATENCY_BUCKETS, LabeledCounter, Text};
+use tidings_log_api::metrics::{
+    Collector, Counter, Histogram, LATENCY_BUCKETS, LabeledCounter, Text,
+};
 
 use crate::server::Shared;
 

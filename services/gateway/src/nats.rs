@@ -21,7 +21,7 @@ use async_nats::ConnectErrorKind;
 use tokio::sync::{broadcast, watch};
 use tracing::{info, warn};
 
-use crate::health::Link;
+use tidings_log_api::health::Link;
 
 /// What the NATS connection tells the tasks of a process.
 #[derive(Clone)]

@@ -24,14 +24,14 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
-use tidings_log::revocation::TokenRef;
-use tidings_log::{LogError, TenantId, UserId};
+use tidings_log_api::{LogError, TenantId, UserId};
+use tidings_log_api::{RevocationStore, TokenRef};
 use tidings_schemas::client::CloseReason;
 use tracing::{debug, info, warn};
 
 use crate::hub::{CloseOrder, SessionHandle};
 use crate::server::Shared;
-use crate::subjects;
+use tidings_log_api::subjects;
 
 /// The largest notice accepted, in bytes (a 128-byte jti or a 64-byte user id, in JSON).
 pub const MAX_NOTICE_BYTES: usize = 1024;
@@ -108,19 +108,6 @@ pub async fn publish(
     })
     .await
     .map_err(|_| format!("NATS did not take the notice within {timeout:?}"))?
-}
-
-/// Where the revocation records are (the log, when it runs in this process).
-#[async_trait::async_trait]
-pub trait RevocationStore: Send + Sync {
-    async fn is_revoked(&self, token: TokenRef<'_>) -> Result<bool, LogError>;
-}
-
-#[async_trait::async_trait]
-impl RevocationStore for tidings_log::Log {
-    async fn is_revoked(&self, token: TokenRef<'_>) -> Result<bool, LogError> {
-        tidings_log::Log::is_revoked(self, token).await
-    }
 }
 
 /// What the gateway knows about revoked tokens.

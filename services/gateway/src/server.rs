@@ -10,8 +10,8 @@ use tracing::{debug, info, warn};
 
 use crate::admission::{Admission, Limits};
 use crate::hub::{HubConfig, Registry};
-use crate::service::LogService;
 use crate::tls::ReloadingAcceptor;
+use tidings_log_api::service::LogService;
 
 /// Limits and defaults of the gateway. Every queue and frame is bounded.
 #[derive(Clone, Debug)]
@@ -139,7 +139,7 @@ pub struct Shared {
     /// Revoked tokens: checked at Hello; notices end live sessions (`revocation.rs`).
     pub revocations: crate::revocation::Revocations,
     /// What `/readyz` on this listener reports (set by the process that owns the probes).
-    pub health: std::sync::OnceLock<crate::health::Health>,
+    pub health: std::sync::OnceLock<tidings_log_api::health::Health>,
     /// The web client's development sign-in; set only in HS256 development mode.
     pub dev_tokens: std::sync::OnceLock<crate::web::DevTokens>,
     /// Conversations the log is limiting: their sends are refused here until the window

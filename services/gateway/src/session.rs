@@ -21,8 +21,8 @@ use futures_util::{SinkExt, StreamExt};
 use prost::Message as _;
 use std::net::SocketAddr;
 use tidings_auth::Claims;
-use tidings_log::store::Order;
-use tidings_log::{
+use tidings_log_api::Order;
+use tidings_log_api::{
     Append, ClientMsgId, ConvId, CreateConversation, LogError, ReadRange, TenantId, UserId,
 };
 use tidings_schemas::client::{
@@ -39,8 +39,8 @@ use tracing::{debug, info, warn};
 use crate::admission::SessionPermit;
 use crate::hub::{CloseOrder, KillSwitch, OutboundBudget, SessionHandle, queue_frame};
 use crate::server::Shared;
-use crate::service::Caller;
-use crate::subjects;
+use tidings_log_api::service::Caller;
+use tidings_log_api::subjects;
 
 fn frame(request_id: u64, msg: Msg) -> Bytes {
     Bytes::from(
@@ -749,7 +749,7 @@ impl Session {
         user: &UserId,
         claims: &Claims,
     ) -> Option<CloseOrder> {
-        let token = tidings_log::revocation::TokenRef {
+        let token = tidings_log_api::TokenRef {
             tenant,
             user,
             jti: claims.jti.as_deref(),
@@ -780,14 +780,14 @@ impl Session {
         &self,
         t: &TenantId,
         u: &UserId,
-    ) -> Result<Vec<tidings_log::ConversationSummary>, LogError> {
+    ) -> Result<Vec<tidings_log_api::ConversationSummary>, LogError> {
         let page = self.shared.cfg.read_limit;
         let cap = self.shared.cfg.max_conversations_per_session;
         let mut all = Vec::new();
         while all.len() < cap {
             let after = all
                 .last()
-                .map(|s: &tidings_log::ConversationSummary| s.conv.clone());
+                .map(|s: &tidings_log_api::ConversationSummary| s.conv.clone());
             let list = self
                 .shared
                 .log
@@ -852,7 +852,7 @@ impl Session {
             Op::Ping(_) => Ok(Msg::Pong(proto::Pong {})),
             Op::Send(send) => {
                 use proto::send::Body as B;
-                use tidings_log::Body;
+                use tidings_log_api::Body;
                 let body = match send.body {
                     Some(B::MessagePosted(b)) => Body::MessagePosted(b),
                     Some(B::MessageEdited(b)) => Body::MessageEdited(b),
@@ -980,7 +980,7 @@ impl Session {
                 Ok(Msg::Pong(proto::Pong {}))
             }
             Op::CreateConversation(c) => {
-                let kind = crate::rpc::kind_by_name(c.kind_name, c.kind)?;
+                let kind = tidings_log_api::rpc::kind_by_name(c.kind_name, c.kind)?;
                 let conv = ConvId::new(c.conversation)?;
                 let members = c
                     .members
@@ -1060,7 +1060,7 @@ impl Session {
                     .then(|| UserId::new(l.after))
                     .transpose()?;
                 let limit = self.limit(l.limit, self.shared.cfg.read_limit);
-                let q = tidings_log::MembersQuery {
+                let q = tidings_log_api::MembersQuery {
                     after,
                     limit,
                     prefix: l.prefix,
@@ -1068,7 +1068,7 @@ impl Session {
                 };
                 // Pages and prefix searches of a list kept here come from memory.
                 let cached = if q.since_version.is_none() {
-                    tidings_log::log::check_member_prefix(&q.prefix)?;
+                    tidings_log_api::types::check_member_prefix(&q.prefix)?;
                     let floor = self.member_writes.floor(&conv);
                     self.shared.registry.member_page(&t, &conv, &q, floor)
                 } else {
@@ -1139,7 +1139,7 @@ impl Session {
                 limit: cfg.search_max_query_bytes,
             });
         }
-        let needle = tidings_log::search::Needle::new(&q.query)
+        let needle = tidings_log_api::search::Needle::new(&q.query)
             .map_err(|e| LogError::InvalidRequest(e.to_string()))?;
         if needle.terms().len() > cfg.search_max_terms {
             return Err(LogError::InvalidRequest(format!(
@@ -1244,7 +1244,7 @@ impl Session {
     async fn sync_one(
         &self,
         t: &TenantId,
-        s: &tidings_log::ConversationSummary,
+        s: &tidings_log_api::ConversationSummary,
         known: &std::collections::HashMap<ConvId, u64>,
         latest: usize,
         budget: usize,
@@ -1297,7 +1297,7 @@ fn fit<T: prost::Message>(items: &mut Vec<T>, budget: usize) -> bool {
     false
 }
 
-fn committed(conv: &ConvId, c: tidings_log::Committed) -> Msg {
+fn committed(conv: &ConvId, c: tidings_log_api::Committed) -> Msg {
     Msg::Committed(proto::Committed {
         conversation: conv.to_string(),
         seq: c.seq,
@@ -1374,7 +1374,7 @@ mod tests {
 
     #[test]
     fn fit_keeps_what_fits_and_always_one() {
-        let ev = |n: usize| tidings_log::Event {
+        let ev = |n: usize| tidings_log_api::Event {
             event_id: "x".repeat(n),
             ..Default::default()
         };

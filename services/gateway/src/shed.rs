@@ -4,7 +4,7 @@
 //!
 //! The log's overload control refuses a conversation's sends with `rate_limited` and
 //! `retry_after_ms` = the end of its window, when the conversation's allowance renews
-//! (`tidings_log::overload`). Until then the log would refuse every send of it again, so
+//! (`tidings_log_api::overload`). Until then the log would refuse every send of it again, so
 //! the gateway answers them itself with the same code and the time left. After the window
 //! the next send goes to the log, which decides afresh. Nothing else is shed: other
 //! conversations, and every other operation, go to the log as before.
@@ -17,7 +17,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use tidings_log::{ConvId, LogError, TenantId};
+use tidings_log_api::{ConvId, LogError, TenantId};
 
 /// Conversations remembered as limited at once, per gateway.
 pub const MAX_SHED_CONVERSATIONS: usize = 10_000;

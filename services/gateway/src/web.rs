@@ -109,8 +109,8 @@ pub fn dev_token(shared: &Shared, peer: SocketAddr, query: &str) -> Answer {
     };
     // Ids are plain ASCII (no escapes needed); anything else is refused by the id check.
     let (tenant, user) = match (
-        tidings_log::TenantId::new(tenant),
-        tidings_log::UserId::new(user),
+        tidings_log_api::TenantId::new(tenant),
+        tidings_log_api::UserId::new(user),
     ) {
         (Ok(t), Ok(u)) => (t, u),
         (Err(e), _) | (_, Err(e)) => return Answer::error(400, &e.to_string()),

@@ -530,18 +530,7 @@ pub fn last_part(dir: &[u8], key: &[u8]) -> Option<String> {
     String::from_utf8(rest.to_vec()).ok()
 }
 
-/// A key for messages and logs: printable bytes as they are, others as `\xNN`.
-pub fn display_key(key: &[u8]) -> String {
-    let mut s = String::with_capacity(key.len());
-    for &b in key {
-        match b {
-            0 => s.push('/'),
-            b if b.is_ascii_graphic() => s.push(b as char),
-            b => s.push_str(&format!("\\x{b:02x}")),
-        }
-    }
-    s
-}
+pub use tidings_log_api::error::display_key;
 
 #[cfg(test)]
 mod tests {

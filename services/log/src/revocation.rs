@@ -53,15 +53,7 @@ struct Cached {
     at: Instant,
 }
 
-/// What a revocation check needs to know about a verified token.
-#[derive(Clone, Copy, Debug)]
-pub struct TokenRef<'a> {
-    pub tenant: &'a TenantId,
-    pub user: &'a UserId,
-    pub jti: Option<&'a str>,
-    /// `iat`, seconds since the Unix epoch.
-    pub issued_at: u64,
-}
+pub use tidings_log_api::TokenRef;
 
 fn check_jti(jti: &str) -> Result<(), LogError> {
     if jti.is_empty() || jti.len() > MAX_JTI_BYTES {

@@ -14,7 +14,7 @@
 //!   `{"id"}`: legal holds, each change audited.
 //! - `GET /readyz`: `200 {"ready":true}` when every supervised task is up and NATS is
 //!   connected, else `503 {"ready":false,"down":{NAME:WHY,..}}` naming those down
-//!   ([`tidings_gateway::health`]; no secrets, no tenant data).
+//!   ([`tidings_log_api::health`]; no secrets, no tenant data).
 //! - `GET /v1/compliance/search?tenant=&conv=&sender=&from=&to=&text=`: the hits as JSON
 //!   lines, streamed, then `{"complete":true,"rows":N}` — or `{"error":{..}}` if the search
 //!   failed midway. Only that last line tells a complete result from a cut one.
@@ -66,9 +66,9 @@ use tidings_archive::compliance::{
     hit_json, hold, parse_time,
 };
 use tidings_auth::Verifier;
-use tidings_gateway::health::Health;
 use tidings_gateway::tls::ReloadingAcceptor;
 use tidings_log::{ConvId, TenantId, UserId};
+use tidings_log_api::health::Health;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::{JoinHandle, JoinSet};

@@ -19,10 +19,10 @@ use anyhow::Context;
 use fjall::{Database, KeyspaceCreateOptions, PersistMode};
 use futures_util::StreamExt;
 use tidings_client::{ClientTls, Connection, Push};
-use tidings_gateway::bus_crypto;
 use tidings_log::crypto::{MasterKey, TransportKey};
 use tidings_log::store::{FjallStore, KvStore};
 use tidings_log::{ConvId, CreateConversation, Log, TenantId, UserId};
+use tidings_log_api::bus_crypto;
 use tokio::sync::Semaphore;
 
 use crate::config::Config;

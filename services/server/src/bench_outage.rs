@@ -17,11 +17,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use tidings_gateway::send_buffer_stream::{StreamBuffer, StreamBufferConfig};
 use tidings_log::crypto::MasterKey;
 use tidings_log::send_buffer::{BufferPlace, SendBufferConfig};
 use tidings_log::store::{Fault, FaultSwitch, FaultyStore, FjallStore, KvStore};
 use tidings_log::{Append, ClientMsgId, ConvId, Log, LogConfig, TenantId, UserId};
+use tidings_log_role::send_buffer_stream::{StreamBuffer, StreamBufferConfig};
 
 #[derive(Debug, clap::Args)]
 pub struct OutageArgs {

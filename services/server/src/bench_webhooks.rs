@@ -25,10 +25,10 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 use tidings_archive::compliance::{Actor, Compliance, Via};
-use tidings_gateway::publisher;
 use tidings_log::crypto::MasterKey;
 use tidings_log::store::{FjallStore, KvStore};
 use tidings_log::{Append, ClientMsgId, Log, LogConfig, TenantId, UserId};
+use tidings_log_role::publisher;
 
 use crate::webhooks::{Manage, NewSubscription, WebhooksConfig, dispatch::Dispatcher, sign};
 

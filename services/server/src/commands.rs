@@ -9,8 +9,6 @@ use serde::Deserialize;
 use serde_json::json;
 use tidings_archive::compliance::audit::Entry;
 use tidings_archive::compliance::{Actor, Compliance, Via};
-use tidings_gateway::bus_crypto::LogPublicKey;
-use tidings_gateway::send_buffer_stream::{StreamBuffer, StreamBufferConfig};
 use tidings_log::crypto::{Keyring, MasterKey};
 use tidings_log::send_buffer::BufferPlace;
 use tidings_log::store::{
@@ -20,6 +18,8 @@ use tidings_log::{
     Append, Body, By, ClientMsgId, CreateConversation, Log, LogError, PendingAppend, ReadRange,
     TenantId,
 };
+use tidings_log_api::bus_crypto::LogPublicKey;
+use tidings_log_role::send_buffer_stream::{StreamBuffer, StreamBufferConfig};
 use tokio::io::{AsyncBufRead, AsyncBufReadExt};
 use tokio::sync::mpsc;
 use tracing::warn;

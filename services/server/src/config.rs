@@ -601,7 +601,7 @@ impl Default for GatewaySection {
 
 impl Default for NatsSection {
     fn default() -> Self {
-        let d = tidings_gateway::publisher::PublisherConfig::default();
+        let d = tidings_log_role::publisher::PublisherConfig::default();
         NatsSection {
             url: "nats://127.0.0.1:4222".into(),
             request_timeout_ms: 5000,
@@ -910,8 +910,8 @@ impl Config {
         }
     }
 
-    pub fn publisher_config(&self) -> tidings_gateway::publisher::PublisherConfig {
-        tidings_gateway::publisher::PublisherConfig {
+    pub fn publisher_config(&self) -> tidings_log_role::publisher::PublisherConfig {
+        tidings_log_role::publisher::PublisherConfig {
             backlog: self.nats.publish_backlog,
             stream_max_age: std::time::Duration::from_secs(self.nats.stream_max_age_secs),
             stream_max_bytes: self.nats.stream_max_bytes,
@@ -1390,12 +1390,12 @@ impl Config {
     /// The pinned log identity (`gateway.log_public_key`), if set.
     pub fn log_public_key(
         &self,
-    ) -> Result<Option<tidings_gateway::bus_crypto::LogPublicKey>, ConfigError> {
+    ) -> Result<Option<tidings_log_api::bus_crypto::LogPublicKey>, ConfigError> {
         let text = self.gateway.log_public_key.trim();
         if text.is_empty() {
             return Ok(None);
         }
-        tidings_gateway::bus_crypto::LogPublicKey::from_hex(text)
+        tidings_log_api::bus_crypto::LogPublicKey::from_hex(text)
             .map(Some)
             .map_err(|e| ConfigError::Invalid(format!("gateway.log_public_key: {e}")))
     }

@@ -7,11 +7,11 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use tidings_gateway::publisher::PublisherStats;
 use tidings_log::metrics::{
     self, Counter, Histogram, LATENCY_BUCKETS, LabeledCounter, TASK_BUCKETS, Text,
 };
 use tidings_log::{FeedItem, Log};
+use tidings_log_role::publisher::PublisherStats;
 
 /// Archive passes of `serve`'s archiver, by outcome.
 pub static ARCHIVE_PASSES: LabeledCounter = LabeledCounter::new(

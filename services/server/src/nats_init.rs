@@ -8,7 +8,7 @@
 //!   user per role by **public** key, each with the subject permissions below. The server
 //!   therefore holds nothing that lets anyone connect as a role.
 //!
-//! The permission lists are the code's real subjects (`tidings_gateway::subjects`), checked
+//! The permission lists are the code's real subjects (`tidings_log_api::subjects`), checked
 //! against a real nats-server by `tests/bus_security.rs`. Why each entry is there, and what
 //! a stolen seed allows: docs/decisions/nats-identity-and-permissions.md.
 //!
@@ -20,7 +20,8 @@ use std::path::Path;
 
 use anyhow::Context;
 use serde_json::json;
-use tidings_gateway::{send_buffer_stream, subjects};
+use tidings_log_api::subjects;
+use tidings_log_role::send_buffer_stream;
 
 /// Subject permissions of one role.
 pub struct RolePermissions {

@@ -16,8 +16,10 @@ use std::sync::Arc;
 use anyhow::Context;
 use futures_util::TryFutureExt;
 use tidings_auth::{AuthConfig, Ed25519Key, Jwks, Verifier};
-use tidings_gateway::health::{Health, link_probe};
-use tidings_gateway::{BusEvents, LogService, Shared, publisher, rpc};
+use tidings_gateway::{BusEvents, LogService, Shared};
+use tidings_log_api::health::{Health, link_probe};
+use tidings_log_api::rpc::NatsLogService;
+use tidings_log_role::{publisher, rpc_server as rpc};
 use tokio::net::TcpListener;
 use tracing::{info, warn};
 
@@ -498,7 +500,7 @@ pub async fn serve(config: Config, role: Role) -> anyhow::Result<()> {
             Some(Arc::new(log))
         }
         Role::Archiver => None,
-        Role::Gateway => Some(Arc::new(rpc::NatsLogService::new(
+        Role::Gateway => Some(Arc::new(NatsLogService::new(
             nats.clone(),
             std::time::Duration::from_millis(config.nats.request_timeout_ms),
             pinned_log.context("checked above")?,

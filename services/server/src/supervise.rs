@@ -15,8 +15,8 @@
 use std::future::Future;
 use std::time::Duration;
 
-use tidings_gateway::health::Health;
 use tidings_log::panic_text;
+use tidings_log_api::health::Health;
 use tokio::sync::watch;
 use tokio::task::AbortHandle;
 use tokio::time::Instant;

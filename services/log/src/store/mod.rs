@@ -54,13 +54,6 @@ pub(crate) fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     end
 }
 
-/// Scan direction.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Order {
-    Ascending,
-    Descending,
-}
-
 /// One operation of a transaction.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Op {
@@ -114,57 +107,7 @@ impl Transaction {
     }
 }
 
-/// Clone, so one failed batch commit can answer each of its requests with the same error.
-#[derive(Clone, Debug, thiserror::Error)]
-pub enum StoreError {
-    /// A check of the transaction failed; nothing was written.
-    #[error("transaction conflict at {key}: {reason}")]
-    Conflict { key: String, reason: &'static str },
-
-    #[error("the store at {path} is in use by another process (is a tidings server running?)")]
-    Locked { path: String },
-
-    #[error("store I/O failed while trying to {action}: {source}")]
-    Io {
-        action: &'static str,
-        #[source]
-        source: std::sync::Arc<std::io::Error>,
-    },
-
-    #[error("store failed while trying to {action}: {message}")]
-    Backend {
-        action: &'static str,
-        message: String,
-    },
-
-    #[error("invalid store request: {0}")]
-    InvalidRequest(String),
-
-    /// The store's configuration cannot work; found before connecting.
-    #[error("invalid store configuration: {0}")]
-    Config(String),
-
-    /// A networked store's cluster could not be reached (at start: after bounded retries).
-    #[error("could not reach {what} at {endpoints} ({attempts} attempt(s)): {message}")]
-    Unreachable {
-        what: &'static str,
-        endpoints: String,
-        attempts: u32,
-        message: String,
-    },
-}
-
-impl StoreError {
-    /// Conflicts, I/O hiccups and an unreachable cluster may clear up; a lock held by
-    /// another process, a broken backend, a bad request or bad configuration will not by
-    /// retrying alone.
-    pub fn is_retryable(&self) -> bool {
-        matches!(
-            self,
-            StoreError::Conflict { .. } | StoreError::Io { .. } | StoreError::Unreachable { .. }
-        )
-    }
-}
+pub use tidings_log_api::{Order, StoreError};
 
 /// Key-value pairs as a scan returns them.
 pub type Pairs = Vec<(Vec<u8>, Vec<u8>)>;

@@ -1,6 +1,6 @@
 //! NATS subject names. Ids are `[A-Za-z0-9_-]`, so they are always single subject tokens.
 
-use tidings_log::{ConvId, TenantId, UserId};
+use crate::{ConvId, TenantId, UserId};
 
 /// The JetStream stream that keeps a bounded replay window of committed events.
 pub const STREAM: &str = "TIDINGS_EVENTS";

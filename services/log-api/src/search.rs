@@ -23,7 +23,7 @@
 //!
 //! **Sealed tags** ([`SearchKey`]): a term is stored only as an 8-byte HMAC-SHA256 tag under
 //! the tenant's search key, itself derived from a data key
-//! ([`DataKey::search_key`](crate::crypto::DataKey::search_key)). Whoever reads the store or
+//! (`tidings_log::crypto::DataKey::search_key`). Whoever reads the store or
 //! the bucket sees tags, never words, and shredding the tenant's data keys leaves no way to
 //! compute a query's tags. Eight bytes make two terms of one index collide with odds of
 //! about 2^-64 per pair: a collision only adds a candidate, which the decrypted text rejects.
@@ -307,8 +307,9 @@ impl std::fmt::Debug for SearchKey {
 const TERM_LABEL: &[u8] = b"tidings-term-v1\0";
 
 impl SearchKey {
-    /// Only [`DataKey::search_key`](crate::crypto::DataKey::search_key) makes one.
-    pub(crate) fn from_secret(id: u32, secret: &[u8]) -> SearchKey {
+    /// Only `tidings_log::crypto::DataKey::search_key` makes one.
+    #[doc(hidden)]
+    pub fn from_secret(id: u32, secret: &[u8]) -> SearchKey {
         SearchKey {
             id,
             mac: <Hmac<Sha256> as Mac>::new_from_slice(secret).expect("HMAC takes any key"),

@@ -1,7 +1,5 @@
 //! The log's typed errors.
 
-use crate::store::StoreError;
-
 /// Everything the log can refuse or fail with. Each variant says what was wrong in terms the
 /// caller can act on; [`LogError::is_retryable`] says whether trying again can help.
 #[derive(Clone, Debug, thiserror::Error)]
@@ -273,8 +271,74 @@ impl LogError {
 
     pub fn corrupt(key: &[u8], reason: impl std::fmt::Display) -> Self {
         LogError::Corrupt {
-            key: crate::keys::display_key(key),
+            key: display_key(key),
             reason: reason.to_string(),
         }
     }
+}
+
+/// What a key-value store refused or failed with (the log wraps it in [`LogError::Store`]).
+/// Clone, so one failed batch commit can answer each of its requests with the same error.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A check of the transaction failed; nothing was written.
+    #[error("transaction conflict at {key}: {reason}")]
+    Conflict { key: String, reason: &'static str },
+
+    #[error("the store at {path} is in use by another process (is a tidings server running?)")]
+    Locked { path: String },
+
+    #[error("store I/O failed while trying to {action}: {source}")]
+    Io {
+        action: &'static str,
+        #[source]
+        source: std::sync::Arc<std::io::Error>,
+    },
+
+    #[error("store failed while trying to {action}: {message}")]
+    Backend {
+        action: &'static str,
+        message: String,
+    },
+
+    #[error("invalid store request: {0}")]
+    InvalidRequest(String),
+
+    /// The store's configuration cannot work; found before connecting.
+    #[error("invalid store configuration: {0}")]
+    Config(String),
+
+    /// A networked store's cluster could not be reached (at start: after bounded retries).
+    #[error("could not reach {what} at {endpoints} ({attempts} attempt(s)): {message}")]
+    Unreachable {
+        what: &'static str,
+        endpoints: String,
+        attempts: u32,
+        message: String,
+    },
+}
+
+impl StoreError {
+    /// Conflicts, I/O hiccups and an unreachable cluster may clear up; a lock held by
+    /// another process, a broken backend, a bad request or bad configuration will not by
+    /// retrying alone.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Conflict { .. } | StoreError::Io { .. } | StoreError::Unreachable { .. }
+        )
+    }
+}
+
+/// A key for messages and logs: printable bytes as they are, others as `\xNN`.
+pub fn display_key(key: &[u8]) -> String {
+    let mut s = String::with_capacity(key.len());
+    for &b in key {
+        match b {
+            0 => s.push('/'),
+            b if b.is_ascii_graphic() => s.push(b as char),
+            b => s.push_str(&format!("\\x{b:02x}")),
+        }
+    }
+    s
 }

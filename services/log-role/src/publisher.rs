@@ -35,13 +35,11 @@ use bytes::Bytes;
 use prost::Message;
 use tidings_log::crypto::{Keyring, TransportKey};
 use tidings_log::{Body, ConvId, FeedItem, TenantId, UserId};
+use tidings_log_api::health::{Link, Probe};
+use tidings_log_api::{bus_crypto, subjects};
 use tidings_schemas::internal::{UserNotice, user_notice::Change};
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
-
-use crate::bus_crypto;
-use crate::health::{Link, Probe};
-use crate::subjects;
 
 #[derive(Clone, Debug)]
 pub struct PublisherConfig {

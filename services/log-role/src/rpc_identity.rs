@@ -15,7 +15,7 @@ use std::sync::Mutex;
 
 use sha2::{Digest, Sha256};
 use tidings_auth::{Claims, Verifier};
-use tidings_log::{LogError, TenantId};
+use tidings_log_api::{LogError, TenantId};
 use tidings_schemas::internal::log_request::Call;
 
 /// Most verified tokens the log keeps. A user with several devices has several tokens; 100,000
