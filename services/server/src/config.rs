@@ -851,10 +851,31 @@ impl Config {
                     path: path.display().to_string(),
                     source,
                 })?;
-                toml::from_str(&text).map_err(|e| ConfigError::Parse {
+                let parse = |message: String| ConfigError::Parse {
                     path: path.display().to_string(),
-                    message: e.to_string(),
-                })?
+                    message,
+                };
+                let table: toml::Table = toml::from_str(&text).map_err(|e| parse(e.to_string()))?;
+                let config: Config = toml::from_str(&text).map_err(|e| {
+                    let message = e.to_string();
+                    // A library type flattened into its table (`[log]`, `[nats]`) has a bad
+                    // value reported at the table, not at its key: name the key.
+                    match env::refused_value(&table) {
+                        Some((path, reason))
+                            if !path
+                                .rsplit('.')
+                                .next()
+                                .is_some_and(|key| message.contains(key)) =>
+                        {
+                            parse(format!("{path}: {reason}"))
+                        }
+                        _ => parse(message),
+                    }
+                })?;
+                // Nor can such a table refuse unknown keys through serde: every key of the
+                // file is checked against the settings the defaults' tree shows.
+                env::refuse_unknown_keys(&table).map_err(parse)?;
+                config
             }
             None => Config::default(),
         };
