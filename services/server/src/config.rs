@@ -2003,6 +2003,10 @@ TIDINGS_CELL_PEERS | b=wss://b/v1/ws, c=wss://c/v1/ws | cell.peers | [{"name":"b
                 "log.max_batch: invalid type",
             ),
             (
+                "[log]\nbatch_max = 1\nmax_batch = \"lots\"\n",
+                "log.max_batch: invalid type",
+            ),
+            (
                 "[log]\nlease_ttl_ms = -5\n",
                 "log.lease_ttl_ms: invalid value",
             ),

@@ -253,7 +253,10 @@ pub fn refused_value(file: &toml::Table) -> Option<(String, String)> {
             } else {
                 format!("{prefix}.{key}")
             };
-            let default = known.get(key)?;
+            // An unknown key is `refuse_unknown_keys`' to name.
+            let Some(default) = known.get(key) else {
+                continue;
+            };
             if let toml::Value::Table(table) = value
                 && default.is_object()
                 && !FILE_ONLY.contains(&path.as_str())
