@@ -14,8 +14,24 @@ use crate::tls::ReloadingAcceptor;
 use tidings_log_api::service::LogService;
 
 /// Limits and defaults of the gateway. Every queue and frame is bounded.
-#[derive(Clone, Debug)]
+///
+/// The server's `[gateway]` section is read straight into this type, each field under the
+/// name the file gives it (`hello_timeout_ms` for `hello_timeout`): a setting's doc, type
+/// and default are here only. `read_limit` and `cell_urls` are not settings of the section
+/// (`#[serde(skip)]`): the server fills them in from `log.max_read_limit` and `[cell]`.
+#[derive(Clone, Debug, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct GatewayConfig {
+    /// Where the WebSocket endpoint (`/v1/ws`) listens (the server binds it).
+    pub listen: String,
+    /// Serve `wss://` with this certificate chain and key (PEM; both or neither), reloaded
+    /// when the files change ([`crate::tls`]). Without them the listener is plain `ws://`.
+    pub tls_cert_file: Option<std::path::PathBuf>,
+    pub tls_key_file: Option<std::path::PathBuf>,
+    /// The log's public identity key (64 hex digits; `tidings keys log-identity` prints it).
+    /// A gateway running apart from the log (`--role gateway`) needs it: only a log with
+    /// that identity can answer its transport key requests ([`crate::bus_crypto`]).
+    pub log_public_key: String,
     /// Largest WebSocket frame/message accepted; larger ones close the connection (1009).
     pub max_frame_bytes: usize,
     /// Frames queued for one session before it is disconnected as a slow consumer.
@@ -30,15 +46,33 @@ pub struct GatewayConfig {
     pub sync_page_conversations: usize,
     /// Events per conversation in a Sync answer when the client does not say.
     pub sync_latest: usize,
-    /// Most events or entries one read returns (History, Pull, lists).
+    /// Most events or entries one read returns (History, Pull, lists): the log's
+    /// `max_read_limit`, not a setting of its own.
+    #[serde(skip)]
     pub read_limit: usize,
     /// Time allowed for the WebSocket handshake (from accept to the upgrade's answer).
+    #[serde(
+        rename = "handshake_timeout_ms",
+        with = "tidings_log_api::duration_as::millis"
+    )]
     pub handshake_timeout: Duration,
     /// Time allowed between connecting and Hello.
+    #[serde(
+        rename = "hello_timeout_ms",
+        with = "tidings_log_api::duration_as::millis"
+    )]
     pub hello_timeout: Duration,
     /// How often the server pings each session.
+    #[serde(
+        rename = "ping_interval_ms",
+        with = "tidings_log_api::duration_as::millis"
+    )]
     pub ping_interval: Duration,
     /// A session from which nothing arrives (no frame, no pong) for this long is closed.
+    #[serde(
+        rename = "idle_timeout_ms",
+        with = "tidings_log_api::duration_as::millis"
+    )]
     pub idle_timeout: Duration,
     /// Connections served at once (authenticated or not), from one IP address, and
     /// sessions of one user (see [`crate::admission`]).
@@ -65,6 +99,10 @@ pub struct GatewayConfig {
     pub fan_out_pushes_per_core: u64,
     pub fan_out_paced_sessions: usize,
     /// How often an idle conversation hub checks the log for events NATS did not bring.
+    #[serde(
+        rename = "heal_interval_ms",
+        with = "tidings_log_api::duration_as::millis"
+    )]
     pub heal_interval: Duration,
     /// Search (docs/limits.md): the longest query in bytes, its most terms (words and CJK
     /// bigrams), hits per page (the default and the most), searches per session a minute.
@@ -73,13 +111,19 @@ pub struct GatewayConfig {
     pub search_page_hits: usize,
     pub search_per_minute: u32,
     /// Where each cell's clients connect (`[[cell.peers]]` and this cell): the URL a
-    /// `wrong_cell` error sends a client to.
+    /// `wrong_cell` error sends a client to. Not a setting of the section: the server
+    /// fills it in from `[cell]`.
+    #[serde(skip)]
     pub cell_urls: std::collections::HashMap<String, String>,
 }
 
 impl Default for GatewayConfig {
     fn default() -> Self {
         GatewayConfig {
+            listen: "127.0.0.1:7300".into(),
+            tls_cert_file: None,
+            tls_key_file: None,
+            log_public_key: String::new(),
             max_frame_bytes: 128 * 1024,
             outbound_queue: 1024,
             // 4 MiB: eight full replies, or a burst of large pushes; 10,000 sessions that

@@ -75,3 +75,38 @@ pub fn event_kind(body: Option<&Body>) -> &'static str {
         None => "unknown",
     }
 }
+
+/// A setting that is a [`Duration`](std::time::Duration) in the config types and a whole
+/// number of a unit in the file (`lease_ttl_ms = 10000`): `#[serde(with = ...)]` helpers, so
+/// a field keeps its type here and its name and unit there.
+pub mod duration_as {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    /// Whole milliseconds (`*_ms` settings).
+    pub mod millis {
+        use super::*;
+
+        pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+            s.serialize_u64(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+            u64::deserialize(d).map(Duration::from_millis)
+        }
+    }
+
+    /// Whole seconds (`*_secs` settings).
+    pub mod secs {
+        use super::*;
+
+        pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+            s.serialize_u64(d.as_secs())
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+            u64::deserialize(d).map(Duration::from_secs)
+        }
+    }
+}

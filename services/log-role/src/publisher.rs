@@ -41,17 +41,28 @@ use tidings_schemas::internal::{UserNotice, user_notice::Change};
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
-#[derive(Clone, Debug)]
+/// The publisher's settings. Three are settings of the server's `[nats]` section, read
+/// straight into this type under the names the file gives them (`publish_backlog`,
+/// `stream_max_age_secs`, `stream_max_bytes`); the others are fixed here (`#[serde(skip)]`).
+#[derive(Clone, Debug, serde::Deserialize, serde::Serialize)]
+#[serde(default)]
 pub struct PublisherConfig {
     /// Events kept while NATS is unreachable; beyond this the oldest are dropped.
+    #[serde(rename = "publish_backlog")]
     pub backlog: usize,
     /// Publishes awaiting their JetStream ack at once.
+    #[serde(skip)]
     pub in_flight: usize,
-    /// How long the stream keeps events (the replay window).
+    /// How long the event stream keeps events (the replay window).
+    #[serde(
+        rename = "stream_max_age_secs",
+        with = "tidings_log_api::duration_as::secs"
+    )]
     pub stream_max_age: Duration,
-    /// How many bytes of events the stream keeps.
+    /// How many bytes of events the event stream keeps.
     pub stream_max_bytes: i64,
     /// How long to wait for a JetStream ack.
+    #[serde(skip)]
     pub ack_timeout: Duration,
 }
 

@@ -61,28 +61,39 @@ use prost::Message;
 use tidings_schemas::v1::Event;
 use tidings_schemas::v1::event::Body;
 
-/// Search settings of the log (`[log]` in the server's config, docs/limits.md).
-#[derive(Clone, Debug)]
+/// Search settings of the log (docs/limits.md): read from `[log]` in the server's config,
+/// flattened into [`LogConfig`](crate::LogConfig), each as `search_<field>` there.
+#[derive(Clone, Debug, serde::Deserialize, serde::Serialize)]
+#[serde(default)]
 pub struct SearchConfig {
     /// Whether committed events are indexed as they commit. Off: search opens every hot
     /// event of the user's conversations (same results, more work).
+    #[serde(rename = "search_hot_index")]
     pub hot_index: bool,
     /// Notices (one per conversation per commit) waiting for the indexer; past it they are
     /// dropped and counted (the next notice of the conversation heals the gap).
+    #[serde(rename = "search_indexer_queue")]
     pub indexer_queue: usize,
     /// Events the indexer reads and indexes in one store transaction.
+    #[serde(rename = "search_indexer_batch")]
     pub indexer_batch: usize,
     /// Bytes of committed events (in the clear) the sequencer may hand to the indexer and
     /// the indexer may hold; past it events are not handed over and the indexer reads them
     /// from the store.
+    #[serde(rename = "search_indexer_queue_bytes")]
     pub indexer_queue_bytes: usize,
     /// Bytes one search may examine (events opened, postings read, conversations listed):
     /// what bounds its memory and time. A page may come back short, with a cursor.
+    #[serde(rename = "search_budget_bytes")]
     pub budget_bytes: usize,
     /// Most hits in one page.
+    #[serde(rename = "search_max_page_hits")]
     pub max_page_hits: usize,
     /// Whether search asks the postings (the default); without, every hot event of the
     /// user's conversations is opened. Both give the same results (for comparing them).
+    /// Not a setting of the file: the server asks the postings only when `hot_index` is on
+    /// (the postings a past run left are not trusted to be current).
+    #[serde(skip)]
     pub use_index: bool,
 }
 

@@ -67,6 +67,6 @@ pub use log::{FeedItem, Log, LogConfig, PendingAppend, WeakLog, panic_text};
 pub use tidings_log_api::{
     Append, Body, By, ClientMsgId, Committed, ConvId, ConversationInfo, ConversationKind,
     ConversationSummary, CreateConversation, Event, LogError, Member, MemberChange, MemberPage,
-    MemberRole, MembersQuery, ReadRange, TenantId, UserId, error, event_kind, ids, now_ms, policy,
-    search,
+    MemberRole, MembersQuery, ReadRange, TenantId, UserId, duration_as, error, event_kind, ids,
+    now_ms, policy, search,
 };

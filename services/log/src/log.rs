@@ -30,7 +30,14 @@ pub use tidings_log_api::types::{
 };
 
 /// Limits and sizes of the log. Every queue and batch is bounded.
-#[derive(Clone, Debug)]
+///
+/// The server's `[log]` section is read straight into this type (its fields as the file
+/// names them; `overload` and `search` flattened into the same table under their own
+/// prefixes): a setting's doc, type and default are here only. The fields the file does not
+/// hold (`own_partitions`, `send_buffer`, `kinds`, `cell`) are `#[serde(skip)]` and filled
+/// in by whoever opens the log (the server from its other settings).
+#[derive(Clone, Debug, serde::Deserialize, serde::Serialize)]
+#[serde(default)]
 pub struct LogConfig {
     /// Largest encoded message body (text, mentions, ...) accepted from a client.
     pub max_body_bytes: usize,
@@ -61,24 +68,31 @@ pub struct LogConfig {
     pub writer_id: String,
     /// How long a lease lives without renewal; renewed every third of it. Another writer
     /// takes over a partition at the earliest this long after its owner stopped renewing.
+    #[serde(rename = "lease_ttl_ms", with = "crate::duration_as::millis")]
     pub lease_ttl: Duration,
     /// Whether this log takes partition leases at all. False for processes that read and
     /// archive but never write through the sequencer (`serve --role archiver`): they must
     /// not hold the partitions the writers need. Their writes are refused with `not_owner`.
+    #[serde(skip)]
     pub own_partitions: bool,
     /// Where appends go while the store cannot commit (`send_buffer`); `None`: they fail.
     /// Every writer of a store must use the same directory.
+    #[serde(skip)]
     pub send_buffer: Option<crate::send_buffer::SendBufferConfig>,
     /// Conversation kinds and their role policies: the built-in ones and any configured
     /// (`policy`). Every writer of a store must know the same kinds.
+    #[serde(skip)]
     pub kinds: crate::policy::Kinds,
     /// Admission control of appends past the writer's capacity (`overload`).
+    #[serde(flatten)]
     pub overload: crate::overload::OverloadConfig,
     /// Groups with at least this many members reserve @all (`mention_all`) to owners.
     pub mention_all_owners_only_from: u64,
     /// Search: the hot index and the limits of a user's search (`hot_index`, `user_search`).
+    #[serde(flatten)]
     pub search: crate::hot_index::SearchConfig,
     /// This cell (`cells`): the directory fence, the outbox, replicas. `None`: cells off.
+    #[serde(skip)]
     pub cell: Option<crate::cells::CellConfig>,
 }
 
@@ -138,7 +152,7 @@ impl LogConfig {
         }
         if self.lease_ttl < Duration::from_millis(50) || self.lease_ttl > Duration::from_secs(3600)
         {
-            return Err("lease_ttl must be between 50 ms and 1 hour".into());
+            return Err("lease_ttl_ms must be between 50 and 3600000 (1 hour)".into());
         }
         if self.writer_id.len() > 128
             || self

@@ -55,23 +55,31 @@ pub const OVERLOADED_QUEUEING: Duration = Duration::from_millis(20);
 /// eighth of the budget, so a flood that starts mid-window is met within that window.
 const REPLANS_PER_WINDOW: u64 = 8;
 
-/// Settings of the admission control (`[log]` in the server's config).
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// Settings of the admission control: read from `[log]` in the server's config, flattened
+/// into [`LogConfig`](crate::LogConfig), each under the name the file gives it
+/// (`overload_learn` for `learn`, ...; docs/decisions/config-types-read-directly.md).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(default)]
 pub struct OverloadConfig {
     /// Appends a second this writer carries before it limits the hottest conversations;
     /// 0: none configured (see `learn`).
     pub capacity_per_sec: u32,
-    /// Without a configured capacity, learn one from the sequencer's queueing delay. Off:
-    /// nothing is limited (and nothing counted) unless a capacity is configured.
+    /// Without a configured capacity, learn one from the sequencer's queueing delay (mean
+    /// over 20 ms is overload). Off: nothing is limited (and nothing counted) unless a
+    /// capacity is configured.
+    #[serde(rename = "overload_learn")]
     pub learn: bool,
     /// Conversations whose send rates are tracked at once (slots of the sketch).
+    #[serde(rename = "overload_tracked_conversations")]
     pub tracked_conversations: usize,
     /// Appends a second any conversation may make however overloaded the writer is.
+    #[serde(rename = "overload_floor_per_sec")]
     pub floor_per_sec: u32,
     /// Tenants of the VIP tier: their conversations are limited last.
     pub vip_tenants: Vec<String>,
     /// Pushes a second (appends × their conversations' members) the gateways carry before
     /// the conversations causing the most are limited; 0: fan-out is not weighed.
+    #[serde(rename = "overload_fanout_per_sec")]
     pub fanout_per_sec: u64,
 }
 

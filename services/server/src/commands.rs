@@ -87,7 +87,7 @@ pub async fn open_log_owning(
             StreamBufferConfig {
                 replicas,
                 // Room for several writers' buffers; each bounds its own by max_bytes.
-                max_bytes: config.log.send_buffer_max_bytes.saturating_mul(4) as i64,
+                max_bytes: config.log.send_buffer_limits.max_bytes.saturating_mul(4) as i64,
                 ack_timeout: std::time::Duration::from_secs(5),
             },
         )

@@ -3,7 +3,11 @@
 //! Precedence, lowest first: built-in defaults (everything on one machine, under the working
 //! directory), the TOML file (`--config`, `TIDINGS_CONFIG`, or `./tidings.toml` if present),
 //! environment variables, command-line flags. `ops/tidings.example.toml` documents every
-//! field. Each setting is declared once, as a field of a section below: its variable
+//! field. Each setting is declared once, as a field of a section below or of the library
+//! config type a section is read into (`[gateway]`: `tidings_gateway::GatewayConfig`;
+//! `[log]`: `tidings_log::LogConfig` with its overload and search settings and the send
+//! buffer's bounds; the publisher's settings of `[nats]`; `[webhooks]`, `[cell]`), under the
+//! name the file gives it (docs/decisions/config-types-read-directly.md). Its variable
 //! (`TIDINGS_SECTION_FIELD`) is derived from its path ([`env`]).
 
 mod env;
@@ -24,7 +28,8 @@ pub struct Config {
     pub master_key_file: PathBuf,
     pub keys: KeysSection,
     pub log: LogSection,
-    pub gateway: GatewaySection,
+    /// The gateway library's own settings type, read straight from `[gateway]`.
+    pub gateway: tidings_gateway::GatewayConfig,
     pub nats: NatsSection,
     pub auth: AuthSection,
     pub archive: ArchiveSection,
@@ -288,74 +293,21 @@ pub fn parse_duration_secs(text: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("{text:?} is longer than a century"))
 }
 
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct GatewaySection {
-    /// Where the WebSocket endpoint (`/v1/ws`) listens.
-    pub listen: String,
-    pub max_frame_bytes: usize,
-    pub outbound_queue: usize,
-    pub sync_latest: usize,
-    pub hello_timeout_ms: u64,
-    pub frames_per_second: u32,
-    pub frame_burst: u32,
-    pub allowed_origins: Vec<String>,
-    pub max_conversations_per_session: usize,
-    /// Typing notices are not relayed in conversations with more members than this.
-    pub typing_max_members: u64,
-    /// Bytes of membership answers and member lists the gateway keeps for the conversations
-    /// it follows.
-    pub member_cache_bytes: usize,
-    /// Members read per log call while filling a conversation's member list.
-    pub member_fill_page: usize,
-    /// Pushes a second per core this gateway spends on big groups' fan-outs (0: not paced),
-    /// and the sessions here that make a group big (docs/decisions/paced-fan-out.md).
-    pub fan_out_pushes_per_core: u64,
-    pub fan_out_paced_sessions: usize,
-    pub heal_interval_ms: u64,
-    /// Search limits (docs/limits.md): query bytes, terms, hits per page, per-session rate.
-    pub search_max_query_bytes: usize,
-    pub search_max_terms: usize,
-    pub search_page_hits: usize,
-    pub search_per_minute: u32,
-    /// Serve `wss://` with this certificate chain and key (PEM; both or neither). Reloaded
-    /// when the files change. Without them the listener is plain `ws://`.
-    pub tls_cert_file: Option<PathBuf>,
-    pub tls_key_file: Option<PathBuf>,
-    /// Time allowed for the WebSocket handshake, from accept.
-    pub handshake_timeout_ms: u64,
-    /// How often the server pings each session, and how long a silent one lives.
-    pub ping_interval_ms: u64,
-    pub idle_timeout_ms: u64,
-    /// Connections served at once, from one IP address, and sessions of one user.
-    pub max_connections: usize,
-    pub max_connections_per_ip: usize,
-    pub max_sessions_per_user: usize,
-    /// Bytes queued for one session before it is cut off as a slow consumer.
-    pub outbound_queue_bytes: usize,
-    /// Largest reply (a page of History, Pull, Sync, lists), roughly.
-    pub max_reply_bytes: usize,
-    /// Conversations in one Sync answer at most.
-    pub sync_page_conversations: usize,
-    /// The log's public identity key (64 hex digits; `tidings keys log-identity` prints it).
-    /// A gateway running apart from the log (`--role gateway`) needs it: only a log with
-    /// that identity can answer its transport key requests.
-    pub log_public_key: String,
-}
-
 /// The NATS link: where, with which credential, over TLS or not
 /// (docs/decisions/nats-identity-and-permissions.md). At most one credential kind may be
 /// set. Secrets are never in this file itself: they come from files (mode 0600) or from
 /// `TIDINGS_NATS_PASSWORD` / `TIDINGS_NATS_TOKEN`; `Debug` redacts them and the URL's
-/// userinfo.
+/// userinfo. Unknown keys are refused by `Config::load` (the publisher's settings are
+/// flattened in, which serde's `deny_unknown_fields` does not allow).
 #[derive(Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(default)]
 pub struct NatsSection {
     pub url: String,
     pub request_timeout_ms: u64,
-    pub stream_max_age_secs: u64,
-    pub stream_max_bytes: i64,
-    pub publish_backlog: usize,
+    /// The event stream and the publisher (`publish_backlog`, `stream_max_age_secs`,
+    /// `stream_max_bytes`): the gateway library's own settings type, read from this table.
+    #[serde(flatten)]
+    pub publisher: tidings_log_role::publisher::PublisherConfig,
     /// Log requests one log process serves at once (`--role log`).
     pub rpc_in_flight: usize,
     /// User name for user/password authentication; the password comes from
@@ -392,9 +344,7 @@ impl std::fmt::Debug for NatsSection {
         f.debug_struct("NatsSection")
             .field("url", &tidings_gateway::redact_url(&self.url))
             .field("request_timeout_ms", &self.request_timeout_ms)
-            .field("stream_max_age_secs", &self.stream_max_age_secs)
-            .field("stream_max_bytes", &self.stream_max_bytes)
-            .field("publish_backlog", &self.publish_backlog)
+            .field("publisher", &self.publisher)
             .field("rpc_in_flight", &self.rpc_in_flight)
             .field("user", &self.user)
             .field("password_file", &self.password_file)
@@ -524,6 +474,11 @@ impl NatsSection {
     }
 }
 
+/// A duration as the whole milliseconds a `*_ms` setting gives it.
+fn millis(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthSection {
@@ -560,54 +515,12 @@ pub struct AuthSection {
     pub bot_public_key: String,
 }
 
-impl Default for GatewaySection {
-    fn default() -> Self {
-        let d = tidings_gateway::GatewayConfig::default();
-        GatewaySection {
-            listen: "127.0.0.1:7300".into(),
-            max_frame_bytes: d.max_frame_bytes,
-            outbound_queue: d.outbound_queue,
-            sync_latest: d.sync_latest,
-            hello_timeout_ms: d.hello_timeout.as_millis() as u64,
-            frames_per_second: d.frames_per_second,
-            frame_burst: d.frame_burst,
-            allowed_origins: d.allowed_origins,
-            max_conversations_per_session: d.max_conversations_per_session,
-            typing_max_members: d.typing_max_members,
-            member_cache_bytes: d.member_cache_bytes,
-            member_fill_page: d.member_fill_page,
-            fan_out_pushes_per_core: d.fan_out_pushes_per_core,
-            fan_out_paced_sessions: d.fan_out_paced_sessions,
-            heal_interval_ms: d.heal_interval.as_millis() as u64,
-            search_max_query_bytes: d.search_max_query_bytes,
-            search_max_terms: d.search_max_terms,
-            search_page_hits: d.search_page_hits,
-            search_per_minute: d.search_per_minute,
-            tls_cert_file: None,
-            tls_key_file: None,
-            handshake_timeout_ms: d.handshake_timeout.as_millis() as u64,
-            ping_interval_ms: d.ping_interval.as_millis() as u64,
-            idle_timeout_ms: d.idle_timeout.as_millis() as u64,
-            max_connections: d.max_connections,
-            max_connections_per_ip: d.max_connections_per_ip,
-            max_sessions_per_user: d.max_sessions_per_user,
-            outbound_queue_bytes: d.outbound_queue_bytes,
-            max_reply_bytes: d.max_reply_bytes,
-            sync_page_conversations: d.sync_page_conversations,
-            log_public_key: String::new(),
-        }
-    }
-}
-
 impl Default for NatsSection {
     fn default() -> Self {
-        let d = tidings_log_role::publisher::PublisherConfig::default();
         NatsSection {
             url: "nats://127.0.0.1:4222".into(),
             request_timeout_ms: 5000,
-            stream_max_age_secs: d.stream_max_age.as_secs(),
-            stream_max_bytes: d.stream_max_bytes,
-            publish_backlog: d.backlog,
+            publisher: tidings_log_role::publisher::PublisherConfig::default(),
             rpc_in_flight: 1024,
             user: String::new(),
             password_file: None,
@@ -644,25 +557,16 @@ impl Default for AuthSection {
     }
 }
 
+/// `[log]`: the log library's own settings type ([`LogConfig`], which holds the overload and
+/// search settings too), its send buffer's bounds, and what only the server reads: where the
+/// send buffer lives, the configured kinds and interceptors. One flat table in the file, as
+/// ever: the library types are flattened into it (docs/decisions/config-types-read-directly.md),
+/// so unknown keys are refused by `Config::load`, not by serde.
 #[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(default)]
 pub struct LogSection {
-    pub max_body_bytes: usize,
-    pub max_title_bytes: usize,
-    pub max_batch: usize,
-    pub queue_depth: usize,
-    pub max_read_limit: usize,
-    pub max_read_bytes: usize,
-    pub max_group_members: usize,
-    pub max_members_per_request: usize,
-    pub max_conversations_created_per_user_per_hour: u32,
-    pub writer_cache_entries: usize,
-    /// Partitions conversations hash into; fixed for the life of a store.
-    pub partitions: u32,
-    /// This writer's id in the leases; empty: hostname-pid-random.
-    pub writer_id: String,
-    /// How long a partition lease lives without renewal (renewed every third of it).
-    pub lease_ttl_ms: u64,
+    #[serde(flatten)]
+    pub config: LogConfig,
     /// Keep accepting messages while the store cannot commit, in a write-ahead buffer on
     /// disk outside it (docs/decisions/send-buffer.md).
     pub send_buffer: bool,
@@ -676,36 +580,10 @@ pub struct LogSection {
     /// Copies the `jetstream` buffer's stream keeps (1 to 5; 3 in a NATS cluster, so it
     /// survives losing a server).
     pub send_buffer_replicas: usize,
-    /// Most bytes the buffer holds; past it sends fail `unavailable`.
-    pub send_buffer_max_bytes: u64,
-    /// Oldest a buffered event may wait for the store; past it sends fail `unavailable`.
-    pub send_buffer_max_age_ms: u64,
-    /// Appends a second this writer carries before it limits the hottest conversations
-    /// (docs/decisions/overload-admission.md); 0: none configured.
-    pub capacity_per_sec: u32,
-    /// Without a configured capacity, learn one from the sequencer's queueing (> 20 ms mean
-    /// is overload).
-    pub overload_learn: bool,
-    /// Conversations whose send rates the overload control tracks at once.
-    pub overload_tracked_conversations: usize,
-    /// Appends a second any conversation may make however overloaded the writer is.
-    pub overload_floor_per_sec: u32,
-    /// Pushes a second (appends × members) the gateways carry before the conversations
-    /// causing the most are limited; 0: fan-out is not weighed.
-    pub overload_fanout_per_sec: u64,
-    /// Tenants of the VIP tier: their conversations are limited last.
-    pub vip_tenants: Vec<String>,
-    /// Groups with at least this many members reserve @all to owners.
-    pub mention_all_owners_only_from: u64,
-    /// Search (docs/limits.md): index events as they commit (the hot index); the indexer's
-    /// queue of notices and its batch of events; bytes of committed events handed to it in
-    /// the clear; bytes one search may examine; most hits in a page.
-    pub search_hot_index: bool,
-    pub search_indexer_queue: usize,
-    pub search_indexer_batch: usize,
-    pub search_indexer_queue_bytes: usize,
-    pub search_budget_bytes: usize,
-    pub search_max_page_hits: usize,
+    /// How much the buffer may hold (`send_buffer_max_bytes`, `send_buffer_max_age_ms`):
+    /// the library's type, its place set where the buffer is made (`send_buffer_with`).
+    #[serde(flatten)]
+    pub send_buffer_limits: tidings_log::send_buffer::SendBufferConfig,
     /// Conversation kinds beyond the built-in ones (`[[log.kinds]]`).
     pub kinds: Vec<KindSection>,
     /// Pre-commit hooks on users' messages (`[[log.interceptors]]`,
@@ -757,7 +635,7 @@ impl Default for Config {
             master_key_file: PathBuf::from("tidings-master.key"),
             keys: KeysSection::default(),
             log: LogSection::default(),
-            gateway: GatewaySection::default(),
+            gateway: tidings_gateway::GatewayConfig::default(),
             nats: NatsSection::default(),
             auth: AuthSection::default(),
             archive: ArchiveSection::default(),
@@ -771,41 +649,13 @@ impl Default for Config {
 
 impl Default for LogSection {
     fn default() -> Self {
-        let d = LogConfig::default();
         LogSection {
-            max_body_bytes: d.max_body_bytes,
-            max_title_bytes: d.max_title_bytes,
-            max_batch: d.max_batch,
-            queue_depth: d.queue_depth,
-            max_read_limit: d.max_read_limit,
-            max_read_bytes: d.max_read_bytes,
-            max_group_members: d.max_group_members,
-            max_members_per_request: d.max_members_per_request,
-            max_conversations_created_per_user_per_hour: d
-                .max_conversations_created_per_user_per_hour,
-            writer_cache_entries: d.writer_cache_entries,
-            partitions: d.partitions,
-            writer_id: d.writer_id,
-            lease_ttl_ms: d.lease_ttl.as_millis() as u64,
+            config: LogConfig::default(),
             send_buffer: true,
             send_buffer_medium: "auto".into(),
             send_buffer_dir: PathBuf::new(),
             send_buffer_replicas: 1,
-            send_buffer_max_bytes: 256 << 20,
-            send_buffer_max_age_ms: 300_000,
-            capacity_per_sec: d.overload.capacity_per_sec,
-            overload_learn: d.overload.learn,
-            overload_tracked_conversations: d.overload.tracked_conversations,
-            overload_floor_per_sec: d.overload.floor_per_sec,
-            overload_fanout_per_sec: d.overload.fanout_per_sec,
-            vip_tenants: d.overload.vip_tenants,
-            mention_all_owners_only_from: d.mention_all_owners_only_from,
-            search_hot_index: d.search.hot_index,
-            search_indexer_queue: d.search.indexer_queue,
-            search_indexer_batch: d.search.indexer_batch,
-            search_indexer_queue_bytes: d.search.indexer_queue_bytes,
-            search_budget_bytes: d.search.budget_bytes,
-            search_max_page_hits: d.search.max_page_hits,
+            send_buffer_limits: Default::default(),
             kinds: Vec::new(),
             interceptors: Vec::new(),
         }
@@ -851,10 +701,31 @@ impl Config {
                     path: path.display().to_string(),
                     source,
                 })?;
-                toml::from_str(&text).map_err(|e| ConfigError::Parse {
+                let parse = |message: String| ConfigError::Parse {
                     path: path.display().to_string(),
-                    message: e.to_string(),
-                })?
+                    message,
+                };
+                let table: toml::Table = toml::from_str(&text).map_err(|e| parse(e.to_string()))?;
+                let config: Config = toml::from_str(&text).map_err(|e| {
+                    let message = e.to_string();
+                    // A library type flattened into its table (`[log]`, `[nats]`) has a bad
+                    // value reported at the table, not at its key: name the key.
+                    match env::refused_value(&table) {
+                        Some((path, reason))
+                            if !path
+                                .rsplit('.')
+                                .next()
+                                .is_some_and(|key| message.contains(key)) =>
+                        {
+                            parse(format!("{path}: {reason}"))
+                        }
+                        _ => parse(message),
+                    }
+                })?;
+                // Nor can such a table refuse unknown keys through serde: every key of the
+                // file is checked against the settings the defaults' tree shows.
+                env::refuse_unknown_keys(&table).map_err(parse)?;
+                config
             }
             None => Config::default(),
         };
@@ -875,52 +746,24 @@ impl Config {
         }
     }
 
+    /// `[gateway]` with the two values it takes from other sections: the read limit
+    /// (`log.max_read_limit`) and the cells' URLs (`[cell]`).
     pub fn gateway_config(&self) -> tidings_gateway::GatewayConfig {
-        let g = &self.gateway;
         tidings_gateway::GatewayConfig {
-            max_frame_bytes: g.max_frame_bytes,
-            outbound_queue: g.outbound_queue,
-            sync_latest: g.sync_latest,
-            read_limit: self.log.max_read_limit,
-            hello_timeout: std::time::Duration::from_millis(g.hello_timeout_ms),
-            frames_per_second: g.frames_per_second,
-            frame_burst: g.frame_burst,
-            allowed_origins: g.allowed_origins.clone(),
-            max_conversations_per_session: g.max_conversations_per_session,
-            typing_max_members: g.typing_max_members,
-            member_cache_bytes: g.member_cache_bytes,
-            member_fill_page: g.member_fill_page,
-            fan_out_pushes_per_core: g.fan_out_pushes_per_core,
-            fan_out_paced_sessions: g.fan_out_paced_sessions,
-            heal_interval: std::time::Duration::from_millis(g.heal_interval_ms),
-            search_max_query_bytes: g.search_max_query_bytes,
-            search_max_terms: g.search_max_terms,
-            search_page_hits: g.search_page_hits,
-            search_per_minute: g.search_per_minute,
+            read_limit: self.log.config.max_read_limit,
             cell_urls: self.cell.urls(),
-            handshake_timeout: std::time::Duration::from_millis(g.handshake_timeout_ms),
-            ping_interval: std::time::Duration::from_millis(g.ping_interval_ms),
-            idle_timeout: std::time::Duration::from_millis(g.idle_timeout_ms),
-            max_connections: g.max_connections,
-            max_connections_per_ip: g.max_connections_per_ip,
-            max_sessions_per_user: g.max_sessions_per_user,
-            outbound_queue_bytes: g.outbound_queue_bytes,
-            max_reply_bytes: g.max_reply_bytes,
-            sync_page_conversations: g.sync_page_conversations,
+            ..self.gateway.clone()
         }
     }
 
     pub fn publisher_config(&self) -> tidings_log_role::publisher::PublisherConfig {
-        tidings_log_role::publisher::PublisherConfig {
-            backlog: self.nats.publish_backlog,
-            stream_max_age: std::time::Duration::from_secs(self.nats.stream_max_age_secs),
-            stream_max_bytes: self.nats.stream_max_bytes,
-            ..Default::default()
-        }
+        self.nats.publisher.clone()
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
-        self.log_config().validate().map_err(ConfigError::Invalid)?;
+        self.log_config()
+            .validate()
+            .map_err(|e| ConfigError::Invalid(format!("log.{e}")))?;
         self.webhooks.validate().map_err(ConfigError::Invalid)?;
         self.cell.validate().map_err(ConfigError::Invalid)?;
         let g = &self.gateway;
@@ -928,14 +771,14 @@ impl Config {
             ("gateway.max_frame_bytes", g.max_frame_bytes as u64),
             ("gateway.outbound_queue", g.outbound_queue as u64),
             ("gateway.sync_latest", g.sync_latest as u64),
-            ("gateway.hello_timeout_ms", g.hello_timeout_ms),
+            ("gateway.hello_timeout_ms", millis(g.hello_timeout)),
             ("gateway.frames_per_second", u64::from(g.frames_per_second)),
             ("gateway.frame_burst", u64::from(g.frame_burst)),
             (
                 "gateway.max_conversations_per_session",
                 g.max_conversations_per_session as u64,
             ),
-            ("gateway.heal_interval_ms", g.heal_interval_ms),
+            ("gateway.heal_interval_ms", millis(g.heal_interval)),
             (
                 "gateway.search_max_query_bytes",
                 g.search_max_query_bytes as u64,
@@ -943,9 +786,9 @@ impl Config {
             ("gateway.search_max_terms", g.search_max_terms as u64),
             ("gateway.search_page_hits", g.search_page_hits as u64),
             ("gateway.search_per_minute", u64::from(g.search_per_minute)),
-            ("gateway.handshake_timeout_ms", g.handshake_timeout_ms),
-            ("gateway.ping_interval_ms", g.ping_interval_ms),
-            ("gateway.idle_timeout_ms", g.idle_timeout_ms),
+            ("gateway.handshake_timeout_ms", millis(g.handshake_timeout)),
+            ("gateway.ping_interval_ms", millis(g.ping_interval)),
+            ("gateway.idle_timeout_ms", millis(g.idle_timeout)),
             ("gateway.max_connections", g.max_connections as u64),
             (
                 "gateway.max_connections_per_ip",
@@ -965,8 +808,11 @@ impl Config {
                 g.sync_page_conversations as u64,
             ),
             ("nats.request_timeout_ms", self.nats.request_timeout_ms),
-            ("nats.stream_max_age_secs", self.nats.stream_max_age_secs),
-            ("nats.publish_backlog", self.nats.publish_backlog as u64),
+            (
+                "nats.stream_max_age_secs",
+                self.nats.publisher.stream_max_age.as_secs(),
+            ),
+            ("nats.publish_backlog", self.nats.publisher.backlog as u64),
             ("nats.rpc_in_flight", self.nats.rpc_in_flight as u64),
             ("auth.jwks_poll_ms", self.auth.jwks_poll_ms),
             (
@@ -993,28 +839,30 @@ impl Config {
             )));
         }
         // A reply must hold the largest message (the log returns one event at least).
-        if g.max_reply_bytes < self.log.max_body_bytes + 4096 {
+        let l = &self.log.config;
+        if g.max_reply_bytes < l.max_body_bytes + 4096 {
             return Err(ConfigError::Invalid(format!(
                 "gateway.max_reply_bytes ({}) must exceed log.max_body_bytes ({}) by 4096",
-                g.max_reply_bytes, self.log.max_body_bytes
+                g.max_reply_bytes, l.max_body_bytes
             )));
         }
-        if g.sync_page_conversations >= self.log.max_read_limit {
+        if g.sync_page_conversations >= l.max_read_limit {
             return Err(ConfigError::Invalid(format!(
                 "gateway.sync_page_conversations ({}) must be below log.max_read_limit ({})",
-                g.sync_page_conversations, self.log.max_read_limit
+                g.sync_page_conversations, l.max_read_limit
             )));
         }
-        if g.member_fill_page == 0 || g.member_fill_page > self.log.max_read_limit {
+        if g.member_fill_page == 0 || g.member_fill_page > l.max_read_limit {
             return Err(ConfigError::Invalid(format!(
                 "gateway.member_fill_page ({}) must be 1 to log.max_read_limit ({})",
-                g.member_fill_page, self.log.max_read_limit
+                g.member_fill_page, l.max_read_limit
             )));
         }
-        if g.idle_timeout_ms <= g.ping_interval_ms {
+        if g.idle_timeout <= g.ping_interval {
             return Err(ConfigError::Invalid(format!(
                 "gateway.idle_timeout_ms ({}) must exceed gateway.ping_interval_ms ({})",
-                g.idle_timeout_ms, g.ping_interval_ms
+                millis(g.idle_timeout),
+                millis(g.ping_interval)
             )));
         }
         self.validate_auth()?;
@@ -1108,49 +956,21 @@ impl Config {
         Ok(cfg)
     }
 
+    /// `[log]` with what the log takes from elsewhere: the send buffer (its place resolved),
+    /// the kinds, this cell; search asks the postings only while the hot index is on.
     pub fn log_config(&self) -> LogConfig {
-        let s = &self.log;
-        LogConfig {
-            max_body_bytes: s.max_body_bytes,
-            max_title_bytes: s.max_title_bytes,
-            max_batch: s.max_batch,
-            queue_depth: s.queue_depth,
-            max_read_limit: s.max_read_limit,
-            max_read_bytes: s.max_read_bytes,
-            max_group_members: s.max_group_members,
-            max_members_per_request: s.max_members_per_request,
-            max_conversations_created_per_user_per_hour: s
-                .max_conversations_created_per_user_per_hour,
-            writer_cache_entries: s.writer_cache_entries,
-            partitions: s.partitions,
-            writer_id: s.writer_id.clone(),
-            lease_ttl: std::time::Duration::from_millis(s.lease_ttl_ms),
+        let mut config = LogConfig {
             own_partitions: true,
             send_buffer: self.send_buffer(),
-            overload: tidings_log::overload::OverloadConfig {
-                capacity_per_sec: s.capacity_per_sec,
-                learn: s.overload_learn,
-                tracked_conversations: s.overload_tracked_conversations,
-                floor_per_sec: s.overload_floor_per_sec,
-                vip_tenants: s.vip_tenants.clone(),
-                fanout_per_sec: s.overload_fanout_per_sec,
-            },
-            mention_all_owners_only_from: s.mention_all_owners_only_from,
-            search: tidings_log::hot_index::SearchConfig {
-                hot_index: s.search_hot_index,
-                indexer_queue: s.search_indexer_queue,
-                indexer_batch: s.search_indexer_batch,
-                indexer_queue_bytes: s.search_indexer_queue_bytes,
-                budget_bytes: s.search_budget_bytes,
-                max_page_hits: s.search_max_page_hits,
-                // Without the hot index, search opens every hot event (same results): the
-                // postings a past run left are not trusted to be current.
-                use_index: s.search_hot_index,
-            },
             // Checked when the configuration was loaded (`validate`).
             kinds: self.kinds().unwrap_or_default(),
             cell: self.cell.log_config(),
-        }
+            ..self.log.config.clone()
+        };
+        // Without the hot index, search opens every hot event (same results): the postings
+        // a past run left are not trusted to be current.
+        config.search.use_index = config.search.hot_index;
+        config
     }
 
     /// The interceptor rules (`[[log.interceptors]]`), checked: each names a known kind if
@@ -1246,8 +1066,7 @@ impl Config {
     ) -> tidings_log::send_buffer::SendBufferConfig {
         tidings_log::send_buffer::SendBufferConfig {
             place,
-            max_bytes: self.log.send_buffer_max_bytes,
-            max_age: std::time::Duration::from_millis(self.log.send_buffer_max_age_ms),
+            ..self.log.send_buffer_limits.clone()
         }
     }
 
@@ -1746,7 +1565,12 @@ TIDINGS_CELL_PEERS | b=wss://b/v1/ws, c=wss://c/v1/ws | cell.peers | [{"name":"b
         let d = Config::default();
         assert_eq!(cfg.data_dir, d.data_dir);
         assert_eq!(cfg.master_key_file, d.master_key_file);
-        assert_eq!(format!("{:?}", cfg.log), format!("{:?}", d.log));
+        // Every setting of the file, as the tree shows it (`LogConfig`'s `Debug` holds the
+        // kinds' hash maps, in no fixed order).
+        assert_eq!(
+            serde_json::to_value(&cfg).expect("tree"),
+            serde_json::to_value(&d).expect("tree")
+        );
         assert_eq!(format!("{:?}", cfg.archive), format!("{:?}", d.archive));
         assert_eq!(format!("{:?}", cfg.gateway), format!("{:?}", d.gateway));
         assert_eq!(format!("{:?}", cfg.nats), format!("{:?}", d.nats));
@@ -2090,9 +1914,178 @@ TIDINGS_CELL_PEERS | b=wss://b/v1/ws, c=wss://c/v1/ws | cell.peers | [{"name":"b
         .expect("write");
         let cfg = Config::load(Some(&file), env(&[("TIDINGS_LOG_MAX_BATCH", "9")])).expect("load");
         assert_eq!(cfg.data_dir, PathBuf::from("/srv/tidings"));
-        assert_eq!(cfg.log.max_body_bytes, 1000);
-        assert_eq!(cfg.log.max_batch, 9);
-        assert_eq!(cfg.log.queue_depth, LogConfig::default().queue_depth);
+        assert_eq!(cfg.log.config.max_body_bytes, 1000);
+        assert_eq!(cfg.log.config.max_batch, 9);
+        assert_eq!(cfg.log.config.queue_depth, LogConfig::default().queue_depth);
+    }
+
+    #[test]
+    fn library_config_types_read_their_settings_straight_from_the_file_and_env() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("t.toml");
+        std::fs::write(
+            &file,
+            "[log]\nmax_read_limit = 800\nlease_ttl_ms = 5000\noverload_learn = true\n\
+             search_hot_index = false\nsend_buffer_max_age_ms = 60000\n\
+             [gateway]\nhello_timeout_ms = 8000\nlisten = \"127.0.0.1:7301\"\nmember_fill_page = 800\n\
+             [nats]\nstream_max_age_secs = 120\npublish_backlog = 9\n",
+        )
+        .expect("write");
+        let cfg = Config::load(
+            Some(&file),
+            env(&[
+                ("TIDINGS_GATEWAY_PING_INTERVAL_MS", "7000"),
+                ("TIDINGS_LOG_CAPACITY_PER_SEC", "5000"),
+            ]),
+        )
+        .expect("load");
+        let secs = std::time::Duration::from_secs;
+        let g = cfg.gateway_config();
+        assert_eq!(g.hello_timeout, secs(8));
+        assert_eq!(g.ping_interval, secs(7));
+        assert_eq!(g.listen, "127.0.0.1:7301");
+        assert_eq!(g.read_limit, 800, "from log.max_read_limit");
+        let l = cfg.log_config();
+        assert_eq!(l.lease_ttl, secs(5));
+        assert!(l.overload.learn);
+        assert_eq!(l.overload.capacity_per_sec, 5000);
+        assert!(!l.search.hot_index && !l.search.use_index);
+        assert_eq!(l.send_buffer.expect("on").max_age, secs(60));
+        let p = cfg.publisher_config();
+        assert_eq!((p.stream_max_age, p.backlog), (secs(120), 9));
+        // Read back as the file spells them.
+        assert_eq!(setting(&cfg, "gateway.hello_timeout_ms"), 8000);
+        assert_eq!(setting(&cfg, "log.lease_ttl_ms"), 5000);
+        assert_eq!(setting(&cfg, "nats.stream_max_age_secs"), 120);
+        let tree = serde_json::to_value(&cfg).expect("tree");
+        for computed in ["read_limit", "cell_urls"] {
+            assert!(tree["gateway"].get(computed).is_none(), "{computed}");
+        }
+        for computed in ["own_partitions", "use_index", "cell", "place"] {
+            assert!(tree["log"].get(computed).is_none(), "{computed}");
+        }
+    }
+
+    #[test]
+    fn keys_of_flattened_tables_are_checked_like_the_others() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("t.toml");
+        let refused = |text: &str| {
+            std::fs::write(&file, text).expect("write");
+            match Config::load(Some(&file), env(&[])) {
+                Err(ConfigError::Parse { message, .. }) => message,
+                other => panic!("{text}: expected a parse error, got {other:?}"),
+            }
+        };
+        for (text, names) in [
+            ("[log]\noverload_lern = true\n", "`overload_lern` in [log]"),
+            ("[log]\nlearn = true\n", "`learn` in [log]"),
+            ("[log]\nuse_index = false\n", "`use_index` in [log]"),
+            (
+                "[log]\nown_partitions = false\n",
+                "`own_partitions` in [log]",
+            ),
+            ("[gateway]\nread_limit = 5\n", "read_limit"),
+            ("[gateway]\nhello_timeout = 5\n", "hello_timeout"),
+            ("[nats]\npublish_backlg = 5\n", "`publish_backlg` in [nats]"),
+            ("[nats]\nin_flight = 5\n", "`in_flight` in [nats]"),
+            ("[cell.nats]\nurll = \"x\"\n", "`urll` in [cell.nats]"),
+            ("[[log.kinds]]\nname = \"x\"\nrolez = []\n", "rolez"),
+            ("[archive.tenants.acme]\nhot_windw = \"1d\"\n", "hot_windw"),
+        ] {
+            let message = refused(text);
+            assert!(message.contains(names), "{text}: {message}");
+        }
+        // A bad value in a flattened table is named by its key, not by its table.
+        for (text, names) in [
+            (
+                "[log]\nmax_batch = \"lots\"\n",
+                "log.max_batch: invalid type",
+            ),
+            (
+                "[log]\nbatch_max = 1\nmax_batch = \"lots\"\n",
+                "log.max_batch: invalid type",
+            ),
+            (
+                "[log]\nlease_ttl_ms = -5\n",
+                "log.lease_ttl_ms: invalid value",
+            ),
+            (
+                "[log]\nsearch_hot_index = 5\n",
+                "log.search_hot_index: invalid type",
+            ),
+            (
+                "[nats]\nstream_max_age_secs = true\n",
+                "nats.stream_max_age_secs:",
+            ),
+        ] {
+            let message = refused(text);
+            assert!(message.contains(names), "{text}: {message}");
+        }
+        // Tables keyed by data take any key.
+        std::fs::write(
+            &file,
+            "[archive.tenants.acme]\nhot_window = \"1d\"\n[keys.tenants.globex]\n\
+             key_file = \"/k\"\n",
+        )
+        .expect("write");
+        Config::load(Some(&file), env(&[])).expect("tenant tables");
+    }
+
+    #[test]
+    fn validation_names_settings_as_the_file_spells_them() {
+        let invalid = |vars: &[(&str, &str)]| match Config::load(None, env(vars)) {
+            Err(ConfigError::Invalid(message)) => message,
+            other => panic!("{vars:?}: expected an invalid configuration, got {other:?}"),
+        };
+        for (vars, message) in [
+            (
+                &[("TIDINGS_GATEWAY_HELLO_TIMEOUT_MS", "0")][..],
+                "gateway.hello_timeout_ms must be greater than 0",
+            ),
+            (
+                &[("TIDINGS_GATEWAY_HEAL_INTERVAL_MS", "0")][..],
+                "gateway.heal_interval_ms must be greater than 0",
+            ),
+            (
+                &[
+                    ("TIDINGS_GATEWAY_PING_INTERVAL_MS", "5000"),
+                    ("TIDINGS_GATEWAY_IDLE_TIMEOUT_MS", "5000"),
+                ][..],
+                "gateway.idle_timeout_ms (5000) must exceed gateway.ping_interval_ms (5000)",
+            ),
+            (
+                &[("TIDINGS_NATS_STREAM_MAX_AGE_SECS", "0")][..],
+                "nats.stream_max_age_secs must be greater than 0",
+            ),
+            (
+                &[("TIDINGS_NATS_PUBLISH_BACKLOG", "0")][..],
+                "nats.publish_backlog must be greater than 0",
+            ),
+            (
+                &[("TIDINGS_LOG_LEASE_TTL_MS", "10")][..],
+                "log.lease_ttl_ms must be between 50 and 3600000",
+            ),
+            (
+                &[("TIDINGS_LOG_MAX_TITLE_BYTES", "0")][..],
+                "log.max_title_bytes must be greater than 0",
+            ),
+            (
+                &[("TIDINGS_LOG_SEARCH_BUDGET_BYTES", "0")][..],
+                "log.search_budget_bytes must be greater than 0",
+            ),
+            (
+                &[("TIDINGS_LOG_OVERLOAD_FLOOR_PER_SEC", "0")][..],
+                "log.overload_floor_per_sec must be greater than 0",
+            ),
+            (
+                &[("TIDINGS_LOG_SEND_BUFFER_MAX_AGE_MS", "999")][..],
+                "log.send_buffer_max_age_ms must be at least 1000",
+            ),
+        ] {
+            let got = invalid(vars);
+            assert!(got.contains(message), "{vars:?}: {got}");
+        }
     }
 
     #[test]

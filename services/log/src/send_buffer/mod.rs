@@ -58,6 +58,13 @@ pub enum BufferPlace {
     Medium(Arc<dyn Medium>),
 }
 
+impl Default for BufferPlace {
+    /// No place yet (an empty directory, refused by [`SendBufferConfig::validate`]).
+    fn default() -> Self {
+        BufferPlace::Dir(PathBuf::new())
+    }
+}
+
 impl std::fmt::Debug for BufferPlace {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -67,16 +74,35 @@ impl std::fmt::Debug for BufferPlace {
     }
 }
 
-/// Where the buffer lives and how much it may hold.
-#[derive(Clone, Debug)]
+/// Where the buffer lives and how much it may hold. Its bounds are read straight from the
+/// server's `[log]` section (`send_buffer_max_bytes`, `send_buffer_max_age_ms`); its place
+/// is not a setting of this type: the server resolves it from its own settings
+/// (`send_buffer_medium`, `send_buffer_dir`) and sets it.
+#[derive(Clone, Debug, serde::Deserialize, serde::Serialize)]
+#[serde(default)]
 pub struct SendBufferConfig {
     /// A directory of its own on a disk that outlives the process (never inside the KV), or
-    /// a medium that outlives the machine.
+    /// a medium that outlives the machine. By default an empty directory, which `validate`
+    /// refuses: whoever makes the buffer sets it.
+    #[serde(skip)]
     pub place: BufferPlace,
     /// Most bytes of records held (all partitions); past it appends fail `unavailable`.
+    #[serde(rename = "send_buffer_max_bytes")]
     pub max_bytes: u64,
     /// Oldest a record may get before it is replayed; past it appends fail `unavailable`.
+    #[serde(rename = "send_buffer_max_age_ms", with = "crate::duration_as::millis")]
     pub max_age: Duration,
+}
+
+impl Default for SendBufferConfig {
+    fn default() -> Self {
+        SendBufferConfig {
+            place: BufferPlace::default(),
+            max_bytes: 256 << 20,
+            // Five minutes: an outage longer than that is not ridden out by buffering.
+            max_age: Duration::from_secs(300),
+        }
+    }
 }
 
 impl SendBufferConfig {

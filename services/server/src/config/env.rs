@@ -15,6 +15,10 @@
 //! So a field added to a section has its variable with no code here. What the rule does
 //! not cover is listed below with its reason: tables keyed by user data, two names kept
 //! from before the rule, and the few variables read outside the tree.
+//!
+//! The same tree says which keys a config file may hold ([`refuse_unknown_keys`]): the
+//! sections that flatten a library's config type into their table (`[log]`, `[nats]`)
+//! cannot refuse unknown keys through serde (docs/decisions/config-types-read-directly.md).
 
 use serde::Deserialize;
 use serde_json::Value;
@@ -25,7 +29,8 @@ const PREFIX: &str = "TIDINGS_";
 
 /// Subtrees keyed or listed by user data (a tenant, a conversation kind, a hook, a peer
 /// cell): a variable per entry would be named after data, not after a setting, so they
-/// come from the file only (`cell.peers` also has `TIDINGS_CELL_PEERS`, below).
+/// come from the file only (`cell.peers` also has `TIDINGS_CELL_PEERS`, below). Their keys
+/// are data too: the types of their entries refuse unknown fields themselves.
 const FILE_ONLY: &[&str] = &[
     "keys.tenants",
     "archive.tenants",
@@ -191,6 +196,87 @@ fn invalid(name: &str, text: &str, reason: String) -> ConfigError {
         value: text.to_string(),
         reason,
     }
+}
+
+/// Refuses a file (its TOML table) with a key that names no setting: every key must be in
+/// the defaults' tree at its place, but under the [`FILE_ONLY`] subtrees, whose keys are
+/// data. The message names the key and the table it is in, and what that table takes, as
+/// serde's own `deny_unknown_fields` does.
+pub fn refuse_unknown_keys(file: &toml::Table) -> Result<(), String> {
+    fn walk(file: &toml::Table, known: &Value, prefix: &str) -> Result<(), String> {
+        let Value::Object(known) = known else {
+            return Ok(());
+        };
+        for (key, value) in file {
+            let path = if prefix.is_empty() {
+                key.clone()
+            } else {
+                format!("{prefix}.{key}")
+            };
+            let Some(default) = known.get(key) else {
+                let table = if prefix.is_empty() {
+                    "at the top level".to_string()
+                } else {
+                    format!("in [{prefix}]")
+                };
+                let expected: Vec<String> = known.keys().map(|k| format!("`{k}`")).collect();
+                return Err(format!(
+                    "unknown field `{key}` {table}, expected one of {}",
+                    expected.join(", ")
+                ));
+            };
+            if let toml::Value::Table(table) = value
+                && !FILE_ONLY.contains(&path.as_str())
+            {
+                walk(table, default, &path)?;
+            }
+        }
+        Ok(())
+    }
+    let defaults = serde_json::to_value(Config::default()).expect("the defaults serialise");
+    walk(file, &defaults, "")
+}
+
+/// The setting of the file whose value its type refuses, and why: set alone over the
+/// defaults, each value of the file is read back until one fails. For the error of a
+/// flattened library type, which serde reports at its table (`[log]`), not at the key.
+pub fn refused_value(file: &toml::Table) -> Option<(String, String)> {
+    fn walk(
+        file: &toml::Table,
+        known: &Value,
+        prefix: &str,
+        defaults: &Value,
+    ) -> Option<(String, String)> {
+        for (key, value) in file {
+            let path = if prefix.is_empty() {
+                key.clone()
+            } else {
+                format!("{prefix}.{key}")
+            };
+            // An unknown key is `refuse_unknown_keys`' to name.
+            let Some(default) = known.get(key) else {
+                continue;
+            };
+            if let toml::Value::Table(table) = value
+                && default.is_object()
+                && !FILE_ONLY.contains(&path.as_str())
+            {
+                if let Some(found) = walk(table, default, &path, defaults) {
+                    return Some(found);
+                }
+                continue;
+            }
+            let mut tree = defaults.clone();
+            let slot = path.split('.').fold(&mut tree, |node, key| &mut node[key]);
+            *slot = serde_json::to_value(value).ok()?;
+            if let Err(e) = Config::deserialize(&tree) {
+                return Some((path, e.to_string()));
+            }
+        }
+        None
+    }
+    let defaults = serde_json::to_value(Config::default()).expect("the defaults serialise");
+    walk(file, &defaults, "", &defaults)
 }
 
 /// Every variable the configuration reads: the derived ones, then the exceptions.
