@@ -166,7 +166,7 @@ fn audit_entry(seq: u64) -> Entry {
 }
 
 async fn seed_audit(config: Config) {
-    let log = tidings_server::commands::open_log(&config)
+    let log = tidings_server::open::open_log(&config)
         .await
         .expect("open the log");
     let tenant = TenantId::new("acme").expect("tenant");
@@ -289,7 +289,7 @@ async fn seed_tenant(config: Config) {
     use tidings_server::bench_compliance::append_corpus;
     use tidings_server::bench_corpus::{Corpus, archive_all, vocabulary};
 
-    let log = tidings_server::commands::open_log(&config)
+    let log = tidings_server::open::open_log(&config)
         .await
         .expect("open the log");
     let corpus = Corpus::create(&log, CONVERSATIONS, USERS)

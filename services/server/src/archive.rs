@@ -1,6 +1,6 @@
 //! `tidings archive run|inspect|verify`, and the archiver inside `tidings serve`.
 
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,6 +11,7 @@ use tidings_log::{Log, TenantId};
 
 use crate::cli::ArchiveCommand;
 use crate::config::{Config, parse_duration_secs};
+use crate::output::emit;
 
 /// The configured object store.
 pub fn objects(config: &Config) -> anyhow::Result<Objects> {
@@ -26,12 +27,6 @@ pub(crate) fn archiver(config: &Config, log: &Log) -> anyhow::Result<Archiver> {
         objects(config)?,
         config.archive_config()?,
     )?)
-}
-
-fn emit(value: &serde_json::Value) -> anyhow::Result<()> {
-    let mut out = std::io::stdout().lock();
-    writeln!(out, "{value}").context("write to stdout")?;
-    out.flush().context("flush stdout")
 }
 
 /// Tenants named on the command line, or every tenant with a conversation.

@@ -196,7 +196,7 @@ pub async fn run(args: WebhooksArgs, config: &crate::config::Config) -> anyhow::
         "lag_ms_p99": pct(0.99),
         "lag_ms_max": lags.last().copied().unwrap_or(0),
     });
-    crate::commands::emit(&report)?;
+    crate::output::emit(&report)?;
     drop(compliance);
     log.close().await;
     let _ = tokio::time::timeout(Duration::from_secs(2), publisher).await;

@@ -52,7 +52,7 @@ pub enum Command {
     /// Run the server: log, gateway, or both.
     Serve {
         #[arg(long, value_enum, default_value = "all")]
-        role: crate::serve::Role,
+        role: Role,
         /// Gateway listen address (default: gateway.listen, 127.0.0.1:7300).
         #[arg(long)]
         listen: Option<String>,
@@ -694,4 +694,13 @@ pub enum BotCommand {
         #[arg(long)]
         tenant: TenantId,
     },
+}
+
+/// What `tidings serve` runs in this process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Role {
+    All,
+    Log,
+    Gateway,
+    Archiver,
 }

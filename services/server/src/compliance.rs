@@ -15,8 +15,8 @@ use tidings_archive::compliance::{
 use tidings_log::{Log, TenantId};
 
 use crate::cli::{ComplianceCommand, ExportFormat, HoldCommand, QueryArgs};
-use crate::commands::emit;
 use crate::config::Config;
+use crate::output::emit;
 
 /// The compliance service over an open log, sharing its store and keys.
 pub fn service(

@@ -1049,7 +1049,7 @@ impl Config {
     }
 
     /// The send buffer's settings when it lives in files; `None` when it is off or on
-    /// JetStream (which needs the NATS connection: `commands::open_log_owning` makes it).
+    /// JetStream (which needs the NATS connection: `open::open_log_owning` makes it).
     pub fn send_buffer(&self) -> Option<tidings_log::send_buffer::SendBufferConfig> {
         match self.send_buffer_medium().ok()?? {
             SendBufferMedium::Files(dir) => {

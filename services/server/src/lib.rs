@@ -1,7 +1,7 @@
 //! The `tidings` binary's library: everything `main` does, testable without a process.
 //!
 //! # Layout
-//! - [`cli`]: the command line (clap).
+//! - [`cli`]: the command line (clap); it imports nothing else of the crate.
 //! - [`config`]: TOML file plus `TIDINGS_*` environment overrides.
 //! - [`commands`]: the tool commands (`keys`, `conv`, `log`).
 //! - [`serve`]: `tidings serve --role all|log|gateway|archiver`.
@@ -12,6 +12,8 @@
 //! - [`console`]: the compliance console's files, served by the admin listener.
 //! - [`archive`]: `tidings archive run|inspect|verify` and the periodic archiver of `serve`.
 //! - [`chat`]: `tidings chat`, a terminal client.
+//! - [`open`]: opening the store and the log as every command and role does (the tools,
+//!   `serve`, the compliance commands), so none of them imports another to get there.
 //! - [`nats_init`]: `tidings nats init`: a NATS identity per role and its permissions.
 //! - [`bench`], [`bench_gateway`], [`bench_archive`], [`bench_compliance`],
 //!   [`bench_outage`], [`bench_overload`], [`bench_members`], [`bench_search`], [`bench_webhooks`]: `tidings bench`,
@@ -47,6 +49,7 @@ pub mod console;
 pub mod intercept;
 pub mod metrics;
 pub mod nats_init;
+pub mod open;
 pub mod output;
 pub mod revoke;
 pub mod serve;

@@ -1,5 +1,8 @@
 //! JSON lines printed by the command-line tools.
 
+use std::io::Write;
+
+use anyhow::Context;
 use serde_json::{Value, json};
 use tidings_archive::ArchiveError;
 use tidings_archive::compliance::ComplianceError;
@@ -78,4 +81,11 @@ pub fn kind(body: Option<&Body>) -> &'static str {
 /// and the kind's own fields; compliance results add to the same object.
 pub fn event(e: &Event) -> Value {
     Value::Object(tidings_archive::compliance::event_json(e))
+}
+
+/// Prints one JSON line. A closed stdout (the reader went away) is an error, not a panic.
+pub fn emit(value: &serde_json::Value) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{value}").context("write to stdout")?;
+    out.flush().context("flush stdout")
 }

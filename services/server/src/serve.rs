@@ -23,16 +23,9 @@ use tidings_log_role::{publisher, rpc_server as rpc};
 use tokio::net::TcpListener;
 use tracing::{info, warn};
 
+use crate::cli::Role;
 use crate::config::Config;
 use crate::supervise::{self, Supervisor};
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum Role {
-    All,
-    Log,
-    Gateway,
-    Archiver,
-}
 
 /// The token verifiers of one process: one per plane, all reading the same keys.
 pub struct Verifiers {
@@ -60,7 +53,7 @@ pub fn hs256_secret(config: &Config) -> anyhow::Result<Option<Vec<u8>>> {
             a.hs256_secret_file.display()
         )
     })?;
-    let secret = crate::commands::hex_decode(text.trim())
+    let secret = crate::open::hex_decode(text.trim())
         .with_context(|| format!("read the HS256 secret in {}", a.hs256_secret_file.display()))?;
     Ok(Some(secret))
 }
@@ -75,7 +68,7 @@ pub fn verifiers(config: &Config) -> anyhow::Result<Verifiers> {
             Some((kid, hex)) => (Some(kid.to_string()), hex),
             None => (None, entry.as_str()),
         };
-        let bytes = crate::commands::hex_decode(hex).context("auth.ed25519_public_keys")?;
+        let bytes = crate::open::hex_decode(hex).context("auth.ed25519_public_keys")?;
         let public_key: [u8; 32] = bytes
             .try_into()
             .map_err(|_| anyhow::anyhow!("an Ed25519 public key is 32 bytes (64 hex digits)"))?;
@@ -305,7 +298,7 @@ pub async fn serve(config: Config, role: Role) -> anyhow::Result<()> {
     if role == Role::Archiver {
         // The archiver never writes through the sequencer: it leaves the partitions to the
         // log writers.
-        let log = crate::commands::open_log_owning(&config, None, false, None).await?;
+        let log = crate::open::open_log_owning(&config, None, false, None).await?;
         let archiver = crate::archive::spawn_periodic(&config, log, Arc::default())?;
         supervisor.essential("archiver", supervise::owned(archiver));
         eprintln!("tidings: archiver every {}", config.archive.interval);
@@ -366,12 +359,9 @@ pub async fn serve(config: Config, role: Role) -> anyhow::Result<()> {
     let service: Option<Arc<dyn LogService>> = match role {
         Role::All | Role::Log => {
             let (feed_tx, feed_rx) = tokio::sync::mpsc::channel(64 * 1024);
-            let log = crate::commands::open_log_with_feed(
-                &config,
-                Some(feed_tx.clone()),
-                Some(nats.clone()),
-            )
-            .await?;
+            let log =
+                crate::open::open_log_with_feed(&config, Some(feed_tx.clone()), Some(nats.clone()))
+                    .await?;
             crate::metrics::register_log(&log, &feed_tx);
             drop(feed_tx);
             let rules = config.intercept_rules()?;
