@@ -86,7 +86,7 @@ pub fn envelope(payload: &[u8]) -> Result<SealedEvent, OpenError> {
 /// Opens an envelope that arrived on `tidings.ev.<tenant>.<conv>` with `key` (the tenant's
 /// key of the envelope's id); the event inside must be the one the envelope names. Returns
 /// it with its bytes as the sequencer encoded them (what a push frame carries, not encoded
-/// again: [`crate::hub::event_frame`]).
+/// again: `tidings_gateway::hub::event_frame`).
 pub fn open_event(
     key: &TransportKey,
     conv: &ConvId,

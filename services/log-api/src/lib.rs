@@ -10,7 +10,7 @@
 //! - [`policy`]: conversation kinds and their role policies, as data (the built-in names a
 //!   client may use, and the rules the log applies).
 //! - [`search`]: search terms: folding, words and CJK bigrams, the match rule, sealed tags.
-//! - [`service`]: [`LogService`](service::LogService), what a gateway needs from the log
+//! - [`service`]: [`LogService`], what a gateway needs from the log
 //!   whether in its process or across NATS, and who a call is made for.
 //! - [`rpc`]: `LogService` over NATS request/reply, the client side and the wire
 //!   conversions; calls and replies sealed.
@@ -20,6 +20,8 @@
 //! - [`health`]: the named probes `/readyz` reports.
 //! - [`metrics`]: Prometheus counters and histograms, the text format, the process's
 //!   collectors.
+//! - [`duration_as`]: durations read from the config file as whole milliseconds or
+//!   seconds; [`now_ms`], [`now_secs`], [`event_kind`].
 
 pub mod bus_crypto;
 pub mod crypto;

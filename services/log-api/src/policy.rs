@@ -2,7 +2,7 @@
 //! ([docs/decisions/kinds-and-roles.md](../../../docs/decisions/kinds-and-roles.md)).
 //!
 //! A kind names its roles and, for each thing a member may do, which roles may do it. The
-//! sequencer asks [`Kinds::check`] before every write and refuses with
+//! sequencer asks [`KindPolicy::check`] before every write and refuses with
 //! [`LogError::NotAllowed`], saying which roles may; it has no rule of its own per kind. Four
 //! kinds are built in (direct, group, announcement, class); more can be defined in the log's
 //! configuration (`[[log.kinds]]`) without code.

@@ -128,7 +128,7 @@ pub trait LogService: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<ConversationSummary>, LogError>;
     /// A page of members or of membership changes, with the list's version
-    /// ([`Log::member_page`]).
+    /// (`tidings_log::Log::member_page`).
     async fn members(
         &self,
         caller: &Caller,
@@ -149,7 +149,7 @@ pub trait LogService: Send + Sync + 'static {
         t: &TenantId,
         c: &ConvId,
     ) -> Result<ConversationInfo, LogError>;
-    /// One page of `user`'s search of their own conversations ([`Log::search`]).
+    /// One page of `user`'s search of their own conversations (`tidings_log::Log::search`).
     async fn search(
         &self,
         caller: &Caller,

@@ -1,7 +1,10 @@
 //! The tidings event log.
 //!
+//! The API's ids, errors, request types, kinds-and-roles policy and search terms live in
+//! `tidings-log-api` (what a gateway builds against) and are re-exported here under the
+//! paths the log's code names them by: [`ids`], [`error`], [`policy`], [`search`].
+//!
 //! # Layout
-//! - [`ids`]: validated tenant, conversation, user and client message ids.
 //! - [`keys`]: the keyspace (`ev/`, `hd/`, `dd/`, `mb/`, `uc/`, `kr/`, `ks/`, ...).
 //! - [`store`]: the [`KvStore`](store::KvStore) interface, the embedded fjall backend and the
 //!   conformance suite every backend runs.
@@ -14,16 +17,13 @@
 //!   `outage` (private): the sequencer while the store cannot commit.
 //! - [`send_buffer`]: the write-ahead buffer outside the KV that appends go to during an
 //!   outage, replayed in seq order when the store is back.
-//! - [`policy`]: conversation kinds and their role policies, as data: who may post, add,
-//!   rename, set names, ... (built-in kinds and configured ones).
 //! - [`log`]: [`Log`], the API the binary and the gateway use: conversations, membership,
-//!   appends, reads, read cursors.
+//!   appends, reads, read cursors; `service`: the `Log` as the gateway's `LogService` when
+//!   both are in one process.
 //! - [`overload`]: admission control past the writer's capacity: the hottest conversations
 //!   (a space-saving sketch) are limited first, VIP tenants' last.
 //! - [`revocation`]: revoked tokens (by `jti`, and users' issued-before cutoffs), kept in
 //!   the store (`rv/`) behind a small bounded cache.
-//! - [`search`]: search terms: folding, words and CJK bigrams, the match rule, sealed
-//!   term tags.
 //! - [`hot_index`]: the hot events' search index (sealed postings in the KV, built after
 //!   commit by a supervised indexer); `user_search`: [`Log::search`], a user's search of
 //!   their own conversations.
@@ -33,9 +33,8 @@
 //!   index lookups the log makes itself.
 //! - [`webhooks`]: outgoing webhook subscriptions as stored: sealed secrets, delivery
 //!   cursors, replays asked for, dead letters (delivery itself is the server's).
-//! - [`error`]: the typed [`LogError`].
-//! - [`metrics`]: Prometheus counters and histograms, the text format, the process's
-//!   collectors; the log's own append and commit metrics.
+//! - [`metrics`]: the log's own append and commit metrics (and, re-exported, the API's
+//!   Prometheus primitives, text format and collector registry).
 
 pub mod bots;
 pub mod cells;
