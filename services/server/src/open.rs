@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use tidings_log::Log;
 use tidings_log::crypto::Keyring;
 use tidings_log::send_buffer::BufferPlace;
@@ -131,7 +131,7 @@ async fn open_tikv(config: &Config) -> anyhow::Result<Arc<dyn KvStore>> {
 
 #[cfg(not(feature = "tikv"))]
 async fn open_tikv(_config: &Config) -> anyhow::Result<Arc<dyn KvStore>> {
-    bail!(
+    anyhow::bail!(
         "store.backend is \"tikv\" but this tidings was built without TiKV support; \
          rebuild it with `cargo build --release --features tikv`"
     )
