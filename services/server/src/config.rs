@@ -305,7 +305,7 @@ pub struct NatsSection {
     pub url: String,
     pub request_timeout_ms: u64,
     /// The event stream and the publisher (`publish_backlog`, `stream_max_age_secs`,
-    /// `stream_max_bytes`): the gateway library's own settings type, read from this table.
+    /// `stream_max_bytes`): the log role's own settings type, read from this table.
     #[serde(flatten)]
     pub publisher: tidings_log_role::publisher::PublisherConfig,
     /// Log requests one log process serves at once (`--role log`).
