@@ -30,7 +30,7 @@ pub struct GatewayConfig {
     pub tls_key_file: Option<std::path::PathBuf>,
     /// The log's public identity key (64 hex digits; `tidings keys log-identity` prints it).
     /// A gateway running apart from the log (`--role gateway`) needs it: only a log with
-    /// that identity can answer its transport key requests ([`crate::bus_crypto`]).
+    /// that identity can answer its transport key requests ([`tidings_log_api::bus_crypto`]).
     pub log_public_key: String,
     /// Largest WebSocket frame/message accepted; larger ones close the connection (1009).
     pub max_frame_bytes: usize,

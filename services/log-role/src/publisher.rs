@@ -3,7 +3,7 @@
 //! Each committed event goes to JetStream subject `tidings.ev.<tenant>.<conv>` with
 //! `Nats-Msg-Id: <tenant>/<conv>/<seq>` (JetStream drops a re-publish of the same id inside
 //! its duplicate window), **sealed** under the tenant's current transport key
-//! ([`crate::bus_crypto::seal_event`]): key id and seq in the clear, the event not. Membership
+//! ([`tidings_log_api::bus_crypto::seal_event`]): key id and seq in the clear, the event not. Membership
 //! changes and read cursors go to the affected users' subjects `tidings.user.<tenant>.<user>`
 //! on core NATS, so every gateway where the user is online can react at once; they carry ids
 //! and seqs only (a conversation id and a seq), which the subject's routing reveals anyway,
@@ -266,7 +266,7 @@ pub fn spawn(
 /// The publisher's loop. It runs until the feed closes (the log is gone) and its backlog is
 /// empty or NATS stays unreachable. `keyring` is the log's ([`tidings_log::Log::keyring`]):
 /// events are sealed under its tenants' transport keys. `link` is the connection's state
-/// ([`crate::nats::BusEvents::link`]): nothing is published while it is down, and the
+/// (`tidings_gateway::nats::BusEvents::link`): nothing is published while it is down, and the
 /// stream is made sure of again after each reconnection.
 pub async fn run(
     client: async_nats::Client,
