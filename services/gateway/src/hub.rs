@@ -33,10 +33,10 @@ use tidings_schemas::internal::{TypingNotice, UserNotice, user_notice::Change};
 use tokio::sync::{Notify, broadcast, mpsc, oneshot};
 use tracing::{debug, warn};
 
-use crate::nats::BusEvents;
 use crate::pacing::Pacer;
 use crate::resubscribe::{Delivery, Resubscribing};
 use tidings_log_api::bus_crypto::{self, KeyCache};
+use tidings_log_api::nats::BusEvents;
 use tidings_log_api::service::{Caller, LogService};
 use tidings_log_api::subjects;
 

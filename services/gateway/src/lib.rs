@@ -23,7 +23,6 @@
 //! - [`resubscribe`]: a core NATS subscription made again when the server removes it.
 //! - [`metrics`]: the gateway's Prometheus metrics (send and fan-out latency, sessions,
 //!   rate limiting, admission).
-//! - [`nats`]: connecting to NATS with a role's credential and TLS; URL redaction.
 //! - [`tls`]: TLS for the edge listeners (wss://, https://), reloaded from disk.
 //!
 //! The protocol itself is documented in `schemas/proto/tidings/client/v1/client.proto`.
@@ -35,7 +34,6 @@ pub mod hub;
 pub mod member_list;
 pub mod members;
 pub mod metrics;
-pub mod nats;
 pub mod pacing;
 pub mod resubscribe;
 pub mod revocation;
@@ -45,6 +43,5 @@ pub mod shed;
 pub mod tls;
 pub mod web;
 
-pub use nats::{BusEvents, NatsAuth, NatsConnect, connect_nats, redact_url};
 pub use server::{GatewayConfig, Shared, run};
 pub use tidings_log_api::{Caller, LogService, now_secs};

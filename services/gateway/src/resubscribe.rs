@@ -4,7 +4,7 @@
 //! past it: the server may **remove** a subscription (a permission violation, e.g. after a
 //! configuration reload; the client's stream then stays open and silent forever), and a
 //! subscribe may fail outright. A [`Resubscribing`] notices both — the removal through
-//! [`BusEvents::lost`](crate::nats::BusEvents) — and subscribes again after a bounded,
+//! [`BusEvents::lost`](tidings_log_api::nats::BusEvents) — and subscribes again after a bounded,
 //! jittered backoff, telling its owner ([`Delivery::Resubscribed`]) so it can read from the
 //! log what passed meanwhile.
 

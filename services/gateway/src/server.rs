@@ -198,7 +198,7 @@ impl Shared {
         log: Arc<dyn LogService>,
         nats: async_nats::Client,
         verifier: Verifier,
-        bus: crate::nats::BusEvents,
+        bus: tidings_log_api::nats::BusEvents,
     ) -> Arc<Shared> {
         let registry = Registry::new(
             log.clone(),

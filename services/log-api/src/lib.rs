@@ -16,7 +16,8 @@
 //!   conversions; calls and replies sealed.
 //! - [`crypto`]: AES-SIV secrets and tenants' transport keys; [`bus_crypto`]: sealing on
 //!   NATS (event envelopes, RPC payloads, the X25519 key exchange) and a bounded key cache.
-//! - [`subjects`]: NATS subject names.
+//! - [`subjects`]: NATS subject names; [`nats`]: connecting to NATS with a role's
+//!   credential and TLS, the link's state for `/readyz`, URL redaction.
 //! - [`health`]: the named probes `/readyz` reports.
 //! - [`metrics`]: Prometheus counters and histograms, the text format, the process's
 //!   collectors.
@@ -29,6 +30,7 @@ pub mod error;
 pub mod health;
 pub mod ids;
 pub mod metrics;
+pub mod nats;
 pub mod policy;
 pub mod rpc;
 pub mod search;

@@ -266,7 +266,7 @@ pub fn spawn(
 /// The publisher's loop. It runs until the feed closes (the log is gone) and its backlog is
 /// empty or NATS stays unreachable. `keyring` is the log's ([`tidings_log::Log::keyring`]):
 /// events are sealed under its tenants' transport keys. `link` is the connection's state
-/// (`tidings_gateway::nats::BusEvents::link`): nothing is published while it is down, and the
+/// ([`tidings_log_api::nats::BusEvents::link`]): nothing is published while it is down, and the
 /// stream is made sure of again after each reconnection.
 pub async fn run(
     client: async_nats::Client,

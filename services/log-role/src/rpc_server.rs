@@ -500,7 +500,7 @@ pub async fn serve(
 }
 
 /// [`serve`], ending with [`ServeError::Lost`] when NATS removes one of its subscriptions
-/// (`lost` is `tidings_gateway::nats::BusEvents::lost`); the subscription's stream would otherwise
+/// (`lost` is [`tidings_log_api::nats::BusEvents::lost`]); the subscription's stream would otherwise
 /// stay open and silent while the process looks healthy.
 pub async fn serve_watched(
     client: async_nats::Client,

@@ -233,7 +233,7 @@ impl Link {
         let key = LinkKey::from_file(&cfg.link_key_file).map_err(anyhow::Error::msg)?;
         let opts = cfg.nats.connect()?;
         let (nats, _bus) =
-            tidings_gateway::connect_nats(&opts, &format!("tidings-cell-{}", cfg.name))
+            tidings_log_api::nats::connect_nats(&opts, &format!("tidings-cell-{}", cfg.name))
                 .await
                 .context("connect to the cell link's NATS account ([cell.nats])")?;
         let js = jetstream::new(nats.clone());

@@ -342,7 +342,7 @@ impl std::fmt::Debug for NatsSection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let redacted = |v: &Option<String>| v.as_ref().map(|_| "<redacted>");
         f.debug_struct("NatsSection")
-            .field("url", &tidings_gateway::redact_url(&self.url))
+            .field("url", &tidings_log_api::nats::redact_url(&self.url))
             .field("request_timeout_ms", &self.request_timeout_ms)
             .field("publisher", &self.publisher)
             .field("rpc_in_flight", &self.rpc_in_flight)
@@ -396,9 +396,9 @@ fn read_secret_file(what: &str, path: &Path) -> Result<String, ConfigError> {
 
 impl NatsSection {
     /// The credential and TLS settings, secrets read from their files; what
-    /// [`tidings_gateway::connect_nats`] takes. Exactly one credential kind, or none.
-    pub fn connect(&self) -> Result<tidings_gateway::NatsConnect, ConfigError> {
-        use tidings_gateway::NatsAuth;
+    /// [`tidings_log_api::nats::connect_nats`] takes. Exactly one credential kind, or none.
+    pub fn connect(&self) -> Result<tidings_log_api::nats::NatsConnect, ConfigError> {
+        use tidings_log_api::nats::NatsAuth;
         let password = match (&self.password_env, &self.password_file) {
             (Some(p), _) => Some(p.clone()),
             (None, Some(f)) => Some(read_secret_file("nats.password_file", f)?),
@@ -462,7 +462,7 @@ impl NatsSection {
         };
         let wait = parse_duration_secs(&self.connect_wait)
             .map_err(|e| ConfigError::Invalid(format!("nats.connect_wait: {e}")))?;
-        Ok(tidings_gateway::NatsConnect {
+        Ok(tidings_log_api::nats::NatsConnect {
             url: self.url.clone(),
             auth,
             tls_ca_file: self.tls_ca_file.clone(),
@@ -1641,7 +1641,9 @@ TIDINGS_CELL_PEERS | b=wss://b/v1/ws, c=wss://c/v1/ws | cell.peers | [{"name":"b
         )
         .expect("load");
         let c = cfg.nats.connect().expect("connect options");
-        assert!(matches!(&c.auth, tidings_gateway::NatsAuth::NKeySeed(s) if s == "SUSEEDSECRET"));
+        assert!(
+            matches!(&c.auth, tidings_log_api::nats::NatsAuth::NKeySeed(s) if s == "SUSEEDSECRET")
+        );
         for shown in [format!("{:?}", cfg.nats), format!("{c:?}")] {
             assert!(
                 !shown.contains("SUSEEDSECRET") && !shown.contains("hunter2"),
@@ -1660,7 +1662,7 @@ TIDINGS_CELL_PEERS | b=wss://b/v1/ws, c=wss://c/v1/ws | cell.peers | [{"name":"b
         assert!(!format!("{cfg:?}").contains("hunter2"));
         assert!(matches!(
             cfg.nats.connect().expect("user/password").auth,
-            tidings_gateway::NatsAuth::UserPassword { .. }
+            tidings_log_api::nats::NatsAuth::UserPassword { .. }
         ));
         let cfg = Config::load(
             None,

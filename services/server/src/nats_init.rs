@@ -39,10 +39,10 @@ pub struct RolePermissions {
 pub async fn connect(
     config: &crate::config::Config,
     role: &str,
-) -> anyhow::Result<(async_nats::Client, tidings_gateway::BusEvents)> {
+) -> anyhow::Result<(async_nats::Client, tidings_log_api::nats::BusEvents)> {
     let mut opts = config.nats.connect()?;
     opts.inbox_prefix = Some(inbox_prefix(role));
-    Ok(tidings_gateway::connect_nats(&opts, &format!("tidings-{role}")).await?)
+    Ok(tidings_log_api::nats::connect_nats(&opts, &format!("tidings-{role}")).await?)
 }
 
 pub fn inbox_prefix(role: &str) -> String {

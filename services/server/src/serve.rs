@@ -16,8 +16,9 @@ use std::sync::Arc;
 use anyhow::Context;
 use futures_util::TryFutureExt;
 use tidings_auth::{AuthConfig, Ed25519Key, Jwks, Verifier};
-use tidings_gateway::{BusEvents, LogService, Shared};
+use tidings_gateway::{LogService, Shared};
 use tidings_log_api::health::{Health, link_probe};
+use tidings_log_api::nats::BusEvents;
 use tidings_log_api::rpc::NatsLogService;
 use tidings_log_role::{publisher, rpc_server as rpc};
 use tokio::net::TcpListener;
@@ -564,7 +565,7 @@ pub async fn serve(config: Config, role: Role) -> anyhow::Result<()> {
         _ => {
             eprintln!(
                 "tidings: log service on NATS {}",
-                tidings_gateway::redact_url(&config.nats.url)
+                tidings_log_api::nats::redact_url(&config.nats.url)
             );
             stop.await;
         }

@@ -21,7 +21,7 @@ use async_nats::ConnectErrorKind;
 use tokio::sync::{broadcast, watch};
 use tracing::{info, warn};
 
-use tidings_log_api::health::Link;
+use crate::health::Link;
 
 /// What the NATS connection tells the tasks of a process.
 #[derive(Clone)]
