@@ -88,12 +88,17 @@ pub mod duration_as {
 
     use serde::{Deserialize, Deserializer, Serializer};
 
+    /// `d` as the whole milliseconds a `*_ms` setting holds (saturating).
+    pub fn whole_millis(d: Duration) -> u64 {
+        u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+    }
+
     /// Whole milliseconds (`*_ms` settings).
     pub mod millis {
         use super::*;
 
         pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-            s.serialize_u64(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+            s.serialize_u64(whole_millis(*d))
         }
 
         pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {

@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use tidings_log::crypto::{MasterKey, TenantKeySource, TenantKeys};
 use tidings_log::{LogConfig, TenantId};
+use tidings_log_api::duration_as::whole_millis as millis;
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -472,11 +473,6 @@ impl NatsSection {
             inbox_prefix: None,
         })
     }
-}
-
-/// A duration as the whole milliseconds a `*_ms` setting gives it.
-fn millis(d: std::time::Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]

@@ -119,11 +119,7 @@ fn settings() -> Vec<(String, Kind)> {
             return;
         };
         for (key, value) in fields {
-            let path = if prefix.is_empty() {
-                key.clone()
-            } else {
-                format!("{prefix}.{key}")
-            };
+            let path = child_path(prefix, key);
             if FILE_ONLY.contains(&path.as_str()) {
                 continue;
             }
@@ -141,10 +137,25 @@ fn settings() -> Vec<(String, Kind)> {
             out.push((path, kind));
         }
     }
-    let defaults = serde_json::to_value(Config::default()).expect("the defaults serialise");
+    let defaults = defaults_tree();
     let mut out = Vec::new();
     walk(&defaults, "", &mut out);
     out
+}
+
+/// The path of `key` in the table at `prefix` (`log` and `max_batch`: `log.max_batch`).
+fn child_path(prefix: &str, key: &str) -> String {
+    if prefix.is_empty() {
+        key.to_string()
+    } else {
+        format!("{prefix}.{key}")
+    }
+}
+
+/// The defaults as a tree: every setting at its path. The variables, the file's keys and
+/// its values are all checked against it.
+fn defaults_tree() -> Value {
+    serde_json::to_value(Config::default()).expect("the defaults serialise")
 }
 
 /// `config` with the overrides `env` gives.
@@ -208,11 +219,7 @@ pub fn refuse_unknown_keys(file: &toml::Table) -> Result<(), String> {
             return Ok(());
         };
         for (key, value) in file {
-            let path = if prefix.is_empty() {
-                key.clone()
-            } else {
-                format!("{prefix}.{key}")
-            };
+            let path = child_path(prefix, key);
             let Some(default) = known.get(key) else {
                 let table = if prefix.is_empty() {
                     "at the top level".to_string()
@@ -233,7 +240,7 @@ pub fn refuse_unknown_keys(file: &toml::Table) -> Result<(), String> {
         }
         Ok(())
     }
-    let defaults = serde_json::to_value(Config::default()).expect("the defaults serialise");
+    let defaults = defaults_tree();
     walk(file, &defaults, "")
 }
 
@@ -248,11 +255,7 @@ pub fn refused_value(file: &toml::Table) -> Option<(String, String)> {
         defaults: &Value,
     ) -> Option<(String, String)> {
         for (key, value) in file {
-            let path = if prefix.is_empty() {
-                key.clone()
-            } else {
-                format!("{prefix}.{key}")
-            };
+            let path = child_path(prefix, key);
             // An unknown key is `refuse_unknown_keys`' to name.
             let Some(default) = known.get(key) else {
                 continue;
@@ -275,7 +278,7 @@ pub fn refused_value(file: &toml::Table) -> Option<(String, String)> {
         }
         None
     }
-    let defaults = serde_json::to_value(Config::default()).expect("the defaults serialise");
+    let defaults = defaults_tree();
     walk(file, &defaults, "", &defaults)
 }
 
@@ -302,7 +305,7 @@ pub fn names() -> Vec<String> {
 /// `TIDINGS_*` variables (`TIDINGS_LOG` for log filtering, the tests' `TIDINGS_REQUIRE_*`)
 /// are not the configuration's.
 pub fn unknown<'a>(present: impl IntoIterator<Item = &'a str>) -> Vec<String> {
-    let defaults = serde_json::to_value(Config::default()).expect("the defaults serialise");
+    let defaults = defaults_tree();
     let sections: Vec<String> = defaults
         .as_object()
         .into_iter()
