@@ -23,7 +23,7 @@ use crate::lease::{self, Ownership, Registration};
 use crate::send_buffer::{BufferStats, SendBuffer};
 use crate::store::{KeyRange, KvStore, Order};
 use crate::writer::{Command, LeaseOp, Outcome, Request, Writer, WriterStats};
-pub use tidings_log_api::types::{
+use tidings_log_api::types::{
     Append, By, Committed, ConversationInfo, ConversationSummary, CreateConversation,
     MAX_DISPLAY_NAME_BYTES, Member, MemberChange, MemberPage, MembersQuery, ReadRange,
     check_member_prefix,

@@ -29,13 +29,14 @@ use tidings_schemas::client::{Highlight, SearchHit, SearchResult};
 use tidings_schemas::storage::{Head, UserConversation};
 use tidings_schemas::v1::event::Body;
 
+use crate::ReadRange;
 use crate::cold::{archived_through_each, decode_purge_marker};
 use crate::crypto::hex_encode;
 use crate::error::LogError;
 use crate::hot_index::{Fate, Postings, decode_watermark};
 use crate::ids::{ConvId, TenantId, UserId};
 use crate::keys;
-use crate::log::{Log, ReadRange, open_stored_event};
+use crate::log::{Log, open_stored_event};
 use crate::search::{Needle, Term};
 use crate::store::{KeyRange, Order, Pages};
 use tidings_schemas::v1::Event;

@@ -9,7 +9,7 @@ use crate::error::LogError;
 use crate::ids::{ConvId, TenantId, UserId};
 use crate::keys;
 use crate::lease::Held;
-use crate::log::{Append, By, Committed, CreateConversation};
+use crate::{Append, By, Committed, CreateConversation};
 
 pub(crate) enum Command {
     Create(CreateConversation),

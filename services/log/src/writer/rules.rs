@@ -19,8 +19,9 @@ use crate::crypto::DataKey;
 use crate::error::LogError;
 use crate::ids::{ConvId, TenantId, UserId};
 use crate::keys;
-use crate::log::{Append, By, Committed, CreateConversation, FeedItem, LogConfig};
+use crate::log::{FeedItem, LogConfig};
 use crate::policy::{self, Action, KindPolicy};
+use crate::{Append, By, Committed, CreateConversation};
 
 /// The sender of events the system makes (display names set by the operator's tools).
 fn system_user() -> UserId {
