@@ -916,13 +916,13 @@ async fn history_pull_and_sync_span_the_archive() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn appends_reaching_a_writer_that_does_not_own_them_are_routed_to_the_owner() {
     use std::sync::Arc;
-    use tidings_gateway::LogService;
     use tidings_log::crypto::MasterKey;
     use tidings_log::store::{FjallStore, KvStore};
     use tidings_log::{
         Append, ClientMsgId, ConvId, CreateConversation, Log, LogConfig, ReadRange, TenantId,
         UserId,
     };
+    use tidings_log_api::LogService;
     use tidings_log_api::rpc::NatsLogService;
     use tidings_log_role::rpc_server as rpc;
 

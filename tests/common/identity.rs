@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use tidings_auth::{AuthConfig, Claims, Verifier};
-use tidings_gateway::Caller;
+use tidings_log_api::Caller;
 use tidings_log_role::rpc_server::RpcAuth;
 
 const SECRET: &[u8] = b"tests-only-hs256-secret-of-32-bytes!";

@@ -97,7 +97,7 @@ async fn answer(shared: &Shared, head: &Head, body: &[u8]) -> Answer {
             "send Authorization: Bearer <bot token>",
         );
     };
-    let claims = match shared.verifier.verify(token, crate::now_secs()) {
+    let claims = match shared.verifier.verify(token, tidings_log_api::now_secs()) {
         Ok(claims) => claims,
         Err(e) => return failure(401, "auth_failed", &format!("token refused: {e}")),
     };

@@ -44,4 +44,3 @@ pub mod tls;
 pub mod web;
 
 pub use server::{GatewayConfig, Shared, run};
-pub use tidings_log_api::{Caller, LogService, now_secs};

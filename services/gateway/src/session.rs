@@ -515,7 +515,10 @@ impl Session {
                     // Capped: a token may claim an expiry centuries away, and Instant
                     // arithmetic must not overflow on it.
                     const YEAR: u64 = 365 * 24 * 3600;
-                    let left = c.expires_at.saturating_sub(crate::now_secs()).min(YEAR);
+                    let left = c
+                        .expires_at
+                        .saturating_sub(tidings_log_api::now_secs())
+                        .min(YEAR);
                     tokio::time::Instant::now() + Duration::from_secs(left)
                 }
                 None => hello_deadline,
@@ -629,7 +632,11 @@ impl Session {
     }
 
     async fn hello(&mut self, id: u64, hello: proto::Hello) -> Option<CloseOrder> {
-        let claims = match self.shared.verifier.verify(&hello.token, crate::now_secs()) {
+        let claims = match self
+            .shared
+            .verifier
+            .verify(&hello.token, tidings_log_api::now_secs())
+        {
             Ok(c) => c,
             Err(e) => {
                 let code = if e.code() == "expired" {

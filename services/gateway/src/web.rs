@@ -115,7 +115,7 @@ pub fn dev_token(shared: &Shared, peer: SocketAddr, query: &str) -> Answer {
         (Ok(t), Ok(u)) => (t, u),
         (Err(e), _) | (_, Err(e)) => return Answer::error(400, &e.to_string()),
     };
-    let now = crate::now_secs();
+    let now = tidings_log_api::now_secs();
     let claims = tidings_auth::Claims {
         tenant: tenant.to_string(),
         user: user.to_string(),

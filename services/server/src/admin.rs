@@ -578,7 +578,7 @@ fn verify_bearer(
         _ => return Err("the Authorization header is not `Bearer <token>`".into()),
     };
     let claims = verifier
-        .verify(token, tidings_gateway::now_secs())
+        .verify(token, tidings_log_api::now_secs())
         .map_err(|e| e.to_string())?;
     let tenant = TenantId::new(claims.tenant.as_str()).map_err(|e| format!("token tenant: {e}"))?;
     let user = UserId::new(claims.user.as_str()).map_err(|e| format!("token user: {e}"))?;
@@ -818,7 +818,7 @@ async fn revoke_request(
     };
     let refusal = posted.refusal(state, action);
     let (caller, bytes) = (&posted.caller, &posted.bytes);
-    let request = match crate::revoke::Request::from_json(bytes, tidings_gateway::now_secs()) {
+    let request = match crate::revoke::Request::from_json(bytes, tidings_log_api::now_secs()) {
         Ok(request) => request,
         Err(reason) => return refusal.invalid(&caller.tenant, &reason).await,
     };

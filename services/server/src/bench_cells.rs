@@ -166,7 +166,7 @@ async fn start(root: &Path, jwt_file: &Path, link_file: &Path) -> anyhow::Result
 }
 
 fn token(secret: &[u8], tenant: &str, user: &str, audience: &str, roles: &[&str]) -> String {
-    let now = tidings_gateway::now_secs();
+    let now = tidings_log_api::now_secs();
     tidings_auth::issue_hs256(
         secret,
         "tidings",

@@ -541,7 +541,7 @@ impl Secrets {
 
 impl Tokens {
     pub(crate) fn of(&self, user: &str) -> String {
-        let now = tidings_gateway::now_secs();
+        let now = tidings_log_api::now_secs();
         tidings_auth::issue_hs256(
             &self.secret,
             "tidings",

@@ -53,7 +53,7 @@ fn issue(
     days: u64,
 ) -> (Value, String) {
     let bot = &account.id;
-    let now = tidings_gateway::now_secs();
+    let now = tidings_log_api::now_secs();
     let jti = uuid::Uuid::now_v7().to_string();
     let token = tidings_auth::issue_bot(
         &log.keyring().bot_signing_seed(),
@@ -124,7 +124,7 @@ pub async fn revoke(
         tenant: tenant.clone(),
         target: crate::revoke::Target::UserBefore {
             user: bot.clone(),
-            before: tidings_gateway::now_secs(),
+            before: tidings_log_api::now_secs(),
         },
     };
     let outcome = crate::revoke::revoke(log, nats, &request).await?;

@@ -238,7 +238,7 @@ fn issue_token(
     } else {
         &a.audience
     };
-    let now = tidings_gateway::now_secs();
+    let now = tidings_log_api::now_secs();
     let claims = tidings_auth::Claims {
         tenant: tenant.to_string(),
         user: user.to_string(),
@@ -274,7 +274,7 @@ async fn revoke_tokens(
     how: Through,
 ) -> anyhow::Result<bool> {
     use crate::revoke::{Request, Target};
-    let now = tidings_gateway::now_secs();
+    let now = tidings_log_api::now_secs();
     let target = match (jti, user) {
         (Some(jti), None) => {
             Target::Jti(crate::revoke::check_jti(&jti).map_err(anyhow::Error::msg)?)

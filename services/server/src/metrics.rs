@@ -40,7 +40,7 @@ pub fn archive_pass(seconds: f64, archived: Option<u64>) {
         Some(n) => {
             ARCHIVE_PASSES.inc("ok");
             ARCHIVED_EVENTS.add(n);
-            ARCHIVE_LAST_SUCCESS.store(tidings_gateway::now_secs(), Ordering::Relaxed);
+            ARCHIVE_LAST_SUCCESS.store(tidings_log_api::now_secs(), Ordering::Relaxed);
         }
         None => ARCHIVE_PASSES.inc("failed"),
     }

@@ -164,7 +164,7 @@ pub async fn revoke(
     let tenant = &request.tenant;
     let (notice, cutoff) = match &request.target {
         Target::Jti(jti) => {
-            log.revoke_jti(tenant, jti, tidings_gateway::now_secs())
+            log.revoke_jti(tenant, jti, tidings_log_api::now_secs())
                 .await?;
             (Notice::jti(jti), None)
         }

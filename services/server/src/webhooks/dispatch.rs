@@ -579,7 +579,7 @@ impl Worker {
     /// One try: `Ok` on a 2xx answer, else why not (bounded).
     async fn post(&self, event: &Event, attempt: u32) -> Result<(), String> {
         let body = sign::body(&self.sub.id, attempt, event);
-        let t = tidings_gateway::now_secs();
+        let t = tidings_log_api::now_secs();
         let answer = self
             .shared
             .http
