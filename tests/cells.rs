@@ -265,10 +265,18 @@ async fn drill(sync: bool) -> Vec<u64> {
         .expect("a sends alice to b");
     assert_eq!(ack.seq, first.seq + 1);
     // The old home's relay keeps them once it has compared directories with b.
-    eventually("a lists exactly what b never got", || {
-        lost_seqs(a, "vip") == missing
-    })
-    .await;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let listed = lost_seqs(a, "vip");
+        if listed == missing {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting: a lists exactly what b never got: {listed:?}, not {missing:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     // And b's waiting replicas reach a, now its DR cell.
     let deadline = Instant::now() + WAIT;
     while counter(b, "tidings_cell_outbox_age_seconds").await > 0.0 {
