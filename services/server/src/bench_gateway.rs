@@ -1,12 +1,14 @@
 //! `tidings bench gateway`: end to end through a real `tidings serve` process and a real
 //! nats-server, with the baselines measured in the same run.
 //!
-//! 1. Baselines: a raw async-nats request/reply round trip (an echo responder on the same
-//!    nats-server) and a raw durable store commit (one fjall batch of one value, fsync'd).
+//! 1. Baselines: the log alone in this process, at the throughput run's concurrency and
+//!    shape, before any server runs; a raw async-nats request/reply round trip (an echo
+//!    responder on the same nats-server) and a raw durable store commit (one fjall batch of
+//!    one value, fsync'd).
 //! 2. Latency: `--users` online users in direct pairs; one message every 1/`--rate` s, sent
 //!    by one side of a pair; the time from the send call to the other side's push.
 //! 3. Throughput: `--senders` sessions sending as fast as their acks come back, for
-//!    `--seconds`.
+//!    `--seconds`; against the log alone, with each process's CPU time per send.
 //! 4. Fan-out: a group of `--fanout` members, all online (one socket each); one message; the
 //!    time until the last member has it.
 
@@ -177,13 +179,7 @@ async fn seed_store(
     pairs: usize,
     args: &GatewayArgs,
 ) -> anyhow::Result<Vec<Duration>> {
-    let store = Arc::new(FjallStore::open(data)?);
-    let log = Log::open(
-        store as Arc<dyn KvStore>,
-        MasterKey::from_hex(master_hex).map_err(anyhow::Error::msg)?,
-        Default::default(),
-    )
-    .await?;
+    let log = open_log(data, master_hex).await?;
     let mut creates = tokio::task::JoinSet::new();
     for p in 0..pairs.max(args.senders) {
         let (log, tenant) = (log.clone(), tenant.clone());
@@ -210,6 +206,18 @@ async fn seed_store(
     let key = log.transport_key(tenant, None).await?;
     log.close().await;
     Ok(sealing_costs(&key, tenant, 2000))
+}
+
+/// The log on the embedded store at `data`, with default settings, as the bench (not a
+/// server) uses it.
+async fn open_log(data: &Path, master_hex: &str) -> anyhow::Result<Log> {
+    let store = Arc::new(FjallStore::open(data)?);
+    Ok(Log::open(
+        store as Arc<dyn KvStore>,
+        MasterKey::from_hex(master_hex).map_err(anyhow::Error::msg)?,
+        Default::default(),
+    )
+    .await?)
 }
 
 /// A group `conv` of `n` members named `{prefix}0` (its creator) to `{prefix}{n - 1}`.
@@ -567,12 +575,26 @@ struct Measured {
     /// what the server side pays, whatever the bench's own clients cost on the same cores.
     server_cpu_per_send: Duration,
     nats_cpu_per_send: Duration,
+    /// This process's CPU time per acked send in the throughput run: the bench's clients,
+    /// which share the cores with the server.
+    client_cpu_per_send: Duration,
+}
+
+/// The log alone, in this process, at the throughput run's concurrency and shape.
+struct LogAlone {
+    appends_per_s: f64,
+    cpu_per_append: Duration,
 }
 
 /// CPU time (user + system) a process has used so far, from /proc/PID/stat (Linux; in
 /// USER_HZ ticks, 100 per second). Zero where it cannot be read.
 fn cpu_time(child: &Child) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{}/stat", child.0.id())).unwrap_or_default();
+    cpu_time_of(child.0.id())
+}
+
+/// [`cpu_time`] of any process, by id.
+fn cpu_time_of(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // The fields after the command name (which is in parentheses and may hold spaces).
     let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
     let field = |i: usize| -> u64 {
@@ -632,6 +654,20 @@ pub async fn run(args: GatewayArgs, _config: &Config) -> anyhow::Result<()> {
     for (round, variants) in rounds.iter().enumerate() {
         let (mut plain, mut measured, mut sealing) = (None, None, Vec::new());
         for &variant in variants {
+            let alone = if !comparing && round == 0 {
+                Some(
+                    log_alone(
+                        &root.join("log-alone"),
+                        &master.to_hex(),
+                        &tenant,
+                        pairs,
+                        &args,
+                    )
+                    .await?,
+                )
+            } else {
+                None
+            };
             let here = root.join(format!("{}-{round}", variant.name()));
             let data = here.join("data");
             sealing = seed_store(&data, &master.to_hex(), &tenant, pairs, &args).await?;
@@ -645,7 +681,7 @@ pub async fn run(args: GatewayArgs, _config: &Config) -> anyhow::Result<()> {
             };
             let m = measure(&dep, &args, pairs, &tokens).await?;
             if !comparing {
-                print_single(&m, &args, pairs, baseline.as_ref());
+                print_single(&m, &args, pairs, baseline.as_ref(), alone.as_ref());
                 if args.fanout > 1 {
                     fan_out(&dep, &args, &tokens).await?;
                 }
@@ -792,7 +828,11 @@ async fn measure(
         });
     }
     let started = Instant::now();
-    let cpu_before = (cpu_time(&dep.server), cpu_time(&dep.nats));
+    let cpu_before = (
+        cpu_time(&dep.server),
+        cpu_time(&dep.nats),
+        cpu_time_of(std::process::id()),
+    );
     while sending.join_next().await.is_some() {}
     let sends = acked.load(Ordering::Relaxed);
     let per_send = |d: Duration| d / u32::try_from(sends.max(1)).unwrap_or(u32::MAX);
@@ -802,6 +842,64 @@ async fn measure(
         sessions: args.senders.min(pairs.max(1)),
         server_cpu_per_send: per_send(cpu_time(&dep.server).saturating_sub(cpu_before.0)),
         nats_cpu_per_send: per_send(cpu_time(&dep.nats).saturating_sub(cpu_before.1)),
+        client_cpu_per_send: per_send(cpu_time_of(std::process::id()).saturating_sub(cpu_before.2)),
+    })
+}
+
+/// The throughput run without the gateway: `--senders` tasks of this process appending as
+/// fast as acked to a [`Log`] of their own (fresh store, same conversations, same senders,
+/// same text), for `--seconds`, before any server runs. What the path around the log is
+/// weighed against: `bench append`'s measure, in this run and this workload.
+async fn log_alone(
+    data: &Path,
+    master_hex: &str,
+    tenant: &TenantId,
+    pairs: usize,
+    args: &GatewayArgs,
+) -> anyhow::Result<LogAlone> {
+    seed_store(data, master_hex, tenant, pairs, args).await?;
+    let log = open_log(data, master_hex).await?;
+    let acked = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + Duration::from_secs(args.seconds);
+    let mut sending = tokio::task::JoinSet::new();
+    for s in 0..args.senders {
+        let p = s % pairs.max(1);
+        let (log, tenant, acked) = (log.clone(), tenant.clone(), acked.clone());
+        sending.spawn(async move {
+            let (conv, sender) = (
+                ConvId::new(format!("pair{p}"))?,
+                UserId::new(format!("a{p}"))?,
+            );
+            let mut i = 0u64;
+            while Instant::now() < deadline {
+                let id = tidings_log::ClientMsgId::new(format!("tp{s}-{i}"))?;
+                let req = tidings_log::Append::text(
+                    tenant.clone(),
+                    conv.clone(),
+                    sender.clone(),
+                    id,
+                    "throughput",
+                );
+                if log.append_for_user(req).await.is_ok() {
+                    acked.fetch_add(1, Ordering::Relaxed);
+                }
+                i += 1;
+            }
+            anyhow::Ok(())
+        });
+    }
+    let started = Instant::now();
+    let cpu_before = cpu_time_of(std::process::id());
+    while let Some(r) = sending.join_next().await {
+        r??;
+    }
+    let elapsed = started.elapsed();
+    let cpu = cpu_time_of(std::process::id()).saturating_sub(cpu_before);
+    log.close().await;
+    let appends = acked.load(Ordering::Relaxed);
+    Ok(LogAlone {
+        appends_per_s: appends as f64 / elapsed.as_secs_f64(),
+        cpu_per_append: cpu / u32::try_from(appends.max(1)).unwrap_or(u32::MAX),
     })
 }
 
@@ -810,6 +908,7 @@ fn print_single(
     args: &GatewayArgs,
     pairs: usize,
     baseline: Option<&(Vec<Duration>, Vec<Duration>)>,
+    alone: Option<&LogAlone>,
 ) {
     let lat = &m.latencies;
     let vs_base =
@@ -846,6 +945,34 @@ fn print_single(
         commit_rate.map_or("-".into(), |r| format!("{:.2}x", m.sends_per_s / r))
     );
     println!();
+    if let Some(alone) = alone {
+        let us = |d: Duration| d.as_secs_f64() * 1e6;
+        println!(
+            "| the same senders, conversations and text | acked/s | CPU per send: tidings | nats-server | bench clients | total |"
+        );
+        println!("|---|---:|---:|---:|---:|---:|");
+        println!(
+            "| the log alone, in process (no gateway, no NATS) | {:.0} | {:.0} µs | - | - | {:.0} µs |",
+            alone.appends_per_s,
+            us(alone.cpu_per_append),
+            us(alone.cpu_per_append)
+        );
+        println!(
+            "| through the gateway (tidings serve, nats-server) | {:.0} | {:.0} µs | {:.0} µs | {:.0} µs | {:.0} µs |",
+            m.sends_per_s,
+            us(m.server_cpu_per_send),
+            us(m.nats_cpu_per_send),
+            us(m.client_cpu_per_send),
+            us(m.server_cpu_per_send + m.nats_cpu_per_send + m.client_cpu_per_send)
+        );
+        println!(
+            "| **gateway / log alone** | **{:.2}x** | | | | {:.2}x |",
+            m.sends_per_s / alone.appends_per_s.max(1e-9),
+            (m.server_cpu_per_send + m.nats_cpu_per_send + m.client_cpu_per_send).as_secs_f64()
+                / alone.cpu_per_append.as_secs_f64().max(1e-9)
+        );
+        println!();
+    }
 }
 
 /// TLS on every link (wss, NATS TLS with NKeys) against the same run without it; the bus is
