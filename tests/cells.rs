@@ -6,6 +6,8 @@
 //!   gap and no reuse of what b holds, retried sends deduplicated; the acknowledged events b
 //!   lacks are counted, and when a is back it lists exactly those as lost and sends clients
 //!   to b.
+//! - Cut off mid-relay: a goes down while it hands a backlog to b; the rows b applied and a
+//!   had not deleted yet are not listed as lost (b's mark says b has them), the rest are.
 //! - A planned move with chat running, with synchronous replication, and the move back:
 //!   nothing lost, nothing twice, every acknowledged send in the new home.
 //! - Residency: a tenant without a DR cell stays in its home; nothing reaches a third cell.
@@ -83,6 +85,26 @@ fn lost_seqs(cell: &Cell, tenant: &str) -> Vec<u64> {
     seqs
 }
 
+/// The last seq of `conv` in a failover's report: what the new home holds of it.
+fn reported_head(report: &Value, conv: &str) -> u64 {
+    report["conversations"]
+        .as_array()
+        .expect("conversations")
+        .iter()
+        .find(|c| c["conversation"] == conv)
+        .and_then(|c| c["last_seq"].as_u64())
+        .expect("the new home holds the conversation")
+}
+
+/// `a` has compared directories with its DR cell `b` since it started: it serves the
+/// tenant, and its relay hands rows over.
+async fn confirmed(a: &Cell) {
+    eventually("a has compared directories with b", || {
+        show(a, "vip")["dr_confirmed"] == true
+    })
+    .await;
+}
+
 /// Creates group `conv` with `member`, through `conn`.
 async fn group(conn: &Connection, conv: &str, member: &str) {
     conn.create_conversation(
@@ -123,6 +145,105 @@ async fn a_vip_tenant_survives_losing_its_home_cell() {
     drill(false).await;
 }
 
+/// An old home that went down in the middle of handing a backlog to its DR cell lists as
+/// lost exactly what the DR cell never applied. The rows it had handed over were not
+/// deleted yet (a relay pass deletes at its end), and they are not lost: when it comes back
+/// it asks the new home for its mark, and drops them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_home_cut_off_mid_relay_lists_only_what_never_arrived() {
+    // Fewer than a relay page (256 rows): the pass hands them all before it deletes any.
+    const BACKLOG: usize = 200;
+    let mut cs = cells(&["a", "b"], &[]);
+    for c in &mut cs {
+        c.start();
+    }
+    let (a, b) = cs.split_at_mut(1);
+    let (a, b) = (&mut a[0], &mut b[0]);
+    answer(a.cell_cli(
+        "vip",
+        &["place", "--home", "a", "--dr", "b", "--tier", "vip"],
+    ));
+    eventually("b learns the placement", || show(b, "vip")["version"] == 1).await;
+    confirmed(a).await;
+    let token = a.sandbox.token("vip", "alice", 3600);
+    let alice = open(&a.url(), &token).await;
+    group(&alice, "team", "bob").await;
+    let deadline = Instant::now() + WAIT;
+    while counter(b, "tidings_cell_replicas_applied_total").await < 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "b never applied the group's creation"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let sent_before = counter(a, "tidings_cell_replicas_sent_total").await;
+
+    // b's nats-server hangs: a acknowledges the sends (asynchronous replication) and its
+    // relay cannot hand them over, so they wait in a's outbox.
+    b.nats.pause();
+    let mut acked = Vec::new();
+    for i in 0..BACKLOG {
+        let ack = alice
+            .send_text("team", &format!("m{i}"), &format!("backlog {i}"))
+            .await
+            .expect("send in a");
+        acked.push(ack.seq);
+    }
+    drop(alice);
+    b.nats.resume();
+    // a is cut off once its relay has handed 20 of them over. The pass that was stuck on
+    // the first send (its page read before the others existed) ends and deletes what it
+    // handed; the next pass has the rest on its page, hands them one by one and deletes
+    // none of them before it ends.
+    let deadline = Instant::now() + WAIT;
+    while counter(a, "tidings_cell_replicas_sent_total").await < sent_before + 20.0 {
+        assert!(Instant::now() < deadline, "a never handed its backlog over");
+    }
+    a.kill();
+
+    let report = answer(b.cell_cli("vip", &["failover", "--unplanned"]));
+    assert_eq!(report["home"], "b");
+    let b_head = reported_head(&report, "team");
+    let missing: Vec<u64> = acked.iter().copied().filter(|s| *s > b_head).collect();
+    let arrived = BACKLOG - missing.len();
+    println!(
+        "cut off mid-relay: of {BACKLOG} sends acknowledged in a, b applied {arrived} before a went down"
+    );
+    assert!(arrived > 0, "b applied some of the backlog");
+
+    a.nats.restart();
+    a.start();
+    eventually("a learns the failover", || show(a, "vip")["home"] == "b").await;
+    // a's relay drops the rows it had handed over and not deleted (b's mark covers them)
+    // and keeps the others as lost: exactly those b never got.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let arrived = counter(a, "tidings_cell_arrived_events_total").await;
+        let lost = counter(a, "tidings_cell_lost_events_total").await;
+        if arrived > 0.0 && lost >= missing.len() as f64 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for a's relay: {arrived} events arrived, {lost} lost (b never got {})",
+            missing.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        lost_seqs(a, "vip"),
+        missing,
+        "lost: exactly what b never got"
+    );
+    // Still exactly those after a few more passes of the relay.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(lost_seqs(a, "vip"), missing);
+    assert_eq!(
+        counter(a, "tidings_cell_lost_events_total").await,
+        missing.len() as f64
+    );
+}
+
 /// With synchronous replication nothing acknowledged is lost (RPO 0).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_synchronous_vip_tenant_loses_nothing_with_its_home_cell() {
@@ -161,10 +282,7 @@ async fn drill(sync: bool) -> Vec<u64> {
             .all(|t| show(b, t)["version"] == 1)
     })
     .await;
-    eventually("a has compared directories with b", || {
-        show(a, "vip")["dr_confirmed"] == true
-    })
-    .await;
+    confirmed(a).await;
 
     // A client's first connect may go to any cell: b sends alice to a.
     let alice_token = a.sandbox.token("vip", "alice", 3600);
@@ -200,13 +318,7 @@ async fn drill(sync: bool) -> Vec<u64> {
     assert_eq!(report["planned"], false);
     // Synchronous replication waits for nobody once the old home is gone.
     assert_eq!(report["sync"], false);
-    let b_head = report["conversations"]
-        .as_array()
-        .expect("conversations")
-        .iter()
-        .find(|c| c["conversation"] == "team")
-        .and_then(|c| c["last_seq"].as_u64())
-        .expect("b holds the conversation");
+    let b_head = reported_head(&report, "team");
 
     // Alice goes on in b.
     let alice = open(&b.url(), &alice_token).await;
@@ -405,10 +517,7 @@ async fn a_planned_move_and_back_loses_nothing_and_nothing_reaches_a_third_cell(
         })
         .await;
     }
-    eventually("a has compared directories with b", || {
-        show(a, "vip")["dr_confirmed"] == true
-    })
-    .await;
+    confirmed(a).await;
 
     let token = a.sandbox.token("vip", "alice", 3600);
     let alice = open(&a.url(), &token).await;

@@ -416,12 +416,26 @@ impl Nats {
     /// Makes the server re-read its config file (SIGHUP), as an operator's reload does:
     /// changed permissions apply to connected clients at once.
     pub fn reload(&self) {
+        self.signal("-HUP");
+    }
+
+    /// Freezes the server (SIGSTOP) until [`Nats::resume`]: its connections stay open and
+    /// nothing on them is answered, as with a hung server or a partitioned link.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
         let pid = self.child.as_ref().expect("nats-server running").id();
         let status = Command::new("kill")
-            .args(["-HUP", &pid.to_string()])
+            .args([signal, &pid.to_string()])
             .status()
             .expect("run kill");
-        assert!(status.success(), "SIGHUP to nats-server");
+        assert!(status.success(), "kill {signal} nats-server");
     }
 
     /// Starts it again on the same port.

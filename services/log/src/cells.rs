@@ -377,6 +377,24 @@ impl crate::Log {
             .collect()
     }
 
+    /// Through which position this cell applied `source`'s replicas of `partition` (its
+    /// `ri/` mark), `None` if it applied none. An old home that comes back after an
+    /// unplanned failover asks the cell that took over: an outbox row at or below the mark
+    /// reached it (the old home went down before deleting the row), one above never did.
+    pub async fn replica_applied_through(
+        &self,
+        source: &str,
+        partition: u32,
+    ) -> Result<Option<Position>, LogError> {
+        let key = keys::replica_mark(source, partition);
+        match self.store().get(&key).await? {
+            None => Ok(None),
+            Some(bytes) => decode_mark(&bytes)
+                .map(Some)
+                .ok_or_else(|| LogError::corrupt(&key, "not 16 bytes")),
+        }
+    }
+
     /// Deletes outbox rows the DR cell acknowledged.
     pub async fn outbox_remove(&self, rows: Vec<Vec<u8>>) -> Result<(), LogError> {
         if rows.is_empty() {
@@ -467,6 +485,35 @@ impl crate::Log {
 pub const BATCH_MAC: &[u8] = b"tidings-cell-batch-v1";
 /// The label of a directory entry's MAC under the link key.
 pub const PLACEMENT_MAC: &[u8] = b"tidings-cell-placement-v1";
+/// The label of a cell's answer for its mark (what it applied of a peer's partition) under
+/// the link key.
+pub const MARK_MAC: &[u8] = b"tidings-cell-mark-v1";
+
+/// What a mark answer's MAC covers: who answers, whose partition, which one, the mark, and
+/// the asker's nonce (so an old answer cannot be replayed to a later question).
+pub fn mark_signed_bytes(
+    answering: &str,
+    source: &str,
+    partition: u32,
+    at: Option<Position>,
+    nonce: &[u8],
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64 + answering.len() + source.len() + nonce.len());
+    for part in [answering.as_bytes(), source.as_bytes(), nonce] {
+        out.extend_from_slice(&(part.len() as u32).to_be_bytes());
+        out.extend_from_slice(part);
+    }
+    out.extend_from_slice(&partition.to_be_bytes());
+    match at {
+        None => out.push(0),
+        Some((epoch, n)) => {
+            out.push(1);
+            out.extend_from_slice(&epoch.to_be_bytes());
+            out.extend_from_slice(&n.to_be_bytes());
+        }
+    }
+    out
+}
 
 /// Splits an outbox key into (partition, epoch, n).
 pub fn outbox_position(key: &[u8]) -> Option<(u32, Position)> {
@@ -528,6 +575,33 @@ mod tests {
         assert!(a < b);
         assert_eq!(outbox_position(&b), Some((3, (2, 1))));
         assert_eq!(decode_mark(&encode_mark((7, 9))), Some((7, 9)));
+    }
+
+    /// A mark answer's MAC holds for its own question only: another nonce (a replay),
+    /// another mark, partition or answering cell, or another key, and it does not verify.
+    #[test]
+    fn a_mark_answer_verifies_for_its_own_question_only() {
+        let key = crate::crypto::LinkKey::from_hex(&"ab".repeat(64)).expect("a key");
+        let nonce = [7u8; 16];
+        let signed = mark_signed_bytes("b", "a", 3, Some((2, 40)), &nonce);
+        let tag = key.mac(MARK_MAC, &signed);
+        assert!(key.verify(MARK_MAC, &signed, &tag));
+        for other in [
+            mark_signed_bytes("b", "a", 3, Some((2, 40)), &[8u8; 16]),
+            mark_signed_bytes("b", "a", 3, Some((2, 41)), &nonce),
+            mark_signed_bytes("b", "a", 3, None, &nonce),
+            mark_signed_bytes("b", "a", 4, Some((2, 40)), &nonce),
+            mark_signed_bytes("c", "a", 3, Some((2, 40)), &nonce),
+            mark_signed_bytes("b", "c", 3, Some((2, 40)), &nonce),
+        ] {
+            assert!(!key.verify(MARK_MAC, &other, &tag));
+        }
+        assert!(
+            !key.verify(PLACEMENT_MAC, &signed, &tag),
+            "bound to its label"
+        );
+        let stranger = crate::crypto::LinkKey::from_hex(&"cd".repeat(64)).expect("a key");
+        assert!(!stranger.verify(MARK_MAC, &signed, &tag));
     }
 
     #[test]

@@ -20,8 +20,8 @@
 //!   has compared directories with that cell since it started.
 //! - **Moves** ([`Link::failover`]): planned (the home drains the tenant, the DR cell applies
 //!   everything, then flips the placement) or not (the home is gone: the DR cell applies what
-//!   reached it and flips; what the old home acknowledged and never sent is kept there as
-//!   lost when it comes back, for `tidings cell lost`).
+//!   reached it and flips; what the old home acknowledged and the new home's mark does not
+//!   cover is kept there as lost when it comes back, for `tidings cell lost`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -33,7 +33,7 @@ use prost::Message;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tidings_archive::compliance::{Actor, Compliance, Via};
-use tidings_log::cells::{Cells, OUTBOX_PAGE, PLACEMENT_MAC};
+use tidings_log::cells::{Cells, MARK_MAC, OUTBOX_PAGE, PLACEMENT_MAC, mark_signed_bytes};
 use tidings_log::crypto::LinkKey;
 use tidings_log::{Log, LogError, TenantId};
 use tidings_schemas::storage::{CellPlacement, LinkedKey, ReplicaBatch, SealedEvent};
@@ -46,6 +46,10 @@ const CONSUMER: &str = "applier";
 const DIR_CHANGED: &str = "tidings.cell.dir.changed";
 /// How long the relay waits for a DR cell's stream to acknowledge one batch.
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long an old home waits for the cell that took a tenant over to say its mark.
+const MARK_WAIT: Duration = Duration::from_secs(2);
+/// Bytes of the nonce an old home puts in each question for a mark.
+const MARK_NONCE: usize = 16;
 /// Between rounds of asking peers for their directory, until each has answered.
 const DIRECTORY_RETRY: Duration = Duration::from_secs(2);
 /// How long a planned move waits for the home to drain, and a move for the applier to
@@ -334,6 +338,11 @@ impl Link {
         let owned: std::collections::HashSet<u32> =
             self.log.owned_partitions().into_iter().collect();
         let mut held_back: std::collections::HashSet<u32> = std::collections::HashSet::new();
+        // The marks of cells that took tenants over, asked once a page.
+        let mut marks: std::collections::HashMap<
+            (String, u32),
+            Option<tidings_log::cells::Position>,
+        > = std::collections::HashMap::new();
         let mut waiting_since = None;
         let mut handed = 0;
         for (row, mut batch) in rows {
@@ -343,8 +352,37 @@ impl Link {
             }
             let tenant = TenantId::new(&batch.tenant)?;
             let placement = self.cells.placement(&tenant);
-            if placement.as_ref().is_some_and(|pl| pl.home != self.name()) {
+            if let Some(home) = placement
+                .as_ref()
+                .map(|pl| &pl.home)
+                .filter(|home| *home != self.name())
+            {
                 // The tenant moved home while this waited: its DR cell went on without it.
+                // Unless the row reached that cell before this one went down (a row is
+                // deleted only after its pass): the new home's mark says which.
+                let mark = match marks.get(&(home.clone(), p)) {
+                    Some(mark) => *mark,
+                    None => match self.applied_at(home, p).await {
+                        Ok(mark) => *marks.entry((home.clone(), p)).or_insert(mark),
+                        Err(e) => {
+                            info!(%tenant, error = %e, "cannot tell yet whether the cell that took the tenant over has these events; asking again");
+                            waiting_since = waiting_since.or(Some(batch.time_ms));
+                            held_back.insert(p);
+                            continue;
+                        }
+                    },
+                };
+                if mark.is_some_and(|m| (batch.epoch, batch.n) <= m) {
+                    let events = batch
+                        .writes
+                        .iter()
+                        .filter(|w| tidings_log::keys::event_ids(&w.key).is_some())
+                        .count();
+                    crate::metrics::CELL_ARRIVED.add(events as u64);
+                    pass.done.push(row);
+                    handed += 1;
+                    continue;
+                }
                 let kept = self.log.outbox_keep_lost(row, &batch).await?;
                 warn!(%tenant, kept, "events acknowledged here never reached the cell that took over; kept as lost (`tidings cell lost`)");
                 crate::metrics::CELL_LOST.add(kept as u64);
@@ -570,10 +608,23 @@ impl Link {
             .nats
             .subscribe(format!("tidings.cell.{}.drain", self.name()))
             .await?;
+        let mut marks = self
+            .nats
+            .subscribe(format!("tidings.cell.{}.mark", self.name()))
+            .await?;
         let mut changes = self.nats.subscribe(DIR_CHANGED).await?;
         let mut retry = tokio::time::interval(DIRECTORY_RETRY);
         loop {
             tokio::select! {
+                Some(msg) = marks.next() => {
+                    let answer = match self.mark(&msg.payload).await {
+                        Ok(v) => v,
+                        Err(e) => json!({"error": e.to_string()}),
+                    };
+                    if let Some(reply) = msg.reply {
+                        self.nats.publish(reply, answer.to_string().into()).await?;
+                    }
+                }
                 Some(msg) = asked.next() => {
                     if let Some(reply) = msg.reply {
                         let body = self.directory_page(&msg.payload);
@@ -869,6 +920,78 @@ impl Link {
         };
         self.publish_placement(tenant, placement.clone()).await?;
         Ok(placement)
+    }
+
+    /// Answers a peer asking through which position this cell applied its replicas of one
+    /// partition (`{"source": cell, "partition": p, "nonce": hex}`):
+    /// `{"applied_through": [epoch, n] or null, "mac": hex}`, the MAC under the link key
+    /// ([`tidings_log::cells::mark_signed_bytes`]).
+    async fn mark(&self, payload: &[u8]) -> Result<Value, CellError> {
+        let asked: Value = serde_json::from_slice(payload)
+            .map_err(|_| CellError::Invalid("a mark request is not JSON".into()))?;
+        let source = asked["source"].as_str().unwrap_or_default();
+        tidings_log::cells::valid_cell_name(source).map_err(CellError::Invalid)?;
+        let partition = asked["partition"]
+            .as_u64()
+            .and_then(|p| u32::try_from(p).ok())
+            .ok_or_else(|| CellError::Invalid("a mark request names no partition".into()))?;
+        let nonce = tidings_log::crypto::hex_decode(asked["nonce"].as_str().unwrap_or_default())
+            .ok()
+            .filter(|n| n.len() == MARK_NONCE)
+            .ok_or_else(|| CellError::Invalid("a mark request has no nonce".into()))?;
+        let at = self.log.replica_applied_through(source, partition).await?;
+        let signed = mark_signed_bytes(self.name(), source, partition, at, &nonce);
+        Ok(json!({
+            "applied_through": at.map(|(epoch, n)| [epoch, n]),
+            "mac": tidings_log::crypto::hex_encode(&self.key.mac(MARK_MAC, &signed)),
+        }))
+    }
+
+    /// Asks `cell` through which position it applied this cell's replicas of `partition`
+    /// (see [`Link::mark`]). An answer without a valid MAC for this question is an error:
+    /// someone on the link account without the key can delay the old home's verdict, never
+    /// make it drop what is lost.
+    async fn applied_at(
+        &self,
+        cell: &str,
+        partition: u32,
+    ) -> anyhow::Result<Option<tidings_log::cells::Position>> {
+        let mut nonce = [0u8; MARK_NONCE];
+        getrandom::fill(&mut nonce).map_err(|e| anyhow::anyhow!("randomness: {e}"))?;
+        let asked = self.nats.request(
+            format!("tidings.cell.{cell}.mark"),
+            json!({
+                "source": self.name(),
+                "partition": partition,
+                "nonce": tidings_log::crypto::hex_encode(&nonce),
+            })
+            .to_string()
+            .into(),
+        );
+        let reply = tokio::time::timeout(MARK_WAIT, asked)
+            .await
+            .with_context(|| format!("cell {cell} did not answer for its mark in time"))?
+            .with_context(|| format!("ask cell {cell} for its mark"))?;
+        let answer: Value = serde_json::from_slice(&reply.payload)
+            .with_context(|| format!("cell {cell} answered its mark with something not JSON"))?;
+        if let Some(e) = answer["error"].as_str() {
+            anyhow::bail!("cell {cell} could not say its mark: {e}");
+        }
+        let at = match &answer["applied_through"] {
+            Value::Null => None,
+            at => {
+                let n = |i: usize| at[i].as_u64().context("a mark is two numbers");
+                Some((n(0)?, n(1)?))
+            }
+        };
+        let mac = tidings_log::crypto::hex_decode(answer["mac"].as_str().unwrap_or_default())
+            .map_err(|e| anyhow::anyhow!("cell {cell}'s mark has no MAC: {e}"))?;
+        let signed = mark_signed_bytes(cell, self.name(), partition, at, &nonce);
+        anyhow::ensure!(
+            self.key.verify(MARK_MAC, &signed, &mac),
+            "an answer for cell {cell}'s mark does not carry the link key's MAC; not believed"
+        );
+        Ok(at)
     }
 
     /// Asked by the tenant's DR cell before a planned move: stop taking the tenant's writes

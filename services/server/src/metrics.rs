@@ -79,6 +79,12 @@ pub static CELL_LOST: Counter = Counter::new(
     "Events acknowledged here as the tenant's home that never reached the cell that took it \
      over (an unplanned failover); kept for `tidings cell lost`.",
 );
+pub static CELL_ARRIVED: Counter = Counter::new(
+    "tidings_cell_arrived_events_total",
+    "Events an old home found waiting in its outbox for a tenant that moved, which the cell \
+     that took it over had applied (handed over just before the old home went down): \
+     dropped, not lost.",
+);
 pub static CELL_LAG_SECONDS: Histogram = Histogram::new(
     "tidings_cell_replication_lag_seconds",
     "From a replicated commit in the home cell to its replica applied here.",
@@ -94,6 +100,7 @@ fn write_cells(out: &mut Text) {
     CELL_APPLIED.write(out);
     CELL_REFUSED.write(out);
     CELL_LOST.write(out);
+    CELL_ARRIVED.write(out);
     CELL_LAG_SECONDS.write(out);
     out.gauge(
         "tidings_cell_outbox_age_seconds",
