@@ -387,3 +387,30 @@ pub fn scratch_dir(
         .context("create scratch dir")?;
     Ok((base, scratch))
 }
+
+/// The q-quantile of sorted samples (zero for none).
+pub(crate) fn quantile(sorted: &[Duration], q: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() as f64 * q) as usize).min(sorted.len() - 1)]
+}
+
+/// This process's peak resident set (VmHWM), KiB; 0 where /proc is not there.
+pub(crate) fn peak_rss_kib() -> u64 {
+    peak_rss_kib_of("self")
+}
+
+/// The peak resident set (VmHWM) of process `pid` ("self": this one), KiB; 0 where /proc is
+/// not there.
+pub(crate) fn peak_rss_kib_of(pid: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|n| n.parse().ok())
+        })
+        .unwrap_or(0)
+}

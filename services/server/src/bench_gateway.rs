@@ -506,7 +506,7 @@ async fn allow_all(url: &str) -> anyhow::Result<tokio::task::JoinHandle<()>> {
 impl Deployment {
     /// The server process's peak resident set so far, KiB.
     pub(crate) fn server_peak_rss_kib(&self) -> u64 {
-        crate::bench_overload::peak_rss_kib_of(&self.server.0.id().to_string())
+        crate::bench::peak_rss_kib_of(&self.server.0.id().to_string())
     }
 }
 

@@ -11,6 +11,7 @@
 //! peak RSS. The log in process, no gateway and no online sessions, so latency is send→ack;
 //! `--through-gateway` runs the setup end to end instead (`bench_overload_gateway`).
 
+use crate::bench::{peak_rss_kib, quantile};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -101,14 +102,19 @@ impl Phase {
     }
 }
 
-pub async fn run(args: OverloadArgs, log_config: LogConfig) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        args.capacity != Some(0) && args.conversations > 0 && args.seconds > 0,
-        "capacity, conversations and seconds must be positive"
-    );
-    if args.through_gateway {
-        return crate::bench_overload_gateway::run(&args).await;
+impl OverloadArgs {
+    /// What both runs (in process and through the gateway) need of their arguments.
+    pub(crate) fn check(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.capacity != Some(0) && self.conversations > 0 && self.seconds > 0,
+            "capacity, conversations and seconds must be positive"
+        );
+        Ok(())
     }
+}
+
+pub async fn run(args: OverloadArgs, log_config: LogConfig) -> anyhow::Result<()> {
+    args.check()?;
     let capacity = args.capacity.unwrap_or(2000);
     let small_rate = args.small_rate.unwrap_or(500.0);
     let (base, dir) = crate::bench::scratch_dir(args.dir.as_deref(), "overload")?;
@@ -292,30 +298,4 @@ async fn drive(
 async fn timed(log: &Log, req: Append) -> Result<Duration, LogError> {
     let t0 = Instant::now();
     log.append_for_user(req).await.map(|_| t0.elapsed())
-}
-
-pub(crate) fn quantile(sorted: &[Duration], q: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    sorted[((sorted.len() as f64 * q) as usize).min(sorted.len() - 1)]
-}
-
-/// This process's peak resident set (VmHWM), KiB; 0 where /proc is not there.
-pub(crate) fn peak_rss_kib() -> u64 {
-    peak_rss_kib_of("self")
-}
-
-/// The peak resident set (VmHWM) of process `pid` ("self": this one), KiB; 0 where /proc is
-/// not there.
-pub(crate) fn peak_rss_kib_of(pid: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|n| n.parse().ok())
-        })
-        .unwrap_or(0)
 }

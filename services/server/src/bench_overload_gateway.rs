@@ -29,8 +29,9 @@ use tidings_log::{ConvId, CreateConversation, Log, TenantId, UserId};
 use tidings_schemas::client::ErrorCode;
 use tokio::sync::{Semaphore, watch};
 
+use crate::bench::{peak_rss_kib, quantile};
 use crate::bench_gateway::{Deployment, Secrets, Tokens, Variant, deploy};
-use crate::bench_overload::{OverloadArgs, peak_rss_kib, quantile};
+use crate::bench_overload::OverloadArgs;
 
 /// The clock every phase ticks on: sends are issued open-loop, whatever the acks do.
 const TICK: Duration = Duration::from_millis(10);
@@ -96,6 +97,7 @@ struct Hot {
 }
 
 pub async fn run(args: &OverloadArgs) -> anyhow::Result<()> {
+    args.check()?;
     anyhow::ensure!(
         args.members >= 2 && args.hot_senders >= 1 && args.hot_senders <= args.members,
         "--members must be at least 2 and --hot-senders between 1 and --members"

@@ -164,7 +164,11 @@ pub async fn run(command: Command, config: Config) -> anyhow::Result<bool> {
             Ok(true)
         }
         Command::Bench(crate::cli::BenchCommand::Overload(args)) => {
-            crate::bench_overload::run(args, config.log_config()).await?;
+            if args.through_gateway {
+                crate::bench_overload_gateway::run(&args).await?;
+            } else {
+                crate::bench_overload::run(args, config.log_config()).await?;
+            }
             Ok(true)
         }
         Command::Bench(crate::cli::BenchCommand::Cells(args)) => {

@@ -10,6 +10,7 @@
 //! name the file gives it (docs/decisions/config-types-read-directly.md). Its variable
 //! (`TIDINGS_SECTION_FIELD`) is derived from its path ([`env`]).
 
+pub mod cells;
 mod env;
 
 use std::path::{Path, PathBuf};
@@ -39,7 +40,7 @@ pub struct Config {
     /// Outgoing webhooks' delivery (the library's own settings type).
     pub webhooks: crate::webhooks::WebhooksConfig,
     /// This cell and its peers (`crate::cells`); off while `cell.name` is empty.
-    pub cell: crate::cells::CellsConfig,
+    pub cell: cells::CellsConfig,
 }
 
 /// Which `KvStore` holds the log: the embedded fjall store under `data_dir`, or a TiKV
@@ -638,7 +639,7 @@ impl Default for Config {
             admin: AdminSection::default(),
             store: StoreSection::default(),
             webhooks: crate::webhooks::WebhooksConfig::default(),
-            cell: crate::cells::CellsConfig::default(),
+            cell: cells::CellsConfig::default(),
         }
     }
 }

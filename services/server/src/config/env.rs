@@ -173,7 +173,7 @@ pub fn apply(config: &Config, env: impl Fn(&str) -> Option<String>) -> Result<Co
         }
     }
     if let Some(text) = env(CELL_PEERS) {
-        let peers = crate::cells::Peer::list_from_env(&text)
+        let peers = super::cells::Peer::list_from_env(&text)
             .and_then(|peers| serde_json::to_value(peers).map_err(|e| e.to_string()))
             .map_err(|e| invalid(CELL_PEERS, &text, e))?;
         set(&mut tree, "cell.peers", peers).map_err(|e| invalid(CELL_PEERS, &text, e))?;

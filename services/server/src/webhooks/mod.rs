@@ -269,7 +269,7 @@ pub fn subscription_json(tenant: &TenantId, s: &WebhookSubscription) -> Value {
         "conversation_kinds": s.conversation_kinds,
         "event_kinds": s.event_kinds,
         "max_attempts": s.max_attempts,
-        "created": crate::output::rfc3339_ms(s.created_ms),
+        "created": tidings_archive::compliance::rfc3339_ms(s.created_ms),
         "created_by": s.created_by,
     })
 }
@@ -411,7 +411,7 @@ impl Manage<'_> {
                     "event_id": d.letter.event_id,
                     "attempts": d.letter.attempts,
                     "last_error": d.letter.last_error,
-                    "time": crate::output::rfc3339_ms(d.letter.time_ms),
+                    "time": tidings_archive::compliance::rfc3339_ms(d.letter.time_ms),
                 })
             })
             .collect())
