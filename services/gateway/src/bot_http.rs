@@ -31,8 +31,8 @@ use tidings_schemas::client::server_frame::Msg;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::Semaphore;
 
-use crate::http::{Answer, Head};
-use crate::server::Shared;
+use crate::http_answer::{Answer, Head};
+use crate::shared::Shared;
 use tidings_log_api::service::Caller;
 
 /// The route.
@@ -199,7 +199,7 @@ async fn answer(shared: &Shared, head: &Head, body: &[u8]) -> Answer {
 
 /// A log error as the sessions would word it (no internals), with its HTTP status.
 fn log_failure(e: &tidings_log_api::LogError) -> Answer {
-    let Msg::Error(err) = crate::session::log_error(e, 0, 0) else {
+    let Msg::Error(err) = crate::errors::log_error(e, 0, 0) else {
         return failure(500, "internal", "internal error");
     };
     let code = ErrorCode::try_from(err.code).unwrap_or(ErrorCode::Internal);

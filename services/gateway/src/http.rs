@@ -21,7 +21,8 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
-use crate::server::Shared;
+use crate::http_answer::{Answer, Head};
+use crate::shared::Shared;
 
 /// The largest request head read (a browser's upgrade with cookies fits in a few KiB).
 pub const MAX_HEAD_BYTES: usize = 16 * 1024;
@@ -74,17 +75,6 @@ pub enum Routed<S> {
     WebSocket(Rewind<S>),
     /// Answered here (or not HTTP at all); the connection is done.
     Done,
-}
-
-/// The request line and the headers this side looks at.
-pub(crate) struct Head {
-    pub(crate) method: String,
-    pub(crate) path: String,
-    pub(crate) query: String,
-    /// `Authorization`, if given.
-    pub(crate) authorization: Option<String>,
-    /// `Content-Length`, if given (and a number).
-    pub(crate) content_length: Option<usize>,
 }
 
 /// Reads the request head and either answers it or hands it on to the WebSocket side.
@@ -167,36 +157,6 @@ fn parse_head(bytes: &[u8]) -> Option<Head> {
     })
 }
 
-/// An answer, written whole.
-#[derive(Debug)]
-pub struct Answer {
-    pub status: u16,
-    pub content_type: &'static str,
-    pub body: Vec<u8>,
-    /// Extra headers (name, value).
-    pub headers: Vec<(&'static str, String)>,
-}
-
-impl Answer {
-    pub fn ok(content_type: &'static str, body: impl Into<Vec<u8>>) -> Answer {
-        Answer {
-            status: 200,
-            content_type,
-            body: body.into(),
-            headers: Vec::new(),
-        }
-    }
-
-    pub fn error(status: u16, message: &str) -> Answer {
-        Answer {
-            status,
-            content_type: "text/plain; charset=utf-8",
-            body: format!("{message}\n").into_bytes(),
-            headers: Vec::new(),
-        }
-    }
-}
-
 fn answer(head: &Head, peer: std::net::SocketAddr, shared: &Shared) -> Answer {
     let get = head.method == "GET";
     match (head.method.as_str(), head.path.as_str()) {
@@ -211,7 +171,9 @@ fn answer(head: &Head, peer: std::net::SocketAddr, shared: &Shared) -> Answer {
             a.headers.push(("Location", "/app/".into()));
             a
         }
-        ("POST", "/app/dev-token") => crate::web::dev_token(shared, peer, &head.query),
+        ("POST", "/app/dev-token") => {
+            crate::web::dev_token(shared.dev_tokens.get(), peer, &head.query)
+        }
         (_, path) if get && path.starts_with("/app/") => crate::web::file(path),
         (_, "/healthz" | "/readyz" | "/metrics" | "/") => {
             let mut a = Answer::error(405, "only GET is allowed here");

@@ -1,15 +1,8 @@
 //! The gateway's metrics (Prometheus names, no tenant or conversation labels; see
 //! [`tidings_log_api::metrics`]). Figures the gateway's state already holds (sessions, hubs,
-//! admission refusals) are read at scrape time by [`collector`].
+//! admission refusals) are read at scrape time by [`crate::shared::Shared::collector`].
 
-use std::sync::Arc;
-use std::sync::atomic::Ordering;
-
-use tidings_log_api::metrics::{
-    Collector, Counter, Histogram, LATENCY_BUCKETS, LabeledCounter, Text,
-};
-
-use crate::server::Shared;
+use tidings_log_api::metrics::{Counter, Histogram, LATENCY_BUCKETS, LabeledCounter, Text};
 
 /// From a Send frame read to its ack (or refusal) queued: what a sender waits, less the
 /// network.
@@ -52,63 +45,8 @@ pub static CELL_REDIRECTS: Counter = Counter::new(
     "Sessions refused at Hello with WRONG_CELL and the URL of the tenant's home cell.",
 );
 
-/// The gateway's metrics, static and read from `shared` at scrape time.
-pub fn collector(shared: &Arc<Shared>) -> Collector {
-    let shared = Arc::downgrade(shared);
-    Arc::new(move |out: &mut Text| {
-        SEND_SECONDS.write(out);
-        FANOUT_SECONDS.write(out);
-        RATE_LIMITED.write(out);
-        SEARCH_SECONDS.write(out);
-        SESSIONS_OPENED.write(out);
-        CELL_REDIRECTS.write(out);
-        let Some(shared) = shared.upgrade() else {
-            return;
-        };
-        out.gauge(
-            "tidings_gateway_sessions",
-            "Sessions open on this gateway.",
-            shared.registry.session_count() as f64,
-        );
-        out.gauge(
-            "tidings_gateway_hubs",
-            "Conversation hubs (conversations with a session) on this gateway.",
-            shared.registry.hub_count() as f64,
-        );
-        out.header(
-            "tidings_gateway_fanout_paced_seconds_total",
-            "Time big groups' fan-outs waited for the gateway's pacing budget \
-             (gateway.fan_out_pushes_per_core), summed over their slices.",
-            "counter",
-        );
-        out.sample(
-            "tidings_gateway_fanout_paced_seconds_total",
-            &[],
-            shared.registry.fan_out_paced_seconds(),
-        );
-        write_member_cache(out, &shared.registry.members().stats());
-        let refused = shared.admission.refused();
-        out.header(
-            "tidings_gateway_admission_refused_total",
-            "Connections or sessions refused over a cap.",
-            "counter",
-        );
-        for (cap, n) in [
-            ("global", &refused.global),
-            ("per_ip", &refused.per_ip),
-            ("per_user", &refused.per_user),
-        ] {
-            out.sample(
-                "tidings_gateway_admission_refused_total",
-                &[("cap", cap)],
-                n.load(Ordering::Relaxed) as f64,
-            );
-        }
-    })
-}
-
 /// The member cache's size, bound and what it answered (`members.rs`).
-fn write_member_cache(out: &mut Text, m: &crate::members::MemberCacheStats) {
+pub(crate) fn write_member_cache(out: &mut Text, m: &crate::members::MemberCacheStats) {
     out.gauge(
         "tidings_gateway_member_cache_bytes",
         "Bytes of membership answers and member lists the gateway holds.",

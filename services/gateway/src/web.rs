@@ -8,8 +8,7 @@
 
 use std::net::SocketAddr;
 
-use crate::http::Answer;
-use crate::server::Shared;
+use crate::http_answer::Answer;
 
 /// The policy every page and file of the client is served with.
 pub const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; \
@@ -85,8 +84,8 @@ impl std::fmt::Debug for DevTokens {
 /// `POST /app/dev-token?tenant=T&user=U`: a chat token for anyone who asks, so only in
 /// development mode (404 otherwise) and only to a client on this machine (403 otherwise):
 /// a development server on a shared network must not hand out every user's identity.
-pub fn dev_token(shared: &Shared, peer: SocketAddr, query: &str) -> Answer {
-    let Some(dev) = shared.dev_tokens.get() else {
+pub fn dev_token(dev: Option<&DevTokens>, peer: SocketAddr, query: &str) -> Answer {
+    let Some(dev) = dev else {
         return Answer::error(404, "not found");
     };
     if !peer.ip().is_loopback() {

@@ -123,7 +123,7 @@ pub async fn run(args: &OverloadArgs) -> anyhow::Result<()> {
     let sessions_env = (args.members + 2 * args.conversations + 16).to_string();
     let pace = args
         .pace
-        .unwrap_or(tidings_gateway::server::GatewayConfig::default().fan_out_pushes_per_core);
+        .unwrap_or(tidings_gateway::GatewayConfig::default().fan_out_pushes_per_core);
     let pace_env = pace.to_string();
     let dep = deploy(
         root,

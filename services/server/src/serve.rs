@@ -531,7 +531,7 @@ pub async fn serve(config: Config, role: Role) -> anyhow::Result<()> {
             if let Some(log) = &log_handle {
                 shared.revocations.set_store(Arc::new(log.clone()));
             }
-            tidings_log::metrics::register("gateway", tidings_gateway::metrics::collector(&shared));
+            tidings_log::metrics::register("gateway", shared.collector());
             let _ = shared.health.set(health.clone());
             if let Some(secret) = hs256_secret(&config)? {
                 // The web client's development sign-in (loopback clients only).
@@ -555,7 +555,10 @@ pub async fn serve(config: Config, role: Role) -> anyhow::Result<()> {
             let recheck = std::time::Duration::from_secs(config.auth.revocation_recheck_secs);
             supervisor.essential(
                 "revocations",
-                supervise::owned(tidings_gateway::revocation::spawn(shared.clone(), recheck)),
+                supervise::owned(tidings_gateway::revocation_watch::spawn(
+                    shared.clone(),
+                    recheck,
+                )),
             );
             let local = listener.local_addr()?;
             announce("gateway", local, tls.is_some(), "wss://", "ws://", "/v1/ws");
