@@ -51,6 +51,28 @@ pub fn siv(key: &Secret) -> Aes256Siv {
     Aes256Siv::new_from_slice(&key.0).expect("AES-256-SIV keys are 64 bytes")
 }
 
+/// Parses the key file format: 128 hex digits, surrounding whitespace ignored. Errors never
+/// quote the text: it is meant to be a key.
+pub fn secret_from_hex(text: &str) -> Result<Secret, String> {
+    let text = text.trim();
+    if text.len() != KEY_LEN * 2 {
+        return Err(format!(
+            "expected {} hex digits, found {} characters",
+            KEY_LEN * 2,
+            text.len()
+        ));
+    }
+    if !text.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(format!(
+            "expected {} hex digits, found other characters",
+            KEY_LEN * 2
+        ));
+    }
+    let mut bytes = [0u8; KEY_LEN];
+    bytes.copy_from_slice(&hex_decode(text)?);
+    Ok(Secret(bytes))
+}
+
 /// Lowercase hex, the text form of every key and secret file.
 pub fn hex_encode(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()

@@ -38,34 +38,12 @@ use crate::error::LogError;
 use crate::ids::{ConvId, TenantId};
 use crate::keys;
 use crate::store::{KeyRange, KvStore, Order, StoreError, Transaction};
-pub use crate::tenant_keys::{TenantKeySource, TenantKeys};
+pub use crate::tenant_keys::{TenantKey, TenantKeySource, TenantKeys};
 pub use tidings_log_api::crypto::{
     INLINE_CRYPTO_BYTES, KEY_LEN, TransportKey, hex_decode, hex_encode, is_large,
     off_runtime_if_large, open_for_shared, seal_for_shared,
 };
-use tidings_log_api::crypto::{Secret, hmac_sha512, random_secret, siv};
-
-/// Parses the key file format: 128 hex digits, surrounding whitespace ignored. Errors never
-/// quote the text: it is meant to be a key.
-fn secret_from_hex(text: &str) -> Result<Secret, String> {
-    let text = text.trim();
-    if text.len() != KEY_LEN * 2 {
-        return Err(format!(
-            "expected {} hex digits, found {} characters",
-            KEY_LEN * 2,
-            text.len()
-        ));
-    }
-    if !text.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(format!(
-            "expected {} hex digits, found other characters",
-            KEY_LEN * 2
-        ));
-    }
-    let mut bytes = [0u8; KEY_LEN];
-    bytes.copy_from_slice(&hex_decode(text)?);
-    Ok(Secret(bytes))
-}
+use tidings_log_api::crypto::{Secret, hmac_sha512, random_secret, secret_from_hex, siv};
 
 /// The key-encryption key. Never written to the KV.
 pub struct MasterKey(Secret);
@@ -173,25 +151,6 @@ impl LinkKey {
             tenant.as_str().as_bytes().to_vec(),
             key_id.to_be_bytes().to_vec(),
         ]
-    }
-}
-
-/// A key the tenant holds (from a file or a command of its own): the inner layer of its data
-/// keys' wrap. Kept in memory only; never written to the KV, never logged.
-pub struct TenantKey(Secret);
-
-impl TenantKey {
-    pub fn generate() -> Self {
-        TenantKey(random_secret())
-    }
-
-    /// The same format as the master key file: 128 hex digits.
-    pub fn from_hex(text: &str) -> Result<Self, String> {
-        secret_from_hex(text).map(TenantKey)
-    }
-
-    pub fn to_hex(&self) -> String {
-        hex_encode(&self.0.0)
     }
 }
 

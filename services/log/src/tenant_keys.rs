@@ -10,8 +10,27 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use crate::crypto::TenantKey;
 use crate::ids::TenantId;
+use tidings_log_api::crypto::{Secret, hex_encode, random_secret, secret_from_hex};
+
+/// A key the tenant holds (from a file or a command of its own): the inner layer of its data
+/// keys' wrap. Kept in memory only; never written to the KV, never logged.
+pub struct TenantKey(pub(crate) Secret);
+
+impl TenantKey {
+    pub fn generate() -> Self {
+        TenantKey(random_secret())
+    }
+
+    /// The same format as the master key file: 128 hex digits.
+    pub fn from_hex(text: &str) -> Result<Self, String> {
+        secret_from_hex(text).map(TenantKey)
+    }
+
+    pub fn to_hex(&self) -> String {
+        hex_encode(&self.0.0)
+    }
+}
 
 /// The most a key file or a key command's stdout is read: a key is 128 hex digits and a
 /// newline; anything much longer is not one.

@@ -591,7 +591,8 @@ async fn hot_postings_page_both_ways_and_an_older_index_format_is_rebuilt() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_indexer_gives_the_same_postings_from_the_sequencers_plaintext_or_the_store() {
     use std::sync::atomic::Ordering;
-    use tidings_log::hot_index::{run_indexer, watermark};
+    use tidings_log::hot_index::watermark;
+    use tidings_log::hot_indexer::run_indexer;
     let mut found = Vec::new();
     for queue_bytes in [8 << 20, 1] {
         let mut cfg = LogConfig::default();

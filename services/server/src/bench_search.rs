@@ -75,7 +75,7 @@ async fn load(
     tokio::spawn(async move { while feed_rx.recv().await.is_some() {} });
     let log = Log::open_with_feed(store.clone(), MasterKey::generate(), cfg, Some(feed_tx)).await?;
     if indexer {
-        tokio::spawn(tidings_log::hot_index::run_indexer(log.downgrade()));
+        tokio::spawn(tidings_log::hot_indexer::run_indexer(log.downgrade()));
     }
     let corpus = Corpus::create(&log, args.conversations, args.users).await?;
     let vocab = vocabulary();

@@ -412,7 +412,7 @@ pub async fn serve(config: Config, role: Role) -> anyhow::Result<()> {
             if log.indexer().is_some() {
                 let index_log = log.downgrade();
                 supervisor.restarting("search indexer", move || {
-                    tidings_log::hot_index::run_indexer(index_log.clone())
+                    tidings_log::hot_indexer::run_indexer(index_log.clone())
                         .map_err(anyhow::Error::from)
                 });
             }

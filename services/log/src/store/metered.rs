@@ -10,7 +10,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use super::{KeyRange, KvStore, Order, Pairs, StoreError, Transaction};
-use crate::metrics::LabeledCounter;
+use tidings_log_api::metrics::LabeledCounter;
 
 /// Reads by keyspace: a `get` or a `scan` counts one, a `batch_get` one per key, a
 /// `scan_each` one per range.

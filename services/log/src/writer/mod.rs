@@ -33,6 +33,7 @@
 mod cache;
 mod command;
 mod leases;
+mod outage;
 mod pipeline;
 mod rules;
 
@@ -46,10 +47,10 @@ use std::sync::atomic::AtomicU64;
 
 use tokio::sync::mpsc;
 
+use crate::config::LogConfig;
 use crate::crypto::Keyring;
+use crate::feed::FeedItem;
 use crate::lease::{Held, Ownership, Registration};
-use crate::log::{FeedItem, LogConfig};
-use crate::outage::Outage;
 use crate::send_buffer::SendBuffer;
 use crate::store::KvStore;
 
@@ -111,4 +112,11 @@ pub(crate) struct State {
     /// is applied (off the async workers when large); until then `pending` holds each as
     /// a [`rules::Unsealed::placeholder`].
     pub unsealed: HashMap<Vec<u8>, rules::Unsealed>,
+}
+
+/// The state of an outage (`outage`): since when, and when to probe and report next.
+pub(crate) struct Outage {
+    since: tokio::time::Instant,
+    next_probe: tokio::time::Instant,
+    next_report: tokio::time::Instant,
 }

@@ -16,9 +16,9 @@ use super::rules::Scratch;
 use super::{Command, LeaseOp, Outcome, Request, State, Writer};
 use crate::crypto::DataKey;
 use crate::error::LogError;
+use crate::feed::FeedItem;
 use crate::ids::{ConvId, TenantId};
 use crate::keys;
-use crate::log::FeedItem;
 use crate::store::{StoreError, Transaction};
 
 /// The conversations a batch moved the heads of, with their new last seq: what the hot

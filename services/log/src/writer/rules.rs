@@ -15,11 +15,12 @@ use tidings_schemas::v1::{
 
 use super::command::{author_only_target, target_seq};
 use super::{Command, Outcome, State};
+use crate::config::LogConfig;
 use crate::crypto::DataKey;
 use crate::error::LogError;
+use crate::feed::FeedItem;
 use crate::ids::{ConvId, TenantId, UserId};
 use crate::keys;
-use crate::log::{FeedItem, LogConfig};
 use crate::policy::{self, Action, KindPolicy};
 use crate::{Append, By, Committed, CreateConversation};
 

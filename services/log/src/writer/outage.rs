@@ -1,5 +1,5 @@
 //! The sequencer while the store cannot commit
-//! ([docs/decisions/send-buffer.md](../../../docs/decisions/send-buffer.md)).
+//! ([docs/decisions/send-buffer.md](../../../../docs/decisions/send-buffer.md)).
 //!
 //! A commit that fails with an outage error (`Unreachable`, `Io`: the store says nothing
 //! was applied) puts the writer in outage mode, if it has a send buffer. Then, batch by
@@ -24,13 +24,13 @@ use tidings_schemas::storage::{Head, Lease};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
+use super::{Command, LeaseOp, Outage, Outcome, Request, State, Writer, fail_all};
 use crate::error::LogError;
+use crate::feed::FeedItem;
 use crate::keys;
 use crate::lease::{Held, partition_of_part};
-use crate::log::FeedItem;
 use crate::send_buffer::{AppendRefused, Record, SendBuffer};
 use crate::store::{StoreError, Transaction};
-use crate::writer::{Command, LeaseOp, Outcome, Request, State, Writer, fail_all};
 
 /// How often a writer in outage mode tries the store again.
 pub(crate) const PROBE_INTERVAL: Duration = Duration::from_millis(200);
@@ -40,13 +40,6 @@ const REPLAY_RECORDS_PER_COMMIT: usize = 256;
 
 /// How often the buffer's size is logged while the outage lasts.
 const REPORT_INTERVAL: Duration = Duration::from_secs(5);
-
-/// The state of an outage.
-pub(crate) struct Outage {
-    since: Instant,
-    next_probe: Instant,
-    next_report: Instant,
-}
 
 impl Writer {
     /// Whether the error means "the store is out, nothing was applied", and this writer can
