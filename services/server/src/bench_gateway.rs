@@ -170,14 +170,16 @@ pub(crate) struct Deployment {
     open_nats_url: Option<String>,
 }
 
-/// Writes the run's keys and the conversations into `data` before a server owns it.
-/// Returns the seal + open time of one bench-sized event on the bus (sorted samples).
+/// Writes the run's keys and the conversations into `data` before a server owns it (the
+/// `--fanout` group too with `fan_out_group`). Returns the seal + open time of one
+/// bench-sized event on the bus (sorted samples).
 async fn seed_store(
     data: &Path,
     master_hex: &str,
     tenant: &TenantId,
     pairs: usize,
     args: &GatewayArgs,
+    fan_out_group: bool,
 ) -> anyhow::Result<Vec<Duration>> {
     let log = open_log(data, master_hex).await?;
     let mut creates = tokio::task::JoinSet::new();
@@ -199,7 +201,7 @@ async fn seed_store(
     while let Some(r) = creates.join_next().await {
         r??;
     }
-    if args.fanout > 1 {
+    if fan_out_group && args.fanout > 1 {
         log.create_conversation(group(tenant, "fanout", "f", args.fanout)?)
             .await?;
     }
@@ -670,7 +672,7 @@ pub async fn run(args: GatewayArgs, _config: &Config) -> anyhow::Result<()> {
             };
             let here = root.join(format!("{}-{round}", variant.name()));
             let data = here.join("data");
-            sealing = seed_store(&data, &master.to_hex(), &tenant, pairs, &args).await?;
+            sealing = seed_store(&data, &master.to_hex(), &tenant, pairs, &args, true).await?;
             // Dropped at the end of this iteration: one deployment runs at a time.
             let dep = deploy(&here, &data, variant, (&master_file, &jwt_file), &[]).await?;
             let baseline = match &dep.open_nats_url {
@@ -857,7 +859,7 @@ async fn log_alone(
     pairs: usize,
     args: &GatewayArgs,
 ) -> anyhow::Result<LogAlone> {
-    seed_store(data, master_hex, tenant, pairs, args).await?;
+    seed_store(data, master_hex, tenant, pairs, args, false).await?;
     let log = open_log(data, master_hex).await?;
     let acked = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + Duration::from_secs(args.seconds);
