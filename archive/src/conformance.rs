@@ -63,7 +63,7 @@ impl Fixture {
         }
     }
 
-    /// A group `conv` in `tenant` with `n` messages "<conv> message <i>" from alice and bob.
+    /// A group `conv` in `tenant` with `n` messages "`<conv> message <i>`" from alice and bob.
     pub async fn conversation(&self, tenant: &str, conv: &str, n: usize) {
         self.log
             .create_conversation(CreateConversation {

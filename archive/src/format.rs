@@ -42,7 +42,7 @@ const SCHEMA: &str = "message tidings_event {
     REQUIRED BYTE_ARRAY client_msg_id (STRING);
 }";
 
-/// Column positions in [`SCHEMA`].
+/// Column positions in `SCHEMA`.
 pub mod col {
     pub const TENANT: usize = 0;
     pub const CONVERSATION: usize = 1;

@@ -1,7 +1,7 @@
 //! The tidings archive: aged events as AES-SIV-sealed Parquet on object storage.
 //!
 //! # Layout
-//! - [`format`]: the Parquet segment layout, its writer and readers.
+//! - [`format`](mod@format): the Parquet segment layout, its writer and readers.
 //! - [`codec`]: body compression (zstd with a per-segment dictionary) and sealing.
 //! - [`storage`]: the object store (local directory or S3) and the Hive-style paths.
 //! - [`archiver`]: one archive pass: gather aged events, write, verify, index, delete hot.

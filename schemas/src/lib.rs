@@ -13,7 +13,9 @@
 #![allow(clippy::all)] // generated code
 
 /// The generated code, nested as the protobuf packages are (prost refers across packages by
-/// relative paths such as `super::super::v1::Event`).
+/// relative paths such as `super::super::v1::Event`). Its docs are the .proto files'
+/// comments, which write keys as `ev/<tenant>/<conv>`: not HTML.
+#[allow(rustdoc::invalid_html_tags)]
 pub mod tidings {
     /// Events: the immutable records of the log.
     pub mod v1 {

@@ -4,7 +4,7 @@
 //! - **At Hello** a verified token is checked against the revocation records
 //!   ([`Revocations::is_revoked`]): the store's, when this process has the log (role `all`),
 //!   and the notices this gateway has seen. A refused token closes with
-//!   [`CloseReason::Revoked`].
+//!   [`CloseReason::Revoked`](tidings_schemas::client::CloseReason::Revoked).
 //! - **Notices** on `tidings.revoked.<tenant>` ([`Notice`], published by whoever records a
 //!   revocation, after recording it) end the matching live sessions at once, on every
 //!   gateway ([`crate::revocation_watch`]). Core NATS is at-most-once: a gateway cut off from NATS at that

@@ -20,7 +20,7 @@ pub struct Shared {
     pub verifier: Verifier,
     pub registry: Registry,
     pub admission: Admission,
-    /// Revoked tokens: checked at Hello; notices end live sessions (`revocation.rs`).
+    /// Revoked tokens: checked at Hello; notices end live sessions (`revocation_watch.rs`).
     pub revocations: crate::revocation::Revocations,
     /// What `/readyz` on this listener reports (set by the process that owns the probes).
     pub health: std::sync::OnceLock<tidings_log_api::health::Health>,

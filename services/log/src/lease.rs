@@ -10,7 +10,7 @@
 //! commit (the fence), and releases everything when it stops.
 //!
 //! This module holds what the sequencer and the log's handles share: the partition count and
-//! which partitions this writer owns right now ([`Ownership`]), the acquisition transaction,
+//! which partitions this writer owns right now (`Ownership`), the acquisition transaction,
 //! and a process-wide registry of live writer ids (on a store only one process can open, a
 //! lease whose owner is not alive in this process belongs to a crashed process).
 

@@ -263,7 +263,7 @@ pub fn client_msg_id() -> anyhow::Result<ClientMsgId> {
     Ok(ClientMsgId::new(uuid::Uuid::now_v7().to_string())?)
 }
 
-/// Appends `requests` in order with up to [`IN_FLIGHT`] waiting for their acks, and calls
+/// Appends `requests` in order with up to `IN_FLIGHT` waiting for their acks, and calls
 /// `committed` with each one's position in `requests` and its ack, in order. Returns how
 /// many were appended.
 pub async fn append_pipelined(

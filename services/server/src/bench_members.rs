@@ -5,7 +5,7 @@
 //! One fresh fjall store on disk, one group of `--members` members (created, then grown by
 //! concurrent adds). Timed, `--samples` times each, p50 and p99:
 //! - membership check: the log's KV read (`Log::is_member`) against the gateway's
-//!   membership cache ([`MemberCache`](tidings_gateway::members::MemberCache)) once warm;
+//!   membership cache ([`tidings_gateway::members::MemberCache`]) once warm;
 //! - first page (`--page` members) and prefix search: the log's bounded range read
 //!   (`Log::member_page`) against the client library's versioned cache, loaded once;
 //! - the client cache's load (the whole list, 1,000 per read) and a refresh with no change;

@@ -6,14 +6,14 @@
 //! with its own JetStream domain. Nothing of the application's account crosses: only what
 //! this module publishes in the link account does.
 //!
-//! - **Replication** ([`Link::relay`], [`Link::applier`]): the relay reads the outbox rows
+//! - **Replication** (`Link::relay`, `Link::applier`): the relay reads the outbox rows
 //!   the sequencer wrote with each commit of a replicated tenant and publishes each to its DR
 //!   cell's stream `TIDINGS_CELL_IN` (subject `tidings.cell.<dr>.in.<source>.<partition>`,
 //!   `Nats-Msg-Id` the row's position), deleting the row once that stream acknowledged it;
 //!   the DR cell's applier pulls the stream in order and applies each batch through its own
 //!   sequencer (once: the `ri/` mark). The tenant's data keys travel sealed under the
 //!   pair's link key.
-//! - **The directory** ([`Link::directory`]): changes are published on
+//! - **The directory** (`Link::directory`): changes are published on
 //!   `tidings.cell.dir.changed`; each cell answers `tidings.cell.<name>.dir` with its whole
 //!   directory and asks every peer for theirs at start (and until it has), keeping the
 //!   highest version of each placement. A tenant with a DR cell is served only once its home

@@ -443,7 +443,7 @@ pub enum KeysCommand {
         #[arg(long)]
         actor: String,
     },
-    /// Seal a tenant's existing data keys under its tenant-held key ([keys.tenants.<tenant>])
+    /// Seal a tenant's existing data keys under its tenant-held key (`[keys.tenants.<tenant>]`)
     /// too, then purge the store of the copies without it. The data keys do not change;
     /// nothing is re-sealed.
     Wrap {

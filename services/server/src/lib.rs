@@ -15,7 +15,7 @@
 //! - [`open`]: opening the store and the log as every command and role does (the tools,
 //!   `serve`, the compliance commands), so none of them imports another to get there.
 //! - [`nats_init`]: `tidings nats init`: a NATS identity per role and its permissions.
-//! - [`bench`], [`bench_gateway`], [`bench_archive`], [`bench_compliance`],
+//! - [`bench`](mod@bench), [`bench_gateway`], [`bench_archive`], [`bench_compliance`],
 //!   [`bench_outage`], [`bench_overload`], [`bench_members`], [`bench_search`], [`bench_webhooks`]: `tidings bench`,
 //!   tidings against its baselines in one run; [`bench_corpus`]: the chat corpus and
 //!   plaintext Parquet baseline they share.

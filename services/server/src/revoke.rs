@@ -214,7 +214,7 @@ pub async fn call_server(
 }
 
 /// The HTTP client the CLI calls admin listeners with: `tls` verification (ring), no
-/// redirects, [`CALL_TIMEOUT`].
+/// redirects, `CALL_TIMEOUT`.
 pub fn http_client(tls: &tidings_client::ClientTls) -> anyhow::Result<reqwest::Client> {
     use anyhow::Context as _;
     let config = tls.rustls_config().map_err(anyhow::Error::msg)?;

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use super::{KeyRange, StoreError, prefix_end};
 
-/// Connection settings of [`TikvStore`](super::TikvStore).
+/// Connection settings of `TikvStore` (`store/tikv.rs`, feature `tikv`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TikvConfig {
     /// PD endpoints as `host:port` (no scheme: the client picks http or https from the TLS
