@@ -235,13 +235,15 @@ async fn an_old_home_cut_off_mid_relay_lists_only_what_never_arrived() {
         missing,
         "lost: exactly what b never got"
     );
-    // Still exactly those after a few more passes of the relay.
+    // Still exactly those after a few more passes of the relay, and final: nothing of the
+    // tenant waits in a's outbox.
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(lost_seqs(a, "vip"), missing);
     assert_eq!(
         counter(a, "tidings_cell_lost_events_total").await,
         missing.len() as f64
     );
+    assert_eq!(answer(a.cell_cli("vip", &["lost"]))["undecided"], 0);
 }
 
 /// With synchronous replication nothing acknowledged is lost (RPO 0).
@@ -404,8 +406,9 @@ async fn drill(sync: bool) -> Vec<u64> {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    // Still exactly those, now that a has been running a while as b's DR cell.
+    // Still exactly those, now that a has been running a while as b's DR cell; final.
     assert_eq!(lost_seqs(a, "vip"), missing);
+    assert_eq!(answer(a.cell_cli("vip", &["lost"]))["undecided"], 0);
     missing
 }
 

@@ -1063,12 +1063,56 @@ impl Link {
 
     /// `tidings cell lost`: events this cell acknowledged as the tenant's home that never
     /// reached the cell that took over.
+    ///
+    /// `undecided` counts the tenant's commits still in this cell's outbox while this cell
+    /// knows another one is its home (`tidings cell show`): the relay has not yet learned
+    /// whether the new home has them (it does not answer for its mark), so the list may
+    /// still grow. It is final once that is 0.
+    /// The outbox is read a page at a time, at most [`REPORT_LIMIT`] rows; `undecided_more`
+    /// says the count stopped there.
     pub async fn lost(&self, tenant: &TenantId) -> Result<Value, CellError> {
         let lost = self.log.lost_events(tenant, REPORT_LIMIT).await?;
+        let moved = self
+            .cells
+            .placement(tenant)
+            .is_some_and(|p| p.home != self.name());
+        let (undecided, more) = if moved {
+            self.undecided(tenant).await?
+        } else {
+            (0, false)
+        };
         Ok(json!({
             "tenant": tenant.as_str(),
             "lost": lost.iter().map(|l| json!({"conversation": l.conversation, "seq": l.seq})).collect::<Vec<_>>(),
+            "undecided": undecided,
+            "undecided_more": more,
         }))
+    }
+
+    /// The tenant's rows in this cell's outbox, counted a page at a time up to
+    /// [`REPORT_LIMIT`] rows read; whether the count stopped there.
+    async fn undecided(&self, tenant: &TenantId) -> Result<(usize, bool), CellError> {
+        let (mut undecided, mut read) = (0, 0);
+        let mut from = Vec::new();
+        loop {
+            let rows = self.log.outbox_page_from(from, OUTBOX_PAGE).await?;
+            read += rows.len();
+            undecided += rows
+                .iter()
+                .filter(|(_, b)| b.tenant == tenant.as_str())
+                .count();
+            let Some((last, _)) = rows.last() else {
+                return Ok((undecided, false));
+            };
+            if rows.len() < OUTBOX_PAGE {
+                return Ok((undecided, false));
+            }
+            if read >= REPORT_LIMIT {
+                return Ok((undecided, true));
+            }
+            from = last.clone();
+            from.push(0);
+        }
     }
 
     /// `tidings cell show`: the tenant's placement here.
