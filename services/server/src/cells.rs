@@ -1068,7 +1068,7 @@ impl Link {
     /// knows another one is its home (`tidings cell show`): the relay has not yet learned
     /// whether the new home has them (it does not answer for its mark), so the list may
     /// still grow. It is final once that is 0.
-    /// The outbox is read a page at a time, at most [`REPORT_LIMIT`] rows; `undecided_more`
+    /// The outbox is read a page at a time, at most `REPORT_LIMIT` rows; `undecided_more`
     /// says the count stopped there.
     pub async fn lost(&self, tenant: &TenantId) -> Result<Value, CellError> {
         let lost = self.log.lost_events(tenant, REPORT_LIMIT).await?;
