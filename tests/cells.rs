@@ -71,6 +71,16 @@ async fn counter(cell: &Cell, name: &str) -> f64 {
         .unwrap_or_else(|| panic!("no {name} in /metrics"))
 }
 
+/// Polls `cell`'s counter `name` every 50 ms until it is at least `n`, for at most
+/// [`WAIT`]; `what` says what it waits for if it never gets there.
+async fn counter_reaches(cell: &Cell, name: &str, n: f64, what: &str) {
+    let deadline = Instant::now() + WAIT;
+    while counter(cell, name).await < n {
+        assert!(Instant::now() < deadline, "timed out waiting: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// The seqs `tidings cell lost` lists on `cell`, sorted, once each.
 fn lost_seqs(cell: &Cell, tenant: &str) -> Vec<u64> {
     let lost = answer(cell.cell_cli(tenant, &["lost"]));
@@ -168,14 +178,13 @@ async fn an_old_home_cut_off_mid_relay_lists_only_what_never_arrived() {
     let token = a.sandbox.token("vip", "alice", 3600);
     let alice = open(&a.url(), &token).await;
     group(&alice, "team", "bob").await;
-    let deadline = Instant::now() + WAIT;
-    while counter(b, "tidings_cell_replicas_applied_total").await < 1.0 {
-        assert!(
-            Instant::now() < deadline,
-            "b never applied the group's creation"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    counter_reaches(
+        b,
+        "tidings_cell_replicas_applied_total",
+        1.0,
+        "b applies the group's creation",
+    )
+    .await;
     let sent_before = counter(a, "tidings_cell_replicas_sent_total").await;
 
     // b's nats-server hangs: a acknowledges the sends (asynchronous replication) and its
@@ -678,14 +687,13 @@ async fn a_planned_move_and_back_loses_nothing_and_nothing_reaches_a_third_cell(
             .await
             .expect("c's stream takes it");
     }
-    let deadline = Instant::now() + WAIT;
-    while counter(c, "tidings_cell_replicas_refused_total").await < 2.0 {
-        assert!(
-            Instant::now() < deadline,
-            "c never refused the forged batches"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    counter_reaches(
+        c,
+        "tidings_cell_replicas_refused_total",
+        2.0,
+        "c refuses the forged batches",
+    )
+    .await;
     assert_eq!(counter(c, "tidings_cell_replicas_applied_total").await, 0.0);
 
     // Without the cells' link key nobody can pass for a cell: a batch b would take from a
@@ -718,10 +726,13 @@ async fn a_planned_move_and_back_loses_nothing_and_nothing_reaches_a_third_cell(
         .await
         .expect("publish");
     link.flush().await.expect("flush");
-    while counter(b, "tidings_cell_replicas_refused_total").await < 2.0 {
-        assert!(Instant::now() < deadline, "b never refused the forgeries");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    counter_reaches(
+        b,
+        "tidings_cell_replicas_refused_total",
+        2.0,
+        "b refuses the forgeries",
+    )
+    .await;
     assert_eq!(show(b, "local")["home"], "a");
     assert_eq!(show(b, "local")["version"], 1);
     b.server = None;

@@ -510,28 +510,16 @@ impl Link {
         loop {
             tokio::select! {
                 Some(msg) = marks.next() => {
-                    let answer = match self.mark(&msg.payload).await {
-                        Ok(v) => v,
-                        Err(e) => json!({"error": e.to_string()}),
-                    };
-                    if let Some(reply) = msg.reply {
-                        self.nats.publish(reply, answer.to_string().into()).await?;
-                    }
+                    let answer = self.mark(&msg.payload).await;
+                    self.answer(msg.reply, answer).await?;
                 }
                 Some(msg) = asked.next() => {
-                    if let Some(reply) = msg.reply {
-                        let body = self.directory_page(&msg.payload);
-                        self.nats.publish(reply, body.to_string().into()).await?;
-                    }
+                    let page = self.directory_page(&msg.payload);
+                    self.answer(msg.reply, Ok(page)).await?;
                 }
                 Some(msg) = drains.next() => {
-                    let answer = match self.drain(&msg.payload).await {
-                        Ok(v) => v,
-                        Err(e) => json!({"error": e.to_string()}),
-                    };
-                    if let Some(reply) = msg.reply {
-                        self.nats.publish(reply, answer.to_string().into()).await?;
-                    }
+                    let answer = self.drain(&msg.payload).await;
+                    self.answer(msg.reply, answer).await?;
                 }
                 Some(msg) = changes.next() => {
                     // What a peer sends never takes this task down: a bad message is
@@ -550,6 +538,20 @@ impl Link {
                 }
             }
         }
+    }
+
+    /// Answers a peer's request on `reply` (if it gave one): the value, or `{"error": ...}`.
+    async fn answer(
+        &self,
+        reply: Option<async_nats::Subject>,
+        answer: Result<Value, CellError>,
+    ) -> anyhow::Result<()> {
+        let Some(reply) = reply else {
+            return Ok(());
+        };
+        let body = answer.unwrap_or_else(|e| json!({"error": e.to_string()}));
+        self.nats.publish(reply, body.to_string().into()).await?;
+        Ok(())
     }
 
     /// One page of this cell's directory for a peer that asked (`{"after": tenant}`): at
