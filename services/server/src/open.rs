@@ -137,11 +137,6 @@ async fn open_tikv(_config: &Config) -> anyhow::Result<Arc<dyn KvStore>> {
     )
 }
 
-/// Hex text (keys in files and settings), as an error a command can print.
-pub fn hex_decode(text: &str) -> anyhow::Result<Vec<u8>> {
-    tidings_log::crypto::hex_decode(text).map_err(anyhow::Error::msg)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

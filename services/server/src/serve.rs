@@ -55,7 +55,8 @@ pub fn hs256_secret(config: &Config) -> anyhow::Result<Option<Vec<u8>>> {
             a.hs256_secret_file.display()
         )
     })?;
-    let secret = crate::open::hex_decode(text.trim())
+    let secret = tidings_log::crypto::hex_decode(text.trim())
+        .map_err(anyhow::Error::msg)
         .with_context(|| format!("read the HS256 secret in {}", a.hs256_secret_file.display()))?;
     Ok(Some(secret))
 }
@@ -70,7 +71,9 @@ pub fn verifiers(config: &Config) -> anyhow::Result<Verifiers> {
             Some((kid, hex)) => (Some(kid.to_string()), hex),
             None => (None, entry.as_str()),
         };
-        let bytes = crate::open::hex_decode(hex).context("auth.ed25519_public_keys")?;
+        let bytes = tidings_log::crypto::hex_decode(hex)
+            .map_err(anyhow::Error::msg)
+            .context("auth.ed25519_public_keys")?;
         let public_key: [u8; 32] = bytes
             .try_into()
             .map_err(|_| anyhow::anyhow!("an Ed25519 public key is 32 bytes (64 hex digits)"))?;
