@@ -149,11 +149,7 @@ pub async fn append(args: AppendArgs, config: &Config) -> anyhow::Result<()> {
         for _ in 0..args.runs {
             runs.push(one_run(&args, convs, &target, config.log_config()).await?);
         }
-        let median = |f: &dyn Fn(&Run) -> f64| {
-            let mut v: Vec<f64> = runs.iter().map(f).collect();
-            v.sort_by(f64::total_cmp);
-            v[v.len() / 2]
-        };
+        let median = |f: &dyn Fn(&Run) -> f64| median(runs.iter().map(f).collect());
         println!(
             "| {convs} | {:.0} | {:.2} ms | {:.2} ms | {:.0} | {:.0} | {:.2}x |",
             median(&|r| r.appends_per_s),
@@ -269,7 +265,6 @@ async fn one_run(
     let (commits, requests) = log.stats();
     log.close().await;
     latencies.sort();
-    let pct = |p: f64| latencies[((latencies.len() - 1) as f64 * p) as usize];
     let mean_group = (requests - requests0) as f64 / (commits - commits0).max(1) as f64;
 
     let group = mean_group.round().max(1.0) as usize;
@@ -288,8 +283,8 @@ async fn one_run(
     };
     Ok(Run {
         appends_per_s: args.messages as f64 / elapsed.as_secs_f64(),
-        p50: pct(0.50),
-        p99: pct(0.99),
+        p50: quantile(&latencies, 0.50),
+        p99: quantile(&latencies, 0.99),
         mean_group,
         raw_per_s,
     })
@@ -388,12 +383,25 @@ pub fn scratch_dir(
     Ok((base, scratch))
 }
 
-/// The q-quantile of sorted samples (zero for none).
-pub(crate) fn quantile(sorted: &[Duration], q: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
+/// The median of `v`: its [`quantile`] 0.5 (the lower middle of an even count; zero for none).
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    quantile(&v, 0.5)
+}
+
+/// The `q`-quantile (0 to 1) of sorted samples by nearest rank: the smallest sample with at
+/// least a `q` share of all samples at or below it (of 1..=100, p50 is 50 and p99 is 99; of
+/// 1..=4, the median is 2). Every bench prints its percentiles and medians with this one rule,
+/// so their figures compare. `T::default()` (zero) for no samples.
+pub(crate) fn quantile<T: Copy + Default>(sorted: &[T], q: f64) -> T {
+    let n = sorted.len();
+    if n == 0 {
+        return T::default();
     }
-    sorted[((sorted.len() as f64 * q) as usize).min(sorted.len() - 1)]
+    // The rank is ceil(q * n), 1-based; the small margin keeps float error (0.07 * 100 =
+    // 7.000000000000001) from moving it up by one.
+    let rank = (q.clamp(0.0, 1.0) * n as f64 - 1e-9).ceil() as usize;
+    sorted[rank.clamp(1, n) - 1]
 }
 
 /// This process's peak resident set (VmHWM), KiB; 0 where /proc is not there.
@@ -413,4 +421,26 @@ pub(crate) fn peak_rss_kib_of(pid: &str) -> u64 {
                 .and_then(|n| n.parse().ok())
         })
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantiles_are_nearest_rank() {
+        let hundred: Vec<u32> = (1..=100).collect();
+        assert_eq!(quantile(&hundred, 0.5), 50);
+        assert_eq!(quantile(&hundred, 0.99), 99);
+        assert_eq!(quantile(&hundred, 0.999), 100);
+        assert_eq!(quantile(&hundred, 1.0), 100);
+        assert_eq!(quantile(&hundred, 0.0), 1);
+        // 0.07 * 100 is 7.000000000000001 in floating point: still the 7th.
+        assert_eq!(quantile(&hundred, 0.07), 7);
+        assert_eq!(quantile(&[7u32], 0.99), 7);
+        assert_eq!(quantile::<u32>(&[], 0.5), 0);
+        assert_eq!(median(vec![4.0, 1.0, 3.0, 2.0]), 2.0);
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(Vec::new()), 0.0);
+    }
 }

@@ -28,8 +28,9 @@ use tidings_log::crypto::MasterKey;
 use tidings_log::store::{FjallStore, KeyRange, KvStore};
 use tidings_log::{ConvId, Log, LogConfig, ReadRange, TenantId};
 
+use crate::bench::median;
 use crate::bench_corpus::{
-    Corpus, PlainSegment, append_pipelined, archive_all, chat_text, median, ms, vocabulary,
+    Corpus, PlainSegment, append_pipelined, archive_all, chat_text, ms, vocabulary,
 };
 
 #[derive(Debug, clap::Args)]

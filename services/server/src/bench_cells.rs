@@ -18,6 +18,7 @@ use serde_json::{Value, json};
 use tidings_client::{ClientTls, Connection};
 use tidings_log::crypto::MasterKey;
 
+use crate::bench::{median, quantile};
 use crate::bench_gateway::{Child, free_port, wait_port};
 
 #[derive(clap::Args, Debug)]
@@ -189,18 +190,6 @@ async fn admin(cell: &Cell, secret: &[u8], path: &str, body: Value) -> anyhow::R
         crate::revoke::post_admin(&cell.admin, path, &token, &ClientTls::default(), body).await?;
     anyhow::ensure!(status == 200, "{path}: {status} {answer}");
     Ok(answer)
-}
-
-fn pct(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    pct(&v, 0.5)
 }
 
 /// The p-quantile of a Prometheus histogram on `url` (the upper bound of its bucket).
@@ -379,8 +368,14 @@ pub async fn run(args: CellsArgs) -> anyhow::Result<()> {
         for v in &mut run.send_ms {
             v.sort_by(f64::total_cmp);
         }
-        let p50 = [pct(&run.send_ms[0], 0.5), pct(&run.send_ms[1], 0.5)];
-        let p99 = [pct(&run.send_ms[0], 0.99), pct(&run.send_ms[1], 0.99)];
+        let p50 = [
+            quantile(&run.send_ms[0], 0.5),
+            quantile(&run.send_ms[1], 0.5),
+        ];
+        let p99 = [
+            quantile(&run.send_ms[0], 0.99),
+            quantile(&run.send_ms[1], 0.99),
+        ];
         ratios.push(p50[1] / p50[0]);
         firsts.push(run.first_send_s);
         println!(

@@ -46,9 +46,9 @@ use tidings_log::store::{FjallStore, KvStore};
 use tidings_log::{Append, Body, ConvId, Event, Log, LogConfig, TenantId, UserId};
 use tidings_schemas::v1::{MessageEdited, MessageRecalled};
 
+use crate::bench::median;
 use crate::bench_corpus::{
-    Corpus, PlainSegment, append_pipelined, archive_all, chat_text, client_msg_id, median, ms,
-    vocabulary,
+    Corpus, PlainSegment, append_pipelined, archive_all, chat_text, client_msg_id, ms, vocabulary,
 };
 
 #[derive(Debug, clap::Args)]

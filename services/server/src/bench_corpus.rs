@@ -194,11 +194,6 @@ pub fn chat_text(rng: &mut fastrand::Rng, vocabulary: &[String]) -> String {
 }
 
 /// The median; NaN for no values.
-pub fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
-}
-
 pub fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }

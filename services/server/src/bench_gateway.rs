@@ -27,6 +27,7 @@ use tidings_log::{ConvId, CreateConversation, Log, TenantId, UserId};
 use tidings_log_api::bus_crypto;
 use tokio::sync::Semaphore;
 
+use crate::bench::quantile;
 use crate::config::Config;
 
 #[derive(Debug, clap::Args)]
@@ -105,13 +106,6 @@ impl Variant {
             (false, true) => "intercept",
         }
     }
-}
-
-fn pct(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
 fn ms(d: Duration) -> String {
@@ -727,15 +721,15 @@ async fn baselines(nats_url: &str, raw: &Path) -> anyhow::Result<(Vec<Duration>,
     println!("|---|---:|---:|---:|");
     println!(
         "| raw NATS request/reply round trip (200 B) | {} | {} | {} |",
-        ms(pct(&nats_rtt, 0.5)),
-        ms(pct(&nats_rtt, 0.99)),
-        ms(pct(&nats_rtt, 0.999))
+        ms(quantile(&nats_rtt, 0.5)),
+        ms(quantile(&nats_rtt, 0.99)),
+        ms(quantile(&nats_rtt, 0.999))
     );
     println!(
         "| raw store durable commit (one 200 B value, fsync) | {} | {} | {} |",
-        ms(pct(&commits, 0.5)),
-        ms(pct(&commits, 0.99)),
-        ms(pct(&commits, 0.999))
+        ms(quantile(&commits, 0.5)),
+        ms(quantile(&commits, 0.99)),
+        ms(quantile(&commits, 0.999))
     );
     println!();
     Ok((nats_rtt, commits))
@@ -923,18 +917,18 @@ fn print_single(
         "| steady rate | {} | {}/s | {} | {} | {} | {}/{} | {} |",
         pairs * 2,
         args.rate,
-        ms(pct(lat, 0.5)),
-        ms(pct(lat, 0.99)),
-        ms(pct(lat, 0.999)),
+        ms(quantile(lat, 0.5)),
+        ms(quantile(lat, 0.99)),
+        ms(quantile(lat, 0.999)),
         lat.len(),
         args.messages,
         baseline.map_or("-".into(), |(rtt, c)| vs_base(
-            pct(lat, 0.5),
-            pct(rtt, 0.5) + pct(c, 0.5)
+            quantile(lat, 0.5),
+            quantile(rtt, 0.5) + quantile(c, 0.5)
         ))
     );
     println!();
-    let commit_rate = baseline.map(|(_, c)| 1.0 / pct(c, 0.5).as_secs_f64().max(1e-9));
+    let commit_rate = baseline.map(|(_, c)| 1.0 / quantile(c, 0.5).as_secs_f64().max(1e-9));
     println!(
         "| throughput | sessions | acked sends/s | raw store commits/s (one value each) | ratio |"
     );
@@ -1002,9 +996,9 @@ fn print_comparison(
     ] {
         println!(
             "| {name} | {} | {} | {} | {} | {:.0} | {:.0} + {:.0} µs |",
-            ms(pct(&m.latencies, 0.5)),
-            ms(pct(&m.latencies, 0.99)),
-            ms(pct(&m.latencies, 0.999)),
+            ms(quantile(&m.latencies, 0.5)),
+            ms(quantile(&m.latencies, 0.99)),
+            ms(quantile(&m.latencies, 0.999)),
             m.latencies.len(),
             m.sends_per_s,
             m.server_cpu_per_send.as_secs_f64() * 1e6,
@@ -1012,8 +1006,14 @@ fn print_comparison(
         );
     }
     let ratios = [
-        ratio(pct(&tls.latencies, 0.5), pct(&plain.latencies, 0.5)),
-        ratio(pct(&tls.latencies, 0.99), pct(&plain.latencies, 0.99)),
+        ratio(
+            quantile(&tls.latencies, 0.5),
+            quantile(&plain.latencies, 0.5),
+        ),
+        ratio(
+            quantile(&tls.latencies, 0.99),
+            quantile(&plain.latencies, 0.99),
+        ),
         tls.sends_per_s / plain.sends_per_s.max(1e-9),
         ratio(
             tls.server_cpu_per_send + tls.nats_cpu_per_send,
@@ -1025,17 +1025,20 @@ fn print_comparison(
         other.name(),
         ratios[0],
         ratios[1],
-        ratio(pct(&tls.latencies, 0.999), pct(&plain.latencies, 0.999)),
+        ratio(
+            quantile(&tls.latencies, 0.999),
+            quantile(&plain.latencies, 0.999)
+        ),
         ratios[2],
         ratios[3]
     );
     println!();
-    let seal = pct(sealing, 0.5);
+    let seal = quantile(sealing, 0.5);
     println!(
         "bus sealing (both runs): seal + open of one event, median {:.1} µs, p99 {:.1} µs = {:.2}% of the plain p50",
         seal.as_secs_f64() * 1e6,
-        pct(sealing, 0.99).as_secs_f64() * 1e6,
-        100.0 * ratio(seal, pct(&plain.latencies, 0.5))
+        quantile(sealing, 0.99).as_secs_f64() * 1e6,
+        100.0 * ratio(seal, quantile(&plain.latencies, 0.5))
     );
     println!();
     ratios

@@ -30,6 +30,7 @@ use tidings_client::Connection;
 use tidings_client::client::ListMembers;
 use tidings_gateway::members::MemberCache;
 
+use crate::bench::quantile;
 use crate::bench_gateway::{Secrets, deploy};
 use tidings_log::crypto::MasterKey;
 use tidings_log::store::{FjallStore, KvStore};
@@ -461,8 +462,7 @@ where
         all.push(t0.elapsed());
     }
     all.sort_unstable();
-    let at = |q: f64| all[((all.len() as f64 * q) as usize).min(all.len() - 1)];
-    Ok((at(0.50), at(0.99)))
+    Ok((quantile(&all, 0.50), quantile(&all, 0.99)))
 }
 
 fn us(d: Duration) -> String {

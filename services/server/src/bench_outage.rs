@@ -23,6 +23,8 @@ use tidings_log::store::{Fault, FaultSwitch, FaultyStore, FjallStore, KvStore};
 use tidings_log::{Append, ClientMsgId, ConvId, Log, LogConfig, TenantId, UserId};
 use tidings_log_role::send_buffer_stream::{StreamBuffer, StreamBufferConfig};
 
+use crate::bench::quantile;
+
 #[derive(Debug, clap::Args)]
 pub struct OutageArgs {
     /// Appends per phase (normal, outage).
@@ -215,11 +217,10 @@ async fn drive(
     }
     let elapsed = started.elapsed();
     all.sort_unstable();
-    let at = |q: f64| all[((all.len() as f64 * q) as usize).min(all.len() - 1)];
     Ok(Phase {
         per_s: args.messages as f64 / elapsed.as_secs_f64(),
-        p50: at(0.50),
-        p99: at(0.99),
+        p50: quantile(&all, 0.50),
+        p99: quantile(&all, 0.99),
         retries: retries.load(Ordering::Relaxed),
     })
 }

@@ -28,6 +28,7 @@ use tidings_log::crypto::MasterKey;
 use tidings_log::store::{FjallStore, KeyRange, KvStore, Pages};
 use tidings_log::{Log, LogConfig};
 
+use crate::bench::{median, quantile};
 use crate::bench_corpus::{Corpus, append_pipelined, archive_all, chat_text, ms, vocabulary};
 
 #[derive(Debug, clap::Args)]
@@ -180,7 +181,7 @@ pub async fn run(args: SearchArgs, log_config: LogConfig) -> anyhow::Result<()> 
         );
         last = Some(indexed);
     }
-    let (m_without, m_with) = (median(&mut without), median(&mut with));
+    let (m_without, m_with) = (median(without), median(with));
     println!(
         "| median | {m_without:.0} | {m_with:.0} | **{:.3}** | | |",
         m_with / m_without
@@ -287,8 +288,8 @@ async fn sample(log: &Log, corpus: &Corpus, samples: usize) -> anyhow::Result<()
             "| {name} | {} | {:.1} | {:.2} ms | {:.2} ms |",
             times.len(),
             hits as f64 / n as f64,
-            ms(at(&times, 0.5)),
-            ms(at(&times, 0.99))
+            ms(quantile(&times, 0.5)),
+            ms(quantile(&times, 0.99))
         );
         all.extend(times);
     }
@@ -296,20 +297,8 @@ async fn sample(log: &Log, corpus: &Corpus, samples: usize) -> anyhow::Result<()
     println!(
         "| all | {} | | {:.2} ms | {:.2} ms |",
         all.len(),
-        ms(at(&all, 0.5)),
-        ms(at(&all, 0.99))
+        ms(quantile(&all, 0.5)),
+        ms(quantile(&all, 0.99))
     );
     Ok(())
-}
-
-fn median(values: &mut [f64]) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values.get(values.len() / 2).copied().unwrap_or(0.0)
-}
-
-fn at(sorted: &[Duration], q: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    sorted[((sorted.len() as f64 * q) as usize).min(sorted.len() - 1)]
 }

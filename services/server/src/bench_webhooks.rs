@@ -30,6 +30,7 @@ use tidings_log::store::{FjallStore, KvStore};
 use tidings_log::{Append, ClientMsgId, Log, LogConfig, TenantId, UserId};
 use tidings_log_role::publisher;
 
+use crate::bench::quantile;
 use crate::webhooks::{Manage, NewSubscription, WebhooksConfig, dispatch::Dispatcher, sign};
 
 #[derive(Debug, clap::Args)]
@@ -181,7 +182,6 @@ pub async fn run(args: WebhooksArgs, config: &crate::config::Config) -> anyhow::
     let delivery_secs = last.duration_since(started).as_secs_f64();
     let mut lags: Vec<i64> = r.times.iter().map(|(at, t)| at - t).collect();
     lags.sort_unstable();
-    let pct = |p: f64| lags[((lags.len() - 1) as f64 * p).round() as usize];
     let report = json!({
         "bench": "webhooks",
         "dir": base.display().to_string(),
@@ -192,8 +192,8 @@ pub async fn run(args: WebhooksArgs, config: &crate::config::Config) -> anyhow::
         "bad_signatures": r.bad_signatures,
         "append_events_per_sec": (args.events as f64 / appended.as_secs_f64()).round(),
         "delivery_events_per_sec": (r.times.len() as f64 / delivery_secs).round(),
-        "lag_ms_p50": pct(0.50),
-        "lag_ms_p99": pct(0.99),
+        "lag_ms_p50": quantile(&lags, 0.50),
+        "lag_ms_p99": quantile(&lags, 0.99),
         "lag_ms_max": lags.last().copied().unwrap_or(0),
     });
     crate::output::emit(&report)?;
