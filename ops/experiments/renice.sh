@@ -10,18 +10,23 @@
 set -euo pipefail
 who=${1:?clients or nats}
 mode=${2:?plain or nice}
+case "$who" in clients | nats) ;; *) echo "clients or nats, not $who" >&2; exit 2 ;; esac
+case "$mode" in plain | nice) ;; *) echo "plain or nice, not $mode" >&2; exit 2 ;; esac
 bin=${TIDINGS:-$(cd "$(dirname "$0")/../.." && pwd)/target/release/tidings}
 dir=$(mktemp -d)
+trap 'rm -rf "$dir"' EXIT
 out=$dir/out.txt
 "$bin" bench gateway --senders 32 --seconds 10 --fanout 0 --messages 600 --rate 600 \
   --dir "$dir" >"$out" 2>&1 &
 bench=$!
 if [ "$mode" = nice ]; then
-  while ! pgrep -P "$bench" -f " serve" >/dev/null; do sleep 0.2; done
+  while ! pgrep -P "$bench" -f " serve" >/dev/null; do
+    kill -0 "$bench" 2>/dev/null || { cat "$out" >&2; exit 1; } # the bench ended early
+    sleep 0.2
+  done
   case "$who" in
     clients) pids=$bench ;;
     nats) pids=$(pgrep -P "$bench" nats-server) ;;
-    *) echo "clients or nats, not $who" >&2; exit 2 ;;
   esac
   for pid in $pids; do
     for t in /proc/"$pid"/task/*; do renice -n 19 -p "$(basename "$t")" >/dev/null; done
@@ -30,4 +35,3 @@ if [ "$mode" = nice ]; then
 fi
 wait "$bench"
 grep -E "through the gateway|log alone, in|gateway / log" "$out"
-rm -rf "$dir"
