@@ -193,7 +193,7 @@ pub fn chat_text(rng: &mut fastrand::Rng, vocabulary: &[String]) -> String {
     words.join(" ")
 }
 
-/// The median; NaN for no values.
+/// A duration in milliseconds.
 pub fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
