@@ -149,15 +149,15 @@ pub async fn append(args: AppendArgs, config: &Config) -> anyhow::Result<()> {
         for _ in 0..args.runs {
             runs.push(one_run(&args, convs, &target, config.log_config()).await?);
         }
-        let median = |f: &dyn Fn(&Run) -> f64| median(runs.iter().map(f).collect());
+        let median_of = |f: &dyn Fn(&Run) -> f64| median(runs.iter().map(f).collect());
         println!(
             "| {convs} | {:.0} | {:.2} ms | {:.2} ms | {:.0} | {:.0} | {:.2}x |",
-            median(&|r| r.appends_per_s),
-            median(&|r| r.p50.as_secs_f64() * 1e3),
-            median(&|r| r.p99.as_secs_f64() * 1e3),
-            median(&|r| r.mean_group),
-            median(&|r| r.raw_per_s),
-            median(&|r| r.appends_per_s / r.raw_per_s),
+            median_of(&|r| r.appends_per_s),
+            median_of(&|r| r.p50.as_secs_f64() * 1e3),
+            median_of(&|r| r.p99.as_secs_f64() * 1e3),
+            median_of(&|r| r.mean_group),
+            median_of(&|r| r.raw_per_s),
+            median_of(&|r| r.appends_per_s / r.raw_per_s),
         );
     }
     Ok(())
